@@ -1,0 +1,1 @@
+"""The gRPC surface: generated stubs (v1/), the servicer, interceptors and server factory."""

@@ -1,0 +1,133 @@
+"""Server interceptors: the one error boundary, bearer-token auth, tracing.
+
+Domain errors become `google.rpc.Status` with ErrorInfo (and BadRequest for
+validation); anything unexpected becomes INTERNAL without internals.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, StatusCode
+
+from syncplane import errors
+
+log = logging.getLogger(__name__)
+DOMAIN = "syncplane.io"
+_CODES: dict[type[errors.SyncplaneError], int] = {
+    errors.InvalidArgument: code_pb2.INVALID_ARGUMENT,
+    errors.NotFound: code_pb2.NOT_FOUND,
+    errors.AlreadyExists: code_pb2.ALREADY_EXISTS,
+    errors.FailedPrecondition: code_pb2.FAILED_PRECONDITION,
+    errors.Aborted: code_pb2.ABORTED,
+    errors.Unauthenticated: code_pb2.UNAUTHENTICATED,
+    errors.OutOfRange: code_pb2.OUT_OF_RANGE,
+}
+# Reachable without a token: load balancers and generic clients need them.
+PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+def to_status(exc: BaseException) -> status_pb2.Status:
+    if not isinstance(exc, errors.SyncplaneError):
+        return status_pb2.Status(code=code_pb2.INTERNAL, message="internal error; see the server log")
+    code = next((c for t, c in _CODES.items() if isinstance(exc, t)), code_pb2.UNKNOWN)
+    status = status_pb2.Status(code=code, message=exc.message)
+    info = any_pb2.Any()
+    info.Pack(error_details_pb2.ErrorInfo(reason=exc.reason, domain=DOMAIN, metadata=exc.metadata))
+    status.details.append(info)
+    if isinstance(exc, errors.InvalidArgument):
+        bad = error_details_pb2.BadRequest(field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+            for v in exc.violations])
+        detail = any_pb2.Any()
+        detail.Pack(bad)
+        status.details.append(detail)
+    return status
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> None:
+    if not isinstance(exc, errors.SyncplaneError):
+        log.exception("unexpected error in %s", method)
+    await context.abort_with_status(rpc_status.to_status(to_status(exc)))
+
+
+Handler = Callable[[Any, grpc.aio.ServicerContext], Any]
+
+
+class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Auth, tracing and error mapping around every RPC, in that order."""
+
+    def __init__(self, token: str | None = None) -> None:
+        self._token = token
+        self._tracer = trace.get_tracer("syncplane.api")
+
+    def _check_auth(self, method: str, context: grpc.aio.ServicerContext) -> None:
+        if not self._token or method.startswith(PUBLIC_PREFIXES):
+            return
+        metadata = dict(context.invocation_metadata() or ())
+        header = str(metadata.get("authorization", ""))
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(value.encode(), self._token.encode()):
+            raise errors.Unauthenticated("missing or invalid bearer token")
+
+    async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]],
+                                details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        method = details.method
+        if handler.unary_unary is not None:
+            inner_uu: Handler = handler.unary_unary
+
+            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                with self._tracer.start_as_current_span(method, kind=SpanKind.SERVER,
+                                                        attributes=_attrs(method)) as span:
+                    try:
+                        self._check_auth(method, context)
+                        return await inner_uu(request, context)
+                    except Exception as exc:
+                        _record(span, exc)
+                        await _abort(context, exc, method)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        if handler.unary_stream is not None:
+            inner_us: Handler = handler.unary_stream
+
+            async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                with self._tracer.start_as_current_span(method, kind=SpanKind.SERVER,
+                                                        attributes=_attrs(method)) as span:
+                    try:
+                        self._check_auth(method, context)
+                        async for item in inner_us(request, context):
+                            yield item
+                    except Exception as exc:
+                        _record(span, exc)
+                        await _abort(context, exc, method)
+
+            return grpc.unary_stream_rpc_method_handler(
+                stream, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        return handler
+
+
+def _attrs(method: str) -> dict[str, str]:
+    service, _, name = method.lstrip("/").partition("/")
+    return {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
+
+
+def _record(span: trace.Span, exc: BaseException) -> None:
+    if isinstance(exc, errors.SyncplaneError):
+        span.set_attribute("rpc.grpc.status_code", to_status(exc).code)
+        span.set_status(StatusCode.ERROR, exc.reason)
+    else:
+        span.set_status(StatusCode.ERROR, "INTERNAL")

@@ -1,0 +1,81 @@
+"""The gRPC server factory: WorkflowService + health + reflection, TLS and token auth."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from syncplane.api.interceptors import ServerInterceptor
+from syncplane.api.servicer import WorkflowServicer
+from syncplane.api.v1 import workflow_service_pb2 as svc
+from syncplane.api.v1 import workflow_service_pb2_grpc as svc_grpc
+from syncplane.service import WorkflowService
+
+SERVICE_NAME = svc.DESCRIPTOR.services_by_name["WorkflowService"].full_name
+
+
+class InsecureBindError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class ServerSecurity:
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    token: str | None = None
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None and self.tls_key is not None
+
+
+def is_loopback(address: str) -> bool:
+    host = address.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(address: str, security: ServerSecurity) -> None:
+    """Refuse a non-loopback address unless both TLS and a bearer token are set."""
+    if is_loopback(address):
+        return
+    missing = [what for what, ok in (("TLS (--tls-cert/--tls-key)", security.tls),
+                                     ("a bearer token (--token-file or SYNCPLANE_TOKEN)", bool(security.token)))
+               if not ok]
+    if missing:
+        raise InsecureBindError(
+            f"refusing to listen on {address}: a non-loopback address needs {' and '.join(missing)}; "
+            "bind 127.0.0.1 for local use")
+
+
+async def create_server(service: WorkflowService, address: str = "127.0.0.1:0",
+                        security: ServerSecurity | None = None) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
+    security = security or ServerSecurity()
+    check_bind(address, security)
+    server = grpc.aio.server(interceptors=[ServerInterceptor(security.token)],
+                             options=[("grpc.so_reuseport", 0)])
+    svc_grpc.add_WorkflowServiceServicer_to_server(WorkflowServicer(service), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server)
+    if security.tls:
+        assert security.tls_cert and security.tls_key
+        creds = grpc.ssl_server_credentials([(security.tls_key.read_bytes(), security.tls_cert.read_bytes())])
+        port = server.add_secure_port(address, creds)
+    else:
+        port = server.add_insecure_port(address)
+    await server.start()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    return server, port, health_servicer

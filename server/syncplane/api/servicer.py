@@ -1,0 +1,49 @@
+"""The WorkflowService servicer: translation only; logic lives in syncplane.service."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+
+from syncplane.api.v1 import workflow_pb2 as pb
+from syncplane.api.v1 import workflow_service_pb2 as svc
+from syncplane.api.v1 import workflow_service_pb2_grpc as svc_grpc
+from syncplane.service import WorkflowService
+
+Ctx = grpc.aio.ServicerContext
+
+
+class WorkflowServicer(svc_grpc.WorkflowServiceServicer):
+    def __init__(self, service: WorkflowService) -> None:
+        self.service = service
+
+    async def CreateWorkflow(self, request: svc.CreateWorkflowRequest, context: Ctx) -> pb.Workflow:
+        return await self.service.create(request)
+
+    async def GetWorkflow(self, request: svc.GetWorkflowRequest, context: Ctx) -> pb.Workflow:
+        return await self.service.get(request.name)
+
+    async def ListWorkflows(self, request: svc.ListWorkflowsRequest, context: Ctx) -> svc.ListWorkflowsResponse:
+        return await self.service.list(request)
+
+    async def UpdateWorkflow(self, request: svc.UpdateWorkflowRequest, context: Ctx) -> pb.Workflow:
+        return await self.service.update(request)
+
+    async def DeleteWorkflow(self, request: svc.DeleteWorkflowRequest, context: Ctx) -> svc.DeleteWorkflowResponse:
+        await self.service.delete(request)
+        return svc.DeleteWorkflowResponse()
+
+    async def StartWorkflow(self, request: svc.StartWorkflowRequest, context: Ctx) -> pb.Workflow:
+        return await self.service.start(request)
+
+    async def StopWorkflow(self, request: svc.StopWorkflowRequest, context: Ctx) -> pb.Workflow:
+        return await self.service.stop(request)
+
+    async def RestartWorkflow(self, request: svc.RestartWorkflowRequest, context: Ctx) -> pb.Workflow:
+        return await self.service.restart(request)
+
+    async def WatchWorkflows(self, request: svc.WatchWorkflowsRequest,
+                             context: Ctx) -> AsyncIterator[svc.WatchWorkflowsResponse]:
+        async for change in self.service.watch(request):
+            yield svc.WatchWorkflowsResponse(type=change.type, workflow=change.workflow, revision=change.revision)

@@ -1,0 +1,63 @@
+"""Domain errors. The gRPC layer maps each to a status code in one place
+(syncplane.api.errors); nothing else knows about gRPC codes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    field: str
+    description: str
+
+
+class SyncplaneError(Exception):
+    reason = "ERROR"
+
+    def __init__(self, message: str, metadata: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.metadata = metadata or {}
+
+
+class InvalidArgument(SyncplaneError):
+    reason = "INVALID_ARGUMENT"
+
+    def __init__(self, violations: list[FieldViolation]) -> None:
+        self.violations = violations
+        summary = "; ".join(f"{v.field}: {v.description}" for v in violations)
+        super().__init__(f"invalid workflow: {summary}")
+
+
+class NotFound(SyncplaneError):
+    reason = "NOT_FOUND"
+
+
+class AlreadyExists(SyncplaneError):
+    reason = "ALREADY_EXISTS"
+
+
+class FailedPrecondition(SyncplaneError):
+    """A lifecycle transition that the current phase does not allow."""
+
+    reason = "FAILED_PRECONDITION"
+
+    def __init__(self, message: str, phase: str, reason: str = "FAILED_PRECONDITION") -> None:
+        super().__init__(message, {"phase": phase})
+        self.phase = phase
+        self.reason = reason
+
+
+class Aborted(SyncplaneError):
+    """An etag mismatch (optimistic concurrency)."""
+
+    reason = "ETAG_MISMATCH"
+
+
+class Unauthenticated(SyncplaneError):
+    reason = "UNAUTHENTICATED"
+
+
+class OutOfRange(SyncplaneError):
+    reason = "REVISION_COMPACTED"

@@ -1,0 +1,28 @@
+"""The lifecycle core: phases, user transitions, drift and the reconcile
+decision. Pure code with no I/O, shared by the embedded supervisor and the
+Kubernetes operator."""
+
+from syncplane.lifecycle.drift import applied_view, changed_fields, spec_hash
+from syncplane.lifecycle.reconcile import Observed, Outcome, WorkerFailure, reconcile
+from syncplane.lifecycle.transitions import (
+    check_preconditions,
+    effective_phase,
+    request_restart,
+    request_start,
+    request_stop,
+)
+
+__all__ = [
+    "Observed",
+    "Outcome",
+    "WorkerFailure",
+    "applied_view",
+    "changed_fields",
+    "check_preconditions",
+    "effective_phase",
+    "reconcile",
+    "request_restart",
+    "request_start",
+    "request_stop",
+    "spec_hash",
+]

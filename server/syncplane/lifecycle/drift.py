@@ -1,0 +1,51 @@
+"""Drift: the spec the user edited versus the spec the workers were started with.
+
+The lifecycle fields (`desired_state`, `restart_nonce`) are not part of what
+workers run, so changing them is never drift.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from google.protobuf import json_format
+
+from syncplane.api.v1 import workflow_pb2 as pb
+
+LIFECYCLE_FIELDS = ("desired_state", "restart_nonce")
+
+
+def applied_view(spec: pb.WorkflowSpec) -> dict[str, Any]:
+    """The part of a spec that workers run, as a plain dict (snake_case)."""
+    data: dict[str, Any] = json_format.MessageToDict(spec, preserving_proto_field_name=True)
+    for name in LIFECYCLE_FIELDS:
+        data.pop(name, None)
+    return data
+
+
+def spec_hash(spec: pb.WorkflowSpec) -> str:
+    canonical = json.dumps(applied_view(spec), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def changed_fields(applied: pb.WorkflowSpec, current: pb.WorkflowSpec, prefix: str = "spec") -> list[str]:
+    """Paths of the fields that differ, most specific first-level path that changed."""
+    out: list[str] = []
+    _diff(applied_view(applied), applied_view(current), prefix, out)
+    return sorted(out)
+
+
+def _diff(old: Any, new: Any, path: str, out: list[str]) -> None:
+    if old == new:
+        return
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in old.keys() | new.keys():
+            _diff(old.get(key), new.get(key), f"{path}.{key}", out)
+        return
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        for i, (a, b) in enumerate(zip(old, new, strict=True)):
+            _diff(a, b, f"{path}[{i}]", out)
+        return
+    out.append(path)

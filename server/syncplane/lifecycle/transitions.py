@@ -1,0 +1,86 @@
+"""User-requested transitions: Start, Stop, Restart.
+
+The API only changes the spec (`desired_state`, `restart_nonce`); the
+reconcile loop moves the phase. To refuse a double click before the
+reconciler has run, a request is checked against the *effective* phase: the
+phase the workflow is already heading into.
+"""
+
+from __future__ import annotations
+
+from syncplane.api.v1 import workflow_pb2 as pb
+from syncplane.errors import Aborted, FailedPrecondition
+from syncplane.model.convert import phase_name
+
+RUNNING, STOPPED = pb.DESIRED_STATE_RUNNING, pb.DESIRED_STATE_STOPPED
+
+START_FROM = frozenset({pb.PHASE_STOPPED, pb.PHASE_ERROR})
+STOP_FROM = frozenset({pb.PHASE_STARTING, pb.PHASE_RUNNING, pb.PHASE_ERROR})
+RESTART_FROM = frozenset({pb.PHASE_STARTING, pb.PHASE_RUNNING, pb.PHASE_ERROR})
+
+
+def current_phase(wf: pb.Workflow) -> int:
+    return wf.status.phase or pb.PHASE_STOPPED
+
+
+def restart_pending(wf: pb.Workflow) -> bool:
+    return wf.spec.restart_nonce != wf.status.applied_restart_nonce
+
+
+def effective_phase(wf: pb.Workflow) -> int:
+    phase = current_phase(wf)
+    if wf.spec.desired_state == RUNNING:
+        if phase == pb.PHASE_STOPPED or (phase == pb.PHASE_ERROR and restart_pending(wf)):
+            return pb.PHASE_STARTING
+        if phase in (pb.PHASE_STARTING, pb.PHASE_RUNNING) and restart_pending(wf):
+            return pb.PHASE_STOPPING
+    elif phase in (pb.PHASE_STARTING, pb.PHASE_RUNNING, pb.PHASE_ERROR):
+        return pb.PHASE_STOPPING
+    return phase
+
+
+def check_preconditions(wf: pb.Workflow, etag: str, expected_phase: int) -> None:
+    if etag and etag != wf.etag:
+        raise Aborted(f"etag {etag!r} does not match the current {wf.etag!r}; re-read and retry",
+                      {"etag": wf.etag})
+    if expected_phase and expected_phase != effective_phase(wf):
+        raise FailedPrecondition(
+            f"expected phase {phase_name(expected_phase)} but the workflow is "
+            f"{phase_name(effective_phase(wf))}", phase_name(effective_phase(wf)), "PHASE_MISMATCH")
+
+
+def _refuse(action: str, wf: pb.Workflow) -> FailedPrecondition:
+    phase = phase_name(effective_phase(wf))
+    return FailedPrecondition(f"cannot {action} workflow {wf.name}: it is {phase}", phase,
+                              "TRANSITION_NOT_ALLOWED")
+
+
+def request_start(wf: pb.Workflow) -> pb.WorkflowSpec:
+    """The spec after a Start. From ERROR with RUNNING desired, a start is a restart."""
+    if effective_phase(wf) not in START_FROM:
+        raise _refuse("start", wf)
+    spec = pb.WorkflowSpec()
+    spec.CopyFrom(wf.spec)
+    if spec.desired_state == RUNNING:
+        spec.restart_nonce = max(spec.restart_nonce, wf.status.applied_restart_nonce) + 1
+    spec.desired_state = RUNNING
+    return spec
+
+
+def request_stop(wf: pb.Workflow) -> pb.WorkflowSpec:
+    if effective_phase(wf) not in STOP_FROM:
+        raise _refuse("stop", wf)
+    spec = pb.WorkflowSpec()
+    spec.CopyFrom(wf.spec)
+    spec.desired_state = STOPPED
+    return spec
+
+
+def request_restart(wf: pb.Workflow) -> pb.WorkflowSpec:
+    if effective_phase(wf) not in RESTART_FROM:
+        raise _refuse("restart", wf)
+    spec = pb.WorkflowSpec()
+    spec.CopyFrom(wf.spec)
+    spec.desired_state = RUNNING
+    spec.restart_nonce = max(spec.restart_nonce, wf.status.applied_restart_nonce) + 1
+    return spec

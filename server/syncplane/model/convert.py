@@ -1,0 +1,142 @@
+"""Convert Workflow messages to and from resource dicts.
+
+A resource dict is what users write in YAML and what the CRD stores:
+camelCase keys and short enum names (`INGRESS`, not `WORKFLOW_TYPE_INGRESS`).
+Conversion walks the message descriptors, so a field added to the proto
+appears everywhere without touching this module.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from google.protobuf import json_format
+from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor
+from google.protobuf.message import Message
+
+from syncplane.api.v1 import workflow_pb2 as pb
+from syncplane.errors import FieldViolation, InvalidArgument
+
+API_VERSION = "syncplane.io/v1"
+KIND = "Workflow"
+_WKT = {"google.protobuf.Timestamp", "google.protobuf.Duration", "google.protobuf.FieldMask"}
+
+
+def enum_prefix(enum: EnumDescriptor) -> str:
+    zero = enum.values_by_number[0].name
+    return zero[: -len("UNSPECIFIED")] if zero.endswith("UNSPECIFIED") else ""
+
+
+def enum_short_name(enum: EnumDescriptor, number: int) -> str:
+    value = enum.values_by_number.get(number)
+    if value is None:
+        return str(number)
+    return value.name[len(enum_prefix(enum)):]
+
+
+def phase_name(phase: int) -> str:
+    return enum_short_name(pb.Phase.DESCRIPTOR, phase)
+
+
+def _walk(value: Any, desc: Descriptor, to_short: bool, path: str) -> Any:
+    if not isinstance(value, dict):
+        return value
+    out: dict[str, Any] = {}
+    by_json = {f.json_name: f for f in desc.fields}
+    by_name = {f.name: f for f in desc.fields}
+    for key, item in value.items():
+        field = by_json.get(key) or by_name.get(key)
+        if field is None:
+            if to_short:
+                out[key] = item
+                continue
+            raise InvalidArgument([FieldViolation(f"{path}.{key}".lstrip("."), "unknown field")])
+        sub = f"{path}.{field.name}".lstrip(".")
+        out[key] = _convert_field(item, field, to_short, sub)
+    return out
+
+
+def _convert_field(item: Any, field: FieldDescriptor, to_short: bool, path: str) -> Any:
+    if field.message_type is not None and field.message_type.GetOptions().map_entry:
+        return item
+    if isinstance(item, list):
+        return [_convert_field(x, field, to_short, f"{path}[{i}]") for i, x in enumerate(item)]
+    if field.enum_type is not None and isinstance(item, str):
+        prefix = enum_prefix(field.enum_type)
+        if to_short:
+            return item[len(prefix):] if item.startswith(prefix) else item
+        full = item if item.startswith(prefix) else prefix + item
+        if full not in field.enum_type.values_by_name:
+            allowed = ", ".join(v.name[len(prefix):] for v in field.enum_type.values if v.number)
+            raise InvalidArgument([FieldViolation(path, f"{item!r} is not one of {allowed}")])
+        return full
+    if field.message_type is not None and field.message_type.full_name not in _WKT:
+        return _walk(item, field.message_type, to_short, path)
+    return item
+
+
+def message_to_dict(msg: Message) -> dict[str, Any]:
+    """camelCase keys and short enum names; default values omitted."""
+    raw = json_format.MessageToDict(msg)
+    result: dict[str, Any] = _walk(raw, msg.DESCRIPTOR, True, "")
+    return result
+
+
+def message_from_dict(data: dict[str, Any], msg: Message, path: str = "") -> None:
+    """Fill `msg` from a resource dict; accepts camelCase or snake_case keys."""
+    full = _walk(data, msg.DESCRIPTOR, False, path)
+    try:
+        json_format.ParseDict(full, msg)
+    except json_format.ParseError as exc:
+        raise InvalidArgument([FieldViolation(path or "spec", str(exc))]) from exc
+
+
+def spec_to_dict(spec: pb.WorkflowSpec) -> dict[str, Any]:
+    return message_to_dict(spec)
+
+
+def spec_from_dict(data: dict[str, Any]) -> pb.WorkflowSpec:
+    spec = pb.WorkflowSpec()
+    message_from_dict(data, spec, "spec")
+    return spec
+
+
+def to_resource(wf: pb.Workflow) -> dict[str, Any]:
+    """The kubectl-style view of a Workflow: apiVersion/kind/metadata/spec/status."""
+    workflow_id = wf.name.split("/", 1)[-1]
+    metadata: dict[str, Any] = {"name": workflow_id}
+    if wf.labels:
+        metadata["labels"] = dict(wf.labels)
+    if wf.uid:
+        metadata["uid"] = wf.uid
+    if wf.etag:
+        metadata["etag"] = wf.etag
+    if wf.generation:
+        metadata["generation"] = wf.generation
+    if wf.HasField("create_time"):
+        metadata["creationTimestamp"] = json_format.MessageToDict(wf)["createTime"]
+    resource: dict[str, Any] = {"apiVersion": API_VERSION, "kind": KIND, "metadata": metadata,
+                                "spec": message_to_dict(wf.spec)}
+    if wf.HasField("status"):
+        resource["status"] = message_to_dict(wf.status)
+    return resource
+
+
+def from_resource(resource: dict[str, Any]) -> tuple[str, pb.Workflow]:
+    """Parse a kubectl-style document; returns (workflow_id, Workflow)."""
+    violations = []
+    if resource.get("apiVersion", API_VERSION) != API_VERSION:
+        violations.append(FieldViolation("apiVersion", f"must be {API_VERSION}"))
+    if resource.get("kind", KIND) != KIND:
+        violations.append(FieldViolation("kind", f"must be {KIND}"))
+    metadata = resource.get("metadata") or {}
+    workflow_id = metadata.get("name", "")
+    if not isinstance(workflow_id, str) or not workflow_id:
+        violations.append(FieldViolation("metadata.name", "is required"))
+    if violations:
+        raise InvalidArgument(violations)
+    wf = pb.Workflow()
+    for key, value in (metadata.get("labels") or {}).items():
+        wf.labels[str(key)] = str(value)
+    message_from_dict(resource.get("spec") or {}, wf.spec, "spec")
+    return workflow_id, wf

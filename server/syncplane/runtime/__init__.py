@@ -1,0 +1,1 @@
+"""The embedded driver: a local supervisor running workers as OS processes."""

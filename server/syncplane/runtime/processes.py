@@ -1,0 +1,95 @@
+"""Handles on worker OS processes: ones we spawned, and ones we adopted after
+a control-plane restart (not our children, so watched through psutil)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+from syncplane.worker.main import state_file
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerProcess:
+    workflow: str           # workflow id
+    index: int
+    generation: int
+    pid: int
+    popen: subprocess.Popen[bytes] | None = None
+    port: int | None = None
+    started: float = 0.0
+    stopping_since: float | None = None
+    killed: bool = False
+    report: dict[str, object] = field(default_factory=dict)
+
+    def exit_code(self) -> int | None:
+        """None while running; the exit status (or -1 if unknown) once gone."""
+        if self.popen is not None:
+            return self.popen.poll()
+        try:
+            proc = psutil.Process(self.pid)
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                return -1
+            return None
+        except psutil.NoSuchProcess:
+            return -1
+
+    def signal(self, sig: signal.Signals) -> None:
+        try:
+            os.kill(self.pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def spawn(workflow: str, index: int, generation: int, spec_file: Path, state_dir: Path, log_dir: Path,
+          orphan_timeout: float, now: float) -> WorkerProcess:
+    state_file(state_dir, workflow, index).unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "syncplane", "worker", "--workflow", workflow, "--index", str(index),
+           "--generation", str(generation), "--spec-file", str(spec_file), "--state-dir", str(state_dir),
+           "--orphan-timeout", str(orphan_timeout)]
+    log_dir.mkdir(parents=True, exist_ok=True)
+    with open(log_dir / f"{workflow}.{index}.log", "ab") as out:
+        # A session of its own: a Ctrl-C at the terminal reaches the supervisor,
+        # which drains workers deliberately, not every process at once.
+        popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
+    log.info("started worker %s/%d generation %d pid %d", workflow, index, generation, popen.pid)
+    return WorkerProcess(workflow, index, generation, popen.pid, popen=popen, started=now)
+
+
+def read_port(proc: WorkerProcess, state_dir: Path) -> int | None:
+    try:
+        data = json.loads(state_file(state_dir, proc.workflow, proc.index).read_text())
+    except (OSError, ValueError):
+        return None
+    return int(data["port"]) if data.get("pid") == proc.pid else None
+
+
+def adopt_all(state_dir: Path, now: float) -> list[WorkerProcess]:
+    """Workers left running by a previous control plane, verified by pid and command line."""
+    adopted = []
+    for path in sorted(state_dir.glob("*.worker.json")):
+        try:
+            data = json.loads(path.read_text())
+            pid = int(data["pid"])
+            cmdline = psutil.Process(pid).cmdline()
+        except (OSError, ValueError, KeyError, psutil.Error):
+            path.unlink(missing_ok=True)
+            continue
+        if "worker" not in cmdline or data["workflow"] not in cmdline:
+            path.unlink(missing_ok=True)
+            continue
+        adopted.append(WorkerProcess(data["workflow"], int(data["index"]), int(data["generation"]), pid,
+                                     port=int(data["port"]), started=now))
+        log.info("adopted worker %s/%s pid %d", data["workflow"], data["index"], pid)
+    return adopted

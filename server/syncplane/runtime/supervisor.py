@@ -1,0 +1,239 @@
+"""The embedded supervisor: observe worker processes, call the reconcile core,
+converge processes to its decision, write status.
+
+Level-based: every tick (and on every store change) it recomputes from what
+is stored and what it sees, so a restart of the control plane resumes from
+the same state. Crashes restart with capped exponential backoff; too many
+within a window is a crash loop, reported as ERROR.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+
+from syncplane.api.v1 import workflow_pb2 as pb
+from syncplane.lifecycle import Observed, WorkerFailure, reconcile
+from syncplane.model.convert import spec_to_dict
+from syncplane.runtime.processes import WorkerProcess, adopt_all, read_port, spawn
+from syncplane.store.base import WorkflowStore
+from syncplane.worker.main import EXIT_FATAL
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SupervisorConfig:
+    tick: float = 0.5
+    stop_timeout: float = 30.0          # SIGTERM, then SIGKILL after this long
+    backoff_base: float = 0.5
+    backoff_cap: float = 30.0
+    crash_limit: int = 5                # this many crashes ...
+    crash_window: float = 120.0         # ... within this many seconds is a crash loop
+    orphan_timeout: float = 30.0        # a worker nobody polls this long stops itself
+    poll_timeout: float = 2.0
+
+
+@dataclass
+class WorkerGroup:
+    """The supervisor's memory of one workflow's workers."""
+
+    procs: dict[int, WorkerProcess] = field(default_factory=dict)
+    crashes: deque[float] = field(default_factory=deque)
+    restart_at: dict[int, float] = field(default_factory=dict)
+    failure: WorkerFailure | None = None
+
+
+def backoff(attempt: int, base: float, cap: float) -> float:
+    return float(min(cap, base * (2 ** max(0, attempt - 1))))
+
+
+class Supervisor:
+    def __init__(self, store: WorkflowStore, run_dir: Path, config: SupervisorConfig | None = None) -> None:
+        self.store = store
+        self.config = config or SupervisorConfig()
+        self.state_dir = run_dir / "workers"
+        self.spec_dir = run_dir / "specs"
+        self.log_dir = run_dir / "logs"
+        for d in (self.state_dir, self.spec_dir, self.log_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        self.groups: dict[str, WorkerGroup] = {}
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._http = httpx.AsyncClient(timeout=self.config.poll_timeout,
+                                       headers={"X-Syncplane-Supervisor": "embedded"})
+
+    # -- lifecycle of the supervisor itself -------------------------------
+    def start(self) -> None:
+        now = time.monotonic()
+        for proc in adopt_all(self.state_dir, now):
+            self.groups.setdefault(proc.workflow, WorkerGroup()).procs[proc.index] = proc
+        self._task = asyncio.create_task(self._loop(), name="supervisor")
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def close(self, stop_workers: bool = False) -> None:
+        """Stop supervising. Workers keep running (and are re-adopted by the
+        next control plane) unless `stop_workers`."""
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        if stop_workers:
+            await self.stop_all()
+        await self._http.aclose()
+
+    async def stop_all(self, timeout: float | None = None) -> None:
+        deadline = time.monotonic() + (timeout or self.config.stop_timeout)
+        procs = [p for g in self.groups.values() for p in g.procs.values()]
+        for p in procs:
+            p.signal(signal.SIGTERM)
+        while procs and time.monotonic() < deadline:
+            procs = [p for p in procs if p.exit_code() is None]
+            await asyncio.sleep(0.05)
+        for p in procs:
+            p.signal(signal.SIGKILL)
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self.tick()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("supervisor tick failed; retrying")
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=self.config.tick)
+            except TimeoutError:
+                pass
+
+    # -- one reconcile pass ------------------------------------------------
+    async def tick(self) -> None:
+        now = time.monotonic()
+        workflows = {wf.name.split("/", 1)[1]: wf for wf in await self.store.list(limit=1_000_000)}
+        await self._poll_reports()
+        for wid in list(self.groups.keys() | workflows.keys()):
+            group = self.groups.setdefault(wid, WorkerGroup())
+            wf = workflows.get(wid)
+            self._reap(wid, group, now, keep_running=wf is not None
+                       and wf.spec.desired_state == pb.DESIRED_STATE_RUNNING)
+            if wf is None:
+                self._converge(wid, group, 0, 0, None, now)
+                if not group.procs:
+                    del self.groups[wid]
+                continue
+            applied = await self.store.get_applied(wf.name)
+            outcome = reconcile(wf, applied, self._observe(group, wf.status.applied_generation, now),
+                                datetime.now(UTC))
+            if outcome.apply is not None:
+                group.crashes.clear()
+                group.restart_at.clear()
+                group.failure = None
+                applied = outcome.apply
+            if outcome.status != wf.status or outcome.apply is not None:
+                if outcome.status.phase != wf.status.phase:
+                    log.info("workflow %s: %s -> %s", wid, pb.Phase.Name(wf.status.phase),
+                             pb.Phase.Name(outcome.status.phase))
+                await self.store.set_status(wf.name, outcome.status, outcome.apply)
+            self._converge(wid, group, outcome.target_workers, outcome.status.applied_generation, applied, now)
+
+    async def _poll_reports(self) -> None:
+        procs = [p for g in self.groups.values() for p in g.procs.values()]
+        for p in procs:
+            if p.port is None:
+                p.port = read_port(p, self.state_dir)
+        polled = [p for p in procs if p.port is not None]
+        results = await asyncio.gather(*(self._http.get(f"http://127.0.0.1:{p.port}/status") for p in polled),
+                                       return_exceptions=True)
+        for p, res in zip(polled, results, strict=True):
+            if isinstance(res, httpx.Response) and res.status_code == 200:
+                p.report = res.json()
+            else:
+                p.report = {}
+
+    def _reap(self, wid: str, group: WorkerGroup, now: float, keep_running: bool) -> None:
+        for index, proc in list(group.procs.items()):
+            code = proc.exit_code()
+            if code is None:
+                continue
+            del group.procs[index]
+            if proc.stopping_since is not None or not keep_running:
+                log.info("worker %s/%d (pid %d) stopped with status %s", wid, index, proc.pid, code)
+                continue
+            fatal = proc.report.get("fatal") if isinstance(proc.report.get("fatal"), dict) else None
+            if code == EXIT_FATAL and fatal:
+                group.failure = WorkerFailure(str(fatal.get("reason", "WORKER_FATAL")), str(fatal.get("message")))
+                continue
+            group.crashes.append(now)
+            while group.crashes and now - group.crashes[0] > self.config.crash_window:
+                group.crashes.popleft()
+            n = len(group.crashes)
+            log.warning("worker %s/%d (pid %d) exited unexpectedly with status %s (%d in window)",
+                        wid, index, proc.pid, code, n)
+            if n >= self.config.crash_limit:
+                group.failure = WorkerFailure(
+                    "CRASH_LOOP", f"worker {index} exited unexpectedly {n} times within "
+                    f"{self.config.crash_window:.0f}s (last exit status {code})")
+            else:
+                group.restart_at[index] = now + backoff(n, self.config.backoff_base, self.config.backoff_cap)
+
+    def _observe(self, group: WorkerGroup, generation: int, now: float) -> Observed:
+        counters = pb.Counters()
+        backlog = ready = 0
+        for p in group.procs.values():
+            r = p.report
+            if r.get("ready") and r.get("generation") == generation and p.stopping_since is None:
+                ready += 1
+            backlog += int(r.get("backlog", 0) or 0)  # type: ignore[call-overload]
+            c = r.get("counters") or {}
+            assert isinstance(c, dict)
+            counters.read += int(c.get("read", 0))
+            counters.written += int(c.get("written", 0))
+            counters.failed += int(c.get("failed", 0))
+            counters.dead_lettered += int(c.get("dead_lettered", 0))
+            counters.records_per_second += float(r.get("records_per_second", 0.0) or 0.0)  # type: ignore[arg-type]
+        restarting = sorted(i for i, t in group.restart_at.items() if t > now or i not in group.procs)
+        degraded = f"worker(s) {restarting} restarting after a crash" if restarting and not group.failure else ""
+        return Observed(live=len(group.procs), ready=ready, failure=group.failure, backlog=backlog,
+                        counters=counters, degraded=degraded)
+
+    def _converge(self, wid: str, group: WorkerGroup, target: int, generation: int,
+                  applied: pb.WorkflowSpec | None, now: float) -> None:
+        for index, proc in group.procs.items():
+            unwanted = index >= target or proc.generation != generation
+            if not unwanted:
+                continue
+            if proc.stopping_since is None:
+                log.info("stopping worker %s/%d (pid %d)", wid, index, proc.pid)
+                proc.stopping_since = now
+                proc.signal(signal.SIGTERM)
+            elif not proc.killed and now - proc.stopping_since > self.config.stop_timeout:
+                log.warning("worker %s/%d (pid %d) did not drain in %.0fs; killing", wid, index, proc.pid,
+                            self.config.stop_timeout)
+                proc.killed = True
+                proc.signal(signal.SIGKILL)
+        if target == 0 or applied is None or group.failure is not None:
+            group.restart_at.clear()
+            return
+        spec_file = self.spec_dir / f"{wid}.g{generation}.json"
+        if not spec_file.exists():
+            spec_file.write_text(json.dumps(spec_to_dict(applied)))
+        for index in range(target):
+            if index in group.procs or group.restart_at.get(index, 0) > now:
+                continue
+            group.restart_at.pop(index, None)
+            group.procs[index] = spawn(wid, index, generation, spec_file, self.state_dir, self.log_dir,
+                                       self.config.orphan_timeout, now)

@@ -1,0 +1,190 @@
+"""Workflow use cases: validate, apply lifecycle rules, persist through a store.
+
+gRPC servicers stay thin and call this; the CLI reaches it only over gRPC.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import AsyncIterator, Callable
+
+from google.protobuf import field_mask_pb2
+
+from syncplane.api.v1 import workflow_pb2 as pb
+from syncplane.api.v1 import workflow_service_pb2 as svc
+from syncplane.errors import FailedPrecondition, FieldViolation, InvalidArgument
+from syncplane.lifecycle import (
+    check_preconditions,
+    effective_phase,
+    request_restart,
+    request_start,
+    request_stop,
+)
+from syncplane.model.convert import phase_name
+from syncplane.model.names import parse_name, workflow_name
+from syncplane.store.base import Change, WorkflowStore
+from syncplane.validation import apply_defaults, validate_labels, validate_spec
+
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+# Update may touch these; the lifecycle fields go through Start/Stop/Restart.
+LIFECYCLE_PATHS = {"spec.desired_state", "spec.restart_nonce"}
+IMMUTABLE_PATHS = {"name", "uid", "etag", "generation", "create_time", "update_time", "status", "spec.type"}
+
+
+class WorkflowService:
+    def __init__(self, store: WorkflowStore, on_change: Callable[[], None] | None = None) -> None:
+        self.store = store
+        self._on_change = on_change or (lambda: None)
+
+    async def create(self, req: svc.CreateWorkflowRequest) -> pb.Workflow:
+        workflow_id = parse_name(req.workflow_id, "workflow_id")
+        wf = pb.Workflow()
+        wf.CopyFrom(req.workflow)
+        wf.name = workflow_name(workflow_id)
+        wf.ClearField("status")
+        for f in ("uid", "etag", "generation", "create_time", "update_time"):
+            wf.ClearField(f)  # type: ignore[arg-type]
+        apply_defaults(wf.spec)
+        validate_labels(dict(wf.labels))
+        validate_spec(wf.spec)
+        if req.validate_only:
+            return wf
+        created = await self.store.create(wf, req.request_id)
+        self._on_change()
+        return created
+
+    async def get(self, name: str) -> pb.Workflow:
+        return await self.store.get(workflow_name(parse_name(name)))
+
+    async def list(self, req: svc.ListWorkflowsRequest) -> svc.ListWorkflowsResponse:
+        if req.page_size < 0:
+            raise InvalidArgument([FieldViolation("page_size", "must not be negative")])
+        size = min(req.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        after = _decode_token(req.page_token, req) if req.page_token else ""
+        rows = await self.store.list(types=list(req.types), phases=list(req.phases), after=after,
+                                     limit=size + 1)
+        resp = svc.ListWorkflowsResponse(workflows=rows[:size])
+        if len(rows) > size:
+            resp.next_page_token = _encode_token(rows[size - 1].name, req)
+        return resp
+
+    async def update(self, req: svc.UpdateWorkflowRequest) -> pb.Workflow:
+        name = workflow_name(parse_name(req.workflow.name, "workflow.name"))
+        paths = list(req.update_mask.paths) or ["labels", "spec"]
+        bad = [FieldViolation(f"update_mask.paths[{i}]", _why_not_updatable(p)) for i, p in enumerate(paths)
+               if _why_not_updatable(p)]
+        if bad:
+            raise InvalidArgument(bad)
+
+        def mutate(current: pb.Workflow) -> pb.Workflow:
+            check_preconditions(current, req.workflow.etag, 0)
+            new = pb.Workflow()
+            new.CopyFrom(current)
+            mask = field_mask_pb2.FieldMask(paths=_expand(paths))
+            try:
+                mask.MergeMessage(req.workflow, new, replace_message_field=True, replace_repeated_field=True)
+            except ValueError as exc:
+                raise InvalidArgument([FieldViolation("update_mask", str(exc))]) from exc
+            # The lifecycle is never changed by Update, even with a whole-spec mask.
+            new.spec.desired_state = current.spec.desired_state
+            new.spec.restart_nonce = current.spec.restart_nonce
+            new.spec.type = current.spec.type
+            apply_defaults(new.spec)
+            validate_labels(dict(new.labels))
+            validate_spec(new.spec)
+            return new
+
+        updated = await self.store.update(name, mutate)
+        self._on_change()
+        return updated
+
+    async def delete(self, req: svc.DeleteWorkflowRequest) -> None:
+        name = workflow_name(parse_name(req.name))
+
+        def check(wf: pb.Workflow) -> None:
+            check_preconditions(wf, req.etag, 0)
+            phase = effective_phase(wf)
+            if phase != pb.PHASE_STOPPED and phase != pb.PHASE_ERROR and not req.force:
+                raise FailedPrecondition(
+                    f"workflow {name} is {phase_name(phase)}: stop it first, or delete with force",
+                    phase_name(phase), "WORKERS_RUNNING")
+
+        await self.store.delete(name, check)
+        self._on_change()
+
+    async def _transition(self, name: str, etag: str, expected_phase: int,
+                          request: Callable[[pb.Workflow], pb.WorkflowSpec]) -> pb.Workflow:
+        full = workflow_name(parse_name(name))
+
+        def mutate(current: pb.Workflow) -> pb.Workflow:
+            check_preconditions(current, etag, expected_phase)
+            current.spec.CopyFrom(request(current))
+            return current
+
+        updated = await self.store.update(full, mutate)
+        self._on_change()
+        return updated
+
+    async def start(self, req: svc.StartWorkflowRequest) -> pb.Workflow:
+        return await self._transition(req.name, req.etag, req.expected_phase, request_start)
+
+    async def stop(self, req: svc.StopWorkflowRequest) -> pb.Workflow:
+        return await self._transition(req.name, req.etag, req.expected_phase, request_stop)
+
+    async def restart(self, req: svc.RestartWorkflowRequest) -> pb.Workflow:
+        return await self._transition(req.name, req.etag, req.expected_phase, request_restart)
+
+    def watch(self, req: svc.WatchWorkflowsRequest) -> AsyncIterator[Change]:
+        if req.start_revision < 0:
+            raise InvalidArgument([FieldViolation("start_revision", "must not be negative")])
+        name = workflow_name(parse_name(req.name)) if req.name else ""
+        return self.store.watch(req.start_revision, name)
+
+
+def _why_not_updatable(path: str) -> str:
+    if path in LIFECYCLE_PATHS:
+        return f"{path} is changed by StartWorkflow/StopWorkflow/RestartWorkflow, not UpdateWorkflow"
+    if path in IMMUTABLE_PATHS or path.startswith("status"):
+        return f"{path} cannot be updated"
+    root = path.split(".", 1)[0]
+    if root not in ("labels", "spec"):
+        return f"{path} is not a field of Workflow"
+    if root == "spec" and "." in path:
+        field = path.split(".")[1]
+        if field not in pb.WorkflowSpec.DESCRIPTOR.fields_by_name:
+            return f"{path} is not a field of Workflow"
+    return ""
+
+
+def _expand(paths: list[str]) -> list[str]:
+    """`spec` means every updatable spec field (the lifecycle ones are restored after)."""
+    out: list[str] = []
+    for p in paths:
+        if p == "spec":
+            out.extend(f"spec.{f.name}" for f in pb.WorkflowSpec.DESCRIPTOR.fields
+                       if f"spec.{f.name}" not in LIFECYCLE_PATHS | IMMUTABLE_PATHS)
+        else:
+            out.append(p)
+    return out
+
+
+def _filter_key(req: svc.ListWorkflowsRequest) -> str:
+    return f"{sorted(req.types)}|{sorted(req.phases)}"
+
+
+def _encode_token(after: str, req: svc.ListWorkflowsRequest) -> str:
+    raw = json.dumps({"after": after, "filter": _filter_key(req)}).encode()
+    return base64.urlsafe_b64encode(raw).decode()
+
+
+def _decode_token(token: str, req: svc.ListWorkflowsRequest) -> str:
+    try:
+        data = json.loads(base64.urlsafe_b64decode(token.encode()))
+        after, key = str(data["after"]), data["filter"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InvalidArgument([FieldViolation("page_token", "is not a token this server issued")]) from exc
+    if key != _filter_key(req):
+        raise InvalidArgument([FieldViolation("page_token", "was issued for a different filter")])
+    return after

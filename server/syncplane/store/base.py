@@ -1,0 +1,47 @@
+"""The store interface the service and the supervisor depend on."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from syncplane.api.v1 import workflow_pb2 as pb
+from syncplane.api.v1 import workflow_service_pb2 as svc
+
+# Receives the current workflow, returns the new one (or raises a domain error).
+# Runs inside the store's transaction, so check-and-set is atomic.
+Mutation = Callable[[pb.Workflow], pb.Workflow]
+
+
+@dataclass(frozen=True)
+class Change:
+    revision: int
+    type: int          # svc.ChangeType
+    workflow: pb.Workflow
+
+
+class WorkflowStore(Protocol):
+    async def create(self, wf: pb.Workflow, request_id: str = "") -> pb.Workflow: ...
+
+    async def get(self, name: str) -> pb.Workflow: ...
+
+    async def list(self, *, types: Sequence[int] = (), phases: Sequence[int] = (), after: str = "",
+                   limit: int = 50) -> list[pb.Workflow]: ...
+
+    async def update(self, name: str, mutate: Mutation, *, spec_changed: bool = True) -> pb.Workflow: ...
+
+    async def delete(self, name: str, check: Callable[[pb.Workflow], None]) -> None: ...
+
+    def watch(self, start_revision: int = 0, name: str = "") -> AsyncIterator[Change]: ...
+
+    # The spec snapshot the workers were started with (drift is measured against it).
+    async def get_applied(self, name: str) -> pb.WorkflowSpec | None: ...
+
+    async def set_status(self, name: str, status: pb.WorkflowStatus,
+                         applied: pb.WorkflowSpec | None = None) -> pb.Workflow: ...
+
+
+CHANGE_ADDED = svc.CHANGE_TYPE_ADDED
+CHANGE_MODIFIED = svc.CHANGE_TYPE_MODIFIED
+CHANGE_DELETED = svc.CHANGE_TYPE_DELETED

@@ -1,0 +1,210 @@
+"""The embedded store: SQLite in WAL mode.
+
+Every write bumps one global revision and appends to a `changes` log, so a
+watcher can resume from any revision still retained. The etag of a workflow
+is the revision that last modified it. One process owns the file; watchers in
+that process are woken by an in-memory broadcast.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+from syncplane.api.v1 import workflow_pb2 as pb
+from syncplane.errors import AlreadyExists, NotFound, OutOfRange
+from syncplane.store.base import CHANGE_ADDED, CHANGE_DELETED, CHANGE_MODIFIED, Change, Mutation
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+INSERT OR IGNORE INTO meta (key, value) VALUES ('revision', 0);
+CREATE TABLE IF NOT EXISTS workflows (
+    name TEXT PRIMARY KEY,
+    type INTEGER NOT NULL,
+    phase INTEGER NOT NULL,
+    mod_revision INTEGER NOT NULL,
+    body BLOB NOT NULL,
+    applied BLOB
+);
+CREATE TABLE IF NOT EXISTS changes (
+    revision INTEGER PRIMARY KEY,
+    name TEXT NOT NULL,
+    type INTEGER NOT NULL,
+    body BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS requests (request_id TEXT PRIMARY KEY, name TEXT NOT NULL);
+"""
+RETAINED_CHANGES = 10_000
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class SqliteStore:
+    def __init__(self, path: Path | str) -> None:
+        self.path = str(path)
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(SCHEMA)
+        self._subscribers: set[asyncio.Queue[Change]] = set()
+
+    def close(self) -> None:
+        self._db.close()
+
+    # -- helpers -----------------------------------------------------------
+    def _load(self, name: str) -> pb.Workflow:
+        row = self._db.execute("SELECT body FROM workflows WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            raise NotFound(f"workflow {name} not found", {"name": name})
+        return pb.Workflow.FromString(row[0])
+
+    def _bump(self) -> int:
+        self._db.execute("UPDATE meta SET value = value + 1 WHERE key = 'revision'")
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'revision'").fetchone()
+        return int(row[0])
+
+    def revision(self) -> int:
+        return int(self._db.execute("SELECT value FROM meta WHERE key = 'revision'").fetchone()[0])
+
+    def _write(self, wf: pb.Workflow, change: int, applied: bytes | None = None,
+               keep_applied: bool = True) -> Change:
+        rev = self._bump()
+        wf.etag = str(rev)
+        wf.update_time.FromDatetime(_now())
+        body = wf.SerializeToString()
+        if change == CHANGE_ADDED:
+            self._db.execute("INSERT INTO workflows (name, type, phase, mod_revision, body, applied) "
+                             "VALUES (?, ?, ?, ?, ?, NULL)", (wf.name, wf.spec.type, wf.status.phase, rev, body))
+        elif keep_applied:
+            self._db.execute("UPDATE workflows SET phase = ?, mod_revision = ?, body = ? WHERE name = ?",
+                             (wf.status.phase, rev, body, wf.name))
+        else:
+            self._db.execute("UPDATE workflows SET phase = ?, mod_revision = ?, body = ?, applied = ? "
+                             "WHERE name = ?", (wf.status.phase, rev, body, applied, wf.name))
+        self._db.execute("INSERT INTO changes (revision, name, type, body) VALUES (?, ?, ?, ?)",
+                         (rev, wf.name, change, body))
+        if rev % 1000 == 0:
+            self._db.execute("DELETE FROM changes WHERE revision <= ?", (rev - RETAINED_CHANGES,))
+        return Change(rev, change, wf)
+
+    def _publish(self, change: Change) -> None:
+        for queue in self._subscribers:
+            queue.put_nowait(change)
+
+    # -- the interface -----------------------------------------------------
+    async def create(self, wf: pb.Workflow, request_id: str = "") -> pb.Workflow:
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            if request_id:
+                row = self._db.execute("SELECT name FROM requests WHERE request_id = ?", (request_id,)).fetchone()
+                if row is not None:
+                    return self._load(row[0])
+            exists = self._db.execute("SELECT 1 FROM workflows WHERE name = ?", (wf.name,)).fetchone()
+            if exists:
+                raise AlreadyExists(f"workflow {wf.name} already exists", {"name": wf.name})
+            wf.uid = str(uuid.uuid4())
+            wf.generation = 1
+            wf.create_time.FromDatetime(_now())
+            if wf.status.phase == pb.PHASE_UNSPECIFIED:
+                wf.status.phase = pb.PHASE_STOPPED
+                wf.status.phase_time.CopyFrom(wf.create_time)
+            change = self._write(wf, CHANGE_ADDED)
+            if request_id:
+                self._db.execute("INSERT INTO requests (request_id, name) VALUES (?, ?)", (request_id, wf.name))
+        self._publish(change)
+        return change.workflow
+
+    async def get(self, name: str) -> pb.Workflow:
+        return self._load(name)
+
+    async def list(self, *, types: Sequence[int] = (), phases: Sequence[int] = (), after: str = "",
+                   limit: int = 50) -> list[pb.Workflow]:
+        sql, args = "SELECT body FROM workflows WHERE name > ?", [after]
+        if types:
+            sql += f" AND type IN ({','.join('?' * len(types))})"
+            args.extend(types)
+        if phases:
+            sql += f" AND phase IN ({','.join('?' * len(phases))})"
+            args.extend(phases)
+        sql += " ORDER BY name LIMIT ?"
+        args.append(limit)
+        return [pb.Workflow.FromString(r[0]) for r in self._db.execute(sql, args)]
+
+    async def update(self, name: str, mutate: Mutation, *, spec_changed: bool = True) -> pb.Workflow:
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            current = self._load(name)
+            new = mutate(pb.Workflow.FromString(current.SerializeToString()))
+            if new.spec != current.spec:
+                new.generation = current.generation + 1
+            elif new == current:
+                return current
+            change = self._write(new, CHANGE_MODIFIED)
+        self._publish(change)
+        return change.workflow
+
+    async def delete(self, name: str, check: Callable[[pb.Workflow], None]) -> None:
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            wf = self._load(name)
+            check(wf)
+            rev = self._bump()
+            self._db.execute("DELETE FROM workflows WHERE name = ?", (name,))
+            self._db.execute("INSERT INTO changes (revision, name, type, body) VALUES (?, ?, ?, ?)",
+                             (rev, name, CHANGE_DELETED, wf.SerializeToString()))
+        self._publish(Change(rev, CHANGE_DELETED, wf))
+
+    async def get_applied(self, name: str) -> pb.WorkflowSpec | None:
+        row = self._db.execute("SELECT applied FROM workflows WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            raise NotFound(f"workflow {name} not found", {"name": name})
+        return pb.WorkflowSpec.FromString(row[0]) if row[0] is not None else None
+
+    async def set_status(self, name: str, status: pb.WorkflowStatus,
+                         applied: pb.WorkflowSpec | None = None) -> pb.Workflow:
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            wf = self._load(name)
+            wf.status.CopyFrom(status)
+            blob = applied.SerializeToString() if applied is not None else None
+            change = self._write(wf, CHANGE_MODIFIED, blob, keep_applied=applied is None)
+        self._publish(change)
+        return change.workflow
+
+    async def watch(self, start_revision: int = 0, name: str = "") -> AsyncIterator[Change]:
+        queue: asyncio.Queue[Change] = asyncio.Queue()
+        self._subscribers.add(queue)
+        try:
+            last = start_revision
+            if start_revision == 0:
+                last = self.revision()
+                for wf in await self.list(limit=1_000_000):
+                    if not name or wf.name == name:
+                        yield Change(last, CHANGE_ADDED, wf)
+            else:
+                oldest = self._db.execute("SELECT MIN(revision) FROM changes").fetchone()[0]
+                if oldest is not None and start_revision < oldest - 1:
+                    raise OutOfRange(f"revision {start_revision} has been compacted; "
+                                     f"the oldest retained is {oldest}; restart from 0",
+                                     {"oldest": str(oldest)})
+                rows = self._db.execute("SELECT revision, name, type, body FROM changes WHERE revision > ? "
+                                        "ORDER BY revision", (start_revision,)).fetchall()
+                for rev, wname, ctype, body in rows:
+                    last = rev
+                    if not name or wname == name:
+                        yield Change(rev, ctype, pb.Workflow.FromString(body))
+            while True:
+                change = await queue.get()
+                if change.revision <= last:
+                    continue
+                last = change.revision
+                if not name or change.workflow.name == name:
+                    yield change
+        finally:
+            self._subscribers.discard(queue)

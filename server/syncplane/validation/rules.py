@@ -1,0 +1,24 @@
+"""The vendors' limits and naming rules (../shared/DOMAIN.md), in one place."""
+
+import re
+
+MAX_CUSTOM_ENTITIES = 20
+MAX_COLUMNS_PER_ENTITY = 50
+MAX_BATCH_SIZE = 1000          # Dataverse $batch: at most 1,000 requests
+DEFAULT_BATCH_SIZE = 100
+MIN_POLL_SECONDS = 1
+MAX_POLL_SECONDS = 3600
+DEFAULT_POLL_SECONDS = 5
+MAX_WORKERS = 16
+PROFILE_RESOURCE = "profile"
+
+CAMPAIGN_OPT_OUT_FIELDS = frozenset({
+    "blackList", "blackListEmail", "blackListFax", "blackListMobile", "blackListPhone",
+    "blackListPostalMail", "blackListPushnotification", "ccpaOptOut",
+})
+CRM_OPT_OUT_FIELD = re.compile(r"^donot[a-z]+$")
+# Dataverse logical names are lowercase; Campaign names are camelCase.
+CRM_IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,127}$")
+CAMPAIGN_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+LABEL_KEY = re.compile(r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")

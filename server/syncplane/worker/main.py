@@ -1,0 +1,116 @@
+"""Entry point of a worker process.
+
+Lifecycle: bind /status on a loopback port, announce it in a state file the
+supervisor reads, run until SIGTERM, drain, remove the state file, exit 0.
+When embedded, a worker that nobody polls for `orphan_timeout` seconds
+assumes its supervisor is gone for good and drains itself: no orphans.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiohttp import web
+
+from syncplane.model.convert import spec_from_dict
+from syncplane.worker.report import WorkerReport
+
+log = logging.getLogger("syncplane.worker")
+EXIT_FATAL = 78  # EX_CONFIG: retrying cannot help
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    workflow: str
+    index: int
+    generation: int
+    spec_file: Path
+    state_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 0
+    orphan_timeout: float = 0.0
+
+
+def state_file(state_dir: Path, workflow: str, index: int) -> Path:
+    return state_dir / f"{workflow}.{index}.worker.json"
+
+
+class Worker:
+    def __init__(self, opts: WorkerOptions) -> None:
+        self.opts = opts
+        self.report = WorkerReport(workflow=opts.workflow, index=opts.index, generation=opts.generation)
+        self.last_polled = time.monotonic()
+        self.stop = asyncio.Event()
+
+    async def status(self, request: web.Request) -> web.Response:
+        if request.headers.get("X-Syncplane-Supervisor"):
+            self.last_polled = time.monotonic()
+        return web.json_response(self.report.to_json())
+
+    async def healthz(self, _: web.Request) -> web.Response:
+        if self.report.fatal:
+            return web.Response(status=503, text=self.report.fatal.get("message", "fatal"))
+        return web.Response(text="ok")
+
+    async def metrics(self, _: web.Request) -> web.Response:
+        return web.Response(text=self.report.to_prometheus(), content_type="text/plain", charset="utf-8")
+
+    async def run(self) -> int:
+        spec = spec_from_dict(json.loads(self.opts.spec_file.read_text()))
+        app = web.Application()
+        app.router.add_get("/status", self.status)
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/metrics", self.metrics)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, self.opts.host, self.opts.port)
+        await site.start()
+        server = site._server
+        assert server is not None and server.sockets
+        port = server.sockets[0].getsockname()[1]
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop.set)
+        self._announce(port)
+        log.info("worker %s/%d generation %d listening on %s:%d (type %s)", self.opts.workflow,
+                 self.opts.index, self.opts.generation, self.opts.host, port, spec.type)
+        # The data pipeline (sync engine) plugs in here; until it reports, the
+        # worker is ready as soon as it serves its heartbeat.
+        self.report.ready, self.report.phase = True, "RUNNING"
+        try:
+            await self._wait()
+        finally:
+            self.report.ready, self.report.phase = False, "DRAINING"
+            state_file(self.opts.state_dir, self.opts.workflow, self.opts.index).unlink(missing_ok=True)
+            await runner.cleanup()
+        log.info("worker %s/%d drained and stopped", self.opts.workflow, self.opts.index)
+        return 0
+
+    async def _wait(self) -> None:
+        while not self.stop.is_set():
+            try:
+                await asyncio.wait_for(self.stop.wait(), timeout=1.0)
+            except TimeoutError:
+                pass
+            if self.opts.orphan_timeout and time.monotonic() - self.last_polled > self.opts.orphan_timeout:
+                log.warning("no supervisor has polled for %.0fs; stopping", self.opts.orphan_timeout)
+                return
+
+    def _announce(self, port: int) -> None:
+        path = state_file(self.opts.state_dir, self.opts.workflow, self.opts.index)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"workflow": self.opts.workflow, "index": self.opts.index,
+                                   "generation": self.opts.generation, "pid": os.getpid(), "port": port}))
+        tmp.replace(path)
+
+
+def run(opts: WorkerOptions) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    return asyncio.run(Worker(opts).run())

@@ -1,0 +1,55 @@
+"""The worker heartbeat: one structure, rendered as /status JSON and /metrics."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class Counters:
+    read: int = 0
+    written: int = 0
+    failed: int = 0
+    dead_lettered: int = 0
+
+
+@dataclass
+class WorkerReport:
+    workflow: str
+    index: int
+    generation: int
+    pid: int = field(default_factory=os.getpid)
+    ready: bool = False
+    phase: str = "STARTING"          # STARTING, RUNNING, DRAINING, FATAL
+    backlog: int = 0
+    counters: Counters = field(default_factory=Counters)
+    records_per_second: float = 0.0
+    last_error: dict[str, str] | None = None
+    fatal: dict[str, str] | None = None
+    started_at: float = field(default_factory=time.time)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_prometheus(self) -> str:
+        labels = f'workflow="{self.workflow}",worker="{self.index}"'
+        lines = []
+
+        def metric(name: str, kind: str, help_: str, value: float) -> None:
+            lines.extend([f"# HELP syncplane_worker_{name} {help_}", f"# TYPE syncplane_worker_{name} {kind}",
+                          f"syncplane_worker_{name}{{{labels}}} {value}"])
+
+        metric("ready", "gauge", "1 when the worker is connected and syncing.", int(self.ready))
+        metric("generation", "gauge", "The workflow generation this worker runs.", self.generation)
+        metric("backlog", "gauge", "Records read and not yet written.", self.backlog)
+        metric("records_read_total", "counter", "Records read from the source.", self.counters.read)
+        metric("records_written_total", "counter", "Records acknowledged by the destination.",
+               self.counters.written)
+        metric("records_failed_total", "counter", "Records that failed to write.", self.counters.failed)
+        metric("records_dead_lettered_total", "counter", "Records sent to the dead-letter store.",
+               self.counters.dead_lettered)
+        metric("records_per_second", "gauge", "Write throughput.", self.records_per_second)
+        return "\n".join(lines) + "\n"
