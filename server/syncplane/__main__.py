@@ -1,0 +1,3 @@
+from syncplane.cli import main
+
+main()

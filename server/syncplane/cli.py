@@ -1,0 +1,325 @@
+"""The `syncplane` command line. Everything except `up` and `worker` talks to
+the control plane over gRPC only."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import click
+import grpc
+import yaml
+from google.protobuf import field_mask_pb2
+
+from syncplane.api.v1 import workflow_pb2 as pb
+from syncplane.api.v1 import workflow_service_pb2 as svc
+from syncplane.client import ClientConfig, describe_error, stub
+from syncplane.errors import SyncplaneError
+from syncplane.model.convert import enum_short_name, from_resource, phase_name, to_resource
+from syncplane.model.names import workflow_name
+
+
+def _client(ctx: click.Context) -> Any:
+    return stub(ctx.obj)
+
+
+def _emit(resource: Any, output: str) -> None:
+    if output == "json":
+        click.echo(json.dumps(resource, indent=2))
+    else:
+        click.echo(yaml.safe_dump(resource, sort_keys=False).rstrip())
+
+
+def _age(wf: pb.Workflow) -> str:
+    if not wf.HasField("create_time"):
+        return "-"
+    secs = int((datetime.now(UTC) - wf.create_time.ToDatetime(tzinfo=UTC)).total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if secs >= size:
+            return f"{secs // size}{unit}"
+    return f"{secs}s"
+
+
+def table_row(wf: pb.Workflow) -> list[str]:
+    return [wf.name.split("/", 1)[-1], enum_short_name(pb.WorkflowType.DESCRIPTOR, wf.spec.type),
+            enum_short_name(pb.DesiredState.DESCRIPTOR, wf.spec.desired_state), phase_name(wf.status.phase),
+            str(wf.status.backlog), "yes" if wf.status.drift.detected else "no", _age(wf)]
+
+
+def format_table(rows: list[list[str]]) -> str:
+    header = ["NAME", "TYPE", "DESIRED", "PHASE", "BACKLOG", "DRIFT", "AGE"]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return "\n".join("   ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+                     for r in [header, *rows])
+
+
+@click.group()
+@click.option("--server", envvar="SYNCPLANE_ADDRESS", default="127.0.0.1:7443", show_default=True,
+              help="Control-plane gRPC address.")
+@click.option("--token", envvar="SYNCPLANE_TOKEN", default=None, help="Bearer token (or SYNCPLANE_TOKEN).")
+@click.option("--ca-file", envvar="SYNCPLANE_CA_FILE", type=click.Path(path_type=Path), default=None,
+              help="CA bundle; enables TLS.")
+@click.pass_context
+def cli(ctx: click.Context, server: str, token: str | None, ca_file: Path | None) -> None:
+    """syncplane: keep Dynamics 365 and Adobe Campaign Standard in sync."""
+    ctx.obj = ClientConfig(address=server, token=token, ca_file=ca_file)
+
+
+@cli.command()
+@click.option("--data-dir", type=click.Path(path_type=Path), default=Path(".syncplane"), show_default=True)
+@click.option("--listen", default="127.0.0.1:7443", show_default=True)
+@click.option("--tls-cert", type=click.Path(exists=True, path_type=Path))
+@click.option("--tls-key", type=click.Path(exists=True, path_type=Path))
+@click.option("--token-file", type=click.Path(exists=True, path_type=Path),
+              help="File holding the bearer token clients must send (or SYNCPLANE_SERVER_TOKEN).")
+@click.option("--defaults/--no-defaults", default=True, show_default=True,
+              help="Create the three default workflows (stopped) if absent.")
+@click.option("--otlp-endpoint", envvar="OTEL_EXPORTER_OTLP_ENDPOINT", default=None)
+@click.option("--port-file", type=click.Path(path_type=Path), help="Write the bound port here.")
+@click.option("--stop-timeout", type=float, default=30.0, show_default=True)
+@click.option("--crash-limit", type=int, default=5, show_default=True)
+@click.option("--crash-window", type=float, default=120.0, show_default=True)
+@click.option("--backoff-base", type=float, default=0.5, show_default=True)
+@click.option("--orphan-timeout", type=float, default=30.0, show_default=True)
+@click.option("--log-level", default="INFO", show_default=True)
+def up(data_dir: Path, listen: str, tls_cert: Path | None, tls_key: Path | None, token_file: Path | None,
+       defaults: bool, otlp_endpoint: str | None, port_file: Path | None, stop_timeout: float,
+       crash_limit: int, crash_window: float, backoff_base: float, orphan_timeout: float,
+       log_level: str) -> None:
+    """Run the embedded control plane (SQLite + local worker processes)."""
+    from syncplane.api.server import InsecureBindError, ServerSecurity
+    from syncplane.runtime.embedded import EmbeddedConfig, serve
+    from syncplane.runtime.supervisor import SupervisorConfig
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    token = token_file.read_text().strip() if token_file else os.environ.get("SYNCPLANE_SERVER_TOKEN")
+    config = EmbeddedConfig(
+        data_dir=data_dir, address=listen,
+        security=ServerSecurity(tls_cert=tls_cert, tls_key=tls_key, token=token or None),
+        supervisor=SupervisorConfig(stop_timeout=stop_timeout, crash_limit=crash_limit,
+                                    crash_window=crash_window, backoff_base=backoff_base,
+                                    orphan_timeout=orphan_timeout),
+        with_defaults=defaults, otlp_endpoint=otlp_endpoint, port_file=port_file)
+    try:
+        asyncio.run(serve(config))
+    except InsecureBindError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@cli.command(hidden=True)
+@click.option("--workflow", required=True)
+@click.option("--index", type=int, default=0)
+@click.option("--generation", type=int, required=True)
+@click.option("--spec-file", type=click.Path(exists=True, path_type=Path), required=True)
+@click.option("--state-dir", type=click.Path(path_type=Path), required=True)
+@click.option("--orphan-timeout", type=float, default=0.0)
+def worker(workflow: str, index: int, generation: int, spec_file: Path, state_dir: Path,
+           orphan_timeout: float) -> None:
+    """Run one worker replica (started by the supervisor or a Deployment)."""
+    from syncplane.worker.main import WorkerOptions, run
+
+    sys.exit(run(WorkerOptions(workflow=workflow, index=index, generation=generation, spec_file=spec_file,
+                               state_dir=state_dir, orphan_timeout=orphan_timeout)))
+
+
+def _documents(path: str) -> Iterator[dict[str, Any]]:
+    text = sys.stdin.read() if path == "-" else Path(path).read_text()
+    for doc in yaml.safe_load_all(text):
+        if doc:
+            yield doc
+
+
+@cli.command()
+@click.option("-f", "--filename", required=True, help="YAML file with one or more Workflows ('-' for stdin).")
+@click.pass_context
+def apply(ctx: click.Context, filename: str) -> None:
+    """Create or update workflows from YAML (the lifecycle is not changed on update)."""
+    client = _client(ctx)
+    for doc in _documents(filename):
+        workflow_id, wf = from_resource(doc)
+        try:
+            client.CreateWorkflow(svc.CreateWorkflowRequest(workflow_id=workflow_id, workflow=wf))
+            click.echo(f"workflow/{workflow_id} created")
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.ALREADY_EXISTS:
+                raise
+            wf.name = workflow_name(workflow_id)
+            client.UpdateWorkflow(svc.UpdateWorkflowRequest(
+                workflow=wf, update_mask=field_mask_pb2.FieldMask(paths=["labels", "spec"])))
+            click.echo(f"workflow/{workflow_id} configured")
+
+
+@cli.command()
+@click.argument("name")
+@click.option("-o", "--output", type=click.Choice(["yaml", "json", "table"]), default="table")
+@click.pass_context
+def get(ctx: click.Context, name: str, output: str) -> None:
+    """Show one workflow."""
+    wf = _client(ctx).GetWorkflow(svc.GetWorkflowRequest(name=workflow_name(name)))
+    if output == "table":
+        click.echo(format_table([table_row(wf)]))
+    else:
+        _emit(to_resource(wf), output)
+
+
+@cli.command(name="list")
+@click.option("-o", "--output", type=click.Choice(["yaml", "json", "table"]), default="table")
+@click.option("--type", "types", multiple=True, type=click.Choice(["INGRESS", "EGRESS", "OPT_IN_OUT"]))
+@click.option("--phase", "phases", multiple=True,
+              type=click.Choice(["STOPPED", "STARTING", "RUNNING", "STOPPING", "ERROR"]))
+@click.pass_context
+def list_(ctx: click.Context, output: str, types: tuple[str, ...], phases: tuple[str, ...]) -> None:
+    """List workflows: NAME TYPE DESIRED PHASE BACKLOG DRIFT AGE."""
+    client = _client(ctx)
+    req = svc.ListWorkflowsRequest(page_size=500, types=[pb.WorkflowType.Value(f"WORKFLOW_TYPE_{t}") for t in types],
+                                   phases=[pb.Phase.Value(f"PHASE_{p}") for p in phases])
+    workflows: list[pb.Workflow] = []
+    while True:
+        resp = client.ListWorkflows(req)
+        workflows.extend(resp.workflows)
+        if not resp.next_page_token:
+            break
+        req.page_token = resp.next_page_token
+    if output == "table":
+        click.echo(format_table([table_row(wf) for wf in workflows]))
+    else:
+        _emit({"apiVersion": "v1", "kind": "List", "items": [to_resource(wf) for wf in workflows]}, output)
+
+
+def describe_text(wf: pb.Workflow) -> str:
+    s = wf.status
+    since = s.phase_time.ToDatetime(tzinfo=UTC).isoformat() if s.HasField("phase_time") else "-"
+    lines = [
+        f"Name:         {wf.name.split('/', 1)[-1]}",
+        f"Type:         {enum_short_name(pb.WorkflowType.DESCRIPTOR, wf.spec.type)}",
+        f"Desired:      {enum_short_name(pb.DesiredState.DESCRIPTOR, wf.spec.desired_state)}",
+        f"Phase:        {phase_name(s.phase)} (since {since})",
+        f"Generation:   {wf.generation} (observed {s.observed_generation}, applied {s.applied_generation})",
+        f"Workers:      {s.ready_workers}/{s.desired_workers} ready",
+        f"Backlog:      {s.backlog}",
+        f"Counters:     read {s.counters.read}, written {s.counters.written}, failed {s.counters.failed}, "
+        f"dead-lettered {s.counters.dead_lettered}, {s.counters.records_per_second:.1f} records/s",
+        f"Last error:   {f'{s.last_error.reason}: {s.last_error.message}' if s.last_error.reason else '-'}",
+    ]
+    if s.drift.detected:
+        lines.append("Drift:        restart required; edited since the last start:")
+        lines.extend(f"  ~ {path}" for path in s.drift.changed_fields)
+    else:
+        lines.append("Drift:        none")
+    lines.append("Conditions:")
+    lines.append(f"  {'TYPE':<10} {'STATUS':<7} {'REASON':<22} MESSAGE")
+    lines.extend(f"  {c.type:<10} {c.status:<7} {c.reason:<22} {c.message}" for c in s.conditions)
+    return "\n".join(lines)
+
+
+@cli.command()
+@click.argument("name")
+@click.pass_context
+def describe(ctx: click.Context, name: str) -> None:
+    """Show a workflow's phase, drift diff, last error and conditions."""
+    click.echo(describe_text(_client(ctx).GetWorkflow(svc.GetWorkflowRequest(name=workflow_name(name)))))
+
+
+def _lifecycle(ctx: click.Context, method: str, request: Any, name: str) -> None:
+    wf = getattr(_client(ctx), method)(request)
+    click.echo(f"workflow/{name} {method.removesuffix('Workflow').lower()} requested "
+               f"(phase {phase_name(wf.status.phase)})")
+
+
+_EXPECT = click.option("--expect-phase", type=click.Choice(["STOPPED", "STARTING", "RUNNING", "STOPPING", "ERROR"]),
+                       help="Refuse unless the workflow is in this phase.")
+_ETAG = click.option("--etag", default="", help="Refuse unless the etag still matches.")
+
+
+def _phase(value: str | None) -> int:
+    return pb.Phase.Value(f"PHASE_{value}") if value else 0
+
+
+@cli.command()
+@click.argument("name")
+@_EXPECT
+@_ETAG
+@click.pass_context
+def start(ctx: click.Context, name: str, expect_phase: str | None, etag: str) -> None:
+    """Start a workflow: STOPPED/ERROR -> STARTING -> RUNNING."""
+    _lifecycle(ctx, "StartWorkflow", svc.StartWorkflowRequest(name=workflow_name(name), etag=etag,
+                                                              expected_phase=_phase(expect_phase)), name)
+
+
+@cli.command()
+@click.argument("name")
+@_EXPECT
+@_ETAG
+@click.pass_context
+def stop(ctx: click.Context, name: str, expect_phase: str | None, etag: str) -> None:
+    """Stop a workflow: drain in-flight batches, then STOPPED."""
+    _lifecycle(ctx, "StopWorkflow", svc.StopWorkflowRequest(name=workflow_name(name), etag=etag,
+                                                            expected_phase=_phase(expect_phase)), name)
+
+
+@cli.command()
+@click.argument("name")
+@_EXPECT
+@_ETAG
+@click.pass_context
+def restart(ctx: click.Context, name: str, expect_phase: str | None, etag: str) -> None:
+    """Stop then start, applying the latest spec (clears drift)."""
+    _lifecycle(ctx, "RestartWorkflow", svc.RestartWorkflowRequest(name=workflow_name(name), etag=etag,
+                                                                  expected_phase=_phase(expect_phase)), name)
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--force", is_flag=True, help="Delete even while workers run.")
+@click.pass_context
+def delete(ctx: click.Context, name: str, force: bool) -> None:
+    """Delete a workflow (refused while it runs, unless --force)."""
+    _client(ctx).DeleteWorkflow(svc.DeleteWorkflowRequest(name=workflow_name(name), force=force))
+    click.echo(f"workflow/{name} deleted")
+
+
+@cli.command()
+@click.argument("name", required=False)
+@click.option("--from-revision", type=int, default=0, help="Resume after this revision.")
+@click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table")
+@click.pass_context
+def watch(ctx: click.Context, name: str | None, from_revision: int, output: str) -> None:
+    """Stream workflow changes as they happen."""
+    req = svc.WatchWorkflowsRequest(start_revision=from_revision, name=workflow_name(name) if name else "")
+    for event in _client(ctx).WatchWorkflows(req):
+        kind = enum_short_name(svc.ChangeType.DESCRIPTOR, event.type)
+        if output == "json":
+            click.echo(json.dumps({"type": kind, "revision": event.revision,
+                                   "object": to_resource(event.workflow)}))
+        else:
+            row = table_row(event.workflow)
+            click.echo(f"{event.revision:>6} {kind:<8} " + "  ".join(row[:6]))
+
+
+def main() -> None:
+    try:
+        cli(standalone_mode=False)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except grpc.RpcError as err:
+        click.echo(f"error: {describe_error(err)}", err=True)
+        sys.exit(1)
+    except SyncplaneError as exc:
+        msg = exc.message
+        violations = getattr(exc, "violations", [])
+        click.echo(f"error: {msg}" if not violations else "error: invalid workflow:\n" +
+                   "\n".join(f"  {v.field}: {v.description}" for v in violations), err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)

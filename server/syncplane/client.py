@@ -1,0 +1,80 @@
+"""A gRPC client for the CLI and tests: channel setup and readable errors."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from syncplane.api.v1 import workflow_service_pb2_grpc as svc_grpc
+
+DEFAULT_ADDRESS = "127.0.0.1:7443"
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    address: str = DEFAULT_ADDRESS
+    token: str | None = None
+    ca_file: Path | None = None
+
+    @classmethod
+    def from_env(cls) -> ClientConfig:
+        ca = os.environ.get("SYNCPLANE_CA_FILE")
+        return cls(address=os.environ.get("SYNCPLANE_ADDRESS", DEFAULT_ADDRESS),
+                   token=os.environ.get("SYNCPLANE_TOKEN") or None, ca_file=Path(ca) if ca else None)
+
+
+def channel(config: ClientConfig) -> grpc.Channel:
+    if config.ca_file is None:
+        ch = grpc.insecure_channel(config.address)
+    else:
+        ch = grpc.secure_channel(config.address, grpc.ssl_channel_credentials(config.ca_file.read_bytes()))
+    if config.token:
+        ch = grpc.intercept_channel(ch, _TokenInterceptor(config.token))
+    return ch
+
+
+def stub(config: ClientConfig) -> svc_grpc.WorkflowServiceStub:
+    return svc_grpc.WorkflowServiceStub(channel(config))
+
+
+class _TokenInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):  # type: ignore[misc]
+    def __init__(self, token: str) -> None:
+        self._md = ("authorization", f"Bearer {token}")
+
+    def _add(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
+        md = list(details.metadata or []) + [self._md]
+        return details._replace(metadata=md) if hasattr(details, "_replace") else _Details(details, md)
+
+    def intercept_unary_unary(self, continuation, details, request):  # type: ignore[no-untyped-def]
+        return continuation(self._add(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):  # type: ignore[no-untyped-def]
+        return continuation(self._add(details), request)
+
+
+class _Details(grpc.ClientCallDetails):  # type: ignore[misc]
+    def __init__(self, base: grpc.ClientCallDetails, metadata: list[tuple[str, str]]) -> None:
+        self.method = base.method
+        self.timeout = base.timeout
+        self.metadata = metadata
+        self.credentials = base.credentials
+        self.wait_for_ready = getattr(base, "wait_for_ready", None)
+        self.compression = getattr(base, "compression", None)
+
+
+def describe_error(err: grpc.RpcError) -> str:
+    """`CODE: message` plus one line per field violation."""
+    code = err.code().name if hasattr(err, "code") else "UNKNOWN"
+    lines = [f"{code}: {err.details() if hasattr(err, 'details') else err}"]
+    status = rpc_status.from_call(err) if hasattr(err, "trailing_metadata") else None
+    for detail in status.details if status else []:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            lines.extend(f"  {v.field}: {v.description}" for v in bad.field_violations)
+    return "\n".join(lines)

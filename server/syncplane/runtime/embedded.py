@@ -1,0 +1,80 @@
+"""`syncplane up`: the embedded control plane in one process.
+
+SQLite store + local supervisor + gRPC server. On SIGTERM/SIGINT the server
+drains in-flight RPCs; workers keep running and are re-adopted by the next
+`syncplane up` on the same data directory (or stop themselves if none comes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from syncplane.api.server import ServerSecurity, create_server
+from syncplane.api.v1 import workflow_service_pb2 as svc
+from syncplane.errors import AlreadyExists
+from syncplane.model.convert import from_resource
+from syncplane.runtime.supervisor import Supervisor, SupervisorConfig
+from syncplane.service import WorkflowService
+from syncplane.store.sqlite import SqliteStore
+from syncplane.telemetry import setup_tracing
+
+log = logging.getLogger(__name__)
+DEFAULTS_DIR = Path(__file__).resolve().parent.parent / "defaults"
+
+
+@dataclass(frozen=True)
+class EmbeddedConfig:
+    data_dir: Path
+    address: str = "127.0.0.1:7443"
+    security: ServerSecurity = field(default_factory=ServerSecurity)
+    supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
+    with_defaults: bool = False
+    otlp_endpoint: str | None = None
+    port_file: Path | None = None
+
+
+async def create_default_workflows(service: WorkflowService, directory: Path = DEFAULTS_DIR) -> list[str]:
+    """The three default workflows (ingress, egress, opt-in/out), created stopped."""
+    created = []
+    for path in sorted(directory.glob("*.yaml")):
+        workflow_id, wf = from_resource(yaml.safe_load(path.read_text()))
+        try:
+            await service.create(svc.CreateWorkflowRequest(workflow_id=workflow_id, workflow=wf))
+            created.append(workflow_id)
+        except AlreadyExists:
+            pass
+    return created
+
+
+async def serve(config: EmbeddedConfig, stop: asyncio.Event | None = None) -> None:
+    setup_tracing("syncplane-server", config.otlp_endpoint)
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    store = SqliteStore(config.data_dir / "syncplane.db")
+    supervisor = Supervisor(store, config.data_dir / "run", config.supervisor)
+    service = WorkflowService(store, on_change=supervisor.wake)
+    server, port, health = await create_server(service, config.address, config.security)
+    if config.with_defaults:
+        created = await create_default_workflows(service)
+        if created:
+            log.info("created default workflows: %s", ", ".join(created))
+    supervisor.start()
+    host = config.address.rsplit(":", 1)[0]
+    log.info("syncplane control plane serving on %s:%d (data in %s)", host, port, config.data_dir)
+    if config.port_file:
+        config.port_file.write_text(str(port))
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down: draining RPCs; workers keep running and will be re-adopted")
+    await health.enter_graceful_shutdown()
+    await server.stop(grace=5)
+    await supervisor.close()
+    store.close()

@@ -1,0 +1,123 @@
+"""The integration tier: the gRPC server in-process on a loopback port, SQLite
+on disk, workers as real OS processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import psutil
+import pytest
+
+from syncplane.api.server import ServerSecurity, create_server
+from syncplane.api.v1 import workflow_pb2 as pb
+from syncplane.api.v1 import workflow_service_pb2 as svc
+from syncplane.api.v1 import workflow_service_pb2_grpc as svc_grpc
+from syncplane.runtime.supervisor import Supervisor, SupervisorConfig
+from syncplane.service import WorkflowService
+from syncplane.store.sqlite import SqliteStore
+from tests.factories import spec
+
+FAST = SupervisorConfig(tick=0.1, stop_timeout=5.0, backoff_base=0.05, backoff_cap=0.5, crash_limit=3,
+                        crash_window=60.0, orphan_timeout=30.0, poll_timeout=1.0)
+
+
+def worker_processes(data_dir: Path) -> list[psutil.Process]:
+    """Worker processes belonging to one data directory, from the process table."""
+    marker = str(data_dir / "run" / "workers")
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        cmd = proc.info["cmdline"] or []
+        if "worker" in cmd and marker in cmd and proc.info["status"] != psutil.STATUS_ZOMBIE:
+            found.append(proc)
+    return found
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
+    """Poll a condition of the outside world (the process table) with a deadline."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+async def watch_until(stub: svc_grpc.WorkflowServiceStub, name: str, predicate: Callable[[pb.Workflow], bool],
+                      start_revision: int, timeout: float = 30.0) -> tuple[pb.Workflow, list[int]]:
+    """Follow WatchWorkflows from a revision until the predicate holds; return the
+    workflow and the phases seen on the way (consecutive repeats collapsed)."""
+    phases: list[int] = []
+
+    async def follow() -> pb.Workflow:
+        call = stub.WatchWorkflows(svc.WatchWorkflowsRequest(start_revision=start_revision, name=name))
+        try:
+            async for event in call:
+                wf = event.workflow
+                if not phases or phases[-1] != wf.status.phase:
+                    phases.append(wf.status.phase)
+                if predicate(wf):
+                    return wf
+        finally:
+            call.cancel()
+        raise AssertionError("watch ended")
+
+    try:
+        wf = await asyncio.wait_for(follow(), timeout)
+    except TimeoutError as exc:
+        raise AssertionError(f"timed out; phases seen: {[pb.Phase.Name(p) for p in phases]}") from exc
+    return wf, phases
+
+
+@dataclass
+class ControlPlane:
+    stub: svc_grpc.WorkflowServiceStub
+    channel: grpc.aio.Channel
+    port: int
+    store: SqliteStore
+    supervisor: Supervisor
+    data_dir: Path
+
+    async def create(self, name: str, kind: str = "ingress", **overrides: object) -> pb.Workflow:
+        wf = pb.Workflow(spec=spec(kind))
+        for key, value in overrides.items():
+            setattr(wf.spec, key, value)
+        return await self.stub.CreateWorkflow(svc.CreateWorkflowRequest(workflow_id=name, workflow=wf))
+
+
+async def _serve(tmp_path: Path, security: ServerSecurity | None = None,
+                 config: SupervisorConfig = FAST) -> AsyncIterator[ControlPlane]:
+    store = SqliteStore(tmp_path / "syncplane.db")
+    supervisor = Supervisor(store, tmp_path / "run", config)
+    service = WorkflowService(store, on_change=supervisor.wake)
+    server, port, _ = await create_server(service, "127.0.0.1:0", security)
+    supervisor.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        yield ControlPlane(svc_grpc.WorkflowServiceStub(channel), channel, port, store, supervisor, tmp_path)
+    finally:
+        await channel.close()
+        await server.stop(grace=1)
+        await supervisor.close(stop_workers=True)
+        store.close()
+        leftovers = worker_processes(tmp_path)
+        for proc in leftovers:
+            os.kill(proc.pid, signal.SIGKILL)
+        assert not leftovers, f"worker processes left behind: {[p.pid for p in leftovers]}"
+
+
+@pytest.fixture
+async def cp(tmp_path: Path) -> AsyncIterator[ControlPlane]:
+    async for plane in _serve(tmp_path):
+        yield plane
+
+
+@pytest.fixture
+async def authed_cp(tmp_path: Path) -> AsyncIterator[ControlPlane]:
+    async for plane in _serve(tmp_path, ServerSecurity(token="s3cret-token")):
+        yield plane

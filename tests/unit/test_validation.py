@@ -1,0 +1,131 @@
+from __future__ import annotations
+
+import pytest
+
+from syncplane.api.v1 import workflow_pb2 as pb
+from syncplane.errors import InvalidArgument
+from syncplane.model.names import parse_name
+from syncplane.validation import validate_labels, validate_spec
+from tests.factories import spec
+
+
+def violations(s: pb.WorkflowSpec) -> dict[str, str]:
+    with pytest.raises(InvalidArgument) as exc:
+        validate_spec(s)
+    return {v.field: v.description for v in exc.value.violations}
+
+
+@pytest.mark.parametrize("kind", ["ingress", "egress", "opt_in_out"])
+def test_defaults_are_valid(kind):
+    validate_spec(spec(kind))
+
+
+@pytest.mark.parametrize("name", ["Bad", "-x", "x-", "a" * 64, "a_b", ""])
+def test_names_must_be_dns1123_labels(name):
+    with pytest.raises(InvalidArgument) as exc:
+        parse_name(name, "workflow_id")
+    assert exc.value.violations[0].field == "workflow_id"
+
+
+def test_scalar_bounds():
+    s = spec()
+    s.batch_size, s.workers = 1001, 0
+    s.poll_interval.seconds = 0
+    s.type = pb.WORKFLOW_TYPE_UNSPECIFIED
+    got = violations(s)
+    assert {"spec.batch_size", "spec.workers", "spec.poll_interval", "spec.type"} <= got.keys()
+
+
+def test_connection_rules():
+    s = spec()
+    s.source.kind = pb.CONNECTOR_KIND_CAMPAIGN_STANDARD
+    s.destination.endpoint = "ftp://x"
+    s.destination.credentials.name = ""
+    got = violations(s)
+    assert "must be DYNAMICS365" in got["spec.source.kind"]
+    assert "spec.destination.endpoint" in got
+    assert "spec.destination.credentials.name" in got
+
+
+def test_endpoint_must_not_carry_credentials():
+    s = spec()
+    s.source.endpoint = "https://user:secret@org.crm.dynamics.com/"
+    got = violations(s)
+    assert "secret" not in got["spec.source.endpoint"]
+
+
+def test_one_mapping_per_source_table():
+    s = spec()
+    s.ingress.entities.add().CopyFrom(s.ingress.entities[0])
+    s.ingress.entities[1].destination_resource = "other"
+    assert "one mapping per source table" in violations(s)["spec.ingress.entities[1].source_table"]
+
+
+def test_two_sources_to_one_destination():
+    s = spec()
+    s.ingress.entities[0].fields.add(source="nickname", destination="firstName")
+    got = violations(s)
+    assert "more than one source field" in got["spec.ingress.entities[0].fields[4].destination"]
+
+
+def test_custom_entity_and_column_limits():
+    s = spec()
+    for i in range(21):
+        e = s.ingress.entities.add(source_table=f"t{i}", destination_resource=f"cus{i}", source_key="id",
+                                   destination_key="crmId")
+        e.fields.add(source="id", destination="crmId")
+    for i in range(50):
+        s.ingress.entities[1].fields.add(source=f"c{i}", destination=f"d{i}")
+    got = violations(s)
+    assert "at most 20" in got["spec.ingress.entities"]
+    assert "at most 50" in got["spec.ingress.entities[1].fields"]
+
+
+def test_filters():
+    s = spec()
+    e = s.ingress.entities[0]
+    e.filter.conditions.add(field="statecode")
+    e.filter.conditions.add(field="emailaddress1", operator=pb.FILTER_OPERATOR_IS_NULL, value="x")
+    got = violations(s)
+    assert "spec.ingress.entities[0].filter.conditions[0].operator" in got
+    assert "spec.ingress.entities[0].filter.conditions[1].value" in got
+
+
+def test_section_must_match_type():
+    s = spec()
+    s.egress.send = True
+    assert "spec.egress" in violations(s)
+
+
+def test_egress_needs_an_event():
+    s = spec("egress")
+    s.egress.Clear()
+    s.egress.SetInParent()
+    assert "at least one event" in violations(s)["spec.egress"]
+
+
+def test_opt_in_out_rules():
+    s = spec("opt_in_out")
+    s.opt_in_out.field_pairs.add(campaign_field="blackListEmail", crm_field="donotemail")
+    s.opt_in_out.field_pairs.add(campaign_field="favouriteColour", crm_field="email")
+    got = violations(s)
+    assert "paired more than once" in got["spec.opt_in_out.field_pairs[2].campaign_field"]
+    assert "must be one of" in got["spec.opt_in_out.field_pairs[3].campaign_field"]
+    assert "donot" in got["spec.opt_in_out.field_pairs[3].crm_field"]
+    s2 = spec("opt_in_out")
+    s2.opt_in_out.direction = pb.OPT_IN_OUT_DIRECTION_UNSPECIFIED
+    assert "spec.opt_in_out.direction" in violations(s2)
+
+
+def test_marketing_to_crm_reverses_connections():
+    s = spec("opt_in_out")
+    s.opt_in_out.direction = pb.OPT_IN_OUT_DIRECTION_MARKETING_TO_CRM
+    assert "spec.source.kind" in violations(s)
+    s.source.kind, s.destination.kind = s.destination.kind, s.source.kind
+    validate_spec(s)
+
+
+def test_labels():
+    with pytest.raises(InvalidArgument) as exc:
+        validate_labels({"ok": "fine", "bad key!": "x", "k": "v" * 70})
+    assert {v.field for v in exc.value.violations} == {"labels[bad key!]", "labels[k]"}
