@@ -73,9 +73,10 @@ class SqliteStore:
         return int(self._db.execute("SELECT value FROM meta WHERE key = 'revision'").fetchone()[0])
 
     def _write(self, wf: pb.Workflow, change: int, applied: bytes | None = None,
-               keep_applied: bool = True) -> Change:
+               keep_applied: bool = True, status_only: bool = False) -> Change:
         rev = self._bump()
-        wf.etag = str(rev)
+        if not status_only:
+            wf.etag = str(rev)
         wf.update_time.FromDatetime(_now())
         body = wf.SerializeToString()
         if change == CHANGE_ADDED:
@@ -173,7 +174,7 @@ class SqliteStore:
             wf = self._load(name)
             wf.status.CopyFrom(status)
             blob = applied.SerializeToString() if applied is not None else None
-            change = self._write(wf, CHANGE_MODIFIED, blob, keep_applied=applied is None)
+            change = self._write(wf, CHANGE_MODIFIED, blob, keep_applied=applied is None, status_only=True)
         self._publish(change)
         return change.workflow
 

@@ -213,8 +213,9 @@ class Workflow(_message.Message):
     uid: _builtins.str
     """Server-assigned unique id."""
     etag: _builtins.str
-    """Opaque version of the whole resource; send it back to Update, Start,
-    Stop or Restart to make the call conditional (ABORTED on mismatch).
+    """Opaque version of what users write (spec and labels; status updates do
+    not change it). Send it back to Update, Delete, Start, Stop or Restart
+    to make the call conditional (ABORTED on mismatch).
     """
     generation: _builtins.int
     """Incremented on every spec change."""
