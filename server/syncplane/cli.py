@@ -239,8 +239,8 @@ _EXPECT = click.option("--expect-phase", type=click.Choice(["STOPPED", "STARTING
 _ETAG = click.option("--etag", default="", help="Refuse unless the etag still matches.")
 
 
-def _phase(value: str | None) -> int:
-    return pb.Phase.Value(f"PHASE_{value}") if value else 0
+def _phase(value: str | None) -> pb.Phase.ValueType:
+    return pb.Phase.Value(f"PHASE_{value}") if value else pb.PHASE_UNSPECIFIED
 
 
 @cli.command()

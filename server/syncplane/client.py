@@ -47,7 +47,7 @@ class _TokenInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClient
         self._md = ("authorization", f"Bearer {token}")
 
     def _add(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
-        md = list(details.metadata or []) + [self._md]
+        md = [*list(details.metadata or []), self._md]
         return details._replace(metadata=md) if hasattr(details, "_replace") else _Details(details, md)
 
     def intercept_unary_unary(self, continuation, details, request):  # type: ignore[no-untyped-def]

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +15,6 @@ from pathlib import Path
 import grpc
 import psutil
 import pytest
-
 from syncplane.api.server import ServerSecurity, create_server
 from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.api.v1 import workflow_service_pb2 as svc
@@ -21,6 +22,7 @@ from syncplane.api.v1 import workflow_service_pb2_grpc as svc_grpc
 from syncplane.runtime.supervisor import Supervisor, SupervisorConfig
 from syncplane.service import WorkflowService
 from syncplane.store.sqlite import SqliteStore
+
 from tests.factories import spec
 
 FAST = SupervisorConfig(tick=0.1, stop_timeout=5.0, backoff_base=0.05, backoff_cap=0.5, crash_limit=3,
@@ -49,10 +51,10 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 30.0, what:
 
 
 async def watch_until(stub: svc_grpc.WorkflowServiceStub, name: str, predicate: Callable[[pb.Workflow], bool],
-                      start_revision: int, timeout: float = 30.0) -> tuple[pb.Workflow, list[int]]:
+                      start_revision: int, timeout: float = 30.0) -> tuple[pb.Workflow, list[pb.Phase.ValueType]]:
     """Follow WatchWorkflows from a revision until the predicate holds; return the
     workflow and the phases seen on the way (consecutive repeats collapsed)."""
-    phases: list[int] = []
+    phases: list[pb.Phase.ValueType] = []
 
     async def follow() -> pb.Workflow:
         call = stub.WatchWorkflows(svc.WatchWorkflowsRequest(start_revision=start_revision, name=name))
@@ -121,3 +123,32 @@ async def cp(tmp_path: Path) -> AsyncIterator[ControlPlane]:
 async def authed_cp(tmp_path: Path) -> AsyncIterator[ControlPlane]:
     async for plane in _serve(tmp_path, ServerSecurity(token="s3cret-token")):
         yield plane
+
+
+class ServerProcess:
+    def __init__(self, data_dir: Path, *extra: str, listen: str = "127.0.0.1:0") -> None:
+        self.data_dir = data_dir
+        self.port_file = data_dir / f"port.{os.getpid()}.{id(self)}"
+        self.port_file.unlink(missing_ok=True)
+        self.log = open(data_dir / "server.log", "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "syncplane", "up", "--data-dir", str(data_dir), "--listen", listen,
+             "--port-file", str(self.port_file), "--stop-timeout", "5",
+             *(extra if "--defaults" in extra else ("--no-defaults", *extra))],
+            stdout=self.log, stderr=subprocess.STDOUT)
+        self.port = 0
+
+    async def ready(self) -> None:
+        await wait_until(lambda: self.port_file.exists() or self.proc.poll() is not None, what="server port")
+        assert self.proc.poll() is None, (self.data_dir / "server.log").read_text()
+        self.port = int(self.port_file.read_text())
+
+    def stub(self) -> tuple[grpc.aio.Channel, svc_grpc.WorkflowServiceStub]:
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{self.port}")
+        return channel, svc_grpc.WorkflowServiceStub(channel)
+
+    def stop(self, sig: signal.Signals = signal.SIGTERM) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=30)
+        self.log.close()

@@ -10,9 +10,9 @@ from google.protobuf import field_mask_pb2
 from google.rpc import error_details_pb2
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from grpc_status import rpc_status
-
 from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.api.v1 import workflow_service_pb2 as svc
+
 from tests.factories import spec
 from tests.integration.conftest import ControlPlane, watch_until
 
@@ -97,7 +97,8 @@ async def test_list_pages_and_filters(cp: ControlPlane):
     for i in range(5):
         await cp.create(f"in-{i}")
     await cp.create("out-0", kind="egress")
-    seen, token = [], ""
+    seen: list[str] = []
+    token = ""
     while True:
         resp = await cp.stub.ListWorkflows(svc.ListWorkflowsRequest(page_size=2, page_token=token))
         seen.extend(w.name for w in resp.workflows)
@@ -165,7 +166,7 @@ async def test_lifecycle_errors(cp: ControlPlane):
     assert error_info(err).reason == "TRANSITION_NOT_ALLOWED"
 
     # Delete is refused while workers run, unless forced.
-    wf, _ = await watch_until(cp.stub, NAME, lambda w: w.status.phase == pb.PHASE_RUNNING, int(started.etag))
+    await watch_until(cp.stub, NAME, lambda w: w.status.phase == pb.PHASE_RUNNING, int(started.etag))
     await expect(cp.stub.DeleteWorkflow(svc.DeleteWorkflowRequest(name="workflows/missing")), NF)
     await expect(cp.stub.DeleteWorkflow(svc.DeleteWorkflowRequest(name="x_y")), IA)
     await expect(cp.stub.DeleteWorkflow(svc.DeleteWorkflowRequest(name=NAME, etag="1")), AB)
@@ -182,7 +183,7 @@ async def test_watch_errors_and_resume(cp: ControlPlane):
     b = await cp.create("b")
     # Resuming after `a` replays exactly what came after it.
     call = cp.stub.WatchWorkflows(svc.WatchWorkflowsRequest(start_revision=int(a.etag)))
-    events = []
+    events: list[svc.WatchWorkflowsResponse] = []
     while not events or events[-1].workflow.name != b.name:
         events.append(await call.read())
     call.cancel()

@@ -5,7 +5,6 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import pytest
-
 from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.errors import Aborted, FailedPrecondition
 from syncplane.lifecycle import (
@@ -18,13 +17,14 @@ from syncplane.lifecycle import (
     request_start,
     request_stop,
 )
+
 from tests.factories import workflow
 
 NOW = datetime(2026, 11, 28, tzinfo=UTC)
 RUN, STOP = pb.DESIRED_STATE_RUNNING, pb.DESIRED_STATE_STOPPED
 
 
-def wf_in(phase: int, desired: int, *, nonce: int = 0, applied_nonce: int = 0) -> pb.Workflow:
+def wf_in(phase, desired, *, nonce: int = 0, applied_nonce: int = 0) -> pb.Workflow:
     wf = workflow()
     wf.status.phase = phase
     wf.spec.desired_state = desired

@@ -7,10 +7,17 @@ from datetime import UTC, datetime
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.errors import FailedPrecondition
-from syncplane.lifecycle import Observed, WorkerFailure, reconcile, request_restart, request_start, request_stop
+from syncplane.lifecycle import (
+    Observed,
+    WorkerFailure,
+    reconcile,
+    request_restart,
+    request_start,
+    request_stop,
+)
+
 from tests.factories import workflow
 
 NOW = datetime(2026, 11, 28, tzinfo=UTC)
@@ -26,7 +33,7 @@ class Sim:
     stopping: int = 0            # live workers asked to drain
     failure: WorkerFailure | None = None
 
-    def user(self, fn) -> None:  # type: ignore[no-untyped-def]
+    def user(self, fn) -> None:
         try:
             spec = fn(self.wf)
         except FailedPrecondition:

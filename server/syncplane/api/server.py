@@ -57,8 +57,9 @@ def check_bind(address: str, security: ServerSecurity) -> None:
             "bind 127.0.0.1 for local use")
 
 
-async def create_server(service: WorkflowService, address: str = "127.0.0.1:0",
-                        security: ServerSecurity | None = None) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
+async def create_server(
+    service: WorkflowService, address: str = "127.0.0.1:0", security: ServerSecurity | None = None,
+) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     security = security or ServerSecurity()
     check_bind(address, security)
     server = grpc.aio.server(interceptors=[ServerInterceptor(security.token)],

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-
-import grpc
+from typing import Any, TypeAlias
 
 from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.api.v1 import workflow_service_pb2 as svc
 from syncplane.api.v1 import workflow_service_pb2_grpc as svc_grpc
 from syncplane.service import WorkflowService
 
-Ctx = grpc.aio.ServicerContext
+# grpc ships no type stubs; the context is untyped here.
+Ctx: TypeAlias = Any
 
 
 class WorkflowServicer(svc_grpc.WorkflowServiceServicer):
@@ -46,4 +46,5 @@ class WorkflowServicer(svc_grpc.WorkflowServiceServicer):
     async def WatchWorkflows(self, request: svc.WatchWorkflowsRequest,
                              context: Ctx) -> AsyncIterator[svc.WatchWorkflowsResponse]:
         async for change in self.service.watch(request):
-            yield svc.WatchWorkflowsResponse(type=change.type, workflow=change.workflow, revision=change.revision)
+            yield svc.WatchWorkflowsResponse(type=svc.ChangeType.ValueType(change.type),
+                                             workflow=change.workflow, revision=change.revision)

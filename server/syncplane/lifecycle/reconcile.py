@@ -60,7 +60,7 @@ def reconcile(wf: pb.Workflow, applied: pb.WorkflowSpec | None, observed: Observ
     apply: pb.WorkflowSpec | None = None
     running_workers = applied.workers if applied is not None else 0
 
-    def start() -> tuple[int, int]:
+    def start() -> tuple[pb.Phase.ValueType, int]:
         nonlocal apply, applied
         apply = pb.WorkflowSpec()
         apply.CopyFrom(wf.spec)
@@ -70,6 +70,7 @@ def reconcile(wf: pb.Workflow, applied: pb.WorkflowSpec | None, observed: Observ
         status.ClearField("last_error")
         return pb.PHASE_STARTING, apply.workers
 
+    nxt: pb.Phase.ValueType
     if wf.spec.desired_state != RUNNING:
         nxt, target = (pb.PHASE_STOPPING if observed.live else pb.PHASE_STOPPED), 0
     elif phase == pb.PHASE_ERROR and not restart_pending(wf):
@@ -86,7 +87,7 @@ def reconcile(wf: pb.Workflow, applied: pb.WorkflowSpec | None, observed: Observ
     elif observed.ready >= running_workers > 0:
         nxt, target = pb.PHASE_RUNNING, running_workers
     else:
-        nxt, target = phase, running_workers
+        nxt, target = pb.Phase.ValueType(phase), running_workers
 
     if nxt != phase or not status.HasField("phase_time"):
         status.phase_time.FromDatetime(now)
@@ -132,7 +133,7 @@ def _conditions(status: pb.WorkflowStatus, observed: Observed, phase: int, now: 
 
 
 def phase_label(phase: int) -> str:
-    return pb.Phase.Name(phase).removeprefix("PHASE_").title()
+    return pb.Phase.Name(pb.Phase.ValueType(phase)).removeprefix("PHASE_").title()
 
 
 def set_condition(status: pb.WorkflowStatus, ctype: str, value: bool, reason: str, message: str,

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from google.protobuf import json_format
-from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor
+from google.protobuf.descriptor import EnumDescriptor, FieldDescriptor
 from google.protobuf.message import Message
 
 from syncplane.api.v1 import workflow_pb2 as pb
@@ -38,7 +38,7 @@ def phase_name(phase: int) -> str:
     return enum_short_name(pb.Phase.DESCRIPTOR, phase)
 
 
-def _walk(value: Any, desc: Descriptor, to_short: bool, path: str) -> Any:
+def _walk(value: Any, desc: Any, to_short: bool, path: str) -> Any:
     if not isinstance(value, dict):
         return value
     out: dict[str, Any] = {}

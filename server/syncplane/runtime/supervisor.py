@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class SupervisorConfig:
     tick: float = 0.5
+    fast_tick: float = 0.05             # while any workflow is STARTING or STOPPING
     stop_timeout: float = 30.0          # SIGTERM, then SIGKILL after this long
     backoff_base: float = 0.5
     backoff_cap: float = 30.0
@@ -69,6 +70,7 @@ class Supervisor:
         self.groups: dict[str, WorkerGroup] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._transitioning = False
         self._http = httpx.AsyncClient(timeout=self.config.poll_timeout,
                                        headers={"X-Syncplane-Supervisor": "embedded"})
 
@@ -116,7 +118,8 @@ class Supervisor:
                 log.exception("supervisor tick failed; retrying")
             self._wake.clear()
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout=self.config.tick)
+                delay = self.config.fast_tick if self._transitioning else self.config.tick
+                await asyncio.wait_for(self._wake.wait(), timeout=delay)
             except TimeoutError:
                 pass
 
@@ -125,6 +128,7 @@ class Supervisor:
         now = time.monotonic()
         workflows = {wf.name.split("/", 1)[1]: wf for wf in await self.store.list(limit=1_000_000)}
         await self._poll_reports()
+        self._transitioning = False
         for wid in list(self.groups.keys() | workflows.keys()):
             group = self.groups.setdefault(wid, WorkerGroup())
             wf = workflows.get(wid)
@@ -149,6 +153,7 @@ class Supervisor:
                              pb.Phase.Name(outcome.status.phase))
                 await self.store.set_status(wf.name, outcome.status, outcome.apply)
             self._converge(wid, group, outcome.target_workers, outcome.status.applied_generation, applied, now)
+            self._transitioning |= outcome.status.phase in (pb.PHASE_STARTING, pb.PHASE_STOPPING)
 
     async def _poll_reports(self) -> None:
         procs = [p for g in self.groups.values() for p in g.procs.values()]
@@ -173,8 +178,8 @@ class Supervisor:
             if proc.stopping_since is not None or not keep_running:
                 log.info("worker %s/%d (pid %d) stopped with status %s", wid, index, proc.pid, code)
                 continue
-            fatal = proc.report.get("fatal") if isinstance(proc.report.get("fatal"), dict) else None
-            if code == EXIT_FATAL and fatal:
+            fatal = proc.report.get("fatal")
+            if code == EXIT_FATAL and isinstance(fatal, dict):
                 group.failure = WorkerFailure(str(fatal.get("reason", "WORKER_FATAL")), str(fatal.get("message")))
                 continue
             group.crashes.append(now)

@@ -45,7 +45,7 @@ class WorkflowService:
         wf.name = workflow_name(workflow_id)
         wf.ClearField("status")
         for f in ("uid", "etag", "generation", "create_time", "update_time"):
-            wf.ClearField(f)  # type: ignore[arg-type]
+            wf.ClearField(f)
         apply_defaults(wf.spec)
         validate_labels(dict(wf.labels))
         validate_spec(wf.spec)

@@ -53,16 +53,29 @@ class SqliteStore:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
         self._subscribers: set[asyncio.Queue[Change]] = set()
+        # Parsed rows by name, valid while mod_revision matches: this process is
+        # the only writer, so the cache is written through and never stale.
+        # Returned messages are shared: callers copy before mutating.
+        self._cache: dict[str, tuple[int, pb.Workflow]] = {}
 
     def close(self) -> None:
         self._db.close()
 
     # -- helpers -----------------------------------------------------------
     def _load(self, name: str) -> pb.Workflow:
-        row = self._db.execute("SELECT body FROM workflows WHERE name = ?", (name,)).fetchone()
+        row = self._db.execute("SELECT mod_revision FROM workflows WHERE name = ?", (name,)).fetchone()
         if row is None:
             raise NotFound(f"workflow {name} not found", {"name": name})
-        return pb.Workflow.FromString(row[0])
+        return self._parsed(name, row[0])
+
+    def _parsed(self, name: str, rev: int) -> pb.Workflow:
+        hit = self._cache.get(name)
+        if hit is not None and hit[0] == rev:
+            return hit[1]
+        body = self._db.execute("SELECT body FROM workflows WHERE name = ?", (name,)).fetchone()[0]
+        wf = pb.Workflow.FromString(body)
+        self._cache[name] = (rev, wf)
+        return wf
 
     def _bump(self) -> int:
         self._db.execute("UPDATE meta SET value = value + 1 WHERE key = 'revision'")
@@ -90,6 +103,7 @@ class SqliteStore:
                              "WHERE name = ?", (wf.status.phase, rev, body, applied, wf.name))
         self._db.execute("INSERT INTO changes (revision, name, type, body) VALUES (?, ?, ?, ?)",
                          (rev, wf.name, change, body))
+        self._cache.pop(wf.name, None)
         if rev % 1000 == 0:
             self._db.execute("DELETE FROM changes WHERE revision <= ?", (rev - RETAINED_CHANGES,))
         return Change(rev, change, wf)
@@ -126,7 +140,7 @@ class SqliteStore:
 
     async def list(self, *, types: Sequence[int] = (), phases: Sequence[int] = (), after: str = "",
                    limit: int = 50) -> list[pb.Workflow]:
-        sql, args = "SELECT body FROM workflows WHERE name > ?", [after]
+        sql, args = "SELECT name, mod_revision FROM workflows WHERE name > ?", list[str | int]([after])
         if types:
             sql += f" AND type IN ({','.join('?' * len(types))})"
             args.extend(types)
@@ -135,13 +149,15 @@ class SqliteStore:
             args.extend(phases)
         sql += " ORDER BY name LIMIT ?"
         args.append(limit)
-        return [pb.Workflow.FromString(r[0]) for r in self._db.execute(sql, args)]
+        return [self._parsed(name, rev) for name, rev in self._db.execute(sql, args).fetchall()]
 
     async def update(self, name: str, mutate: Mutation, *, spec_changed: bool = True) -> pb.Workflow:
         with self._db:
             self._db.execute("BEGIN IMMEDIATE")
             current = self._load(name)
-            new = mutate(pb.Workflow.FromString(current.SerializeToString()))
+            draft = pb.Workflow()
+            draft.CopyFrom(current)
+            new = mutate(draft)
             if new.spec != current.spec:
                 new.generation = current.generation + 1
             elif new == current:
@@ -157,6 +173,7 @@ class SqliteStore:
             check(wf)
             rev = self._bump()
             self._db.execute("DELETE FROM workflows WHERE name = ?", (name,))
+            self._cache.pop(name, None)
             self._db.execute("INSERT INTO changes (revision, name, type, body) VALUES (?, ?, ?, ?)",
                              (rev, name, CHANGE_DELETED, wf.SerializeToString()))
         self._publish(Change(rev, CHANGE_DELETED, wf))
@@ -171,7 +188,8 @@ class SqliteStore:
                          applied: pb.WorkflowSpec | None = None) -> pb.Workflow:
         with self._db:
             self._db.execute("BEGIN IMMEDIATE")
-            wf = self._load(name)
+            wf = pb.Workflow()
+            wf.CopyFrom(self._load(name))
             wf.status.CopyFrom(status)
             blob = applied.SerializeToString() if applied is not None else None
             change = self._write(wf, CHANGE_MODIFIED, blob, keep_applied=applied is None, status_only=True)

@@ -73,7 +73,7 @@ def _spec(spec: pb.WorkflowSpec, p: str) -> Iterable[FieldViolation]:
         yield FieldViolation(f"{p}.restart_nonce", "must not be negative")
     yield from _connections(spec, p)
     for wtype, section in _SECTIONS.items():
-        if wtype != spec.type and spec.HasField(section):
+        if wtype != spec.type and spec.HasField(section):  # type: ignore[arg-type]
             yield FieldViolation(f"{p}.{section}", f"must not be set on a {_type(spec.type)} workflow")
     if spec.type == pb.WORKFLOW_TYPE_INGRESS:
         yield from _ingress(spec.ingress, f"{p}.ingress")
@@ -102,7 +102,7 @@ def _connections(spec: pb.WorkflowSpec, p: str) -> Iterable[FieldViolation]:
     want = expected.get(spec.type)
     for i, (field, conn) in enumerate((("source", spec.source), ("destination", spec.destination))):
         fp = f"{p}.{field}"
-        if not spec.HasField(field):
+        if not spec.HasField(field):  # type: ignore[arg-type]
             yield FieldViolation(fp, "is required")
             continue
         if conn.kind == pb.CONNECTOR_KIND_UNSPECIFIED:

@@ -73,8 +73,8 @@ class Worker:
         site = web.TCPSite(runner, self.opts.host, self.opts.port)
         await site.start()
         server = site._server
-        assert server is not None and server.sockets
-        port = server.sockets[0].getsockname()[1]
+        assert isinstance(server, asyncio.Server) and server.sockets
+        port = int(server.sockets[0].getsockname()[1])
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop.set)

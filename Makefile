@@ -1,0 +1,80 @@
+# syncplane — `make run` and `make test` each set up everything they need.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Reinstall when the dependency list changes.
+VENV_STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
+# Debian packages the tests use: openssl makes TLS test certificates and the
+# test cluster's PKI; git and ca-certificates fetch Go modules for the cluster build.
+APT_PACKAGES := openssl git ca-certificates
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+PYTEST := $(BIN)/pytest -p no:cacheprovider
+
+.PHONY: help setup apt venv k8s-binaries run test test-unit test-integration test-k8s check-leftovers \
+        proto proto-check lint bench clean
+
+help:
+	@echo "make run     start the embedded control plane (sandbox + three default workflows)"
+	@echo "make test    set up and run every test tier (unit, integration, k8s) plus the checks"
+	@echo "make bench   benchmarks, reported as ratios against an in-process baseline"
+	@echo "make proto   regenerate the committed protobuf/gRPC stubs"
+	@echo "make lint    ruff, mypy, buf lint and the generated-code check"
+
+apt:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "apt-get install$$missing"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
+	fi
+
+$(VENV_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	rm -f $(VENV)/.installed-* && touch $@
+
+venv: $(VENV_STAMP)
+
+setup: apt venv
+
+# Real kube-apiserver, controller-manager, scheduler, etcd, KWOK, kubectl and
+# helm, built from the Go module proxy into ~/.cache/syncplane/ (once per version).
+k8s-binaries:
+	scripts/build-k8s.sh
+
+run: setup
+	$(BIN)/syncplane up --data-dir .syncplane
+
+proto: venv
+	$(BIN)/python scripts/gen_protos.py
+
+proto-check: venv
+	$(BIN)/python scripts/gen_protos.py --check
+
+lint: venv proto-check
+	$(BIN)/ruff check server tests scripts benchmarks
+	$(BIN)/mypy server/syncplane tests benchmarks
+	cd proto && ../$(BIN)/buf lint
+
+test-unit: venv
+	$(PYTEST) tests/unit
+
+test-integration: venv
+	$(PYTEST) tests/integration
+
+test-k8s: venv k8s-binaries
+	$(PYTEST) tests/k8s
+
+check-leftovers: venv
+	$(BIN)/python scripts/check_leftovers.py
+
+test: setup k8s-binaries lint test-unit test-integration test-k8s check-leftovers
+
+bench: venv
+	$(BIN)/python -m benchmarks
+
+clean:
+	rm -rf $(VENV) .syncplane .mypy_cache .ruff_cache

@@ -1,0 +1,22 @@
+"""`make bench`: every benchmark, each reported as a ratio against a baseline
+measured in the same process and run. Figures go to stdout and
+benchmarks/last-run.json; nothing here asserts a time."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+from benchmarks import bench_api, bench_start
+
+
+async def main() -> None:
+    results = {"api": await bench_api.run(), "start_to_running": await bench_start.run()}
+    out = Path(__file__).with_name("last-run.json")
+    out.write_text(json.dumps(results, indent=2))
+    print(f"\nwritten to {out}")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

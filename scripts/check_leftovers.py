@@ -1,0 +1,34 @@
+"""After the test tiers: fail if any test-cluster or worker process survived."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import psutil
+
+CACHE = Path(os.environ.get("SYNCPLANE_CACHE", Path.home() / ".cache" / "syncplane"))
+CLUSTER_BINARIES = {"etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok"}
+
+
+def leftovers() -> list[str]:
+    found = []
+    for proc in psutil.process_iter(["pid", "exe", "cmdline", "status"]):
+        if proc.info["status"] == psutil.STATUS_ZOMBIE or proc.info["pid"] == os.getpid():
+            continue
+        exe = proc.info["exe"] or ""
+        cmd = proc.info["cmdline"] or []
+        from_cache = exe.startswith(str(CACHE)) and Path(exe).name in CLUSTER_BINARIES
+        test_worker = "syncplane" in " ".join(cmd[:3]) and "worker" in cmd and any("pytest-of-" in c for c in cmd)
+        if from_cache or test_worker:
+            found.append(f"pid {proc.info['pid']}: {' '.join(cmd)[:160]}")
+    return found
+
+
+if __name__ == "__main__":
+    left = leftovers()
+    if left:
+        print("processes left behind by the tests:", *left, sep="\n  ")
+        sys.exit(1)
+    print("no test-cluster or worker processes left behind")

@@ -1,0 +1,165 @@
+"""The CLI over gRPC against a real `syncplane up` process; TLS, tokens, bind rules."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+import yaml
+from syncplane.api.server import InsecureBindError, ServerSecurity, check_bind
+from syncplane.api.v1 import workflow_service_pb2 as svc
+from syncplane.api.v1 import workflow_service_pb2_grpc as svc_grpc
+
+from tests.integration.conftest import ServerProcess, worker_processes
+
+
+async def cli(port: int, *args: str, token: str | None = None, ca: Path | None = None,
+              stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "syncplane", "--server", f"{'localhost' if ca else '127.0.0.1'}:{port}"]
+    if token:
+        cmd += ["--token", token]
+    if ca:
+        cmd += ["--ca-file", str(ca)]
+    proc = await asyncio.create_subprocess_exec(*cmd, *args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                                stderr=subprocess.PIPE)
+    out, err = await proc.communicate(stdin.encode() if stdin else None)
+    assert proc.returncode is not None
+    return subprocess.CompletedProcess(args, proc.returncode, out.decode(), err.decode())
+
+
+@pytest.fixture
+async def server(tmp_path: Path):
+    s = ServerProcess(tmp_path, "--defaults")
+    await s.ready()
+    yield s
+    s.stop()
+    assert not worker_processes(tmp_path)
+
+
+async def test_list_shows_the_default_workflows(server: ServerProcess):
+    res = await cli(server.port, "list")
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[0].split() == ["NAME", "TYPE", "DESIRED", "PHASE", "BACKLOG", "DRIFT", "AGE"]
+    rows = {line.split()[0]: line.split()[1:6] for line in lines[1:]}
+    assert rows == {
+        "contacts-ingress": ["INGRESS", "STOPPED", "STOPPED", "0", "no"],
+        "email-events-egress": ["EGRESS", "STOPPED", "STOPPED", "0", "no"],
+        "opt-in-out": ["OPT_IN_OUT", "STOPPED", "STOPPED", "0", "no"],
+    }
+
+
+async def test_apply_start_edit_describe_stop(server: ServerProcess, tmp_path: Path):
+    doc = yaml.safe_load((await cli(server.port, "get", "contacts-ingress", "-o", "yaml")).stdout)
+    doc["metadata"] = {"name": "mine"}
+    doc.pop("status")
+    manifest = tmp_path / "wf.yaml"
+    manifest.write_text(yaml.safe_dump(doc))
+    res = await cli(server.port, "apply", "-f", str(manifest))
+    assert res.stdout.strip() == "workflow/mine created", res.stderr
+    assert (await cli(server.port, "start", "mine")).returncode == 0
+    watch = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "syncplane", "--server", f"127.0.0.1:{server.port}", "watch", "mine", "-o", "json",
+        stdout=subprocess.PIPE)
+    assert watch.stdout is not None
+    while True:
+        event = json.loads(await watch.stdout.readline())
+        if event["object"]["status"]["phase"] == "RUNNING":
+            break
+    doc["spec"]["batchSize"] = 42
+    manifest.write_text(yaml.safe_dump(doc))
+    assert (await cli(server.port, "apply", "-f", str(manifest))).stdout.strip() == "workflow/mine configured"
+    while True:
+        event = json.loads(await watch.stdout.readline())
+        if event["object"]["status"].get("drift", {}).get("detected"):
+            break
+    watch.terminate()
+    await watch.wait()
+    described = (await cli(server.port, "describe", "mine")).stdout
+    assert "Phase:        RUNNING" in described
+    assert "restart required" in described and "~ spec.batch_size" in described
+    assert "SpecDrift  True" in described
+    listed = (await cli(server.port, "list")).stdout
+    assert [line.split()[5] for line in listed.splitlines() if line.startswith("mine ")] == ["yes"]
+    res = await cli(server.port, "start", "mine")
+    assert res.returncode == 1 and "FAILED_PRECONDITION" in res.stderr and "RUNNING" in res.stderr
+    res = await cli(server.port, "delete", "mine")
+    assert res.returncode == 1 and "stop it first" in res.stderr
+    assert (await cli(server.port, "stop", "mine")).returncode == 0
+    assert (await cli(server.port, "delete", "mine", "--force")).stdout.strip() == "workflow/mine deleted"
+
+
+async def test_invalid_apply_prints_field_paths(server: ServerProcess):
+    bad = """
+apiVersion: syncplane.io/v1
+kind: Workflow
+metadata: {name: broken}
+spec:
+  type: EGRESS
+  batchSize: 0
+  workers: 40
+  source: {kind: CAMPAIGN_STANDARD, endpoint: "not a url", credentials: {name: acs}}
+  destination: {kind: DYNAMICS365, endpoint: "https://org.crm.dynamics.com/", credentials: {name: d365}}
+  egress: {}
+"""
+    res = await cli(server.port, "apply", "-f", "-", stdin=bad)
+    assert res.returncode == 1
+    assert "INVALID_ARGUMENT" in res.stderr
+    for path in ("spec.workers", "spec.source.endpoint", "spec.egress"):
+        assert f"  {path}: " in res.stderr
+    res = await cli(server.port, "apply", "-f", "-", stdin=bad.replace("EGRESS", "SIDEWAYS"))
+    assert res.returncode == 1 and "spec.type" in res.stderr and "SIDEWAYS" in res.stderr
+
+
+def test_non_loopback_needs_tls_and_token():
+    check_bind("127.0.0.1:7443", ServerSecurity())
+    check_bind("[::1]:7443", ServerSecurity())
+    with pytest.raises(InsecureBindError, match=r"TLS .* and a bearer token"):
+        check_bind("0.0.0.0:7443", ServerSecurity())
+    with pytest.raises(InsecureBindError, match="a bearer token"):
+        check_bind("0.0.0.0:7443", ServerSecurity(tls_cert=Path("c"), tls_key=Path("k")))
+
+
+def test_up_refuses_insecure_public_bind(tmp_path: Path):
+    res = subprocess.run([sys.executable, "-m", "syncplane", "up", "--data-dir", str(tmp_path),
+                          "--listen", "0.0.0.0:0"], capture_output=True, text=True, timeout=60)
+    assert res.returncode != 0
+    assert "refusing to listen on 0.0.0.0:0" in res.stderr
+
+
+@pytest.fixture
+def certs(tmp_path: Path) -> tuple[Path, Path]:
+    key, cert = tmp_path / "tls.key", tmp_path / "tls.crt"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"], check=True, capture_output=True)
+    return cert, key
+
+
+async def test_tls_and_token_on_a_public_address(tmp_path: Path, certs: tuple[Path, Path]):
+    cert, key = certs
+    token_file = tmp_path / "token"
+    token_file.write_text("tok-123\n")
+    server = ServerProcess(tmp_path, "--tls-cert", str(cert), "--tls-key", str(key), "--token-file",
+                           str(token_file), listen="0.0.0.0:0")
+    try:
+        await server.ready()
+        ok = await cli(server.port, "list", token="tok-123", ca=cert)
+        assert ok.returncode == 0 and ok.stdout.startswith("NAME"), ok.stderr
+        denied = await cli(server.port, "list", token="wrong", ca=cert)
+        assert denied.returncode == 1 and "UNAUTHENTICATED" in denied.stderr
+        assert "tok-123" not in denied.stderr and "wrong" not in denied.stderr
+        creds = grpc.ssl_channel_credentials(cert.read_bytes())
+        async with grpc.aio.secure_channel(f"localhost:{server.port}", creds) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as exc:
+                await svc_grpc.WorkflowServiceStub(channel).ListWorkflows(svc.ListWorkflowsRequest())
+            assert exc.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        server.stop()
+    log = (tmp_path / "server.log").read_text()
+    assert "tok-123" not in log
