@@ -48,11 +48,12 @@ k8s-binaries:
 run: setup
 	$(BIN)/syncplane up --data-dir .syncplane
 
+# The protobuf stubs and the CRD, from proto/ (one script; CI fails on a diff).
 proto: venv
-	$(BIN)/python scripts/gen_protos.py
+	$(BIN)/python scripts/generate.py
 
 proto-check: venv
-	$(BIN)/python scripts/gen_protos.py --check
+	$(BIN)/python scripts/generate.py --check
 
 lint: venv proto-check
 	$(BIN)/ruff check server tests scripts benchmarks

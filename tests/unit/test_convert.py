@@ -29,3 +29,12 @@ def test_unknown_enum_and_field_name_the_path():
     with pytest.raises(InvalidArgument) as exc:
         spec_from_dict({"ingress": {"entities": [{"colour": "x"}]}})
     assert exc.value.violations[0].field == "spec.ingress.entities[0].colour"
+
+
+def test_int64_fields_are_integers_in_resources():
+    wf = workflow()
+    wf.spec.restart_nonce = 7
+    wf.status.backlog = 12
+    resource = to_resource(wf)
+    assert resource["spec"]["restartNonce"] == 7 and resource["status"]["backlog"] == 12
+    assert from_resource(resource)[1].spec.restart_nonce == 7

@@ -67,6 +67,7 @@ def reconcile(wf: pb.Workflow, applied: pb.WorkflowSpec | None, observed: Observ
         applied = apply
         status.applied_generation = wf.generation
         status.applied_restart_nonce = wf.spec.restart_nonce
+        status.applied_spec_hash = spec_hash(apply)
         status.ClearField("last_error")
         return pb.PHASE_STARTING, apply.workers
 

@@ -19,6 +19,8 @@ from syncplane.errors import FieldViolation, InvalidArgument
 
 API_VERSION = "syncplane.io/v1"
 KIND = "Workflow"
+_INT64 = {FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_SINT64,
+          FieldDescriptor.TYPE_FIXED64, FieldDescriptor.TYPE_SFIXED64}
 _WKT = {"google.protobuf.Timestamp", "google.protobuf.Duration", "google.protobuf.FieldMask"}
 
 
@@ -72,6 +74,8 @@ def _convert_field(item: Any, field: FieldDescriptor, to_short: bool, path: str)
         return full
     if field.message_type is not None and field.message_type.full_name not in _WKT:
         return _walk(item, field.message_type, to_short, path)
+    if to_short and field.type in _INT64 and isinstance(item, str):
+        return int(item)  # proto JSON writes 64-bit integers as strings; YAML and the CRD use integers
     return item
 
 

@@ -1,0 +1,194 @@
+"""The Workflow CustomResourceDefinition, derived from the proto descriptors.
+
+Types, field names (camelCase) and enums come from the messages; bounds and
+patterns come from syncplane.validation.rules, so the API server enforces the
+same limits as the gRPC validation. Rules that need the whole object (one
+section per type, one mapping per source table) are CEL validations.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+
+from syncplane.api.v1 import workflow_pb2 as pb
+from syncplane.model.convert import enum_prefix
+from syncplane.validation import rules
+
+GROUP, VERSION, KIND, PLURAL, SINGULAR = "syncplane.io", "v1", "Workflow", "workflows", "workflow"
+SHORT_NAMES = ["spwf"]
+DNS1123 = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+_SCALARS: dict[int, dict[str, Any]] = {
+    FieldDescriptor.TYPE_BOOL: {"type": "boolean"},
+    FieldDescriptor.TYPE_STRING: {"type": "string"},
+    FieldDescriptor.TYPE_DOUBLE: {"type": "number"},
+    FieldDescriptor.TYPE_FLOAT: {"type": "number"},
+    FieldDescriptor.TYPE_INT32: {"type": "integer", "format": "int32"},
+    FieldDescriptor.TYPE_INT64: {"type": "integer", "format": "int64"},
+}
+_WKT: dict[str, dict[str, Any]] = {
+    "google.protobuf.Timestamp": {"type": "string", "format": "date-time"},
+    "google.protobuf.Duration": {"type": "string", "pattern": r"^[0-9]+(\.[0-9]{1,9})?s$"},
+}
+
+# Extra constraints by proto message and field, on top of the derived type.
+CONSTRAINTS: dict[tuple[str, str], dict[str, Any]] = {
+    ("WorkflowSpec", "batch_size"): {"minimum": 1, "maximum": rules.MAX_BATCH_SIZE},
+    ("WorkflowSpec", "workers"): {"minimum": 1, "maximum": rules.MAX_WORKERS},
+    ("WorkflowSpec", "restart_nonce"): {"minimum": 0},
+    ("Connection", "endpoint"): {"pattern": r"^https?://[^@/\s]+(/.*)?$", "maxLength": 2048},
+    ("SecretReference", "name"): {"pattern": DNS1123, "minLength": 1, "maxLength": 63},
+    ("IngressSpec", "entities"): {"minItems": 1, "maxItems": rules.MAX_CUSTOM_ENTITIES + 1},
+    ("EntityMapping", "source_table"): {"pattern": rules.CRM_IDENTIFIER.pattern},
+    ("EntityMapping", "source_key"): {"pattern": rules.CRM_IDENTIFIER.pattern},
+    ("EntityMapping", "destination_resource"): {"pattern": rules.CAMPAIGN_IDENTIFIER.pattern},
+    ("EntityMapping", "destination_key"): {"pattern": rules.CAMPAIGN_IDENTIFIER.pattern},
+    ("EntityMapping", "fields"): {"minItems": 1, "maxItems": rules.MAX_COLUMNS_PER_ENTITY},
+    ("EntityMapping", "replacements"): {"maxItems": 200},
+    ("FieldMapping", "source"): {"pattern": rules.CRM_IDENTIFIER.pattern},
+    ("FieldMapping", "destination"): {"pattern": rules.CAMPAIGN_IDENTIFIER.pattern},
+    ("ValueReplacement", "field"): {"pattern": rules.CRM_IDENTIFIER.pattern},
+    ("Filter", "conditions"): {"maxItems": 50},
+    ("FilterCondition", "field"): {"pattern": rules.CRM_IDENTIFIER.pattern},
+    ("OptInOutSpec", "field_pairs"): {"maxItems": len(rules.CAMPAIGN_OPT_OUT_FIELDS)},
+    ("OptOutFieldPair", "campaign_field"): {"enum": sorted(rules.CAMPAIGN_OPT_OUT_FIELDS)},
+    ("OptOutFieldPair", "crm_field"): {"pattern": rules.CRM_OPT_OUT_FIELD.pattern},
+}
+REQUIRED: dict[str, list[str]] = {
+    "WorkflowSpec": ["type", "source", "destination"],
+    "Connection": ["kind", "endpoint", "credentials"],
+    "SecretReference": ["name"],
+    "EntityMapping": ["sourceTable", "destinationResource", "sourceKey", "destinationKey", "fields"],
+    "FieldMapping": ["source", "destination"],
+    "ValueReplacement": ["field", "value", "replacement"],
+    "FilterCondition": ["field", "operator"],
+    "OptInOutSpec": ["direction"],
+    "OptOutFieldPair": ["campaignField", "crmField"],
+}
+CEL: dict[str, list[dict[str, str]]] = {
+    "WorkflowSpec": [
+        {"rule": "self.type != 'INGRESS' || (has(self.ingress) && !has(self.egress) && !has(self.optInOut))",
+         "message": "an INGRESS workflow needs spec.ingress and no other section", "fieldPath": ".ingress"},
+        {"rule": "self.type != 'EGRESS' || (has(self.egress) && !has(self.ingress) && !has(self.optInOut))",
+         "message": "an EGRESS workflow needs spec.egress and no other section", "fieldPath": ".egress"},
+        {"rule": "self.type != 'OPT_IN_OUT' || (has(self.optInOut) && !has(self.ingress) && !has(self.egress))",
+         "message": "an OPT_IN_OUT workflow needs spec.optInOut and no other section", "fieldPath": ".optInOut"},
+        {"rule": "self.type != 'INGRESS' || (self.source.kind == 'DYNAMICS365' "
+                 "&& self.destination.kind == 'CAMPAIGN_STANDARD')",
+         "message": "INGRESS reads DYNAMICS365 and writes CAMPAIGN_STANDARD", "fieldPath": ".source.kind"},
+        {"rule": "self.type != 'EGRESS' || (self.source.kind == 'CAMPAIGN_STANDARD' "
+                 "&& self.destination.kind == 'DYNAMICS365')",
+         "message": "EGRESS reads CAMPAIGN_STANDARD and writes DYNAMICS365", "fieldPath": ".source.kind"},
+    ],
+    "IngressSpec": [
+        {"rule": "self.entities.all(e, self.entities.exists_one(f, f.sourceTable == e.sourceTable))",
+         "message": "one mapping per source table", "fieldPath": ".entities"},
+        {"rule": "self.entities.filter(e, e.destinationResource != 'profile').size() <= "
+                 f"{rules.MAX_CUSTOM_ENTITIES}",
+         "message": f"at most {rules.MAX_CUSTOM_ENTITIES} custom entities", "fieldPath": ".entities"},
+    ],
+    "EntityMapping": [
+        {"rule": "self.fields.all(m, self.fields.exists_one(n, n.destination == m.destination))",
+         "message": "two source fields may not map to one destination field", "fieldPath": ".fields"},
+    ],
+    "EgressSpec": [
+        {"rule": "(has(self.send) && self.send) || (has(self.open) && self.open) || "
+                 "(has(self.click) && self.click) || (has(self.bounce) && self.bounce)",
+         "message": "switch on at least one event type: send, open, click or bounce"},
+    ],
+    "OptInOutSpec": [
+        {"rule": "self.direction == 'DISABLED' || (has(self.fieldPairs) && size(self.fieldPairs) > 0)",
+         "message": "needs at least one field pair unless the direction is DISABLED", "fieldPath": ".fieldPairs"},
+    ],
+}
+
+
+def _field_schema(owner: Descriptor, field: FieldDescriptor) -> dict[str, Any]:
+    if field.message_type is not None and field.message_type.GetOptions().map_entry:
+        value = field.message_type.fields_by_name["value"]
+        return {"type": "object", "additionalProperties": _single(owner, value)}
+    single = _single(owner, field)
+    if field.is_repeated:
+        schema: dict[str, Any] = {"type": "array", "items": single}
+        schema.update(CONSTRAINTS.get((owner.name, field.name), {}))
+        return schema
+    single.update(CONSTRAINTS.get((owner.name, field.name), {}))
+    return single
+
+
+def _single(owner: Descriptor, field: FieldDescriptor) -> dict[str, Any]:
+    if field.enum_type is not None:
+        prefix = enum_prefix(field.enum_type)
+        return {"type": "string", "enum": [v.name[len(prefix):] for v in field.enum_type.values if v.number]}
+    if field.message_type is not None:
+        if field.message_type.full_name in _WKT:
+            return dict(_WKT[field.message_type.full_name])
+        return message_schema(field.message_type)
+    return dict(_SCALARS[field.type])
+
+
+def message_schema(desc: Descriptor, with_rules: bool = True) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "object", "properties": {
+        f.json_name: _field_schema(desc, f) for f in desc.fields}}
+    if with_rules and desc.name in REQUIRED:
+        schema["required"] = REQUIRED[desc.name]
+    if with_rules and desc.name in CEL:
+        schema["x-kubernetes-validations"] = CEL[desc.name]
+    return schema
+
+
+def _status_schema() -> dict[str, Any]:
+    # Status is written by the operator; describe it exactly, but without input rules.
+    schema = message_schema(pb.WorkflowStatus.DESCRIPTOR, with_rules=False)
+
+    def strip(node: dict[str, Any]) -> None:
+        node.pop("required", None)
+        node.pop("x-kubernetes-validations", None)
+        for child in node.get("properties", {}).values():
+            strip(child)
+        if "items" in node:
+            strip(node["items"])
+
+    strip(schema)
+    return schema
+
+
+def workflow_crd() -> dict[str, Any]:
+    columns = [
+        {"name": "Type", "type": "string", "jsonPath": ".spec.type"},
+        {"name": "Desired", "type": "string", "jsonPath": ".spec.desiredState"},
+        {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+        {"name": "Backlog", "type": "integer", "jsonPath": ".status.backlog"},
+        {"name": "Drift", "type": "boolean", "jsonPath": ".status.drift.detected"},
+        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    ]
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{PLURAL}.{GROUP}",
+                     "annotations": {"syncplane.io/generated-by": "scripts/generate.py from proto/syncplane/v1"}},
+        "spec": {
+            "group": GROUP,
+            "scope": "Namespaced",
+            "names": {"kind": KIND, "plural": PLURAL, "singular": SINGULAR, "listKind": f"{KIND}List",
+                      "shortNames": SHORT_NAMES, "categories": ["syncplane"]},
+            "versions": [{
+                "name": VERSION, "served": True, "storage": True,
+                "subresources": {"status": {}},
+                "additionalPrinterColumns": columns,
+                "schema": {"openAPIV3Schema": {
+                    "type": "object",
+                    "description": "A syncplane integration workflow between Dynamics 365 and Campaign Standard.",
+                    "required": ["spec"],
+                    "properties": {
+                        "apiVersion": {"type": "string"}, "kind": {"type": "string"},
+                        "metadata": {"type": "object", "properties": {
+                            "name": {"type": "string", "pattern": DNS1123, "maxLength": 63}}},
+                        "spec": message_schema(pb.WorkflowSpec.DESCRIPTOR),
+                        "status": _status_schema(),
+                    },
+                }},
+            }],
+        },
+    }
