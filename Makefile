@@ -56,8 +56,8 @@ proto-check: venv
 	$(BIN)/python scripts/generate.py --check
 
 lint: venv proto-check
-	$(BIN)/ruff check server tests scripts benchmarks
-	$(BIN)/mypy server/syncplane tests benchmarks
+	$(BIN)/ruff check server operator tests scripts benchmarks
+	$(BIN)/mypy server/syncplane operator/syncplane_operator tests benchmarks
 	cd proto && ../$(BIN)/buf lint
 
 test-unit: venv

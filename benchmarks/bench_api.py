@@ -12,13 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-
 from syncplane.api.server import create_server
 from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.api.v1 import workflow_service_pb2 as svc
 from syncplane.api.v1 import workflow_service_pb2_grpc as svc_grpc
 from syncplane.service import WorkflowService
 from syncplane.store.sqlite import SqliteStore
+
 from tests.factories import spec
 
 WORKFLOWS = 100
@@ -63,12 +63,13 @@ async def run() -> dict[str, Any]:
         store = SqliteStore(Path(tmp) / "bench.db")
         service = WorkflowService(store)
         for i in range(WORKFLOWS):
-            await service.create(svc.CreateWorkflowRequest(workflow_id=f"wf-{i:03d}", workflow=pb.Workflow(spec=spec())))
+            await service.create(svc.CreateWorkflowRequest(workflow_id=f"wf-{i:03d}",
+                                                           workflow=pb.Workflow(spec=spec())))
         server, port, _ = await create_server(service, "127.0.0.1:0")
         one = await store.get("workflows/wf-042")
         page = await service.list(svc.ListWorkflowsRequest(page_size=WORKFLOWS))
         bare = grpc.aio.server()
-        svc_grpc.add_WorkflowServiceServicer_to_server(BareServicer(one, page), bare)
+        svc_grpc.add_WorkflowServiceServicer_to_server(BareServicer(one, page), bare)  # type: ignore[abstract]
         bare_port = bare.add_insecure_port("127.0.0.1:0")
         await bare.start()
         results: dict[str, Any] = {}

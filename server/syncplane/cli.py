@@ -119,15 +119,23 @@ def up(data_dir: Path, listen: str, tls_cert: Path | None, tls_key: Path | None,
 @click.option("--index", type=int, default=0)
 @click.option("--generation", type=int, required=True)
 @click.option("--spec-file", type=click.Path(exists=True, path_type=Path), required=True)
-@click.option("--state-dir", type=click.Path(path_type=Path), required=True)
+@click.option("--state-dir", type=click.Path(path_type=Path), default=None)
 @click.option("--orphan-timeout", type=float, default=0.0)
-def worker(workflow: str, index: int, generation: int, spec_file: Path, state_dir: Path,
-           orphan_timeout: float) -> None:
+@click.option("--heartbeat", type=click.Choice(["http", "kubernetes"]), default="http",
+              help="http: polled on /status by the embedded supervisor; kubernetes: a Lease per pod.")
+@click.option("--namespace", envvar="POD_NAMESPACE", default="")
+@click.option("--pod-name", envvar="POD_NAME", default="")
+@click.option("--listen", default="127.0.0.1:0", help="Address of /status, /healthz and /metrics.")
+def worker(workflow: str, index: int, generation: int, spec_file: Path, state_dir: Path | None,
+           orphan_timeout: float, heartbeat: str, namespace: str, pod_name: str, listen: str) -> None:
     """Run one worker replica (started by the supervisor or a Deployment)."""
     from syncplane.worker.main import WorkerOptions, run
 
+    host, _, port = listen.rpartition(":")
     sys.exit(run(WorkerOptions(workflow=workflow, index=index, generation=generation, spec_file=spec_file,
-                               state_dir=state_dir, orphan_timeout=orphan_timeout)))
+                               state_dir=state_dir or Path("/tmp"), orphan_timeout=orphan_timeout,
+                               heartbeat=heartbeat, namespace=namespace, pod_name=pod_name, host=host,
+                               port=int(port))))
 
 
 def _documents(path: str) -> Iterator[dict[str, Any]]:

@@ -36,6 +36,9 @@ class WorkerOptions:
     host: str = "127.0.0.1"
     port: int = 0
     orphan_timeout: float = 0.0
+    heartbeat: str = "http"          # "http": polled on /status (embedded); "kubernetes": a Lease
+    namespace: str = ""
+    pod_name: str = ""
 
 
 def state_file(state_dir: Path, workflow: str, index: int) -> Path:
@@ -79,15 +82,28 @@ class Worker:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop.set)
         self._announce(port)
+        beats: asyncio.Task[None] | None = None
+        lease = None
+        if self.opts.heartbeat == "kubernetes":
+            from syncplane.worker.heartbeat import LeaseHeartbeat
+
+            lease = LeaseHeartbeat(self.opts.namespace, self.opts.pod_name or f"{self.opts.workflow}-{os.getpid()}",
+                                   self.opts.workflow, self.report)
         log.info("worker %s/%d generation %d listening on %s:%d (type %s)", self.opts.workflow,
                  self.opts.index, self.opts.generation, self.opts.host, port, spec.type)
         # The data pipeline (sync engine) plugs in here; until it reports, the
         # worker is ready as soon as it serves its heartbeat.
         self.report.ready, self.report.phase = True, "RUNNING"
+        if lease is not None:
+            beats = asyncio.create_task(lease.run(self.stop))
         try:
             await self._wait()
         finally:
             self.report.ready, self.report.phase = False, "DRAINING"
+            if beats is not None and lease is not None:
+                self.stop.set()
+                await beats
+                await lease.close()
             state_file(self.opts.state_dir, self.opts.workflow, self.opts.index).unlink(missing_ok=True)
             await runner.cleanup()
         log.info("worker %s/%d drained and stopped", self.opts.workflow, self.opts.index)

@@ -1,0 +1,85 @@
+"""Pure manifest builders: a workflow in, a Kubernetes object out."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from syncplane_operator import labels as L
+
+
+@dataclass(frozen=True)
+class WorkerImage:
+    image: str = "ghcr.io/syncplane/syncplane:0.1.0"
+    pull_policy: str = "IfNotPresent"
+    service_account: str = "syncplane-worker"
+    cpu_request: str = "100m"
+    memory_request: str = "128Mi"
+    cpu_limit: str = "1"
+    memory_limit: str = "512Mi"
+
+
+def build_spec_configmap(workflow: str, namespace: str, spec: dict[str, Any], spec_hash: str,
+                         generation: int) -> dict[str, Any]:
+    """An immutable snapshot of the spec the workers run, named by its hash."""
+    return {
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": L.spec_configmap_name(workflow, spec_hash), "namespace": namespace,
+                     "labels": L.worker_labels(workflow),
+                     "annotations": {L.SPEC_HASH_ANNOTATION: spec_hash, L.GENERATION_ANNOTATION: str(generation)}},
+        "immutable": True,
+        "data": {L.SPEC_KEY: json.dumps(spec, sort_keys=True)},
+    }
+
+
+def build_worker_deployment(workflow: str, namespace: str, spec_hash: str, generation: int, replicas: int,
+                            image: WorkerImage | None = None) -> dict[str, Any]:
+    image = image or WorkerImage()
+    selector = {L.WORKFLOW_LABEL: workflow, **L.COMPONENT_WORKER}
+    pod_labels = L.worker_labels(workflow)
+    probe = {"httpGet": {"path": "/healthz", "port": "health"}, "periodSeconds": 10, "timeoutSeconds": 2}
+    container = {
+        "name": "worker",
+        "image": image.image,
+        "imagePullPolicy": image.pull_policy,
+        "args": ["worker", "--workflow", workflow, "--generation", str(generation),
+                 "--spec-file", f"/etc/syncplane/{L.SPEC_KEY}", "--heartbeat", "kubernetes",
+                 "--namespace", namespace, "--listen", f"0.0.0.0:{L.HEALTH_PORT}"],
+        "env": [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
+        "ports": [{"name": "health", "containerPort": L.HEALTH_PORT}],
+        "readinessProbe": probe,
+        "livenessProbe": {**probe, "failureThreshold": 6},
+        "resources": {"requests": {"cpu": image.cpu_request, "memory": image.memory_request},
+                      "limits": {"cpu": image.cpu_limit, "memory": image.memory_limit}},
+        "securityContext": {"runAsNonRoot": True, "readOnlyRootFilesystem": True,
+                            "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+        "volumeMounts": [{"name": "spec", "mountPath": "/etc/syncplane", "readOnly": True},
+                         {"name": "tmp", "mountPath": "/tmp"}],
+    }
+    return {
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": L.worker_deployment_name(workflow), "namespace": namespace, "labels": pod_labels,
+                     "annotations": {L.SPEC_HASH_ANNOTATION: spec_hash, L.GENERATION_ANNOTATION: str(generation)}},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": selector},
+            "progressDeadlineSeconds": 600,
+            "strategy": {"type": "Recreate"},   # two generations never write at once
+            "template": {
+                "metadata": {"labels": pod_labels,
+                             "annotations": {L.SPEC_HASH_ANNOTATION: spec_hash,
+                                             L.GENERATION_ANNOTATION: str(generation)}},
+                "spec": {
+                    "serviceAccountName": image.service_account,
+                    "automountServiceAccountToken": True,
+                    "terminationGracePeriodSeconds": 60,
+                    "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001,
+                                        "seccompProfile": {"type": "RuntimeDefault"}},
+                    "containers": [container],
+                    "volumes": [{"name": "spec", "configMap": {"name": L.spec_configmap_name(workflow, spec_hash)}},
+                                {"name": "tmp", "emptyDir": {}}],
+                },
+            },
+        },
+    }

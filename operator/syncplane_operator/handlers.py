@@ -1,0 +1,80 @@
+"""kopf registrations, kept thin: every body lives in reconciler.py.
+
+Run: `kopf run -m syncplane_operator.handlers --all-namespaces` (or
+`syncplane operator`).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import kopf
+
+from syncplane_operator import labels as L
+from syncplane_operator.builders import WorkerImage
+from syncplane_operator.reconciler import Clients, reconcile
+
+GROUP, VERSION, PLURAL = "syncplane.io", "v1", "workflows"
+WORKERS = {L.WORKFLOW_LABEL: kopf.PRESENT}
+TIMER_INTERVAL = float(os.environ.get("SYNCPLANE_OPERATOR_INTERVAL", "1.0"))
+
+
+@kopf.on.startup()
+async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    # kopf's own bookkeeping goes into annotations under our prefix, not status.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=L.PREFIX)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=L.PREFIX, key="last-handled-configuration")
+    settings.persistence.finalizer = f"{L.PREFIX}/finalizer"
+    # Pinned timeouts: a watch that silently stalls is re-established.
+    settings.watching.server_timeout = 120
+    settings.watching.client_timeout = 150
+    settings.watching.connect_timeout = 10
+    settings.networking.request_timeout = 30
+    settings.posting.level = 20
+    from kubernetes_asyncio import client, config
+
+    if os.environ.get("KUBERNETES_SERVICE_HOST"):
+        config.load_incluster_config()  # type: ignore[no-untyped-call]
+    else:
+        await config.load_kube_config()
+    api_client = client.ApiClient()
+    memo.api = Clients(core=client.CoreV1Api(api_client), apps=client.AppsV1Api(api_client))
+    memo.api_client = api_client
+    memo.image = WorkerImage(image=os.environ.get("SYNCPLANE_WORKER_IMAGE", WorkerImage.image))
+
+
+@kopf.on.cleanup()
+async def close(memo: kopf.Memo, **_: Any) -> None:
+    await memo.api_client.close()
+
+
+def _key(namespace: str | None, labels: Any) -> tuple[str | None, str]:
+    return namespace, str(labels.get(L.WORKFLOW_LABEL, ""))
+
+
+@kopf.index("apps", "v1", "deployments", labels=WORKERS)
+def worker_deployments(namespace: str | None, labels: Any, body: kopf.Body, **_: Any) -> Any:
+    return {_key(namespace, labels): dict(body)}
+
+
+@kopf.index("", "v1", "pods", labels=WORKERS)
+def worker_pods(namespace: str | None, labels: Any, body: kopf.Body, **_: Any) -> Any:
+    return {_key(namespace, labels): dict(body)}
+
+
+@kopf.index("coordination.k8s.io", "v1", "leases", labels=WORKERS)
+def worker_leases(namespace: str | None, labels: Any, body: kopf.Body, **_: Any) -> Any:
+    return {_key(namespace, labels): dict(body)}
+
+
+@kopf.on.resume(GROUP, VERSION, PLURAL)
+@kopf.on.create(GROUP, VERSION, PLURAL)
+@kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
+@kopf.timer(GROUP, VERSION, PLURAL, interval=TIMER_INTERVAL)
+async def workflow(body: kopf.Body, patch: kopf.Patch, logger: Any, memo: Any, namespace: str | None,
+                   name: str, **kwargs: Any) -> None:
+    key = (namespace, name)
+    indexes = [kwargs[i] for i in ("worker_deployments", "worker_pods", "worker_leases")]
+    await reconcile(body, patch, logger, memo.api, memo.image, *(ix.get(key, []) for ix in indexes))

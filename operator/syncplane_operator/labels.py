@@ -1,0 +1,23 @@
+"""Names, labels and annotations the operator, workers and chart agree on."""
+
+PREFIX = "syncplane.io"
+WORKFLOW_LABEL = f"{PREFIX}/workflow"
+MANAGED_BY = {"app.kubernetes.io/managed-by": "syncplane-operator", "app.kubernetes.io/part-of": "syncplane"}
+COMPONENT_WORKER = {"app.kubernetes.io/component": "worker"}
+SPEC_HASH_ANNOTATION = f"{PREFIX}/spec-hash"
+GENERATION_ANNOTATION = f"{PREFIX}/applied-generation"
+REPORT_ANNOTATION = f"{PREFIX}/report"           # on heartbeat Leases: the worker's JSON report
+SPEC_KEY = "spec.json"
+HEALTH_PORT = 8080
+
+
+def spec_configmap_name(workflow: str, spec_hash: str) -> str:
+    return f"{workflow}-spec-{spec_hash[:10]}"
+
+
+def worker_deployment_name(workflow: str) -> str:
+    return f"{workflow}-worker"
+
+
+def worker_labels(workflow: str) -> dict[str, str]:
+    return {**MANAGED_BY, **COMPONENT_WORKER, WORKFLOW_LABEL: workflow}

@@ -1,0 +1,82 @@
+"""Pure: what the cluster shows about a workflow's workers -> lifecycle.Observed."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from datetime import datetime
+from typing import Any
+
+from syncplane.api.v1 import workflow_pb2 as pb
+from syncplane.lifecycle import Observed, WorkerFailure
+
+from syncplane_operator import labels as L
+
+CRASH_RESTARTS = 3           # restarts of one container before it counts as a crash loop
+STALE_AFTER_SECONDS = 30.0   # a heartbeat Lease not renewed this long is stale
+
+
+def _parse_time(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def lease_report(lease: dict[str, Any]) -> dict[str, Any]:
+    raw = (lease.get("metadata", {}).get("annotations") or {}).get(L.REPORT_ANNOTATION, "{}")
+    try:
+        report = json.loads(raw)
+    except ValueError:
+        return {}
+    return report if isinstance(report, dict) else {}
+
+
+def observe(deployment: dict[str, Any] | None, pods: Iterable[dict[str, Any]], leases: Iterable[dict[str, Any]],
+            generation: int, now: datetime, require_heartbeat: bool = True) -> Observed:
+    pods = list(pods)
+    leases = list(leases)
+    failure: WorkerFailure | None = None
+    live = len(pods)  # terminating pods count: they may still be draining
+    available = 0
+    if deployment is not None:
+        status = deployment.get("status") or {}
+        available = int(status.get("availableReplicas") or 0)
+        live = max(live, int(status.get("replicas") or 0))
+        for cond in status.get("conditions") or []:
+            if cond.get("type") == "Progressing" and cond.get("reason") == "ProgressDeadlineExceeded":
+                failure = WorkerFailure("ROLLOUT_STALLED", f"the worker Deployment did not progress: "
+                                        f"{cond.get('message', '')}")
+    for pod in pods:
+        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+            waiting = (cs.get("state") or {}).get("waiting") or {}
+            if waiting.get("reason") == "CrashLoopBackOff" or int(cs.get("restartCount") or 0) >= CRASH_RESTARTS:
+                failure = failure or WorkerFailure(
+                    "CRASH_LOOP", f"worker pod {pod['metadata']['name']} is crash-looping "
+                    f"({cs.get('restartCount', 0)} restarts)")
+    ready_heartbeats = 0
+    backlog = 0
+    counters = pb.Counters()
+    for lease in leases:
+        report = lease_report(lease)
+        renewed = _parse_time((lease.get("spec") or {}).get("renewTime"))
+        stale = renewed is None or (now - renewed).total_seconds() > STALE_AFTER_SECONDS
+        fatal = report.get("fatal")
+        if isinstance(fatal, dict) and report.get("generation") == generation:
+            failure = failure or WorkerFailure(str(fatal.get("reason", "WORKER_FATAL")), str(fatal.get("message", "")))
+        if stale:
+            if report.get("generation") == generation and not report.get("draining"):
+                failure = failure or WorkerFailure(
+                    "HEARTBEAT_STALE", f"worker {lease['metadata']['name']} has not renewed its heartbeat "
+                    f"for over {STALE_AFTER_SECONDS:.0f}s")
+            continue
+        if report.get("ready") and report.get("generation") == generation:
+            ready_heartbeats += 1
+        backlog += int(report.get("backlog") or 0)
+        c = report.get("counters") or {}
+        counters.read += int(c.get("read", 0))
+        counters.written += int(c.get("written", 0))
+        counters.failed += int(c.get("failed", 0))
+        counters.dead_lettered += int(c.get("dead_lettered", 0))
+        counters.records_per_second += float(report.get("records_per_second") or 0.0)
+    ready = min(available, ready_heartbeats) if require_heartbeat else available
+    return Observed(live=live, ready=ready, failure=failure, backlog=backlog, counters=counters)

@@ -1,0 +1,126 @@
+"""The Kubernetes driver of the lifecycle core.
+
+Level-based: every call recomputes from the Workflow, the snapshot ConfigMap
+and what the indexes show (Deployment, pods, heartbeat Leases), then creates
+or scales children and returns the status patch. Called on every change of
+the Workflow and by a timer that observes reality.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import kopf
+from syncplane.api.v1 import workflow_pb2 as pb
+from syncplane.lifecycle import reconcile as decide
+from syncplane.lifecycle.drift import LIFECYCLE_FIELDS
+from syncplane.model.convert import phase_name, spec_from_dict, spec_to_dict
+
+from syncplane_operator import labels as L
+from syncplane_operator.builders import WorkerImage, build_spec_configmap, build_worker_deployment
+from syncplane_operator.observe import observe
+from syncplane_operator.resources import status_patch, workflow_from_body
+
+
+@dataclass
+class Clients:
+    core: Any
+    apps: Any
+    # Snapshot ConfigMaps are immutable: cache them by name.
+    snapshots: dict[str, pb.WorkflowSpec] = field(default_factory=dict)
+
+
+async def load_snapshot(api: Clients, namespace: str, workflow: str, spec_hash: str) -> pb.WorkflowSpec | None:
+    if not spec_hash:
+        return None
+    name = L.spec_configmap_name(workflow, spec_hash)
+    key = f"{namespace}/{name}"
+    if key not in api.snapshots:
+        from kubernetes_asyncio.client.exceptions import ApiException
+
+        try:
+            cm = await api.core.read_namespaced_config_map(name, namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        api.snapshots[key] = spec_from_dict(json.loads(cm.data[L.SPEC_KEY]))
+    return api.snapshots[key]
+
+
+async def _create(call: Any, namespace: str, body: dict[str, Any]) -> None:
+    from kubernetes_asyncio.client.exceptions import ApiException
+
+    try:
+        await call(namespace, body)
+    except ApiException as exc:
+        if exc.status != 409:  # already there: children are idempotent
+            raise
+
+
+async def reconcile(body: kopf.Body, patch: kopf.Patch, logger: Any, api: Clients, image: WorkerImage,
+                    deployments: Iterable[Mapping[str, Any]], pods: Iterable[Mapping[str, Any]],
+                    leases: Iterable[Mapping[str, Any]]) -> None:
+    name, namespace = body.metadata.name, body.metadata.namespace
+    assert name and namespace
+    try:
+        wf = workflow_from_body(body)
+    except Exception as exc:  # the CRD schema should make this unreachable
+        raise kopf.PermanentError(f"invalid Workflow: {exc}") from exc
+    applied = await load_snapshot(api, namespace, name, wf.status.applied_spec_hash)
+    deployment = next(iter(deployments), None)
+    now = datetime.now(UTC)
+    observed = observe(dict(deployment) if deployment else None, [dict(p) for p in pods],
+                       [dict(x) for x in leases], wf.status.applied_generation, now)
+    outcome = decide(wf, applied, observed, now)
+    status = outcome.status
+    if outcome.apply is not None:
+        cm = build_spec_configmap(name, namespace, applied_view_resource(outcome.apply), status.applied_spec_hash,
+                                  status.applied_generation)
+        kopf.adopt(cm, owner=body)
+        await _create(api.core.create_namespaced_config_map, namespace, cm)
+        applied = outcome.apply
+    await converge(api, body, deployment, outcome.target_workers, status, image)
+    changes = status_patch(body.get("status") or {}, status)
+    if changes:
+        patch.status.update(changes)
+    if status.phase != (wf.status.phase or pb.PHASE_STOPPED) or not body.get("status"):
+        message = f"{phase_name(wf.status.phase or pb.PHASE_STOPPED)} -> {phase_name(status.phase)}"
+        if status.phase == pb.PHASE_ERROR:
+            message += f": {status.last_error.reason}: {status.last_error.message}"
+            kopf.warn(body, reason=phase_name(status.phase).title(), message=message)
+        else:
+            kopf.info(body, reason=phase_name(status.phase).title(), message=message)
+        logger.info("workflow %s/%s: %s", namespace, name, message)
+
+
+def applied_view_resource(spec: pb.WorkflowSpec) -> dict[str, Any]:
+    """The snapshot as users write it (camelCase), without the lifecycle fields."""
+    data = spec_to_dict(spec)
+    for name in LIFECYCLE_FIELDS:  # the same rule as drift: lifecycle fields are not what workers run
+        data.pop(spec.DESCRIPTOR.fields_by_name[name].json_name, None)
+    return data
+
+
+async def converge(api: Clients, owner: kopf.Body, deployment: Mapping[str, Any] | None, target: int,
+                   status: pb.WorkflowStatus, image: WorkerImage) -> None:
+    name, namespace = owner.metadata.name, owner.metadata.namespace
+    if target == 0:
+        if deployment is not None and (deployment.get("spec") or {}).get("replicas", 1) != 0:
+            await api.apps.patch_namespaced_deployment(L.worker_deployment_name(str(name)), namespace,
+                                                       {"spec": {"replicas": 0}})
+        return
+    want = build_worker_deployment(str(name), str(namespace), status.applied_spec_hash, status.applied_generation,
+                                   target, image)
+    kopf.adopt(want, owner=owner)
+    if deployment is None:
+        await _create(api.apps.create_namespaced_deployment, str(namespace), want)
+        return
+    current_hash = ((deployment.get("metadata") or {}).get("annotations") or {}).get(L.SPEC_HASH_ANNOTATION)
+    current_replicas = (deployment.get("spec") or {}).get("replicas")
+    if current_hash != status.applied_spec_hash or current_replicas != target:
+        await api.apps.replace_namespaced_deployment(L.worker_deployment_name(str(name)), namespace, want)

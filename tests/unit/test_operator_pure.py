@@ -1,0 +1,91 @@
+"""The operator's pure parts: builders, observation, CR conversion."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+
+from syncplane.api.v1 import workflow_pb2 as pb
+from syncplane.lifecycle import spec_hash
+from syncplane.model.convert import to_resource
+from syncplane.worker.heartbeat import lease_body
+from syncplane.worker.report import WorkerReport
+from syncplane_operator.builders import build_spec_configmap, build_worker_deployment
+from syncplane_operator.observe import observe
+from syncplane_operator.resources import status_patch, workflow_from_body
+
+from tests.factories import workflow
+
+NOW = datetime(2026, 11, 28, 12, tzinfo=UTC)
+
+
+def test_configmap_is_immutable_and_named_by_hash():
+    cm = build_spec_configmap("wf", "ns", {"batchSize": 5}, "abcdef0123456789", 3)
+    assert cm["immutable"] is True
+    assert cm["metadata"]["name"] == "wf-spec-abcdef0123"
+    assert json.loads(cm["data"]["spec.json"]) == {"batchSize": 5}
+
+
+def test_worker_deployment_is_locked_down():
+    d = build_worker_deployment("wf", "ns", "abcdef0123456789", 4, 2)
+    pod = d["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert d["spec"]["replicas"] == 2 and d["spec"]["strategy"]["type"] == "Recreate"
+    assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["seccompProfile"]["type"]
+    assert c["securityContext"] == {"runAsNonRoot": True, "readOnlyRootFilesystem": True,
+                                    "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+    assert c["readinessProbe"]["httpGet"]["path"] == "/healthz" and c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert c["resources"]["requests"] and c["resources"]["limits"]
+    assert "--generation" in c["args"] and c["args"][c["args"].index("--generation") + 1] == "4"
+    assert pod["volumes"][0]["configMap"]["name"] == "wf-spec-abcdef0123"
+    assert d["spec"]["selector"]["matchLabels"].items() <= d["spec"]["template"]["metadata"]["labels"].items()
+    assert not any("secret" in json.dumps(c).lower() for c in [c])
+
+
+def lease(ready: bool, generation: int, age: float = 1.0, fatal: dict | None = None) -> dict:
+    report = WorkerReport(workflow="wf", index=0, generation=generation, ready=ready, backlog=5)
+    report.fatal = fatal
+    return lease_body("wf-pod", "wf", report, NOW - timedelta(seconds=age))
+
+
+def deployment(available: int, replicas: int = 1, conditions: list | None = None) -> dict:
+    return {"spec": {"replicas": replicas},
+            "status": {"replicas": replicas, "availableReplicas": available, "conditions": conditions or []}}
+
+
+def test_ready_needs_available_pods_and_heartbeats():
+    assert observe(deployment(1), [{}], [], 2, NOW).ready == 0
+    assert observe(deployment(0), [{}], [lease(True, 2)], 2, NOW).ready == 0
+    obs = observe(deployment(1), [{}], [lease(True, 2)], 2, NOW)
+    assert (obs.ready, obs.live, obs.backlog) == (1, 1, 5)
+    assert observe(deployment(1), [{}], [lease(True, 1)], 2, NOW).ready == 0  # old generation
+
+
+def test_failures():
+    stalled = deployment(0, conditions=[{"type": "Progressing", "status": "False",
+                                         "reason": "ProgressDeadlineExceeded", "message": "timed out"}])
+    assert observe(stalled, [], [], 1, NOW).failure.reason == "ROLLOUT_STALLED"  # type: ignore[union-attr]
+    pod = {"metadata": {"name": "p"}, "status": {"containerStatuses": [
+        {"restartCount": 5, "state": {"waiting": {"reason": "CrashLoopBackOff"}}}]}}
+    assert observe(deployment(0), [pod], [], 1, NOW).failure.reason == "CRASH_LOOP"  # type: ignore[union-attr]
+    bad = lease(False, 1, fatal={"reason": "BAD_CREDENTIALS", "message": "401 from the token endpoint"})
+    assert observe(deployment(1), [{}], [bad], 1, NOW).failure.reason == "BAD_CREDENTIALS"  # type: ignore[union-attr]
+    stale = observe(deployment(1), [{}], [lease(True, 1, age=120)], 1, NOW)
+    assert stale.failure is not None and stale.failure.reason == "HEARTBEAT_STALE" and stale.ready == 0
+
+
+def test_cr_round_trip_and_status_patch():
+    wf = workflow()
+    wf.status.applied_spec_hash = spec_hash(wf.spec)
+    body = to_resource(wf)
+    body["metadata"].update({"resourceVersion": "77", "generation": 4})
+    back = workflow_from_body(body)
+    assert back.spec == wf.spec and back.etag == "77" and back.generation == 4
+    assert back.status.applied_spec_hash == wf.status.applied_spec_hash
+    new = pb.WorkflowStatus()
+    new.CopyFrom(back.status)
+    new.phase = pb.PHASE_RUNNING
+    patch = status_patch(body["status"], new)
+    assert patch == {"phase": "RUNNING"}
+    assert status_patch({"phase": "STOPPED", "backlog": 3}, pb.WorkflowStatus(phase=pb.PHASE_STOPPED)) == {
+        "backlog": None}
