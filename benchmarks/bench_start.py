@@ -10,7 +10,6 @@ import asyncio
 import json
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -43,9 +42,9 @@ async def bare_spawn(tmp: Path) -> float:
     spec_file.write_text(json.dumps(spec_to_dict(spec())))
     t0 = time.perf_counter()
     # The baseline measures a plain process start; Popen returns at once.
-    proc = subprocess.Popen([  # noqa: ASYNC220sys.executable, "-m", "syncplane", "worker", "--workflow", "bare", "--generation", "1",
-                             "--spec-file", str(spec_file), "--state-dir", str(tmp)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cmd = [sys.executable, "-m", "syncplane", "worker", "--workflow", "bare", "--generation", "1",
+           "--spec-file", str(spec_file), "--state-dir", str(tmp)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # noqa: ASYNC220
     path = state_file(tmp, "bare", 0)
     async with httpx.AsyncClient() as http:
         while True:
