@@ -114,6 +114,55 @@ def up(data_dir: Path, listen: str, tls_cert: Path | None, tls_key: Path | None,
         raise click.ClickException(str(exc)) from exc
 
 
+@cli.command()
+@click.option("--backend", type=click.Choice(["embedded", "kubernetes"]), default="embedded", show_default=True)
+@click.option("--namespace", envvar="POD_NAMESPACE", default="default", show_default=True,
+              help="Kubernetes backend: where the Workflow resources live.")
+@click.option("--listen", default="127.0.0.1:7443", show_default=True)
+@click.option("--tls-cert", type=click.Path(exists=True, path_type=Path))
+@click.option("--tls-key", type=click.Path(exists=True, path_type=Path))
+@click.option("--token-file", type=click.Path(exists=True, path_type=Path))
+@click.option("--otlp-endpoint", envvar="OTEL_EXPORTER_OTLP_ENDPOINT", default=None)
+@click.option("--port-file", type=click.Path(path_type=Path))
+@click.option("--log-level", default="INFO", show_default=True)
+@click.pass_context
+def server(ctx: click.Context, backend: str, namespace: str, listen: str, tls_cert: Path | None,
+           tls_key: Path | None, token_file: Path | None, otlp_endpoint: str | None, port_file: Path | None,
+           log_level: str) -> None:
+    """Run the gRPC API server; `--backend kubernetes` serves Workflow custom resources."""
+    if backend == "embedded":
+        ctx.invoke(up, listen=listen, tls_cert=tls_cert, tls_key=tls_key, token_file=token_file,
+                   otlp_endpoint=otlp_endpoint, port_file=port_file, log_level=log_level)
+        return
+    from syncplane.api.server import InsecureBindError, ServerSecurity
+    from syncplane.runtime.kubernetes import KubernetesServerConfig, serve_kubernetes
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    token = token_file.read_text().strip() if token_file else os.environ.get("SYNCPLANE_SERVER_TOKEN")
+    config = KubernetesServerConfig(namespace=namespace, address=listen, otlp_endpoint=otlp_endpoint,
+                                    security=ServerSecurity(tls_cert=tls_cert, tls_key=tls_key, token=token or None),
+                                    port_file=port_file)
+    try:
+        asyncio.run(serve_kubernetes(config))
+    except InsecureBindError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@cli.command(name="operator")
+@click.option("--namespace", "namespaces", multiple=True, help="Watch these namespaces (default: all).")
+@click.option("--standalone", is_flag=True, help="No peering: for a single replica or tests.")
+@click.option("--liveness", default="http://0.0.0.0:8081/healthz", show_default=True)
+def operator_(namespaces: tuple[str, ...], standalone: bool, liveness: str) -> None:
+    """Run the Kubernetes operator reconciling Workflow resources into worker Deployments."""
+    import kopf
+
+    import syncplane_operator.handlers  # noqa: F401  (registers the handlers)
+
+    kopf.configure(verbose=False)
+    kopf.run(standalone=standalone, namespaces=list(namespaces), clusterwide=not namespaces,
+             liveness_endpoint=liveness)
+
+
 @cli.command(hidden=True)
 @click.option("--workflow", required=True)
 @click.option("--index", type=int, default=0)

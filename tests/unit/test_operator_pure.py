@@ -8,11 +8,11 @@ from datetime import UTC, datetime, timedelta
 from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.lifecycle import spec_hash
 from syncplane.model.convert import to_resource
+from syncplane.model.kube import status_patch, workflow_from_body
 from syncplane.worker.heartbeat import lease_body
 from syncplane.worker.report import WorkerReport
 from syncplane_operator.builders import build_spec_configmap, build_worker_deployment
 from syncplane_operator.observe import observe
-from syncplane_operator.resources import status_patch, workflow_from_body
 
 from tests.factories import workflow
 
@@ -80,7 +80,12 @@ def test_cr_round_trip_and_status_patch():
     body = to_resource(wf)
     body["metadata"].update({"resourceVersion": "77", "generation": 4})
     back = workflow_from_body(body)
-    assert back.spec == wf.spec and back.etag == "77" and back.generation == 4
+    assert back.spec == wf.spec and back.generation == 4
+    assert back.etag.startswith("4-")
+    body["metadata"]["resourceVersion"] = "78"
+    assert workflow_from_body(body).etag == back.etag, "status writes do not change the etag"
+    body["metadata"]["labels"] = {"team": "crm"}
+    assert workflow_from_body(body).etag != back.etag
     assert back.status.applied_spec_hash == wf.status.applied_spec_hash
     new = pb.WorkflowStatus()
     new.CopyFrom(back.status)

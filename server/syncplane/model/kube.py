@@ -1,7 +1,11 @@
-"""Pure: Workflow custom resources <-> the shared protobuf model."""
+"""Pure: Workflow custom resources (Kubernetes objects) <-> the shared protobuf model.
+
+Used by the operator and by the gRPC server's Kubernetes backend."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -9,10 +13,23 @@ from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.model.convert import message_from_dict, message_to_dict
 
 
+def etag_of(meta: Mapping[str, Any]) -> str:
+    """What users wrote: the generation (spec) and the labels.
+
+    Not the resourceVersion: the operator's status writes change that every
+    second or so, which would make every etag a client holds stale at once.
+    Optimistic concurrency against the API server still uses resourceVersion.
+    """
+    labels = json.dumps(meta.get("labels") or {}, sort_keys=True)
+    return f"{int(meta.get('generation') or 0)}-{hashlib.sha256(labels.encode()).hexdigest()[:8]}"
+
+
 def workflow_from_body(body: Mapping[str, Any]) -> pb.Workflow:
     meta = body.get("metadata") or {}
     wf = pb.Workflow(name=f"workflows/{meta.get('name', '')}", uid=meta.get("uid", ""),
-                     etag=str(meta.get("resourceVersion", "")), generation=int(meta.get("generation") or 0))
+                     etag=etag_of(meta), generation=int(meta.get("generation") or 0))
+    if meta.get("creationTimestamp"):
+        wf.create_time.FromJsonString(str(meta["creationTimestamp"]))
     for key, value in (meta.get("labels") or {}).items():
         wf.labels[key] = value
     message_from_dict(dict(body.get("spec") or {}), wf.spec, "spec")

@@ -1,0 +1,56 @@
+"""`syncplane server --backend kubernetes`: the same WorkflowService over
+Workflow custom resources. The operator reconciles; this process only
+reads CRs and writes their spec (never status)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from syncplane.api.server import ServerSecurity, create_server
+from syncplane.service import WorkflowService
+from syncplane.store.kubernetes import KubernetesStore
+from syncplane.telemetry import setup_tracing
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class KubernetesServerConfig:
+    namespace: str
+    address: str = "127.0.0.1:7443"
+    security: ServerSecurity = field(default_factory=ServerSecurity)
+    otlp_endpoint: str | None = None
+    port_file: Path | None = None
+
+
+async def kubernetes_store(namespace: str) -> KubernetesStore:
+    from kubernetes_asyncio import client, config
+
+    if os.environ.get("KUBERNETES_SERVICE_HOST"):
+        config.load_incluster_config()  # type: ignore[no-untyped-call]
+    else:
+        await config.load_kube_config()
+    return KubernetesStore(client.ApiClient(), namespace)
+
+
+async def serve_kubernetes(config: KubernetesServerConfig, stop: asyncio.Event | None = None) -> None:
+    setup_tracing("syncplane-server", config.otlp_endpoint)
+    store = await kubernetes_store(config.namespace)
+    service = WorkflowService(store)
+    server, port, health = await create_server(service, config.address, config.security)
+    log.info("syncplane API serving on port %d over Workflow resources in namespace %s", port, config.namespace)
+    if config.port_file:
+        config.port_file.write_text(str(port))
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await health.enter_graceful_shutdown()
+    await server.stop(grace=5)
+    await store.api_client.close()

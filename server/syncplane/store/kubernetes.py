@@ -1,0 +1,181 @@
+"""The Kubernetes backend of the store: Workflow custom resources.
+
+The operator owns `status`; this store never writes it. Optimistic
+concurrency uses resourceVersion; the user-facing etag is
+syncplane.model.kube.etag_of (generation + labels). Watch revisions are
+resourceVersions, so a client resumes a Kubernetes watch.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+from syncplane.api.v1 import workflow_pb2 as pb
+from syncplane.errors import AlreadyExists, NotFound, OutOfRange, SyncplaneError
+from syncplane.model.convert import spec_from_dict, to_resource
+from syncplane.model.kube import workflow_from_body
+from syncplane.store.base import CHANGE_ADDED, CHANGE_DELETED, CHANGE_MODIFIED, Change, Mutation
+
+GROUP, VERSION, PLURAL = "syncplane.io", "v1", "workflows"
+REQUEST_ID_ANNOTATION = "syncplane.io/request-id"
+_CHANGE = {"ADDED": CHANGE_ADDED, "MODIFIED": CHANGE_MODIFIED, "DELETED": CHANGE_DELETED}
+CONFLICT_RETRIES = 10
+
+
+class KubernetesStore:
+    def __init__(self, api_client: Any, namespace: str) -> None:
+        from kubernetes_asyncio import client
+
+        self.api_client = api_client
+        self.namespace = namespace
+        self.custom = client.CustomObjectsApi(api_client)
+        self.core = client.CoreV1Api(api_client)
+
+    @staticmethod
+    def _id(name: str) -> str:
+        return name.split("/", 1)[-1]
+
+    async def _get(self, name: str) -> dict[str, Any]:
+        from kubernetes_asyncio.client.exceptions import ApiException
+
+        try:
+            obj: dict[str, Any] = await self.custom.get_namespaced_custom_object(
+                GROUP, VERSION, self.namespace, PLURAL, self._id(name))
+            return obj
+        except ApiException as exc:
+            if exc.status == 404:
+                raise NotFound(f"workflow {name} not found", {"name": name}) from exc
+            raise
+
+    async def create(self, wf: pb.Workflow, request_id: str = "") -> pb.Workflow:
+        from kubernetes_asyncio.client.exceptions import ApiException
+
+        body = to_resource(wf)
+        body.pop("status", None)
+        body["metadata"] = {"name": self._id(wf.name), "labels": dict(wf.labels)}
+        if request_id:
+            body["metadata"]["annotations"] = {REQUEST_ID_ANNOTATION: request_id}
+        try:
+            created = await self.custom.create_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, body)
+        except ApiException as exc:
+            if exc.status == 409:
+                existing = await self._get(wf.name)
+                annotations = existing["metadata"].get("annotations") or {}
+                if request_id and annotations.get(REQUEST_ID_ANNOTATION) == request_id:
+                    return workflow_from_body(existing)
+                raise AlreadyExists(f"workflow {wf.name} already exists", {"name": wf.name}) from exc
+            if exc.status == 422:
+                raise SyncplaneError(f"the API server rejected the workflow: {_reason(exc)}") from exc
+            raise
+        return workflow_from_body(created)
+
+    async def get(self, name: str) -> pb.Workflow:
+        return workflow_from_body(await self._get(name))
+
+    async def list(self, *, types: Sequence[int] = (), phases: Sequence[int] = (), after: str = "",
+                   limit: int = 50) -> list[pb.Workflow]:
+        result = await self.custom.list_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL)
+        out = []
+        for item in sorted(result.get("items", []), key=lambda i: str(i["metadata"]["name"])):
+            wf = workflow_from_body(item)
+            if wf.name <= after or (types and wf.spec.type not in types) or \
+                    (phases and (wf.status.phase or pb.PHASE_STOPPED) not in phases):
+                continue
+            out.append(wf)
+            if len(out) == limit:
+                break
+        return out
+
+    async def update(self, name: str, mutate: Mutation, *, spec_changed: bool = True) -> pb.Workflow:
+        from kubernetes_asyncio.client.exceptions import ApiException
+
+        for _ in range(CONFLICT_RETRIES):
+            obj = await self._get(name)
+            current = workflow_from_body(obj)
+            draft = pb.Workflow()
+            draft.CopyFrom(current)
+            new = mutate(draft)
+            if new.spec == current.spec and new.labels == current.labels:
+                return current
+            obj["spec"] = to_resource(new)["spec"]
+            obj["metadata"]["labels"] = dict(new.labels)
+            try:
+                replaced = await self.custom.replace_namespaced_custom_object(
+                    GROUP, VERSION, self.namespace, PLURAL, self._id(name), obj)
+            except ApiException as exc:
+                if exc.status == 409:
+                    continue  # someone else wrote in between: re-read and re-check
+                raise
+            return workflow_from_body(replaced)
+        raise SyncplaneError(f"workflow {name} kept changing; retry")
+
+    async def delete(self, name: str, check: Callable[[pb.Workflow], None]) -> None:
+        from kubernetes_asyncio.client.exceptions import ApiException
+
+        for _ in range(CONFLICT_RETRIES):
+            obj = await self._get(name)
+            check(workflow_from_body(obj))
+            try:
+                await self.custom.delete_namespaced_custom_object(
+                    GROUP, VERSION, self.namespace, PLURAL, self._id(name),
+                    body={"preconditions": {"resourceVersion": obj["metadata"]["resourceVersion"]}},  # type: ignore[arg-type]
+                )
+                return
+            except ApiException as exc:
+                if exc.status == 409:
+                    continue
+                if exc.status == 404:
+                    raise NotFound(f"workflow {name} not found", {"name": name}) from exc
+                raise
+        raise SyncplaneError(f"workflow {name} kept changing; retry")
+
+    async def get_applied(self, name: str) -> pb.WorkflowSpec | None:
+        wf = await self.get(name)
+        if not wf.status.applied_spec_hash:
+            return None
+        cm = await self.core.read_namespaced_config_map(
+            f"{self._id(name)}-spec-{wf.status.applied_spec_hash[:10]}", self.namespace)
+        return spec_from_dict(json.loads(cm.data["spec.json"]))
+
+    async def set_status(self, name: str, status: pb.WorkflowStatus,
+                         applied: pb.WorkflowSpec | None = None) -> pb.Workflow:
+        raise NotImplementedError("on Kubernetes the operator owns status")
+
+    async def watch(self, start_revision: int = 0, name: str = "") -> AsyncIterator[Change]:
+        from kubernetes_asyncio import watch
+        from kubernetes_asyncio.client.exceptions import ApiException
+
+        version = str(start_revision) if start_revision else ""
+        if not start_revision:
+            listed = await self.custom.list_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL)
+            version = listed["metadata"]["resourceVersion"]
+            for item in sorted(listed.get("items", []), key=lambda i: str(i["metadata"]["name"])):
+                wf = workflow_from_body(item)
+                if not name or wf.name == name:
+                    yield Change(int(version), CHANGE_ADDED, wf)
+        while True:
+            stream = watch.Watch().stream(self.custom.list_namespaced_custom_object, GROUP, VERSION,
+                                          self.namespace, PLURAL, resource_version=version,
+                                          allow_watch_bookmarks=True, timeout_seconds=300)
+            try:
+                async for event in stream:
+                    obj = event["object"]
+                    version = obj["metadata"]["resourceVersion"]
+                    if event["type"] not in _CHANGE:
+                        continue  # BOOKMARK: only moves the resume point
+                    wf = workflow_from_body(obj)
+                    if not name or wf.name == name:
+                        yield Change(int(version), _CHANGE[event["type"]], wf)
+            except ApiException as exc:
+                if exc.status == 410:
+                    raise OutOfRange(f"revision {version} is too old; restart from 0") from exc
+                raise
+
+
+def _reason(exc: Any) -> str:
+    try:
+        return str(json.loads(exc.body).get("message", ""))
+    except (ValueError, TypeError):
+        return "invalid"

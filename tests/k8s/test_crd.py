@@ -1,0 +1,88 @@
+"""The API server itself enforces the Workflow schema (the generated CRD)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.k8s
+EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "server" / "syncplane" / "defaults").glob("*.yaml"))
+
+
+def load(name: str) -> dict[str, Any]:
+    return yaml.safe_load(next(p for p in EXAMPLES if name in p.name).read_text())
+
+
+def test_valid_examples_apply(k8s_cluster, workflow_crd, namespace, tmp_path):
+    for path in EXAMPLES:
+        res = k8s_cluster.kubectl("apply", "-n", namespace, "-f", str(path), check=False)
+        assert res.returncode == 0, res.stderr
+    out = k8s_cluster.kubectl("get", "workflows", "-n", namespace).stdout
+    header = out.splitlines()[0].split()
+    assert header == ["NAME", "TYPE", "DESIRED", "PHASE", "BACKLOG", "DRIFT", "AGE"]
+    short = k8s_cluster.kubectl("get", "spwf", "-n", namespace, "-o", "name").stdout.split()
+    assert len(short) == len(EXAMPLES)
+
+
+def _mutations() -> list[tuple[str, str, Any]]:
+    """(example, description, mutate) -> the field the API server must name."""
+    def setp(path: str, value: Any):
+        def apply(doc: dict[str, Any]) -> None:
+            node = doc
+            keys = path.split(".")
+            for k in keys[:-1]:
+                node = node[int(k)] if isinstance(node, list) else node[k]
+            last = keys[-1]
+            if value is _DELETE:
+                del node[last]
+            elif isinstance(node, list):
+                node[int(last)] = value
+            else:
+                node[last] = value
+        return apply
+    return [
+        ("contacts", "spec.type", setp("spec.type", "SIDEWAYS")),
+        ("contacts", "spec.batchSize", setp("spec.batchSize", 5000)),
+        ("contacts", "spec.workers", setp("spec.workers", 0)),
+        ("contacts", "spec.pollInterval", setp("spec.pollInterval", "five minutes")),
+        ("contacts", "spec.source.endpoint", setp("spec.source.endpoint", "ftp://nowhere")),
+        ("contacts", "spec.source.credentials.name", setp("spec.source.credentials.name", "Not_A_Name")),
+        ("contacts", "spec.destination", setp("spec.destination", _DELETE)),
+        ("contacts", "spec.ingress.entities[0].fields", setp("spec.ingress.entities.0.fields.1.destination",
+                                                             "externalId")),
+        ("contacts", "spec.ingress", setp("spec.egress", {"send": True})),
+        ("contacts", "spec.ingress.entities[0].sourceTable", setp("spec.ingress.entities.0.sourceTable", "Contact!")),
+        ("contacts", "spec.source.kind", setp("spec.source.kind", "CAMPAIGN_STANDARD")),
+        ("email-events", "spec.egress", setp("spec.egress", {"send": False})),
+        ("opt-in-out", "spec.optInOut.direction", setp("spec.optInOut.direction", "SOMETIMES")),
+        ("opt-in-out", "spec.optInOut.fieldPairs[0].campaignField",
+         setp("spec.optInOut.fieldPairs.0.campaignField", "favouriteColour")),
+        ("opt-in-out", "spec.optInOut.fieldPairs[0].crmField", setp("spec.optInOut.fieldPairs.0.crmField", "email")),
+    ]
+
+
+_DELETE = object()
+
+
+@pytest.mark.parametrize(("example", "field", "mutate"), _mutations(), ids=[m[1] + "-" + m[0] for m in _mutations()])
+def test_invalid_workflows_are_rejected_naming_the_field(k8s_cluster, workflow_crd, namespace, tmp_path, example,
+                                                         field, mutate):
+    doc = copy.deepcopy(load(example))
+    doc["metadata"]["name"] = "invalid"
+    mutate(doc)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    res = k8s_cluster.kubectl("apply", "-n", namespace, "-f", str(path), check=False)
+    assert res.returncode != 0, f"accepted an invalid Workflow ({field})"
+    assert "is invalid" in res.stderr and field in res.stderr, res.stderr
+
+
+def test_chart_copy_is_the_generated_crd():
+    from syncplane.model.crd import workflow_crd
+
+    crd = Path(__file__).resolve().parents[2] / "charts" / "syncplane" / "crds" / "workflows.syncplane.io.yaml"
+    assert yaml.safe_load(crd.read_text()) == workflow_crd()

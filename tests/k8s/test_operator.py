@@ -1,0 +1,135 @@
+"""The operator under KopfRunner against the real test cluster: the lifecycle
+with workers running locally against the API server and heartbeating
+through Leases, as the fake pods' containers would."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kopf.testing import KopfRunner
+
+pytestmark = pytest.mark.k8s
+DEFAULTS = Path(__file__).resolve().parents[2] / "server" / "syncplane" / "defaults"
+
+
+def get(cluster: Any, namespace: str, kind: str, name: str) -> dict[str, Any]:
+    return json.loads(cluster.kubectl("get", kind, name, "-n", namespace, "-o", "json").stdout)
+
+
+def wait(cluster: Any, namespace: str, target: str, condition: str, timeout: int = 90) -> None:
+    res = cluster.kubectl("wait", f"--for={condition}", target, "-n", namespace, f"--timeout={timeout}s",
+                          check=False)
+    assert res.returncode == 0, f"{target} never met {condition}: {res.stderr}\n" + cluster.kubectl(
+        "get", target, "-n", namespace, "-o", "yaml", check=False).stdout
+
+
+def patch(cluster: Any, namespace: str, name: str, spec: dict[str, Any]) -> None:
+    cluster.kubectl("patch", "workflow", name, "-n", namespace, "--type", "merge", "-p", json.dumps({"spec": spec}))
+
+
+class LocalWorker:
+    """Plays the container of a fake pod: runs `syncplane worker` on this machine."""
+
+    def __init__(self, cluster: Any, namespace: str, workflow: str, tmp: Path) -> None:
+        deployment = get(cluster, namespace, "deployment", f"{workflow}-worker")
+        annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+        self.generation = int(annotations["syncplane.io/applied-generation"])
+        volume = deployment["spec"]["template"]["spec"]["volumes"][0]["configMap"]["name"]
+        self.configmap = volume
+        cm = get(cluster, namespace, "configmap", volume)
+        spec_file = tmp / f"{volume}.json"
+        spec_file.write_text(cm["data"]["spec.json"])
+        pods = json.loads(cluster.kubectl("get", "pods", "-n", namespace, "-l", f"syncplane.io/workflow={workflow}",
+                                          "-o", "json").stdout)["items"]
+        live = [p for p in pods if not p["metadata"].get("deletionTimestamp")]
+        self.pod = live[0]["metadata"]["name"]
+        env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig), "POD_UID": live[0]["metadata"]["uid"]}
+        self.log = open(tmp / f"{self.pod}.log", "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "syncplane", "worker", "--workflow", workflow, "--generation", str(self.generation),
+             "--spec-file", str(spec_file), "--heartbeat", "kubernetes", "--namespace", namespace,
+             "--pod-name", self.pod], env=env, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(timeout=30)
+        self.log.close()
+
+
+@pytest.fixture
+def operator(k8s_cluster, workflow_crd, namespace, monkeypatch) -> Iterator[KopfRunner]:
+    monkeypatch.setenv("KUBECONFIG", str(k8s_cluster.kubeconfig))
+    monkeypatch.setenv("SYNCPLANE_OPERATOR_INTERVAL", "0.5")
+    with KopfRunner(["run", "--standalone", "--namespace", namespace, "-m", "syncplane_operator.handlers"],
+                    timeout=60) as runner:
+        yield runner
+    assert runner.exception is None, runner.output
+    assert runner.exit_code == 0, runner.output
+
+
+def test_lifecycle_under_the_operator(k8s_cluster, namespace, operator, tmp_path):
+    doc = yaml.safe_load((DEFAULTS / "10-contacts-ingress.yaml").read_text())
+    path = tmp_path / "wf.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    k8s_cluster.kubectl("apply", "-n", namespace, "-f", str(path))
+    name, target = "contacts-ingress", "workflow/contacts-ingress"
+    wait(k8s_cluster, namespace, target, "jsonpath={.status.phase}=STOPPED")
+
+    # 1. start: STARTING until the Deployment is Available and the worker heartbeats, then RUNNING
+    patch(k8s_cluster, namespace, name, {"desiredState": "RUNNING"})
+    wait(k8s_cluster, namespace, target, "jsonpath={.status.phase}=STARTING")
+    wait(k8s_cluster, namespace, f"deployment/{name}-worker", "condition=Available")
+    assert get(k8s_cluster, namespace, "workflow", name)["status"]["phase"] == "STARTING"
+    worker = LocalWorker(k8s_cluster, namespace, name, tmp_path)
+    try:
+        wait(k8s_cluster, namespace, target, "jsonpath={.status.phase}=RUNNING")
+        wf = get(k8s_cluster, namespace, "workflow", name)
+        assert wf["status"]["appliedGeneration"] == worker.generation
+        conditions = {c["type"]: c["status"] for c in wf["status"]["conditions"]}
+        assert conditions["Ready"] == "True"
+        first_configmap = worker.configmap
+
+        # 2. edit while running: SpecDrift with the field paths; the Deployment is untouched
+        before = get(k8s_cluster, namespace, "deployment", f"{name}-worker")["metadata"]["generation"]
+        patch(k8s_cluster, namespace, name, {"batchSize": 250})
+        wait(k8s_cluster, namespace, target, "jsonpath={.status.drift.detected}=true")
+        wf = get(k8s_cluster, namespace, "workflow", name)
+        assert wf["status"]["drift"]["changedFields"] == ["spec.batch_size"]
+        assert {c["type"]: c["status"] for c in wf["status"]["conditions"]}["SpecDrift"] == "True"
+        assert get(k8s_cluster, namespace, "deployment", f"{name}-worker")["metadata"]["generation"] == before
+
+        # 3. stop: STOPPING, 0 replicas; when the fake pod is gone its container (our worker) gets SIGTERM
+        patch(k8s_cluster, namespace, name, {"desiredState": "STOPPED"})
+        wait(k8s_cluster, namespace, f"deployment/{name}-worker", "jsonpath={.spec.replicas}=0")
+        wait(k8s_cluster, namespace, f"pod/{worker.pod}", "delete")
+    finally:
+        worker.stop()
+    wait(k8s_cluster, namespace, target, "jsonpath={.status.phase}=STOPPED")
+
+    # 4. start again: a new snapshot ConfigMap, drift cleared
+    patch(k8s_cluster, namespace, name, {"desiredState": "RUNNING"})
+    wait(k8s_cluster, namespace, target, "jsonpath={.status.phase}=STARTING")
+    wait(k8s_cluster, namespace, f"deployment/{name}-worker", "condition=Available")
+    worker = LocalWorker(k8s_cluster, namespace, name, tmp_path)
+    try:
+        assert worker.configmap != first_configmap
+        wait(k8s_cluster, namespace, target, "jsonpath={.status.phase}=RUNNING")
+        wf = get(k8s_cluster, namespace, "workflow", name)
+        assert not wf["status"].get("drift", {}).get("detected")
+        events = k8s_cluster.kubectl("get", "events", "-n", namespace, "--field-selector",
+                                     f"involvedObject.name={name}", "-o", "json").stdout
+        reasons = {e["reason"] for e in json.loads(events)["items"]}
+        assert {"Starting", "Running", "Stopping", "Stopped"} <= reasons
+    finally:
+        patch(k8s_cluster, namespace, name, {"desiredState": "STOPPED"})
+        worker.stop()
