@@ -18,6 +18,7 @@ from typing import Any
 
 import grpc
 import httpx
+
 from syncplane.api.server import create_server
 from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.api.v1 import workflow_service_pb2 as svc
@@ -27,7 +28,6 @@ from syncplane.runtime.supervisor import Supervisor, SupervisorConfig
 from syncplane.service import WorkflowService
 from syncplane.store.sqlite import SqliteStore
 from syncplane.worker.main import state_file
-
 from tests.factories import spec
 
 STARTS = 20

@@ -9,7 +9,6 @@ from typing import Any
 
 from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.lifecycle import Observed, WorkerFailure
-
 from syncplane_operator import labels as L
 
 CRASH_RESTARTS = 3           # restarts of one container before it counts as a crash loop

@@ -10,9 +10,9 @@ from google.protobuf import field_mask_pb2
 from google.rpc import error_details_pb2
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from grpc_status import rpc_status
+
 from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.api.v1 import workflow_service_pb2 as svc
-
 from tests.factories import spec
 from tests.integration.conftest import ControlPlane, watch_until
 

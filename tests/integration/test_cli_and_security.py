@@ -11,10 +11,10 @@ from pathlib import Path
 import grpc
 import pytest
 import yaml
+
 from syncplane.api.server import InsecureBindError, ServerSecurity, check_bind
 from syncplane.api.v1 import workflow_service_pb2 as svc
 from syncplane.api.v1 import workflow_service_pb2_grpc as svc_grpc
-
 from tests.integration.conftest import ServerProcess, worker_processes
 
 

@@ -7,7 +7,6 @@ import signal
 
 from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.api.v1 import workflow_service_pb2 as svc
-
 from tests.integration.conftest import ControlPlane, wait_until, watch_until, worker_processes
 
 

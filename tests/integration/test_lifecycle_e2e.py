@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import httpx
 from google.protobuf import field_mask_pb2
+
 from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.api.v1 import workflow_service_pb2 as svc
 from syncplane.runtime.processes import read_port
-
 from tests.integration.conftest import ControlPlane, wait_until, watch_until, worker_processes
 
 

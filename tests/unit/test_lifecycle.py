@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import pytest
+
 from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.errors import Aborted, FailedPrecondition
 from syncplane.lifecycle import (
@@ -17,7 +18,6 @@ from syncplane.lifecycle import (
     request_start,
     request_stop,
 )
-
 from tests.factories import workflow
 
 NOW = datetime(2026, 11, 28, tzinfo=UTC)

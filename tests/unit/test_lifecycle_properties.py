@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.errors import FailedPrecondition
 from syncplane.lifecycle import (
@@ -17,7 +18,6 @@ from syncplane.lifecycle import (
     request_start,
     request_stop,
 )
-
 from tests.factories import workflow
 
 NOW = datetime(2026, 11, 28, tzinfo=UTC)

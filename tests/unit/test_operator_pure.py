@@ -13,7 +13,6 @@ from syncplane.worker.heartbeat import lease_body
 from syncplane.worker.report import WorkerReport
 from syncplane_operator.builders import build_spec_configmap, build_worker_deployment
 from syncplane_operator.observe import observe
-
 from tests.factories import workflow
 
 NOW = datetime(2026, 11, 28, 12, tzinfo=UTC)

@@ -1,11 +1,11 @@
 from __future__ import annotations
 
 import pytest
+
 from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.errors import InvalidArgument
 from syncplane.model.names import parse_name
 from syncplane.validation import validate_labels, validate_spec
-
 from tests.factories import spec
 
 
