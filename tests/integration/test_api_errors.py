@@ -180,16 +180,20 @@ async def test_watch_errors_and_resume(cp: ControlPlane):
     err = await expect(cp.stub.WatchWorkflows(svc.WatchWorkflowsRequest(start_revision=-1)).read(), IA)
     assert field_paths(err) == ["start_revision"]
     a = await cp.create("a")
+    snapshot = cp.stub.WatchWorkflows(svc.WatchWorkflowsRequest())
+    first = await snapshot.read()
+    snapshot.cancel()
+    assert (first.type, first.workflow.name) == (svc.CHANGE_TYPE_ADDED, a.name)
     b = await cp.create("b")
-    # Resuming after `a` replays exactly what came after it.
-    call = cp.stub.WatchWorkflows(svc.WatchWorkflowsRequest(start_revision=int(a.etag)))
+    # Resuming after the snapshot's revision replays what came after it, in order.
+    call = cp.stub.WatchWorkflows(svc.WatchWorkflowsRequest(start_revision=first.revision))
     events: list[svc.WatchWorkflowsResponse] = []
     while not events or events[-1].workflow.name != b.name:
         events.append(await call.read())
     call.cancel()
-    assert all(e.revision > int(a.etag) for e in events)
+    assert all(e.revision > first.revision for e in events)
     assert [e.revision for e in events] == sorted(e.revision for e in events)
-    assert (events[-1].type, events[-1].revision) == (svc.CHANGE_TYPE_ADDED, int(b.etag))
+    assert events[-1].type == svc.CHANGE_TYPE_ADDED and events[-1].workflow.uid == b.uid
     assert all(e.type == svc.CHANGE_TYPE_MODIFIED for e in events[:-1])
 
 

@@ -50,6 +50,7 @@ async def test_restart_keeps_phases_and_adopts_workers(tmp_path: Path, servers, 
     assert len(before) == 1
 
     first.stop(how)
+    assert first.proc.returncode == (0 if how == signal.SIGTERM else -signal.SIGKILL), "graceful on SIGTERM"
     assert {p.pid for p in worker_processes(tmp_path)} == before, "workers outlive the control plane"
 
     second = ServerProcess(tmp_path)

@@ -65,9 +65,9 @@ Handler = Callable[[Any, grpc.aio.ServicerContext], Any]
 class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Auth, tracing and error mapping around every RPC, in that order."""
 
-    def __init__(self, token: str | None = None) -> None:
+    def __init__(self, token: str | None = None, tracer_provider: trace.TracerProvider | None = None) -> None:
         self._token = token
-        self._tracer = trace.get_tracer("syncplane.api")
+        self._tracer = trace.get_tracer("syncplane.api", tracer_provider=tracer_provider)
 
     def _check_auth(self, method: str, context: grpc.aio.ServicerContext) -> None:
         if not self._token or method.startswith(PUBLIC_PREFIXES):
@@ -77,6 +77,11 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         scheme, _, value = header.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(value.encode(), self._token.encode()):
             raise errors.Unauthenticated("missing or invalid bearer token")
+
+    def _span(self, method: str) -> Any:
+        # Status is set from the domain error; the abort that follows must not overwrite it.
+        return self._tracer.start_as_current_span(method, kind=SpanKind.SERVER, attributes=_attrs(method),
+                                                  record_exception=False, set_status_on_exception=False)
 
     async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]],
                                 details: grpc.HandlerCallDetails) -> Any:
@@ -88,8 +93,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             inner_uu: Handler = handler.unary_unary
 
             async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                with self._tracer.start_as_current_span(method, kind=SpanKind.SERVER,
-                                                        attributes=_attrs(method)) as span:
+                with self._span(method) as span:
                     try:
                         self._check_auth(method, context)
                         return await inner_uu(request, context)
@@ -104,8 +108,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             inner_us: Handler = handler.unary_stream
 
             async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                with self._tracer.start_as_current_span(method, kind=SpanKind.SERVER,
-                                                        attributes=_attrs(method)) as span:
+                with self._span(method) as span:
                     try:
                         self._check_auth(method, context)
                         async for item in inner_us(request, context):

@@ -9,6 +9,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from opentelemetry.trace import TracerProvider
 
 from syncplane.api.interceptors import ServerInterceptor
 from syncplane.api.servicer import WorkflowServicer
@@ -59,10 +60,11 @@ def check_bind(address: str, security: ServerSecurity) -> None:
 
 async def create_server(
     service: WorkflowService, address: str = "127.0.0.1:0", security: ServerSecurity | None = None,
+    tracer_provider: TracerProvider | None = None,
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     security = security or ServerSecurity()
     check_bind(address, security)
-    server = grpc.aio.server(interceptors=[ServerInterceptor(security.token)],
+    server = grpc.aio.server(interceptors=[ServerInterceptor(security.token, tracer_provider)],
                              options=[("grpc.so_reuseport", 0)])
     svc_grpc.add_WorkflowServiceServicer_to_server(WorkflowServicer(service), server)
     health_servicer = health.aio.HealthServicer()
