@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
+
 from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.model.convert import from_resource
 from syncplane.validation import apply_defaults

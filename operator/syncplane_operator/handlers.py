@@ -11,6 +11,7 @@ from typing import Any
 
 import kopf
 
+from syncplane.kubeclient import api_client as kube_api_client
 from syncplane_operator import labels as L
 from syncplane_operator.builders import WorkerImage
 from syncplane_operator.reconciler import Clients, reconcile
@@ -33,16 +34,18 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.watching.connect_timeout = 10
     settings.networking.request_timeout = 30
     settings.posting.level = 20
-    from kubernetes_asyncio import client, config
+    from kubernetes_asyncio import client
 
-    if os.environ.get("KUBERNETES_SERVICE_HOST"):
-        config.load_incluster_config()  # type: ignore[no-untyped-call]
-    else:
-        await config.load_kube_config()
-    api_client = client.ApiClient()
+    api_client = await kube_api_client()
     memo.api = Clients(core=client.CoreV1Api(api_client), apps=client.AppsV1Api(api_client))
     memo.api_client = api_client
     memo.image = WorkerImage(image=os.environ.get("SYNCPLANE_WORKER_IMAGE", WorkerImage.image))
+
+
+@kopf.on.login()
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    # In a pod: the service account; elsewhere: $KUBECONFIG (as for the workers).
+    return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
 
 
 @kopf.on.cleanup()

@@ -45,6 +45,9 @@ def observe(deployment: dict[str, Any] | None, pods: Iterable[dict[str, Any]], l
             if cond.get("type") == "Progressing" and cond.get("reason") == "ProgressDeadlineExceeded":
                 failure = WorkerFailure("ROLLOUT_STALLED", f"the worker Deployment did not progress: "
                                         f"{cond.get('message', '')}")
+            elif cond.get("type") == "ReplicaFailure" and cond.get("status") == "True":
+                # e.g. a missing service account or a quota: pods cannot even be created
+                failure = WorkerFailure("WORKER_PODS_REJECTED", str(cond.get("message", "")))
     for pod in pods:
         for cs in (pod.get("status") or {}).get("containerStatuses") or []:
             waiting = (cs.get("state") or {}).get("waiting") or {}

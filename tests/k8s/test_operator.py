@@ -81,6 +81,8 @@ def test_lifecycle_under_the_operator(k8s_cluster, namespace, operator, tmp_path
     doc = yaml.safe_load((DEFAULTS / "10-contacts-ingress.yaml").read_text())
     path = tmp_path / "wf.yaml"
     path.write_text(yaml.safe_dump(doc))
+    # What the Helm chart creates for the workers in each watched namespace.
+    k8s_cluster.kubectl("create", "serviceaccount", "syncplane-worker", "-n", namespace)
     k8s_cluster.kubectl("apply", "-n", namespace, "-f", str(path))
     name, target = "contacts-ingress", "workflow/contacts-ingress"
     wait(k8s_cluster, namespace, target, "jsonpath={.status.phase}=STOPPED")

@@ -64,6 +64,9 @@ def test_failures():
     stalled = deployment(0, conditions=[{"type": "Progressing", "status": "False",
                                          "reason": "ProgressDeadlineExceeded", "message": "timed out"}])
     assert observe(stalled, [], [], 1, NOW).failure.reason == "ROLLOUT_STALLED"  # type: ignore[union-attr]
+    rejected = deployment(0, conditions=[{"type": "ReplicaFailure", "status": "True", "reason": "FailedCreate",
+                                          "message": 'serviceaccount "syncplane-worker" not found'}])
+    assert observe(rejected, [], [], 1, NOW).failure.reason == "WORKER_PODS_REJECTED"  # type: ignore[union-attr]
     pod = {"metadata": {"name": "p"}, "status": {"containerStatuses": [
         {"restartCount": 5, "state": {"waiting": {"reason": "CrashLoopBackOff"}}}]}}
     assert observe(deployment(0), [pod], [], 1, NOW).failure.reason == "CRASH_LOOP"  # type: ignore[union-attr]

@@ -39,19 +39,25 @@ CONSTRAINTS: dict[tuple[str, str], dict[str, Any]] = {
     ("WorkflowSpec", "restart_nonce"): {"minimum": 0},
     ("Connection", "endpoint"): {"pattern": r"^https?://[^@/\s]+(/.*)?$", "maxLength": 2048},
     ("SecretReference", "name"): {"pattern": DNS1123, "minLength": 1, "maxLength": 63},
-    ("IngressSpec", "entities"): {"minItems": 1, "maxItems": rules.MAX_CUSTOM_ENTITIES + 1},
+    # Lists keyed by a field: the API server itself refuses duplicates (one
+    # mapping per source table; one source field per destination field).
+    ("IngressSpec", "entities"): {"minItems": 1, "maxItems": rules.MAX_CUSTOM_ENTITIES + 1,
+                                  "x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["sourceTable"]},
     ("EntityMapping", "source_table"): {"pattern": rules.CRM_IDENTIFIER.pattern},
     ("EntityMapping", "source_key"): {"pattern": rules.CRM_IDENTIFIER.pattern},
     ("EntityMapping", "destination_resource"): {"pattern": rules.CAMPAIGN_IDENTIFIER.pattern},
     ("EntityMapping", "destination_key"): {"pattern": rules.CAMPAIGN_IDENTIFIER.pattern},
-    ("EntityMapping", "fields"): {"minItems": 1, "maxItems": rules.MAX_COLUMNS_PER_ENTITY},
+    ("EntityMapping", "fields"): {"minItems": 1, "maxItems": rules.MAX_COLUMNS_PER_ENTITY,
+                                  "x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["destination"]},
     ("EntityMapping", "replacements"): {"maxItems": 200},
     ("FieldMapping", "source"): {"pattern": rules.CRM_IDENTIFIER.pattern},
     ("FieldMapping", "destination"): {"pattern": rules.CAMPAIGN_IDENTIFIER.pattern},
     ("ValueReplacement", "field"): {"pattern": rules.CRM_IDENTIFIER.pattern},
     ("Filter", "conditions"): {"maxItems": 50},
     ("FilterCondition", "field"): {"pattern": rules.CRM_IDENTIFIER.pattern},
-    ("OptInOutSpec", "field_pairs"): {"maxItems": len(rules.CAMPAIGN_OPT_OUT_FIELDS)},
+    ("OptInOutSpec", "field_pairs"): {"maxItems": len(rules.CAMPAIGN_OPT_OUT_FIELDS),
+                                      "x-kubernetes-list-type": "map",
+                                      "x-kubernetes-list-map-keys": ["campaignField"]},
     ("OptOutFieldPair", "campaign_field"): {"enum": sorted(rules.CAMPAIGN_OPT_OUT_FIELDS)},
     ("OptOutFieldPair", "crm_field"): {"pattern": rules.CRM_OPT_OUT_FIELD.pattern},
 }
@@ -82,15 +88,9 @@ CEL: dict[str, list[dict[str, str]]] = {
          "message": "EGRESS reads CAMPAIGN_STANDARD and writes DYNAMICS365", "fieldPath": ".source.kind"},
     ],
     "IngressSpec": [
-        {"rule": "self.entities.all(e, self.entities.exists_one(f, f.sourceTable == e.sourceTable))",
-         "message": "one mapping per source table", "fieldPath": ".entities"},
         {"rule": "self.entities.filter(e, e.destinationResource != 'profile').size() <= "
                  f"{rules.MAX_CUSTOM_ENTITIES}",
          "message": f"at most {rules.MAX_CUSTOM_ENTITIES} custom entities", "fieldPath": ".entities"},
-    ],
-    "EntityMapping": [
-        {"rule": "self.fields.all(m, self.fields.exists_one(n, n.destination == m.destination))",
-         "message": "two source fields may not map to one destination field", "fieldPath": ".fields"},
     ],
     "EgressSpec": [
         {"rule": "(has(self.send) && self.send) || (has(self.open) && self.open) || "
@@ -98,6 +98,9 @@ CEL: dict[str, list[dict[str, str]]] = {
          "message": "switch on at least one event type: send, open, click or bounce"},
     ],
     "OptInOutSpec": [
+        {"rule": "!has(self.fieldPairs) || "
+                 "self.fieldPairs.all(p, self.fieldPairs.exists_one(q, q.crmField == p.crmField))",
+         "message": "each Dynamics 365 field is paired at most once", "fieldPath": ".fieldPairs"},
         {"rule": "self.direction == 'DISABLED' || (has(self.fieldPairs) && size(self.fieldPairs) > 0)",
          "message": "needs at least one field pair unless the direction is DISABLED", "fieldPath": ".fieldPairs"},
     ],
@@ -125,7 +128,10 @@ def _single(owner: Descriptor, field: FieldDescriptor) -> dict[str, Any]:
         if field.message_type.full_name in _WKT:
             return dict(_WKT[field.message_type.full_name])
         return message_schema(field.message_type)
-    return dict(_SCALARS[field.type])
+    schema = dict(_SCALARS[field.type])
+    if field.type == FieldDescriptor.TYPE_STRING:
+        schema["maxLength"] = 1024
+    return schema
 
 
 def message_schema(desc: Descriptor, with_rules: bool = True) -> dict[str, Any]:

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from syncplane.api.server import ServerSecurity, create_server
+from syncplane.kubeclient import api_client
 from syncplane.service import WorkflowService
 from syncplane.store.kubernetes import KubernetesStore
 from syncplane.telemetry import setup_tracing
@@ -29,13 +29,7 @@ class KubernetesServerConfig:
 
 
 async def kubernetes_store(namespace: str) -> KubernetesStore:
-    from kubernetes_asyncio import client, config
-
-    if os.environ.get("KUBERNETES_SERVICE_HOST"):
-        config.load_incluster_config()  # type: ignore[no-untyped-call]
-    else:
-        await config.load_kube_config()
-    return KubernetesStore(client.ApiClient(), namespace)
+    return KubernetesStore(await api_client(), namespace)
 
 
 async def serve_kubernetes(config: KubernetesServerConfig, stop: asyncio.Event | None = None) -> None:

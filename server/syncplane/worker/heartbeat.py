@@ -46,13 +46,11 @@ class LeaseHeartbeat:
 
     async def _client(self) -> Any:
         if self._api is None:
-            from kubernetes_asyncio import client, config
+            from kubernetes_asyncio import client
 
-            if os.environ.get("KUBERNETES_SERVICE_HOST"):
-                config.load_incluster_config()  # type: ignore[no-untyped-call]
-            else:
-                await config.load_kube_config()
-            self._api = client.CoordinationV1Api(client.ApiClient())
+            from syncplane.kubeclient import api_client
+
+            self._api = client.CoordinationV1Api(await api_client())
         return self._api
 
     async def beat(self) -> None:
