@@ -14,7 +14,7 @@ import kopf
 from syncplane.kubeclient import api_client as kube_api_client
 from syncplane_operator import labels as L
 from syncplane_operator.builders import WorkerImage
-from syncplane_operator.reconciler import Clients, reconcile
+from syncplane_operator.reconciler import Clients, drain_for_delete, reconcile
 
 GROUP, VERSION, PLURAL = "syncplane.io", "v1", "workflows"
 WORKERS = {L.WORKFLOW_LABEL: kopf.PRESENT}
@@ -81,3 +81,10 @@ async def workflow(body: kopf.Body, patch: kopf.Patch, logger: Any, memo: Any, n
     key = (namespace, name)
     indexes = [kwargs[i] for i in ("worker_deployments", "worker_pods", "worker_leases")]
     await reconcile(body, patch, logger, memo.api, memo.image, *(ix.get(key, []) for ix in indexes))
+
+
+@kopf.on.delete(GROUP, VERSION, PLURAL)
+async def delete_workflow(body: kopf.Body, memo: Any, namespace: str | None, name: str, **kwargs: Any) -> None:
+    key = (namespace, name)
+    await drain_for_delete(memo.api, body, kwargs["worker_deployments"].get(key, []),
+                           kwargs["worker_pods"].get(key, []))

@@ -67,6 +67,8 @@ async def reconcile(body: kopf.Body, patch: kopf.Patch, logger: Any, api: Client
                     leases: Iterable[Mapping[str, Any]]) -> None:
     name, namespace = body.metadata.name, body.metadata.namespace
     assert name and namespace
+    if body.metadata.get("deletionTimestamp"):
+        return  # being deleted: drain_for_delete owns it now
     try:
         wf = workflow_from_body(body)
     except Exception as exc:  # the CRD schema should make this unreachable
@@ -124,3 +126,14 @@ async def converge(api: Clients, owner: kopf.Body, deployment: Mapping[str, Any]
     current_replicas = (deployment.get("spec") or {}).get("replicas")
     if current_hash != status.applied_spec_hash or current_replicas != target:
         await api.apps.replace_namespaced_deployment(L.worker_deployment_name(str(name)), namespace, want)
+
+
+async def drain_for_delete(api: Clients, owner: kopf.Body, deployments: Iterable[Mapping[str, Any]],
+                           pods: Iterable[Mapping[str, Any]]) -> None:
+    """Before a Workflow goes, its workers drain (a delete loses nothing);
+    owner references then let the garbage collector remove every child."""
+    deployment = next(iter(deployments), None)
+    await converge(api, owner, deployment, 0, pb.WorkflowStatus(), WorkerImage())
+    remaining = len(list(pods))
+    if remaining:
+        raise kopf.TemporaryError(f"waiting for {remaining} worker(s) to drain", delay=1)

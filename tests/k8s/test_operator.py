@@ -66,6 +66,9 @@ class LocalWorker:
         self.log.close()
 
 
+SECRET_VALUE = "sandbox-client-secret-value-42"
+
+
 @pytest.fixture
 def operator(k8s_cluster, workflow_crd, namespace, monkeypatch) -> Iterator[KopfRunner]:
     monkeypatch.setenv("KUBECONFIG", str(k8s_cluster.kubeconfig))
@@ -75,17 +78,34 @@ def operator(k8s_cluster, workflow_crd, namespace, monkeypatch) -> Iterator[Kopf
         yield runner
     assert runner.exception is None, runner.output
     assert runner.exit_code == 0, runner.output
+    assert SECRET_VALUE not in runner.output, "a secret value reached the operator's log"
+
+
+def create_workflow(cluster: Any, namespace: str, tmp: Path, secrets: bool = True) -> tuple[str, str]:
+    """The default ingress workflow, stopped; with the Secrets it references unless told otherwise."""
+    # What the Helm chart creates for the workers in each watched namespace.
+    cluster.kubectl("create", "serviceaccount", "syncplane-worker", "-n", namespace)
+    if secrets:
+        for secret in ("d365-sandbox", "acs-sandbox"):
+            cluster.kubectl("create", "secret", "generic", secret, "-n", namespace,
+                            "--from-literal=clientId=sandbox", f"--from-literal=clientSecret={SECRET_VALUE}")
+    doc = yaml.safe_load((DEFAULTS / "10-contacts-ingress.yaml").read_text())
+    path = tmp / "wf.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    cluster.kubectl("apply", "-n", namespace, "-f", str(path))
+    name = doc["metadata"]["name"]
+    wait(cluster, namespace, f"workflow/{name}", "jsonpath={.status.phase}=STOPPED")
+    return name, f"workflow/{name}"
+
+
+def start_until_available(cluster: Any, namespace: str, name: str) -> None:
+    patch(cluster, namespace, name, {"desiredState": "RUNNING"})
+    wait(cluster, namespace, f"workflow/{name}", "jsonpath={.status.phase}=STARTING")
+    wait(cluster, namespace, f"deployment/{name}-worker", "condition=Available")
 
 
 def test_lifecycle_under_the_operator(k8s_cluster, namespace, operator, tmp_path):
-    doc = yaml.safe_load((DEFAULTS / "10-contacts-ingress.yaml").read_text())
-    path = tmp_path / "wf.yaml"
-    path.write_text(yaml.safe_dump(doc))
-    # What the Helm chart creates for the workers in each watched namespace.
-    k8s_cluster.kubectl("create", "serviceaccount", "syncplane-worker", "-n", namespace)
-    k8s_cluster.kubectl("apply", "-n", namespace, "-f", str(path))
-    name, target = "contacts-ingress", "workflow/contacts-ingress"
-    wait(k8s_cluster, namespace, target, "jsonpath={.status.phase}=STOPPED")
+    name, target = create_workflow(k8s_cluster, namespace, tmp_path)
 
     # 1. start: STARTING until the Deployment is Available and the worker heartbeats, then RUNNING
     patch(k8s_cluster, namespace, name, {"desiredState": "RUNNING"})
@@ -134,4 +154,89 @@ def test_lifecycle_under_the_operator(k8s_cluster, namespace, operator, tmp_path
         assert {"Starting", "Running", "Stopping", "Stopped"} <= reasons
     finally:
         patch(k8s_cluster, namespace, name, {"desiredState": "STOPPED"})
+        worker.stop()
+
+
+def test_bad_credentials_drive_error_with_the_reason(k8s_cluster, namespace, operator, tmp_path):
+    name, target = create_workflow(k8s_cluster, namespace, tmp_path, secrets=False)
+    start_until_available(k8s_cluster, namespace, name)
+    worker = LocalWorker(k8s_cluster, namespace, name, tmp_path)
+    try:
+        wait(k8s_cluster, namespace, target, "jsonpath={.status.phase}=ERROR")
+        error = get(k8s_cluster, namespace, "workflow", name)["status"]["lastError"]
+        assert error["reason"] == "BAD_CREDENTIALS"
+        assert "Secret" in error["message"] and "d365-sandbox" in error["message"]
+        wait(k8s_cluster, namespace, f"deployment/{name}-worker", "jsonpath={.spec.replicas}=0")
+    finally:
+        worker.stop()
+    patch(k8s_cluster, namespace, name, {"desiredState": "STOPPED"})
+    wait(k8s_cluster, namespace, target, "jsonpath={.status.phase}=STOPPED")
+
+
+def test_crash_looping_pod_drives_error(k8s_cluster, namespace, operator, tmp_path):
+    name, target = create_workflow(k8s_cluster, namespace, tmp_path)
+    start_until_available(k8s_cluster, namespace, name)
+    pods = json.loads(k8s_cluster.kubectl("get", "pods", "-n", namespace, "-l", f"syncplane.io/workflow={name}",
+                                          "-o", "json").stdout)["items"]
+    pod = pods[0]["metadata"]["name"]
+    # Play the kubelet of a container that keeps dying.
+    status = {"status": {"containerStatuses": [{
+        "name": "worker", "image": "x", "imageID": "", "ready": False, "restartCount": 5, "started": False,
+        "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off restarting failed container"}},
+        "lastState": {"terminated": {"exitCode": 1, "reason": "Error"}}}]}}
+    k8s_cluster.kubectl("patch", "pod", pod, "-n", namespace, "--subresource=status", "--type", "merge",
+                        "-p", json.dumps(status))
+    wait(k8s_cluster, namespace, target, "jsonpath={.status.phase}=ERROR")
+    wf = get(k8s_cluster, namespace, "workflow", name)
+    assert wf["status"]["lastError"]["reason"] == "CRASH_LOOP"
+    assert {c["type"]: c["status"] for c in wf["status"]["conditions"]}["Degraded"] == "True"
+    events = json.loads(k8s_cluster.kubectl("get", "events", "-n", namespace, "--field-selector",
+                                            f"involvedObject.name={name}", "-o", "json").stdout)["items"]
+    assert any(e["type"] == "Warning" and e["reason"] == "Error" for e in events)
+
+
+def test_delete_drains_and_leaves_no_orphans(k8s_cluster, namespace, operator, tmp_path):
+    name, target = create_workflow(k8s_cluster, namespace, tmp_path)
+    start_until_available(k8s_cluster, namespace, name)
+    worker = LocalWorker(k8s_cluster, namespace, name, tmp_path)
+    try:
+        wait(k8s_cluster, namespace, target, "jsonpath={.status.phase}=RUNNING")
+        finalizers = get(k8s_cluster, namespace, "workflow", name)["metadata"]["finalizers"]
+        assert finalizers == ["syncplane.io/finalizer"]
+        k8s_cluster.kubectl("delete", "workflow", name, "-n", namespace, "--wait=false")
+        wait(k8s_cluster, namespace, f"pod/{worker.pod}", "delete")  # drained first
+    finally:
+        worker.stop()
+    wait(k8s_cluster, namespace, target, "delete")
+    selector = f"syncplane.io/workflow={name}"
+
+    def children() -> list[str]:
+        out = k8s_cluster.kubectl("get", "deployments,replicasets,pods,configmaps,leases", "-n", namespace, "-l",
+                                  selector, "-o", "name").stdout
+        return out.split()
+
+    k8s_cluster.wait_until("the garbage collector to remove every child", lambda: children() == [])
+
+
+def test_operator_restart_mid_transition_converges(k8s_cluster, workflow_crd, namespace, monkeypatch, tmp_path):
+    monkeypatch.setenv("KUBECONFIG", str(k8s_cluster.kubeconfig))
+    monkeypatch.setenv("SYNCPLANE_OPERATOR_INTERVAL", "0.5")
+    args = ["run", "--standalone", "--namespace", namespace, "-m", "syncplane_operator.handlers"]
+    with KopfRunner(args, timeout=60) as first:
+        name, target = create_workflow(k8s_cluster, namespace, tmp_path)
+        patch(k8s_cluster, namespace, name, {"desiredState": "RUNNING"})
+        wait(k8s_cluster, namespace, target, "jsonpath={.status.phase}=STARTING")
+    assert first.exception is None, first.output
+    # The operator is gone mid-transition; the cluster moves on without it.
+    wait(k8s_cluster, namespace, f"deployment/{name}-worker", "condition=Available")
+    worker = LocalWorker(k8s_cluster, namespace, name, tmp_path)
+    try:
+        with KopfRunner(args, timeout=60) as second:
+            wait(k8s_cluster, namespace, target, "jsonpath={.status.phase}=RUNNING")
+            patch(k8s_cluster, namespace, name, {"desiredState": "STOPPED"})
+            wait(k8s_cluster, namespace, f"pod/{worker.pod}", "delete")
+            worker.stop()
+            wait(k8s_cluster, namespace, target, "jsonpath={.status.phase}=STOPPED")
+        assert second.exception is None, second.output
+    finally:
         worker.stop()

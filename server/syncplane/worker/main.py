@@ -19,7 +19,9 @@ from pathlib import Path
 
 from aiohttp import web
 
+from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.model.convert import spec_from_dict
+from syncplane.worker.credentials import CredentialsError, load_kubernetes_secrets
 from syncplane.worker.report import WorkerReport
 
 log = logging.getLogger("syncplane.worker")
@@ -92,8 +94,15 @@ class Worker:
         log.info("worker %s/%d generation %d listening on %s:%d (type %s)", self.opts.workflow,
                  self.opts.index, self.opts.generation, self.opts.host, port, spec.type)
         # The data pipeline (sync engine) plugs in here; until it reports, the
-        # worker is ready as soon as it serves its heartbeat.
-        self.report.ready, self.report.phase = True, "RUNNING"
+        # worker is ready once it serves its heartbeat and holds its credentials.
+        try:
+            await self._verify_credentials(spec)
+            self.report.ready, self.report.phase = True, "RUNNING"
+        except CredentialsError as exc:
+            # Keep heartbeating the fatal report: the control plane decides (ERROR, then stop).
+            log.error("%s: %s", exc.reason, exc)
+            self.report.fatal = {"reason": exc.reason, "message": str(exc)}
+            self.report.phase = "FATAL"
         if lease is not None:
             beats = asyncio.create_task(lease.run(self.stop))
         try:
@@ -108,6 +117,11 @@ class Worker:
             await runner.cleanup()
         log.info("worker %s/%d drained and stopped", self.opts.workflow, self.opts.index)
         return 0
+
+    async def _verify_credentials(self, spec: pb.WorkflowSpec) -> None:
+        if self.opts.heartbeat == "kubernetes":
+            await load_kubernetes_secrets(spec, self.opts.namespace)
+        # Embedded: the connectors (sync-engine issue) resolve local secrets when they connect.
 
     async def _wait(self) -> None:
         while not self.stop.is_set():

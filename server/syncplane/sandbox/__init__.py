@@ -1,0 +1,86 @@
+"""``syncplane.sandbox``: local, protocol-faithful emulators of the documented subsets of
+the Dynamics 365 (Dataverse) Web API and the Adobe Campaign Standard REST API.
+
+They are emulators, and say so: every response carries ``X-Syncplane-Sandbox: emulator``
+and startup logs a banner. State is in memory; both servers listen on loopback.
+
+    sandbox = await start_sandbox(seed=SeedSpec(contacts=1000))
+    ...  # sandbox.d365_url, sandbox.d365_token_url, sandbox.acs_url, sandbox.acs_token_url
+    sandbox.faults.d365.set(rate_429=0.1)      # or PUT /_sandbox/faults on either port
+    sandbox.d365.table("contacts").upsert(firstname="Ada")
+    await sandbox.stop()
+
+Command line: ``python -m syncplane.sandbox --d365-port 7480 --acs-port 7481 --seed-contacts 1000``.
+See ``d365.py`` and ``acs.py`` for the endpoints and the documented choices.
+"""
+
+from syncplane.sandbox.acs_state import (
+    FORCE_PAGINATION_THRESHOLD,
+    MARKETING_USER,
+    AcsError,
+    AcsField,
+    AcsResource,
+    AcsState,
+)
+from syncplane.sandbox.common import (
+    SANDBOX_ACS_ORG,
+    SANDBOX_CLIENT_ID,
+    SANDBOX_CLIENT_SECRET,
+    SANDBOX_HEADER,
+    SANDBOX_HEADER_VALUE,
+    SANDBOX_TENANT_ID,
+    FaultConfig,
+    Faults,
+    RequestLog,
+    RequestRecord,
+    SandboxClock,
+    ServiceProtectionLimits,
+)
+from syncplane.sandbox.d365_state import (
+    DELTA_TOKEN_EXPIRED_CODE,
+    DELTA_TOKEN_EXPIRED_STATUS,
+    POISON_CODE,
+    QUERY_NOT_SUPPORTED_CODE,
+    Column,
+    D365State,
+    ODataError,
+    Table,
+)
+from syncplane.sandbox.seed import SeedSpec
+from syncplane.sandbox.server import Sandbox, SandboxFaults, SandboxOptions, main, run_forever, start_sandbox
+
+__all__ = [
+    "DELTA_TOKEN_EXPIRED_CODE",
+    "DELTA_TOKEN_EXPIRED_STATUS",
+    "FORCE_PAGINATION_THRESHOLD",
+    "MARKETING_USER",
+    "POISON_CODE",
+    "QUERY_NOT_SUPPORTED_CODE",
+    "SANDBOX_ACS_ORG",
+    "SANDBOX_CLIENT_ID",
+    "SANDBOX_CLIENT_SECRET",
+    "SANDBOX_HEADER",
+    "SANDBOX_HEADER_VALUE",
+    "SANDBOX_TENANT_ID",
+    "AcsError",
+    "AcsField",
+    "AcsResource",
+    "AcsState",
+    "Column",
+    "D365State",
+    "FaultConfig",
+    "Faults",
+    "ODataError",
+    "RequestLog",
+    "RequestRecord",
+    "Sandbox",
+    "SandboxClock",
+    "SandboxFaults",
+    "SandboxOptions",
+    "SeedSpec",
+    "ServiceProtectionLimits",
+    "Table",
+    "main",
+    "run_forever",
+    "start_sandbox",
+]

@@ -1,0 +1,7 @@
+"""``python -m syncplane.sandbox`` — run both emulators until interrupted."""
+
+import sys
+
+from syncplane.sandbox.server import main
+
+sys.exit(main())
