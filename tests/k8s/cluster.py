@@ -131,6 +131,7 @@ class _Process:
     name: str
     popen: subprocess.Popen[bytes]
     log: Path
+    args: tuple[str, ...] = ()
 
     def tail(self, lines: int = LOG_TAIL_LINES) -> str:
         try:
@@ -290,6 +291,15 @@ class TestCluster:
         except ValueError:
             return resp.status, raw
 
+    def restart(self, name: str, timeout: float = 60.0) -> None:
+        """Stop one control-plane process and start it again with the same flags (an API server restart)."""
+        old = next(p for p in self._processes if p.name == name and p.popen.poll() is None)
+        self._terminate([old])
+        self._processes.remove(old)
+        new = self._spawn(name, *old.args)
+        if name == "kube-apiserver":
+            self._wait("kube-apiserver /readyz after a restart", self._readyz, [new], time.monotonic() + timeout)
+
     def wait_until(self, what: str, ready: Callable[[], bool], timeout: float = 60.0) -> None:
         """Poll `ready()` until true; fail (with log tails) at the deadline or if a cluster process dies."""
         self._wait(what, ready, self._processes, time.monotonic() + timeout)
@@ -406,7 +416,7 @@ class TestCluster:
         log = self._dir / "logs" / f"{name}.log"
         # PR_SET_PDEATHSIG fires when the *thread* that forked exits, so only from the main thread.
         main_thread = threading.current_thread() is threading.main_thread()
-        with log.open("wb") as out:
+        with log.open("ab") as out:
             popen = subprocess.Popen(
                 [str(self.bin_dir / name), *args],
                 stdin=subprocess.DEVNULL,
@@ -417,7 +427,7 @@ class TestCluster:
                 start_new_session=True,  # a Ctrl-C aimed at pytest is for stop() to handle
                 preexec_fn=_die_with_parent if main_thread else None,
             )
-        proc = _Process(name, popen, log)
+        proc = _Process(name, popen, log, args)
         self._processes.append(proc)
         try:
             self.started[popen.pid] = psutil.Process(popen.pid).create_time()

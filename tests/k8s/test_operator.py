@@ -240,3 +240,18 @@ def test_operator_restart_mid_transition_converges(k8s_cluster, workflow_crd, na
         assert second.exception is None, second.output
     finally:
         worker.stop()
+
+
+def test_operator_recovers_from_an_api_server_restart(k8s_cluster, namespace, operator, tmp_path):
+    name, target = create_workflow(k8s_cluster, namespace, tmp_path)
+    k8s_cluster.restart("kube-apiserver")
+    # The operator's watches broke and must be re-established: it still reacts.
+    start_until_available(k8s_cluster, namespace, name)
+    worker = LocalWorker(k8s_cluster, namespace, name, tmp_path)
+    try:
+        wait(k8s_cluster, namespace, target, "jsonpath={.status.phase}=RUNNING")
+        patch(k8s_cluster, namespace, name, {"desiredState": "STOPPED"})
+        wait(k8s_cluster, namespace, f"pod/{worker.pod}", "delete")
+    finally:
+        worker.stop()
+    wait(k8s_cluster, namespace, target, "jsonpath={.status.phase}=STOPPED")
