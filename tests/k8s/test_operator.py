@@ -19,6 +19,8 @@ from kopf.testing import KopfRunner
 
 pytestmark = pytest.mark.k8s
 DEFAULTS = Path(__file__).resolve().parents[2] / "server" / "syncplane" / "defaults"
+# Not condition=Available: a Deployment scaled to 0 is trivially Available.
+AVAILABLE = "jsonpath={.status.availableReplicas}=1"
 
 
 def get(cluster: Any, namespace: str, kind: str, name: str) -> dict[str, Any]:
@@ -50,7 +52,10 @@ class LocalWorker:
         spec_file.write_text(cm["data"]["spec.json"])
         pods = json.loads(cluster.kubectl("get", "pods", "-n", namespace, "-l", f"syncplane.io/workflow={workflow}",
                                           "-o", "json").stdout)["items"]
-        live = [p for p in pods if not p["metadata"].get("deletionTimestamp")]
+        spec_hash = annotations["syncplane.io/spec-hash"]
+        live = [p for p in pods if not p["metadata"].get("deletionTimestamp")
+                and p["metadata"].get("annotations", {}).get("syncplane.io/spec-hash") == spec_hash]
+        assert live, f"no live pod runs spec {spec_hash}"
         self.pod = live[0]["metadata"]["name"]
         env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig), "POD_UID": live[0]["metadata"]["uid"]}
         self.log = open(tmp / f"{self.pod}.log", "wb")  # noqa: SIM115
@@ -101,7 +106,7 @@ def create_workflow(cluster: Any, namespace: str, tmp: Path, secrets: bool = Tru
 def start_until_available(cluster: Any, namespace: str, name: str) -> None:
     patch(cluster, namespace, name, {"desiredState": "RUNNING"})
     wait(cluster, namespace, f"workflow/{name}", "jsonpath={.status.phase}=STARTING")
-    wait(cluster, namespace, f"deployment/{name}-worker", "condition=Available")
+    wait(cluster, namespace, f"deployment/{name}-worker", AVAILABLE)
 
 
 def test_lifecycle_under_the_operator(k8s_cluster, namespace, operator, tmp_path):
@@ -110,7 +115,7 @@ def test_lifecycle_under_the_operator(k8s_cluster, namespace, operator, tmp_path
     # 1. start: STARTING until the Deployment is Available and the worker heartbeats, then RUNNING
     patch(k8s_cluster, namespace, name, {"desiredState": "RUNNING"})
     wait(k8s_cluster, namespace, target, "jsonpath={.status.phase}=STARTING")
-    wait(k8s_cluster, namespace, f"deployment/{name}-worker", "condition=Available")
+    wait(k8s_cluster, namespace, f"deployment/{name}-worker", AVAILABLE)
     assert get(k8s_cluster, namespace, "workflow", name)["status"]["phase"] == "STARTING"
     worker = LocalWorker(k8s_cluster, namespace, name, tmp_path)
     try:
@@ -141,7 +146,7 @@ def test_lifecycle_under_the_operator(k8s_cluster, namespace, operator, tmp_path
     # 4. start again: a new snapshot ConfigMap, drift cleared
     patch(k8s_cluster, namespace, name, {"desiredState": "RUNNING"})
     wait(k8s_cluster, namespace, target, "jsonpath={.status.phase}=STARTING")
-    wait(k8s_cluster, namespace, f"deployment/{name}-worker", "condition=Available")
+    wait(k8s_cluster, namespace, f"deployment/{name}-worker", AVAILABLE)
     worker = LocalWorker(k8s_cluster, namespace, name, tmp_path)
     try:
         assert worker.configmap != first_configmap
@@ -228,7 +233,7 @@ def test_operator_restart_mid_transition_converges(k8s_cluster, workflow_crd, na
         wait(k8s_cluster, namespace, target, "jsonpath={.status.phase}=STARTING")
     assert first.exception is None, first.output
     # The operator is gone mid-transition; the cluster moves on without it.
-    wait(k8s_cluster, namespace, f"deployment/{name}-worker", "condition=Available")
+    wait(k8s_cluster, namespace, f"deployment/{name}-worker", AVAILABLE)
     worker = LocalWorker(k8s_cluster, namespace, name, tmp_path)
     try:
         with KopfRunner(args, timeout=60) as second:

@@ -1,0 +1,140 @@
+"""The operator against the real test cluster (tests/k8s/cluster.py).
+
+- Reaction latency: CR change -> worker Deployment created, 50 runs. Baseline:
+  the same change seen by a bare watch on the Workflow (the API server's own
+  floor for any controller).
+- 200 idle Workflows: operator RSS and API requests per minute (from the API
+  server's apiserver_request_total), against the cluster idling without it.
+- Cold start: time for a fresh operator to reconcile 200 existing Workflows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import yaml
+
+from tests.k8s.cluster import TestCluster
+
+ROOT = Path(__file__).resolve().parent.parent
+CRD = ROOT / "charts" / "syncplane" / "crds" / "workflows.syncplane.io.yaml"
+DEFAULT = ROOT / "server" / "syncplane" / "defaults" / "10-contacts-ingress.yaml"
+RUNS = 50
+IDLE = 200
+
+
+def _workflow(name: str, desired: str = "STOPPED") -> dict[str, Any]:
+    doc = yaml.safe_load(DEFAULT.read_text())
+    doc["metadata"] = {"name": name}
+    doc["spec"]["desiredState"] = desired
+    return doc
+
+
+def _requests_total(cluster: TestCluster) -> float:
+    status, text = cluster.api("GET", "/metrics")
+    assert status == 200
+    return sum(float(m.group(1)) for m in re.finditer(r'^apiserver_request_total\{[^}]*\} ([0-9.e+]+)$',
+                                                           str(text), re.MULTILINE))
+
+
+def _operator(cluster: TestCluster, namespace: str, log: Path) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig), "SYNCPLANE_OPERATOR_INTERVAL": "1.0"}
+    return subprocess.Popen([sys.executable, "-m", "syncplane", "operator", "--standalone", "--namespace", namespace,
+                             "--liveness", "http://127.0.0.1:0/healthz"], env=env, stdout=log.open("wb"),
+                            stderr=subprocess.STDOUT)
+
+
+def _apply(cluster: TestCluster, namespace: str, docs: list[dict[str, Any]]) -> None:
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump_all(docs))
+
+
+def _wait(cluster: TestCluster, what: str, ready: Any, timeout: float = 120.0) -> None:
+    cluster.wait_until(what, ready, timeout)
+
+
+def pctl(samples: list[float]) -> dict[str, float]:
+    return {"median_s": statistics.median(samples), "p95_s": statistics.quantiles(samples, n=20)[18]}
+
+
+def run() -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    with TestCluster() as cluster, tempfile.TemporaryDirectory() as tmp:
+        cluster.kubectl("apply", "--server-side", "-f", str(CRD))
+        cluster.kubectl("wait", "--for=condition=Established", "crd/workflows.syncplane.io")
+        ns = "bench"
+        cluster.kubectl("create", "namespace", ns)
+        cluster.kubectl("create", "serviceaccount", "syncplane-worker", "-n", ns)
+
+        # Cold start over 200 existing Workflows.
+        _apply(cluster, ns, [_workflow(f"idle-{i:03d}") for i in range(IDLE)])
+
+        def reconciled() -> int:
+            items = json.loads(cluster.kubectl("get", "workflows", "-n", ns, "-o", "json").stdout)["items"]
+            return sum(1 for i in items if (i.get("status") or {}).get("observedGeneration"))
+
+        before_idle = _requests_total(cluster)
+        t_idle = time.monotonic()
+        time.sleep(60)  # a measurement window, not synchronisation
+        baseline_rpm = (_requests_total(cluster) - before_idle) / ((time.monotonic() - t_idle) / 60)
+
+        t0 = time.monotonic()
+        proc = _operator(cluster, ns, Path(tmp) / "operator.log")
+        try:
+            _wait(cluster, "200 workflows reconciled", lambda: reconciled() == IDLE, timeout=600)
+            results["cold_reconcile_200_s"] = time.monotonic() - t0
+            # Idle: 200 stopped workflows, one minute.
+            before = _requests_total(cluster)
+            t1 = time.monotonic()
+            time.sleep(60)  # a measurement window, not synchronisation
+            rpm = (_requests_total(cluster) - before) / ((time.monotonic() - t1) / 60)
+            rss = psutil.Process(proc.pid).memory_info().rss
+            results["idle_200"] = {"operator_rss_mib": rss / 2**20, "api_requests_per_min": rpm,
+                                   "cluster_without_operator_per_min": baseline_rpm,
+                                   "operator_share_per_min": rpm - baseline_rpm}
+
+            # Reaction latency: desiredState RUNNING -> Deployment exists.
+            ours, floor = [], []
+            for i in range(RUNS):
+                name = f"react-{i:02d}"
+                _apply(cluster, ns, [_workflow(name)])
+                _wait(cluster, f"{name} reconciled", lambda n=name: json.loads(cluster.kubectl(
+                    "get", "workflow", n, "-n", ns, "-o", "json").stdout).get("status", {}).get("phase") == "STOPPED")
+                watch = subprocess.Popen([str(cluster.kubectl_path), "--kubeconfig", str(cluster.kubeconfig), "get",
+                                          "workflow", name, "-n", ns, "--watch-only", "-o", "name"],
+                                         stdout=subprocess.PIPE, env=cluster.env)
+                t = time.monotonic()
+                cluster.kubectl("patch", "workflow", name, "-n", ns, "--type", "merge",
+                                "-p", '{"spec":{"desiredState":"RUNNING"}}')
+                assert watch.stdout is not None
+                watch.stdout.readline()
+                floor.append(time.monotonic() - t)
+                watch.kill()
+                watch.wait()
+                _wait(cluster, f"{name} deployment", lambda n=name: cluster.api(
+                    "GET", f"/apis/apps/v1/namespaces/{ns}/deployments/{n}-worker")[0] == 200)
+                ours.append(time.monotonic() - t)
+            results["reaction"] = {"operator": pctl(ours), "bare_watch": pctl(floor),
+                                   "ratio_median": statistics.median(ours) / statistics.median(floor)}
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    r = results
+    print(f"Operator cold reconcile of {IDLE} workflows: {r['cold_reconcile_200_s']:.1f} s")
+    print(f"Operator idle with {IDLE} workflows: RSS {r['idle_200']['operator_rss_mib']:.0f} MiB, "
+          f"API {r['idle_200']['api_requests_per_min']:.0f} req/min "
+          f"(cluster alone {r['idle_200']['cluster_without_operator_per_min']:.0f} req/min)")
+    ro = r["reaction"]
+    print(f"CR change -> Deployment ({RUNS}x): median {ro['operator']['median_s']*1e3:.0f} ms "
+          f"p95 {ro['operator']['p95_s']*1e3:.0f} ms | bare watch median {ro['bare_watch']['median_s']*1e3:.0f} ms"
+          f" | ratio {ro['ratio_median']:.1f}")
+    return results
