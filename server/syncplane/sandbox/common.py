@@ -173,14 +173,14 @@ class RequestRecord:
     server: str  # "d365" | "acs"
     received_monotonic: float  # time.monotonic() of this process (not the sandbox clock)
     received_wall: float  # time.time()
-    responded_monotonic: float
+    responded_monotonic: float | None  # None while in flight
     method: str
     path: str  # path + query as sent
-    status: int  # 0 = connection dropped without a response (injected timeout)
+    status: int | None  # None = in flight; 0 = connection dropped without a response (injected timeout)
     retry_after: float | None  # the Retry-After header sent, in seconds
     client: str | None  # the OAuth client id behind the token (or form / X-Api-Key)
-    fault: str | None  # name of the injected fault or limit, if any
-    duration_ms: float
+    fault: str | None  # "429" | "503" | "timeout" | "status:NNN" | "latency" | "service-protection"
+    duration_ms: float | None
 
     def to_json(self) -> dict[str, Json]:
         return asdict(self)
@@ -220,12 +220,12 @@ class RequestLog:
             by_client.setdefault((rec.server, rec.client), []).append(rec)
         violations: list[tuple[RequestRecord, RequestRecord]] = []
         for recs in by_client.values():
-            throttles = [r for r in recs if r.retry_after is not None]
-            for th in throttles:
-                until = th.responded_monotonic + (th.retry_after or 0.0)
-                for other in recs:
-                    if th.responded_monotonic < other.received_monotonic < until:
-                        violations.append((th, other))
+            for th in recs:
+                if th.retry_after is None or th.responded_monotonic is None:
+                    continue
+                sent = th.responded_monotonic
+                until = sent + th.retry_after
+                violations.extend((th, other) for other in recs if sent < other.received_monotonic < until)
         return violations
 
 
@@ -500,61 +500,70 @@ class EmulatorApp:
                 return json_response({"error": str(exc)}, status=400)
         received_mono, received_wall = time.monotonic(), time.time()
         client = await self.identify(request)
-        fault_name: str | None = None
+        record = RequestRecord(
+            seq=self.log.next_seq(), server=self.server_name, received_monotonic=received_mono,
+            received_wall=received_wall, responded_monotonic=None, method=request.method, path=request.path_qs,
+            status=None, retry_after=None, client=client, fault=None, duration_ms=None)
+        self.log.append(record)  # visible while in flight (status None)
         response: web.StreamResponse | None = None
         dropped = False
         try:
-            response, fault_name = await self._serve(request, handler, client)
+            response = await self._serve(request, handler, record)
             return response
-        except _Dropped as exc:
+        except _Dropped:
             # The transport is closed: aiohttp's attempt to write this is a no-op.
-            dropped, fault_name = True, str(exc)
+            dropped = True
             return web.Response(status=504)
         except web.HTTPException as exc:
             response = exc
             raise
         finally:
             responded = time.monotonic()
-            status = response.status if response is not None and not dropped else 0
-            retry_after: float | None = None
+            record.status = response.status if response is not None and not dropped else 0
             if response is not None and "Retry-After" in response.headers:
                 try:
-                    retry_after = float(response.headers["Retry-After"])
+                    record.retry_after = float(response.headers["Retry-After"])
                 except ValueError:
-                    retry_after = None
-            self.log.append(RequestRecord(
-                seq=self.log.next_seq(), server=self.server_name, received_monotonic=received_mono,
-                received_wall=received_wall, responded_monotonic=responded, method=request.method,
-                path=request.path_qs, status=status, retry_after=retry_after, client=client, fault=fault_name,
-                duration_ms=round((responded - received_mono) * 1000.0, 3)))
+                    record.retry_after = None
+            record.responded_monotonic = responded
+            record.duration_ms = round((responded - received_mono) * 1000.0, 3)
 
-    async def _serve(self, request: web.Request, handler: Handler,
-                     client: str | None) -> tuple[web.StreamResponse, str | None]:
+    async def _serve(self, request: web.Request, handler: Handler, record: RequestRecord) -> web.StreamResponse:
+        client = record.client
         decision = self.faults.decide(request.path, self.is_auth_path(request.path))
+        latency = decision.latency_s if decision is not None else 0.0
         if decision is not None:
-            if decision.latency_s > 0:
-                await asyncio.sleep(decision.latency_s)
-            if decision.status == 0 and decision.name != "latency":
+            record.fault = decision.name
+        if decision is not None and decision.name != "latency":
+            if latency > 0:
+                await asyncio.sleep(latency)
+            if decision.status == 0:
                 await self.faults.hang(self.faults.config.hang_s)
                 if request.transport is not None:
                     request.transport.close()
                 raise _Dropped(decision.name)
-            if decision.status:
-                hdrs = {"Retry-After": str(decision.retry_after)} if decision.retry_after is not None else {}
-                message = {429: "Injected fault: too many requests", 503: "Injected fault: service unavailable"}
-                return self.error(decision.status, f"sandbox.fault.{decision.status}",
-                                  message.get(decision.status, "Injected fault"), hdrs), decision.name
-        if self.protection is None or client is None or self.is_auth_path(request.path):
-            return await handler(request), None
-        throttle = self.protection.admit(client)
-        if throttle is not None:
-            return self.error(429, throttle.code, throttle.message,
-                              {"Retry-After": str(throttle.retry_after)}), "service-protection"
+            hdrs = {"Retry-After": str(decision.retry_after)} if decision.retry_after is not None else {}
+            message = {429: "Injected fault: too many requests", 503: "Injected fault: service unavailable"}
+            return self.error(decision.status, f"sandbox.fault.{decision.status}",
+                              message.get(decision.status, "Injected fault"), hdrs)
+        protection = self.protection
+        token = bearer_of(request)
+        if (protection is None or client is None or self.is_auth_path(request.path) or token is None
+                or self.tokens.validate(token) is None):
+            protection = None  # limits are per authenticated user
+        else:
+            throttle = protection.admit(client)
+            if throttle is not None:
+                record.fault = "service-protection"
+                return self.error(429, throttle.code, throttle.message, {"Retry-After": str(throttle.retry_after)})
         started = self.clock.monotonic()
         try:
-            return await handler(request), None
+            if latency > 0:  # injected latency counts as execution time and concurrency
+                await asyncio.sleep(latency)
+            return await handler(request)
         finally:
-            self.protection.done(client, self.clock.monotonic() - started)
+            if protection is not None and client is not None:
+                protection.done(client, self.clock.monotonic() - started)
 
     # -- control routes
     async def _ctl_info(self, request: web.Request) -> web.Response:

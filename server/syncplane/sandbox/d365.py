@@ -526,7 +526,7 @@ class D365Emulator(EmulatorApp):
         if skip_token is not None:
             try:
                 cursor = b64url_decode(skip_token)
-                if not isinstance(cursor, dict) or cursor.get("k") not in ("p", "d"):
+                if not isinstance(cursor, dict) or cursor.get("k") != ("d" if delta_token is not None else "p"):
                     raise ValueError
             except ValueError:
                 raise ODataError(400, INVALID_TOKEN_CODE, "Invalid $skiptoken.") from None
