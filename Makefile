@@ -17,7 +17,7 @@ PYTEST := $(BIN)/pytest -p no:cacheprovider
         proto proto-check lint bench clean
 
 help:
-	@echo "make run     start the embedded control plane (sandbox + three default workflows)"
+	@echo "make run     start the embedded control plane, the sandbox emulators and the three default workflows"
 	@echo "make test    set up and run every test tier (unit, integration, k8s) plus the checks"
 	@echo "make bench   benchmarks, reported as ratios against an in-process baseline"
 	@echo "make proto   regenerate the committed protobuf/gRPC stubs"
@@ -46,7 +46,7 @@ k8s-binaries:
 	scripts/build-k8s.sh
 
 run: setup
-	$(BIN)/syncplane up --data-dir .syncplane
+	$(BIN)/syncplane up --data-dir .syncplane --sandbox
 
 # The protobuf stubs and the CRD, from proto/ (one script; CI fails on a diff).
 proto: venv

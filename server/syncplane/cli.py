@@ -88,10 +88,12 @@ def cli(ctx: click.Context, server: str, token: str | None, ca_file: Path | None
 @click.option("--crash-window", type=float, default=120.0, show_default=True)
 @click.option("--backoff-base", type=float, default=0.5, show_default=True)
 @click.option("--orphan-timeout", type=float, default=30.0, show_default=True)
+@click.option("--sandbox/--no-sandbox", default=False, show_default=True,
+              help="Also run the Dynamics 365 and Campaign emulators on 127.0.0.1:7480 and :7481.")
 @click.option("--log-level", default="INFO", show_default=True)
 def up(data_dir: Path, listen: str, tls_cert: Path | None, tls_key: Path | None, token_file: Path | None,
        defaults: bool, otlp_endpoint: str | None, port_file: Path | None, stop_timeout: float,
-       crash_limit: int, crash_window: float, backoff_base: float, orphan_timeout: float,
+       crash_limit: int, crash_window: float, backoff_base: float, orphan_timeout: float, sandbox: bool,
        log_level: str) -> None:
     """Run the embedded control plane (SQLite + local worker processes)."""
     from syncplane.api.server import InsecureBindError, ServerSecurity
@@ -107,7 +109,7 @@ def up(data_dir: Path, listen: str, tls_cert: Path | None, tls_key: Path | None,
         supervisor=SupervisorConfig(stop_timeout=stop_timeout, crash_limit=crash_limit,
                                     crash_window=crash_window, backoff_base=backoff_base,
                                     orphan_timeout=orphan_timeout),
-        with_defaults=defaults, otlp_endpoint=otlp_endpoint, port_file=port_file)
+        with_defaults=defaults, otlp_endpoint=otlp_endpoint, port_file=port_file, sandbox=sandbox)
     try:
         asyncio.run(serve(config))
     except InsecureBindError as exc:
@@ -146,6 +148,15 @@ def server(ctx: click.Context, backend: str, namespace: str, listen: str, tls_ce
         asyncio.run(serve_kubernetes(config))
     except InsecureBindError as exc:
         raise click.ClickException(str(exc)) from exc
+
+
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.pass_context
+def sandbox(ctx: click.Context) -> None:
+    """Run the Dynamics 365 and Campaign Standard emulators (see --help of `python -m syncplane.sandbox`)."""
+    from syncplane.sandbox import main as sandbox_main
+
+    sys.exit(sandbox_main(ctx.args))
 
 
 @cli.command(name="operator")

@@ -37,6 +37,9 @@ class EmbeddedConfig:
     with_defaults: bool = False
     otlp_endpoint: str | None = None
     port_file: Path | None = None
+    # Run the vendor emulators in-process on their default ports (the default
+    # workflows point at them): the quickstart needs no vendor account.
+    sandbox: bool = False
 
 
 async def create_default_workflows(service: WorkflowService, directory: Path = DEFAULTS_DIR) -> list[str]:
@@ -64,6 +67,13 @@ async def serve(config: EmbeddedConfig, stop: asyncio.Event | None = None) -> No
         if created:
             log.info("created default workflows: %s", ", ".join(created))
     supervisor.start()
+    sandbox = None
+    if config.sandbox:
+        from syncplane.sandbox import SeedSpec, start_sandbox
+
+        sandbox = await start_sandbox(d365_port=7480, acs_port=7481,
+                                      seed=SeedSpec(contacts=1000, events=500))
+        log.info("sandbox emulators: Dynamics 365 %s, Campaign %s", sandbox.d365_url, sandbox.acs_url)
     host = config.address.rsplit(":", 1)[0]
     log.info("syncplane control plane serving on %s:%d (data in %s)", host, port, config.data_dir)
     if config.port_file:
@@ -77,4 +87,6 @@ async def serve(config: EmbeddedConfig, stop: asyncio.Event | None = None) -> No
     await health.enter_graceful_shutdown()
     await server.stop(grace=5)
     await supervisor.close()
+    if sandbox is not None:
+        await sandbox.stop()
     store.close()
