@@ -296,52 +296,30 @@ def describe(ctx: click.Context, name: str) -> None:
     click.echo(describe_text(_client(ctx).GetWorkflow(svc.GetWorkflowRequest(name=workflow_name(name)))))
 
 
-def _lifecycle(ctx: click.Context, method: str, request: Any, name: str) -> None:
-    wf = getattr(_client(ctx), method)(request)
-    click.echo(f"workflow/{name} {method.removesuffix('Workflow').lower()} requested "
-               f"(phase {phase_name(wf.status.phase)})")
+_PHASES = ["STOPPED", "STARTING", "RUNNING", "STOPPING", "ERROR"]
+_LIFECYCLE = (
+    ("start", "StartWorkflow", svc.StartWorkflowRequest, "Start a workflow: STOPPED/ERROR -> STARTING -> RUNNING."),
+    ("stop", "StopWorkflow", svc.StopWorkflowRequest, "Stop a workflow: drain in-flight batches, then STOPPED."),
+    ("restart", "RestartWorkflow", svc.RestartWorkflowRequest,
+     "Stop then start, applying the latest spec (clears drift)."),
+)
 
 
-_EXPECT = click.option("--expect-phase", type=click.Choice(["STOPPED", "STARTING", "RUNNING", "STOPPING", "ERROR"]),
-                       help="Refuse unless the workflow is in this phase.")
-_ETAG = click.option("--etag", default="", help="Refuse unless the etag still matches.")
+def _lifecycle_command(verb: str, method: str, request_type: Any, doc: str) -> None:
+    @cli.command(name=verb, help=doc)
+    @click.argument("name")
+    @click.option("--expect-phase", type=click.Choice(_PHASES), help="Refuse unless the workflow is in this phase.")
+    @click.option("--etag", default="", help="Refuse unless the etag still matches.")
+    @click.pass_context
+    def command(ctx: click.Context, name: str, expect_phase: str | None, etag: str) -> None:
+        phase = pb.Phase.Value(f"PHASE_{expect_phase}") if expect_phase else pb.PHASE_UNSPECIFIED
+        request = request_type(name=workflow_name(name), etag=etag, expected_phase=phase)
+        wf = getattr(_client(ctx), method)(request)
+        click.echo(f"workflow/{name} {verb} requested (phase {phase_name(wf.status.phase)})")
 
 
-def _phase(value: str | None) -> pb.Phase.ValueType:
-    return pb.Phase.Value(f"PHASE_{value}") if value else pb.PHASE_UNSPECIFIED
-
-
-@cli.command()
-@click.argument("name")
-@_EXPECT
-@_ETAG
-@click.pass_context
-def start(ctx: click.Context, name: str, expect_phase: str | None, etag: str) -> None:
-    """Start a workflow: STOPPED/ERROR -> STARTING -> RUNNING."""
-    _lifecycle(ctx, "StartWorkflow", svc.StartWorkflowRequest(name=workflow_name(name), etag=etag,
-                                                              expected_phase=_phase(expect_phase)), name)
-
-
-@cli.command()
-@click.argument("name")
-@_EXPECT
-@_ETAG
-@click.pass_context
-def stop(ctx: click.Context, name: str, expect_phase: str | None, etag: str) -> None:
-    """Stop a workflow: drain in-flight batches, then STOPPED."""
-    _lifecycle(ctx, "StopWorkflow", svc.StopWorkflowRequest(name=workflow_name(name), etag=etag,
-                                                            expected_phase=_phase(expect_phase)), name)
-
-
-@cli.command()
-@click.argument("name")
-@_EXPECT
-@_ETAG
-@click.pass_context
-def restart(ctx: click.Context, name: str, expect_phase: str | None, etag: str) -> None:
-    """Stop then start, applying the latest spec (clears drift)."""
-    _lifecycle(ctx, "RestartWorkflow", svc.RestartWorkflowRequest(name=workflow_name(name), etag=etag,
-                                                                  expected_phase=_phase(expect_phase)), name)
+for _verb, _method, _request, _doc in _LIFECYCLE:
+    _lifecycle_command(_verb, _method, _request, _doc)
 
 
 @cli.command()

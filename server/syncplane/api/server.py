@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,3 +84,18 @@ async def create_server(
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     return server, port, health_servicer
+
+
+async def serve_until_signalled(server: grpc.aio.Server, health_servicer: health.aio.HealthServicer, port: int,
+                                port_file: Path | None = None, stop: asyncio.Event | None = None) -> None:
+    """Announce the port, wait for SIGTERM/SIGINT (or `stop`), then shut down
+    gracefully: health goes NOT_SERVING, in-flight RPCs get a grace period."""
+    if port_file:
+        port_file.write_text(str(port))  # noqa: ASYNC240 (a few bytes, once, at start-up)
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(grace=5)

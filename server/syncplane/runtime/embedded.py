@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from syncplane.api.server import ServerSecurity, create_server
+from syncplane.api.server import ServerSecurity, create_server, serve_until_signalled
 from syncplane.api.v1 import workflow_service_pb2 as svc
 from syncplane.errors import AlreadyExists
 from syncplane.model.convert import from_resource
@@ -76,16 +75,8 @@ async def serve(config: EmbeddedConfig, stop: asyncio.Event | None = None) -> No
         log.info("sandbox emulators: Dynamics 365 %s, Campaign %s", sandbox.d365_url, sandbox.acs_url)
     host = config.address.rsplit(":", 1)[0]
     log.info("syncplane control plane serving on %s:%d (data in %s)", host, port, config.data_dir)
-    if config.port_file:
-        config.port_file.write_text(str(port))
-    stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    log.info("shutting down: draining RPCs; workers keep running and will be re-adopted")
-    await health.enter_graceful_shutdown()
-    await server.stop(grace=5)
+    await serve_until_signalled(server, health, port, config.port_file, stop)
+    log.info("RPCs drained; workers keep running and will be re-adopted")
     await supervisor.close()
     if sandbox is not None:
         await sandbox.stop()

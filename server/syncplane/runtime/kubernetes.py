@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from syncplane.api.server import ServerSecurity, create_server
+from syncplane.api.server import ServerSecurity, create_server, serve_until_signalled
 from syncplane.kubeclient import api_client
 from syncplane.service import WorkflowService
 from syncplane.store.kubernetes import KubernetesStore
@@ -38,13 +37,5 @@ async def serve_kubernetes(config: KubernetesServerConfig, stop: asyncio.Event |
     service = WorkflowService(store)
     server, port, health = await create_server(service, config.address, config.security)
     log.info("syncplane API serving on port %d over Workflow resources in namespace %s", port, config.namespace)
-    if config.port_file:
-        config.port_file.write_text(str(port))
-    stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await health.enter_graceful_shutdown()
-    await server.stop(grace=5)
+    await serve_until_signalled(server, health, port, config.port_file, stop)
     await store.api_client.close()
