@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from kopf.testing import KopfRunner
 
 CRD = Path(__file__).resolve().parents[2] / "charts" / "syncplane" / "crds" / "workflows.syncplane.io.yaml"
 
@@ -15,3 +17,18 @@ def workflow_crd(k8s_cluster) -> str:
     k8s_cluster.kubectl("apply", "--server-side", "-f", str(CRD))
     k8s_cluster.kubectl("wait", "--for=condition=Established", "crd/workflows.syncplane.io", "--timeout=60s")
     return "workflows.syncplane.io"
+
+
+SECRET_VALUE = "sandbox-client-secret-value-42"
+
+
+@pytest.fixture
+def operator(k8s_cluster, workflow_crd, namespace, monkeypatch) -> Iterator[KopfRunner]:
+    monkeypatch.setenv("KUBECONFIG", str(k8s_cluster.kubeconfig))
+    monkeypatch.setenv("SYNCPLANE_OPERATOR_INTERVAL", "0.5")
+    with KopfRunner(["run", "--standalone", "--namespace", namespace, "-m", "syncplane_operator.handlers"],
+                    timeout=60) as runner:
+        yield runner
+    assert runner.exception is None, runner.output
+    assert runner.exit_code == 0, runner.output
+    assert SECRET_VALUE not in runner.output, "a secret value reached the operator's log"

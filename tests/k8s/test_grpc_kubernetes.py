@@ -7,11 +7,13 @@ operator (test_operator.py)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
 import pytest
+from google.protobuf import field_mask_pb2
 
 from syncplane.api.server import ServerSecurity, create_server
 from syncplane.api.v1 import workflow_pb2 as pb
@@ -31,6 +33,7 @@ from tests.integration.test_api_errors import (  # noqa: F401  (collected here, 
     test_validate_only_stores_nothing,
     test_watch_errors_and_resume,
 )
+from tests.k8s.test_operator import AVAILABLE, LocalWorker
 
 pytestmark = pytest.mark.k8s
 
@@ -93,3 +96,46 @@ async def test_start_stop_patch_desired_state_with_preconditions(cp: KubeControl
     await cp.stub.DeleteWorkflow(svc.DeleteWorkflowRequest(name=created.name))
     gone = k8s_cluster.kubectl("get", "workflow", "toggle", "-n", namespace, check=False)
     assert gone.returncode != 0 and "NotFound" in gone.stderr
+
+
+async def _watch_until(stub: svc_grpc.WorkflowServiceStub, name: str, predicate) -> pb.Workflow:
+    call = stub.WatchWorkflows(svc.WatchWorkflowsRequest(name=name))
+    try:
+        async for event in call:
+            if predicate(event.workflow):
+                return event.workflow
+    finally:
+        call.cancel()
+    raise AssertionError("watch ended")
+
+
+async def test_lifecycle_through_the_api_with_the_operator(cp: KubeControlPlane, k8s_cluster, namespace, operator,
+                                                           tmp_path):
+    """Create, start, edit, stop and start again through gRPC only; the operator
+    reconciles and a local worker plays the fake pod's container."""
+    k8s_cluster.kubectl("create", "serviceaccount", "syncplane-worker", "-n", namespace)
+    for secret in ("d365-sandbox", "acs-sandbox"):
+        k8s_cluster.kubectl("create", "secret", "generic", secret, "-n", namespace, "--from-literal=clientId=x")
+    created = await cp.create("api-life")
+    name = created.name
+    await cp.stub.StartWorkflow(svc.StartWorkflowRequest(name=name, expected_phase=pb.PHASE_STOPPED))
+    await _watch_until(cp.stub, name, lambda w: w.status.phase == pb.PHASE_STARTING)
+    k8s_cluster.kubectl("wait", f"--for={AVAILABLE}", "deployment/api-life-worker", "-n", namespace,
+                        "--timeout=90s")
+    worker = LocalWorker(k8s_cluster, namespace, "api-life", tmp_path)
+    try:
+        running = await asyncio.wait_for(
+            _watch_until(cp.stub, name, lambda w: w.status.phase == pb.PHASE_RUNNING), 90)
+        assert running.status.applied_generation == worker.generation
+        edit = pb.Workflow(name=name, etag=running.etag)
+        edit.spec.batch_size = 77
+        await cp.stub.UpdateWorkflow(svc.UpdateWorkflowRequest(
+            workflow=edit, update_mask=field_mask_pb2.FieldMask(paths=["spec.batch_size"])))
+        drifted = await asyncio.wait_for(_watch_until(cp.stub, name, lambda w: w.status.drift.detected), 60)
+        assert list(drifted.status.drift.changed_fields) == ["spec.batch_size"]
+        await cp.stub.StopWorkflow(svc.StopWorkflowRequest(name=name))
+        k8s_cluster.kubectl("wait", "--for=delete", f"pod/{worker.pod}", "-n", namespace, "--timeout=90s")
+    finally:
+        worker.stop()
+    stopped = await asyncio.wait_for(_watch_until(cp.stub, name, lambda w: w.status.phase == pb.PHASE_STOPPED), 60)
+    assert stopped.spec.desired_state == pb.DESIRED_STATE_STOPPED

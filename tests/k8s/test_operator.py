@@ -9,13 +9,14 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 from kopf.testing import KopfRunner
+
+from tests.k8s.syncplane_fixtures import SECRET_VALUE
 
 pytestmark = pytest.mark.k8s
 DEFAULTS = Path(__file__).resolve().parents[2] / "server" / "syncplane" / "defaults"
@@ -69,21 +70,6 @@ class LocalWorker:
             self.proc.send_signal(signal.SIGTERM)
             self.proc.wait(timeout=30)
         self.log.close()
-
-
-SECRET_VALUE = "sandbox-client-secret-value-42"
-
-
-@pytest.fixture
-def operator(k8s_cluster, workflow_crd, namespace, monkeypatch) -> Iterator[KopfRunner]:
-    monkeypatch.setenv("KUBECONFIG", str(k8s_cluster.kubeconfig))
-    monkeypatch.setenv("SYNCPLANE_OPERATOR_INTERVAL", "0.5")
-    with KopfRunner(["run", "--standalone", "--namespace", namespace, "-m", "syncplane_operator.handlers"],
-                    timeout=60) as runner:
-        yield runner
-    assert runner.exception is None, runner.output
-    assert runner.exit_code == 0, runner.output
-    assert SECRET_VALUE not in runner.output, "a secret value reached the operator's log"
 
 
 def create_workflow(cluster: Any, namespace: str, tmp: Path, secrets: bool = True) -> tuple[str, str]:
