@@ -213,11 +213,19 @@ def test_operator_restart_mid_transition_converges(k8s_cluster, workflow_crd, na
     monkeypatch.setenv("KUBECONFIG", str(k8s_cluster.kubeconfig))
     monkeypatch.setenv("SYNCPLANE_OPERATOR_INTERVAL", "0.5")
     args = ["run", "--standalone", "--namespace", namespace, "-m", "syncplane_operator.handlers"]
-    with KopfRunner(args, timeout=60) as first:
-        name, target = create_workflow(k8s_cluster, namespace, tmp_path)
-        patch(k8s_cluster, namespace, name, {"desiredState": "RUNNING"})
-        wait(k8s_cluster, namespace, target, "jsonpath={.status.phase}=STARTING")
-    assert first.exception is None, first.output
+    # A real operator process, killed with SIGKILL in the middle of STARTING.
+    with open(tmp_path / "operator.log", "wb") as log:
+        first = subprocess.Popen([sys.executable, "-m", "syncplane", "operator", "--standalone", "--namespace",
+                                  namespace, "--liveness", "http://127.0.0.1:0/healthz"],
+                                 env=dict(os.environ), stdout=log, stderr=subprocess.STDOUT)
+        try:
+            name, target = create_workflow(k8s_cluster, namespace, tmp_path)
+            patch(k8s_cluster, namespace, name, {"desiredState": "RUNNING"})
+            wait(k8s_cluster, namespace, target, "jsonpath={.status.phase}=STARTING")
+        finally:
+            first.kill()
+            first.wait()
+    assert first.returncode == -signal.SIGKILL
     # The operator is gone mid-transition; the cluster moves on without it.
     wait(k8s_cluster, namespace, f"deployment/{name}-worker", AVAILABLE)
     worker = LocalWorker(k8s_cluster, namespace, name, tmp_path)
