@@ -88,7 +88,7 @@ class KubernetesStore:
                 break
         return out
 
-    async def update(self, name: str, mutate: Mutation, *, spec_changed: bool = True) -> pb.Workflow:
+    async def update(self, name: str, mutate: Mutation) -> pb.Workflow:
         from kubernetes_asyncio.client.exceptions import ApiException
 
         for _ in range(CONFLICT_RETRIES):

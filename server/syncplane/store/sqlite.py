@@ -151,7 +151,7 @@ class SqliteStore:
         args.append(limit)
         return [self._parsed(name, rev) for name, rev in self._db.execute(sql, args).fetchall()]
 
-    async def update(self, name: str, mutate: Mutation, *, spec_changed: bool = True) -> pb.Workflow:
+    async def update(self, name: str, mutate: Mutation) -> pb.Workflow:
         with self._db:
             self._db.execute("BEGIN IMMEDIATE")
             current = self._load(name)
