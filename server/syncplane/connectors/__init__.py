@@ -1,0 +1,1 @@
+"""Connectors: Dynamics 365 (Dataverse Web API) and Campaign Standard, over httpx."""

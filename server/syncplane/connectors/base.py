@@ -1,0 +1,63 @@
+"""What the worker pipeline needs from a connector, and nothing more.
+
+A source yields pages of records, each page carrying the cursor to commit
+once every record of that page (and before it) is acknowledged by the
+destination. A sink upserts or deletes records by their integration key and
+says, per record, what happened, so one bad record never fails a batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class Record:
+    key: str                              # the integration key (e.g. contactid)
+    values: dict[str, Any] = field(default_factory=dict)
+    deleted: bool = False                 # a $deletedEntity row / a delete to propagate
+    modified: str | None = None           # source modification time (ISO 8601), when known
+
+
+@dataclass(frozen=True)
+class Page:
+    records: Sequence[Record]
+    # Opaque resume point valid once this page is written; None = nothing new to commit.
+    cursor: str | None
+    # True when the source had to start over (e.g. an expired delta token).
+    resynced: bool = False
+
+
+@dataclass(frozen=True)
+class Rejected:
+    key: str
+    status: int                           # HTTP status from the destination (e.g. 400)
+    error: str                            # the destination's message, no secrets
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    written: Sequence[str] = ()           # keys acknowledged
+    rejected: Sequence[Rejected] = ()     # poison records: dead-letter them, keep going
+
+
+class ConnectorError(Exception):
+    """Retrying will not help (bad credentials, missing table or field)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class Source(Protocol):
+    def pages(self, table: str, columns: Sequence[str], cursor: str | None) -> AsyncIterator[Page]: ...
+
+    async def aclose(self) -> None: ...
+
+
+class Sink(Protocol):
+    async def write(self, resource: str, key_field: str, records: Sequence[Record]) -> WriteResult: ...
+
+    async def aclose(self) -> None: ...
