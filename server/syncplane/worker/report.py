@@ -27,6 +27,7 @@ class WorkerReport:
     backlog: int = 0
     counters: Counters = field(default_factory=Counters)
     records_per_second: float = 0.0
+    truncated: int = 0               # values cut to the destination's field length
     last_error: dict[str, str] | None = None
     fatal: dict[str, str] | None = None
     started_at: float = field(default_factory=time.time)
@@ -52,4 +53,5 @@ class WorkerReport:
         metric("records_dead_lettered_total", "counter", "Records sent to the dead-letter store.",
                self.counters.dead_lettered)
         metric("records_per_second", "gauge", "Write throughput.", self.records_per_second)
+        metric("values_truncated_total", "counter", "Values cut to the destination's length.", self.truncated)
         return "\n".join(lines) + "\n"
