@@ -1,0 +1,327 @@
+"""Dynamics 365 (Dataverse Web API) connector: change-tracked reads and ``$batch`` writes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from syncplane.connectors.base import ConnectorError, Page, Record, Rejected, WriteResult
+from syncplane.connectors.http import (
+    DEFAULT_CONCURRENCY,
+    RetryableError,
+    RetryPolicy,
+    TokenProvider,
+    Transport,
+    error_text,
+    error_text_of,
+    raise_for_status,
+)
+
+log = logging.getLogger("syncplane.connectors.dynamics")
+
+#: Dataverse's error code for an expired/invalid change-tracking token (the sandbox uses it too).
+DELTA_TOKEN_EXPIRED_CODE = "0x80044352"
+MAX_PAGE_SIZE = 5000
+MAX_BATCH_REQUESTS = 1000
+_GUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+_ODATA_HEADERS = {"OData-Version": "4.0", "OData-MaxVersion": "4.0", "Accept": "application/json"}
+
+
+def _service_root(base_url: str) -> str:
+    return base_url if base_url.endswith("/") else base_url + "/"
+
+
+class DynamicsSource:
+    """Reads an entity set with change tracking.
+
+    ``pages(table, columns, None)`` is a full read (every row, inactive ones included) whose
+    last page carries the ``@odata.deltaLink`` as the cursor; ``pages(table, columns,
+    delta_link)`` returns the changes since then (deletions as ``Record(deleted=True)``).
+    An expired delta token restarts a full read whose first page is ``resynced=True``.
+    """
+
+    def __init__(self, base_url: str, token_provider: TokenProvider, *, key_column: str,
+                 page_size: int = MAX_PAGE_SIZE, concurrency: int = DEFAULT_CONCURRENCY,
+                 policy: RetryPolicy | None = None, transport: Transport | None = None) -> None:
+        if not 0 < page_size <= MAX_PAGE_SIZE:
+            raise ValueError(f"page_size must be between 1 and {MAX_PAGE_SIZE}")
+        self.base_url = _service_root(base_url)
+        self.tokens = token_provider
+        self.key_column = key_column
+        self.page_size = page_size
+        self._own_transport = transport is None
+        self.transport = transport or Transport(concurrency=concurrency, policy=policy, gate=token_provider.gate)
+
+    def _prefer(self) -> dict[str, str]:
+        return {**_ODATA_HEADERS, "Prefer": f"odata.track-changes, odata.maxpagesize={self.page_size}"}
+
+    async def _get(self, url: str) -> httpx.Response:
+        return await self.transport.request("GET", url, headers=self._prefer(), auth=self.tokens)
+
+    def _first_url(self, table: str, columns: Sequence[str]) -> str:
+        cols = list(dict.fromkeys([self.key_column, *columns]))
+        return f"{self.base_url}{quote(table)}?$select={quote(','.join(cols), safe=',')}"
+
+    async def pages(self, table: str, columns: Sequence[str], cursor: str | None) -> AsyncIterator[Page]:
+        resynced = False
+        url = cursor or self._first_url(table, columns)
+        response = await self._get(url)
+        if cursor is not None and _is_expired_delta(response):
+            log.info("delta token for %s expired: full resync", table)
+            resynced = True
+            url = self._first_url(table, columns)
+            response = await self._get(url)
+        raise_for_status(response, f"GET {table}")
+        # Fetch the next page while the caller processes this one.
+        while True:
+            body = _json_object(response, table)
+            next_link = body.get("@odata.nextLink")
+            fetch: asyncio.Task[httpx.Response] | None = None
+            if isinstance(next_link, str):
+                fetch = asyncio.ensure_future(self._get(next_link))
+            try:
+                records = [self._record(row) for row in body.get("value", [])]
+                delta = body.get("@odata.deltaLink")
+                page_cursor = str(delta) if fetch is None and isinstance(delta, str) else None
+                yield Page(records, page_cursor, resynced)
+                resynced = False
+                if fetch is None:
+                    return
+                response = await fetch
+                fetch = None
+                raise_for_status(response, f"GET {table} (next page)")
+            finally:
+                if fetch is not None and not fetch.done():
+                    fetch.cancel()
+
+    def _record(self, row: dict[str, Any]) -> Record:
+        if "reason" in row and "id" in row and str(row.get("@odata.context", "")).endswith("$deletedEntity"):
+            return Record(str(row["id"]), deleted=True)
+        values = {k: v for k, v in row.items() if not k.startswith("@")}
+        key = values.get(self.key_column)
+        if key is None:
+            raise ConnectorError("MISSING_KEY", f"a row came back without its key column {self.key_column!r}")
+        modified = values.get("modifiedon")
+        return Record(str(key), values, modified=str(modified) if modified is not None else None)
+
+    async def aclose(self) -> None:
+        if self._own_transport:
+            await self.transport.aclose()
+
+
+def _is_expired_delta(response: httpx.Response) -> bool:
+    if response.status_code not in (400, 410):
+        return False
+    try:
+        body = response.json()
+    except ValueError:
+        return False
+    return isinstance(body, dict) and isinstance(body.get("error"), dict) and \
+        body["error"].get("code") == DELTA_TOKEN_EXPIRED_CODE
+
+
+def _json_object(response: httpx.Response, what: str) -> dict[str, Any]:
+    try:
+        body = response.json()
+    except ValueError:
+        raise ConnectorError("BAD_RESPONSE", f"{what}: the response is not JSON") from None
+    if not isinstance(body, dict):
+        raise ConnectorError("BAD_RESPONSE", f"{what}: the response is not a JSON object")
+    return body
+
+
+# ------------------------------------------------------------------------------ writes
+
+
+@dataclass(frozen=True)
+class PartResponse:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+    content_id: str | None
+
+
+def build_batch(requests: Sequence[tuple[str, str, bytes | None]]) -> tuple[str, bytes]:
+    """Independent requests (no change set) as a Dataverse ``multipart/mixed`` body.
+    ``requests`` are (method, absolute url, JSON body or None); Content-IDs are 1-based indexes."""
+    boundary = f"batch_{uuid.uuid4()}"
+    out: list[bytes] = []
+    for i, (method, url, body) in enumerate(requests, start=1):
+        out.append(f"--{boundary}\r\nContent-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n"
+                   f"Content-ID: {i}\r\n\r\n{method} {url} HTTP/1.1\r\n".encode())
+        if body is not None:
+            out.append(b"Content-Type: application/json; type=entry\r\n\r\n")
+            out.append(body)
+            out.append(b"\r\n")
+        else:
+            out.append(b"\r\n")
+    out.append(f"--{boundary}--\r\n".encode())
+    return f"multipart/mixed; boundary={boundary}", b"".join(out)
+
+
+_BOUNDARY = re.compile(r'boundary\s*=\s*(?:"([^"]+)"|([^;\s]+))', re.IGNORECASE)
+
+
+def _boundary(content_type: str) -> str:
+    match = _BOUNDARY.search(content_type)
+    if not match or not content_type.lower().lstrip().startswith("multipart/"):
+        raise ConnectorError("BAD_RESPONSE", f"$batch answered {content_type!r}, not multipart/mixed")
+    return match.group(1) or match.group(2)
+
+
+def _split(body: bytes, boundary: str) -> list[bytes]:
+    data = b"\n" + body.replace(b"\r\n", b"\n")
+    chunks = data.split(b"\n--" + boundary.encode())
+    parts = []
+    for chunk in chunks[1:]:
+        if chunk.startswith(b"--"):
+            break
+        _, _, rest = chunk.partition(b"\n")
+        parts.append(rest)
+    return parts
+
+
+def _headers(block: bytes) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for line in block.decode("utf-8", "replace").split("\n"):
+        name, sep, value = line.partition(":")
+        if sep:
+            out[name.strip().lower()] = value.strip()
+    return out
+
+
+def parse_batch_response(content_type: str, body: bytes) -> list[PartResponse]:
+    """Flatten a ``$batch`` response into per-request responses, in order."""
+    result: list[PartResponse] = []
+    for part in _split(body, _boundary(content_type)):
+        head, _, content = part.partition(b"\n\n")
+        mime = _headers(head)
+        ctype = mime.get("content-type", "")
+        if ctype.lower().startswith("multipart/mixed"):
+            result.extend(parse_batch_response(ctype, content))
+            continue
+        http_head, _, payload = content.lstrip(b"\n").partition(b"\n\n")
+        lines = http_head.decode("utf-8", "replace").split("\n")
+        status_line = lines[0].split()
+        if len(status_line) < 2 or not status_line[1].isdigit():
+            raise ConnectorError("BAD_RESPONSE", f"malformed $batch part status line {lines[0][:80]!r}")
+        headers = _headers("\n".join(lines[1:]).encode())
+        result.append(PartResponse(int(status_line[1]), headers, payload.strip(),
+                                   mime.get("content-id") or headers.get("content-id")))
+    return result
+
+
+class DynamicsSink:
+    """Upserts (``PATCH {set}({id})``) and deletes (``DELETE``) through ``$batch``: independent
+    requests (no change set) with ``Prefer: odata.continue-on-error``, ≤ 1,000 per batch.
+
+    ``key_field`` is the table's primary key (the record key is then a GUID, addressed as
+    ``{set}(<guid>)``) or an alternate key (addressed as ``{set}(<field>='<value>')``).
+    A 404 on DELETE counts as written; other 4xx parts are ``Rejected``; 429/5xx parts are
+    retried in a later batch."""
+
+    def __init__(self, base_url: str, token_provider: TokenProvider, *, batch_size: int = MAX_BATCH_REQUESTS,
+                 parallel_batches: int = 1, concurrency: int = DEFAULT_CONCURRENCY,
+                 policy: RetryPolicy | None = None, transport: Transport | None = None) -> None:
+        if not 0 < batch_size <= MAX_BATCH_REQUESTS:
+            raise ValueError(f"batch_size must be between 1 and {MAX_BATCH_REQUESTS}")
+        self.base_url = _service_root(base_url)
+        self.tokens = token_provider
+        self.batch_size = batch_size
+        self.parallel_batches = max(1, parallel_batches)
+        self._own_transport = transport is None
+        self.transport = transport or Transport(concurrency=concurrency, policy=policy, gate=token_provider.gate)
+
+    def _url(self, entity_set: str, key_field: str, key: str) -> str:
+        if _GUID.match(key):
+            address = key.lower()
+        else:
+            address = f"{key_field}='{quote(key.replace(chr(39), chr(39) * 2), safe='')}'"
+        return f"{self.base_url}{entity_set}({address})"
+
+    def _request(self, resource: str, key_field: str, record: Record) -> tuple[str, str, bytes | None]:
+        url = self._url(resource, key_field, record.key)
+        if record.deleted:
+            return "DELETE", url, None
+        values = {k: v for k, v in record.values.items() if k != key_field or not _GUID.match(record.key)}
+        return "PATCH", url, json.dumps(values, separators=(",", ":"), default=str).encode()
+
+    async def write(self, resource: str, key_field: str, records: Sequence[Record]) -> WriteResult:
+        written: list[str] = []
+        rejected: list[Rejected] = []
+        pending = list(records)
+        rounds = 0
+        while pending:
+            rounds += 1
+            chunks = [pending[i:i + self.batch_size] for i in range(0, len(pending), self.batch_size)]
+            retry: list[Record] = []
+            limiter = asyncio.Semaphore(self.parallel_batches)
+            results = await asyncio.gather(*(self._limited(limiter, resource, key_field, c) for c in chunks))
+            for ok, bad, again in results:
+                written.extend(ok)
+                rejected.extend(bad)
+                retry.extend(again)
+            if retry and rounds >= self.transport.policy.max_attempts:
+                raise RetryableError(f"$batch to {resource}: {len(retry)} requests still failing transiently")
+            if retry:
+                await asyncio.sleep(self.transport.policy.backoff(rounds))
+            pending = retry
+        return WriteResult(written, rejected)
+
+    async def _limited(self, limiter: asyncio.Semaphore, resource: str, key_field: str,
+                       chunk: list[Record]) -> tuple[list[str], list[Rejected], list[Record]]:
+        async with limiter:
+            return await self._send_batch(resource, key_field, chunk)
+
+    async def _send_batch(self, resource: str, key_field: str,
+                          chunk: list[Record]) -> tuple[list[str], list[Rejected], list[Record]]:
+        content_type, body = build_batch([self._request(resource, key_field, r) for r in chunk])
+        headers = {**_ODATA_HEADERS, "Content-Type": content_type, "Prefer": "odata.continue-on-error"}
+        response = await self.transport.request("POST", f"{self.base_url}$batch", headers=headers, content=body,
+                                                auth=self.tokens)
+        if response.status_code not in (200, 202):
+            raise_for_status(response, f"$batch to {resource}")
+            raise ConnectorError("BAD_RESPONSE", f"$batch to {resource}: HTTP {response.status_code}: "
+                                 f"{error_text(response)}")
+        parts = parse_batch_response(response.headers.get("Content-Type", ""), response.content)
+        by_id = {p.content_id: p for p in parts if p.content_id is not None}
+        if len(by_id) != len(chunk):
+            if len(parts) != len(chunk):
+                raise ConnectorError("BAD_RESPONSE", f"$batch to {resource}: {len(parts)} responses for "
+                                     f"{len(chunk)} requests")
+            by_id = {str(i): p for i, p in enumerate(parts, start=1)}
+        written: list[str] = []
+        rejected: list[Rejected] = []
+        retry: list[Record] = []
+        for i, record in enumerate(chunk, start=1):
+            part = by_id.get(str(i))
+            if part is None:
+                retry.append(record)
+            elif 200 <= part.status < 300 or (record.deleted and part.status == 404):
+                written.append(record.key)
+            elif part.status == 429 or part.status >= 500:
+                retry.append(record)
+            else:
+                rejected.append(Rejected(record.key, part.status, _part_error(part)))
+        return written, rejected, retry
+
+    async def aclose(self) -> None:
+        if self._own_transport:
+            await self.transport.aclose()
+
+
+def _part_error(part: PartResponse) -> str:
+    try:
+        text = error_text_of(json.loads(part.body or b"{}"))
+    except ValueError:
+        text = ""
+    return text or part.body.decode("utf-8", "replace")[:500] or f"HTTP {part.status}"

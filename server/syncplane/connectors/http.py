@@ -1,0 +1,291 @@
+"""Shared HTTP plumbing for the connectors: OAuth2 client-credentials tokens, a retry
+policy that honours ``Retry-After`` for every request of a client, and a concurrency cap.
+
+Secrets never reach a log line, an exception message or a ``repr``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import httpx
+
+from syncplane.connectors.base import ConnectorError
+
+log = logging.getLogger("syncplane.connectors.http")
+
+#: Dataverse allows 52 concurrent requests per user; stay well below.
+DEFAULT_CONCURRENCY = 16
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """What a connector needs to authenticate; resolved by the caller (secret store, env…)."""
+
+    client_id: str
+    client_secret: str = field(repr=False)
+    tenant: str | None = None
+    scope: str | None = None
+    api_key: str | None = None  # Campaign's X-Api-Key (defaults to the client id there)
+
+    def __str__(self) -> str:
+        return f"Credentials(client_id={self.client_id!r})"
+
+
+class RetryableError(Exception):
+    """A transient failure that outlived the retry budget: try again later (not a poison record)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_attempts: int = 8  # for 5xx, timeouts and connection errors
+    max_throttled: int = 30  # 429s (and 503s carrying Retry-After) tolerated per request
+    base_delay: float = 0.1  # seconds; full jitter: uniform(0, min(cap, base * 2**attempt))
+    max_delay: float = 10.0
+    retry_after_margin: float = 0.01  # added to Retry-After: never early, even with clock rounding
+
+    def backoff(self, attempt: int) -> float:
+        return random.uniform(0.0, min(self.max_delay, self.base_delay * (2 ** attempt)))
+
+
+class RetryGate:
+    """"Not before" instant shared by every request of one client: a ``Retry-After`` holds them all."""
+
+    def __init__(self) -> None:
+        self._until = 0.0
+
+    def hold(self, seconds: float) -> None:
+        self._until = max(self._until, time.monotonic() + seconds)
+
+    @property
+    def remaining(self) -> float:
+        return max(0.0, self._until - time.monotonic())
+
+    async def wait(self) -> None:
+        # The deadline can move while we sleep (another 429), hence the loop.
+        while (delay := self._until - time.monotonic()) > 0:  # noqa: ASYNC110
+            await asyncio.sleep(delay)
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("Retry-After")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None  # an HTTP date: treat as absent (neither vendor sends one)
+
+
+class Transport:
+    """A pooled ``httpx.AsyncClient`` + concurrency cap + retry policy + shared Retry-After gate."""
+
+    def __init__(self, *, concurrency: int = DEFAULT_CONCURRENCY, policy: RetryPolicy | None = None,
+                 gate: RetryGate | None = None, timeout: float = 60.0,
+                 client: httpx.AsyncClient | None = None) -> None:
+        self.policy = policy or RetryPolicy()
+        self.gate = gate or RetryGate()
+        self.semaphore = asyncio.Semaphore(concurrency)
+        self._owns_client = client is None
+        self.client = client or httpx.AsyncClient(
+            timeout=httpx.Timeout(timeout, connect=10.0),
+            limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency))
+
+    async def request(self, method: str, url: str, *, headers: Mapping[str, str] | None = None,
+                      content: bytes | None = None, json: Any = None, data: Mapping[str, str] | None = None,
+                      auth: TokenProvider | None = None) -> httpx.Response:
+        """Send with retries. Returns the final response: 2xx, a non-retryable 4xx, or a 401
+        that survived one token refresh. Raises :class:`RetryableError` when retries run out."""
+        policy = self.policy
+        failures = 0
+        throttled = 0
+        refreshed = False
+        while True:
+            hdrs = dict(headers or {})
+            token: str | None = None
+            if auth is not None:
+                token = await auth.token()
+                hdrs["Authorization"] = f"Bearer {token}"
+            wait: float | None = None
+            async with self.semaphore:
+                await self.gate.wait()
+                try:
+                    response = await self.client.request(method, url, headers=hdrs, content=content, json=json,
+                                                         data=data)
+                except (httpx.TimeoutException, httpx.TransportError) as exc:
+                    failures += 1
+                    if failures >= policy.max_attempts:
+                        raise RetryableError(f"{method} {_redact(url)}: {type(exc).__name__} after "
+                                             f"{failures} attempts") from exc
+                    error: BaseException | None = exc
+                else:
+                    error = None
+                    if response.status_code == 429 or response.status_code >= 500:
+                        wait = _retry_after(response)
+                        if wait is not None:
+                            # Hold every request of this client, not just this one.
+                            self.gate.hold(wait + policy.retry_after_margin)
+            if error is not None:
+                delay = policy.backoff(failures)
+                log.debug("%s %s: %s, retrying in %.2fs", method, _redact(url), type(error).__name__, delay)
+                await asyncio.sleep(delay)
+                continue
+            status = response.status_code
+            if status == 401 and auth is not None and not refreshed:
+                refreshed = True
+                assert token is not None
+                await auth.refresh(token)
+                continue
+            if status == 429 or (status >= 500 and wait is not None):
+                throttled += 1
+                if throttled > policy.max_throttled:
+                    raise RetryableError(f"{method} {_redact(url)}: still throttled after {throttled} tries", status)
+                if wait is None:
+                    await asyncio.sleep(policy.backoff(min(throttled, 8)))
+                continue  # the gate makes us wait Retry-After
+            if status >= 500:
+                failures += 1
+                if failures >= policy.max_attempts:
+                    raise RetryableError(f"{method} {_redact(url)}: HTTP {status} after {failures} attempts", status)
+                await asyncio.sleep(policy.backoff(failures))
+                continue
+            return response
+
+    async def aclose(self) -> None:
+        if self._owns_client:
+            await self.client.aclose()
+
+
+def _redact(url: str) -> str:
+    """A URL for messages: without its query string (tokens, keys)."""
+    return url.split("?", 1)[0]
+
+
+class TokenProvider(Protocol):
+    gate: RetryGate
+
+    async def token(self) -> str: ...
+
+    async def refresh(self, stale: str) -> str: ...
+
+    async def aclose(self) -> None: ...
+
+
+class OAuth2ClientCredentials:
+    """OAuth2 client-credentials tokens (Entra ID for Dataverse, Adobe IMS for Campaign).
+
+    The token is cached and refreshed at ``refresh_ratio`` of its ``expires_in``, and once
+    more on demand (:meth:`refresh`) when an API call answers 401 mid-run. Concurrent
+    callers share one token request."""
+
+    def __init__(self, token_url: str, credentials: Credentials, *, scope: str | None = None,
+                 refresh_ratio: float = 0.8, transport: Transport | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.token_url = token_url
+        self._clock = clock
+        self.credentials = credentials
+        self.scope = scope if scope is not None else credentials.scope
+        self.refresh_ratio = refresh_ratio
+        self._own_transport = transport is None
+        self.transport = transport or Transport(concurrency=2)
+        self.gate = self.transport.gate
+        self._token: str | None = None
+        self._refresh_at = 0.0
+        self._lock = asyncio.Lock()
+        self.fetches = 0  # token requests made (for tests and metrics)
+
+    async def token(self) -> str:
+        if self._token is not None and self._clock() < self._refresh_at:
+            return self._token
+        async with self._lock:
+            if self._token is not None and self._clock() < self._refresh_at:
+                return self._token
+            return await self._fetch()
+
+    async def refresh(self, stale: str) -> str:
+        """A 401 with ``stale``: fetch a new token unless another caller already did."""
+        async with self._lock:
+            if self._token is not None and self._token != stale and self._clock() < self._refresh_at:
+                return self._token
+            return await self._fetch()
+
+    async def _fetch(self) -> str:
+        creds = self.credentials
+        form = {"client_id": creds.client_id, "client_secret": creds.client_secret,
+                "grant_type": "client_credentials"}
+        if self.scope:
+            form["scope"] = self.scope
+        started = self._clock()
+        response = await self.transport.request("POST", self.token_url, data=form,
+                                                headers={"Accept": "application/json"})
+        self.fetches += 1
+        if response.status_code != 200:
+            raise ConnectorError("BAD_CREDENTIALS", self._describe_failure(response))
+        try:
+            body = response.json()
+            value = str(body["access_token"])
+            lifetime = float(body.get("expires_in", 3600))
+        except (ValueError, KeyError, TypeError):
+            raise ConnectorError("BAD_CREDENTIALS", f"token endpoint answered without an access token for client id "
+                                 f"{creds.client_id!r}") from None
+        self._token = value
+        self._refresh_at = started + lifetime * self.refresh_ratio
+        log.debug("token for client id %s, expires in %ss", creds.client_id, lifetime)
+        return value
+
+    def _describe_failure(self, response: httpx.Response) -> str:
+        detail = ""
+        try:
+            body = response.json()
+            if isinstance(body, dict):
+                detail = str(body.get("error_description") or body.get("error") or "")
+        except ValueError:
+            pass
+        message = (f"token request for client id {self.credentials.client_id!r} refused with HTTP "
+                   f"{response.status_code}" + (f": {detail}" if detail else ""))
+        secret = self.credentials.client_secret
+        return message.replace(secret, "***") if secret else message
+
+    async def aclose(self) -> None:
+        if self._own_transport:
+            await self.transport.aclose()
+
+
+def raise_for_status(response: httpx.Response, what: str) -> None:
+    """Non-2xx that retrying will not fix → :class:`ConnectorError` (reason by status)."""
+    status = response.status_code
+    if status < 400:
+        return
+    reason = {401: "UNAUTHORIZED", 403: "FORBIDDEN", 404: "NOT_FOUND"}.get(status, "REQUEST_REJECTED")
+    raise ConnectorError(reason, f"{what}: HTTP {status}: {error_text(response)}")
+
+
+def error_text(response: httpx.Response) -> str:
+    """The vendor's error message (OData ``error.code/message`` or Campaign ``error_code/message``)."""
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:500]
+    return error_text_of(body) or response.text[:500]
+
+
+def error_text_of(body: Any) -> str:
+    if not isinstance(body, dict):
+        return ""
+    err = body.get("error")
+    if isinstance(err, dict):
+        return f"{err.get('code', '')}: {err.get('message', '')}".strip(": ")
+    if "message" in body:
+        code = body.get("error_code", "")
+        return f"{code}: {body['message']}" if code else str(body["message"])
+    return ""

@@ -1,0 +1,384 @@
+"""The connectors over real HTTP against the sandbox emulators (no mocks)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+
+from syncplane.connectors.base import ConnectorError, Page, Record
+from syncplane.connectors.campaign import CampaignSink, CampaignSource
+from syncplane.connectors.dynamics import DELTA_TOKEN_EXPIRED_CODE, DynamicsSink, DynamicsSource
+from syncplane.connectors.http import Credentials, OAuth2ClientCredentials
+from syncplane.sandbox import (
+    DELTA_TOKEN_EXPIRED_CODE as SANDBOX_DELTA_CODE,
+)
+from syncplane.sandbox import (
+    MARKETING_USER,
+    POISON_CODE,
+    SANDBOX_CLIENT_ID,
+    SANDBOX_CLIENT_SECRET,
+    Sandbox,
+    SeedSpec,
+    start_sandbox,
+)
+
+COLUMNS = ["firstname", "lastname", "emailaddress1", "statecode", "modifiedon"]
+
+
+@pytest.fixture
+async def sandbox() -> AsyncIterator[Sandbox]:
+    sb = await start_sandbox(seed=SeedSpec(contacts=1234, seed=3))
+    try:
+        yield sb
+    finally:
+        await sb.stop()
+
+
+def d365_tokens(sb: Sandbox, secret: str = SANDBOX_CLIENT_SECRET) -> OAuth2ClientCredentials:
+    return OAuth2ClientCredentials(sb.d365_token_url, Credentials(SANDBOX_CLIENT_ID, secret, scope=sb.d365_scope))
+
+
+def acs_tokens(sb: Sandbox, secret: str = SANDBOX_CLIENT_SECRET) -> OAuth2ClientCredentials:
+    return OAuth2ClientCredentials(sb.acs_token_url, Credentials(SANDBOX_CLIENT_ID, secret,
+                                                                 scope="openid,AdobeID,campaign_sdk"))
+
+
+@pytest.fixture
+async def source(sandbox: Sandbox) -> AsyncIterator[DynamicsSource]:
+    tokens = d365_tokens(sandbox)
+    src = DynamicsSource(sandbox.d365_url, tokens, key_column="contactid", page_size=200)
+    try:
+        yield src
+    finally:
+        await src.aclose()
+        await tokens.aclose()
+
+
+@pytest.fixture
+async def d365_sink(sandbox: Sandbox) -> AsyncIterator[DynamicsSink]:
+    tokens = d365_tokens(sandbox)
+    sink = DynamicsSink(sandbox.d365_url, tokens)
+    try:
+        yield sink
+    finally:
+        await sink.aclose()
+        await tokens.aclose()
+
+
+@pytest.fixture
+async def acs_sink(sandbox: Sandbox) -> AsyncIterator[CampaignSink]:
+    tokens = acs_tokens(sandbox)
+    sink = CampaignSink(sandbox.acs_url, tokens, api_key=SANDBOX_CLIENT_ID)
+    try:
+        yield sink
+    finally:
+        await sink.aclose()
+        await tokens.aclose()
+
+
+async def read_all(src: DynamicsSource, cursor: str | None = None) -> list[Page]:
+    return [page async for page in src.pages("contacts", COLUMNS, cursor)]
+
+
+def keys_of(pages: list[Page]) -> list[str]:
+    return [r.key for p in pages for r in p.records]
+
+
+# ------------------------------------------------------------------------------ Dynamics source
+
+
+async def test_full_read_across_pages_no_loss_no_duplicates(sandbox: Sandbox, source: DynamicsSource) -> None:
+    pages = await read_all(source)
+    keys = keys_of(pages)
+    assert len(pages) == 7  # 1234 rows / 200
+    assert len(keys) == len(set(keys)) == 1234
+    assert set(keys) == set(sandbox.d365.table("contacts").rows)
+    assert all(p.cursor is None for p in pages[:-1])
+    assert pages[-1].cursor is not None and "$deltatoken=" in pages[-1].cursor
+    assert not any(p.resynced for p in pages)
+    first = pages[0].records[0]
+    assert set(first.values) >= {"contactid", "firstname", "lastname"} and first.modified
+    assert not any(k.startswith("@") for k in first.values)
+    requests = [r for r in sandbox.requests.records(server="d365") if "/contacts" in r.path]
+    assert all("$filter" not in r.path for r in requests)
+
+
+async def test_delta_after_updates_and_deletes(sandbox: Sandbox, source: DynamicsSource) -> None:
+    cursor = (await read_all(source))[-1].cursor
+    table = sandbox.d365.table("contacts")
+    ids = list(table.rows)
+    sandbox.clock.advance(2)
+    table.upsert(ids[0], firstname="Renamed")
+    table.upsert(ids[1], lastname="Changed")
+    created = table.upsert(firstname="New", lastname="Person", emailaddress1="new.person@example.com")
+    table.delete(ids[2])
+    table.delete(ids[3])
+
+    pages = await read_all(source, cursor)
+    records = {r.key: r for p in pages for r in p.records}
+    assert set(records) == {ids[0], ids[1], ids[2], ids[3], created}
+    assert records[ids[0]].values["firstname"] == "Renamed" and not records[ids[0]].deleted
+    assert records[created].values["lastname"] == "Person"
+    assert records[ids[2]].deleted and records[ids[3]].deleted and records[ids[2]].values == {}
+    assert not any(p.resynced for p in pages)
+    new_cursor = pages[-1].cursor
+    assert new_cursor and new_cursor != cursor
+
+    # nothing changed since: one empty page carrying the next cursor
+    again = await read_all(source, new_cursor)
+    assert keys_of(again) == [] and again[-1].cursor
+
+
+async def test_expired_delta_token_triggers_flagged_resync(sandbox: Sandbox, source: DynamicsSource) -> None:
+    assert DELTA_TOKEN_EXPIRED_CODE == SANDBOX_DELTA_CODE
+    cursor = (await read_all(source))[-1].cursor
+    sandbox.expire_delta_tokens()
+    pages = await read_all(source, cursor)
+    assert pages[0].resynced and not any(p.resynced for p in pages[1:])
+    assert len(set(keys_of(pages))) == 1234
+    assert pages[-1].cursor and pages[-1].cursor != cursor
+    # and the fresh delta link works
+    assert keys_of(await read_all(source, pages[-1].cursor)) == []
+
+
+async def test_token_expires_mid_run(sandbox: Sandbox, source: DynamicsSource) -> None:
+    seen: list[str] = []
+    async for page in source.pages("contacts", COLUMNS, None):
+        seen.extend(r.key for r in page.records)
+        sandbox.expire_tokens()  # every token dies after each page
+    assert len(seen) == len(set(seen)) == 1234
+    assert isinstance(source.tokens, OAuth2ClientCredentials) and source.tokens.fetches >= 7
+    statuses = [r.status for r in sandbox.requests.records(server="d365")]
+    assert 401 in statuses
+
+
+async def test_token_refreshed_before_expiry(sandbox: Sandbox) -> None:
+    now = [1000.0]
+    tokens = OAuth2ClientCredentials(sandbox.d365_token_url, Credentials(SANDBOX_CLIENT_ID, SANDBOX_CLIENT_SECRET,
+                                                                         scope=sandbox.d365_scope),
+                                     clock=lambda: now[0])
+    try:
+        first = await tokens.token()
+        now[0] += 3600 * 0.79
+        assert await tokens.token() == first and tokens.fetches == 1
+        now[0] += 3600 * 0.02  # past 80 % of expires_in: a new token, before any 401
+        assert await tokens.token() != first and tokens.fetches == 2
+    finally:
+        await tokens.aclose()
+    assert all(r.status != 401 for r in sandbox.requests.records(server="d365"))
+
+
+async def test_bad_credentials_never_leak_the_secret(sandbox: Sandbox) -> None:
+    secret = "s3cr3t-" + uuid.uuid4().hex
+    d365 = d365_tokens(sandbox, secret)
+    acs = acs_tokens(sandbox, secret)
+    src = DynamicsSource(sandbox.d365_url, d365, key_column="contactid")
+    sink = CampaignSink(sandbox.acs_url, acs, SANDBOX_CLIENT_ID)
+    try:
+        with pytest.raises(ConnectorError) as d365_error:
+            await read_all(src)
+        with pytest.raises(ConnectorError) as acs_error:
+            await sink.write("profile", "externalId", [Record("x", {"email": "x@example.com"})])
+        for info, tokens in ((d365_error, d365), (acs_error, acs)):
+            assert info.value.reason == "BAD_CREDENTIALS"
+            assert SANDBOX_CLIENT_ID in str(info.value)
+            assert secret not in str(info.value) and secret not in repr(info.value)
+            assert secret not in repr(tokens.credentials) and secret not in str(tokens.credentials)
+    finally:
+        for closable in (src, sink, d365, acs):
+            await closable.aclose()
+
+
+# ------------------------------------------------------------------------------ faults
+
+
+async def test_throttling_and_503s_full_read_and_batch_write(sandbox: Sandbox) -> None:
+    tokens = d365_tokens(sandbox)
+    source = DynamicsSource(sandbox.d365_url, tokens, key_column="contactid", page_size=50)
+    sink = DynamicsSink(sandbox.d365_url, tokens, batch_size=200)
+    try:
+        sandbox.faults.d365.set(rate_429=0.10, rate_503=0.05, seed=11)
+        sandbox.faults.d365.queue(429)  # and make sure both kinds hit at least once
+        sandbox.faults.d365.queue(503)
+        pages = await read_all(source)
+        assert len(keys_of(pages)) == len(set(keys_of(pages))) == 1234
+
+        sandbox.faults.d365.queue(429, path_regex=r"\$batch")
+        sandbox.faults.d365.queue(503, path_regex=r"\$batch")
+        records = [Record(str(uuid.uuid4()), {"firstname": f"F{i}", "lastname": f"L{i}",
+                                              "emailaddress1": f"p{i}@example.com"}) for i in range(2000)]
+        result = await sink.write("contacts", "contactid", records)
+    finally:
+        await source.aclose()
+        await sink.aclose()
+        await tokens.aclose()
+    assert sorted(result.written) == sorted(r.key for r in records) and not result.rejected
+    table = sandbox.d365.table("contacts")
+    assert all(r.key in table.rows for r in records)
+    assert table.rows[records[7].key]["lastname"] == "L7"
+
+    logged = sandbox.requests.records(server="d365")
+    statuses = [r.status for r in logged if r.fault is not None]
+    assert 429 in statuses and 503 in statuses
+    assert any(r.status in (429, 503) and r.path.endswith("$batch") for r in logged)
+    assert sandbox.requests.retry_after_violations() == []
+
+
+async def test_dropped_connections_are_retried_and_4xx_are_not(sandbox: Sandbox, source: DynamicsSource) -> None:
+    sandbox.faults.d365.set(hang_s=0.2)
+    sandbox.faults.d365.queue(0, count=2, path_regex="/contacts$")  # hang, then drop the connection
+    pages = await read_all(source)
+    assert len(set(keys_of(pages))) == 1234
+    assert sum(1 for r in sandbox.requests.records(server="d365") if r.fault == "timeout") == 2
+
+    before = len(sandbox.requests.records(server="d365"))
+    with pytest.raises(ConnectorError) as info:
+        await read_all(source)  # fine
+        async for _ in source.pages("contacts", ["nickname"], None):
+            pass
+    assert info.value.reason == "REQUEST_REJECTED" and "nickname" in str(info.value)
+    assert len(sandbox.requests.records(server="d365")) - before == 7 + 1  # the bad query was sent once
+
+
+# ------------------------------------------------------------------------------ Dynamics sink
+
+
+async def test_batch_upsert_delete_and_poison(sandbox: Sandbox, d365_sink: DynamicsSink) -> None:
+    table = sandbox.d365.table("contacts")
+    existing = list(table.rows)[:3]
+    poison = str(uuid.uuid4())
+    sandbox.d365.poison_keys("contacts", poison)
+    new = [Record(str(uuid.uuid4()), {"firstname": "Batch", "lastname": str(i)}) for i in range(5)]
+    records = [*new, Record(poison, {"lastname": "Poison"}),
+               Record(existing[0], {"contactid": existing[0], "lastname": "Updated"}),
+               Record(existing[1], deleted=True), Record(str(uuid.uuid4()), deleted=True)]
+    result = await d365_sink.write("contacts", "contactid", records)
+    assert [r.key for r in result.rejected] == [poison]
+    assert result.rejected[0].status == 400 and POISON_CODE in result.rejected[0].error
+    assert set(result.written) == {r.key for r in records} - {poison}
+    assert table.rows[existing[0]]["lastname"] == "Updated"
+    assert existing[1] not in table.rows and poison not in table.rows
+    assert all(r.key in table.rows for r in new)
+    batches = [r for r in sandbox.requests.records(server="d365") if r.path.endswith("$batch")]
+    assert len(batches) == 1
+
+
+async def test_batches_are_split_at_1000(sandbox: Sandbox, d365_sink: DynamicsSink) -> None:
+    records = [Record(str(uuid.uuid4()), {"lastname": f"N{i}"}) for i in range(2500)]
+    result = await d365_sink.write("contacts", "contactid", records)
+    assert len(result.written) == 2500
+    batches = [r for r in sandbox.requests.records(server="d365") if r.path.endswith("$batch")]
+    assert len(batches) == 3 and all(r.status == 200 for r in batches)
+
+
+# ------------------------------------------------------------------------------ Campaign
+
+
+async def test_campaign_upsert_creates_then_updates_by_external_id(sandbox: Sandbox, acs_sink: CampaignSink) -> None:
+    profiles = sandbox.acs.profiles
+    before = len(profiles)
+    keys = [str(uuid.uuid4()) for _ in range(50)]
+    first = await acs_sink.write("profile", "externalId", [
+        Record(k, {"email": f"{i}@example.com", "firstName": "Ada", "lastName": f"L{i}"}) for i, k in enumerate(keys)])
+    assert sorted(first.written) == sorted(keys) and not first.rejected
+    assert len(profiles) == before + 50
+
+    # a fresh sink (no PKey cache) must find the same profiles by externalId
+    tokens = acs_tokens(sandbox)
+    fresh = CampaignSink(sandbox.acs_url, tokens, api_key=SANDBOX_CLIENT_ID)
+    try:
+        second = await fresh.write("profile", "externalId", [Record(k, {"firstName": "Grace"}) for k in keys])
+    finally:
+        await fresh.aclose()
+        await tokens.aclose()
+    assert sorted(second.written) == sorted(keys)
+    assert len(profiles) == before + 50
+    for k in keys:
+        row = profiles.by_key(k)
+        assert row is not None and row["firstName"] == "Grace" and row["createdBy"] != MARKETING_USER
+    externals = [r["externalId"] for r in profiles.rows.values() if r.get("externalId") in set(keys)]
+    assert len(externals) == len(set(externals)) == 50
+
+    # deletes: present → gone; absent → still "written"
+    gone = await acs_sink.write("profile", "externalId", [Record(keys[0], deleted=True),
+                                                          Record("never-existed", deleted=True)])
+    assert set(gone.written) == {keys[0], "never-existed"} and profiles.by_key(keys[0]) is None
+
+
+async def test_campaign_poison_rejected_and_conflict_recovered(sandbox: Sandbox, acs_sink: CampaignSink) -> None:
+    sandbox.acs.poison_keys("profile", "bad-ext")
+    result = await acs_sink.write("profile", "externalId", [
+        Record("bad-ext", {"email": "bad@example.com"}), Record("good-ext", {"email": "good@example.com"}),
+        Record("long", {"firstName": "x" * 31})])
+    assert {r.key for r in result.rejected} == {"bad-ext", "long"}
+    assert all(r.status == 400 for r in result.rejected)
+    assert result.written == ["good-ext"]
+    assert sandbox.acs.profiles.by_key("good-ext") is not None
+
+
+async def test_campaign_409_on_create_relooks_up_and_patches(sandbox: Sandbox) -> None:
+    profiles = sandbox.acs.profiles
+    # scripted: the next POST answers 409 (as if someone created it concurrently)
+    sandbox.faults.acs.queue(409, path_regex=r"/profile$")
+    tokens = acs_tokens(sandbox)
+    sinks = [CampaignSink(sandbox.acs_url, tokens, api_key=SANDBOX_CLIENT_ID) for _ in range(2)]
+    try:
+        result = await sinks[0].write("profile", "externalId", [Record("k-409", {"email": "a@example.com"})])
+        assert result.written == ["k-409"] and profiles.by_key("k-409") is not None
+        assert any(r.status == 409 for r in sandbox.requests.records(server="acs"))
+
+        # two writers racing on the same keys: slow lookups make both see "absent", then both POST
+        sandbox.faults.acs.set(latency_ms=200, path_regex="byExternalId")
+        keys = [f"race-{i}" for i in range(20)]
+        both = await asyncio.gather(*(s.write("profile", "externalId", [Record(k, {"lastName": f"W{n}"}) for k in keys])
+                                      for n, s in enumerate(sinks)))
+    finally:
+        for sink in sinks:
+            await sink.aclose()
+        await tokens.aclose()
+    for res in both:
+        assert sorted(res.written) == sorted(keys) and not res.rejected
+    rows = [r for r in profiles.rows.values() if r.get("externalId") in set(keys)]
+    assert len(rows) == 20
+    assert sum(1 for r in sandbox.requests.records(server="acs") if r.status == 409) > 1
+
+
+async def test_campaign_never_touches_records_it_did_not_create(sandbox: Sandbox) -> None:
+    pkey = sandbox.acs.profiles.add(externalId="marketer-1", email="m@example.com", lastName="Keep")
+    tokens = acs_tokens(sandbox)
+    sink = CampaignSink(sandbox.acs_url, tokens, api_key=SANDBOX_CLIENT_ID, owner=SANDBOX_CLIENT_ID)
+    try:
+        result = await sink.write("profile", "externalId", [Record("marketer-1", {"lastName": "Overwritten"}),
+                                                            Record("ours", {"lastName": "Ours"})])
+        deleted = await sink.write("profile", "externalId", [Record("marketer-1", deleted=True)])
+    finally:
+        await sink.aclose()
+        await tokens.aclose()
+    assert result.written == ["ours"] and [(r.key, r.status) for r in result.rejected] == [("marketer-1", 409)]
+    assert [r.key for r in deleted.rejected] == ["marketer-1"]
+    assert sandbox.acs.profiles.rows[pkey]["lastName"] == "Keep"
+
+
+async def test_campaign_source_incremental(sandbox: Sandbox, acs_sink: CampaignSink) -> None:
+    keys = [f"ext-{i}" for i in range(30)]
+    await acs_sink.write("profile", "externalId", [Record(k, {"email": f"{k}@example.com"}) for k in keys])
+    tokens = acs_tokens(sandbox)
+    src = CampaignSource(sandbox.acs_url, tokens, SANDBOX_CLIENT_ID, key_field="externalId", line_count=7)
+    try:
+        pages = [p async for p in src.pages("profile", ["email", "externalId"], None)]
+        seen = keys_of(pages)
+        assert sorted(seen) == sorted(keys) and len(pages) >= 5
+        cursor = pages[-1].cursor
+        assert cursor is not None
+        again = [p async for p in src.pages("profile", ["email"], cursor)]
+        assert keys_of(again) == []  # the inclusive boundary is deduplicated
+        await acs_sink.write("profile", "externalId", [Record("ext-3", {"firstName": "Changed"})])
+        later = [p async for p in src.pages("profile", ["firstName"], again[-1].cursor)]
+        changed = [r for p in later for r in p.records]
+        assert [r.key for r in changed] == ["ext-3"] and changed[0].values["firstName"] == "Changed"
+    finally:
+        await src.aclose()
+        await tokens.aclose()
