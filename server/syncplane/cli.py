@@ -186,8 +186,13 @@ def operator_(namespaces: tuple[str, ...], standalone: bool, liveness: str) -> N
 @click.option("--namespace", envvar="POD_NAMESPACE", default="")
 @click.option("--pod-name", envvar="POD_NAME", default="")
 @click.option("--listen", default="127.0.0.1:0", help="Address of /status, /healthz and /metrics.")
+@click.option("--secrets-dir", type=click.Path(path_type=Path), default=None,
+              help="Embedded: a <name>.json file per secret reference.")
+@click.option("--state-db", type=click.Path(path_type=Path), default=None,
+              help="SQLite file for checkpoints and dead letters (default: in --state-dir).")
 def worker(workflow: str, index: int, generation: int, spec_file: Path, state_dir: Path | None,
-           orphan_timeout: float, heartbeat: str, namespace: str, pod_name: str, listen: str) -> None:
+           orphan_timeout: float, heartbeat: str, namespace: str, pod_name: str, listen: str,
+           secrets_dir: Path | None, state_db: Path | None) -> None:
     """Run one worker replica (started by the supervisor or a Deployment)."""
     from syncplane.worker.main import WorkerOptions, run
 
@@ -195,7 +200,7 @@ def worker(workflow: str, index: int, generation: int, spec_file: Path, state_di
     sys.exit(run(WorkerOptions(workflow=workflow, index=index, generation=generation, spec_file=spec_file,
                                state_dir=state_dir or Path("/tmp"), orphan_timeout=orphan_timeout,
                                heartbeat=heartbeat, namespace=namespace, pod_name=pod_name, host=host,
-                               port=int(port))))
+                               port=int(port), secrets_dir=secrets_dir, state_db=state_db)))
 
 
 def _documents(path: str) -> Iterator[dict[str, Any]]:

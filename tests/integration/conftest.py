@@ -23,10 +23,19 @@ from syncplane.api.v1 import workflow_service_pb2_grpc as svc_grpc
 from syncplane.runtime.supervisor import Supervisor, SupervisorConfig
 from syncplane.service import WorkflowService
 from syncplane.store.sqlite import SqliteStore
+from syncplane.worker.credentials import write_local_secret
 from tests.factories import spec
 
 FAST = SupervisorConfig(tick=0.1, stop_timeout=5.0, backoff_base=0.05, backoff_cap=0.5, crash_limit=3,
                         crash_window=60.0, orphan_timeout=30.0, poll_timeout=1.0)
+
+
+def write_unreachable_secrets(data_dir: Path) -> None:
+    """Secret files for the default specs' references, with token URLs nothing listens on:
+    workers hold valid-looking credentials and start; their connectors retry (transient)."""
+    for name in ("d365-sandbox", "acs-sandbox"):
+        write_local_secret(data_dir / "secrets", name, {"clientId": "test-client", "clientSecret": "test-secret",
+                                                         "tokenUrl": "http://127.0.0.1:9/token"})
 
 
 def worker_processes(data_dir: Path) -> list[psutil.Process]:
@@ -94,6 +103,7 @@ class ControlPlane:
 
 async def _serve(tmp_path: Path, security: ServerSecurity | None = None,
                  config: SupervisorConfig = FAST) -> AsyncIterator[ControlPlane]:
+    write_unreachable_secrets(tmp_path)
     store = SqliteStore(tmp_path / "syncplane.db")
     supervisor = Supervisor(store, tmp_path / "run", config)
     service = WorkflowService(store, on_change=supervisor.wake)
@@ -128,6 +138,7 @@ async def authed_cp(tmp_path: Path) -> AsyncIterator[ControlPlane]:
 class ServerProcess:
     def __init__(self, data_dir: Path, *extra: str, listen: str = "127.0.0.1:0") -> None:
         self.data_dir = data_dir
+        write_unreachable_secrets(data_dir)
         self.port_file = data_dir / f"port.{os.getpid()}.{id(self)}"
         self.port_file.unlink(missing_ok=True)
         self.log = open(data_dir / "server.log", "ab")  # noqa: SIM115

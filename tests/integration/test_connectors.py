@@ -96,14 +96,23 @@ async def test_full_read_across_pages_no_loss_no_duplicates(sandbox: Sandbox, so
     assert len(pages) == 7  # 1234 rows / 200
     assert len(keys) == len(set(keys)) == 1234
     assert set(keys) == set(sandbox.d365.table("contacts").rows)
-    assert all(p.cursor is None for p in pages[:-1])
-    assert pages[-1].cursor is not None and "$deltatoken=" in pages[-1].cursor
+    # every page can be resumed after: inside the full read from its next link, then the delta link
+    assert all(p.cursor and p.cursor.startswith("full ") and "$skiptoken=" in p.cursor for p in pages[:-1])
+    assert pages[-1].cursor is not None and pages[-1].cursor.startswith("delta ") and "$deltatoken=" in pages[-1].cursor
+    assert all(p.full for p in pages)
     assert not any(p.resynced for p in pages)
     first = pages[0].records[0]
     assert set(first.values) >= {"contactid", "firstname", "lastname"} and first.modified
     assert not any(k.startswith("@") for k in first.values)
     requests = [r for r in sandbox.requests.records(server="d365") if "/contacts" in r.path]
     assert all("$filter" not in r.path for r in requests)
+
+
+async def test_full_read_resumes_mid_load_from_a_page_cursor(sandbox: Sandbox, source: DynamicsSource) -> None:
+    first = await read_all(source)
+    resumed = await read_all(source, first[2].cursor)  # "crashed" after writing page 3
+    assert keys_of(resumed) == keys_of(first[3:])
+    assert all(p.full for p in resumed) and resumed[-1].cursor and resumed[-1].cursor.startswith("delta ")
 
 
 async def test_delta_after_updates_and_deletes(sandbox: Sandbox, source: DynamicsSource) -> None:

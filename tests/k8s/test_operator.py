@@ -79,7 +79,9 @@ def create_workflow(cluster: Any, namespace: str, tmp: Path, secrets: bool = Tru
     if secrets:
         for secret in ("d365-sandbox", "acs-sandbox"):
             cluster.kubectl("create", "secret", "generic", secret, "-n", namespace,
-                            "--from-literal=clientId=sandbox", f"--from-literal=clientSecret={SECRET_VALUE}")
+                            "--from-literal=clientId=sandbox", f"--from-literal=clientSecret={SECRET_VALUE}",
+                            # nothing listens there: the connectors retry, the worker stays up
+                            "--from-literal=tokenUrl=http://127.0.0.1:9/token")
     doc = yaml.safe_load((DEFAULTS / "10-contacts-ingress.yaml").read_text())
     path = tmp / "wf.yaml"
     path.write_text(yaml.safe_dump(doc))

@@ -28,6 +28,9 @@ class Page:
     cursor: str | None
     # True when the source had to start over (e.g. an expired delta token).
     resynced: bool = False
+    # Part of a full read (first load, resync or replay) rather than a delta: the
+    # transform then writes fields whose updates are off, and includes inactive rows.
+    full: bool = False
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,10 @@ class Source(Protocol):
 
 
 class Sink(Protocol):
-    async def write(self, resource: str, key_field: str, records: Sequence[Record]) -> WriteResult: ...
+    async def write(self, resource: str, key_field: str, records: Sequence[Record], *,
+                    full_load: bool = False) -> WriteResult:
+        """``full_load``: the records come from a full read, so most are likely new to the
+        destination (a sink may try create-first). A hint only; the result must be the same."""
+        ...
 
     async def aclose(self) -> None: ...

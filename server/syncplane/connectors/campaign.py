@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -26,6 +27,7 @@ log = logging.getLogger("syncplane.connectors.campaign")
 
 EPOCH = "1970-01-01 00:00:00.000Z"
 MAX_LINE_COUNT = 10_000
+PKEY_CACHE_SIZE = 10_000
 
 
 def resource_path(resource: str) -> str:
@@ -81,17 +83,27 @@ class CampaignSink(_Base):
         super().__init__(base_url, token_provider, api_key, concurrency=concurrency, policy=policy,
                          transport=transport)
         self.owner = owner
-        self._pkeys: dict[tuple[str, str], str] = {}  # (resource, key) → PKey, memory only
+        # (resource, key) → PKey: memory only, bounded, so memory stays flat whatever the table size.
+        self._pkeys: OrderedDict[tuple[str, str], str] = OrderedDict()
         self._foreign: set[tuple[str, str]] = set()  # (resource, key) of records someone else created
 
-    async def write(self, resource: str, key_field: str, records: Sequence[Record]) -> WriteResult:
+    def _remember(self, path: str, key: str, pkey: str) -> None:
+        self._pkeys[(path, key)] = pkey
+        self._pkeys.move_to_end((path, key))
+        while len(self._pkeys) > PKEY_CACHE_SIZE:
+            self._pkeys.popitem(last=False)
+
+    async def write(self, resource: str, key_field: str, records: Sequence[Record], *,
+                    full_load: bool = False) -> WriteResult:
+        """``full_load``: create first (one POST; a 409 falls back to lookup and PATCH), since
+        a full read mostly brings records the destination has not seen: half the requests."""
         path = resource_path(resource)
         # One write per key, the last one wins (a batch may hold two changes of one record).
         latest: dict[str, Record] = {}
         for record in records:
             latest.pop(record.key, None)
             latest[record.key] = record
-        outcomes = await asyncio.gather(*(self._write_one(path, key_field, r) for r in latest.values()))
+        outcomes = await asyncio.gather(*(self._write_one(path, key_field, r, full_load) for r in latest.values()))
         written = [r.key for r in latest.values()]
         rejected = [o for o in outcomes if o is not None]
         bad = {o.key for o in rejected}
@@ -112,20 +124,24 @@ class CampaignSink(_Base):
         creator = row.get("createdBy")
         if self.owner is not None and isinstance(creator, dict) and creator.get("name") != self.owner:
             self._foreign.add((path, key))
-        self._pkeys[(path, key)] = pkey
+        self._remember(path, key, pkey)
         return pkey
 
-    async def _write_one(self, path: str, key_field: str, record: Record) -> Rejected | None:
+    async def _write_one(self, path: str, key_field: str, record: Record, create_first: bool) -> Rejected | None:
         try:
-            return await self._upsert_or_delete(path, key_field, record)
+            return await self._upsert_or_delete(path, key_field, record, create_first)
         except ConnectorError as exc:
             if exc.reason != "REQUEST_REJECTED":  # credentials, unknown resource: not this record's fault
                 raise
             return Rejected(record.key, 400, str(exc))
 
-    async def _upsert_or_delete(self, path: str, key_field: str, record: Record) -> Rejected | None:
-        for _ in range(3):  # a concurrent create/delete by someone else: look up again
-            pkey = await self._lookup(path, key_field, record.key)
+    async def _upsert_or_delete(self, path: str, key_field: str, record: Record,
+                                create_first: bool = False) -> Rejected | None:
+        for attempt in range(3):  # a concurrent create/delete by someone else: look up again
+            if create_first and attempt == 0 and not record.deleted and (path, record.key) not in self._pkeys:
+                pkey = None  # try POST; a 409 means it exists: the next round looks it up
+            else:
+                pkey = await self._lookup(path, key_field, record.key)
             if pkey is not None and (path, record.key) in self._foreign:
                 return Rejected(record.key, 409, "the record was not created by the integration: left untouched")
             if record.deleted:
@@ -148,7 +164,7 @@ class CampaignSink(_Base):
                     continue
                 if response.status_code in (200, 201):
                     try:
-                        self._pkeys[(path, record.key)] = str(response.json()["PKey"])
+                        self._remember(path, record.key, str(response.json()["PKey"]))
                     except (ValueError, KeyError, TypeError):
                         pass
             if 200 <= response.status_code < 300:

@@ -44,8 +44,10 @@ class DynamicsSource:
     """Reads an entity set with change tracking.
 
     ``pages(table, columns, None)`` is a full read (every row, inactive ones included) whose
-    last page carries the ``@odata.deltaLink`` as the cursor; ``pages(table, columns,
-    delta_link)`` returns the changes since then (deletions as ``Record(deleted=True)``).
+    last page carries the ``@odata.deltaLink``; ``pages(table, columns, cursor)`` resumes.
+    Every page carries a cursor: inside a full read it is the page's ``@odata.nextLink``
+    (so a crash mid-load resumes there instead of starting over), at the end the delta link.
+    A delta read returns the changes since then (deletions as ``Record(deleted=True)``).
     An expired delta token restarts a full read whose first page is ``resynced=True``.
     """
 
@@ -58,6 +60,7 @@ class DynamicsSource:
         self.tokens = token_provider
         self.key_column = key_column
         self.page_size = page_size
+        self.resyncs = 0  # full reads forced by an expired delta token
         self._own_transport = transport is None
         self.transport = transport or Transport(concurrency=concurrency, policy=policy, gate=token_provider.gate)
 
@@ -67,18 +70,36 @@ class DynamicsSource:
     async def _get(self, url: str) -> httpx.Response:
         return await self.transport.request("GET", url, headers=self._prefer(), auth=self.tokens)
 
-    def _first_url(self, table: str, columns: Sequence[str]) -> str:
-        cols = list(dict.fromkeys([self.key_column, *columns]))
+    def _first_url(self, table: str, columns: Sequence[str], key_column: str) -> str:
+        cols = list(dict.fromkeys([key_column, *columns]))
         return f"{self.base_url}{quote(table)}?$select={quote(','.join(cols), safe=',')}"
 
-    async def pages(self, table: str, columns: Sequence[str], cursor: str | None) -> AsyncIterator[Page]:
+    async def entity_set(self, logical_name: str) -> str:
+        """The entity set (collection) name of a table, e.g. ``contact`` → ``contacts``."""
+        url = (f"{self.base_url}EntityDefinitions(LogicalName='{quote(logical_name, safe='')}')"
+               "?$select=EntitySetName")
+        response = await self.transport.request("GET", url, headers=_ODATA_HEADERS, auth=self.tokens)
+        raise_for_status(response, f"table {logical_name!r}")
+        name = _json_object(response, logical_name).get("EntitySetName")
+        if not isinstance(name, str) or not name:
+            raise ConnectorError("BAD_RESPONSE", f"no EntitySetName for table {logical_name!r}")
+        return name
+
+    async def pages(self, table: str, columns: Sequence[str], cursor: str | None, *,
+                    key_column: str | None = None) -> AsyncIterator[Page]:
+        """``table`` is the entity set; ``key_column`` overrides the source's for this read."""
+        key = key_column or self.key_column
+        full, url = decode_cursor(cursor)
         resynced = False
-        url = cursor or self._first_url(table, columns)
+        if url is None:
+            url = self._first_url(table, columns, key)
         response = await self._get(url)
-        if cursor is not None and _is_expired_delta(response):
-            log.info("delta token for %s expired: full resync", table)
-            resynced = True
-            url = self._first_url(table, columns)
+        if cursor is not None and ((full and response.status_code == 400) or _is_expired_delta(response)):
+            # An expired delta token, or a resume link the service no longer accepts: start over.
+            log.info("%s cursor for %s no longer valid: full resync", "resume" if full else "delta", table)
+            self.resyncs += 1
+            resynced, full = True, True
+            url = self._first_url(table, columns, key)
             response = await self._get(url)
         raise_for_status(response, f"GET {table}")
         # Fetch the next page while the caller processes this one.
@@ -89,10 +110,14 @@ class DynamicsSource:
             if isinstance(next_link, str):
                 fetch = asyncio.ensure_future(self._get(next_link))
             try:
-                records = [self._record(row) for row in body.get("value", [])]
+                records = [self._record(row, key) for row in body.get("value", [])]
                 delta = body.get("@odata.deltaLink")
-                page_cursor = str(delta) if fetch is None and isinstance(delta, str) else None
-                yield Page(records, page_cursor, resynced)
+                page_cursor: str | None
+                if isinstance(next_link, str):
+                    page_cursor = encode_cursor(full, next_link)
+                else:
+                    page_cursor = encode_cursor(False, delta) if isinstance(delta, str) else None
+                yield Page(records, page_cursor, resynced, full)
                 resynced = False
                 if fetch is None:
                     return
@@ -103,19 +128,33 @@ class DynamicsSource:
                 if fetch is not None and not fetch.done():
                     fetch.cancel()
 
-    def _record(self, row: dict[str, Any]) -> Record:
+    def _record(self, row: dict[str, Any], key_column: str) -> Record:
         if "reason" in row and "id" in row and str(row.get("@odata.context", "")).endswith("$deletedEntity"):
             return Record(str(row["id"]), deleted=True)
         values = {k: v for k, v in row.items() if not k.startswith("@")}
-        key = values.get(self.key_column)
+        key = values.get(key_column)
         if key is None:
-            raise ConnectorError("MISSING_KEY", f"a row came back without its key column {self.key_column!r}")
+            raise ConnectorError("MISSING_KEY", f"a row came back without its key column {key_column!r}")
         modified = values.get("modifiedon")
         return Record(str(key), values, modified=str(modified) if modified is not None else None)
 
     async def aclose(self) -> None:
         if self._own_transport:
             await self.transport.aclose()
+
+
+def encode_cursor(full: bool, link: str) -> str:
+    return ("full " if full else "delta ") + link
+
+
+def decode_cursor(cursor: str | None) -> tuple[bool, str | None]:
+    """(inside a full read, link to resume from). A bare link is a delta link."""
+    if cursor is None:
+        return True, None
+    mode, _, link = cursor.partition(" ")
+    if mode in ("full", "delta") and link:
+        return mode == "full", link
+    return False, cursor
 
 
 def _is_expired_delta(response: httpx.Response) -> bool:
@@ -255,7 +294,8 @@ class DynamicsSink:
         values = {k: v for k, v in record.values.items() if k != key_field or not _GUID.match(record.key)}
         return "PATCH", url, json.dumps(values, separators=(",", ":"), default=str).encode()
 
-    async def write(self, resource: str, key_field: str, records: Sequence[Record]) -> WriteResult:
+    async def write(self, resource: str, key_field: str, records: Sequence[Record], *,
+                    full_load: bool = False) -> WriteResult:
         written: list[str] = []
         rejected: list[Rejected] = []
         pending = list(records)

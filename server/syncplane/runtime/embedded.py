@@ -11,6 +11,7 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
@@ -22,6 +23,10 @@ from syncplane.runtime.supervisor import Supervisor, SupervisorConfig
 from syncplane.service import WorkflowService
 from syncplane.store.sqlite import SqliteStore
 from syncplane.telemetry import setup_tracing
+from syncplane.worker.credentials import write_local_secret
+
+if TYPE_CHECKING:
+    from syncplane.sandbox import Sandbox
 
 log = logging.getLogger(__name__)
 DEFAULTS_DIR = Path(__file__).resolve().parent.parent / "defaults"
@@ -54,6 +59,15 @@ async def create_default_workflows(service: WorkflowService, directory: Path = D
     return created
 
 
+def write_sandbox_secrets(sandbox: Sandbox, secrets_dir: Path) -> None:
+    """The secret files the default workflows reference, holding the sandbox's own client."""
+    common = {"clientId": sandbox.client_id, "clientSecret": sandbox.client_secret}
+    write_local_secret(secrets_dir, "d365-sandbox", {**common, "tokenUrl": sandbox.d365_token_url,
+                                                     "scope": sandbox.d365_scope})
+    write_local_secret(secrets_dir, "acs-sandbox", {**common, "tokenUrl": sandbox.acs_token_url,
+                                                    "scope": "openid,AdobeID,campaign_sdk"})
+
+
 async def serve(config: EmbeddedConfig, stop: asyncio.Event | None = None) -> None:
     setup_tracing("syncplane-server", config.otlp_endpoint)
     config.data_dir.mkdir(parents=True, exist_ok=True)
@@ -61,18 +75,23 @@ async def serve(config: EmbeddedConfig, stop: asyncio.Event | None = None) -> No
     supervisor = Supervisor(store, config.data_dir / "run", config.supervisor)
     service = WorkflowService(store, on_change=supervisor.wake)
     server, port, health = await create_server(service, config.address, config.security)
-    if config.with_defaults:
-        created = await create_default_workflows(service)
-        if created:
-            log.info("created default workflows: %s", ", ".join(created))
-    supervisor.start()
     sandbox = None
     if config.sandbox:
         from syncplane.sandbox import SeedSpec, start_sandbox
 
         sandbox = await start_sandbox(d365_port=7480, acs_port=7481,
-                                      seed=SeedSpec(contacts=1000, events=500))
+                                      seed=SeedSpec(contacts=20_000, events=500))
+        write_sandbox_secrets(sandbox, supervisor.secrets_dir)
         log.info("sandbox emulators: Dynamics 365 %s, Campaign %s", sandbox.d365_url, sandbox.acs_url)
+    if config.with_defaults:
+        created = await create_default_workflows(service)
+        if created:
+            log.info("created default workflows: %s", ", ".join(created))
+        if created and sandbox is not None:
+            # With the sandbox there is something to sync: run the defaults (once; a stop sticks).
+            for name in created:
+                await service.start(svc.StartWorkflowRequest(name=f"workflows/{name}"))
+    supervisor.start()
     host = config.address.rsplit(":", 1)[0]
     log.info("syncplane control plane serving on %s:%d (data in %s)", host, port, config.data_dir)
     await serve_until_signalled(server, health, port, config.port_file, stop)

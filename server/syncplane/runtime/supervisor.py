@@ -65,6 +65,9 @@ class Supervisor:
         self.state_dir = run_dir / "workers"
         self.spec_dir = run_dir / "specs"
         self.log_dir = run_dir / "logs"
+        # Beside the run directory: the data directory's secrets and worker state (checkpoints, dead letters).
+        self.secrets_dir = run_dir.parent / "secrets"
+        self.state_db = run_dir.parent / "worker-state.db"
         for d in (self.state_dir, self.spec_dir, self.log_dir):
             d.mkdir(parents=True, exist_ok=True)
         self.groups: dict[str, WorkerGroup] = {}
@@ -241,4 +244,5 @@ class Supervisor:
                 continue
             group.restart_at.pop(index, None)
             group.procs[index] = spawn(wid, index, generation, spec_file, self.state_dir, self.log_dir,
-                                       self.config.orphan_timeout, now)
+                                       self.config.orphan_timeout, now, secrets_dir=self.secrets_dir,
+                                       state_db=self.state_db)

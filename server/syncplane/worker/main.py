@@ -21,7 +21,14 @@ from aiohttp import web
 
 from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.model.convert import spec_from_dict
-from syncplane.worker.credentials import CredentialsError, load_kubernetes_secrets
+from syncplane.worker.checkpoints import SqliteWorkerState
+from syncplane.worker.credentials import (
+    ConnectionSecret,
+    CredentialsError,
+    load_kubernetes_secrets,
+    load_local_secrets,
+)
+from syncplane.worker.engine import Engine, FatalError
 from syncplane.worker.report import WorkerReport
 
 log = logging.getLogger("syncplane.worker")
@@ -41,6 +48,9 @@ class WorkerOptions:
     heartbeat: str = "http"          # "http": polled on /status (embedded); "kubernetes": a Lease
     namespace: str = ""
     pod_name: str = ""
+    secrets_dir: Path | None = None  # embedded: <name>.json per secret reference
+    state_db: Path | None = None     # embedded: checkpoints and dead letters
+    drain_timeout: float = 20.0      # after SIGTERM, how long the batch in flight may take
 
 
 def state_file(state_dir: Path, workflow: str, index: int) -> Path:
@@ -93,24 +103,28 @@ class Worker:
                                    self.opts.workflow, self.report)
         log.info("worker %s/%d generation %d listening on %s:%d (type %s)", self.opts.workflow,
                  self.opts.index, self.opts.generation, self.opts.host, port, spec.type)
-        # The data pipeline (sync engine) plugs in here; until it reports, the
-        # worker is ready once it serves its heartbeat and holds its credentials.
+        engine_task: asyncio.Task[None] | None = None
+        state: SqliteWorkerState | None = None
         try:
-            await self._verify_credentials(spec)
-            self.report.ready, self.report.phase = True, "RUNNING"
+            secrets = await self._load_secrets(spec)
+            state = SqliteWorkerState(self.opts.state_db or self.opts.state_dir / "worker-state.db")
+            engine = Engine(self.opts.workflow, spec, secrets, state, self.report, self.opts.index)
+            engine_task = asyncio.create_task(engine.run(self.stop))
+            engine_task.add_done_callback(self._engine_done)
         except CredentialsError as exc:
-            # Keep heartbeating the fatal report: the control plane decides (ERROR, then stop).
-            log.error("%s: %s", exc.reason, exc)
-            self.report.fatal = {"reason": exc.reason, "message": str(exc)}
-            self.report.phase = "FATAL"
+            self._fatal(exc.reason, str(exc))
         if lease is not None:
             beats = asyncio.create_task(lease.run(self.stop))
         try:
             await self._wait()
         finally:
             self.report.ready, self.report.phase = False, "DRAINING"
+            self.stop.set()
+            if engine_task is not None:
+                await self._drain(engine_task)
+            if state is not None:
+                state.close()
             if beats is not None and lease is not None:
-                self.stop.set()
                 await beats
                 await lease.close()
             state_file(self.opts.state_dir, self.opts.workflow, self.opts.index).unlink(missing_ok=True)
@@ -118,10 +132,35 @@ class Worker:
         log.info("worker %s/%d drained and stopped", self.opts.workflow, self.opts.index)
         return 0
 
-    async def _verify_credentials(self, spec: pb.WorkflowSpec) -> None:
+    def _fatal(self, reason: str, message: str) -> None:
+        # Keep heartbeating the fatal report: the control plane decides (ERROR, then stop).
+        log.error("%s: %s", reason, message)
+        self.report.fatal = {"reason": reason, "message": message}
+        self.report.ready, self.report.phase = False, "FATAL"
+
+    def _engine_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if isinstance(exc, FatalError):
+            self._fatal(exc.reason, str(exc))
+        elif exc is not None:
+            log.error("sync engine failed", exc_info=exc)
+            self._fatal("INTERNAL", f"sync engine failed: {type(exc).__name__}")
+
+    async def _drain(self, task: asyncio.Task[None]) -> None:
+        """Let the engine finish its batch in flight and commit; past the timeout, abandon it
+        (nothing after the last commit is lost: it is written again, idempotently, next time)."""
+        done, _ = await asyncio.wait({task}, timeout=self.opts.drain_timeout)
+        if not done:
+            log.warning("the batch in flight did not finish in %.0fs; abandoning it", self.opts.drain_timeout)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def _load_secrets(self, spec: pb.WorkflowSpec) -> dict[str, ConnectionSecret]:
         if self.opts.heartbeat == "kubernetes":
-            await load_kubernetes_secrets(spec, self.opts.namespace)
-        # Embedded: the connectors (sync-engine issue) resolve local secrets when they connect.
+            return await load_kubernetes_secrets(spec, self.opts.namespace)
+        return load_local_secrets(spec, self.opts.secrets_dir or self.opts.state_dir / "secrets")
 
     async def _wait(self) -> None:
         while not self.stop.is_set():
@@ -143,4 +182,5 @@ class Worker:
 
 def run(opts: WorkerOptions) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request: too much, and URLs carry keys
     return asyncio.run(Worker(opts).run())

@@ -43,14 +43,17 @@ class Pipeline:
         self._queued = 0
         self._in_flight = 0
         self._written_at: list[tuple[float, int]] = []
+        self.writing = False  # a batch is with the destination: let it finish on stop
 
     def _update_backlog(self) -> None:
         self.report.backlog = self._queued + self._in_flight
 
     async def run_once(self, stop: asyncio.Event) -> int:
-        """One pass: read everything new since the checkpoint, write it, commit. Returns records read."""
+        """One pass: read everything new since the checkpoint, write it, commit page by page.
+
+        Returns the records read. On ``stop`` it finishes the batch in flight and returns: the
+        last fully written page is committed, the rest is read again at the next start."""
         cursor = self.state.load(self.workflow, self.stream.name)
-        initial = cursor is None
         columns = self.stream.transform.source_columns()
         read = 0
 
@@ -63,18 +66,22 @@ class Pipeline:
                     self._queued += len(page.records)
                     self._update_backlog()
                     await self.queue.put(page)
-                    if stop.is_set():
-                        break  # drain: no new pages; what is queued is still written
             finally:
                 await self.queue.put(None)
 
         producer = asyncio.create_task(produce())
         try:
-            while (page := await self.queue.get()) is not None:
+            while (page := await self._next_page(stop)) is not None:
                 self._queued -= len(page.records)
                 self._in_flight = len(page.records)
                 self._update_backlog()
-                await self._write_page(page.records, initial or page.resynced)
+                try:
+                    complete = await self._write_page(page.records, page.full, stop)
+                except BaseException:
+                    self.report.counters.failed += self._in_flight
+                    raise
+                if not complete:
+                    break  # stopped mid-page: not committed, rewritten (idempotently) next time
                 if page.cursor is not None:
                     self.state.commit(self.workflow, self.stream.name, page.cursor)
                 self._in_flight = 0
@@ -83,22 +90,53 @@ class Pipeline:
             if not producer.done():
                 producer.cancel()
             await asyncio.gather(producer, return_exceptions=True)
+            if producer.done() and not producer.cancelled() and (exc := producer.exception()) is not None:
+                raise exc
+            self._queued = self._in_flight = 0
+            self._drain_queue()
+            self._update_backlog()
         return read
 
-    async def _write_page(self, records: Sequence[Record], initial: bool) -> None:
+    async def _next_page(self, stop: asyncio.Event) -> Page | None:
+        """The next page, or None at the end of the read or on stop (even while a read retries)."""
+        if stop.is_set():
+            return None
+        get = asyncio.ensure_future(self.queue.get())
+        stopped = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({get, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        if get.done():
+            return get.result()
+        get.cancel()
+        return None
+
+    def _drain_queue(self) -> None:
+        while not self.queue.empty():
+            self.queue.get_nowait()
+
+    async def _write_page(self, records: Sequence[Record], full: bool, stop: asyncio.Event) -> bool:
+        """Write one page in batches; False when ``stop`` came between two batches."""
         upserts: list[Record] = []
         deletes: list[Record] = []
         for rec in records:
-            out = self.stream.transform.apply(rec, initial)
+            out = self.stream.transform.apply(rec, full)
             if out.action == Action.UPSERT:
                 upserts.append(Record(out.key, out.values))
             elif out.action == Action.DELETE:
                 deletes.append(Record(out.key, deleted=True))
             self.report.truncated += len(out.truncated)
+        self._in_flight = len(upserts) + len(deletes)  # filtered-out records are done
+        self._update_backlog()
         batch = upserts + deletes
         for i in range(0, len(batch), self.batch_size):
+            if i and stop.is_set():
+                return False
             chunk = batch[i:i + self.batch_size]
-            result = await self.sink.write(self.stream.resource, self.stream.key_field, chunk)
+            self.writing = True
+            try:
+                result = await self.sink.write(self.stream.resource, self.stream.key_field, chunk, full_load=full)
+            finally:
+                self.writing = False
             by_key = {r.key: r for r in chunk}
             for bad in result.rejected:
                 rejected = by_key.get(bad.key)
@@ -109,6 +147,7 @@ class Pipeline:
             self._in_flight -= len(chunk)
             self._update_backlog()
             self._throughput(len(result.written))
+        return True
 
     def _throughput(self, n: int) -> None:
         now = time.monotonic()

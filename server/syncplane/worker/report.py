@@ -28,6 +28,7 @@ class WorkerReport:
     counters: Counters = field(default_factory=Counters)
     records_per_second: float = 0.0
     truncated: int = 0               # values cut to the destination's field length
+    resyncs: int = 0                 # full reads forced by an expired delta token
     last_error: dict[str, str] | None = None
     fatal: dict[str, str] | None = None
     started_at: float = field(default_factory=time.time)
@@ -54,4 +55,5 @@ class WorkerReport:
                self.counters.dead_lettered)
         metric("records_per_second", "gauge", "Write throughput.", self.records_per_second)
         metric("values_truncated_total", "counter", "Values cut to the destination's length.", self.truncated)
+        metric("resyncs_total", "counter", "Full reads forced by an expired delta token.", self.resyncs)
         return "\n".join(lines) + "\n"
