@@ -7,6 +7,7 @@ truncation to the destination's lengths (each truncation is counted).
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from datetime import date, datetime
@@ -91,6 +92,11 @@ class EntityTransform:
             return True
         results = (_matches(c, values) for c in conditions)
         return any(results) if self.entity.filter.combinator == pb.FILTER_COMBINATOR_OR else all(results)
+
+    def filter_fingerprint(self) -> str:
+        """Identifies the filter (and its delete-excluded switch): a change means a full re-read."""
+        f = self.entity.filter
+        return hashlib.sha256(f.SerializeToString(deterministic=True)).hexdigest()[:16] if f.conditions else "none"
 
     def source_columns(self) -> list[str]:
         """Every source column the transform reads (mapped, filtered or replaced)."""

@@ -9,6 +9,7 @@ nothing. Backlog = records queued + records in flight, not yet written.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Sequence
@@ -53,25 +54,23 @@ class Pipeline:
 
         Returns the records read. On ``stop`` it finishes the batch in flight and returns: the
         last fully written page is committed, the rest is read again at the next start."""
-        cursor = self.state.load(self.workflow, self.stream.name)
+        cursor = self._load_cursor()
         columns = self.stream.transform.source_columns()
         read = 0
 
         async def produce() -> None:
             nonlocal read
-            try:
-                async for page in self.source.pages(self.stream.table, columns, cursor):
-                    read += len(page.records)
-                    self.report.counters.read += len(page.records)
-                    self._queued += len(page.records)
-                    self._update_backlog()
-                    await self.queue.put(page)
-            finally:
-                await self.queue.put(None)
+            async for page in self.source.pages(self.stream.table, columns, cursor):
+                read += len(page.records)
+                self.report.counters.read += len(page.records)
+                self._queued += len(page.records)
+                self._update_backlog()
+                await self.queue.put(page)
+            await self.queue.put(None)  # the end of the read; a failure ends the task instead
 
         producer = asyncio.create_task(produce())
         try:
-            while (page := await self._next_page(stop)) is not None:
+            while (page := await self._next_page(stop, producer)) is not None:
                 self._queued -= len(page.records)
                 self._in_flight = len(page.records)
                 self._update_backlog()
@@ -83,31 +82,53 @@ class Pipeline:
                 if not complete:
                     break  # stopped mid-page: not committed, rewritten (idempotently) next time
                 if page.cursor is not None:
-                    self.state.commit(self.workflow, self.stream.name, page.cursor)
+                    self._commit(page.cursor)
                 self._in_flight = 0
                 self._update_backlog()
         finally:
             if not producer.done():
                 producer.cancel()
             await asyncio.gather(producer, return_exceptions=True)
-            if producer.done() and not producer.cancelled() and (exc := producer.exception()) is not None:
-                raise exc
             self._queued = self._in_flight = 0
             self._drain_queue()
             self._update_backlog()
         return read
 
-    async def _next_page(self, stop: asyncio.Event) -> Page | None:
-        """The next page, or None at the end of the read or on stop (even while a read retries)."""
+    def _load_cursor(self) -> str | None:
+        """The committed cursor, unless the filter changed since: then read everything again
+        (records the new filter excludes must go, ones it now admits must come)."""
+        raw = self.state.load(self.workflow, self.stream.name)
+        if raw is None:
+            return None
+        try:
+            saved = json.loads(raw)
+            cursor, fingerprint = str(saved["cursor"]), str(saved["filter"])
+        except (ValueError, KeyError, TypeError):
+            return None
+        if fingerprint != self.stream.transform.filter_fingerprint():
+            log.info("%s: the filter changed; reading the whole table again", self.stream.name)
+            return None
+        return cursor
+
+    def _commit(self, cursor: str) -> None:
+        self.state.commit(self.workflow, self.stream.name,
+                          json.dumps({"cursor": cursor, "filter": self.stream.transform.filter_fingerprint()}))
+
+    async def _next_page(self, stop: asyncio.Event, producer: asyncio.Task[None]) -> Page | None:
+        """The next page; None at the end of the read or on stop (even while a read retries).
+        A failed read raises its error here, once the pages before it are written."""
         if stop.is_set():
             return None
         get = asyncio.ensure_future(self.queue.get())
         stopped = asyncio.ensure_future(stop.wait())
-        await asyncio.wait({get, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({get, stopped, producer}, return_when=asyncio.FIRST_COMPLETED)
         stopped.cancel()
         if get.done():
             return get.result()
         get.cancel()
+        if producer.done() and not stop.is_set():
+            producer.result()  # raises the read's error
+            raise RuntimeError("the read ended without its end marker")
         return None
 
     def _drain_queue(self) -> None:

@@ -1,0 +1,124 @@
+"""An ingress workflow against the sandbox: the spec, the expected destination, and waits.
+
+The expected destination is computed here from the sandbox's source rows with
+the documented mapping rules, independently of the worker's transform.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from syncplane.api.v1 import workflow_pb2 as pb
+from syncplane.api.v1 import workflow_service_pb2 as svc
+from syncplane.api.v1 import workflow_service_pb2_grpc as svc_grpc
+from syncplane.runtime.embedded import write_sandbox_secrets
+from syncplane.sandbox import Sandbox
+from tests.factories import spec as default_spec
+
+PROFILE = {"contactid": "externalId", "emailaddress1": "email", "firstname": "firstName", "lastname": "lastName"}
+LENGTHS = {"email": 128, "firstName": 30, "lastName": 50}
+CARD = {"new_loyaltycardid": "crmId", "new_cardnumber": "cardNumber", "new_tier": "tier", "new_points": "points"}
+
+
+def loyalty_mapping() -> pb.EntityMapping:
+    m = pb.EntityMapping(source_table="new_loyaltycard", destination_resource="cusLoyaltyCard",
+                         source_key="new_loyaltycardid", destination_key="crmId", apply_deletes=True)
+    for src, dst in CARD.items():
+        m.fields.add(source=src, destination=dst)
+    return m
+
+
+def ingress_spec(sandbox: Sandbox, *, cards: bool = False, batch_size: int = 500,
+                 poll_seconds: int = 1) -> pb.WorkflowSpec:
+    s = default_spec("ingress")
+    s.source.endpoint = sandbox.d365_url
+    s.destination.endpoint = sandbox.acs_url
+    s.batch_size = batch_size
+    s.poll_interval.seconds = poll_seconds
+    if cards:
+        s.ingress.entities.append(loyalty_mapping())
+    return s
+
+
+def prepare(sandbox: Sandbox, data_dir: Any) -> None:
+    write_sandbox_secrets(sandbox, data_dir / "secrets")
+
+
+def passes(row: dict[str, Any], conditions: list[tuple[str, str]]) -> bool:
+    return all(str(row.get(f)) == v for f, v in conditions)
+
+
+def expected_profiles(sandbox: Sandbox, where: Callable[[dict[str, Any]], bool] = lambda _: True,
+                      ) -> dict[str, dict[str, Any]]:
+    """externalId → the profile fields the mapping must produce."""
+    out: dict[str, dict[str, Any]] = {}
+    for row in sandbox.d365.table("contacts").rows.values():
+        if not where(row):
+            continue
+        values = {}
+        for src, dst in PROFILE.items():
+            v = row.get(src)
+            if isinstance(v, str) and dst in LENGTHS:
+                v = v[:LENGTHS[dst]]
+            values[dst] = v
+        out[str(row["contactid"])] = values
+    return out
+
+
+def actual_profiles(sandbox: Sandbox) -> dict[str, dict[str, Any]]:
+    rows = sandbox.acs.profiles.rows.values()
+    return {str(r["externalId"]): {k: r.get(k) for k in PROFILE.values()} for r in rows if r.get("externalId")}
+
+
+def profile_key_count(sandbox: Sandbox) -> tuple[int, int]:
+    """(rows carrying an externalId, distinct externalIds): equal means no duplicates."""
+    keys = [r["externalId"] for r in sandbox.acs.profiles.rows.values() if r.get("externalId")]
+    return len(keys), len(set(keys))
+
+
+def expected_cards(sandbox: Sandbox) -> dict[str, dict[str, Any]]:
+    return {str(r["new_loyaltycardid"]): {dst: r.get(src) for src, dst in CARD.items()}
+            for r in sandbox.d365.table("new_loyaltycards").rows.values()}
+
+
+def actual_cards(sandbox: Sandbox) -> dict[str, dict[str, Any]]:
+    rows = sandbox.acs.resource("cusLoyaltyCard").rows.values()
+    return {str(r["crmId"]): {k: r.get(k) for k in CARD.values()} for r in rows}
+
+
+async def converge(check: Callable[[], bool], timeout: float, what: str) -> None:
+    """Wait for the destination to reach a state (the outside world), with a deadline."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not check():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        await asyncio.sleep(0.2)
+
+
+async def status_of(stub: svc_grpc.WorkflowServiceStub, name: str) -> pb.WorkflowStatus:
+    wf = await stub.GetWorkflow(svc.GetWorkflowRequest(name=f"workflows/{name}"))
+    return wf.status
+
+
+def diff(expected: dict[str, dict[str, Any]], actual: dict[str, dict[str, Any]]) -> str:
+    missing = expected.keys() - actual.keys()
+    extra = actual.keys() - expected.keys()
+    wrong = [k for k in expected.keys() & actual.keys() if expected[k] != actual[k]]
+    sample = wrong[:1]
+    return (f"missing {len(missing)}, extra {len(extra)}, different {len(wrong)}"
+            + (f" (e.g. {sample[0]}: expected {expected[sample[0]]}, got {actual[sample[0]]})" if sample else ""))
+
+
+async def status_until(stub: svc_grpc.WorkflowServiceStub, name: str,
+                       predicate: Callable[[pb.WorkflowStatus], bool], timeout: float) -> pb.WorkflowStatus:
+    """Poll the workflow's status through the API until the predicate holds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate(status := await status_of(stub, name)):
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out; last status: {status}")
+        await asyncio.sleep(0.2)
+    return status

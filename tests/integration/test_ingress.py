@@ -1,0 +1,218 @@
+"""The ingress workflow end to end: the control plane in-process, the worker as a real OS
+process, the sandbox emulators over real HTTP. Every check is on the destination's data
+(counted by key) or on the sandbox's request log, never on our own objects."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from syncplane.api.v1 import workflow_pb2 as pb
+from syncplane.api.v1 import workflow_service_pb2 as svc
+from syncplane.runtime.supervisor import SupervisorConfig
+from syncplane.sandbox import Sandbox, SeedSpec, start_sandbox
+from syncplane.worker.checkpoints import SqliteWorkerState
+from tests.integration.conftest import ControlPlane, _serve, watch_until, worker_processes
+from tests.integration.ingress_env import (
+    actual_cards,
+    actual_profiles,
+    converge,
+    diff,
+    expected_cards,
+    expected_profiles,
+    ingress_spec,
+    prepare,
+    profile_key_count,
+    status_of,
+    status_until,
+)
+
+# Crash tests kill the worker on purpose: allow many restarts, quickly.
+CRASH_TOLERANT = SupervisorConfig(tick=0.1, stop_timeout=10.0, backoff_base=0.05, backoff_cap=0.5, crash_limit=50,
+                                  crash_window=600.0, orphan_timeout=30.0, poll_timeout=1.0)
+
+
+@pytest.fixture
+async def plane(tmp_path: Path) -> AsyncIterator[ControlPlane]:
+    async for p in _serve(tmp_path, config=CRASH_TOLERANT):
+        yield p
+
+
+async def sandbox_with(seed: SeedSpec) -> Sandbox:
+    return await start_sandbox(seed=seed)
+
+
+async def start(plane: ControlPlane, name: str, spec: pb.WorkflowSpec) -> None:
+    await plane.stub.CreateWorkflow(svc.CreateWorkflowRequest(workflow_id=name, workflow=pb.Workflow(spec=spec)))
+    await plane.stub.StartWorkflow(svc.StartWorkflowRequest(name=f"workflows/{name}"))
+
+
+async def stop(plane: ControlPlane, name: str) -> pb.Workflow:
+    rev = plane.store.revision()
+    await plane.stub.StopWorkflow(svc.StopWorkflowRequest(name=f"workflows/{name}"))
+    wf, _ = await watch_until(plane.stub, name, lambda w: w.status.phase == pb.PHASE_STOPPED, rev, timeout=60)
+    return wf
+
+
+async def restart_with(plane: ControlPlane, name: str, spec: pb.WorkflowSpec, paths: list[str]) -> None:
+    from google.protobuf import field_mask_pb2
+
+    wf = pb.Workflow(name=f"workflows/{name}", spec=spec)
+    await plane.stub.UpdateWorkflow(svc.UpdateWorkflowRequest(workflow=wf,
+                                                              update_mask=field_mask_pb2.FieldMask(paths=paths)))
+    await stop(plane, name)
+    await plane.stub.StartWorkflow(svc.StartWorkflowRequest(name=f"workflows/{name}"))
+
+
+def worker_pid(plane: ControlPlane) -> int | None:
+    procs = worker_processes(plane.data_dir)
+    return procs[0].pid if procs else None
+
+
+async def test_full_ingress_then_updates_deletes_and_filter_change(plane: ControlPlane) -> None:
+    sb = await sandbox_with(SeedSpec(contacts=50_000, loyalty_cards=2_000, seed=7))
+    try:
+        prepare(sb, plane.data_dir)
+        spec = ingress_spec(sb, cards=True)
+        await start(plane, "ingress", spec)
+        await converge(lambda: actual_profiles(sb) == expected_profiles(sb) and actual_cards(sb) == expected_cards(sb),
+                       600, "the first load of 50,000 contacts and 2,000 cards")
+        status = await status_of(plane.stub, "ingress")
+        assert status.counters.dead_lettered == 0
+        assert profile_key_count(sb) == (50_000, 50_000)
+
+        # Updates and deletes flow through change tracking.
+        contacts = sb.d365.table("contacts")
+        ids = sorted(contacts.rows)
+        rng = random.Random(1)
+        for rid in rng.sample(ids, 300):
+            contacts.upsert(rid, lastname="Updated")
+        for rid in rng.sample(ids, 200):
+            contacts.delete(rid)
+        card_ids = sorted(sb.d365.table("new_loyaltycards").rows)
+        for rid in card_ids[:50]:
+            sb.d365.table("new_loyaltycards").delete(rid)
+        await converge(lambda: actual_profiles(sb) == expected_profiles(sb) and actual_cards(sb) == expected_cards(sb),
+                       120, "updates and deletes: " + diff(expected_profiles(sb), actual_profiles(sb)))
+
+        # A filter change re-reads the table: the excluded records are deleted at the destination.
+        changed = pb.WorkflowSpec()
+        changed.CopyFrom(spec)
+        entity = changed.ingress.entities[0]
+        entity.filter.conditions.add(field="statecode", operator=pb.FILTER_OPERATOR_EQUALS, value="0")
+        entity.filter.delete_excluded = True
+        await restart_with(plane, "ingress", changed, ["spec.ingress"])
+        active = expected_profiles(sb, lambda row: row.get("statecode") == 0)
+        assert len(active) < len(contacts.rows)
+        await converge(lambda: actual_profiles(sb) == active, 300,
+                       "the filter change: " + diff(active, actual_profiles(sb)))
+    finally:
+        await sb.stop()
+
+
+async def test_kill_9_at_ten_random_moments_loses_and_duplicates_nothing(plane: ControlPlane) -> None:
+    sb = await sandbox_with(SeedSpec(contacts=100_000, seed=11))
+    try:
+        prepare(sb, plane.data_dir)
+        await start(plane, "crashy", ingress_spec(sb, batch_size=1000))
+        expected = expected_profiles(sb)
+        rng = random.Random(20261128)
+        kills = 0
+        for written_at in sorted(rng.sample(range(2_000, 90_000), 10)):
+            def reached(w: int = written_at) -> bool:
+                return len(sb.acs.profiles.rows) >= w and worker_pid(plane) is not None
+
+            await converge(reached, 300, f"{written_at} profiles written and a worker running")
+            pid = worker_pid(plane)
+            assert pid is not None
+            os.kill(pid, signal.SIGKILL)
+            kills += 1
+        assert kills == 10
+        await converge(lambda: actual_profiles(sb) == expected, 600,
+                       "consistency after 10 kills: " + diff(expected, actual_profiles(sb)))
+        assert profile_key_count(sb) == (100_000, 100_000)  # no duplicates, none lost
+        status = await status_of(plane.stub, "crashy")
+        assert status.phase == pb.PHASE_RUNNING
+    finally:
+        await sb.stop()
+
+
+async def test_throttling_errors_and_token_expiry_lose_nothing(plane: ControlPlane) -> None:
+    sb = await sandbox_with(SeedSpec(contacts=600, seed=5))
+    try:
+        prepare(sb, plane.data_dir)
+        sb.faults.set(rate_429=0.10, rate_503=0.05, retry_after_s=1)
+        await start(plane, "faulty", ingress_spec(sb, batch_size=100))
+        await converge(lambda: len(sb.acs.profiles.rows) >= 200, 300, "a third delivered")
+        sb.expire_tokens()  # mid-run: every issued token is now invalid
+        expected = expected_profiles(sb)
+        await converge(lambda: actual_profiles(sb) == expected, 600,
+                       "delivery under faults: " + diff(expected, actual_profiles(sb)))
+        log = sb.requests
+        assert sum(1 for r in log.records() if r.status == 429) > 0
+        assert sum(1 for r in log.records() if r.status == 503) > 0
+        assert sum(1 for r in log.records() if r.status == 401) > 0, "the expired token was used and refused"
+        assert log.retry_after_violations() == [], "a request went out before Retry-After had elapsed"
+        status = await status_until(plane.stub, "faulty", lambda s: s.counters.written >= 600, 30)
+        assert status.counters.dead_lettered == 0 and status.phase == pb.PHASE_RUNNING
+    finally:
+        await sb.stop()
+
+
+async def test_stop_during_heavy_sync_commits_and_start_resumes(plane: ControlPlane) -> None:
+    sb = await sandbox_with(SeedSpec(contacts=30_000, seed=9))
+    try:
+        prepare(sb, plane.data_dir)
+        await start(plane, "heavy", ingress_spec(sb, batch_size=500))
+        await converge(lambda: len(sb.acs.profiles.rows) >= 6_000, 300, "6,000 profiles written")
+        pid = worker_pid(plane)
+        assert pid is not None
+        await stop(plane, "heavy")
+        assert worker_processes(plane.data_dir) == []
+        # The worker drained (exit 0, not killed by the supervisor's escalation) and committed.
+        log_text = (plane.data_dir / "run" / "logs" / "heavy.0.log").read_text()
+        assert "drained and stopped" in log_text
+        state = SqliteWorkerState(plane.data_dir / "worker-state.db")
+        cursor = state.load("heavy", "contact")
+        state.close()
+        assert cursor is not None and "$skiptoken=" in cursor, "a mid-load checkpoint was committed"
+        written_before = len(sb.acs.profiles.rows)
+        seq = max((r.seq for r in sb.requests.records()), default=0)
+
+        await plane.stub.StartWorkflow(svc.StartWorkflowRequest(name="workflows/heavy"))
+        expected = expected_profiles(sb)
+        await converge(lambda: actual_profiles(sb) == expected, 300,
+                       "completion after restart: " + diff(expected, actual_profiles(sb)))
+        reads = [r for r in sb.requests.records(since=seq, server="d365") if "/contacts?" in r.path]
+        assert reads and "$skiptoken=" in reads[0].path, "the restart resumed from the checkpoint, not from the start"
+        posts = [r for r in sb.requests.records(since=seq, server="acs") if r.method == "POST"]
+        assert len(posts) < len(expected) - written_before + 2_000, "records before the checkpoint were re-sent"
+    finally:
+        await sb.stop()
+
+
+async def test_rejected_records_go_to_dead_letters_and_the_rest_is_written(plane: ControlPlane) -> None:
+    sb = await sandbox_with(SeedSpec(contacts=1_000, seed=3))
+    try:
+        prepare(sb, plane.data_dir)
+        bad = sorted(sb.d365.table("contacts").rows)[:3]
+        sb.acs.poison_keys("profile", *bad)
+        await start(plane, "poison", ingress_spec(sb, batch_size=1000))
+        expected = {k: v for k, v in expected_profiles(sb).items() if k not in bad}
+        await converge(lambda: actual_profiles(sb) == expected, 120,
+                       "all but the poison records: " + diff(expected, actual_profiles(sb)))
+        state = SqliteWorkerState(plane.data_dir / "worker-state.db")
+        letters = state.dead_letters("poison")
+        state.close()
+        assert sorted(d["key"] for d in letters) == bad
+        assert all(d["status"] == 400 and d["error"] for d in letters)
+        assert all(d["payload"] for d in letters), "the record itself is kept for a retry"
+        status = await status_until(plane.stub, "poison", lambda s: s.counters.dead_lettered >= 3, 30)
+        assert status.counters.dead_lettered == 3 and status.counters.written == 997
+    finally:
+        await sb.stop()
