@@ -7,8 +7,8 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
-from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.lifecycle import Observed, WorkerFailure
+from syncplane.lifecycle.reports import totals
 from syncplane_operator import labels as L
 
 CRASH_RESTARTS = 3           # restarts of one container before it counts as a crash loop
@@ -56,8 +56,7 @@ def observe(deployment: dict[str, Any] | None, pods: Iterable[dict[str, Any]], l
                     "CRASH_LOOP", f"worker pod {pod['metadata']['name']} is crash-looping "
                     f"({cs.get('restartCount', 0)} restarts)")
     ready_heartbeats = 0
-    backlog = 0
-    counters = pb.Counters()
+    fresh: list[dict[str, Any]] = []
     for lease in leases:
         report = lease_report(lease)
         renewed = _parse_time((lease.get("spec") or {}).get("renewTime"))
@@ -73,12 +72,8 @@ def observe(deployment: dict[str, Any] | None, pods: Iterable[dict[str, Any]], l
             continue
         if report.get("ready") and report.get("generation") == generation:
             ready_heartbeats += 1
-        backlog += int(report.get("backlog") or 0)
-        c = report.get("counters") or {}
-        counters.read += int(c.get("read", 0))
-        counters.written += int(c.get("written", 0))
-        counters.failed += int(c.get("failed", 0))
-        counters.dead_lettered += int(c.get("dead_lettered", 0))
-        counters.records_per_second += float(report.get("records_per_second") or 0.0)
+        fresh.append(report)
     ready = min(available, ready_heartbeats) if require_heartbeat else available
-    return Observed(live=live, ready=ready, failure=failure, backlog=backlog, counters=counters)
+    summed = totals(fresh)
+    return Observed(live=live, ready=ready, failure=failure, backlog=summed.backlog, counters=summed.counters,
+                    tables=summed.tables)

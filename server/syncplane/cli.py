@@ -281,6 +281,7 @@ def describe_text(wf: pb.Workflow) -> str:
         f"Counters:     read {s.counters.read}, written {s.counters.written}, failed {s.counters.failed}, "
         f"dead-lettered {s.counters.dead_lettered}, {s.counters.records_per_second:.1f} records/s",
         f"Last error:   {f'{s.last_error.reason}: {s.last_error.message}' if s.last_error.reason else '-'}",
+        f"Tables:       {', '.join(f'{t.source_table} {t.rows} rows' for t in s.tables) or '-'}",
     ]
     if s.drift.detected:
         lines.append("Drift:        restart required; edited since the last start:")
@@ -325,6 +326,20 @@ def _lifecycle_command(verb: str, method: str, request_type: Any, doc: str) -> N
 
 for _verb, _method, _request, _doc in _LIFECYCLE:
     _lifecycle_command(_verb, _method, _request, _doc)
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--table", required=True, help="The source table to read again, e.g. contact.")
+@click.pass_context
+def replay(ctx: click.Context, name: str, table: str) -> None:
+    """Re-sync one whole table at the next start (refused at 2,000,000 records or more)."""
+    wf = pb.Workflow(name=workflow_name(name))
+    wf.spec.ingress.replay.source_table = table
+    wf.spec.ingress.replay.request_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+    _client(ctx).UpdateWorkflow(svc.UpdateWorkflowRequest(
+        workflow=wf, update_mask=field_mask_pb2.FieldMask(paths=["spec.ingress.replay"])))
+    click.echo(f"workflow/{name} will replay table {table} at its next start (restart to apply now)")
 
 
 @cli.command()

@@ -83,19 +83,34 @@ def expected_cards(sandbox: Sandbox) -> dict[str, dict[str, Any]]:
             for r in sandbox.d365.table("new_loyaltycards").rows.values()}
 
 
+def profiles_match(sandbox: Sandbox, where: Callable[[dict[str, Any]], bool] | None = None) -> bool:
+    """The destination's profiles equal the mapped source; cheap (a count) until it may be so."""
+    rows = sandbox.d365.table("contacts").rows.values()
+    wanted = len(sandbox.d365.table("contacts").rows) if where is None else sum(1 for r in rows if where(r))
+    if len(sandbox.acs.profiles.rows) != wanted:
+        return False
+    return actual_profiles(sandbox) == expected_profiles(sandbox, where or (lambda _: True))
+
+
+def cards_match(sandbox: Sandbox) -> bool:
+    if len(sandbox.acs.resource("cusLoyaltyCard").rows) != len(sandbox.d365.table("new_loyaltycards").rows):
+        return False
+    return actual_cards(sandbox) == expected_cards(sandbox)
+
+
 def actual_cards(sandbox: Sandbox) -> dict[str, dict[str, Any]]:
     rows = sandbox.acs.resource("cusLoyaltyCard").rows.values()
     return {str(r["crmId"]): {k: r.get(k) for k in CARD.values()} for r in rows}
 
 
-async def converge(check: Callable[[], bool], timeout: float, what: str) -> None:
+async def converge(check: Callable[[], bool], timeout: float, what: str | Callable[[], str]) -> None:
     """Wait for the destination to reach a state (the outside world), with a deadline."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while not check():
         if loop.time() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        await asyncio.sleep(0.2)
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what() if callable(what) else what}")
+        await asyncio.sleep(0.5)  # the sandbox shares this event loop: leave it the time
 
 
 async def status_of(stub: svc_grpc.WorkflowServiceStub, name: str) -> pb.WorkflowStatus:

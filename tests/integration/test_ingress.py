@@ -19,15 +19,15 @@ from syncplane.sandbox import Sandbox, SeedSpec, start_sandbox
 from syncplane.worker.checkpoints import SqliteWorkerState
 from tests.integration.conftest import ControlPlane, _serve, watch_until, worker_processes
 from tests.integration.ingress_env import (
-    actual_cards,
     actual_profiles,
+    cards_match,
     converge,
     diff,
-    expected_cards,
     expected_profiles,
     ingress_spec,
     prepare,
     profile_key_count,
+    profiles_match,
     status_of,
     status_until,
 )
@@ -74,13 +74,14 @@ def worker_pid(plane: ControlPlane) -> int | None:
     return procs[0].pid if procs else None
 
 
+@pytest.mark.timeout(1200)
 async def test_full_ingress_then_updates_deletes_and_filter_change(plane: ControlPlane) -> None:
     sb = await sandbox_with(SeedSpec(contacts=50_000, loyalty_cards=2_000, seed=7))
     try:
         prepare(sb, plane.data_dir)
         spec = ingress_spec(sb, cards=True)
         await start(plane, "ingress", spec)
-        await converge(lambda: actual_profiles(sb) == expected_profiles(sb) and actual_cards(sb) == expected_cards(sb),
+        await converge(lambda: profiles_match(sb) and cards_match(sb),
                        600, "the first load of 50,000 contacts and 2,000 cards")
         status = await status_of(plane.stub, "ingress")
         assert status.counters.dead_lettered == 0
@@ -97,8 +98,8 @@ async def test_full_ingress_then_updates_deletes_and_filter_change(plane: Contro
         card_ids = sorted(sb.d365.table("new_loyaltycards").rows)
         for rid in card_ids[:50]:
             sb.d365.table("new_loyaltycards").delete(rid)
-        await converge(lambda: actual_profiles(sb) == expected_profiles(sb) and actual_cards(sb) == expected_cards(sb),
-                       120, "updates and deletes: " + diff(expected_profiles(sb), actual_profiles(sb)))
+        await converge(lambda: profiles_match(sb) and cards_match(sb),
+                       120, lambda: "updates and deletes: " + diff(expected_profiles(sb), actual_profiles(sb)))
 
         # A filter change re-reads the table: the excluded records are deleted at the destination.
         changed = pb.WorkflowSpec()
@@ -109,12 +110,13 @@ async def test_full_ingress_then_updates_deletes_and_filter_change(plane: Contro
         await restart_with(plane, "ingress", changed, ["spec.ingress"])
         active = expected_profiles(sb, lambda row: row.get("statecode") == 0)
         assert len(active) < len(contacts.rows)
-        await converge(lambda: actual_profiles(sb) == active, 300,
-                       "the filter change: " + diff(active, actual_profiles(sb)))
+        await converge(lambda: profiles_match(sb, lambda row: row.get("statecode") == 0), 300,
+                       lambda: "the filter change: " + diff(active, actual_profiles(sb)))
     finally:
         await sb.stop()
 
 
+@pytest.mark.timeout(1200)
 async def test_kill_9_at_ten_random_moments_loses_and_duplicates_nothing(plane: ControlPlane) -> None:
     sb = await sandbox_with(SeedSpec(contacts=100_000, seed=11))
     try:
@@ -133,8 +135,8 @@ async def test_kill_9_at_ten_random_moments_loses_and_duplicates_nothing(plane: 
             os.kill(pid, signal.SIGKILL)
             kills += 1
         assert kills == 10
-        await converge(lambda: actual_profiles(sb) == expected, 600,
-                       "consistency after 10 kills: " + diff(expected, actual_profiles(sb)))
+        await converge(lambda: profiles_match(sb), 600,
+                       lambda: "consistency after 10 kills: " + diff(expected, actual_profiles(sb)))
         assert profile_key_count(sb) == (100_000, 100_000)  # no duplicates, none lost
         status = await status_of(plane.stub, "crashy")
         assert status.phase == pb.PHASE_RUNNING
@@ -142,6 +144,7 @@ async def test_kill_9_at_ten_random_moments_loses_and_duplicates_nothing(plane: 
         await sb.stop()
 
 
+@pytest.mark.timeout(900)
 async def test_throttling_errors_and_token_expiry_lose_nothing(plane: ControlPlane) -> None:
     sb = await sandbox_with(SeedSpec(contacts=600, seed=5))
     try:
@@ -151,8 +154,8 @@ async def test_throttling_errors_and_token_expiry_lose_nothing(plane: ControlPla
         await converge(lambda: len(sb.acs.profiles.rows) >= 200, 300, "a third delivered")
         sb.expire_tokens()  # mid-run: every issued token is now invalid
         expected = expected_profiles(sb)
-        await converge(lambda: actual_profiles(sb) == expected, 600,
-                       "delivery under faults: " + diff(expected, actual_profiles(sb)))
+        await converge(lambda: profiles_match(sb), 600,
+                       lambda: "delivery under faults: " + diff(expected, actual_profiles(sb)))
         log = sb.requests
         assert sum(1 for r in log.records() if r.status == 429) > 0
         assert sum(1 for r in log.records() if r.status == 503) > 0
@@ -186,8 +189,8 @@ async def test_stop_during_heavy_sync_commits_and_start_resumes(plane: ControlPl
 
         await plane.stub.StartWorkflow(svc.StartWorkflowRequest(name="workflows/heavy"))
         expected = expected_profiles(sb)
-        await converge(lambda: actual_profiles(sb) == expected, 300,
-                       "completion after restart: " + diff(expected, actual_profiles(sb)))
+        await converge(lambda: profiles_match(sb), 300,
+                       lambda: "completion after restart: " + diff(expected, actual_profiles(sb)))
         reads = [r for r in sb.requests.records(since=seq, server="d365") if "/contacts?" in r.path]
         assert reads and "$skiptoken=" in reads[0].path, "the restart resumed from the checkpoint, not from the start"
         posts = [r for r in sb.requests.records(since=seq, server="acs") if r.method == "POST"]
@@ -205,7 +208,7 @@ async def test_rejected_records_go_to_dead_letters_and_the_rest_is_written(plane
         await start(plane, "poison", ingress_spec(sb, batch_size=1000))
         expected = {k: v for k, v in expected_profiles(sb).items() if k not in bad}
         await converge(lambda: actual_profiles(sb) == expected, 120,
-                       "all but the poison records: " + diff(expected, actual_profiles(sb)))
+                       lambda: "all but the poison records: " + diff(expected, actual_profiles(sb)))
         state = SqliteWorkerState(plane.data_dir / "worker-state.db")
         letters = state.dead_letters("poison")
         state.close()
@@ -214,5 +217,49 @@ async def test_rejected_records_go_to_dead_letters_and_the_rest_is_written(plane
         assert all(d["payload"] for d in letters), "the record itself is kept for a retry"
         status = await status_until(plane.stub, "poison", lambda s: s.counters.dead_lettered >= 3, 30)
         assert status.counters.dead_lettered == 3 and status.counters.written == 997
+    finally:
+        await sb.stop()
+
+
+async def test_replay_rewrites_one_table_and_the_table_size_is_reported(plane: ControlPlane) -> None:
+    sb = await sandbox_with(SeedSpec(contacts=2_000, loyalty_cards=300, seed=13))
+    try:
+        prepare(sb, plane.data_dir)
+        spec = ingress_spec(sb, cards=True)
+        await start(plane, "replayed", spec)
+        await converge(lambda: profiles_match(sb) and cards_match(sb),
+                       120, "the first load")
+        status = await status_until(plane.stub, "replayed", lambda s: len(s.tables) == 2, 30)
+        assert {t.source_table: t.rows for t in status.tables} == {"contact": 2_000, "new_loyaltycard": 300}
+
+        # Someone edits profiles in Campaign: change tracking on the CRM side cannot see it.
+        tampered = sorted(sb.acs.profiles.rows)[:25]
+        for pkey in tampered:
+            sb.acs.profiles.set(pkey, lastName="Tampered")
+        assert actual_profiles(sb) != expected_profiles(sb)
+        seq = max(r.seq for r in sb.requests.records())
+
+        replay = pb.WorkflowSpec()
+        replay.CopyFrom(spec)
+        replay.ingress.replay.source_table = "contact"
+        replay.ingress.replay.request_id = "r1"
+        await restart_with(plane, "replayed", replay, ["spec.ingress.replay"])
+        await converge(lambda: profiles_match(sb), 120,
+                       lambda: "the replay: " + diff(expected_profiles(sb), actual_profiles(sb)))
+        # Only the replayed table was read in full again.
+        full_reads = [r.path for r in sb.requests.records(since=seq, server="d365")
+                      if "$select=" in r.path and "$skiptoken" not in r.path and "$deltatoken" not in r.path]
+        assert any(p.split("?")[0].endswith("/contacts") for p in full_reads)
+        assert not any(p.split("?")[0].endswith("/new_loyaltycards") for p in full_reads)
+
+        # The same request id does not replay again on the next restart.
+        seq = max(r.seq for r in sb.requests.records())
+        await stop(plane, "replayed")
+        await plane.stub.StartWorkflow(svc.StartWorkflowRequest(name="workflows/replayed"))
+        await status_until(plane.stub, "replayed", lambda s: s.phase == pb.PHASE_RUNNING, 30)
+        await converge(lambda: any("$deltatoken" in r.path for r in sb.requests.records(since=seq, server="d365")
+                                   if "/contacts" in r.path), 30, "a delta read of contacts")
+        assert not any("$select=" in r.path and "$deltatoken" not in r.path and "$skiptoken" not in r.path
+                       for r in sb.requests.records(since=seq, server="d365") if "/contacts" in r.path)
     finally:
         await sb.stop()

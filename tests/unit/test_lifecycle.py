@@ -12,6 +12,7 @@ from syncplane.lifecycle import (
     Observed,
     WorkerFailure,
     check_preconditions,
+    check_replay,
     effective_phase,
     reconcile,
     request_restart,
@@ -159,3 +160,33 @@ def test_preconditions():
     with pytest.raises(FailedPrecondition, match="expected phase STOPPED"):
         check_preconditions(wf, "", pb.PHASE_STOPPED)
     check_preconditions(wf, wf.etag, pb.PHASE_RUNNING)
+
+
+def _with_replay(request_id: str) -> pb.WorkflowSpec:
+    s = pb.WorkflowSpec()
+    s.CopyFrom(workflow().spec)
+    s.ingress.replay.source_table = "contact"
+    s.ingress.replay.request_id = request_id
+    return s
+
+
+@pytest.mark.parametrize(("backlog", "rows", "refused"), [
+    (0, 0, False), (1_999_999, 1_999_999, False), (2_000_000, 0, True), (0, 2_000_000, True)])
+def test_replay_is_refused_at_two_million_backlog_or_table_rows(backlog, rows, refused):
+    wf = workflow()
+    wf.status.backlog = backlog
+    wf.status.tables.add(source_table="contact", rows=rows)
+    wf.status.tables.add(source_table="other", rows=5_000_000)  # another table's size does not matter
+    if refused:
+        with pytest.raises(FailedPrecondition) as err:
+            check_replay(wf, _with_replay("r1"))
+        assert err.value.reason == "REPLAY_REFUSED" and "2,000,000" in str(err.value)
+    else:
+        check_replay(wf, _with_replay("r1"))
+
+
+def test_an_unchanged_replay_request_is_not_checked_again():
+    wf = workflow()
+    wf.spec.CopyFrom(_with_replay("r1"))
+    wf.status.backlog = 3_000_000
+    check_replay(wf, _with_replay("r1"))  # an edit of something else must not be refused

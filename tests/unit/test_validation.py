@@ -129,3 +129,15 @@ def test_labels():
     with pytest.raises(InvalidArgument) as exc:
         validate_labels({"ok": "fine", "bad key!": "x", "k": "v" * 70})
     assert {v.field for v in exc.value.violations} == {"labels[bad key!]", "labels[k]"}
+
+
+def test_replay_names_a_mapped_table_and_a_request_id():
+    s = spec("ingress")
+    s.ingress.replay.source_table = "account"
+    with pytest.raises(InvalidArgument) as err:
+        validate_spec(s)
+    fields = {v.field for v in err.value.violations}
+    assert fields == {"spec.ingress.replay.source_table", "spec.ingress.replay.request_id"}
+    s.ingress.replay.source_table = "contact"
+    s.ingress.replay.request_id = "r1"
+    validate_spec(s)

@@ -6,6 +6,7 @@ from syncplane.lifecycle.drift import applied_view, changed_fields, spec_hash
 from syncplane.lifecycle.reconcile import Observed, Outcome, WorkerFailure, reconcile
 from syncplane.lifecycle.transitions import (
     check_preconditions,
+    check_replay,
     effective_phase,
     request_restart,
     request_start,
@@ -19,6 +20,7 @@ __all__ = [
     "applied_view",
     "changed_fields",
     "check_preconditions",
+    "check_replay",
     "effective_phase",
     "reconcile",
     "request_restart",

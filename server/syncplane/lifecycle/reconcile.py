@@ -35,6 +35,7 @@ class Observed:
     failure: WorkerFailure | None = None
     backlog: int = 0
     counters: pb.Counters = field(default_factory=pb.Counters)
+    tables: dict[str, int] = field(default_factory=dict)  # rows per source table, when known
     degraded: str = ""            # e.g. a worker restarting after a crash
 
 
@@ -107,6 +108,11 @@ def _observe(status: pb.WorkflowStatus, observed: Observed, target: int, phase: 
         status.counters.CopyFrom(observed.counters)
     else:
         status.counters.records_per_second = 0.0
+    if observed.tables:  # kept while stopped: a replay request is checked against it
+        known = {t.source_table: t.rows for t in status.tables}
+        known.update(observed.tables)
+        del status.tables[:]
+        status.tables.extend(pb.TableRows(source_table=k, rows=v) for k, v in sorted(known.items()))
 
 
 def _drift(status: pb.WorkflowStatus, spec: pb.WorkflowSpec, applied: pb.WorkflowSpec | None,

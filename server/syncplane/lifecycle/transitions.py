@@ -11,6 +11,7 @@ from __future__ import annotations
 from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.errors import Aborted, FailedPrecondition
 from syncplane.model.convert import phase_name
+from syncplane.validation.rules import MAX_REPLAY_ROWS
 
 RUNNING, STOPPED = pb.DESIRED_STATE_RUNNING, pb.DESIRED_STATE_STOPPED
 
@@ -84,3 +85,18 @@ def request_restart(wf: pb.Workflow) -> pb.WorkflowSpec:
     spec.desired_state = RUNNING
     spec.restart_nonce = max(spec.restart_nonce, wf.status.applied_restart_nonce) + 1
     return spec
+
+
+def check_replay(current: pb.Workflow, spec: pb.WorkflowSpec) -> None:
+    """A new replay request is refused while the backlog, or the table to replay, holds
+    2,000,000 records or more (DOMAIN.md). Table sizes come from the workers' last full read."""
+    asked = spec.ingress.replay
+    if not asked.request_id or asked.request_id == current.spec.ingress.replay.request_id:
+        return
+    status = current.status
+    rows = next((t.rows for t in status.tables if t.source_table == asked.source_table), 0)
+    if status.backlog >= MAX_REPLAY_ROWS or rows >= MAX_REPLAY_ROWS:
+        what = (f"the backlog is {status.backlog:,} records" if status.backlog >= MAX_REPLAY_ROWS
+                else f"table {asked.source_table!r} holds {rows:,} records")
+        raise FailedPrecondition(f"replay refused: {what} (the limit is {MAX_REPLAY_ROWS:,})",
+                                 phase_name(effective_phase(current)), "REPLAY_REFUSED")

@@ -23,6 +23,7 @@ import httpx
 
 from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.lifecycle import Observed, WorkerFailure, reconcile
+from syncplane.lifecycle.reports import totals
 from syncplane.model.convert import spec_to_dict
 from syncplane.runtime.processes import WorkerProcess, adopt_all, read_port, spawn
 from syncplane.store.base import WorkflowStore
@@ -199,24 +200,13 @@ class Supervisor:
                 group.restart_at[index] = now + backoff(n, self.config.backoff_base, self.config.backoff_cap)
 
     def _observe(self, group: WorkerGroup, generation: int, now: float) -> Observed:
-        counters = pb.Counters()
-        backlog = ready = 0
-        for p in group.procs.values():
-            r = p.report
-            if r.get("ready") and r.get("generation") == generation and p.stopping_since is None:
-                ready += 1
-            backlog += int(r.get("backlog", 0) or 0)  # type: ignore[call-overload]
-            c = r.get("counters") or {}
-            assert isinstance(c, dict)
-            counters.read += int(c.get("read", 0))
-            counters.written += int(c.get("written", 0))
-            counters.failed += int(c.get("failed", 0))
-            counters.dead_lettered += int(c.get("dead_lettered", 0))
-            counters.records_per_second += float(r.get("records_per_second", 0.0) or 0.0)  # type: ignore[arg-type]
+        ready = sum(1 for p in group.procs.values() if p.report.get("ready")
+                    and p.report.get("generation") == generation and p.stopping_since is None)
+        summed = totals(p.report for p in group.procs.values())
         restarting = sorted(i for i, t in group.restart_at.items() if t > now or i not in group.procs)
         degraded = f"worker(s) {restarting} restarting after a crash" if restarting and not group.failure else ""
-        return Observed(live=len(group.procs), ready=ready, failure=group.failure, backlog=backlog,
-                        counters=counters, degraded=degraded)
+        return Observed(live=len(group.procs), ready=ready, failure=group.failure, backlog=summed.backlog,
+                        counters=summed.counters, tables=summed.tables, degraded=degraded)
 
     def _converge(self, wid: str, group: WorkerGroup, target: int, generation: int,
                   applied: pb.WorkflowSpec | None, now: float) -> None:

@@ -16,6 +16,7 @@ from syncplane.api.v1 import workflow_service_pb2 as svc
 from syncplane.errors import FailedPrecondition, FieldViolation, InvalidArgument
 from syncplane.lifecycle import (
     check_preconditions,
+    check_replay,
     effective_phase,
     request_restart,
     request_start,
@@ -94,6 +95,7 @@ class WorkflowService:
             apply_defaults(new.spec)
             validate_labels(dict(new.labels))
             validate_spec(new.spec)
+            check_replay(current, new.spec)
             return new
 
         updated = await self.store.update(name, mutate)

@@ -10,6 +10,7 @@ MIN_POLL_SECONDS = 1
 MAX_POLL_SECONDS = 3600
 DEFAULT_POLL_SECONDS = 5
 MAX_WORKERS = 16
+MAX_REPLAY_ROWS = 2_000_000     # a replay is refused at this backlog or table size
 PROFILE_RESOURCE = "profile"
 
 CAMPAIGN_OPT_OUT_FIELDS = frozenset({

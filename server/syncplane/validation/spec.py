@@ -132,6 +132,15 @@ def _ingress(ingress: pb.IngressSpec, p: str) -> Iterable[FieldViolation]:
             yield FieldViolation(f"{ep}.source_table",
                                  f"{entity.source_table!r} is mapped more than once; one mapping per source table")
         yield from _entity(entity, ep)
+    replay = ingress.replay
+    if replay.source_table or replay.request_id:
+        if replay.source_table not in tables:
+            yield FieldViolation(f"{p}.replay.source_table",
+                                 f"{replay.source_table!r} is not one of the mapped source tables")
+        if not replay.request_id:
+            yield FieldViolation(f"{p}.replay.request_id", "is required to ask for a replay")
+        elif len(replay.request_id) > 63:
+            yield FieldViolation(f"{p}.replay.request_id", "must be at most 63 characters")
 
 
 def _ident(value: str, pattern: re.Pattern[str], fp: str, what: str) -> Iterable[FieldViolation]:

@@ -53,8 +53,10 @@ def ingress_streams(spec: pb.WorkflowSpec, index: int = 0, workers: int = 1) -> 
     """The streams this worker owns, in run order: profiles (parents) first, then spec order."""
     entities = list(spec.ingress.entities)
     ordered = sorted(range(len(entities)), key=lambda i: (entities[i].destination_resource != "profile", i))
+    replay = spec.ingress.replay
     streams = [Stream(name=e.source_table, table=e.source_table, resource=e.destination_resource,
-                      key_field=e.destination_key, transform=EntityTransform(e))
+                      key_field=e.destination_key, transform=EntityTransform(e),
+                      replay=replay.request_id if replay.source_table == e.source_table else "")
                for e in (entities[i] for i in ordered)]
     return [s for i, s in enumerate(streams) if i % max(1, workers) == index]
 

@@ -13,7 +13,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from syncplane.connectors.base import Page, Record, Sink, Source
 from syncplane.ingress.transform import Action, EntityTransform
@@ -32,6 +32,31 @@ class Stream:
     resource: str                  # destination, e.g. "profile"
     key_field: str                 # destination integration key, e.g. "externalId"
     transform: EntityTransform
+    replay: str = ""               # a replay request id for this table; each id is replayed once
+
+
+@dataclass
+class Checkpoint:
+    """What a stream commits: where to resume, and what that position was read under."""
+
+    cursor: str | None = None
+    filter: str = ""               # the filter fingerprint the cursor was read with
+    replay: str = ""               # the last replay request carried out
+    rows: int = -1                 # rows counted by the last complete full read (-1: unknown)
+    partial: int = 0               # rows so far in a full read in progress
+
+    def dumps(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def loads(cls, raw: str | None) -> Checkpoint:
+        if raw is None:
+            return cls()
+        try:
+            data = json.loads(raw)
+            return cls(**{k: data[k] for k in ("cursor", "filter", "replay", "rows", "partial") if k in data})
+        except (ValueError, TypeError):
+            return cls()  # unreadable: read everything again (idempotent), never guess
 
 
 class Pipeline:
@@ -45,6 +70,7 @@ class Pipeline:
         self._in_flight = 0
         self._written_at: list[tuple[float, int]] = []
         self.writing = False  # a batch is with the destination: let it finish on stop
+        self.checkpoint = Checkpoint()
 
     def _update_backlog(self) -> None:
         self.report.backlog = self._queued + self._in_flight
@@ -54,9 +80,11 @@ class Pipeline:
 
         Returns the records read. On ``stop`` it finishes the batch in flight and returns: the
         last fully written page is committed, the rest is read again at the next start."""
-        cursor = self._load_cursor()
+        self.checkpoint = self._resume_point()
+        cursor = self.checkpoint.cursor
         columns = self.stream.transform.source_columns()
         read = 0
+        full_pages = False
 
         async def produce() -> None:
             nonlocal read
@@ -81,10 +109,19 @@ class Pipeline:
                     raise
                 if not complete:
                     break  # stopped mid-page: not committed, rewritten (idempotently) next time
+                if page.full:
+                    full_pages = True
+                    self.checkpoint.partial += len(page.records)
                 if page.cursor is not None:
-                    self._commit(page.cursor)
+                    self.checkpoint.cursor = page.cursor
+                    self._commit()
                 self._in_flight = 0
                 self._update_backlog()
+            read_to_the_end = producer.done() and not producer.cancelled() and producer.exception() is None
+            if full_pages and read_to_the_end and not stop.is_set():
+                # A full read just completed: the table's size is known.
+                self.checkpoint.rows, self.checkpoint.partial = self.checkpoint.partial, 0
+                self._commit()
         finally:
             if not producer.done():
                 producer.cancel()
@@ -94,25 +131,29 @@ class Pipeline:
             self._update_backlog()
         return read
 
-    def _load_cursor(self) -> str | None:
-        """The committed cursor, unless the filter changed since: then read everything again
-        (records the new filter excludes must go, ones it now admits must come)."""
-        raw = self.state.load(self.workflow, self.stream.name)
-        if raw is None:
-            return None
-        try:
-            saved = json.loads(raw)
-            cursor, fingerprint = str(saved["cursor"]), str(saved["filter"])
-        except (ValueError, KeyError, TypeError):
-            return None
-        if fingerprint != self.stream.transform.filter_fingerprint():
+    def _resume_point(self) -> Checkpoint:
+        """The committed checkpoint, with its cursor dropped (read everything again) when the
+        filter changed since (excluded records must go, admitted ones come) or a new replay
+        of this table was asked for."""
+        cp = Checkpoint.loads(self.state.load(self.workflow, self.stream.name))
+        fingerprint = self.stream.transform.filter_fingerprint()
+        if cp.cursor is not None and cp.filter != fingerprint:
             log.info("%s: the filter changed; reading the whole table again", self.stream.name)
-            return None
-        return cursor
+            cp.cursor, cp.partial = None, 0
+        if self.stream.replay and cp.replay != self.stream.replay:
+            log.info("%s: replay %s; reading the whole table again", self.stream.name, self.stream.replay)
+            cp.cursor, cp.partial = None, 0
+        if cp.cursor is None:
+            cp.partial = 0
+        cp.filter, cp.replay = fingerprint, self.stream.replay or cp.replay
+        if cp.rows >= 0:
+            self.report.tables[self.stream.name] = cp.rows
+        return cp
 
-    def _commit(self, cursor: str) -> None:
-        self.state.commit(self.workflow, self.stream.name,
-                          json.dumps({"cursor": cursor, "filter": self.stream.transform.filter_fingerprint()}))
+    def _commit(self) -> None:
+        self.state.commit(self.workflow, self.stream.name, self.checkpoint.dumps())
+        if self.checkpoint.rows >= 0:
+            self.report.tables[self.stream.name] = self.checkpoint.rows
 
     async def _next_page(self, stop: asyncio.Event, producer: asyncio.Task[None]) -> Page | None:
         """The next page; None at the end of the read or on stop (even while a read retries).

@@ -29,6 +29,7 @@ class WorkerReport:
     records_per_second: float = 0.0
     truncated: int = 0               # values cut to the destination's field length
     resyncs: int = 0                 # full reads forced by an expired delta token
+    tables: dict[str, int] = field(default_factory=dict)  # rows per source table (last full read)
     last_error: dict[str, str] | None = None
     fatal: dict[str, str] | None = None
     started_at: float = field(default_factory=time.time)

@@ -368,22 +368,56 @@ class IngressSpec(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ENTITIES_FIELD_NUMBER: _builtins.int
+    REPLAY_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def entities(self) -> _containers.RepeatedCompositeFieldContainer[Global___EntityMapping]:
         """One mapping per source table."""
+
+    @_builtins.property
+    def replay(self) -> Global___Replay:
+        """Re-sync one whole table at the next start. Refused while the backlog or
+        the table holds 2,000,000 records or more.
+        """
 
     def __init__(
         self,
         *,
         entities: _abc.Iterable[Global___EntityMapping] | None = ...,
+        replay: Global___Replay | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["replay", b"replay"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["entities", b"entities"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entities", b"entities", "replay", b"replay"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___IngressSpec: _TypeAlias = IngressSpec  # noqa: Y015
+
+@_typing.final
+class Replay(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SOURCE_TABLE_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    source_table: _builtins.str
+    """The source table to read again, one of `entities[].source_table`."""
+    request_id: _builtins.str
+    """Identifies the request: a new value asks for a new replay; the workers
+    replay each value once.
+    """
+    def __init__(
+        self,
+        *,
+        source_table: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "source_table", b"source_table"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Replay: _TypeAlias = Replay  # noqa: Y015
 
 @_typing.final
 class EntityMapping(_message.Message):
@@ -636,6 +670,7 @@ class WorkflowStatus(_message.Message):
     DESIRED_WORKERS_FIELD_NUMBER: _builtins.int
     APPLIED_RESTART_NONCE_FIELD_NUMBER: _builtins.int
     APPLIED_SPEC_HASH_FIELD_NUMBER: _builtins.int
+    TABLES_FIELD_NUMBER: _builtins.int
     phase: Global___Phase.ValueType
     backlog: _builtins.int
     """Records read from the source and not yet written to the destination."""
@@ -663,6 +698,10 @@ class WorkflowStatus(_message.Message):
     def drift(self) -> Global___Drift: ...
     @_builtins.property
     def conditions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Condition]: ...
+    @_builtins.property
+    def tables(self) -> _containers.RepeatedCompositeFieldContainer[Global___TableRows]:
+        """Rows per source table, counted by the workers' last full read."""
+
     def __init__(
         self,
         *,
@@ -679,14 +718,37 @@ class WorkflowStatus(_message.Message):
         desired_workers: _builtins.int = ...,
         applied_restart_nonce: _builtins.int = ...,
         applied_spec_hash: _builtins.str = ...,
+        tables: _abc.Iterable[Global___TableRows] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["counters", b"counters", "drift", b"drift", "last_error", b"last_error", "phase_time", b"phase_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_generation", b"applied_generation", "applied_restart_nonce", b"applied_restart_nonce", "applied_spec_hash", b"applied_spec_hash", "backlog", b"backlog", "conditions", b"conditions", "counters", b"counters", "desired_workers", b"desired_workers", "drift", b"drift", "last_error", b"last_error", "observed_generation", b"observed_generation", "phase", b"phase", "phase_time", b"phase_time", "ready_workers", b"ready_workers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_generation", b"applied_generation", "applied_restart_nonce", b"applied_restart_nonce", "applied_spec_hash", b"applied_spec_hash", "backlog", b"backlog", "conditions", b"conditions", "counters", b"counters", "desired_workers", b"desired_workers", "drift", b"drift", "last_error", b"last_error", "observed_generation", b"observed_generation", "phase", b"phase", "phase_time", b"phase_time", "ready_workers", b"ready_workers", "tables", b"tables"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WorkflowStatus: _TypeAlias = WorkflowStatus  # noqa: Y015
+
+@_typing.final
+class TableRows(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SOURCE_TABLE_FIELD_NUMBER: _builtins.int
+    ROWS_FIELD_NUMBER: _builtins.int
+    source_table: _builtins.str
+    rows: _builtins.int
+    def __init__(
+        self,
+        *,
+        source_table: _builtins.str = ...,
+        rows: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rows", b"rows", "source_table", b"source_table"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TableRows: _TypeAlias = TableRows  # noqa: Y015
 
 @_typing.final
 class Counters(_message.Message):

@@ -1,0 +1,150 @@
+"""Ingress throughput, sandbox to sandbox, side by side with two baselines run here:
+
+- the worker: a real `syncplane worker` process running the ingress engine;
+- naive: one GET of a page, then one write request per record, in sequence;
+- the raw read ceiling: Dataverse pages fetched and parsed, nothing written.
+
+Reported: records/s, requests per 1,000 records (reads, writes), the worker's peak RSS
+at 50,000 and at 200,000 records (flat is the goal), and the ratios to the baselines.
+The sandbox runs in this process; the worker in its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from syncplane.connectors.dynamics import DynamicsSource
+from syncplane.connectors.http import Credentials, OAuth2ClientCredentials
+from syncplane.model.convert import spec_to_dict
+from syncplane.runtime.embedded import write_sandbox_secrets
+from syncplane.sandbox import SANDBOX_CLIENT_ID, SANDBOX_CLIENT_SECRET, SandboxOptions, SeedSpec, start_sandbox
+from tests.integration.ingress_env import ingress_spec
+
+NAIVE_RECORDS = 3_000
+
+
+def _peak_rss_mib(pid: int) -> float:
+    """VmHWM: the process's peak resident set, read while it is alive."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+async def _worker_run(records: int) -> dict[str, Any]:
+    sb = await start_sandbox(seed=SeedSpec(contacts=records, seed=1),
+                             options=SandboxOptions(request_log_size=4 * records + 10_000))
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        write_sandbox_secrets(sb, d / "secrets")
+        spec = ingress_spec(sb, batch_size=1000, poll_seconds=60)
+        (d / "spec.json").write_text(json.dumps(spec_to_dict(spec)))
+        (d / "workers").mkdir()
+        cmd = [sys.executable, "-m", "syncplane", "worker", "--workflow", "bench", "--generation", "1",
+               "--spec-file", str(d / "spec.json"), "--state-dir", str(d / "workers"),
+               "--secrets-dir", str(d / "secrets"), "--state-db", str(d / "state.db")]
+        started = time.perf_counter()
+        log = open(d / "worker.log", "wb")  # noqa: SIM115,ASYNC230 (once, before timing)
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)  # noqa: ASYNC220
+        try:
+            port_file = d / "workers" / "bench.0.worker.json"
+            async with httpx.AsyncClient() as client:
+                while True:
+                    await asyncio.sleep(0.25)
+                    if proc.poll() is not None:
+                        raise RuntimeError((d / "worker.log").read_text()[-2000:])
+                    if not port_file.exists():
+                        continue
+                    port = json.loads(port_file.read_text())["port"]
+                    report = (await client.get(f"http://127.0.0.1:{port}/status")).json()
+                    if report["counters"]["written"] >= records and report["backlog"] == 0:
+                        break
+            elapsed = time.perf_counter() - started
+            peak = _peak_rss_mib(proc.pid)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+            log.close()
+        reads = len(sb.requests.records(server="d365"))
+        writes = len(sb.requests.records(server="acs"))
+        assert len(sb.acs.profiles.rows) == records
+    await sb.stop()
+    return {"records": records, "seconds": round(elapsed, 2), "records_per_s": round(records / elapsed, 1),
+            "read_requests_per_1000": round(1000 * reads / records, 2),
+            "write_requests_per_1000": round(1000 * writes / records, 2), "worker_peak_rss_mib": round(peak, 1)}
+
+
+async def _naive(records: int) -> dict[str, Any]:
+    sb = await start_sandbox(seed=SeedSpec(contacts=records, seed=2))
+    try:
+        async with httpx.AsyncClient(timeout=30) as client:
+            form = {"client_id": SANDBOX_CLIENT_ID, "client_secret": SANDBOX_CLIENT_SECRET,
+                    "grant_type": "client_credentials"}
+            d365 = (await client.post(sb.d365_token_url, data={**form, "scope": sb.d365_scope})).json()["access_token"]
+            acs = (await client.post(sb.acs_token_url, data=form)).json()["access_token"]
+            started = time.perf_counter()
+            page = (await client.get(f"{sb.d365_url}contacts?$select=contactid,emailaddress1,firstname,lastname",
+                                     headers={"Authorization": f"Bearer {d365}",
+                                              "Prefer": f"odata.maxpagesize={records}"})).json()
+            headers = {"Authorization": f"Bearer {acs}", "X-Api-Key": SANDBOX_CLIENT_ID}
+            for row in page["value"]:
+                body = {"externalId": row["contactid"], "email": row["emailaddress1"],
+                        "firstName": (row["firstname"] or "")[:30], "lastName": row["lastname"]}
+                r = await client.post(f"{sb.acs_url}profileAndServices/profile", json=body, headers=headers)
+                r.raise_for_status()
+            elapsed = time.perf_counter() - started
+        return {"records": records, "records_per_s": round(records / elapsed, 1)}
+    finally:
+        await sb.stop()
+
+
+async def _raw_read(records: int) -> dict[str, Any]:
+    sb = await start_sandbox(seed=SeedSpec(contacts=records, seed=3))
+    try:
+        tokens = OAuth2ClientCredentials(sb.d365_token_url, Credentials(SANDBOX_CLIENT_ID, SANDBOX_CLIENT_SECRET,
+                                                                        scope=sb.d365_scope))
+        src = DynamicsSource(sb.d365_url, tokens, key_column="contactid")
+        started = time.perf_counter()
+        n = 0
+        async for page in src.pages("contacts", ["emailaddress1", "firstname", "lastname"], None):
+            n += len(page.records)
+        elapsed = time.perf_counter() - started
+        await src.aclose()
+        await tokens.aclose()
+        assert n == records
+        return {"records": records, "records_per_s": round(records / elapsed, 1)}
+    finally:
+        await sb.stop()
+
+
+async def run(records: int = 200_000, small: int = 50_000) -> dict[str, Any]:
+    small_run = await _worker_run(small)
+    print(f"ingress {small:,}: {small_run}")
+    full = await _worker_run(records)
+    print(f"ingress {records:,}: {full}")
+    naive = await _naive(NAIVE_RECORDS)
+    print(f"naive baseline ({NAIVE_RECORDS:,}): {naive}")
+    raw = await _raw_read(records)
+    print(f"raw read ceiling ({records:,}): {raw}")
+    result = {"worker_50k": small_run, "worker_200k": full, "naive": naive, "raw_read": raw,
+              "ratio_to_naive": round(full["records_per_s"] / naive["records_per_s"], 2),
+              "ratio_to_raw_read": round(full["records_per_s"] / raw["records_per_s"], 3),
+              "rss_growth_50k_to_200k": round(full["worker_peak_rss_mib"] / small_run["worker_peak_rss_mib"], 2)}
+    print(f"ingress: {result['ratio_to_naive']}x the naive baseline, {result['ratio_to_raw_read']:.1%} of the raw "
+          f"read ceiling; worker peak RSS x{result['rss_growth_50k_to_200k']} from 50k to 200k")
+    return result
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    print(asyncio.run(run(int(sys.argv[1]) if len(sys.argv) > 1 else 200_000)))
