@@ -263,3 +263,45 @@ async def test_replay_rewrites_one_table_and_the_table_size_is_reported(plane: C
                        for r in sb.requests.records(since=seq, server="d365") if "/contacts" in r.path)
     finally:
         await sb.stop()
+
+
+@pytest.mark.timeout(900)
+async def test_a_field_removed_mid_sync_stops_with_schema_changed_and_resumes_after_the_fix(
+        plane: ControlPlane) -> None:
+    sb = await sandbox_with(SeedSpec(contacts=50_000, seed=17))
+    try:
+        prepare(sb, plane.data_dir)
+        spec = ingress_spec(sb, batch_size=1000)
+        await start(plane, "schema", spec)
+        await converge(lambda: len(sb.acs.profiles.rows) >= 10_000, 300, "10,000 profiles written")
+        rev = plane.store.revision()
+        sb.d365.table("contacts").drop_column("lastname")  # published mid-run in the CRM
+        wf, _ = await watch_until(plane.stub, "schema", lambda w: w.status.phase == pb.PHASE_ERROR, rev, timeout=120)
+        assert wf.status.last_error.reason == "SCHEMA_CHANGED"
+        assert "'contact'" in wf.status.last_error.message and "'lastname'" in wf.status.last_error.message
+        status = await status_of(plane.stub, "schema")
+        assert status.counters.dead_lettered == 0, "nothing was dead-lettered on the way"
+
+        # The fix: map without the dropped column, then start again (from ERROR).
+        fixed = pb.WorkflowSpec()
+        fixed.CopyFrom(spec)
+        entity = fixed.ingress.entities[0]
+        kept = [f for f in entity.fields if f.source != "lastname"]
+        del entity.fields[:]
+        entity.fields.extend(kept)
+        await restart_with(plane, "schema", fixed, ["spec.ingress"])
+        await status_until(plane.stub, "schema", lambda s: s.phase == pb.PHASE_RUNNING, 60)
+
+        def consistent() -> bool:
+            if len(sb.acs.profiles.rows) != 50_000:
+                return False
+            expected = {k: {f: v[f] for f in ("externalId", "email", "firstName")}
+                        for k, v in expected_profiles(sb).items()}
+            actual = {k: {f: v[f] for f in ("externalId", "email", "firstName")}
+                      for k, v in actual_profiles(sb).items()}
+            return expected == actual
+
+        await converge(consistent, 300, "every contact delivered after the fix")
+        assert profile_key_count(sb) == (50_000, 50_000)
+    finally:
+        await sb.stop()

@@ -22,6 +22,7 @@ from syncplane.connectors.http import (
     error_text,
     raise_for_status,
 )
+from syncplane.connectors.schema import Schema
 
 log = logging.getLogger("syncplane.connectors.campaign")
 
@@ -68,6 +69,17 @@ class _Base:
         if self._own_transport:
             await self.transport.aclose()
 
+    async def resource_schema(self, resource: str) -> Schema:
+        """Fields, types and lengths of a resource (``<section>/resourceType/<name>``)."""
+        section, _, name = resource_path(resource).rpartition("/")
+        response = await self._call("GET", f"{self.base_url}{section}/resourceType/{name}")
+        raise_for_status(response, f"schema of {resource}")
+        content = response.json().get("content") or {}
+        fields = {str(k): str(v.get("type")) for k, v in content.items() if isinstance(v, dict)}
+        lengths = {str(k): int(v["length"]) for k, v in content.items()
+                   if isinstance(v, dict) and isinstance(v.get("length"), int)}
+        return Schema("Campaign resource", resource, fields, lengths)
+
 
 class CampaignSink(_Base):
     """Upserts by integration key: lookup ``…/by<Key>?<key>_parameter=`` → PATCH ``…/<PKey>``
@@ -86,6 +98,7 @@ class CampaignSink(_Base):
         # (resource, key) → PKey: memory only, bounded, so memory stays flat whatever the table size.
         self._pkeys: OrderedDict[tuple[str, str], str] = OrderedDict()
         self._foreign: set[tuple[str, str]] = set()  # (resource, key) of records someone else created
+        self.existing_ratio = 0.0  # of full-load writes whose record already existed (moving average)
 
     def _remember(self, path: str, key: str, pkey: str) -> None:
         self._pkeys[(path, key)] = pkey
@@ -95,37 +108,49 @@ class CampaignSink(_Base):
 
     async def write(self, resource: str, key_field: str, records: Sequence[Record], *,
                     full_load: bool = False) -> WriteResult:
-        """``full_load``: create first (one POST; a 409 falls back to lookup and PATCH), since
-        a full read mostly brings records the destination has not seen: half the requests."""
+        """``full_load``: create first (one POST; a 409 falls back to lookup and PATCH) while a
+        full read mostly brings records the destination has not seen (a first load: half the
+        requests); once most turn out to exist (a re-read after a filter change or a replay),
+        look up first, and skip the PATCH of a record whose fields already hold the values."""
         path = resource_path(resource)
         # One write per key, the last one wins (a batch may hold two changes of one record).
         latest: dict[str, Record] = {}
         for record in records:
             latest.pop(record.key, None)
             latest[record.key] = record
-        outcomes = await asyncio.gather(*(self._write_one(path, key_field, r, full_load) for r in latest.values()))
+        create_first = full_load and self.existing_ratio < 0.5
+        outcomes = await asyncio.gather(*(self._write_one(path, key_field, r, create_first)
+                                          for r in latest.values()))
         written = [r.key for r in latest.values()]
         rejected = [o for o in outcomes if o is not None]
         bad = {o.key for o in rejected}
         return WriteResult([k for k in written if k not in bad], rejected)
 
+    def _saw(self, existed: bool) -> None:
+        """A moving estimate of how many written records already existed at the destination."""
+        self.existing_ratio += 0.01 * ((1.0 if existed else 0.0) - self.existing_ratio)
+
     async def _lookup(self, path: str, key_field: str, key: str) -> str | None:
         cached = self._pkeys.get((path, key))
         if cached is not None:
             return cached
+        pkey, _ = await self._lookup_row(path, key_field, key)
+        return pkey
+
+    async def _lookup_row(self, path: str, key_field: str, key: str) -> tuple[str | None, dict[str, Any] | None]:
         name, param = key_filter(key_field)
         response = await self._call("GET", f"{self.base_url}{path}/{name}?{urlencode({param: key})}")
         raise_for_status(response, f"lookup {path} by {key_field}")
         content = response.json().get("content") or []
         if not content:
-            return None
+            return None, None
         row = content[0]
         pkey = str(row["PKey"])
         creator = row.get("createdBy")
         if self.owner is not None and isinstance(creator, dict) and creator.get("name") != self.owner:
             self._foreign.add((path, key))
         self._remember(path, key, pkey)
-        return pkey
+        return pkey, row
 
     async def _write_one(self, path: str, key_field: str, record: Record, create_first: bool) -> Rejected | None:
         try:
@@ -138,10 +163,15 @@ class CampaignSink(_Base):
     async def _upsert_or_delete(self, path: str, key_field: str, record: Record,
                                 create_first: bool = False) -> Rejected | None:
         for attempt in range(3):  # a concurrent create/delete by someone else: look up again
+            row: dict[str, Any] | None = None
             if create_first and attempt == 0 and not record.deleted and (path, record.key) not in self._pkeys:
                 pkey = None  # try POST; a 409 means it exists: the next round looks it up
+            elif (cached := self._pkeys.get((path, record.key))) is not None:
+                pkey = cached
             else:
-                pkey = await self._lookup(path, key_field, record.key)
+                pkey, row = await self._lookup_row(path, key_field, record.key)
+            if not create_first and attempt == 0 and not record.deleted:
+                self._saw(pkey is not None)
             if pkey is not None and (path, record.key) in self._foreign:
                 return Rejected(record.key, 409, "the record was not created by the integration: left untouched")
             if record.deleted:
@@ -153,6 +183,8 @@ class CampaignSink(_Base):
                     return None
                 return self._rejected(record, response)
             values = {k: v for k, v in record.values.items() if k != key_field}
+            if pkey is not None and row is not None and all(row.get(k) == v for k, v in values.items()):
+                return None  # already holds these values: nothing to write
             if pkey is not None:
                 response = await self._call("PATCH", f"{self.base_url}{path}/{quote(pkey, safe='@')}", values)
                 if response.status_code == 404:  # deleted since we cached/looked it up
@@ -160,7 +192,9 @@ class CampaignSink(_Base):
                     continue
             else:
                 response = await self._call("POST", f"{self.base_url}{path}", {**values, key_field: record.key})
-                if response.status_code == 409:  # created concurrently: update it instead
+                if create_first and attempt == 0:
+                    self._saw(response.status_code == 409)
+                if response.status_code == 409:  # it exists (created meanwhile, or a re-read): update it
                     continue
                 if response.status_code in (200, 201):
                     try:

@@ -25,6 +25,7 @@ from syncplane.connectors.http import (
     error_text_of,
     raise_for_status,
 )
+from syncplane.connectors.schema import Schema
 
 log = logging.getLogger("syncplane.connectors.dynamics")
 
@@ -84,6 +85,25 @@ class DynamicsSource:
         if not isinstance(name, str) or not name:
             raise ConnectorError("BAD_RESPONSE", f"no EntitySetName for table {logical_name!r}")
         return name
+
+    async def table_schema(self, logical_name: str) -> Schema:
+        """Columns and their types, and whether change tracking is on (EntityDefinitions)."""
+        base = f"{self.base_url}EntityDefinitions(LogicalName='{quote(logical_name, safe='')}')"
+        entity = await self.transport.request("GET", base + "?$select=LogicalName,ChangeTrackingEnabled",
+                                              headers=_ODATA_HEADERS, auth=self.tokens)
+        raise_for_status(entity, f"table {logical_name!r}")
+        attrs = await self.transport.request("GET", base + "/Attributes?$select=LogicalName,AttributeType,MaxLength",
+                                             headers=_ODATA_HEADERS, auth=self.tokens)
+        raise_for_status(attrs, f"columns of table {logical_name!r}")
+        fields: dict[str, str] = {}
+        lengths: dict[str, int] = {}
+        for a in _json_object(attrs, logical_name).get("value", []):
+            name = str(a.get("LogicalName"))
+            fields[name] = str(a.get("AttributeType"))
+            if isinstance(a.get("MaxLength"), int):
+                lengths[name] = int(a["MaxLength"])
+        tracking = bool(_json_object(entity, logical_name).get("ChangeTrackingEnabled", True))
+        return Schema("Dynamics 365 table", logical_name, fields, lengths, tracking)
 
     async def pages(self, table: str, columns: Sequence[str], cursor: str | None, *,
                     key_column: str | None = None) -> AsyncIterator[Page]:

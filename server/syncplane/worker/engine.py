@@ -28,6 +28,7 @@ from syncplane.connectors.base import ConnectorError, Page, Sink, Source
 from syncplane.connectors.campaign import CampaignSink
 from syncplane.connectors.dynamics import MAX_PAGE_SIZE, DynamicsSource
 from syncplane.connectors.http import OAuth2ClientCredentials, RetryableError
+from syncplane.connectors.schema import Schema, SchemaChanged, check
 from syncplane.ingress.transform import EntityTransform
 from syncplane.worker.checkpoints import SqliteWorkerState
 from syncplane.worker.credentials import ConnectionSecret
@@ -39,6 +40,8 @@ log = logging.getLogger("syncplane.worker.engine")
 # Retrying cannot fix these: the worker reports them as fatal and the workflow goes to ERROR.
 FATAL_REASONS = frozenset({"BAD_CREDENTIALS", "UNAUTHORIZED", "FORBIDDEN", "NOT_FOUND"})
 DEFAULT_BATCH_SIZE = 500
+# Records per source page: the unit of a checkpoint, and of a schema check (three requests).
+PAGE_SIZE = 2000
 DEFAULT_POLL_INTERVAL = 5.0
 MAX_BACKOFF = 30.0
 
@@ -112,7 +115,8 @@ class Engine:
         self.workflow, self.spec, self.secrets = workflow, spec, secrets
         self.state, self.report, self.index = state, report, index
         self.batch_size = spec.batch_size or DEFAULT_BATCH_SIZE
-        self.page_size = min(MAX_PAGE_SIZE, max(1000, self.batch_size))
+        self.page_size = min(MAX_PAGE_SIZE, max(PAGE_SIZE, self.batch_size))
+        self.guards: list[StreamGuard] = []
         self.interval = poll_interval(spec)
         self.pipelines: list[Pipeline] = []
 
@@ -139,12 +143,16 @@ class Engine:
                 self.report.resyncs = conns.source.resyncs
                 failures = 0
                 delay = self.interval
+            except SchemaChanged as exc:
+                raise FatalError(exc.reason, str(exc)) from None
             except ConnectorError as exc:
                 if exc.reason in FATAL_REASONS:
                     raise FatalError(exc.reason, str(exc)) from None
+                await self._classify()
                 failures += 1
                 delay = self._transient(exc.reason, str(exc), failures)
             except (RetryableError, httpx.HTTPError) as exc:
+                await self._classify()
                 failures += 1
                 delay = self._transient("TRANSIENT", f"{type(exc).__name__}: {exc}", failures)
             try:
@@ -177,6 +185,16 @@ class Engine:
             if not task.done():
                 task.cancel()
 
+    async def _classify(self) -> None:
+        """A failed pass may be a schema change (a dropped column fails the read): check."""
+        for guard in self.guards:
+            try:
+                await guard()
+            except SchemaChanged as exc:
+                raise FatalError(exc.reason, str(exc)) from None
+            except (ConnectorError, RetryableError, httpx.HTTPError):
+                return  # cannot tell now; the pass is retried and checked again
+
     def _transient(self, reason: str, message: str, failures: int) -> float:
         self.report.last_error = {"reason": reason, "message": message, "time": f"{time.time():.3f}"}
         delay = min(MAX_BACKOFF, 0.5 * 2.0 ** min(failures, 8))
@@ -188,7 +206,39 @@ class Engine:
         for s in streams:
             entity = s.transform.entity
             entity_set = await conns.source.entity_set(entity.source_table)
+            guard = StreamGuard(conns.source, conns.sink, entity)
+            await guard.start()
+            s.transform.lengths = {**guard.destination_lengths, **s.transform.lengths}
+            self.guards.append(guard)
             source: Source = _KeyedSource(conns.source, entity.source_key, entity_set)
             sink: Sink = conns.sink
-            pipelines.append(Pipeline(self.workflow, s, source, sink, self.state, self.report, self.batch_size))
+            pipelines.append(Pipeline(self.workflow, s, source, sink, self.state, self.report, self.batch_size,
+                                      guard=guard))
         return pipelines
+
+
+class StreamGuard:
+    """The schema-change guard of one stream: both sides' schemas at start, compared since."""
+
+    def __init__(self, source: DynamicsSource, sink: CampaignSink, entity: pb.EntityMapping) -> None:
+        self.source, self.sink, self.entity = source, sink, entity
+        self.source_fields = {entity.source_key, *(f.source for f in entity.fields),
+                              *(c.field for c in entity.filter.conditions), *(r.field for r in entity.replacements)}
+        self.destination_fields = {entity.destination_key, *(f.destination for f in entity.fields)}
+        self.source_baseline: Schema | None = None
+        self.destination_baseline: Schema | None = None
+
+    @property
+    def destination_lengths(self) -> dict[str, int]:
+        return dict(self.destination_baseline.lengths) if self.destination_baseline else {}
+
+    async def start(self) -> None:
+        self.source_baseline = await self.source.table_schema(self.entity.source_table)
+        self.destination_baseline = await self.sink.resource_schema(self.entity.destination_resource)
+        check(self.source_baseline, self.source_fields)
+        check(self.destination_baseline, self.destination_fields)
+
+    async def __call__(self) -> None:
+        check(await self.source.table_schema(self.entity.source_table), self.source_fields, self.source_baseline)
+        check(await self.sink.resource_schema(self.entity.destination_resource), self.destination_fields,
+              self.destination_baseline)

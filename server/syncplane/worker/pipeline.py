@@ -12,7 +12,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass
 
 from syncplane.connectors.base import Page, Record, Sink, Source
@@ -61,7 +61,8 @@ class Checkpoint:
 
 class Pipeline:
     def __init__(self, workflow: str, stream: Stream, source: Source, sink: Sink, state: SqliteWorkerState,
-                 report: WorkerReport, batch_size: int, queue_pages: int = 2) -> None:
+                 report: WorkerReport, batch_size: int, queue_pages: int = 2,
+                 guard: Callable[[], Awaitable[None]] | None = None) -> None:
         self.workflow, self.stream = workflow, stream
         self.source, self.sink, self.state, self.report = source, sink, state, report
         self.batch_size = batch_size
@@ -71,6 +72,9 @@ class Pipeline:
         self._written_at: list[tuple[float, int]] = []
         self.writing = False  # a batch is with the destination: let it finish on stop
         self.checkpoint = Checkpoint()
+        # Raises SchemaChanged: called before each page is written and before records the
+        # destination rejected are dead-lettered (they may be the first sign of a schema change).
+        self.guard = guard
 
     def _update_backlog(self) -> None:
         self.report.backlog = self._queued + self._in_flight
@@ -103,6 +107,8 @@ class Pipeline:
                 self._in_flight = len(page.records)
                 self._update_backlog()
                 try:
+                    if self.guard is not None and page.records:
+                        await self.guard()
                     complete = await self._write_page(page.records, page.full, stop)
                 except BaseException:
                     self.report.counters.failed += self._in_flight
@@ -199,6 +205,8 @@ class Pipeline:
                 result = await self.sink.write(self.stream.resource, self.stream.key_field, chunk, full_load=full)
             finally:
                 self.writing = False
+            if result.rejected and self.guard is not None:
+                await self.guard()
             by_key = {r.key: r for r in chunk}
             for bad in result.rejected:
                 rejected = by_key.get(bad.key)
