@@ -181,6 +181,7 @@ class RequestRecord:
     client: str | None  # the OAuth client id behind the token (or form / X-Api-Key)
     fault: str | None  # "429" | "503" | "timeout" | "status:NNN" | "latency" | "service-protection"
     duration_ms: float | None
+    connection: str | None = None  # the client's address:port: one TCP connection
 
     def to_json(self) -> dict[str, Json]:
         return asdict(self)
@@ -211,10 +212,18 @@ class RequestLog:
     def __len__(self) -> int:
         return len(self._records)
 
-    def retry_after_violations(self, server: str | None = None) -> list[tuple[RequestRecord, RequestRecord]]:
+    def retry_after_violations(self, server: str | None = None,
+                               in_flight_grace: float = 0.0) -> list[tuple[RequestRecord, RequestRecord]]:
         """Pairs (throttling response, offending request): a request from the same client
-        received after a response carrying ``Retry-After`` had been sent, but before that
-        many seconds had elapsed. Requests already in flight are not violations."""
+        sent after a response carrying ``Retry-After`` had reached it, before that many
+        seconds had elapsed.
+
+        The server sees when a request arrives, not when it was sent. On the connection
+        that carried the throttling response, HTTP/1.1 orders them: any later request there
+        was sent after the response was read, so it is checked strictly. On the client's
+        other connections a request may already have been in flight (queued in the server
+        while the response went out): it counts once it arrives ``in_flight_grace`` seconds
+        after the response."""
         by_client: dict[tuple[str, str | None], list[RequestRecord]] = {}
         for rec in self.records(server=server):
             by_client.setdefault((rec.server, rec.client), []).append(rec)
@@ -225,8 +234,17 @@ class RequestLog:
                     continue
                 sent = th.responded_monotonic
                 until = sent + th.retry_after
-                violations.extend((th, other) for other in recs if sent < other.received_monotonic < until)
+                for other in recs:
+                    same = th.connection is not None and other.connection == th.connection
+                    start = sent if same else sent + in_flight_grace
+                    if start < other.received_monotonic < until:
+                        violations.append((th, other))
         return violations
+
+
+def _peer(request: web.Request) -> str | None:
+    peer = request.transport.get_extra_info("peername") if request.transport is not None else None
+    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else None
 
 
 # --------------------------------------------------------------------------- faults
@@ -503,7 +521,8 @@ class EmulatorApp:
         record = RequestRecord(
             seq=self.log.next_seq(), server=self.server_name, received_monotonic=received_mono,
             received_wall=received_wall, responded_monotonic=None, method=request.method, path=request.path_qs,
-            status=None, retry_after=None, client=client, fault=None, duration_ms=None)
+            status=None, retry_after=None, client=client, fault=None, duration_ms=None,
+            connection=_peer(request))
         self.log.append(record)  # visible while in flight (status None)
         response: web.StreamResponse | None = None
         dropped = False

@@ -1,15 +1,20 @@
-"""The sync engine of one worker: spec → streams → pipelines, run until stopped.
+"""The sync engine of one worker: the spec's type picks a runner; the engine runs its
+passes until stopped, with one error policy for all types.
 
-Ingress: each entity mapping is a stream from a Dataverse table to a Campaign
-resource. Streams run one after the other in every pass, profiles first, so a
-parent record exists before the children that link to it. With several
-workers, stream i belongs to worker i mod workers (a table is never split: a
-delta feed cannot be partitioned). A pass reads what is new since each
-stream's checkpoint; then the engine waits for the poll interval.
+- Ingress: each entity mapping is a stream from a Dataverse table to a Campaign
+  resource. Streams run one after the other in every pass, profiles first, so a
+  parent record exists before the children that link to it. With several
+  workers, stream i belongs to worker i mod workers (a table is never split: a
+  delta feed cannot be partitioned).
+- Egress: Campaign's event feed to Dynamics activities, keyed by event id; an
+  event whose contact does not exist yet is held and re-sent (see held.py).
+- Opt-in/out: see syncplane.optinout.
 
-Errors: a connector error that retrying cannot fix (credentials, a missing
-table) is fatal and reported as such; anything transient is counted, kept as
-the last error, and the pass is retried after a capped backoff.
+A pass reads what is new since each stream's checkpoint; then the engine
+waits for the poll interval. A connector error that retrying cannot fix
+(credentials, a missing table, a schema change) is fatal and reported as such;
+anything transient is counted, kept as the last error, and the pass is retried
+after a capped backoff.
 """
 
 from __future__ import annotations
@@ -18,20 +23,22 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Coroutine, Sequence
-from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 import httpx
 
 from syncplane.api.v1 import workflow_pb2 as pb
-from syncplane.connectors.base import ConnectorError, Page, Sink, Source
-from syncplane.connectors.campaign import CampaignSink
-from syncplane.connectors.dynamics import MAX_PAGE_SIZE, DynamicsSource
+from syncplane.connectors.base import ConnectorError, Page
+from syncplane.connectors.campaign import CampaignSink, CampaignSource
+from syncplane.connectors.dynamics import MAX_PAGE_SIZE, DynamicsSink, DynamicsSource
 from syncplane.connectors.http import OAuth2ClientCredentials, RetryableError
 from syncplane.connectors.schema import Schema, SchemaChanged, check
+from syncplane.egress import transform as egress
 from syncplane.ingress.transform import EntityTransform
 from syncplane.worker.checkpoints import SqliteWorkerState
 from syncplane.worker.credentials import ConnectionSecret
+from syncplane.worker.held import HeldRecords, HoldPolicy
 from syncplane.worker.pipeline import Pipeline, Stream
 from syncplane.worker.report import WorkerReport
 
@@ -70,30 +77,21 @@ def poll_interval(spec: pb.WorkflowSpec) -> float:
     return seconds if seconds > 0 else DEFAULT_POLL_INTERVAL
 
 
-@dataclass
-class Connections:
-    source: DynamicsSource
-    sink: CampaignSink
-    tokens: list[OAuth2ClientCredentials]
-
-    async def aclose(self) -> None:
-        await self.source.aclose()
-        await self.sink.aclose()
-        for t in self.tokens:
-            await t.aclose()
+def _tokens(secret: ConnectionSecret) -> OAuth2ClientCredentials:
+    return OAuth2ClientCredentials(secret.token_url, secret.credentials())
 
 
-def connect_ingress(spec: pb.WorkflowSpec, secrets: dict[str, ConnectionSecret], page_size: int,
-                    concurrency: int = 16) -> Connections:
-    src_secret = secrets[spec.source.credentials.name]
-    dst_secret = secrets[spec.destination.credentials.name]
-    src_tokens = OAuth2ClientCredentials(src_secret.token_url, src_secret.credentials())
-    dst_tokens = OAuth2ClientCredentials(dst_secret.token_url, dst_secret.credentials())
-    # The source key column is per table; the source resolves it per stream (see Engine._pipelines).
-    source = DynamicsSource(spec.source.endpoint, src_tokens, key_column="", page_size=page_size)
-    sink = CampaignSink(spec.destination.endpoint, dst_tokens, dst_secret.api_key or dst_secret.client_id,
-                        owner=dst_secret.client_id, concurrency=concurrency)
-    return Connections(source, sink, [src_tokens, dst_tokens])
+class Runner(Protocol):
+    """What the engine drives: one type of workflow's passes."""
+
+    @property
+    def writing(self) -> bool: ...                 # a batch is with the destination
+
+    async def run_once(self, stop: asyncio.Event) -> None: ...
+
+    async def classify(self) -> None: ...          # after a failed pass: raise SchemaChanged if it is one
+
+    async def aclose(self) -> None: ...
 
 
 class _KeyedSource:
@@ -109,116 +107,8 @@ class _KeyedSource:
         pass
 
 
-class Engine:
-    def __init__(self, workflow: str, spec: pb.WorkflowSpec, secrets: dict[str, ConnectionSecret],
-                 state: SqliteWorkerState, report: WorkerReport, index: int = 0) -> None:
-        self.workflow, self.spec, self.secrets = workflow, spec, secrets
-        self.state, self.report, self.index = state, report, index
-        self.batch_size = spec.batch_size or DEFAULT_BATCH_SIZE
-        self.page_size = min(MAX_PAGE_SIZE, max(PAGE_SIZE, self.batch_size))
-        self.guards: list[StreamGuard] = []
-        self.interval = poll_interval(spec)
-        self.pipelines: list[Pipeline] = []
-
-    async def run(self, stop: asyncio.Event) -> None:
-        """Sync until ``stop``; raises :class:`FatalError` when retrying cannot help."""
-        if self.spec.type != pb.WORKFLOW_TYPE_INGRESS:
-            # Egress and opt-in/out engines plug in here; until then the worker only heartbeats.
-            self.report.ready, self.report.phase = True, "RUNNING"
-            await stop.wait()
-            return
-        streams = ingress_streams(self.spec, self.index, max(1, self.spec.workers))
-        conns = connect_ingress(self.spec, self.secrets, self.page_size)
-        try:
-            await self._loop(stop, streams, conns)
-        finally:
-            await conns.aclose()
-
-    async def _loop(self, stop: asyncio.Event, streams: list[Stream], conns: Connections) -> None:
-        failures = 0
-        self.report.ready, self.report.phase = True, "RUNNING"
-        while not stop.is_set():
-            try:
-                await self._stoppable(self._pass(stop, streams, conns), stop)
-                self.report.resyncs = conns.source.resyncs
-                failures = 0
-                delay = self.interval
-            except SchemaChanged as exc:
-                raise FatalError(exc.reason, str(exc)) from None
-            except ConnectorError as exc:
-                if exc.reason in FATAL_REASONS:
-                    raise FatalError(exc.reason, str(exc)) from None
-                await self._classify()
-                failures += 1
-                delay = self._transient(exc.reason, str(exc), failures)
-            except (RetryableError, httpx.HTTPError) as exc:
-                await self._classify()
-                failures += 1
-                delay = self._transient("TRANSIENT", f"{type(exc).__name__}: {exc}", failures)
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=delay)
-            except TimeoutError:
-                pass
-
-    async def _pass(self, stop: asyncio.Event, streams: list[Stream], conns: Connections) -> None:
-        if not self.pipelines:
-            self.pipelines = await self._pipelines(streams, conns)
-        for p in self.pipelines:
-            if stop.is_set():
-                break
-            await p.run_once(stop)
-
-    async def _stoppable(self, work: Coroutine[Any, Any, None], stop: asyncio.Event) -> None:
-        """Run ``work``; on ``stop``, let a batch in flight finish (the pipeline returns right
-        after it, committed), but cancel at once a read, a retry or a backoff: nothing is lost."""
-        task = asyncio.ensure_future(work)
-        stopped = asyncio.ensure_future(stop.wait())
-        try:
-            await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
-            if not task.done() and not any(p.writing for p in self.pipelines):
-                task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            if not task.cancelled() and (exc := task.exception()) is not None:
-                raise exc
-        finally:
-            stopped.cancel()
-            if not task.done():
-                task.cancel()
-
-    async def _classify(self) -> None:
-        """A failed pass may be a schema change (a dropped column fails the read): check."""
-        for guard in self.guards:
-            try:
-                await guard()
-            except SchemaChanged as exc:
-                raise FatalError(exc.reason, str(exc)) from None
-            except (ConnectorError, RetryableError, httpx.HTTPError):
-                return  # cannot tell now; the pass is retried and checked again
-
-    def _transient(self, reason: str, message: str, failures: int) -> float:
-        self.report.last_error = {"reason": reason, "message": message, "time": f"{time.time():.3f}"}
-        delay = min(MAX_BACKOFF, 0.5 * 2.0 ** min(failures, 8))
-        log.warning("%s: %s (pass %d failed; retrying in %.1fs)", reason, message, failures, delay)
-        return delay
-
-    async def _pipelines(self, streams: list[Stream], conns: Connections) -> list[Pipeline]:
-        pipelines = []
-        for s in streams:
-            entity = s.transform.entity
-            entity_set = await conns.source.entity_set(entity.source_table)
-            guard = StreamGuard(conns.source, conns.sink, entity)
-            await guard.start()
-            s.transform.lengths = {**guard.destination_lengths, **s.transform.lengths}
-            self.guards.append(guard)
-            source: Source = _KeyedSource(conns.source, entity.source_key, entity_set)
-            sink: Sink = conns.sink
-            pipelines.append(Pipeline(self.workflow, s, source, sink, self.state, self.report, self.batch_size,
-                                      guard=guard))
-        return pipelines
-
-
 class StreamGuard:
-    """The schema-change guard of one stream: both sides' schemas at start, compared since."""
+    """The schema-change guard of one ingress stream: both sides' schemas at start, compared since."""
 
     def __init__(self, source: DynamicsSource, sink: CampaignSink, entity: pb.EntityMapping) -> None:
         self.source, self.sink, self.entity = source, sink, entity
@@ -242,3 +132,218 @@ class StreamGuard:
         check(await self.source.table_schema(self.entity.source_table), self.source_fields, self.source_baseline)
         check(await self.sink.resource_schema(self.entity.destination_resource), self.destination_fields,
               self.destination_baseline)
+
+
+class _PipelineRunner:
+    """Runs pipelines one after the other; subclasses build them on the first pass."""
+
+    def __init__(self, workflow: str, state: SqliteWorkerState, report: WorkerReport, batch_size: int) -> None:
+        self.workflow, self.state, self.report, self.batch_size = workflow, state, report, batch_size
+        self.pipelines: list[Pipeline] = []
+
+    @property
+    def writing(self) -> bool:
+        return any(p.writing for p in self.pipelines)
+
+    async def build(self) -> list[Pipeline]:
+        raise NotImplementedError
+
+    async def run_once(self, stop: asyncio.Event) -> None:
+        if not self.pipelines:
+            self.pipelines = await self.build()
+        for p in self.pipelines:
+            if stop.is_set():
+                break
+            await p.run_once(stop)
+
+    async def classify(self) -> None:
+        pass
+
+
+class IngressRunner(_PipelineRunner):
+    def __init__(self, workflow: str, spec: pb.WorkflowSpec, secrets: dict[str, ConnectionSecret],
+                 state: SqliteWorkerState, report: WorkerReport, batch_size: int, index: int,
+                 concurrency: int = 16) -> None:
+        super().__init__(workflow, state, report, batch_size)
+        self.streams = ingress_streams(spec, index, max(1, spec.workers))
+        src, dst = secrets[spec.source.credentials.name], secrets[spec.destination.credentials.name]
+        self.tokens = [_tokens(src), _tokens(dst)]
+        page_size = min(MAX_PAGE_SIZE, max(PAGE_SIZE, batch_size))
+        # The key column is per table: _KeyedSource passes it per stream.
+        self.source = DynamicsSource(spec.source.endpoint, self.tokens[0], key_column="", page_size=page_size)
+        self.sink = CampaignSink(spec.destination.endpoint, self.tokens[1], dst.api_key or dst.client_id,
+                                 owner=dst.client_id, concurrency=concurrency)
+        self.guards: list[StreamGuard] = []
+
+    async def build(self) -> list[Pipeline]:
+        pipelines = []
+        for s in self.streams:
+            assert isinstance(s.transform, EntityTransform)
+            entity = s.transform.entity
+            entity_set = await self.source.entity_set(entity.source_table)
+            guard = StreamGuard(self.source, self.sink, entity)
+            await guard.start()
+            s.transform.lengths = {**guard.destination_lengths, **s.transform.lengths}
+            self.guards.append(guard)
+            pipelines.append(Pipeline(self.workflow, s, _KeyedSource(self.source, entity.source_key, entity_set),
+                                      self.sink, self.state, self.report, self.batch_size, guard=guard))
+        return pipelines
+
+    async def run_once(self, stop: asyncio.Event) -> None:
+        await super().run_once(stop)
+        self.report.resyncs = self.source.resyncs
+
+    async def classify(self) -> None:
+        for guard in self.guards:
+            try:
+                await guard()
+            except (ConnectorError, RetryableError, httpx.HTTPError):
+                return  # cannot tell now; the pass is retried and checked again
+
+    async def aclose(self) -> None:
+        await self.source.aclose()
+        await self.sink.aclose()
+        for t in self.tokens:
+            await t.aclose()
+
+
+class EgressRunner(_PipelineRunner):
+    def __init__(self, workflow: str, spec: pb.WorkflowSpec, secrets: dict[str, ConnectionSecret],
+                 state: SqliteWorkerState, report: WorkerReport, batch_size: int, state_db: Path) -> None:
+        super().__init__(workflow, state, report, batch_size)
+        src, dst = secrets[spec.source.credentials.name], secrets[spec.destination.credentials.name]
+        self.tokens = [_tokens(src), _tokens(dst)]
+        self.source = CampaignSource(spec.source.endpoint, self.tokens[0], src.api_key or src.client_id,
+                                     key_field={egress.EVENTS: egress.EVENT_KEY}, line_count=PAGE_SIZE)
+        self.sink = DynamicsSink(spec.destination.endpoint, self.tokens[1])
+        self.held = HeldRecords(state_db)
+        self.stream = Stream(name=egress.EVENTS, table=egress.EVENTS, resource=egress.ACTIVITY_SET,
+                             key_field=egress.ACTIVITY_KEY, transform=egress.EventTransform(spec.egress))
+
+    async def build(self) -> list[Pipeline]:
+        return [Pipeline(self.workflow, self.stream, self.source, self.sink, self.state, self.report,
+                         self.batch_size, held=self.held, hold=HoldPolicy())]
+
+    async def aclose(self) -> None:
+        self.held.close()
+        await self.source.aclose()
+        await self.sink.aclose()
+        for t in self.tokens:
+            await t.aclose()
+
+
+class Engine:
+    def __init__(self, workflow: str, spec: pb.WorkflowSpec, secrets: dict[str, ConnectionSecret],
+                 state: SqliteWorkerState, report: WorkerReport, index: int = 0,
+                 state_db: Path | None = None) -> None:
+        self.workflow, self.spec, self.secrets = workflow, spec, secrets
+        self.state, self.report, self.index = state, report, index
+        self.batch_size = spec.batch_size or DEFAULT_BATCH_SIZE
+        self.interval = poll_interval(spec)
+        self.state_db = state_db
+
+    def _runner(self) -> Runner | None:
+        t = self.spec.type
+        if t == pb.WORKFLOW_TYPE_INGRESS:
+            return IngressRunner(self.workflow, self.spec, self.secrets, self.state, self.report, self.batch_size,
+                                 self.index)
+        if self.index != 0:
+            return None  # one event feed, one contact table: a single worker does the work
+        if t == pb.WORKFLOW_TYPE_EGRESS and self.state_db is not None:
+            return EgressRunner(self.workflow, self.spec, self.secrets, self.state, self.report, self.batch_size,
+                                self.state_db)
+        if t == pb.WORKFLOW_TYPE_OPT_IN_OUT:
+            import importlib
+
+            module: Any = importlib.import_module("syncplane.optinout.sync")
+            return OptInOutRunner(module.build_optinout(self.workflow, self.spec, self.secrets, self.state,
+                                                        self.report))
+        return None
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Sync until ``stop``; raises :class:`FatalError` when retrying cannot help."""
+        runner = self._runner()
+        self.report.ready, self.report.phase = True, "RUNNING"
+        if runner is None:
+            await stop.wait()  # a spare replica: heartbeats, ready to take over at the next start
+            return
+        try:
+            await self._loop(stop, runner)
+        finally:
+            await runner.aclose()
+
+    async def _loop(self, stop: asyncio.Event, runner: Runner) -> None:
+        failures = 0
+        while not stop.is_set():
+            try:
+                await self._stoppable(runner.run_once(stop), stop, runner)
+                failures = 0
+                delay = self.interval
+            except SchemaChanged as exc:
+                raise FatalError(exc.reason, str(exc)) from None
+            except ConnectorError as exc:
+                if exc.reason in FATAL_REASONS:
+                    raise FatalError(exc.reason, str(exc)) from None
+                await self._classify(runner)
+                failures += 1
+                delay = self._transient(exc.reason, str(exc), failures)
+            except (RetryableError, httpx.HTTPError) as exc:
+                await self._classify(runner)
+                failures += 1
+                delay = self._transient("TRANSIENT", f"{type(exc).__name__}: {exc}", failures)
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=delay)
+            except TimeoutError:
+                pass
+
+    @staticmethod
+    async def _classify(runner: Runner) -> None:
+        """A failed pass may be a schema change (a dropped column fails the read): check."""
+        try:
+            await runner.classify()
+        except SchemaChanged as exc:
+            raise FatalError(exc.reason, str(exc)) from None
+
+    @staticmethod
+    async def _stoppable(work: Coroutine[Any, Any, None], stop: asyncio.Event, runner: Runner) -> None:
+        """Run ``work``; on ``stop``, let a batch in flight finish (the pipeline returns right
+        after it, committed), but cancel at once a read, a retry or a backoff: nothing is lost."""
+        task = asyncio.ensure_future(work)
+        stopped = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if not task.done() and not runner.writing:
+                task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            if not task.cancelled() and (exc := task.exception()) is not None:
+                raise exc
+        finally:
+            stopped.cancel()
+            if not task.done():
+                task.cancel()
+
+    def _transient(self, reason: str, message: str, failures: int) -> float:
+        self.report.last_error = {"reason": reason, "message": message, "time": f"{time.time():.3f}"}
+        delay = min(MAX_BACKOFF, 0.5 * 2.0 ** min(failures, 8))
+        log.warning("%s: %s (pass %d failed; retrying in %.1fs)", reason, message, failures, delay)
+        return delay
+
+
+class OptInOutRunner:
+    """Adapts the opt-in/out sync to the engine's runner."""
+
+    def __init__(self, sync: Any) -> None:
+        self.sync = sync
+
+    @property
+    def writing(self) -> bool:
+        return bool(getattr(self.sync, "writing", False))
+
+    async def run_once(self, stop: asyncio.Event) -> None:
+        await self.sync.run_once(stop)
+
+    async def classify(self) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        await self.sync.aclose()

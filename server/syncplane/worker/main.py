@@ -107,8 +107,9 @@ class Worker:
         state: SqliteWorkerState | None = None
         try:
             secrets = await self._load_secrets(spec)
-            state = SqliteWorkerState(self.opts.state_db or self.opts.state_dir / "worker-state.db")
-            engine = Engine(self.opts.workflow, spec, secrets, state, self.report, self.opts.index)
+            state_db = self.opts.state_db or self.opts.state_dir / "worker-state.db"
+            state = SqliteWorkerState(state_db)
+            engine = Engine(self.opts.workflow, spec, secrets, state, self.report, self.opts.index, state_db)
             engine_task = asyncio.create_task(engine.run(self.stop))
             engine_task.add_done_callback(self._engine_done)
         except CredentialsError as exc:

@@ -14,13 +14,25 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any, Protocol
 
 from syncplane.connectors.base import Page, Record, Sink, Source
-from syncplane.ingress.transform import Action, EntityTransform
+from syncplane.ingress.transform import Action, Transformed
 from syncplane.worker.checkpoints import SqliteWorkerState
+from syncplane.worker.held import HeldRecords, HoldPolicy
 from syncplane.worker.report import WorkerReport
 
 log = logging.getLogger(__name__)
+
+
+class Transform(Protocol):
+    """A source record in, a destination action out (ingress and egress each have one)."""
+
+    def apply(self, record: Record, full: bool) -> Transformed: ...
+
+    def source_columns(self) -> list[str]: ...
+
+    def filter_fingerprint(self) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -31,7 +43,7 @@ class Stream:
     table: str                     # source entity set, e.g. "contacts"
     resource: str                  # destination, e.g. "profile"
     key_field: str                 # destination integration key, e.g. "externalId"
-    transform: EntityTransform
+    transform: Transform
     replay: str = ""               # a replay request id for this table; each id is replayed once
 
 
@@ -62,7 +74,8 @@ class Checkpoint:
 class Pipeline:
     def __init__(self, workflow: str, stream: Stream, source: Source, sink: Sink, state: SqliteWorkerState,
                  report: WorkerReport, batch_size: int, queue_pages: int = 2,
-                 guard: Callable[[], Awaitable[None]] | None = None) -> None:
+                 guard: Callable[[], Awaitable[None]] | None = None, held: HeldRecords | None = None,
+                 hold: HoldPolicy | None = None) -> None:
         self.workflow, self.stream = workflow, stream
         self.source, self.sink, self.state, self.report = source, sink, state, report
         self.batch_size = batch_size
@@ -75,6 +88,8 @@ class Pipeline:
         # Raises SchemaChanged: called before each page is written and before records the
         # destination rejected are dead-lettered (they may be the first sign of a schema change).
         self.guard = guard
+        # Records whose target does not exist yet (e.g. an event's contact): held, re-sent each pass.
+        self.held, self.hold = held, hold
 
     def _update_backlog(self) -> None:
         self.report.backlog = self._queued + self._in_flight
@@ -85,6 +100,8 @@ class Pipeline:
         Returns the records read. On ``stop`` it finishes the batch in flight and returns: the
         last fully written page is committed, the rest is read again at the next start."""
         self.checkpoint = self._resume_point()
+        if self.held is not None:
+            await self._retry_held()
         cursor = self.checkpoint.cursor
         columns = self.stream.transform.source_columns()
         read = 0
@@ -210,14 +227,42 @@ class Pipeline:
             by_key = {r.key: r for r in chunk}
             for bad in result.rejected:
                 rejected = by_key.get(bad.key)
-                self.state.dead_letter(self.workflow, self.stream.name, bad.key,
-                                       rejected.values if rejected else {}, bad.status, bad.error)
-                self.report.counters.dead_lettered += 1
+                payload = rejected.values if rejected else {}
+                if self.held is not None and self.hold is not None and bad.status in self.hold.statuses:
+                    self.held.hold(self.workflow, self.stream.name, bad.key, payload, bad.status, bad.error)
+                    continue
+                self._dead_letter(bad.key, payload, bad.status, bad.error)
             self.report.counters.written += len(result.written)
             self._in_flight -= len(chunk)
             self._update_backlog()
             self._throughput(len(result.written))
         return True
+
+    def _dead_letter(self, key: str, payload: dict[str, Any], status: int, error: str) -> None:
+        self.state.dead_letter(self.workflow, self.stream.name, key, payload, status, error)
+        self.report.counters.dead_lettered += 1
+
+    async def _retry_held(self) -> None:
+        """Re-send held records; past the policy's attempts they become dead letters."""
+        assert self.held is not None and self.hold is not None
+        held = self.held.all(self.workflow, self.stream.name)
+        for i in range(0, len(held), self.batch_size):
+            chunk = held[i:i + self.batch_size]
+            by_key = {h.key: h for h in chunk}
+            result = await self.sink.write(self.stream.resource, self.stream.key_field,
+                                           [Record(h.key, h.payload) for h in chunk])
+            for key in result.written:
+                self.held.release(self.workflow, self.stream.name, key)
+            self.report.counters.written += len(result.written)
+            for bad in result.rejected:
+                h = by_key[bad.key]
+                if bad.status in self.hold.statuses and h.attempts + 1 < self.hold.max_attempts:
+                    self.held.hold(self.workflow, self.stream.name, bad.key, h.payload, bad.status, bad.error)
+                    continue
+                self.held.release(self.workflow, self.stream.name, bad.key)
+                self._dead_letter(bad.key, h.payload, bad.status,
+                                  f"held for {h.attempts + 1} passes, still failing: {bad.error}")
+        self.report.held = self.held.count(self.workflow)
 
     def _throughput(self, n: int) -> None:
         now = time.monotonic()

@@ -29,6 +29,7 @@ class WorkerReport:
     records_per_second: float = 0.0
     truncated: int = 0               # values cut to the destination's field length
     resyncs: int = 0                 # full reads forced by an expired delta token
+    held: int = 0                    # records waiting for what they point at (e.g. a contact)
     tables: dict[str, int] = field(default_factory=dict)  # rows per source table (last full read)
     last_error: dict[str, str] | None = None
     fatal: dict[str, str] | None = None
@@ -56,5 +57,6 @@ class WorkerReport:
                self.counters.dead_lettered)
         metric("records_per_second", "gauge", "Write throughput.", self.records_per_second)
         metric("values_truncated_total", "counter", "Values cut to the destination's length.", self.truncated)
+        metric("held_records", "gauge", "Records held until what they point at exists.", self.held)
         metric("resyncs_total", "counter", "Full reads forced by an expired delta token.", self.resyncs)
         return "\n".join(lines) + "\n"

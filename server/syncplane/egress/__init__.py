@@ -1,0 +1,1 @@
+"""Egress: Campaign email events to Dynamics 365 activities."""

@@ -1,0 +1,68 @@
+"""Records held back because something they point at does not exist yet.
+
+An egress event whose contact is not in Dynamics 365 yet (a 404 on its
+``regarding`` binding) is not an error of the event: the contact may arrive
+with the next ingress pass. It is held, durably, and re-sent at the start of
+each pass; after ``max_attempts`` passes it becomes a dead letter, with the
+reason. Never dropped silently.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS held (
+    workflow TEXT NOT NULL, stream TEXT NOT NULL, key TEXT NOT NULL, payload TEXT NOT NULL,
+    status INTEGER NOT NULL, error TEXT NOT NULL, first_seen REAL NOT NULL, attempts INTEGER NOT NULL,
+    PRIMARY KEY (workflow, stream, key));
+"""
+
+
+@dataclass(frozen=True)
+class HoldPolicy:
+    statuses: frozenset[int] = frozenset({404})   # "what it points at does not exist"
+    max_attempts: int = 20                         # passes before it becomes a dead letter
+
+
+@dataclass(frozen=True)
+class Held:
+    key: str
+    payload: dict[str, Any]
+    status: int
+    error: str
+    attempts: int
+
+
+class HeldRecords:
+    def __init__(self, path: Path) -> None:
+        self._db = sqlite3.connect(str(path), isolation_level=None, timeout=30)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def hold(self, workflow: str, stream: str, key: str, payload: dict[str, Any], status: int, error: str) -> None:
+        """Hold a record (first time), or count one more failed attempt."""
+        self._db.execute(
+            "INSERT INTO held (workflow, stream, key, payload, status, error, first_seen, attempts) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, 1) ON CONFLICT (workflow, stream, key) DO UPDATE SET "
+            "payload = excluded.payload, status = excluded.status, error = excluded.error, attempts = attempts + 1",
+            (workflow, stream, key, json.dumps(payload, sort_keys=True), status, error, time.time()))
+
+    def release(self, workflow: str, stream: str, key: str) -> None:
+        self._db.execute("DELETE FROM held WHERE workflow = ? AND stream = ? AND key = ?", (workflow, stream, key))
+
+    def all(self, workflow: str, stream: str) -> list[Held]:
+        rows = self._db.execute("SELECT key, payload, status, error, attempts FROM held WHERE workflow = ? AND "
+                                "stream = ? ORDER BY first_seen, key", (workflow, stream))
+        return [Held(k, json.loads(p), s, e, a) for k, p, s, e, a in rows]
+
+    def count(self, workflow: str) -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM held WHERE workflow = ?", (workflow,)).fetchone()[0])
