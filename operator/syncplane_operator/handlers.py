@@ -6,6 +6,8 @@ Run: `kopf run -m syncplane_operator.handlers --all-namespaces` (or
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 from typing import Any
 
@@ -14,6 +16,7 @@ import kopf
 from syncplane.kubeclient import api_client as kube_api_client
 from syncplane_operator import labels as L
 from syncplane_operator.builders import WorkerImage
+from syncplane_operator.leader import LeaderElection
 from syncplane_operator.reconciler import Clients, drain_for_delete, reconcile
 
 GROUP, VERSION, PLURAL = "syncplane.io", "v1", "workflows"
@@ -34,12 +37,23 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.watching.connect_timeout = 10
     settings.networking.request_timeout = 30
     settings.posting.level = 20
+    # The Helm chart installs the CRD first: without scanning, no cluster-wide CRD/Namespace read is needed.
+    settings.scanning.disabled = os.environ.get("SYNCPLANE_OPERATOR_SCANNING", "true") == "false"
+    logging.getLogger().setLevel(os.environ.get("SYNCPLANE_LOG_LEVEL", "INFO").upper())
     from kubernetes_asyncio import client
 
     api_client = await kube_api_client()
     memo.api = Clients(core=client.CoreV1Api(api_client), apps=client.AppsV1Api(api_client))
     memo.api_client = api_client
-    memo.image = WorkerImage(image=os.environ.get("SYNCPLANE_WORKER_IMAGE", WorkerImage.image))
+    env = os.environ.get
+    memo.image = WorkerImage(image=env("SYNCPLANE_WORKER_IMAGE", WorkerImage.image),
+                             pull_policy=env("SYNCPLANE_WORKER_IMAGE_PULL_POLICY", WorkerImage.pull_policy),
+                             service_account=env("SYNCPLANE_WORKER_SERVICE_ACCOUNT", WorkerImage.service_account))
+    # With replicas, only the Lease holder gets past startup (kopf starts no watch before then).
+    memo.leader = LeaderElection.from_environment(api_client)
+    if memo.leader is not None:
+        await memo.leader.acquire()
+        memo.leader_task = asyncio.create_task(memo.leader.keep())
 
 
 @kopf.on.login()
@@ -50,6 +64,9 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
 
 @kopf.on.cleanup()
 async def close(memo: kopf.Memo, **_: Any) -> None:
+    if memo.get("leader") is not None:
+        memo.leader_task.cancel()
+        await memo.leader.release()
     await memo.api_client.close()
 
 

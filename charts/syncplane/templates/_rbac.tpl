@@ -1,0 +1,68 @@
+{{/*
+The verbs of each component, in one place (scripts/chart-check.py compares them with the API calls in the code,
+and tests/k8s/test_chart.py runs the lifecycle under exactly these grants).
+*/}}
+
+{{/* The operator, in each watched namespace (or cluster-wide). */}}
+{{- define "syncplane.operatorRules" -}}
+# kopf: watch Workflows; finalizer and progress annotations (patch); status (patch on the subresource)
+- apiGroups: ["syncplane.io"]
+  resources: ["workflows"]
+  verbs: ["list", "watch", "patch"]
+- apiGroups: ["syncplane.io"]
+  resources: ["workflows/status"]
+  verbs: ["patch"]
+# worker Deployments: indexed (list, watch), created, scaled (patch), replaced on a new spec (update)
+- apiGroups: ["apps"]
+  resources: ["deployments"]
+  verbs: ["list", "watch", "create", "patch", "update"]
+# worker pods: indexed for crash loops and rejections
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["list", "watch"]
+# the workers' heartbeat Leases: indexed
+- apiGroups: ["coordination.k8s.io"]
+  resources: ["leases"]
+  verbs: ["list", "watch"]
+# applied-spec snapshots: created on start, read back once after a restart
+- apiGroups: [""]
+  resources: ["configmaps"]
+  verbs: ["get", "create"]
+# Events on transitions (kopf.info / kopf.warn)
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["create"]
+{{- end }}
+
+{{/* The operator's leader election, in the release namespace. Create cannot be limited by name. */}}
+{{- define "syncplane.leaderElectionRules" -}}
+- apiGroups: ["coordination.k8s.io"]
+  resources: ["leases"]
+  verbs: ["create"]
+- apiGroups: ["coordination.k8s.io"]
+  resources: ["leases"]
+  resourceNames: [{{ include "syncplane.leaseName" . | quote }}]
+  verbs: ["get", "update"]
+{{- end }}
+
+{{/* The API server: the spec of Workflows in its namespace (never status). */}}
+{{- define "syncplane.serverRules" -}}
+- apiGroups: ["syncplane.io"]
+  resources: ["workflows"]
+  verbs: ["get", "list", "watch", "create", "update", "delete"]
+{{- end }}
+
+{{/* The workers: their own heartbeat Lease, their checkpoints, and the Secrets their workflow references. */}}
+{{- define "syncplane.workerRules" -}}
+- apiGroups: ["coordination.k8s.io"]
+  resources: ["leases"]
+  verbs: ["create", "patch", "delete"]
+# the `<workflow>-checkpoints` ConfigMap a worker reads and patches (created by the first worker)
+- apiGroups: [""]
+  resources: ["configmaps"]
+  verbs: ["get", "create", "patch"]
+# the credentials named by spec.source/destination.credentials; get only, never list
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get"]
+{{- end }}

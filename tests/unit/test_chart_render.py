@@ -1,0 +1,287 @@
+"""The Helm chart rendered with `helm template` (no cluster), the Dockerfile and the examples.
+
+helm comes from the k8s test binaries (`make k8s-binaries`); a missing binary fails, never skips."""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import yaml
+
+from syncplane.cli import cli
+from syncplane.model.convert import from_resource
+from syncplane.validation.spec import apply_defaults, validate_spec
+from syncplane_operator.builders import build_worker_deployment
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "charts" / "syncplane"
+
+
+def _load_check() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("chart_check", ROOT / "scripts" / "chart-check.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["chart_check"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+check = _load_check()
+
+
+@pytest.fixture(scope="module")
+def helm() -> Path:
+    return check.helm_binary()
+
+
+@pytest.fixture(scope="module")
+def rendered(helm) -> dict[str, list[dict[str, Any]]]:
+    return check.renders(helm)
+
+
+def kinds(docs: list[dict[str, Any]]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for doc in docs:
+        out.setdefault(doc["kind"], []).append(doc["metadata"]["name"])
+    return out
+
+
+def find(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    return next(d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name)
+
+
+def test_every_ci_scenario_lints_strictly(helm):
+    assert {p.name for p in check.SCENARIOS} >= {"default-values.yaml", "namespaced-values.yaml",
+                                                  "tls-values.yaml", "minimal-values.yaml"}
+    for path in check.SCENARIOS:
+        result = subprocess.run([str(helm), "lint", "--strict", str(CHART), "-f", str(path)],
+                                capture_output=True, text=True, env=check.helm_env())
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_no_rendered_pod_runs_as_root_escalates_or_writes_its_root_fs(rendered):
+    for name, docs in rendered.items():
+        assert check.pod_specs(docs), name
+        assert check.security_problems(docs) == [], name
+
+
+def test_the_worker_deployment_the_operator_builds_is_as_locked_down():
+    worker = build_worker_deployment("wf", "ns", "abc", 1, 1)
+    assert check.security_problems([worker]) == []
+
+
+@pytest.mark.parametrize("breach", ["root", "escalation", "writable", "privileged", "seccomp"])
+def test_the_security_check_catches_each_breach(rendered, breach):
+    docs = copy.deepcopy(rendered["default-values.yaml"])
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]["securityContext"]
+    match breach:
+        case "root":
+            pod["securityContext"]["runAsUser"] = 0
+        case "escalation":
+            del container["allowPrivilegeEscalation"]
+        case "writable":
+            container["readOnlyRootFilesystem"] = False
+        case "privileged":
+            container["privileged"] = True
+        case "seccomp":
+            del pod["securityContext"]["seccompProfile"]
+    assert check.security_problems(docs)
+
+
+def test_every_resource_has_the_standard_labels(rendered):
+    for name, docs in rendered.items():
+        assert check.label_problems(docs) == [], name
+
+
+def test_rbac_grants_exactly_what_the_code_calls(rendered):
+    for name, docs in rendered.items():
+        assert check.rbac_problems(docs) == [], name
+    problems, _pending = check.evidence_problems()
+    assert problems == []
+
+
+def test_the_rbac_check_catches_an_extra_or_missing_verb(rendered):
+    docs = copy.deepcopy(rendered["namespaced-values.yaml"])
+    role = find(docs, "Role", "syncplane-server")
+    role["rules"][0]["verbs"].append("deletecollection")
+    assert any("deletecollection" in p for p in check.rbac_problems(docs))
+    role["rules"][0]["verbs"] = ["get"]
+    assert any("lacks list" in p for p in check.rbac_problems(docs))
+
+
+def test_cluster_wide_mode_has_a_cluster_role_namespaced_mode_none(rendered):
+    cluster = kinds(rendered["default-values.yaml"])
+    assert cluster["ClusterRole"] == ["syncplane-operator"]
+    assert cluster["ClusterRoleBinding"] == ["syncplane-operator"]
+    assert "syncplane-operator" not in cluster["Role"]
+    namespaced = kinds(rendered["namespaced-values.yaml"])
+    assert "ClusterRole" not in namespaced and "ClusterRoleBinding" not in namespaced
+    roles = [d for d in rendered["two-watch-namespaces"] if d["kind"] == "Role"
+             and d["metadata"]["name"] == "syncplane-operator"]
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
+    operator = find(rendered["two-watch-namespaces"], "Deployment", "syncplane-operator")
+    args = operator["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--namespace=team-a" in args and "--namespace=team-b" in args
+    # the workers get their own ServiceAccount and Role in every watched namespace
+    workers = [d["metadata"]["namespace"] for d in rendered["two-watch-namespaces"]
+               if d["kind"] == "ServiceAccount" and d["metadata"]["name"] == "syncplane-worker"]
+    assert sorted(workers) == ["team-a", "team-b"]
+
+
+def _container(docs, name: str) -> dict[str, Any]:
+    return find(docs, "Deployment", name)["spec"]["template"]["spec"]["containers"][0]
+
+
+def test_the_commands_match_the_cli(rendered):
+    docs = rendered["default-values.yaml"]
+    server = _container(docs, "syncplane-server")
+    assert server["command"] == ["syncplane"]
+    assert server["args"][:2] == ["server", "--backend=kubernetes"]
+    operator = _container(docs, "syncplane-operator")
+    assert operator["args"][0] == "operator"
+    # every flag given is a flag of that command
+    for container in (server, operator):
+        command = cli.commands[container["args"][0]]
+        known = {opt for p in command.params for opt in p.opts}
+        for arg in container["args"][1:]:
+            assert arg.split("=", 1)[0] in known, arg
+
+
+def test_the_operator_hands_the_same_image_and_worker_account_to_the_workers(rendered):
+    docs = rendered["default-values.yaml"]
+    operator = _container(docs, "syncplane-operator")
+    env = {e["name"]: e.get("value") for e in operator["env"]}
+    assert env["SYNCPLANE_WORKER_IMAGE"] == operator["image"]
+    assert find(docs, "ServiceAccount", env["SYNCPLANE_WORKER_SERVICE_ACCOUNT"])
+    assert env["SYNCPLANE_LEADER_ELECTION_LEASE"] == "syncplane-operator-leader"
+    assert "--standalone" in operator["args"]
+
+
+def test_tls_and_token_sources(rendered, helm):
+    default = rendered["default-values.yaml"]
+    tls = find(default, "Secret", "syncplane-server-tls")
+    assert tls["type"] == "kubernetes.io/tls" and set(tls["data"]) == {"tls.crt", "tls.key", "ca.crt"}
+    assert find(default, "Secret", "syncplane-server-token")["data"]["token"]
+    existing = kinds(rendered["tls-values.yaml"])
+    assert "Secret" not in existing  # both from the user's Secrets
+    volumes = find(rendered["tls-values.yaml"], "Deployment", "syncplane-server")["spec"]["template"]["spec"]["volumes"]
+    assert {v["name"]: v.get("secret", {}).get("secretName") for v in volumes}["tls"] == "syncplane-tls"
+    env = {e["name"]: e.get("value") for e in _container(rendered["tls-values.yaml"], "syncplane-server")["env"]}
+    assert env["OTEL_EXPORTER_OTLP_ENDPOINT"].startswith("http://otel-collector")
+    cm = rendered["cert-manager+servicemonitor"]
+    cert = find(cm, "Certificate", "syncplane-server")
+    assert cert["spec"]["secretName"] == "syncplane-server-tls"
+    assert "syncplane-server.syncplane.svc" in cert["spec"]["dnsNames"]
+    assert "ServiceMonitor" in kinds(cm)
+    # no TLS source at all is refused at render time, naming the value
+    result = subprocess.run([str(helm), "template", "x", str(CHART), "--set", "server.tls.selfSigned=false"],
+                            capture_output=True, text=True, env=check.helm_env())
+    assert result.returncode != 0 and "server.tls" in result.stderr
+
+
+def test_minimal_scenario_is_the_operator_alone(rendered):
+    minimal = kinds(rendered["minimal-values.yaml"])
+    assert minimal["Deployment"] == ["syncplane-operator"]
+    assert "Service" not in minimal and "PodDisruptionBudget" not in minimal
+
+
+def test_the_server_has_a_disruption_budget(rendered):
+    pdb = find(rendered["default-values.yaml"], "PodDisruptionBudget", "syncplane-server")
+    server = find(rendered["default-values.yaml"], "Deployment", "syncplane-server")
+    assert pdb["spec"]["selector"]["matchLabels"] == server["spec"]["selector"]["matchLabels"]
+
+
+@pytest.mark.parametrize("values", [
+    ["--set", "logLevel=LOUD"],
+    ["--set", "operator.replicas=-1"],
+    ["--set", "unknownKey=1"],
+    ["--set", "operator.replicas=2", "--set", "operator.leaderElection.enabled=false"],
+])
+def test_bad_values_are_refused(helm, values):
+    result = subprocess.run([str(helm), "template", "x", str(CHART), *values], capture_output=True, text=True,
+                            env=check.helm_env())
+    assert result.returncode != 0, values
+
+
+def test_every_value_is_documented():
+    text = (CHART / "values.yaml").read_text().splitlines()
+    values = yaml.safe_load("\n".join(text))
+    schema = json.loads((CHART / "values.schema.json").read_text())
+
+    def keys(node: dict[str, Any], prefix: str = "") -> list[str]:
+        out = []
+        for key, value in node.items():
+            out.append(prefix + key)
+            if isinstance(value, dict) and value and not key.endswith(("resources", "Context", "issuerRef")):
+                out += keys(value, prefix + key + ".")
+        return out
+
+    for key in keys(values):
+        assert re.match(r"^[a-z][a-zA-Z0-9]*$", key.rsplit(".", 1)[-1]), f"{key} is not camelCase"
+        node = schema
+        for part in key.split("."):
+            assert part in node.get("properties", {}), f"{key} is not in values.schema.json"
+            node = node["properties"][part]
+    # each value has a comment right above it (`# --` or a section comment); free-form maps are one value
+    stack: list[tuple[int, str]] = []
+    for i, line in enumerate(text):
+        m = re.match(r"^(\s*)([a-zA-Z]+):", line)
+        if not m:
+            continue
+        indent = len(m.group(1))
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        inside_free_form = any(k.endswith(("resources", "Context", "issuerRef")) for _, k in stack)
+        stack.append((indent, m.group(2)))
+        if not inside_free_form and not line.rstrip().endswith(":"):
+            assert text[i - 1].strip().startswith("#"), f"values.yaml line {i + 1} is undocumented: {line.strip()}"
+
+
+def test_examples_are_valid_workflows_of_each_type():
+    types = set()
+    for path in sorted((CHART / "examples").glob("*.yaml")):
+        _, wf = from_resource(yaml.safe_load(path.read_text()))
+        apply_defaults(wf.spec)
+        validate_spec(wf.spec)
+        types.add(yaml.safe_load(path.read_text())["spec"]["type"])
+    assert types == {"INGRESS", "EGRESS", "OPT_IN_OUT"}
+
+
+def test_the_dockerfile_runs_the_package_console_script_as_non_root():
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    entrypoint = json.loads(re.search(r"^ENTRYPOINT (\[.*\])$", dockerfile, re.M).group(1))  # type: ignore[union-attr]
+    assert entrypoint == ["syncplane"] and entrypoint[0] in scripts
+    module, func = scripts["syncplane"].split(":")
+    assert callable(getattr(importlib.import_module(module), func))
+    # the commands the chart and the operator run exist in that script
+    for command in ("server", "operator", "worker"):
+        assert command in cli.commands
+    assert build_worker_deployment("wf", "ns", "h", 1, 1)["spec"]["template"]["spec"]["containers"][0]["args"][0] \
+        == "worker"
+    # multi-stage, slim, non-root (the uid the chart and the worker pods run as)
+    assert len(re.findall(r"^FROM python:\S+-slim AS \w+$", dockerfile, re.M)) == 2
+    user = re.search(r"^USER (\d+):(\d+)$", dockerfile, re.M)
+    assert user and user.group(1) != "0"
+    worker_pod = build_worker_deployment("wf", "ns", "h", 1, 1)["spec"]["template"]["spec"]
+    assert int(user.group(1)) == worker_pod["securityContext"]["runAsUser"]
+    # what the build copies is not ignored
+    ignored = (ROOT / ".dockerignore").read_text().splitlines()
+    for path in re.findall(r"^COPY (?!--from)(.+) \S+$", dockerfile, re.M):
+        for item in path.split():
+            assert f"!{item}" in ignored or f"!{item.rstrip('/')}/" in ignored, item
+            assert (ROOT / item).exists(), item
+
