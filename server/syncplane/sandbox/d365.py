@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from syncplane.sandbox.common import (
     Faults,
     Json,
     RequestLog,
+    RequestRecord,
     SandboxClock,
     ServiceProtection,
     TokenIssuer,
@@ -254,6 +256,8 @@ class D365Emulator(EmulatorApp):
         self.state = state
         self.tenant = tenant
         self.seeder: Callable[[dict[str, Any]], dict[str, int]] | None = None
+        #: One record per request inside a ``$batch`` (the outer POST is in the request log).
+        self.batch_parts = RequestLog(log._records.maxlen or 200_000)
         r = self.app.router
         r.add_post("/{tenant}/oauth2/v2.0/token", self._token)
         r.add_route("*", API_PREFIX + "{tail:.*}", self._api)
@@ -749,6 +753,11 @@ class D365Emulator(EmulatorApp):
                                           in_batch=True))
         except ODataError as exc:
             resp = _error(exc)
+        now_mono, now_wall = time.monotonic(), time.time()
+        self.batch_parts.append(RequestRecord(
+            seq=self.batch_parts.next_seq(), server=self.server_name, received_monotonic=now_mono,
+            received_wall=now_wall, responded_monotonic=now_mono, method=part.method, path=part.url,
+            status=resp.status, retry_after=None, client=outer.client, fault=None, duration_ms=0.0))
         return PartResponse(resp.status, resp.headers, resp.body, part.content_id)
 
     def _batch(self, req: ORequest) -> OResponse:

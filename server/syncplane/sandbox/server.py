@@ -100,6 +100,8 @@ class Sandbox:
         self._acs_app = AcsEmulator(self.acs, self.clock, self.requests, self.acs_tokens, self.faults.acs,
                                     self.acs_protection)
         self._acs_app.event_generator = self._http_events
+        #: The requests inside Dataverse ``$batch`` POSTs, one record each (method, inner URL, status).
+        self.batch_parts = self._d365_app.batch_parts
         self._runners: list[web.AppRunner] = []
         self.d365_port = 0
         self.acs_port = 0

@@ -1,0 +1,341 @@
+"""The opt-in/out sync of one workflow: one pass both ways per mode (:meth:`OptInOutSync.run_once`).
+
+A pass:
+
+1. reads the Campaign profile feed (``byLastModified``, from its cursor) into memory, keyed
+   by ``externalId`` (profiles without one cannot be matched and are not seen);
+2. reads the Dataverse contacts delta (change tracking, from its cursor) page by page; each
+   page is joined by key with the Campaign changes, decided (:mod:`.rules`), written to both
+   sides, the echo memory updated, and only then the CRM cursor committed;
+3. decides and writes the Campaign changes no CRM change matched, then commits the
+   Campaign cursor.
+
+At-least-once: a cursor moves only after the other side acknowledged the writes it covers
+(or the record was dead-lettered); replaying a change is harmless (updates to a value, and
+the echo memory turns a replayed change into an echo). In the one-way modes the target's
+feed is read too, but only as the target's current state (no useless writes, the PKey and
+owner of each profile without a lookup): target changes never flow back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from syncplane.api.v1 import workflow_pb2 as pb
+from syncplane.connectors.base import Record, Rejected
+from syncplane.connectors.campaign import CampaignSource
+from syncplane.connectors.dynamics import MAX_PAGE_SIZE, DynamicsSource
+from syncplane.connectors.http import OAuth2ClientCredentials, Transport
+from syncplane.optinout.memory import SqliteEchoMemory
+from syncplane.optinout.rules import (
+    CAMPAIGN,
+    CRM,
+    Direction,
+    FieldPair,
+    Observed,
+    Plan,
+    flag,
+    pairs_of,
+    parse_time,
+    plan,
+)
+from syncplane.optinout.writers import CampaignOptOutWriter, CampaignWrite, DynamicsOptOutWriter, Outcome
+from syncplane.worker.checkpoints import SqliteWorkerState
+from syncplane.worker.credentials import ConnectionSecret
+from syncplane.worker.report import WorkerReport
+
+log = logging.getLogger("syncplane.optinout")
+
+CRM_STREAM = "optinout:crm"            # checkpoint and dead-letter stream of the Dataverse side
+CAMPAIGN_STREAM = "optinout:campaign"  # … of the Campaign side
+CRM_TABLE, CRM_KEY = "contacts", "contactid"
+PROFILE, PROFILE_KEY = "profile", "externalId"
+DEFAULT_BATCH_SIZE = 500
+CAMPAIGN_LINE_COUNT = 5000
+
+_DIRECTIONS = {
+    pb.OPT_IN_OUT_DIRECTION_DISABLED: Direction.DISABLED,
+    pb.OPT_IN_OUT_DIRECTION_UNSPECIFIED: Direction.DISABLED,
+    pb.OPT_IN_OUT_DIRECTION_CRM_TO_MARKETING: Direction.CRM_TO_MARKETING,
+    pb.OPT_IN_OUT_DIRECTION_MARKETING_TO_CRM: Direction.MARKETING_TO_CRM,
+    pb.OPT_IN_OUT_DIRECTION_BIDIRECTIONAL: Direction.BIDIRECTIONAL,
+}
+
+
+@dataclass
+class PassStats:
+    """What the last pass did (also accumulated over the sync's life in ``OptInOutSync.totals``)."""
+
+    read_crm: int = 0
+    read_campaign: int = 0
+    echoes: int = 0             # records read back carrying no change (our own writes, other columns)
+    conflicts: int = 0          # pairs decided by the modification times
+    first_sight: int = 0        # pairs decided by "no baseline: opt-out wins"
+    written_crm: int = 0
+    written_campaign: int = 0
+    write_requests: int = 0     # PATCHes to Campaign + $batch parts to Dataverse
+    absent: int = 0             # no matching record on the other side
+    rejected: int = 0
+
+    def add(self, other: PassStats) -> None:
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+@dataclass
+class _Item:
+    key: str
+    crm: Record | None = None
+    campaign: Record | None = None
+    plan: Plan = field(default_factory=Plan)
+
+
+def _db_path(state: SqliteWorkerState) -> str:
+    """The worker state's SQLite file: the echo memory keeps its own table there."""
+    db: sqlite3.Connection = state._db
+    for _, name, path in db.execute("PRAGMA database_list"):
+        if name == "main" and path:
+            return str(path)
+    return ":memory:"
+
+
+class OptInOutSync:
+    def __init__(self, workflow: str, direction: Direction, pairs: Sequence[FieldPair], *,
+                 crm_source: DynamicsSource, crm_writer: DynamicsOptOutWriter, campaign_source: CampaignSource,
+                 campaign_writer: CampaignOptOutWriter, state: SqliteWorkerState, memory: SqliteEchoMemory,
+                 report: WorkerReport, batch_size: int = DEFAULT_BATCH_SIZE,
+                 closers: Sequence[OAuth2ClientCredentials | Transport] = ()) -> None:
+        self.workflow, self.direction, self.pairs = workflow, direction, list(pairs)
+        self.crm_source, self.crm_writer = crm_source, crm_writer
+        self.campaign_source, self.campaign_writer = campaign_source, campaign_writer
+        self.state, self.memory, self.report = state, memory, report
+        self.batch_size = max(1, batch_size)
+        self._closers = list(closers)
+        self.crm_fields = [p.crm for p in self.pairs]
+        self.campaign_fields = [p.campaign for p in self.pairs]
+        self.last = PassStats()
+        self.totals = PassStats()
+        self.writing = False  # a batch is with a destination: let it finish on stop
+        self._queued = 0
+
+    # ------------------------------------------------------------------ the pass
+    async def run_once(self, stop: asyncio.Event) -> None:
+        """One pass both ways per mode. On ``stop`` it finishes the batch in flight and returns;
+        what is not committed is read again at the next pass (idempotently)."""
+        self.last = PassStats()
+        if self.direction == Direction.DISABLED or not self.pairs:
+            return
+        try:
+            await self._pass(stop)
+        finally:
+            self.totals.add(self.last)
+            self._queued = 0
+            self.report.backlog = 0
+
+    async def _pass(self, stop: asyncio.Event) -> None:
+        campaign_cursor = self.state.load(self.workflow, CAMPAIGN_STREAM)
+        crm_cursor = self.state.load(self.workflow, CRM_STREAM)
+        campaign_from_start = campaign_cursor is None
+        crm_from_start = crm_cursor is None
+
+        # 1. Campaign changes, all of them (one request per 5,000 profiles).
+        pending: dict[str, Record] = {}
+        next_campaign_cursor = campaign_cursor
+        columns = [*self.campaign_fields, PROFILE_KEY, "PKey", "createdBy", "lastModified"]
+        async for page in self.campaign_source.pages(PROFILE, columns, campaign_cursor):
+            for rec in page.records:
+                pending.pop(rec.key, None)
+                pending[rec.key] = rec
+                self.campaign_writer.remember(rec.key, rec.values)
+            self._read(CAMPAIGN, len(page.records))
+            next_campaign_cursor = page.cursor or next_campaign_cursor
+            if stop.is_set():
+                return
+        self._set_backlog(len(pending))
+
+        # 2. CRM changes page by page, joined with the Campaign changes of the same keys.
+        crm_columns = [*self.crm_fields, "modifiedon"]
+        async for page in self.crm_source.pages(CRM_TABLE, crm_columns, crm_cursor, key_column=CRM_KEY):
+            self._read(CRM, len(page.records))
+            items: dict[str, _Item] = {}
+            for rec in page.records:
+                if rec.deleted:
+                    continue  # a deleted contact has nothing to sync
+                items[rec.key] = _Item(rec.key, crm=rec)
+            for key, item in items.items():
+                item.campaign = pending.pop(key, None)
+            self._set_backlog(len(pending) + len(items))
+            await self._apply(list(items.values()), campaign_complete=campaign_from_start, crm_complete=False)
+            if page.cursor is not None:
+                self.state.commit(self.workflow, CRM_STREAM, page.cursor)
+            self._set_backlog(len(pending))
+            if stop.is_set():
+                return
+
+        # 3. Campaign changes no CRM change matched. After a full CRM read, a key it did not
+        #    return has no contact: nothing to write there.
+        rest = [_Item(key, campaign=rec) for key, rec in pending.items()]
+        for i in range(0, len(rest), self.batch_size):
+            if i and stop.is_set():
+                return
+            chunk = rest[i:i + self.batch_size]
+            await self._apply(chunk, campaign_complete=False, crm_complete=crm_from_start)
+            self._set_backlog(len(rest) - i - len(chunk))
+        if next_campaign_cursor is not None:
+            self.state.commit(self.workflow, CAMPAIGN_STREAM, next_campaign_cursor)
+
+    # ------------------------------------------------------------------ one batch of keys
+    async def _apply(self, items: list[_Item], *, campaign_complete: bool, crm_complete: bool) -> None:
+        if not items:
+            return
+        keys = [i.key for i in items]
+        known_crm = self.memory.load(self.workflow, CRM, keys)
+        known_campaign = self.memory.load(self.workflow, CAMPAIGN, keys)
+        to_campaign: list[CampaignWrite] = []
+        to_crm: list[tuple[str, dict[str, bool]]] = []
+        for item in items:
+            crm_obs = Observed(item.crm.values, parse_time(item.crm.modified)) if item.crm else None
+            campaign_obs = (Observed(item.campaign.values, parse_time(item.campaign.modified))
+                            if item.campaign else None)
+            p = plan(self.pairs, self.direction, crm_obs, campaign_obs, known_crm.get(item.key, {}),
+                     known_campaign.get(item.key, {}))
+            if campaign_complete and item.campaign is None:
+                p.to_campaign.clear()  # the full profile read did not return it: no such profile
+            if crm_complete and item.crm is None:
+                p.to_crm.clear()       # the full contact read did not return it: no such contact
+            item.plan = p
+            self.last.echoes += int(p.crm_echo) + int(p.campaign_echo)
+            self.last.conflicts += p.conflicts
+            self.last.first_sight += p.first_sight
+            if p.to_campaign:
+                mem = known_campaign.get(item.key, {})
+                to_campaign.append(CampaignWrite(item.key, p.to_campaign,
+                                                 item.campaign.values if item.campaign else None,
+                                                 {f: mem.get(f) for f in p.to_campaign}))
+            if p.to_crm:
+                to_crm.append((item.key, p.to_crm))
+        campaign_out, crm_out = await self._write(to_campaign, to_crm)
+        self._remember(items, known_crm, known_campaign, crm_out, campaign_out)
+        self._account(items, CRM, crm_out, dict(to_crm))
+        self._account(items, CAMPAIGN, campaign_out, {w.key: dict(w.values) for w in to_campaign})
+
+    async def _write(self, to_campaign: list[CampaignWrite],
+                     to_crm: list[tuple[str, dict[str, bool]]]) -> tuple[Outcome, Outcome]:
+        if not to_campaign and not to_crm:
+            return Outcome(), Outcome()
+        self.writing = True
+        try:
+            campaign_out, crm_out = await asyncio.gather(self.campaign_writer.write(to_campaign),
+                                                         self.crm_writer.write(to_crm))
+        except BaseException:
+            self.report.counters.failed += len(to_campaign) + len(to_crm)
+            raise
+        finally:
+            self.writing = False
+        return campaign_out, crm_out
+
+    def _remember(self, items: list[_Item], known_crm: dict[str, dict[str, bool]],
+                  known_campaign: dict[str, dict[str, bool]], crm_out: Outcome, campaign_out: Outcome) -> None:
+        """The echo memory after this batch: what each side was seen holding, overlaid with what
+        it acknowledged we wrote. Stored before the cursors covering these records move."""
+        crm_ok, campaign_ok = set(crm_out.written), set(campaign_out.written)
+        new_crm: dict[str, dict[str, bool]] = {}
+        new_campaign: dict[str, dict[str, bool]] = {}
+        for item in items:
+            before = known_crm.get(item.key, {})
+            after = dict(before)
+            if item.crm is not None:
+                after.update({f: flag(item.crm.values.get(f)) for f in self.crm_fields})
+            if item.key in crm_ok:
+                after.update(item.plan.to_crm)
+            if after != before:
+                new_crm[item.key] = after
+            before = known_campaign.get(item.key, {})
+            after = dict(before)
+            if item.campaign is not None:
+                after.update({f: flag(item.campaign.values.get(f)) for f in self.campaign_fields})
+            if item.key in campaign_ok:
+                after.update(item.plan.to_campaign)
+            if after != before:
+                new_campaign[item.key] = after
+        self.memory.store(self.workflow, CRM, new_crm)
+        self.memory.store(self.workflow, CAMPAIGN, new_campaign)
+
+    def _account(self, items: list[_Item], side: str, out: Outcome, payloads: dict[str, dict[str, bool]]) -> None:
+        stream = CRM_STREAM if side == CRM else CAMPAIGN_STREAM
+        for bad in out.rejected:
+            self._dead_letter(stream, bad, payloads.get(bad.key, {}))
+        written = len(out.written)
+        self.report.counters.written += written
+        if side == CRM:
+            self.last.written_crm += written
+        else:
+            self.last.written_campaign += written
+        self.last.write_requests += out.requests
+        self.last.absent += len(out.absent)
+        self.last.rejected += len(out.rejected)
+
+    def _dead_letter(self, stream: str, bad: Rejected, payload: dict[str, bool]) -> None:
+        self.state.dead_letter(self.workflow, stream, bad.key, dict(payload), bad.status, bad.error)
+        self.report.counters.dead_lettered += 1
+        log.warning("%s: %s %s dead-lettered: HTTP %s %s", self.workflow, stream, bad.key, bad.status, bad.error)
+
+    def _read(self, side: str, n: int) -> None:
+        self.report.counters.read += n
+        if side == CRM:
+            self.last.read_crm += n
+        else:
+            self.last.read_campaign += n
+
+    def _set_backlog(self, n: int) -> None:
+        self._queued = n
+        self.report.backlog = n
+
+    async def aclose(self) -> None:
+        for closer in (self.crm_source, self.campaign_source):
+            await closer.aclose()
+        for c in self._closers:
+            await c.aclose()
+        self.memory.close()
+
+
+def _connection(spec: pb.WorkflowSpec, kind: pb.ConnectorKind.ValueType) -> pb.Connection:
+    """The connection of that kind: the source is Dynamics except in MARKETING_TO_CRM mode."""
+    for conn in (spec.source, spec.destination):
+        if conn.kind == kind:
+            return conn
+    raise ValueError(f"the workflow has no {pb.ConnectorKind.Name(kind)} connection")
+
+
+def build_optinout(workflow: str, spec: pb.WorkflowSpec, secrets: dict[str, ConnectionSecret],
+                   state: SqliteWorkerState, report: WorkerReport, *,
+                   memory_path: Path | str | None = None) -> OptInOutSync:
+    """The opt-in/out sync of a workflow (``spec.type`` OPT_IN_OUT)."""
+    crm_conn = _connection(spec, pb.CONNECTOR_KIND_DYNAMICS365)
+    acs_conn = _connection(spec, pb.CONNECTOR_KIND_CAMPAIGN_STANDARD)
+    crm_secret, acs_secret = secrets[crm_conn.credentials.name], secrets[acs_conn.credentials.name]
+    crm_tokens = OAuth2ClientCredentials(crm_secret.token_url, crm_secret.credentials())
+    acs_tokens = OAuth2ClientCredentials(acs_secret.token_url, acs_secret.credentials())
+    crm_transport = Transport(concurrency=16, gate=crm_tokens.gate)
+    acs_transport = Transport(concurrency=16, gate=acs_tokens.gate)
+    batch_size = spec.batch_size or DEFAULT_BATCH_SIZE
+    crm_source = DynamicsSource(crm_conn.endpoint, crm_tokens, key_column=CRM_KEY, page_size=MAX_PAGE_SIZE,
+                                transport=crm_transport)
+    crm_writer = DynamicsOptOutWriter(crm_conn.endpoint, crm_tokens, crm_transport, entity_set=CRM_TABLE,
+                                      batch_size=batch_size)
+    api_key = acs_secret.api_key or acs_secret.client_id
+    campaign_source = CampaignSource(acs_conn.endpoint, acs_tokens, api_key, key_field={PROFILE: PROFILE_KEY},
+                                     line_count=CAMPAIGN_LINE_COUNT, transport=acs_transport)
+    campaign_writer = CampaignOptOutWriter(acs_conn.endpoint, acs_tokens, api_key, acs_secret.client_id,
+                                           acs_transport)
+    memory = SqliteEchoMemory(memory_path if memory_path is not None else _db_path(state))
+    return OptInOutSync(workflow, _DIRECTIONS.get(spec.opt_in_out.direction, Direction.DISABLED),
+                        pairs_of(spec.opt_in_out.field_pairs), crm_source=crm_source, crm_writer=crm_writer,
+                        campaign_source=campaign_source, campaign_writer=campaign_writer, state=state,
+                        memory=memory, report=report, batch_size=batch_size,
+                        closers=[crm_transport, acs_transport, crm_tokens, acs_tokens])

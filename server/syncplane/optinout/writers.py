@@ -1,0 +1,233 @@
+"""The two writes the opt-in/out sync needs, which the ingress sinks do not do:
+
+* Campaign: PATCH an *existing* profile found by ``externalId`` — never create one (profiles
+  are ingress's business), never touch a profile someone else created (``createdBy``);
+* Dataverse: ``$batch`` of ``PATCH contacts(<id>)`` with ``If-Match: *`` — update only, so
+  a profile whose contact is gone never resurrects it as an empty contact.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote, urlencode
+
+import httpx
+
+from syncplane.connectors.base import ConnectorError, Rejected
+from syncplane.connectors.dynamics import MAX_BATCH_REQUESTS, parse_batch_response
+from syncplane.connectors.http import (
+    RetryableError,
+    TokenProvider,
+    Transport,
+    error_text,
+    error_text_of,
+    raise_for_status,
+)
+
+PROFILE_PATH = "profileAndServices/profile"
+_GUID_LEN = 36
+PKEY_CACHE_SIZE = 200_000  # ~100 bytes each: ~20 MB at most
+_ODATA = {"OData-Version": "4.0", "OData-MaxVersion": "4.0", "Accept": "application/json"}
+
+
+@dataclass
+class Outcome:
+    written: list[str] = field(default_factory=list)    # acknowledged (or already held the value)
+    rejected: list[Rejected] = field(default_factory=list)
+    absent: list[str] = field(default_factory=list)      # no such record on that side: nothing to do
+    requests: int = 0                                    # write requests sent (PATCHes, $batch parts)
+
+    def merge(self, other: Outcome) -> None:
+        self.written += other.written
+        self.rejected += other.rejected
+        self.absent += other.absent
+        self.requests += other.requests
+
+
+@dataclass(frozen=True)
+class CampaignWrite:
+    key: str                               # externalId
+    values: Mapping[str, bool]             # the opt-out fields to set
+    row: Mapping[str, Any] | None = None   # the profile as read from the feed (PKey, createdBy), if read
+    expected: Mapping[str, bool | None] = field(default_factory=dict)  # what the plan assumed is there
+
+
+class CampaignOptOutWriter:
+    def __init__(self, base_url: str, tokens: TokenProvider, api_key: str, owner: str | None,
+                 transport: Transport, cache_size: int = PKEY_CACHE_SIZE) -> None:
+        self.base_url = base_url if base_url.endswith("/") else base_url + "/"
+        self.tokens, self.api_key, self.owner, self.transport = tokens, api_key, owner, transport
+        # externalId → (PKey, created by someone else?): memory only, bounded; never persisted.
+        self._cache: OrderedDict[str, tuple[str, bool]] = OrderedDict()
+        self.cache_size = cache_size
+
+    def remember(self, key: str, row: Mapping[str, Any]) -> None:
+        """A profile seen in the feed: its PKey and author, so a later write needs no lookup."""
+        pkey = row.get("PKey")
+        if not pkey:
+            return
+        self._cache[key] = (str(pkey), self._foreign(row))
+        self._cache.move_to_end(key)
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+
+    async def _call(self, method: str, url: str, body: dict[str, Any] | None = None) -> httpx.Response:
+        headers = {"X-Api-Key": self.api_key, "Accept": "application/json"}
+        content = None
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+            content = json.dumps(body, separators=(",", ":")).encode()
+        return await self.transport.request(method, url, headers=headers, content=content, auth=self.tokens)
+
+    async def lookup(self, key: str) -> dict[str, Any] | None:
+        response = await self._call("GET", f"{self.base_url}{PROFILE_PATH}/byExternalId?"
+                                           f"{urlencode({'externalId_parameter': key})}")
+        raise_for_status(response, "profile lookup by externalId")
+        content = response.json().get("content") or []
+        return dict(content[0]) if content else None
+
+    async def write(self, items: Sequence[CampaignWrite]) -> Outcome:
+        out = Outcome()
+        for result in await asyncio.gather(*(self._one(i) for i in items)):
+            out.merge(result)
+        return out
+
+    def _foreign(self, row: Mapping[str, Any]) -> bool:
+        creator = row.get("createdBy")
+        name = creator.get("name") if isinstance(creator, dict) else None
+        return self.owner is not None and name != self.owner
+
+    async def _one(self, item: CampaignWrite) -> Outcome:
+        out = Outcome()
+        values = dict(item.values)
+        row = item.row
+        if (row is None or not row.get("PKey")) and item.key in self._cache:
+            pkey, foreign = self._cache[item.key]
+            row = {"PKey": pkey, "createdBy": {"name": None if foreign else self.owner}}
+        if row is None or not row.get("PKey"):
+            row = await self.lookup(item.key)
+            if row is None:
+                out.absent.append(item.key)
+                return out
+            self.remember(item.key, row)
+            # Read just now: drop a field that changed since the plan was made (the next pass
+            # reads that change and decides), and one that already holds the value.
+            for f in list(values):
+                current = row.get(f)
+                if current == values[f] or (item.expected.get(f) is not None and current != item.expected[f]):
+                    del values[f]
+        if self._foreign(row):
+            out.rejected.append(Rejected(item.key, 409, "the profile was not created by the integration: "
+                                                        "left untouched"))
+            return out
+        if not values:
+            out.written.append(item.key)
+            return out
+        out.requests += 1
+        response = await self._call("PATCH", f"{self.base_url}{PROFILE_PATH}/{quote(str(row['PKey']), safe='@')}",
+                                    values)
+        if 200 <= response.status_code < 300:
+            out.written.append(item.key)
+        elif response.status_code == 404:  # deleted since: forget it, the next change looks it up again
+            self._cache.pop(item.key, None)
+            out.absent.append(item.key)
+        elif response.status_code in (401, 403):
+            raise_for_status(response, "Campaign profile update")
+        else:
+            out.rejected.append(Rejected(item.key, response.status_code, error_text(response)))
+        return out
+
+
+def build_update_batch(requests: Sequence[tuple[str, bytes]]) -> tuple[str, bytes]:
+    """Independent ``PATCH <url>`` parts with ``If-Match: *`` (update only), as ``multipart/mixed``."""
+    boundary = f"batch_{uuid.uuid4()}"
+    out: list[bytes] = []
+    for i, (url, body) in enumerate(requests, start=1):
+        out.append(f"--{boundary}\r\nContent-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n"
+                   f"Content-ID: {i}\r\n\r\nPATCH {url} HTTP/1.1\r\nIf-Match: *\r\n"
+                   "Content-Type: application/json; type=entry\r\n\r\n".encode())
+        out.append(body)
+        out.append(b"\r\n")
+    out.append(f"--{boundary}--\r\n".encode())
+    return f"multipart/mixed; boundary={boundary}", b"".join(out)
+
+
+def _is_guid(key: str) -> bool:
+    if len(key) != _GUID_LEN:
+        return False
+    try:
+        uuid.UUID(key)
+    except ValueError:
+        return False
+    return True
+
+
+class DynamicsOptOutWriter:
+    def __init__(self, base_url: str, tokens: TokenProvider, transport: Transport, *, entity_set: str = "contacts",
+                 batch_size: int = MAX_BATCH_REQUESTS) -> None:
+        self.base_url = base_url if base_url.endswith("/") else base_url + "/"
+        self.tokens, self.transport, self.entity_set = tokens, transport, entity_set
+        self.batch_size = max(1, min(MAX_BATCH_REQUESTS, batch_size))
+
+    async def write(self, items: Sequence[tuple[str, Mapping[str, bool]]]) -> Outcome:
+        out = Outcome()
+        pending = []
+        for key, values in items:
+            if _is_guid(key):
+                pending.append((key.lower(), dict(values)))
+            else:
+                out.absent.append(key)  # not a contactid: no contact can match it
+        rounds = 0
+        while pending:
+            rounds += 1
+            retry: list[tuple[str, dict[str, bool]]] = []
+            for i in range(0, len(pending), self.batch_size):
+                retry += await self._batch(pending[i:i + self.batch_size], out)
+            if retry and rounds >= self.transport.policy.max_attempts:
+                raise RetryableError(f"$batch to {self.entity_set}: {len(retry)} updates still failing transiently")
+            if retry:
+                await asyncio.sleep(self.transport.policy.backoff(rounds))
+            pending = retry
+        return out
+
+    async def _batch(self, chunk: list[tuple[str, dict[str, bool]]], out: Outcome) -> list[tuple[str, dict[str, bool]]]:
+        content_type, body = build_update_batch(
+            [(f"{self.base_url}{self.entity_set}({key})", json.dumps(values, separators=(",", ":")).encode())
+             for key, values in chunk])
+        headers = {**_ODATA, "Content-Type": content_type, "Prefer": "odata.continue-on-error"}
+        response = await self.transport.request("POST", f"{self.base_url}$batch", headers=headers, content=body,
+                                                auth=self.tokens)
+        if response.status_code not in (200, 202):
+            raise_for_status(response, f"$batch to {self.entity_set}")
+            raise ConnectorError("BAD_RESPONSE", f"$batch to {self.entity_set}: HTTP {response.status_code}")
+        out.requests += len(chunk)
+        parts = parse_batch_response(response.headers.get("Content-Type", ""), response.content)
+        by_id = {p.content_id: p for p in parts if p.content_id is not None}
+        if len(by_id) != len(chunk):
+            by_id = {str(i): p for i, p in enumerate(parts, start=1)}
+        retry = []
+        for i, (key, values) in enumerate(chunk, start=1):
+            part = by_id.get(str(i))
+            if part is None or part.status == 429 or part.status >= 500:
+                retry.append((key, values))
+            elif 200 <= part.status < 300:
+                out.written.append(key)
+            elif part.status == 404:
+                out.absent.append(key)
+            else:
+                try:
+                    message = error_text_of_part(part.body)
+                except ValueError:
+                    message = ""
+                out.rejected.append(Rejected(key, part.status, message or f"HTTP {part.status}"))
+        return retry
+
+
+def error_text_of_part(body: bytes) -> str:
+    return error_text_of(json.loads(body or b"{}")) or body.decode("utf-8", "replace")[:500]
