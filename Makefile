@@ -13,7 +13,7 @@ APT_PACKAGES := openssl git ca-certificates
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST := $(BIN)/pytest -p no:cacheprovider
 
-.PHONY: help setup apt venv k8s-binaries run test test-unit test-integration test-k8s check-leftovers \
+.PHONY: help setup apt venv k8s-binaries run test test-unit test-integration test-k8s check-leftovers chart \
         proto proto-check lint bench clean
 
 help:
@@ -22,6 +22,7 @@ help:
 	@echo "make bench   benchmarks, reported as ratios against an in-process baseline"
 	@echo "make proto   regenerate the committed protobuf/gRPC stubs"
 	@echo "make lint    ruff, mypy, buf lint and the generated-code check"
+	@echo "make chart   helm lint --strict every ci/ scenario; security and RBAC checks of the rendered chart"
 
 apt:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -69,10 +70,15 @@ test-integration: venv
 test-k8s: venv k8s-binaries
 	$(PYTEST) tests/k8s
 
+# The Helm chart: helm lint --strict on every ci/ scenario, security and RBAC checks over helm template
+# (the k8s tier also installs every scenario and dry-runs it against the test cluster).
+chart: venv k8s-binaries
+	$(BIN)/python scripts/chart-check.py
+
 check-leftovers: venv
 	$(BIN)/python scripts/check_leftovers.py
 
-test: setup k8s-binaries lint test-unit test-integration test-k8s check-leftovers
+test: setup k8s-binaries lint chart test-unit test-integration test-k8s check-leftovers
 
 bench: venv
 	$(BIN)/python -m benchmarks

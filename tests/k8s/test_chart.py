@@ -1,0 +1,346 @@
+"""The Helm chart against the real test cluster.
+
+- every ci/ scenario passes `kubectl apply --dry-run=server`, installs with `helm install --wait`, its
+  operator and server Deployments become Available (KWOK's fake pods), the CRD is there, and
+  `helm uninstall` leaves none of the chart's resources behind (the CRD stays);
+- the full lifecycle runs with the operator, the API server and a worker each logged in with a token of the
+  chart's ServiceAccount for it (so under exactly the chart's RBAC), started with the arguments and
+  environment of the chart's Deployments; every API call they make is recorded, and every verb the chart
+  grants must have been used (RBAC sufficient and minimal);
+- two operators with the chart's leader election: only one acts, the other takes over when it dies.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import grpc
+import pytest
+import yaml
+
+from syncplane.api.v1 import workflow_pb2 as pb
+from syncplane.api.v1 import workflow_service_pb2 as svc
+from syncplane.api.v1 import workflow_service_pb2_grpc as svc_grpc
+from syncplane.model.convert import from_resource
+from tests.k8s.syncplane_fixtures import SECRET_VALUE
+from tests.k8s.test_operator import AVAILABLE, LocalWorker, get, wait
+
+pytestmark = pytest.mark.k8s
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "charts" / "syncplane"
+DEFAULTS = ROOT / "server" / "syncplane" / "defaults"
+SCENARIOS = sorted((CHART / "ci").glob("*-values.yaml"))
+
+
+def _load_check() -> Any:
+    spec = importlib.util.spec_from_file_location("chart_check", ROOT / "scripts" / "chart-check.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["chart_check"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+check = _load_check()
+
+
+def release_name() -> str:
+    return f"sp{uuid.uuid4().hex[:6]}"
+
+
+def make_tls_secrets(cluster: Any, namespace: str, tmp: Path) -> None:
+    """What a user of ci/tls-values.yaml creates before installing."""
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                    "-days", "1", "-subj", "/CN=syncplane-server", "-keyout", str(tmp / "tls.key"),
+                    "-out", str(tmp / "tls.crt")], check=True, capture_output=True)
+    cluster.kubectl("create", "secret", "tls", "syncplane-tls", "-n", namespace, f"--cert={tmp / 'tls.crt'}",
+                    f"--key={tmp / 'tls.key'}")
+    cluster.kubectl("create", "secret", "generic", "syncplane-token", "-n", namespace,
+                    "--from-literal=token=a-token-for-the-test")
+
+
+def install(cluster: Any, release: str, namespace: str, *args: str) -> None:
+    cluster.helm("install", release, str(CHART), "--namespace", namespace, "--wait", "--timeout", "180s", *args,
+                 timeout=240)
+
+
+def leftovers(cluster: Any, release: str, namespace: str) -> list[str]:
+    selector = f"app.kubernetes.io/instance={release}"
+    kinds = "deployments,replicasets,pods,services,serviceaccounts,roles,rolebindings,secrets,configmaps," \
+            "poddisruptionbudgets"
+    names = cluster.kubectl("get", kinds, "-n", namespace, "-l", selector, "-o", "name").stdout.split()
+    names += cluster.kubectl("get", "clusterroles,clusterrolebindings", "-l", selector, "-o", "name").stdout.split()
+    return names
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=[p.stem for p in SCENARIOS])
+def test_install_and_uninstall(k8s_cluster, namespace, tmp_path, scenario):
+    release = release_name()
+    values = yaml.safe_load(scenario.read_text()) or {}
+    # The rendered manifest is accepted by the API server as is.
+    docs = check.render(check.helm_binary(), "-f", str(scenario), release=release, namespace=namespace)
+    dry = k8s_cluster.kubectl("apply", "--dry-run=server", "-f", "-", input=yaml.safe_dump_all(docs), check=False)
+    assert dry.returncode == 0, dry.stderr
+    if values.get("server", {}).get("tls", {}).get("existingSecret"):
+        make_tls_secrets(k8s_cluster, namespace, tmp_path)
+    install(k8s_cluster, release, namespace, "-f", str(scenario))
+
+    k8s_cluster.kubectl("wait", "--for=condition=Established", "crd/workflows.syncplane.io", "--timeout=60s")
+    deployments = json.loads(k8s_cluster.kubectl("get", "deployments", "-n", namespace, "-l",
+                                                 f"app.kubernetes.io/instance={release}", "-o", "json").stdout)
+    names = sorted(d["metadata"]["name"] for d in deployments["items"])
+    server_enabled = values.get("server", {}).get("enabled", True)
+    assert names == sorted([f"{release}-syncplane-operator"] + ([f"{release}-syncplane-server"] if server_enabled
+                                                                 else []))
+    for deployment in deployments["items"]:
+        replicas = deployment["spec"]["replicas"]
+        assert replicas >= 1
+        wait(k8s_cluster, namespace, f"deployment/{deployment['metadata']['name']}",
+             f"jsonpath={{.status.availableReplicas}}={replicas}")
+    cluster_roles = k8s_cluster.kubectl("get", "clusterroles", "-l", f"app.kubernetes.io/instance={release}",
+                                        "-o", "name").stdout.split()
+    assert cluster_roles == ([] if values.get("watchNamespaces") else [f"clusterrole.rbac.authorization.k8s.io/"
+                                                                       f"{release}-syncplane-operator"])
+    assert leftovers(k8s_cluster, release, namespace)
+
+    k8s_cluster.helm("uninstall", release, "--namespace", namespace, "--wait", "--timeout", "120s", timeout=180)
+    k8s_cluster.wait_until("every chart resource gone", lambda: leftovers(k8s_cluster, release, namespace) == [])
+    assert k8s_cluster.kubectl("get", "crd", "workflows.syncplane.io", check=False).returncode == 0
+
+
+# ------------------------------------------------------------------ running under the chart's RBAC
+
+
+def token_kubeconfig(cluster: Any, namespace: str, account: str, path: Path) -> Path:
+    """A kubeconfig that logs in as the ServiceAccount (a bound token from the TokenRequest API)."""
+    token = cluster.kubectl("create", "token", account, "-n", namespace, "--duration=2h").stdout.strip()
+    admin = json.loads(cluster.kubeconfig.read_text())
+    config = {
+        "apiVersion": "v1", "kind": "Config",
+        "clusters": admin["clusters"],
+        "users": [{"name": account, "user": {"token": token}}],
+        "contexts": [{"name": account, "context": {"cluster": admin["clusters"][0]["name"], "user": account}}],
+        "current-context": account,
+    }
+    path.write_text(json.dumps(config))
+    return path
+
+
+def container_of(cluster: Any, namespace: str, deployment: str) -> dict[str, Any]:
+    body = get(cluster, namespace, "deployment", deployment)
+    container: dict[str, Any] = body["spec"]["template"]["spec"]["containers"][0]
+    return container
+
+
+def pod_env(container: dict[str, Any], pod_name: str, namespace: str) -> dict[str, str]:
+    """The container's environment as the kubelet would set it (the downward API fields it uses)."""
+    fields = {"metadata.name": pod_name, "metadata.namespace": namespace}
+    env = {}
+    for item in container.get("env", []):
+        env[item["name"]] = item["value"] if "value" in item else fields[item["valueFrom"]["fieldRef"]["fieldPath"]]
+    return env
+
+
+class Process:
+    """A local process playing a chart pod's container, with its log kept for the assertions."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
+        self.log_path = log
+        self._log = log.open("wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "syncplane", *args], env=env, stdout=self._log,
+                                     stderr=subprocess.STDOUT)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+    @property
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def forbidden(text: str) -> list[str]:
+    return [line for line in text.splitlines() if re.search(r"forbidden|\b403\b", line, re.IGNORECASE)]
+
+
+def local_env(kubeconfig: Path, extra: dict[str, str]) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KUBERNETES_", "SYNCPLANE_"))}
+    return {**env, **extra, "KUBECONFIG": str(kubeconfig)}
+
+
+@pytest.fixture
+def chart_release(k8s_cluster, namespace) -> Iterator[str]:
+    """The namespaced scenario installed (two operator replicas, leader election), uninstalled afterwards."""
+    release = release_name()
+    install(k8s_cluster, release, namespace, "-f", str(CHART / "ci" / "namespaced-values.yaml"))
+    yield release
+    k8s_cluster.helm("uninstall", release, "--namespace", namespace, "--wait", "--timeout", "120s", timeout=180)
+
+
+def start_operator(cluster: Any, namespace: str, release: str, tmp: Path, pod: str) -> Process:
+    container = container_of(cluster, namespace, f"{release}-syncplane-operator")
+    kubeconfig = token_kubeconfig(cluster, namespace, f"{release}-syncplane-operator", tmp / f"{pod}.kubeconfig")
+    args = [a if not a.startswith("--liveness=") else "--liveness=http://127.0.0.1:0/healthz"
+            for a in container["args"]]
+    env = local_env(kubeconfig, {**pod_env(container, pod, namespace), "SYNCPLANE_OPERATOR_INTERVAL": "0.5"})
+    return Process(args, env, tmp / f"{pod}.log")
+
+
+def phase(stub: Any, name: str) -> str:
+    wf = stub.GetWorkflow(svc.GetWorkflowRequest(name=f"workflows/{name}"))
+    return str(pb.Phase.Name(wf.status.phase))
+
+
+def test_lifecycle_under_the_charts_rbac(k8s_cluster, workflow_crd, namespace, chart_release, tmp_path):
+    release = chart_release
+    for secret in ("d365-sandbox", "acs-sandbox"):   # what a user creates: the credentials Secrets
+        k8s_cluster.kubectl("create", "secret", "generic", secret, "-n", namespace, "--from-literal=clientId=x",
+                            f"--from-literal=clientSecret={SECRET_VALUE}",
+                            "--from-literal=tokenUrl=http://127.0.0.1:9/token")
+    operator = start_operator(k8s_cluster, namespace, release, tmp_path, "operator-0")
+    server_container = container_of(k8s_cluster, namespace, f"{release}-syncplane-server")
+    server_kubeconfig = token_kubeconfig(k8s_cluster, namespace, f"{release}-syncplane-server",
+                                         tmp_path / "server.kubeconfig")
+    # Loopback: no TLS or token needed; everything else as in the chart's Deployment.
+    server_args = [a for a in server_container["args"] if not a.startswith(("--listen", "--tls-", "--token-file"))]
+    port_file = tmp_path / "port"
+    server = Process([*server_args, "--listen=127.0.0.1:0", f"--port-file={port_file}"],
+                     local_env(server_kubeconfig, pod_env(server_container, "server-0", namespace)),
+                     tmp_path / "server.log")
+    worker_kubeconfig = token_kubeconfig(k8s_cluster, namespace, f"{release}-syncplane-worker",
+                                         tmp_path / "worker.kubeconfig")
+    as_worker = SimpleNamespace(kubectl=k8s_cluster.kubectl, kubeconfig=worker_kubeconfig)
+    workers: list[LocalWorker] = []
+    channel = None
+    try:
+        k8s_cluster.wait_until("the server's port file", lambda: port_file.exists() and port_file.read_text() != "",
+                               timeout=60)
+        channel = grpc.insecure_channel(f"127.0.0.1:{port_file.read_text().strip()}")
+        stub = svc_grpc.WorkflowServiceStub(channel)
+        workflow_id, wf = from_resource(yaml.safe_load((DEFAULTS / "10-contacts-ingress.yaml").read_text()))
+        stub.CreateWorkflow(svc.CreateWorkflowRequest(workflow_id=workflow_id, workflow=wf))
+        k8s_cluster.wait_until("STOPPED", lambda: phase(stub, workflow_id) == "PHASE_STOPPED")
+        watch = stub.WatchWorkflows(svc.WatchWorkflowsRequest(start_revision=0), timeout=30)
+        assert next(iter(watch)).workflow.name == f"workflows/{workflow_id}"
+        watch.cancel()
+        listed = stub.ListWorkflows(svc.ListWorkflowsRequest(page_size=10))
+        assert [w.name for w in listed.workflows] == [f"workflows/{workflow_id}"]
+
+        # start: the operator creates the worker Deployment under the worker ServiceAccount
+        stub.StartWorkflow(svc.StartWorkflowRequest(name=f"workflows/{workflow_id}"))
+        wait(k8s_cluster, namespace, f"deployment/{workflow_id}-worker", AVAILABLE)
+        pod_spec = get(k8s_cluster, namespace, "deployment", f"{workflow_id}-worker")["spec"]["template"]["spec"]
+        assert pod_spec["serviceAccountName"] == f"{release}-syncplane-worker"
+        assert pod_spec["containers"][0]["image"] == container_of(
+            k8s_cluster, namespace, f"{release}-syncplane-operator")["image"]
+        workers.append(LocalWorker(as_worker, namespace, workflow_id, tmp_path))
+        k8s_cluster.wait_until("RUNNING", lambda: phase(stub, workflow_id) == "PHASE_RUNNING", timeout=90)
+
+        # edit while running: drift
+        wf = stub.GetWorkflow(svc.GetWorkflowRequest(name=f"workflows/{workflow_id}"))
+        wf.spec.batch_size = 250
+        from google.protobuf import field_mask_pb2
+
+        stub.UpdateWorkflow(svc.UpdateWorkflowRequest(workflow=wf, update_mask=field_mask_pb2.FieldMask(
+            paths=["spec.batch_size"])))
+        k8s_cluster.wait_until("drift", lambda: stub.GetWorkflow(
+            svc.GetWorkflowRequest(name=f"workflows/{workflow_id}")).status.drift.detected)
+
+        # stop: scaled to 0, the worker drains and removes its Lease
+        stub.StopWorkflow(svc.StopWorkflowRequest(name=f"workflows/{workflow_id}"))
+        wait(k8s_cluster, namespace, f"pod/{workers[0].pod}", "delete")
+        workers[0].stop()
+        k8s_cluster.wait_until("STOPPED", lambda: phase(stub, workflow_id) == "PHASE_STOPPED", timeout=90)
+
+        # restart: a new snapshot (the updated Deployment), then delete
+        stub.StartWorkflow(svc.StartWorkflowRequest(name=f"workflows/{workflow_id}"))
+        wait(k8s_cluster, namespace, f"deployment/{workflow_id}-worker", AVAILABLE)
+        workers.append(LocalWorker(as_worker, namespace, workflow_id, tmp_path))
+        k8s_cluster.wait_until("RUNNING again", lambda: phase(stub, workflow_id) == "PHASE_RUNNING", timeout=90)
+        assert workers[1].configmap != workers[0].configmap
+        stub.StopWorkflow(svc.StopWorkflowRequest(name=f"workflows/{workflow_id}"))
+        wait(k8s_cluster, namespace, f"pod/{workers[1].pod}", "delete")
+        workers[1].stop()
+        k8s_cluster.wait_until("STOPPED again", lambda: phase(stub, workflow_id) == "PHASE_STOPPED", timeout=90)
+        stub.DeleteWorkflow(svc.DeleteWorkflowRequest(name=f"workflows/{workflow_id}"))
+        wait(k8s_cluster, namespace, f"workflow/{workflow_id}", "delete")
+        events = json.loads(k8s_cluster.kubectl("get", "events", "-n", namespace, "--field-selector",
+                                                f"involvedObject.name={workflow_id}", "-o", "json").stdout)
+        assert {"Starting", "Running", "Stopping", "Stopped"} <= {e["reason"] for e in events["items"]}
+    finally:
+        if channel is not None:
+            channel.close()
+        for worker in workers:
+            worker.stop()
+        server.stop()
+        operator.stop()
+    logs = {"operator": operator.output, "server": server.output,
+            **{f"worker {w.pod}": (tmp_path / f"{w.pod}.log").read_text(errors="replace") for w in workers}}
+    for who, text in logs.items():
+        assert forbidden(text) == [], f"{who} was refused by RBAC:\n{text[-4000:]}"
+    assert "holds Lease" in operator.output
+    assert SECRET_VALUE not in "".join(logs.values())
+
+
+def lease_holder(cluster: Any, namespace: str, lease: str) -> str | None:
+    res = cluster.kubectl("get", "lease", lease, "-n", namespace, "-o", "json", check=False)
+    return json.loads(res.stdout)["spec"].get("holderIdentity", "") if res.returncode == 0 else None
+
+
+def test_two_operators_one_acts_and_the_other_takes_over(k8s_cluster, workflow_crd, namespace, chart_release,
+                                                         tmp_path):
+    release = chart_release
+    lease = f"{release}-syncplane-operator-leader"
+    first = start_operator(k8s_cluster, namespace, release, tmp_path, "operator-a")
+    second = None
+    try:
+        k8s_cluster.wait_until("operator-a leading",
+                               lambda: lease_holder(k8s_cluster, namespace, lease) == "operator-a")
+        second = start_operator(k8s_cluster, namespace, release, tmp_path, "operator-b")
+        k8s_cluster.wait_until("the second operator standing by", lambda: "standing by" in second.output)
+        # only the leader acts: a new Workflow is handled (finalizer, STOPPED) by operator-a alone
+        doc = yaml.safe_load((DEFAULTS / "10-contacts-ingress.yaml").read_text())
+        k8s_cluster.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(doc))
+        wait(k8s_cluster, namespace, "workflow/contacts-ingress", "jsonpath={.status.phase}=STOPPED")
+        assert "contacts-ingress" in first.output and "contacts-ingress" not in second.output
+        # the leader dies without releasing: the standby takes over once the Lease expires
+        first.proc.kill()
+        first.proc.wait()
+        k8s_cluster.wait_until("operator-b taking over",
+                               lambda: lease_holder(k8s_cluster, namespace, lease) == "operator-b")
+        k8s_cluster.kubectl("patch", "workflow", "contacts-ingress", "-n", namespace, "--type", "merge",
+                            "-p", json.dumps({"spec": {"desiredState": "RUNNING"}}))
+        k8s_cluster.wait_until("operator-b creating the worker Deployment", lambda: k8s_cluster.kubectl(
+            "get", "deployment", "contacts-ingress-worker", "-n", namespace, check=False).returncode == 0)
+        wait(k8s_cluster, namespace, "deployment/contacts-ingress-worker", AVAILABLE)
+        assert "contacts-ingress" in second.output
+        k8s_cluster.kubectl("patch", "workflow", "contacts-ingress", "-n", namespace, "--type", "merge",
+                            "-p", json.dumps({"spec": {"desiredState": "STOPPED"}}))
+        wait(k8s_cluster, namespace, "deployment/contacts-ingress-worker", "jsonpath={.spec.replicas}=0")
+        # a clean stop hands the Lease over at once
+        second.stop()
+        k8s_cluster.wait_until("the Lease released", lambda: lease_holder(k8s_cluster, namespace, lease) == "")
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
+    for proc in (first, second):
+        assert proc is not None and forbidden(proc.output) == [], proc.output[-4000:]
+
