@@ -74,11 +74,15 @@ class _Base:
         section, _, name = resource_path(resource).rpartition("/")
         response = await self._call("GET", f"{self.base_url}{section}/resourceType/{name}")
         raise_for_status(response, f"schema of {resource}")
-        content = response.json().get("content") or {}
+        body = response.json()
+        content = body.get("content") or {}
         fields = {str(k): str(v.get("type")) for k, v in content.items() if isinstance(v, dict)}
         lengths = {str(k): int(v["length"]) for k, v in content.items()
                    if isinstance(v, dict) and isinstance(v.get("length"), int)}
-        return Schema("Campaign resource", resource, fields, lengths)
+        links = {str(k): str(v["target"]) for k, v in content.items()
+                 if isinstance(v, dict) and v.get("type") == "link" and v.get("target")}
+        key = body.get("key")
+        return Schema("Campaign resource", resource, fields, lengths, key=str(key) if key else None, links=links)
 
 
 class CampaignSink(_Base):
@@ -99,6 +103,32 @@ class CampaignSink(_Base):
         self._pkeys: OrderedDict[tuple[str, str], str] = OrderedDict()
         self._foreign: set[tuple[str, str]] = set()  # (resource, key) of records someone else created
         self.existing_ratio = 0.0  # of full-load writes whose record already existed (moving average)
+        # path → link field → (target path, target key field): set by prepare_links().
+        self._links: dict[str, dict[str, tuple[str, str]]] = {}
+
+    async def prepare_links(self, resource: str) -> None:
+        """Learn the resource's link fields, so their values (the parent's integration key,
+        e.g. a contact id) are written as links to the parent record ``{"PKey": …}``."""
+        links: dict[str, tuple[str, str]] = {}
+        for fname, target in (await self.resource_schema(resource)).links.items():
+            key = (await self.resource_schema(target)).key
+            if key:
+                links[fname] = (resource_path(target), key)
+        self._links[resource_path(resource)] = links
+
+    async def _resolve_links(self, path: str, record: Record, values: dict[str, Any]) -> Rejected | None:
+        """Replace each link value by the parent's PKey; a parent that does not exist (yet) is a
+        404 for this record: the pipeline holds it until the parent arrives."""
+        for fname, (target_path, target_key) in self._links.get(path, {}).items():
+            value = values.get(fname)
+            if value is None or isinstance(value, dict):
+                continue
+            pkey = await self._lookup(target_path, target_key, str(value))
+            if pkey is None:
+                return Rejected(record.key, 404, f"linked {target_path.rsplit('/', 1)[-1]} with {target_key} "
+                                f"{value!r} does not exist (yet)")
+            values[fname] = {"PKey": pkey}
+        return None
 
     def _remember(self, path: str, key: str, pkey: str) -> None:
         self._pkeys[(path, key)] = pkey
@@ -183,6 +213,8 @@ class CampaignSink(_Base):
                     return None
                 return self._rejected(record, response)
             values = {k: v for k, v in record.values.items() if k != key_field}
+            if (missing := await self._resolve_links(path, record, values)) is not None:
+                return missing
             if pkey is not None and row is not None and all(row.get(k) == v for k, v in values.items()):
                 return None  # already holds these values: nothing to write
             if pkey is not None:

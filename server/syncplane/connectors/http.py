@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import httpcore
 import httpx
 
 from syncplane.connectors.base import ConnectorError
@@ -77,6 +78,77 @@ class RetryGate:
             await asyncio.sleep(delay)
 
 
+_REQUEST_START = (b"GET ", b"POST ", b"PATCH ", b"PUT ", b"DELETE ", b"HEAD ", b"OPTIONS ")
+
+
+class _GatedStream(httpcore.AsyncNetworkStream):
+    """A connection that waits for the gate right before a request's first bytes go out.
+
+    Checking the gate before handing a request to the pool is not enough: the pool may
+    yield while acquiring a connection, and meanwhile a Retry-After arrives. Here nothing
+    awaits between the check and the write."""
+
+    def __init__(self, inner: httpcore.AsyncNetworkStream, gate: RetryGate) -> None:
+        self.inner, self.gate = inner, gate
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return await self.inner.read(max_bytes, timeout)
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        if buffer.startswith(_REQUEST_START):
+            await self.gate.wait()
+        await self.inner.write(buffer, timeout)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+    async def start_tls(self, ssl_context: Any, server_hostname: str | None = None,
+                        timeout: float | None = None) -> httpcore.AsyncNetworkStream:
+        return _GatedStream(await self.inner.start_tls(ssl_context, server_hostname, timeout), self.gate)
+
+    def get_extra_info(self, info: str) -> Any:
+        return self.inner.get_extra_info(info)
+
+
+class _GatedBackend(httpcore.AsyncNetworkBackend):
+    def __init__(self, inner: httpcore.AsyncNetworkBackend, gate: RetryGate) -> None:
+        self.inner, self.gate = inner, gate
+
+    async def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
+                          socket_options: Any = None) -> httpcore.AsyncNetworkStream:
+        return _GatedStream(await self.inner.connect_tcp(host, port, timeout, local_address, socket_options), self.gate)
+
+    async def connect_unix_socket(self, path: str, timeout: float | None = None,
+                                  socket_options: Any = None) -> httpcore.AsyncNetworkStream:
+        return _GatedStream(await self.inner.connect_unix_socket(path, timeout, socket_options), self.gate)
+
+    async def sleep(self, seconds: float) -> None:
+        await self.inner.sleep(seconds)
+
+
+class _GatedTransport(httpx.AsyncBaseTransport):
+    """Holds the gate as soon as a throttling response's headers are in, before its body is
+    read and its connection goes back to the pool for the next request to reuse."""
+
+    def __init__(self, gate: RetryGate, margin: float, limits: httpx.Limits) -> None:
+        self.gate, self.margin = gate, margin
+        self.inner = httpx.AsyncHTTPTransport(limits=limits)
+        pool = getattr(self.inner, "_pool", None)
+        if pool is not None and hasattr(pool, "_network_backend"):
+            pool._network_backend = _GatedBackend(pool._network_backend, gate)
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self.inner.handle_async_request(request)
+        if response.status_code == 429 or response.status_code >= 500:
+            wait = _retry_after(response)
+            if wait is not None:
+                self.gate.hold(wait + self.margin)
+        return response
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
 def _retry_after(response: httpx.Response) -> float | None:
     value = response.headers.get("Retry-After")
     if value is None:
@@ -97,9 +169,10 @@ class Transport:
         self.gate = gate or RetryGate()
         self.semaphore = asyncio.Semaphore(concurrency)
         self._owns_client = client is None
+        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
         self.client = client or httpx.AsyncClient(
-            timeout=httpx.Timeout(timeout, connect=10.0),
-            limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency))
+            timeout=httpx.Timeout(timeout, connect=10.0), limits=limits,
+            transport=_GatedTransport(self.gate, self.policy.retry_after_margin, limits))
 
     async def request(self, method: str, url: str, *, headers: Mapping[str, str] | None = None,
                       content: bytes | None = None, json: Any = None, data: Mapping[str, str] | None = None,

@@ -21,6 +21,8 @@ class Schema:
     fields: dict[str, str] = field(default_factory=dict)      # field → type
     lengths: dict[str, int] = field(default_factory=dict)     # string field → max length
     change_tracking: bool = True
+    key: str | None = None                                     # the unique integration key, if any
+    links: dict[str, str] = field(default_factory=dict)       # link field → the resource it points at
 
 
 class SchemaChanged(Exception):
