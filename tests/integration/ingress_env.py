@@ -19,7 +19,8 @@ from tests.factories import spec as default_spec
 
 PROFILE = {"contactid": "externalId", "emailaddress1": "email", "firstname": "firstName", "lastname": "lastName"}
 LENGTHS = {"email": 128, "firstName": 30, "lastName": 50}
-CARD = {"new_loyaltycardid": "crmId", "new_cardnumber": "cardNumber", "new_tier": "tier", "new_points": "points"}
+CARD = {"new_loyaltycardid": "crmId", "new_cardnumber": "cardNumber", "new_tier": "tier", "new_points": "points",
+        "new_contactid": "profile"}  # a lookup to the contact → a link to its profile
 
 
 def loyalty_mapping() -> pb.EntityMapping:
@@ -79,8 +80,13 @@ def profile_key_count(sandbox: Sandbox) -> tuple[int, int]:
 
 
 def expected_cards(sandbox: Sandbox) -> dict[str, dict[str, Any]]:
-    return {str(r["new_loyaltycardid"]): {dst: r.get(src) for src, dst in CARD.items()}
-            for r in sandbox.d365.table("new_loyaltycards").rows.values()}
+    """The link to the profile is the PKey of the profile whose externalId is the card's contact."""
+    out = {}
+    for r in sandbox.d365.table("new_loyaltycards").rows.values():
+        card = {dst: r.get(src) for src, dst in CARD.items()}
+        card["profile"] = sandbox.acs.profiles.find(r["new_contactid"]) if r.get("new_contactid") else None
+        out[str(r["new_loyaltycardid"])] = card
+    return out
 
 
 def profiles_match(sandbox: Sandbox, where: Callable[[dict[str, Any]], bool] | None = None) -> bool:

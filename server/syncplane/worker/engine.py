@@ -95,13 +95,21 @@ class Runner(Protocol):
 
 
 class _KeyedSource:
-    """One table's view of the shared Dataverse source: its key column and entity set."""
+    """One table's view of the shared Dataverse source: its key column and entity set. A
+    lookup column is read as ``_<name>_value`` (the Web API's name) and handed on as ``<name>``."""
 
-    def __init__(self, source: DynamicsSource, key_column: str, entity_set: str) -> None:
-        self.source, self.key_column, self.entity_set = source, key_column, entity_set
+    def __init__(self, source: DynamicsSource, key_column: str, entity_set: str,
+                 lookups: frozenset[str] = frozenset()) -> None:
+        self.source, self.key_column, self.entity_set, self.lookups = source, key_column, entity_set, lookups
 
-    def pages(self, table: str, columns: Sequence[str], cursor: str | None) -> AsyncIterator[Page]:
-        return self.source.pages(self.entity_set, columns, cursor, key_column=self.key_column)
+    async def pages(self, table: str, columns: Sequence[str], cursor: str | None) -> AsyncIterator[Page]:
+        wire = [f"_{c}_value" if c in self.lookups else c for c in columns]
+        async for page in self.source.pages(self.entity_set, wire, cursor, key_column=self.key_column):
+            for record in page.records:
+                for c in self.lookups:
+                    if (v := record.values.pop(f"_{c}_value", None)) is not None or c in columns:
+                        record.values[c] = v
+            yield page
 
     async def aclose(self) -> None:
         pass
@@ -162,7 +170,7 @@ class _PipelineRunner:
 
 class IngressRunner(_PipelineRunner):
     def __init__(self, workflow: str, spec: pb.WorkflowSpec, secrets: dict[str, ConnectionSecret],
-                 state: SqliteWorkerState, report: WorkerReport, batch_size: int, index: int,
+                 state: SqliteWorkerState, report: WorkerReport, batch_size: int, index: int, state_db: Path,
                  concurrency: int = 16) -> None:
         super().__init__(workflow, state, report, batch_size)
         self.streams = ingress_streams(spec, index, max(1, spec.workers))
@@ -174,6 +182,8 @@ class IngressRunner(_PipelineRunner):
         self.sink = CampaignSink(spec.destination.endpoint, self.tokens[1], dst.api_key or dst.client_id,
                                  owner=dst.client_id, concurrency=concurrency)
         self.guards: list[StreamGuard] = []
+        # A child whose parent is not there yet (a link that does not resolve) is held.
+        self.held = HeldRecords(state_db)
 
     async def build(self) -> list[Pipeline]:
         pipelines = []
@@ -185,8 +195,13 @@ class IngressRunner(_PipelineRunner):
             await guard.start()
             s.transform.lengths = {**guard.destination_lengths, **s.transform.lengths}
             self.guards.append(guard)
-            pipelines.append(Pipeline(self.workflow, s, _KeyedSource(self.source, entity.source_key, entity_set),
-                                      self.sink, self.state, self.report, self.batch_size, guard=guard))
+            await self.sink.prepare_links(entity.destination_resource)
+            assert guard.source_baseline is not None
+            lookups = frozenset(c for c, t in guard.source_baseline.fields.items() if t == "Lookup")
+            pipelines.append(Pipeline(self.workflow, s, _KeyedSource(self.source, entity.source_key, entity_set,
+                                                                     lookups),
+                                      self.sink, self.state, self.report, self.batch_size, guard=guard,
+                                      held=self.held, hold=HoldPolicy()))
         return pipelines
 
     async def run_once(self, stop: asyncio.Event) -> None:
@@ -201,6 +216,7 @@ class IngressRunner(_PipelineRunner):
                 return  # cannot tell now; the pass is retried and checked again
 
     async def aclose(self) -> None:
+        self.held.close()
         await self.source.aclose()
         await self.sink.aclose()
         for t in self.tokens:
@@ -244,14 +260,15 @@ class Engine:
 
     def _runner(self) -> Runner | None:
         t = self.spec.type
+        state_db = self.state_db or Path(":memory:")
         if t == pb.WORKFLOW_TYPE_INGRESS:
             return IngressRunner(self.workflow, self.spec, self.secrets, self.state, self.report, self.batch_size,
-                                 self.index)
+                                 self.index, state_db)
         if self.index != 0:
             return None  # one event feed, one contact table: a single worker does the work
-        if t == pb.WORKFLOW_TYPE_EGRESS and self.state_db is not None:
+        if t == pb.WORKFLOW_TYPE_EGRESS:
             return EgressRunner(self.workflow, self.spec, self.secrets, self.state, self.report, self.batch_size,
-                                self.state_db)
+                                state_db)
         if t == pb.WORKFLOW_TYPE_OPT_IN_OUT:
             import importlib
 
