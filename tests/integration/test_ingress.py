@@ -161,8 +161,8 @@ async def test_throttling_errors_and_token_expiry_lose_nothing(plane: ControlPla
         assert sum(1 for r in log.records() if r.status == 503) > 0
         assert sum(1 for r in log.records() if r.status == 401) > 0, "the expired token was used and refused"
         # Strict on the connection that carried the Retry-After; on the client's other connections a
-        # request may have been in flight already when the response left: allow it 250 ms to arrive.
-        assert log.retry_after_violations(in_flight_grace=0.25) == [], "a request went out before Retry-After"
+        # request may have been in flight already when the response left: allow it 500 ms to arrive.
+        assert log.retry_after_violations(in_flight_grace=0.5) == [], "a request went out before Retry-After"
         throttled = [r for r in log.records() if r.retry_after is not None and r.connection]
         assert any(o.connection == t.connection and o.seq > t.seq for t in throttled for o in log.records()), \
             "the strict same-connection check had something to check"
