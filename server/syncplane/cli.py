@@ -16,7 +16,7 @@ from typing import Any
 import click
 import grpc
 import yaml
-from google.protobuf import field_mask_pb2
+from google.protobuf import field_mask_pb2, json_format, timestamp_pb2
 
 from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.api.v1 import workflow_service_pb2 as svc
@@ -50,11 +50,13 @@ def _age(wf: pb.Workflow) -> str:
 def table_row(wf: pb.Workflow) -> list[str]:
     return [wf.name.split("/", 1)[-1], enum_short_name(pb.WorkflowType.DESCRIPTOR, wf.spec.type),
             enum_short_name(pb.DesiredState.DESCRIPTOR, wf.spec.desired_state), phase_name(wf.status.phase),
-            str(wf.status.backlog), "yes" if wf.status.drift.detected else "no", _age(wf)]
+            str(wf.status.backlog), "yes" if wf.status.drift.detected else "no", str(wf.status.dead_letters),
+            _age(wf)]
 
 
-def format_table(rows: list[list[str]]) -> str:
-    header = ["NAME", "TYPE", "DESIRED", "PHASE", "BACKLOG", "DRIFT", "AGE"]
+def format_table(rows: list[list[str]],
+                 header: tuple[str, ...] = ("NAME", "TYPE", "DESIRED", "PHASE", "BACKLOG", "DRIFT", "DEADLETTERS",
+                                            "AGE")) -> str:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     return "\n".join("   ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
                      for r in [header, *rows])
@@ -250,7 +252,7 @@ def get(ctx: click.Context, name: str, output: str) -> None:
               type=click.Choice(["STOPPED", "STARTING", "RUNNING", "STOPPING", "ERROR"]))
 @click.pass_context
 def list_(ctx: click.Context, output: str, types: tuple[str, ...], phases: tuple[str, ...]) -> None:
-    """List workflows: NAME TYPE DESIRED PHASE BACKLOG DRIFT AGE."""
+    """List workflows: NAME TYPE DESIRED PHASE BACKLOG DRIFT DEADLETTERS AGE."""
     client = _client(ctx)
     req = svc.ListWorkflowsRequest(page_size=500, types=[pb.WorkflowType.Value(f"WORKFLOW_TYPE_{t}") for t in types],
                                    phases=[pb.Phase.Value(f"PHASE_{p}") for p in phases])
@@ -282,6 +284,7 @@ def describe_text(wf: pb.Workflow) -> str:
         f"dead-lettered {s.counters.dead_lettered}, {s.counters.records_per_second:.1f} records/s",
         f"Last error:   {f'{s.last_error.reason}: {s.last_error.message}' if s.last_error.reason else '-'}",
         f"Tables:       {', '.join(f'{t.source_table} {t.rows} rows' for t in s.tables) or '-'}",
+        f"Dead letters: {s.dead_letters}" + (" (syncplane deadletters list|retry)" if s.dead_letters else ""),
     ]
     if s.drift.detected:
         lines.append("Drift:        restart required; edited since the last start:")
@@ -340,6 +343,53 @@ def replay(ctx: click.Context, name: str, table: str) -> None:
     _client(ctx).UpdateWorkflow(svc.UpdateWorkflowRequest(
         workflow=wf, update_mask=field_mask_pb2.FieldMask(paths=["spec.ingress.replay"])))
     click.echo(f"workflow/{name} will replay table {table} at its next start (restart to apply now)")
+
+
+@cli.group()
+def deadletters() -> None:
+    """Records the destination rejected: list them, send them again."""
+
+
+def _when(ts: timestamp_pb2.Timestamp) -> str:
+    return ts.ToDatetime(tzinfo=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@deadletters.command(name="list")
+@click.argument("name")
+@click.option("-o", "--output", type=click.Choice(["table", "json", "yaml"]), default="table")
+@click.pass_context
+def deadletters_list(ctx: click.Context, name: str, output: str) -> None:
+    """List a workflow's dead letters: key, HTTP status, reason, attempts, times (and payload with -o)."""
+    client = _client(ctx)
+    req = svc.ListDeadLettersRequest(parent=workflow_name(name), page_size=1000)
+    letters: list[svc.DeadLetter] = []
+    while True:
+        resp = client.ListDeadLetters(req)
+        letters.extend(resp.dead_letters)
+        if not resp.next_page_token:
+            break
+        req.page_token = resp.next_page_token
+    if output != "table":
+        _emit({"items": [json_format.MessageToDict(d) for d in letters]}, output)
+        return
+    if not letters:
+        click.echo(f"workflow/{name} has no dead letters")
+        return
+    rows = [[d.stream, d.key, str(d.http_status), str(d.attempts), _when(d.first_seen_time), _when(d.last_seen_time),
+             "pending" if d.retry_pending else "-", d.error.replace("\n", " ")] for d in letters]
+    click.echo(format_table(rows, ("STREAM", "KEY", "STATUS", "ATTEMPTS", "FIRST SEEN", "LAST SEEN", "RETRY",
+                                   "ERROR")))
+
+
+@deadletters.command(name="retry")
+@click.argument("name")
+@click.option("--key", "keys", multiple=True, help="Only this record key (repeatable); default: all.")
+@click.pass_context
+def deadletters_retry(ctx: click.Context, name: str, keys: tuple[str, ...]) -> None:
+    """Send dead letters again: the workers re-send them at their next pass; the accepted ones go away."""
+    resp = _client(ctx).RetryDeadLetters(svc.RetryDeadLettersRequest(parent=workflow_name(name), keys=list(keys)))
+    click.echo(f"workflow/{name}: {resp.marked_count} dead letter(s) marked for retry "
+               "(sent again at the workers' next pass)")
 
 
 @cli.command()

@@ -45,7 +45,7 @@ async def test_list_shows_the_default_workflows(server: ServerProcess):
     res = await cli(server.port, "list")
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()
-    assert lines[0].split() == ["NAME", "TYPE", "DESIRED", "PHASE", "BACKLOG", "DRIFT", "AGE"]
+    assert lines[0].split() == ["NAME", "TYPE", "DESIRED", "PHASE", "BACKLOG", "DRIFT", "DEADLETTERS", "AGE"]
     rows = {line.split()[0]: line.split()[1:6] for line in lines[1:]}
     assert rows == {
         "contacts-ingress": ["INGRESS", "STOPPED", "STOPPED", "0", "no"],

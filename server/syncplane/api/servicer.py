@@ -9,14 +9,17 @@ from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.api.v1 import workflow_service_pb2 as svc
 from syncplane.api.v1 import workflow_service_pb2_grpc as svc_grpc
 from syncplane.service import WorkflowService
+from syncplane.service.dead_letters import DeadLetterService
 
 # grpc ships no type stubs; the context is untyped here.
 Ctx: TypeAlias = Any
 
 
 class WorkflowServicer(svc_grpc.WorkflowServiceServicer):
-    def __init__(self, service: WorkflowService) -> None:
+    def __init__(self, service: WorkflowService, dead_letters: DeadLetterService | None = None) -> None:
         self.service = service
+        # Without a dead-letter store the calls fail with FAILED_PRECONDITION, saying why.
+        self.dead_letters = dead_letters or DeadLetterService(service.store, None)
 
     async def CreateWorkflow(self, request: svc.CreateWorkflowRequest, context: Ctx) -> pb.Workflow:
         return await self.service.create(request)
@@ -48,3 +51,11 @@ class WorkflowServicer(svc_grpc.WorkflowServiceServicer):
         async for change in self.service.watch(request):
             yield svc.WatchWorkflowsResponse(type=svc.ChangeType.ValueType(change.type),
                                              workflow=change.workflow, revision=change.revision)
+
+    async def ListDeadLetters(self, request: svc.ListDeadLettersRequest,
+                              context: Ctx) -> svc.ListDeadLettersResponse:
+        return await self.dead_letters.list(request)
+
+    async def RetryDeadLetters(self, request: svc.RetryDeadLettersRequest,
+                               context: Ctx) -> svc.RetryDeadLettersResponse:
+        return await self.dead_letters.retry(request)

@@ -37,6 +37,7 @@ class Observed:
     counters: pb.Counters = field(default_factory=pb.Counters)
     tables: dict[str, int] = field(default_factory=dict)  # rows per source table, when known
     degraded: str = ""            # e.g. a worker restarting after a crash
+    dead_letters: int | None = None  # records in the dead-letter store; None: not counted yet
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,8 @@ def _observe(status: pb.WorkflowStatus, observed: Observed, target: int, phase: 
         status.counters.CopyFrom(observed.counters)
     else:
         status.counters.records_per_second = 0.0
+    if observed.dead_letters is not None:  # kept while stopped: stopping does not clear them
+        status.dead_letters = observed.dead_letters
     if observed.tables:  # kept while stopped: a replay request is checked against it
         known = {t.source_table: t.rows for t in status.tables}
         known.update(observed.tables)

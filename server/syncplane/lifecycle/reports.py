@@ -16,6 +16,7 @@ class Totals:
     backlog: int = 0
     counters: pb.Counters = field(default_factory=pb.Counters)
     tables: dict[str, int] = field(default_factory=dict)
+    dead_letters: int | None = None  # None: no worker has counted them yet
 
 
 def _int(value: Any) -> int:
@@ -36,7 +37,8 @@ def totals(reports: Iterable[Mapping[str, Any]]) -> Totals:
     counters = pb.Counters()
     backlog = 0
     tables: dict[str, int] = {}
-    for r in reports:
+    letters: dict[str, int] = {}  # per dead-letter store: workers sharing one count the same rows
+    for i, r in enumerate(reports):
         backlog += _int(r.get("backlog"))
         c = r.get("counters")
         c = c if isinstance(c, Mapping) else {}
@@ -49,4 +51,8 @@ def totals(reports: Iterable[Mapping[str, Any]]) -> Totals:
         if isinstance(t, Mapping):
             for table, rows in t.items():
                 tables[str(table)] = max(tables.get(str(table), 0), _int(rows))
-    return Totals(backlog, counters, tables)
+        n = r.get("dead_letters")
+        if isinstance(n, int) and not isinstance(n, bool) and n >= 0:
+            store = str(r.get("dead_letter_store") or f"worker {i}")
+            letters[store] = max(letters.get(store, 0), n)
+    return Totals(backlog, counters, tables, sum(letters.values()) if letters else None)

@@ -21,6 +21,7 @@ from syncplane.errors import AlreadyExists
 from syncplane.model.convert import from_resource
 from syncplane.runtime.supervisor import Supervisor, SupervisorConfig
 from syncplane.service import WorkflowService
+from syncplane.service.dead_letters import DeadLetterService, SqliteDeadLetters
 from syncplane.store.sqlite import SqliteStore
 from syncplane.telemetry import setup_tracing
 from syncplane.worker.credentials import write_local_secret
@@ -59,6 +60,11 @@ async def create_default_workflows(service: WorkflowService, directory: Path = D
     return created
 
 
+def embedded_dead_letters(store: SqliteStore, supervisor: Supervisor) -> DeadLetterService:
+    """The dead letters the local workers keep, in the data directory's worker-state.db."""
+    return DeadLetterService(store, SqliteDeadLetters(supervisor.state_db))
+
+
 def write_sandbox_secrets(sandbox: Sandbox, secrets_dir: Path) -> None:
     """The secret files the default workflows reference, holding the sandbox's own client."""
     common = {"clientId": sandbox.client_id, "clientSecret": sandbox.client_secret}
@@ -74,7 +80,8 @@ async def serve(config: EmbeddedConfig, stop: asyncio.Event | None = None) -> No
     store = SqliteStore(config.data_dir / "syncplane.db")
     supervisor = Supervisor(store, config.data_dir / "run", config.supervisor)
     service = WorkflowService(store, on_change=supervisor.wake)
-    server, port, health = await create_server(service, config.address, config.security)
+    server, port, health = await create_server(service, config.address, config.security,
+                                               dead_letters=embedded_dead_letters(store, supervisor))
     sandbox = None
     if config.sandbox:
         from syncplane.sandbox import SeedSpec, start_sandbox

@@ -12,6 +12,7 @@ from pathlib import Path
 from syncplane.api.server import ServerSecurity, create_server, serve_until_signalled
 from syncplane.kubeclient import api_client
 from syncplane.service import WorkflowService
+from syncplane.service.dead_letters import DeadLetterService
 from syncplane.store.kubernetes import KubernetesStore
 from syncplane.telemetry import setup_tracing
 
@@ -35,7 +36,11 @@ async def serve_kubernetes(config: KubernetesServerConfig, stop: asyncio.Event |
     setup_tracing("syncplane-server", config.otlp_endpoint)
     store = await kubernetes_store(config.namespace)
     service = WorkflowService(store)
-    server, port, health = await create_server(service, config.address, config.security)
+    # Worker pods keep their dead letters in their own local state: nothing this server can read.
+    letters = DeadLetterService(store, None, "dead letters are kept by embedded workers only: on Kubernetes "
+                                             "each worker pod keeps them in its own local state, out of this "
+                                             "server's reach")
+    server, port, health = await create_server(service, config.address, config.security, dead_letters=letters)
     log.info("syncplane API serving on port %d over Workflow resources in namespace %s", port, config.namespace)
     await serve_until_signalled(server, health, port, config.port_file, stop)
     await store.api_client.close()

@@ -8,8 +8,12 @@ in a cluster object behind the same interface.
 from __future__ import annotations
 
 import json
+import re
+import socket
 import sqlite3
 import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -22,6 +26,45 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     status INTEGER NOT NULL, error TEXT NOT NULL, first_seen REAL NOT NULL, last_seen REAL NOT NULL,
     attempts INTEGER NOT NULL, PRIMARY KEY (workflow, stream, key));
 """
+# Added to dead_letters after the first release: (name, declaration), added in place when absent.
+DEAD_LETTER_COLUMNS = (
+    ("resource", "TEXT NOT NULL DEFAULT ''"),       # where it was written (empty: the stream's own)
+    ("key_field", "TEXT NOT NULL DEFAULT ''"),
+    ("deleted", "INTEGER NOT NULL DEFAULT 0"),      # a rejected delete
+    ("retry", "INTEGER NOT NULL DEFAULT 0"),        # RetryDeadLetters marked it; the worker re-sends it
+)
+REDACTED = "[REDACTED]"
+# Field names that hold credentials: their values are never stored (nor shown, nor re-sent).
+SECRET_FIELD = re.compile(r"pass(word|wd)?$|secret|token|api_?key|authori[sz]ation|credential|private_?key",
+                          re.IGNORECASE)
+_LETTER_COLUMNS = ("stream", "key", "resource", "key_field", "payload", "deleted", "status", "error",
+                   "first_seen", "last_seen", "attempts", "retry")
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A stored poison record (``payload`` already redacted)."""
+
+    stream: str
+    key: str
+    resource: str
+    key_field: str
+    payload: dict[str, Any]
+    deleted: bool
+    status: int
+    error: str
+    first_seen: float
+    last_seen: float
+    attempts: int
+    retry: bool
+
+    def resend_values(self) -> dict[str, Any]:
+        """What a retry sends: the payload without the redacted fields (never the marker)."""
+        return {k: v for k, v in self.payload.items() if v != REDACTED}
+
+
+def redact(payload: dict[str, Any]) -> dict[str, Any]:
+    return {k: (REDACTED if SECRET_FIELD.search(k) else v) for k, v in payload.items()}
 
 
 class CheckpointStore(Protocol):
@@ -37,6 +80,22 @@ class SqliteWorkerState:
         self._db = sqlite3.connect(str(path), isolation_level=None, timeout=30)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(SCHEMA)
+        self._migrate()
+        # Names this store among others (one per machine, or per pod): reports of workers
+        # sharing it count the same rows once.
+        self.location = f"{socket.gethostname()}:{path.resolve()}"
+
+    def _migrate(self) -> None:
+        """Additive: a database from an older release gains the new columns (with their defaults)."""
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(dead_letters)")}
+        for name, decl in DEAD_LETTER_COLUMNS:
+            if name not in have:
+                try:
+                    self._db.execute(f"ALTER TABLE dead_letters ADD COLUMN {name} {decl}")
+                except sqlite3.OperationalError as exc:
+                    if "duplicate column" not in str(exc):
+                        raise  # another process added it between the check and here: fine
+        self._db.execute("CREATE INDEX IF NOT EXISTS dead_letters_retry ON dead_letters (workflow, stream, retry)")
 
     def close(self) -> None:
         self._db.close()
@@ -52,17 +111,100 @@ class SqliteWorkerState:
                          "updated = excluded.updated", (workflow, stream, cursor, time.time()))
 
     def dead_letter(self, workflow: str, stream: str, key: str, payload: dict[str, Any], status: int,
-                    error: str) -> None:
+                    error: str, *, resource: str = "", key_field: str = "", deleted: bool = False) -> None:
+        """Store a poison record, or count one more rejection of it (first_seen is kept).
+        ``resource``/``key_field``: where it was written, so a retry can write it there again."""
         now = time.time()
         self._db.execute(
-            "INSERT INTO dead_letters (workflow, stream, key, payload, status, error, first_seen, last_seen, attempts) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1) ON CONFLICT (workflow, stream, key) DO UPDATE SET "
+            "INSERT INTO dead_letters (workflow, stream, key, payload, status, error, first_seen, last_seen, attempts, "
+            "resource, key_field, deleted, retry) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?, ?, 0) "
+            "ON CONFLICT (workflow, stream, key) DO UPDATE SET "
             "payload = excluded.payload, status = excluded.status, error = excluded.error, "
-            "last_seen = excluded.last_seen, attempts = attempts + 1",
-            (workflow, stream, key, json.dumps(payload, sort_keys=True), status, error, now, now))
+            "last_seen = excluded.last_seen, attempts = attempts + 1, resource = excluded.resource, "
+            "key_field = excluded.key_field, deleted = excluded.deleted, retry = 0",
+            (workflow, stream, key, json.dumps(redact(payload), sort_keys=True), status, error, now, now,
+             resource, key_field, int(deleted)))
 
     def dead_letters(self, workflow: str) -> list[dict[str, Any]]:
         rows = self._db.execute("SELECT stream, key, payload, status, error, first_seen, last_seen, attempts "
                                 "FROM dead_letters WHERE workflow = ? ORDER BY stream, key", (workflow,))
         cols = ("stream", "key", "payload", "status", "error", "first_seen", "last_seen", "attempts")
         return [dict(zip(cols, r, strict=True)) for r in rows]
+
+    # -- dead letters: the API's side (list, mark) and the worker's (re-send, settle) ----------
+    def dead_letter_count(self, workflow: str) -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM dead_letters WHERE workflow = ?",
+                                    (workflow,)).fetchone()[0])
+
+    def list_dead_letters(self, workflow: str, after: tuple[str, str] | None, limit: int) -> list[DeadLetter]:
+        """A page ordered by (stream, key), starting after the given (stream, key)."""
+        stream, key = after or ("", "")
+        rows = self._db.execute(
+            f"SELECT {', '.join(_LETTER_COLUMNS)} FROM dead_letters WHERE workflow = ? AND "
+            "(stream > ? OR (stream = ? AND key > ?)) ORDER BY stream, key LIMIT ?",
+            (workflow, stream, stream, key, limit))
+        return [_letter(r) for r in rows]
+
+    def mark_for_retry(self, workflow: str, keys: Sequence[str] = ()) -> tuple[int, list[str]]:
+        """Mark the workflow's dead letters (all, or those with these keys, in any stream) for
+        retry. All or nothing: returns (marked, unknown keys); nothing is marked if a key is unknown."""
+        with self._transaction():
+            if not keys:
+                cur = self._db.execute("UPDATE dead_letters SET retry = 1 WHERE workflow = ?", (workflow,))
+                return cur.rowcount, []
+            known = {r[0] for r in self._db.execute(
+                f"SELECT DISTINCT key FROM dead_letters WHERE workflow = ? AND key IN ({','.join('?' * len(keys))})",
+                (workflow, *keys))}
+            unknown = [k for k in keys if k not in known]
+            if unknown:
+                return 0, unknown
+            cur = self._db.execute(
+                f"UPDATE dead_letters SET retry = 1 WHERE workflow = ? AND key IN ({','.join('?' * len(keys))})",
+                (workflow, *keys))
+            return cur.rowcount, []
+
+    def marked_for_retry(self, workflow: str, stream: str) -> list[DeadLetter]:
+        rows = self._db.execute(f"SELECT {', '.join(_LETTER_COLUMNS)} FROM dead_letters WHERE workflow = ? AND "
+                                "stream = ? AND retry = 1 ORDER BY key", (workflow, stream))
+        return [_letter(r) for r in rows]
+
+    def settle_retry(self, workflow: str, stream: str, delivered: Iterable[str],
+                     rejected: Iterable[tuple[str, int, str]], sent: Iterable[str]) -> None:
+        """After a retry: delete what the destination acknowledged; count one more attempt (new
+        status and reason, mark cleared) for what it rejected again; clear the mark of the rest."""
+        now = time.time()
+        with self._transaction():
+            self._db.executemany("DELETE FROM dead_letters WHERE workflow = ? AND stream = ? AND key = ?",
+                                 [(workflow, stream, k) for k in delivered])
+            self._db.executemany(
+                "UPDATE dead_letters SET status = ?, error = ?, last_seen = ?, attempts = attempts + 1, retry = 0 "
+                "WHERE workflow = ? AND stream = ? AND key = ?",
+                [(status, error, now, workflow, stream, k) for k, status, error in rejected])
+            self._db.executemany("UPDATE dead_letters SET retry = 0 WHERE workflow = ? AND stream = ? AND key = ?",
+                                 [(workflow, stream, k) for k in sent])
+
+    def _transaction(self) -> _Transaction:
+        return _Transaction(self._db)
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE … COMMIT (ROLLBACK on error) on an autocommit connection."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def __enter__(self) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self._db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+
+
+def _letter(row: Sequence[Any]) -> DeadLetter:
+    stream, key, resource, key_field, payload, deleted, status, error, first, last, attempts, retry = row
+    try:
+        values = json.loads(payload)
+    except ValueError:
+        values = {}
+    return DeadLetter(str(stream), str(key), str(resource), str(key_field), values if isinstance(values, dict) else {},
+                      bool(deleted), int(status), str(error), float(first), float(last), int(attempts), bool(retry))

@@ -90,6 +90,7 @@ class Pipeline:
         self.guard = guard
         # Records whose target does not exist yet (e.g. an event's contact): held, re-sent each pass.
         self.held, self.hold = held, hold
+        self._letters = True  # this stream may have dead letters (settled at the start of each pass)
 
     def _update_backlog(self) -> None:
         self.report.backlog = self._queued + self._in_flight
@@ -100,6 +101,7 @@ class Pipeline:
         Returns the records read. On ``stop`` it finishes the batch in flight and returns: the
         last fully written page is committed, the rest is read again at the next start."""
         self.checkpoint = self._resume_point()
+        await self._retry_dead_letters()
         if self.held is not None:
             await self._retry_held()
         cursor = self.checkpoint.cursor
@@ -231,16 +233,50 @@ class Pipeline:
                 if self.held is not None and self.hold is not None and bad.status in self.hold.statuses:
                     self.held.hold(self.workflow, self.stream.name, bad.key, payload, bad.status, bad.error)
                     continue
-                self._dead_letter(bad.key, payload, bad.status, bad.error)
+                self._dead_letter(bad.key, payload, bad.status, bad.error,
+                                  deleted=bool(rejected and rejected.deleted))
+            if self._letters and result.written:
+                # Written now (e.g. corrected at the source): an older dead letter of it is moot.
+                self.state.settle_retry(self.workflow, self.stream.name, result.written, (), ())
+            if result.rejected or (self._letters and result.written):
+                self._count_letters()
             self.report.counters.written += len(result.written)
             self._in_flight -= len(chunk)
             self._update_backlog()
             self._throughput(len(result.written))
         return True
 
-    def _dead_letter(self, key: str, payload: dict[str, Any], status: int, error: str) -> None:
-        self.state.dead_letter(self.workflow, self.stream.name, key, payload, status, error)
+    def _dead_letter(self, key: str, payload: dict[str, Any], status: int, error: str,
+                     deleted: bool = False) -> None:
+        self.state.dead_letter(self.workflow, self.stream.name, key, payload, status, error,
+                               resource=self.stream.resource, key_field=self.stream.key_field, deleted=deleted)
         self.report.counters.dead_lettered += 1
+        self._letters = True
+
+    def _count_letters(self) -> None:
+        self.report.dead_letters = self.state.dead_letter_count(self.workflow)
+        self.report.dead_letter_store = self.state.location
+
+    async def _retry_dead_letters(self) -> None:
+        """Re-send the dead letters RetryDeadLetters marked, to where they were written; delete
+        the ones acknowledged now, count one more attempt for the ones rejected again."""
+        marked = self.state.marked_for_retry(self.workflow, self.stream.name)
+        for i in range(0, len(marked), self.batch_size):
+            chunk = marked[i:i + self.batch_size]
+            groups: dict[tuple[str, str], list[Record]] = {}
+            for d in chunk:  # older rows lack the target: it is this stream's
+                target = (d.resource or self.stream.resource, d.key_field or self.stream.key_field)
+                groups.setdefault(target, []).append(Record(d.key, {} if d.deleted else d.resend_values(),
+                                                            deleted=d.deleted))
+            for (resource, key_field), records in groups.items():
+                result = await self.sink.write(resource, key_field, records)
+                if result.rejected and self.guard is not None:
+                    await self.guard()
+                self.state.settle_retry(self.workflow, self.stream.name, result.written,
+                                        [(r.key, r.status, r.error) for r in result.rejected], [r.key for r in records])
+                self.report.counters.written += len(result.written)
+        self._count_letters()
+        self._letters = self.report.dead_letters > 0
 
     async def _retry_held(self) -> None:
         """Re-send held records; past the policy's attempts they become dead letters."""

@@ -31,6 +31,10 @@ class WorkerReport:
     resyncs: int = 0                 # full reads forced by an expired delta token
     held: int = 0                    # records waiting for what they point at (e.g. a contact)
     tables: dict[str, int] = field(default_factory=dict)  # rows per source table (last full read)
+    # Rows of this workflow in the dead-letter store (-1: not counted yet), and which store: the
+    # workers sharing one store report the same rows.
+    dead_letters: int = -1
+    dead_letter_store: str = ""
     last_error: dict[str, str] | None = None
     fatal: dict[str, str] | None = None
     started_at: float = field(default_factory=time.time)
@@ -58,5 +62,7 @@ class WorkerReport:
         metric("records_per_second", "gauge", "Write throughput.", self.records_per_second)
         metric("values_truncated_total", "counter", "Values cut to the destination's length.", self.truncated)
         metric("held_records", "gauge", "Records held until what they point at exists.", self.held)
+        if self.dead_letters >= 0:
+            metric("dead_letters", "gauge", "Records waiting in the dead-letter store.", self.dead_letters)
         metric("resyncs_total", "counter", "Full reads forced by an expired delta token.", self.resyncs)
         return "\n".join(lines) + "\n"

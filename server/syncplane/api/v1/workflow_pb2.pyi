@@ -671,6 +671,7 @@ class WorkflowStatus(_message.Message):
     APPLIED_RESTART_NONCE_FIELD_NUMBER: _builtins.int
     APPLIED_SPEC_HASH_FIELD_NUMBER: _builtins.int
     TABLES_FIELD_NUMBER: _builtins.int
+    DEAD_LETTERS_FIELD_NUMBER: _builtins.int
     phase: Global___Phase.ValueType
     backlog: _builtins.int
     """Records read from the source and not yet written to the destination."""
@@ -685,6 +686,10 @@ class WorkflowStatus(_message.Message):
     applied_spec_hash: _builtins.str
     """Hash of the spec snapshot the workers run (names the snapshot ConfigMap
     on Kubernetes).
+    """
+    dead_letters: _builtins.int
+    """Records the destination rejected, waiting in the dead-letter store
+    (ListDeadLetters shows them; RetryDeadLetters sends them again).
     """
     @_builtins.property
     def phase_time(self) -> _timestamp_pb2.Timestamp:
@@ -719,10 +724,11 @@ class WorkflowStatus(_message.Message):
         applied_restart_nonce: _builtins.int = ...,
         applied_spec_hash: _builtins.str = ...,
         tables: _abc.Iterable[Global___TableRows] | None = ...,
+        dead_letters: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["counters", b"counters", "drift", b"drift", "last_error", b"last_error", "phase_time", b"phase_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_generation", b"applied_generation", "applied_restart_nonce", b"applied_restart_nonce", "applied_spec_hash", b"applied_spec_hash", "backlog", b"backlog", "conditions", b"conditions", "counters", b"counters", "desired_workers", b"desired_workers", "drift", b"drift", "last_error", b"last_error", "observed_generation", b"observed_generation", "phase", b"phase", "phase_time", b"phase_time", "ready_workers", b"ready_workers", "tables", b"tables"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_generation", b"applied_generation", "applied_restart_nonce", b"applied_restart_nonce", "applied_spec_hash", b"applied_spec_hash", "backlog", b"backlog", "conditions", b"conditions", "counters", b"counters", "dead_letters", b"dead_letters", "desired_workers", b"desired_workers", "drift", b"drift", "last_error", b"last_error", "observed_generation", b"observed_generation", "phase", b"phase", "phase_time", b"phase_time", "ready_workers", b"ready_workers", "tables", b"tables"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -23,42 +23,54 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
+from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from syncplane.api.v1 import workflow_pb2 as syncplane_dot_v1_dot_workflow__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#syncplane/v1/workflow_service.proto\x12\x0csyncplane.v1\x1a google/protobuf/field_mask.proto\x1a\x1bsyncplane/v1/workflow.proto\"\x81\x01\n\x15\x43reateWorkflowRequest\x12\x13\n\x0bworkflow_id\x18\x01 \x01(\t\x12(\n\x08workflow\x18\x02 \x01(\x0b\x32\x16.syncplane.v1.Workflow\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x15\n\rvalidate_only\x18\x04 \x01(\x08\"\"\n\x12GetWorkflowRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x8d\x01\n\x14ListWorkflowsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12)\n\x05types\x18\x03 \x03(\x0e\x32\x1a.syncplane.v1.WorkflowType\x12#\n\x06phases\x18\x04 \x03(\x0e\x32\x13.syncplane.v1.Phase\"[\n\x15ListWorkflowsResponse\x12)\n\tworkflows\x18\x01 \x03(\x0b\x32\x16.syncplane.v1.Workflow\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"r\n\x15UpdateWorkflowRequest\x12(\n\x08workflow\x18\x01 \x01(\x0b\x32\x16.syncplane.v1.Workflow\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"B\n\x15\x44\x65leteWorkflowRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\x12\r\n\x05\x66orce\x18\x03 \x01(\x08\"\x18\n\x16\x44\x65leteWorkflowResponse\"_\n\x14StartWorkflowRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\x12+\n\x0e\x65xpected_phase\x18\x03 \x01(\x0e\x32\x13.syncplane.v1.Phase\"^\n\x13StopWorkflowRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\x12+\n\x0e\x65xpected_phase\x18\x03 \x01(\x0e\x32\x13.syncplane.v1.Phase\"a\n\x16RestartWorkflowRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\x12+\n\x0e\x65xpected_phase\x18\x03 \x01(\x0e\x32\x13.syncplane.v1.Phase\"=\n\x15WatchWorkflowsRequest\x12\x16\n\x0estart_revision\x18\x01 \x01(\x03\x12\x0c\n\x04name\x18\x02 \x01(\t\"|\n\x16WatchWorkflowsResponse\x12&\n\x04type\x18\x01 \x01(\x0e\x32\x18.syncplane.v1.ChangeType\x12(\n\x08workflow\x18\x02 \x01(\x0b\x32\x16.syncplane.v1.Workflow\x12\x10\n\x08revision\x18\x03 \x01(\x03*s\n\nChangeType\x12\x1b\n\x17\x43HANGE_TYPE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x43HANGE_TYPE_ADDED\x10\x01\x12\x18\n\x14\x43HANGE_TYPE_MODIFIED\x10\x02\x12\x17\n\x13\x43HANGE_TYPE_DELETED\x10\x03\x32\xf7\x05\n\x0fWorkflowService\x12M\n\x0e\x43reateWorkflow\x12#.syncplane.v1.CreateWorkflowRequest\x1a\x16.syncplane.v1.Workflow\x12G\n\x0bGetWorkflow\x12 .syncplane.v1.GetWorkflowRequest\x1a\x16.syncplane.v1.Workflow\x12X\n\rListWorkflows\x12\".syncplane.v1.ListWorkflowsRequest\x1a#.syncplane.v1.ListWorkflowsResponse\x12M\n\x0eUpdateWorkflow\x12#.syncplane.v1.UpdateWorkflowRequest\x1a\x16.syncplane.v1.Workflow\x12[\n\x0e\x44\x65leteWorkflow\x12#.syncplane.v1.DeleteWorkflowRequest\x1a$.syncplane.v1.DeleteWorkflowResponse\x12K\n\rStartWorkflow\x12\".syncplane.v1.StartWorkflowRequest\x1a\x16.syncplane.v1.Workflow\x12I\n\x0cStopWorkflow\x12!.syncplane.v1.StopWorkflowRequest\x1a\x16.syncplane.v1.Workflow\x12O\n\x0fRestartWorkflow\x12$.syncplane.v1.RestartWorkflowRequest\x1a\x16.syncplane.v1.Workflow\x12]\n\x0eWatchWorkflows\x12#.syncplane.v1.WatchWorkflowsRequest\x1a$.syncplane.v1.WatchWorkflowsResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#syncplane/v1/workflow_service.proto\x12\x0csyncplane.v1\x1a google/protobuf/field_mask.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1bsyncplane/v1/workflow.proto\"\x81\x01\n\x15\x43reateWorkflowRequest\x12\x13\n\x0bworkflow_id\x18\x01 \x01(\t\x12(\n\x08workflow\x18\x02 \x01(\x0b\x32\x16.syncplane.v1.Workflow\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x15\n\rvalidate_only\x18\x04 \x01(\x08\"\"\n\x12GetWorkflowRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x8d\x01\n\x14ListWorkflowsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12)\n\x05types\x18\x03 \x03(\x0e\x32\x1a.syncplane.v1.WorkflowType\x12#\n\x06phases\x18\x04 \x03(\x0e\x32\x13.syncplane.v1.Phase\"[\n\x15ListWorkflowsResponse\x12)\n\tworkflows\x18\x01 \x03(\x0b\x32\x16.syncplane.v1.Workflow\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"r\n\x15UpdateWorkflowRequest\x12(\n\x08workflow\x18\x01 \x01(\x0b\x32\x16.syncplane.v1.Workflow\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"B\n\x15\x44\x65leteWorkflowRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\x12\r\n\x05\x66orce\x18\x03 \x01(\x08\"\x18\n\x16\x44\x65leteWorkflowResponse\"_\n\x14StartWorkflowRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\x12+\n\x0e\x65xpected_phase\x18\x03 \x01(\x0e\x32\x13.syncplane.v1.Phase\"^\n\x13StopWorkflowRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\x12+\n\x0e\x65xpected_phase\x18\x03 \x01(\x0e\x32\x13.syncplane.v1.Phase\"a\n\x16RestartWorkflowRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\x12+\n\x0e\x65xpected_phase\x18\x03 \x01(\x0e\x32\x13.syncplane.v1.Phase\"=\n\x15WatchWorkflowsRequest\x12\x16\n\x0estart_revision\x18\x01 \x01(\x03\x12\x0c\n\x04name\x18\x02 \x01(\t\"|\n\x16WatchWorkflowsResponse\x12&\n\x04type\x18\x01 \x01(\x0e\x32\x18.syncplane.v1.ChangeType\x12(\n\x08workflow\x18\x02 \x01(\x0b\x32\x16.syncplane.v1.Workflow\x12\x10\n\x08revision\x18\x03 \x01(\x03\"\xbf\x02\n\nDeadLetter\x12\x0e\n\x06stream\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x10\n\x08resource\x18\x03 \x01(\t\x12\x11\n\tkey_field\x18\x04 \x01(\t\x12(\n\x07payload\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0f\n\x07\x64\x65leted\x18\x06 \x01(\x08\x12\x13\n\x0bhttp_status\x18\x07 \x01(\x05\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x33\n\x0f\x66irst_seen_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0elast_seen_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x61ttempts\x18\x0b \x01(\x05\x12\x15\n\rretry_pending\x18\x0c \x01(\x08\"O\n\x16ListDeadLettersRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"v\n\x17ListDeadLettersResponse\x12.\n\x0c\x64\x65\x61\x64_letters\x18\x01 \x03(\x0b\x32\x18.syncplane.v1.DeadLetter\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x12\n\ntotal_size\x18\x03 \x01(\x05\"7\n\x17RetryDeadLettersRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\t\"0\n\x18RetryDeadLettersResponse\x12\x14\n\x0cmarked_count\x18\x01 \x01(\x05*s\n\nChangeType\x12\x1b\n\x17\x43HANGE_TYPE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x43HANGE_TYPE_ADDED\x10\x01\x12\x18\n\x14\x43HANGE_TYPE_MODIFIED\x10\x02\x12\x17\n\x13\x43HANGE_TYPE_DELETED\x10\x03\x32\xba\x07\n\x0fWorkflowService\x12M\n\x0e\x43reateWorkflow\x12#.syncplane.v1.CreateWorkflowRequest\x1a\x16.syncplane.v1.Workflow\x12G\n\x0bGetWorkflow\x12 .syncplane.v1.GetWorkflowRequest\x1a\x16.syncplane.v1.Workflow\x12X\n\rListWorkflows\x12\".syncplane.v1.ListWorkflowsRequest\x1a#.syncplane.v1.ListWorkflowsResponse\x12M\n\x0eUpdateWorkflow\x12#.syncplane.v1.UpdateWorkflowRequest\x1a\x16.syncplane.v1.Workflow\x12[\n\x0e\x44\x65leteWorkflow\x12#.syncplane.v1.DeleteWorkflowRequest\x1a$.syncplane.v1.DeleteWorkflowResponse\x12K\n\rStartWorkflow\x12\".syncplane.v1.StartWorkflowRequest\x1a\x16.syncplane.v1.Workflow\x12I\n\x0cStopWorkflow\x12!.syncplane.v1.StopWorkflowRequest\x1a\x16.syncplane.v1.Workflow\x12O\n\x0fRestartWorkflow\x12$.syncplane.v1.RestartWorkflowRequest\x1a\x16.syncplane.v1.Workflow\x12]\n\x0eWatchWorkflows\x12#.syncplane.v1.WatchWorkflowsRequest\x1a$.syncplane.v1.WatchWorkflowsResponse0\x01\x12^\n\x0fListDeadLetters\x12$.syncplane.v1.ListDeadLettersRequest\x1a%.syncplane.v1.ListDeadLettersResponse\x12\x61\n\x10RetryDeadLetters\x12%.syncplane.v1.RetryDeadLettersRequest\x1a&.syncplane.v1.RetryDeadLettersResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'syncplane.v1.workflow_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CHANGETYPE']._serialized_start=1212
-  _globals['_CHANGETYPE']._serialized_end=1327
-  _globals['_CREATEWORKFLOWREQUEST']._serialized_start=117
-  _globals['_CREATEWORKFLOWREQUEST']._serialized_end=246
-  _globals['_GETWORKFLOWREQUEST']._serialized_start=248
-  _globals['_GETWORKFLOWREQUEST']._serialized_end=282
-  _globals['_LISTWORKFLOWSREQUEST']._serialized_start=285
-  _globals['_LISTWORKFLOWSREQUEST']._serialized_end=426
-  _globals['_LISTWORKFLOWSRESPONSE']._serialized_start=428
-  _globals['_LISTWORKFLOWSRESPONSE']._serialized_end=519
-  _globals['_UPDATEWORKFLOWREQUEST']._serialized_start=521
-  _globals['_UPDATEWORKFLOWREQUEST']._serialized_end=635
-  _globals['_DELETEWORKFLOWREQUEST']._serialized_start=637
-  _globals['_DELETEWORKFLOWREQUEST']._serialized_end=703
-  _globals['_DELETEWORKFLOWRESPONSE']._serialized_start=705
-  _globals['_DELETEWORKFLOWRESPONSE']._serialized_end=729
-  _globals['_STARTWORKFLOWREQUEST']._serialized_start=731
-  _globals['_STARTWORKFLOWREQUEST']._serialized_end=826
-  _globals['_STOPWORKFLOWREQUEST']._serialized_start=828
-  _globals['_STOPWORKFLOWREQUEST']._serialized_end=922
-  _globals['_RESTARTWORKFLOWREQUEST']._serialized_start=924
-  _globals['_RESTARTWORKFLOWREQUEST']._serialized_end=1021
-  _globals['_WATCHWORKFLOWSREQUEST']._serialized_start=1023
-  _globals['_WATCHWORKFLOWSREQUEST']._serialized_end=1084
-  _globals['_WATCHWORKFLOWSRESPONSE']._serialized_start=1086
-  _globals['_WATCHWORKFLOWSRESPONSE']._serialized_end=1210
-  _globals['_WORKFLOWSERVICE']._serialized_start=1330
-  _globals['_WORKFLOWSERVICE']._serialized_end=2089
+  _globals['_CHANGETYPE']._serialized_start=1905
+  _globals['_CHANGETYPE']._serialized_end=2020
+  _globals['_CREATEWORKFLOWREQUEST']._serialized_start=180
+  _globals['_CREATEWORKFLOWREQUEST']._serialized_end=309
+  _globals['_GETWORKFLOWREQUEST']._serialized_start=311
+  _globals['_GETWORKFLOWREQUEST']._serialized_end=345
+  _globals['_LISTWORKFLOWSREQUEST']._serialized_start=348
+  _globals['_LISTWORKFLOWSREQUEST']._serialized_end=489
+  _globals['_LISTWORKFLOWSRESPONSE']._serialized_start=491
+  _globals['_LISTWORKFLOWSRESPONSE']._serialized_end=582
+  _globals['_UPDATEWORKFLOWREQUEST']._serialized_start=584
+  _globals['_UPDATEWORKFLOWREQUEST']._serialized_end=698
+  _globals['_DELETEWORKFLOWREQUEST']._serialized_start=700
+  _globals['_DELETEWORKFLOWREQUEST']._serialized_end=766
+  _globals['_DELETEWORKFLOWRESPONSE']._serialized_start=768
+  _globals['_DELETEWORKFLOWRESPONSE']._serialized_end=792
+  _globals['_STARTWORKFLOWREQUEST']._serialized_start=794
+  _globals['_STARTWORKFLOWREQUEST']._serialized_end=889
+  _globals['_STOPWORKFLOWREQUEST']._serialized_start=891
+  _globals['_STOPWORKFLOWREQUEST']._serialized_end=985
+  _globals['_RESTARTWORKFLOWREQUEST']._serialized_start=987
+  _globals['_RESTARTWORKFLOWREQUEST']._serialized_end=1084
+  _globals['_WATCHWORKFLOWSREQUEST']._serialized_start=1086
+  _globals['_WATCHWORKFLOWSREQUEST']._serialized_end=1147
+  _globals['_WATCHWORKFLOWSRESPONSE']._serialized_start=1149
+  _globals['_WATCHWORKFLOWSRESPONSE']._serialized_end=1273
+  _globals['_DEADLETTER']._serialized_start=1276
+  _globals['_DEADLETTER']._serialized_end=1595
+  _globals['_LISTDEADLETTERSREQUEST']._serialized_start=1597
+  _globals['_LISTDEADLETTERSREQUEST']._serialized_end=1676
+  _globals['_LISTDEADLETTERSRESPONSE']._serialized_start=1678
+  _globals['_LISTDEADLETTERSRESPONSE']._serialized_end=1796
+  _globals['_RETRYDEADLETTERSREQUEST']._serialized_start=1798
+  _globals['_RETRYDEADLETTERSREQUEST']._serialized_end=1853
+  _globals['_RETRYDEADLETTERSRESPONSE']._serialized_start=1855
+  _globals['_RETRYDEADLETTERSRESPONSE']._serialized_end=1903
+  _globals['_WORKFLOWSERVICE']._serialized_start=2023
+  _globals['_WORKFLOWSERVICE']._serialized_end=2977
 # @@protoc_insertion_point(module_scope)

@@ -81,6 +81,16 @@ class WorkflowServiceStub:
                 request_serializer=syncplane_dot_v1_dot_workflow__service__pb2.WatchWorkflowsRequest.SerializeToString,
                 response_deserializer=syncplane_dot_v1_dot_workflow__service__pb2.WatchWorkflowsResponse.FromString,
                 _registered_method=True)
+        self.ListDeadLetters = channel.unary_unary(
+                '/syncplane.v1.WorkflowService/ListDeadLetters',
+                request_serializer=syncplane_dot_v1_dot_workflow__service__pb2.ListDeadLettersRequest.SerializeToString,
+                response_deserializer=syncplane_dot_v1_dot_workflow__service__pb2.ListDeadLettersResponse.FromString,
+                _registered_method=True)
+        self.RetryDeadLetters = channel.unary_unary(
+                '/syncplane.v1.WorkflowService/RetryDeadLetters',
+                request_serializer=syncplane_dot_v1_dot_workflow__service__pb2.RetryDeadLettersRequest.SerializeToString,
+                response_deserializer=syncplane_dot_v1_dot_workflow__service__pb2.RetryDeadLettersResponse.FromString,
+                _registered_method=True)
 
 
 class WorkflowServiceServicer:
@@ -144,6 +154,24 @@ class WorkflowServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListDeadLetters(self, request, context):
+        """The workflow's poison records: rejected by the destination, kept with the
+        reason. Kept by embedded workers only (FAILED_PRECONDITION on Kubernetes).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RetryDeadLetters(self, request, context):
+        """Marks dead letters for retry: the workers send them again at the start of
+        their next pass, delete the ones the destination accepts and keep the
+        others (attempts + 1, the new reason). A stopped workflow retries them
+        when it starts.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkflowServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -191,6 +219,16 @@ def add_WorkflowServiceServicer_to_server(servicer, server):
                     servicer.WatchWorkflows,
                     request_deserializer=syncplane_dot_v1_dot_workflow__service__pb2.WatchWorkflowsRequest.FromString,
                     response_serializer=syncplane_dot_v1_dot_workflow__service__pb2.WatchWorkflowsResponse.SerializeToString,
+            ),
+            'ListDeadLetters': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDeadLetters,
+                    request_deserializer=syncplane_dot_v1_dot_workflow__service__pb2.ListDeadLettersRequest.FromString,
+                    response_serializer=syncplane_dot_v1_dot_workflow__service__pb2.ListDeadLettersResponse.SerializeToString,
+            ),
+            'RetryDeadLetters': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetryDeadLetters,
+                    request_deserializer=syncplane_dot_v1_dot_workflow__service__pb2.RetryDeadLettersRequest.FromString,
+                    response_serializer=syncplane_dot_v1_dot_workflow__service__pb2.RetryDeadLettersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -437,6 +475,60 @@ class WorkflowService:
             '/syncplane.v1.WorkflowService/WatchWorkflows',
             syncplane_dot_v1_dot_workflow__service__pb2.WatchWorkflowsRequest.SerializeToString,
             syncplane_dot_v1_dot_workflow__service__pb2.WatchWorkflowsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDeadLetters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/syncplane.v1.WorkflowService/ListDeadLetters',
+            syncplane_dot_v1_dot_workflow__service__pb2.ListDeadLettersRequest.SerializeToString,
+            syncplane_dot_v1_dot_workflow__service__pb2.ListDeadLettersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetryDeadLetters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/syncplane.v1.WorkflowService/RetryDeadLetters',
+            syncplane_dot_v1_dot_workflow__service__pb2.RetryDeadLettersRequest.SerializeToString,
+            syncplane_dot_v1_dot_workflow__service__pb2.RetryDeadLettersResponse.FromString,
             options,
             channel_credentials,
             insecure,

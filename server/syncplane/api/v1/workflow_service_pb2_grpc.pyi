@@ -47,6 +47,16 @@ class WorkflowServiceStub:
     RestartWorkflow: _grpc.UnaryUnaryMultiCallable[_workflow_service_pb2.RestartWorkflowRequest, _workflow_pb2.Workflow]
     WatchWorkflows: _grpc.UnaryStreamMultiCallable[_workflow_service_pb2.WatchWorkflowsRequest, _workflow_service_pb2.WatchWorkflowsResponse]
     """Streams changes; resume after a disconnect with the last revision seen."""
+    ListDeadLetters: _grpc.UnaryUnaryMultiCallable[_workflow_service_pb2.ListDeadLettersRequest, _workflow_service_pb2.ListDeadLettersResponse]
+    """The workflow's poison records: rejected by the destination, kept with the
+    reason. Kept by embedded workers only (FAILED_PRECONDITION on Kubernetes).
+    """
+    RetryDeadLetters: _grpc.UnaryUnaryMultiCallable[_workflow_service_pb2.RetryDeadLettersRequest, _workflow_service_pb2.RetryDeadLettersResponse]
+    """Marks dead letters for retry: the workers send them again at the start of
+    their next pass, delete the ones the destination accepts and keep the
+    others (attempts + 1, the new reason). A stopped workflow retries them
+    when it starts.
+    """
 
 @_typing.type_check_only
 class WorkflowServiceAsyncStub(WorkflowServiceStub):
@@ -66,6 +76,16 @@ class WorkflowServiceAsyncStub(WorkflowServiceStub):
     RestartWorkflow: _aio.UnaryUnaryMultiCallable[_workflow_service_pb2.RestartWorkflowRequest, _workflow_pb2.Workflow]  # type: ignore[assignment]
     WatchWorkflows: _aio.UnaryStreamMultiCallable[_workflow_service_pb2.WatchWorkflowsRequest, _workflow_service_pb2.WatchWorkflowsResponse]  # type: ignore[assignment]
     """Streams changes; resume after a disconnect with the last revision seen."""
+    ListDeadLetters: _aio.UnaryUnaryMultiCallable[_workflow_service_pb2.ListDeadLettersRequest, _workflow_service_pb2.ListDeadLettersResponse]  # type: ignore[assignment]
+    """The workflow's poison records: rejected by the destination, kept with the
+    reason. Kept by embedded workers only (FAILED_PRECONDITION on Kubernetes).
+    """
+    RetryDeadLetters: _aio.UnaryUnaryMultiCallable[_workflow_service_pb2.RetryDeadLettersRequest, _workflow_service_pb2.RetryDeadLettersResponse]  # type: ignore[assignment]
+    """Marks dead letters for retry: the workers send them again at the start of
+    their next pass, delete the ones the destination accepts and keep the
+    others (attempts + 1, the new reason). A stopped workflow retries them
+    when it starts.
+    """
 
 class WorkflowServiceServicer(metaclass=_abc_1.ABCMeta):
     """Create, start, stop, edit and watch integration workflows."""
@@ -136,5 +156,27 @@ class WorkflowServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_workflow_service_pb2.WatchWorkflowsResponse], _abc.AsyncIterator[_workflow_service_pb2.WatchWorkflowsResponse]]:
         """Streams changes; resume after a disconnect with the last revision seen."""
+
+    @_abc_1.abstractmethod
+    def ListDeadLetters(
+        self,
+        request: _workflow_service_pb2.ListDeadLettersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_workflow_service_pb2.ListDeadLettersResponse, _abc.Awaitable[_workflow_service_pb2.ListDeadLettersResponse]]:
+        """The workflow's poison records: rejected by the destination, kept with the
+        reason. Kept by embedded workers only (FAILED_PRECONDITION on Kubernetes).
+        """
+
+    @_abc_1.abstractmethod
+    def RetryDeadLetters(
+        self,
+        request: _workflow_service_pb2.RetryDeadLettersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_workflow_service_pb2.RetryDeadLettersResponse, _abc.Awaitable[_workflow_service_pb2.RetryDeadLettersResponse]]:
+        """Marks dead letters for retry: the workers send them again at the start of
+        their next pass, delete the ones the destination accepts and keep the
+        others (attempts + 1, the new reason). A stopped workflow retries them
+        when it starts.
+        """
 
 def add_WorkflowServiceServicer_to_server(servicer: WorkflowServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
