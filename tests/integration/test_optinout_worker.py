@@ -1,0 +1,71 @@
+"""Opt-in/out through the real worker process and the control plane (the sync itself is
+tested pass by pass in test_optinout.py): both directions converge while flips happen on
+both sides, and the worker's writes stay bounded by the real changes."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from syncplane.api.v1 import workflow_pb2 as pb
+from syncplane.sandbox import SeedSpec, start_sandbox
+from tests.integration.conftest import ControlPlane, _serve
+from tests.integration.ingress_env import converge, prepare, status_until
+from tests.integration.optinout_env import (
+    PAIRS,
+    create_profiles,
+    disagreements,
+    marks,
+    optinout_spec,
+    set_campaign,
+    set_crm,
+    write_count,
+)
+from tests.integration.test_ingress import CRASH_TOLERANT, start
+
+
+@pytest.fixture
+async def plane(tmp_path: Path) -> AsyncIterator[ControlPlane]:
+    async for p in _serve(tmp_path, config=CRASH_TOLERANT):
+        yield p
+
+
+async def test_bidirectional_worker_converges_without_ping_pong(plane: ControlPlane) -> None:
+    sb = await start_sandbox(seed=SeedSpec(contacts=500, seed=31, opt_out_ratio=0.2))
+    try:
+        prepare(sb, plane.data_dir)
+        keys = sorted(sb.d365.table("contacts").rows)
+        create_profiles(sb, keys)
+        spec = optinout_spec(sb, "BIDIRECTIONAL")
+        spec.poll_interval.seconds = 1
+        await start(plane, "optio", spec)
+        await status_until(plane.stub, "optio", lambda s: s.phase == pb.PHASE_RUNNING, 60)
+        await converge(lambda: not disagreements(sb, keys), 120, lambda: f"first sync: {disagreements(sb, keys)[:3]}")
+
+        rng = random.Random(7)
+        acs_mark, parts_mark = marks(sb)
+        flips = 0
+        for key in rng.sample(keys, 200):
+            acs_field, crm_field = rng.choice(PAIRS)
+            if rng.random() < 0.5:
+                row = sb.d365.table("contacts").get(key)
+                assert row is not None
+                set_crm(sb, key, **{crm_field: not row[crm_field]})
+            else:
+                pk = sb.acs.profiles.find(key)
+                assert pk is not None
+                set_campaign(sb, key, **{acs_field: not sb.acs.profiles.rows[pk][acs_field]})
+            flips += 1
+        await converge(lambda: not disagreements(sb, keys), 120, lambda: f"after flips: {disagreements(sb, keys)[:3]}")
+        writes_after_convergence = write_count(sb, acs_mark, parts_mark)
+        assert writes_after_convergence <= flips, "more writes than real changes"
+        # and it stays quiet: a few more passes write nothing (no echo)
+        seen = len(sb.requests.records())
+        await converge(lambda: len([r for r in sb.requests.records(since=seen, server="d365")
+                                    if "$deltatoken" in r.path]) >= 3, 60, "three more passes")
+        assert write_count(sb, acs_mark, parts_mark) == writes_after_convergence
+    finally:
+        await sb.stop()
