@@ -18,16 +18,18 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.connectors.dynamics import DynamicsSource
 from syncplane.connectors.http import Credentials, OAuth2ClientCredentials
 from syncplane.model.convert import spec_to_dict
 from syncplane.runtime.embedded import write_sandbox_secrets
-from syncplane.sandbox import SANDBOX_CLIENT_ID, SANDBOX_CLIENT_SECRET, SandboxOptions, SeedSpec, start_sandbox
+from syncplane.sandbox import SANDBOX_CLIENT_ID, SANDBOX_CLIENT_SECRET, Sandbox, SandboxOptions, SeedSpec, start_sandbox
 from tests.integration.ingress_env import ingress_spec
 
 NAIVE_RECORDS = 3_000
@@ -41,20 +43,19 @@ def _peak_rss_mib(pid: int) -> float:
     return 0.0
 
 
-async def _worker_run(records: int) -> dict[str, Any]:
-    sb = await start_sandbox(seed=SeedSpec(contacts=records, seed=1),
-                             options=SandboxOptions(request_log_size=4 * records + 10_000))
+async def run_worker(sb: Sandbox, spec: pb.WorkflowSpec, done: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+    """Run one `syncplane worker` process on ``spec`` until ``done(report)``; time it and read
+    its peak RSS. Returns seconds, peak RSS and the sandbox's request counts per server."""
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         write_sandbox_secrets(sb, d / "secrets")
-        spec = ingress_spec(sb, batch_size=1000, poll_seconds=60)
         (d / "spec.json").write_text(json.dumps(spec_to_dict(spec)))
         (d / "workers").mkdir()
         cmd = [sys.executable, "-m", "syncplane", "worker", "--workflow", "bench", "--generation", "1",
                "--spec-file", str(d / "spec.json"), "--state-dir", str(d / "workers"),
                "--secrets-dir", str(d / "secrets"), "--state-db", str(d / "state.db")]
-        started = time.perf_counter()
         log = open(d / "worker.log", "wb")  # noqa: SIM115,ASYNC230 (once, before timing)
+        started = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)  # noqa: ASYNC220
         try:
             port_file = d / "workers" / "bench.0.worker.json"
@@ -67,7 +68,7 @@ async def _worker_run(records: int) -> dict[str, Any]:
                         continue
                     port = json.loads(port_file.read_text())["port"]
                     report = (await client.get(f"http://127.0.0.1:{port}/status")).json()
-                    if report["counters"]["written"] >= records and report["backlog"] == 0:
+                    if done(report):
                         break
             elapsed = time.perf_counter() - started
             peak = _peak_rss_mib(proc.pid)
@@ -75,13 +76,24 @@ async def _worker_run(records: int) -> dict[str, Any]:
             proc.terminate()
             proc.wait(timeout=30)
             log.close()
-        reads = len(sb.requests.records(server="d365"))
-        writes = len(sb.requests.records(server="acs"))
+    return {"seconds": elapsed, "peak_rss_mib": peak, "reads": len(sb.requests.records(server="d365")),
+            "acs": len(sb.requests.records(server="acs"))}
+
+
+async def _worker_run(records: int) -> dict[str, Any]:
+    sb = await start_sandbox(seed=SeedSpec(contacts=records, seed=1),
+                             options=SandboxOptions(request_log_size=4 * records + 10_000))
+    try:
+        spec = ingress_spec(sb, batch_size=1000, poll_seconds=60)
+        run = await run_worker(sb, spec, lambda r: r["counters"]["written"] >= records and r["backlog"] == 0)
         assert len(sb.acs.profiles.rows) == records
-    await sb.stop()
+    finally:
+        await sb.stop()
+    elapsed = run["seconds"]
     return {"records": records, "seconds": round(elapsed, 2), "records_per_s": round(records / elapsed, 1),
-            "read_requests_per_1000": round(1000 * reads / records, 2),
-            "write_requests_per_1000": round(1000 * writes / records, 2), "worker_peak_rss_mib": round(peak, 1)}
+            "read_requests_per_1000": round(1000 * run["reads"] / records, 2),
+            "write_requests_per_1000": round(1000 * run["acs"] / records, 2),
+            "worker_peak_rss_mib": round(run["peak_rss_mib"], 1)}
 
 
 async def _naive(records: int) -> dict[str, Any]:
