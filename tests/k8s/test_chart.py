@@ -12,13 +12,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import json
 import os
 import re
 import signal
+import ssl
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +31,7 @@ from typing import Any
 import grpc
 import pytest
 import yaml
+from aiohttp import ClientSession, ClientTimeout, TCPConnector, web
 
 from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.api.v1 import workflow_service_pb2 as svc
@@ -122,19 +126,105 @@ def test_install_and_uninstall(k8s_cluster, namespace, tmp_path, scenario):
 # ------------------------------------------------------------------ running under the chart's RBAC
 
 
-def token_kubeconfig(cluster: Any, namespace: str, account: str, path: Path) -> Path:
-    """A kubeconfig that logs in as the ServiceAccount (a bound token from the TokenRequest API)."""
+def token_kubeconfig(cluster: Any, namespace: str, account: str, path: Path,
+                     proxy: RecordingProxy | None = None) -> Path:
+    """A kubeconfig that logs in as the ServiceAccount (a bound token from the TokenRequest API),
+    optionally through a recording proxy."""
     token = cluster.kubectl("create", "token", account, "-n", namespace, "--duration=2h").stdout.strip()
     admin = json.loads(cluster.kubeconfig.read_text())
+    clusters = admin["clusters"]
+    if proxy is not None:
+        clusters = [{"name": clusters[0]["name"], "cluster": {"server": f"http://127.0.0.1:{proxy.port}"}}]
     config = {
         "apiVersion": "v1", "kind": "Config",
-        "clusters": admin["clusters"],
+        "clusters": clusters,
         "users": [{"name": account, "user": {"token": token}}],
         "contexts": [{"name": account, "context": {"cluster": admin["clusters"][0]["name"], "user": account}}],
         "current-context": account,
     }
     path.write_text(json.dumps(config))
     return path
+
+
+class RecordingProxy:
+    """A plain-HTTP loopback front of the API server that records every (group, resource, verb) a client
+    uses, so the test sees what each component really calls under its ServiceAccount."""
+
+    HOP = {"host", "content-length", "transfer-encoding", "connection", "accept-encoding", "content-encoding"}
+
+    def __init__(self, upstream: str, ca_file: str) -> None:
+        self.upstream, self.ca_file = upstream, ca_file
+        self.calls: set[tuple[str, str, str]] = set()
+        self.loop = asyncio.new_event_loop()
+        self.port = 0
+        ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(ready,), daemon=True)
+        self.thread.start()
+        assert ready.wait(10), "recording proxy did not start"
+
+    def _run(self, ready: threading.Event) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_until_complete(self._start())
+        ready.set()
+        self.loop.run_forever()
+
+    async def _start(self) -> None:
+        context = ssl.create_default_context(cafile=self.ca_file)
+        self.session = ClientSession(connector=TCPConnector(ssl=context), timeout=ClientTimeout(total=None),
+                                     auto_decompress=False)
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_route("*", "/{path:.*}", self._forward)
+        self.runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    async def _forward(self, request: web.Request) -> web.StreamResponse:
+        self.calls.add(classify(request.method, request.path, request.query))
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in self.HOP}
+        body = await request.read()  # none at all when empty: aiohttp would label b"" octet-stream (415)
+        async with self.session.request(request.method, self.upstream + request.path_qs, headers=headers,
+                                        data=body or None) as upstream:
+            response = web.StreamResponse(status=upstream.status, headers={
+                k: v for k, v in upstream.headers.items() if k.lower() not in self.HOP})
+            await response.prepare(request)
+            async for chunk in upstream.content.iter_any():
+                await response.write(chunk)
+            await response.write_eof()
+            return response
+
+    def close(self) -> None:
+        async def stop() -> None:
+            await self.session.close()  # ends the watch streams still relayed, then the handlers
+            await self.runner.cleanup()
+
+        asyncio.run_coroutine_threadsafe(stop(), self.loop).result(30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+def classify(method: str, path: str, query: Any) -> tuple[str, str, str]:
+    """An API request as (group, resource[/subresource], verb), as RBAC sees it."""
+    parts = [p for p in path.split("/") if p]
+    if parts[:1] == ["api"]:
+        group, rest = "", parts[2:]
+    elif parts[:1] == ["apis"] and len(parts) >= 3:
+        group, rest = parts[1], parts[3:]
+    else:
+        return ("", path, method.lower())   # discovery and the like
+    if rest[:1] == ["namespaces"] and len(rest) >= 3:
+        rest = rest[2:]
+    resource = rest[0] if rest else ""
+    named = len(rest) >= 2
+    if len(rest) >= 3:
+        resource += "/" + rest[2]
+    if method == "GET":
+        verb = "watch" if str(query.get("watch", "")).lower() in ("true", "1") else ("get" if named else "list")
+    else:
+        verb = {"POST": "create", "PUT": "update", "PATCH": "patch",
+                "DELETE": "delete" if named else "deletecollection"}[method]
+    return (group, resource, verb)
 
 
 def container_of(cluster: Any, namespace: str, deployment: str) -> dict[str, Any]:
@@ -194,9 +284,11 @@ def chart_release(k8s_cluster, namespace) -> Iterator[str]:
     k8s_cluster.helm("uninstall", release, "--namespace", namespace, "--wait", "--timeout", "120s", timeout=180)
 
 
-def start_operator(cluster: Any, namespace: str, release: str, tmp: Path, pod: str) -> Process:
+def start_operator(cluster: Any, namespace: str, release: str, tmp: Path, pod: str,
+                   proxy: RecordingProxy | None = None) -> Process:
     container = container_of(cluster, namespace, f"{release}-syncplane-operator")
-    kubeconfig = token_kubeconfig(cluster, namespace, f"{release}-syncplane-operator", tmp / f"{pod}.kubeconfig")
+    kubeconfig = token_kubeconfig(cluster, namespace, f"{release}-syncplane-operator", tmp / f"{pod}.kubeconfig",
+                                  proxy)
     args = [a if not a.startswith("--liveness=") else "--liveness=http://127.0.0.1:0/healthz"
             for a in container["args"]]
     env = local_env(kubeconfig, {**pod_env(container, pod, namespace), "SYNCPLANE_OPERATOR_INTERVAL": "0.5"})
@@ -214,10 +306,12 @@ def test_lifecycle_under_the_charts_rbac(k8s_cluster, workflow_crd, namespace, c
         k8s_cluster.kubectl("create", "secret", "generic", secret, "-n", namespace, "--from-literal=clientId=x",
                             f"--from-literal=clientSecret={SECRET_VALUE}",
                             "--from-literal=tokenUrl=http://127.0.0.1:9/token")
-    operator = start_operator(k8s_cluster, namespace, release, tmp_path, "operator-0")
+    ca = json.loads(k8s_cluster.kubeconfig.read_text())["clusters"][0]["cluster"]["certificate-authority"]
+    proxies = {who: RecordingProxy(k8s_cluster.server, ca) for who in ("operator", "server", "worker")}
+    operator = start_operator(k8s_cluster, namespace, release, tmp_path, "operator-0", proxies["operator"])
     server_container = container_of(k8s_cluster, namespace, f"{release}-syncplane-server")
     server_kubeconfig = token_kubeconfig(k8s_cluster, namespace, f"{release}-syncplane-server",
-                                         tmp_path / "server.kubeconfig")
+                                         tmp_path / "server.kubeconfig", proxies["server"])
     # Loopback: no TLS or token needed; everything else as in the chart's Deployment.
     server_args = [a for a in server_container["args"] if not a.startswith(("--listen", "--tls-", "--token-file"))]
     port_file = tmp_path / "port"
@@ -225,7 +319,7 @@ def test_lifecycle_under_the_charts_rbac(k8s_cluster, workflow_crd, namespace, c
                      local_env(server_kubeconfig, pod_env(server_container, "server-0", namespace)),
                      tmp_path / "server.log")
     worker_kubeconfig = token_kubeconfig(k8s_cluster, namespace, f"{release}-syncplane-worker",
-                                         tmp_path / "worker.kubeconfig")
+                                         tmp_path / "worker.kubeconfig", proxies["worker"])
     as_worker = SimpleNamespace(kubectl=k8s_cluster.kubectl, kubeconfig=worker_kubeconfig)
     workers: list[LocalWorker] = []
     channel = None
@@ -237,14 +331,16 @@ def test_lifecycle_under_the_charts_rbac(k8s_cluster, workflow_crd, namespace, c
         workflow_id, wf = from_resource(yaml.safe_load((DEFAULTS / "10-contacts-ingress.yaml").read_text()))
         stub.CreateWorkflow(svc.CreateWorkflowRequest(workflow_id=workflow_id, workflow=wf))
         k8s_cluster.wait_until("STOPPED", lambda: phase(stub, workflow_id) == "PHASE_STOPPED")
-        watch = stub.WatchWorkflows(svc.WatchWorkflowsRequest(start_revision=0), timeout=30)
-        assert next(iter(watch)).workflow.name == f"workflows/{workflow_id}"
-        watch.cancel()
         listed = stub.ListWorkflows(svc.ListWorkflowsRequest(page_size=10))
         assert [w.name for w in listed.workflows] == [f"workflows/{workflow_id}"]
+        watch = stub.WatchWorkflows(svc.WatchWorkflowsRequest(start_revision=0), timeout=60)
+        events = iter(watch)
+        assert next(events).workflow.name == f"workflows/{workflow_id}"   # the initial listing
 
         # start: the operator creates the worker Deployment under the worker ServiceAccount
         stub.StartWorkflow(svc.StartWorkflowRequest(name=f"workflows/{workflow_id}"))
+        assert next(events).workflow.spec.desired_state == pb.DESIRED_STATE_RUNNING   # then the live watch
+        watch.cancel()
         wait(k8s_cluster, namespace, f"deployment/{workflow_id}-worker", AVAILABLE)
         pod_spec = get(k8s_cluster, namespace, "deployment", f"{workflow_id}-worker")["spec"]["template"]["spec"]
         assert pod_spec["serviceAccountName"] == f"{release}-syncplane-worker"
@@ -291,12 +387,25 @@ def test_lifecycle_under_the_charts_rbac(k8s_cluster, workflow_crd, namespace, c
             worker.stop()
         server.stop()
         operator.stop()
+        for proxy in proxies.values():
+            proxy.close()
     logs = {"operator": operator.output, "server": server.output,
             **{f"worker {w.pod}": (tmp_path / f"{w.pod}.log").read_text(errors="replace") for w in workers}}
     for who, text in logs.items():
         assert forbidden(text) == [], f"{who} was refused by RBAC:\n{text[-4000:]}"
     assert "holds Lease" in operator.output
     assert SECRET_VALUE not in "".join(logs.values())
+
+    # Minimal: every verb the chart grants was used by the component it is granted to (removing it would
+    # make that call fail), except those check.VERBS marks as granted ahead of the code.
+    rendered = check.render(check.helm_binary(), "-f", str(CHART / "ci" / "namespaced-values.yaml"),
+                            release=release, namespace=namespace)
+    grants = check.granted(rendered, fullname=f"{release}-syncplane")
+    used = {"operator": proxies["operator"].calls, "operator-leader-election": proxies["operator"].calls,
+            "server": proxies["server"].calls, "worker": proxies["worker"].calls}
+    pending = {(v.group, v.resource, v.verb) for verbs in check.VERBS.values() for v in verbs if v.pending}
+    unused = {role: sorted(rules - used[role] - pending) for role, rules in grants.items()}
+    assert unused == {role: [] for role in grants}, f"granted but never used: {unused}"
 
 
 def lease_holder(cluster: Any, namespace: str, lease: str) -> str | None:
