@@ -86,3 +86,16 @@ def test_chart_copy_is_the_generated_crd():
 
     crd = Path(__file__).resolve().parents[2] / "charts" / "syncplane" / "crds" / "workflows.syncplane.io.yaml"
     assert yaml.safe_load(crd.read_text()) == workflow_crd()
+
+
+def test_the_api_server_fills_in_the_defaults(k8s_cluster, workflow_crd, namespace, tmp_path):
+    doc = load("opt-in-out")  # sets neither workers nor batchSize nor desiredState
+    for key in ("workers", "batchSize", "desiredState"):
+        doc["spec"].pop(key, None)
+    path = tmp_path / "wf.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    k8s_cluster.kubectl("apply", "-n", namespace, "-f", str(path))
+    spec = yaml.safe_load(k8s_cluster.kubectl("get", "workflow", doc["metadata"]["name"], "-n", namespace,
+                                              "-o", "yaml").stdout)["spec"]
+    assert (spec["workers"], spec["batchSize"], spec["desiredState"]) == (1, 100, "STOPPED")
+    assert spec["pollInterval"] == "10s"  # given: kept

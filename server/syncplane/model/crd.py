@@ -72,6 +72,12 @@ REQUIRED: dict[str, list[str]] = {
     "OptInOutSpec": ["direction"],
     "OptOutFieldPair": ["campaignField", "crmField"],
 }
+# What apply_defaults() fills in, for Workflows applied with kubectl: the API server defaults them.
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "WorkflowSpec": {"desiredState": "STOPPED", "batchSize": rules.DEFAULT_BATCH_SIZE,
+                     "pollInterval": f"{rules.DEFAULT_POLL_SECONDS}s", "workers": 1},
+}
+
 CEL: dict[str, list[dict[str, str]]] = {
     "WorkflowSpec": [
         {"rule": "self.type != 'INGRESS' || (has(self.ingress) && !has(self.egress) && !has(self.optInOut))",
@@ -139,6 +145,9 @@ def message_schema(desc: Descriptor, with_rules: bool = True) -> dict[str, Any]:
         f.json_name: _field_schema(desc, f) for f in desc.fields}}
     if with_rules and desc.name in REQUIRED:
         schema["required"] = REQUIRED[desc.name]
+    if with_rules:
+        for name, value in DEFAULTS.get(desc.name, {}).items():
+            schema["properties"][name]["default"] = value
     if with_rules and desc.name in CEL:
         schema["x-kubernetes-validations"] = CEL[desc.name]
     return schema
