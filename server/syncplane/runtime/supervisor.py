@@ -202,6 +202,11 @@ class Supervisor:
     def _observe(self, group: WorkerGroup, generation: int, now: float) -> Observed:
         ready = sum(1 for p in group.procs.values() if p.report.get("ready")
                     and p.report.get("generation") == generation and p.stopping_since is None)
+        for p in group.procs.values():
+            fatal = p.report.get("fatal")
+            if group.failure is None and isinstance(fatal, dict) and p.report.get("generation") == generation:
+                # A live worker that hit what retrying cannot fix (credentials, a schema change).
+                group.failure = WorkerFailure(str(fatal.get("reason", "WORKER_FATAL")), str(fatal.get("message")))
         summed = totals(p.report for p in group.procs.values())
         restarting = sorted(i for i, t in group.restart_at.items() if t > now or i not in group.procs)
         degraded = f"worker(s) {restarting} restarting after a crash" if restarting and not group.failure else ""
