@@ -17,6 +17,7 @@ from syncplane.api.v1 import workflow_service_pb2 as svc
 from syncplane.runtime.supervisor import SupervisorConfig
 from syncplane.sandbox import Sandbox, SeedSpec, start_sandbox
 from syncplane.worker.checkpoints import SqliteWorkerState
+from syncplane.worker.credentials import write_local_secret
 from tests.integration.conftest import ControlPlane, _serve, watch_until, worker_processes
 from tests.integration.ingress_env import (
     actual_profiles,
@@ -310,5 +311,22 @@ async def test_a_field_removed_mid_sync_stops_with_schema_changed_and_resumes_af
 
         await converge(consistent, 300, "every contact delivered after the fix")
         assert profile_key_count(sb) == (50_000, 50_000)
+    finally:
+        await sb.stop()
+
+
+async def test_wrong_credentials_give_error_without_leaking_the_secret(plane: ControlPlane) -> None:
+    sb = await sandbox_with(SeedSpec(contacts=10, seed=2))
+    try:
+        wrong = "not-the-secret-4711"
+        for name, url in (("d365-sandbox", sb.d365_token_url), ("acs-sandbox", sb.acs_token_url)):
+            write_local_secret(plane.data_dir / "secrets", name, {"clientId": sb.client_id, "clientSecret": wrong,
+                                                                  "tokenUrl": url})
+        rev = plane.store.revision()
+        await start(plane, "badcreds", ingress_spec(sb))
+        wf, _ = await watch_until(plane.stub, "badcreds", lambda w: w.status.phase == pb.PHASE_ERROR, rev, timeout=60)
+        assert wf.status.last_error.reason == "BAD_CREDENTIALS"
+        assert sb.client_id in wf.status.last_error.message  # says which client, never the secret
+        assert wrong not in str(wf) and wrong not in (plane.data_dir / "run" / "logs" / "badcreds.0.log").read_text()
     finally:
         await sb.stop()
