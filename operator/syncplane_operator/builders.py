@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from syncplane.worker.kube_checkpoints import checkpoint_configmap_name, checkpoint_labels
 from syncplane_operator import labels as L
 
 
@@ -30,6 +31,18 @@ def build_spec_configmap(workflow: str, namespace: str, spec: dict[str, Any], sp
                      "annotations": {L.SPEC_HASH_ANNOTATION: spec_hash, L.GENERATION_ANNOTATION: str(generation)}},
         "immutable": True,
         "data": {L.SPEC_KEY: json.dumps(spec, sort_keys=True)},
+    }
+
+
+def build_checkpoint_configmap(workflow: str, namespace: str) -> dict[str, Any]:
+    """The workers' `<workflow>-checkpoints` ConfigMap, empty (data key = stream, value = cursor).
+    Created once when the workflow first starts, never replaced nor deleted on stop; the caller
+    makes the Workflow its owner so that deleting the Workflow deletes it."""
+    return {
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": checkpoint_configmap_name(workflow), "namespace": namespace,
+                     "labels": checkpoint_labels(workflow)},
+        "data": {},
     }
 
 

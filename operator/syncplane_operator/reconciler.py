@@ -22,7 +22,12 @@ from syncplane.lifecycle.drift import LIFECYCLE_FIELDS
 from syncplane.model.convert import phase_name, spec_from_dict, spec_to_dict
 from syncplane.model.kube import status_patch, workflow_from_body
 from syncplane_operator import labels as L
-from syncplane_operator.builders import WorkerImage, build_spec_configmap, build_worker_deployment
+from syncplane_operator.builders import (
+    WorkerImage,
+    build_checkpoint_configmap,
+    build_spec_configmap,
+    build_worker_deployment,
+)
 from syncplane_operator.observe import observe
 
 
@@ -85,6 +90,7 @@ async def reconcile(body: kopf.Body, patch: kopf.Patch, logger: Any, api: Client
                                   status.applied_generation)
         kopf.adopt(cm, owner=body)
         await _create(api.core.create_namespaced_config_map, namespace, cm)
+        await ensure_checkpoints(api, body)
         applied = outcome.apply
     await converge(api, body, deployment, outcome.target_workers, status, image)
     changes = status_patch(body.get("status") or {}, status)
@@ -106,6 +112,15 @@ def applied_view_resource(spec: pb.WorkflowSpec) -> dict[str, Any]:
     for name in LIFECYCLE_FIELDS:  # the same rule as drift: lifecycle fields are not what workers run
         data.pop(spec.DESCRIPTOR.fields_by_name[name].json_name, None)
     return data
+
+
+async def ensure_checkpoints(api: Clients, owner: kopf.Body) -> None:
+    """On a start, before any worker runs: the workers' checkpoints ConfigMap, owned by the
+    Workflow. Create-if-missing (a 409 keeps what is there: checkpoints outlive stop/start)."""
+    name, namespace = str(owner.metadata.name), str(owner.metadata.namespace)
+    cm = build_checkpoint_configmap(name, namespace)
+    kopf.adopt(cm, owner=owner)
+    await _create(api.core.create_namespaced_config_map, namespace, cm)
 
 
 async def converge(api: Clients, owner: kopf.Body, deployment: Mapping[str, Any] | None, target: int,

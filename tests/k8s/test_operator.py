@@ -191,16 +191,6 @@ def test_crash_looping_pod_drives_error(k8s_cluster, namespace, operator, tmp_pa
 def test_delete_drains_and_leaves_no_orphans(k8s_cluster, namespace, operator, tmp_path):
     name, target = create_workflow(k8s_cluster, namespace, tmp_path)
     start_until_available(k8s_cluster, namespace, name)
-    worker = LocalWorker(k8s_cluster, namespace, name, tmp_path)
-    try:
-        wait(k8s_cluster, namespace, target, "jsonpath={.status.phase}=RUNNING")
-        finalizers = get(k8s_cluster, namespace, "workflow", name)["metadata"]["finalizers"]
-        assert finalizers == ["syncplane.io/finalizer"]
-        k8s_cluster.kubectl("delete", "workflow", name, "-n", namespace, "--wait=false")
-        wait(k8s_cluster, namespace, f"pod/{worker.pod}", "delete")  # drained first
-    finally:
-        worker.stop()
-    wait(k8s_cluster, namespace, target, "delete")
     selector = f"syncplane.io/workflow={name}"
 
     def children() -> list[str]:
@@ -208,6 +198,19 @@ def test_delete_drains_and_leaves_no_orphans(k8s_cluster, namespace, operator, t
                                   selector, "-o", "name").stdout
         return out.split()
 
+    worker = LocalWorker(k8s_cluster, namespace, name, tmp_path)
+    try:
+        wait(k8s_cluster, namespace, target, "jsonpath={.status.phase}=RUNNING")
+        # Every kind of child is there, the checkpoints ConfigMap and the spec snapshot included.
+        assert {f"configmap/{name}-checkpoints", f"configmap/{worker.configmap}",
+                f"deployment.apps/{name}-worker", f"pod/{worker.pod}"} <= set(children())
+        finalizers = get(k8s_cluster, namespace, "workflow", name)["metadata"]["finalizers"]
+        assert finalizers == ["syncplane.io/finalizer"]
+        k8s_cluster.kubectl("delete", "workflow", name, "-n", namespace, "--wait=false")
+        wait(k8s_cluster, namespace, f"pod/{worker.pod}", "delete")  # drained first
+    finally:
+        worker.stop()
+    wait(k8s_cluster, namespace, target, "delete")
     k8s_cluster.wait_until("the garbage collector to remove every child", lambda: children() == [])
 
 

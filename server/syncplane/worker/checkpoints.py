@@ -1,8 +1,8 @@
 """Durable worker state: sync cursors (checkpoints) and dead letters.
 
 Embedded, both live in a SQLite file of the worker's own (WAL, so several
-worker processes can write it); the Kubernetes backend will put checkpoints
-in a cluster object behind the same interface.
+worker processes can write it). On Kubernetes checkpoints live in a ConfigMap
+per workflow (kube_checkpoints.ConfigMapCheckpoints), behind AsyncCheckpointStore.
 """
 
 from __future__ import annotations
@@ -73,6 +73,15 @@ class CheckpointStore(Protocol):
     def commit(self, workflow: str, stream: str, cursor: str) -> None: ...
 
 
+class AsyncCheckpointStore(Protocol):
+    """Checkpoints for an asyncio worker: SqliteWorkerState (embedded) and
+    kube_checkpoints.ConfigMapCheckpoints (Kubernetes) both satisfy it."""
+
+    async def aload(self, workflow: str, stream: str) -> str | None: ...
+
+    async def acommit(self, workflow: str, stream: str, cursor: str) -> None: ...
+
+
 class SqliteWorkerState:
     """Checkpoints and dead letters for the embedded mode."""
 
@@ -109,6 +118,14 @@ class SqliteWorkerState:
         self._db.execute("INSERT INTO checkpoints (workflow, stream, cursor, updated) VALUES (?, ?, ?, ?) "
                          "ON CONFLICT (workflow, stream) DO UPDATE SET cursor = excluded.cursor, "
                          "updated = excluded.updated", (workflow, stream, cursor, time.time()))
+
+    # AsyncCheckpointStore: the same calls, inline as the synchronous ones always ran (the connection
+    # belongs to the thread that opened it, so not in a worker thread).
+    async def aload(self, workflow: str, stream: str) -> str | None:
+        return self.load(workflow, stream)
+
+    async def acommit(self, workflow: str, stream: str, cursor: str) -> None:
+        self.commit(workflow, stream, cursor)
 
     def dead_letter(self, workflow: str, stream: str, key: str, payload: dict[str, Any], status: int,
                     error: str, *, resource: str = "", key_field: str = "", deleted: bool = False) -> None:

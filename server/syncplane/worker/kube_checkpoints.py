@@ -1,0 +1,238 @@
+"""Checkpoints on Kubernetes: one ConfigMap per workflow, one data key per stream.
+
+The ConfigMap is `<workflow>-checkpoints` in the workflow's namespace; its data
+maps a stream to its cursor. The operator creates it (empty, owned by the
+Workflow, so deleting the Workflow deletes it) when it starts the workflow; a
+worker creates it itself (without an owner) only when it is missing. Nobody
+deletes it on stop: checkpoints survive stop/start and the loss of any pod.
+
+A commit is a JSON merge PATCH of its one data key, never a read-modify-write
+of the whole map, so workers committing different streams at once never lose
+each other's cursors. Transient failures (5xx, 429, connection errors,
+timeouts) are retried with capped exponential backoff and jitter; anything
+else (403 Forbidden, a missing namespace, an invalid object) raises
+`CheckpointError` with what to fix.
+
+Async only: `aload` / `acommit` satisfy `checkpoints.AsyncCheckpointStore`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+WORKFLOW_LABEL = "syncplane.io/workflow"
+MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
+COMPONENT_LABEL = "app.kubernetes.io/component"
+CHECKPOINTS_SUFFIX = "-checkpoints"
+MERGE_PATCH = "application/merge-patch+json"
+# A ConfigMap key: [-._a-zA-Z0-9]+, at most 253 characters.
+_KEY_MAX = 253
+_KEEP = re.compile(r"[-_a-zA-Z0-9]")
+_ESCAPE = "."
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be read or committed and retrying will not help (or retries ran out)."""
+
+
+def checkpoint_configmap_name(workflow: str) -> str:
+    return f"{workflow}{CHECKPOINTS_SUFFIX}"
+
+
+def checkpoint_labels(workflow: str) -> dict[str, str]:
+    """The labels of a checkpoints ConfigMap, whoever creates it (operator or worker)."""
+    return {MANAGED_BY_LABEL: "syncplane", COMPONENT_LABEL: "checkpoints", WORKFLOW_LABEL: workflow}
+
+
+def stream_key(stream: str) -> str:
+    """The ConfigMap data key of a stream: the name itself when it only has [-_a-zA-Z0-9]; otherwise
+    every other byte (UTF-8) is written `.xx` (hex), so `optinout:crm` is `optinout.3acrm`.
+    Injective ('.' only ever starts an escape), and never `.` or `..`."""
+    if not stream:
+        raise ValueError("a stream name is required")
+    key = "".join(ch if _KEEP.fullmatch(ch) else "".join(f"{_ESCAPE}{b:02x}" for b in ch.encode())
+                  for ch in stream)
+    if len(key) > _KEY_MAX:
+        raise ValueError(f"stream name {stream!r} is too long for a ConfigMap key ({len(key)} > {_KEY_MAX})")
+    return key
+
+
+def stream_name(key: str) -> str:
+    """The inverse of `stream_key`."""
+    out = bytearray()
+    i = 0
+    while i < len(key):
+        if key[i] == _ESCAPE:
+            out.append(int(key[i + 1:i + 3], 16))
+            i += 3
+        else:
+            out.extend(key[i].encode())
+            i += 1
+    return out.decode()
+
+
+@dataclass(frozen=True)
+class Retry:
+    """Capped exponential backoff with full jitter, for transient API failures."""
+
+    attempts: int = 8
+    base: float = 0.2
+    cap: float = 5.0
+
+    def delay(self, attempt: int) -> float:
+        return random.uniform(0, min(self.cap, self.base * 2 ** attempt))
+
+
+def _transient(exc: BaseException) -> bool:
+    from kubernetes_asyncio.client.exceptions import ApiException
+
+    if isinstance(exc, ApiException):
+        return exc.status is not None and (exc.status >= 500 or exc.status == 429)
+    import aiohttp
+
+    return isinstance(exc, aiohttp.ClientError | TimeoutError | ConnectionError)
+
+
+def _not_found_kind(exc: Any) -> str:
+    """What a 404 says is missing ('configmaps', 'namespaces', …), from the Status body."""
+    import json
+
+    try:
+        return str((json.loads(exc.body or "{}").get("details") or {}).get("kind", ""))
+    except (ValueError, AttributeError):
+        return ""
+
+
+class ConfigMapCheckpoints:
+    """`AsyncCheckpointStore` over `<workflow>-checkpoints` ConfigMaps in one namespace.
+
+    Give it an `ApiClient` (closed by its owner) or let it open one through
+    `syncplane.kubeclient.api_client()` on first use (closed by `close()`).
+    """
+
+    def __init__(self, namespace: str, api_client: Any | None = None, retry: Retry | None = None) -> None:
+        if not namespace:
+            raise ValueError("a namespace is required")
+        self.namespace = namespace
+        self.retry = retry or Retry()
+        self._api_client = api_client
+        self._owns_client = api_client is None
+        self._core: Any = None
+
+    async def _api(self) -> Any:
+        if self._core is None:
+            from kubernetes_asyncio import client
+
+            if self._api_client is None:
+                from syncplane.kubeclient import api_client
+
+                self._api_client = await api_client()
+            self._core = client.CoreV1Api(self._api_client)
+        return self._core
+
+    async def close(self) -> None:
+        if self._owns_client and self._api_client is not None:
+            await self._api_client.close()
+        self._api_client, self._core = None, None
+
+    async def __aenter__(self) -> ConfigMapCheckpoints:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- AsyncCheckpointStore ---------------------------------------------------------------
+    async def aload(self, workflow: str, stream: str) -> str | None:
+        """The stream's committed cursor; None when nothing was committed (or the ConfigMap is missing)."""
+        data = await self.aload_all(workflow)
+        value = data.get(stream)
+        return None if value is None else str(value)
+
+    async def acommit(self, workflow: str, stream: str, cursor: str) -> None:
+        """Set this stream's cursor, and only it: a merge PATCH of one data key; creates the
+        ConfigMap (without an owner) if it is missing."""
+        from kubernetes_asyncio.client.exceptions import ApiException
+
+        name, key = checkpoint_configmap_name(workflow), stream_key(stream)
+        patch = {"data": {key: cursor}}
+
+        async def attempt() -> None:
+            api = await self._api()
+            try:
+                await api.patch_namespaced_config_map(name, self.namespace, patch, _content_type=MERGE_PATCH)
+                return
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
+            body = {"apiVersion": "v1", "kind": "ConfigMap",
+                    "metadata": {"name": name, "namespace": self.namespace, "labels": checkpoint_labels(workflow)},
+                    "data": {key: cursor}}
+            try:
+                await api.create_namespaced_config_map(self.namespace, body)
+                log.info("created checkpoints ConfigMap %s/%s (the operator had not)", self.namespace, name)
+            except ApiException as exc:
+                if exc.status != 409:
+                    raise
+                # Someone else created it in between: set our key on theirs.
+                await api.patch_namespaced_config_map(name, self.namespace, patch, _content_type=MERGE_PATCH)
+
+        await self._call(f"commit the checkpoint of {workflow}/{stream}", name, attempt)
+
+    # -- extras -----------------------------------------------------------------------------
+    async def aload_all(self, workflow: str) -> dict[str, str]:
+        """Every stream's cursor of a workflow (stream name -> cursor)."""
+        from kubernetes_asyncio.client.exceptions import ApiException
+
+        name = checkpoint_configmap_name(workflow)
+
+        async def attempt() -> dict[str, str]:
+            api = await self._api()
+            try:
+                cm = await api.read_namespaced_config_map(name, self.namespace)
+            except ApiException as exc:
+                if exc.status == 404:
+                    return {}
+                raise
+            return {stream_name(k): str(v) for k, v in (cm.data or {}).items()}
+
+        return await self._call(f"load the checkpoints of {workflow}", name, attempt)
+
+    async def _call(self, what: str, name: str, attempt: Callable[[], Awaitable[T]]) -> T:
+        from kubernetes_asyncio.client.exceptions import ApiException
+
+        for n in range(self.retry.attempts):
+            try:
+                result: T = await attempt()
+                return result
+            except ApiException as exc:
+                if exc.status == 403:
+                    raise CheckpointError(
+                        f"cannot {what}: forbidden to use ConfigMap {self.namespace}/{name} (the worker's "
+                        f"ServiceAccount needs get, create and patch on configmaps in {self.namespace!r}): "
+                        f"{exc.reason}") from exc
+                if exc.status == 404 and _not_found_kind(exc) == "namespaces":
+                    raise CheckpointError(f"cannot {what}: namespace {self.namespace!r} does not exist") from exc
+                if not _transient(exc) or n == self.retry.attempts - 1:
+                    raise CheckpointError(f"cannot {what} in ConfigMap {self.namespace}/{name}: "
+                                          f"HTTP {exc.status} {exc.reason}") from exc
+                failure = f"HTTP {exc.status}"
+            except Exception as exc:
+                if not _transient(exc):
+                    raise
+                if n == self.retry.attempts - 1:
+                    raise CheckpointError(f"cannot {what} in ConfigMap {self.namespace}/{name}: "
+                                          f"{type(exc).__name__}: {exc}") from exc
+                failure = type(exc).__name__
+            delay = self.retry.delay(n)
+            log.warning("could not %s (%s); retrying in %.2fs", what, failure, delay)
+            await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
