@@ -27,6 +27,7 @@ from syncplane.model.convert import spec_to_dict
 from syncplane.runtime.supervisor import Supervisor, SupervisorConfig
 from syncplane.service import WorkflowService
 from syncplane.store.sqlite import SqliteStore
+from syncplane.worker.credentials import write_local_secret
 from syncplane.worker.main import state_file
 from tests.factories import spec
 
@@ -64,6 +65,11 @@ async def bare_spawn(tmp: Path) -> float:
 async def run() -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
+        # Secrets the workers can load (nothing listens at the token URL: the engine retries,
+        # the worker is ready): Start → RUNNING measures the control plane, not a vendor.
+        for name in ("d365-sandbox", "acs-sandbox"):
+            write_local_secret(tmp / "secrets", name, {"clientId": "bench", "clientSecret": "bench",
+                                                       "tokenUrl": "http://127.0.0.1:9/token"})
         store = SqliteStore(tmp / "bench.db")
         supervisor = Supervisor(store, tmp / "run", SupervisorConfig(tick=0.5))
         service = WorkflowService(store, on_change=supervisor.wake)
