@@ -1,3 +1,3 @@
 """Shared pytest plugins (fixtures that several tiers' modules use)."""
 
-pytest_plugins = ["tests.k8s.syncplane_fixtures"]
+pytest_plugins = ["tests.k8s.syncplane_fixtures", "tests.backends"]

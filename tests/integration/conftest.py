@@ -1,5 +1,8 @@
 """The integration tier: the gRPC server in-process on a loopback port, SQLite
-on disk, workers as real OS processes."""
+on disk, workers as real OS processes.
+
+The `cp` / `authed_cp` fixtures are in tests/backends.py (parametrized over the
+backends; here they are the embedded one, built by `_serve`)."""
 
 from __future__ import annotations
 
@@ -11,16 +14,18 @@ import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
+import httpx
 import psutil
-import pytest
 
 from syncplane.api.server import ServerSecurity, create_server
 from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.api.v1 import workflow_service_pb2 as svc
 from syncplane.api.v1 import workflow_service_pb2_grpc as svc_grpc
 from syncplane.runtime.embedded import embedded_dead_letters
+from syncplane.runtime.processes import read_port
 from syncplane.runtime.supervisor import Supervisor, SupervisorConfig
 from syncplane.service import WorkflowService
 from syncplane.store.sqlite import SqliteStore
@@ -101,6 +106,25 @@ class ControlPlane:
             setattr(wf.spec, key, value)
         return await self.stub.CreateWorkflow(svc.CreateWorkflowRequest(workflow_id=name, workflow=wf))
 
+    async def worker_count(self, workflow_id: str) -> int:
+        """Live worker processes of a workflow (the process table)."""
+        return sum(1 for p in worker_processes(self.data_dir) if _workflow_of(p) == workflow_id)
+
+    async def worker_reports(self, workflow_id: str) -> list[dict[str, Any]]:
+        """Each worker's own report: GET /status on its loopback port."""
+        reports = []
+        async with httpx.AsyncClient() as http:
+            for proc in self.supervisor.groups[workflow_id].procs.values():
+                port = read_port(proc, self.supervisor.state_dir)
+                assert port is not None, f"worker {proc.pid} has no port"
+                reports.append((await http.get(f"http://127.0.0.1:{port}/status")).json())
+        return reports
+
+
+def _workflow_of(proc: psutil.Process) -> str:
+    cmd = proc.info["cmdline"] or []
+    return str(cmd[cmd.index("--workflow") + 1]) if "--workflow" in cmd[:-1] else ""
+
 
 async def _serve(tmp_path: Path, security: ServerSecurity | None = None,
                  config: SupervisorConfig = FAST) -> AsyncIterator[ControlPlane]:
@@ -123,18 +147,6 @@ async def _serve(tmp_path: Path, security: ServerSecurity | None = None,
         for proc in leftovers:
             os.kill(proc.pid, signal.SIGKILL)
         assert not leftovers, f"worker processes left behind: {[p.pid for p in leftovers]}"
-
-
-@pytest.fixture
-async def cp(tmp_path: Path) -> AsyncIterator[ControlPlane]:
-    async for plane in _serve(tmp_path):
-        yield plane
-
-
-@pytest.fixture
-async def authed_cp(tmp_path: Path) -> AsyncIterator[ControlPlane]:
-    async for plane in _serve(tmp_path, ServerSecurity(token="s3cret-token")):
-        yield plane
 
 
 class ServerProcess:

@@ -1,4 +1,7 @@
-"""Every RPC's error codes, with rich details; idempotent create; reflection."""
+"""Every RPC's error codes, with rich details; idempotent create; reflection.
+
+Shared by both backends (tests/backends.py): collected here with the embedded
+control plane, and by tests/k8s/test_grpc_kubernetes.py with the Kubernetes one."""
 
 from __future__ import annotations
 
@@ -13,8 +16,10 @@ from grpc_status import rpc_status
 
 from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.api.v1 import workflow_service_pb2 as svc
+from tests.backends import ApiPlane as ControlPlane
+from tests.backends import eventually
 from tests.factories import spec
-from tests.integration.conftest import ControlPlane, watch_until
+from tests.integration.conftest import watch_until
 
 NAME = "workflows/errs"
 
@@ -166,14 +171,24 @@ async def test_lifecycle_errors(cp: ControlPlane):
     assert error_info(err).reason == "TRANSITION_NOT_ALLOWED"
 
     # Delete is refused while workers run, unless forced.
-    await watch_until(cp.stub, NAME, lambda w: w.status.phase == pb.PHASE_RUNNING, int(started.etag))
+    assert started.spec.desired_state == pb.DESIRED_STATE_RUNNING
+    await watch_until(cp.stub, NAME, lambda w: w.status.phase == pb.PHASE_RUNNING, 0, timeout=90)
     await expect(cp.stub.DeleteWorkflow(svc.DeleteWorkflowRequest(name="workflows/missing")), NF)
     await expect(cp.stub.DeleteWorkflow(svc.DeleteWorkflowRequest(name="x_y")), IA)
     await expect(cp.stub.DeleteWorkflow(svc.DeleteWorkflowRequest(name=NAME, etag="1")), AB)
     err = await expect(cp.stub.DeleteWorkflow(svc.DeleteWorkflowRequest(name=NAME)), FP)
     assert error_info(err).reason == "WORKERS_RUNNING"
     await cp.stub.DeleteWorkflow(svc.DeleteWorkflowRequest(name=NAME, force=True))
-    await expect(cp.stub.GetWorkflow(svc.GetWorkflowRequest(name=NAME)), NF)
+    # Gone once its workers drained (at once embedded; on Kubernetes the finalizer waits for the pods).
+    async def gone() -> bool:
+        try:
+            await cp.stub.GetWorkflow(svc.GetWorkflowRequest(name=NAME))
+        except grpc.aio.AioRpcError as exc:
+            assert exc.code() == NF, exc.details()
+            return True
+        return False
+
+    await eventually(gone, "the deleted workflow to be gone", timeout=90)
 
 
 async def test_watch_errors_and_resume(cp: ControlPlane):

@@ -1,13 +1,21 @@
-"""kill -9 on a worker: automatic restart; repeated crashes: ERROR; Stop from ERROR: STOPPED."""
+"""kill -9 on a worker: automatic restart; repeated crashes: ERROR; Stop from ERROR: STOPPED.
+
+Embedded only: kills worker processes found in the process table and reads the local
+supervisor's crash accounting (on Kubernetes, crash loops are the kubelet's restarts,
+covered by tests/k8s/test_operator.py)."""
 
 from __future__ import annotations
 
 import os
 import signal
 
+import pytest
+
 from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.api.v1 import workflow_service_pb2 as svc
 from tests.integration.conftest import ControlPlane, wait_until, watch_until, worker_processes
+
+pytestmark = pytest.mark.backends("embedded")
 
 
 def pids(cp: ControlPlane) -> set[int]:

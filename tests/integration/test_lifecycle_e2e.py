@@ -1,93 +1,112 @@
-"""Create, start, edit while running, stop, start again: through Watch, with real workers."""
+"""Create, start, edit while running, stop, start again: through Watch, with real workers.
+
+Shared by both backends (tests/backends.py): collected here with the embedded
+control plane (worker processes under the supervisor), and by
+tests/k8s/test_grpc_kubernetes.py with the Kubernetes one (the operator, worker
+pods whose containers a fake kubelet runs). Watches resume from `revision()`,
+never from an etag (the etags differ by backend)."""
 
 from __future__ import annotations
 
 import httpx
+import pytest
 from google.protobuf import field_mask_pb2
 
 from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.api.v1 import workflow_service_pb2 as svc
 from syncplane.runtime.processes import read_port
-from tests.integration.conftest import ControlPlane, wait_until, watch_until, worker_processes
+from tests.backends import ApiPlane, eventually, revision
+from tests.integration.conftest import ControlPlane, watch_until
+
+TIMEOUT = 90.0   # a start on Kubernetes: a rollout of fake pods, then the workers' first heartbeats
 
 
-def worker_status(cp: ControlPlane, workflow_id: str) -> dict:
-    proc = cp.supervisor.groups[workflow_id].procs[0]
-    port = read_port(proc, cp.supervisor.state_dir)
-    assert port is not None
-    return httpx.get(f"http://127.0.0.1:{port}/status").json()
+async def generations(cp: ApiPlane, workflow_id: str) -> list[int]:
+    return sorted(int(r["generation"]) for r in await cp.worker_reports(workflow_id))
 
 
-async def test_full_lifecycle(cp: ControlPlane):
+async def test_full_lifecycle(cp: ApiPlane):
     name = "workflows/life"
     created = await cp.create("life")
     assert created.status.phase == pb.PHASE_STOPPED and created.spec.desired_state == pb.DESIRED_STATE_STOPPED
 
     # 1. start: STARTING -> RUNNING
+    rev = await revision(cp.stub, name)
     started = await cp.stub.StartWorkflow(svc.StartWorkflowRequest(name=name))
-    wf, phases = await watch_until(cp.stub, name, lambda w: w.status.phase == pb.PHASE_RUNNING,
-                                   int(created.etag))
+    wf, phases = await watch_until(cp.stub, name, lambda w: w.status.phase == pb.PHASE_RUNNING, rev, TIMEOUT)
     assert phases[-2:] == [pb.PHASE_STARTING, pb.PHASE_RUNNING]
     first_generation = wf.status.applied_generation
     assert first_generation == started.generation
-    assert worker_status(cp, "life")["generation"] == first_generation
+    assert await generations(cp, "life") == [first_generation]
 
     # 2. edit while running: drift with field paths; the worker keeps the old generation
+    rev = await revision(cp.stub, name)
     edit = pb.Workflow(name=name)
     edit.spec.batch_size = 250
     edit.spec.poll_interval.seconds = 30
     updated = await cp.stub.UpdateWorkflow(svc.UpdateWorkflowRequest(
         workflow=edit, update_mask=field_mask_pb2.FieldMask(paths=["spec.batch_size", "spec.poll_interval"])))
     assert updated.generation == wf.generation + 1
-    wf, _ = await watch_until(cp.stub, name, lambda w: w.status.drift.detected, int(wf.etag))
+    wf, _ = await watch_until(cp.stub, name, lambda w: w.status.drift.detected, rev, TIMEOUT)
     assert list(wf.status.drift.changed_fields) == ["spec.batch_size", "spec.poll_interval"]
     assert wf.status.phase == pb.PHASE_RUNNING
     assert wf.status.applied_generation == first_generation
-    assert worker_status(cp, "life")["generation"] == first_generation
+    assert await generations(cp, "life") == [first_generation]
     conditions = {c.type: c.status for c in wf.status.conditions}
     assert conditions["SpecDrift"] == "True"
 
     # 3. stop: STOPPING -> STOPPED, no worker left
+    rev = await revision(cp.stub, name)
     await cp.stub.StopWorkflow(svc.StopWorkflowRequest(name=name))
-    wf, phases = await watch_until(cp.stub, name, lambda w: w.status.phase == pb.PHASE_STOPPED, int(wf.etag))
+    wf, phases = await watch_until(cp.stub, name, lambda w: w.status.phase == pb.PHASE_STOPPED, rev, TIMEOUT)
     assert phases[-2:] == [pb.PHASE_STOPPING, pb.PHASE_STOPPED]
-    assert worker_processes(cp.data_dir) == []
+    assert await cp.worker_count("life") == 0
 
     # 4. start again: drift clears, the worker runs the new generation
+    rev = await revision(cp.stub, name)
     await cp.stub.StartWorkflow(svc.StartWorkflowRequest(name=name, expected_phase=pb.PHASE_STOPPED))
-    wf, _ = await watch_until(cp.stub, name, lambda w: w.status.phase == pb.PHASE_RUNNING, int(wf.etag))
+    wf, _ = await watch_until(cp.stub, name, lambda w: w.status.phase == pb.PHASE_RUNNING, rev, TIMEOUT)
     assert not wf.status.drift.detected
     assert wf.status.applied_generation > first_generation
-    status = worker_status(cp, "life")
-    assert status["generation"] == wf.status.applied_generation
+    assert await generations(cp, "life") == [wf.status.applied_generation]
 
+    rev = await revision(cp.stub, name)
     await cp.stub.StopWorkflow(svc.StopWorkflowRequest(name=name))
-    await watch_until(cp.stub, name, lambda w: w.status.phase == pb.PHASE_STOPPED, int(wf.etag))
+    await watch_until(cp.stub, name, lambda w: w.status.phase == pb.PHASE_STOPPED, rev, TIMEOUT)
 
 
-async def test_restart_applies_latest_spec(cp: ControlPlane):
+async def test_restart_applies_latest_spec(cp: ApiPlane):
     name = "workflows/re"
-    created = await cp.create("re", workers=2)
+    await cp.create("re", workers=2)
+    rev = await revision(cp.stub, name)
     await cp.stub.StartWorkflow(svc.StartWorkflowRequest(name=name))
-    wf, _ = await watch_until(cp.stub, name, lambda w: w.status.phase == pb.PHASE_RUNNING, int(created.etag))
+    wf, _ = await watch_until(cp.stub, name, lambda w: w.status.phase == pb.PHASE_RUNNING, rev, TIMEOUT)
     assert wf.status.ready_workers == 2
-    assert len(worker_processes(cp.data_dir)) == 2
+    assert await cp.worker_count("re") == 2
     edit = pb.Workflow(name=name)
     edit.spec.workers = 1
     await cp.stub.UpdateWorkflow(svc.UpdateWorkflowRequest(
         workflow=edit, update_mask=field_mask_pb2.FieldMask(paths=["spec.workers"])))
+    rev = await revision(cp.stub, name)
     await cp.stub.RestartWorkflow(svc.RestartWorkflowRequest(name=name, expected_phase=pb.PHASE_RUNNING))
     wf, phases = await watch_until(
-        cp.stub, name, lambda w: w.status.phase == pb.PHASE_RUNNING and w.status.desired_workers == 1,
-        int(wf.etag))
+        cp.stub, name, lambda w: w.status.phase == pb.PHASE_RUNNING and w.status.desired_workers == 1, rev, TIMEOUT)
     assert pb.PHASE_STOPPING in phases and pb.PHASE_STARTING in phases
     assert not wf.status.drift.detected
-    await wait_until(lambda: len(worker_processes(cp.data_dir)) == 1, what="one worker after restart")
+
+    async def one_worker() -> bool:
+        return await cp.worker_count("re") == 1
+
+    await eventually(one_worker, "one worker after restart")
+    rev = await revision(cp.stub, name)
     await cp.stub.StopWorkflow(svc.StopWorkflowRequest(name=name))
-    await watch_until(cp.stub, name, lambda w: w.status.phase == pb.PHASE_STOPPED, int(wf.etag))
+    await watch_until(cp.stub, name, lambda w: w.status.phase == pb.PHASE_STOPPED, rev, TIMEOUT)
 
 
+@pytest.mark.backends("embedded")
 async def test_worker_endpoints(cp: ControlPlane):
+    """Embedded only: dials each worker's HTTP port, found through the supervisor's state files
+    (on Kubernetes nothing dials a pod; the same report travels in the heartbeat Lease)."""
     name = "workflows/probe"
     created = await cp.create("probe", kind="egress")
     await cp.stub.StartWorkflow(svc.StartWorkflowRequest(name=name))

@@ -36,6 +36,10 @@ def workflow_from_body(body: Mapping[str, Any]) -> pb.Workflow:
     status = dict(body.get("status") or {})
     known = {f.json_name for f in pb.WorkflowStatus.DESCRIPTOR.fields}
     message_from_dict({k: v for k, v in status.items() if k in known}, wf.status, "status")
+    if not wf.status.phase:
+        # Not reconciled yet (no status written): STOPPED, as lifecycle.current_phase() and the
+        # embedded store say, so a just-created Workflow reads the same on both backends.
+        wf.status.phase = pb.PHASE_STOPPED
     return wf
 
 
