@@ -341,6 +341,9 @@ def test_lifecycle_under_the_charts_rbac(k8s_cluster, workflow_crd, namespace, c
         stub.StartWorkflow(svc.StartWorkflowRequest(name=f"workflows/{workflow_id}"))
         assert next(events).workflow.spec.desired_state == pb.DESIRED_STATE_RUNNING   # then the live watch
         watch.cancel()
+        # `kubectl wait` fails at once on an object that does not exist yet: first, that the operator created it.
+        k8s_cluster.wait_until("the operator to create the worker Deployment", lambda: k8s_cluster.kubectl(
+            "get", "deployment", f"{workflow_id}-worker", "-n", namespace, check=False).returncode == 0)
         wait(k8s_cluster, namespace, f"deployment/{workflow_id}-worker", AVAILABLE)
         pod_spec = get(k8s_cluster, namespace, "deployment", f"{workflow_id}-worker")["spec"]["template"]["spec"]
         assert pod_spec["serviceAccountName"] == f"{release}-syncplane-worker"
