@@ -118,7 +118,9 @@ VERBS: dict[str, list[Verb]] = {
         *_verbs("", "secrets", "get", CREDENTIALS, r"read_namespaced_secret", "the referenced credentials"),
         *_verbs("", "configmaps", "get create patch", "server/syncplane/worker",
                 r"(read|create|patch)_namespaced_config_map",
-                "the `<workflow>-checkpoints` ConfigMap (checkpoints on Kubernetes, in progress)", pending=True),
+                "the `<workflow>-checkpoints` ConfigMap: cursors committed after each written page. Used only "
+                "when data flows, which the chart's RBAC test cannot make happen (no vendor API in the test "
+                "cluster); tests/k8s/test_checkpoints.py exercises the calls", pending=True),
     ],
 }
 

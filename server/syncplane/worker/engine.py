@@ -36,7 +36,7 @@ from syncplane.connectors.http import OAuth2ClientCredentials, RetryableError
 from syncplane.connectors.schema import Schema, SchemaChanged, check
 from syncplane.egress import transform as egress
 from syncplane.ingress.transform import EntityTransform
-from syncplane.worker.checkpoints import SqliteWorkerState
+from syncplane.worker.checkpoints import AsyncCheckpointStore, SqliteWorkerState
 from syncplane.worker.credentials import ConnectionSecret
 from syncplane.worker.held import HeldRecords, HoldPolicy
 from syncplane.worker.pipeline import Pipeline, Stream
@@ -148,6 +148,7 @@ class _PipelineRunner:
     def __init__(self, workflow: str, state: SqliteWorkerState, report: WorkerReport, batch_size: int) -> None:
         self.workflow, self.state, self.report, self.batch_size = workflow, state, report, batch_size
         self.pipelines: list[Pipeline] = []
+        self.checkpoints: AsyncCheckpointStore = state  # the Engine sets a cluster store on Kubernetes
 
     @property
     def writing(self) -> bool:
@@ -201,7 +202,7 @@ class IngressRunner(_PipelineRunner):
             pipelines.append(Pipeline(self.workflow, s, _KeyedSource(self.source, entity.source_key, entity_set,
                                                                      lookups),
                                       self.sink, self.state, self.report, self.batch_size, guard=guard,
-                                      held=self.held, hold=HoldPolicy()))
+                                      held=self.held, hold=HoldPolicy(), checkpoints=self.checkpoints))
         return pipelines
 
     async def run_once(self, stop: asyncio.Event) -> None:
@@ -238,7 +239,7 @@ class EgressRunner(_PipelineRunner):
 
     async def build(self) -> list[Pipeline]:
         return [Pipeline(self.workflow, self.stream, self.source, self.sink, self.state, self.report,
-                         self.batch_size, held=self.held, hold=HoldPolicy())]
+                         self.batch_size, held=self.held, hold=HoldPolicy(), checkpoints=self.checkpoints)]
 
     async def aclose(self) -> None:
         self.held.close()
@@ -251,8 +252,9 @@ class EgressRunner(_PipelineRunner):
 class Engine:
     def __init__(self, workflow: str, spec: pb.WorkflowSpec, secrets: dict[str, ConnectionSecret],
                  state: SqliteWorkerState, report: WorkerReport, index: int = 0,
-                 state_db: Path | None = None) -> None:
+                 state_db: Path | None = None, checkpoints: AsyncCheckpointStore | None = None) -> None:
         self.workflow, self.spec, self.secrets = workflow, spec, secrets
+        self.checkpoints = checkpoints
         self.state, self.report, self.index = state, report, index
         self.batch_size = spec.batch_size or DEFAULT_BATCH_SIZE
         self.interval = poll_interval(spec)
@@ -280,6 +282,8 @@ class Engine:
     async def run(self, stop: asyncio.Event) -> None:
         """Sync until ``stop``; raises :class:`FatalError` when retrying cannot help."""
         runner = self._runner()
+        if isinstance(runner, _PipelineRunner) and self.checkpoints is not None:
+            runner.checkpoints = self.checkpoints
         self.report.ready, self.report.phase = True, "RUNNING"
         if runner is None:
             await stop.wait()  # a spare replica: heartbeats, ready to take over at the next start

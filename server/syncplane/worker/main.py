@@ -16,6 +16,7 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -105,11 +106,18 @@ class Worker:
                  self.opts.index, self.opts.generation, self.opts.host, port, spec.type)
         engine_task: asyncio.Task[None] | None = None
         state: SqliteWorkerState | None = None
+        checkpoints: Any = None
         try:
             secrets = await self._load_secrets(spec)
             state_db = self.opts.state_db or self.opts.state_dir / "worker-state.db"
             state = SqliteWorkerState(state_db)
-            engine = Engine(self.opts.workflow, spec, secrets, state, self.report, self.opts.index, state_db)
+            if self.opts.heartbeat == "kubernetes":
+                # Cursors in <workflow>-checkpoints: they survive the pod (its state dir does not).
+                from syncplane.worker.kube_checkpoints import ConfigMapCheckpoints
+
+                checkpoints = ConfigMapCheckpoints(self.opts.namespace)
+            engine = Engine(self.opts.workflow, spec, secrets, state, self.report, self.opts.index, state_db,
+                            checkpoints)
             engine_task = asyncio.create_task(engine.run(self.stop))
             engine_task.add_done_callback(self._engine_done)
         except CredentialsError as exc:
@@ -125,6 +133,8 @@ class Worker:
                 await self._drain(engine_task)
             if state is not None:
                 state.close()
+            if checkpoints is not None:
+                await checkpoints.close()
             if beats is not None and lease is not None:
                 await beats
                 await lease.close()

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from syncplane.connectors.base import Page, Record, Sink, Source
 from syncplane.ingress.transform import Action, Transformed
-from syncplane.worker.checkpoints import SqliteWorkerState
+from syncplane.worker.checkpoints import AsyncCheckpointStore, SqliteWorkerState
 from syncplane.worker.held import HeldRecords, HoldPolicy
 from syncplane.worker.report import WorkerReport
 
@@ -75,7 +75,7 @@ class Pipeline:
     def __init__(self, workflow: str, stream: Stream, source: Source, sink: Sink, state: SqliteWorkerState,
                  report: WorkerReport, batch_size: int, queue_pages: int = 2,
                  guard: Callable[[], Awaitable[None]] | None = None, held: HeldRecords | None = None,
-                 hold: HoldPolicy | None = None) -> None:
+                 hold: HoldPolicy | None = None, checkpoints: AsyncCheckpointStore | None = None) -> None:
         self.workflow, self.stream = workflow, stream
         self.source, self.sink, self.state, self.report = source, sink, state, report
         self.batch_size = batch_size
@@ -90,6 +90,8 @@ class Pipeline:
         self.guard = guard
         # Records whose target does not exist yet (e.g. an event's contact): held, re-sent each pass.
         self.held, self.hold = held, hold
+        # Where cursors live: the worker's SQLite file embedded, a ConfigMap on Kubernetes.
+        self.checkpoints: AsyncCheckpointStore = checkpoints or state
         self._letters = True  # this stream may have dead letters (settled at the start of each pass)
 
     def _update_backlog(self) -> None:
@@ -100,7 +102,7 @@ class Pipeline:
 
         Returns the records read. On ``stop`` it finishes the batch in flight and returns: the
         last fully written page is committed, the rest is read again at the next start."""
-        self.checkpoint = self._resume_point()
+        self.checkpoint = await self._resume_point()
         await self._retry_dead_letters()
         if self.held is not None:
             await self._retry_held()
@@ -130,23 +132,26 @@ class Pipeline:
                         await self.guard()
                     complete = await self._write_page(page.records, page.full, stop)
                 except BaseException:
+                    self.writing = False
                     self.report.counters.failed += self._in_flight
                     raise
                 if not complete:
+                    self.writing = False
                     break  # stopped mid-page: not committed, rewritten (idempotently) next time
                 if page.full:
                     full_pages = True
                     self.checkpoint.partial += len(page.records)
                 if page.cursor is not None:
                     self.checkpoint.cursor = page.cursor
-                    self._commit()
+                    await self._commit()
+                self.writing = False  # the page is written and committed
                 self._in_flight = 0
                 self._update_backlog()
             read_to_the_end = producer.done() and not producer.cancelled() and producer.exception() is None
             if full_pages and read_to_the_end and not stop.is_set():
                 # A full read just completed: the table's size is known.
                 self.checkpoint.rows, self.checkpoint.partial = self.checkpoint.partial, 0
-                self._commit()
+                await self._commit()
         finally:
             if not producer.done():
                 producer.cancel()
@@ -156,11 +161,11 @@ class Pipeline:
             self._update_backlog()
         return read
 
-    def _resume_point(self) -> Checkpoint:
+    async def _resume_point(self) -> Checkpoint:
         """The committed checkpoint, with its cursor dropped (read everything again) when the
         filter changed since (excluded records must go, admitted ones come) or a new replay
         of this table was asked for."""
-        cp = Checkpoint.loads(self.state.load(self.workflow, self.stream.name))
+        cp = Checkpoint.loads(await self.checkpoints.aload(self.workflow, self.stream.name))
         fingerprint = self.stream.transform.filter_fingerprint()
         if cp.cursor is not None and cp.filter != fingerprint:
             log.info("%s: the filter changed; reading the whole table again", self.stream.name)
@@ -175,8 +180,8 @@ class Pipeline:
             self.report.tables[self.stream.name] = cp.rows
         return cp
 
-    def _commit(self) -> None:
-        self.state.commit(self.workflow, self.stream.name, self.checkpoint.dumps())
+    async def _commit(self) -> None:
+        await self.checkpoints.acommit(self.workflow, self.stream.name, self.checkpoint.dumps())
         if self.checkpoint.rows >= 0:
             self.report.tables[self.stream.name] = self.checkpoint.rows
 
@@ -219,11 +224,8 @@ class Pipeline:
             if i and stop.is_set():
                 return False
             chunk = batch[i:i + self.batch_size]
-            self.writing = True
-            try:
-                result = await self.sink.write(self.stream.resource, self.stream.key_field, chunk, full_load=full)
-            finally:
-                self.writing = False
+            self.writing = True  # until the page is committed (run_once clears it)
+            result = await self.sink.write(self.stream.resource, self.stream.key_field, chunk, full_load=full)
             if result.rejected and self.guard is not None:
                 await self.guard()
             by_key = {r.key: r for r in chunk}
