@@ -143,12 +143,29 @@ class StreamGuard:
 
 
 class _PipelineRunner:
-    """Runs pipelines one after the other; subclasses build them on the first pass."""
+    """Runs pipelines one after the other; subclasses open the source and sink, and build the
+    pipelines on the first pass. Owns the tokens and the held-records store they share."""
 
-    def __init__(self, workflow: str, state: SqliteWorkerState, report: WorkerReport, batch_size: int) -> None:
+    source: Any
+    sink: Any
+
+    def __init__(self, workflow: str, spec: pb.WorkflowSpec, secrets: dict[str, ConnectionSecret],
+                 state: SqliteWorkerState, report: WorkerReport, batch_size: int, state_db: Path) -> None:
         self.workflow, self.state, self.report, self.batch_size = workflow, state, report, batch_size
         self.pipelines: list[Pipeline] = []
         self.checkpoints: AsyncCheckpointStore = state  # the Engine sets a cluster store on Kubernetes
+        self.src_secret = secrets[spec.source.credentials.name]
+        self.dst_secret = secrets[spec.destination.credentials.name]
+        self.tokens = [_tokens(self.src_secret), _tokens(self.dst_secret)]
+        # Records whose parent (a linked profile, an event's contact) is not there yet.
+        self.held = HeldRecords(state_db)
+
+    async def aclose(self) -> None:
+        self.held.close()
+        await self.source.aclose()
+        await self.sink.aclose()
+        for t in self.tokens:
+            await t.aclose()
 
     @property
     def writing(self) -> bool:
@@ -173,18 +190,15 @@ class IngressRunner(_PipelineRunner):
     def __init__(self, workflow: str, spec: pb.WorkflowSpec, secrets: dict[str, ConnectionSecret],
                  state: SqliteWorkerState, report: WorkerReport, batch_size: int, index: int, state_db: Path,
                  concurrency: int = 16) -> None:
-        super().__init__(workflow, state, report, batch_size)
+        super().__init__(workflow, spec, secrets, state, report, batch_size, state_db)
         self.streams = ingress_streams(spec, index, max(1, spec.workers))
-        src, dst = secrets[spec.source.credentials.name], secrets[spec.destination.credentials.name]
-        self.tokens = [_tokens(src), _tokens(dst)]
+        dst = self.dst_secret
         page_size = min(MAX_PAGE_SIZE, max(PAGE_SIZE, batch_size))
         # The key column is per table: _KeyedSource passes it per stream.
         self.source = DynamicsSource(spec.source.endpoint, self.tokens[0], key_column="", page_size=page_size)
         self.sink = CampaignSink(spec.destination.endpoint, self.tokens[1], dst.api_key or dst.client_id,
                                  owner=dst.client_id, concurrency=concurrency)
         self.guards: list[StreamGuard] = []
-        # A child whose parent is not there yet (a link that does not resolve) is held.
-        self.held = HeldRecords(state_db)
 
     async def build(self) -> list[Pipeline]:
         pipelines = []
@@ -216,37 +230,21 @@ class IngressRunner(_PipelineRunner):
             except (ConnectorError, RetryableError, httpx.HTTPError):
                 return  # cannot tell now; the pass is retried and checked again
 
-    async def aclose(self) -> None:
-        self.held.close()
-        await self.source.aclose()
-        await self.sink.aclose()
-        for t in self.tokens:
-            await t.aclose()
-
 
 class EgressRunner(_PipelineRunner):
     def __init__(self, workflow: str, spec: pb.WorkflowSpec, secrets: dict[str, ConnectionSecret],
                  state: SqliteWorkerState, report: WorkerReport, batch_size: int, state_db: Path) -> None:
-        super().__init__(workflow, state, report, batch_size)
-        src, dst = secrets[spec.source.credentials.name], secrets[spec.destination.credentials.name]
-        self.tokens = [_tokens(src), _tokens(dst)]
+        super().__init__(workflow, spec, secrets, state, report, batch_size, state_db)
+        src = self.src_secret
         self.source = CampaignSource(spec.source.endpoint, self.tokens[0], src.api_key or src.client_id,
                                      key_field={egress.EVENTS: egress.EVENT_KEY}, line_count=PAGE_SIZE)
         self.sink = DynamicsSink(spec.destination.endpoint, self.tokens[1])
-        self.held = HeldRecords(state_db)
         self.stream = Stream(name=egress.EVENTS, table=egress.EVENTS, resource=egress.ACTIVITY_SET,
                              key_field=egress.ACTIVITY_KEY, transform=egress.EventTransform(spec.egress))
 
     async def build(self) -> list[Pipeline]:
         return [Pipeline(self.workflow, self.stream, self.source, self.sink, self.state, self.report,
                          self.batch_size, held=self.held, hold=HoldPolicy(), checkpoints=self.checkpoints)]
-
-    async def aclose(self) -> None:
-        self.held.close()
-        await self.source.aclose()
-        await self.sink.aclose()
-        for t in self.tokens:
-            await t.aclose()
 
 
 class Engine:
