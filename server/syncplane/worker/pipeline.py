@@ -131,6 +131,9 @@ class Pipeline:
                     if self.guard is not None and page.records:
                         await self.guard()
                     complete = await self._write_page(page.records, page.full, stop)
+                except asyncio.CancelledError:
+                    self.writing = False  # stopped outside a write: nothing failed
+                    raise
                 except BaseException:
                     self.writing = False
                     self.report.counters.failed += self._in_flight
