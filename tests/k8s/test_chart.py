@@ -339,7 +339,8 @@ def test_lifecycle_under_the_charts_rbac(k8s_cluster, workflow_crd, namespace, c
 
         # start: the operator creates the worker Deployment under the worker ServiceAccount
         stub.StartWorkflow(svc.StartWorkflowRequest(name=f"workflows/{workflow_id}"))
-        assert next(events).workflow.spec.desired_state == pb.DESIRED_STATE_RUNNING   # then the live watch
+        # then the live watch (status updates by the operator may come first)
+        assert any(e.workflow.spec.desired_state == pb.DESIRED_STATE_RUNNING for e in events)
         watch.cancel()
         # `kubectl wait` fails at once on an object that does not exist yet: first, that the operator created it.
         k8s_cluster.wait_until("the operator to create the worker Deployment", lambda: k8s_cluster.kubectl(
