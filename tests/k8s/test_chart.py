@@ -266,8 +266,15 @@ class Process:
         return self.log_path.read_text(errors="replace")
 
 
+# What an RBAC refusal looks like in a client's log: the API server's Status says "... is forbidden: User ..."
+# with reason Forbidden, and client libraries print the HTTP status as "(403)", "403 Forbidden" or "code": 403.
+# A bare 403 is not enough: it also turns up inside resource versions, uids and timestamps of logged objects.
+REFUSED = re.compile(r'forbidden|\(403\)|\b403 forbidden|"code":\s*403\b|status[ =:]+403\b', re.IGNORECASE)
+
+
 def forbidden(text: str) -> list[str]:
-    return [line for line in text.splitlines() if re.search(r"forbidden|\b403\b", line, re.IGNORECASE)]
+    """Each RBAC refusal in a log, as the 300 characters around it (log lines can hold whole objects)."""
+    return [text[max(0, m.start() - 150):m.end() + 150] for m in REFUSED.finditer(text)]
 
 
 def local_env(kubeconfig: Path, extra: dict[str, str]) -> dict[str, str]:
@@ -396,7 +403,7 @@ def test_lifecycle_under_the_charts_rbac(k8s_cluster, workflow_crd, namespace, c
     logs = {"operator": operator.output, "server": server.output,
             **{f"worker {w.pod}": (tmp_path / f"{w.pod}.log").read_text(errors="replace") for w in workers}}
     for who, text in logs.items():
-        assert forbidden(text) == [], f"{who} was refused by RBAC:\n{text[-4000:]}"
+        assert forbidden(text) == [], f"{who} was refused by RBAC: {forbidden(text)}"
     assert "holds Lease" in operator.output
     assert SECRET_VALUE not in "".join(logs.values())
 
@@ -455,5 +462,5 @@ def test_two_operators_one_acts_and_the_other_takes_over(k8s_cluster, workflow_c
         if second is not None:
             second.stop()
     for proc in (first, second):
-        assert proc is not None and forbidden(proc.output) == [], proc.output[-4000:]
+        assert proc is not None and forbidden(proc.output) == [], forbidden(proc.output)
 

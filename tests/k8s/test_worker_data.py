@@ -1,0 +1,198 @@
+"""Workers on Kubernetes with data: "Checkpoints live in a cluster object, so they survive pod deletion".
+
+The operator (KopfRunner) reconciles an ingress Workflow whose endpoints are the in-process
+sandbox; the fake kubelet runs the worker pod's container as a local process that syncs real
+records (credentials from Secrets, cursors in `<workflow>-checkpoints`). Deleting the pod mid-load
+makes the ReplicaSet create another one, whose worker must resume from the ConfigMap's cursor.
+
+The sandbox shares this event loop, so every kubectl call runs in a thread. Checks are on the
+sandbox's request log and destination rows (counted by key), and on the Workflow's status."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.parse
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from syncplane.sandbox import Sandbox, SeedSpec, start_sandbox
+from syncplane.worker.kube_checkpoints import checkpoint_configmap_name, stream_key
+from tests.integration.ingress_env import (
+    actual_profiles,
+    diff,
+    expected_profiles,
+    profile_key_count,
+    profiles_match,
+)
+from tests.k8s.kubelet import Container, FakeKubelet
+from tests.k8s.test_operator import DEFAULTS
+
+pytestmark = pytest.mark.k8s
+CONTACTS = 30_000
+WRITTEN_BEFORE_DELETE = 3_000
+STREAM = "contact"
+
+
+async def kubectl(cluster: Any, *args: str, check: bool = True) -> str:
+    res = await asyncio.to_thread(cluster.kubectl, *args, check=check)
+    return str(res.stdout)
+
+
+async def until(what: str | Callable[[], str], check: Callable[[], Awaitable[bool]], timeout: float,
+                interval: float = 0.5) -> None:
+    """Poll `check` until true, failing at the deadline with `what`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not await check():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what() if callable(what) else what}")
+        await asyncio.sleep(interval)  # the sandbox shares this event loop: leave it the time
+
+
+async def workflow(cluster: Any, namespace: str, name: str) -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads(await kubectl(cluster, "get", "workflow", name, "-n", namespace, "-o", "json"))
+    return doc
+
+
+async def checkpoint(cluster: Any, namespace: str, workflow_name: str) -> dict[str, Any] | None:
+    """The committed checkpoint of the contact stream, or None (no ConfigMap or no key yet)."""
+    out = await kubectl(cluster, "get", "configmap", checkpoint_configmap_name(workflow_name), "-n", namespace,
+                        "-o", "json", check=False)
+    if not out:
+        return None
+    value = (json.loads(out).get("data") or {}).get(stream_key(STREAM))
+    if value is None:
+        return None
+    doc: dict[str, Any] = json.loads(value)
+    return doc
+
+
+async def create_secrets(cluster: Any, namespace: str, sb: Sandbox) -> None:
+    """What the chart (the workers' ServiceAccount) and the user (the referenced Secrets) create."""
+    await kubectl(cluster, "create", "serviceaccount", "syncplane-worker", "-n", namespace)
+    common = [f"--from-literal=clientId={sb.client_id}", f"--from-literal=clientSecret={sb.client_secret}"]
+    await kubectl(cluster, "create", "secret", "generic", "d365-sandbox", "-n", namespace, *common,
+                  f"--from-literal=tokenUrl={sb.d365_token_url}", f"--from-literal=scope={sb.d365_scope}")
+    await kubectl(cluster, "create", "secret", "generic", "acs-sandbox", "-n", namespace, *common,
+                  f"--from-literal=tokenUrl={sb.acs_token_url}", "--from-literal=scope=openid,AdobeID,campaign_sdk")
+
+
+async def apply_workflow(cluster: Any, namespace: str, sb: Sandbox, tmp: Path) -> str:
+    """The default ingress workflow, its endpoints on the sandbox; stopped."""
+    doc = yaml.safe_load((DEFAULTS / "10-contacts-ingress.yaml").read_text())
+    doc["spec"]["source"]["endpoint"] = sb.d365_url
+    doc["spec"]["destination"]["endpoint"] = sb.acs_url
+    doc["spec"].update(batchSize=500, pollInterval="1s", workers=1)
+    path = tmp / "wf.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    await kubectl(cluster, "apply", "-n", namespace, "-f", str(path))
+    name: str = doc["metadata"]["name"]
+    await kubectl(cluster, "wait", "--for=jsonpath={.status.phase}=STOPPED", f"workflow/{name}", "-n", namespace,
+                  "--timeout=90s")
+    return name
+
+
+def token(url: str) -> str | None:
+    """The $skiptoken or $deltatoken of a Dataverse URL (or path + query), decoded."""
+    query = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)
+    for key in ("$skiptoken", "$deltatoken"):
+        if key in query:
+            return query[key][0]
+    return None
+
+
+@pytest.mark.timeout(900)
+async def test_checkpoints_survive_pod_deletion(k8s_cluster, namespace, operator, tmp_path):
+    sb = await start_sandbox(seed=SeedSpec(contacts=CONTACTS, seed=13))
+    try:
+        await create_secrets(k8s_cluster, namespace, sb)
+        name = await apply_workflow(k8s_cluster, namespace, sb, tmp_path)
+        selector = f"syncplane.io/workflow={name}"
+        async with FakeKubelet(namespace, Path(k8s_cluster.kubeconfig), tmp_path / "containers") as kubelet:
+            try:
+                await kubectl(k8s_cluster, "patch", "workflow", name, "-n", namespace, "--type", "merge",
+                              "-p", json.dumps({"spec": {"desiredState": "RUNNING"}}))
+
+                # 1. the first pod's worker syncs real records and commits a cursor to the ConfigMap
+                cursor: dict[str, Any] | None = None
+
+                async def loading() -> bool:
+                    nonlocal cursor
+                    if len(sb.acs.profiles.rows) < WRITTEN_BEFORE_DELETE:
+                        return False
+                    cursor = await checkpoint(k8s_cluster, namespace, name)
+                    return bool(cursor and cursor.get("cursor"))
+
+                await until(lambda: f"{WRITTEN_BEFORE_DELETE} profiles and a committed cursor "
+                            f"({len(sb.acs.profiles.rows)} profiles; worker logs in {tmp_path / 'containers'})",
+                            loading, 300)
+                running = kubelet.running()
+                assert len(running) == 1, running
+                old_pod = running[0]
+                old: Container = kubelet.containers[old_pod]
+                assert len(sb.acs.profiles.rows) < CONTACTS, "the load finished before the pod could be deleted"
+
+                # 2. delete the pod: its container drains and exits; the ReplicaSet makes a new pod
+                await kubectl(k8s_cluster, "delete", "pod", old_pod, "-n", namespace, "--wait=false")
+                # The fake kubelet stops a deleted pod's container before it starts any new one, so every
+                # request after this point comes from the new pod's worker.
+                code = await asyncio.to_thread(old.proc.wait, 90)
+                assert code == 0, f"the deleted pod's worker exited with {code}"
+                seq = max((r.seq for r in sb.requests.records()), default=0)
+                written_before = len(sb.acs.profiles.rows)
+                assert written_before < CONTACTS, "the load finished before the deleted pod's worker stopped"
+                committed = await checkpoint(k8s_cluster, namespace, name)
+                assert committed is not None and committed.get("cursor"), committed
+                resume_from = token(str(committed["cursor"]))
+                assert resume_from and "$skiptoken=" in str(committed["cursor"]), \
+                    f"no mid-load cursor was committed: {committed}"
+                assert "drained and stopped" in (tmp_path / "containers" / f"{old_pod}.log").read_text()
+
+                async def replaced() -> bool:
+                    return any(p != old_pod for p in kubelet.running())
+
+                await until("a new worker pod, run by the fake kubelet", replaced, 120, interval=0.2)
+                new_pod = next(p for p in kubelet.running() if p != old_pod)
+                pods = json.loads(await kubectl(k8s_cluster, "get", "pods", "-n", namespace, "-l", selector,
+                                                "-o", "json"))["items"]
+                owners = {p["metadata"]["name"]: p["metadata"]["ownerReferences"][0]["kind"] for p in pods}
+                assert owners.get(new_pod) == "ReplicaSet", owners
+
+                # 3. the new worker resumes from the ConfigMap's cursor, and the destination completes
+                expected = expected_profiles(sb)
+
+                async def complete() -> bool:
+                    return profiles_match(sb)
+
+                await until(lambda: "completion after the pod deletion: " + diff(expected, actual_profiles(sb)),
+                            complete, 420)
+                reads = [r for r in sb.requests.records(since=seq, server="d365") if "/contacts" in r.path]
+                assert reads, "the new worker never read contacts"
+                first = reads[0].path
+                assert "$skiptoken=" in first, f"the new worker read from the start, not from the checkpoint: {first}"
+                assert token(first) == resume_from, (first, committed)
+                keys, distinct = profile_key_count(sb)
+                assert keys == distinct == len(expected) == CONTACTS, (keys, distinct, len(expected))
+                posts = [r for r in sb.requests.records(since=seq, server="acs") if r.method == "POST"]
+                assert len(posts) < CONTACTS - written_before + 2_000, "records before the checkpoint were re-sent"
+
+                # 4. the Workflow's status: RUNNING, with what the workers wrote
+                status: dict[str, Any] = {}
+
+                async def reported() -> bool:
+                    nonlocal status
+                    status = (await workflow(k8s_cluster, namespace, name)).get("status") or {}
+                    return status.get("phase") == "RUNNING" and int(
+                        (status.get("counters") or {}).get("written") or 0) > 0
+
+                await until(lambda: f"phase RUNNING and counters.written > 0; last status: {status}", reported, 90)
+            finally:
+                await kubectl(k8s_cluster, "patch", "workflow", name, "-n", namespace, "--type", "merge",
+                              "-p", json.dumps({"spec": {"desiredState": "STOPPED"}}), check=False)
+    finally:
+        await sb.stop()
