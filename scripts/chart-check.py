@@ -54,12 +54,10 @@ class Verb:
     file: str           # relative to the repository root
     evidence: str       # regex that must match in `file`
     why: str
-    pending: bool = False   # granted ahead of the code that will use it (reported, not a failure)
 
 
-def _verbs(group: str, resource: str, verbs: str, file: str, evidence: str, why: str,
-           pending: bool = False) -> list[Verb]:
-    return [Verb(group, resource, v, file, evidence, why, pending) for v in verbs.split()]
+def _verbs(group: str, resource: str, verbs: str, file: str, evidence: str, why: str) -> list[Verb]:
+    return [Verb(group, resource, v, file, evidence, why) for v in verbs.split()]
 
 
 HANDLERS = "operator/syncplane_operator/handlers.py"
@@ -118,9 +116,8 @@ VERBS: dict[str, list[Verb]] = {
         *_verbs("", "secrets", "get", CREDENTIALS, r"read_namespaced_secret", "the referenced credentials"),
         *_verbs("", "configmaps", "get create patch", "server/syncplane/worker",
                 r"(read|create|patch)_namespaced_config_map",
-                "the `<workflow>-checkpoints` ConfigMap: cursors committed after each written page. Used only "
-                "when data flows, which the chart's RBAC test cannot make happen (no vendor API in the test "
-                "cluster); tests/k8s/test_checkpoints.py exercises the calls", pending=True),
+                "the `<workflow>-checkpoints` ConfigMap: cursors read on start and merge-patched after each "
+                "written page; created again if it was deleted while the worker ran"),
     ],
 }
 
@@ -257,9 +254,9 @@ def rbac_problems(docs: list[dict[str, Any]]) -> list[str]:
     return problems
 
 
-def evidence_problems() -> tuple[list[str], list[str]]:
-    """(problems, notes): every verb must be called by the code it cites; pending ones are noted."""
-    problems, notes = [], []
+def evidence_problems() -> list[str]:
+    """Every verb must be called by the code it cites."""
+    problems = []
     for role, verbs in VERBS.items():
         for v in verbs:
             path = ROOT / v.file
@@ -267,20 +264,16 @@ def evidence_problems() -> tuple[list[str], list[str]]:
             found = any(re.search(v.evidence, f.read_text()) for f in files if f.exists())
             if found:
                 continue
-            what = f"role {role}: {v.verb} on {v.group or 'core'}/{v.resource} ({v.why})"
-            if v.pending:
-                notes.append(f"{what}: granted ahead of the code, /{v.evidence}/ not yet in {v.file}")
-            else:
-                problems.append(f"{what}: /{v.evidence}/ not found in {v.file}")
-    return problems, notes
+            problems.append(f"role {role}: {v.verb} on {v.group or 'core'}/{v.resource} ({v.why}): "
+                            f"/{v.evidence}/ not found in {v.file}")
+    return problems
 
 
 def verb_table() -> str:
     lines = []
     for role, verbs in VERBS.items():
         for v in verbs:
-            mark = " (pending)" if v.pending else ""
-            lines.append(f"  {role:26} {v.verb:7} {v.group or 'core'}/{v.resource:18} {v.why}{mark}")
+            lines.append(f"  {role:26} {v.verb:7} {v.group or 'core'}/{v.resource:18} {v.why}")
     return "\n".join(lines)
 
 
@@ -312,11 +305,8 @@ def main() -> int:
                                      "-f", "-"], input=manifest, capture_output=True, text=True)
             if result.returncode:
                 problems.append(f"{name}: kubectl apply --dry-run=server:\n{result.stderr}")
-    found, notes = evidence_problems()
-    problems += found
+    problems += evidence_problems()
     print("RBAC verbs, each backed by a call in the code:\n" + verb_table())
-    for note in notes:
-        print(f"note: {note}")
     for problem in problems:
         print(f"error: {problem}", file=sys.stderr)
     return 1 if problems else 0
