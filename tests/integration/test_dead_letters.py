@@ -152,6 +152,58 @@ async def test_poison_records_are_dead_lettered_then_retried_into_the_destinatio
         await sb.stop()
 
 
+def state_rows(db: Path, workflow: str) -> dict[str, int]:
+    """The workflow's rows in each table of the workers' state database."""
+    con = sqlite3.connect(db)
+    try:
+        tables = [t for (t,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        return {t: con.execute(f"SELECT COUNT(*) FROM {t} WHERE workflow = ?", (workflow,)).fetchone()[0]
+                for t in tables}
+    finally:
+        con.close()
+
+
+@pytest.mark.timeout(600)
+async def test_a_workflow_created_again_after_a_delete_starts_afresh(plane: ControlPlane) -> None:
+    """Deleting a workflow forgets its workers' state: checkpoints, dead letters, held records.
+    A workflow created again under the same name reads everything again and has no dead letters."""
+    sb = await start_sandbox(seed=SeedSpec(contacts=300, seed=12))
+    db = plane.data_dir / "worker-state.db"
+    try:
+        prepare(sb, plane.data_dir)
+        bad = sorted(sb.d365.table("contacts").rows)[:2]
+        sb.acs.poison_keys("profile", *bad)
+        spec = ingress_spec(sb, batch_size=100)
+        create = svc.CreateWorkflowRequest(workflow_id=NAME, workflow=pb.Workflow(spec=spec))
+        await plane.stub.CreateWorkflow(create)
+        await plane.stub.StartWorkflow(svc.StartWorkflowRequest(name=PARENT))
+        await letters_until(plane, lambda ls: len(ls) == 2, 120, "two dead letters")
+        await status_until(plane.stub, NAME, lambda s: s.backlog == 0 and s.phase == pb.PHASE_RUNNING, 60)
+        rows = state_rows(db, NAME)
+        assert rows["checkpoints"] >= 1 and rows["dead_letters"] == 2, rows
+
+        await plane.stub.StopWorkflow(svc.StopWorkflowRequest(name=PARENT))
+        await status_until(plane.stub, NAME, lambda s: s.phase == pb.PHASE_STOPPED, 60)
+        await plane.stub.DeleteWorkflow(svc.DeleteWorkflowRequest(name=PARENT))
+        await converge(lambda: not any(state_rows(db, NAME).values()), 30,
+                       lambda: f"the deleted workflow's state forgotten: {state_rows(db, NAME)}")
+
+        # The same name again, the destination accepting everything now: a full read writes the two
+        # records the old checkpoint had gone past, and the old dead letters are gone.
+        sb.acs.clear_poison()
+        seq = max((r.seq for r in sb.requests.records()), default=0)
+        await plane.stub.CreateWorkflow(create)
+        await plane.stub.StartWorkflow(svc.StartWorkflowRequest(name=PARENT))
+        everything = expected_profiles(sb)
+        await converge(lambda: actual_profiles(sb) == everything, 120,
+                       lambda: "every record: " + diff(everything, actual_profiles(sb)))
+        first = next(r.path for r in sb.requests.records(since=seq, server="d365") if "/contacts" in r.path)
+        assert "$deltatoken" not in first and "$skiptoken" not in first, first
+        assert await all_letters(plane) == []
+    finally:
+        await sb.stop()
+
+
 async def test_dead_letter_calls_validate_their_input(plane: ControlPlane) -> None:
     await plane.create(NAME)
     err = await expect(plane.stub.ListDeadLetters(svc.ListDeadLettersRequest(parent="workflows/nope")),

@@ -15,6 +15,7 @@ import logging
 import signal
 import time
 from collections import deque
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,6 +28,7 @@ from syncplane.lifecycle.reports import totals
 from syncplane.model.convert import spec_to_dict
 from syncplane.runtime.processes import WorkerProcess, adopt_all, read_port, spawn
 from syncplane.store.base import WorkflowStore
+from syncplane.worker.checkpoints import forget_workflows
 from syncplane.worker.main import EXIT_FATAL
 
 log = logging.getLogger(__name__)
@@ -75,6 +77,7 @@ class Supervisor:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._transitioning = False
+        self._sweep = True  # the workers' state may hold rows of deleted workflows: forget them
         self._http = httpx.AsyncClient(timeout=self.config.poll_timeout,
                                        headers={"X-Syncplane-Supervisor": "embedded"})
 
@@ -142,6 +145,7 @@ class Supervisor:
                 self._converge(wid, group, 0, 0, None, now)
                 if not group.procs:
                     del self.groups[wid]
+                    self._sweep = True
                 continue
             applied = await self.store.get_applied(wf.name)
             outcome = reconcile(wf, applied, self._observe(group, wf.status.applied_generation, now),
@@ -158,6 +162,19 @@ class Supervisor:
                 await self.store.set_status(wf.name, outcome.status, outcome.apply)
             self._converge(wid, group, outcome.target_workers, outcome.status.applied_generation, applied, now)
             self._transitioning |= outcome.status.phase in (pb.PHASE_STARTING, pb.PHASE_STOPPING)
+        if self._sweep:
+            await self._forget_deleted(workflows.keys())
+
+    async def _forget_deleted(self, existing: Collection[str]) -> None:
+        """Delete the worker state (checkpoints, dead letters, held records) of deleted workflows
+        whose workers are gone. Only this loop starts workers, and not during the call, so no
+        worker of a forgotten workflow can be writing; one created again since the listing has
+        no worker yet, so it loses nothing either."""
+        keep = set(existing) | {wid for wid, g in self.groups.items() if g.procs}
+        gone = await asyncio.to_thread(forget_workflows, self.state_db, keep)
+        if gone:
+            log.info("forgot the worker state of deleted workflows: %s", ", ".join(gone))
+        self._sweep = False
 
     async def _poll_reports(self) -> None:
         procs = [p for g in self.groups.values() for p in g.procs.values()]

@@ -12,7 +12,7 @@ import re
 import socket
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -80,6 +80,34 @@ class AsyncCheckpointStore(Protocol):
     async def aload(self, workflow: str, stream: str) -> str | None: ...
 
     async def acommit(self, workflow: str, stream: str, cursor: str) -> None: ...
+
+
+#: Every table of the worker-state database; each row belongs to one workflow (its first column):
+#: checkpoints and dead letters here, held records (held.py), the opt-in/out echo memory (optinout/memory.py).
+STATE_TABLES = ("checkpoints", "dead_letters", "held", "optinout_known")
+
+
+def forget_workflows(path: Path, keep: Collection[str]) -> list[str]:
+    """Delete the state of every workflow not in ``keep`` (deleted ones), so that a workflow
+    created again under the same name starts afresh: a full read, no old dead letters.
+    Returns the workflows forgotten."""
+    if not path.exists():
+        return []
+    db = sqlite3.connect(str(path), isolation_level=None, timeout=30)
+    try:
+        tables = [t for (t,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+                  if t in STATE_TABLES]
+        present = {w for t in tables for (w,) in db.execute(f"SELECT DISTINCT workflow FROM {t}")}
+        gone = sorted(present - set(keep))
+        if gone:
+            marks = ", ".join("?" * len(gone))
+            db.execute("BEGIN IMMEDIATE")
+            for t in tables:
+                db.execute(f"DELETE FROM {t} WHERE workflow IN ({marks})", gone)
+            db.execute("COMMIT")
+        return gone
+    finally:
+        db.close()
 
 
 class SqliteWorkerState:
