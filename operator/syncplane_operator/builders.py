@@ -47,7 +47,7 @@ def build_checkpoint_configmap(workflow: str, namespace: str) -> dict[str, Any]:
 
 
 def build_worker_deployment(workflow: str, namespace: str, spec_hash: str, generation: int, replicas: int,
-                            image: WorkerImage | None = None) -> dict[str, Any]:
+                            image: WorkerImage | None = None, uid: str = "") -> dict[str, Any]:
     image = image or WorkerImage()
     selector = {L.WORKFLOW_LABEL: workflow, **L.COMPONENT_WORKER}
     pod_labels = L.worker_labels(workflow)
@@ -58,7 +58,8 @@ def build_worker_deployment(workflow: str, namespace: str, spec_hash: str, gener
         "imagePullPolicy": image.pull_policy,
         "args": ["worker", "--workflow", workflow, "--generation", str(generation),
                  "--spec-file", f"/etc/syncplane/{L.SPEC_KEY}", "--heartbeat", "kubernetes",
-                 "--namespace", namespace, "--listen", f"0.0.0.0:{L.HEALTH_PORT}"],
+                 "--namespace", namespace, "--listen", f"0.0.0.0:{L.HEALTH_PORT}",
+                 *(["--workflow-uid", uid] if uid else [])],
         "env": [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
         "ports": [{"name": "health", "containerPort": L.HEALTH_PORT}],
         "readinessProbe": probe,

@@ -132,7 +132,7 @@ async def converge(api: Clients, owner: kopf.Body, deployment: Mapping[str, Any]
                                                        {"spec": {"replicas": 0}})
         return
     want = build_worker_deployment(str(name), str(namespace), status.applied_spec_hash, status.applied_generation,
-                                   target, image)
+                                   target, image, uid=str(owner.metadata.uid or ""))
     kopf.adopt(want, owner=owner)
     if deployment is None:
         await _create(api.apps.create_namespaced_deployment, str(namespace), want)

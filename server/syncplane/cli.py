@@ -187,13 +187,14 @@ def operator_(namespaces: tuple[str, ...], standalone: bool, liveness: str) -> N
               help="http: polled on /status by the embedded supervisor; kubernetes: a Lease per pod.")
 @click.option("--namespace", envvar="POD_NAMESPACE", default="")
 @click.option("--pod-name", envvar="POD_NAME", default="")
+@click.option("--workflow-uid", default="", help="Kubernetes: the Workflow's uid, owner of what the worker creates.")
 @click.option("--listen", default="127.0.0.1:0", help="Address of /status, /healthz and /metrics.")
 @click.option("--secrets-dir", type=click.Path(path_type=Path), default=None,
               help="Embedded: a <name>.json file per secret reference.")
 @click.option("--state-db", type=click.Path(path_type=Path), default=None,
               help="SQLite file for checkpoints and dead letters (default: in --state-dir).")
 def worker(workflow: str, index: int, generation: int, spec_file: Path, state_dir: Path | None,
-           orphan_timeout: float, heartbeat: str, namespace: str, pod_name: str, listen: str,
+           orphan_timeout: float, heartbeat: str, namespace: str, pod_name: str, workflow_uid: str, listen: str,
            secrets_dir: Path | None, state_db: Path | None) -> None:
     """Run one worker replica (started by the supervisor or a Deployment)."""
     from syncplane.worker.main import WorkerOptions, run
@@ -201,7 +202,8 @@ def worker(workflow: str, index: int, generation: int, spec_file: Path, state_di
     host, _, port = listen.rpartition(":")
     sys.exit(run(WorkerOptions(workflow=workflow, index=index, generation=generation, spec_file=spec_file,
                                state_dir=state_dir or Path("/tmp"), orphan_timeout=orphan_timeout,
-                               heartbeat=heartbeat, namespace=namespace, pod_name=pod_name, host=host,
+                               heartbeat=heartbeat, namespace=namespace, pod_name=pod_name,
+                               workflow_uid=workflow_uid, host=host,
                                port=int(port), secrets_dir=secrets_dir, state_db=state_db)))
 
 

@@ -412,6 +412,9 @@ def test_lifecycle_under_the_charts_rbac(k8s_cluster, workflow_crd, namespace, c
             firstname="New", lastname="Person", emailaddress1="new.person@example.com"))
         k8s_cluster.wait_until("the new profile", lambda: sandbox.profiles() == CONTACTS + 1, timeout=60)
         k8s_cluster.wait_until("the checkpoints ConfigMap created again by the worker", committed)
+        owners = get(k8s_cluster, namespace, "configmap", checkpoints)["metadata"].get("ownerReferences", [])
+        uid = get(k8s_cluster, namespace, "workflow", workflow_id)["metadata"]["uid"]
+        assert [(o["kind"], o["name"], o["uid"]) for o in owners] == [("Workflow", workflow_id, uid)], owners
 
         # edit while running: drift
         wf = stub.GetWorkflow(svc.GetWorkflowRequest(name=f"workflows/{workflow_id}"))

@@ -59,11 +59,13 @@ class LocalWorker:
         assert live, f"no live pod runs spec {spec_hash}"
         self.pod = live[0]["metadata"]["name"]
         env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig), "POD_UID": live[0]["metadata"]["uid"]}
+        args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+        uid = args[args.index("--workflow-uid") + 1]  # what the operator passes on: the Workflow's uid
         self.log = open(tmp / f"{self.pod}.log", "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "syncplane", "worker", "--workflow", workflow, "--generation", str(self.generation),
              "--spec-file", str(spec_file), "--heartbeat", "kubernetes", "--namespace", namespace,
-             "--pod-name", self.pod], env=env, stdout=self.log, stderr=subprocess.STDOUT)
+             "--pod-name", self.pod, "--workflow-uid", uid], env=env, stdout=self.log, stderr=subprocess.STDOUT)
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -39,6 +39,12 @@ def test_worker_deployment_is_locked_down():
     assert pod["volumes"][0]["configMap"]["name"] == "wf-spec-abcdef0123"
     assert d["spec"]["selector"]["matchLabels"].items() <= d["spec"]["template"]["metadata"]["labels"].items()
     assert not any("secret" in json.dumps(c).lower() for c in [c])
+    assert "--workflow-uid" not in c["args"]   # no uid known: nothing passed
+
+
+def test_worker_deployment_passes_the_workflows_uid_on():
+    (c,) = build_worker_deployment("wf", "ns", "h", 1, 1, uid="1234-abcd")["spec"]["template"]["spec"]["containers"]
+    assert c["args"][c["args"].index("--workflow-uid") + 1] == "1234-abcd"
 
 
 def lease(ready: bool, generation: int, age: float = 1.0, fatal: dict | None = None) -> dict:

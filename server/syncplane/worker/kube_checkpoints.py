@@ -26,6 +26,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from syncplane.model.convert import API_VERSION, KIND
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -51,6 +53,13 @@ def checkpoint_configmap_name(workflow: str) -> str:
 def checkpoint_labels(workflow: str) -> dict[str, str]:
     """The labels of a checkpoints ConfigMap, whoever creates it (operator or worker)."""
     return {MANAGED_BY_LABEL: "syncplane", COMPONENT_LABEL: "checkpoints", WORKFLOW_LABEL: workflow}
+
+
+def checkpoint_owner(workflow: str, uid: str) -> dict[str, Any]:
+    """The ownerReferences metadata making the Workflow own the ConfigMap (none without a uid)."""
+    if not uid:
+        return {}
+    return {"ownerReferences": [{"apiVersion": API_VERSION, "kind": KIND, "name": workflow, "uid": uid}]}
 
 
 def stream_key(stream: str) -> str:
@@ -119,10 +128,12 @@ class ConfigMapCheckpoints:
     `syncplane.kubeclient.api_client()` on first use (closed by `close()`).
     """
 
-    def __init__(self, namespace: str, api_client: Any | None = None, retry: Retry | None = None) -> None:
+    def __init__(self, namespace: str, api_client: Any | None = None, retry: Retry | None = None,
+                 owner_uid: str = "") -> None:
         if not namespace:
             raise ValueError("a namespace is required")
         self.namespace = namespace
+        self.owner_uid = owner_uid  # the Workflow's: a ConfigMap the worker creates goes with it
         self.retry = retry or Retry()
         self._api_client = api_client
         self._owns_client = api_client is None
@@ -159,7 +170,8 @@ class ConfigMapCheckpoints:
 
     async def acommit(self, workflow: str, stream: str, cursor: str) -> None:
         """Set this stream's cursor, and only it: a merge PATCH of one data key; creates the
-        ConfigMap (without an owner) if it is missing."""
+        ConfigMap if it is missing, owned by the Workflow when its uid is known (so it is
+        deleted with it, and a Workflow created again under that name starts afresh)."""
         from kubernetes_asyncio.client.exceptions import ApiException
 
         name, key = checkpoint_configmap_name(workflow), stream_key(stream)
@@ -174,7 +186,8 @@ class ConfigMapCheckpoints:
                 if exc.status != 404:
                     raise
             body = {"apiVersion": "v1", "kind": "ConfigMap",
-                    "metadata": {"name": name, "namespace": self.namespace, "labels": checkpoint_labels(workflow)},
+                    "metadata": {"name": name, "namespace": self.namespace, "labels": checkpoint_labels(workflow),
+                                 **checkpoint_owner(workflow, self.owner_uid)},
                     "data": {key: cursor}}
             try:
                 await api.create_namespaced_config_map(self.namespace, body)

@@ -49,6 +49,7 @@ class WorkerOptions:
     heartbeat: str = "http"          # "http": polled on /status (embedded); "kubernetes": a Lease
     namespace: str = ""
     pod_name: str = ""
+    workflow_uid: str = ""           # kubernetes: owner of the checkpoints ConfigMap if the worker creates it
     secrets_dir: Path | None = None  # embedded: <name>.json per secret reference
     state_db: Path | None = None     # embedded: checkpoints and dead letters
     drain_timeout: float = 20.0      # after SIGTERM, how long the batch in flight may take
@@ -115,7 +116,7 @@ class Worker:
                 # Cursors in <workflow>-checkpoints: they survive the pod (its state dir does not).
                 from syncplane.worker.kube_checkpoints import ConfigMapCheckpoints
 
-                checkpoints = ConfigMapCheckpoints(self.opts.namespace)
+                checkpoints = ConfigMapCheckpoints(self.opts.namespace, owner_uid=self.opts.workflow_uid)
             engine = Engine(self.opts.workflow, spec, secrets, state, self.report, self.opts.index, state_db,
                             checkpoints)
             engine_task = asyncio.create_task(engine.run(self.stop))
