@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import httpx
+import aiohttp
 
 from benchmarks.bench_ingress import run_worker
 from syncplane.connectors.base import Record
@@ -46,22 +46,26 @@ async def _naive(events: int) -> dict[str, Any]:
     sb = await start_sandbox(seed=SeedSpec(contacts=1_000, events=events, seed=9))
     try:
         transform = EventTransform(default_spec("egress").egress)
-        async with httpx.AsyncClient(timeout=30) as client:
+        # The same HTTP client library as the worker's connectors (aiohttp), without their pipeline.
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30), raise_for_status=True) as client:
             form = {"client_id": SANDBOX_CLIENT_ID, "client_secret": SANDBOX_CLIENT_SECRET,
                     "grant_type": "client_credentials"}
-            acs = (await client.post(sb.acs_token_url, data=form)).json()["access_token"]
-            d365 = (await client.post(sb.d365_token_url, data={**form, "scope": sb.d365_scope})).json()["access_token"]
+            async with client.post(sb.acs_token_url, data=form) as r:
+                acs = (await r.json())["access_token"]
+            async with client.post(sb.d365_token_url, data={**form, "scope": sb.d365_scope}) as r:
+                d365 = (await r.json())["access_token"]
             started = time.perf_counter()
-            page = (await client.get(f"{sb.acs_url}events?_lineCount=10000",
-                                     headers={"Authorization": f"Bearer {acs}", "X-Api-Key": SANDBOX_CLIENT_ID})).json()
+            async with client.get(f"{sb.acs_url}events?_lineCount=10000",
+                                  headers={"Authorization": f"Bearer {acs}", "X-Api-Key": SANDBOX_CLIENT_ID}) as r:
+                page = await r.json()
             requests = 1
             for row in page["content"]:
                 out = transform.apply(Record(row["eventId"], row), False)
                 if out.action != Action.UPSERT:
                     continue
-                r = await client.patch(f"{sb.d365_url}new_emailevents(new_eventid='{out.key}')", json=out.values,
-                                       headers={"Authorization": f"Bearer {d365}"})
-                r.raise_for_status()
+                async with client.patch(f"{sb.d365_url}new_emailevents(new_eventid='{out.key}')", json=out.values,
+                                        headers={"Authorization": f"Bearer {d365}"}) as r:
+                    await r.read()
                 requests += 1
             elapsed = time.perf_counter() - started
         n = len(page["content"])

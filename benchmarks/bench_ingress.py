@@ -1,7 +1,7 @@
 """Ingress throughput, sandbox to sandbox, side by side with two baselines run here:
 
 - the worker: a real `syncplane worker` process running the ingress engine;
-- naive: one GET of a page, then one write request per record, in sequence;
+- naive: one GET of a page, then one write request per record, in sequence (aiohttp, as the worker);
 - the raw read ceiling: Dataverse pages fetched and parsed, nothing written.
 
 Reported: records/s, requests per 1,000 records (reads, writes), the worker's peak RSS
@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import httpx
 
 from syncplane.api.v1 import workflow_pb2 as pb
@@ -101,21 +102,25 @@ async def _naive(records: int, latency_ms: float = 0.0) -> dict[str, Any]:
     sb = await start_sandbox(seed=SeedSpec(contacts=records, seed=2))
     sb.faults.set(latency_ms=latency_ms)
     try:
-        async with httpx.AsyncClient(timeout=30) as client:
+        # The same HTTP client library as the worker's connectors (aiohttp), without their pipeline.
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30), raise_for_status=True) as client:
             form = {"client_id": SANDBOX_CLIENT_ID, "client_secret": SANDBOX_CLIENT_SECRET,
                     "grant_type": "client_credentials"}
-            d365 = (await client.post(sb.d365_token_url, data={**form, "scope": sb.d365_scope})).json()["access_token"]
-            acs = (await client.post(sb.acs_token_url, data=form)).json()["access_token"]
+            async with client.post(sb.d365_token_url, data={**form, "scope": sb.d365_scope}) as r:
+                d365 = (await r.json())["access_token"]
+            async with client.post(sb.acs_token_url, data=form) as r:
+                acs = (await r.json())["access_token"]
             started = time.perf_counter()
-            page = (await client.get(f"{sb.d365_url}contacts?$select=contactid,emailaddress1,firstname,lastname",
-                                     headers={"Authorization": f"Bearer {d365}",
-                                              "Prefer": f"odata.maxpagesize={records}"})).json()
+            async with client.get(f"{sb.d365_url}contacts?$select=contactid,emailaddress1,firstname,lastname",
+                                  headers={"Authorization": f"Bearer {d365}",
+                                           "Prefer": f"odata.maxpagesize={records}"}) as r:
+                page = await r.json()
             headers = {"Authorization": f"Bearer {acs}", "X-Api-Key": SANDBOX_CLIENT_ID}
             for row in page["value"]:
                 body = {"externalId": row["contactid"], "email": row["emailaddress1"],
                         "firstName": (row["firstname"] or "")[:30], "lastName": row["lastname"]}
-                r = await client.post(f"{sb.acs_url}profileAndServices/profile", json=body, headers=headers)
-                r.raise_for_status()
+                async with client.post(f"{sb.acs_url}profileAndServices/profile", json=body, headers=headers) as r:
+                    await r.read()
             elapsed = time.perf_counter() - started
         return {"records": records, "records_per_s": round(records / elapsed, 1)}
     finally:

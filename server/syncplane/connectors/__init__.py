@@ -1,1 +1,1 @@
-"""Connectors: Dynamics 365 (Dataverse Web API) and Campaign Standard, over httpx."""
+"""Connectors: Dynamics 365 (Dataverse Web API) and Campaign Standard, over aiohttp."""

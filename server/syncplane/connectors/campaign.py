@@ -11,11 +11,10 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 from urllib.parse import quote, urlencode
 
-import httpx
-
 from syncplane.connectors.base import ConnectorError, Page, Record, Rejected, WriteResult
 from syncplane.connectors.http import (
     DEFAULT_CONCURRENCY,
+    Response,
     RetryPolicy,
     TokenProvider,
     Transport,
@@ -57,7 +56,7 @@ class _Base:
         self._own_transport = transport is None
         self.transport = transport or Transport(concurrency=concurrency, policy=policy, gate=token_provider.gate)
 
-    async def _call(self, method: str, url: str, body: dict[str, Any] | None = None) -> httpx.Response:
+    async def _call(self, method: str, url: str, body: dict[str, Any] | None = None) -> Response:
         headers = {"X-Api-Key": self.api_key, "Accept": "application/json"}
         content = None
         if body is not None:
@@ -239,7 +238,7 @@ class CampaignSink(_Base):
         return Rejected(record.key, 409, "the record kept changing under concurrent writers")
 
     @staticmethod
-    def _rejected(record: Record, response: httpx.Response) -> Rejected:
+    def _rejected(record: Record, response: Response) -> Rejected:
         if response.status_code in (401, 403):
             raise_for_status(response, "Campaign write")
         return Rejected(record.key, response.status_code, error_text(response))

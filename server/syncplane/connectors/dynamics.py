@@ -12,11 +12,10 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
-import httpx
-
 from syncplane.connectors.base import ConnectorError, Page, Record, Rejected, WriteResult
 from syncplane.connectors.http import (
     DEFAULT_CONCURRENCY,
+    Response,
     RetryableError,
     RetryPolicy,
     TokenProvider,
@@ -68,7 +67,7 @@ class DynamicsSource:
     def _prefer(self) -> dict[str, str]:
         return {**_ODATA_HEADERS, "Prefer": f"odata.track-changes, odata.maxpagesize={self.page_size}"}
 
-    async def _get(self, url: str) -> httpx.Response:
+    async def _get(self, url: str) -> Response:
         return await self.transport.request("GET", url, headers=self._prefer(), auth=self.tokens)
 
     def _first_url(self, table: str, columns: Sequence[str], key_column: str) -> str:
@@ -126,7 +125,7 @@ class DynamicsSource:
         while True:
             body = _json_object(response, table)
             next_link = body.get("@odata.nextLink")
-            fetch: asyncio.Task[httpx.Response] | None = None
+            fetch: asyncio.Task[Response] | None = None
             if isinstance(next_link, str):
                 fetch = asyncio.ensure_future(self._get(next_link))
             try:
@@ -177,7 +176,7 @@ def decode_cursor(cursor: str | None) -> tuple[bool, str | None]:
     return False, cursor
 
 
-def _is_expired_delta(response: httpx.Response) -> bool:
+def _is_expired_delta(response: Response) -> bool:
     if response.status_code not in (400, 410):
         return False
     try:
@@ -188,7 +187,7 @@ def _is_expired_delta(response: httpx.Response) -> bool:
         body["error"].get("code") == DELTA_TOKEN_EXPIRED_CODE
 
 
-def _json_object(response: httpx.Response, what: str) -> dict[str, Any]:
+def _json_object(response: Response, what: str) -> dict[str, Any]:
     try:
         body = response.json()
     except ValueError:

@@ -7,6 +7,7 @@ Secrets never reach a log line, an exception message or a ``repr``.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 import time
@@ -14,9 +15,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import httpcore
-import httpx
-from httpcore._utils import is_socket_readable
+import aiohttp
+from yarl import URL
 
 from syncplane.connectors.base import ConnectorError
 
@@ -79,87 +79,25 @@ class RetryGate:
             await asyncio.sleep(delay)
 
 
-_REQUEST_START = (b"GET ", b"POST ", b"PATCH ", b"PUT ", b"DELETE ", b"HEAD ", b"OPTIONS ")
+@dataclass(frozen=True)
+class Response:
+    """An HTTP response, read whole: what the connectors look at."""
+
+    status_code: int
+    headers: Mapping[str, str]  # case-insensitive
+    content: bytes
+
+    def json(self) -> Any:
+        """The body as JSON; ``ValueError`` when it is not."""
+        return json.loads(self.content)
+
+    @property
+    def text(self) -> str:
+        return self.content.decode("utf-8", errors="replace")
 
 
-class _GatedStream(httpcore.AsyncNetworkStream):
-    """A connection that waits for the gate right before a request's first bytes go out.
-
-    Checking the gate before handing a request to the pool is not enough: the pool may
-    yield while acquiring a connection, and meanwhile a Retry-After arrives. Here nothing
-    awaits between the check and the write."""
-
-    def __init__(self, inner: httpcore.AsyncNetworkStream, gate: RetryGate) -> None:
-        self.inner, self.gate = inner, gate
-        # The pool asks every idle connection "is_readable" each time it assigns a request; the
-        # anyio stream answers by building all its typed attributes (about 1 ms per record at
-        # 16 connections). Answer from the socket itself.
-        self._socket = inner.get_extra_info("socket")
-
-    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        return await self.inner.read(max_bytes, timeout)
-
-    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        if buffer.startswith(_REQUEST_START):
-            await self.gate.wait()
-        await self.inner.write(buffer, timeout)
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
-
-    async def start_tls(self, ssl_context: Any, server_hostname: str | None = None,
-                        timeout: float | None = None) -> httpcore.AsyncNetworkStream:
-        return _GatedStream(await self.inner.start_tls(ssl_context, server_hostname, timeout), self.gate)
-
-    def get_extra_info(self, info: str) -> Any:
-        if info == "is_readable" and self._socket is not None:
-            return is_socket_readable(self._socket)
-        if info == "socket":
-            return self._socket
-        return self.inner.get_extra_info(info)
-
-
-class _GatedBackend(httpcore.AsyncNetworkBackend):
-    def __init__(self, inner: httpcore.AsyncNetworkBackend, gate: RetryGate) -> None:
-        self.inner, self.gate = inner, gate
-
-    async def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
-                          socket_options: Any = None) -> httpcore.AsyncNetworkStream:
-        return _GatedStream(await self.inner.connect_tcp(host, port, timeout, local_address, socket_options), self.gate)
-
-    async def connect_unix_socket(self, path: str, timeout: float | None = None,
-                                  socket_options: Any = None) -> httpcore.AsyncNetworkStream:
-        return _GatedStream(await self.inner.connect_unix_socket(path, timeout, socket_options), self.gate)
-
-    async def sleep(self, seconds: float) -> None:
-        await self.inner.sleep(seconds)
-
-
-class _GatedTransport(httpx.AsyncBaseTransport):
-    """Holds the gate as soon as a throttling response's headers are in, before its body is
-    read and its connection goes back to the pool for the next request to reuse."""
-
-    def __init__(self, gate: RetryGate, margin: float, limits: httpx.Limits) -> None:
-        self.gate, self.margin = gate, margin
-        self.inner = httpx.AsyncHTTPTransport(limits=limits)
-        pool = getattr(self.inner, "_pool", None)
-        if pool is not None and hasattr(pool, "_network_backend"):
-            pool._network_backend = _GatedBackend(pool._network_backend, gate)
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        response = await self.inner.handle_async_request(request)
-        if response.status_code == 429 or response.status_code >= 500:
-            wait = _retry_after(response)
-            if wait is not None:
-                self.gate.hold(wait + self.margin)
-        return response
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
-
-
-def _retry_after(response: httpx.Response) -> float | None:
-    value = response.headers.get("Retry-After")
+def _retry_after(headers: Mapping[str, str]) -> float | None:
+    value = headers.get("Retry-After")
     if value is None:
         return None
     try:
@@ -169,23 +107,58 @@ def _retry_after(response: httpx.Response) -> float | None:
 
 
 class Transport:
-    """A pooled ``httpx.AsyncClient`` + concurrency cap + retry policy + shared Retry-After gate."""
+    """A pooled aiohttp session + concurrency cap + retry policy + shared Retry-After gate.
+
+    aiohttp rather than httpx: a request costs the worker about a tenth of the CPU (measured
+    with benchmarks/bench_ingress.py: the worker was CPU-bound in httpx's connection pool).
+
+    The gate is checked twice: before a request takes a connection, and again right before its
+    first bytes go out (a trace hook on the connection it got, with nothing awaited between it
+    and the write): acquiring a connection may yield, and meanwhile a Retry-After may arrive.
+    A throttling response holds the gate as soon as its headers are in, before its body is read
+    and its connection goes back to the pool for the next request to reuse."""
 
     def __init__(self, *, concurrency: int = DEFAULT_CONCURRENCY, policy: RetryPolicy | None = None,
-                 gate: RetryGate | None = None, timeout: float = 60.0,
-                 client: httpx.AsyncClient | None = None) -> None:
+                 gate: RetryGate | None = None, timeout: float = 60.0) -> None:
         self.policy = policy or RetryPolicy()
         self.gate = gate or RetryGate()
+        self.concurrency = concurrency
         self.semaphore = asyncio.Semaphore(concurrency)
-        self._owns_client = client is None
-        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-        self.client = client or httpx.AsyncClient(
-            timeout=httpx.Timeout(timeout, connect=10.0), limits=limits,
-            transport=_GatedTransport(self.gate, self.policy.retry_after_margin, limits))
+        self.timeout = aiohttp.ClientTimeout(total=timeout, connect=10.0)
+        self._session: aiohttp.ClientSession | None = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        """The session, made on first use (it belongs to the running event loop)."""
+        if self._session is None:
+            trace = aiohttp.TraceConfig()
+            trace.on_connection_reuseconn.append(self._before_send)
+            trace.on_connection_create_end.append(self._before_send)
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self.concurrency), timeout=self.timeout,
+                trace_configs=[trace], raise_for_status=False)
+        return self._session
+
+    async def _before_send(self, *_: Any) -> None:
+        await self.gate.wait()
+
+    async def _send(self, method: str, url: str, headers: dict[str, str], content: bytes | None, json_body: Any,
+                    data: Mapping[str, str] | None) -> tuple[Response, float | None]:
+        """One exchange. Returns the response and the Retry-After of a throttling one."""
+        body: Any = content if content is not None else (dict(data) if data is not None else None)
+        async with self._client().request(method, URL(url, encoded=True), headers=headers, data=body,
+                                          json=json_body, allow_redirects=False) as resp:
+            wait = None
+            if resp.status == 429 or resp.status >= 500:
+                wait = _retry_after(resp.headers)
+                if wait is not None:
+                    # Hold every request of this client, not just this one.
+                    self.gate.hold(wait + self.policy.retry_after_margin)
+            payload = await resp.read()
+            return Response(resp.status, resp.headers, payload), wait
 
     async def request(self, method: str, url: str, *, headers: Mapping[str, str] | None = None,
                       content: bytes | None = None, json: Any = None, data: Mapping[str, str] | None = None,
-                      auth: TokenProvider | None = None) -> httpx.Response:
+                      auth: TokenProvider | None = None) -> Response:
         """Send with retries. Returns the final response: 2xx, a non-retryable 4xx, or a 401
         that survived one token refresh. Raises :class:`RetryableError` when retries run out."""
         policy = self.policy
@@ -202,9 +175,8 @@ class Transport:
             async with self.semaphore:
                 await self.gate.wait()
                 try:
-                    response = await self.client.request(method, url, headers=hdrs, content=content, json=json,
-                                                         data=data)
-                except (httpx.TimeoutException, httpx.TransportError) as exc:
+                    response, wait = await self._send(method, url, hdrs, content, json, data)
+                except (aiohttp.ClientError, TimeoutError) as exc:
                     failures += 1
                     if failures >= policy.max_attempts:
                         raise RetryableError(f"{method} {_redact(url)}: {type(exc).__name__} after "
@@ -212,11 +184,6 @@ class Transport:
                     error: BaseException | None = exc
                 else:
                     error = None
-                    if response.status_code == 429 or response.status_code >= 500:
-                        wait = _retry_after(response)
-                        if wait is not None:
-                            # Hold every request of this client, not just this one.
-                            self.gate.hold(wait + policy.retry_after_margin)
             if error is not None:
                 delay = policy.backoff(failures)
                 log.debug("%s %s: %s, retrying in %.2fs", method, _redact(url), type(error).__name__, delay)
@@ -244,8 +211,9 @@ class Transport:
             return response
 
     async def aclose(self) -> None:
-        if self._owns_client:
-            await self.client.aclose()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
 
 def _redact(url: str) -> str:
@@ -325,7 +293,7 @@ class OAuth2ClientCredentials:
         log.debug("token for client id %s, expires in %ss", creds.client_id, lifetime)
         return value
 
-    def _describe_failure(self, response: httpx.Response) -> str:
+    def _describe_failure(self, response: Response) -> str:
         detail = ""
         try:
             body = response.json()
@@ -343,7 +311,7 @@ class OAuth2ClientCredentials:
             await self.transport.aclose()
 
 
-def raise_for_status(response: httpx.Response, what: str) -> None:
+def raise_for_status(response: Response, what: str) -> None:
     """Non-2xx that retrying will not fix → :class:`ConnectorError` (reason by status)."""
     status = response.status_code
     if status < 400:
@@ -352,7 +320,7 @@ def raise_for_status(response: httpx.Response, what: str) -> None:
     raise ConnectorError(reason, f"{what}: HTTP {status}: {error_text(response)}")
 
 
-def error_text(response: httpx.Response) -> str:
+def error_text(response: Response) -> str:
     """The vendor's error message (OData ``error.code/message`` or Campaign ``error_code/message``)."""
     try:
         body = response.json()

@@ -17,11 +17,10 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, urlencode
 
-import httpx
-
 from syncplane.connectors.base import ConnectorError, Rejected
 from syncplane.connectors.dynamics import MAX_BATCH_REQUESTS, parse_batch_response
 from syncplane.connectors.http import (
+    Response,
     RetryableError,
     TokenProvider,
     Transport,
@@ -77,7 +76,7 @@ class CampaignOptOutWriter:
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
 
-    async def _call(self, method: str, url: str, body: dict[str, Any] | None = None) -> httpx.Response:
+    async def _call(self, method: str, url: str, body: dict[str, Any] | None = None) -> Response:
         headers = {"X-Api-Key": self.api_key, "Accept": "application/json"}
         content = None
         if body is not None:

@@ -26,8 +26,6 @@ from collections.abc import AsyncIterator, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-import httpx
-
 from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.connectors.base import ConnectorError, Page
 from syncplane.connectors.campaign import CampaignSink, CampaignSource
@@ -227,7 +225,7 @@ class IngressRunner(_PipelineRunner):
         for guard in self.guards:
             try:
                 await guard()
-            except (ConnectorError, RetryableError, httpx.HTTPError):
+            except (ConnectorError, RetryableError):
                 return  # cannot tell now; the pass is retried and checked again
 
 
@@ -306,7 +304,7 @@ class Engine:
                 await self._classify(runner)
                 failures += 1
                 delay = self._transient(exc.reason, str(exc), failures)
-            except (RetryableError, httpx.HTTPError) as exc:
+            except RetryableError as exc:
                 await self._classify(runner)
                 failures += 1
                 delay = self._transient("TRANSIENT", f"{type(exc).__name__}: {exc}", failures)
