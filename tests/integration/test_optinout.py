@@ -322,3 +322,42 @@ def test_pairs_cover_the_default_spec() -> None:
 
     s = spec("opt_in_out")
     assert {(p.campaign_field, p.crm_field) for p in s.opt_in_out.field_pairs} == set(PAIRS)
+
+
+async def test_dead_letters_are_retried_unless_superseded(sb: Sandbox, keys: list[str], tmp_path: Path) -> None:
+    """Writes Campaign rejects are dead-lettered (and counted in the report); a retry re-sends them
+    if the source still holds those values, and drops them when the source changed since (the feed
+    brings that change)."""
+    h = await harness(sb, tmp_path, "CRM_TO_MARKETING")
+    try:
+        await h.converge()
+        bad = keys[:3]
+        sb.acs.poison_keys("profile", *bad, *(str(sb.acs.profiles.find(k)) for k in bad))
+        for k in bad:
+            set_crm(sb, k, donotemail=not crm_row(sb, k)["donotemail"])
+        await h.sync.run_once(asyncio.Event())
+        letters = {d["key"]: d for d in h.state.dead_letters("opt-in-out")}
+        assert set(letters) == set(bad) and all(d["status"] == 400 for d in letters.values())
+        assert h.report.dead_letters == 3
+
+        # Retried while Campaign still rejects them: kept, one more attempt each.
+        assert h.state.mark_for_retry("opt-in-out") == (3, [])
+        await h.sync.run_once(asyncio.Event())
+        again = {d["key"]: d for d in h.state.dead_letters("opt-in-out")}
+        assert {k: d["attempts"] for k, d in again.items()} == dict.fromkeys(bad, 2)
+        assert h.state.marked_for_retry("opt-in-out", CAMPAIGN_STREAM) == []
+
+        # Accepted now. bad[2] was changed back in the CRM since: its dead letter is superseded (not
+        # sent), and that change comes with the contacts feed (nothing to write: Campaign holds it).
+        sb.acs.clear_poison()
+        set_crm(sb, bad[2], donotemail=not crm_row(sb, bad[2])["donotemail"])
+        h.state.mark_for_retry("opt-in-out")
+        m = marks(sb)
+        await h.sync.run_once(asyncio.Event())
+        assert h.state.dead_letters("opt-in-out") == []
+        assert h.report.dead_letters == 0
+        assert disagreements(sb, keys) == []
+        assert write_count(sb, *m) == 2   # the two retried; the superseded one sent nothing
+        assert await h.converge() == 1    # what the retry wrote does not come back as a change
+    finally:
+        await h.aclose()

@@ -138,6 +138,7 @@ class OptInOutSync:
             self.report.backlog = 0
 
     async def _pass(self, stop: asyncio.Event) -> None:
+        await self._retry_dead_letters()
         campaign_cursor = self.state.load(self.workflow, CAMPAIGN_STREAM)
         crm_cursor = self.state.load(self.workflow, CRM_STREAM)
         campaign_from_start = campaign_cursor is None
@@ -270,6 +271,8 @@ class OptInOutSync:
         stream = CRM_STREAM if side == CRM else CAMPAIGN_STREAM
         for bad in out.rejected:
             self._dead_letter(stream, bad, payloads.get(bad.key, {}))
+        if out.rejected:
+            self._count_letters()
         written = len(out.written)
         self.report.counters.written += written
         if side == CRM:
@@ -284,6 +287,46 @@ class OptInOutSync:
         self.state.dead_letter(self.workflow, stream, bad.key, dict(payload), bad.status, bad.error)
         self.report.counters.dead_lettered += 1
         log.warning("%s: %s %s dead-lettered: HTTP %s %s", self.workflow, stream, bad.key, bad.status, bad.error)
+
+    def _count_letters(self) -> None:
+        self.report.dead_letters = self.state.dead_letter_count(self.workflow)
+        self.report.dead_letter_store = self.state.location
+
+    # ------------------------------------------------------------------ dead letters marked for retry
+    async def _retry_dead_letters(self) -> None:
+        """Re-send what RetryDeadLetters marked, if the side the values came from still holds
+        them; if it holds others now, that newer change comes with its feed, and the dead letter
+        is dropped as superseded. A write acknowledged now is remembered (no echo)."""
+        for stream, target in ((CRM_STREAM, CRM), (CAMPAIGN_STREAM, CAMPAIGN)):
+            marked = self.state.marked_for_retry(self.workflow, stream)
+            if not marked:
+                continue
+            wanted = {d.key: {f: flag(v) for f, v in d.resend_values().items()} for d in marked}
+            now = await asyncio.gather(*(self._origin_values(target, key) for key in wanted))
+            resend = {key: values for (key, values), held in zip(wanted.items(), now, strict=True)
+                      if held is not None and all(held.get(f) == v for f, v in values.items())}
+            if target == CRM:
+                out = await self.crm_writer.write(list(resend.items()))
+            else:
+                out = await self.campaign_writer.write([CampaignWrite(k, v) for k, v in resend.items()])
+            known = self.memory.load(self.workflow, target, out.written)
+            self.memory.store(self.workflow, target, {k: {**known.get(k, {}), **resend[k]} for k in out.written})
+            rejected = {r.key for r in out.rejected}
+            self.state.settle_retry(self.workflow, stream, [k for k in wanted if k not in rejected],
+                                    [(r.key, r.status, r.error) for r in out.rejected], list(wanted))
+            self.report.counters.written += len(out.written)
+            log.info("%s: %d dead letter(s) of %s retried: %d written, %d superseded or gone, %d rejected again",
+                     self.workflow, len(wanted), stream, len(out.written), len(wanted) - len(resend) + len(out.absent),
+                     len(out.rejected))
+        self._count_letters()
+
+    async def _origin_values(self, target: str, key: str) -> dict[str, bool] | None:
+        """What the other side holds now, in ``target``'s field names; None if it has no such record."""
+        if target == CRM:   # the values came from Campaign
+            row = await self.campaign_writer.lookup(key)
+            return None if row is None else {p.crm: flag(row.get(p.campaign)) for p in self.pairs}
+        contact = await self.crm_writer.read(key, self.crm_fields)
+        return None if contact is None else {p.campaign: flag(contact.get(p.crm)) for p in self.pairs}
 
     def _read(self, side: str, n: int) -> None:
         self.report.counters.read += n

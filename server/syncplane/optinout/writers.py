@@ -174,6 +174,19 @@ class DynamicsOptOutWriter:
         self.tokens, self.transport, self.entity_set = tokens, transport, entity_set
         self.batch_size = max(1, min(MAX_BATCH_REQUESTS, batch_size))
 
+    async def read(self, key: str, fields: Sequence[str]) -> dict[str, Any] | None:
+        """One contact's current ``fields``; None when there is no such contact."""
+        if not _is_guid(key):
+            return None
+        response = await self.transport.request(
+            "GET", f"{self.base_url}{self.entity_set}({key.lower()})?$select={','.join(fields)}", headers=_ODATA,
+            auth=self.tokens)
+        if response.status_code == 404:
+            return None
+        raise_for_status(response, f"read of one of {self.entity_set}")
+        body = response.json()
+        return dict(body) if isinstance(body, dict) else None
+
     async def write(self, items: Sequence[tuple[str, Mapping[str, bool]]]) -> Outcome:
         out = Outcome()
         pending = []
