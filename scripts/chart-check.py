@@ -66,6 +66,7 @@ LEADER = "operator/syncplane_operator/leader.py"
 STORE = "server/syncplane/store/kubernetes.py"
 HEARTBEAT = "server/syncplane/worker/heartbeat.py"
 CREDENTIALS = "server/syncplane/worker/credentials.py"
+RECORDS = "server/syncplane/worker/kube_records.py"
 
 # Role name suffix -> the verbs that role must grant, exactly.
 VERBS: dict[str, list[Verb]] = {
@@ -106,6 +107,9 @@ VERBS: dict[str, list[Verb]] = {
         *_verbs("syncplane.io", "workflows", "update", STORE, r"replace_namespaced_custom_object",
                 "UpdateWorkflow, Start/Stop/Restart (spec only)"),
         *_verbs("syncplane.io", "workflows", "delete", STORE, r"delete_namespaced_custom_object", "DeleteWorkflow"),
+        *_verbs("", "configmaps", "list", RECORDS, r"list_namespaced_config_map", "ListDeadLetters"),
+        *_verbs("", "configmaps", "patch", RECORDS, r"patch_namespaced_config_map",
+                "RetryDeadLetters (the retry label)"),
     ],
     "worker": [
         *_verbs("coordination.k8s.io", "leases", "patch", HEARTBEAT, r"patch_namespaced_lease", "heartbeat"),
@@ -118,6 +122,10 @@ VERBS: dict[str, list[Verb]] = {
                 r"(read|create|patch)_namespaced_config_map",
                 "the `<workflow>-checkpoints` ConfigMap: cursors read on start and merge-patched after each "
                 "written page; created again if it was deleted while the worker ran"),
+        *_verbs("", "configmaps", "list", RECORDS, r"list_namespaced_config_map",
+                "dead letters marked for retry, held records"),
+        *_verbs("", "configmaps", "delete", RECORDS, r"delete_namespaced_config_map",
+                "a held record released, a dead letter delivered"),
     ],
 }
 

@@ -372,6 +372,8 @@ def test_lifecycle_under_the_charts_rbac(k8s_cluster, workflow_crd, namespace, c
         doc = yaml.safe_load((DEFAULTS / "10-contacts-ingress.yaml").read_text())
         doc["spec"]["source"]["endpoint"], doc["spec"]["destination"]["endpoint"] = sb.d365_url, sb.acs_url
         doc["spec"].update(batchSize=100, pollInterval="1s")
+        poisoned = sandbox.run(lambda: sorted(sb.d365.table("contacts").rows)[0])
+        sandbox.run(lambda: sb.acs.poison_keys("profile", poisoned))
         workflow_id, wf = from_resource(doc)
         stub.CreateWorkflow(svc.CreateWorkflowRequest(workflow_id=workflow_id, workflow=wf))
         k8s_cluster.wait_until("STOPPED", lambda: phase(stub, workflow_id) == "PHASE_STOPPED")
@@ -396,8 +398,17 @@ def test_lifecycle_under_the_charts_rbac(k8s_cluster, workflow_crd, namespace, c
             k8s_cluster, namespace, f"{release}-syncplane-operator")["image"]
         workers.append(LocalWorker(as_worker, namespace, workflow_id, tmp_path))
         k8s_cluster.wait_until("RUNNING", lambda: phase(stub, workflow_id) == "PHASE_RUNNING", timeout=90)
-        # the worker syncs every contact, committing a cursor to the checkpoints ConfigMap after each page
-        k8s_cluster.wait_until(f"{CONTACTS} profiles", lambda: sandbox.profiles() == CONTACTS, timeout=120)
+        # the worker syncs every contact but the poisoned one, committing a cursor to the checkpoints
+        # ConfigMap after each page; the poisoned one is a dead letter, a ConfigMap of its own
+        k8s_cluster.wait_until(f"{CONTACTS - 1} profiles", lambda: sandbox.profiles() == CONTACTS - 1, timeout=120)
+        parent = f"workflows/{workflow_id}"
+        k8s_cluster.wait_until("the dead letter, listed by the server", lambda: [
+            (d.key, d.http_status) for d in stub.ListDeadLetters(svc.ListDeadLettersRequest(parent=parent)).dead_letters
+        ] == [(poisoned, 400)])
+        (letter,) = json.loads(k8s_cluster.kubectl("get", "configmaps", "-n", namespace, "-l",
+                                                   "syncplane.io/record=dead-letter", "-o", "json").stdout)["items"]
+        uid = get(k8s_cluster, namespace, "workflow", workflow_id)["metadata"]["uid"]
+        assert [o["uid"] for o in letter["metadata"]["ownerReferences"]] == [uid]
         checkpoints = checkpoint_configmap_name(workflow_id)
 
         def committed() -> bool:
@@ -410,11 +421,18 @@ def test_lifecycle_under_the_charts_rbac(k8s_cluster, workflow_crd, namespace, c
         k8s_cluster.kubectl("delete", "configmap", checkpoints, "-n", namespace)
         sandbox.run(lambda: sb.d365.table("contacts").upsert(
             firstname="New", lastname="Person", emailaddress1="new.person@example.com"))
-        k8s_cluster.wait_until("the new profile", lambda: sandbox.profiles() == CONTACTS + 1, timeout=60)
+        k8s_cluster.wait_until("the new profile", lambda: sandbox.profiles() == CONTACTS, timeout=60)
         k8s_cluster.wait_until("the checkpoints ConfigMap created again by the worker", committed)
         owners = get(k8s_cluster, namespace, "configmap", checkpoints)["metadata"].get("ownerReferences", [])
-        uid = get(k8s_cluster, namespace, "workflow", workflow_id)["metadata"]["uid"]
         assert [(o["kind"], o["name"], o["uid"]) for o in owners] == [("Workflow", workflow_id, uid)], owners
+
+        # the destination accepts the poisoned record now: a retry (the server labels the dead letter)
+        # has the worker send it again and delete the dead letter
+        sandbox.run(sb.acs.clear_poison)
+        assert stub.RetryDeadLetters(svc.RetryDeadLettersRequest(parent=parent)).marked_count == 1
+        k8s_cluster.wait_until("the retried profile", lambda: sandbox.profiles() == CONTACTS + 1, timeout=60)
+        k8s_cluster.wait_until("no dead letters", lambda: not stub.ListDeadLetters(
+            svc.ListDeadLettersRequest(parent=parent)).dead_letters, timeout=60)
 
         # edit while running: drift
         wf = stub.GetWorkflow(svc.GetWorkflowRequest(name=f"workflows/{workflow_id}"))

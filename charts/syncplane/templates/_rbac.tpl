@@ -45,22 +45,28 @@ and tests/k8s/test_chart.py runs the lifecycle under exactly these grants).
   verbs: ["get", "update"]
 {{- end }}
 
-{{/* The API server: the spec of Workflows in its namespace (never status). */}}
+{{/* The API server: the spec of Workflows in its namespace (never status), and their dead letters. */}}
 {{- define "syncplane.serverRules" -}}
 - apiGroups: ["syncplane.io"]
   resources: ["workflows"]
   verbs: ["get", "list", "watch", "create", "update", "delete"]
+# dead letters (a ConfigMap each): ListDeadLetters lists them, RetryDeadLetters labels them
+- apiGroups: [""]
+  resources: ["configmaps"]
+  verbs: ["list", "patch"]
 {{- end }}
 
-{{/* The workers: their own heartbeat Lease, their checkpoints, and the Secrets their workflow references. */}}
+{{/* The workers: their own heartbeat Lease, their checkpoints, dead letters and held records, and the Secrets
+their workflow references. */}}
 {{- define "syncplane.workerRules" -}}
 - apiGroups: ["coordination.k8s.io"]
   resources: ["leases"]
   verbs: ["create", "patch", "delete"]
-# the `<workflow>-checkpoints` ConfigMap a worker reads and patches (created by the first worker)
+# the `<workflow>-checkpoints` ConfigMap a worker reads and patches; a ConfigMap per dead letter
+# or held record, listed, created, updated and deleted
 - apiGroups: [""]
   resources: ["configmaps"]
-  verbs: ["get", "create", "patch"]
+  verbs: ["get", "list", "create", "patch", "delete"]
 # the credentials named by spec.source/destination.credentials; get only, never list
 - apiGroups: [""]
   resources: ["secrets"]

@@ -15,6 +15,7 @@ from syncplane.service import WorkflowService
 from syncplane.service.dead_letters import DeadLetterService
 from syncplane.store.kubernetes import KubernetesStore
 from syncplane.telemetry import setup_tracing
+from syncplane.worker.kube_records import ConfigMapRecords
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +37,8 @@ async def serve_kubernetes(config: KubernetesServerConfig, stop: asyncio.Event |
     setup_tracing("syncplane-server", config.otlp_endpoint)
     store = await kubernetes_store(config.namespace)
     service = WorkflowService(store)
-    # Worker pods keep their dead letters in their own local state: nothing this server can read.
-    letters = DeadLetterService(store, None, "dead letters are kept by embedded workers only: on Kubernetes "
-                                             "each worker pod keeps them in its own local state, out of this "
-                                             "server's reach")
+    # The workers keep their dead letters in ConfigMaps of this namespace, one per record.
+    letters = DeadLetterService(store, ConfigMapRecords(config.namespace, store.api_client))
     server, port, health = await create_server(service, config.address, config.security, dead_letters=letters)
     log.info("syncplane API serving on port %d over Workflow resources in namespace %s", port, config.namespace)
     await serve_until_signalled(server, health, port, config.port_file, stop)

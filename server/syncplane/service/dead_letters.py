@@ -3,9 +3,9 @@
 The workers own the sink, so a retry is a mark: each worker re-sends the marked
 records of its streams at the start of its next pass (see worker.pipeline).
 Embedded, the records live in the workers' SQLite file (<data-dir>/worker-state.db,
-WAL: the workers keep writing while this reads and marks). On Kubernetes each
-worker pod keeps its own, out of the API server's reach: no store, and the calls
-say so (FAILED_PRECONDITION).
+WAL: the workers keep writing while this reads and marks). On Kubernetes they are
+ConfigMaps, one per record (worker.kube_records). A server built without a store
+says so (FAILED_PRECONDITION).
 """
 
 from __future__ import annotations

@@ -82,6 +82,23 @@ class AsyncCheckpointStore(Protocol):
     async def acommit(self, workflow: str, stream: str, cursor: str) -> None: ...
 
 
+class AsyncDeadLetterStore(Protocol):
+    """Dead letters for an asyncio worker: SqliteWorkerState (embedded) and
+    kube_records.ConfigMapRecords (Kubernetes) both satisfy it."""
+
+    location: str  # names the store: reports of workers sharing one count its rows once
+
+    async def adead_letter(self, workflow: str, stream: str, key: str, payload: dict[str, Any], status: int,
+                           error: str, *, resource: str = "", key_field: str = "", deleted: bool = False) -> None: ...
+
+    async def adead_letter_count(self, workflow: str) -> int: ...
+
+    async def amarked_for_retry(self, workflow: str, stream: str) -> list[DeadLetter]: ...
+
+    async def asettle_retry(self, workflow: str, stream: str, delivered: Iterable[str],
+                            rejected: Iterable[tuple[str, int, str]], sent: Iterable[str]) -> None: ...
+
+
 #: Every table of the worker-state database; each row belongs to one workflow (its first column):
 #: checkpoints and dead letters here, held records (held.py), the opt-in/out echo memory (optinout/memory.py).
 STATE_TABLES = ("checkpoints", "dead_letters", "held", "optinout_known")
@@ -154,6 +171,22 @@ class SqliteWorkerState:
 
     async def acommit(self, workflow: str, stream: str, cursor: str) -> None:
         self.commit(workflow, stream, cursor)
+
+    # AsyncDeadLetterStore, likewise inline.
+    async def adead_letter(self, workflow: str, stream: str, key: str, payload: dict[str, Any], status: int,
+                           error: str, *, resource: str = "", key_field: str = "", deleted: bool = False) -> None:
+        self.dead_letter(workflow, stream, key, payload, status, error, resource=resource, key_field=key_field,
+                         deleted=deleted)
+
+    async def adead_letter_count(self, workflow: str) -> int:
+        return self.dead_letter_count(workflow)
+
+    async def amarked_for_retry(self, workflow: str, stream: str) -> list[DeadLetter]:
+        return self.marked_for_retry(workflow, stream)
+
+    async def asettle_retry(self, workflow: str, stream: str, delivered: Iterable[str],
+                            rejected: Iterable[tuple[str, int, str]], sent: Iterable[str]) -> None:
+        self.settle_retry(workflow, stream, delivered, rejected, sent)
 
     def dead_letter(self, workflow: str, stream: str, key: str, payload: dict[str, Any], status: int,
                     error: str, *, resource: str = "", key_field: str = "", deleted: bool = False) -> None:

@@ -34,9 +34,9 @@ from syncplane.connectors.http import OAuth2ClientCredentials, RetryableError
 from syncplane.connectors.schema import Schema, SchemaChanged, check
 from syncplane.egress import transform as egress
 from syncplane.ingress.transform import EntityTransform
-from syncplane.worker.checkpoints import AsyncCheckpointStore, SqliteWorkerState
+from syncplane.worker.checkpoints import AsyncCheckpointStore, AsyncDeadLetterStore, SqliteWorkerState
 from syncplane.worker.credentials import ConnectionSecret
-from syncplane.worker.held import HeldRecords, HoldPolicy
+from syncplane.worker.held import AsyncHeldStore, HeldRecords, HoldPolicy
 from syncplane.worker.pipeline import Pipeline, Stream
 from syncplane.worker.report import WorkerReport
 
@@ -140,6 +140,10 @@ class StreamGuard:
               self.destination_baseline)
 
 
+class RecordStore(AsyncDeadLetterStore, AsyncHeldStore, Protocol):
+    """Dead letters and held records in one store (kube_records.ConfigMapRecords)."""
+
+
 class _PipelineRunner:
     """Runs pipelines one after the other; subclasses open the source and sink, and build the
     pipelines on the first pass. Owns the tokens and the held-records store they share."""
@@ -155,11 +159,14 @@ class _PipelineRunner:
         self.src_secret = secrets[spec.source.credentials.name]
         self.dst_secret = secrets[spec.destination.credentials.name]
         self.tokens = [_tokens(self.src_secret), _tokens(self.dst_secret)]
-        # Records whose parent (a linked profile, an event's contact) is not there yet.
-        self.held = HeldRecords(state_db)
+        # Records whose parent (a linked profile, an event's contact) is not there yet, and poison
+        # records: in the worker's SQLite file; the Engine sets a cluster store on Kubernetes.
+        self._local_held = HeldRecords(state_db)
+        self.held: AsyncHeldStore = self._local_held
+        self.letters: AsyncDeadLetterStore = state
 
     async def aclose(self) -> None:
-        self.held.close()
+        self._local_held.close()
         await self.source.aclose()
         await self.sink.aclose()
         for t in self.tokens:
@@ -214,7 +221,8 @@ class IngressRunner(_PipelineRunner):
             pipelines.append(Pipeline(self.workflow, s, _KeyedSource(self.source, entity.source_key, entity_set,
                                                                      lookups),
                                       self.sink, self.state, self.report, self.batch_size, guard=guard,
-                                      held=self.held, hold=HoldPolicy(), checkpoints=self.checkpoints))
+                                      held=self.held, hold=HoldPolicy(), checkpoints=self.checkpoints,
+                                      letters=self.letters))
         return pipelines
 
     async def run_once(self, stop: asyncio.Event) -> None:
@@ -242,15 +250,17 @@ class EgressRunner(_PipelineRunner):
 
     async def build(self) -> list[Pipeline]:
         return [Pipeline(self.workflow, self.stream, self.source, self.sink, self.state, self.report,
-                         self.batch_size, held=self.held, hold=HoldPolicy(), checkpoints=self.checkpoints)]
+                         self.batch_size, held=self.held, hold=HoldPolicy(), checkpoints=self.checkpoints,
+                         letters=self.letters)]
 
 
 class Engine:
     def __init__(self, workflow: str, spec: pb.WorkflowSpec, secrets: dict[str, ConnectionSecret],
                  state: SqliteWorkerState, report: WorkerReport, index: int = 0,
-                 state_db: Path | None = None, checkpoints: AsyncCheckpointStore | None = None) -> None:
+                 state_db: Path | None = None, checkpoints: AsyncCheckpointStore | None = None,
+                 records: RecordStore | None = None) -> None:
         self.workflow, self.spec, self.secrets = workflow, spec, secrets
-        self.checkpoints = checkpoints
+        self.checkpoints, self.records = checkpoints, records
         self.state, self.report, self.index = state, report, index
         self.batch_size = spec.batch_size or DEFAULT_BATCH_SIZE
         self.interval = poll_interval(spec)
@@ -280,6 +290,8 @@ class Engine:
         runner = self._runner()
         if isinstance(runner, _PipelineRunner) and self.checkpoints is not None:
             runner.checkpoints = self.checkpoints
+        if isinstance(runner, _PipelineRunner) and self.records is not None:
+            runner.held = runner.letters = self.records
         self.report.ready, self.report.phase = True, "RUNNING"
         if runner is None:
             await stop.wait()  # a spare replica: heartbeats, ready to take over at the next start

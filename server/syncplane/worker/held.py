@@ -14,7 +14,7 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS held (
@@ -37,6 +37,20 @@ class Held:
     status: int
     error: str
     attempts: int
+
+
+class AsyncHeldStore(Protocol):
+    """Held records for an asyncio worker: HeldRecords (embedded) and kube_records.ConfigMapRecords
+    (Kubernetes) both satisfy it."""
+
+    async def ahold(self, workflow: str, stream: str, key: str, payload: dict[str, Any], status: int,
+                    error: str) -> None: ...
+
+    async def arelease(self, workflow: str, stream: str, key: str) -> None: ...
+
+    async def aall(self, workflow: str, stream: str) -> list[Held]: ...
+
+    async def acount(self, workflow: str) -> int: ...
 
 
 class HeldRecords:
@@ -66,3 +80,17 @@ class HeldRecords:
 
     def count(self, workflow: str) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM held WHERE workflow = ?", (workflow,)).fetchone()[0])
+
+    # AsyncHeldStore: the same calls, inline (the connection belongs to the thread that opened it).
+    async def ahold(self, workflow: str, stream: str, key: str, payload: dict[str, Any], status: int,
+                    error: str) -> None:
+        self.hold(workflow, stream, key, payload, status, error)
+
+    async def arelease(self, workflow: str, stream: str, key: str) -> None:
+        self.release(workflow, stream, key)
+
+    async def aall(self, workflow: str, stream: str) -> list[Held]:
+        return self.all(workflow, stream)
+
+    async def acount(self, workflow: str) -> int:
+        return self.count(workflow)

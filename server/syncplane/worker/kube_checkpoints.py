@@ -24,7 +24,7 @@ import random
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 from syncplane.model.convert import API_VERSION, KIND
 
@@ -121,8 +121,8 @@ def _not_found_kind(exc: Any) -> str:
         return ""
 
 
-class ConfigMapCheckpoints:
-    """`AsyncCheckpointStore` over `<workflow>-checkpoints` ConfigMaps in one namespace.
+class ConfigMapStore:
+    """A worker's ConfigMaps in one namespace: the client, and calls retried when transient.
 
     Give it an `ApiClient` (closed by its owner) or let it open one through
     `syncplane.kubeclient.api_client()` on first use (closed by `close()`).
@@ -155,13 +155,49 @@ class ConfigMapCheckpoints:
             await self._api_client.close()
         self._api_client, self._core = None, None
 
-    async def __aenter__(self) -> ConfigMapCheckpoints:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
     # -- AsyncCheckpointStore ---------------------------------------------------------------
+    async def _call(self, what: str, name: str, attempt: Callable[[], Awaitable[T]]) -> T:
+        from kubernetes_asyncio.client.exceptions import ApiException
+
+        for n in range(self.retry.attempts):
+            try:
+                result: T = await attempt()
+                return result
+            except ApiException as exc:
+                if exc.status == 403:
+                    raise CheckpointError(
+                        f"cannot {what}: forbidden to use ConfigMap {self.namespace}/{name} (the worker's "
+                        f"ServiceAccount needs get, list, create, patch and delete on configmaps in "
+                        f"{self.namespace!r}): "
+                        f"{exc.reason}") from exc
+                if exc.status == 404 and _not_found_kind(exc) == "namespaces":
+                    raise CheckpointError(f"cannot {what}: namespace {self.namespace!r} does not exist") from exc
+                if not _transient(exc) or n == self.retry.attempts - 1:
+                    raise CheckpointError(f"cannot {what} in ConfigMap {self.namespace}/{name}: "
+                                          f"HTTP {exc.status} {exc.reason}") from exc
+                failure = f"HTTP {exc.status}"
+            except Exception as exc:
+                if not _transient(exc):
+                    raise
+                if n == self.retry.attempts - 1:
+                    raise CheckpointError(f"cannot {what} in ConfigMap {self.namespace}/{name}: "
+                                          f"{type(exc).__name__}: {exc}") from exc
+                failure = type(exc).__name__
+            delay = self.retry.delay(n)
+            log.warning("could not %s (%s); retrying in %.2fs", what, failure, delay)
+            await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
+
+
+class ConfigMapCheckpoints(ConfigMapStore):
+    """`AsyncCheckpointStore` over `<workflow>-checkpoints` ConfigMaps in one namespace."""
+
     async def aload(self, workflow: str, stream: str) -> str | None:
         """The stream's committed cursor; None when nothing was committed (or the ConfigMap is missing)."""
         data = await self.aload_all(workflow)
@@ -218,34 +254,3 @@ class ConfigMapCheckpoints:
             return {stream_name(k): str(v) for k, v in (cm.data or {}).items()}
 
         return await self._call(f"load the checkpoints of {workflow}", name, attempt)
-
-    async def _call(self, what: str, name: str, attempt: Callable[[], Awaitable[T]]) -> T:
-        from kubernetes_asyncio.client.exceptions import ApiException
-
-        for n in range(self.retry.attempts):
-            try:
-                result: T = await attempt()
-                return result
-            except ApiException as exc:
-                if exc.status == 403:
-                    raise CheckpointError(
-                        f"cannot {what}: forbidden to use ConfigMap {self.namespace}/{name} (the worker's "
-                        f"ServiceAccount needs get, create and patch on configmaps in {self.namespace!r}): "
-                        f"{exc.reason}") from exc
-                if exc.status == 404 and _not_found_kind(exc) == "namespaces":
-                    raise CheckpointError(f"cannot {what}: namespace {self.namespace!r} does not exist") from exc
-                if not _transient(exc) or n == self.retry.attempts - 1:
-                    raise CheckpointError(f"cannot {what} in ConfigMap {self.namespace}/{name}: "
-                                          f"HTTP {exc.status} {exc.reason}") from exc
-                failure = f"HTTP {exc.status}"
-            except Exception as exc:
-                if not _transient(exc):
-                    raise
-                if n == self.retry.attempts - 1:
-                    raise CheckpointError(f"cannot {what} in ConfigMap {self.namespace}/{name}: "
-                                          f"{type(exc).__name__}: {exc}") from exc
-                failure = type(exc).__name__
-            delay = self.retry.delay(n)
-            log.warning("could not %s (%s); retrying in %.2fs", what, failure, delay)
-            await asyncio.sleep(delay)
-        raise AssertionError("unreachable")

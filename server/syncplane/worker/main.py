@@ -49,7 +49,7 @@ class WorkerOptions:
     heartbeat: str = "http"          # "http": polled on /status (embedded); "kubernetes": a Lease
     namespace: str = ""
     pod_name: str = ""
-    workflow_uid: str = ""           # kubernetes: owner of the checkpoints ConfigMap if the worker creates it
+    workflow_uid: str = ""           # kubernetes: owner of the ConfigMaps the worker creates
     secrets_dir: Path | None = None  # embedded: <name>.json per secret reference
     state_db: Path | None = None     # embedded: checkpoints and dead letters
     drain_timeout: float = 20.0      # after SIGTERM, how long the batch in flight may take
@@ -108,17 +108,21 @@ class Worker:
         engine_task: asyncio.Task[None] | None = None
         state: SqliteWorkerState | None = None
         checkpoints: Any = None
+        records: Any = None
         try:
             secrets = await self._load_secrets(spec)
             state_db = self.opts.state_db or self.opts.state_dir / "worker-state.db"
             state = SqliteWorkerState(state_db)
             if self.opts.heartbeat == "kubernetes":
-                # Cursors in <workflow>-checkpoints: they survive the pod (its state dir does not).
+                # Cursors in <workflow>-checkpoints, dead letters and held records in a ConfigMap each:
+                # they survive the pod (its state dir does not).
                 from syncplane.worker.kube_checkpoints import ConfigMapCheckpoints
+                from syncplane.worker.kube_records import ConfigMapRecords
 
                 checkpoints = ConfigMapCheckpoints(self.opts.namespace, owner_uid=self.opts.workflow_uid)
+                records = ConfigMapRecords(self.opts.namespace, owner_uid=self.opts.workflow_uid)
             engine = Engine(self.opts.workflow, spec, secrets, state, self.report, self.opts.index, state_db,
-                            checkpoints)
+                            checkpoints, records)
             engine_task = asyncio.create_task(engine.run(self.stop))
             engine_task.add_done_callback(self._engine_done)
         except CredentialsError as exc:
@@ -136,6 +140,8 @@ class Worker:
                 state.close()
             if checkpoints is not None:
                 await checkpoints.close()
+            if records is not None:
+                await records.close()
             if beats is not None and lease is not None:
                 await beats
                 await lease.close()

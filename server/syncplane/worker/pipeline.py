@@ -18,8 +18,8 @@ from typing import Any, Protocol
 
 from syncplane.connectors.base import Page, Record, Sink, Source
 from syncplane.ingress.transform import Action, Transformed
-from syncplane.worker.checkpoints import AsyncCheckpointStore, SqliteWorkerState
-from syncplane.worker.held import HeldRecords, HoldPolicy
+from syncplane.worker.checkpoints import AsyncCheckpointStore, AsyncDeadLetterStore, SqliteWorkerState
+from syncplane.worker.held import AsyncHeldStore, HoldPolicy
 from syncplane.worker.report import WorkerReport
 
 log = logging.getLogger(__name__)
@@ -74,8 +74,9 @@ class Checkpoint:
 class Pipeline:
     def __init__(self, workflow: str, stream: Stream, source: Source, sink: Sink, state: SqliteWorkerState,
                  report: WorkerReport, batch_size: int, queue_pages: int = 2,
-                 guard: Callable[[], Awaitable[None]] | None = None, held: HeldRecords | None = None,
-                 hold: HoldPolicy | None = None, checkpoints: AsyncCheckpointStore | None = None) -> None:
+                 guard: Callable[[], Awaitable[None]] | None = None, held: AsyncHeldStore | None = None,
+                 hold: HoldPolicy | None = None, checkpoints: AsyncCheckpointStore | None = None,
+                 letters: AsyncDeadLetterStore | None = None) -> None:
         self.workflow, self.stream = workflow, stream
         self.source, self.sink, self.state, self.report = source, sink, state, report
         self.batch_size = batch_size
@@ -92,6 +93,8 @@ class Pipeline:
         self.held, self.hold = held, hold
         # Where cursors live: the worker's SQLite file embedded, a ConfigMap on Kubernetes.
         self.checkpoints: AsyncCheckpointStore = checkpoints or state
+        # Where poison records go: the same SQLite file embedded, ConfigMaps on Kubernetes.
+        self.letters: AsyncDeadLetterStore = letters or state
         self._letters = True  # this stream may have dead letters (settled at the start of each pass)
 
     def _update_backlog(self) -> None:
@@ -236,36 +239,37 @@ class Pipeline:
                 rejected = by_key.get(bad.key)
                 payload = rejected.values if rejected else {}
                 if self.held is not None and self.hold is not None and bad.status in self.hold.statuses:
-                    self.held.hold(self.workflow, self.stream.name, bad.key, payload, bad.status, bad.error)
+                    await self.held.ahold(self.workflow, self.stream.name, bad.key, payload, bad.status, bad.error)
                     continue
-                self._dead_letter(bad.key, payload, bad.status, bad.error,
+                await self._dead_letter(bad.key, payload, bad.status, bad.error,
                                   deleted=bool(rejected and rejected.deleted))
             if self._letters and result.written:
                 # Written now (e.g. corrected at the source): an older dead letter of it is moot.
-                self.state.settle_retry(self.workflow, self.stream.name, result.written, (), ())
+                await self.letters.asettle_retry(self.workflow, self.stream.name, result.written, (), ())
             if result.rejected or (self._letters and result.written):
-                self._count_letters()
+                await self._count_letters()
             self.report.counters.written += len(result.written)
             self._in_flight -= len(chunk)
             self._update_backlog()
             self._throughput(len(result.written))
         return True
 
-    def _dead_letter(self, key: str, payload: dict[str, Any], status: int, error: str,
-                     deleted: bool = False) -> None:
-        self.state.dead_letter(self.workflow, self.stream.name, key, payload, status, error,
-                               resource=self.stream.resource, key_field=self.stream.key_field, deleted=deleted)
+    async def _dead_letter(self, key: str, payload: dict[str, Any], status: int, error: str,
+                           deleted: bool = False) -> None:
+        await self.letters.adead_letter(self.workflow, self.stream.name, key, payload, status, error,
+                                        resource=self.stream.resource, key_field=self.stream.key_field,
+                                        deleted=deleted)
         self.report.counters.dead_lettered += 1
         self._letters = True
 
-    def _count_letters(self) -> None:
-        self.report.dead_letters = self.state.dead_letter_count(self.workflow)
-        self.report.dead_letter_store = self.state.location
+    async def _count_letters(self) -> None:
+        self.report.dead_letters = await self.letters.adead_letter_count(self.workflow)
+        self.report.dead_letter_store = self.letters.location
 
     async def _retry_dead_letters(self) -> None:
         """Re-send the dead letters RetryDeadLetters marked, to where they were written; delete
         the ones acknowledged now, count one more attempt for the ones rejected again."""
-        marked = self.state.marked_for_retry(self.workflow, self.stream.name)
+        marked = await self.letters.amarked_for_retry(self.workflow, self.stream.name)
         for i in range(0, len(marked), self.batch_size):
             chunk = marked[i:i + self.batch_size]
             groups: dict[tuple[str, str], list[Record]] = {}
@@ -277,33 +281,33 @@ class Pipeline:
                 result = await self.sink.write(resource, key_field, records)
                 if result.rejected and self.guard is not None:
                     await self.guard()
-                self.state.settle_retry(self.workflow, self.stream.name, result.written,
+                await self.letters.asettle_retry(self.workflow, self.stream.name, result.written,
                                         [(r.key, r.status, r.error) for r in result.rejected], [r.key for r in records])
                 self.report.counters.written += len(result.written)
-        self._count_letters()
+        await self._count_letters()
         self._letters = self.report.dead_letters > 0
 
     async def _retry_held(self) -> None:
         """Re-send held records; past the policy's attempts they become dead letters."""
         assert self.held is not None and self.hold is not None
-        held = self.held.all(self.workflow, self.stream.name)
+        held = await self.held.aall(self.workflow, self.stream.name)
         for i in range(0, len(held), self.batch_size):
             chunk = held[i:i + self.batch_size]
             by_key = {h.key: h for h in chunk}
             result = await self.sink.write(self.stream.resource, self.stream.key_field,
                                            [Record(h.key, h.payload) for h in chunk])
             for key in result.written:
-                self.held.release(self.workflow, self.stream.name, key)
+                await self.held.arelease(self.workflow, self.stream.name, key)
             self.report.counters.written += len(result.written)
             for bad in result.rejected:
                 h = by_key[bad.key]
                 if bad.status in self.hold.statuses and h.attempts + 1 < self.hold.max_attempts:
-                    self.held.hold(self.workflow, self.stream.name, bad.key, h.payload, bad.status, bad.error)
+                    await self.held.ahold(self.workflow, self.stream.name, bad.key, h.payload, bad.status, bad.error)
                     continue
-                self.held.release(self.workflow, self.stream.name, bad.key)
-                self._dead_letter(bad.key, h.payload, bad.status,
+                await self.held.arelease(self.workflow, self.stream.name, bad.key)
+                await self._dead_letter(bad.key, h.payload, bad.status,
                                   f"held for {h.attempts + 1} passes, still failing: {bad.error}")
-        self.report.held = self.held.count(self.workflow)
+        self.report.held = await self.held.acount(self.workflow)
 
     def _throughput(self, n: int) -> None:
         now = time.monotonic()
