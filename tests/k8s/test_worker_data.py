@@ -1,4 +1,5 @@
-"""Workers on Kubernetes with data: "Checkpoints live in a cluster object, so they survive pod deletion".
+"""Workers on Kubernetes with data: checkpoints and held records live in cluster objects, so they
+survive pod deletion.
 
 The operator (KopfRunner) reconciles an ingress Workflow whose endpoints are the in-process
 sandbox; the fake kubelet runs the worker pod's container as a local process that syncs real
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import urllib.parse
+import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -191,6 +193,78 @@ async def test_checkpoints_survive_pod_deletion(k8s_cluster, namespace, operator
                         (status.get("counters") or {}).get("written") or 0) > 0
 
                 await until(lambda: f"phase RUNNING and counters.written > 0; last status: {status}", reported, 90)
+            finally:
+                await kubectl(k8s_cluster, "patch", "workflow", name, "-n", namespace, "--type", "merge",
+                              "-p", json.dumps({"spec": {"desiredState": "STOPPED"}}), check=False)
+    finally:
+        await sb.stop()
+
+
+async def held_configmaps(cluster: Any, namespace: str) -> list[dict[str, Any]]:
+    out = await kubectl(cluster, "get", "configmaps", "-n", namespace, "-l", "syncplane.io/record=held", "-o", "json")
+    items: list[dict[str, Any]] = json.loads(out)["items"]
+    return items
+
+
+@pytest.mark.timeout(600)
+async def test_held_records_survive_pod_deletion(k8s_cluster, namespace, operator, tmp_path):
+    """An event whose contact is not in the CRM yet is held in a ConfigMap of its own, not in the pod:
+    the pod is deleted, the contact arrives, and the new pod's worker delivers the event."""
+    sb = await start_sandbox(seed=SeedSpec(contacts=10, seed=4))
+    try:
+        await create_secrets(k8s_cluster, namespace, sb)
+        late = str(uuid.uuid4())
+        sb.acs.events.create({"eventId": "evt-held", "eventType": "send", "externalId": late, "campaignId": "OP0001",
+                              "campaignName": "c", "deliveryId": "DM000101", "deliveryName": "d",
+                              "date": "2026-11-28 10:00:00.000Z", "mirrorPageUrl": "https://m.example.com/x"},
+                             created_by="campaign")
+        sb.acs.events.create({"eventId": "evt-ok", "eventType": "send",
+                              "externalId": next(iter(sb.d365.table("contacts").rows)), "campaignId": "OP0001",
+                              "campaignName": "c", "deliveryId": "DM000101", "deliveryName": "d",
+                              "date": "2026-11-28 10:00:00.000Z", "mirrorPageUrl": "https://m.example.com/y"},
+                             created_by="campaign")
+        doc = yaml.safe_load((DEFAULTS / "20-email-events-egress.yaml").read_text())
+        doc["spec"]["source"]["endpoint"], doc["spec"]["destination"]["endpoint"] = sb.acs_url, sb.d365_url
+        doc["spec"].update(pollInterval="1s", desiredState="STOPPED")
+        (tmp_path / "wf.yaml").write_text(yaml.safe_dump(doc))
+        await kubectl(k8s_cluster, "apply", "-n", namespace, "-f", str(tmp_path / "wf.yaml"))
+        name = doc["metadata"]["name"]
+
+        def delivered() -> set[str]:
+            return {a["new_eventid"] for a in sb.d365.table("new_emailevents").rows.values()}
+
+        async with FakeKubelet(namespace, Path(k8s_cluster.kubeconfig), tmp_path / "containers") as kubelet:
+            try:
+                await kubectl(k8s_cluster, "patch", "workflow", name, "-n", namespace, "--type", "merge",
+                              "-p", json.dumps({"spec": {"desiredState": "RUNNING"}}))
+                held: list[dict[str, Any]] = []
+
+                async def holding() -> bool:
+                    nonlocal held
+                    held = await held_configmaps(k8s_cluster, namespace)
+                    return delivered() == {"evt-ok"} and len(held) == 1
+
+                await until(lambda: f"evt-ok delivered and evt-held held (delivered {delivered()}, held {held}; "
+                            f"worker logs in {tmp_path / 'containers'})", holding, 180)
+                record = json.loads(held[0]["data"]["record.json"])
+                assert record["key"] == "evt-held" and record["status"] == 404
+                uid = (await workflow(k8s_cluster, namespace, name))["metadata"]["uid"]
+                assert [o["uid"] for o in held[0]["metadata"]["ownerReferences"]] == [uid]
+
+                # the pod goes; the held record stays; the contact arrives; the new pod delivers the event
+                (old_pod,) = kubelet.running()
+                old = kubelet.containers[old_pod]
+                await kubectl(k8s_cluster, "delete", "pod", old_pod, "-n", namespace, "--wait=false")
+                assert await asyncio.to_thread(old.proc.wait, 90) == 0
+                assert len(await held_configmaps(k8s_cluster, namespace)) == 1
+                sb.d365.table("contacts").upsert(late, lastname="Late", emailaddress1="late@example.com")
+
+                async def released() -> bool:
+                    return (delivered() == {"evt-ok", "evt-held"} and any(p != old_pod for p in kubelet.running())
+                            and not await held_configmaps(k8s_cluster, namespace))
+
+                await until(lambda: f"evt-held delivered by the new pod, its ConfigMap gone (delivered "
+                            f"{delivered()})", released, 180)
             finally:
                 await kubectl(k8s_cluster, "patch", "workflow", name, "-n", namespace, "--type", "merge",
                               "-p", json.dumps({"spec": {"desiredState": "STOPPED"}}), check=False)
