@@ -409,6 +409,8 @@ def test_lifecycle_under_the_charts_rbac(k8s_cluster, workflow_crd, namespace, c
                                                    "syncplane.io/record=dead-letter", "-o", "json").stdout)["items"]
         uid = get(k8s_cluster, namespace, "workflow", workflow_id)["metadata"]["uid"]
         assert [o["uid"] for o in letter["metadata"]["ownerReferences"]] == [uid]
+        k8s_cluster.wait_until("the dead-letter count in the status", lambda: stub.GetWorkflow(
+            svc.GetWorkflowRequest(name=parent)).status.dead_letters == 1)
         checkpoints = checkpoint_configmap_name(workflow_id)
 
         def committed() -> bool:
@@ -433,6 +435,8 @@ def test_lifecycle_under_the_charts_rbac(k8s_cluster, workflow_crd, namespace, c
         k8s_cluster.wait_until("the retried profile", lambda: sandbox.profiles() == CONTACTS + 1, timeout=60)
         k8s_cluster.wait_until("no dead letters", lambda: not stub.ListDeadLetters(
             svc.ListDeadLettersRequest(parent=parent)).dead_letters, timeout=60)
+        k8s_cluster.wait_until("a dead-letter count of 0 in the status", lambda: stub.GetWorkflow(
+            svc.GetWorkflowRequest(name=parent)).status.dead_letters == 0)
 
         # edit while running: drift
         wf = stub.GetWorkflow(svc.GetWorkflowRequest(name=f"workflows/{workflow_id}"))

@@ -150,11 +150,18 @@ class ConfigMapRecords(ConfigMapStore):
         await self._call(f"delete {name}", name, attempt)
 
     async def _mark(self, name: str, marked: bool) -> None:
+        """Set or clear the retry label; a record deleted meanwhile (delivered) needs neither."""
+        from kubernetes_asyncio.client.exceptions import ApiException
+
         async def attempt() -> None:
             api = await self._api()
-            await api.patch_namespaced_config_map(
-                name, self.namespace, {"metadata": {"labels": {RETRY_LABEL: "true" if marked else None}}},
-                _content_type=MERGE_PATCH)
+            try:
+                await api.patch_namespaced_config_map(
+                    name, self.namespace, {"metadata": {"labels": {RETRY_LABEL: "true" if marked else None}}},
+                    _content_type=MERGE_PATCH)
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
 
         await self._call(f"mark {name}", name, attempt)
 
