@@ -92,11 +92,13 @@ def cli(ctx: click.Context, server: str, token: str | None, ca_file: Path | None
 @click.option("--orphan-timeout", type=float, default=30.0, show_default=True)
 @click.option("--sandbox/--no-sandbox", default=False, show_default=True,
               help="Also run the Dynamics 365 and Campaign emulators on 127.0.0.1:7480 and :7481.")
+@click.option("--sandbox-latency", type=float, default=20.0, show_default=True,
+              help="Milliseconds the emulators take per request, like a cloud API (0: loopback speed).")
 @click.option("--log-level", default="INFO", show_default=True)
 def up(data_dir: Path, listen: str, tls_cert: Path | None, tls_key: Path | None, token_file: Path | None,
        defaults: bool, otlp_endpoint: str | None, port_file: Path | None, stop_timeout: float,
        crash_limit: int, crash_window: float, backoff_base: float, orphan_timeout: float, sandbox: bool,
-       log_level: str) -> None:
+       sandbox_latency: float, log_level: str) -> None:
     """Run the embedded control plane (SQLite + local worker processes)."""
     from syncplane.api.server import InsecureBindError, ServerSecurity
     from syncplane.runtime.embedded import EmbeddedConfig, serve
@@ -111,7 +113,8 @@ def up(data_dir: Path, listen: str, tls_cert: Path | None, tls_key: Path | None,
         supervisor=SupervisorConfig(stop_timeout=stop_timeout, crash_limit=crash_limit,
                                     crash_window=crash_window, backoff_base=backoff_base,
                                     orphan_timeout=orphan_timeout),
-        with_defaults=defaults, otlp_endpoint=otlp_endpoint, port_file=port_file, sandbox=sandbox)
+        with_defaults=defaults, otlp_endpoint=otlp_endpoint, port_file=port_file, sandbox=sandbox,
+        sandbox_latency_ms=sandbox_latency)
     try:
         asyncio.run(serve(config))
     except InsecureBindError as exc:

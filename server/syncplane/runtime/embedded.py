@@ -45,6 +45,9 @@ class EmbeddedConfig:
     # Run the vendor emulators in-process on their default ports (the default
     # workflows point at them): the quickstart needs no vendor account.
     sandbox: bool = False
+    # Their answer time: at cloud-like latency a newcomer sees the backlog rise and fall; at
+    # loopback speed the 20,000 seeded contacts are synced before `syncplane list` can show it.
+    sandbox_latency_ms: float = 20.0
 
 
 async def create_default_workflows(service: WorkflowService, directory: Path = DEFAULTS_DIR) -> list[str]:
@@ -88,6 +91,7 @@ async def serve(config: EmbeddedConfig, stop: asyncio.Event | None = None) -> No
 
         sandbox = await start_sandbox(d365_port=7480, acs_port=7481,
                                       seed=SeedSpec(contacts=20_000, events=500))
+        sandbox.faults.set(latency_ms=config.sandbox_latency_ms)
         write_sandbox_secrets(sandbox, supervisor.secrets_dir)
         log.info("sandbox emulators: Dynamics 365 %s, Campaign %s", sandbox.d365_url, sandbox.acs_url)
     if config.with_defaults:
