@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -204,7 +205,7 @@ def worker(workflow: str, index: int, generation: int, spec_file: Path, state_di
 
     host, _, port = listen.rpartition(":")
     sys.exit(run(WorkerOptions(workflow=workflow, index=index, generation=generation, spec_file=spec_file,
-                               state_dir=state_dir or Path("/tmp"), orphan_timeout=orphan_timeout,
+                               state_dir=state_dir or Path(tempfile.gettempdir()), orphan_timeout=orphan_timeout,
                                heartbeat=heartbeat, namespace=namespace, pod_name=pod_name,
                                workflow_uid=workflow_uid, host=host,
                                port=int(port), secrets_dir=secrets_dir, state_db=state_db)))

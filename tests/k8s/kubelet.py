@@ -113,7 +113,11 @@ class FakeKubelet:
                 args[i] = str(local)
             elif i > 0 and args[i - 1] == "--listen":
                 args[i] = "127.0.0.1:0"   # the pod's port, on loopback
-        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "POD_NAME": name, "POD_UID": pod.metadata.uid}
+        # The pod's own /tmp (an emptyDir in the Deployment): the worker's local state is never shared.
+        tmp = self.workdir / f"{name}-tmp"
+        tmp.mkdir(exist_ok=True)
+        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "POD_NAME": name, "POD_UID": pod.metadata.uid,
+               "TMPDIR": str(tmp)}
         return self._spawn(name, args, env)
 
     def _spawn(self, name: str, args: list[str], env: dict[str, str]) -> Container:

@@ -58,7 +58,10 @@ class LocalWorker:
                 and p["metadata"].get("annotations", {}).get("syncplane.io/spec-hash") == spec_hash]
         assert live, f"no live pod runs spec {spec_hash}"
         self.pod = live[0]["metadata"]["name"]
-        env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig), "POD_UID": live[0]["metadata"]["uid"]}
+        pod_tmp = tmp / f"{self.pod}-tmp"   # the pod's own /tmp (an emptyDir): local state is never shared
+        pod_tmp.mkdir(exist_ok=True)
+        env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig), "POD_UID": live[0]["metadata"]["uid"],
+               "TMPDIR": str(pod_tmp)}
         args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
         uid = args[args.index("--workflow-uid") + 1]  # what the operator passes on: the Workflow's uid
         self.log = open(tmp / f"{self.pod}.log", "wb")  # noqa: SIM115

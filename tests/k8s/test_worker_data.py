@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import yaml
 
+from syncplane.optinout.sync import CAMPAIGN_STREAM, CRM_STREAM
 from syncplane.sandbox import Sandbox, SeedSpec, start_sandbox
 from syncplane.worker.kube_checkpoints import checkpoint_configmap_name, stream_key
 from tests.integration.ingress_env import (
@@ -31,6 +32,7 @@ from tests.integration.ingress_env import (
     profile_key_count,
     profiles_match,
 )
+from tests.integration.optinout_env import create_profiles
 from tests.k8s.kubelet import Container, FakeKubelet
 from tests.k8s.test_operator import DEFAULTS
 
@@ -270,3 +272,70 @@ async def test_held_records_survive_pod_deletion(k8s_cluster, namespace, operato
                               "-p", json.dumps({"spec": {"desiredState": "STOPPED"}}), check=False)
     finally:
         await sb.stop()
+
+
+@pytest.mark.timeout(600)
+async def test_opt_in_out_keeps_cursors_and_dead_letters_in_configmaps(k8s_cluster, namespace, operator, tmp_path):
+    """The opt-in/out worker on Kubernetes: its two cursors in `<workflow>-checkpoints`, a write the
+    destination rejects in a dead-letter ConfigMap; a pod deleted after that loses neither."""
+    sb = await start_sandbox(seed=SeedSpec(contacts=50, seed=6))
+    try:
+        await create_secrets(k8s_cluster, namespace, sb)
+        keys = sorted(sb.d365.table("contacts").rows)
+        create_profiles(sb, keys)
+        bad = keys[0]
+        sb.acs.poison_keys("profile", bad, str(sb.acs.profiles.find(bad)))
+        doc = yaml.safe_load((DEFAULTS / "30-opt-in-out.yaml").read_text())
+        doc["spec"]["source"]["endpoint"], doc["spec"]["destination"]["endpoint"] = sb.d365_url, sb.acs_url
+        doc["spec"].update(pollInterval="1s", desiredState="STOPPED")
+        (tmp_path / "wf.yaml").write_text(yaml.safe_dump(doc))
+        await kubectl(k8s_cluster, "apply", "-n", namespace, "-f", str(tmp_path / "wf.yaml"))
+        name = doc["metadata"]["name"]
+
+        async def data(selector: str) -> list[dict[str, Any]]:
+            items: list[dict[str, Any]] = json.loads(await kubectl(
+                k8s_cluster, "get", "configmaps", "-n", namespace, "-l", selector, "-o", "json"))["items"]
+            return items
+
+        async with FakeKubelet(namespace, Path(k8s_cluster.kubeconfig), tmp_path / "containers") as kubelet:
+            try:
+                await kubectl(k8s_cluster, "patch", "workflow", name, "-n", namespace, "--type", "merge",
+                              "-p", json.dumps({"spec": {"desiredState": "RUNNING"}}))
+                for k in keys[:2]:
+                    sb.d365.table("contacts").upsert(k, donotemail=True)
+
+                async def synced() -> bool:
+                    letters = await data("syncplane.io/record=dead-letter")
+                    cursors = await checkpoint_keys(k8s_cluster, namespace, name)
+                    flipped = sb.acs.profiles.by_key(keys[1]) or {}
+                    return (flipped.get("blackList") is True and len(letters) == 1
+                            and {stream_key(CRM_STREAM), stream_key(CAMPAIGN_STREAM)} <= cursors)
+
+                def writes() -> list[tuple[str, str, int | None]]:
+                    return [(r.method, r.path, r.status) for r in sb.requests.records(server="acs")
+                            if r.method == "PATCH"]
+
+                await until(lambda: f"the flip synced, the poisoned one dead-lettered, both cursors committed "
+                            f"(Campaign writes: {writes()}; worker logs in {tmp_path / 'containers'})", synced, 180)
+                (letter,) = await data("syncplane.io/record=dead-letter")
+                record = json.loads(letter["data"]["record.json"])
+                assert (record["key"], record["stream"], record["status"]) == (bad, CAMPAIGN_STREAM, 400)
+
+                # a new pod: the dead letter and the cursors are still there
+                (old_pod,) = kubelet.running()
+                await kubectl(k8s_cluster, "delete", "pod", old_pod, "-n", namespace, "--wait=false")
+                assert await asyncio.to_thread(kubelet.containers[old_pod].proc.wait, 90) == 0
+                assert len(await data("syncplane.io/record=dead-letter")) == 1
+                cursors = await checkpoint_keys(k8s_cluster, namespace, name)
+                assert {stream_key(CRM_STREAM), stream_key(CAMPAIGN_STREAM)} <= cursors
+            finally:
+                await kubectl(k8s_cluster, "patch", "workflow", name, "-n", namespace, "--type", "merge",
+                              "-p", json.dumps({"spec": {"desiredState": "STOPPED"}}), check=False)
+    finally:
+        await sb.stop()
+
+
+async def checkpoint_keys(cluster: Any, namespace: str, workflow_name: str) -> set[str]:
+    out = await kubectl(cluster, "get", "configmap", checkpoint_configmap_name(workflow_name), "-n", namespace,
+                        "-o", "json", check=False)
+    return set((json.loads(out).get("data") or {}) if out else {})

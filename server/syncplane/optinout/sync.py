@@ -45,7 +45,7 @@ from syncplane.optinout.rules import (
     plan,
 )
 from syncplane.optinout.writers import CampaignOptOutWriter, CampaignWrite, DynamicsOptOutWriter, Outcome
-from syncplane.worker.checkpoints import SqliteWorkerState
+from syncplane.worker.checkpoints import AsyncCheckpointStore, AsyncDeadLetterStore, SqliteWorkerState
 from syncplane.worker.credentials import ConnectionSecret
 from syncplane.worker.report import WorkerReport
 
@@ -114,6 +114,11 @@ class OptInOutSync:
         self.crm_source, self.crm_writer = crm_source, crm_writer
         self.campaign_source, self.campaign_writer = campaign_source, campaign_writer
         self.state, self.memory, self.report = state, memory, report
+        # Cursors and dead letters: in the state file embedded; the Engine sets cluster stores on
+        # Kubernetes. The echo memory stays local: without it the next pass sees no echo to skip,
+        # and both sides already agree.
+        self.checkpoints: AsyncCheckpointStore = state
+        self.letters: AsyncDeadLetterStore = state
         self.batch_size = max(1, batch_size)
         self._closers = list(closers)
         self.crm_fields = [p.crm for p in self.pairs]
@@ -139,8 +144,8 @@ class OptInOutSync:
 
     async def _pass(self, stop: asyncio.Event) -> None:
         await self._retry_dead_letters()
-        campaign_cursor = self.state.load(self.workflow, CAMPAIGN_STREAM)
-        crm_cursor = self.state.load(self.workflow, CRM_STREAM)
+        campaign_cursor = await self.checkpoints.aload(self.workflow, CAMPAIGN_STREAM)
+        crm_cursor = await self.checkpoints.aload(self.workflow, CRM_STREAM)
         campaign_from_start = campaign_cursor is None
         crm_from_start = crm_cursor is None
 
@@ -173,7 +178,7 @@ class OptInOutSync:
             self._set_backlog(len(pending) + len(items))
             await self._apply(list(items.values()), campaign_complete=campaign_from_start, crm_complete=False)
             if page.cursor is not None:
-                self.state.commit(self.workflow, CRM_STREAM, page.cursor)
+                await self.checkpoints.acommit(self.workflow, CRM_STREAM, page.cursor)
             self._set_backlog(len(pending))
             if stop.is_set():
                 return
@@ -188,7 +193,7 @@ class OptInOutSync:
             await self._apply(chunk, campaign_complete=False, crm_complete=crm_from_start)
             self._set_backlog(len(rest) - i - len(chunk))
         if next_campaign_cursor is not None:
-            self.state.commit(self.workflow, CAMPAIGN_STREAM, next_campaign_cursor)
+            await self.checkpoints.acommit(self.workflow, CAMPAIGN_STREAM, next_campaign_cursor)
 
     # ------------------------------------------------------------------ one batch of keys
     async def _apply(self, items: list[_Item], *, campaign_complete: bool, crm_complete: bool) -> None:
@@ -222,8 +227,8 @@ class OptInOutSync:
                 to_crm.append((item.key, p.to_crm))
         campaign_out, crm_out = await self._write(to_campaign, to_crm)
         self._remember(items, known_crm, known_campaign, crm_out, campaign_out)
-        self._account(items, CRM, crm_out, dict(to_crm))
-        self._account(items, CAMPAIGN, campaign_out, {w.key: dict(w.values) for w in to_campaign})
+        await self._account(items, CRM, crm_out, dict(to_crm))
+        await self._account(items, CAMPAIGN, campaign_out, {w.key: dict(w.values) for w in to_campaign})
 
     async def _write(self, to_campaign: list[CampaignWrite],
                      to_crm: list[tuple[str, dict[str, bool]]]) -> tuple[Outcome, Outcome]:
@@ -267,12 +272,13 @@ class OptInOutSync:
         self.memory.store(self.workflow, CRM, new_crm)
         self.memory.store(self.workflow, CAMPAIGN, new_campaign)
 
-    def _account(self, items: list[_Item], side: str, out: Outcome, payloads: dict[str, dict[str, bool]]) -> None:
+    async def _account(self, items: list[_Item], side: str, out: Outcome,
+                       payloads: dict[str, dict[str, bool]]) -> None:
         stream = CRM_STREAM if side == CRM else CAMPAIGN_STREAM
         for bad in out.rejected:
-            self._dead_letter(stream, bad, payloads.get(bad.key, {}))
+            await self._dead_letter(stream, bad, payloads.get(bad.key, {}))
         if out.rejected:
-            self._count_letters()
+            await self._count_letters()
         written = len(out.written)
         self.report.counters.written += written
         if side == CRM:
@@ -283,14 +289,14 @@ class OptInOutSync:
         self.last.absent += len(out.absent)
         self.last.rejected += len(out.rejected)
 
-    def _dead_letter(self, stream: str, bad: Rejected, payload: dict[str, bool]) -> None:
-        self.state.dead_letter(self.workflow, stream, bad.key, dict(payload), bad.status, bad.error)
+    async def _dead_letter(self, stream: str, bad: Rejected, payload: dict[str, bool]) -> None:
+        await self.letters.adead_letter(self.workflow, stream, bad.key, dict(payload), bad.status, bad.error)
         self.report.counters.dead_lettered += 1
         log.warning("%s: %s %s dead-lettered: HTTP %s %s", self.workflow, stream, bad.key, bad.status, bad.error)
 
-    def _count_letters(self) -> None:
-        self.report.dead_letters = self.state.dead_letter_count(self.workflow)
-        self.report.dead_letter_store = self.state.location
+    async def _count_letters(self) -> None:
+        self.report.dead_letters = await self.letters.adead_letter_count(self.workflow)
+        self.report.dead_letter_store = self.letters.location
 
     # ------------------------------------------------------------------ dead letters marked for retry
     async def _retry_dead_letters(self) -> None:
@@ -298,7 +304,7 @@ class OptInOutSync:
         them; if it holds others now, that newer change comes with its feed, and the dead letter
         is dropped as superseded. A write acknowledged now is remembered (no echo)."""
         for stream, target in ((CRM_STREAM, CRM), (CAMPAIGN_STREAM, CAMPAIGN)):
-            marked = self.state.marked_for_retry(self.workflow, stream)
+            marked = await self.letters.amarked_for_retry(self.workflow, stream)
             if not marked:
                 continue
             wanted = {d.key: {f: flag(v) for f, v in d.resend_values().items()} for d in marked}
@@ -312,13 +318,13 @@ class OptInOutSync:
             known = self.memory.load(self.workflow, target, out.written)
             self.memory.store(self.workflow, target, {k: {**known.get(k, {}), **resend[k]} for k in out.written})
             rejected = {r.key for r in out.rejected}
-            self.state.settle_retry(self.workflow, stream, [k for k in wanted if k not in rejected],
+            await self.letters.asettle_retry(self.workflow, stream, [k for k in wanted if k not in rejected],
                                     [(r.key, r.status, r.error) for r in out.rejected], list(wanted))
             self.report.counters.written += len(out.written)
             log.info("%s: %d dead letter(s) of %s retried: %d written, %d superseded or gone, %d rejected again",
                      self.workflow, len(wanted), stream, len(out.written), len(wanted) - len(resend) + len(out.absent),
                      len(out.rejected))
-        self._count_letters()
+        await self._count_letters()
 
     async def _origin_values(self, target: str, key: str) -> dict[str, bool] | None:
         """What the other side holds now, in ``target``'s field names; None if it has no such record."""

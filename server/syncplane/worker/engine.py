@@ -292,6 +292,10 @@ class Engine:
             runner.checkpoints = self.checkpoints
         if isinstance(runner, _PipelineRunner) and self.records is not None:
             runner.held = runner.letters = self.records
+        if isinstance(runner, OptInOutRunner) and self.checkpoints is not None:
+            runner.sync.checkpoints = self.checkpoints
+        if isinstance(runner, OptInOutRunner) and self.records is not None:
+            runner.sync.letters = self.records
         self.report.ready, self.report.phase = True, "RUNNING"
         if runner is None:
             await stop.wait()  # a spare replica: heartbeats, ready to take over at the next start
