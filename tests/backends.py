@@ -74,14 +74,15 @@ async def revision(stub: svc_grpc.WorkflowServiceStub, name: str) -> int:
     return int(first.revision)
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], what: str, timeout: float = 60.0,
+async def eventually(check: Callable[[], Awaitable[bool]], what: str | Callable[[], str], timeout: float = 60.0,
                      interval: float = 0.1) -> None:
-    """Poll an asynchronous condition until it holds; fail at the deadline."""
+    """Poll an asynchronous condition until it holds; fail at the deadline, saying what (a callable
+    ``what`` is asked then, so the message can show the state at the deadline)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while not await check():
         if loop.time() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what() if callable(what) else what}")
         await asyncio.sleep(interval)
 
 

@@ -15,7 +15,6 @@ import asyncio
 import json
 import urllib.parse
 import uuid
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ import yaml
 from syncplane.optinout.sync import CAMPAIGN_STREAM, CRM_STREAM
 from syncplane.sandbox import Sandbox, SeedSpec, start_sandbox
 from syncplane.worker.kube_checkpoints import checkpoint_configmap_name, stream_key
+from tests.backends import eventually
 from tests.integration.ingress_env import (
     actual_profiles,
     diff,
@@ -40,6 +40,7 @@ pytestmark = pytest.mark.k8s
 CONTACTS = 30_000
 WRITTEN_BEFORE_DELETE = 3_000
 STREAM = "contact"
+POLL = 0.5  # seconds between checks: kubectl runs in threads, the sandbox on this event loop
 
 
 async def kubectl(cluster: Any, *args: str, check: bool = True) -> str:
@@ -47,33 +48,37 @@ async def kubectl(cluster: Any, *args: str, check: bool = True) -> str:
     return str(res.stdout)
 
 
-async def until(what: str | Callable[[], str], check: Callable[[], Awaitable[bool]], timeout: float,
-                interval: float = 0.5) -> None:
-    """Poll `check` until true, failing at the deadline with `what`."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not await check():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what() if callable(what) else what}")
-        await asyncio.sleep(interval)  # the sandbox shares this event loop: leave it the time
-
-
 async def workflow(cluster: Any, namespace: str, name: str) -> dict[str, Any]:
     doc: dict[str, Any] = json.loads(await kubectl(cluster, "get", "workflow", name, "-n", namespace, "-o", "json"))
     return doc
 
 
-async def checkpoint(cluster: Any, namespace: str, workflow_name: str) -> dict[str, Any] | None:
-    """The committed checkpoint of the contact stream, or None (no ConfigMap or no key yet)."""
+async def checkpoints(cluster: Any, namespace: str, workflow_name: str) -> dict[str, str]:
+    """The `<workflow>-checkpoints` ConfigMap's data (ConfigMap key -> cursor); empty if there is none."""
     out = await kubectl(cluster, "get", "configmap", checkpoint_configmap_name(workflow_name), "-n", namespace,
                         "-o", "json", check=False)
-    if not out:
-        return None
-    value = (json.loads(out).get("data") or {}).get(stream_key(STREAM))
+    data: dict[str, str] = (json.loads(out).get("data") or {}) if out else {}
+    return data
+
+
+async def checkpoint(cluster: Any, namespace: str, workflow_name: str) -> dict[str, Any] | None:
+    """The committed checkpoint of the contact stream, or None (no ConfigMap or no key yet)."""
+    value = (await checkpoints(cluster, namespace, workflow_name)).get(stream_key(STREAM))
     if value is None:
         return None
     doc: dict[str, Any] = json.loads(value)
     return doc
+
+
+async def configmaps(cluster: Any, namespace: str, selector: str) -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = json.loads(await kubectl(cluster, "get", "configmaps", "-n", namespace, "-l",
+                                                           selector, "-o", "json"))["items"]
+    return items
+
+
+async def set_desired(cluster: Any, namespace: str, name: str, state: str, check: bool = True) -> None:
+    await kubectl(cluster, "patch", "workflow", name, "-n", namespace, "--type", "merge",
+                  "-p", json.dumps({"spec": {"desiredState": state}}), check=check)
 
 
 async def create_secrets(cluster: Any, namespace: str, sb: Sandbox) -> None:
@@ -86,12 +91,13 @@ async def create_secrets(cluster: Any, namespace: str, sb: Sandbox) -> None:
                   f"--from-literal=tokenUrl={sb.acs_token_url}", "--from-literal=scope=openid,AdobeID,campaign_sdk")
 
 
-async def apply_workflow(cluster: Any, namespace: str, sb: Sandbox, tmp: Path) -> str:
-    """The default ingress workflow, its endpoints on the sandbox; stopped."""
-    doc = yaml.safe_load((DEFAULTS / "10-contacts-ingress.yaml").read_text())
-    doc["spec"]["source"]["endpoint"] = sb.d365_url
-    doc["spec"]["destination"]["endpoint"] = sb.acs_url
-    doc["spec"].update(batchSize=500, pollInterval="1s", workers=1)
+async def apply_workflow(cluster: Any, namespace: str, sb: Sandbox, tmp: Path, default: str, **spec: Any) -> str:
+    """A default workflow, its endpoints on the sandbox, polling every second; stopped."""
+    doc = yaml.safe_load((DEFAULTS / default).read_text())
+    for side in ("source", "destination"):
+        conn = doc["spec"][side]
+        conn["endpoint"] = sb.d365_url if conn["kind"] == "DYNAMICS365" else sb.acs_url
+    doc["spec"].update(pollInterval="1s", desiredState="STOPPED", **spec)
     path = tmp / "wf.yaml"
     path.write_text(yaml.safe_dump(doc))
     await kubectl(cluster, "apply", "-n", namespace, "-f", str(path))
@@ -115,12 +121,12 @@ async def test_checkpoints_survive_pod_deletion(k8s_cluster, namespace, operator
     sb = await start_sandbox(seed=SeedSpec(contacts=CONTACTS, seed=13))
     try:
         await create_secrets(k8s_cluster, namespace, sb)
-        name = await apply_workflow(k8s_cluster, namespace, sb, tmp_path)
+        name = await apply_workflow(k8s_cluster, namespace, sb, tmp_path, "10-contacts-ingress.yaml",
+                                    batchSize=500, workers=1)
         selector = f"syncplane.io/workflow={name}"
         async with FakeKubelet(namespace, Path(k8s_cluster.kubeconfig), tmp_path / "containers") as kubelet:
             try:
-                await kubectl(k8s_cluster, "patch", "workflow", name, "-n", namespace, "--type", "merge",
-                              "-p", json.dumps({"spec": {"desiredState": "RUNNING"}}))
+                await set_desired(k8s_cluster, namespace, name, "RUNNING")
 
                 # 1. the first pod's worker syncs real records and commits a cursor to the ConfigMap
                 cursor: dict[str, Any] | None = None
@@ -132,9 +138,9 @@ async def test_checkpoints_survive_pod_deletion(k8s_cluster, namespace, operator
                     cursor = await checkpoint(k8s_cluster, namespace, name)
                     return bool(cursor and cursor.get("cursor"))
 
-                await until(lambda: f"{WRITTEN_BEFORE_DELETE} profiles and a committed cursor "
-                            f"({len(sb.acs.profiles.rows)} profiles; worker logs in {tmp_path / 'containers'})",
-                            loading, 300)
+                await eventually(loading, lambda: f"{WRITTEN_BEFORE_DELETE} profiles and a committed cursor "
+                                 f"({len(sb.acs.profiles.rows)} profiles; worker logs in {tmp_path / 'containers'})",
+                                 300, POLL)
                 running = kubelet.running()
                 assert len(running) == 1, running
                 old_pod = running[0]
@@ -160,7 +166,7 @@ async def test_checkpoints_survive_pod_deletion(k8s_cluster, namespace, operator
                 async def replaced() -> bool:
                     return any(p != old_pod for p in kubelet.running())
 
-                await until("a new worker pod, run by the fake kubelet", replaced, 120, interval=0.2)
+                await eventually(replaced, "a new worker pod, run by the fake kubelet", 120, interval=0.2)
                 new_pod = next(p for p in kubelet.running() if p != old_pod)
                 pods = json.loads(await kubectl(k8s_cluster, "get", "pods", "-n", namespace, "-l", selector,
                                                 "-o", "json"))["items"]
@@ -173,8 +179,8 @@ async def test_checkpoints_survive_pod_deletion(k8s_cluster, namespace, operator
                 async def complete() -> bool:
                     return profiles_match(sb)
 
-                await until(lambda: "completion after the pod deletion: " + diff(expected, actual_profiles(sb)),
-                            complete, 420)
+                await eventually(complete, lambda: "completion after the pod deletion: "
+                                 + diff(expected, actual_profiles(sb)), 420, POLL)
                 reads = [r for r in sb.requests.records(since=seq, server="d365") if "/contacts" in r.path]
                 assert reads, "the new worker never read contacts"
                 first = reads[0].path
@@ -194,18 +200,15 @@ async def test_checkpoints_survive_pod_deletion(k8s_cluster, namespace, operator
                     return status.get("phase") == "RUNNING" and int(
                         (status.get("counters") or {}).get("written") or 0) > 0
 
-                await until(lambda: f"phase RUNNING and counters.written > 0; last status: {status}", reported, 90)
+                await eventually(reported, lambda: f"phase RUNNING and counters.written > 0; last status: {status}",
+                                 90, POLL)
             finally:
-                await kubectl(k8s_cluster, "patch", "workflow", name, "-n", namespace, "--type", "merge",
-                              "-p", json.dumps({"spec": {"desiredState": "STOPPED"}}), check=False)
+                await set_desired(k8s_cluster, namespace, name, "STOPPED", check=False)
     finally:
         await sb.stop()
 
 
-async def held_configmaps(cluster: Any, namespace: str) -> list[dict[str, Any]]:
-    out = await kubectl(cluster, "get", "configmaps", "-n", namespace, "-l", "syncplane.io/record=held", "-o", "json")
-    items: list[dict[str, Any]] = json.loads(out)["items"]
-    return items
+HELD_SELECTOR = "syncplane.io/record=held"
 
 
 @pytest.mark.timeout(600)
@@ -225,29 +228,23 @@ async def test_held_records_survive_pod_deletion(k8s_cluster, namespace, operato
                               "campaignName": "c", "deliveryId": "DM000101", "deliveryName": "d",
                               "date": "2026-11-28 10:00:00.000Z", "mirrorPageUrl": "https://m.example.com/y"},
                              created_by="campaign")
-        doc = yaml.safe_load((DEFAULTS / "20-email-events-egress.yaml").read_text())
-        doc["spec"]["source"]["endpoint"], doc["spec"]["destination"]["endpoint"] = sb.acs_url, sb.d365_url
-        doc["spec"].update(pollInterval="1s", desiredState="STOPPED")
-        (tmp_path / "wf.yaml").write_text(yaml.safe_dump(doc))
-        await kubectl(k8s_cluster, "apply", "-n", namespace, "-f", str(tmp_path / "wf.yaml"))
-        name = doc["metadata"]["name"]
+        name = await apply_workflow(k8s_cluster, namespace, sb, tmp_path, "20-email-events-egress.yaml")
 
         def delivered() -> set[str]:
             return {a["new_eventid"] for a in sb.d365.table("new_emailevents").rows.values()}
 
         async with FakeKubelet(namespace, Path(k8s_cluster.kubeconfig), tmp_path / "containers") as kubelet:
             try:
-                await kubectl(k8s_cluster, "patch", "workflow", name, "-n", namespace, "--type", "merge",
-                              "-p", json.dumps({"spec": {"desiredState": "RUNNING"}}))
+                await set_desired(k8s_cluster, namespace, name, "RUNNING")
                 held: list[dict[str, Any]] = []
 
                 async def holding() -> bool:
                     nonlocal held
-                    held = await held_configmaps(k8s_cluster, namespace)
+                    held = await configmaps(k8s_cluster, namespace, HELD_SELECTOR)
                     return delivered() == {"evt-ok"} and len(held) == 1
 
-                await until(lambda: f"evt-ok delivered and evt-held held (delivered {delivered()}, held {held}; "
-                            f"worker logs in {tmp_path / 'containers'})", holding, 180)
+                await eventually(holding, lambda: f"evt-ok delivered and evt-held held (delivered "
+                                 f"{delivered()}, held {held}; worker logs in {tmp_path / 'containers'})", 180, POLL)
                 record = json.loads(held[0]["data"]["record.json"])
                 assert record["key"] == "evt-held" and record["status"] == 404
                 uid = (await workflow(k8s_cluster, namespace, name))["metadata"]["uid"]
@@ -258,18 +255,17 @@ async def test_held_records_survive_pod_deletion(k8s_cluster, namespace, operato
                 old = kubelet.containers[old_pod]
                 await kubectl(k8s_cluster, "delete", "pod", old_pod, "-n", namespace, "--wait=false")
                 assert await asyncio.to_thread(old.proc.wait, 90) == 0
-                assert len(await held_configmaps(k8s_cluster, namespace)) == 1
+                assert len(await configmaps(k8s_cluster, namespace, HELD_SELECTOR)) == 1
                 sb.d365.table("contacts").upsert(late, lastname="Late", emailaddress1="late@example.com")
 
                 async def released() -> bool:
                     return (delivered() == {"evt-ok", "evt-held"} and any(p != old_pod for p in kubelet.running())
-                            and not await held_configmaps(k8s_cluster, namespace))
+                            and not await configmaps(k8s_cluster, namespace, HELD_SELECTOR))
 
-                await until(lambda: f"evt-held delivered by the new pod, its ConfigMap gone (delivered "
-                            f"{delivered()})", released, 180)
+                await eventually(released, lambda: f"evt-held delivered by the new pod, its ConfigMap gone (delivered "
+                                 f"{delivered()})", 180, POLL)
             finally:
-                await kubectl(k8s_cluster, "patch", "workflow", name, "-n", namespace, "--type", "merge",
-                              "-p", json.dumps({"spec": {"desiredState": "STOPPED"}}), check=False)
+                await set_desired(k8s_cluster, namespace, name, "STOPPED", check=False)
     finally:
         await sb.stop()
 
@@ -285,28 +281,18 @@ async def test_opt_in_out_keeps_cursors_and_dead_letters_in_configmaps(k8s_clust
         create_profiles(sb, keys)
         bad = keys[0]
         sb.acs.poison_keys("profile", bad, str(sb.acs.profiles.find(bad)))
-        doc = yaml.safe_load((DEFAULTS / "30-opt-in-out.yaml").read_text())
-        doc["spec"]["source"]["endpoint"], doc["spec"]["destination"]["endpoint"] = sb.d365_url, sb.acs_url
-        doc["spec"].update(pollInterval="1s", desiredState="STOPPED")
-        (tmp_path / "wf.yaml").write_text(yaml.safe_dump(doc))
-        await kubectl(k8s_cluster, "apply", "-n", namespace, "-f", str(tmp_path / "wf.yaml"))
-        name = doc["metadata"]["name"]
-
-        async def data(selector: str) -> list[dict[str, Any]]:
-            items: list[dict[str, Any]] = json.loads(await kubectl(
-                k8s_cluster, "get", "configmaps", "-n", namespace, "-l", selector, "-o", "json"))["items"]
-            return items
+        name = await apply_workflow(k8s_cluster, namespace, sb, tmp_path, "30-opt-in-out.yaml")
+        letters_selector = "syncplane.io/record=dead-letter"
 
         async with FakeKubelet(namespace, Path(k8s_cluster.kubeconfig), tmp_path / "containers") as kubelet:
             try:
-                await kubectl(k8s_cluster, "patch", "workflow", name, "-n", namespace, "--type", "merge",
-                              "-p", json.dumps({"spec": {"desiredState": "RUNNING"}}))
+                await set_desired(k8s_cluster, namespace, name, "RUNNING")
                 for k in keys[:2]:
                     sb.d365.table("contacts").upsert(k, donotemail=True)
 
                 async def synced() -> bool:
-                    letters = await data("syncplane.io/record=dead-letter")
-                    cursors = await checkpoint_keys(k8s_cluster, namespace, name)
+                    letters = await configmaps(k8s_cluster, namespace, letters_selector)
+                    cursors = set(await checkpoints(k8s_cluster, namespace, name))
                     flipped = sb.acs.profiles.by_key(keys[1]) or {}
                     return (flipped.get("blackList") is True and len(letters) == 1
                             and {stream_key(CRM_STREAM), stream_key(CAMPAIGN_STREAM)} <= cursors)
@@ -315,9 +301,10 @@ async def test_opt_in_out_keeps_cursors_and_dead_letters_in_configmaps(k8s_clust
                     return [(r.method, r.path, r.status) for r in sb.requests.records(server="acs")
                             if r.method == "PATCH"]
 
-                await until(lambda: f"the flip synced, the poisoned one dead-lettered, both cursors committed "
-                            f"(Campaign writes: {writes()}; worker logs in {tmp_path / 'containers'})", synced, 180)
-                (letter,) = await data("syncplane.io/record=dead-letter")
+                await eventually(synced, lambda: f"the flip synced, the poisoned one dead-lettered, both cursors "
+                                 f"committed (Campaign writes: {writes()}; worker logs in {tmp_path / 'containers'})",
+                                 180, POLL)
+                (letter,) = await configmaps(k8s_cluster, namespace, letters_selector)
                 record = json.loads(letter["data"]["record.json"])
                 assert (record["key"], record["stream"], record["status"]) == (bad, CAMPAIGN_STREAM, 400)
 
@@ -325,17 +312,11 @@ async def test_opt_in_out_keeps_cursors_and_dead_letters_in_configmaps(k8s_clust
                 (old_pod,) = kubelet.running()
                 await kubectl(k8s_cluster, "delete", "pod", old_pod, "-n", namespace, "--wait=false")
                 assert await asyncio.to_thread(kubelet.containers[old_pod].proc.wait, 90) == 0
-                assert len(await data("syncplane.io/record=dead-letter")) == 1
-                cursors = await checkpoint_keys(k8s_cluster, namespace, name)
+                assert len(await configmaps(k8s_cluster, namespace, letters_selector)) == 1
+                cursors = set(await checkpoints(k8s_cluster, namespace, name))
                 assert {stream_key(CRM_STREAM), stream_key(CAMPAIGN_STREAM)} <= cursors
             finally:
-                await kubectl(k8s_cluster, "patch", "workflow", name, "-n", namespace, "--type", "merge",
-                              "-p", json.dumps({"spec": {"desiredState": "STOPPED"}}), check=False)
+                await set_desired(k8s_cluster, namespace, name, "STOPPED", check=False)
     finally:
         await sb.stop()
 
-
-async def checkpoint_keys(cluster: Any, namespace: str, workflow_name: str) -> set[str]:
-    out = await kubectl(cluster, "get", "configmap", checkpoint_configmap_name(workflow_name), "-n", namespace,
-                        "-o", "json", check=False)
-    return set((json.loads(out).get("data") or {}) if out else {})

@@ -54,11 +54,9 @@ class FakeLetters:
         self.rows = sorted(rows, key=lambda d: (d.stream, d.key))
         self.marked: list[str] = []
 
-    async def page(self, workflow_id: str, after: tuple[str, str] | None, limit: int) -> list[DeadLetter]:
-        return [d for d in self.rows if after is None or (d.stream, d.key) > after][:limit]
-
-    async def count(self, workflow_id: str) -> int:
-        return len(self.rows)
+    async def page(self, workflow_id: str, after: tuple[str, str] | None,
+                   limit: int) -> tuple[list[DeadLetter], int]:
+        return [d for d in self.rows if after is None or (d.stream, d.key) > after][:limit], len(self.rows)
 
     async def mark(self, workflow_id: str, keys: Sequence[str]) -> tuple[int, list[str]]:
         known = {d.key for d in self.rows}

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from syncplane.worker.checkpoints import AsyncCheckpointStore, SqliteWorkerState
-from syncplane.worker.kube_checkpoints import ConfigMapCheckpoints, checkpoint_owner, stream_key, stream_name
+from syncplane.worker.kube_checkpoints import ConfigMapCheckpoints, stream_key, stream_name, workflow_owner
 from syncplane_operator.builders import build_checkpoint_configmap
 
 CONFIGMAP_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
@@ -63,6 +63,6 @@ async def test_sqlite_async_calls_are_the_sync_ones(tmp_path):
 
 
 def test_a_configmap_the_worker_creates_is_owned_by_the_workflow_when_its_uid_is_known():
-    assert checkpoint_owner("wf", "") == {}
-    assert checkpoint_owner("wf", "u-1") == {"ownerReferences": [
+    assert workflow_owner("wf", "") == {}
+    assert workflow_owner("wf", "u-1") == {"ownerReferences": [
         {"apiVersion": "syncplane.io/v1", "kind": "Workflow", "name": "wf", "uid": "u-1"}]}

@@ -109,16 +109,17 @@ class OptInOutSync:
                  crm_source: DynamicsSource, crm_writer: DynamicsOptOutWriter, campaign_source: CampaignSource,
                  campaign_writer: CampaignOptOutWriter, state: SqliteWorkerState, memory: SqliteEchoMemory,
                  report: WorkerReport, batch_size: int = DEFAULT_BATCH_SIZE,
-                 closers: Sequence[OAuth2ClientCredentials | Transport] = ()) -> None:
+                 closers: Sequence[OAuth2ClientCredentials | Transport] = (),
+                 checkpoints: AsyncCheckpointStore | None = None, letters: AsyncDeadLetterStore | None = None) -> None:
         self.workflow, self.direction, self.pairs = workflow, direction, list(pairs)
         self.crm_source, self.crm_writer = crm_source, crm_writer
         self.campaign_source, self.campaign_writer = campaign_source, campaign_writer
-        self.state, self.memory, self.report = state, memory, report
-        # Cursors and dead letters: in the state file embedded; the Engine sets cluster stores on
-        # Kubernetes. The echo memory stays local: without it the next pass sees no echo to skip,
-        # and both sides already agree.
-        self.checkpoints: AsyncCheckpointStore = state
-        self.letters: AsyncDeadLetterStore = state
+        self.memory, self.report = memory, report
+        # Cursors and dead letters: in the state file embedded, ConfigMaps on Kubernetes (the Engine's
+        # stores). The echo memory stays local: without it the next pass sees no echo to skip, and
+        # both sides already agree.
+        self.checkpoints: AsyncCheckpointStore = checkpoints or state
+        self.letters: AsyncDeadLetterStore = letters or state
         self.batch_size = max(1, batch_size)
         self._closers = list(closers)
         self.crm_fields = [p.crm for p in self.pairs]
@@ -363,7 +364,8 @@ def _connection(spec: pb.WorkflowSpec, kind: pb.ConnectorKind.ValueType) -> pb.C
 
 def build_optinout(workflow: str, spec: pb.WorkflowSpec, secrets: dict[str, ConnectionSecret],
                    state: SqliteWorkerState, report: WorkerReport, *,
-                   memory_path: Path | str | None = None) -> OptInOutSync:
+                   memory_path: Path | str | None = None, checkpoints: AsyncCheckpointStore | None = None,
+                   letters: AsyncDeadLetterStore | None = None) -> OptInOutSync:
     """The opt-in/out sync of a workflow (``spec.type`` OPT_IN_OUT)."""
     crm_conn = _connection(spec, pb.CONNECTOR_KIND_DYNAMICS365)
     acs_conn = _connection(spec, pb.CONNECTOR_KIND_CAMPAIGN_STANDARD)
@@ -387,4 +389,5 @@ def build_optinout(workflow: str, spec: pb.WorkflowSpec, secrets: dict[str, Conn
                         pairs_of(spec.opt_in_out.field_pairs), crm_source=crm_source, crm_writer=crm_writer,
                         campaign_source=campaign_source, campaign_writer=campaign_writer, state=state,
                         memory=memory, report=report, batch_size=batch_size,
-                        closers=[crm_transport, acs_transport, crm_tokens, acs_tokens])
+                        closers=[crm_transport, acs_transport, crm_tokens, acs_tokens], checkpoints=checkpoints,
+                        letters=letters)

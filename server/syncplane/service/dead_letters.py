@@ -33,9 +33,10 @@ T = TypeVar("T")
 
 
 class DeadLetterStore(Protocol):
-    async def page(self, workflow_id: str, after: tuple[str, str] | None, limit: int) -> list[DeadLetter]: ...
-
-    async def count(self, workflow_id: str) -> int: ...
+    async def page(self, workflow_id: str, after: tuple[str, str] | None,
+                   limit: int) -> tuple[list[DeadLetter], int]:
+        """Up to ``limit`` letters after ``after`` in (stream, key) order, and how many there are in all."""
+        ...
 
     async def mark(self, workflow_id: str, keys: Sequence[str]) -> tuple[int, list[str]]:
         """(marked, unknown keys); all or nothing."""
@@ -59,11 +60,10 @@ class SqliteDeadLetters:
 
         return await asyncio.to_thread(call)
 
-    async def page(self, workflow_id: str, after: tuple[str, str] | None, limit: int) -> list[DeadLetter]:
-        return await self._run(lambda s: s.list_dead_letters(workflow_id, after, limit))
-
-    async def count(self, workflow_id: str) -> int:
-        return await self._run(lambda s: s.dead_letter_count(workflow_id))
+    async def page(self, workflow_id: str, after: tuple[str, str] | None,
+                   limit: int) -> tuple[list[DeadLetter], int]:
+        return await self._run(lambda s: (s.list_dead_letters(workflow_id, after, limit),
+                                          s.dead_letter_count(workflow_id)))
 
     async def mark(self, workflow_id: str, keys: Sequence[str]) -> tuple[int, list[str]]:
         return await self._run(lambda s: s.mark_for_retry(workflow_id, keys))
@@ -88,9 +88,8 @@ class DeadLetterService:
             lambda: parse_name(req.parent, "parent"), lambda: page_size(req.page_size),
             lambda: decode_token(req.page_token, req.parent) if req.page_token else None)
         letters = await self._store_for(workflow_id)
-        rows = await letters.page(workflow_id, after, size + 1)
-        resp = svc.ListDeadLettersResponse(dead_letters=[to_proto(d) for d in rows[:size]],
-                                           total_size=await letters.count(workflow_id))
+        rows, total = await letters.page(workflow_id, after, size + 1)
+        resp = svc.ListDeadLettersResponse(dead_letters=[to_proto(d) for d in rows[:size]], total_size=total)
         if len(rows) > size:
             last = rows[size - 1]
             resp.next_page_token = encode_token(req.parent, (last.stream, last.key))

@@ -22,7 +22,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -144,6 +145,15 @@ class RecordStore(AsyncDeadLetterStore, AsyncHeldStore, Protocol):
     """Dead letters and held records in one store (kube_records.ConfigMapRecords)."""
 
 
+@dataclass(frozen=True)
+class Stores:
+    """Where a worker keeps its state: the worker's SQLite file embedded, ConfigMaps on Kubernetes."""
+
+    checkpoints: AsyncCheckpointStore
+    letters: AsyncDeadLetterStore
+    held: AsyncHeldStore
+
+
 class _PipelineRunner:
     """Runs pipelines one after the other; subclasses open the source and sink, and build the
     pipelines on the first pass. Owns the tokens and the held-records store they share."""
@@ -152,21 +162,21 @@ class _PipelineRunner:
     sink: Any
 
     def __init__(self, workflow: str, spec: pb.WorkflowSpec, secrets: dict[str, ConnectionSecret],
-                 state: SqliteWorkerState, report: WorkerReport, batch_size: int, state_db: Path) -> None:
-        self.workflow, self.state, self.report, self.batch_size = workflow, state, report, batch_size
+                 stores: Stores, report: WorkerReport, batch_size: int) -> None:
+        self.workflow, self.stores, self.report, self.batch_size = workflow, stores, report, batch_size
         self.pipelines: list[Pipeline] = []
-        self.checkpoints: AsyncCheckpointStore = state  # the Engine sets a cluster store on Kubernetes
         self.src_secret = secrets[spec.source.credentials.name]
         self.dst_secret = secrets[spec.destination.credentials.name]
         self.tokens = [_tokens(self.src_secret), _tokens(self.dst_secret)]
-        # Records whose parent (a linked profile, an event's contact) is not there yet, and poison
-        # records: in the worker's SQLite file; the Engine sets a cluster store on Kubernetes.
-        self._local_held = HeldRecords(state_db)
-        self.held: AsyncHeldStore = self._local_held
-        self.letters: AsyncDeadLetterStore = state
+
+    def _pipeline(self, stream: Stream, source: Any, guard: Callable[[], Awaitable[None]] | None = None) -> Pipeline:
+        """A pipeline over this runner's sink and stores; a record whose parent (a linked profile,
+        an event's contact) is not there yet is held and re-sent."""
+        s = self.stores
+        return Pipeline(self.workflow, stream, source, self.sink, self.report, self.batch_size,
+                        checkpoints=s.checkpoints, letters=s.letters, guard=guard, held=s.held, hold=HoldPolicy())
 
     async def aclose(self) -> None:
-        self._local_held.close()
         await self.source.aclose()
         await self.sink.aclose()
         for t in self.tokens:
@@ -193,9 +203,8 @@ class _PipelineRunner:
 
 class IngressRunner(_PipelineRunner):
     def __init__(self, workflow: str, spec: pb.WorkflowSpec, secrets: dict[str, ConnectionSecret],
-                 state: SqliteWorkerState, report: WorkerReport, batch_size: int, index: int, state_db: Path,
-                 concurrency: int = 16) -> None:
-        super().__init__(workflow, spec, secrets, state, report, batch_size, state_db)
+                 stores: Stores, report: WorkerReport, batch_size: int, index: int, concurrency: int = 16) -> None:
+        super().__init__(workflow, spec, secrets, stores, report, batch_size)
         self.streams = ingress_streams(spec, index, max(1, spec.workers))
         dst = self.dst_secret
         page_size = min(MAX_PAGE_SIZE, max(PAGE_SIZE, batch_size))
@@ -218,11 +227,8 @@ class IngressRunner(_PipelineRunner):
             await self.sink.prepare_links(entity.destination_resource)
             assert guard.source_baseline is not None
             lookups = frozenset(c for c, t in guard.source_baseline.fields.items() if t == "Lookup")
-            pipelines.append(Pipeline(self.workflow, s, _KeyedSource(self.source, entity.source_key, entity_set,
-                                                                     lookups),
-                                      self.sink, self.state, self.report, self.batch_size, guard=guard,
-                                      held=self.held, hold=HoldPolicy(), checkpoints=self.checkpoints,
-                                      letters=self.letters))
+            pipelines.append(self._pipeline(s, _KeyedSource(self.source, entity.source_key, entity_set, lookups),
+                                            guard))
         return pipelines
 
     async def run_once(self, stop: asyncio.Event) -> None:
@@ -239,8 +245,8 @@ class IngressRunner(_PipelineRunner):
 
 class EgressRunner(_PipelineRunner):
     def __init__(self, workflow: str, spec: pb.WorkflowSpec, secrets: dict[str, ConnectionSecret],
-                 state: SqliteWorkerState, report: WorkerReport, batch_size: int, state_db: Path) -> None:
-        super().__init__(workflow, spec, secrets, state, report, batch_size, state_db)
+                 stores: Stores, report: WorkerReport, batch_size: int) -> None:
+        super().__init__(workflow, spec, secrets, stores, report, batch_size)
         src = self.src_secret
         self.source = CampaignSource(spec.source.endpoint, self.tokens[0], src.api_key or src.client_id,
                                      key_field={egress.EVENTS: egress.EVENT_KEY}, line_count=PAGE_SIZE)
@@ -249,9 +255,7 @@ class EgressRunner(_PipelineRunner):
                              key_field=egress.ACTIVITY_KEY, transform=egress.EventTransform(spec.egress))
 
     async def build(self) -> list[Pipeline]:
-        return [Pipeline(self.workflow, self.stream, self.source, self.sink, self.state, self.report,
-                         self.batch_size, held=self.held, hold=HoldPolicy(), checkpoints=self.checkpoints,
-                         letters=self.letters)]
+        return [self._pipeline(self.stream, self.source)]
 
 
 class Engine:
@@ -266,36 +270,42 @@ class Engine:
         self.interval = poll_interval(spec)
         self.state_db = state_db
 
-    def _runner(self) -> Runner | None:
+    def _runner(self, stores: Stores) -> Runner | None:
         t = self.spec.type
-        state_db = self.state_db or Path(":memory:")
         if t == pb.WORKFLOW_TYPE_INGRESS:
-            return IngressRunner(self.workflow, self.spec, self.secrets, self.state, self.report, self.batch_size,
-                                 self.index, state_db)
+            return IngressRunner(self.workflow, self.spec, self.secrets, stores, self.report, self.batch_size,
+                                 self.index)
         if self.index != 0:
             return None  # one event feed, one contact table: a single worker does the work
         if t == pb.WORKFLOW_TYPE_EGRESS:
-            return EgressRunner(self.workflow, self.spec, self.secrets, self.state, self.report, self.batch_size,
-                                state_db)
+            return EgressRunner(self.workflow, self.spec, self.secrets, stores, self.report, self.batch_size)
         if t == pb.WORKFLOW_TYPE_OPT_IN_OUT:
             import importlib
 
             module: Any = importlib.import_module("syncplane.optinout.sync")
             return OptInOutRunner(module.build_optinout(self.workflow, self.spec, self.secrets, self.state,
-                                                        self.report))
+                                                        self.report, checkpoints=stores.checkpoints,
+                                                        letters=stores.letters))
         return None
 
     async def run(self, stop: asyncio.Event) -> None:
         """Sync until ``stop``; raises :class:`FatalError` when retrying cannot help."""
-        runner = self._runner()
-        if isinstance(runner, _PipelineRunner) and self.checkpoints is not None:
-            runner.checkpoints = self.checkpoints
-        if isinstance(runner, _PipelineRunner) and self.records is not None:
-            runner.held = runner.letters = self.records
-        if isinstance(runner, OptInOutRunner) and self.checkpoints is not None:
-            runner.sync.checkpoints = self.checkpoints
-        if isinstance(runner, OptInOutRunner) and self.records is not None:
-            runner.sync.letters = self.records
+        # Embedded, everything in the worker's SQLite file; on Kubernetes cursors, dead letters and
+        # held records in ConfigMaps (main.py makes those stores).
+        checkpoints = self.checkpoints or self.state
+        local_held: HeldRecords | None = None
+        if self.records is not None:
+            stores = Stores(checkpoints, letters=self.records, held=self.records)
+        else:
+            local_held = HeldRecords(self.state_db or Path(":memory:"))
+            stores = Stores(checkpoints, letters=self.state, held=local_held)
+        try:
+            await self._run(stop, self._runner(stores))
+        finally:
+            if local_held is not None:
+                local_held.close()
+
+    async def _run(self, stop: asyncio.Event, runner: Runner | None) -> None:
         self.report.ready, self.report.phase = True, "RUNNING"
         if runner is None:
             await stop.wait()  # a spare replica: heartbeats, ready to take over at the next start

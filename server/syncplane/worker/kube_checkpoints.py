@@ -55,7 +55,7 @@ def checkpoint_labels(workflow: str) -> dict[str, str]:
     return {MANAGED_BY_LABEL: "syncplane", COMPONENT_LABEL: "checkpoints", WORKFLOW_LABEL: workflow}
 
 
-def checkpoint_owner(workflow: str, uid: str) -> dict[str, Any]:
+def workflow_owner(workflow: str, uid: str) -> dict[str, Any]:
     """The ownerReferences metadata making the Workflow own the ConfigMap (none without a uid)."""
     if not uid:
         return {}
@@ -223,7 +223,7 @@ class ConfigMapCheckpoints(ConfigMapStore):
                     raise
             body = {"apiVersion": "v1", "kind": "ConfigMap",
                     "metadata": {"name": name, "namespace": self.namespace, "labels": checkpoint_labels(workflow),
-                                 **checkpoint_owner(workflow, self.owner_uid)},
+                                 **workflow_owner(workflow, self.owner_uid)},
                     "data": {key: cursor}}
             try:
                 await api.create_namespaced_config_map(self.namespace, body)

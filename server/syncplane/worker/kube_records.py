@@ -25,7 +25,7 @@ from typing import Any
 
 from syncplane.worker.checkpoints import DeadLetter, redact
 from syncplane.worker.held import Held
-from syncplane.worker.kube_checkpoints import MERGE_PATCH, WORKFLOW_LABEL, ConfigMapStore, checkpoint_owner
+from syncplane.worker.kube_checkpoints import MERGE_PATCH, WORKFLOW_LABEL, ConfigMapStore, workflow_owner
 
 RECORD_LABEL = "syncplane.io/record"
 RETRY_LABEL = "syncplane.io/retry"
@@ -124,7 +124,7 @@ class ConfigMapRecords(ConfigMapStore):
             body = {"apiVersion": "v1", "kind": "ConfigMap",
                     "metadata": {"name": name, "namespace": self.namespace,
                                  "labels": {WORKFLOW_LABEL: workflow, RECORD_LABEL: kind},
-                                 **checkpoint_owner(workflow, self.owner_uid)},
+                                 **workflow_owner(workflow, self.owner_uid)},
                     "data": data}
             try:
                 await api.create_namespaced_config_map(self.namespace, body)
@@ -234,12 +234,10 @@ class ConfigMapRecords(ConfigMapStore):
         self._letters[workflow] = {name for name, _, _ in rows}
         return sorted((letter_of(doc, marked) for _, doc, marked in rows), key=lambda d: (d.stream, d.key))
 
-    async def page(self, workflow: str, after: tuple[str, str] | None, limit: int) -> list[DeadLetter]:
+    async def page(self, workflow: str, after: tuple[str, str] | None, limit: int) -> tuple[list[DeadLetter], int]:
+        """One listing gives both the page and the total."""
         letters = await self.list_letters(workflow)
-        return [d for d in letters if after is None or (d.stream, d.key) > after][:limit]
-
-    async def count(self, workflow: str) -> int:
-        return len(await self.list_letters(workflow))
+        return [d for d in letters if after is None or (d.stream, d.key) > after][:limit], len(letters)
 
     async def mark(self, workflow: str, keys: Sequence[str]) -> tuple[int, list[str]]:
         """Mark the workflow's dead letters (all, or those with these keys, in any stream) for
@@ -250,7 +248,8 @@ class ConfigMapRecords(ConfigMapStore):
             unknown = [k for k in keys if k not in present]
             if unknown:
                 return 0, unknown
-            letters = [d for d in letters if d.key in set(keys)]
+            wanted = set(keys)
+            letters = [d for d in letters if d.key in wanted]
         for d in letters:
             await self._mark(record_name(workflow, DEAD_LETTER, d.stream, d.key), True)
         return len(letters), []

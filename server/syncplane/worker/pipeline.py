@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from syncplane.connectors.base import Page, Record, Sink, Source
 from syncplane.ingress.transform import Action, Transformed
-from syncplane.worker.checkpoints import AsyncCheckpointStore, AsyncDeadLetterStore, SqliteWorkerState
+from syncplane.worker.checkpoints import AsyncCheckpointStore, AsyncDeadLetterStore
 from syncplane.worker.held import AsyncHeldStore, HoldPolicy
 from syncplane.worker.report import WorkerReport
 
@@ -72,13 +72,12 @@ class Checkpoint:
 
 
 class Pipeline:
-    def __init__(self, workflow: str, stream: Stream, source: Source, sink: Sink, state: SqliteWorkerState,
-                 report: WorkerReport, batch_size: int, queue_pages: int = 2,
-                 guard: Callable[[], Awaitable[None]] | None = None, held: AsyncHeldStore | None = None,
-                 hold: HoldPolicy | None = None, checkpoints: AsyncCheckpointStore | None = None,
-                 letters: AsyncDeadLetterStore | None = None) -> None:
+    def __init__(self, workflow: str, stream: Stream, source: Source, sink: Sink, report: WorkerReport,
+                 batch_size: int, *, checkpoints: AsyncCheckpointStore, letters: AsyncDeadLetterStore,
+                 queue_pages: int = 2, guard: Callable[[], Awaitable[None]] | None = None,
+                 held: AsyncHeldStore | None = None, hold: HoldPolicy | None = None) -> None:
         self.workflow, self.stream = workflow, stream
-        self.source, self.sink, self.state, self.report = source, sink, state, report
+        self.source, self.sink, self.report = source, sink, report
         self.batch_size = batch_size
         self.queue: asyncio.Queue[Page | None] = asyncio.Queue(maxsize=queue_pages)
         self._queued = 0
@@ -92,9 +91,9 @@ class Pipeline:
         # Records whose target does not exist yet (e.g. an event's contact): held, re-sent each pass.
         self.held, self.hold = held, hold
         # Where cursors live: the worker's SQLite file embedded, a ConfigMap on Kubernetes.
-        self.checkpoints: AsyncCheckpointStore = checkpoints or state
+        self.checkpoints = checkpoints
         # Where poison records go: the same SQLite file embedded, ConfigMaps on Kubernetes.
-        self.letters: AsyncDeadLetterStore = letters or state
+        self.letters = letters
         self._letters = True  # this stream may have dead letters (settled at the start of each pass)
 
     def _update_backlog(self) -> None:
