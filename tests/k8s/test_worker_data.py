@@ -310,8 +310,9 @@ async def test_opt_in_out_keeps_cursors_and_dead_letters_in_configmaps(k8s_clust
 
                 # a new pod: the dead letter and the cursors are still there
                 (old_pod,) = kubelet.running()
+                old = kubelet.containers[old_pod]   # taken before the delete: the kubelet forgets a deleted pod
                 await kubectl(k8s_cluster, "delete", "pod", old_pod, "-n", namespace, "--wait=false")
-                assert await asyncio.to_thread(kubelet.containers[old_pod].proc.wait, 90) == 0
+                assert await asyncio.to_thread(old.proc.wait, 90) == 0
                 assert len(await configmaps(k8s_cluster, namespace, letters_selector)) == 1
                 cursors = set(await checkpoints(k8s_cluster, namespace, name))
                 assert {stream_key(CRM_STREAM), stream_key(CAMPAIGN_STREAM)} <= cursors
