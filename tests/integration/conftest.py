@@ -114,7 +114,7 @@ class ControlPlane:
         """Each worker's own report: GET /status on its loopback port."""
         reports = []
         async with httpx.AsyncClient() as http:
-            for proc in self.supervisor.groups[workflow_id].procs.values():
+            for proc in list(self.supervisor.groups[workflow_id].procs.values()):
                 port = read_port(proc, self.supervisor.state_dir)
                 assert port is not None, f"worker {proc.pid} has no port"
                 reports.append((await http.get(f"http://127.0.0.1:{port}/status")).json())

@@ -9,6 +9,7 @@ import random
 import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -33,8 +34,9 @@ from tests.integration.ingress_env import (
     status_until,
 )
 
-# Crash tests kill the worker on purpose: allow many restarts, quickly.
-CRASH_TOLERANT = SupervisorConfig(tick=0.1, stop_timeout=10.0, backoff_base=0.05, backoff_cap=0.5, crash_limit=50,
+# Crash tests kill the worker on purpose: allow many restarts, quickly. A stop drains its in-flight batch
+# against a sandbox that shares the test's event loop: give it a generous grace on a loaded machine.
+CRASH_TOLERANT = SupervisorConfig(tick=0.1, stop_timeout=60.0, backoff_base=0.05, backoff_cap=0.5, crash_limit=50,
                                   crash_window=600.0, orphan_timeout=30.0, poll_timeout=1.0)
 
 
@@ -56,7 +58,7 @@ async def start(plane: ControlPlane, name: str, spec: pb.WorkflowSpec) -> None:
 async def stop(plane: ControlPlane, name: str) -> pb.Workflow:
     rev = plane.store.revision()
     await plane.stub.StopWorkflow(svc.StopWorkflowRequest(name=f"workflows/{name}"))
-    wf, _ = await watch_until(plane.stub, name, lambda w: w.status.phase == pb.PHASE_STOPPED, rev, timeout=60)
+    wf, _ = await watch_until(plane.stub, name, lambda w: w.status.phase == pb.PHASE_STOPPED, rev, timeout=90)
     return wf
 
 
@@ -215,11 +217,20 @@ async def test_rejected_records_go_to_dead_letters_and_the_rest_is_written(plane
         sb.acs.poison_keys("profile", *bad)
         await start(plane, "poison", ingress_spec(sb, batch_size=1000))
         expected = {k: v for k, v in expected_profiles(sb).items() if k not in bad}
+
+        def dead_letters() -> list[dict[str, Any]]:
+            state = SqliteWorkerState(plane.data_dir / "worker-state.db")
+            try:
+                return state.dead_letters("poison")
+            finally:
+                state.close()
+
         await converge(lambda: actual_profiles(sb) == expected, 120,
                        lambda: "all but the poison records: " + diff(expected, actual_profiles(sb)))
-        state = SqliteWorkerState(plane.data_dir / "worker-state.db")
-        letters = state.dead_letters("poison")
-        state.close()
+        # the letters are stored once the batch's writes return, a moment after the last profile lands
+        await converge(lambda: len(dead_letters()) == len(bad), 30,
+                       lambda: f"the {len(bad)} poison records dead-lettered: {dead_letters()}")
+        letters = dead_letters()
         assert sorted(d["key"] for d in letters) == bad
         assert all(d["status"] == 400 and d["error"] for d in letters)
         assert all(d["payload"] for d in letters), "the record itself is kept for a retry"

@@ -66,8 +66,10 @@ async def test_restart_keeps_phases_and_adopts_workers(tmp_path: Path, servers, 
         await _create_and_start(stub, "probe", start=True)
         pids = {p.pid for p in worker_processes(tmp_path)}
         assert before < pids and len(pids) == 2, "the old worker is adopted, not duplicated"
-        running = await stub.GetWorkflow(svc.GetWorkflowRequest(name="workflows/keep-running"))
-        assert running.status.phase == pb.PHASE_RUNNING and running.status.ready_workers == 1
+        # ready_workers follows the supervisor's polls of the adopted worker's /status
+        running, phases = await watch_until(stub, "workflows/keep-running", lambda w: w.status.ready_workers == 1,
+                                            0)   # 0: the current state first, then its changes
+        assert running.status.phase == pb.PHASE_RUNNING and set(phases) == {pb.PHASE_RUNNING}
 
         for name in ("workflows/keep-running", "workflows/probe"):
             wf = await stub.StopWorkflow(svc.StopWorkflowRequest(name=name))
@@ -79,7 +81,7 @@ async def test_restart_keeps_phases_and_adopts_workers(tmp_path: Path, servers, 
 
 
 async def test_workers_stop_themselves_when_no_control_plane_returns(tmp_path: Path, servers):
-    server = ServerProcess(tmp_path, "--orphan-timeout", "2")
+    server = ServerProcess(tmp_path, "--orphan-timeout", "5")
     servers.append(server)
     await server.ready()
     channel, stub = server.stub()

@@ -24,6 +24,7 @@ import ctypes
 import http.client
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -87,14 +88,26 @@ def check_binaries(bin_dir: Path) -> None:
 
 
 def free_ports(count: int) -> list[int]:
-    """Distinct free loopback ports (all sockets are held until every port is picked)."""
+    """Distinct free loopback ports below the kernel's ephemeral range, so that no outgoing
+    connection can take one while its server restarts (all sockets are held until every port
+    is picked)."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    candidates = random.sample(range(max(1024, low - 12_000), low), k=min(12_000, low - 1024))
     with contextlib.ExitStack() as stack:
-        ports = []
-        for _ in range(count):
+        ports: list[int] = []
+        for port in candidates:
             sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-            sock.bind(("127.0.0.1", 0))
-            ports.append(sock.getsockname()[1])
-        return ports
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            ports.append(port)
+            if len(ports) == count:
+                return ports
+    raise ClusterError(f"no {count} free loopback ports below {low}")
 
 
 def fake_node(name: str) -> dict[str, Any]:

@@ -39,6 +39,7 @@ class FakeKubelet:
     def __init__(self, namespace: str, kubeconfig: Path, workdir: Path, interval: float = 0.2) -> None:
         self.namespace, self.kubeconfig, self.workdir, self.interval = namespace, kubeconfig, workdir, interval
         self.containers: dict[str, Container] = {}
+        self.hold_starts = False   # True: new pods wait (a node slow to start containers)
         self._task: asyncio.Task[None] | None = None
         self._api_client: Any = None
 
@@ -94,7 +95,7 @@ class FakeKubelet:
             container = self.containers.pop(name)
             await asyncio.to_thread(self._stop, container)
         for name, pod in live.items():
-            if name not in self.containers:
+            if name not in self.containers and not self.hold_starts:
                 self.containers[name] = await self._start(pod)
 
     async def _start(self, pod: Any) -> Container:

@@ -90,6 +90,7 @@ def leftovers(cluster: Any, release: str, namespace: str) -> list[str]:
     return names
 
 
+@pytest.mark.timeout(900)   # the first k8s test also pays for the session cluster
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=[p.stem for p in SCENARIOS])
 def test_install_and_uninstall(k8s_cluster, namespace, tmp_path, scenario):
     release = release_name()
@@ -335,6 +336,7 @@ def phase(stub: Any, name: str) -> str:
     return str(pb.Phase.Name(wf.status.phase))
 
 
+@pytest.mark.timeout(900)
 def test_lifecycle_under_the_charts_rbac(k8s_cluster, workflow_crd, namespace, chart_release, tmp_path):
     release = chart_release
     # Real records flow (from the sandbox), so the worker also commits its cursors to the checkpoints ConfigMap.
@@ -502,6 +504,7 @@ def lease_holder(cluster: Any, namespace: str, lease: str) -> str | None:
     return json.loads(res.stdout)["spec"].get("holderIdentity", "") if res.returncode == 0 else None
 
 
+@pytest.mark.timeout(900)
 def test_two_operators_one_acts_and_the_other_takes_over(k8s_cluster, workflow_crd, namespace, chart_release,
                                                          tmp_path):
     release = chart_release

@@ -188,9 +188,13 @@ def test_crash_looping_pod_drives_error(k8s_cluster, namespace, operator, tmp_pa
     wf = get(k8s_cluster, namespace, "workflow", name)
     assert wf["status"]["lastError"]["reason"] == "CRASH_LOOP"
     assert {c["type"]: c["status"] for c in wf["status"]["conditions"]}["Degraded"] == "True"
-    events = json.loads(k8s_cluster.kubectl("get", "events", "-n", namespace, "--field-selector",
-                                            f"involvedObject.name={name}", "-o", "json").stdout)["items"]
-    assert any(e["type"] == "Warning" and e["reason"] == "Error" for e in events)
+
+    def warned() -> bool:   # kopf posts events from its own queue, after the status patch
+        events = json.loads(k8s_cluster.kubectl("get", "events", "-n", namespace, "--field-selector",
+                                                f"involvedObject.name={name}", "-o", "json").stdout)["items"]
+        return any(e["type"] == "Warning" and e["reason"] == "Error" for e in events)
+
+    k8s_cluster.wait_until("a Warning event on the Workflow", warned)
 
 
 def test_delete_drains_and_leaves_no_orphans(k8s_cluster, namespace, operator, tmp_path):

@@ -147,10 +147,10 @@ async def test_checkpoints_survive_pod_deletion(k8s_cluster, namespace, operator
                 old: Container = kubelet.containers[old_pod]
                 assert len(sb.acs.profiles.rows) < CONTACTS, "the load finished before the pod could be deleted"
 
-                # 2. delete the pod: its container drains and exits; the ReplicaSet makes a new pod
+                # 2. delete the pod: its container drains and exits; the ReplicaSet makes a new pod, whose
+                # container waits until the old pod's last commit has been read here
+                kubelet.hold_starts = True
                 await kubectl(k8s_cluster, "delete", "pod", old_pod, "-n", namespace, "--wait=false")
-                # The fake kubelet stops a deleted pod's container before it starts any new one, so every
-                # request after this point comes from the new pod's worker.
                 code = await asyncio.to_thread(old.proc.wait, 90)
                 assert code == 0, f"the deleted pod's worker exited with {code}"
                 seq = max((r.seq for r in sb.requests.records()), default=0)
@@ -162,6 +162,7 @@ async def test_checkpoints_survive_pod_deletion(k8s_cluster, namespace, operator
                 assert resume_from and "$skiptoken=" in str(committed["cursor"]), \
                     f"no mid-load cursor was committed: {committed}"
                 assert "drained and stopped" in (tmp_path / "containers" / f"{old_pod}.log").read_text()
+                kubelet.hold_starts = False   # every request from here on comes from the new pod's worker
 
                 async def replaced() -> bool:
                     return any(p != old_pod for p in kubelet.running())

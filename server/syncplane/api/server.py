@@ -91,8 +91,10 @@ async def serve_until_signalled(server: grpc.aio.Server, health_servicer: health
                                 port_file: Path | None = None, stop: asyncio.Event | None = None) -> None:
     """Announce the port, wait for SIGTERM/SIGINT (or `stop`), then shut down
     gracefully: health goes NOT_SERVING, in-flight RPCs get a grace period."""
-    if port_file:
-        port_file.write_text(str(port))  # noqa: ASYNC240 (a few bytes, once, at start-up)
+    if port_file:   # written whole, then renamed: a reader never sees it empty
+        tmp = port_file.with_name(port_file.name + ".tmp")
+        tmp.write_text(str(port))   # a few bytes, once, at start-up
+        tmp.replace(port_file)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
