@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from syncplane.api.v1 import workflow_pb2 as pb
@@ -15,6 +16,7 @@ from syncplane.api.v1 import workflow_service_pb2 as svc
 from syncplane.api.v1 import workflow_service_pb2_grpc as svc_grpc
 from syncplane.runtime.embedded import write_sandbox_secrets
 from syncplane.sandbox import Sandbox
+from syncplane.worker.checkpoints import SqliteWorkerState
 from tests.factories import spec as default_spec
 
 PROFILE = {"contactid": "externalId", "emailaddress1": "email", "firstname": "firstName", "lastname": "lastName"}
@@ -117,6 +119,15 @@ async def converge(check: Callable[[], bool], timeout: float, what: str | Callab
         if loop.time() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what() if callable(what) else what}")
         await asyncio.sleep(0.5)  # the sandbox shares this event loop: leave it the time
+
+
+def dead_letters(data_dir: Path, workflow: str) -> list[dict[str, Any]]:
+    """A workflow's dead letters, as the embedded workers stored them."""
+    state = SqliteWorkerState(data_dir / "worker-state.db")
+    try:
+        return state.dead_letters(workflow)
+    finally:
+        state.close()
 
 
 async def status_of(stub: svc_grpc.WorkflowServiceStub, name: str) -> pb.WorkflowStatus:

@@ -16,10 +16,9 @@ import pytest
 from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.egress.transform import crm_time
 from syncplane.sandbox import Sandbox, SeedSpec, start_sandbox
-from syncplane.worker.checkpoints import SqliteWorkerState
 from tests.factories import spec as default_spec
 from tests.integration.conftest import ControlPlane, _serve, worker_processes
-from tests.integration.ingress_env import converge, prepare
+from tests.integration.ingress_env import converge, dead_letters, prepare
 from tests.integration.test_ingress import CRASH_TOLERANT, restart_with, start
 
 
@@ -141,11 +140,7 @@ async def test_an_event_before_its_contact_is_held_then_delivered_or_dead_letter
 
         # The other never comes: after the bounded number of passes it is a dead letter, with the reason.
         def dead() -> list[dict[str, Any]]:
-            state = SqliteWorkerState(plane.data_dir / "worker-state.db")
-            try:
-                return state.dead_letters("held")
-            finally:
-                state.close()
+            return dead_letters(plane.data_dir, "held")
 
         await converge(lambda: len(dead()) == 1, 120, "the event whose contact never came, dead-lettered")
         letter = dead()[0]

@@ -9,7 +9,6 @@ import random
 import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -24,6 +23,7 @@ from tests.integration.ingress_env import (
     actual_profiles,
     cards_match,
     converge,
+    dead_letters,
     diff,
     expected_profiles,
     ingress_spec,
@@ -218,19 +218,12 @@ async def test_rejected_records_go_to_dead_letters_and_the_rest_is_written(plane
         await start(plane, "poison", ingress_spec(sb, batch_size=1000))
         expected = {k: v for k, v in expected_profiles(sb).items() if k not in bad}
 
-        def dead_letters() -> list[dict[str, Any]]:
-            state = SqliteWorkerState(plane.data_dir / "worker-state.db")
-            try:
-                return state.dead_letters("poison")
-            finally:
-                state.close()
-
         await converge(lambda: actual_profiles(sb) == expected, 120,
                        lambda: "all but the poison records: " + diff(expected, actual_profiles(sb)))
         # the letters are stored once the batch's writes return, a moment after the last profile lands
-        await converge(lambda: len(dead_letters()) == len(bad), 30,
-                       lambda: f"the {len(bad)} poison records dead-lettered: {dead_letters()}")
-        letters = dead_letters()
+        await converge(lambda: len(dead_letters(plane.data_dir, "poison")) == len(bad), 30,
+                       lambda: f"the {len(bad)} poison records dead-lettered: {dead_letters(plane.data_dir, 'poison')}")
+        letters = dead_letters(plane.data_dir, "poison")
         assert sorted(d["key"] for d in letters) == bad
         assert all(d["status"] == 400 and d["error"] for d in letters)
         assert all(d["payload"] for d in letters), "the record itself is kept for a retry"
