@@ -16,6 +16,7 @@ import pytest
 from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.egress.transform import crm_time
 from syncplane.sandbox import Sandbox, SeedSpec, start_sandbox
+from tests.backends import eventually
 from tests.factories import spec as default_spec
 from tests.integration.conftest import ControlPlane, _serve, worker_processes
 from tests.integration.ingress_env import converge, dead_letters, prepare
@@ -133,6 +134,11 @@ async def test_an_event_before_its_contact_is_held_then_delivered_or_dead_letter
                              created_by="campaign")
         await start(plane, "held", egress_spec(sb))
         await converge(lambda: {a["new_eventid"] for a in activities(sb)} == {"evt-ok"}, 60, "the deliverable event")
+
+        async def held(n: int) -> bool:   # the worker's own report
+            return [r["held"] for r in await plane.worker_reports("held")] == [n]
+
+        await eventually(lambda: held(2), "the worker reporting its two held events", 30)
         # The contact arrives in the CRM later: its held event follows.
         sb.d365.table("contacts").upsert(late, lastname="Late", emailaddress1="late@example.com")
         await converge(lambda: {a["new_eventid"] for a in activities(sb)} == {"evt-ok", "evt-held-0"}, 60,
@@ -147,5 +153,6 @@ async def test_an_event_before_its_contact_is_held_then_delivered_or_dead_letter
         assert letter["key"] == "evt-held-1" and letter["status"] == 404
         assert "held for" in letter["error"] and never in letter["error"]
         assert {a["new_eventid"] for a in activities(sb)} == {"evt-ok", "evt-held-0"}
+        await eventually(lambda: held(0), "the worker reporting nothing held any more", 30)
     finally:
         await sb.stop()

@@ -107,10 +107,10 @@ def _db_path(state: SqliteWorkerState) -> str:
 class OptInOutSync:
     def __init__(self, workflow: str, direction: Direction, pairs: Sequence[FieldPair], *,
                  crm_source: DynamicsSource, crm_writer: DynamicsOptOutWriter, campaign_source: CampaignSource,
-                 campaign_writer: CampaignOptOutWriter, state: SqliteWorkerState, memory: SqliteEchoMemory,
-                 report: WorkerReport, batch_size: int = DEFAULT_BATCH_SIZE,
-                 closers: Sequence[OAuth2ClientCredentials | Transport] = (),
-                 checkpoints: AsyncCheckpointStore | None = None, letters: AsyncDeadLetterStore | None = None) -> None:
+                 campaign_writer: CampaignOptOutWriter, checkpoints: AsyncCheckpointStore,
+                 letters: AsyncDeadLetterStore, memory: SqliteEchoMemory, report: WorkerReport,
+                 batch_size: int = DEFAULT_BATCH_SIZE,
+                 closers: Sequence[OAuth2ClientCredentials | Transport] = ()) -> None:
         self.workflow, self.direction, self.pairs = workflow, direction, list(pairs)
         self.crm_source, self.crm_writer = crm_source, crm_writer
         self.campaign_source, self.campaign_writer = campaign_source, campaign_writer
@@ -118,8 +118,7 @@ class OptInOutSync:
         # Cursors and dead letters: in the state file embedded, ConfigMaps on Kubernetes (the Engine's
         # stores). The echo memory stays local: without it the next pass sees no echo to skip, and
         # both sides already agree.
-        self.checkpoints: AsyncCheckpointStore = checkpoints or state
-        self.letters: AsyncDeadLetterStore = letters or state
+        self.checkpoints, self.letters = checkpoints, letters
         self.batch_size = max(1, batch_size)
         self._closers = list(closers)
         self.crm_fields = [p.crm for p in self.pairs]
@@ -320,7 +319,7 @@ class OptInOutSync:
             self.memory.store(self.workflow, target, {k: {**known.get(k, {}), **resend[k]} for k in out.written})
             rejected = {r.key for r in out.rejected}
             await self.letters.asettle_retry(self.workflow, stream, [k for k in wanted if k not in rejected],
-                                    [(r.key, r.status, r.error) for r in out.rejected], list(wanted))
+                                             [(r.key, r.status, r.error) for r in out.rejected], list(wanted))
             self.report.counters.written += len(out.written)
             log.info("%s: %d dead letter(s) of %s retried: %d written, %d superseded or gone, %d rejected again",
                      self.workflow, len(wanted), stream, len(out.written), len(wanted) - len(resend) + len(out.absent),
@@ -366,7 +365,8 @@ def build_optinout(workflow: str, spec: pb.WorkflowSpec, secrets: dict[str, Conn
                    state: SqliteWorkerState, report: WorkerReport, *,
                    memory_path: Path | str | None = None, checkpoints: AsyncCheckpointStore | None = None,
                    letters: AsyncDeadLetterStore | None = None) -> OptInOutSync:
-    """The opt-in/out sync of a workflow (``spec.type`` OPT_IN_OUT)."""
+    """The opt-in/out sync of a workflow (``spec.type`` OPT_IN_OUT). Its cursors and dead letters go
+    to ``checkpoints`` and ``letters`` (ConfigMaps on Kubernetes), by default to ``state``."""
     crm_conn = _connection(spec, pb.CONNECTOR_KIND_DYNAMICS365)
     acs_conn = _connection(spec, pb.CONNECTOR_KIND_CAMPAIGN_STANDARD)
     crm_secret, acs_secret = secrets[crm_conn.credentials.name], secrets[acs_conn.credentials.name]
@@ -387,7 +387,6 @@ def build_optinout(workflow: str, spec: pb.WorkflowSpec, secrets: dict[str, Conn
     memory = SqliteEchoMemory(memory_path if memory_path is not None else _db_path(state))
     return OptInOutSync(workflow, _DIRECTIONS.get(spec.opt_in_out.direction, Direction.DISABLED),
                         pairs_of(spec.opt_in_out.field_pairs), crm_source=crm_source, crm_writer=crm_writer,
-                        campaign_source=campaign_source, campaign_writer=campaign_writer, state=state,
-                        memory=memory, report=report, batch_size=batch_size,
-                        closers=[crm_transport, acs_transport, crm_tokens, acs_tokens], checkpoints=checkpoints,
-                        letters=letters)
+                        campaign_source=campaign_source, campaign_writer=campaign_writer,
+                        checkpoints=checkpoints or state, letters=letters or state, memory=memory, report=report,
+                        batch_size=batch_size, closers=[crm_transport, acs_transport, crm_tokens, acs_tokens])

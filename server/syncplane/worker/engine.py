@@ -156,7 +156,7 @@ class Stores:
 
 class _PipelineRunner:
     """Runs pipelines one after the other; subclasses open the source and sink, and build the
-    pipelines on the first pass. Owns the tokens and the held-records store they share."""
+    pipelines on the first pass. Owns the tokens they share; the stores come from the Engine."""
 
     source: Any
     sink: Any

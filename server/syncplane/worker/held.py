@@ -50,8 +50,6 @@ class AsyncHeldStore(Protocol):
 
     async def aall(self, workflow: str, stream: str) -> list[Held]: ...
 
-    async def acount(self, workflow: str) -> int: ...
-
 
 class HeldRecords:
     def __init__(self, path: Path) -> None:
@@ -78,9 +76,6 @@ class HeldRecords:
                                 "stream = ? ORDER BY first_seen, key", (workflow, stream))
         return [Held(k, json.loads(p), s, e, a) for k, p, s, e, a in rows]
 
-    def count(self, workflow: str) -> int:
-        return int(self._db.execute("SELECT COUNT(*) FROM held WHERE workflow = ?", (workflow,)).fetchone()[0])
-
     # AsyncHeldStore: the same calls, inline (the connection belongs to the thread that opened it).
     async def ahold(self, workflow: str, stream: str, key: str, payload: dict[str, Any], status: int,
                     error: str) -> None:
@@ -91,6 +86,3 @@ class HeldRecords:
 
     async def aall(self, workflow: str, stream: str) -> list[Held]:
         return self.all(workflow, stream)
-
-    async def acount(self, workflow: str) -> int:
-        return self.count(workflow)

@@ -161,7 +161,6 @@ class ConfigMapStore:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    # -- AsyncCheckpointStore ---------------------------------------------------------------
     async def _call(self, what: str, name: str, attempt: Callable[[], Awaitable[T]]) -> T:
         from kubernetes_asyncio.client.exceptions import ApiException
 
@@ -197,6 +196,8 @@ class ConfigMapStore:
 
 class ConfigMapCheckpoints(ConfigMapStore):
     """`AsyncCheckpointStore` over `<workflow>-checkpoints` ConfigMaps in one namespace."""
+
+    # -- AsyncCheckpointStore ---------------------------------------------------------------
 
     async def aload(self, workflow: str, stream: str) -> str | None:
         """The stream's committed cursor; None when nothing was committed (or the ConfigMap is missing)."""

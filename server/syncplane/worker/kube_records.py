@@ -224,9 +224,6 @@ class ConfigMapRecords(ConfigMapStore):
         rows = await self._list(workflow, HELD)
         return sorted((held_of(doc) for _, doc, _ in rows if doc.get("stream") == stream), key=lambda h: h.key)
 
-    async def acount(self, workflow: str) -> int:
-        return len(await self._list(workflow, HELD))
-
     # -- the API server's side (DeadLetterStore) -------------------------------------------------
     async def list_letters(self, workflow: str) -> list[DeadLetter]:
         """Every dead letter of a workflow, ordered by (stream, key)."""

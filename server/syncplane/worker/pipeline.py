@@ -90,6 +90,7 @@ class Pipeline:
         self.guard = guard
         # Records whose target does not exist yet (e.g. an event's contact): held, re-sent each pass.
         self.held, self.hold = held, hold
+        self._held_here = 0  # this stream's share of report.held, from its last retry of them
         # Where cursors live: the worker's SQLite file embedded, a ConfigMap on Kubernetes.
         self.checkpoints = checkpoints
         # Where poison records go: the same SQLite file embedded, ConfigMaps on Kubernetes.
@@ -241,7 +242,7 @@ class Pipeline:
                     await self.held.ahold(self.workflow, self.stream.name, bad.key, payload, bad.status, bad.error)
                     continue
                 await self._dead_letter(bad.key, payload, bad.status, bad.error,
-                                  deleted=bool(rejected and rejected.deleted))
+                                        deleted=bool(rejected and rejected.deleted))
             if self._letters and result.written:
                 # Written now (e.g. corrected at the source): an older dead letter of it is moot.
                 await self.letters.asettle_retry(self.workflow, self.stream.name, result.written, (), ())
@@ -281,7 +282,8 @@ class Pipeline:
                 if result.rejected and self.guard is not None:
                     await self.guard()
                 await self.letters.asettle_retry(self.workflow, self.stream.name, result.written,
-                                        [(r.key, r.status, r.error) for r in result.rejected], [r.key for r in records])
+                                                 [(r.key, r.status, r.error) for r in result.rejected],
+                                                 [r.key for r in records])
                 self.report.counters.written += len(result.written)
         await self._count_letters()
         self._letters = self.report.dead_letters > 0
@@ -290,6 +292,7 @@ class Pipeline:
         """Re-send held records; past the policy's attempts they become dead letters."""
         assert self.held is not None and self.hold is not None
         held = await self.held.aall(self.workflow, self.stream.name)
+        released = 0
         for i in range(0, len(held), self.batch_size):
             chunk = held[i:i + self.batch_size]
             by_key = {h.key: h for h in chunk}
@@ -297,6 +300,7 @@ class Pipeline:
                                            [Record(h.key, h.payload) for h in chunk])
             for key in result.written:
                 await self.held.arelease(self.workflow, self.stream.name, key)
+            released += len(result.written)
             self.report.counters.written += len(result.written)
             for bad in result.rejected:
                 h = by_key[bad.key]
@@ -304,9 +308,13 @@ class Pipeline:
                     await self.held.ahold(self.workflow, self.stream.name, bad.key, h.payload, bad.status, bad.error)
                     continue
                 await self.held.arelease(self.workflow, self.stream.name, bad.key)
+                released += 1
                 await self._dead_letter(bad.key, h.payload, bad.status,
-                                  f"held for {h.attempts + 1} passes, still failing: {bad.error}")
-        self.report.held = await self.held.acount(self.workflow)
+                                        f"held for {h.attempts + 1} passes, still failing: {bad.error}")
+        # What is left of the listing is still held: no second listing to count them.
+        remaining = len(held) - released
+        self.report.held += remaining - self._held_here
+        self._held_here = remaining
 
     def _throughput(self, n: int) -> None:
         now = time.monotonic()
