@@ -7,6 +7,7 @@ validation); anything unexpected becomes INTERNAL without internals.
 from __future__ import annotations
 
 import hmac
+import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -36,6 +37,9 @@ PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 
 def to_status(exc: BaseException) -> status_pb2.Status:
+    if isinstance(exc, NotImplementedError):
+        # grpc's generated servicer base for a method the servicer does not override (e.g. Health/List)
+        return status_pb2.Status(code=code_pb2.UNIMPLEMENTED, message="method not implemented by this server")
     if not isinstance(exc, errors.SyncplaneError):
         return status_pb2.Status(code=code_pb2.INTERNAL, message="internal error; see the server log")
     code = next((c for t, c in _CODES.items() if isinstance(exc, t)), code_pb2.UNKNOWN)
@@ -54,7 +58,7 @@ def to_status(exc: BaseException) -> status_pb2.Status:
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> None:
-    if not isinstance(exc, errors.SyncplaneError):
+    if not isinstance(exc, errors.SyncplaneError | NotImplementedError):
         log.exception("unexpected error in %s", method)
     await context.abort_with_status(rpc_status.to_status(to_status(exc)))
 
@@ -89,38 +93,79 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if handler is None:
             return None
         method = details.method
-        if handler.unary_unary is not None:
-            inner_uu: Handler = handler.unary_unary
-
-            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                with self._span(method) as span:
-                    try:
-                        self._check_auth(method, context)
-                        return await inner_uu(request, context)
-                    except Exception as exc:
-                        _record(span, exc)
-                        await _abort(context, exc, method)
-
-            return grpc.unary_unary_rpc_method_handler(
-                unary, request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
-        if handler.unary_stream is not None:
-            inner_us: Handler = handler.unary_stream
-
-            async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                with self._span(method) as span:
-                    try:
-                        self._check_auth(method, context)
-                        async for item in inner_us(request, context):
-                            yield item
-                    except Exception as exc:
-                        _record(span, exc)
-                        await _abort(context, exc, method)
-
-            return grpc.unary_stream_rpc_method_handler(
-                stream, request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
+        for shape, streaming, factory in _SHAPES:
+            behavior = getattr(handler, shape)
+            if behavior is not None:
+                wrapped = (self._streaming if streaming else self._unary)(method, behavior)
+                return factory(wrapped, request_deserializer=handler.request_deserializer,
+                               response_serializer=handler.response_serializer)
         return handler
+
+    def _unary(self, method: str, behavior: Handler) -> Handler:
+        """A single response: the behaviour is a coroutine function (or a plain function)."""
+
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            with self._span(method) as span:
+                try:
+                    self._check_auth(method, context)
+                    result = behavior(request, context)
+                    return (await result) if inspect.isawaitable(result) else result
+                except grpc.aio.AbortError:
+                    raise   # the behaviour aborted with its own status
+                except Exception as exc:
+                    _record(span, exc)
+                    await _abort(context, exc, method)
+
+        return call
+
+    def _streaming(self, method: str, behavior: Handler) -> Handler:
+        """A response stream. The behaviour may be an async generator (ours, reflection) or a
+        coroutine writing with `context.write` (grpc's health Watch), or a plain generator.
+
+        The span is made current only around each step of the behaviour, never across a
+        `yield`: a stream a client cancels is closed from wherever grpc finalises it, and a
+        context attached across the yield would be detached in another context (OpenTelemetry's
+        "Failed to detach context")."""
+
+        async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            span = self._tracer.start_span(method, kind=SpanKind.SERVER, attributes=_attrs(method),
+                                           record_exception=False, set_status_on_exception=False)
+            try:
+                with trace.use_span(span):
+                    self._check_auth(method, context)
+                    result = behavior(request, context)
+                    if inspect.isawaitable(result):
+                        await result
+                        return
+                if hasattr(result, "__anext__"):
+                    while True:
+                        with trace.use_span(span):
+                            try:
+                                item = await result.__anext__()
+                            except StopAsyncIteration:
+                                return
+                        yield item
+                else:
+                    for item in result:
+                        yield item
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                _record(span, exc)
+                await _abort(context, exc, method)
+            finally:
+                span.end()
+
+        return stream
+
+
+# Each RPC shape: the handler attribute, whether responses stream, the handler factory.
+_SHAPES: tuple[tuple[str, bool, Callable[..., Any]], ...] = (
+    ("unary_unary", False, grpc.unary_unary_rpc_method_handler),
+    ("unary_stream", True, grpc.unary_stream_rpc_method_handler),
+    ("stream_unary", False, grpc.stream_unary_rpc_method_handler),
+    ("stream_stream", True, grpc.stream_stream_rpc_method_handler),
+)
 
 
 def _attrs(method: str) -> dict[str, str]:
