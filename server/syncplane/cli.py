@@ -9,7 +9,6 @@ import logging
 import os
 import sys
 import tempfile
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -21,8 +20,8 @@ from google.protobuf import field_mask_pb2, json_format, timestamp_pb2
 
 from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.api.v1 import workflow_service_pb2 as svc
-from syncplane.client import ClientConfig, describe_error, stub
-from syncplane.errors import SyncplaneError
+from syncplane.client import ClientConfig, describe_error, stub, violation_lines
+from syncplane.errors import InvalidArgument, SyncplaneError
 from syncplane.model.convert import enum_short_name, from_resource, phase_name, to_resource
 from syncplane.model.names import workflow_name
 
@@ -197,9 +196,11 @@ def operator_(namespaces: tuple[str, ...], standalone: bool, liveness: str) -> N
               help="Embedded: a <name>.json file per secret reference.")
 @click.option("--state-db", type=click.Path(path_type=Path), default=None,
               help="SQLite file for checkpoints and dead letters (default: in --state-dir).")
+@click.option("--drain-timeout", type=float, default=20.0, show_default=True,
+              help="Seconds the batch in flight may take after SIGTERM before it is abandoned.")
 def worker(workflow: str, index: int, generation: int, spec_file: Path, state_dir: Path | None,
            orphan_timeout: float, heartbeat: str, namespace: str, pod_name: str, workflow_uid: str, listen: str,
-           secrets_dir: Path | None, state_db: Path | None) -> None:
+           secrets_dir: Path | None, state_db: Path | None, drain_timeout: float) -> None:
     """Run one worker replica (started by the supervisor or a Deployment)."""
     from syncplane.worker.main import WorkerOptions, run
 
@@ -208,14 +209,27 @@ def worker(workflow: str, index: int, generation: int, spec_file: Path, state_di
                                state_dir=state_dir or Path(tempfile.gettempdir()), orphan_timeout=orphan_timeout,
                                heartbeat=heartbeat, namespace=namespace, pod_name=pod_name,
                                workflow_uid=workflow_uid, host=host,
-                               port=int(port), secrets_dir=secrets_dir, state_db=state_db)))
+                               port=int(port), secrets_dir=secrets_dir, state_db=state_db,
+                               drain_timeout=drain_timeout)))
 
 
-def _documents(path: str) -> Iterator[dict[str, Any]]:
+def _documents(path: str) -> list[Any]:
+    """Every non-empty YAML document of the file (or stdin), all parsed before any is applied.
+
+    Raises:
+        OSError: the file cannot be read.
+        click.ClickException: it is not YAML (the message names the line and column).
+    """
     text = sys.stdin.read() if path == "-" else Path(path).read_text()
-    for doc in yaml.safe_load_all(text):
-        if doc:
-            yield doc
+    try:
+        return [doc for doc in yaml.safe_load_all(text) if doc]
+    except yaml.YAMLError as exc:
+        where = ""
+        mark = getattr(exc, "problem_mark", None)
+        if mark is not None:
+            where = f" at line {mark.line + 1}, column {mark.column + 1}"
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise click.ClickException(f"{'stdin' if path == '-' else path}: not valid YAML{where}: {problem}") from exc
 
 
 @cli.command()
@@ -426,22 +440,39 @@ def watch(ctx: click.Context, name: str | None, from_revision: int, output: str)
             click.echo(f"{event.revision:>6} {kind:<8} " + "  ".join(row[:6]))
 
 
-def main() -> None:
+def error_text(exc: BaseException) -> str:
+    """What the CLI prints for a failure, after `error: `: one line (plus one line per field
+    violation). Never a traceback: an unexpected exception is named by its type and message."""
+    if isinstance(exc, grpc.RpcError):
+        return describe_error(exc)
+    if isinstance(exc, InvalidArgument):
+        return "\n".join(violation_lines([(v.field, v.description) for v in exc.violations]))
+    if isinstance(exc, SyncplaneError):
+        return exc.message
+    if isinstance(exc, click.ClickException):
+        return exc.format_message()
+    if isinstance(exc, OSError):
+        return f"{exc.filename}: {exc.strerror or exc}" if exc.filename else " ".join(str(exc).split())
+    if isinstance(exc, RuntimeError) and type(exc).__module__.startswith("syncplane"):
+        return str(exc)   # our own start-up refusals (BindError, InsecureBindError) say what to do
+    if isinstance(exc, yaml.YAMLError):
+        return "not valid YAML: " + " ".join(str(exc).split())
+    return f"unexpected {type(exc).__name__}: {' '.join(str(exc).split())}"
+
+
+def main(args: list[str] | None = None) -> None:
+    """The `syncplane` entry point: every failure is `error: …` on stderr and a non-zero exit
+    (2 for a usage error, 130 for Ctrl-C, 1 otherwise)."""
     try:
-        cli(standalone_mode=False)
-    except click.exceptions.Abort:
+        cli.main(args=args, standalone_mode=False, obj=None)
+    except (click.exceptions.Abort, KeyboardInterrupt):
         sys.exit(130)
-    except click.ClickException as exc:
-        exc.show()
+    except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
-    except grpc.RpcError as err:
-        click.echo(f"error: {describe_error(err)}", err=True)
+    except click.UsageError as exc:
+        hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+        click.echo(f"error: {exc.format_message()}{hint}", err=True)
+        sys.exit(exc.exit_code)
+    except Exception as exc:   # the one boundary: a user sees a line, never a traceback
+        click.echo(f"error: {error_text(exc)}", err=True)
         sys.exit(1)
-    except SyncplaneError as exc:
-        msg = exc.message
-        violations = getattr(exc, "violations", [])
-        click.echo(f"error: {msg}" if not violations else "error: invalid workflow:\n" +
-                   "\n".join(f"  {v.field}: {v.description}" for v in violations), err=True)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        sys.exit(130)

@@ -67,14 +67,29 @@ class _Details(grpc.ClientCallDetails):  # type: ignore[misc]
         self.compression = getattr(base, "compression", None)
 
 
+def violation_lines(violations: list[tuple[str, str]]) -> list[str]:
+    """The CLI's (and README's) form of an INVALID_ARGUMENT: a count, then one
+    `  field.path: reason` line per violation, each once."""
+    n = len(violations)
+    return [f"INVALID_ARGUMENT: {n} invalid field{'s' if n != 1 else ''}",
+            *(f"  {field}: {description}" for field, description in violations)]
+
+
 def describe_error(err: grpc.RpcError) -> str:
-    """`CODE: message` plus one line per field violation."""
-    code = err.code().name if hasattr(err, "code") else "UNKNOWN"
-    lines = [f"{code}: {err.details() if hasattr(err, 'details') else err}"]
+    """`CODE: message` on one line; for INVALID_ARGUMENT with field violations, the
+    violations instead of the message (which repeats them) - see violation_lines."""
+    code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+    details = str(err.details() if hasattr(err, "details") else err) or ""
     status = rpc_status.from_call(err) if hasattr(err, "trailing_metadata") else None
+    violations: list[tuple[str, str]] = []
     for detail in status.details if status else []:
         if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
             bad = error_details_pb2.BadRequest()
             detail.Unpack(bad)
-            lines.extend(f"  {v.field}: {v.description}" for v in bad.field_violations)
-    return "\n".join(lines)
+            violations.extend((v.field, v.description) for v in bad.field_violations)
+    if violations:
+        return "\n".join(violation_lines(violations))
+    if code == grpc.StatusCode.UNAVAILABLE:
+        details = "cannot reach the control plane (is `syncplane up` running? --server sets the address): " + \
+            " ".join(details.split())
+    return f"{code.name}: {' '.join(details.split())}"

@@ -27,6 +27,10 @@ class InsecureBindError(RuntimeError):
     pass
 
 
+class BindError(RuntimeError):
+    """The listen address cannot be bound (in use, or not an address of this host)."""
+
+
 @dataclass(frozen=True)
 class ServerSecurity:
     tls_cert: Path | None = None
@@ -75,12 +79,16 @@ async def create_server(
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server)
-    if security.tls:
-        assert security.tls_cert and security.tls_key
-        creds = grpc.ssl_server_credentials([(security.tls_key.read_bytes(), security.tls_cert.read_bytes())])
-        port = server.add_secure_port(address, creds)
-    else:
-        port = server.add_insecure_port(address)
+    try:
+        if security.tls:
+            assert security.tls_cert and security.tls_key
+            creds = grpc.ssl_server_credentials([(security.tls_key.read_bytes(), security.tls_cert.read_bytes())])
+            port = server.add_secure_port(address, creds)
+        else:
+            port = server.add_insecure_port(address)
+    except RuntimeError as exc:   # grpc says only "Failed to bind to address"
+        raise BindError(f"cannot listen on {address}: the address is in use (another `syncplane up`?) "
+                        "or not an address of this host; choose another with --listen") from exc
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)

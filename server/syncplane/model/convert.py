@@ -128,7 +128,17 @@ def to_resource(wf: pb.Workflow) -> dict[str, Any]:
 
 def from_resource(resource: dict[str, Any]) -> tuple[str, pb.Workflow]:
     """Parse a kubectl-style document; returns (workflow_id, Workflow)."""
+    if not isinstance(resource, dict):
+        raise InvalidArgument([FieldViolation("document", "must be a mapping (apiVersion, kind, "
+                                                  f"metadata, spec), not {type(resource).__name__}")])
     violations = []
+    for key in ("metadata", "spec"):
+        if not isinstance(resource.get(key) or {}, dict):
+            violations.append(FieldViolation(key, "must be a mapping"))
+    if not isinstance((resource.get("metadata") or {}).get("labels") or {}, dict):
+        violations.append(FieldViolation("metadata.labels", "must be a mapping"))
+    if violations:
+        raise InvalidArgument(violations)
     if resource.get("apiVersion", API_VERSION) != API_VERSION:
         violations.append(FieldViolation("apiVersion", f"must be {API_VERSION}"))
     if resource.get("kind", KIND) != KIND:
