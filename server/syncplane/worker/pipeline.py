@@ -90,7 +90,12 @@ class Pipeline:
         self.guard = guard
         # Records whose target does not exist yet (e.g. an event's contact): held, re-sent each pass.
         self.held, self.hold = held, hold
-        self._held_here = 0  # this stream's share of report.held, from its last retry of them
+        # The keys this stream holds (this pipeline is their only writer): any newer event of
+        # one of them supersedes the held copy. Loaded at each pass's retry of them.
+        self._held_keys: set[str] = set()
+        self._held_loaded = False
+        self._held_this_pass: set[str] = set()  # first held in this pass: re-sent from the next one
+        self._held_here = 0  # this stream's share of report.held
         # Where cursors live: the worker's SQLite file embedded, a ConfigMap on Kubernetes.
         self.checkpoints = checkpoints
         # Where poison records go: the same SQLite file embedded, ConfigMaps on Kubernetes.
@@ -107,8 +112,11 @@ class Pipeline:
         last fully written page is committed, the rest is read again at the next start."""
         self.checkpoint = await self._resume_point()
         await self._retry_dead_letters()
-        if self.held is not None:
-            await self._retry_held()
+        self._held_this_pass = set()
+        if self.held is not None and not self._held_loaded:
+            self._held_keys = {h.key for h in await self.held.aall(self.workflow, self.stream.name)}
+            self._held_loaded = True
+            self._count_held()
         cursor = self.checkpoint.cursor
         columns = self.stream.transform.source_columns()
         read = 0
@@ -158,6 +166,10 @@ class Pipeline:
                 # A full read just completed: the table's size is known.
                 self.checkpoint.rows, self.checkpoint.partial = self.checkpoint.partial, 0
                 await self._commit()
+            if self.held is not None and read_to_the_end and not stop.is_set():
+                # After the read, not before: a newer event of a held key (read just now) has
+                # superseded its held copy, which must not be sent after it.
+                await self._retry_held()
         finally:
             if not producer.done():
                 producer.cancel()
@@ -226,6 +238,7 @@ class Pipeline:
         self._in_flight = len(upserts) + len(deletes)  # filtered-out records are done
         self._update_backlog()
         batch = upserts + deletes
+        held_now: set[str] = set()  # keys held (again) by this page: their newest copy is the held one
         for i in range(0, len(batch), self.batch_size):
             if i and stop.is_set():
                 return False
@@ -240,6 +253,9 @@ class Pipeline:
                 payload = rejected.values if rejected else {}
                 if self.held is not None and self.hold is not None and bad.status in self.hold.statuses:
                     await self.held.ahold(self.workflow, self.stream.name, bad.key, payload, bad.status, bad.error)
+                    held_now.add(bad.key)
+                    self._held_keys.add(bad.key)
+                    self._held_this_pass.add(bad.key)
                     continue
                 await self._dead_letter(bad.key, payload, bad.status, bad.error,
                                         deleted=bool(rejected and rejected.deleted))
@@ -252,7 +268,23 @@ class Pipeline:
             self._in_flight -= len(chunk)
             self._update_backlog()
             self._throughput(len(result.written))
+        await self._supersede_held(records, held_now)
         return True
+
+    async def _supersede_held(self, records: Sequence[Record], held_now: set[str]) -> None:
+        """A held record is superseded by any newer event of its key: written, deleted, filtered
+        out, skipped or dead-lettered, the held (older) copy must never be sent after it."""
+        if self.held is None or not self._held_keys:
+            self._count_held()
+            return
+        for key in {r.key for r in records} & self._held_keys - held_now:
+            await self.held.arelease(self.workflow, self.stream.name, key)
+            self._held_keys.discard(key)
+        self._count_held()
+
+    def _count_held(self) -> None:
+        self.report.held += len(self._held_keys) - self._held_here
+        self._held_here = len(self._held_keys)
 
     async def _dead_letter(self, key: str, payload: dict[str, Any], status: int, error: str,
                            deleted: bool = False) -> None:
@@ -291,8 +323,9 @@ class Pipeline:
     async def _retry_held(self) -> None:
         """Re-send held records; past the policy's attempts they become dead letters."""
         assert self.held is not None and self.hold is not None
-        held = await self.held.aall(self.workflow, self.stream.name)
-        released = 0
+        listed = await self.held.aall(self.workflow, self.stream.name)
+        self._held_keys = {h.key for h in listed}
+        held = [h for h in listed if h.key not in self._held_this_pass]
         for i in range(0, len(held), self.batch_size):
             chunk = held[i:i + self.batch_size]
             by_key = {h.key: h for h in chunk}
@@ -300,7 +333,7 @@ class Pipeline:
                                            [Record(h.key, h.payload) for h in chunk])
             for key in result.written:
                 await self.held.arelease(self.workflow, self.stream.name, key)
-            released += len(result.written)
+                self._held_keys.discard(key)
             self.report.counters.written += len(result.written)
             for bad in result.rejected:
                 h = by_key[bad.key]
@@ -308,13 +341,11 @@ class Pipeline:
                     await self.held.ahold(self.workflow, self.stream.name, bad.key, h.payload, bad.status, bad.error)
                     continue
                 await self.held.arelease(self.workflow, self.stream.name, bad.key)
-                released += 1
+                self._held_keys.discard(bad.key)
                 await self._dead_letter(bad.key, h.payload, bad.status,
                                         f"held for {h.attempts + 1} passes, still failing: {bad.error}")
         # What is left of the listing is still held: no second listing to count them.
-        remaining = len(held) - released
-        self.report.held += remaining - self._held_here
-        self._held_here = remaining
+        self._count_held()
 
     def _throughput(self, n: int) -> None:
         now = time.monotonic()

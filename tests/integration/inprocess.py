@@ -1,0 +1,60 @@
+"""An ingress worker's engine in this process, against the sandbox over real HTTP.
+
+For property tests that run hundreds of passes: a worker process per example would
+cost seconds each. Everything under the runner is real: the connectors speak HTTP to
+the sandbox emulators, checkpoints, dead letters and held records live in a SQLite
+file. The destination is then read from the sandbox (the outside world).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from syncplane.api.v1 import workflow_pb2 as pb
+from syncplane.sandbox import Sandbox
+from syncplane.worker.checkpoints import SqliteWorkerState
+from syncplane.worker.credentials import ConnectionSecret
+from syncplane.worker.engine import IngressRunner, Stores
+from syncplane.worker.held import HeldRecords
+from syncplane.worker.report import WorkerReport
+
+
+def sandbox_secrets(sandbox: Sandbox) -> dict[str, ConnectionSecret]:
+    """The secrets the test specs reference (tests.factories: d365-sandbox, acs-sandbox)."""
+    return {
+        "d365-sandbox": ConnectionSecret("d365-sandbox", sandbox.client_id, sandbox.client_secret,
+                                         sandbox.d365_token_url, sandbox.d365_scope),
+        "acs-sandbox": ConnectionSecret("acs-sandbox", sandbox.client_id, sandbox.client_secret,
+                                        sandbox.acs_token_url, "openid,AdobeID,campaign_sdk"),
+    }
+
+
+class InProcessIngress:
+    """``await run.passes(n)`` runs n ingress passes; ``report`` is the worker's heartbeat."""
+
+    def __init__(self, sandbox: Sandbox, spec: pb.WorkflowSpec, state_dir: Path, workflow: str = "wf") -> None:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.state = SqliteWorkerState(state_dir / "worker-state.db")
+        self.held = HeldRecords(state_dir / "worker-state.db")
+        self.report = WorkerReport(workflow, 0, 1)
+        self.workflow = workflow
+        self.runner = IngressRunner(workflow, spec, sandbox_secrets(sandbox),
+                                    Stores(self.state, letters=self.state, held=self.held), self.report,
+                                    spec.batch_size or 500, 0)
+
+    async def passes(self, n: int = 1) -> None:
+        for _ in range(n):
+            await self.runner.run_once(asyncio.Event())
+
+    def held_keys(self, stream: str) -> set[str]:
+        return {h.key for h in self.held.all(self.workflow, stream)}
+
+    def dead_letters(self) -> list[dict[str, Any]]:
+        return self.state.dead_letters(self.workflow)
+
+    async def aclose(self) -> None:
+        await self.runner.aclose()
+        self.held.close()
+        self.state.close()
