@@ -94,8 +94,10 @@ async def test_marketing_to_crm(sb: Sandbox, keys: list[str], tmp_path: Path) ->
         for k in keys[:30]:
             set_campaign(sb, k, blackList=True, blackListEmail=False)
         await h.converge()
-        # Campaign is the master: its values (false included) are now the CRM's, for every profile
-        assert disagreements(sb, keys) == []
+        # Campaign is the master, but a first read has no memory: its opt-outs are now the CRM's,
+        # and its false values clear no CRM opt-out (a guess never opts in)
+        left = disagreements(sb, keys)
+        assert left and all(crm_value is True and acs_value is False for _, _, crm_value, acs_value in left)
         # the 20 contacts without a profile kept their values; no contact was created
         assert len(sb.d365.table("contacts")) == len(keys) + 20
         a, b = keys[40], keys[41]
@@ -359,5 +361,29 @@ async def test_dead_letters_are_retried_unless_superseded(sb: Sandbox, keys: lis
         assert disagreements(sb, keys) == []
         assert write_count(sb, *m) == 2   # the two retried; the superseded one sent nothing
         assert await h.converge() == 1    # what the retry wrote does not come back as a change
+    finally:
+        await h.aclose()
+
+
+async def test_a_lost_echo_memory_never_clears_an_opt_out(sb: Sandbox, keys: list[str], tmp_path: Path) -> None:
+    """Issue 12, fault 6, the Kubernetes case: a new pod keeps the cursors (ConfigMap) but not the
+    echo memory. A CRM edit of another column then brings the contact back with donotemail false
+    and no baseline: the Campaign unsubscribe must stay."""
+    import sqlite3
+
+    h = await harness(sb, tmp_path, "CRM_TO_MARKETING")
+    try:
+        await h.converge()
+        k = next(k for k in keys if not crm_row(sb, k)["donotemail"])
+        set_campaign(sb, k, blackList=True)
+        await h.converge()
+        db = sqlite3.connect(str(tmp_path / "worker.db"))
+        db.execute("DELETE FROM optinout_known")
+        db.commit()
+        db.close()
+        await h.restart()
+        sb.d365.table("contacts").upsert(k, firstname="Edited")
+        await h.converge()
+        assert profile(sb, k)["blackList"] is True
     finally:
         await h.aclose()

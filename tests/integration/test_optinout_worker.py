@@ -20,6 +20,7 @@ from tests.integration.optinout_env import (
     disagreements,
     marks,
     optinout_spec,
+    profile,
     set_campaign,
     set_crm,
     write_count,
@@ -67,5 +68,47 @@ async def test_bidirectional_worker_converges_without_ping_pong(plane: ControlPl
         await converge(lambda: len([r for r in sb.requests.records(since=seen, server="d365")
                                     if "$deltatoken" in r.path]) >= 3, 60, "three more passes")
         assert write_count(sb, acs_mark, parts_mark) == writes_after_convergence
+    finally:
+        await sb.stop()
+
+
+async def test_an_unsubscribe_in_campaign_sticks_when_the_workflow_is_created_again(plane: ControlPlane) -> None:
+    """Issue 12, fault 6: CRM → marketing; a contact unsubscribes in Campaign while the CRM still
+    says donotemail false. The workflow is deleted and created again (all its state, echo memory
+    included, is forgotten): its first full read must not write blackList false."""
+    from syncplane.api.v1 import workflow_service_pb2 as svc
+    from tests.integration.test_ingress import stop
+
+    sb = await start_sandbox(seed=SeedSpec(contacts=200, seed=5, opt_out_ratio=0.0))
+    try:
+        prepare(sb, plane.data_dir)
+        keys = sorted(sb.d365.table("contacts").rows)
+        create_profiles(sb, keys)
+        spec = optinout_spec(sb, "CRM_TO_MARKETING")
+        spec.poll_interval.seconds = 1
+        await start(plane, "optio", spec)
+        probe = keys[-1]
+        set_crm(sb, probe, donotemail=True)
+        await converge(lambda: profile(sb, probe)["blackList"] is True, 120, "the first sync")
+        unsubscribed = keys[:5]
+        for k in unsubscribed:
+            set_campaign(sb, k, blackList=True)
+        await stop(plane, "optio")
+        await plane.stub.DeleteWorkflow(svc.DeleteWorkflowRequest(name="workflows/optio"))
+        # Created again: it reads both sides in full, with no memory. A CRM change made meanwhile
+        # tells when that read has been written.
+        probe = keys[-2]
+        set_crm(sb, probe, donotemail=True)
+        await start(plane, "optio", spec)
+        await converge(lambda: profile(sb, probe)["blackList"] is True, 120, "the new workflow's read")
+        assert [profile(sb, k)["blackList"] for k in unsubscribed] == [True] * 5
+        # Only a change seen at the source after the opt-out may clear it.
+        probe = keys[-3]
+        set_crm(sb, unsubscribed[0], donotemail=True)
+        set_crm(sb, probe, donotemail=True)
+        await converge(lambda: profile(sb, probe)["blackList"] is True, 120, "a pass reading the opt-out")
+        set_crm(sb, unsubscribed[0], donotemail=False)
+        await converge(lambda: profile(sb, unsubscribed[0])["blackList"] is False, 120,
+                       "a re-subscription made in the CRM")
     finally:
         await sb.stop()

@@ -106,7 +106,9 @@ def test_change_on_one_side_other_side_not_reported() -> None:
 
 def test_other_side_never_seen_gets_the_change() -> None:
     assert plan(PAIRS, BI, crm(True), None, {}, {}).to_campaign == {"blackList": True}
-    assert plan(PAIRS, BI, None, acs(False), {}, {}).to_crm == {"donotemail": False}
+    assert plan(PAIRS, BI, None, acs(True), {}, {}).to_crm == {"donotemail": True}
+    # ... but an opt-in is no change without a baseline: it never clears what the CRM may hold
+    assert not plan(PAIRS, BI, None, acs(False), {}, {}).writes
 
 
 # ---------------------------------------------------------------------------- echoes
@@ -178,7 +180,26 @@ def test_marketing_to_crm_propagates_campaign_changes_only() -> None:
     d = Direction.MARKETING_TO_CRM
     assert plan(PAIRS, d, crm(False), acs(True), mem_crm(False), mem_acs(False)).to_crm == {"donotemail": True}
     assert not plan(PAIRS, d, crm(True), acs(False), mem_crm(False), mem_acs(False)).writes
-    assert plan(PAIRS, d, None, acs(False), {}, {}).to_crm == {"donotemail": False}
+    assert plan(PAIRS, d, None, acs(True), {}, {}).to_crm == {"donotemail": True}  # first run: opt-outs flow
+    assert not plan(PAIRS, d, crm(True), acs(False), {}, {}).writes  # ... but never clear one
+
+
+@settings(max_examples=400, deadline=None)
+@given(d=st.one_of(st.none(), st.booleans()), a=st.one_of(st.none(), st.booleans()),
+       md=st.one_of(st.none(), st.booleans()), ma=st.one_of(st.none(), st.booleans()),
+       td=st.one_of(st.none(), st.floats(min_value=T0, max_value=T0 + 100, allow_nan=False)),
+       ta=st.one_of(st.none(), st.floats(min_value=T0, max_value=T0 + 100, allow_nan=False)),
+       direction=st.sampled_from(list(Direction)))
+def test_a_read_without_memory_of_the_source_never_clears_an_opt_out(
+        d: bool | None, a: bool | None, md: bool | None, ma: bool | None, td: float | None, ta: float | None,
+        direction: Direction) -> None:
+    """Issue 12, fault 6: False reaches a side only as a change seen from a known value."""
+    p = plan(PAIRS, direction, crm(d, td) if d is not None else None, acs(a, ta) if a is not None else None,
+             {} if md is None else mem_crm(md), {} if ma is None else mem_acs(ma))
+    if md is None:
+        assert p.to_campaign.get("blackList") is not False
+    if ma is None:
+        assert p.to_crm.get("donotemail") is not False
 
 
 def test_disabled_does_nothing() -> None:

@@ -36,6 +36,12 @@ two passes is therefore no change.
 
 One-way modes propagate *changes* of the source side only; the target's own edits are left
 alone until the source changes the pair again.
+
+In every mode an opt-in (False) is written to a side only as a change observed on the other
+side from a known value (its echo memory holds the value before). A read with no memory of that
+side (the first read of a workflow, one deleted and created again, a new pod whose echo memory
+was lost) never clears an opt-out: it can only add them. So the rule holds without the memory;
+the memory only saves writes (echoes) and lets genuine re-subscriptions through.
 """
 
 from __future__ import annotations
@@ -147,6 +153,11 @@ def plan(pairs: Sequence[FieldPair], direction: Direction, crm: Observed | None,
         a_changed = a_obs is not None and a_obs != a_mem
         target, value = _decide(direction, d, a, d_obs, a_obs, d_mem, a_mem, d_changed, a_changed, crm, campaign,
                                 out)
+        if value is False and (a_mem if target == CRM else d_mem) is None:
+            # A guess never opts in: with no memory of the source side (a first read, a workflow
+            # created again, a new pod without the echo memory), its False is not a change seen
+            # after an opt-out, and must not clear one on the other side.
+            continue
         if target == CRM and value is not None:
             out.to_crm[p.crm] = value
         elif target == CAMPAIGN and value is not None:
