@@ -22,6 +22,7 @@ from syncplane.connectors.http import (
     Transport,
     error_text,
     error_text_of,
+    pause,
     raise_for_status,
 )
 from syncplane.connectors.schema import Schema
@@ -332,7 +333,7 @@ class DynamicsSink:
             if retry and rounds >= self.transport.policy.max_attempts:
                 raise RetryableError(f"$batch to {resource}: {len(retry)} requests still failing transiently")
             if retry:
-                await asyncio.sleep(self.transport.policy.backoff(rounds))
+                await pause(self.transport.policy.backoff(rounds))
             pending = retry
         return WriteResult(written, rejected)
 

@@ -12,6 +12,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -24,6 +25,38 @@ log = logging.getLogger("syncplane.connectors.http")
 
 #: Dataverse allows 52 concurrent requests per user; stay well below.
 DEFAULT_CONCURRENCY = 16
+
+#: The stop of the worker this code runs for, set by its engine (None outside a worker: waits
+#: run their course). A context variable rather than an argument threaded through every
+#: connector: each task the engine starts inherits it.
+STOPPING: ContextVar[asyncio.Event | None] = ContextVar("syncplane_stopping", default=None)
+
+
+class StopRequested(asyncio.CancelledError):
+    """A wait (a backoff, a ``Retry-After``, a token fetch, a retry) abandoned because the worker is
+    stopping. A cancellation: callers already treat one as "not done, re-done at the next start"
+    (nothing was committed, writes are idempotent)."""
+
+
+def check_stopping() -> None:
+    """Raise :class:`StopRequested` once the worker's stop has begun."""
+    stop = STOPPING.get()
+    if stop is not None and stop.is_set():
+        raise StopRequested("the worker is stopping")
+
+
+async def pause(seconds: float) -> None:
+    """Sleep ``seconds``, unless the worker's stop begins first: then raise :class:`StopRequested`."""
+    stop = STOPPING.get()
+    if stop is None:
+        await asyncio.sleep(seconds)
+        return
+    check_stopping()
+    try:
+        await asyncio.wait_for(stop.wait(), timeout=seconds)
+    except TimeoutError:
+        return
+    raise StopRequested("the worker is stopping")
 
 
 @dataclass(frozen=True)
@@ -75,8 +108,8 @@ class RetryGate:
 
     async def wait(self) -> None:
         # The deadline can move while we sleep (another 429), hence the loop.
-        while (delay := self._until - time.monotonic()) > 0:  # noqa: ASYNC110
-            await asyncio.sleep(delay)
+        while (delay := self._until - time.monotonic()) > 0:
+            await pause(delay)
 
 
 @dataclass(frozen=True)
@@ -166,6 +199,8 @@ class Transport:
         throttled = 0
         refreshed = False
         while True:
+            if failures or throttled or refreshed:
+                check_stopping()   # no retry once a stop has begun
             hdrs = dict(headers or {})
             token: str | None = None
             if auth is not None:
@@ -187,7 +222,7 @@ class Transport:
             if error is not None:
                 delay = policy.backoff(failures)
                 log.debug("%s %s: %s, retrying in %.2fs", method, _redact(url), type(error).__name__, delay)
-                await asyncio.sleep(delay)
+                await pause(delay)
                 continue
             status = response.status_code
             if status == 401 and auth is not None and not refreshed:
@@ -200,13 +235,13 @@ class Transport:
                 if throttled > policy.max_throttled:
                     raise RetryableError(f"{method} {_redact(url)}: still throttled after {throttled} tries", status)
                 if wait is None:
-                    await asyncio.sleep(policy.backoff(min(throttled, 8)))
+                    await pause(policy.backoff(min(throttled, 8)))
                 continue  # the gate makes us wait Retry-After
             if status >= 500:
                 failures += 1
                 if failures >= policy.max_attempts:
                     raise RetryableError(f"{method} {_redact(url)}: HTTP {status} after {failures} attempts", status)
-                await asyncio.sleep(policy.backoff(failures))
+                await pause(policy.backoff(failures))
                 continue
             return response
 
@@ -270,6 +305,7 @@ class OAuth2ClientCredentials:
             return await self._fetch()
 
     async def _fetch(self) -> str:
+        check_stopping()   # a stopping worker fetches no token: what it would be for is abandoned too
         creds = self.credentials
         form = {"client_id": creds.client_id, "client_secret": creds.client_secret,
                 "grant_type": "client_credentials"}

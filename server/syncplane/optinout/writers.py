@@ -26,6 +26,7 @@ from syncplane.connectors.http import (
     Transport,
     error_text,
     error_text_of,
+    pause,
     raise_for_status,
 )
 
@@ -204,7 +205,7 @@ class DynamicsOptOutWriter:
             if retry and rounds >= self.transport.policy.max_attempts:
                 raise RetryableError(f"$batch to {self.entity_set}: {len(retry)} updates still failing transiently")
             if retry:
-                await asyncio.sleep(self.transport.policy.backoff(rounds))
+                await pause(self.transport.policy.backoff(rounds))
             pending = retry
         return out
 

@@ -31,7 +31,7 @@ from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.connectors.base import ConnectorError, Page
 from syncplane.connectors.campaign import CampaignSink, CampaignSource
 from syncplane.connectors.dynamics import MAX_PAGE_SIZE, DynamicsSink, DynamicsSource
-from syncplane.connectors.http import OAuth2ClientCredentials, RetryableError
+from syncplane.connectors.http import STOPPING, OAuth2ClientCredentials, RetryableError
 from syncplane.connectors.schema import Schema, SchemaChanged, check
 from syncplane.egress import transform as egress
 from syncplane.ingress.transform import EntityTransform
@@ -299,9 +299,13 @@ class Engine:
         else:
             local_held = HeldRecords(self.state_db or Path(":memory:"))
             stores = Stores(checkpoints, letters=self.state, held=local_held)
+        # From here on every wait of the connectors (backoff, Retry-After, token fetch, retry) is
+        # abandoned as soon as the stop begins; only a batch already with the destination finishes.
+        stopping = STOPPING.set(stop)
         try:
             await self._run(stop, self._runner(stores))
         finally:
+            STOPPING.reset(stopping)
             if local_held is not None:
                 local_held.close()
 

@@ -18,7 +18,6 @@ Async only: `aload` / `acommit` satisfy `checkpoints.AsyncCheckpointStore`.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import random
 import re
@@ -26,6 +25,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Self, TypeVar
 
+from syncplane.connectors.http import pause
 from syncplane.model.convert import API_VERSION, KIND
 
 log = logging.getLogger(__name__)
@@ -190,7 +190,7 @@ class ConfigMapStore:
                 failure = type(exc).__name__
             delay = self.retry.delay(n)
             log.warning("could not %s (%s); retrying in %.2fs", what, failure, delay)
-            await asyncio.sleep(delay)
+            await pause(delay)
         raise AssertionError("unreachable")
 
 
