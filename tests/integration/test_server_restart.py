@@ -1,5 +1,6 @@
-"""Restarting the control-plane process keeps every workflow and phase,
-re-adopts live workers, and leaves no orphan processes."""
+"""Restarting the control-plane process keeps every workflow and desired state. An
+interactive stop stops the workers too (the next `up` starts them again); a killed control
+plane leaves them running and the next one re-adopts them. No orphan processes either way."""
 
 from __future__ import annotations
 
@@ -37,8 +38,10 @@ async def _create_and_start(stub: svc_grpc.WorkflowServiceStub, name: str, start
     return running
 
 
-@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "kill-9"])
-async def test_restart_keeps_phases_and_adopts_workers(tmp_path: Path, servers, how):
+@pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+async def test_interactive_stop_stops_the_workers_and_the_next_up_resumes_them(tmp_path: Path, servers, how):
+    """Ctrl-C (or SIGTERM) on `syncplane up` drains and stops its workers before it exits; the
+    desired states are kept, so the next `up` starts the running workflow's workers again."""
     first = ServerProcess(tmp_path)
     servers.append(first)
     await first.ready()
@@ -50,8 +53,45 @@ async def test_restart_keeps_phases_and_adopts_workers(tmp_path: Path, servers, 
     assert len(before) == 1
 
     first.stop(how)
-    assert first.proc.returncode == (0 if how == signal.SIGTERM else -signal.SIGKILL), "graceful on SIGTERM"
-    assert {p.pid for p in worker_processes(tmp_path)} == before, "workers outlive the control plane"
+    assert first.proc.returncode == 0, "graceful"
+    assert worker_processes(tmp_path) == [], "the workers stop with an interactive stop"
+    log = (tmp_path / "server.log").read_text()
+    assert "workers stopped" in log and " ERROR " not in log, log
+
+    second = ServerProcess(tmp_path)
+    servers.append(second)
+    await second.ready()
+    channel, stub = second.stub()
+    try:
+        running = await stub.GetWorkflow(svc.GetWorkflowRequest(name="workflows/keep-running"))
+        stopped = await stub.GetWorkflow(svc.GetWorkflowRequest(name="workflows/keep-stopped"))
+        assert running.spec.desired_state == pb.DESIRED_STATE_RUNNING
+        assert stopped.spec.desired_state == pb.DESIRED_STATE_STOPPED and stopped.status.phase == pb.PHASE_STOPPED
+        running, _ = await watch_until(stub, "workflows/keep-running",
+                                       lambda w: w.status.phase == pb.PHASE_RUNNING and w.status.ready_workers == 1, 0)
+        pids = {p.pid for p in worker_processes(tmp_path)}
+        assert len(pids) == 1 and not pids & before, "a new worker, started by the new control plane"
+        wf = await stub.StopWorkflow(svc.StopWorkflowRequest(name="workflows/keep-running"))
+        await watch_until(stub, wf.name, lambda w: w.status.phase == pb.PHASE_STOPPED, int(wf.etag))
+    finally:
+        await channel.close()
+    second.stop()
+
+
+async def test_a_killed_control_plane_leaves_workers_that_the_next_up_adopts(tmp_path: Path, servers):
+    first = ServerProcess(tmp_path)
+    servers.append(first)
+    await first.ready()
+    channel, stub = first.stub()
+    await _create_and_start(stub, "keep-running", start=True)
+    await _create_and_start(stub, "keep-stopped", start=False)
+    await channel.close()
+    before = {p.pid for p in worker_processes(tmp_path)}
+    assert len(before) == 1
+
+    first.stop(signal.SIGKILL)
+    assert first.proc.returncode == -signal.SIGKILL
+    assert {p.pid for p in worker_processes(tmp_path)} == before, "workers outlive a killed control plane"
 
     second = ServerProcess(tmp_path)
     servers.append(second)

@@ -1,8 +1,11 @@
 """`syncplane up`: the embedded control plane in one process.
 
 SQLite store + local supervisor + gRPC server. On SIGTERM/SIGINT the server
-drains in-flight RPCs; workers keep running and are re-adopted by the next
-`syncplane up` on the same data directory (or stop themselves if none comes).
+drains in-flight RPCs, then stops the workers (each drains its batch in flight);
+desired states are kept, so the next `syncplane up` on the same data directory
+starts them again from their checkpoints. If the process dies instead (kill -9),
+its workers keep running and the next `up` re-adopts them (or they stop
+themselves after the orphan timeout).
 """
 
 from __future__ import annotations
@@ -106,8 +109,13 @@ async def serve(config: EmbeddedConfig, stop: asyncio.Event | None = None) -> No
     host = config.address.rsplit(":", 1)[0]
     log.info("syncplane control plane serving on %s:%d (data in %s)", host, port, config.data_dir)
     await serve_until_signalled(server, health, port, config.port_file, stop)
-    log.info("RPCs drained; workers keep running and will be re-adopted")
-    await supervisor.close()
+    # An interactive stop (Ctrl-C, SIGTERM) stops the workers too: each drains its batch in flight
+    # and commits. Desired states stay as they are, so the next `up` starts the same workers again,
+    # from their checkpoints. (A control plane that dies, kill -9, leaves them running: the next
+    # `up` re-adopts them, or they stop themselves after --orphan-timeout.)
+    log.info("RPCs drained; stopping the workers (each finishes its batch in flight)")
+    await supervisor.close(stop_workers=True)
+    log.info("workers stopped; the next `syncplane up` resumes them")
     if sandbox is not None:
         await sandbox.stop()
     store.close()
