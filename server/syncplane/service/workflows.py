@@ -5,9 +5,11 @@ gRPC servicers stay thin and call this; the CLI reaches it only over gRPC.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 
 from google.protobuf import field_mask_pb2
 
@@ -24,7 +26,7 @@ from syncplane.lifecycle import (
 )
 from syncplane.model.convert import phase_name
 from syncplane.model.names import parse_name, workflow_name
-from syncplane.store.base import Change, WorkflowStore
+from syncplane.store.base import CHANGE_DELETED, Change, WorkflowStore
 from syncplane.validation import apply_defaults, validate_labels, validate_spec
 
 DEFAULT_PAGE_SIZE = 50
@@ -32,12 +34,45 @@ MAX_PAGE_SIZE = 1000
 # Update may touch these; the lifecycle fields go through Start/Stop/Restart.
 LIFECYCLE_PATHS = {"spec.desired_state", "spec.restart_nonce"}
 IMMUTABLE_PATHS = {"name", "uid", "etag", "generation", "create_time", "update_time", "status", "spec.type"}
+# How long a mutating call waits for the controller (the embedded supervisor, the operator) to
+# observe its effect before it answers with the resource as it then is (seconds).
+SETTLE_TIMEOUT = 10.0
+
+
+def observed(wf: pb.Workflow) -> bool:
+    """The controller has reconciled this generation: status (phase, drift, conditions) is its answer to it."""
+    return wf.status.observed_generation >= wf.generation
 
 
 class WorkflowService:
-    def __init__(self, store: WorkflowStore, on_change: Callable[[], None] | None = None) -> None:
+    """Every mutating call (Create, Update, Start, Stop, Restart) returns the resource as it is
+    after its effect (AIP-134): once the controller has observed the new generation, so the
+    response shows the phase, drift and conditions the change leads to, as a Get would. If no
+    controller answers within ``settle_timeout`` seconds, the resource as stored then."""
+
+    def __init__(self, store: WorkflowStore, on_change: Callable[[], None] | None = None,
+                 settle_timeout: float = SETTLE_TIMEOUT) -> None:
         self.store = store
         self._on_change = on_change or (lambda: None)
+        self.settle_timeout = settle_timeout
+
+    async def _settled(self, wf: pb.Workflow) -> pb.Workflow:
+        """``wf`` (just written) once the controller has observed its generation."""
+        if observed(wf) or self.settle_timeout <= 0:
+            return wf
+        latest = wf
+        try:
+            changes = self.store.watch(0, wf.name)
+            async with asyncio.timeout(self.settle_timeout), aclosing(changes):  # type: ignore[type-var]
+                async for change in changes:
+                    if change.type == CHANGE_DELETED:
+                        break
+                    latest = change.workflow
+                    if latest.generation > wf.generation or observed(latest):
+                        break
+        except TimeoutError:
+            pass
+        return latest
 
     async def create(self, req: svc.CreateWorkflowRequest) -> pb.Workflow:
         workflow_id = parse_name(req.workflow_id, "workflow_id")
@@ -54,7 +89,7 @@ class WorkflowService:
             return wf
         created = await self.store.create(wf, req.request_id)
         self._on_change()
-        return created
+        return await self._settled(created)
 
     async def get(self, name: str) -> pb.Workflow:
         return await self.store.get(workflow_name(parse_name(name)))
@@ -100,7 +135,7 @@ class WorkflowService:
 
         updated = await self.store.update(name, mutate)
         self._on_change()
-        return updated
+        return await self._settled(updated)
 
     async def delete(self, req: svc.DeleteWorkflowRequest) -> None:
         name = workflow_name(parse_name(req.name))
@@ -127,7 +162,7 @@ class WorkflowService:
 
         updated = await self.store.update(full, mutate)
         self._on_change()
-        return updated
+        return await self._settled(updated)
 
     async def start(self, req: svc.StartWorkflowRequest) -> pb.Workflow:
         return await self._transition(req.name, req.etag, req.expected_phase, request_start)
