@@ -229,6 +229,37 @@ async def test_d365_delta_is_paged_like_full_reads(clients: Clients) -> None:
     assert all("@odata.deltaLink" not in p for p in delta_pages[:-1])
 
 
+async def test_d365_paging_link_variants(clients: Clients) -> None:
+    """Each documented-or-seen form of a tracked read's links, switched over the control API:
+    no link on the last page, a next link to the page itself, a next link back to the first page."""
+    sb, prefer = clients.sb, "odata.track-changes, odata.maxpagesize=50"  # 120 rows: pages of 50, 50, 20
+    ctl = f"{sb.d365_origin}/_sandbox/variants/paging"
+    bad = await clients.http.put(ctl, json={"default": "sometimes"})
+    assert bad.status_code == 400 and "sometimes" in bad.text
+    assert (await clients.http.put(ctl, json={"script": ["keep", "keep", "no-link"]})).status_code == 200
+    _, pages = await clients.read_all("contacts", prefer)
+    assert len(pages) == 3 and not any("@odata.deltaLink" in p or "@odata.nextLink" in p for p in pages[2:])
+
+    await clients.http.put(ctl, json={"script": ["keep", "repeat"]})
+    first = (await clients.d365("GET", "contacts", prefer=prefer)).json()
+    second_url = first["@odata.nextLink"]
+    second = (await clients.d365("GET", second_url, prefer=prefer)).json()
+    assert second["@odata.nextLink"] == second_url
+
+    await clients.http.put(ctl, json={"script": ["loop"]})
+    looped = (await clients.d365("GET", "contacts?$select=firstname", prefer=prefer)).json()
+    again = (await clients.d365("GET", looped["@odata.nextLink"], prefer=prefer)).json()
+    assert [r["contactid"] for r in again["value"]] == [r["contactid"] for r in looped["value"]]
+
+    # a delta read too; then back to the documented shape
+    await clients.http.delete(f"{sb.d365_origin}/_sandbox/variants")
+    _, pages = await clients.read_all("contacts", prefer)
+    await clients.http.put(ctl, json={"default": "no-link"})
+    delta = (await clients.d365("GET", pages[-1]["@odata.deltaLink"], prefer=prefer)).json()
+    assert "@odata.deltaLink" not in delta and "@odata.nextLink" not in delta
+    assert (await clients.http.get(f"{sb.d365_origin}/_sandbox/variants")).json()["paging"]["default"] == "no-link"
+
+
 @pytest.mark.parametrize("option", ["$filter=statecode eq 0", "$orderby=lastname", "$expand=parentcustomerid",
                                     "$top=5"])
 async def test_d365_track_changes_forbids_query_options(clients: Clients, option: str) -> None:

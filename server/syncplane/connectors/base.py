@@ -31,6 +31,9 @@ class Page:
     # Part of a full read (first load, resync or replay) rather than a delta: the
     # transform then writes fields whose updates are off, and includes inactive rows.
     full: bool = False
+    # The cursor starts the read over from the beginning (the source could not make progress
+    # from here, e.g. a last page without a delta link): rows counted so far do not add up.
+    restart: bool = False
 
 
 @dataclass(frozen=True)

@@ -107,38 +107,73 @@ class DynamicsSource:
 
     async def pages(self, table: str, columns: Sequence[str], cursor: str | None, *,
                     key_column: str | None = None) -> AsyncIterator[Page]:
-        """``table`` is the entity set; ``key_column`` overrides the source's for this read."""
+        """``table`` is the entity set; ``key_column`` overrides the source's for this read.
+
+        A committed cursor always makes progress, or the read fails loudly. OData only says a
+        service SHOULD end a change-tracked read with ``@odata.deltaLink`` (OData 4.0 part 1
+        §11.3; Dataverse "Use change tracking to synchronize data with external systems"), and
+        next links are opaque. So:
+
+        - a last page with neither ``@odata.nextLink`` nor ``@odata.deltaLink``, and
+        - a next link that leads back to a page this read already fetched (a link repeated
+          or a loop: following it would never end)
+
+        both end the read: the page's records are yielded with a cursor that starts a full
+        read again (never the stale resume point, which would re-read the same pages forever
+        and never see changes elsewhere), then :class:`ConnectorError` ``NO_DELTA_LINK`` or
+        ``PAGING_LOOP`` is raised. The engine reports it as the pass's error and retries.
+        """
         key = key_column or self.key_column
         full, url = decode_cursor(cursor)
         resynced = False
+        first_url = self._first_url(table, columns, key)
         if url is None:
-            url = self._first_url(table, columns, key)
+            url = first_url
         response = await self._get(url)
         if cursor is not None and ((full and response.status_code == 400) or _is_expired_delta(response)):
             # An expired delta token, or a resume link the service no longer accepts: start over.
             log.info("%s cursor for %s no longer valid: full resync", "resume" if full else "delta", table)
             self.resyncs += 1
             resynced, full = True, True
-            url = self._first_url(table, columns, key)
+            url = first_url
             response = await self._get(url)
         raise_for_status(response, f"GET {table}")
+        followed = {url}  # links fetched in this read: one seen again is a loop
+        pages = 0
         # Fetch the next page while the caller processes this one.
         while True:
             body = _json_object(response, table)
+            pages += 1
             next_link = body.get("@odata.nextLink")
+            delta = body.get("@odata.deltaLink")
+            stalled: ConnectorError | None = None
+            if isinstance(next_link, str) and next_link in followed:
+                stalled = ConnectorError(
+                    "PAGING_LOOP", f"GET {table}: page {pages} of this read has an @odata.nextLink to a page already "
+                    "read, so following it would never end; the next read starts over from the first page")
+                next_link = None
+            elif not isinstance(next_link, str) and not isinstance(delta, str):
+                stalled = ConnectorError(
+                    "NO_DELTA_LINK", f"GET {table}: the last page (page {pages} of this read) carries neither "
+                    "@odata.nextLink nor @odata.deltaLink, so there is no cursor to resume changes from; the next "
+                    "read starts over from the first page")
             fetch: asyncio.Task[Response] | None = None
             if isinstance(next_link, str):
+                followed.add(next_link)
                 fetch = asyncio.ensure_future(self._get(next_link))
             try:
                 records = [self._record(row, key) for row in body.get("value", [])]
-                delta = body.get("@odata.deltaLink")
-                page_cursor: str | None
                 if isinstance(next_link, str):
                     page_cursor = encode_cursor(full, next_link)
+                elif isinstance(delta, str) and stalled is None:
+                    page_cursor = encode_cursor(False, delta)
                 else:
-                    page_cursor = encode_cursor(False, delta) if isinstance(delta, str) else None
-                yield Page(records, page_cursor, resynced, full)
+                    page_cursor = encode_cursor(True, first_url)  # no way on: a full read again
+                yield Page(records, page_cursor, resynced, full, restart=stalled is not None)
                 resynced = False
+                if stalled is not None:
+                    log.warning("%s", stalled)
+                    raise stalled
                 if fetch is None:
                     return
                 response = await fetch

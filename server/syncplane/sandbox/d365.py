@@ -76,6 +76,7 @@ from syncplane.sandbox.odata_batch import (
     parse_batch,
     write_batch_response,
 )
+from syncplane.sandbox.variants import ProtocolVariants
 
 API_PREFIX = "/api/data/v9.2/"
 MAX_PAGE_SIZE = 5000
@@ -256,6 +257,8 @@ class D365Emulator(EmulatorApp):
         self.state = state
         self.tenant = tenant
         self.seeder: Callable[[dict[str, Any]], dict[str, int]] | None = None
+        #: Documented variants switched on demand (``/_sandbox/variants``): see variants.py.
+        self.variants = ProtocolVariants()
         #: One record per request inside a ``$batch`` (the outer POST is in the request log).
         self.batch_parts = RequestLog(log._records.maxlen or 200_000)
         r = self.app.router
@@ -271,6 +274,10 @@ class D365Emulator(EmulatorApp):
         r.add_put("/_sandbox/poison", self._ctl_poison)
         r.add_delete("/_sandbox/poison", self._ctl_clear_poison)
         r.add_post("/_sandbox/seed", self._ctl_seed)
+        r.add_get("/_sandbox/variants", self._ctl_variants)
+        r.add_delete("/_sandbox/variants", self._ctl_reset_variants)
+        r.add_put("/_sandbox/variants/paging", self._ctl_paging)
+        r.add_put("/_sandbox/variants/batch", self._ctl_batch_variant)
 
     # -------------------------------------------------------------- EmulatorApp hooks
     def is_auth_path(self, path: str) -> bool:
@@ -600,6 +607,8 @@ class D365Emulator(EmulatorApp):
         elif track:
             body["@odata.deltaLink"] = self._link(req, table, [*keep, ("$deltatoken",
                                                                         self.state.make_delta_token(upto))])
+        if track:
+            body = self.variants.paging.apply(body, req.root + req.target, self._link(req, table, keep))
         return _json(body, headers=headers)
 
     def _delta_page(self, req: ORequest, table: Table, select: list[str] | None, delta_token: str,
@@ -625,6 +634,8 @@ class D365Emulator(EmulatorApp):
         else:
             body["@odata.deltaLink"] = self._link(req, table, [*keep, ("$deltatoken",
                                                                         self.state.make_delta_token(upto))])
+        body = self.variants.paging.apply(body, req.root + req.target,
+                                          self._link(req, table, [*keep, ("$deltatoken", delta_token)]))
         if "odata.track-changes" not in headers.get("Preference-Applied", ""):
             headers = {"Preference-Applied": ",".join(filter(None, [headers.get("Preference-Applied"),
                                                                      "odata.track-changes"]))}
@@ -862,6 +873,24 @@ class D365Emulator(EmulatorApp):
     async def _ctl_clear_poison(self, request: web.Request) -> web.Response:
         self.state.clear_poison()
         return web.Response(status=204)
+
+    async def _ctl_variants(self, request: web.Request) -> web.Response:
+        return json_response(self.variants.snapshot())
+
+    async def _ctl_reset_variants(self, request: web.Request) -> web.Response:
+        self.variants.reset()
+        return json_response(self.variants.snapshot())
+
+    async def _ctl_paging(self, request: web.Request) -> web.Response:
+        """``{"default": "keep|no-link|repeat|loop", "script": [action, ...]}`` (either key)."""
+        body = await request.json()
+        self.variants.paging.set(body.get("default"), body.get("script"))
+        return json_response(self.variants.snapshot())
+
+    async def _ctl_batch_variant(self, request: web.Request) -> web.Response:
+        """``{"continue_on_error": "honour|ignore-400|ignore-200", "content_ids": bool}``."""
+        self.variants.batch.set(**(await request.json()))
+        return json_response(self.variants.snapshot())
 
     async def _ctl_seed(self, request: web.Request) -> web.Response:
         if self.seeder is None:

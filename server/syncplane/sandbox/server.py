@@ -102,6 +102,8 @@ class Sandbox:
         self._acs_app.event_generator = self._http_events
         #: The requests inside Dataverse ``$batch`` POSTs, one record each (method, inner URL, status).
         self.batch_parts = self._d365_app.batch_parts
+        #: Documented Dataverse variants (paging links, $batch error handling): see variants.py.
+        self.variants = self._d365_app.variants
         self._runners: list[web.AppRunner] = []
         self.d365_port = 0
         self.acs_port = 0

@@ -155,6 +155,8 @@ class Pipeline:
                 if page.full:
                     full_pages = True
                     self.checkpoint.partial += len(page.records)
+                if page.restart:
+                    full_pages, self.checkpoint.partial = False, 0
                 if page.cursor is not None:
                     self.checkpoint.cursor = page.cursor
                     await self._commit()
