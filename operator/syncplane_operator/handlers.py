@@ -103,5 +103,6 @@ async def workflow(body: kopf.Body, patch: kopf.Patch, logger: Any, memo: Any, n
 @kopf.on.delete(GROUP, VERSION, PLURAL)
 async def delete_workflow(body: kopf.Body, memo: Any, namespace: str | None, name: str, **kwargs: Any) -> None:
     key = (namespace, name)
+    pods = kwargs["worker_pods"]   # kopf's index: live, it follows the pods as they go
     await drain_for_delete(memo.api, body, kwargs["worker_deployments"].get(key, []),
-                           kwargs["worker_pods"].get(key, []))
+                           lambda: len(list(pods.get(key, []))))

@@ -8,8 +8,9 @@ the Workflow and by a timer that observes reality.
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -29,6 +30,11 @@ from syncplane_operator.builders import (
     build_worker_deployment,
 )
 from syncplane_operator.observe import observe
+
+# A deleted Workflow's workers get this long (seconds) to drain within one call of the delete
+# handler: past the workers' own drain timeout (20 s) and the pods' termination.
+DRAIN_WAIT = 60.0
+DRAIN_POLL = 0.5
 
 
 @dataclass
@@ -144,11 +150,20 @@ async def converge(api: Clients, owner: kopf.Body, deployment: Mapping[str, Any]
 
 
 async def drain_for_delete(api: Clients, owner: kopf.Body, deployments: Iterable[Mapping[str, Any]],
-                           pods: Iterable[Mapping[str, Any]]) -> None:
+                           pods_left: Callable[[], int], wait: float = DRAIN_WAIT) -> None:
     """Before a Workflow goes, its workers drain (a delete loses nothing);
-    owner references then let the garbage collector remove every child."""
+    owner references then let the garbage collector remove every child.
+
+    Waits up to ``wait`` seconds here for the worker pods to go (``pods_left`` reads kopf's
+    live index): a normal drain is not an error, and kopf logs every TemporaryError at ERROR.
+    Only a drain that outlasts it is retried that way.
+    """
     deployment = next(iter(deployments), None)
     await converge(api, owner, deployment, 0, pb.WorkflowStatus(), WorkerImage())
-    remaining = len(list(pods))
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    # kopf offers no event on an index change: poll it.
+    while (remaining := pods_left()) and loop.time() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(DRAIN_POLL)
     if remaining:
-        raise kopf.TemporaryError(f"waiting for {remaining} worker(s) to drain", delay=1)
+        raise kopf.TemporaryError(f"still waiting for {remaining} worker(s) to drain after {wait:.0f}s", delay=1)

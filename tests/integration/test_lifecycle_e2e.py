@@ -1,4 +1,5 @@
-"""Create, start, edit while running, stop, start again: through Watch, with real workers.
+"""Create, start, edit while running, stop, start again, delete: through Watch, with real
+workers; and no ERROR logged on the way.
 
 Shared by both backends (tests/backends.py): collected here with the embedded
 control plane (worker processes under the supervisor), and by
@@ -8,6 +9,9 @@ never from an etag (the etags differ by backend)."""
 
 from __future__ import annotations
 
+import logging
+
+import grpc
 import httpx
 import pytest
 from google.protobuf import field_mask_pb2
@@ -25,7 +29,8 @@ async def generations(cp: ApiPlane, workflow_id: str) -> list[int]:
     return sorted(int(r["generation"]) for r in await cp.worker_reports(workflow_id))
 
 
-async def test_full_lifecycle(cp: ApiPlane):
+async def test_full_lifecycle(cp: ApiPlane, caplog: pytest.LogCaptureFixture):
+    caplog.set_level(logging.INFO)
     name = "workflows/life"
     created = await cp.create("life")
     assert created.status.phase == pb.PHASE_STOPPED and created.spec.desired_state == pb.DESIRED_STATE_STOPPED
@@ -70,9 +75,25 @@ async def test_full_lifecycle(cp: ApiPlane):
     assert wf.status.applied_generation > first_generation
     assert await generations(cp, "life") == [wf.status.applied_generation]
 
-    rev = await revision(cp.stub, name)
-    await cp.stub.StopWorkflow(svc.StopWorkflowRequest(name=name))
-    await watch_until(cp.stub, name, lambda w: w.status.phase == pb.PHASE_STOPPED, rev, TIMEOUT)
+    # 5. delete while running (forced): the workers drain first, then the workflow is gone
+    await cp.stub.DeleteWorkflow(svc.DeleteWorkflowRequest(name=name, force=True))
+
+    async def gone() -> bool:
+        try:
+            await cp.stub.GetWorkflow(svc.GetWorkflowRequest(name=name))
+        except grpc.aio.AioRpcError as err:
+            return err.code() == grpc.StatusCode.NOT_FOUND and await cp.worker_count("life") == 0
+        return False
+
+    await eventually(gone, "the deleted workflow and its workers to be gone", TIMEOUT)
+
+    # Normal use logs no ERROR: the server and the controller (the supervisor, or the operator
+    # under KopfRunner) log in this process; embedded workers log to files of the data directory.
+    errors = [f"{r.name}: {r.getMessage()}" for r in caplog.records if r.levelno >= logging.ERROR]
+    if isinstance(cp, ControlPlane):
+        errors += [f"{log.name}: {line}" for log in (cp.data_dir / "run" / "logs").glob("*.log")
+                   for line in log.read_text().splitlines() if " ERROR " in line or "Traceback" in line]
+    assert not errors, errors
 
 
 async def test_restart_applies_latest_spec(cp: ApiPlane):

@@ -48,11 +48,15 @@ async def test_interactive_stop_stops_the_workers_and_the_next_up_resumes_them(t
     channel, stub = first.stub()
     await _create_and_start(stub, "keep-running", start=True)
     await _create_and_start(stub, "keep-stopped", start=False)
-    await channel.close()
+    # A client following a watch when the stop comes: its stream is ended by the shutdown.
+    watch = stub.WatchWorkflows(svc.WatchWorkflowsRequest())
+    await watch.read()
     before = {p.pid for p in worker_processes(tmp_path)}
     assert len(before) == 1
 
     first.stop(how)
+    watch.cancel()
+    await channel.close()
     assert first.proc.returncode == 0, "graceful"
     assert worker_processes(tmp_path) == [], "the workers stop with an interactive stop"
     log = (tmp_path / "server.log").read_text()
