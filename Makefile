@@ -14,12 +14,13 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST := $(BIN)/pytest -p no:cacheprovider
 
 .PHONY: help setup apt venv k8s-binaries run test test-unit test-integration test-k8s check-leftovers chart \
-        proto proto-check lint bench clean
+        proto proto-check lint bench fuzz clean
 
 help:
 	@echo "make run     start the embedded control plane, the sandbox emulators and the three default workflows"
 	@echo "make test    set up and run every test tier (unit, integration, k8s) plus the checks"
 	@echo "make bench   benchmarks, reported as ratios against an in-process baseline"
+	@echo "make fuzz    the API fuzzer for FUZZ_SECONDS (600) against a live embedded server; prints what it tried"
 	@echo "make proto   regenerate the committed protobuf/gRPC stubs"
 	@echo "make lint    ruff, mypy, buf lint and the generated-code check"
 	@echo "make chart   helm lint --strict every ci/ scenario; security and RBAC checks of the rendered chart"
@@ -82,6 +83,12 @@ test: setup k8s-binaries lint chart test-unit test-integration test-k8s check-le
 
 bench: venv
 	$(BIN)/python -m benchmarks
+
+# The API fuzzer (tests/fuzz_api.py), long: `make test` runs a bounded number of its examples.
+FUZZ_SECONDS ?= 600
+fuzz: venv
+	SYNCPLANE_FUZZ_SECONDS=$(FUZZ_SECONDS) SYNCPLANE_FUZZ_EXAMPLES=200 \
+	  $(PYTEST) -s tests/integration/test_api_fuzz.py
 
 clean:
 	rm -rf $(VENV) .syncplane .mypy_cache .ruff_cache

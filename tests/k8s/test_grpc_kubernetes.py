@@ -1,7 +1,8 @@
 """The foundation's gRPC suite on the Kubernetes backend.
 
 The shared tests are written once in tests/integration (test_api_errors.py, test_rpc_shapes.py,
-test_mutation_responses.py, test_lifecycle_e2e.py) and parametrized over `backend` by tests/backends.py,
+test_mutation_responses.py, test_api_fuzz.py, test_lifecycle_e2e.py)
+and parametrized over `backend` by tests/backends.py,
 which gives each test the backends of the tier that collects it. This module
 is how the k8s tier collects them: it re-exports every `test_*` function of
 those modules, so here they run as `test_…[kubernetes]` — the same WorkflowService
@@ -18,7 +19,13 @@ import pytest
 from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.api.v1 import workflow_service_pb2 as svc
 from tests.backends import ApiPlane
-from tests.integration import test_api_errors, test_lifecycle_e2e, test_mutation_responses, test_rpc_shapes
+from tests.integration import (
+    test_api_errors,
+    test_api_fuzz,
+    test_lifecycle_e2e,
+    test_mutation_responses,
+    test_rpc_shapes,
+)
 from tests.k8s.control_plane import KubeControlPlane
 
 pytestmark = pytest.mark.k8s
@@ -26,7 +33,7 @@ pytestmark = pytest.mark.k8s
 
 def _shared() -> dict[str, object]:
     tests: dict[str, object] = {}
-    for module in (test_api_errors, test_lifecycle_e2e, test_mutation_responses, test_rpc_shapes):
+    for module in (test_api_errors, test_lifecycle_e2e, test_mutation_responses, test_rpc_shapes, test_api_fuzz):
         for name, fn in vars(module).items():
             marker = [m for m in getattr(fn, "pytestmark", []) if m.name == "backends"]
             if name.startswith("test_") and callable(fn) and (not marker or "kubernetes" in marker[0].args):

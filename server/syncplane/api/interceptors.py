@@ -36,6 +36,23 @@ _CODES: dict[type[errors.SyncplaneError], int] = {
 PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 
+# An error travels in trailing metadata (grpc-message, grpc-status-details-bin), which clients
+# refuse past 8 KiB (grpc.max_metadata_size): echoed input (a name, a value) is clipped so that
+# an error is never turned into RESOURCE_EXHAUSTED. Bytes of UTF-8.
+MAX_MESSAGE_BYTES = 512
+MAX_FIELD_BYTES = 120
+MAX_DESCRIPTION_BYTES = 240
+MAX_DETAILS_BYTES = 3000
+
+
+def clip(text: str, limit: int) -> str:
+    """``text`` cut to at most ``limit`` bytes of UTF-8 (on a character boundary), marked with an ellipsis."""
+    raw = text.encode()
+    if len(raw) <= limit:
+        return text
+    return raw[:limit - 3].decode(errors="ignore") + "\u2026"
+
+
 def to_status(exc: BaseException) -> status_pb2.Status:
     if isinstance(exc, NotImplementedError):
         # grpc's generated servicer base for a method the servicer does not override (e.g. Health/List)
@@ -43,14 +60,20 @@ def to_status(exc: BaseException) -> status_pb2.Status:
     if not isinstance(exc, errors.SyncplaneError):
         return status_pb2.Status(code=code_pb2.INTERNAL, message="internal error; see the server log")
     code = next((c for t, c in _CODES.items() if isinstance(exc, t)), code_pb2.UNKNOWN)
-    status = status_pb2.Status(code=code, message=exc.message)
+    status = status_pb2.Status(code=code, message=clip(exc.message, MAX_MESSAGE_BYTES))
     info = any_pb2.Any()
-    info.Pack(error_details_pb2.ErrorInfo(reason=exc.reason, domain=DOMAIN, metadata=exc.metadata))
+    info.Pack(error_details_pb2.ErrorInfo(reason=exc.reason, domain=DOMAIN, metadata={
+        k: clip(v, MAX_FIELD_BYTES) for k, v in exc.metadata.items()}))
     status.details.append(info)
     if isinstance(exc, errors.InvalidArgument):
-        bad = error_details_pb2.BadRequest(field_violations=[
-            error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-            for v in exc.violations])
+        bad = error_details_pb2.BadRequest()
+        for i, v in enumerate(exc.violations):
+            if bad.ByteSize() > MAX_DETAILS_BYTES:
+                bad.field_violations.add(field=clip(v.field, MAX_FIELD_BYTES),
+                                         description=f"and {len(exc.violations) - i - 1} more violation(s)")
+                break
+            bad.field_violations.add(field=clip(v.field, MAX_FIELD_BYTES),
+                                     description=clip(v.description, MAX_DESCRIPTION_BYTES))
         detail = any_pb2.Any()
         detail.Pack(bad)
         status.details.append(detail)
