@@ -305,6 +305,7 @@ def describe_text(wf: pb.Workflow) -> str:
         f"Last error:   {f'{s.last_error.reason}: {s.last_error.message}' if s.last_error.reason else '-'}",
         f"Tables:       {', '.join(f'{t.source_table} {t.rows} rows' for t in s.tables) or '-'}",
         f"Dead letters: {s.dead_letters}" + (" (syncplane deadletters list|retry)" if s.dead_letters else ""),
+        f"Last verify:  {_last_verify(s.last_verify) if s.HasField('last_verify') else '-'}",
     ]
     if s.drift.detected:
         lines.append("Drift:        restart required; edited since the last start:")
@@ -315,6 +316,12 @@ def describe_text(wf: pb.Workflow) -> str:
     lines.append(f"  {'TYPE':<10} {'STATUS':<7} {'REASON':<22} MESSAGE")
     lines.extend(f"  {c.type:<10} {c.status:<7} {c.reason:<22} {c.message}" for c in s.conditions)
     return "\n".join(lines)
+
+
+def _last_verify(v: pb.VerifyResult) -> str:
+    c = v.counts
+    return (f"{_when(v.verify_time)}: {c.compared} compared, {c.missing} missing, {c.extra} extra, "
+            f"{c.different} different ({c.in_flight} in flight)")
 
 
 @cli.command()
@@ -410,6 +417,44 @@ def deadletters_retry(ctx: click.Context, name: str, keys: tuple[str, ...]) -> N
     resp = _client(ctx).RetryDeadLetters(svc.RetryDeadLettersRequest(parent=workflow_name(name), keys=list(keys)))
     click.echo(f"workflow/{name}: {resp.marked_count} dead letter(s) marked for retry "
                "(sent again at the workers' next pass)")
+
+
+def verify_text(name: str, resp: svc.VerifyWorkflowResponse) -> str:
+    """The text report of a VerifyWorkflow answer: a line of totals, a row per stream, sample keys."""
+    c, r = resp.result.counts, resp.result
+    verdict = "in sync" if not (c.missing or c.extra or c.different) else "DIFFERENCES"
+    lines = [f"workflow/{name}: {verdict}: {c.compared} compared, {c.missing} missing, {c.extra} extra, "
+             f"{c.different} different ({c.in_flight} in flight), {c.foreign} foreign; {r.requests} requests"]
+    rows = [[s.stream, f"{s.source} -> {s.destination}", str(s.counts.compared), str(s.counts.missing),
+             str(s.counts.extra), str(s.counts.different), str(s.counts.in_flight), str(s.counts.foreign),
+             str(s.queued) if r.repair_requested else "-"] for s in resp.streams]
+    lines.append(format_table(rows, ("STREAM", "SIDES", "COMPARED", "MISSING", "EXTRA", "DIFFERENT", "IN FLIGHT",
+                                     "FOREIGN", "QUEUED")))
+    for s in resp.streams:
+        for kind, keys in (("missing", s.missing_keys), ("extra", s.extra_keys), ("different", s.different_keys),
+                           ("in flight", s.in_flight_keys)):
+            if keys:
+                lines.append(f"{s.stream} {kind}: {', '.join(keys)}")
+    if r.repair_requested:
+        lines.append(f"queued {sum(s.queued for s in resp.streams)} record(s) for the workers' next pass")
+    return "\n".join(lines)
+
+
+@cli.command()
+@click.argument("name")
+@click.option("-o", "--output", type=click.Choice(["table", "json", "yaml"]), default="table")
+@click.option("--samples", type=click.IntRange(0, 1000), default=10, show_default=True,
+              help="Sample keys shown per kind of difference and stream.")
+@click.option("--repair", is_flag=True, help="Queue the differences for the workers' next pass.")
+@click.pass_context
+def verify(ctx: click.Context, name: str, output: str, samples: int, repair: bool) -> None:
+    """Compare source and destination, read-only: missing, extra and different records."""
+    resp = _client(ctx).VerifyWorkflow(svc.VerifyWorkflowRequest(name=workflow_name(name), sample_size=samples,
+                                                                  repair=repair), timeout=3600)
+    if output == "table":
+        click.echo(verify_text(name, resp))
+    else:
+        _emit(json_format.MessageToDict(resp), output)
 
 
 @cli.command()

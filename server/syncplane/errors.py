@@ -61,3 +61,13 @@ class Unauthenticated(SyncplaneError):
 
 class OutOfRange(SyncplaneError):
     reason = "REVISION_COMPACTED"
+
+
+class Unavailable(SyncplaneError):
+    """Something outside syncplane (a vendor API) is unavailable now; retrying later may work."""
+
+    reason = "UNAVAILABLE"
+
+    def __init__(self, message: str, reason: str = "UNAVAILABLE") -> None:
+        super().__init__(message)
+        self.reason = reason

@@ -24,7 +24,7 @@ from syncplane.api.server import ServerSecurity, create_server
 from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.api.v1 import workflow_service_pb2 as svc
 from syncplane.api.v1 import workflow_service_pb2_grpc as svc_grpc
-from syncplane.runtime.embedded import embedded_dead_letters
+from syncplane.runtime.embedded import embedded_dead_letters, embedded_verifier
 from syncplane.runtime.processes import read_port
 from syncplane.runtime.supervisor import Supervisor, SupervisorConfig
 from syncplane.service import WorkflowService
@@ -133,7 +133,8 @@ async def _serve(tmp_path: Path, security: ServerSecurity | None = None,
     supervisor = Supervisor(store, tmp_path / "run", config)
     service = WorkflowService(store, on_change=supervisor.wake)
     server, port, _ = await create_server(service, "127.0.0.1:0", security,
-                                          dead_letters=embedded_dead_letters(store, supervisor))
+                                          dead_letters=embedded_dead_letters(store, supervisor),
+                                          verifier=embedded_verifier(store, supervisor))
     supervisor.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from syncplane.connectors.base import Record
 from syncplane.optinout.memory import SqliteEchoMemory
 from syncplane.worker.checkpoints import STATE_TABLES, SqliteWorkerState, forget_workflows
 from syncplane.worker.held import HeldRecords
@@ -14,6 +15,7 @@ def fill(path: Path, workflow: str) -> None:
     try:
         state.commit(workflow, "contact", "delta x")
         state.dead_letter(workflow, "contact", "k1", {"email": "a@example.com"}, 400, "bad")
+        state.queue_repairs(workflow, "contact", [Record("k2", {"email": "b@example.com"})])
         held.hold(workflow, "event", "e1", {"id": "e1"}, 404, "no contact yet")
         memory.store(workflow, "crm", {"k1": {"donotemail": True}})
     finally:

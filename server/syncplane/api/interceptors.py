@@ -31,6 +31,7 @@ _CODES: dict[type[errors.SyncplaneError], int] = {
     errors.Aborted: code_pb2.ABORTED,
     errors.Unauthenticated: code_pb2.UNAUTHENTICATED,
     errors.OutOfRange: code_pb2.OUT_OF_RANGE,
+    errors.Unavailable: code_pb2.UNAVAILABLE,
 }
 # Reachable without a token: load balancers and generic clients need them.
 PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")

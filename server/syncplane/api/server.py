@@ -19,6 +19,7 @@ from syncplane.api.v1 import workflow_service_pb2 as svc
 from syncplane.api.v1 import workflow_service_pb2_grpc as svc_grpc
 from syncplane.service import WorkflowService
 from syncplane.service.dead_letters import DeadLetterService
+from syncplane.service.verify import VerifyService
 
 SERVICE_NAME = svc.DESCRIPTOR.services_by_name["WorkflowService"].full_name
 
@@ -68,12 +69,13 @@ def check_bind(address: str, security: ServerSecurity) -> None:
 async def create_server(
     service: WorkflowService, address: str = "127.0.0.1:0", security: ServerSecurity | None = None,
     tracer_provider: TracerProvider | None = None, dead_letters: DeadLetterService | None = None,
+    verifier: VerifyService | None = None,
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     security = security or ServerSecurity()
     check_bind(address, security)
     server = grpc.aio.server(interceptors=[ServerInterceptor(security.token, tracer_provider)],
                              options=[("grpc.so_reuseport", 0)])
-    svc_grpc.add_WorkflowServiceServicer_to_server(WorkflowServicer(service, dead_letters), server)
+    svc_grpc.add_WorkflowServiceServicer_to_server(WorkflowServicer(service, dead_letters, verifier), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

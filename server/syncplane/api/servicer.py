@@ -10,16 +10,19 @@ from syncplane.api.v1 import workflow_service_pb2 as svc
 from syncplane.api.v1 import workflow_service_pb2_grpc as svc_grpc
 from syncplane.service import WorkflowService
 from syncplane.service.dead_letters import DeadLetterService
+from syncplane.service.verify import VerifyService
 
 # grpc ships no type stubs; the context is untyped here.
 Ctx: TypeAlias = Any
 
 
 class WorkflowServicer(svc_grpc.WorkflowServiceServicer):
-    def __init__(self, service: WorkflowService, dead_letters: DeadLetterService | None = None) -> None:
+    def __init__(self, service: WorkflowService, dead_letters: DeadLetterService | None = None,
+                 verifier: VerifyService | None = None) -> None:
         self.service = service
-        # Without a dead-letter store the calls fail with FAILED_PRECONDITION, saying why.
+        # Without a dead-letter store (or what verify needs) the calls fail with FAILED_PRECONDITION, saying why.
         self.dead_letters = dead_letters or DeadLetterService(service.store, None)
+        self.verifier = verifier or VerifyService(service.store, None)
 
     async def CreateWorkflow(self, request: svc.CreateWorkflowRequest, context: Ctx) -> pb.Workflow:
         return await self.service.create(request)
@@ -59,3 +62,6 @@ class WorkflowServicer(svc_grpc.WorkflowServiceServicer):
     async def RetryDeadLetters(self, request: svc.RetryDeadLettersRequest,
                                context: Ctx) -> svc.RetryDeadLettersResponse:
         return await self.dead_letters.retry(request)
+
+    async def VerifyWorkflow(self, request: svc.VerifyWorkflowRequest, context: Ctx) -> svc.VerifyWorkflowResponse:
+        return await self.verifier.verify(request)

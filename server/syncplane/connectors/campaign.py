@@ -47,6 +47,14 @@ def key_filter(key_field: str) -> tuple[str, str]:
     return "by" + key_field[0].upper() + key_field[1:], key_field + "_parameter"
 
 
+def owned_by(row: Mapping[str, Any], owner: str | None) -> bool:
+    """Whether the integration (``owner``: its client id; None: anyone) created a record, by its
+    ``createdBy.name``. Records it did not create are never modified or deleted (DOMAIN.md)."""
+    creator = row.get("createdBy")
+    name = creator.get("name") if isinstance(creator, dict) else None
+    return owner is None or name == owner
+
+
 class _Base:
     def __init__(self, base_url: str, token_provider: TokenProvider, api_key: str, *, concurrency: int,
                  policy: RetryPolicy | None, transport: Transport | None) -> None:

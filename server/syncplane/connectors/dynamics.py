@@ -183,6 +183,30 @@ class DynamicsSource:
                 if fetch is not None and not fetch.done():
                     fetch.cancel()
 
+    async def snapshot(self, table: str, columns: Sequence[str], *, key_column: str) -> AsyncIterator[list[Record]]:
+        """Every row of an entity set as it is now, page by page: a plain paged read (no change
+        tracking: it makes no delta token, and works on tables without it) following
+        ``@odata.nextLink`` unchanged. Used to compare, never to sync.
+
+        Raises:
+            ConnectorError: ``BAD_RESPONSE`` when a next link repeats (the read would never end),
+                or the API refuses the read (reason by status, see ``raise_for_status``).
+        """
+        url: str | None = self._first_url(table, columns, key_column)
+        seen: set[str] = set()
+        headers = {**_ODATA_HEADERS, "Prefer": f"odata.maxpagesize={self.page_size}"}
+        while url is not None:
+            response = await self.transport.request("GET", url, headers=headers, auth=self.tokens)
+            raise_for_status(response, f"GET {table}")
+            body = _json_object(response, table)
+            yield [self._record(row, key_column) for row in body.get("value", [])]
+            link = body.get("@odata.nextLink")
+            url = link if isinstance(link, str) else None
+            if url is not None and url in seen:
+                raise ConnectorError("BAD_RESPONSE", f"GET {table}: the next link repeats an earlier one")
+            if url is not None:
+                seen.add(url)
+
     def _record(self, row: dict[str, Any], key_column: str) -> Record:
         if "reason" in row and "id" in row and str(row.get("@odata.context", "")).endswith("$deletedEntity"):
             return Record(str(row["id"]), deleted=True)

@@ -159,6 +159,7 @@ class Transport:
         self.semaphore = asyncio.Semaphore(concurrency)
         self.timeout = aiohttp.ClientTimeout(total=timeout, connect=10.0)
         self._session: aiohttp.ClientSession | None = None
+        self.sent = 0  # requests that went out (retries included), e.g. for verify's report
 
     def _client(self) -> aiohttp.ClientSession:
         """The session, made on first use (it belongs to the running event loop)."""
@@ -178,6 +179,7 @@ class Transport:
                     data: Mapping[str, str] | None) -> tuple[Response, float | None]:
         """One exchange. Returns the response and the Retry-After of a throttling one."""
         body: Any = content if content is not None else (dict(data) if data is not None else None)
+        self.sent += 1
         async with self._client().request(method, URL(url, encoded=True), headers=headers, data=body,
                                           json=json_body, allow_redirects=False) as resp:
             wait = None

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from syncplane.api.v1 import workflow_pb2 as pb
+from syncplane.errors import SyncplaneError
 from syncplane.model.convert import message_from_dict, message_to_dict
 
 
@@ -24,6 +25,14 @@ def etag_of(meta: Mapping[str, Any]) -> str:
     return f"{int(meta.get('generation') or 0)}-{hashlib.sha256(labels.encode()).hexdigest()[:8]}"
 
 
+#: VerifyWorkflow's last summary on Kubernetes (see store.kubernetes): JSON of a VerifyResult.
+LAST_VERIFY_ANNOTATION = "verify.syncplane.io/last-result"
+
+
+def last_verify_annotation(result: pb.VerifyResult) -> str:
+    return json.dumps(message_to_dict(result), sort_keys=True)
+
+
 def workflow_from_body(body: Mapping[str, Any]) -> pb.Workflow:
     meta = body.get("metadata") or {}
     wf = pb.Workflow(name=f"workflows/{meta.get('name', '')}", uid=meta.get("uid", ""),
@@ -36,6 +45,12 @@ def workflow_from_body(body: Mapping[str, Any]) -> pb.Workflow:
     status = dict(body.get("status") or {})
     known = {f.json_name for f in pb.WorkflowStatus.DESCRIPTOR.fields}
     message_from_dict({k: v for k, v in status.items() if k in known}, wf.status, "status")
+    raw = (meta.get("annotations") or {}).get(LAST_VERIFY_ANNOTATION)
+    if raw:
+        try:
+            message_from_dict(json.loads(raw), wf.status.last_verify, "status.lastVerify")
+        except (ValueError, SyncplaneError):
+            wf.status.ClearField("last_verify")  # unreadable (edited by hand): as if never verified
     if not wf.status.phase:
         # Not reconciled yet (no status written): STOPPED, as lifecycle.current_phase() and the
         # embedded store say, so a just-created Workflow reads the same on both backends.
@@ -46,7 +61,9 @@ def workflow_from_body(body: Mapping[str, Any]) -> pb.Workflow:
 def status_patch(old: Mapping[str, Any], new: pb.WorkflowStatus) -> dict[str, Any]:
     """A merge patch turning `old` into `new`; empty when nothing changed."""
     target = message_to_dict(new)
-    known = {f.json_name for f in pb.WorkflowStatus.DESCRIPTOR.fields}
+    # lastVerify is the API server's, kept in an annotation (LAST_VERIFY_ANNOTATION): never a status write.
+    target.pop("lastVerify", None)
+    known = {f.json_name for f in pb.WorkflowStatus.DESCRIPTOR.fields} - {"lastVerify"}
     patch: dict[str, Any] = {k: v for k, v in target.items() if old.get(k) != v}
     patch.update({k: None for k in old if k in known and k not in target})
     return patch

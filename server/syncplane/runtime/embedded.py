@@ -25,6 +25,7 @@ from syncplane.model.convert import from_resource
 from syncplane.runtime.supervisor import Supervisor, SupervisorConfig
 from syncplane.service import WorkflowService
 from syncplane.service.dead_letters import DeadLetterService, SqliteDeadLetters
+from syncplane.service.verify import EmbeddedVerifyEnvironment, VerifyService
 from syncplane.store.sqlite import SqliteStore
 from syncplane.telemetry import setup_tracing
 from syncplane.worker.credentials import write_local_secret
@@ -71,6 +72,11 @@ def embedded_dead_letters(store: SqliteStore, supervisor: Supervisor) -> DeadLet
     return DeadLetterService(store, SqliteDeadLetters(supervisor.state_db))
 
 
+def embedded_verifier(store: SqliteStore, supervisor: Supervisor) -> VerifyService:
+    """Verify with the local secret files and the local workers' state file."""
+    return VerifyService(store, EmbeddedVerifyEnvironment(supervisor.secrets_dir, supervisor.state_db))
+
+
 def write_sandbox_secrets(sandbox: Sandbox, secrets_dir: Path) -> None:
     """The secret files the default workflows reference, holding the sandbox's own client."""
     common = {"clientId": sandbox.client_id, "clientSecret": sandbox.client_secret}
@@ -87,7 +93,8 @@ async def serve(config: EmbeddedConfig, stop: asyncio.Event | None = None) -> No
     supervisor = Supervisor(store, config.data_dir / "run", config.supervisor)
     service = WorkflowService(store, on_change=supervisor.wake)
     server, port, health = await create_server(service, config.address, config.security,
-                                               dead_letters=embedded_dead_letters(store, supervisor))
+                                               dead_letters=embedded_dead_letters(store, supervisor),
+                                               verifier=embedded_verifier(store, supervisor))
     sandbox = None
     if config.sandbox:
         from syncplane.sandbox import SeedSpec, start_sandbox

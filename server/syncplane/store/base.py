@@ -39,7 +39,13 @@ class WorkflowStore(Protocol):
     async def get_applied(self, name: str) -> pb.WorkflowSpec | None: ...
 
     async def set_status(self, name: str, status: pb.WorkflowStatus,
-                         applied: pb.WorkflowSpec | None = None) -> pb.Workflow: ...
+                         applied: pb.WorkflowSpec | None = None) -> pb.Workflow:
+        """The driver's status write. It never changes ``status.last_verify`` (set_last_verify's)."""
+        ...
+
+    async def set_last_verify(self, name: str, result: pb.VerifyResult) -> None:
+        """Keep the last VerifyWorkflow summary as ``status.last_verify`` (the API server's own field)."""
+        ...
 
 
 CHANGE_ADDED = svc.CHANGE_TYPE_ADDED

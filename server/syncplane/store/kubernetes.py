@@ -1,6 +1,12 @@
 """The Kubernetes backend of the store: Workflow custom resources.
 
-The operator owns `status`; this store never writes it. Optimistic
+The operator owns `status`; this store never writes it. The one status field that is the
+API server's, `status.last_verify` (VerifyWorkflow's summary), is kept in the annotation
+`verify.syncplane.io/last-result` and shown as `status.lastVerify` by this store: a second
+writer of the status subresource would race the operator's status patches (it computes
+status from what it read and would drop or resurrect the field), while an annotation of
+ours is never touched by the operator nor by kopf (its bookkeeping is `syncplane.io/*`),
+and changes neither the generation nor the etag (generation + labels). Optimistic
 concurrency uses resourceVersion; the user-facing etag is
 syncplane.model.kube.etag_of (generation + labels). Watch revisions are
 resourceVersions, so a client resumes a Kubernetes watch.
@@ -15,7 +21,7 @@ from typing import Any
 from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.errors import AlreadyExists, NotFound, OutOfRange, SyncplaneError
 from syncplane.model.convert import spec_from_dict, to_resource
-from syncplane.model.kube import workflow_from_body
+from syncplane.model.kube import LAST_VERIFY_ANNOTATION, last_verify_annotation, workflow_from_body
 from syncplane.store.base import CHANGE_ADDED, CHANGE_DELETED, CHANGE_MODIFIED, Change, Mutation
 
 GROUP, VERSION, PLURAL = "syncplane.io", "v1", "workflows"
@@ -142,6 +148,25 @@ class KubernetesStore:
     async def set_status(self, name: str, status: pb.WorkflowStatus,
                          applied: pb.WorkflowSpec | None = None) -> pb.Workflow:
         raise NotImplementedError("on Kubernetes the operator owns status")
+
+    async def set_last_verify(self, name: str, result: pb.VerifyResult) -> None:
+        """The annotation, by a replace conditional on the resourceVersion read (the ``update``
+        verb the server already has for spec edits); re-read and retried on a conflict."""
+        from kubernetes_asyncio.client.exceptions import ApiException
+
+        for _ in range(CONFLICT_RETRIES):
+            obj = await self._get(name)
+            annotations = obj["metadata"].setdefault("annotations", {}) or {}
+            annotations[LAST_VERIFY_ANNOTATION] = last_verify_annotation(result)
+            obj["metadata"]["annotations"] = annotations
+            try:
+                await self.custom.replace_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL,
+                                                                   self._id(name), obj)
+                return
+            except ApiException as exc:
+                if exc.status != 409:
+                    raise
+        raise SyncplaneError(f"workflow {name} kept changing; retry")
 
     async def watch(self, start_revision: int = 0, name: str = "") -> AsyncIterator[Change]:
         from kubernetes_asyncio import watch

@@ -190,11 +190,28 @@ class SqliteStore:
             self._db.execute("BEGIN IMMEDIATE")
             wf = pb.Workflow()
             wf.CopyFrom(self._load(name))
+            last_verify = pb.VerifyResult()
+            last_verify.CopyFrom(wf.status.last_verify)
+            had_verify = wf.status.HasField("last_verify")
             wf.status.CopyFrom(status)
+            # The supervisor's status may have been computed before a verify finished: keep the stored one.
+            if had_verify:
+                wf.status.last_verify.CopyFrom(last_verify)
+            else:
+                wf.status.ClearField("last_verify")
             blob = applied.SerializeToString() if applied is not None else None
             change = self._write(wf, CHANGE_MODIFIED, blob, keep_applied=applied is None, status_only=True)
         self._publish(change)
         return change.workflow
+
+    async def set_last_verify(self, name: str, result: pb.VerifyResult) -> None:
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            wf = pb.Workflow()
+            wf.CopyFrom(self._load(name))
+            wf.status.last_verify.CopyFrom(result)
+            change = self._write(wf, CHANGE_MODIFIED, status_only=True)
+        self._publish(change)
 
     async def watch(self, start_revision: int = 0, name: str = "") -> AsyncIterator[Change]:
         queue: asyncio.Queue[Change] = asyncio.Queue()

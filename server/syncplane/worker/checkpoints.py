@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from syncplane.connectors.base import Record
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS checkpoints (
     workflow TEXT NOT NULL, stream TEXT NOT NULL, cursor TEXT NOT NULL, updated REAL NOT NULL,
@@ -25,6 +27,9 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     workflow TEXT NOT NULL, stream TEXT NOT NULL, key TEXT NOT NULL, payload TEXT NOT NULL,
     status INTEGER NOT NULL, error TEXT NOT NULL, first_seen REAL NOT NULL, last_seen REAL NOT NULL,
     attempts INTEGER NOT NULL, PRIMARY KEY (workflow, stream, key));
+CREATE TABLE IF NOT EXISTS repairs (
+    workflow TEXT NOT NULL, stream TEXT NOT NULL, key TEXT NOT NULL, payload TEXT NOT NULL,
+    deleted INTEGER NOT NULL, queued REAL NOT NULL, PRIMARY KEY (workflow, stream, key));
 """
 # Added to dead_letters after the first release: (name, declaration), added in place when absent.
 DEAD_LETTER_COLUMNS = (
@@ -99,9 +104,21 @@ class AsyncDeadLetterStore(Protocol):
                             rejected: Iterable[tuple[str, int, str]], sent: Iterable[str]) -> None: ...
 
 
+class AsyncRepairQueue(Protocol):
+    """Records `syncplane verify --repair` queued for a stream's next pass: source records (as
+    read, before the transform) to send again, or deletes. SqliteWorkerState (embedded)."""
+
+    async def aqueue_repairs(self, workflow: str, stream: str, records: Sequence[Record]) -> int: ...
+
+    async def arepairs(self, workflow: str, stream: str) -> list[Record]: ...
+
+    async def arepaired(self, workflow: str, stream: str, keys: Iterable[str]) -> None: ...
+
+
 #: Every table of the worker-state database; each row belongs to one workflow (its first column):
-#: checkpoints and dead letters here, held records (held.py), the opt-in/out echo memory (optinout/memory.py).
-STATE_TABLES = ("checkpoints", "dead_letters", "held", "optinout_known")
+#: checkpoints, dead letters and repairs here, held records (held.py), the opt-in/out echo memory
+#: (optinout/memory.py).
+STATE_TABLES = ("checkpoints", "dead_letters", "repairs", "held", "optinout_known")
 
 
 def forget_workflows(path: Path, keep: Collection[str]) -> list[str]:
@@ -158,6 +175,12 @@ class SqliteWorkerState:
         row = self._db.execute("SELECT cursor FROM checkpoints WHERE workflow = ? AND stream = ?",
                                (workflow, stream)).fetchone()
         return str(row[0]) if row else None
+
+    def committed(self, workflow: str, stream: str) -> tuple[str | None, float | None]:
+        """The stream's cursor and when it was committed (epoch seconds); (None, None) before the first."""
+        row = self._db.execute("SELECT cursor, updated FROM checkpoints WHERE workflow = ? AND stream = ?",
+                               (workflow, stream)).fetchone()
+        return (str(row[0]), float(row[1])) if row else (None, None)
 
     def commit(self, workflow: str, stream: str, cursor: str) -> None:
         self._db.execute("INSERT INTO checkpoints (workflow, stream, cursor, updated) VALUES (?, ?, ?, ?) "
@@ -260,6 +283,37 @@ class SqliteWorkerState:
                 [(status, error, now, workflow, stream, k) for k, status, error in rejected])
             self._db.executemany("UPDATE dead_letters SET retry = 0 WHERE workflow = ? AND stream = ? AND key = ?",
                                  [(workflow, stream, k) for k in sent])
+
+    # -- repairs: queued by the API (verify --repair), sent by the worker at its next pass ----------
+    def queue_repairs(self, workflow: str, stream: str, records: Sequence[Record]) -> int:
+        """Queue records (a newer queueing of a key replaces the older); returns how many."""
+        now = time.time()
+        with self._transaction():
+            self._db.executemany(
+                "INSERT INTO repairs (workflow, stream, key, payload, deleted, queued) VALUES (?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (workflow, stream, key) DO UPDATE SET payload = excluded.payload, "
+                "deleted = excluded.deleted, queued = excluded.queued",
+                [(workflow, stream, r.key, json.dumps(r.values, sort_keys=True, default=str), int(r.deleted), now)
+                 for r in records])
+        return len(records)
+
+    def repairs(self, workflow: str, stream: str) -> list[Record]:
+        rows = self._db.execute("SELECT key, payload, deleted FROM repairs WHERE workflow = ? AND stream = ? "
+                                "ORDER BY queued, key", (workflow, stream))
+        return [Record(str(k), {} if d else json.loads(p), deleted=bool(d)) for k, p, d in rows]
+
+    def repaired(self, workflow: str, stream: str, keys: Iterable[str]) -> None:
+        self._db.executemany("DELETE FROM repairs WHERE workflow = ? AND stream = ? AND key = ?",
+                             [(workflow, stream, k) for k in keys])
+
+    async def aqueue_repairs(self, workflow: str, stream: str, records: Sequence[Record]) -> int:
+        return self.queue_repairs(workflow, stream, records)
+
+    async def arepairs(self, workflow: str, stream: str) -> list[Record]:
+        return self.repairs(workflow, stream)
+
+    async def arepaired(self, workflow: str, stream: str, keys: Iterable[str]) -> None:
+        self.repaired(workflow, stream, keys)
 
     def _transaction(self) -> _Transaction:
         return _Transaction(self._db)

@@ -35,7 +35,12 @@ from syncplane.connectors.http import STOPPING, OAuth2ClientCredentials, Retryab
 from syncplane.connectors.schema import Schema, SchemaChanged, check
 from syncplane.egress import transform as egress
 from syncplane.ingress.transform import EntityTransform
-from syncplane.worker.checkpoints import AsyncCheckpointStore, AsyncDeadLetterStore, SqliteWorkerState
+from syncplane.worker.checkpoints import (
+    AsyncCheckpointStore,
+    AsyncDeadLetterStore,
+    AsyncRepairQueue,
+    SqliteWorkerState,
+)
 from syncplane.worker.credentials import ConnectionSecret
 from syncplane.worker.held import AsyncHeldStore, HeldRecords, HoldPolicy
 from syncplane.worker.pipeline import Pipeline, Stream
@@ -152,6 +157,7 @@ class Stores:
     checkpoints: AsyncCheckpointStore
     letters: AsyncDeadLetterStore
     held: AsyncHeldStore
+    repairs: AsyncRepairQueue | None = None   # verify --repair (embedded)
 
 
 class _PipelineRunner:
@@ -174,7 +180,8 @@ class _PipelineRunner:
         an event's contact) is not there yet is held and re-sent."""
         s = self.stores
         return Pipeline(self.workflow, stream, source, self.sink, self.report, self.batch_size,
-                        checkpoints=s.checkpoints, letters=s.letters, guard=guard, held=s.held, hold=HoldPolicy())
+                        checkpoints=s.checkpoints, letters=s.letters, guard=guard, held=s.held, hold=HoldPolicy(),
+                        repairs=s.repairs)
 
     async def aclose(self) -> None:
         await self.source.aclose()
@@ -298,7 +305,7 @@ class Engine:
             stores = Stores(checkpoints, letters=self.records, held=self.records)
         else:
             local_held = HeldRecords(self.state_db or Path(":memory:"))
-            stores = Stores(checkpoints, letters=self.state, held=local_held)
+            stores = Stores(checkpoints, letters=self.state, held=local_held, repairs=self.state)
         # From here on every wait of the connectors (backoff, Retry-After, token fetch, retry) is
         # abandoned as soon as the stop begins; only a batch already with the destination finishes.
         stopping = STOPPING.set(stop)

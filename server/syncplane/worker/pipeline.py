@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from syncplane.connectors.base import Page, Record, Sink, Source
 from syncplane.ingress.transform import Action, Transformed
-from syncplane.worker.checkpoints import AsyncCheckpointStore, AsyncDeadLetterStore
+from syncplane.worker.checkpoints import AsyncCheckpointStore, AsyncDeadLetterStore, AsyncRepairQueue
 from syncplane.worker.held import AsyncHeldStore, HoldPolicy
 from syncplane.worker.report import WorkerReport
 
@@ -75,8 +75,11 @@ class Pipeline:
     def __init__(self, workflow: str, stream: Stream, source: Source, sink: Sink, report: WorkerReport,
                  batch_size: int, *, checkpoints: AsyncCheckpointStore, letters: AsyncDeadLetterStore,
                  queue_pages: int = 2, guard: Callable[[], Awaitable[None]] | None = None,
-                 held: AsyncHeldStore | None = None, hold: HoldPolicy | None = None) -> None:
+                 held: AsyncHeldStore | None = None, hold: HoldPolicy | None = None,
+                 repairs: AsyncRepairQueue | None = None) -> None:
         self.workflow, self.stream = workflow, stream
+        # Records `syncplane verify --repair` queued: sent first in the next pass, through the transform.
+        self.repairs = repairs
         self.source, self.sink, self.report = source, sink, report
         self.batch_size = batch_size
         self.queue: asyncio.Queue[Page | None] = asyncio.Queue(maxsize=queue_pages)
@@ -117,6 +120,9 @@ class Pipeline:
             self._held_keys = {h.key for h in await self.held.aall(self.workflow, self.stream.name)}
             self._held_loaded = True
             self._count_held()
+        if self.repairs is not None:
+            # Before the read: a newer change of a repaired record, read in this pass, is written after it.
+            await self._run_repairs(stop)
         cursor = self.checkpoint.cursor
         columns = self.stream.transform.source_columns()
         read = 0
@@ -321,6 +327,18 @@ class Pipeline:
                 self.report.counters.written += len(result.written)
         await self._count_letters()
         self._letters = self.report.dead_letters > 0
+
+    async def _run_repairs(self, stop: asyncio.Event) -> None:
+        """Send what verify queued: source records as read (through the transform, as a full read:
+        every mapped field), deletes where the mapping applies them. Written, dead-lettered or held
+        like any page; dequeued once the page is through (a stop in between sends them again)."""
+        assert self.repairs is not None
+        queued = await self.repairs.arepairs(self.workflow, self.stream.name)
+        if queued and await self._write_page(queued, True, stop):
+            await self.repairs.arepaired(self.workflow, self.stream.name, [r.key for r in queued])
+        self.writing = False
+        self._in_flight = 0
+        self._update_backlog()
 
     async def _retry_held(self) -> None:
         """Re-send held records; past the policy's attempts they become dead letters."""

@@ -672,6 +672,7 @@ class WorkflowStatus(_message.Message):
     APPLIED_SPEC_HASH_FIELD_NUMBER: _builtins.int
     TABLES_FIELD_NUMBER: _builtins.int
     DEAD_LETTERS_FIELD_NUMBER: _builtins.int
+    LAST_VERIFY_FIELD_NUMBER: _builtins.int
     phase: Global___Phase.ValueType
     backlog: _builtins.int
     """Records read from the source and not yet written to the destination."""
@@ -707,6 +708,12 @@ class WorkflowStatus(_message.Message):
     def tables(self) -> _containers.RepeatedCompositeFieldContainer[Global___TableRows]:
         """Rows per source table, counted by the workers' last full read."""
 
+    @_builtins.property
+    def last_verify(self) -> Global___VerifyResult:
+        """The last `VerifyWorkflow` comparison (written by the API server, never by
+        the drivers' status updates).
+        """
+
     def __init__(
         self,
         *,
@@ -725,14 +732,100 @@ class WorkflowStatus(_message.Message):
         applied_spec_hash: _builtins.str = ...,
         tables: _abc.Iterable[Global___TableRows] | None = ...,
         dead_letters: _builtins.int = ...,
+        last_verify: Global___VerifyResult | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["counters", b"counters", "drift", b"drift", "last_error", b"last_error", "phase_time", b"phase_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["counters", b"counters", "drift", b"drift", "last_error", b"last_error", "last_verify", b"last_verify", "phase_time", b"phase_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_generation", b"applied_generation", "applied_restart_nonce", b"applied_restart_nonce", "applied_spec_hash", b"applied_spec_hash", "backlog", b"backlog", "conditions", b"conditions", "counters", b"counters", "dead_letters", b"dead_letters", "desired_workers", b"desired_workers", "drift", b"drift", "last_error", b"last_error", "observed_generation", b"observed_generation", "phase", b"phase", "phase_time", b"phase_time", "ready_workers", b"ready_workers", "tables", b"tables"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_generation", b"applied_generation", "applied_restart_nonce", b"applied_restart_nonce", "applied_spec_hash", b"applied_spec_hash", "backlog", b"backlog", "conditions", b"conditions", "counters", b"counters", "dead_letters", b"dead_letters", "desired_workers", b"desired_workers", "drift", b"drift", "last_error", b"last_error", "last_verify", b"last_verify", "observed_generation", b"observed_generation", "phase", b"phase", "phase_time", b"phase_time", "ready_workers", b"ready_workers", "tables", b"tables"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WorkflowStatus: _TypeAlias = WorkflowStatus  # noqa: Y015
+
+@_typing.final
+class VerifyCounts(_message.Message):
+    """Record counts of a comparison of source and destination."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COMPARED_FIELD_NUMBER: _builtins.int
+    MISSING_FIELD_NUMBER: _builtins.int
+    EXTRA_FIELD_NUMBER: _builtins.int
+    DIFFERENT_FIELD_NUMBER: _builtins.int
+    IN_FLIGHT_FIELD_NUMBER: _builtins.int
+    FOREIGN_FIELD_NUMBER: _builtins.int
+    compared: _builtins.int
+    """Records compared: keys seen on either side (after the mapping's filter)."""
+    missing: _builtins.int
+    """At the source, not at the destination."""
+    extra: _builtins.int
+    """At the destination (written by the integration), not at the source."""
+    different: _builtins.int
+    """On both sides, with different mapped values."""
+    in_flight: _builtins.int
+    """Of the missing, extra and different: records changed since the workers'
+    last committed checkpoint, or while the comparison ran (the workers have
+    not read them yet; they are expected to converge).
+    """
+    foreign: _builtins.int
+    """Destination records with a source key that the integration did not create:
+    never written by it, left out of the comparison.
+    """
+    def __init__(
+        self,
+        *,
+        compared: _builtins.int = ...,
+        missing: _builtins.int = ...,
+        extra: _builtins.int = ...,
+        different: _builtins.int = ...,
+        in_flight: _builtins.int = ...,
+        foreign: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compared", b"compared", "different", b"different", "extra", b"extra", "foreign", b"foreign", "in_flight", b"in_flight", "missing", b"missing"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerifyCounts: _TypeAlias = VerifyCounts  # noqa: Y015
+
+@_typing.final
+class VerifyResult(_message.Message):
+    """The summary of a `VerifyWorkflow` call."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERIFY_TIME_FIELD_NUMBER: _builtins.int
+    COUNTS_FIELD_NUMBER: _builtins.int
+    REPAIR_REQUESTED_FIELD_NUMBER: _builtins.int
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    repair_requested: _builtins.bool
+    """The differences were queued for the workers' next pass."""
+    requests: _builtins.int
+    """Requests sent to the two APIs."""
+    @_builtins.property
+    def verify_time(self) -> _timestamp_pb2.Timestamp:
+        """When the comparison finished."""
+
+    @_builtins.property
+    def counts(self) -> Global___VerifyCounts:
+        """Every stream together."""
+
+    def __init__(
+        self,
+        *,
+        verify_time: _timestamp_pb2.Timestamp | None = ...,
+        counts: Global___VerifyCounts | None = ...,
+        repair_requested: _builtins.bool = ...,
+        requests: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["counts", b"counts", "verify_time", b"verify_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["counts", b"counts", "repair_requested", b"repair_requested", "requests", b"requests", "verify_time", b"verify_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerifyResult: _TypeAlias = VerifyResult  # noqa: Y015
 
 @_typing.final
 class TableRows(_message.Message):

@@ -523,3 +523,117 @@ class RetryDeadLettersResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RetryDeadLettersResponse: _TypeAlias = RetryDeadLettersResponse  # noqa: Y015
+
+@_typing.final
+class VerifyWorkflowRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    SAMPLE_SIZE_FIELD_NUMBER: _builtins.int
+    REPAIR_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The workflow: `workflows/{workflow_id}`."""
+    sample_size: _builtins.int
+    """Sample keys returned per kind of difference and stream; 0..1000, 0 means 10."""
+    repair: _builtins.bool
+    """Queue the differences for the workers' next pass: missing and different
+    records are sent again through the workflow's transform; extra ones are
+    deleted where the mapping applies deletes (else only reported).
+    """
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        sample_size: _builtins.int = ...,
+        repair: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "repair", b"repair", "sample_size", b"sample_size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerifyWorkflowRequest: _TypeAlias = VerifyWorkflowRequest  # noqa: Y015
+
+@_typing.final
+class VerifyStream(_message.Message):
+    """One compared stream: an ingress table, the egress event feed, or the
+    opt-in/out flag pairs.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STREAM_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    DESTINATION_FIELD_NUMBER: _builtins.int
+    COUNTS_FIELD_NUMBER: _builtins.int
+    MISSING_KEYS_FIELD_NUMBER: _builtins.int
+    EXTRA_KEYS_FIELD_NUMBER: _builtins.int
+    DIFFERENT_KEYS_FIELD_NUMBER: _builtins.int
+    IN_FLIGHT_KEYS_FIELD_NUMBER: _builtins.int
+    QUEUED_FIELD_NUMBER: _builtins.int
+    stream: _builtins.str
+    """The stream: the source table (`contact`), `events`, or `optinout`."""
+    source: _builtins.str
+    """Where it is read and written, e.g. `contacts` and `profile`."""
+    destination: _builtins.str
+    queued: _builtins.int
+    """Differences queued for the next pass (`repair`)."""
+    @_builtins.property
+    def counts(self) -> _workflow_pb2.VerifyCounts: ...
+    @_builtins.property
+    def missing_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Up to `sample_size` record keys of each kind."""
+
+    @_builtins.property
+    def extra_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def different_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def in_flight_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        stream: _builtins.str = ...,
+        source: _builtins.str = ...,
+        destination: _builtins.str = ...,
+        counts: _workflow_pb2.VerifyCounts | None = ...,
+        missing_keys: _abc.Iterable[_builtins.str] | None = ...,
+        extra_keys: _abc.Iterable[_builtins.str] | None = ...,
+        different_keys: _abc.Iterable[_builtins.str] | None = ...,
+        in_flight_keys: _abc.Iterable[_builtins.str] | None = ...,
+        queued: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["counts", b"counts"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["counts", b"counts", "destination", b"destination", "different_keys", b"different_keys", "extra_keys", b"extra_keys", "in_flight_keys", b"in_flight_keys", "missing_keys", b"missing_keys", "queued", b"queued", "source", b"source", "stream", b"stream"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerifyStream: _TypeAlias = VerifyStream  # noqa: Y015
+
+@_typing.final
+class VerifyWorkflowResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULT_FIELD_NUMBER: _builtins.int
+    STREAMS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def result(self) -> _workflow_pb2.VerifyResult:
+        """The summary, as kept in `status.last_verify`."""
+
+    @_builtins.property
+    def streams(self) -> _containers.RepeatedCompositeFieldContainer[Global___VerifyStream]: ...
+    def __init__(
+        self,
+        *,
+        result: _workflow_pb2.VerifyResult | None = ...,
+        streams: _abc.Iterable[Global___VerifyStream] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["result", b"result", "streams", b"streams"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerifyWorkflowResponse: _TypeAlias = VerifyWorkflowResponse  # noqa: Y015

@@ -91,6 +91,11 @@ class WorkflowServiceStub:
                 request_serializer=syncplane_dot_v1_dot_workflow__service__pb2.RetryDeadLettersRequest.SerializeToString,
                 response_deserializer=syncplane_dot_v1_dot_workflow__service__pb2.RetryDeadLettersResponse.FromString,
                 _registered_method=True)
+        self.VerifyWorkflow = channel.unary_unary(
+                '/syncplane.v1.WorkflowService/VerifyWorkflow',
+                request_serializer=syncplane_dot_v1_dot_workflow__service__pb2.VerifyWorkflowRequest.SerializeToString,
+                response_deserializer=syncplane_dot_v1_dot_workflow__service__pb2.VerifyWorkflowResponse.FromString,
+                _registered_method=True)
 
 
 class WorkflowServiceServicer:
@@ -172,6 +177,17 @@ class WorkflowServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def VerifyWorkflow(self, request, context):
+        """Compares the workflow's source and destination, read-only: keys on one side
+        only, and records whose mapped values differ. Paged reads under the same
+        throttling rules and concurrency cap as the workers; it may run while the
+        workflow runs. The summary is kept as `status.last_verify`. With `repair`,
+        the differences are queued for the workers' next pass.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkflowServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -229,6 +245,11 @@ def add_WorkflowServiceServicer_to_server(servicer, server):
                     servicer.RetryDeadLetters,
                     request_deserializer=syncplane_dot_v1_dot_workflow__service__pb2.RetryDeadLettersRequest.FromString,
                     response_serializer=syncplane_dot_v1_dot_workflow__service__pb2.RetryDeadLettersResponse.SerializeToString,
+            ),
+            'VerifyWorkflow': grpc.unary_unary_rpc_method_handler(
+                    servicer.VerifyWorkflow,
+                    request_deserializer=syncplane_dot_v1_dot_workflow__service__pb2.VerifyWorkflowRequest.FromString,
+                    response_serializer=syncplane_dot_v1_dot_workflow__service__pb2.VerifyWorkflowResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -529,6 +550,33 @@ class WorkflowService:
             '/syncplane.v1.WorkflowService/RetryDeadLetters',
             syncplane_dot_v1_dot_workflow__service__pb2.RetryDeadLettersRequest.SerializeToString,
             syncplane_dot_v1_dot_workflow__service__pb2.RetryDeadLettersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VerifyWorkflow(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/syncplane.v1.WorkflowService/VerifyWorkflow',
+            syncplane_dot_v1_dot_workflow__service__pb2.VerifyWorkflowRequest.SerializeToString,
+            syncplane_dot_v1_dot_workflow__service__pb2.VerifyWorkflowResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -57,6 +57,13 @@ class WorkflowServiceStub:
     others (attempts + 1, the new reason). A stopped workflow retries them
     when it starts.
     """
+    VerifyWorkflow: _grpc.UnaryUnaryMultiCallable[_workflow_service_pb2.VerifyWorkflowRequest, _workflow_service_pb2.VerifyWorkflowResponse]
+    """Compares the workflow's source and destination, read-only: keys on one side
+    only, and records whose mapped values differ. Paged reads under the same
+    throttling rules and concurrency cap as the workers; it may run while the
+    workflow runs. The summary is kept as `status.last_verify`. With `repair`,
+    the differences are queued for the workers' next pass.
+    """
 
 @_typing.type_check_only
 class WorkflowServiceAsyncStub(WorkflowServiceStub):
@@ -85,6 +92,13 @@ class WorkflowServiceAsyncStub(WorkflowServiceStub):
     their next pass, delete the ones the destination accepts and keep the
     others (attempts + 1, the new reason). A stopped workflow retries them
     when it starts.
+    """
+    VerifyWorkflow: _aio.UnaryUnaryMultiCallable[_workflow_service_pb2.VerifyWorkflowRequest, _workflow_service_pb2.VerifyWorkflowResponse]  # type: ignore[assignment]
+    """Compares the workflow's source and destination, read-only: keys on one side
+    only, and records whose mapped values differ. Paged reads under the same
+    throttling rules and concurrency cap as the workers; it may run while the
+    workflow runs. The summary is kept as `status.last_verify`. With `repair`,
+    the differences are queued for the workers' next pass.
     """
 
 class WorkflowServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -177,6 +191,19 @@ class WorkflowServiceServicer(metaclass=_abc_1.ABCMeta):
         their next pass, delete the ones the destination accepts and keep the
         others (attempts + 1, the new reason). A stopped workflow retries them
         when it starts.
+        """
+
+    @_abc_1.abstractmethod
+    def VerifyWorkflow(
+        self,
+        request: _workflow_service_pb2.VerifyWorkflowRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_workflow_service_pb2.VerifyWorkflowResponse, _abc.Awaitable[_workflow_service_pb2.VerifyWorkflowResponse]]:
+        """Compares the workflow's source and destination, read-only: keys on one side
+        only, and records whose mapped values differ. Paged reads under the same
+        throttling rules and concurrency cap as the workers; it may run while the
+        workflow runs. The summary is kept as `status.last_verify`. With `repair`,
+        the differences are queued for the workers' next pass.
         """
 
 def add_WorkflowServiceServicer_to_server(servicer: WorkflowServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,159 @@
+"""The verify use case: compare a workflow's source and destination (syncplane.verify), keep the
+summary as ``status.last_verify``, and optionally queue the differences for the next pass.
+
+The comparison runs in the API server, with the workflow's own credentials, while the workers
+may be running: it reads only. It compares against the spec the workers run (the applied
+snapshot) when there is one, else the current spec. Embedded, the workers' checkpoints and the
+repair queue are in <data-dir>/worker-state.db (WAL: the workers keep writing meanwhile).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Protocol, TypeVar
+
+from syncplane.api.v1 import workflow_pb2 as pb
+from syncplane.api.v1 import workflow_service_pb2 as svc
+from syncplane.connectors.base import ConnectorError, Record
+from syncplane.connectors.http import RetryableError
+from syncplane.errors import FailedPrecondition, FieldViolation, InvalidArgument, Unavailable
+from syncplane.lifecycle import effective_phase
+from syncplane.model.convert import phase_name
+from syncplane.model.names import parse_name, workflow_name
+from syncplane.service.dead_letters import validated
+from syncplane.store.base import WorkflowStore
+from syncplane.verify.compare import Difference
+from syncplane.verify.run import RepairUnavailable, Report, WorkerState, verify
+from syncplane.worker.checkpoints import SqliteWorkerState
+from syncplane.worker.credentials import ConnectionSecret, CredentialsError, load_local_secrets
+
+DEFAULT_SAMPLE_SIZE = 10
+MAX_SAMPLE_SIZE = 1000
+T = TypeVar("T")
+
+
+class VerifyEnvironment(Protocol):
+    """Where the backend keeps what a comparison needs besides the workflow."""
+
+    async def secrets(self, spec: pb.WorkflowSpec) -> dict[str, ConnectionSecret]:
+        """The connections' credentials; raises CredentialsError naming what is missing."""
+        ...
+
+    @property
+    def state(self) -> WorkerState: ...
+
+
+class SqliteWorkerStateAccess:
+    """The embedded workers' SQLite file, opened per call, off the event loop (a worker may be
+    writing: SQLite's busy timeout waits for it)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    async def _run(self, fn: Callable[[SqliteWorkerState], T]) -> T:
+        def call() -> T:
+            state = SqliteWorkerState(self.path)
+            try:
+                return fn(state)
+            finally:
+                state.close()
+
+        return await asyncio.to_thread(call)
+
+    async def committed(self, workflow: str, stream: str) -> tuple[str | None, float | None]:
+        return await self._run(lambda s: s.committed(workflow, stream))
+
+    async def queue_repairs(self, workflow: str, stream: str, records: Sequence[Record]) -> int:
+        return await self._run(lambda s: s.queue_repairs(workflow, stream, records))
+
+
+class EmbeddedVerifyEnvironment:
+    """Embedded: secrets are ``<data-dir>/secrets/<name>.json`` files, state the worker-state file."""
+
+    def __init__(self, secrets_dir: Path, state_db: Path) -> None:
+        self.secrets_dir = secrets_dir
+        self._state = SqliteWorkerStateAccess(state_db)
+
+    async def secrets(self, spec: pb.WorkflowSpec) -> dict[str, ConnectionSecret]:
+        return await asyncio.to_thread(load_local_secrets, spec, self.secrets_dir)
+
+    @property
+    def state(self) -> WorkerState:
+        return self._state
+
+
+def sample_size(requested: int) -> int:
+    if not 0 <= requested <= MAX_SAMPLE_SIZE:
+        raise InvalidArgument([FieldViolation("sample_size", f"must be between 0 and {MAX_SAMPLE_SIZE} "
+                                              f"(0 means {DEFAULT_SAMPLE_SIZE})")])
+    return requested or DEFAULT_SAMPLE_SIZE
+
+
+class VerifyService:
+    def __init__(self, workflows: WorkflowStore, environment: VerifyEnvironment | None,
+                 unavailable: str = "this server's backend cannot reach the workers' state") -> None:
+        self.workflows, self.environment, self.unavailable = workflows, environment, unavailable
+
+    async def verify(self, req: svc.VerifyWorkflowRequest) -> svc.VerifyWorkflowResponse:
+        """Compare, record ``status.last_verify``, answer the per-stream detail.
+
+        Raises:
+            InvalidArgument: a bad name or sample size.
+            NotFound: no such workflow.
+            FailedPrecondition: no credentials (BAD_CREDENTIALS), an API refused a read, or
+                repair asked where it is not available.
+            Unavailable: an API stayed unavailable past the connectors' retries.
+        """
+        workflow_id, samples = validated(lambda: parse_name(req.name, "name"), lambda: sample_size(req.sample_size))
+        name = workflow_name(workflow_id)
+        wf = await self.workflows.get(name)
+        phase = phase_name(effective_phase(wf))
+        if self.environment is None:
+            raise FailedPrecondition(f"{self.unavailable} (workflow {name})", phase, "VERIFY_UNAVAILABLE")
+        running = effective_phase(wf) in (pb.PHASE_RUNNING, pb.PHASE_STARTING)
+        applied = await self.workflows.get_applied(name) if running else None
+        spec = applied if applied is not None else wf.spec
+        report = await self._compare(workflow_id, spec, phase, running, req.repair)
+        result = summary(report, req.repair)
+        await self.workflows.set_last_verify(name, result)
+        return svc.VerifyWorkflowResponse(result=result, streams=[stream_proto(s.stream, s.source, s.destination,
+                                                                               s.diff, s.queued, samples)
+                                                                  for s in report.streams])
+
+    async def _compare(self, workflow_id: str, spec: pb.WorkflowSpec, phase: str, running: bool,
+                       repair: bool) -> Report:
+        env = self.environment
+        assert env is not None
+        try:
+            secrets = await env.secrets(spec)
+            return await verify(workflow_id, spec, secrets, env.state, running=running, repair=repair)
+        except CredentialsError as exc:
+            raise FailedPrecondition(str(exc), phase, CredentialsError.reason) from None
+        except RepairUnavailable as exc:
+            raise FailedPrecondition(str(exc), phase, "REPAIR_UNAVAILABLE") from None
+        except ConnectorError as exc:
+            raise FailedPrecondition(f"reading a side failed: {exc}", phase, exc.reason) from None
+        except RetryableError as exc:
+            raise Unavailable(f"a side stayed unavailable: {exc}") from None
+
+
+def counts_proto(d: Difference) -> pb.VerifyCounts:
+    return pb.VerifyCounts(compared=d.compared, missing=len(d.missing), extra=len(d.extra),
+                           different=len(d.different), in_flight=len(d.in_flight), foreign=d.foreign)
+
+
+def summary(report: Report, repair: bool, now: float | None = None) -> pb.VerifyResult:
+    result = pb.VerifyResult(counts=counts_proto(report.total()), repair_requested=repair, requests=report.requests)
+    result.verify_time.FromNanoseconds(int((now if now is not None else time.time()) * 1e9))
+    return result
+
+
+def stream_proto(stream: str, source: str, destination: str, diff: Difference, queued: int,
+                 samples: int) -> svc.VerifyStream:
+    return svc.VerifyStream(stream=stream, source=source, destination=destination, counts=counts_proto(diff),
+                            missing_keys=diff.missing[:samples], extra_keys=diff.extra[:samples],
+                            different_keys=diff.different[:samples],
+                            in_flight_keys=sorted(diff.in_flight)[:samples], queued=queued)

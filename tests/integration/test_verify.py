@@ -1,0 +1,139 @@
+"""`syncplane verify` end to end: the control plane in-process, the worker a real process, the
+sandbox over real HTTP. The destination is tampered with through the sandbox's own API (as a
+marketer or another tool would), and verify must count exactly what was done."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from syncplane.api.v1 import workflow_pb2 as pb
+from syncplane.sandbox import SANDBOX_CLIENT_ID, SeedSpec, start_sandbox
+from tests.integration.conftest import ControlPlane, _serve
+from tests.integration.ingress_env import (
+    actual_profiles,
+    cards_match,
+    converge,
+    diff,
+    expected_profiles,
+    ingress_spec,
+    prepare,
+    profiles_match,
+    status_of,
+)
+from tests.integration.test_ingress import CRASH_TOLERANT, start, stop
+from tests.integration.verify_env import counts, in_sync, verify
+
+
+@pytest.fixture
+async def plane(tmp_path: Path) -> AsyncIterator[ControlPlane]:
+    async for p in _serve(tmp_path, config=CRASH_TOLERANT):
+        yield p
+
+
+async def cli(port: int, *args: str) -> subprocess.CompletedProcess[str]:
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "syncplane", "--server", f"127.0.0.1:{port}",
+                                                *args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = await proc.communicate()
+    return subprocess.CompletedProcess(args, proc.returncode or 0, out.decode(), err.decode())
+
+
+@pytest.mark.timeout(600)
+async def test_verify_counts_exactly_what_was_tampered_and_repair_fixes_it(plane: ControlPlane) -> None:
+    sb = await start_sandbox(seed=SeedSpec(contacts=2_000, loyalty_cards=300, seed=21))
+    try:
+        prepare(sb, plane.data_dir)
+        await start(plane, "verified", ingress_spec(sb, cards=True))
+        await converge(lambda: profiles_match(sb) and cards_match(sb), 300, "the first load")
+        resp = await verify(plane.stub, "verified")
+        assert counts(resp) == {"contact": (0, 0, 0), "new_loyaltycard": (0, 0, 0)}, resp
+        assert {s.stream: s.counts.compared for s in resp.streams} == {"contact": 2_000, "new_loyaltycard": 300}
+        assert resp.result.requests > 0
+
+        # Tamper with the destination through Campaign's API and the sandbox's control routes.
+        profiles = sorted(sb.acs.profiles.rows)  # PKeys
+        deleted, edited = profiles[:3], profiles[3:7]
+        deleted_keys = sorted(sb.acs.profiles.rows[pk]["externalId"] for pk in deleted)
+        edited_keys = sorted(sb.acs.profiles.rows[pk]["externalId"] for pk in edited)
+        async with httpx.AsyncClient(base_url=sb.acs_origin) as http:
+            for pk in deleted:
+                assert (await http.delete(f"/_sandbox/resources/profile/records/{pk}")).status_code == 204
+            for pk in edited:
+                assert (await http.patch(f"/_sandbox/resources/profile/records/{pk}",
+                                         json={"lastName": "Tampered"})).status_code == 200
+            # written by the integration's client, for contacts that do not exist
+            for i in range(2):
+                r = await http.post("/_sandbox/resources/profile/records",
+                                    json={"externalId": f"00000000-0000-0000-0000-00000000000{i}",
+                                          "email": f"x{i}@example.com", "createdBy": SANDBOX_CLIENT_ID})
+                assert r.status_code == 201
+            # a marketer's own profile, no CRM id: not the integration's, never compared
+            assert (await http.post("/_sandbox/resources/profile/records",
+                                    json={"email": "m@example.com"})).status_code == 201
+        extra_keys = [f"00000000-0000-0000-0000-00000000000{i}" for i in range(2)]
+
+        resp = await verify(plane.stub, "verified", samples=100)
+        assert counts(resp) == {"contact": (3, 2, 4), "new_loyaltycard": (0, 0, 0)}, resp
+        contact = next(s for s in resp.streams if s.stream == "contact")
+        assert (list(contact.missing_keys), list(contact.extra_keys), list(contact.different_keys)) == \
+            (deleted_keys, extra_keys, edited_keys)
+        assert contact.counts.in_flight == 0, "nothing the workers will fix on their own"
+        c = resp.result.counts
+        assert (c.missing, c.extra, c.different) == (3, 2, 4)
+
+        # The summary is kept in status; the CLI shows the same, as text and JSON.
+        status = await status_of(plane.stub, "verified")
+        assert (status.last_verify.counts.missing, status.last_verify.counts.extra,
+                status.last_verify.counts.different) == (3, 2, 4)
+        assert status.last_verify.HasField("verify_time")
+        res = await cli(plane.port, "verify", "verified", "-o", "json")
+        assert res.returncode == 0, res.stderr
+        doc = json.loads(res.stdout)
+        assert doc["result"]["counts"]["missing"] == "3" and doc["result"]["counts"]["different"] == "4"
+        res = await cli(plane.port, "verify", "verified", "--samples", "2")
+        assert res.returncode == 0 and "DIFFERENCES" in res.stdout and deleted_keys[0] in res.stdout, res.stdout
+        assert "3 missing, 2 extra, 4 different" in res.stdout
+
+        # --repair queues them; the workers' next pass puts them right, through the pipeline.
+        resp = await verify(plane.stub, "verified", repair=True)
+        assert {s.stream: s.queued for s in resp.streams} == {"contact": 9, "new_loyaltycard": 0}
+        expected = expected_profiles(sb)
+        await converge(lambda: actual_profiles(sb) == expected, 120,
+                       lambda: "the repair: " + diff(expected, actual_profiles(sb)))
+        assert in_sync(await verify(plane.stub, "verified")), "0 differences after the repair"
+        assert sb.acs.profiles.find(extra_keys[0]) is None
+    finally:
+        await sb.stop()
+
+
+async def test_verify_errors_are_one_clear_line(plane: ControlPlane) -> None:
+    res = await cli(plane.port, "verify", "nope")
+    assert res.returncode == 1 and res.stderr.startswith("error: ") and "Traceback" not in res.stderr
+    res = await cli(plane.port, "verify", "Bad_Name")
+    assert res.returncode == 1 and "name" in res.stderr and "Traceback" not in res.stderr
+    await plane.create("unreachable", "ingress")  # secrets whose token URL nothing listens on
+    res = await cli(plane.port, "verify", "unreachable")
+    assert res.returncode == 1 and res.stderr.startswith("error: ") and "Traceback" not in res.stderr, res.stderr
+
+
+async def test_a_stopped_workflow_is_verified_against_its_spec(plane: ControlPlane) -> None:
+    sb = await start_sandbox(seed=SeedSpec(contacts=200, seed=4))
+    try:
+        prepare(sb, plane.data_dir)
+        await start(plane, "stopped", ingress_spec(sb))
+        await converge(lambda: profiles_match(sb), 120, "the first load")
+        await stop(plane, "stopped")
+        sb.d365.table("contacts").upsert(sorted(sb.d365.table("contacts").rows)[0], lastname="Changed")
+        resp = await verify(plane.stub, "stopped")
+        assert counts(resp) == {"contact": (0, 0, 1)}
+        assert resp.result.counts.in_flight == 0, "a stopped workflow has nothing in flight"
+        assert (await status_of(plane.stub, "stopped")).phase == pb.PHASE_STOPPED
+    finally:
+        await sb.stop()
