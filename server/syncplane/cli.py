@@ -475,14 +475,25 @@ def delete(ctx: click.Context, name: str, force: bool) -> None:
 def watch(ctx: click.Context, name: str | None, from_revision: int, output: str) -> None:
     """Stream workflow changes as they happen."""
     req = svc.WatchWorkflowsRequest(start_revision=from_revision, name=workflow_name(name) if name else "")
+    if output == "table":
+        click.echo(watch_line(WATCH_HEADER))
     for event in _client(ctx).WatchWorkflows(req):
         kind = enum_short_name(svc.ChangeType.DESCRIPTOR, event.type)
         if output == "json":
             click.echo(json.dumps({"type": kind, "revision": event.revision,
                                    "object": to_resource(event.workflow)}))
         else:
-            row = table_row(event.workflow)
-            click.echo(f"{event.revision:>6} {kind:<8} " + "  ".join(row[:6]))
+            click.echo(watch_line([str(event.revision), kind, *table_row(event.workflow)[:7]]))
+
+
+# Columns of `watch`: fixed widths, since rows arrive one by one (a name longer than its column
+# pushes the rest of its row right).
+WATCH_HEADER = ["REVISION", "CHANGE", "NAME", "TYPE", "DESIRED", "PHASE", "BACKLOG", "DRIFT", "DEADLETTERS"]
+_WATCH_WIDTHS = [8, 8, 24, 10, 7, 8, 7, 5, 11]
+
+
+def watch_line(cells: list[str]) -> str:
+    return "  ".join(c.ljust(w) for c, w in zip(cells, _WATCH_WIDTHS, strict=True)).rstrip()
 
 
 def error_text(exc: BaseException) -> str:

@@ -17,6 +17,8 @@ from syncplane.api.v1 import workflow_service_pb2 as svc
 from syncplane.api.v1 import workflow_service_pb2_grpc as svc_grpc
 from tests.integration.conftest import ServerProcess, wait_until, worker_processes
 
+README = Path(__file__).resolve().parents[2] / "README.md"
+
 
 async def cli(port: int, *args: str, token: str | None = None, ca: Path | None = None,
               stdin: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -53,6 +55,30 @@ async def test_list_shows_the_default_workflows(server: ServerProcess):
         "email-events-egress": ["EGRESS", "STOPPED", "STOPPED", "0", "no"],
         "opt-in-out": ["OPT_IN_OUT", "STOPPED", "STOPPED", "0", "no"],
     }
+    # The README's quickstart shows this output, apart from the commands.
+    readme = README.read_text()
+    shown = readme.split("```text\n", 1)[1].split("```", 1)[0].splitlines()
+    assert shown[0] == lines[0] and {row.split()[0] for row in shown[1:]} == set(rows)
+    commands = readme.split("In another terminal:\n\n```sh\n", 1)[1].split("```", 1)[0].splitlines()
+    assert all(line.startswith(".venv/bin/syncplane ") for line in commands), commands
+
+
+async def test_watch_prints_a_header_then_one_line_per_change(server: ServerProcess):
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "syncplane", "--server", f"127.0.0.1:{server.port}", "watch",
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        lines = [(await asyncio.wait_for(proc.stdout.readline(), 60)).decode() for _ in range(4)]  # type: ignore[union-attr]
+    finally:
+        proc.terminate()
+        await proc.wait()
+    assert lines[0].split() == ["REVISION", "CHANGE", "NAME", "TYPE", "DESIRED", "PHASE", "BACKLOG", "DRIFT",
+                                "DEADLETTERS"]
+    names = sorted(line.split()[2] for line in lines[1:])
+    assert names == ["contacts-ingress", "email-events-egress", "opt-in-out"], lines
+    assert all(line.split()[1] == "ADDED" for line in lines[1:]), lines
+    # The columns line up with the header.
+    assert all(line.index("ADDED") == lines[0].index("CHANGE") for line in lines[1:]), lines
 
 
 async def test_apply_start_edit_describe_stop(server: ServerProcess, tmp_path: Path):

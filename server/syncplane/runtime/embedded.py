@@ -104,6 +104,8 @@ async def serve(config: EmbeddedConfig, stop: asyncio.Event | None = None) -> No
         sandbox.faults.set(latency_ms=config.sandbox_latency_ms)
         write_sandbox_secrets(sandbox, supervisor.secrets_dir)
         log.info("sandbox emulators: Dynamics 365 %s, Campaign %s", sandbox.d365_url, sandbox.acs_url)
+    # Before the defaults: each create and start answers once the supervisor has observed it.
+    supervisor.start()
     if config.with_defaults:
         created = await create_default_workflows(service)
         if created:
@@ -112,7 +114,6 @@ async def serve(config: EmbeddedConfig, stop: asyncio.Event | None = None) -> No
             # With the sandbox there is something to sync: run the defaults (once; a stop sticks).
             for name in created:
                 await service.start(svc.StartWorkflowRequest(name=f"workflows/{name}"))
-    supervisor.start()
     host = config.address.rsplit(":", 1)[0]
     log.info("syncplane control plane serving on %s:%d (data in %s)", host, port, config.data_dir)
     await serve_until_signalled(server, health, port, config.port_file, stop)
