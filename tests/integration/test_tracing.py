@@ -31,6 +31,10 @@ async def test_each_rpc_gets_a_server_span(tmp_path: Path):
                 await stub.GetWorkflow(svc.GetWorkflowRequest(name="workflows/missing"))
             except grpc.aio.AioRpcError:
                 pass
+            try:  # a stream that fails: its span too is named, ended and marked by the domain error
+                await stub.WatchWorkflows(svc.WatchWorkflowsRequest(start_revision=-1)).read()
+            except grpc.aio.AioRpcError:
+                pass
     finally:
         await server.stop(0)
         store.close()
@@ -40,3 +44,6 @@ async def test_each_rpc_gets_a_server_span(tmp_path: Path):
     assert listed.attributes["rpc.method"] == "ListWorkflows"
     failed = spans["/syncplane.v1.WorkflowService/GetWorkflow"]
     assert failed.status.status_code == StatusCode.ERROR and failed.status.description == "NOT_FOUND"
+    watched = spans["/syncplane.v1.WorkflowService/WatchWorkflows"]
+    assert watched.status.status_code == StatusCode.ERROR and watched.status.description == "INVALID_ARGUMENT"
+    assert not watched.events, "no exception event (its message may carry input)"
