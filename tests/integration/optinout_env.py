@@ -12,6 +12,9 @@ from typing import Any
 from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.optinout import OptInOutSync, build_optinout
 from syncplane.sandbox import MARKETING_USER, SANDBOX_CLIENT_ID, SANDBOX_CLIENT_SECRET, Sandbox
+from syncplane.service.verify import SqliteWorkerStateAccess
+from syncplane.verify.compare import Difference
+from syncplane.verify.run import verify
 from syncplane.worker.checkpoints import SqliteWorkerState
 from syncplane.worker.credentials import ConnectionSecret
 from syncplane.worker.report import WorkerReport
@@ -70,6 +73,12 @@ class Harness:
     async def aclose(self) -> None:
         await self.sync.aclose()
         self.state.close()
+
+    async def verify(self) -> Difference:
+        """`syncplane verify` of this workflow (its spec, its state file), as the API server runs it."""
+        report = await verify(self.name, optinout_spec(self.sb, self.direction), secrets(self.sb),
+                              SqliteWorkerStateAccess(self.tmp / "worker.db"), running=False)
+        return report.total()
 
     async def converge(self, max_passes: int = 6) -> int:
         """Run passes until one writes nothing; returns the passes run. Bounded: no ping-pong."""

@@ -69,6 +69,7 @@ async def test_crm_to_marketing(sb: Sandbox, keys: list[str], tmp_path: Path) ->
     try:
         assert await h.converge() == 2
         assert disagreements(sb, keys) == []
+        assert (await h.verify()).keys == []  # verify agrees: no pair differs
         opted = [k for k in keys if crm_row(sb, k)["donotbulkemail"]]
         assert opted and all(profile(sb, k)["blackListEmail"] is True for k in opted)
         # only profiles that had to change were written; no profile was created
@@ -84,6 +85,8 @@ async def test_crm_to_marketing(sb: Sandbox, keys: list[str], tmp_path: Path) ->
         assert crm_row(sb, b)["donotbulkemail"] == crm_b["donotbulkemail"]
         assert crm_row(sb, b)["modifiedon"] == crm_b["modifiedon"]  # the CRM was not written at all
         assert write_count(sb, *m) == 1
+        d = await h.verify()  # the Campaign edit of b is left alone one way: exactly that pair differs
+        assert (d.missing, d.extra, d.different, d.in_flight) == ([], [], [b], set())
     finally:
         await h.aclose()
 
@@ -98,6 +101,8 @@ async def test_marketing_to_crm(sb: Sandbox, keys: list[str], tmp_path: Path) ->
         # and its false values clear no CRM opt-out (a guess never opts in)
         left = disagreements(sb, keys)
         assert left and all(crm_value is True and acs_value is False for _, _, crm_value, acs_value in left)
+        d = await h.verify()  # verify counts exactly those pairs (per contact)
+        assert d.different == sorted({k for k, *_ in left}) and not d.missing and not d.extra
         # the 20 contacts without a profile kept their values; no contact was created
         assert len(sb.d365.table("contacts")) == len(keys) + 20
         a, b = keys[40], keys[41]
@@ -122,6 +127,7 @@ async def test_bidirectional_first_sync_opt_out_wins_then_changes_flow_both_ways
     try:
         await h.converge()
         assert disagreements(sb, keys) == []
+        assert (await h.verify()).keys == []  # verify agrees: no pair differs
         # no baseline yet: an opt-out on either side wins (a guess never re-subscribes anyone)
         assert {k for k in keys if profile(sb, k)["blackList"]} == crm_true | set(keys[:10])
         # now each side changes, between passes: every change lands on the other side
@@ -179,6 +185,7 @@ async def test_bidirectional_conflicts_newer_wins_tie_opt_out_wins(sb: Sandbox, 
         assert crm_row(sb, k3)["donotbulkemail"] is True and profile(sb, k3)["blackListEmail"] is True
         assert h.sync.totals.conflicts - conflicts_before == 3
         assert disagreements(sb, keys) == []
+        assert (await h.verify()).keys == []  # verify agrees: no pair differs
     finally:
         await h.aclose()
 
@@ -201,6 +208,8 @@ async def test_foreign_profiles_are_never_modified(sb: Sandbox, tmp_path: Path) 
         assert {d["key"] for d in letters} == foreign
         assert all(d["stream"] == CAMPAIGN_STREAM and d["status"] == 409 for d in letters)
         assert h.report.counters.dead_lettered == len(foreign)
+        d = await h.verify()  # foreign profiles are counted, never compared
+        assert d.foreign == len(foreign) and d.keys == []
     finally:
         await h.aclose()
 
@@ -233,6 +242,7 @@ async def test_bidirectional_flips_on_both_sides_while_the_sync_runs(sb: Sandbox
         assert passes >= 2  # the flips really overlapped passes
         await h.converge()
         assert disagreements(sb, keys) == []
+        assert (await h.verify()).keys == []  # verify agrees: no pair differs
         assert write_count(sb, *m) <= flips
     finally:
         await h.aclose()
@@ -248,6 +258,7 @@ async def test_two_thousand_random_flips_converge_without_ping_pong(tmp_path: Pa
         h = await harness(sb, tmp_path, "BIDIRECTIONAL")
         await h.converge()
         assert disagreements(sb, keys) == []
+        assert (await h.verify()).keys == []  # verify agrees: no pair differs
         rng = random.Random(99)
         m = marks(sb)
         flips = 0
@@ -262,6 +273,7 @@ async def test_two_thousand_random_flips_converge_without_ping_pong(tmp_path: Pa
         passes = await h.converge()
         assert passes <= 3
         assert disagreements(sb, keys) == []
+        assert (await h.verify()).keys == []  # verify agrees: no pair differs
         writes = write_count(sb, *m)
         assert flips == 2000
         assert 0 < writes <= flips, (writes, flips)
@@ -300,6 +312,7 @@ async def test_restart_mid_pass_does_not_ping_pong(sb: Sandbox, keys: list[str],
         assert await h.converge() == 1
         assert write_count(sb, *m) == 0
         assert disagreements(sb, keys) == []
+        assert (await h.verify()).keys == []  # verify agrees: no pair differs
     finally:
         await h.aclose()
 
@@ -313,6 +326,7 @@ async def test_stop_finishes_the_batch_and_resumes(sb: Sandbox, keys: list[str],
         assert h.state.load("opt-in-out", CAMPAIGN_STREAM) is None
         await h.converge()
         assert disagreements(sb, keys) == []
+        assert (await h.verify()).keys == []  # verify agrees: no pair differs
         assert h.report.backlog == 0
         assert h.report.counters.read >= 2 * len(keys)
     finally:
@@ -359,6 +373,7 @@ async def test_dead_letters_are_retried_unless_superseded(sb: Sandbox, keys: lis
         assert h.state.dead_letters("opt-in-out") == []
         assert h.report.dead_letters == 0
         assert disagreements(sb, keys) == []
+        assert (await h.verify()).keys == []  # verify agrees: no pair differs
         assert write_count(sb, *m) == 2   # the two retried; the superseded one sent nothing
         assert await h.converge() == 1    # what the retry wrote does not come back as a change
     finally:
