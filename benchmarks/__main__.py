@@ -9,13 +9,13 @@ import json
 import sys
 from pathlib import Path
 
-from benchmarks import bench_api, bench_egress, bench_ingress, bench_operator, bench_optinout, bench_start
+from benchmarks import bench_api, bench_egress, bench_ingress, bench_operator, bench_optinout, bench_start, bench_verify
 
 
 async def main() -> None:
     results = {"api": await bench_api.run(), "start_to_running": await bench_start.run(),
                "ingress": await bench_ingress.run(), "egress": await bench_egress.run(),
-               "opt_in_out": await bench_optinout.run()}
+               "opt_in_out": await bench_optinout.run(), "verify": await bench_verify.run()}
     if "--no-k8s" not in sys.argv:
         results["operator"] = await asyncio.to_thread(bench_operator.run)
     out = Path(__file__).with_name("last-run.json")

@@ -8,6 +8,7 @@ import asyncio
 import json
 import subprocess
 import sys
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import pytest
 
 from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.sandbox import SANDBOX_CLIENT_ID, SeedSpec, start_sandbox
+from tests.backends import eventually
 from tests.integration.conftest import ControlPlane, _serve
 from tests.integration.ingress_env import (
     actual_profiles,
@@ -28,6 +30,7 @@ from tests.integration.ingress_env import (
     profiles_match,
     status_of,
 )
+from tests.integration.test_egress import ALL, activities, egress_spec, expected_activities
 from tests.integration.test_ingress import CRASH_TOLERANT, start, stop
 from tests.integration.verify_env import counts, in_sync, verify
 
@@ -137,3 +140,43 @@ async def test_a_stopped_workflow_is_verified_against_its_spec(plane: ControlPla
         assert (await status_of(plane.stub, "stopped")).phase == pb.PHASE_STOPPED
     finally:
         await sb.stop()
+
+
+async def test_egress_verify_counts_tampered_activities_and_repair_resends_them(plane: ControlPlane) -> None:
+    sb = await start_sandbox(seed=SeedSpec(contacts=200, events=600, seed=31))
+    try:
+        prepare(sb, plane.data_dir)
+        await start(plane, "events", egress_spec(sb))
+        wanted = len(expected_activities(sb, ALL))
+        await converge(lambda: len(activities(sb)) == wanted, 300, "every wanted event as an activity")
+        resp = await verify(plane.stub, "events")
+        assert counts(resp) == {"events": (0, 0, 0)} and resp.streams[0].counts.compared == wanted
+
+        rows = sorted(sb.d365.table("new_emailevents").rows.items())
+        deleted, edited = rows[:2], rows[2:5]
+        async with httpx.AsyncClient(base_url=sb.d365_origin) as http:
+            for rid, _ in deleted:
+                assert (await http.delete(f"/_sandbox/tables/new_emailevents/rows/{rid}")).status_code == 204
+            for rid, _ in edited:
+                r = await http.put(f"/_sandbox/tables/new_emailevents/rows/{rid}", json={"subject": "Tampered"})
+                assert r.status_code == 200, r.text
+            r = await http.put(f"/_sandbox/tables/new_emailevents/rows/{uuid.uuid4()}",
+                               json={"new_eventid": "evt-unknown", "subject": "not from an event"})
+            assert r.status_code == 200, r.text
+        resp = await verify(plane.stub, "events")
+        assert counts(resp) == {"events": (2, 1, 3)}, resp
+        s = resp.streams[0]
+        assert sorted(s.missing_keys) == sorted(a["new_eventid"] for _, a in deleted)
+        assert sorted(s.different_keys) == sorted(a["new_eventid"] for _, a in edited)
+        assert list(s.extra_keys) == ["evt-unknown"] and s.counts.in_flight == 0
+
+        # repair: the events are sent again; egress deletes nothing, so the extra activity stays reported
+        resp = await verify(plane.stub, "events", repair=True)
+        assert resp.streams[0].queued == 5
+        await eventually(lambda: _counts_now(plane, "events", (0, 1, 0)), "the repaired activities", 120, 1.0)
+    finally:
+        await sb.stop()
+
+
+async def _counts_now(plane: ControlPlane, name: str, want: tuple[int, int, int]) -> bool:
+    return counts(await verify(plane.stub, name)) == {"events": want}

@@ -13,6 +13,7 @@ from syncplane.api.server import ServerSecurity, create_server, serve_until_sign
 from syncplane.kubeclient import api_client
 from syncplane.service import WorkflowService
 from syncplane.service.dead_letters import DeadLetterService
+from syncplane.service.verify import VerifyService
 from syncplane.store.kubernetes import KubernetesStore
 from syncplane.telemetry import setup_tracing
 from syncplane.worker.kube_records import ConfigMapRecords
@@ -39,7 +40,11 @@ async def serve_kubernetes(config: KubernetesServerConfig, stop: asyncio.Event |
     service = WorkflowService(store)
     # The workers keep their dead letters in ConfigMaps of this namespace, one per record.
     letters = DeadLetterService(store, ConfigMapRecords(config.namespace, store.api_client))
-    server, port, health = await create_server(service, config.address, config.security, dead_letters=letters)
+    # Verify needs the workflows' Secrets and checkpoints, which this server's role does not read (yet).
+    verifier = VerifyService(store, None, "VerifyWorkflow runs on the embedded backend only: on Kubernetes the "
+                                          "server does not read the workflows' Secrets and checkpoint ConfigMaps")
+    server, port, health = await create_server(service, config.address, config.security, dead_letters=letters,
+                                               verifier=verifier)
     log.info("syncplane API serving on port %d over Workflow resources in namespace %s", port, config.namespace)
     await serve_until_signalled(server, health, port, config.port_file, stop)
     await store.api_client.close()
