@@ -960,3 +960,75 @@ async def test_command_line_entry_point() -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 30) == 0
+
+
+# ============================================================================ annotations and typed columns
+
+FV = "@OData.Community.Display.V1.FormattedValue"
+LLN = "@Microsoft.Dynamics.CRM.lookuplogicalname"
+
+
+@pytest.mark.parametrize(("prefer", "formatted", "logical"), [
+    (None, False, False),
+    ('odata.include-annotations="OData.Community.Display.V1.FormattedValue"', True, False),
+    ('odata.include-annotations="Microsoft.Dynamics.CRM.lookuplogicalname"', False, True),
+    ('odata.include-annotations="OData.Community.Display.V1.FormattedValue,'
+     'Microsoft.Dynamics.CRM.lookuplogicalname"', True, True),
+    ('odata.include-annotations="*"', True, True),
+    ('odata.include-annotations="Microsoft.Dynamics.CRM.*"', False, True),
+    ('odata.include-annotations="*,-OData.Community.Display.V1.FormattedValue"', False, True),
+    ('odata.include-annotations="-*"', False, False),
+])
+async def test_annotations_come_only_when_asked(clients: Clients, prefer: str | None, formatted: bool,
+                                                logical: bool) -> None:
+    """Dataverse returns formatted values and lookup annotations only for the terms the request's
+    Prefer odata.include-annotations names (a list, patterns, exclusions), with track-changes too."""
+    contacts = clients.sb.d365.table("contacts")
+    account = clients.sb.d365.table("accounts").upsert(name="Contoso")
+    rid = contacts.upsert(lastname="Typed", preferredcontactmethodcode=2, donotemail=True, creditlimit=1234.5,
+                          **{"parentcustomerid_account@odata.bind": f"/accounts({account})"})
+    cols = "contactid,preferredcontactmethodcode,donotemail,creditlimit,_parentcustomerid_value"
+    prefers = ", ".join(p for p in ("odata.track-changes", prefer) if p)
+    r = await clients.d365("GET", f"contacts?$select={cols}", prefer=prefers)
+    assert r.status_code == 200, r.text
+    row = next(v for v in r.json()["value"] if v["contactid"] == rid)
+    assert row["preferredcontactmethodcode"] == 2 and row["_parentcustomerid_value"] == account
+    annotated = {k for k in row if "@" in k[1:] and not k.endswith("associatednavigationproperty")}
+    want = set()
+    if formatted:
+        want |= {f"preferredcontactmethodcode{FV}", f"donotemail{FV}", f"creditlimit{FV}",
+                 f"_parentcustomerid_value{FV}"}
+        assert row[f"preferredcontactmethodcode{FV}"] == "Email" and row[f"donotemail{FV}"] == "Do Not Allow"
+        assert row[f"creditlimit{FV}"] == "$1,234.50" and row[f"_parentcustomerid_value{FV}"] == "Contoso"
+    if logical:
+        want.add(f"_parentcustomerid_value{LLN}")
+        assert row[f"_parentcustomerid_value{LLN}"] == "account"
+    assert annotated == want
+    if prefer and want:
+        assert "odata.include-annotations" in r.headers.get("Preference-Applied", "")
+
+
+async def test_polymorphic_lookups_and_datetime_behaviours_in_the_metadata(clients: Clients) -> None:
+    r = await clients.d365("GET", "EntityDefinitions(LogicalName='contact')/Attributes"
+                                  "?$select=LogicalName,AttributeType")
+    types = {a["LogicalName"]: a["AttributeType"] for a in r.json()["value"]}
+    assert types["parentcustomerid"] == "Customer" and types["ownerid"] == "Owner"
+    assert types["creditlimit"] == "Money" and types["birthdate"] == "DateTime"
+    r = await clients.d365("GET", "EntityDefinitions(LogicalName='contact')/Attributes/"
+                                  "Microsoft.Dynamics.CRM.DateTimeAttributeMetadata"
+                                  "?$select=LogicalName,DateTimeBehavior")
+    behaviours = {a["LogicalName"]: a["DateTimeBehavior"]["Value"] for a in r.json()["value"]}
+    assert behaviours["birthdate"] == "DateOnly" and behaviours["anniversary"] == "UserLocal"
+    assert behaviours["new_appointmentat"] == "TimeZoneIndependent"
+    # DateOnly keeps the date as given; TimeZoneIndependent the wall time; UserLocal converts to UTC.
+    rid = clients.sb.d365.table("contacts").upsert(birthdate="1990-05-02",
+                                                   new_appointmentat="2024-05-02T09:30:00+02:00",
+                                                   lastusedincampaign="2024-05-02T09:30:00+02:00")
+    r = await clients.d365("GET", f"contacts({rid})?$select=birthdate,new_appointmentat,lastusedincampaign")
+    row = r.json()
+    assert row["birthdate"] == "1990-05-02"
+    assert row["new_appointmentat"] == "2024-05-02T09:30:00Z"
+    assert row["lastusedincampaign"] == "2024-05-02T07:30:00Z"
+    # a Customer lookup's value is selected as _<name>_value; the bare name is no property
+    r = await clients.d365("GET", "contacts?$select=parentcustomerid")
+    assert r.status_code == 400

@@ -38,12 +38,14 @@ def test_deletes_follow_the_switch():
     assert EntityTransform(e).apply(gone, False).action == Action.SKIP
 
 
-def test_apply_updates_off_writes_only_on_initial_load():
+def test_apply_updates_off_is_create_only_whatever_the_read():
+    """The value always travels, marked create-only: the sink decides by key (issue 12, fault 2)."""
     e = contact_entity()
     e.fields[2].apply_updates = False  # firstname
     t = EntityTransform(e)
-    assert "firstName" in t.apply(rec(firstname="Ada"), initial=True).values
-    assert "firstName" not in t.apply(rec(firstname="Ada"), initial=False).values
+    for full in (True, False):
+        out = t.apply(rec(firstname="Ada"), full)
+        assert out.values["firstName"] == "Ada" and out.create_only == {"firstName"}
 
 
 def test_replacements_then_filters_with_and_or_and_delete_excluded():

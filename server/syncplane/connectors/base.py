@@ -19,6 +19,9 @@ class Record:
     values: dict[str, Any] = field(default_factory=dict)
     deleted: bool = False                 # a $deletedEntity row / a delete to propagate
     modified: str | None = None           # source modification time (ISO 8601), when known
+    # Fields written only when the destination record is created (a mapping's applyUpdates:
+    # false): a sink leaves them out when the record exists already. Decided by the sink, by key.
+    create_only: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)

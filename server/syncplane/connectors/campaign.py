@@ -222,10 +222,13 @@ class CampaignSink(_Base):
             values = {k: v for k, v in record.values.items() if k != key_field}
             if (missing := await self._resolve_links(path, record, values)) is not None:
                 return missing
-            if pkey is not None and row is not None and all(row.get(k) == v for k, v in values.items()):
+            # An existing record keeps its create-only fields (applyUpdates: false): decided here,
+            # by key, whatever read brought the record.
+            update = {k: v for k, v in values.items() if k not in record.create_only}
+            if pkey is not None and row is not None and all(row.get(k) == v for k, v in update.items()):
                 return None  # already holds these values: nothing to write
             if pkey is not None:
-                response = await self._call("PATCH", f"{self.base_url}{path}/{quote(pkey, safe='@')}", values)
+                response = await self._call("PATCH", f"{self.base_url}{path}/{quote(pkey, safe='@')}", update)
                 if response.status_code == 404:  # deleted since we cached/looked it up
                     self._pkeys.pop((path, record.key), None)
                     continue

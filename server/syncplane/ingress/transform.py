@@ -34,6 +34,9 @@ class Transformed:
     key: str
     values: dict[str, Any] = field(default_factory=dict)
     truncated: tuple[str, ...] = ()
+    # Destination fields of mappings with applyUpdates: false: written when the destination
+    # record is created (or on a replay), never over an existing record's value.
+    create_only: frozenset[str] = frozenset()
 
 
 def convert(value: Any) -> Any:
@@ -104,7 +107,9 @@ class EntityTransform:
                 *(c.field for c in self.entity.filter.conditions), *self.replacements}
         return sorted(cols)
 
-    def apply(self, record: Record, initial: bool) -> Transformed:
+    def apply(self, record: Record, full: bool = False) -> Transformed:
+        """``full``: the record came from a full read. It changes nothing here: whether the
+        destination record is new (so create-only fields are written) is decided by the sink."""
         e = self.entity
         if record.deleted:
             return Transformed(Action.DELETE if e.apply_deletes else Action.SKIP, record.key)
@@ -117,9 +122,10 @@ class EntityTransform:
             return Transformed(Action.DELETE if e.filter.delete_excluded else Action.SKIP, record.key)
         out: dict[str, Any] = {e.destination_key: record.key}
         truncated: list[str] = []
+        create_only: set[str] = set()
         for m in e.fields:
-            if not initial and m.HasField("apply_updates") and not m.apply_updates:
-                continue
+            if m.HasField("apply_updates") and not m.apply_updates:
+                create_only.add(m.destination)
             value = values.get(m.source)
             if not e.technical_picklist_values and f"{m.source}{FORMATTED}" in values:
                 value = values[f"{m.source}{FORMATTED}"]
@@ -130,4 +136,4 @@ class EntityTransform:
                 truncated.append(m.destination)
             if m.destination != e.destination_key:
                 out[m.destination] = value
-        return Transformed(Action.UPSERT, record.key, out, tuple(truncated))
+        return Transformed(Action.UPSERT, record.key, out, tuple(truncated), frozenset(create_only))

@@ -119,13 +119,53 @@ def _json(data: Json, status: int = 200, headers: dict[str, str] | None = None) 
 
 
 def parse_prefer(value: str | None) -> dict[str, str]:
-    """``Prefer`` header → {preference: value} (value "" for bare preferences)."""
+    """``Prefer`` header → {preference: value} (value "" for bare preferences). Preferences are
+    comma-separated; a quoted value may hold commas (RFC 7240), as an include-annotations list does."""
     prefs: dict[str, str] = {}
-    for item in (value or "").split(","):
+    for item in _split_outside(value or "", ",", '"'):
         name, _, val = item.strip().partition("=")
         if name:
             prefs[name.strip().lower()] = val.strip().strip('"')
     return prefs
+
+
+def _split_outside(text: str, sep: str, quote_char: str) -> list[str]:
+    parts: list[str] = []
+    buf: list[str] = []
+    quoted = False
+    for ch in text:
+        if ch == quote_char:
+            quoted = not quoted
+        if ch == sep and not quoted:
+            parts.append("".join(buf))
+            buf = []
+            continue
+        buf.append(ch)
+    parts.append("".join(buf))
+    return parts
+
+
+def annotation_filter(prefer: dict[str, str]) -> Callable[[str], bool] | None:
+    """``odata.include-annotations`` → which annotation terms to return (None: none asked).
+
+    OData 4.0 part 1 §8.2.8.4: a comma-separated list of term names or patterns, ``*`` for all,
+    ``namespace.*`` for a namespace, a leading ``-`` excludes; an exclusion wins over an
+    inclusion (the sandbox's simplification of "the more specific wins")."""
+    raw = prefer.get("odata.include-annotations")
+    if raw is None:
+        return None
+    include: list[str] = []
+    exclude: list[str] = []
+    for item in (i.strip() for i in raw.split(",") if i.strip()):
+        (exclude if item.startswith("-") else include).append(item.lstrip("-"))
+
+    def matches(term: str, pattern: str) -> bool:
+        return pattern == "*" or pattern == term or (pattern.endswith(".*") and term.startswith(pattern[:-1]))
+
+    def wanted(term: str) -> bool:
+        return any(matches(term, p) for p in include) and not any(matches(term, p) for p in exclude)
+
+    return wanted
 
 
 # ---------------------------------------------------------------------- literals, keys and $filter
@@ -425,10 +465,11 @@ class D365Emulator(EmulatorApp):
 
     @staticmethod
     def attribute_metadata(table: Table, col: Column) -> dict[str, Any]:
-        kind = {"String": "String", "Memo": "Memo", "Boolean": "Boolean", "Integer": "Integer", "BigInt": "BigInt",
-                "State": "State", "Status": "Status", "Picklist": "Picklist", "Decimal": "Decimal",
-                "Double": "Double", "Money": "Money", "DateTime": "DateTime", "Uniqueidentifier": "UniqueIdentifier",
-                "Lookup": "Lookup"}[col.type]
+        kind = {"String": "String", "Memo": "Memo", "EntityName": "EntityName", "Boolean": "Boolean",
+                "Integer": "Integer", "BigInt": "BigInt", "State": "State", "Status": "Status", "Picklist": "Picklist",
+                "Decimal": "Decimal", "Double": "Double", "Money": "Money", "DateTime": "DateTime",
+                "Uniqueidentifier": "UniqueIdentifier", "Lookup": "Lookup", "Customer": "Lookup",
+                "Owner": "Lookup"}[col.type]
         meta: dict[str, Any] = {
             "@odata.type": f"#Microsoft.Dynamics.CRM.{kind}AttributeMetadata",
             "MetadataId": str(uuid.uuid5(uuid.NAMESPACE_URL, f"{table.logical_name}.{col.name}.{col.type}")),
@@ -439,8 +480,11 @@ class D365Emulator(EmulatorApp):
         }
         if col.max_length is not None:
             meta["MaxLength"] = col.max_length
-        if col.type == "Lookup":
+        if col.lookup:
             meta["Targets"] = [table.state.tables_by_set[t].logical_name for t in col.targets]
+        if col.type == "DateTime":  # DateTimeAttributeMetadata
+            meta["DateTimeBehavior"] = {"Value": col.behavior}
+            meta["Format"] = "DateOnly" if col.date_only else "DateAndTime"
         return meta
 
     def entity_metadata(self, table: Table, attributes: bool, keys: bool) -> dict[str, Any]:
@@ -487,8 +531,15 @@ class D365Emulator(EmulatorApp):
         if table is None:
             raise ODataError(404, NOT_FOUND_CODE, f"Could not find an entity with key value '{key}'.")
         ctx = f"{req.root}$metadata#EntityDefinitions('{table.logical_name}')"
+        cast = None
+        if rest.startswith("Attributes/Microsoft.Dynamics.CRM."):
+            # A cast to a derived metadata type, e.g. DateTimeAttributeMetadata: only those
+            # attributes, and $select may name that type's own properties (DateTimeBehavior).
+            rest, cast = "Attributes", rest.split("/", 1)[1]
         if rest == "Attributes":
             attrs = [self.attribute_metadata(table, c) for c in table.columns.values()]
+            if cast is not None:
+                attrs = [a for a in attrs if a["@odata.type"] == f"#{cast}"]
             if "$filter" in query:
                 check = compile_filter(query["$filter"], lambda n: n)
                 attrs = [a for a in attrs if check(a)]
@@ -510,7 +561,7 @@ class D365Emulator(EmulatorApp):
         names = []
         for item in raw.split(","):
             item = item.strip()
-            name = by_output.get(item) or (item if item in table.columns and table.columns[item].type != "Lookup"
+            name = by_output.get(item) or (item if item in table.columns and not table.columns[item].lookup
                                            else None)
             if name is None:
                 raise ODataError(400, UNKNOWN_PROPERTY_CODE, f"Could not find a property named '{item}' on type "
@@ -568,6 +619,9 @@ class D365Emulator(EmulatorApp):
             applied.append(f"odata.maxpagesize={page_size}")
         if track:
             applied.append("odata.track-changes")
+        annotations = annotation_filter(prefer)
+        if annotations is not None:
+            applied.append(f'odata.include-annotations="{prefer["odata.include-annotations"]}"')
         headers = {"Preference-Applied": ",".join(applied)} if applied else {}
         keep: list[tuple[str, str]] = [(k, query[k]) for k in ("$select", "$filter") if k in query]
         if delta_token is not None:
@@ -600,7 +654,7 @@ class D365Emulator(EmulatorApp):
         if query.get("$count", "").lower() == "true":
             body["@odata.count"] = (len(table) if predicate is None else
                                     sum(1 for row in table.rows.values() if predicate(row)))
-        body["value"] = [table.output(rid, select) for rid in ids]
+        body["value"] = [table.output(rid, select, annotations) for rid in ids]
         if more:
             token = b64url_encode({"k": "p", "a": last, "w": upto, "t": track, "n": page_size, "r": remaining})
             body["@odata.nextLink"] = self._link(req, table, [*keep, ("$skiptoken", token)])
@@ -625,7 +679,7 @@ class D365Emulator(EmulatorApp):
             if deleted or rid not in table.rows:
                 value.append({"@odata.context": deleted_ctx, "id": rid, "reason": "deleted"})
             else:
-                value.append(table.output(rid, select))
+                value.append(table.output(rid, select, annotation_filter(parse_prefer(req.headers.get("prefer")))))
         body: dict[str, Any] = {"@odata.context": self._context(req, table, select, "/$delta"), "value": value}
         if offset + page_size < len(changes):
             token = b64url_encode({"k": "d", "o": offset + page_size, "w": upto, "n": page_size})
@@ -667,7 +721,8 @@ class D365Emulator(EmulatorApp):
         if rid is None or rid not in table.rows:
             raise self._not_found(table, key, rid)
         select = self._select(table, query)
-        body = {"@odata.context": self._context(req, table, select, "/$entity"), **table.output(rid, select)}
+        body = {"@odata.context": self._context(req, table, select, "/$entity"),
+                **table.output(rid, select, annotation_filter(parse_prefer(req.headers.get("prefer"))))}
         return _json(body, headers={"ETag": table.etag(rid)})
 
     # -------------------------------------------------------------- writes

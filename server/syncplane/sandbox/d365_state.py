@@ -18,7 +18,7 @@ from __future__ import annotations
 import bisect
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -49,14 +49,29 @@ NOT_IMPLEMENTED_CODE = "0x8006088c"
 
 DELTA_TOKEN_MAX_AGE_S = 7 * 24 * 3600.0
 
-STRING_TYPES = frozenset({"String", "Memo"})
+STRING_TYPES = frozenset({"String", "Memo", "EntityName"})
 INT_TYPES = frozenset({"Integer", "BigInt", "State", "Status", "Picklist"})
 FLOAT_TYPES = frozenset({"Decimal", "Double", "Money"})
-ATTRIBUTE_TYPES = STRING_TYPES | INT_TYPES | FLOAT_TYPES | {"Boolean", "DateTime", "Uniqueidentifier", "Lookup"}
-EDM_TYPES = {"String": "Edm.String", "Memo": "Edm.String", "Boolean": "Edm.Boolean", "Integer": "Edm.Int32",
-        "BigInt": "Edm.Int64", "State": "Edm.Int32", "Status": "Edm.Int32", "Picklist": "Edm.Int32",
-        "Decimal": "Edm.Decimal", "Double": "Edm.Double", "Money": "Edm.Decimal", "DateTime": "Edm.DateTimeOffset",
-        "Uniqueidentifier": "Edm.Guid", "Lookup": "Edm.Guid"}
+#: Single-valued lookups, read as ``_<name>_value`` and written with ``<nav>@odata.bind``: Lookup,
+#: Customer (account or contact) and Owner (systemuser or team). AttributeTypeCode, Dataverse Web API
+#: reference; "Lookup properties", Web API properties page.
+LOOKUP_TYPES = frozenset({"Lookup", "Customer", "Owner"})
+CHOICE_TYPES = frozenset({"Picklist", "State", "Status"})
+ATTRIBUTE_TYPES = STRING_TYPES | INT_TYPES | FLOAT_TYPES | LOOKUP_TYPES | {"Boolean", "DateTime", "Uniqueidentifier"}
+EDM_TYPES = {"String": "Edm.String", "Memo": "Edm.String", "EntityName": "Edm.String", "Boolean": "Edm.Boolean",
+             "Integer": "Edm.Int32", "BigInt": "Edm.Int64", "State": "Edm.Int32", "Status": "Edm.Int32",
+             "Picklist": "Edm.Int32", "Decimal": "Edm.Decimal", "Double": "Edm.Double", "Money": "Edm.Decimal",
+             "DateTime": "Edm.DateTimeOffset", "Uniqueidentifier": "Edm.Guid", "Lookup": "Edm.Guid",
+             "Customer": "Edm.Guid", "Owner": "Edm.Guid"}
+#: DateTimeAttributeMetadata.DateTimeBehavior (Dataverse "Behavior and format of the date and time column").
+DATETIME_BEHAVIORS = frozenset({"UserLocal", "DateOnly", "TimeZoneIndependent"})
+#: Annotation terms the Web API returns only when the request's ``Prefer: odata.include-annotations``
+#: asks for them (Dataverse "Formatted values" and "Lookup property data").
+FORMATTED_VALUE = "OData.Community.Display.V1.FormattedValue"
+LOOKUP_LOGICAL_NAME = "Microsoft.Dynamics.CRM.lookuplogicalname"
+ASSOCIATED_NAVIGATION_PROPERTY = "Microsoft.Dynamics.CRM.associatednavigationproperty"
+#: The primary name column of the sandbox's tables (the formatted value of a lookup to them).
+PRIMARY_NAMES = {"contact": "lastname", "account": "name", "systemuser": "fullname", "team": "name"}
 
 
 class ODataError(Exception):
@@ -79,6 +94,19 @@ def parse_datetime(text: str) -> datetime:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
+def coerce_datetime(col: Column, text: str) -> str:
+    """How Dataverse stores and returns a DateTime value by its behaviour: UserLocal as a UTC
+    instant (``2024-05-01T22:00:00Z``); DateOnly as a date (``2024-05-02``), no time and no
+    conversion; TimeZoneIndependent as the wall time given, never converted (returned with a
+    ``Z`` that means no zone). Raises ValueError when the text is no date."""
+    if col.behavior == "DateOnly":
+        return datetime.fromisoformat(text.strip()[:10]).date().isoformat()
+    if col.behavior == "TimeZoneIndependent":
+        wall = datetime.fromisoformat(text.strip().replace("Z", "+00:00").replace(" ", "T"))
+        return wall.replace(tzinfo=None).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return format_datetime(parse_datetime(text))
+
+
 @dataclass
 class Column:
     """A column (attribute): Dataverse ``AttributeType`` names (String, Boolean, Integer,
@@ -88,16 +116,30 @@ class Column:
     type: str
     max_length: int | None = None
     read_only: bool = False  # server-set (modifiedon, createdon): silently ignored on write
-    targets: tuple[str, ...] = ()  # Lookup: entity set names it may point to
+    targets: tuple[str, ...] = ()  # Lookup/Customer/Owner: entity set names it may point to
     state_values: tuple[int, ...] = ()  # State/Picklist: allowed values (empty = any int)
+    labels: dict[Any, str] = field(default_factory=dict)  # choice value / boolean → its display label
+    behavior: str = "UserLocal"  # DateTime: UserLocal | DateOnly | TimeZoneIndependent
+    date_only: bool = False      # DateTime: Format DateOnly (a UserLocal date-only column is still UTC)
 
     def __post_init__(self) -> None:
         if self.type not in ATTRIBUTE_TYPES:
             raise ValueError(f"unknown attribute type {self.type!r}")
+        if self.behavior not in DATETIME_BEHAVIORS:
+            raise ValueError(f"unknown DateTime behavior {self.behavior!r}")
+
+    @property
+    def lookup(self) -> bool:
+        return self.type in LOOKUP_TYPES
 
     @property
     def output_name(self) -> str:
-        return f"_{self.name}_value" if self.type == "Lookup" else self.name
+        return f"_{self.name}_value" if self.lookup else self.name
+
+
+def target_key(column: str) -> str:
+    """Where a row keeps the logical name of the table a lookup value points to."""
+    return f"{column}@{LOOKUP_LOGICAL_NAME}"
 
 
 _MISSING = object()
@@ -213,7 +255,7 @@ class Table:
     def coerce(self, name: str, value: Any) -> Any:
         """Validate one value against the column schema; ODataError(400) naming the column."""
         col = self.columns.get(name)
-        if col is None or col.type == "Lookup":
+        if col is None or col.lookup:
             raise ODataError(400, UNKNOWN_PROPERTY_CODE, f"Could not find a property named '{name}' on type "
                              f"'Microsoft.Dynamics.CRM.{self.logical_name}'.")
         if value is None:
@@ -250,7 +292,7 @@ class Table:
             if not isinstance(value, str):
                 raise self._bad_value(col, value)
             try:
-                return format_datetime(parse_datetime(value))
+                return coerce_datetime(col, value)
             except ValueError:
                 raise self._bad_value(col, value) from None
         # Uniqueidentifier
@@ -288,11 +330,11 @@ class Table:
             col = self.columns.get(base) if base != nav else None
             if col is None:
                 col = next((c for c in self.columns.values() if c.name.lower() == nav.lower()), None)
-        if col is None or col.type != "Lookup":
+        if col is None or not col.lookup:
             raise ODataError(400, UNKNOWN_PROPERTY_CODE, f"An undeclared property '{nav}' which only has property "
                              f"annotations in the payload but no property value was found in the payload.")
         if value is None:
-            return {col.name: None}
+            return {col.name: None, target_key(col.name): None}
         if not isinstance(value, str):
             raise self._bad_value(col, value)
         ref = value.rsplit("/", 1)[-1]
@@ -306,7 +348,7 @@ class Table:
             raise ODataError(400, INVALID_VALUE_CODE, f"Invalid reference '{value}' for '{nav}'.") from None
         if rid not in target.rows:
             raise ODataError(404, NOT_FOUND_CODE, f"{target.logical_name} With Id = {rid} Does Not Exist")
-        return {col.name: rid}
+        return {col.name: rid, target_key(col.name): target.logical_name}
 
     # ------------------------------------------------------------------ reads
     def get(self, rid: str) -> dict[str, Any] | None:
@@ -325,18 +367,72 @@ class Table:
         raise ODataError(400, INVALID_VALUE_CODE, f"The key '{','.join(sorted(key_values))}' is not defined as an "
                          f"alternate key for the '{self.logical_name}' entity.")
 
-    def output(self, rid: str, select: list[str] | None = None) -> dict[str, Any]:
-        """A row as the Web API returns it (``@odata.etag``, lookups as ``_x_value``)."""
+    def output(self, rid: str, select: list[str] | None = None,
+               annotations: Callable[[str], bool] | None = None) -> dict[str, Any]:
+        """A row as the Web API returns it (``@odata.etag``, lookups as ``_x_value``). ``annotations``
+        says which annotation terms the request asked for (``Prefer: odata.include-annotations``);
+        none are returned unless asked, as Dataverse does."""
         row = self.rows[rid]
         out: dict[str, Any] = {"@odata.etag": f'W/"{self.versions[rid]}"'}
-        if select is None:
+        if select is None and annotations is None:
             get = row.get
             out.update({output: get(name) for name, output in self.output_columns()})
-        else:
-            for name in select:
-                out[self.columns[name].output_name] = row.get(name)
-            out.setdefault(self.primary_key, rid)
+            return out
+        for name in select if select is not None else list(self.columns):
+            col = self.columns[name]
+            value = row.get(name)
+            out[col.output_name] = value
+            if annotations is not None and value is not None:
+                self._annotate(out, col, row, value, annotations)
+        out.setdefault(self.primary_key, rid)
         return out
+
+    def _annotate(self, out: dict[str, Any], col: Column, row: dict[str, Any], value: Any,
+                  wanted: Callable[[str], bool]) -> None:
+        name = col.output_name
+        if col.lookup:
+            target = row.get(target_key(col.name)) or self._single_target(col)
+            if target and wanted(LOOKUP_LOGICAL_NAME):
+                out[f"{name}@{LOOKUP_LOGICAL_NAME}"] = target
+            if target and wanted(ASSOCIATED_NAVIGATION_PROPERTY):
+                out[f"{name}@{ASSOCIATED_NAVIGATION_PROPERTY}"] = (
+                    f"{col.name}_{target}" if len(col.targets) > 1 else col.name)
+        if wanted(FORMATTED_VALUE):
+            text = self._formatted(col, row, value)
+            if text is not None:
+                out[f"{name}@{FORMATTED_VALUE}"] = text
+
+    def _single_target(self, col: Column) -> str | None:
+        if len(col.targets) == 1 and col.targets[0] in self.state.tables_by_set:
+            return self.state.tables_by_set[col.targets[0]].logical_name
+        return None
+
+    def _formatted(self, col: Column, row: dict[str, Any], value: Any) -> str | None:
+        """The display form Dataverse gives (en-US user settings): choice and yes/no labels,
+        grouped numbers, currency, the user's date format, a lookup's primary name."""
+        t = col.type
+        if t in CHOICE_TYPES or t == "Boolean":
+            return col.labels.get(value, "Yes" if value is True else "No" if value is False else str(value))
+        if t == "Money":
+            return f"${float(value):,.2f}"
+        if t in ("Integer", "BigInt"):
+            return f"{int(value):,}"
+        if t in ("Decimal", "Double"):
+            return f"{float(value):,.2f}"
+        if t == "DateTime":
+            if col.behavior == "DateOnly":
+                moment = datetime.fromisoformat(str(value))
+                return f"{moment.month}/{moment.day}/{moment.year}"
+            moment = parse_datetime(str(value))  # the sandbox's users are on UTC
+            if col.date_only:
+                return f"{moment.month}/{moment.day}/{moment.year}"
+            return f"{moment.month}/{moment.day}/{moment.year} {moment:%I:%M %p}".replace(" 0", " ", 1)
+        if col.lookup:
+            target = self.state.tables_by_logical.get(str(row.get(target_key(col.name)) or self._single_target(col)))
+            name_col = PRIMARY_NAMES.get(target.logical_name) if target is not None else None
+            other = target.rows.get(str(value)) if target is not None else None
+            return str(other.get(name_col) or "") if other is not None and name_col else None
+        return None
 
     def page(self, after_seq: int, limit: int, predicate: Any = None) -> tuple[list[str], int, bool]:
         """Up to ``limit`` live ids in creation order after sequence ``after_seq``:
@@ -647,21 +743,43 @@ class _Transaction:
 # ---------------------------------------------------------------------- the default schema
 
 
+ALLOW = {False: "Allow", True: "Do Not Allow"}  # the labels of the contact's donot* yes/no columns
+
+
 def contact_columns() -> list[Column]:
+    """The standard contact columns the sandbox knows, with their Dataverse types: the polymorphic
+    lookups (``parentcustomerid`` Customer, ``ownerid`` Owner), each DateTime behaviour
+    (``birthdate`` DateOnly, ``anniversary`` UserLocal with Format DateOnly, ``lastusedincampaign``
+    UserLocal, ``new_appointmentat`` TimeZoneIndependent), Money, Integer and a choice."""
     return [
         Column("emailaddress1", "String", 100),
         Column("firstname", "String", 50),
         Column("lastname", "String", 50),
-        Column("donotbulkemail", "Boolean"),
-        Column("donotemail", "Boolean"),
-        Column("donotphone", "Boolean"),
-        Column("statecode", "State", state_values=(0, 1)),
+        Column("donotbulkemail", "Boolean", labels=dict(ALLOW)),
+        Column("donotemail", "Boolean", labels=dict(ALLOW)),
+        Column("donotphone", "Boolean", labels=dict(ALLOW)),
+        Column("statecode", "State", state_values=(0, 1), labels={0: "Active", 1: "Inactive"}),
+        Column("preferredcontactmethodcode", "Picklist", state_values=(1, 2, 3, 4, 5),
+               labels={1: "Any", 2: "Email", 3: "Phone", 4: "Fax", 5: "Mail"}),
+        Column("parentcustomerid", "Customer", targets=("accounts", "contacts")),
+        Column("ownerid", "Owner", targets=("systemusers", "teams")),
+        Column("birthdate", "DateTime", behavior="DateOnly", date_only=True),
+        Column("anniversary", "DateTime", behavior="UserLocal", date_only=True),
+        Column("lastusedincampaign", "DateTime", behavior="UserLocal"),
+        Column("new_appointmentat", "DateTime", behavior="TimeZoneIndependent"),
+        Column("creditlimit", "Money"),
+        Column("numberofchildren", "Integer"),
+        Column("address1_latitude", "Double"),
     ]
 
 
 def install_default_tables(state: D365State) -> None:
-    """``contacts`` (alternate key ``emailaddress1``), the custom ``new_loyaltycards`` and the
+    """``contacts`` (alternate key ``emailaddress1``), what its polymorphic lookups point to
+    (``accounts``, ``systemusers``, ``teams``), the custom ``new_loyaltycards`` and the
     activity-like ``new_emailevents`` (alternate key ``new_eventid``, for egress)."""
+    state.add_table("account", "accounts", "accountid", [Column("name", "String", 160)])
+    state.add_table("systemuser", "systemusers", "systemuserid", [Column("fullname", "String", 200)])
+    state.add_table("team", "teams", "teamid", [Column("name", "String", 160)])
     state.add_table("contact", "contacts", "contactid", contact_columns(), alternate_keys=[("emailaddress1",)])
     state.add_table("new_loyaltycard", "new_loyaltycards", "new_loyaltycardid", [
         Column("new_cardnumber", "String", 20),

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from syncplane.sandbox.acs_state import AcsState, format_acs_time
-from syncplane.sandbox.d365_state import D365State, format_datetime
+from syncplane.sandbox.d365_state import D365State, format_datetime, target_key
 
 FIRST_NAMES = ("Ada", "Alan", "Grace", "Linus", "Margaret", "Edsger", "Barbara", "Donald", "Frances", "Ken",
                "Radia", "Dennis", "Katherine", "John", "Hedy", "Tim", "Zoë", "José", "Søren", "Chloé", "Mei",
@@ -64,9 +64,64 @@ def _long_first_name(rng: random.Random) -> str:
     return "-".join(parts)[:50]
 
 
+def seed_owners_and_accounts(state: D365State, n_accounts: int, rng: random.Random) -> None:
+    """What contacts' Owner and Customer lookups point to: users, teams and accounts."""
+    if len(state.table("systemusers")):
+        return
+    state.table("systemusers").bulk_load([{"systemuserid": _guid(rng), "fullname": f"{f} {last}"}
+                                          for f, last in zip(FIRST_NAMES[:5], LAST_NAMES[:5], strict=True)])
+    state.table("teams").bulk_load([{"teamid": _guid(rng), "name": name} for name in ("Sales", "Marketing")])
+    state.table("accounts").bulk_load([{"accountid": _guid(rng), "name": f"{rng.choice(LAST_NAMES)} & Co {i}"}
+                                       for i in range(n_accounts)])
+
+
+def _moment(rng: random.Random, zone: str) -> str:
+    return (f"{rng.randrange(2020, 2026)}-{rng.randrange(1, 13):02d}-{rng.randrange(1, 29):02d}"
+            f"T{rng.randrange(0, 24):02d}:{rng.randrange(0, 60):02d}:00{zone}")
+
+
+def _typed_columns(pools: tuple[list[str], list[str], list[str]], rng: random.Random,
+                   earlier: str | None) -> dict[str, Any]:
+    """The contact's other typed columns (lookups with the table they point to, each DateTime
+    behaviour, Money, Integer, Double, a choice), from their own random stream."""
+    users, teams, accounts = pools
+    owner_team = rng.random() < 0.2
+    row: dict[str, Any] = {
+        "ownerid": rng.choice(teams if owner_team else users),
+        target_key("ownerid"): "team" if owner_team else "systemuser",
+        "preferredcontactmethodcode": 1 if rng.random() < 0.6 else rng.randrange(1, 6),
+    }
+    r = rng.random()
+    if r < 0.3 and accounts:
+        row["parentcustomerid"], row[target_key("parentcustomerid")] = rng.choice(accounts), "account"
+    elif r < 0.35 and earlier:
+        row["parentcustomerid"], row[target_key("parentcustomerid")] = earlier, "contact"
+    if rng.random() < 0.4:
+        row["birthdate"] = f"{rng.randrange(1940, 2006)}-{rng.randrange(1, 13):02d}-{rng.randrange(1, 29):02d}"
+    if rng.random() < 0.1:  # a UserLocal date-only column: midnight of the user's zone, in UTC
+        row["anniversary"] = f"{rng.randrange(1990, 2025)}-{rng.randrange(1, 13):02d}-" \
+                             f"{rng.randrange(1, 29):02d}T{rng.choice(('22', '23', '00', '05'))}:00:00Z"
+    if rng.random() < 0.2:
+        row["lastusedincampaign"] = _moment(rng, "Z")
+    if rng.random() < 0.05:
+        row["new_appointmentat"] = _moment(rng, "Z")  # a wall time: the Z means no zone
+    if rng.random() < 0.3:
+        row["creditlimit"] = round(rng.uniform(0, 50_000), 2)
+    if rng.random() < 0.3:
+        row["numberofchildren"] = rng.randrange(0, 6)
+    if rng.random() < 0.2:
+        row["address1_latitude"] = round(rng.uniform(-90, 90), 6)
+    return row
+
+
 def seed_contacts(state: D365State, n: int, rng: random.Random, spec: SeedSpec | None = None) -> list[str]:
     """Add ``n`` contacts (unique emails); returns their ids."""
     spec = spec or SeedSpec()
+    # The typed columns come from a stream of their own: the base columns stay what they were.
+    typed = random.Random(spec.seed * 7919 + 1)
+    seed_owners_and_accounts(state, max(1, n // 20), typed)
+    pools = (list(state.table("systemusers").rows), list(state.table("teams").rows),
+             list(state.table("accounts").rows))
     table = state.table("contacts")
     stamps = _stamp_pool(state.clock.time() - 60, 3 * 365 * 86400)
     start = len(table)
@@ -89,6 +144,7 @@ def seed_contacts(state: D365State, n: int, rng: random.Random, spec: SeedSpec |
             "createdon": stamps[created],
             "modifiedon": stamps[modified],
         })
+        rows[-1].update(_typed_columns(pools, typed, rows[-2]["contactid"] if i else None))
     table.bulk_load(rows)
     return [r["contactid"] for r in rows]
 

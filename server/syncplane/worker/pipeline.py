@@ -56,6 +56,7 @@ class Checkpoint:
     replay: str = ""               # the last replay request carried out
     rows: int = -1                 # rows counted by the last complete full read (-1: unknown)
     partial: int = 0               # rows so far in a full read in progress
+    replaying: bool = False        # the full read in progress is a replay: create-only fields are written
 
     def dumps(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -66,7 +67,8 @@ class Checkpoint:
             return cls()
         try:
             data = json.loads(raw)
-            return cls(**{k: data[k] for k in ("cursor", "filter", "replay", "rows", "partial") if k in data})
+            return cls(**{k: data[k] for k in ("cursor", "filter", "replay", "rows", "partial", "replaying")
+                          if k in data})
         except (ValueError, TypeError):
             return cls()  # unreadable: read everything again (idempotent), never guess
 
@@ -173,6 +175,7 @@ class Pipeline:
             if full_pages and read_to_the_end and not stop.is_set():
                 # A full read just completed: the table's size is known.
                 self.checkpoint.rows, self.checkpoint.partial = self.checkpoint.partial, 0
+                self.checkpoint.replaying = False
                 await self._commit()
             if self.held is not None and read_to_the_end and not stop.is_set():
                 # After the read, not before: a newer event of a held key (read just now) has
@@ -198,7 +201,7 @@ class Pipeline:
             cp.cursor, cp.partial = None, 0
         if self.stream.replay and cp.replay != self.stream.replay:
             log.info("%s: replay %s; reading the whole table again", self.stream.name, self.stream.replay)
-            cp.cursor, cp.partial = None, 0
+            cp.cursor, cp.partial, cp.replaying = None, 0, True
         if cp.cursor is None:
             cp.partial = 0
         cp.filter, cp.replay = fingerprint, self.stream.replay or cp.replay
@@ -239,7 +242,10 @@ class Pipeline:
         for rec in records:
             out = self.stream.transform.apply(rec, full)
             if out.action == Action.UPSERT:
-                upserts.append(Record(out.key, out.values))
+                # A replay writes every field, create-only ones included (DOMAIN.md: "written only on
+                # the initial load or a replay"); otherwise the sink decides by key.
+                create_only = frozenset() if full and self.checkpoint.replaying else out.create_only
+                upserts.append(Record(out.key, out.values, create_only=create_only))
             elif out.action == Action.DELETE:
                 deletes.append(Record(out.key, deleted=True))
             self.report.truncated += len(out.truncated)
