@@ -65,11 +65,16 @@ class DynamicsSource:
         self._own_transport = transport is None
         self.transport = transport or Transport(concurrency=concurrency, policy=policy, gate=token_provider.gate)
 
-    def _prefer(self) -> dict[str, str]:
-        return {**_ODATA_HEADERS, "Prefer": f"odata.track-changes, odata.maxpagesize={self.page_size}"}
+    def _prefer(self, annotations: Sequence[str] = ()) -> dict[str, str]:
+        prefer = f"odata.track-changes, odata.maxpagesize={self.page_size}"
+        if annotations:
+            # Dataverse returns annotations (formatted values, a lookup's table) only when asked:
+            # "Formatted values" and "Lookup property data", Dataverse Web API query docs.
+            prefer += f', odata.include-annotations="{",".join(annotations)}"'
+        return {**_ODATA_HEADERS, "Prefer": prefer}
 
-    async def _get(self, url: str) -> Response:
-        return await self.transport.request("GET", url, headers=self._prefer(), auth=self.tokens)
+    async def _get(self, url: str, annotations: Sequence[str] = ()) -> Response:
+        return await self.transport.request("GET", url, headers=self._prefer(annotations), auth=self.tokens)
 
     def _first_url(self, table: str, columns: Sequence[str], key_column: str) -> str:
         cols = list(dict.fromkeys([key_column, *columns]))
@@ -103,10 +108,21 @@ class DynamicsSource:
             if isinstance(a.get("MaxLength"), int):
                 lengths[name] = int(a["MaxLength"])
         tracking = bool(_json_object(entity, logical_name).get("ChangeTrackingEnabled", True))
-        return Schema("Dynamics 365 table", logical_name, fields, lengths, tracking)
+        behaviours: dict[str, str] = {}
+        if "DateTime" in fields.values():
+            # DateTimeBehavior is a property of the derived DateTimeAttributeMetadata: a cast.
+            dated = await self.transport.request(
+                "GET", base + "/Attributes/Microsoft.Dynamics.CRM.DateTimeAttributeMetadata"
+                "?$select=LogicalName,DateTimeBehavior", headers=_ODATA_HEADERS, auth=self.tokens)
+            raise_for_status(dated, f"date columns of table {logical_name!r}")
+            for a in _json_object(dated, logical_name).get("value", []):
+                behaviour = a.get("DateTimeBehavior")
+                if isinstance(behaviour, dict) and isinstance(behaviour.get("Value"), str):
+                    behaviours[str(a.get("LogicalName"))] = behaviour["Value"]
+        return Schema("Dynamics 365 table", logical_name, fields, lengths, tracking, behaviours=behaviours)
 
     async def pages(self, table: str, columns: Sequence[str], cursor: str | None, *,
-                    key_column: str | None = None) -> AsyncIterator[Page]:
+                    key_column: str | None = None, annotations: Sequence[str] = ()) -> AsyncIterator[Page]:
         """``table`` is the entity set; ``key_column`` overrides the source's for this read.
 
         A committed cursor always makes progress, or the read fails loudly. OData only says a
@@ -129,14 +145,14 @@ class DynamicsSource:
         first_url = self._first_url(table, columns, key)
         if url is None:
             url = first_url
-        response = await self._get(url)
+        response = await self._get(url, annotations)
         if cursor is not None and ((full and response.status_code == 400) or _is_expired_delta(response)):
             # An expired delta token, or a resume link the service no longer accepts: start over.
             log.info("%s cursor for %s no longer valid: full resync", "resume" if full else "delta", table)
             self.resyncs += 1
             resynced, full = True, True
             url = first_url
-            response = await self._get(url)
+            response = await self._get(url, annotations)
         raise_for_status(response, f"GET {table}")
         followed = {url}  # links fetched in this read: one seen again is a loop
         pages = 0
@@ -160,7 +176,7 @@ class DynamicsSource:
             fetch: asyncio.Task[Response] | None = None
             if isinstance(next_link, str):
                 followed.add(next_link)
-                fetch = asyncio.ensure_future(self._get(next_link))
+                fetch = asyncio.ensure_future(self._get(next_link, annotations))
             try:
                 records = [self._record(row, key) for row in body.get("value", [])]
                 if isinstance(next_link, str):

@@ -23,6 +23,7 @@ class Schema:
     change_tracking: bool = True
     key: str | None = None                                     # the unique integration key, if any
     links: dict[str, str] = field(default_factory=dict)       # link field → the resource it points at
+    behaviours: dict[str, str] = field(default_factory=dict)  # DateTime field → DateTimeBehavior (Dataverse)
 
 
 class SchemaChanged(Exception):
@@ -41,6 +42,9 @@ def problems(current: Schema, mapped: Iterable[str], baseline: Schema | None = N
         elif baseline is not None and name in baseline.fields and baseline.fields[name] != current.fields[name]:
             found.append(f"{where}: mapped field {name!r} changed type from {baseline.fields[name]} "
                          f"to {current.fields[name]}")
+        elif baseline is not None and baseline.behaviours.get(name) != current.behaviours.get(name):
+            found.append(f"{where}: mapped field {name!r} changed behaviour from {baseline.behaviours.get(name)} "
+                         f"to {current.behaviours.get(name)}")
     return found
 
 

@@ -182,6 +182,7 @@ class RequestRecord:
     fault: str | None  # "429" | "503" | "timeout" | "status:NNN" | "latency" | "service-protection"
     duration_ms: float | None
     connection: str | None = None  # the client's address:port: one TCP connection
+    prefer: str | None = None  # the request's Prefer header (what it asked for: paging, annotations, …)
 
     def to_json(self) -> dict[str, Json]:
         return asdict(self)
@@ -522,7 +523,7 @@ class EmulatorApp:
             seq=self.log.next_seq(), server=self.server_name, received_monotonic=received_mono,
             received_wall=received_wall, responded_monotonic=None, method=request.method, path=request.path_qs,
             status=None, retry_after=None, client=client, fault=None, duration_ms=None,
-            connection=_peer(request))
+            connection=_peer(request), prefer=request.headers.get("Prefer"))
         self.log.append(record)  # visible while in flight (status None)
         response: web.StreamResponse | None = None
         dropped = False

@@ -34,7 +34,7 @@ from syncplane.connectors.dynamics import MAX_PAGE_SIZE, DynamicsSink, DynamicsS
 from syncplane.connectors.http import STOPPING, OAuth2ClientCredentials, RetryableError
 from syncplane.connectors.schema import Schema, SchemaChanged, check
 from syncplane.egress import transform as egress
-from syncplane.ingress.transform import EntityTransform
+from syncplane.ingress.transform import EntityTransform, MappingNotSupported
 from syncplane.worker.checkpoints import (
     AsyncCheckpointStore,
     AsyncDeadLetterStore,
@@ -68,8 +68,9 @@ def ingress_streams(spec: pb.WorkflowSpec, index: int = 0, workers: int = 1) -> 
     entities = list(spec.ingress.entities)
     ordered = sorted(range(len(entities)), key=lambda i: (entities[i].destination_resource != "profile", i))
     replay = spec.ingress.replay
+    spec_index = {id(e): i for i, e in enumerate(entities)}
     streams = [Stream(name=e.source_table, table=e.source_table, resource=e.destination_resource,
-                      key_field=e.destination_key, transform=EntityTransform(e),
+                      key_field=e.destination_key, transform=EntityTransform(e, index=spec_index[id(e)]),
                       replay=replay.request_id if replay.source_table == e.source_table else "")
                for e in (entities[i] for i in ordered)]
     return [s for i, s in enumerate(streams) if i % max(1, workers) == index]
@@ -100,19 +101,27 @@ class Runner(Protocol):
 
 class _KeyedSource:
     """One table's view of the shared Dataverse source: its key column and entity set. A
-    lookup column is read as ``_<name>_value`` (the Web API's name) and handed on as ``<name>``."""
+    lookup column (Lookup, Customer, Owner) is read as ``_<name>_value`` (the Web API's name)
+    and handed on as ``<name>``, its annotations as ``<name>@<term>``. ``annotations``: the
+    terms the mapping needs (Prefer odata.include-annotations), none when it needs none."""
 
     def __init__(self, source: DynamicsSource, key_column: str, entity_set: str,
-                 lookups: frozenset[str] = frozenset()) -> None:
+                 lookups: frozenset[str] = frozenset(), annotations: Sequence[str] = ()) -> None:
         self.source, self.key_column, self.entity_set, self.lookups = source, key_column, entity_set, lookups
+        self.annotations = list(annotations)
 
     async def pages(self, table: str, columns: Sequence[str], cursor: str | None) -> AsyncIterator[Page]:
         wire = [f"_{c}_value" if c in self.lookups else c for c in columns]
-        async for page in self.source.pages(self.entity_set, wire, cursor, key_column=self.key_column):
+        async for page in self.source.pages(self.entity_set, wire, cursor, key_column=self.key_column,
+                                            annotations=self.annotations):
             for record in page.records:
+                values = record.values
                 for c in self.lookups:
-                    if (v := record.values.pop(f"_{c}_value", None)) is not None or c in columns:
-                        record.values[c] = v
+                    prefix = f"_{c}_value"
+                    for k in [k for k in values if k.startswith(prefix + "@")]:
+                        values[c + k[len(prefix):]] = values.pop(k)
+                    if (v := values.pop(prefix, None)) is not None or c in columns:
+                        values[c] = v
             yield page
 
     async def aclose(self) -> None:
@@ -212,6 +221,7 @@ class IngressRunner(_PipelineRunner):
     def __init__(self, workflow: str, spec: pb.WorkflowSpec, secrets: dict[str, ConnectionSecret],
                  stores: Stores, report: WorkerReport, batch_size: int, index: int, concurrency: int = 16) -> None:
         super().__init__(workflow, spec, secrets, stores, report, batch_size)
+        self.spec = spec
         self.streams = ingress_streams(spec, index, max(1, spec.workers))
         dst = self.dst_secret
         page_size = min(MAX_PAGE_SIZE, max(PAGE_SIZE, batch_size))
@@ -232,11 +242,21 @@ class IngressRunner(_PipelineRunner):
             s.transform.lengths = {**guard.destination_lengths, **s.transform.lengths}
             self.guards.append(guard)
             await self.sink.prepare_links(entity.destination_resource)
-            assert guard.source_baseline is not None
-            lookups = frozenset(c for c, t in guard.source_baseline.fields.items() if t == "Lookup")
-            pipelines.append(self._pipeline(s, _KeyedSource(self.source, entity.source_key, entity_set, lookups),
+            assert guard.source_baseline is not None and guard.destination_baseline is not None
+            # The conversion table and typed comparisons: a cell or a spec value that does not fit
+            # fails the start (MappingNotSupported), not every record as a dead letter.
+            s.transform.bind(guard.source_baseline, guard.destination_baseline,
+                             self._link_tables(guard.destination_baseline.links))
+            pipelines.append(self._pipeline(s, _KeyedSource(self.source, entity.source_key, entity_set,
+                                                            s.transform.lookups(), s.transform.annotations()),
                                             guard))
         return pipelines
+
+    def _link_tables(self, links: dict[str, str]) -> dict[str, str]:
+        """Link field → the source table whose records its target resource holds (profile ←
+        contact): a polymorphic lookup pointing at another table links to nothing."""
+        by_resource = {e.destination_resource: e.source_table for e in self.spec.ingress.entities}
+        return {f: by_resource[r] for f, r in links.items() if r in by_resource}
 
     async def run_once(self, stop: asyncio.Event) -> None:
         await super().run_once(stop)
@@ -333,7 +353,7 @@ class Engine:
                 await self._stoppable(runner.run_once(stop), stop, runner)
                 failures = 0
                 delay = self.interval
-            except SchemaChanged as exc:
+            except (SchemaChanged, MappingNotSupported) as exc:
                 raise FatalError(exc.reason, str(exc)) from None
             except ConnectorError as exc:
                 if exc.reason in FATAL_REASONS:
