@@ -29,7 +29,8 @@ from syncplane.connectors.campaign import MAX_LINE_COUNT, CampaignSource, owned_
 from syncplane.connectors.dynamics import MAX_PAGE_SIZE, DynamicsSource, decode_cursor
 from syncplane.connectors.http import DEFAULT_CONCURRENCY, OAuth2ClientCredentials, Transport
 from syncplane.egress import transform as egress
-from syncplane.ingress.transform import Action, EntityTransform
+from syncplane.ingress.conversion import LOOKUP_TYPES
+from syncplane.ingress.transform import Action, EntityTransform, MappingNotSupported
 from syncplane.optinout.rules import flag, pairs_of
 from syncplane.optinout.sync import CAMPAIGN_STREAM, CRM_KEY, CRM_STREAM, CRM_TABLE, PROFILE, PROFILE_KEY
 from syncplane.verify.compare import Difference, Row, compare, in_flight, instant, lookup_binds
@@ -173,10 +174,17 @@ async def _ingress(workflow: str, spec: pb.WorkflowSpec, stream: Stream, clients
     source_schema, entity_set, destination_schema = await asyncio.gather(
         dynamics.table_schema(entity.source_table), dynamics.entity_set(entity.source_table),
         campaign.resource_schema(entity.destination_resource))
-    # As the worker does: truncate to the destination's lengths (the spec's own win).
+    # As the worker does: truncate to the destination's lengths (the spec's own win), and
+    # convert by both sides' types (a mapping the table refuses never ran: compared as read).
     transform.lengths = {**destination_schema.lengths, **transform.lengths}
-    lookups = frozenset(c for c, t in source_schema.fields.items() if t == "Lookup")
-    keyed = _KeyedSource(dynamics, entity.source_key, entity_set, lookups)
+    by_resource = {e.destination_resource: e.source_table for e in spec.ingress.entities}
+    try:
+        transform.bind(source_schema, destination_schema,
+                       {f: by_resource[r] for f, r in destination_schema.links.items() if r in by_resource})
+    except MappingNotSupported:
+        pass
+    lookups = transform.lookups() or frozenset(c for c, t in source_schema.fields.items() if t in LOOKUP_TYPES)
+    keyed = _KeyedSource(dynamics, entity.source_key, entity_set, lookups, transform.annotations())
     owner = clients.destination_secret.client_id
     expected: dict[str, Row] = {}
     ignored: set[str] = set()
@@ -189,7 +197,9 @@ async def _ingress(workflow: str, spec: pb.WorkflowSpec, stream: Stream, clients
                     continue
                 out = transform.apply(rec, False)
                 if out.action == Action.UPSERT:
-                    expected[rec.key] = Row(out.values, instant(rec.modified))
+                    # Fields whose updates are off hold what the record was created with: not compared.
+                    values = {k: v for k, v in out.values.items() if k not in out.create_only}
+                    expected[rec.key] = Row(values, instant(rec.modified))
                     if repair:
                         read[rec.key] = rec
                 elif out.action == Action.SKIP:
