@@ -38,6 +38,10 @@ class StopRequested(asyncio.CancelledError):
     (nothing was committed, writes are idempotent)."""
 
 
+class TransportClosed(RuntimeError):
+    """A request on a :class:`Transport` after its ``aclose``."""
+
+
 def check_stopping() -> None:
     """Raise :class:`StopRequested` once the worker's stop has begun."""
     stop = STOPPING.get()
@@ -159,10 +163,18 @@ class Transport:
         self.semaphore = asyncio.Semaphore(concurrency)
         self.timeout = aiohttp.ClientTimeout(total=timeout, connect=10.0)
         self._session: aiohttp.ClientSession | None = None
+        self._closed = False
         self.sent = 0  # requests that went out (retries included), e.g. for verify's report
 
     def _client(self) -> aiohttp.ClientSession:
-        """The session, made on first use (it belongs to the running event loop)."""
+        """The session, made on first use (it belongs to the running event loop).
+
+        Raises:
+            TransportClosed: after :meth:`aclose` (a request still running then, e.g. the sibling
+                of a failed ``gather``, must not open a session nobody closes).
+        """
+        if self._closed:
+            raise TransportClosed("the transport is closed")
         if self._session is None:
             trace = aiohttp.TraceConfig()
             trace.on_connection_reuseconn.append(self._before_send)
@@ -248,6 +260,7 @@ class Transport:
             return response
 
     async def aclose(self) -> None:
+        self._closed = True
         if self._session is not None:
             await self._session.close()
             self._session = None
