@@ -141,3 +141,12 @@ def test_replay_names_a_mapped_table_and_a_request_id():
     s.ingress.replay.source_table = "contact"
     s.ingress.replay.request_id = "r1"
     validate_spec(s)
+
+
+@pytest.mark.parametrize(("seconds", "nanos"), [(2, -1), (-2, 1), (1, 1_000_000_000), (5, -999_999_999)])
+def test_poll_interval_must_be_a_valid_duration(seconds, nanos):
+    """Found by the API fuzzer: 2 s - 1 ns is within the bounds but no valid Duration (its JSON form,
+    which the supervisor and the CRD use, refuses it)."""
+    s = spec()
+    s.poll_interval.seconds, s.poll_interval.nanos = seconds, nanos
+    assert "spec.poll_interval" in violations(s)

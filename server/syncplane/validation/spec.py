@@ -64,7 +64,10 @@ def _spec(spec: pb.WorkflowSpec, p: str) -> Iterable[FieldViolation]:
     if not 1 <= spec.batch_size <= rules.MAX_BATCH_SIZE:
         yield FieldViolation(f"{p}.batch_size", f"must be between 1 and {rules.MAX_BATCH_SIZE}")
     poll = spec.poll_interval.seconds + spec.poll_interval.nanos / 1e9
-    if not rules.MIN_POLL_SECONDS <= poll <= rules.MAX_POLL_SECONDS:
+    if not _valid_duration(spec.poll_interval.seconds, spec.poll_interval.nanos):
+        yield FieldViolation(f"{p}.poll_interval", "is not a valid duration: nanos must be between -999,999,999 "
+                                                   "and 999,999,999 and have the sign of seconds")
+    elif not rules.MIN_POLL_SECONDS <= poll <= rules.MAX_POLL_SECONDS:
         yield FieldViolation(f"{p}.poll_interval",
                              f"must be between {rules.MIN_POLL_SECONDS}s and {rules.MAX_POLL_SECONDS}s")
     if not 1 <= spec.workers <= rules.MAX_WORKERS:
@@ -81,6 +84,11 @@ def _spec(spec: pb.WorkflowSpec, p: str) -> Iterable[FieldViolation]:
         yield from _egress(spec.egress, f"{p}.egress")
     elif spec.type == pb.WORKFLOW_TYPE_OPT_IN_OUT:
         yield from _opt_in_out(spec.opt_in_out, f"{p}.opt_in_out")
+
+
+def _valid_duration(seconds: int, nanos: int) -> bool:
+    """google.protobuf.Duration's own rule (duration.proto): what its JSON form (and the CRD) can hold."""
+    return abs(nanos) <= 999_999_999 and not (seconds > 0 > nanos or seconds < 0 < nanos)
 
 
 def _type(t: int) -> str:
