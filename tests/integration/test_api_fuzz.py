@@ -41,6 +41,7 @@ T = TypeVar("T")
 BROKEN = (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.RESOURCE_EXHAUSTED)
 EXAMPLES = {"embedded": 40, "kubernetes": 15}
 STREAM_WAIT = 2.0   # seconds to wait for a watch's first event before cancelling it
+FORMAT = logging.Formatter("%(levelname)s %(name)s %(message)s")   # with the traceback of an exception
 
 
 class Fuzz:
@@ -98,6 +99,7 @@ class Fuzz:
 
     async def example(self, sequence: list[tuple[str, Message]]) -> None:
         self.examples += 1
+        logged = len(self.caplog.records)
         for method, request in sequence:
             await self.send(method, request)
         listed: set[str] = set()
@@ -111,8 +113,8 @@ class Fuzz:
         # workers drained (the finalizer).
         await eventually(consistent, lambda: f"List {sorted(listed)} == Creates - Deletes {sorted(self.expected)}",
                          timeout=120)
-        errors = [f"{r.name}: {r.getMessage()}" for r in self.caplog.records if r.levelno >= logging.ERROR]
-        assert not errors, errors
+        errors = [FORMAT.format(r) for r in self.caplog.records[logged:] if r.levelno >= logging.ERROR]
+        assert not errors, "\n".join(errors)
 
     def worker_log_errors(self) -> list[str]:
         if not isinstance(self.cp, ControlPlane):
