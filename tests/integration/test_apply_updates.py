@@ -103,3 +103,32 @@ async def test_a_replay_writes_the_field(sb: Sandbox, tmp_path: Path) -> None:
         assert last_name(sb, OLD) == "After"
     finally:
         await run.aclose()
+
+
+async def test_a_held_copy_re_sent_later_keeps_the_existing_records_field(sb: Sandbox, tmp_path: Path) -> None:
+    """A card's tier is create-only. The card exists in Campaign; it is re-pointed to a contact not
+    in Campaign yet (held) with another tier; when that contact arrives the held copy is written,
+    and the existing card keeps its tier."""
+    contacts, cards = sb.d365.table("contacts"), sb.d365.table("new_loyaltycards")
+    contacts.upsert(OLD, lastname="Old", emailaddress1="old@example.com", statecode=0)
+    contacts.upsert(NEW, lastname="New", statecode=0)  # no email: filtered out, so not in Campaign
+    card = cards.upsert(None, new_cardnumber="K1", new_tier="gold", new_points=1,
+                        **{"new_contactid@odata.bind": f"/contacts({OLD})"})
+    spec = ingress_spec(sb, cards=True)
+    spec.ingress.entities[0].filter.conditions.add(field="emailaddress1", operator=pb.FILTER_OPERATOR_IS_NOT_NULL)
+    for m in spec.ingress.entities[1].fields:
+        if m.destination == "tier":
+            m.apply_updates = False
+    run = InProcessIngress(sb, spec, tmp_path)
+    try:
+        await run.passes(1)
+        cards.upsert(card, new_tier="platinum", new_points=2, **{"new_contactid@odata.bind": f"/contacts({NEW})"})
+        await run.passes(1)
+        assert run.held_keys("new_loyaltycard") == {card}
+        contacts.upsert(NEW, emailaddress1="new@example.com")
+        await run.passes(2)
+        row = sb.acs.resource("cusLoyaltyCard").by_key(card)
+        assert row is not None and row["points"] == 2 and row["profile"] == sb.acs.profiles.find(NEW)
+        assert row["tier"] == "gold"
+    finally:
+        await run.aclose()

@@ -73,6 +73,18 @@ class Checkpoint:
             return cls()  # unreadable: read everything again (idempotent), never guess
 
 
+#: Where a held record's payload keeps its create-only fields (applyUpdates: false), so that its
+#: re-send leaves them alone on a destination record that exists by then.
+CREATE_ONLY = "@syncplane.createOnly"
+
+
+def held_record(key: str, payload: dict[str, Any]) -> Record:
+    """A held payload back as the record to re-send."""
+    values = dict(payload)
+    create_only = values.pop(CREATE_ONLY, None)
+    return Record(key, values, create_only=frozenset(create_only) if isinstance(create_only, list) else frozenset())
+
+
 class Pipeline:
     def __init__(self, workflow: str, stream: Stream, source: Source, sink: Sink, report: WorkerReport,
                  batch_size: int, *, checkpoints: AsyncCheckpointStore, letters: AsyncDeadLetterStore,
@@ -266,7 +278,9 @@ class Pipeline:
                 rejected = by_key.get(bad.key)
                 payload = rejected.values if rejected else {}
                 if self.held is not None and self.hold is not None and bad.status in self.hold.statuses:
-                    await self.held.ahold(self.workflow, self.stream.name, bad.key, payload, bad.status, bad.error)
+                    kept = {**payload, CREATE_ONLY: sorted(rejected.create_only)} \
+                        if rejected is not None and rejected.create_only else payload
+                    await self.held.ahold(self.workflow, self.stream.name, bad.key, kept, bad.status, bad.error)
                     held_now.add(bad.key)
                     self._held_keys.add(bad.key)
                     self._held_this_pass.add(bad.key)
@@ -356,7 +370,7 @@ class Pipeline:
             chunk = held[i:i + self.batch_size]
             by_key = {h.key: h for h in chunk}
             result = await self.sink.write(self.stream.resource, self.stream.key_field,
-                                           [Record(h.key, h.payload) for h in chunk])
+                                           [held_record(h.key, h.payload) for h in chunk])
             for key in result.written:
                 await self.held.arelease(self.workflow, self.stream.name, key)
                 self._held_keys.discard(key)
@@ -368,7 +382,7 @@ class Pipeline:
                     continue
                 await self.held.arelease(self.workflow, self.stream.name, bad.key)
                 self._held_keys.discard(bad.key)
-                await self._dead_letter(bad.key, h.payload, bad.status,
+                await self._dead_letter(bad.key, held_record(h.key, h.payload).values, bad.status,
                                         f"held for {h.attempts + 1} passes, still failing: {bad.error}")
         # What is left of the listing is still held: no second listing to count them.
         self._count_held()
