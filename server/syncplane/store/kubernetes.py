@@ -181,23 +181,24 @@ class KubernetesStore:
                 if not name or wf.name == name:
                     yield Change(int(version), CHANGE_ADDED, wf)
         while True:
-            stream = watch.Watch().stream(self.custom.list_namespaced_custom_object, GROUP, VERSION,
-                                          self.namespace, PLURAL, resource_version=version,
-                                          allow_watch_bookmarks=True, timeout_seconds=300)
+            # `async with`: a watcher that stops early (a client cancelling, a settled mutation)
+            # releases its connection here, not in a garbage collector's "Unclosed response".
             try:
-                async for event in stream:
-                    obj = event["object"]
-                    version = obj["metadata"]["resourceVersion"]
-                    if event["type"] not in _CHANGE:
-                        continue  # BOOKMARK: only moves the resume point
-                    wf = workflow_from_body(obj)
-                    if not name or wf.name == name:
-                        yield Change(int(version), _CHANGE[event["type"]], wf)
+                async with watch.Watch().stream(self.custom.list_namespaced_custom_object, GROUP, VERSION,
+                                                self.namespace, PLURAL, resource_version=version,
+                                                allow_watch_bookmarks=True, timeout_seconds=300) as stream:
+                    async for event in stream:
+                        obj = event["object"]
+                        version = obj["metadata"]["resourceVersion"]
+                        if event["type"] not in _CHANGE:
+                            continue  # BOOKMARK: only moves the resume point
+                        wf = workflow_from_body(obj)
+                        if not name or wf.name == name:
+                            yield Change(int(version), _CHANGE[event["type"]], wf)
             except ApiException as exc:
                 if exc.status == 410:
                     raise OutOfRange(f"revision {version} is too old; restart from 0") from exc
                 raise
-
 
 def _reason(exc: Any) -> str:
     try:
