@@ -15,11 +15,12 @@ resourceVersions, so a client resumes a Kubernetes watch.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from syncplane.api.v1 import workflow_pb2 as pb
-from syncplane.errors import AlreadyExists, NotFound, OutOfRange, SyncplaneError
+from syncplane.errors import AlreadyExists, FieldViolation, InvalidArgument, NotFound, OutOfRange, SyncplaneError
 from syncplane.model.convert import spec_from_dict, to_resource
 from syncplane.model.kube import LAST_VERIFY_ANNOTATION, last_verify_annotation, workflow_from_body
 from syncplane.store.base import CHANGE_ADDED, CHANGE_DELETED, CHANGE_MODIFIED, Change, Mutation
@@ -73,7 +74,7 @@ class KubernetesStore:
                     return workflow_from_body(existing)
                 raise AlreadyExists(f"workflow {wf.name} already exists", {"name": wf.name}) from exc
             if exc.status == 422:
-                raise SyncplaneError(f"the API server rejected the workflow: {_reason(exc)}") from exc
+                raise rejected(exc) from exc
             raise
         return workflow_from_body(created)
 
@@ -113,6 +114,8 @@ class KubernetesStore:
             except ApiException as exc:
                 if exc.status == 409:
                     continue  # someone else wrote in between: re-read and re-check
+                if exc.status == 422:
+                    raise rejected(exc) from exc
                 raise
             return workflow_from_body(replaced)
         raise SyncplaneError(f"workflow {name} kept changing; retry")
@@ -200,8 +203,19 @@ class KubernetesStore:
                     raise OutOfRange(f"revision {version} is too old; restart from 0") from exc
                 raise
 
-def _reason(exc: Any) -> str:
+def rejected(exc: Any) -> InvalidArgument:
+    """The API server's 422 (the CRD's schema or CEL rules refused the object) as INVALID_ARGUMENT,
+    one field violation per cause, with the proto's field names (``spec.batchSize`` ->
+    ``spec.batch_size``)."""
     try:
-        return str(json.loads(exc.body).get("message", ""))
-    except (ValueError, TypeError):
-        return "invalid"
+        body = json.loads(exc.body)
+        causes = (body.get("details") or {}).get("causes") or []
+    except (ValueError, TypeError, AttributeError):
+        body, causes = {}, []
+    violations = [FieldViolation(_snake_path(str(c.get("field") or "spec")), str(c.get("message") or "invalid"))
+                  for c in causes if isinstance(c, dict)]
+    return InvalidArgument(violations or [FieldViolation("spec", str(body.get("message") or "invalid"))])
+
+
+def _snake_path(path: str) -> str:
+    return re.sub(r"(?<=[a-z0-9])([A-Z])", lambda m: "_" + m.group(1).lower(), path)
