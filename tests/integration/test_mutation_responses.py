@@ -21,17 +21,24 @@ from tests.integration.conftest import watch_until
 
 # The phase a workflow may reach on its own after the response: workers became ready, or drained.
 MOVES_ON = {pb.PHASE_STARTING: {pb.PHASE_RUNNING}, pb.PHASE_STOPPING: {pb.PHASE_STOPPED, pb.PHASE_STARTING}}
-WORKER_DRIVEN = ("backlog", "counters", "ready_workers", "tables", "dead_letters", "phase", "phase_time",
-                 "conditions")
+# What a mutation decides in status (the rest, backlog, counters, ready workers, times and
+# condition messages, is the workers' doing and may change between the two reads).
+DECIDED = ("observed_generation", "applied_generation", "applied_restart_nonce", "applied_spec_hash", "drift",
+           "desired_workers")
 
 
 def comparable(wf: pb.Workflow) -> pb.Workflow:
-    """The resource without what workers change on their own (and the write time of status updates)."""
+    """The resource (metadata, spec) with the part of its status the mutation decides."""
     out = pb.Workflow()
     out.CopyFrom(wf)
     out.ClearField("update_time")
-    for name in WORKER_DRIVEN:
-        out.status.ClearField(name)  # type: ignore[arg-type]
+    out.ClearField("status")
+    for name in DECIDED:
+        field = pb.WorkflowStatus.DESCRIPTOR.fields_by_name[name]
+        if field.message_type is not None:
+            getattr(out.status, name).CopyFrom(getattr(wf.status, name))
+        else:
+            setattr(out.status, name, getattr(wf.status, name))
     return out
 
 
