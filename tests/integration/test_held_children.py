@@ -140,3 +140,46 @@ def test_the_issue_example_deleted_and_repointed_cards_while_held() -> None:
                                     ("arrive",), ("pass",)]
     with tempfile.TemporaryDirectory() as tmp:
         asyncio.run(scenario(steps, Path(tmp)))
+
+
+async def test_the_issue_example_through_a_real_worker(tmp_path: Path) -> None:
+    """The same example through the control plane and a worker process: the worker's own held
+    count follows, K1 is not resurrected, K2 keeps its new values, and verify finds 0 differences."""
+    from tests.backends import eventually
+    from tests.integration.conftest import ControlPlane, _serve
+    from tests.integration.ingress_env import converge, prepare, status_until
+    from tests.integration.test_ingress import CRASH_TOLERANT, start
+    from tests.integration.verify_env import in_sync, verify
+
+    sb = await start_sandbox()
+    try:
+        contacts, cards = sb.d365.table("contacts"), sb.d365.table("new_loyaltycards")
+        contacts.upsert(WAITING, firstname="Wait", lastname="Ing")
+        contacts.upsert(SYNCED, firstname="Syn", lastname="Ced", emailaddress1="synced@example.com")
+        k1, k2, probe = CARDS[0], CARDS[1], "00000000-0000-4000-8000-0000000000cf"
+        for key, points in ((k1, 10), (k2, 20)):
+            cards.upsert(key, new_cardnumber=key[-4:], new_points=points,
+                         **{"new_contactid@odata.bind": f"/contacts({WAITING})"})
+        async for plane in _serve(tmp_path, config=CRASH_TOLERANT):
+            prepare(sb, plane.data_dir)
+            await start(plane, "held", held_spec(sb))
+            await status_until(plane.stub, "held", lambda st: st.phase == pb.PHASE_RUNNING, 60)
+
+            async def held(n: int, plane: ControlPlane = plane) -> bool:
+                return [r["held"] for r in await plane.worker_reports("held")] == [n]
+
+            await eventually(lambda: held(2), "the worker holding K1 and K2", 60)
+            cards.delete(k1)
+            cards.upsert(k2, new_points=99, **{"new_contactid@odata.bind": f"/contacts({SYNCED})"})
+            await converge(lambda: actual_cards(sb).get(k2, {}).get("points") == 99, 60, "K2's new values")
+            await eventually(lambda: held(0), "K1 and K2 no longer held", 60)
+            # The contact arrives; a probe card on it tells when the cards after it were written.
+            cards.upsert(probe, new_cardnumber="PRB", new_points=1,
+                         **{"new_contactid@odata.bind": f"/contacts({WAITING})"})
+            contacts.upsert(WAITING, emailaddress1="waiting@example.com")
+            await converge(lambda: probe in actual_cards(sb), 60, "the probe card, after its contact")
+            want, waiting = expected_cards(sb)
+            assert not waiting and actual_cards(sb) == want and k1 not in want
+            assert in_sync(await verify(plane.stub, "held"))
+    finally:
+        await sb.stop()
