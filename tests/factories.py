@@ -26,3 +26,16 @@ def workflow(kind: str = "ingress", name: str = "wf") -> pb.Workflow:
     wf.spec.CopyFrom(spec(kind))
     wf.status.phase = pb.PHASE_STOPPED
     return wf
+
+
+# Query parameters whose names look like credentials: each is refused in an endpoint, with the
+# field path, by validation and by the CRD alike (tests/unit/test_validation.py, tests/k8s/test_crd.py).
+SECRET_QUERY_NAMES = ("client_secret", "Client_Secret", "client%5Fsecret", "secret", "password", "passwd", "pwd",
+                      "access_token", "token", "refresh_token", "id_token", "api_key", "apikey", "X-API-Key",
+                      "key", "sig", "X-Amz-Signature", "X-Amz-Credential", "auth", "authorization")
+# Query parameters that carry no credential: allowed.
+PLAIN_QUERY_NAMES = ("$select", "api-version", "top", "orgid")
+
+
+def with_query(endpoint: str, name: str, value: str = "s3cr3t-value") -> str:
+    return f"{endpoint.rstrip('/')}/?other=1&{name}={value}"

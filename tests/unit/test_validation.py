@@ -6,7 +6,7 @@ from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.errors import InvalidArgument
 from syncplane.model.names import parse_name
 from syncplane.validation import validate_labels, validate_spec
-from tests.factories import spec
+from tests.factories import PLAIN_QUERY_NAMES, SECRET_QUERY_NAMES, spec, with_query
 
 
 def violations(s: pb.WorkflowSpec) -> dict[str, str]:
@@ -150,3 +150,28 @@ def test_poll_interval_must_be_a_valid_duration(seconds, nanos):
     s = spec()
     s.poll_interval.seconds, s.poll_interval.nanos = seconds, nanos
     assert "spec.poll_interval" in violations(s)
+
+
+@pytest.mark.parametrize("name", SECRET_QUERY_NAMES)
+@pytest.mark.parametrize("side", ["source", "destination"])
+def test_endpoint_query_must_not_carry_a_secret(name, side):
+    s = spec()
+    conn = getattr(s, side)
+    conn.endpoint = with_query(conn.endpoint, name)
+    got = violations(s)
+    assert list(got) == [f"spec.{side}.endpoint"], got
+    assert "looks like a secret" in got[f"spec.{side}.endpoint"]
+    assert "s3cr3t-value" not in got[f"spec.{side}.endpoint"]
+
+
+@pytest.mark.parametrize("name", PLAIN_QUERY_NAMES)
+def test_endpoint_query_without_secrets_is_valid(name):
+    s = spec()
+    s.source.endpoint = with_query(s.source.endpoint, name)
+    validate_spec(s)
+
+
+def test_endpoint_must_not_have_a_fragment():
+    s = spec()
+    s.source.endpoint += "#access_token=abc"
+    assert "spec.source.endpoint" in violations(s)

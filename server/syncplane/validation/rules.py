@@ -23,3 +23,11 @@ CRM_IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,127}$")
 CAMPAIGN_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 LABEL_KEY = re.compile(r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+
+# A query parameter of an endpoint whose name holds one of these (any case) looks like a
+# credential (`client_secret`, `access_token`, `api-key`, `sig` of a SAS URL, `X-Amz-Credential`):
+# it is refused, so that no secret is written into a spec (and from there into the CR, its
+# last-applied annotation, `describe` and events). Credentials go in the referenced secret.
+SECRET_QUERY_WORDS = ("secret", "passw", "pwd", "token", "key", "sig", "credential", "auth")
+# Unanchored (like CEL's matches()): the CRD carries the same pattern.
+SECRET_QUERY_NAME = re.compile("(?i)(" + "|".join(SECRET_QUERY_WORDS) + ")")
