@@ -132,3 +132,23 @@ async def test_a_held_copy_re_sent_later_keeps_the_existing_records_field(sb: Sa
         assert row["tier"] == "gold"
     finally:
         await run.aclose()
+
+
+async def test_a_dead_letter_retried_later_keeps_the_existing_records_field(sb: Sandbox, tmp_path: Path) -> None:
+    """An update Campaign rejects becomes a dead letter; retried once fixed, it updates the other
+    fields and leaves the create-only one as the record was created."""
+    run = await first_load(sb, tmp_path)
+    try:
+        sb.acs.poison_keys("profile", OLD)
+        sb.d365.table("contacts").upsert(OLD, lastname="After", firstname="Ada B.")
+        await run.passes(1)
+        (letter,) = run.dead_letters()
+        assert letter["key"] == OLD
+        sb.acs.clear_poison()
+        run.state.mark_for_retry(run.workflow)
+        await run.passes(1)
+        row = sb.acs.profiles.by_key(OLD)
+        assert row is not None and row["firstName"] == "Ada B." and row["lastName"] == "Before"
+        assert run.dead_letters() == []
+    finally:
+        await run.aclose()

@@ -78,8 +78,16 @@ class Checkpoint:
 CREATE_ONLY = "@syncplane.createOnly"
 
 
+def kept_payload(record: Record) -> dict[str, Any]:
+    """What a held record or a dead letter keeps of a record: its values, and which of them are
+    create-only (as ``CREATE_ONLY``, a sorted list) when some are."""
+    if not record.create_only:
+        return record.values
+    return {**record.values, CREATE_ONLY: sorted(record.create_only)}
+
+
 def held_record(key: str, payload: dict[str, Any]) -> Record:
-    """A held payload back as the record to re-send."""
+    """A kept payload (held record, dead letter) back as the record to re-send."""
     values = dict(payload)
     create_only = values.pop(CREATE_ONLY, None)
     return Record(key, values, create_only=frozenset(create_only) if isinstance(create_only, list) else frozenset())
@@ -276,11 +284,9 @@ class Pipeline:
             by_key = {r.key: r for r in chunk}
             for bad in result.rejected:
                 rejected = by_key.get(bad.key)
-                payload = rejected.values if rejected else {}
+                payload = kept_payload(rejected) if rejected else {}
                 if self.held is not None and self.hold is not None and bad.status in self.hold.statuses:
-                    kept = {**payload, CREATE_ONLY: sorted(rejected.create_only)} \
-                        if rejected is not None and rejected.create_only else payload
-                    await self.held.ahold(self.workflow, self.stream.name, bad.key, kept, bad.status, bad.error)
+                    await self.held.ahold(self.workflow, self.stream.name, bad.key, payload, bad.status, bad.error)
                     held_now.add(bad.key)
                     self._held_keys.add(bad.key)
                     self._held_this_pass.add(bad.key)
@@ -335,8 +341,8 @@ class Pipeline:
             groups: dict[tuple[str, str], list[Record]] = {}
             for d in chunk:  # older rows lack the target: it is this stream's
                 target = (d.resource or self.stream.resource, d.key_field or self.stream.key_field)
-                groups.setdefault(target, []).append(Record(d.key, {} if d.deleted else d.resend_values(),
-                                                            deleted=d.deleted))
+                groups.setdefault(target, []).append(Record(d.key, deleted=True) if d.deleted else
+                                                     held_record(d.key, d.resend_values()))
             for (resource, key_field), records in groups.items():
                 result = await self.sink.write(resource, key_field, records)
                 if result.rejected and self.guard is not None:
