@@ -94,22 +94,30 @@ def cli(ctx: click.Context, server: str, token: str | None, ca_file: Path | None
               help="Also run the Dynamics 365 and Campaign emulators on 127.0.0.1:7480 and :7481.")
 @click.option("--sandbox-latency", type=float, default=20.0, show_default=True,
               help="Milliseconds the emulators take per request, like a cloud API (0: loopback speed).")
+@click.option("--console/--no-console", "console", default=True, show_default=True,
+              help="Serve the web console (the Workflows page) next to gRPC.")
+@click.option("--console-listen", default="127.0.0.1:7444", show_default=True,
+              help="The console's address; off loopback it needs TLS and a token, like gRPC.")
+@click.option("--console-port-file", type=click.Path(path_type=Path), help="Write the console's bound port here.")
 @click.option("--log-level", default="INFO", show_default=True)
 def up(data_dir: Path, listen: str, tls_cert: Path | None, tls_key: Path | None, token_file: Path | None,
        defaults: bool, otlp_endpoint: str | None, port_file: Path | None, stop_timeout: float,
        crash_limit: int, crash_window: float, backoff_base: float, orphan_timeout: float, sandbox: bool,
-       sandbox_latency: float, log_level: str) -> None:
-    """Run the embedded control plane (SQLite + local worker processes)."""
+       sandbox_latency: float, console: bool, console_listen: str, console_port_file: Path | None,
+       log_level: str) -> None:
+    """Run the embedded control plane (SQLite + local worker processes) and its web console."""
     from syncplane.api.server import InsecureBindError, ServerSecurity
+    from syncplane.console import ConsoleConfig
     from syncplane.runtime.embedded import EmbeddedConfig, serve
     from syncplane.runtime.supervisor import SupervisorConfig
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     token = token_file.read_text().strip() if token_file else os.environ.get("SYNCPLANE_SERVER_TOKEN")
+    security = ServerSecurity(tls_cert=tls_cert, tls_key=tls_key, token=token or None)
     config = EmbeddedConfig(
-        data_dir=data_dir, address=listen,
-        security=ServerSecurity(tls_cert=tls_cert, tls_key=tls_key, token=token or None),
+        data_dir=data_dir, address=listen, security=security,
+        console=ConsoleConfig(console_listen, security) if console else None, console_port_file=console_port_file,
         supervisor=SupervisorConfig(stop_timeout=stop_timeout, crash_limit=crash_limit,
                                     crash_window=crash_window, backoff_base=backoff_base,
                                     orphan_timeout=orphan_timeout),
@@ -131,24 +139,33 @@ def up(data_dir: Path, listen: str, tls_cert: Path | None, tls_key: Path | None,
 @click.option("--token-file", type=click.Path(exists=True, path_type=Path))
 @click.option("--otlp-endpoint", envvar="OTEL_EXPORTER_OTLP_ENDPOINT", default=None)
 @click.option("--port-file", type=click.Path(path_type=Path))
+@click.option("--console/--no-console", "console", default=True, show_default=True,
+              help="Serve the web console (the Workflows page) next to gRPC.")
+@click.option("--console-listen", default="127.0.0.1:7444", show_default=True,
+              help="The console's address; off loopback it needs TLS and a token, like gRPC.")
+@click.option("--console-port-file", type=click.Path(path_type=Path), help="Write the console's bound port here.")
 @click.option("--log-level", default="INFO", show_default=True)
 @click.pass_context
 def server(ctx: click.Context, backend: str, namespace: str, listen: str, tls_cert: Path | None,
            tls_key: Path | None, token_file: Path | None, otlp_endpoint: str | None, port_file: Path | None,
-           log_level: str) -> None:
+           console: bool, console_listen: str, console_port_file: Path | None, log_level: str) -> None:
     """Run the gRPC API server; `--backend kubernetes` serves Workflow custom resources."""
     if backend == "embedded":
         ctx.invoke(up, listen=listen, tls_cert=tls_cert, tls_key=tls_key, token_file=token_file,
-                   otlp_endpoint=otlp_endpoint, port_file=port_file, log_level=log_level)
+                   otlp_endpoint=otlp_endpoint, port_file=port_file, console=console, console_listen=console_listen,
+                   console_port_file=console_port_file, log_level=log_level)
         return
     from syncplane.api.server import InsecureBindError, ServerSecurity
+    from syncplane.console import ConsoleConfig
     from syncplane.runtime.kubernetes import KubernetesServerConfig, serve_kubernetes
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     token = token_file.read_text().strip() if token_file else os.environ.get("SYNCPLANE_SERVER_TOKEN")
+    security = ServerSecurity(tls_cert=tls_cert, tls_key=tls_key, token=token or None)
     config = KubernetesServerConfig(namespace=namespace, address=listen, otlp_endpoint=otlp_endpoint,
-                                    security=ServerSecurity(tls_cert=tls_cert, tls_key=tls_key, token=token or None),
-                                    port_file=port_file)
+                                    security=security, port_file=port_file,
+                                    console=ConsoleConfig(console_listen, security) if console else None,
+                                    console_port_file=console_port_file)
     try:
         asyncio.run(serve_kubernetes(config))
     except InsecureBindError as exc:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from typing import Any
 
 from google.protobuf import json_format
@@ -49,3 +50,27 @@ def _diff(old: Any, new: Any, path: str, out: list[str]) -> None:
             _diff(a, b, f"{path}[{i}]", out)
         return
     out.append(path)
+
+
+def drift_diff(applied: pb.WorkflowSpec, current: pb.WorkflowSpec,
+               prefix: str = "spec") -> list[tuple[str, Any, Any]]:
+    """Each changed field (the paths of `changed_fields`) with its applied and its edited
+    value, as plain JSON values (None where the field is absent on that side)."""
+    old, new = applied_view(applied), applied_view(current)
+    return [(path, value_at(old, path, prefix), value_at(new, path, prefix))
+            for path in changed_fields(applied, current, prefix)]
+
+
+def value_at(view: dict[str, Any], path: str, prefix: str = "spec") -> Any:
+    """The value at a `changed_fields` path (``spec.ingress.entities[0].fields``) in an
+    `applied_view` dict, or None where it does not exist."""
+    value: Any = view
+    for part in re.findall(r"[^.\[\]]+|\[\d+\]", path.removeprefix(prefix).lstrip(".")):
+        if part.startswith("["):
+            index = int(part[1:-1])
+            value = value[index] if isinstance(value, list) and index < len(value) else None
+        else:
+            value = value.get(part) if isinstance(value, dict) else None
+        if value is None:
+            return None
+    return value

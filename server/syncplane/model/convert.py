@@ -154,3 +154,11 @@ def from_resource(resource: dict[str, Any]) -> tuple[str, pb.Workflow]:
         wf.labels[str(key)] = str(value)
     message_from_dict(resource.get("spec") or {}, wf.spec, "spec")
     return workflow_id, wf
+
+
+def message_to_field_dict(msg: Message) -> dict[str, Any]:
+    """Like `message_to_dict` but keyed by the proto field names (snake_case, as field paths and
+    BadRequest violations name them), with short enum names; default values omitted."""
+    raw = json_format.MessageToDict(msg, preserving_proto_field_name=True)
+    result: dict[str, Any] = _walk(raw, msg.DESCRIPTOR, True, "")
+    return result

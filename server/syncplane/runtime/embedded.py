@@ -20,6 +20,7 @@ import yaml
 
 from syncplane.api.server import ServerSecurity, create_server, serve_until_signalled
 from syncplane.api.v1 import workflow_service_pb2 as svc
+from syncplane.console import ConsoleConfig, serve_console
 from syncplane.errors import AlreadyExists
 from syncplane.model.convert import from_resource
 from syncplane.runtime.supervisor import Supervisor, SupervisorConfig
@@ -52,6 +53,9 @@ class EmbeddedConfig:
     # Their answer time: at cloud-like latency a newcomer sees the backlog rise and fall; at
     # loopback speed the 20,000 seeded contacts are synced before `syncplane list` can show it.
     sandbox_latency_ms: float = 20.0
+    # The web console, on its own loopback port next to gRPC (None: not served).
+    console: ConsoleConfig | None = None
+    console_port_file: Path | None = None
 
 
 async def create_default_workflows(service: WorkflowService, directory: Path = DEFAULTS_DIR) -> list[str]:
@@ -92,8 +96,8 @@ async def serve(config: EmbeddedConfig, stop: asyncio.Event | None = None) -> No
     store = SqliteStore(config.data_dir / "syncplane.db")
     supervisor = Supervisor(store, config.data_dir / "run", config.supervisor)
     service = WorkflowService(store, on_change=supervisor.wake)
-    server, port, health = await create_server(service, config.address, config.security,
-                                               dead_letters=embedded_dead_letters(store, supervisor),
+    letters = embedded_dead_letters(store, supervisor)
+    server, port, health = await create_server(service, config.address, config.security, dead_letters=letters,
                                                verifier=embedded_verifier(store, supervisor))
     sandbox = None
     if config.sandbox:
@@ -114,9 +118,12 @@ async def serve(config: EmbeddedConfig, stop: asyncio.Event | None = None) -> No
             # With the sandbox there is something to sync: run the defaults (once; a stop sticks).
             for name in created:
                 await service.start(svc.StartWorkflowRequest(name=f"workflows/{name}"))
+    console = await serve_console(config.console, service, letters, config.console_port_file)
     host = config.address.rsplit(":", 1)[0]
     log.info("syncplane control plane serving on %s:%d (data in %s)", host, port, config.data_dir)
     await serve_until_signalled(server, health, port, config.port_file, stop)
+    if console is not None:
+        await console.cleanup()
     # An interactive stop (Ctrl-C, SIGTERM) stops the workers too: each drains its batch in flight
     # and commits. Desired states stay as they are, so the next `up` starts the same workers again,
     # from their checkpoints. (A control plane that dies, kill -9, leaves them running: the next

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from syncplane.api.server import ServerSecurity, create_server, serve_until_signalled
+from syncplane.console import ConsoleConfig, serve_console
 from syncplane.kubeclient import api_client
 from syncplane.service import WorkflowService
 from syncplane.service.dead_letters import DeadLetterService
@@ -28,6 +29,8 @@ class KubernetesServerConfig:
     security: ServerSecurity = field(default_factory=ServerSecurity)
     otlp_endpoint: str | None = None
     port_file: Path | None = None
+    console: ConsoleConfig | None = None
+    console_port_file: Path | None = None
 
 
 async def kubernetes_store(namespace: str) -> KubernetesStore:
@@ -45,6 +48,9 @@ async def serve_kubernetes(config: KubernetesServerConfig, stop: asyncio.Event |
                                           "server does not read the workflows' Secrets and checkpoint ConfigMaps")
     server, port, health = await create_server(service, config.address, config.security, dead_letters=letters,
                                                verifier=verifier)
+    console = await serve_console(config.console, service, letters, config.console_port_file)
     log.info("syncplane API serving on port %d over Workflow resources in namespace %s", port, config.namespace)
     await serve_until_signalled(server, health, port, config.port_file, stop)
+    if console is not None:
+        await console.cleanup()
     await store.api_client.close()
