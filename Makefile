@@ -13,12 +13,12 @@ APT_PACKAGES := openssl git ca-certificates
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST := $(BIN)/pytest -p no:cacheprovider
 
-.PHONY: help setup apt venv k8s-binaries run test test-unit test-integration test-k8s check-leftovers chart \
+.PHONY: help setup apt venv k8s-binaries run test test-unit test-integration test-e2e test-k8s check-leftovers chart \
         proto proto-check lint bench fuzz clean
 
 help:
-	@echo "make run     start the embedded control plane, the sandbox emulators and the three default workflows"
-	@echo "make test    set up and run every test tier (unit, integration, k8s) plus the checks"
+	@echo "make run     start the embedded control plane, its web console, the sandbox emulators and the default workflows"
+	@echo "make test    set up and run every test tier (unit, integration, e2e, k8s) plus the checks"
 	@echo "make bench   benchmarks, reported as ratios against an in-process baseline"
 	@echo "make fuzz    the API fuzzer for FUZZ_SECONDS (600) against a live embedded server; prints what it tried"
 	@echo "make proto   regenerate the committed protobuf/gRPC stubs"
@@ -68,6 +68,10 @@ test-unit: venv
 test-integration: venv
 	$(PYTEST) tests/integration
 
+# The web console in Debian's chromium (fails, never skips, without it); prints its screenshots' folder.
+test-e2e: setup
+	$(PYTEST) tests/e2e
+
 test-k8s: venv k8s-binaries
 	$(PYTEST) tests/k8s
 
@@ -79,7 +83,7 @@ chart: venv k8s-binaries
 check-leftovers: venv
 	$(BIN)/python scripts/check_leftovers.py
 
-test: setup k8s-binaries lint chart test-unit test-integration test-k8s check-leftovers
+test: setup k8s-binaries lint chart test-unit test-integration test-e2e test-k8s check-leftovers
 
 bench: venv
 	$(BIN)/python -m benchmarks

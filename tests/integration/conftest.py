@@ -160,7 +160,9 @@ class ServerProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "syncplane", "up", "--data-dir", str(data_dir), "--listen", listen,
              "--port-file", str(self.port_file), "--stop-timeout", "5",
-             *(extra if "--defaults" in extra else ("--no-defaults", *extra))],
+             *(extra if "--defaults" in extra else ("--no-defaults", *extra)),
+             # The console on a free port too: tests run side by side (the default is 7444).
+             *(() if "--console-listen" in extra else ("--console-listen", "127.0.0.1:0"))],
             stdout=self.log, stderr=subprocess.STDOUT)
         self.port = 0
 

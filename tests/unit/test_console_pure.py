@@ -151,8 +151,8 @@ def test_form_values_the_spec_types_reject_name_their_field() -> None:
 @pytest.mark.parametrize("desired", [pb.DESIRED_STATE_STOPPED, pb.DESIRED_STATE_RUNNING])
 def test_toggle_offers_what_the_lifecycle_core_allows(phase: int, desired: int) -> None:
     wf = workflow()
-    wf.status.phase = phase
-    wf.spec.desired_state = desired
+    wf.status.phase = pb.Phase.ValueType(phase)
+    wf.spec.desired_state = pb.DesiredState.ValueType(desired)
     t = present.toggle(wf)
     assert t["action"] == ("stop" if desired == pb.DESIRED_STATE_RUNNING else "start")
     assert t["enabled"] == (effective_phase(wf) in (STOP_FROM if t["action"] == "stop" else START_FROM))

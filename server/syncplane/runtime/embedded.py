@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import yaml
 
-from syncplane.api.server import ServerSecurity, create_server, serve_until_signalled
+from syncplane.api.server import ServerSecurity, check_bind, create_server, serve_until_signalled
 from syncplane.api.v1 import workflow_service_pb2 as svc
 from syncplane.console import ConsoleConfig, serve_console
 from syncplane.errors import AlreadyExists
@@ -91,6 +91,8 @@ def write_sandbox_secrets(sandbox: Sandbox, secrets_dir: Path) -> None:
 
 
 async def serve(config: EmbeddedConfig, stop: asyncio.Event | None = None) -> None:
+    if config.console is not None:   # refuse an insecure console before anything starts
+        check_bind(config.console.address, config.console.security)
     setup_tracing("syncplane-server", config.otlp_endpoint)
     config.data_dir.mkdir(parents=True, exist_ok=True)
     store = SqliteStore(config.data_dir / "syncplane.db")

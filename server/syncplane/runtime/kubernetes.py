@@ -9,7 +9,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from syncplane.api.server import ServerSecurity, create_server, serve_until_signalled
+from syncplane.api.server import ServerSecurity, check_bind, create_server, serve_until_signalled
 from syncplane.console import ConsoleConfig, serve_console
 from syncplane.kubeclient import api_client
 from syncplane.service import WorkflowService
@@ -38,6 +38,8 @@ async def kubernetes_store(namespace: str) -> KubernetesStore:
 
 
 async def serve_kubernetes(config: KubernetesServerConfig, stop: asyncio.Event | None = None) -> None:
+    if config.console is not None:   # refuse an insecure console before anything starts
+        check_bind(config.console.address, config.console.security)
     setup_tracing("syncplane-server", config.otlp_endpoint)
     store = await kubernetes_store(config.namespace)
     service = WorkflowService(store)

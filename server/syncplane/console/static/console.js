@@ -40,8 +40,12 @@
   }
 
   // --- one row (or the workflow page's head) from the server's row dict ---
+  // The rows follow the event stream only (ordered by revision): a POST's answer can be older
+  // than an event already shown, so it never paints the row; it only marks the toggle busy
+  // until the stream (or, failing that, a fresh GET) brings the change.
   function applyRow(el, row) {
     el.dataset.row = JSON.stringify(row);
+    $$("form[data-toggle]", el).forEach((f) => { f.dataset.busy = "0"; });
     const set = (field, fn) => $$('[data-field="' + field + '"]', el).forEach(fn);
     set("phase", (s) => {
       s.textContent = row.phase;
@@ -124,10 +128,13 @@
     form.dataset.busy = "1";
     $('[data-field="toggle"]', form).disabled = true;
     const { ok, body } = await post(url, data);
-    form.dataset.busy = "0";
     if (ok) {
-      applyRow(el, body.row);
       say(verb.charAt(0).toUpperCase() + verb.slice(1) + " requested for " + el.dataset.id + ".");
+      setTimeout(async () => {
+        if (form.dataset.busy !== "1") return;
+        const res = await fetch("/api/workflows/" + el.dataset.id, { headers: { Accept: "application/json" } });
+        if (res.ok) applyRow(el, await res.json());
+      }, 5000);
     } else {
       applyRow(el, JSON.parse(el.dataset.row));
       say(body.message || "The request failed.", true);

@@ -1,0 +1,165 @@
+"""Scenarios 1-4 of the Workflows page, each as a user sees it in Chromium against `syncplane up`
+and the sandbox: start and watch it run, edit while running (the drift warning), invalid edits
+and etag conflicts, dead letters retried once the destination accepts them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from playwright.async_api import Page, expect
+
+from syncplane.api.v1 import workflow_pb2 as pb
+from syncplane.api.v1 import workflow_service_pb2 as svc
+from tests.backends import eventually
+from tests.e2e.conftest import Console, screenshot
+
+# Records what the page shows, as it changes: each status text and each backlog value.
+OBSERVE = """(id) => {
+  window.__notReloaded = true;
+  window.__phases = []; window.__backlogs = [];
+  const row = document.getElementById('wf-' + id);
+  const status = row.querySelector('[data-field="phase"]');
+  const backlog = row.querySelector('[data-field="backlog"]');
+  const note = () => {
+    if (window.__phases[window.__phases.length - 1] !== status.textContent) window.__phases.push(status.textContent);
+    window.__backlogs.push(Number(backlog.textContent.replace(/[^0-9]/g, '')));
+  };
+  note();
+  new MutationObserver(note).observe(row, {subtree: true, childList: true, characterData: true, attributes: true});
+}"""
+
+
+def row(page: Page, name: str) -> Any:
+    return page.locator(f"#wf-{name}")
+
+
+async def test_start_shows_starting_then_running_live_and_the_backlog_rises_and_falls(
+        console: Console, page: Page) -> None:
+    """Scenario 1."""
+    await console.create("contacts")
+    await page.goto(console.url)
+    r = row(page, "contacts")
+    await expect(r.locator('[data-field="phase"]')).to_have_text("STOPPED")
+    toggle = r.get_by_role("button", name="Start contacts")
+    await expect(toggle).to_be_enabled()
+    await page.evaluate(OBSERVE, "contacts")
+
+    await toggle.click()
+    await expect(r.locator('[data-field="phase"]')).to_have_text("RUNNING")
+    await expect(r.get_by_role("button", name="Stop contacts")).to_be_enabled()
+    # The backlog drains to 0 once the 2,000 contacts are written.
+    await eventually(lambda: _drained(console), "the sandbox's 2,000 contacts in Campaign", 240)
+    await expect(r.locator('[data-field="backlog"]')).to_have_text("0")
+
+    seen = await page.evaluate("({phases: window.__phases, backlogs: window.__backlogs, same: !!window.__notReloaded})")
+    assert seen["same"], "the page reloaded"
+    assert seen["phases"][:3] == ["STOPPED", "STARTING", "RUNNING"], seen["phases"]
+    peak = max(seen["backlogs"])
+    assert peak > 0, f"the backlog never rose: {seen['backlogs']}"
+    assert seen["backlogs"][-1] == 0 and seen["backlogs"].index(peak) < len(seen["backlogs"]) - 1
+    await screenshot(page, "1-start-running")
+
+
+async def _drained(console: Console) -> bool:
+    wf = await console.get("contacts")
+    return len(console.sandbox.acs.profiles.rows) >= 2000 and wf.status.backlog == 0
+
+
+async def test_edit_while_running_warns_on_stop_until_a_stop_and_start(console: Console, page: Page) -> None:
+    """Scenario 2: the edit is made on the edit page's form; the warning names the field."""
+    await console.create("contacts")
+    await console.stub.StartWorkflow(svc.StartWorkflowRequest(name="workflows/contacts"))
+    await console.phase_is("contacts", pb.PHASE_RUNNING)
+    applied_before = (await console.get("contacts")).status.applied_generation
+
+    await page.goto(console.url + "workflows/contacts/edit")
+    await expect(page.get_by_text("a saved change applies at the next start")).to_be_visible()
+    await page.get_by_label("Destination field").nth(1).fill("emailAddress")
+    await page.get_by_role("button", name="Save").click()
+    await expect(page.locator("#message")).to_contain_text("applies at the next start")
+    edited = await console.get("contacts")
+
+    await page.goto(console.url)
+    r = row(page, "contacts")
+    warning = r.locator('[data-field="drift"]')
+    await expect(warning).to_be_visible()
+    await expect(warning).to_have_attribute("title", "Edited: spec.ingress.entities[0].fields[1].destination; "
+                                                     "applies at the next start")
+    await r.get_by_role("button", name="Stop contacts").click()
+    dialog = page.get_by_role("dialog")
+    await expect(dialog.get_by_role("button", name="Restart to apply")).to_be_visible()
+    await dialog.get_by_role("button", name="Stop", exact=True).click()
+    await expect(r.locator('[data-field="phase"]')).to_have_text("STOPPED")
+    await r.get_by_role("button", name="Start contacts").click()
+    await expect(r.locator('[data-field="phase"]')).to_have_text("RUNNING")
+    await expect(warning).to_be_hidden()
+
+    await page.goto(console.url + "workflows/contacts")
+    now = await console.get("contacts")
+    assert now.status.applied_generation > edited.generation > applied_before
+    assert now.spec.ingress.entities[0].fields[1].destination == "emailAddress"
+    await expect(page.locator('[data-field="appliedGeneration"]')).to_have_text(str(now.status.applied_generation))
+    await expect(page.get_by_role("heading", name="Edits not applied yet")).to_have_count(0)
+    await screenshot(page, "2-edit-applied-after-restart")
+
+
+async def test_invalid_edit_shows_the_error_at_its_field_and_a_conflict_offers_a_reload(
+        console: Console, page: Page) -> None:
+    """Scenario 3."""
+    await console.create("contacts")
+    await page.goto(console.url + "workflows/contacts/edit")
+    await page.get_by_label("Batch size (records)").fill("999999")
+    await page.get_by_role("button", name="Save").click()
+    error = page.locator('[data-error-for="spec.batch_size"]')
+    await expect(error).to_be_visible()
+    await expect(error).to_contain_text("must be between 1 and")
+    await expect(page.get_by_label("Batch size (records)")).to_have_attribute("aria-invalid", "true")
+    assert (await console.get("contacts")).spec.batch_size == 100, "nothing was saved"
+
+    # Another client edits first: this page's etag is stale.
+    await page.goto(console.url + "workflows/contacts/edit")
+    other = await console.get("contacts")
+    other.spec.batch_size = 300
+    await console.stub.UpdateWorkflow(svc.UpdateWorkflowRequest(workflow=other))
+    await page.get_by_label("Batch size (records)").fill("200")
+    await page.get_by_role("button", name="Save").click()
+    conflict = page.get_by_role("alert").filter(has_text="Someone else changed this workflow")
+    await expect(conflict).to_be_visible()
+    await expect(conflict.get_by_role("link", name="Reload the latest version")).to_be_visible()
+    assert (await console.get("contacts")).spec.batch_size == 300, "the other client's edit stands"
+    await screenshot(page, "3-etag-conflict")
+
+
+async def test_a_stale_toggle_is_refused_with_a_message(console: Console, page: Page) -> None:
+    """A double click from a page that has not caught up: the expected phase it sends is
+    refused (FAILED_PRECONDITION) and shown as a message, not an error page."""
+    await console.create("contacts")
+    await page.route("**/events*", lambda route: route.abort())   # this page gets no live updates
+    await page.goto(console.url)
+    await console.stub.StartWorkflow(svc.StartWorkflowRequest(name="workflows/contacts"))
+    await row(page, "contacts").get_by_role("button", name="Start contacts").click()
+    await expect(page.locator("#message")).to_contain_text("expected phase STOPPED but the workflow is")
+    await expect(page).to_have_url(console.url)
+    await screenshot(page, "1b-stale-toggle-refused")
+
+
+async def test_poison_records_show_as_dead_letters_and_a_retry_clears_them(console: Console, page: Page) -> None:
+    """Scenario 4."""
+    bad = sorted(console.sandbox.d365.table("contacts").rows)[:3]
+    console.sandbox.acs.poison_keys("profile", *bad)
+    await console.create("contacts")
+    await console.stub.StartWorkflow(svc.StartWorkflowRequest(name="workflows/contacts"))
+
+    await page.goto(console.url)
+    await expect(row(page, "contacts").locator('[data-field="deadLetters"]')).to_have_text("3")
+    await page.get_by_role("link", name="contacts", exact=True).click()
+    letters = page.locator("#dl-rows")
+    for key in bad:
+        await expect(letters.get_by_role("row").filter(has_text=key)).to_contain_text("poison")
+
+    console.sandbox.acs.clear_poison()
+    await page.get_by_role("button", name="Retry all").click()
+    await expect(page.locator("#message")).to_contain_text("3 marked for retry")
+    await expect(page.locator('[data-field="deadLetters"]')).to_have_text("0")
+    await expect(letters).to_contain_text("none")
+    await screenshot(page, "4-dead-letters-retried")
