@@ -14,11 +14,21 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks import bench_api, bench_egress, bench_ingress, bench_operator, bench_optinout, bench_start, bench_verify
+from benchmarks import (
+    bench_api,
+    bench_console,
+    bench_egress,
+    bench_ingress,
+    bench_operator,
+    bench_optinout,
+    bench_start,
+    bench_verify,
+)
 
 BENCHMARKS: dict[str, Callable[[], Awaitable[Any]]] = {
     "api": bench_api.run, "start_to_running": bench_start.run, "ingress": bench_ingress.run,
     "egress": bench_egress.run, "opt_in_out": bench_optinout.run, "verify": bench_verify.run,
+    "console": bench_console.run,
     "operator": lambda: asyncio.to_thread(bench_operator.run),
 }
 

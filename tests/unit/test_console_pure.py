@@ -207,3 +207,14 @@ def test_errors_map_as_over_grpc(exc: Exception, status: int, code: str) -> None
         assert body["fieldViolations"] == [{"field": "spec.batch_size", "description": "must be between 1 and 1000"}]
     if code == "INTERNAL":
         assert "secret internals" not in body["message"]
+
+
+def test_detail_shows_the_last_verify_when_there_is_one() -> None:
+    wf = workflow()
+    assert present.detail(wf, [])["verify"] is None
+    wf.status.last_verify.verify_time.FromSeconds(1_800_000_000)
+    wf.status.last_verify.counts.compared = 20_000
+    wf.status.last_verify.counts.missing = 3
+    got = present.detail(wf, [])["verify"]
+    assert got is not None
+    assert (got["compared"], got["missing"], got["time"]) == (20_000, 3, "2027-01-15T08:00:00.000Z")

@@ -49,6 +49,7 @@ LETTERS: web.AppKey[DeadLetterService] = web.AppKey("letters", DeadLetterService
 AUTH: web.AppKey[ConsoleAuth] = web.AppKey("auth", ConsoleAuth)
 HISTORY: web.AppKey[SampleRing] = web.AppKey("history", SampleRing)
 TEMPLATES: web.AppKey[jinja2.Environment] = web.AppKey("templates", jinja2.Environment)
+STREAMS: web.AppKey[set[asyncio.Task[Any]]] = web.AppKey("streams")
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,9 @@ def create_console(service: WorkflowService, dead_letters: DeadLetterService | N
     app[AUTH] = auth
     app[HISTORY] = history or SampleRing()
     app[TEMPLATES] = template_env()
+    app[STREAMS] = set()
     app.cleanup_ctx.append(_follow_history)
+    app.on_shutdown.append(_end_streams)
     r = app.router
     r.add_get("/", workflows_page)
     r.add_get("/api/workflows", workflows_json)
@@ -115,7 +118,7 @@ async def start_console(app: web.Application, config: ConsoleConfig) -> tuple[we
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(config.security.tls_cert, config.security.tls_key)
     host, _, port = config.address.rpartition(":")
-    runner = web.AppRunner(app, access_log=None)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0)
     await runner.setup()
     site = web.TCPSite(runner, host.strip("[]"), int(port), ssl_context=context)
     await site.start()
@@ -296,6 +299,9 @@ async def events(request: web.Request) -> web.StreamResponse:
             await queue.put(b"event: reset\ndata: {}\n\n")
 
     task = asyncio.create_task(pump())
+    this = asyncio.current_task()
+    assert this is not None
+    request.app[STREAMS].add(this)
     try:
         while not task.done() or not queue.empty():
             try:
@@ -306,10 +312,19 @@ async def events(request: web.Request) -> web.StreamResponse:
     except (ConnectionResetError, asyncio.CancelledError):
         pass
     finally:
+        request.app[STREAMS].discard(this)
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await task
     return response
+
+
+async def _end_streams(app: web.Application) -> None:
+    """At shutdown, end the open event streams (they never end by themselves); the browsers
+    reconnect to the next server and resume from their last revision."""
+    streams: set[asyncio.Task[Any]] = app[STREAMS]
+    for task in list(streams):
+        task.cancel()
 
 
 async def _follow_history(app: web.Application) -> AsyncIterator[None]:

@@ -91,4 +91,16 @@ def detail(wf: pb.Workflow, diff: list[tuple[str, Any, Any]]) -> dict[str, Any]:
         "sourceTables": [e.source_table for e in wf.spec.ingress.entities],
         "diff": [{"field": path, "applied": old, "edited": new} for path, old, new in diff],
         "replayLimit": MAX_REPLAY_ROWS,
+        "verify": verify(wf),
     }
+
+
+def verify(wf: pb.Workflow) -> dict[str, Any] | None:
+    """The last `syncplane verify` summary (status.last_verify), or None if never run."""
+    v = wf.status.last_verify
+    if not v.HasField("verify_time"):
+        return None
+    c = v.counts
+    return {"time": iso(v.verify_time), "compared": c.compared, "missing": c.missing, "extra": c.extra,
+            "different": c.different, "inFlight": c.in_flight, "foreign": c.foreign,
+            "repairRequested": v.repair_requested}

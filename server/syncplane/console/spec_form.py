@@ -11,6 +11,8 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
+from google.protobuf.descriptor import FieldDescriptor
+
 from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.model.convert import enum_short_name, message_from_dict, message_to_field_dict
 
@@ -50,13 +52,34 @@ def _set(root: dict[str, Any], path: str, value: Any) -> None:
                 node = node[pos]
 
 
+def _typed(value: Any, desc: Any) -> Any:
+    """Checkbox strings ("true"/"false") become booleans for the spec's boolean fields only: a
+    text field may hold the word "false"."""
+    if not isinstance(value, dict):
+        return value
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        field = desc.fields_by_name.get(key)
+        if field is None:
+            out[key] = item
+        elif field.type == FieldDescriptor.TYPE_BOOL and isinstance(item, str):
+            out[key] = {"true": True, CHECKBOX_OFF: False}.get(item, item)
+        elif field.message_type is not None and isinstance(item, list):
+            out[key] = [_typed(x, field.message_type) for x in item]
+        elif field.message_type is not None:
+            out[key] = _typed(item, field.message_type)
+        else:
+            out[key] = item
+    return out
+
+
 def _blank(value: Any) -> bool:
-    """A list row the user left blank: every leaf empty, unset or a checkbox as rendered."""
+    """A list row the user left blank: every text empty, every checkbox as rendered."""
     if isinstance(value, dict):
         return all(_blank(v) for v in value.values())
     if isinstance(value, list):
         return all(_blank(v) for v in value)
-    return value in ("", None, False, True)
+    return value in ("", None) or isinstance(value, bool)
 
 
 def _clean(value: dict[str, Any], desc: Any) -> dict[str, Any]:
@@ -72,9 +95,9 @@ def _clean(value: dict[str, Any], desc: Any) -> dict[str, Any]:
                 item = [_clean(x, field.message_type) for x in item if isinstance(x, dict) and not _blank(x)]
             elif isinstance(item, dict):
                 item = _clean(item, field.message_type)
-        if item in ("", None, [], {}) or (item is False and not (field is not None and field.has_presence)):
-            continue
-        out[key] = item
+        explicit_false = item is False and field is not None and field.has_presence
+        if explicit_false or (item not in ("", None, [], {}) and item is not False):
+            out[key] = item
     return out
 
 
@@ -91,7 +114,8 @@ def spec_from_form(items: Iterable[tuple[str, str]]) -> pb.WorkflowSpec:
     data: dict[str, Any] = {}
     for name, value in items:
         if name.startswith("spec."):
-            _set(data, name, True if value == "true" else False if value == CHECKBOX_OFF else value)
+            _set(data, name, value)
     spec = pb.WorkflowSpec()
-    message_from_dict(_clean(data.get("spec", {}), pb.WorkflowSpec.DESCRIPTOR), spec, "spec")
+    desc = pb.WorkflowSpec.DESCRIPTOR
+    message_from_dict(_clean(_typed(data.get("spec", {}), desc), desc), spec, "spec")
     return spec

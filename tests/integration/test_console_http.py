@@ -1,0 +1,116 @@
+"""The console over plain HTTP against `syncplane up` (no browser): the event stream resumes
+after the last revision it delivered, an open stream does not hold up a stop, errors are the
+API's (the same codes and field violations), and a POST without the page's CSRF token or from
+another origin is refused."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import signal
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from syncplane.api.v1 import workflow_pb2 as pb
+from syncplane.api.v1 import workflow_service_pb2 as svc
+from tests.factories import spec
+from tests.integration.conftest import ServerProcess, wait_until
+
+
+@pytest.fixture
+async def up(tmp_path: Path) -> AsyncIterator[tuple[ServerProcess, str]]:
+    port_file = tmp_path / "console.port"
+    server = ServerProcess(tmp_path, "--console-port-file", str(port_file))
+    try:
+        await server.ready()
+        await wait_until(port_file.exists, what="console port")
+        yield server, f"http://127.0.0.1:{int(port_file.read_text())}"
+    finally:
+        await asyncio.to_thread(server.stop)
+
+
+async def events(http: aiohttp.ClientSession, url: str, count: int, **headers: str) -> list[dict[str, Any]]:
+    """The first `count` change events of a stream: their id and data."""
+    out: list[dict[str, Any]] = []
+    async with http.get(url + "/events", headers=headers) as resp:
+        assert resp.headers["Content-Type"].startswith("text/event-stream")
+        event: dict[str, Any] = {}
+        async for raw in resp.content:
+            line = raw.decode().rstrip("\n")
+            if line.startswith("id: "):
+                event["id"] = int(line[4:])
+            elif line.startswith("data: "):
+                event["data"] = json.loads(line[6:])
+            elif not line and "data" in event:
+                out.append(event)
+                event = {}
+                if len(out) == count:
+                    return out
+    raise AssertionError("the stream ended")
+
+
+async def csrf_of(http: aiohttp.ClientSession, url: str) -> str:
+    async with http.get(url + "/", headers={"Accept": "text/html"}) as resp:
+        match = re.search(r'name="csrf-token" content="([0-9a-f]+)"', await resp.text())
+    assert match
+    return match.group(1)
+
+
+async def test_the_stream_resumes_after_the_last_event_id(up: tuple[ServerProcess, str]) -> None:
+    server, url = up
+    channel, stub = server.stub()
+    async with channel, aiohttp.ClientSession() as http:
+        await stub.CreateWorkflow(svc.CreateWorkflowRequest(workflow_id="a", workflow=pb.Workflow(spec=spec())))
+        first = (await events(http, url, 1))[0]
+        assert first["data"]["type"] == "ADDED" and first["data"]["row"]["id"] == "a"
+        await stub.CreateWorkflow(svc.CreateWorkflowRequest(workflow_id="b", workflow=pb.Workflow(spec=spec())))
+        # A reconnect with Last-Event-ID gets what happened after it, not the snapshot again.
+        after = (await events(http, url, 1, **{"Last-Event-ID": str(first["id"])}))[0]
+        assert after["data"]["row"]["id"] == "b" and after["id"] > first["id"]
+
+
+async def test_an_open_stream_does_not_hold_up_a_stop(up: tuple[ServerProcess, str]) -> None:
+    server, url = up
+    async with aiohttp.ClientSession() as http, http.get(url + "/events") as resp:
+        assert (await resp.content.readline()).startswith(b"retry:")
+        began = time.monotonic()
+        await asyncio.to_thread(server.proc.send_signal, signal.SIGTERM)
+        await asyncio.to_thread(server.proc.wait, 30)
+        assert server.proc.returncode == 0
+        assert time.monotonic() - began < 30, "the server waited for the browser to go away"
+
+
+async def test_errors_are_the_apis_and_posts_need_the_csrf_token(up: tuple[ServerProcess, str]) -> None:
+    server, url = up
+    channel, stub = server.stub()
+    async with channel, aiohttp.ClientSession() as http:
+        await stub.CreateWorkflow(svc.CreateWorkflowRequest(workflow_id="a", workflow=pb.Workflow(spec=spec())))
+        token = await csrf_of(http, url)
+        json_headers = {"Accept": "application/json", "X-CSRF-Token": token}
+        async with http.post(url + "/workflows/a/stop", headers=json_headers) as resp:
+            body = await resp.json()
+            assert (resp.status, body["code"], body["reason"]) == (400, "FAILED_PRECONDITION",
+                                                                  "TRANSITION_NOT_ALLOWED")
+        async with http.post(url + "/workflows/a/start", data={"expected_phase": "RUNNING"},
+                             headers=json_headers) as resp:
+            assert (resp.status, (await resp.json())["reason"]) == (400, "PHASE_MISMATCH")
+        async with http.post(url + "/workflows/a/edit", data={"mode": "yaml", "spec": "batchSize: 5000"},
+                             headers=json_headers) as resp:
+            body = await resp.json()
+            assert resp.status == 400 and body["fieldViolations"][0]["field"] == "spec.batch_size", body
+        async with http.get(url + "/api/workflows/nope") as resp:
+            assert (resp.status, (await resp.json())["code"]) == (404, "NOT_FOUND")
+
+        for headers in ({"Accept": "application/json"},                              # no token
+                        {**json_headers, "Origin": "http://attacker.example"},      # another origin
+                        {**json_headers, "Sec-Fetch-Site": "cross-site"}):
+            async with http.post(url + "/workflows/a/start", headers=headers) as resp:
+                assert resp.status == 403, headers
+        wf = await stub.GetWorkflow(svc.GetWorkflowRequest(name="workflows/a"))
+        assert wf.spec.desired_state != pb.DESIRED_STATE_RUNNING
