@@ -97,6 +97,16 @@ class Console:
     async def get(self, name: str) -> pb.Workflow:
         return await self.stub.GetWorkflow(svc.GetWorkflowRequest(name=f"workflows/{name}"))
 
+    async def sandbox_drained(self, name: str, timeout: float = 240.0) -> None:
+        """Every seeded contact is in Campaign and the workflow's backlog is 0."""
+        contacts = len(self.sandbox.d365.table("contacts").rows)
+
+        async def check() -> bool:
+            return (len(self.sandbox.acs.profiles.rows) >= contacts
+                    and (await self.get(name)).status.backlog == 0)
+
+        await eventually(check, f"{name} to write all {contacts} contacts", timeout)
+
     async def phase_is(self, name: str, phase: int, timeout: float = 120.0) -> None:
         async def check() -> bool:
             return (await self.get(name)).status.phase == phase

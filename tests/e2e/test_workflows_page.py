@@ -10,7 +10,6 @@ from playwright.async_api import Page, expect
 
 from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.api.v1 import workflow_service_pb2 as svc
-from tests.backends import eventually
 from tests.e2e.conftest import Console, screenshot
 
 # Records what the page shows, as it changes: each status text and each backlog value.
@@ -48,7 +47,7 @@ async def test_start_shows_starting_then_running_live_and_the_backlog_rises_and_
     await expect(r.locator('[data-field="phase"]')).to_have_text("RUNNING")
     await expect(r.get_by_role("button", name="Stop contacts")).to_be_enabled()
     # The backlog drains to 0 once the 2,000 contacts are written.
-    await eventually(lambda: _drained(console), "the sandbox's 2,000 contacts in Campaign", 240)
+    await console.sandbox_drained("contacts")
     await expect(r.locator('[data-field="backlog"]')).to_have_text("0")
 
     seen = await page.evaluate("({phases: window.__phases, backlogs: window.__backlogs, same: !!window.__notReloaded})")
@@ -58,11 +57,6 @@ async def test_start_shows_starting_then_running_live_and_the_backlog_rises_and_
     assert peak > 0, f"the backlog never rose: {seen['backlogs']}"
     assert seen["backlogs"][-1] == 0 and seen["backlogs"].index(peak) < len(seen["backlogs"]) - 1
     await screenshot(page, "1-start-running")
-
-
-async def _drained(console: Console) -> bool:
-    wf = await console.get("contacts")
-    return len(console.sandbox.acs.profiles.rows) >= 2000 and wf.status.backlog == 0
 
 
 async def test_edit_while_running_warns_on_stop_until_a_stop_and_start(console: Console, page: Page) -> None:

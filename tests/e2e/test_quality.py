@@ -1,0 +1,82 @@
+"""What a user notices beyond the scenarios: times in the browser's own time zone and locale,
+keyboard use (the toggle and the drift dialog without a mouse), no layout shift while live
+updates arrive, and the pages readable at 390 px (no sideways scrolling)."""
+
+from __future__ import annotations
+
+from datetime import UTC
+from zoneinfo import ZoneInfo
+
+from playwright.async_api import Browser, expect
+
+from syncplane.api.v1 import workflow_pb2 as pb
+from syncplane.api.v1 import workflow_service_pb2 as svc
+from tests.e2e.conftest import Console, screenshot
+
+SHIFTS = """() => {
+  window.__shift = 0;
+  new PerformanceObserver((list) => {
+    for (const e of list.getEntries()) if (!e.hadRecentInput) window.__shift += e.value;
+  }).observe({type: 'layout-shift', buffered: false});
+}"""
+
+
+async def test_keyboard_time_zone_and_no_layout_shift(console: Console, browser: Browser) -> None:
+    context = await browser.new_context(viewport={"width": 1280, "height": 800}, timezone_id="Asia/Tokyo",
+                                        locale="en-GB")
+    page = await context.new_page()
+    try:
+        wf = await console.create("contacts")
+        await page.goto(console.url + "workflows/contacts")
+        created = wf.create_time.ToDatetime(tzinfo=UTC).astimezone(ZoneInfo("Asia/Tokyo"))
+        await expect(page.get_by_role("region", name="Status").get_by_role("time")).to_have_text(
+            created.strftime("%d/%m/%Y, %H:%M:%S"))
+
+        await page.goto(console.url)
+        await page.evaluate(SHIFTS)
+        # Keyboard only: Tab until the toggle has focus, Enter presses it.
+        toggle = page.get_by_role("button", name="Start contacts")
+        for _ in range(20):
+            await page.keyboard.press("Tab")
+            if await toggle.evaluate("b => b === document.activeElement"):
+                break
+        await expect(toggle).to_be_focused()
+        await page.keyboard.press("Enter")
+        status = page.locator('#wf-contacts [data-field="phase"]')
+        await expect(status).to_have_text("RUNNING")
+        await console.sandbox_drained("contacts")
+        await expect(page.locator('#wf-contacts [data-field="backlog"]')).to_have_text("0")
+        assert await page.evaluate("window.__shift") == 0, "live updates moved the layout"
+
+        # The drift dialog by keyboard: Enter on Stop opens it, Escape closes it and nothing stops.
+        current = await console.get("contacts")
+        current.spec.batch_size = 50
+        await console.stub.UpdateWorkflow(svc.UpdateWorkflowRequest(workflow=current))
+        stop = page.get_by_role("button", name="Stop contacts")
+        await expect(page.locator('#wf-contacts [data-field="drift"]')).to_be_visible()
+        await stop.focus()
+        await page.keyboard.press("Enter")
+        dialog = page.get_by_role("dialog")
+        await expect(dialog).to_be_visible()
+        await page.keyboard.press("Escape")
+        await expect(dialog).to_be_hidden()
+        assert (await console.get("contacts")).spec.desired_state == pb.DESIRED_STATE_RUNNING
+        await screenshot(page, "5q-keyboard-tokyo")
+    finally:
+        await context.close()
+
+
+async def test_readable_at_390_px(console: Console, browser: Browser) -> None:
+    await console.create("contacts")
+    context = await browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True)
+    page = await context.new_page()
+    try:
+        for path in ("", "workflows/contacts", "workflows/contacts/edit", "new?type=OPT_IN_OUT"):
+            await page.goto(console.url + path)
+            wide = await page.evaluate("document.scrollingElement.scrollWidth")
+            assert wide <= 390, f"/{path} scrolls sideways at 390 px ({wide} px wide)"
+        await page.goto(console.url)
+        await expect(page.get_by_role("button", name="Start contacts")).to_be_visible()
+        await screenshot(page, "5q-workflows-390px")
+    finally:
+        await context.close()
