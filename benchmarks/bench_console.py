@@ -12,12 +12,14 @@ phases): page weight, time to first render, and watch-to-screen latency.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import statistics
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import grpc
 from playwright.async_api import async_playwright
 
 from syncplane.api.v1 import workflow_pb2 as pb
@@ -108,8 +110,9 @@ async def run() -> dict[str, Any]:
                         arg=pb.Phase.Name(target).removeprefix("PHASE_"), timeout=120_000)
                     seen = await page.evaluate("window.__seen")
                 stop.set()
-                await stub.StopWorkflow(svc.StopWorkflowRequest(name="workflows/contacts"))
                 follower.cancel()
+                with contextlib.suppress(asyncio.CancelledError, grpc.RpcError):
+                    await follower
                 await browser.close()
             await channel.close()
         finally:

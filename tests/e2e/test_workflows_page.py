@@ -157,3 +157,30 @@ async def test_poison_records_show_as_dead_letters_and_a_retry_clears_them(conso
     await expect(page.locator('[data-field="deadLetters"]')).to_have_text("0")
     await expect(letters).to_contain_text("none")
     await screenshot(page, "4-dead-letters-retried")
+
+
+async def test_create_from_a_template_and_delete_refused_while_running_unless_forced(
+        console: Console, page: Page) -> None:
+    """The edit page's create (from the opt-in/out template) and the workflow page's delete."""
+    await page.goto(console.url + "new")
+    await page.get_by_role("link", name="OPT_IN_OUT").click()
+    await expect(page.get_by_role("heading", name="New OPT_IN_OUT workflow")).to_be_visible()
+    await page.get_by_label("Name", exact=True).fill("Bad Name")
+    await page.get_by_role("button", name="Create").click()
+    await expect(page.locator('[data-error-for="workflow_id"]')).to_be_visible()
+    await page.get_by_label("Name", exact=True).fill("flags")
+    await page.get_by_role("button", name="Create").click()
+    await expect(page.locator("#message")).to_have_text("Created (stopped).")
+    created = await console.get("flags")
+    assert created.spec.type == pb.WORKFLOW_TYPE_OPT_IN_OUT and created.spec.desired_state == pb.DESIRED_STATE_STOPPED
+
+    await console.stub.StartWorkflow(svc.StartWorkflowRequest(name="workflows/flags"))
+    await page.reload()
+    await page.get_by_role("button", name="Delete flags").click()
+    await expect(page.locator("#message")).to_contain_text("stop it first, or delete with force")
+    await console.get("flags")   # still there
+    await page.get_by_label("Delete even while running").check()
+    await page.get_by_role("button", name="Delete flags").click()
+    await expect(page.locator("#message")).to_have_text("deleted flags")
+    await expect(page.locator("#wf-flags")).to_have_count(0)
+    await screenshot(page, "3b-create-and-delete")
