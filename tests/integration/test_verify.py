@@ -103,6 +103,8 @@ async def test_verify_counts_exactly_what_was_tampered_and_repair_fixes_it(plane
         res = await cli(plane.port, "verify", "verified", "--samples", "2")
         assert res.returncode == 0 and "DIFFERENCES" in res.stdout and deleted_keys[0] in res.stdout, res.stdout
         assert "3 missing, 2 extra, 4 different" in res.stdout
+        described = (await cli(plane.port, "describe", "verified")).stdout
+        assert "Last verify:" in described and "3 missing, 2 extra, 4 different (0 in flight)" in described, described
 
         # --repair queues them; the workers' next pass puts them right, through the pipeline.
         resp = await verify(plane.stub, "verified", repair=True)
