@@ -61,6 +61,17 @@ async def test_keyboard_time_zone_and_no_layout_shift(console: Console, browser:
         await page.keyboard.press("Escape")
         await expect(dialog).to_be_hidden()
         assert (await console.get("contacts")).spec.desired_state == pb.DESIRED_STATE_RUNNING
+        assert await page.locator('#wf-contacts [data-field="drift"]').is_visible(), "nothing was restarted"
+
+        # Again, and Enter on the dialog's first button: Restart to apply. The edit is then applied.
+        await stop.focus()
+        await page.keyboard.press("Enter")
+        await expect(dialog.get_by_role("button", name="Restart to apply")).to_be_focused()
+        await page.keyboard.press("Enter")
+        await expect(page.locator('#wf-contacts [data-field="drift"]')).to_be_hidden()
+        await expect(status).to_have_text("RUNNING")
+        restarted = await console.get("contacts")
+        assert restarted.status.applied_generation == restarted.generation and not restarted.status.drift.detected
         await screenshot(page, "5q-keyboard-tokyo")
     finally:
         await context.close()

@@ -19,6 +19,7 @@ import pytest
 
 from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.api.v1 import workflow_service_pb2 as svc
+from tests.backends import eventually
 from tests.factories import spec
 from tests.integration.conftest import ServerProcess, wait_until
 
@@ -73,6 +74,14 @@ async def test_the_stream_resumes_after_the_last_event_id(up: tuple[ServerProces
         # A reconnect with Last-Event-ID gets what happened after it, not the snapshot again.
         after = (await events(http, url, 1, **{"Last-Event-ID": str(first["id"])}))[0]
         assert after["data"]["row"]["id"] == "b" and after["id"] > first["id"]
+
+        # The server keeps recent samples per workflow from the same watch: the chart's history.
+        async def sampled() -> bool:
+            async with http.get(url + "/api/workflows/b") as resp:
+                history = (await resp.json())["history"]
+            return len(history) >= 1 and len(history[0]) == 3   # [seconds, backlog, records/s]
+
+        await eventually(sampled, "a history sample of b")
 
 
 async def test_an_open_stream_does_not_hold_up_a_stop(up: tuple[ServerProcess, str]) -> None:
