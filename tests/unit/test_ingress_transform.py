@@ -87,3 +87,26 @@ def test_type_conversion_unknown_types_become_strings():
     assert convert(datetime(2026, 1, 2, tzinfo=UTC)) == "2026-01-02T00:00:00+00:00"
     assert convert({"b": 1, "a": [2]}) == '{"a":[2],"b":1}'
     assert convert(b"x") == "b'x'"
+
+
+def test_mapping_problems_name_each_field_path():
+    from syncplane.connectors.schema import Schema
+    from syncplane.ingress.transform import mapping_problems
+
+    e = contact_entity()
+    e.fields.add(source="lastusedincampaign", destination="birthDate")
+    e.filter.conditions.add(field="donotemail", operator=pb.FILTER_OPERATOR_GREATER_THAN, value="true")
+    source = Schema("Dynamics 365 table", "contact", {"contactid": "Uniqueidentifier", "emailaddress1": "String",
+                                                       "firstname": "String", "lastname": "String",
+                                                       "lastusedincampaign": "DateTime", "donotemail": "Boolean"},
+                    behaviours={"lastusedincampaign": "UserLocal"})
+    destination = Schema("Campaign resource", "profile", {"externalId": "string", "email": "string",
+                                                          "firstName": "string", "lastName": "string",
+                                                          "birthDate": "date"})
+    problems = mapping_problems(e, 2, source, destination)
+    assert [p for p, _ in problems] == ["spec.ingress.entities[2].fields[4]",
+                                        "spec.ingress.entities[2].filter.conditions[0]"]
+    assert "time zone" in problems[0][1] and "no order" in problems[1][1]
+    e.ClearField("filter")
+    del e.fields[4]
+    assert mapping_problems(e, 2, source, destination) == []

@@ -71,6 +71,17 @@ class MappingNotSupported(Exception):
         super().__init__("; ".join(f"{path}: {message}" for path, message in problems))
 
 
+def mapping_problems(entity: pb.EntityMapping, index: int, source: Schema,
+                     destination: Schema) -> list[tuple[str, str]]:
+    """The start-time problems of one mapping's types (conversion table, spec values): a list
+    of (spec field path, message), empty when it may start. Pure: both schemas as read."""
+    try:
+        EntityTransform(entity, index=index).bind(source, destination)
+    except MappingNotSupported as exc:
+        return exc.problems
+    return []
+
+
 def convert(value: Any) -> Any:
     """An unbound transform's conversion: JSON scalars as read; anything else as a string."""
     if value is None or isinstance(value, bool | int | float | str):
