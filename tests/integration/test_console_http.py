@@ -9,6 +9,8 @@ import asyncio
 import json
 import re
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -123,3 +125,16 @@ async def test_errors_are_the_apis_and_posts_need_the_csrf_token(up: tuple[Serve
                 assert resp.status == 403, headers
         wf = await stub.GetWorkflow(svc.GetWorkflowRequest(name="workflows/a"))
         assert wf.spec.desired_state != pb.DESIRED_STATE_RUNNING
+
+
+async def test_a_console_port_in_use_is_one_error_line(up: tuple[ServerProcess, str], tmp_path: Path) -> None:
+    """A second `up` whose console address is taken says so in one line and leaves nothing running."""
+    _, url = up
+    taken = url.removeprefix("http://")
+    res = await asyncio.to_thread(subprocess.run, [
+        sys.executable, "-m", "syncplane", "up", "--data-dir", str(tmp_path / "second"), "--no-defaults",
+        "--listen", "127.0.0.1:0", "--console-listen", taken], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1
+    assert res.stderr.strip().splitlines() == [
+        f"error: cannot listen on {taken} for the console: address already in use (another `syncplane up`?); "
+        "choose another with --console-listen"], res.stderr

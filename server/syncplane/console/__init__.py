@@ -6,6 +6,6 @@ Handlers are thin (console.app); what a page shows is computed by pure functions
 (console.errors); auth and CSRF live in console.auth.
 """
 
-from syncplane.console.app import ConsoleConfig, create_console, serve_console, start_console
+from syncplane.console.app import ConsoleConfig, announce_console, create_console, serve_console, start_console
 
-__all__ = ["ConsoleConfig", "create_console", "serve_console", "start_console"]
+__all__ = ["ConsoleConfig", "announce_console", "create_console", "serve_console", "start_console"]

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import ssl
 import time
 from collections.abc import AsyncIterator
@@ -25,7 +26,7 @@ import yaml
 from aiohttp import web
 from google.protobuf import field_mask_pb2
 
-from syncplane.api.server import ServerSecurity, check_bind
+from syncplane.api.server import BindError, ServerSecurity, check_bind
 from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.api.v1 import workflow_service_pb2 as svc
 from syncplane.console import present, spec_form
@@ -126,19 +127,32 @@ async def start_console(app: web.Application, config: ConsoleConfig) -> tuple[we
 
 
 async def serve_console(config: ConsoleConfig | None, service: WorkflowService, letters: DeadLetterService,
-                        port_file: Path | None = None) -> web.AppRunner | None:
-    """Start the web console if configured; logs (and prints) its URL, writes its port to `port_file`."""
+                        port_file: Path | None = None) -> tuple[web.AppRunner, str] | None:
+    """Start the web console if configured: (its runner, its URL); writes its port to `port_file`.
+
+    Raises:
+        InsecureBindError: a non-loopback address without TLS and a token.
+        BindError: the address cannot be bound (in use, or not an address of this host).
+    """
     if config is None:
         return None
-    runner, port = await start_console(create_console(service, letters, config.security), config)
-    url = console_url(config, port)
-    log.info("web console: %s", url)
-    print(f"syncplane console: {url}", flush=True)  # the URL a user opens; make run shows it
-    if port_file:
+    try:
+        runner, port = await start_console(create_console(service, letters, config.security), config)
+    except OSError as exc:
+        why = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+        raise BindError(f"cannot listen on {config.address} for the console: {why} "
+                        "(another `syncplane up`?); choose another with --console-listen") from exc
+    if port_file:   # written whole, then renamed: a reader never sees it empty
         tmp = port_file.with_name(port_file.name + ".tmp")
         tmp.write_text(str(port))
         tmp.replace(port_file)
-    return runner
+    return runner, console_url(config, port)
+
+
+def announce_console(url: str) -> None:
+    """The URL a user opens: logged, and printed on stdout (`make run` shows it)."""
+    log.info("web console: %s", url)
+    print(f"syncplane console: {url}", flush=True)
 
 
 def console_url(config: ConsoleConfig, port: int) -> str:
@@ -559,4 +573,5 @@ async def retry_dead_letters(request: web.Request) -> web.StreamResponse:
                     f"{resp.marked_count} dead letters marked for retry at the workers' next pass")
 
 
-__all__ = ["ConsoleConfig", "console_url", "create_console", "refuse", "serve_console", "start_console"]
+__all__ = ["ConsoleConfig", "announce_console", "console_url", "create_console", "refuse", "serve_console",
+           "start_console"]

@@ -20,7 +20,7 @@ import yaml
 
 from syncplane.api.server import ServerSecurity, check_bind, create_server, serve_until_signalled
 from syncplane.api.v1 import workflow_service_pb2 as svc
-from syncplane.console import ConsoleConfig, serve_console
+from syncplane.console import ConsoleConfig, announce_console, serve_console
 from syncplane.errors import AlreadyExists
 from syncplane.model.convert import from_resource
 from syncplane.runtime.supervisor import Supervisor, SupervisorConfig
@@ -101,6 +101,12 @@ async def serve(config: EmbeddedConfig, stop: asyncio.Event | None = None) -> No
     letters = embedded_dead_letters(store, supervisor)
     server, port, health = await create_server(service, config.address, config.security, dead_letters=letters,
                                                verifier=embedded_verifier(store, supervisor))
+    try:
+        console = await serve_console(config.console, service, letters, config.console_port_file)
+    except BaseException:
+        await server.stop(None)
+        store.close()
+        raise
     sandbox = None
     if config.sandbox:
         from syncplane.sandbox import SeedSpec, start_sandbox
@@ -120,12 +126,13 @@ async def serve(config: EmbeddedConfig, stop: asyncio.Event | None = None) -> No
             # With the sandbox there is something to sync: run the defaults (once; a stop sticks).
             for name in created:
                 await service.start(svc.StartWorkflowRequest(name=f"workflows/{name}"))
-    console = await serve_console(config.console, service, letters, config.console_port_file)
+    if console is not None:
+        announce_console(console[1])
     host = config.address.rsplit(":", 1)[0]
     log.info("syncplane control plane serving on %s:%d (data in %s)", host, port, config.data_dir)
     await serve_until_signalled(server, health, port, config.port_file, stop)
     if console is not None:
-        await console.cleanup()
+        await console[0].cleanup()
     # An interactive stop (Ctrl-C, SIGTERM) stops the workers too: each drains its batch in flight
     # and commits. Desired states stay as they are, so the next `up` starts the same workers again,
     # from their checkpoints. (A control plane that dies, kill -9, leaves them running: the next

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from syncplane.api.server import ServerSecurity, check_bind, create_server, serve_until_signalled
-from syncplane.console import ConsoleConfig, serve_console
+from syncplane.console import ConsoleConfig, announce_console, serve_console
 from syncplane.kubeclient import api_client
 from syncplane.service import WorkflowService
 from syncplane.service.dead_letters import DeadLetterService
@@ -50,9 +50,16 @@ async def serve_kubernetes(config: KubernetesServerConfig, stop: asyncio.Event |
                                           "server does not read the workflows' Secrets and checkpoint ConfigMaps")
     server, port, health = await create_server(service, config.address, config.security, dead_letters=letters,
                                                verifier=verifier)
-    console = await serve_console(config.console, service, letters, config.console_port_file)
+    try:
+        console = await serve_console(config.console, service, letters, config.console_port_file)
+    except BaseException:
+        await server.stop(None)
+        await store.api_client.close()
+        raise
+    if console is not None:
+        announce_console(console[1])
     log.info("syncplane API serving on port %d over Workflow resources in namespace %s", port, config.namespace)
     await serve_until_signalled(server, health, port, config.port_file, stop)
     if console is not None:
-        await console.cleanup()
+        await console[0].cleanup()
     await store.api_client.close()
