@@ -68,7 +68,8 @@ async def test_edit_while_running_warns_on_stop_until_a_stop_and_start(console: 
 
     await page.goto(console.url + "workflows/contacts/edit")
     await expect(page.get_by_text("a saved change applies at the next start")).to_be_visible()
-    await page.get_by_label("Destination field").nth(1).fill("emailAddress")
+    # Names stay updated on the CRM side only: the first name is written when a profile is created.
+    await page.get_by_label("Apply updates").nth(2).uncheck()
     await page.get_by_role("button", name="Save").click()
     await expect(page.locator("#message")).to_contain_text("applies at the next start")
     edited = await console.get("contacts")
@@ -77,7 +78,7 @@ async def test_edit_while_running_warns_on_stop_until_a_stop_and_start(console: 
     r = row(page, "contacts")
     warning = r.locator('[data-field="drift"]')
     await expect(warning).to_be_visible()
-    await expect(warning).to_have_attribute("title", "Edited: spec.ingress.entities[0].fields[1].destination; "
+    await expect(warning).to_have_attribute("title", "Edited: spec.ingress.entities[0].fields[2].apply_updates; "
                                                      "applies at the next start")
     await r.get_by_role("button", name="Stop contacts").click()
     dialog = page.get_by_role("dialog")
@@ -91,7 +92,9 @@ async def test_edit_while_running_warns_on_stop_until_a_stop_and_start(console: 
     await page.goto(console.url + "workflows/contacts")
     now = await console.get("contacts")
     assert now.status.applied_generation > edited.generation > applied_before
-    assert now.spec.ingress.entities[0].fields[1].destination == "emailAddress"
+    assert now.spec.ingress.entities[0].fields[2].HasField("apply_updates")
+    assert not now.spec.ingress.entities[0].fields[2].apply_updates
+    assert now.status.phase == pb.PHASE_RUNNING and not now.status.last_error.reason, now.status
     await expect(page.locator('[data-field="appliedGeneration"]')).to_have_text(str(now.status.applied_generation))
     await expect(page.get_by_role("heading", name="Edits not applied yet")).to_have_count(0)
     await screenshot(page, "2-edit-applied-after-restart")
