@@ -9,6 +9,8 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.factories import PLAIN_QUERY_NAMES, SECRET_QUERY_NAMES, with_query
+
 pytestmark = pytest.mark.k8s
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "server" / "syncplane" / "defaults").glob("*.yaml"))
 
@@ -79,6 +81,31 @@ def test_invalid_workflows_are_rejected_naming_the_field(k8s_cluster, workflow_c
     res = k8s_cluster.kubectl("apply", "-n", namespace, "-f", str(path), check=False)
     assert res.returncode != 0, f"accepted an invalid Workflow ({field})"
     assert "is invalid" in res.stderr and field in res.stderr, res.stderr
+
+
+@pytest.mark.parametrize("name", SECRET_QUERY_NAMES)
+@pytest.mark.parametrize("side", ["source", "destination"])
+def test_endpoint_with_a_secret_query_parameter_is_rejected(k8s_cluster, workflow_crd, namespace, tmp_path, name,
+                                                            side):
+    """The same table as validation (tests/unit/test_validation.py): the API server refuses it too."""
+    doc = copy.deepcopy(load("contacts"))
+    doc["metadata"]["name"] = "leaky"
+    doc["spec"][side]["endpoint"] = with_query(doc["spec"][side]["endpoint"], name)
+    path = tmp_path / "leaky.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    res = k8s_cluster.kubectl("apply", "-n", namespace, "-f", str(path), check=False)
+    assert res.returncode != 0, f"accepted an endpoint with ?{name}="
+    assert f"spec.{side}.endpoint" in res.stderr and "looks like a secret" in res.stderr, res.stderr
+
+
+@pytest.mark.parametrize("name", PLAIN_QUERY_NAMES)
+def test_endpoint_with_a_plain_query_parameter_is_accepted(k8s_cluster, workflow_crd, namespace, tmp_path, name):
+    doc = copy.deepcopy(load("contacts"))
+    doc["spec"]["source"]["endpoint"] = with_query(doc["spec"]["source"]["endpoint"], name)
+    path = tmp_path / "plain.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    res = k8s_cluster.kubectl("apply", "-n", namespace, "-f", str(path), check=False)
+    assert res.returncode == 0, res.stderr
 
 
 def test_chart_copy_is_the_generated_crd():

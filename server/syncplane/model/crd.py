@@ -37,7 +37,7 @@ CONSTRAINTS: dict[tuple[str, str], dict[str, Any]] = {
     ("WorkflowSpec", "batch_size"): {"minimum": 1, "maximum": rules.MAX_BATCH_SIZE},
     ("WorkflowSpec", "workers"): {"minimum": 1, "maximum": rules.MAX_WORKERS},
     ("WorkflowSpec", "restart_nonce"): {"minimum": 0},
-    ("Connection", "endpoint"): {"pattern": r"^https?://[^@/\s]+(/.*)?$", "maxLength": 2048},
+    ("Connection", "endpoint"): {"pattern": r"^https?://[^@/\s#]+(/[^#]*)?$", "maxLength": 2048},
     ("SecretReference", "name"): {"pattern": DNS1123, "minLength": 1, "maxLength": 63},
     # Lists keyed by a field: the API server itself refuses duplicates (one
     # mapping per source table; one source field per destination field).
@@ -78,6 +78,11 @@ DEFAULTS: dict[str, dict[str, Any]] = {
                      "pollInterval": f"{rules.DEFAULT_POLL_SECONDS}s", "workers": 1},
 }
 
+def _cel_string(text: str) -> str:
+    """``text`` inside a single-quoted CEL string literal (backslashes and quotes escaped)."""
+    return text.replace("\\", "\\\\").replace("'", "\\'")
+
+
 CEL: dict[str, list[dict[str, str]]] = {
     "WorkflowSpec": [
         {"rule": "self.type != 'INGRESS' || (has(self.ingress) && !has(self.egress) && !has(self.optInOut))",
@@ -92,6 +97,12 @@ CEL: dict[str, list[dict[str, str]]] = {
         {"rule": "self.type != 'EGRESS' || (self.source.kind == 'CAMPAIGN_STANDARD' "
                  "&& self.destination.kind == 'DYNAMICS365')",
          "message": "EGRESS reads CAMPAIGN_STANDARD and writes DYNAMICS365", "fieldPath": ".source.kind"},
+    ],
+    "Connection": [
+        # The same pattern as validation (syncplane.validation.rules.SECRET_QUERY).
+        {"rule": f"!has(self.endpoint) || !self.endpoint.matches('{_cel_string(rules.SECRET_QUERY.pattern)}')",
+         "message": "must not carry credentials: a query parameter looks like a secret; use credentials.name",
+         "fieldPath": ".endpoint"},
     ],
     "IngressSpec": [
         {"rule": "self.entities.filter(e, e.destinationResource != 'profile').size() <= "

@@ -29,5 +29,7 @@ LABEL_KEY = re.compile(r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z
 # it is refused, so that no secret is written into a spec (and from there into the CR, its
 # last-applied annotation, `describe` and events). Credentials go in the referenced secret.
 SECRET_QUERY_WORDS = ("secret", "passw", "pwd", "token", "key", "sig", "credential", "auth")
-# Unanchored (like CEL's matches()): the CRD carries the same pattern.
-SECRET_QUERY_NAME = re.compile("(?i)(" + "|".join(SECRET_QUERY_WORDS) + ")")
+# One pattern over the whole endpoint, for validation (re.search) and the CRD (CEL matches(), RE2,
+# cheap enough for the API server's cost budget, which parsing the query into a map is not):
+# the name of a query parameter (up to its '=') that holds one of the words. Group 1 is the name.
+SECRET_QUERY = re.compile(r"^[^?#]*\?(?:[^#]*&)?([^=&#]*(?i:" + "|".join(SECRET_QUERY_WORDS) + r")[^=&#]*)")
