@@ -9,6 +9,7 @@ import asyncio
 import json
 import re
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -24,6 +25,7 @@ from syncplane.api.v1 import workflow_service_pb2 as svc
 from tests.backends import eventually
 from tests.factories import spec
 from tests.integration.conftest import ServerProcess, wait_until
+from tests.integration.test_cli_and_security import certs  # noqa: F401 (fixture)
 
 
 @pytest.fixture
@@ -138,3 +140,45 @@ async def test_a_console_port_in_use_is_one_error_line(up: tuple[ServerProcess, 
     assert res.stderr.strip().splitlines() == [
         f"error: cannot listen on {taken} for the console: address already in use (another `syncplane up`?); "
         "choose another with --console-listen"], res.stderr
+
+
+async def test_off_loopback_the_console_is_https_with_a_login(tmp_path: Path,
+                                                             certs: tuple[Path, Path]) -> None:  # noqa: F811
+    """With TLS and a token the console may listen off loopback: HTTPS only, pages behind the login
+    form, whose session cookie is Secure, HttpOnly and SameSite=Strict and never the token."""
+    cert, key = certs
+    (tmp_path / "token").write_text("tok-console\n")
+    port_file = tmp_path / "console.port"
+    server = ServerProcess(tmp_path, "--tls-cert", str(cert), "--tls-key", str(key), "--token-file",
+                           str(tmp_path / "token"), "--console-listen", "0.0.0.0:0", "--console-port-file",
+                           str(port_file))
+    try:
+        await server.ready()
+        await wait_until(port_file.exists, what="console port")
+        url = f"https://127.0.0.1:{int(port_file.read_text())}"
+        tls = ssl.create_default_context(cafile=str(cert))
+        # unsafe=True: aiohttp keeps no cookies for an IP address otherwise (browsers do).
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=tls),
+                                         cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
+            async with http.get(url + "/", headers={"Accept": "text/html"}, allow_redirects=False) as resp:
+                assert (resp.status, resp.headers["Location"]) == (303, "/login?next=/")
+            async with http.get(url + "/api/workflows") as resp:
+                assert resp.status == 401
+            async with http.get(url + "/login") as resp:
+                token = re.search(r'name="csrf-token" content="([0-9a-f]+)"', await resp.text())
+            assert token
+            async with http.post(url + "/login", data={"csrf": token.group(1), "token": "tok-console", "next": "/"},
+                                 allow_redirects=False) as resp:
+                assert resp.status == 303
+                cookie = resp.headers["Set-Cookie"]
+            for flag in ("Secure", "HttpOnly", "SameSite=Strict"):
+                assert flag in cookie, cookie
+            assert "tok-console" not in cookie
+            async with http.get(url + "/api/workflows") as resp:
+                assert resp.status == 200 and (await resp.json()) == {"workflows": []}
+        async with aiohttp.ClientSession() as plain:
+            with pytest.raises(aiohttp.ClientError):
+                async with plain.get(url.replace("https", "http") + "/login"):
+                    pass
+    finally:
+        await asyncio.to_thread(server.stop)
