@@ -391,3 +391,75 @@ async def test_campaign_source_incremental(sandbox: Sandbox, acs_sink: CampaignS
     finally:
         await src.aclose()
         await tokens.aclose()
+
+
+# ------------------------------------------------------------------------------ $batch answers, every documented way
+
+
+BATCH_FORMS = [(form, ids) for form in ("honour", "ignore-400", "ignore-200") for ids in (True, False)]
+
+
+@pytest.mark.parametrize(("form", "content_ids"), BATCH_FORMS)
+@pytest.mark.parametrize("poisoned", [[2], [0, 4], [1, 2, 3], []])
+async def test_every_partial_batch_answer_counts_part_by_part(sandbox: Sandbox, d365_sink: DynamicsSink, form: str,
+                                                              content_ids: bool, poisoned: list[int]) -> None:
+    """Five upserts, some rejected: with continue-on-error honoured every part is answered; without
+    it the service answers up to the first failure (HTTP 400, or 200 per OData 4.0) and nothing
+    more. Whatever the form: succeeded parts are written, rejected ones come back Rejected with
+    their reason, and the parts with no answer are sent again."""
+    sandbox.variants.batch.set(continue_on_error=form, content_ids=content_ids)
+    keys = [str(uuid.uuid4()) for _ in range(5)]
+    bad = [keys[i] for i in poisoned]
+    if bad:
+        sandbox.d365.poison_keys("contacts", *bad)
+    result = await d365_sink.write("contacts", "contactid",
+                                   [Record(k, {"lastname": f"L{i}"}) for i, k in enumerate(keys)])
+    assert sorted(result.written) == sorted(set(keys) - set(bad))
+    assert sorted(r.key for r in result.rejected) == sorted(bad)
+    assert all(r.status == 400 and POISON_CODE in r.error for r in result.rejected)
+    table = sandbox.d365.table("contacts")
+    assert all((k in table.rows) == (k not in bad) for k in keys)
+    # each request was carried out by the service exactly once: nothing answered was sent again
+    assert sorted(r.path.rsplit("(", 1)[-1].rstrip(")") for r in sandbox.batch_parts.records()) == sorted(keys)
+    batches = [r for r in sandbox.requests.records(server="d365") if r.path.endswith("$batch")]
+    if form != "honour" and poisoned:
+        assert any(r.status == (400 if form == "ignore-400" else 200) for r in batches)
+
+
+@pytest.mark.parametrize(("form", "content_ids"), BATCH_FORMS)
+async def test_opt_out_updates_count_a_partial_batch_answer(sandbox: Sandbox, form: str, content_ids: bool) -> None:
+    from syncplane.connectors.http import Transport
+    from syncplane.optinout.writers import DynamicsOptOutWriter
+
+    sandbox.variants.batch.set(continue_on_error=form, content_ids=content_ids)
+    ids = sorted(sandbox.d365.table("contacts").rows)[:5]
+    sandbox.d365.poison_keys("contacts", ids[1])
+    gone = str(uuid.uuid4())  # no such contact: If-Match: * answers 404, it is not created
+    tokens = d365_tokens(sandbox)
+    transport = Transport(gate=tokens.gate)
+    writer = DynamicsOptOutWriter(sandbox.d365_url, tokens, transport)
+    try:
+        out = await writer.write([(ids[0], {"donotbulkemail": True}), (ids[1], {"donotbulkemail": True}),
+                                  (gone, {"donotbulkemail": True}),
+                                  *((k, {"donotbulkemail": True}) for k in ids[2:])])
+    finally:
+        await transport.aclose()
+        await tokens.aclose()
+    assert sorted(out.written) == sorted([ids[0], *ids[2:]])
+    assert [r.key for r in out.rejected] == [ids[1]] and out.absent == [gone]
+    table = sandbox.d365.table("contacts")
+    assert all(table.rows[k]["donotbulkemail"] is True for k in [ids[0], *ids[2:]]) and gone not in table.rows
+
+
+@pytest.mark.parametrize("form", ["seconds", "http-date"])
+async def test_retry_after_in_either_http_form_holds_the_client(sandbox: Sandbox, source: DynamicsSource,
+                                                                form: str) -> None:
+    """Retry-After as delta-seconds (what Dataverse documents) or as an HTTP-date (RFC 9110 allows
+    it): either way no request of the client goes out before the time it names."""
+    sandbox.faults.d365.set(retry_after_form=form)
+    sandbox.faults.d365.queue(429, count=2, retry_after=1, path_regex="/contacts")
+    pages = await read_all(source)
+    assert len(set(keys_of(pages))) == 1234
+    throttled = [r for r in sandbox.requests.records(server="d365") if r.status == 429]
+    assert len(throttled) == 2 and all(r.retry_after is not None and r.retry_after >= 0.9 for r in throttled)
+    assert sandbox.requests.retry_after_violations() == []

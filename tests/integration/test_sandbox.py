@@ -519,6 +519,27 @@ async def test_d365_batch_stops_at_first_error_without_continue_on_error(clients
     assert ids2[0] in table.rows and ids2[1] not in table.rows and ids2[2] in table.rows
 
 
+@pytest.mark.parametrize(("form", "status", "answered"), [("honour", 200, 3), ("ignore-400", 400, 2),
+                                                         ("ignore-200", 200, 2)])
+async def test_d365_batch_continue_on_error_variants(clients: Clients, form: str, status: int, answered: int) -> None:
+    """The switch makes the service honour continue-on-error or not (stopping at the first failure,
+    answering 400 as Dataverse does or 200 as OData 4.0 allows); Content-IDs echoed or not."""
+    sb = clients.sb
+    ctl = f"{sb.d365_origin}/_sandbox/variants/batch"
+    assert (await clients.http.put(ctl, json={"continue_on_error": "sometimes"})).status_code == 400
+    r = await clients.http.put(ctl, json={"continue_on_error": form, "content_ids": False})
+    assert r.status_code == 200 and r.json()["batch"] == {"continue_on_error": form, "content_ids": False}
+    ids = [str(uuid.uuid4()) for _ in range(3)]
+    ops: list[Op | list[Op]] = [Op("PATCH", f"contacts({ids[0]})", {"lastname": "One"}, "1"),
+                                Op("PATCH", f"contacts({ids[1]})", {"unknowncolumn": 1}, "2"),
+                                Op("PATCH", f"contacts({ids[2]})", {"lastname": "Three"}, "3")]
+    r, parts = await _batch(clients, ops, prefer="odata.continue-on-error")
+    assert r.status_code == status and len(parts) == answered
+    assert all(isinstance(p, PartResponse) and p.content_id is None for p in parts)
+    assert (ids[2] in sb.d365.table("contacts").rows) == (answered == 3)
+    assert ("Preference-Applied" in r.headers) == (form == "honour")
+
+
 async def test_d365_batch_limits_and_format_errors(clients: Clients) -> None:
     ops: list[Op | list[Op]] = [Op("PATCH", f"contacts({uuid.uuid4()})", {"lastname": "n"}) for _ in range(1001)]
     ctype, body = build_batch(ops)

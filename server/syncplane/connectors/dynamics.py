@@ -7,9 +7,9 @@ import json
 import logging
 import re
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 from syncplane.connectors.base import ConnectorError, Page, Record, Rejected, WriteResult
@@ -24,10 +24,12 @@ from syncplane.connectors.http import (
     error_text_of,
     pause,
     raise_for_status,
+    retry_after_seconds,
 )
 from syncplane.connectors.schema import Schema
 
 log = logging.getLogger("syncplane.connectors.dynamics")
+T = TypeVar("T")
 
 #: Dataverse's error code for an expired/invalid change-tracking token (the sandbox uses it too).
 DELTA_TOKEN_EXPIRED_CODE = "0x80044352"
@@ -223,6 +225,13 @@ class DynamicsSource:
             if url is not None:
                 seen.add(url)
 
+    async def keys(self, table: str, key_column: str | None = None) -> AsyncIterator[list[str]]:
+        """Every row's key of entity set ``table``, a page at a time (a :meth:`snapshot` of the key
+        column alone; inactive rows included). Raises what :meth:`snapshot` raises."""
+        key = key_column or self.key_column
+        async for records in self.snapshot(table, (), key_column=key):
+            yield [r.key for r in records]
+
     def _record(self, row: dict[str, Any], key_column: str) -> Record:
         if "reason" in row and "id" in row and str(row.get("@odata.context", "")).endswith("$deletedEntity"):
             return Record(str(row["id"]), deleted=True)
@@ -284,17 +293,30 @@ class PartResponse:
     content_id: str | None
 
 
-def build_batch(requests: Sequence[tuple[str, str, bytes | None]]) -> tuple[str, bytes]:
-    """Independent requests (no change set) as a Dataverse ``multipart/mixed`` body.
-    ``requests`` are (method, absolute url, JSON body or None); Content-IDs are 1-based indexes."""
+@dataclass(frozen=True)
+class BatchPart:
+    """One independent request of a ``$batch``: method, absolute URL, JSON body (or None) and
+    its own headers (e.g. ``If-Match: *``)."""
+
+    method: str
+    url: str
+    body: bytes | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+def build_batch(requests: Sequence[BatchPart]) -> tuple[str, bytes]:
+    """Independent requests (no change set) as a Dataverse ``multipart/mixed`` body; their
+    Content-IDs are their 1-based indexes."""
     boundary = f"batch_{uuid.uuid4()}"
     out: list[bytes] = []
-    for i, (method, url, body) in enumerate(requests, start=1):
+    for i, part in enumerate(requests, start=1):
         out.append(f"--{boundary}\r\nContent-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n"
-                   f"Content-ID: {i}\r\n\r\n{method} {url} HTTP/1.1\r\n".encode())
-        if body is not None:
+                   f"Content-ID: {i}\r\n\r\n{part.method} {part.url} HTTP/1.1\r\n".encode())
+        for name, value in part.headers:
+            out.append(f"{name}: {value}\r\n".encode())
+        if part.body is not None:
             out.append(b"Content-Type: application/json; type=entry\r\n\r\n")
-            out.append(body)
+            out.append(part.body)
             out.append(b"\r\n")
         else:
             out.append(b"\r\n")
@@ -354,6 +376,101 @@ def parse_batch_response(content_type: str, body: bytes) -> list[PartResponse]:
     return result
 
 
+def match_parts(parts: Sequence[PartResponse], count: int, what: str) -> list[PartResponse | None]:
+    """The answer to each of ``count`` requests, in request order; None for a request the service
+    did not answer. Parts are matched by Content-ID when every part echoes one of ours, else by
+    order (Dataverse echoes Content-ID only inside change sets, and answers in request order).
+    Raises :class:`ConnectorError` ``BAD_RESPONSE`` when there are more answers than requests."""
+    ids = [p.content_id for p in parts]
+    if ids and all(i is not None and i.isdigit() and 1 <= int(i) <= count for i in ids) \
+            and len(set(ids)) == len(ids):
+        out: list[PartResponse | None] = [None] * count
+        for p in parts:
+            out[int(str(p.content_id)) - 1] = p
+        return out
+    if len(parts) > count:
+        raise ConnectorError("BAD_RESPONSE", f"{what}: {len(parts)} responses for {count} requests")
+    return [*parts, *([None] * (count - len(parts)))]
+
+
+async def send_batch(transport: Transport, tokens: TokenProvider, base_url: str, requests: Sequence[BatchPart],
+                     what: str) -> list[PartResponse | None]:
+    """POST one ``$batch`` of independent requests with ``Prefer: odata.continue-on-error``;
+    returns each request's answer in order (None: not answered).
+
+    Every documented answer is taken apart the same way (Dataverse, "Execute batch operations
+    using the Web API", Handle errors; OData 4.0 part 1 §11.7.4, §8.2.8.3): with the preference in
+    effect, 200 and a part per request; without it the service stops at the first failed request
+    and answers the parts up to and including it, with HTTP 400 (Dataverse) or 200 (OData 4.0).
+
+    Raises :class:`ConnectorError` for a batch refused as a whole (a non-multipart 4xx) or an
+    answer that cannot be read, :class:`RetryableError` when the batch itself kept failing."""
+    content_type, body = build_batch(requests)
+    headers = {**_ODATA_HEADERS, "Content-Type": content_type, "Prefer": "odata.continue-on-error"}
+    response = await transport.request("POST", f"{_service_root(base_url)}$batch", headers=headers, content=body,
+                                       auth=tokens)
+    answer_type = response.headers.get("Content-Type", "")
+    partial_400 = response.status_code == 400 and answer_type.lower().lstrip().startswith("multipart/mixed")
+    if response.status_code not in (200, 202) and not partial_400:
+        raise_for_status(response, what)
+        raise ConnectorError("BAD_RESPONSE", f"{what}: HTTP {response.status_code}: {error_text(response)}")
+    return match_parts(parse_batch_response(answer_type, response.content), len(requests), what)
+
+
+def _part_retry_after(part: PartResponse) -> float | None:
+    return retry_after_seconds(part.headers.get("retry-after"))
+
+
+async def run_batches(items: Sequence[T], batch_size: int, send: Callable[[Sequence[T]], Awaitable[
+        Sequence[PartResponse | None]]], transport: Transport, what: str,
+                      parallel: int = 1) -> list[tuple[T, PartResponse]]:
+    """Send ``items`` in batches of ``batch_size`` until each has a final answer; returns
+    (item, answer) pairs, in no particular order. A final answer is a 2xx or a 4xx other than
+    429: the caller decides what it means (written, rejected, absent).
+
+    A request left unanswered (the service stopped at an earlier failure) is sent again at
+    once; one answered 429 or 5xx is sent again after a backoff (and a part's ``Retry-After``
+    holds every request of the client). Raises :class:`RetryableError` when
+    ``policy.max_attempts`` rounds in a row answered nothing final."""
+    policy = transport.policy
+    limiter = asyncio.Semaphore(max(1, parallel))
+
+    async def one(chunk: Sequence[T]) -> tuple[Sequence[T], Sequence[PartResponse | None]]:
+        async with limiter:
+            return chunk, await send(chunk)
+
+    answered: list[tuple[T, PartResponse]] = []
+    pending = list(items)
+    stalled = transient_rounds = 0
+    while pending:
+        results = await asyncio.gather(*(one(pending[i:i + batch_size]) for i in range(0, len(pending), batch_size)))
+        retry: list[T] = []
+        progressed = transient = False
+        for chunk, parts in results:
+            for item, part in zip(chunk, parts, strict=True):
+                if part is None:
+                    retry.append(item)
+                elif part.status == 429 or part.status >= 500:
+                    retry.append(item)
+                    transient = True
+                    if (wait := _part_retry_after(part)) is not None:
+                        transport.gate.hold(wait + policy.retry_after_margin)
+                else:
+                    answered.append((item, part))
+                    progressed = True
+        if not retry:
+            break
+        stalled = 0 if progressed else stalled + 1
+        if stalled >= policy.max_attempts:
+            raise RetryableError(f"{what}: {len(retry)} requests still unanswered or failing transiently after "
+                                 f"{stalled} rounds")
+        if transient or not progressed:
+            transient_rounds += 1
+            await pause(policy.backoff(transient_rounds))
+        pending = retry
+    return answered
+
+
 class DynamicsSink:
     """Upserts (``PATCH {set}({id})``) and deletes (``DELETE``) through ``$batch``: independent
     requests (no change set) with ``Prefer: odata.continue-on-error``, ≤ 1,000 per batch.
@@ -382,72 +499,32 @@ class DynamicsSink:
             address = f"{key_field}='{quote(key.replace(chr(39), chr(39) * 2), safe='')}'"
         return f"{self.base_url}{entity_set}({address})"
 
-    def _request(self, resource: str, key_field: str, record: Record) -> tuple[str, str, bytes | None]:
+    def _request(self, resource: str, key_field: str, record: Record) -> BatchPart:
         url = self._url(resource, key_field, record.key)
         if record.deleted:
-            return "DELETE", url, None
+            return BatchPart("DELETE", url)
         values = {k: v for k, v in record.values.items() if k != key_field or not _GUID.match(record.key)}
-        return "PATCH", url, json.dumps(values, separators=(",", ":"), default=str).encode()
+        return BatchPart("PATCH", url, json.dumps(values, separators=(",", ":"), default=str).encode())
 
     async def write(self, resource: str, key_field: str, records: Sequence[Record], *,
                     full_load: bool = False) -> WriteResult:
+        """Any partial answer counts: parts that succeeded are written, a rejected part is a
+        ``Rejected`` (a dead letter), parts with no answer are sent again (see :func:`run_batches`)."""
+        what = f"$batch to {resource}"
+
+        async def send(chunk: Sequence[Record]) -> Sequence[PartResponse | None]:
+            return await send_batch(self.transport, self.tokens, self.base_url,
+                                    [self._request(resource, key_field, r) for r in chunk], what)
+
         written: list[str] = []
         rejected: list[Rejected] = []
-        pending = list(records)
-        rounds = 0
-        while pending:
-            rounds += 1
-            chunks = [pending[i:i + self.batch_size] for i in range(0, len(pending), self.batch_size)]
-            retry: list[Record] = []
-            limiter = asyncio.Semaphore(self.parallel_batches)
-            results = await asyncio.gather(*(self._limited(limiter, resource, key_field, c) for c in chunks))
-            for ok, bad, again in results:
-                written.extend(ok)
-                rejected.extend(bad)
-                retry.extend(again)
-            if retry and rounds >= self.transport.policy.max_attempts:
-                raise RetryableError(f"$batch to {resource}: {len(retry)} requests still failing transiently")
-            if retry:
-                await pause(self.transport.policy.backoff(rounds))
-            pending = retry
-        return WriteResult(written, rejected)
-
-    async def _limited(self, limiter: asyncio.Semaphore, resource: str, key_field: str,
-                       chunk: list[Record]) -> tuple[list[str], list[Rejected], list[Record]]:
-        async with limiter:
-            return await self._send_batch(resource, key_field, chunk)
-
-    async def _send_batch(self, resource: str, key_field: str,
-                          chunk: list[Record]) -> tuple[list[str], list[Rejected], list[Record]]:
-        content_type, body = build_batch([self._request(resource, key_field, r) for r in chunk])
-        headers = {**_ODATA_HEADERS, "Content-Type": content_type, "Prefer": "odata.continue-on-error"}
-        response = await self.transport.request("POST", f"{self.base_url}$batch", headers=headers, content=body,
-                                                auth=self.tokens)
-        if response.status_code not in (200, 202):
-            raise_for_status(response, f"$batch to {resource}")
-            raise ConnectorError("BAD_RESPONSE", f"$batch to {resource}: HTTP {response.status_code}: "
-                                 f"{error_text(response)}")
-        parts = parse_batch_response(response.headers.get("Content-Type", ""), response.content)
-        by_id = {p.content_id: p for p in parts if p.content_id is not None}
-        if len(by_id) != len(chunk):
-            if len(parts) != len(chunk):
-                raise ConnectorError("BAD_RESPONSE", f"$batch to {resource}: {len(parts)} responses for "
-                                     f"{len(chunk)} requests")
-            by_id = {str(i): p for i, p in enumerate(parts, start=1)}
-        written: list[str] = []
-        rejected: list[Rejected] = []
-        retry: list[Record] = []
-        for i, record in enumerate(chunk, start=1):
-            part = by_id.get(str(i))
-            if part is None:
-                retry.append(record)
-            elif 200 <= part.status < 300 or (record.deleted and part.status == 404):
+        for record, part in await run_batches(records, self.batch_size, send, self.transport, what,
+                                              self.parallel_batches):
+            if 200 <= part.status < 300 or (record.deleted and part.status == 404):
                 written.append(record.key)
-            elif part.status == 429 or part.status >= 500:
-                retry.append(record)
             else:
                 rejected.append(Rejected(record.key, part.status, _part_error(part)))
-        return written, rejected, retry
+        return WriteResult(written, rejected)
 
     async def aclose(self) -> None:
         if self._own_transport:

@@ -7,6 +7,7 @@ Secrets never reach a log line, an exception message or a ``repr``.
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import json
 import logging
 import random
@@ -14,6 +15,7 @@ import time
 from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from datetime import UTC
 from typing import Any, Protocol
 
 import aiohttp
@@ -133,14 +135,29 @@ class Response:
         return self.content.decode("utf-8", errors="replace")
 
 
-def _retry_after(headers: Mapping[str, str]) -> float | None:
-    value = headers.get("Retry-After")
-    if value is None:
+def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
+    """A ``Retry-After`` value in seconds from ``now`` (Unix time; default: the clock), or None.
+
+    Both forms of RFC 9110 §10.2.3: delta-seconds (what Dataverse documents, "Service
+    protection API limits") and an HTTP-date (allowed by HTTP, documented by neither vendor:
+    honoured all the same, never treated as absent, which would retry early)."""
+    if value is None or not value.strip():
         return None
     try:
         return max(0.0, float(value))
     except ValueError:
-        return None  # an HTTP date: treat as absent (neither vendor sends one)
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def _retry_after(headers: Mapping[str, str]) -> float | None:
+    return retry_after_seconds(headers.get("Retry-After"))
 
 
 class Transport:

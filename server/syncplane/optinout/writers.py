@@ -17,16 +17,14 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, urlencode
 
-from syncplane.connectors.base import ConnectorError, Rejected
-from syncplane.connectors.dynamics import MAX_BATCH_REQUESTS, parse_batch_response
+from syncplane.connectors.base import Rejected
+from syncplane.connectors.dynamics import MAX_BATCH_REQUESTS, BatchPart, PartResponse, run_batches, send_batch
 from syncplane.connectors.http import (
     Response,
-    RetryableError,
     TokenProvider,
     Transport,
     error_text,
     error_text_of,
-    pause,
     raise_for_status,
 )
 
@@ -144,20 +142,6 @@ class CampaignOptOutWriter:
         return out
 
 
-def build_update_batch(requests: Sequence[tuple[str, bytes]]) -> tuple[str, bytes]:
-    """Independent ``PATCH <url>`` parts with ``If-Match: *`` (update only), as ``multipart/mixed``."""
-    boundary = f"batch_{uuid.uuid4()}"
-    out: list[bytes] = []
-    for i, (url, body) in enumerate(requests, start=1):
-        out.append(f"--{boundary}\r\nContent-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n"
-                   f"Content-ID: {i}\r\n\r\nPATCH {url} HTTP/1.1\r\nIf-Match: *\r\n"
-                   "Content-Type: application/json; type=entry\r\n\r\n".encode())
-        out.append(body)
-        out.append(b"\r\n")
-    out.append(f"--{boundary}--\r\n".encode())
-    return f"multipart/mixed; boundary={boundary}", b"".join(out)
-
-
 def _is_guid(key: str) -> bool:
     if len(key) != _GUID_LEN:
         return False
@@ -189,47 +173,26 @@ class DynamicsOptOutWriter:
         return dict(body) if isinstance(body, dict) else None
 
     async def write(self, items: Sequence[tuple[str, Mapping[str, bool]]]) -> Outcome:
+        """Update-only ``PATCH`` parts (``If-Match: *``: a contact that is gone is not created
+        again); a partial ``$batch`` answer counts part by part (see ``run_batches``)."""
         out = Outcome()
-        pending = []
+        pending: list[tuple[str, dict[str, bool]]] = []
         for key, values in items:
             if _is_guid(key):
                 pending.append((key.lower(), dict(values)))
             else:
                 out.absent.append(key)  # not a contactid: no contact can match it
-        rounds = 0
-        while pending:
-            rounds += 1
-            retry: list[tuple[str, dict[str, bool]]] = []
-            for i in range(0, len(pending), self.batch_size):
-                retry += await self._batch(pending[i:i + self.batch_size], out)
-            if retry and rounds >= self.transport.policy.max_attempts:
-                raise RetryableError(f"$batch to {self.entity_set}: {len(retry)} updates still failing transiently")
-            if retry:
-                await pause(self.transport.policy.backoff(rounds))
-            pending = retry
-        return out
+        what = f"$batch to {self.entity_set}"
 
-    async def _batch(self, chunk: list[tuple[str, dict[str, bool]]], out: Outcome) -> list[tuple[str, dict[str, bool]]]:
-        content_type, body = build_update_batch(
-            [(f"{self.base_url}{self.entity_set}({key})", json.dumps(values, separators=(",", ":")).encode())
-             for key, values in chunk])
-        headers = {**_ODATA, "Content-Type": content_type, "Prefer": "odata.continue-on-error"}
-        response = await self.transport.request("POST", f"{self.base_url}$batch", headers=headers, content=body,
-                                                auth=self.tokens)
-        if response.status_code not in (200, 202):
-            raise_for_status(response, f"$batch to {self.entity_set}")
-            raise ConnectorError("BAD_RESPONSE", f"$batch to {self.entity_set}: HTTP {response.status_code}")
-        out.requests += len(chunk)
-        parts = parse_batch_response(response.headers.get("Content-Type", ""), response.content)
-        by_id = {p.content_id: p for p in parts if p.content_id is not None}
-        if len(by_id) != len(chunk):
-            by_id = {str(i): p for i, p in enumerate(parts, start=1)}
-        retry = []
-        for i, (key, values) in enumerate(chunk, start=1):
-            part = by_id.get(str(i))
-            if part is None or part.status == 429 or part.status >= 500:
-                retry.append((key, values))
-            elif 200 <= part.status < 300:
+        async def send(chunk: Sequence[tuple[str, dict[str, bool]]]) -> Sequence[PartResponse | None]:
+            out.requests += len(chunk)
+            return await send_batch(self.transport, self.tokens, self.base_url, [
+                BatchPart("PATCH", f"{self.base_url}{self.entity_set}({key})",
+                          json.dumps(values, separators=(",", ":")).encode(), (("If-Match", "*"),))
+                for key, values in chunk], what)
+
+        for (key, _), part in await run_batches(pending, self.batch_size, send, self.transport, what):
+            if 200 <= part.status < 300:
                 out.written.append(key)
             elif part.status == 404:
                 out.absent.append(key)
@@ -239,7 +202,7 @@ class DynamicsOptOutWriter:
                 except ValueError:
                     message = ""
                 out.rejected.append(Rejected(key, part.status, message or f"HTTP {part.status}"))
-        return retry
+        return out
 
 
 def error_text_of_part(body: bytes) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import email.utils
 import hmac
 import json
 import math
@@ -263,6 +264,32 @@ class FaultConfig:
     hang_s: float = 30.0  # how long an injected timeout hangs before dropping the connection
     path_regex: str | None = None  # only requests whose path matches (default: every API path)
     include_auth: bool = False  # also hit the token endpoints
+    # How Retry-After is written (RFC 9110 §10.2.3): "seconds" (delta-seconds, what Dataverse
+    # documents) or "http-date" (an IMF-fixdate, allowed by HTTP; documented by neither vendor).
+    retry_after_form: str = "seconds"
+
+
+RETRY_AFTER_FORMS = ("seconds", "http-date")
+
+
+def retry_after_value(seconds: int, form: str) -> str:
+    """The ``Retry-After`` header for a wait of ``seconds``, in ``form`` (see FaultConfig)."""
+    if form == "http-date":
+        # rounded up to the next whole second: the date is never earlier than the wait
+        return email.utils.formatdate(math.ceil(time.time()) + seconds, usegmt=True)
+    return str(seconds)
+
+
+def parse_retry_after(value: str) -> float | None:
+    """Seconds from now of a ``Retry-After`` in either form; None when unreadable."""
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError, IndexError):
+        return None
 
 
 @dataclass(slots=True)
@@ -305,6 +332,8 @@ class Faults:
                 raise ValueError("rates are fractions between 0 and 1")
         if self.config.path_regex is not None:
             re.compile(self.config.path_regex)
+        if self.config.retry_after_form not in RETRY_AFTER_FORMS:
+            raise ValueError(f"retry_after_form must be one of {', '.join(RETRY_AFTER_FORMS)}")
         if seed is not None:
             self._seed = seed
             self._rng = random.Random(seed)
@@ -541,10 +570,7 @@ class EmulatorApp:
             responded = time.monotonic()
             record.status = response.status if response is not None and not dropped else 0
             if response is not None and "Retry-After" in response.headers:
-                try:
-                    record.retry_after = float(response.headers["Retry-After"])
-                except ValueError:
-                    record.retry_after = None
+                record.retry_after = parse_retry_after(response.headers["Retry-After"])
             record.responded_monotonic = responded
             record.duration_ms = round((responded - received_mono) * 1000.0, 3)
 
@@ -562,7 +588,9 @@ class EmulatorApp:
                 if request.transport is not None:
                     request.transport.close()
                 raise _Dropped(decision.name)
-            hdrs = {"Retry-After": str(decision.retry_after)} if decision.retry_after is not None else {}
+            form = self.faults.config.retry_after_form
+            hdrs = {"Retry-After": retry_after_value(decision.retry_after, form)} \
+                if decision.retry_after is not None else {}
             message = {429: "Injected fault: too many requests", 503: "Injected fault: service unavailable"}
             return self.error(decision.status, f"sandbox.fault.{decision.status}",
                               message.get(decision.status, "Injected fault"), hdrs)
@@ -575,7 +603,8 @@ class EmulatorApp:
             throttle = protection.admit(client)
             if throttle is not None:
                 record.fault = "service-protection"
-                return self.error(429, throttle.code, throttle.message, {"Retry-After": str(throttle.retry_after)})
+                return self.error(429, throttle.code, throttle.message, {"Retry-After": retry_after_value(
+                    throttle.retry_after, self.faults.config.retry_after_form)})
         started = self.clock.monotonic()
         try:
             if latency > 0:  # injected latency counts as execution time and concurrency

@@ -835,7 +835,11 @@ class D365Emulator(EmulatorApp):
         if total > MAX_BATCH_REQUESTS:
             raise ODataError(400, BATCH_TOO_LARGE_CODE, f"The number of requests in the batch ({total}) exceeded the "
                              f"limit of {MAX_BATCH_REQUESTS}.")
-        continue_on_error = "odata.continue-on-error" in parse_prefer(req.headers.get("prefer"))
+        # Without the preference in effect (not asked, or ignored per the variant switch), processing
+        # stops at the first failure; the batch then answers 400 (Dataverse) or 200 (OData 4.0).
+        variant = self.variants.batch
+        continue_on_error = (variant.continue_on_error == "honour"
+                             and "odata.continue-on-error" in parse_prefer(req.headers.get("prefer")))
         out: list[PartResponse | list[PartResponse]] = []
         failed = False
         for item in items:
@@ -865,6 +869,8 @@ class D365Emulator(EmulatorApp):
                     out.append(done)
             else:
                 resp = self._run_part(req, item, {})
+                if not variant.content_ids:
+                    resp.content_id = None  # Dataverse echoes Content-ID inside change sets only
                 out.append(resp)
                 failed = failed or resp.status >= 400
             if failed and not continue_on_error:
@@ -874,7 +880,7 @@ class D365Emulator(EmulatorApp):
         if continue_on_error:
             headers["Preference-Applied"] = "odata.continue-on-error"
             return OResponse(200, headers, body)
-        return OResponse(400 if failed else 200, headers, body)
+        return OResponse(400 if failed and variant.continue_on_error != "ignore-200" else 200, headers, body)
 
     # -------------------------------------------------------------- control routes
     async def _ctl_expire_delta(self, request: web.Request) -> web.Response:
