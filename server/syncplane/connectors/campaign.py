@@ -8,6 +8,7 @@ import json
 import logging
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -92,6 +93,16 @@ class _Base:
         return Schema("Campaign resource", resource, fields, lengths, key=str(key) if key else None, links=links)
 
 
+@dataclass(frozen=True)
+class OwnedRecord:
+    """A destination record the integration created: its integration key, its ``PKey`` (valid
+    for this listing only: never persist it) and the values of the fields asked for."""
+
+    key: str
+    pkey: str
+    values: dict[str, Any]
+
+
 class CampaignSink(_Base):
     """Upserts by integration key: lookup ``…/by<Key>?<key>_parameter=`` → PATCH ``…/<PKey>``
     or POST; deletes: lookup → DELETE (absent = written). Records run concurrently under
@@ -112,6 +123,48 @@ class CampaignSink(_Base):
         self.existing_ratio = 0.0  # of full-load writes whose record already existed (moving average)
         # path → link field → (target path, target key field): set by prepare_links().
         self._links: dict[str, dict[str, tuple[str, str]]] = {}
+
+    async def owned_records(self, resource: str, key_field: str, fields: Sequence[str] = (), *,
+                            line_count: int = 1000) -> AsyncIterator[list[OwnedRecord]]:
+        """Every record of ``resource`` the integration owns, a page (≤ ``line_count`` records) at a time.
+
+        The one place that says what the integration owns in Campaign (DOMAIN.md: records in
+        Campaign the integration did not create are never modified): a record whose integration
+        key (``key_field``, e.g. ``externalId``, a custom resource's ``crmId``) is set and whose
+        ``createdBy.name`` is the integration's client id (``owner``; when ``owner`` is None,
+        every record carrying the key). A profile a marketer made by hand, with or without an
+        ``externalId``, is never listed. ``fields``: the values to carry (none by default).
+
+        Reads ``GET <resource>?_lineCount=N&_forcePagination=true`` and follows ``next.href``
+        (Campaign Standard API, Pagination: tables over 100,000 rows page only with
+        ``_forcePagination``). Raises :class:`ConnectorError` when the service refuses the read,
+        ``PAGING_LOOP`` when a ``next.href`` comes back a second time.
+        """
+        if not 0 < line_count <= MAX_LINE_COUNT:
+            raise ValueError(f"line_count must be between 1 and {MAX_LINE_COUNT}")
+        path = resource_path(resource)
+        query = urlencode({"_lineCount": str(line_count), "_forcePagination": "true"})
+        url: str | None = f"{self.base_url}{path}?{query}"
+        followed: set[str] = set()
+        while url is not None:
+            followed.add(url)
+            response = await self._call("GET", url)
+            raise_for_status(response, f"listing {path}")
+            body = response.json()
+            page: list[OwnedRecord] = []
+            for row in body.get("content") or []:
+                key, creator = row.get(key_field), row.get("createdBy")
+                if key in (None, "") or "PKey" not in row:
+                    continue
+                if self.owner is not None and not (isinstance(creator, dict) and creator.get("name") == self.owner):
+                    continue
+                page.append(OwnedRecord(str(key), str(row["PKey"]), {f: row.get(f) for f in fields}))
+                self._remember(path, str(key), str(row["PKey"]))  # a delete that follows needs no lookup
+            yield page
+            nxt = body.get("next")
+            url = str(nxt["href"]) if isinstance(nxt, dict) and nxt.get("href") else None
+            if url is not None and url in followed:
+                raise ConnectorError("PAGING_LOOP", f"listing {path}: next.href leads back to a page already read")
 
     async def prepare_links(self, resource: str) -> None:
         """Learn the resource's link fields, so their values (the parent's integration key,

@@ -34,6 +34,7 @@ from syncplane.connectors.dynamics import MAX_PAGE_SIZE, DynamicsSink, DynamicsS
 from syncplane.connectors.http import STOPPING, OAuth2ClientCredentials, RetryableError
 from syncplane.connectors.schema import Schema, SchemaChanged, check
 from syncplane.egress import transform as egress
+from syncplane.ingress.deletes import DeleteReconciler
 from syncplane.ingress.transform import EntityTransform, MappingNotSupported
 from syncplane.worker.checkpoints import (
     AsyncCheckpointStore,
@@ -184,13 +185,14 @@ class _PipelineRunner:
         self.dst_secret = secrets[spec.destination.credentials.name]
         self.tokens = [_tokens(self.src_secret), _tokens(self.dst_secret)]
 
-    def _pipeline(self, stream: Stream, source: Any, guard: Callable[[], Awaitable[None]] | None = None) -> Pipeline:
+    def _pipeline(self, stream: Stream, source: Any, guard: Callable[[], Awaitable[None]] | None = None,
+                  reconcile: Callable[[], Awaitable[Sequence[str]]] | None = None) -> Pipeline:
         """A pipeline over this runner's sink and stores; a record whose parent (a linked profile,
         an event's contact) is not there yet is held and re-sent."""
         s = self.stores
         return Pipeline(self.workflow, stream, source, self.sink, self.report, self.batch_size,
                         checkpoints=s.checkpoints, letters=s.letters, guard=guard, held=s.held, hold=HoldPolicy(),
-                        repairs=s.repairs)
+                        repairs=s.repairs, reconcile=reconcile)
 
     async def aclose(self) -> None:
         await self.source.aclose()
@@ -249,7 +251,9 @@ class IngressRunner(_PipelineRunner):
                              self._link_tables(guard.destination_baseline.links))
             pipelines.append(self._pipeline(s, _KeyedSource(self.source, entity.source_key, entity_set,
                                                             s.transform.lookups(), s.transform.annotations()),
-                                            guard))
+                                            guard, DeleteReconciler(self.source, entity_set, entity.source_key,
+                                                                    self.sink, entity.destination_resource,
+                                                                    entity.destination_key)))
         return pipelines
 
     def _link_tables(self, links: dict[str, str]) -> dict[str, str]:

@@ -57,6 +57,9 @@ class Checkpoint:
     rows: int = -1                 # rows counted by the last complete full read (-1: unknown)
     partial: int = 0               # rows so far in a full read in progress
     replaying: bool = False        # the full read in progress is a replay: create-only fields are written
+    # A full read began (set with its first page) and its deletes are not reconciled yet: kept
+    # across crashes, so the reconciliation happens once the read is complete, in this pass or later.
+    reconcile: bool = False
 
     def dumps(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -67,7 +70,8 @@ class Checkpoint:
             return cls()
         try:
             data = json.loads(raw)
-            return cls(**{k: data[k] for k in ("cursor", "filter", "replay", "rows", "partial", "replaying")
+            return cls(**{k: data[k] for k in ("cursor", "filter", "replay", "rows", "partial", "replaying",
+                                                 "reconcile")
                           if k in data})
         except (ValueError, TypeError):
             return cls()  # unreadable: read everything again (idempotent), never guess
@@ -98,10 +102,14 @@ class Pipeline:
                  batch_size: int, *, checkpoints: AsyncCheckpointStore, letters: AsyncDeadLetterStore,
                  queue_pages: int = 2, guard: Callable[[], Awaitable[None]] | None = None,
                  held: AsyncHeldStore | None = None, hold: HoldPolicy | None = None,
-                 repairs: AsyncRepairQueue | None = None) -> None:
+                 repairs: AsyncRepairQueue | None = None,
+                 reconcile: Callable[[], Awaitable[Sequence[str]]] | None = None) -> None:
         self.workflow, self.stream = workflow, stream
         # Records `syncplane verify --repair` queued: sent first in the next pass, through the transform.
         self.repairs = repairs
+        # Lists the keys the integration wrote at the destination that the source no longer has
+        # (see syncplane.ingress.deletes): called once each full read is complete.
+        self.reconcile = reconcile
         self.source, self.sink, self.report = source, sink, report
         self.batch_size = batch_size
         self.queue: asyncio.Queue[Page | None] = asyncio.Queue(maxsize=queue_pages)
@@ -183,6 +191,7 @@ class Pipeline:
                 if page.full:
                     full_pages = True
                     self.checkpoint.partial += len(page.records)
+                    self.checkpoint.reconcile = self.reconcile is not None
                 if page.restart:
                     full_pages, self.checkpoint.partial = False, 0
                 if page.cursor is not None:
@@ -197,6 +206,8 @@ class Pipeline:
                 self.checkpoint.rows, self.checkpoint.partial = self.checkpoint.partial, 0
                 self.checkpoint.replaying = False
                 await self._commit()
+            if self.checkpoint.reconcile and read_to_the_end and not stop.is_set():
+                await self._reconcile_deletes(stop)
             if self.held is not None and read_to_the_end and not stop.is_set():
                 # After the read, not before: a newer event of a held key (read just now) has
                 # superseded its held copy, which must not be sent after it.
@@ -209,6 +220,38 @@ class Pipeline:
             self._drain_queue()
             self._update_backlog()
         return read
+
+    async def _reconcile_deletes(self, stop: asyncio.Event) -> None:
+        """End a full read by reconciling deletes: a full read carries no ``$deletedEntity`` rows
+        (after an expired delta token, a replay or a filter change, what was deleted meanwhile is
+        simply absent). Each key the integration wrote that the source no longer has goes through
+        the transform as the tombstone Dataverse would have sent: deleted where the mapping
+        applies deletes, else counted in ``report.stale`` and logged. Records the integration did
+        not create are never listed, so never touched."""
+        assert self.reconcile is not None
+        stale = list(await self.reconcile())
+        tombstones = [Record(key, deleted=True) for key in stale]
+        deletes = sum(1 for r in tombstones if self.stream.transform.apply(r, True).action == Action.DELETE)
+        kept = len(stale) - deletes
+        self.report.stale[self.stream.name] = kept
+        if kept:
+            log.warning("%s: %d records written by the integration are no longer in the source; deletes are "
+                        "not applied, so they stay at the destination", self.stream.name, kept)
+        if deletes:
+            log.info("%s: deleting %d records the source no longer has (found after a full read)",
+                     self.stream.name, deletes)
+            self._in_flight = len(tombstones)
+            self._update_backlog()
+            try:
+                if not await self._write_page(tombstones, True, stop):
+                    return  # stopped: reconciled again next time (deletes are idempotent)
+            finally:
+                self.writing = False
+                self._in_flight = 0
+                self._update_backlog()
+            self.report.stale_deleted += deletes
+        self.checkpoint.reconcile = False
+        await self._commit()
 
     async def _resume_point(self) -> Checkpoint:
         """The committed checkpoint, with its cursor dropped (read everything again) when the

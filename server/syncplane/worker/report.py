@@ -31,6 +31,10 @@ class WorkerReport:
     resyncs: int = 0                 # full reads forced by an expired delta token
     held: int = 0                    # records waiting for what they point at (e.g. a contact)
     tables: dict[str, int] = field(default_factory=dict)  # rows per source table (last full read)
+    # Records the integration wrote that the source no longer has, found at the end of a full read:
+    # deleted (where the mapping applies deletes), or left in place and counted per stream.
+    stale_deleted: int = 0
+    stale: dict[str, int] = field(default_factory=dict)
     # Rows of this workflow in the dead-letter store (-1: not counted yet), and which store: the
     # workers sharing one store report the same rows.
     dead_letters: int = -1
@@ -64,5 +68,9 @@ class WorkerReport:
         metric("held_records", "gauge", "Records held until what they point at exists.", self.held)
         if self.dead_letters >= 0:
             metric("dead_letters", "gauge", "Records waiting in the dead-letter store.", self.dead_letters)
+        metric("stale_deleted_total", "counter", "Records the source no longer had, deleted after a full read.",
+               self.stale_deleted)
+        metric("stale_records", "gauge", "Records the source no longer has, left at the destination (deletes off).",
+               sum(self.stale.values()))
         metric("resyncs_total", "counter", "Full reads forced by an expired delta token.", self.resyncs)
         return "\n".join(lines) + "\n"
