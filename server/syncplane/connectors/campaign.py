@@ -128,11 +128,11 @@ class CampaignSink(_Base):
                             line_count: int = 1000) -> AsyncIterator[list[OwnedRecord]]:
         """Every record of ``resource`` the integration owns, a page (≤ ``line_count`` records) at a time.
 
-        The one place that says what the integration owns in Campaign (DOMAIN.md: records in
-        Campaign the integration did not create are never modified): a record whose integration
-        key (``key_field``, e.g. ``externalId``, a custom resource's ``crmId``) is set and whose
-        ``createdBy.name`` is the integration's client id (``owner``; when ``owner`` is None,
-        every record carrying the key). A profile a marketer made by hand, with or without an
+        What the integration owns in Campaign (DOMAIN.md: records in Campaign the integration did
+        not create are never modified): a record whose integration key (``key_field``, e.g.
+        ``externalId``, a custom resource's ``crmId``) is set and that :func:`owned_by` the
+        integration's client id (``owner``; when ``owner`` is None, every record carrying the key).
+        A profile a marketer made by hand, with or without an
         ``externalId``, is never listed. ``fields``: the values to carry (none by default).
 
         Reads ``GET <resource>?_lineCount=N&_forcePagination=true`` and follows ``next.href``
@@ -153,10 +153,8 @@ class CampaignSink(_Base):
             body = response.json()
             page: list[OwnedRecord] = []
             for row in body.get("content") or []:
-                key, creator = row.get(key_field), row.get("createdBy")
-                if key in (None, "") or "PKey" not in row:
-                    continue
-                if self.owner is not None and not (isinstance(creator, dict) and creator.get("name") == self.owner):
+                key = row.get(key_field)
+                if key in (None, "") or "PKey" not in row or not owned_by(row, self.owner):
                     continue
                 page.append(OwnedRecord(str(key), str(row["PKey"]), {f: row.get(f) for f in fields}))
                 self._remember(path, str(key), str(row["PKey"]))  # a delete that follows needs no lookup
