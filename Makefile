@@ -5,23 +5,26 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# Reinstall when the dependency list changes.
-VENV_STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
+# Reinstall when the dependency list or the lock changes.
+VENV_STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements.lock | sha1sum | cut -c1-12)
 # Debian packages the tests use: openssl makes TLS test certificates and the
-# test cluster's PKI; git and ca-certificates fetch Go modules for the cluster build.
-APT_PACKAGES := openssl git ca-certificates
+# test cluster's PKI; git and ca-certificates fetch Go modules for the cluster build; buildah builds and runs
+# the container image without a daemon, on a Debian base that debootstrap makes.
+APT_PACKAGES := openssl git ca-certificates buildah debootstrap
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST := $(BIN)/pytest -p no:cacheprovider
 
-.PHONY: help setup apt venv k8s-binaries run test test-unit test-integration test-e2e test-k8s check-leftovers chart \
-        proto proto-check lint bench fuzz clean
+.PHONY: help setup apt venv lock k8s-binaries image run test test-unit test-integration test-e2e test-image \
+        test-k8s check-leftovers chart proto proto-check lint bench fuzz clean
 
 help:
 	@echo "make run     start the embedded control plane, its web console, the sandbox emulators and the default workflows"
-	@echo "make test    set up and run every test tier (unit, integration, e2e, k8s) plus the checks"
+	@echo "make test    set up and run every test tier (unit, integration, e2e, image, k8s) plus the checks"
+	@echo "make image   build the container image with buildah, and its SBOM, into build/image/"
 	@echo "make bench   benchmarks, reported as ratios against an in-process baseline"
 	@echo "make fuzz    the API fuzzer for FUZZ_SECONDS (600) against a live embedded server; prints what it tried"
 	@echo "make proto   regenerate the committed protobuf/gRPC stubs"
+	@echo "make lock    re-resolve requirements.lock (runtime dependencies with hashes) from pyproject.toml"
 	@echo "make lint    ruff, mypy, buf lint and the generated-code check"
 	@echo "make chart   helm lint --strict every ci/ scenario; security and RBAC checks of the rendered chart"
 
@@ -29,16 +32,26 @@ apt:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "apt-get install$$missing"; \
-	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
+	    -o DPkg::Lock::Timeout=600 $$missing; \
 	fi
 
-$(VENV_STAMP): pyproject.toml
+# The runtime dependencies exactly as locked, every file checked against its hash (the image installs the
+# same lock), then the project itself and the development tools.
+$(VENV_STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q --require-hashes -r requirements.lock
 	$(BIN)/pip install -q -e '.[dev]'
 	rm -f $(VENV)/.installed-* && touch $@
 
 venv: $(VENV_STAMP)
+
+# Re-resolve requirements.lock (the runtime dependencies of pyproject.toml, pinned, with every file's hash).
+lock:
+	$(PYTHON) -m venv build/lock-venv && build/lock-venv/bin/pip install -q pip-tools
+	build/lock-venv/bin/pip-compile -q --generate-hashes --allow-unsafe --strip-extras --no-emit-index-url \
+	  --no-emit-find-links -o requirements.lock pyproject.toml
 
 setup: apt venv
 
@@ -46,6 +59,11 @@ setup: apt venv
 # helm, built from the Go module proxy into ~/.cache/syncplane/ (once per version).
 k8s-binaries:
 	scripts/build-k8s.sh
+
+# The container image (Dockerfile) built by buildah on a debootstrapped Debian base, its OCI layout and SBOM
+# in build/image/; rebuilt only when its inputs change (scripts/build-image.sh says what is cached).
+image: apt
+	scripts/build-image.sh
 
 run: setup
 	$(BIN)/syncplane up --data-dir .syncplane --sandbox
@@ -72,6 +90,9 @@ test-integration: venv
 test-e2e: setup
 	$(PYTEST) tests/e2e
 
+test-image: venv image
+	$(PYTEST) tests/image
+
 test-k8s: venv k8s-binaries
 	$(PYTEST) tests/k8s
 
@@ -83,7 +104,7 @@ chart: venv k8s-binaries
 check-leftovers: venv
 	$(BIN)/python scripts/check_leftovers.py
 
-test: setup k8s-binaries lint chart test-unit test-integration test-e2e test-k8s check-leftovers
+test: setup k8s-binaries lint chart test-unit test-integration test-e2e test-image test-k8s check-leftovers
 
 bench: venv
 	$(BIN)/python -m benchmarks
@@ -95,4 +116,4 @@ fuzz: venv
 	  $(PYTEST) -s tests/integration/test_api_fuzz.py
 
 clean:
-	rm -rf $(VENV) .syncplane .mypy_cache .ruff_cache
+	rm -rf $(VENV) .syncplane .mypy_cache .ruff_cache build/image

@@ -1,14 +1,17 @@
-"""After the test tiers: fail if any test-cluster or worker process survived."""
+"""After the test tiers: fail if any test-cluster or worker process, or image-tier container, survived."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
 import psutil
 
 CACHE = Path(os.environ.get("SYNCPLANE_CACHE", Path.home() / ".cache" / "syncplane"))
+TEST_CONTAINER = "syncplane-test-"   # the image tier's working containers (tests/image/conftest.py)
 CLUSTER_BINARIES = {"etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok"}
 
 
@@ -21,8 +24,13 @@ def leftovers() -> list[str]:
         cmd = proc.info["cmdline"] or []
         from_cache = exe.startswith(str(CACHE)) and Path(exe).name in CLUSTER_BINARIES
         test_worker = "syncplane" in " ".join(cmd[:3]) and "worker" in cmd and any("pytest-of-" in c for c in cmd)
-        if from_cache or test_worker:
+        image_run = bool(cmd) and Path(cmd[0]).name == "buildah" and any(c.startswith(TEST_CONTAINER) for c in cmd)
+        if from_cache or test_worker or image_run:
             found.append(f"pid {proc.info['pid']}: {' '.join(cmd)[:160]}")
+    if shutil.which("buildah"):
+        names = subprocess.run(["buildah", "--storage-driver", "vfs", "containers", "--noheading", "--format",
+                                "{{.ContainerName}}"], capture_output=True, text=True, check=False).stdout.split()
+        found += [f"buildah container {n}" for n in names if n.startswith(TEST_CONTAINER)]
     return found
 
 

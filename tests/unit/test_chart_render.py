@@ -271,8 +271,10 @@ def test_the_dockerfile_runs_the_package_console_script_as_non_root():
         assert command in cli.commands
     assert build_worker_deployment("wf", "ns", "h", 1, 1)["spec"]["template"]["spec"]["containers"][0]["args"][0] \
         == "worker"
-    # multi-stage, slim, non-root (the uid the chart and the worker pods run as)
-    assert len(re.findall(r"^FROM python:\S+-slim AS \w+$", dockerfile, re.M)) == 2
+    # multi-stage on one base (by default the official slim Python 3.11 image pinned by digest; CI passes a
+    # debootstrapped Debian base), non-root (the uid the chart and the worker pods run as)
+    assert len(re.findall(r"^FROM \$\{BASE\} AS \w+$", dockerfile, re.M)) == 2
+    assert re.search(r"^ARG BASE=docker\.io/library/python:3\.11-slim-bookworm@sha256:[0-9a-f]{64}$", dockerfile, re.M)
     user = re.search(r"^USER (\d+):(\d+)$", dockerfile, re.M)
     assert user and user.group(1) != "0"
     worker_pod = build_worker_deployment("wf", "ns", "h", 1, 1)["spec"]["template"]["spec"]
