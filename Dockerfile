@@ -26,6 +26,8 @@ RUN /opt/build/bin/pip wheel --no-deps --wheel-dir /wheels .
 
 # ---- runtime: the wheels installed into a virtualenv (no pip left in it), run as a non-root user
 FROM ${BASE} AS runtime
+LABEL org.opencontainers.image.title="syncplane" \
+      org.opencontainers.image.description="syncplane: the API server, the operator and the workers (syncplane server|operator|worker)"
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
     PATH=/opt/syncplane/bin:$PATH
 RUN --mount=type=bind,from=build,source=/,target=/build \

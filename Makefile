@@ -93,7 +93,7 @@ test-e2e: setup
 test-image: venv image
 	$(PYTEST) tests/image
 
-test-k8s: venv k8s-binaries
+test-k8s: venv k8s-binaries image
 	$(PYTEST) tests/k8s
 
 # The Helm chart: helm lint --strict on every ci/ scenario, security and RBAC checks over helm template

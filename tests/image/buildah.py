@@ -41,7 +41,7 @@ class Container:
 
     proc: subprocess.Popen[bytes]
     log: Path
-    _out: Any = field(repr=False)
+    out: Any = field(repr=False)   # the log file, open for the process
 
     def entrypoint(self) -> psutil.Process | None:
         """The entrypoint's process: the deepest descendant of `buildah run` that is not buildah itself."""
@@ -67,7 +67,7 @@ class Container:
             return self.proc.wait(timeout=timeout)
         finally:
             if self.proc.poll() is not None:
-                self._out.close()
+                self.out.close()
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -76,7 +76,7 @@ class Container:
                 target.kill()
             self.proc.kill()
             self.proc.wait()
-        self._out.close()
+        self.out.close()
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
@@ -113,6 +113,11 @@ class Image:
     def remove(container: str) -> None:
         subprocess.run([*BUILDAH, "rm", container], capture_output=True, check=False)
 
+    def exec(self, container: str, argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
+        """`argv` itself (not the entrypoint) in the container, as the image's user; raises if it fails."""
+        return subprocess.run([*BUILDAH, "run", "--isolation", "chroot", container, "--", *argv],
+                              capture_output=True, text=True, timeout=120, check=True)
+
     def _command(self, container: str, args: Sequence[str], volumes: dict[Path, str] | None,
                  env: dict[str, str] | None, user: str | None) -> list[str]:
         cmd = [*BUILDAH, "run", "--isolation", "chroot"]
@@ -132,12 +137,25 @@ class Image:
         return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
 
     def start(self, container: str, args: Sequence[str], log: Path, *, volumes: dict[Path, str] | None = None,
-              env: dict[str, str] | None = None) -> Container:
+              env: dict[str, str] | None = None, user: str | None = None) -> Container:
         """The entrypoint with `args`, in the background; its output goes to `log`."""
         out = open(log, "wb")  # noqa: SIM115 (closed by Container.wait/kill)
-        proc = subprocess.Popen(self._command(container, args, volumes, env, None), stdin=subprocess.DEVNULL,
+        proc = subprocess.Popen(self._command(container, args, volumes, env, user), stdin=subprocess.DEVNULL,
                                 stdout=out, stderr=subprocess.STDOUT)
         return Container(proc, log, out)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """A node's container runtime for one image: every container is a `buildah run` in one working container
+    of it (vfs copies the whole image per working container; pods write only to their mounted /tmp)."""
+
+    image: Image
+    container: str
+
+    def start(self, args: Sequence[str], log: Path, *, volumes: dict[Path, str], env: dict[str, str],
+              user: str) -> Container:
+        return self.image.start(self.container, args, log, volumes=volumes, env=env, user=user)
 
 
 @dataclass(frozen=True)

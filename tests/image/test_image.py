@@ -40,28 +40,22 @@ UID, GID = POD_SECURITY["runAsUser"], POD_SECURITY.get("runAsGroup", POD_SECURIT
 def test_the_entrypoint_runs_server_operator_and_worker_as_the_non_root_user(image: Image, container: str) -> None:
     assert image.config["User"] == f"{UID}:{GID}"
     assert image.config["Entrypoint"] == ["syncplane"]
-    ids = subprocess.run(["buildah", "--storage-driver", "vfs", "run", "--isolation", "chroot", container, "--",
-                          "id", "-u"], capture_output=True, text=True, check=True)
-    assert ids.stdout.strip() == str(UID)
+    assert image.exec(container, ["id", "-u"]).stdout.strip() == str(UID)
     for command in ("server", "operator", "worker"):
         done = image.run(container, [command, "--help"])
         assert done.returncode == 0, done.stderr
         assert f"Usage: syncplane {command} [OPTIONS]" in done.stdout
         assert "Traceback" not in done.stderr
-    # The virtualenv is Python 3.11, as the lock file was resolved for, and holds no installer.
-    version = image.run(container, ["--version"])
-    assert version.returncode == 0, version.stderr
-    listing = subprocess.run(["buildah", "--storage-driver", "vfs", "run", "--isolation", "chroot", container, "--",
-                              "python3", "-c", "import sys, importlib.util as u; "
-                              "print(sys.version_info[:2], u.find_spec('pip') is None)"],
-                             capture_output=True, text=True, check=True)
-    assert listing.stdout.strip() == "(3, 11) True"
+    # The virtualenv's Python is 3.11, which the lock file was resolved for, and it holds no installer.
+    probe = image.exec(container, ["python3", "-c", "import sys, importlib.util as u; "
+                                   "print(sys.version_info[:2], u.find_spec('pip') is None)"])
+    assert probe.stdout.strip() == "(3, 11) True", probe.stderr
 
 
 @pytest.mark.timeout(900)
 async def test_a_worker_from_the_image_syncs_ingress_and_drains_on_sigterm(image: Image, container: str,
                                                                          tmp_path: Path) -> None:
-    sb = await start_sandbox(seed=SeedSpec(contacts=20_000, seed=19))
+    sb = await start_sandbox(seed=SeedSpec(contacts=10_000, seed=19))
     data = tmp_path / "data"
     data.mkdir()
     try:
@@ -73,7 +67,7 @@ async def test_a_worker_from_the_image_syncs_ingress_and_drains_on_sigterm(image
 
         first = image.start(container, args, tmp_path / "worker-1.log", volumes={data: "/data"})
         try:
-            await converge(lambda: len(sb.acs.profiles.rows) >= 2_000, 300, "2,000 profiles from the image's worker")
+            await converge(lambda: len(sb.acs.profiles.rows) >= 1_000, 300, "1,000 profiles from the image's worker")
             entry = first.entrypoint()
             assert entry is not None and entry.uids().real == UID
             first.signal(signal.SIGTERM)   # mid-load: the batch in flight finishes, its page is committed

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.image.buildah import Image, Runtime
 from tests.k8s.cluster import TestCluster
 
 START_SECONDS = pytest.StashKey[float]()
@@ -46,3 +47,14 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: p
     seconds = config.stash.get(START_SECONDS, None)
     if seconds is not None:
         terminalreporter.write_line(f"k8s test cluster ready (fake node Ready) in {seconds:.1f}s")
+
+
+@pytest.fixture(scope="session")
+def worker_image() -> Iterator[Runtime]:
+    """The built image (scripts/build-image.sh, cached) as the fake kubelet's container runtime."""
+    image = Image.build()
+    container = image.container(f"syncplane-test-kubelet-{uuid.uuid4().hex[:8]}")
+    try:
+        yield Runtime(image, container)
+    finally:
+        image.remove(container)

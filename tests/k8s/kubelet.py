@@ -7,11 +7,18 @@ with the spec file written from the pod's ConfigMap volume, POD_NAME/POD_UID
 set as the downward API would, and loopback for its HTTP port. When a pod is
 deleted (scale down, stop, Workflow deletion) the process gets SIGTERM, as a
 container would, and drains. Nothing dials a pod.
+
+Given an image `Runtime` (tests/image/buildah.py), the container runs from the built image instead of the
+virtualenv, as the pod's user: `buildah run` in one working container of the image, the pod's /tmp and its
+spec files mounted, its kubeconfig (certificates inlined) readable by that user only. The pods then run what a
+real cluster would run. Not the default: each start costs a chroot and a second or two more on a loaded
+2-core machine, and the tier's timings were tuned for the virtualenv.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import os
@@ -21,6 +28,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from tests.image.buildah import Container as ImageContainer
+from tests.image.buildah import Runtime, chown_tree
 
 log = logging.getLogger(__name__)
 WORKER_SELECTOR = "syncplane.io/workflow"
@@ -33,11 +43,20 @@ class Container:
     pod: str
     proc: subprocess.Popen[bytes]
     log: Any
+    image: ImageContainer | None = None   # run from the image: signals go to the process inside the chroot
+
+    def signal(self, sig: signal.Signals) -> None:
+        if self.image is not None:
+            self.image.signal(sig)
+        else:
+            self.proc.send_signal(sig)
 
 
 class FakeKubelet:
-    def __init__(self, namespace: str, kubeconfig: Path, workdir: Path, interval: float = 0.2) -> None:
+    def __init__(self, namespace: str, kubeconfig: Path, workdir: Path, interval: float = 0.2,
+                 runtime: Runtime | None = None) -> None:
         self.namespace, self.kubeconfig, self.workdir, self.interval = namespace, kubeconfig, workdir, interval
+        self.runtime = runtime
         self.containers: dict[str, Container] = {}
         self.hold_starts = False   # True: new pods wait (a node slow to start containers)
         self._task: asyncio.Task[None] | None = None
@@ -117,9 +136,28 @@ class FakeKubelet:
         # The pod's own /tmp (an emptyDir in the Deployment): the worker's local state is never shared.
         tmp = self.workdir / f"{name}-tmp"
         tmp.mkdir(exist_ok=True)
+        if self.runtime is not None:
+            return self._run_image(pod, args, tmp)
         env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "POD_NAME": name, "POD_UID": pod.metadata.uid,
                "TMPDIR": str(tmp)}
         return self._spawn(name, args, env)
+
+    def _run_image(self, pod: Any, args: list[str], tmp: Path) -> Container:
+        assert self.runtime is not None
+        name = pod.metadata.name
+        security = pod.spec.security_context
+        uid, gid = security.run_as_user, security.run_as_group or security.run_as_user
+        kubeconfig = self.workdir / f"{name}-kubeconfig"
+        kubeconfig.write_text(json.dumps(inline_certificates(json.loads(self.kubeconfig.read_text()))))
+        kubeconfig.chmod(0o600)
+        chown_tree(tmp, uid, gid)
+        os.chown(kubeconfig, uid, gid)
+        env = {"KUBECONFIG": str(kubeconfig), "POD_NAME": name, "POD_UID": pod.metadata.uid, "TMPDIR": "/tmp"}
+        log_path = self.workdir / f"{name}.log"
+        started = self.runtime.start(args, log_path, volumes={self.workdir: str(self.workdir), tmp: "/tmp"},
+                                     env=env, user=f"{uid}:{gid}")
+        log.info("fake kubelet: started %s from %s: %s", name, self.runtime.image.ref, json.dumps(args))
+        return Container(name, started.proc, started.out, image=started)
 
     def _spawn(self, name: str, args: list[str], env: dict[str, str]) -> Container:
         out = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115 (closed in _stop)
@@ -132,10 +170,22 @@ class FakeKubelet:
     def _stop(container: Container) -> None:
         proc = container.proc
         if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
+            container.signal(signal.SIGTERM)
             try:
                 proc.wait(timeout=STOP_SECONDS)
             except subprocess.TimeoutExpired:
-                proc.kill()   # a grace period ran out, as the kubelet would
+                container.signal(signal.SIGKILL)   # a grace period ran out, as the kubelet would
+                proc.kill()
                 proc.wait()
         container.log.close()
+
+
+def inline_certificates(kubeconfig: dict[str, Any]) -> dict[str, Any]:
+    """The kubeconfig with its certificate and key files inlined as *-data (a pod sees no host path)."""
+    files = {"certificate-authority", "client-certificate", "client-key"}
+    for section, key in (("clusters", "cluster"), ("users", "user")):
+        for entry in kubeconfig.get(section, []):
+            body = entry[key]
+            for field in files & body.keys():
+                body[f"{field}-data"] = base64.b64encode(Path(body.pop(field)).read_bytes()).decode()
+    return kubeconfig
