@@ -26,7 +26,9 @@ ROOT = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = ROOT / "scripts" / "build-image.sh"
 OUT = ROOT / "build" / "image"
 BUILDAH = ["buildah", "--storage-driver", "vfs"]
-PRIVATE_KEY = re.compile(rb"-----BEGIN [A-Z ]*PRIVATE KEY-----")
+# A PEM private key: the armour lines around a base64 body (a library holding the header alone is no key).
+PRIVATE_KEY = re.compile(rb"-----BEGIN ([A-Z ]*)PRIVATE KEY-----\r?\n[A-Za-z0-9+/=:, \r\n-]{40,}?"
+                         rb"-----END \1PRIVATE KEY-----")
 
 
 def buildah(*args: str, timeout: float = 300) -> str:
@@ -165,6 +167,7 @@ class LayerFile:
     size: int
     sha256: str | None  # regular files only
     private_key: bool   # a PEM private key block in the file's content
+    text: str | None    # the content of dpkg's file lists (var/lib/dpkg/info/*.list), None for others
 
 
 def layer_files(oci_dir: Path = OUT / "oci") -> Iterator[LayerFile]:
@@ -175,13 +178,21 @@ def layer_files(oci_dir: Path = OUT / "oci") -> Iterator[LayerFile]:
     for n, layer in enumerate(manifest["layers"]):
         with tarfile.open(_blob(oci_dir, layer["digest"]), mode="r:*") as tar:
             for member in tar:
-                digest, private_key = None, False
+                path = member.name.removeprefix("./").lstrip("/")
+                digest, private_key, text = None, False, None
                 if member.isfile():
                     f = tar.extractfile(member)
                     assert f is not None
                     content = f.read()
                     digest, private_key = hashlib.sha256(content).hexdigest(), PRIVATE_KEY.search(content) is not None
-                yield LayerFile(n, member.name.removeprefix("./").lstrip("/"), member.size, digest, private_key)
+                    if path.startswith("var/lib/dpkg/info/") and path.endswith(".list"):
+                        text = content.decode(errors="replace")
+                yield LayerFile(n, path, member.size, digest, private_key, text)
+
+
+def dpkg_owned(files: list[LayerFile]) -> set[str]:
+    """The paths that the image's Debian packages installed (from dpkg's file lists in the layers)."""
+    return {line.lstrip("/") for f in files if f.text for line in f.text.splitlines() if line.strip()}
 
 
 def oci_config(oci_dir: Path = OUT / "oci") -> dict[str, Any]:
