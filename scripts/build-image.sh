@@ -105,8 +105,9 @@ build_image() {
   bah bud --isolation chroot --build-arg "BASE=$BASE_IMAGE" "${args[@]}" -f "$ROOT/Dockerfile" -t "$REF" "$ROOT" >&2
   log "built $REF in $((SECONDS - t0))s"
   # Older builds of this image go (the newest few stay for worktrees that still use them).
-  bah images --noheading --sort created --format '{{.Name}}:{{.Tag}}' "$IMAGE" 2>/dev/null \
-    | grep -vx "$REF" | head -n -$((KEEP_IMAGES - 1)) | xargs -r buildah --storage-driver vfs rmi >/dev/null 2>&1 || true
+  bah images --noheading --format '{{.CreatedAtRaw}}|{{.Name}}:{{.Tag}}' | grep -F "|$IMAGE:" | sort \
+    | cut -d'|' -f2 | grep -vxF "$REF" | head -n -$((KEEP_IMAGES - 1)) \
+    | xargs -r buildah --storage-driver vfs rmi >/dev/null 2>&1 || true
 }
 
 export_image() {
