@@ -14,8 +14,7 @@ FROM ${BASE} AS build
 # A package index or a CA bundle of the builder's network (empty: PyPI with the base's own CAs).
 ARG PIP_INDEX_URL
 ARG PIP_CERT
-# pip's cache stays on (this stage is thrown away): make image mounts a host directory on /root/.cache/pip.
-ENV PIP_DISABLE_PIP_VERSION_CHECK=1
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 WORKDIR /src
 RUN python3 -m venv /opt/build
 COPY requirements.lock ./

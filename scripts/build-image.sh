@@ -102,9 +102,6 @@ build_image() {
     args+=(--volume "$bundle:/etc/ssl/certs/ca-certificates.crt:ro" --build-arg PIP_CERT=/etc/ssl/certs/ca-certificates.crt)
   fi
   if [[ -n "${PIP_INDEX_URL:-}" ]]; then args+=(--build-arg "PIP_INDEX_URL=$PIP_INDEX_URL"); fi
-  # pip's download cache on the host: a change of the sources does not download every locked wheel again.
-  mkdir -p "$CACHE/pip"
-  args+=(--volume "$CACHE/pip:/root/.cache/pip")
   bah bud --isolation chroot --build-arg "BASE=$BASE_IMAGE" "${args[@]}" -f "$ROOT/Dockerfile" -t "$REF" "$ROOT" >&2
   log "built $REF in $((SECONDS - t0))s"
   # Older builds of this image go (the newest few stay for worktrees that still use them).
