@@ -29,6 +29,7 @@ from syncplane.connectors.base import ConnectorError
 from syncplane.connectors.campaign import CampaignSink
 from syncplane.connectors.dynamics import DynamicsSource
 from syncplane.connectors.http import Credentials, OAuth2ClientCredentials
+from syncplane.ingress.deletes import DeleteReconciler
 from syncplane.ingress.transform import EntityTransform
 from syncplane.sandbox import SANDBOX_CLIENT_ID, SANDBOX_CLIENT_SECRET, Sandbox, SeedSpec, start_sandbox
 from syncplane.sandbox.variants import PAGE_ACTIONS
@@ -69,8 +70,9 @@ class Harness:
         self.stream = Stream(name="contact", table="contacts", resource="profile", key_field="externalId",
                              transform=EntityTransform(entity))
         self.report = WorkerReport("paging", 0, 1)
+        reconcile = DeleteReconciler(self.source, "contacts", "contactid", self.sink, "profile", "externalId")
         self.pipeline = Pipeline("paging", self.stream, self.source, self.sink, self.report, 100,
-                                 checkpoints=self.state, letters=self.state)
+                                 checkpoints=self.state, letters=self.state, reconcile=reconcile)
 
     def cursor(self) -> str | None:
         return Checkpoint.loads(self.state.load("paging", "contact")).cursor
@@ -113,11 +115,9 @@ def change(sb: Sandbox, kind: str, n: int) -> None:
 
 
 def level(sb: Sandbox) -> str | None:
-    """Every source record is at the destination with its current values; None when so."""
+    """The destination equals the source (inserts, updates and deletes); None when so."""
     expected, actual = expected_profiles(sb), actual_profiles(sb)
-    stale = {k: v for k, v in actual.items() if k in expected and v != expected[k]}
-    missing = expected.keys() - actual.keys()
-    return None if not stale and not missing else diff(expected, {k: v for k, v in actual.items() if k in expected})
+    return None if expected == actual else diff(expected, actual)
 
 
 POLL = st.tuples(st.lists(st.sampled_from(PAGE_ACTIONS), max_size=6),
