@@ -99,11 +99,36 @@ class RetryPolicy:
         return random.uniform(0.0, min(self.max_delay, self.base_delay * (2 ** attempt)))
 
 
+@dataclass
+class LinkHealth:
+    """How the requests to one vendor API fare, for the worker's status: since when (epoch
+    seconds) every exchange has failed, and the last failure. A failure is a 429, a 5xx, a
+    refused or dropped connection or a timeout (each attempt, retried or not); any other answer
+    is a success and clears it. Only exchange outcomes are kept: never a body or a query."""
+
+    failing_since: float | None = None
+    error: str = ""
+    status: int | None = None        # the last failure's HTTP status; None: no answer at all
+    throttled: bool = False          # the last failure was a 429 (the vendor's throttling)
+
+    def failed(self, error: str, status: int | None) -> None:
+        if self.failing_since is None:
+            self.failing_since = time.time()
+        self.error, self.status, self.throttled = error, status, status == 429
+
+    def succeeded(self) -> None:
+        if self.failing_since is not None:
+            self.failing_since, self.error, self.status, self.throttled = None, "", None, False
+
+
 class RetryGate:
-    """"Not before" instant shared by every request of one client: a ``Retry-After`` holds them all."""
+    """"Not before" instant shared by every request of one client: a ``Retry-After`` holds them all.
+    It also carries the client's :class:`LinkHealth` (the same sharing: a token endpoint and the
+    API it serves are one link)."""
 
     def __init__(self) -> None:
         self._until = 0.0
+        self.health = LinkHealth()
 
     def hold(self, seconds: float) -> None:
         self._until = max(self._until, time.monotonic() + seconds)
@@ -243,6 +268,7 @@ class Transport:
                 try:
                     response, wait = await self._send(method, url, hdrs, content, json, data)
                 except (aiohttp.ClientError, TimeoutError) as exc:
+                    self.gate.health.failed(f"{method} {_redact(url)}: {type(exc).__name__}", None)
                     failures += 1
                     if failures >= policy.max_attempts:
                         raise RetryableError(f"{method} {_redact(url)}: {type(exc).__name__} after "
@@ -256,6 +282,10 @@ class Transport:
                 await pause(delay)
                 continue
             status = response.status_code
+            if status == 429 or status >= 500:
+                self.gate.health.failed(f"{method} {_redact(url)}: HTTP {status}", status)
+            else:
+                self.gate.health.succeeded()
             if status == 401 and auth is not None and not refreshed:
                 refreshed = True
                 assert token is not None

@@ -3,7 +3,16 @@ decision. Pure code with no I/O, shared by the embedded supervisor and the
 Kubernetes operator."""
 
 from syncplane.lifecycle.drift import applied_view, changed_fields, spec_hash
-from syncplane.lifecycle.reconcile import Observed, Outcome, WorkerFailure, reconcile
+from syncplane.lifecycle.reconcile import (
+    DEFAULT_POLICY,
+    Observed,
+    Outcome,
+    Policy,
+    Trouble,
+    WorkerFailure,
+    reconcile,
+    restartable,
+)
 from syncplane.lifecycle.transitions import (
     check_preconditions,
     check_replay,
@@ -14,8 +23,11 @@ from syncplane.lifecycle.transitions import (
 )
 
 __all__ = [
+    "DEFAULT_POLICY",
     "Observed",
     "Outcome",
+    "Policy",
+    "Trouble",
     "WorkerFailure",
     "applied_view",
     "changed_fields",
@@ -26,5 +38,6 @@ __all__ = [
     "request_restart",
     "request_start",
     "request_stop",
+    "restartable",
     "spec_hash",
 ]

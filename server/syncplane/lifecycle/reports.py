@@ -1,6 +1,13 @@
 """Worker heartbeat reports (the /status JSON, or a Lease annotation) summed into what
-the control plane shows: backlog, counters and table sizes. Pure; the embedded
-supervisor and the operator both use it."""
+the control plane shows: backlog, counters, table sizes, and what is going wrong
+(a failing link, records waiting). Pure; the embedded supervisor and the operator
+both use it.
+
+A report's ``links`` say how each link a worker uses fares, keyed by ``source``,
+``destination`` and ``state_store``: ``{"failing_since": epoch seconds or null,
+"error": str, "status": HTTP status or null, "throttled": bool}``. Its
+``waiting_since`` (epoch seconds or null) is since when records have waited in
+its backlog with none written."""
 
 from __future__ import annotations
 
@@ -9,6 +16,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from syncplane.api.v1 import workflow_pb2 as pb
+from syncplane.lifecycle.reconcile import Trouble
+
+#: The counters a worker reports, summed as they are (all but records_per_second).
+COUNTER_NAMES = ("read", "written", "failed", "dead_lettered", "filtered", "held", "deleted", "resent")
+#: A report's link name → the reason prefix of its trouble.
+LINKS = {"source": "SOURCE", "destination": "DESTINATION", "state_store": "STATE_STORE"}
 
 
 @dataclass(frozen=True)
@@ -17,6 +30,8 @@ class Totals:
     counters: pb.Counters = field(default_factory=pb.Counters)
     tables: dict[str, int] = field(default_factory=dict)
     dead_letters: int | None = None  # None: no worker has counted them yet
+    trouble: Trouble | None = None   # the failing link that has failed longest, over all workers
+    waiting_since: float | None = None  # the oldest wait of any worker's backlog (epoch seconds)
 
 
 def _int(value: Any) -> int:
@@ -33,20 +48,44 @@ def _float(value: Any) -> float:
         return 0.0
 
 
+def _since(value: Any) -> float | None:
+    t = _float(value)
+    return t if t > 0 else None
+
+
+def troubles(report: Mapping[str, Any]) -> list[Trouble]:
+    """The failing links of one report, e.g. ``SOURCE_UNAVAILABLE`` (5xx, refused connections,
+    timeouts) or ``DESTINATION_THROTTLED`` (HTTP 429), oldest first."""
+    links = report.get("links")
+    found = []
+    for name, prefix in LINKS.items():
+        link = links.get(name) if isinstance(links, Mapping) else None
+        if not isinstance(link, Mapping) or (since := _since(link.get("failing_since"))) is None:
+            continue
+        kind = "THROTTLED" if link.get("throttled") else "UNAVAILABLE"
+        found.append(Trouble(f"{prefix}_{kind}", str(link.get("error") or "")[:500], since))
+    return sorted(found, key=lambda t: t.since)
+
+
 def totals(reports: Iterable[Mapping[str, Any]]) -> Totals:
     counters = pb.Counters()
     backlog = 0
     tables: dict[str, int] = {}
     letters: dict[str, int] = {}  # per dead-letter store: workers sharing one count the same rows
+    trouble: Trouble | None = None
+    waiting: float | None = None
     for i, r in enumerate(reports):
         backlog += _int(r.get("backlog"))
         c = r.get("counters")
         c = c if isinstance(c, Mapping) else {}
-        counters.read += _int(c.get("read"))
-        counters.written += _int(c.get("written"))
-        counters.failed += _int(c.get("failed"))
-        counters.dead_lettered += _int(c.get("dead_lettered"))
+        for name in COUNTER_NAMES:
+            setattr(counters, name, getattr(counters, name) + _int(c.get(name)))
         counters.records_per_second += _float(r.get("records_per_second"))
+        for failing in troubles(r)[:1]:
+            if trouble is None or failing.since < trouble.since:
+                trouble = failing
+        if _int(r.get("backlog")) > 0 and (w := _since(r.get("waiting_since"))) is not None:
+            waiting = w if waiting is None else min(waiting, w)
         t = r.get("tables")
         if isinstance(t, Mapping):
             for table, rows in t.items():
@@ -55,4 +94,4 @@ def totals(reports: Iterable[Mapping[str, Any]]) -> Totals:
         if isinstance(n, int) and not isinstance(n, bool) and n >= 0:
             store = str(r.get("dead_letter_store") or f"worker {i}")
             letters[store] = max(letters.get(store, 0), n)
-    return Totals(backlog, counters, tables, sum(letters.values()) if letters else None)
+    return Totals(backlog, counters, tables, sum(letters.values()) if letters else None, trouble, waiting)

@@ -30,7 +30,7 @@ from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.connectors.base import Record, Rejected
 from syncplane.connectors.campaign import CampaignSource
 from syncplane.connectors.dynamics import MAX_PAGE_SIZE, DynamicsSource
-from syncplane.connectors.http import OAuth2ClientCredentials, Transport
+from syncplane.connectors.http import LinkHealth, OAuth2ClientCredentials, Transport
 from syncplane.optinout.memory import SqliteEchoMemory
 from syncplane.optinout.rules import (
     CAMPAIGN,
@@ -95,6 +95,11 @@ class _Item:
     plan: Plan = field(default_factory=Plan)
 
 
+def _records(item: _Item) -> int:
+    """Records read that an item joins: its CRM change, its Campaign change, or both."""
+    return int(item.crm is not None) + int(item.campaign is not None)
+
+
 def _db_path(state: SqliteWorkerState) -> str:
     """The worker state's SQLite file: the echo memory keeps its own table there."""
     db: sqlite3.Connection = state._db
@@ -110,7 +115,8 @@ class OptInOutSync:
                  campaign_writer: CampaignOptOutWriter, checkpoints: AsyncCheckpointStore,
                  letters: AsyncDeadLetterStore, memory: SqliteEchoMemory, report: WorkerReport,
                  batch_size: int = DEFAULT_BATCH_SIZE,
-                 closers: Sequence[OAuth2ClientCredentials | Transport] = ()) -> None:
+                 closers: Sequence[OAuth2ClientCredentials | Transport] = (),
+                 links: dict[str, LinkHealth] | None = None) -> None:
         self.workflow, self.direction, self.pairs = workflow, direction, list(pairs)
         self.crm_source, self.crm_writer = crm_source, crm_writer
         self.campaign_source, self.campaign_writer = campaign_source, campaign_writer
@@ -121,12 +127,20 @@ class OptInOutSync:
         self.checkpoints, self.letters = checkpoints, letters
         self.batch_size = max(1, batch_size)
         self._closers = list(closers)
+        # "source", "destination" → how the requests to that side fare (for the worker's status).
+        self.links = dict(links or {})
         self.crm_fields = [p.crm for p in self.pairs]
         self.campaign_fields = [p.campaign for p in self.pairs]
         self.last = PassStats()
         self.totals = PassStats()
         self.writing = False  # a batch is with a destination: let it finish on stop
         self._queued = 0
+
+    async def prepare(self) -> None:
+        """Start-time checks: both sides' credentials (a token each)."""
+        for c in self._closers:
+            if isinstance(c, OAuth2ClientCredentials):
+                await c.token()
 
     # ------------------------------------------------------------------ the pass
     async def run_once(self, stop: asyncio.Event) -> None:
@@ -139,8 +153,12 @@ class OptInOutSync:
             await self._pass(stop)
         finally:
             self.totals.add(self.last)
-            self._queued = 0
-            self.report.backlog = 0
+            left, self._queued = self._queued, 0
+            if stop.is_set():  # stopped: what was read and not written stays the backlog
+                self.report.set_backlog(left)
+            else:              # the pass failed: the next one reads them again
+                self.report.done("failed", left)
+                self.report.set_backlog(0)
 
     async def _pass(self, stop: asyncio.Event) -> None:
         await self._retry_dead_letters()
@@ -154,15 +172,16 @@ class OptInOutSync:
         next_campaign_cursor = campaign_cursor
         columns = [*self.campaign_fields, PROFILE_KEY, "PKey", "createdBy", "lastModified"]
         async for page in self.campaign_source.pages(PROFILE, columns, campaign_cursor):
+            self._read(CAMPAIGN, len(page.records))
             for rec in page.records:
-                pending.pop(rec.key, None)
+                if pending.pop(rec.key, None) is not None:
+                    self.report.done("filtered", 1)  # superseded by a later change of the profile
                 pending[rec.key] = rec
                 self.campaign_writer.remember(rec.key, rec.values)
-            self._read(CAMPAIGN, len(page.records))
+            self._set_backlog(len(pending))
             next_campaign_cursor = page.cursor or next_campaign_cursor
             if stop.is_set():
                 return
-        self._set_backlog(len(pending))
 
         # 2. CRM changes page by page, joined with the Campaign changes of the same keys.
         crm_columns = [*self.crm_fields, "modifiedon"]
@@ -173,9 +192,11 @@ class OptInOutSync:
                 if rec.deleted:
                     continue  # a deleted contact has nothing to sync
                 items[rec.key] = _Item(rec.key, crm=rec)
+            # Deleted contacts, and earlier changes of a contact on the same page: nothing to write.
+            self.report.done("filtered", len(page.records) - len(items))
             for key, item in items.items():
                 item.campaign = pending.pop(key, None)
-            self._set_backlog(len(pending) + len(items))
+            self._set_backlog(len(pending) + sum(_records(i) for i in items.values()))
             await self._apply(list(items.values()), campaign_complete=campaign_from_start, crm_complete=False)
             if page.cursor is not None:
                 await self.checkpoints.acommit(self.workflow, CRM_STREAM, page.cursor)
@@ -229,6 +250,13 @@ class OptInOutSync:
         self._remember(items, known_crm, known_campaign, crm_out, campaign_out)
         await self._account(items, CRM, crm_out, dict(to_crm))
         await self._account(items, CAMPAIGN, campaign_out, {w.key: dict(w.values) for w in to_campaign})
+        # Each record read of a key takes the key's outcome: dead-lettered if a side rejected it,
+        # written if a side acknowledged a write, else nothing needed writing (agree, echo, absent).
+        ok = {*crm_out.written, *campaign_out.written}
+        bad = {r.key for r in (*crm_out.rejected, *campaign_out.rejected)}
+        for item in items:
+            outcome = "dead_lettered" if item.key in bad else "written" if item.key in ok else "filtered"
+            self.report.done(outcome, _records(item))  # type: ignore[arg-type]
 
     async def _write(self, to_campaign: list[CampaignWrite],
                      to_crm: list[tuple[str, dict[str, bool]]]) -> tuple[Outcome, Outcome]:
@@ -238,9 +266,6 @@ class OptInOutSync:
         try:
             campaign_out, crm_out = await asyncio.gather(self.campaign_writer.write(to_campaign),
                                                          self.crm_writer.write(to_crm))
-        except BaseException:
-            self.report.counters.failed += len(to_campaign) + len(to_crm)
-            raise
         finally:
             self.writing = False
         return campaign_out, crm_out
@@ -280,7 +305,6 @@ class OptInOutSync:
         if out.rejected:
             await self._count_letters()
         written = len(out.written)
-        self.report.counters.written += written
         if side == CRM:
             self.last.written_crm += written
         else:
@@ -291,7 +315,6 @@ class OptInOutSync:
 
     async def _dead_letter(self, stream: str, bad: Rejected, payload: dict[str, bool]) -> None:
         await self.letters.adead_letter(self.workflow, stream, bad.key, dict(payload), bad.status, bad.error)
-        self.report.counters.dead_lettered += 1
         log.warning("%s: %s %s dead-lettered: HTTP %s %s", self.workflow, stream, bad.key, bad.status, bad.error)
 
     async def _count_letters(self) -> None:
@@ -320,7 +343,7 @@ class OptInOutSync:
             rejected = {r.key for r in out.rejected}
             await self.letters.asettle_retry(self.workflow, stream, [k for k in wanted if k not in rejected],
                                              [(r.key, r.status, r.error) for r in out.rejected], list(wanted))
-            self.report.counters.written += len(out.written)
+            self.report.resent(len(out.written))
             log.info("%s: %d dead letter(s) of %s retried: %d written, %d superseded or gone, %d rejected again",
                      self.workflow, len(wanted), stream, len(out.written), len(wanted) - len(resend) + len(out.absent),
                      len(out.rejected))
@@ -335,7 +358,7 @@ class OptInOutSync:
         return None if contact is None else {p.campaign: flag(contact.get(p.crm)) for p in self.pairs}
 
     def _read(self, side: str, n: int) -> None:
-        self.report.counters.read += n
+        self.report.read(n)
         if side == CRM:
             self.last.read_crm += n
         else:
@@ -343,7 +366,7 @@ class OptInOutSync:
 
     def _set_backlog(self, n: int) -> None:
         self._queued = n
-        self.report.backlog = n
+        self.report.set_backlog(n)
 
     async def aclose(self) -> None:
         for closer in (self.crm_source, self.campaign_source):
@@ -389,4 +412,6 @@ def build_optinout(workflow: str, spec: pb.WorkflowSpec, secrets: dict[str, Conn
                         pairs_of(spec.opt_in_out.field_pairs), crm_source=crm_source, crm_writer=crm_writer,
                         campaign_source=campaign_source, campaign_writer=campaign_writer,
                         checkpoints=checkpoints or state, letters=letters or state, memory=memory, report=report,
-                        batch_size=batch_size, closers=[crm_transport, acs_transport, crm_tokens, acs_tokens])
+                        batch_size=batch_size, closers=[crm_transport, acs_transport, crm_tokens, acs_tokens],
+                        links={"source" if conn.kind == spec.source.kind else "destination": tokens.gate.health
+                               for conn, tokens in ((crm_conn, crm_tokens), (acs_conn, acs_tokens))})

@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 
 from syncplane.api.v1 import workflow_pb2 as pb
-from syncplane.lifecycle import Observed, WorkerFailure, reconcile
+from syncplane.lifecycle import DEFAULT_POLICY, Observed, Policy, WorkerFailure, reconcile
 from syncplane.lifecycle.reports import totals
 from syncplane.model.convert import spec_to_dict
 from syncplane.runtime.processes import WorkerProcess, adopt_all, read_port, spawn
@@ -45,6 +45,8 @@ class SupervisorConfig:
     crash_window: float = 120.0         # ... within this many seconds is a crash loop
     orphan_timeout: float = 30.0        # a worker nobody polls this long stops itself
     poll_timeout: float = 2.0
+    # Degraded threshold and automatic restarts from ERROR (seconds): see lifecycle.reconcile.
+    policy: Policy = DEFAULT_POLICY
 
 
 @dataclass
@@ -149,11 +151,15 @@ class Supervisor:
                 continue
             applied = await self.store.get_applied(wf.name)
             outcome = reconcile(wf, applied, self._observe(group, wf.status.applied_generation, now),
-                                datetime.now(UTC))
-            if outcome.apply is not None:
+                                datetime.now(UTC), self.config.policy)
+            if outcome.restarted:
+                log.info("workflow %s: automatic restart %d after %s", wid, outcome.status.auto_restart.count,
+                         wf.status.last_error.reason)
+            if outcome.fresh:
                 group.crashes.clear()
                 group.restart_at.clear()
                 group.failure = None
+            if outcome.apply is not None:
                 applied = outcome.apply
             if outcome.status != wf.status or outcome.apply is not None:
                 if outcome.status.phase != wf.status.phase:
@@ -229,7 +235,8 @@ class Supervisor:
         degraded = f"worker(s) {restarting} restarting after a crash" if restarting and not group.failure else ""
         return Observed(live=len(group.procs), ready=ready, failure=group.failure, backlog=summed.backlog,
                         counters=summed.counters, tables=summed.tables, degraded=degraded,
-                        dead_letters=summed.dead_letters)
+                        dead_letters=summed.dead_letters, trouble=summed.trouble,
+                        waiting_since=summed.waiting_since)
 
     def _converge(self, wid: str, group: WorkerGroup, target: int, generation: int,
                   applied: pb.WorkflowSpec | None, now: float) -> None:

@@ -10,17 +10,27 @@ passes until stopped, with one error policy for all types.
   event whose contact does not exist yet is held and re-sent (see held.py).
 - Opt-in/out: see syncplane.optinout.
 
+Before it says ready, a worker runs its start-time checks (:meth:`Runner.prepare`):
+both sides' tokens, and for ingress the schemas against the mapping
+(:mod:`syncplane.worker.startcheck`). A problem there fails the start: a spec
+problem (``FIELD_NOT_FOUND``) or one outside the spec (``BAD_CREDENTIALS``, which
+the control plane retries by itself). A vendor that does not answer is not a
+problem of the start: the worker says ready and keeps retrying (the checks run
+again with the first pass), and the control plane shows it Degraded.
+
 A pass reads what is new since each stream's checkpoint; then the engine
 waits for the poll interval. A connector error that retrying cannot fix
 (credentials, a missing table, a schema change) is fatal and reported as such;
 anything transient is counted, kept as the last error, and the pass is retried
-after a capped backoff.
+after a capped backoff. How each link fares (source, destination, state store)
+is in the report's ``links``, from which the control plane derives Degraded.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
@@ -31,7 +41,7 @@ from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.connectors.base import ConnectorError, Page
 from syncplane.connectors.campaign import CampaignSink, CampaignSource
 from syncplane.connectors.dynamics import MAX_PAGE_SIZE, DynamicsSink, DynamicsSource
-from syncplane.connectors.http import STOPPING, OAuth2ClientCredentials, RetryableError
+from syncplane.connectors.http import STOPPING, LinkHealth, OAuth2ClientCredentials, RetryableError
 from syncplane.connectors.schema import Schema, SchemaChanged, check
 from syncplane.egress import transform as egress
 from syncplane.ingress.deletes import DeleteReconciler
@@ -44,8 +54,10 @@ from syncplane.worker.checkpoints import (
 )
 from syncplane.worker.credentials import ConnectionSecret
 from syncplane.worker.held import AsyncHeldStore, HeldRecords, HoldPolicy
+from syncplane.worker.kube_checkpoints import CheckpointError
 from syncplane.worker.pipeline import Pipeline, Stream
 from syncplane.worker.report import WorkerReport
+from syncplane.worker.startcheck import EntityContext, StartCheckFailed, check_entity, entity_index
 
 log = logging.getLogger("syncplane.worker.engine")
 
@@ -56,6 +68,11 @@ DEFAULT_BATCH_SIZE = 500
 PAGE_SIZE = 2000
 DEFAULT_POLL_INTERVAL = 5.0
 MAX_BACKOFF = 30.0
+# How often the start-time checks look whether a vendor stopped answering (seconds).
+PREPARE_POLL = 0.1
+# What the state store (the worker's SQLite file, the checkpoint ConfigMaps) raises when it is
+# unavailable past its own retries: transient for the engine, shown as STATE_STORE_UNAVAILABLE.
+STATE_STORE_ERRORS = (CheckpointError, sqlite3.OperationalError)
 
 
 class FatalError(Exception):
@@ -92,6 +109,10 @@ class Runner(Protocol):
 
     @property
     def writing(self) -> bool: ...                 # a batch is with the destination
+
+    def links(self) -> dict[str, LinkHealth]: ...  # "source", "destination" → how its requests fare
+
+    async def prepare(self) -> None: ...           # start-time checks; raises StartCheckFailed, …
 
     async def run_once(self, stop: asyncio.Event) -> None: ...
 
@@ -132,8 +153,8 @@ class _KeyedSource:
 class StreamGuard:
     """The schema-change guard of one ingress stream: both sides' schemas at start, compared since."""
 
-    def __init__(self, source: DynamicsSource, sink: CampaignSink, entity: pb.EntityMapping) -> None:
-        self.source, self.sink, self.entity = source, sink, entity
+    def __init__(self, source: DynamicsSource, sink: CampaignSink, entity: pb.EntityMapping, index: int = 0) -> None:
+        self.source, self.sink, self.entity, self.index = source, sink, entity, index
         self.source_fields = {entity.source_key, *(f.source for f in entity.fields),
                               *(c.field for c in entity.filter.conditions), *(r.field for r in entity.replacements)}
         self.destination_fields = {entity.destination_key, *(f.destination for f in entity.fields)}
@@ -145,10 +166,17 @@ class StreamGuard:
         return dict(self.destination_baseline.lengths) if self.destination_baseline else {}
 
     async def start(self) -> None:
+        """Read both schemas (the baselines) and run the start-time checks on them.
+
+        Raises:
+            StartCheckFailed: the mapping names a field that does not exist, …
+        """
         self.source_baseline = await self.source.table_schema(self.entity.source_table)
         self.destination_baseline = await self.sink.resource_schema(self.entity.destination_resource)
-        check(self.source_baseline, self.source_fields)
-        check(self.destination_baseline, self.destination_fields)
+        problems = check_entity(EntityContext(self.index, self.entity, self.source_baseline,
+                                              self.destination_baseline))
+        if problems:
+            raise StartCheckFailed(problems)
 
     async def __call__(self) -> None:
         check(await self.source.table_schema(self.entity.source_table), self.source_fields, self.source_baseline)
@@ -204,8 +232,17 @@ class _PipelineRunner:
     def writing(self) -> bool:
         return any(p.writing for p in self.pipelines)
 
+    def links(self) -> dict[str, LinkHealth]:
+        return {"source": self.tokens[0].gate.health, "destination": self.tokens[1].gate.health}
+
     async def build(self) -> list[Pipeline]:
         raise NotImplementedError
+
+    async def prepare(self) -> None:
+        """Both sides' credentials, then the pipelines (for ingress: schemas and start checks)."""
+        for t in self.tokens:
+            await t.token()
+        self.pipelines = await self.build()
 
     async def run_once(self, stop: asyncio.Event) -> None:
         if not self.pipelines:
@@ -228,6 +265,7 @@ class IngressRunner(_PipelineRunner):
         dst = self.dst_secret
         page_size = min(MAX_PAGE_SIZE, max(PAGE_SIZE, batch_size))
         # The key column is per table: _KeyedSource passes it per stream.
+        self.spec = spec
         self.source = DynamicsSource(spec.source.endpoint, self.tokens[0], key_column="", page_size=page_size)
         self.sink = CampaignSink(spec.destination.endpoint, self.tokens[1], dst.api_key or dst.client_id,
                                  owner=dst.client_id, concurrency=concurrency)
@@ -239,7 +277,7 @@ class IngressRunner(_PipelineRunner):
             assert isinstance(s.transform, EntityTransform)
             entity = s.transform.entity
             entity_set = await self.source.entity_set(entity.source_table)
-            guard = StreamGuard(self.source, self.sink, entity)
+            guard = StreamGuard(self.source, self.sink, entity, entity_index(self.spec, entity.source_table))
             await guard.start()
             s.transform.lengths = {**guard.destination_lengths, **s.transform.lengths}
             self.guards.append(guard)
@@ -300,6 +338,7 @@ class Engine:
         self.batch_size = spec.batch_size or DEFAULT_BATCH_SIZE
         self.interval = poll_interval(spec)
         self.state_db = state_db
+        self.state_link = LinkHealth()  # the state store's, from the passes' outcomes
 
     def _runner(self, stores: Stores) -> Runner | None:
         t = self.spec.type
@@ -341,14 +380,44 @@ class Engine:
                 local_held.close()
 
     async def _run(self, stop: asyncio.Event, runner: Runner | None) -> None:
-        self.report.ready, self.report.phase = True, "RUNNING"
         if runner is None:
+            self.report.ready, self.report.phase = True, "RUNNING"
             await stop.wait()  # a spare replica: heartbeats, ready to take over at the next start
             return
+        self.report.links = {**runner.links(), "state_store": self.state_link}
         try:
+            await self._prepare(stop, runner)
+            if stop.is_set():
+                return
+            self.report.ready, self.report.phase = True, "RUNNING"
             await self._loop(stop, runner)
         finally:
             await runner.aclose()
+
+    async def _prepare(self, stop: asyncio.Event, runner: Runner) -> None:
+        """The start-time checks. Raises :class:`FatalError` for the spec's problem (e.g.
+        FIELD_NOT_FOUND) or rejected credentials. Returns without them when a vendor fails
+        to answer (or on stop): the first pass runs them again, retrying."""
+        links = runner.links().values()
+        task = asyncio.ensure_future(runner.prepare())
+        try:
+            while not task.done():
+                if stop.is_set() or any(link.failing_since is not None for link in links):
+                    task.cancel()
+                    break
+                await asyncio.wait({task}, timeout=PREPARE_POLL)
+        finally:
+            if not task.done():
+                task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        if task.cancelled():
+            return
+        try:
+            task.result()
+        except (StartCheckFailed, MappingNotSupported, SchemaChanged, ConnectorError) as exc:
+            raise FatalError(exc.reason, str(exc)) from None
+        except RetryableError as exc:
+            log.warning("start checks postponed: %s", exc)
 
     async def _loop(self, stop: asyncio.Event, runner: Runner) -> None:
         failures = 0
@@ -357,7 +426,8 @@ class Engine:
                 await self._stoppable(runner.run_once(stop), stop, runner)
                 failures = 0
                 delay = self.interval
-            except (SchemaChanged, MappingNotSupported) as exc:
+                self.state_link.succeeded()
+            except (SchemaChanged, MappingNotSupported, StartCheckFailed) as exc:
                 raise FatalError(exc.reason, str(exc)) from None
             except ConnectorError as exc:
                 if exc.reason in FATAL_REASONS:
@@ -369,6 +439,10 @@ class Engine:
                 await self._classify(runner)
                 failures += 1
                 delay = self._transient("TRANSIENT", f"{type(exc).__name__}: {exc}", failures)
+            except STATE_STORE_ERRORS as exc:
+                failures += 1
+                self.state_link.failed(f"{type(exc).__name__}: {exc}", None)
+                delay = self._transient("STATE_STORE_UNAVAILABLE", f"{type(exc).__name__}: {exc}", failures)
             try:
                 await asyncio.wait_for(stop.wait(), timeout=delay)
             except TimeoutError:
@@ -416,6 +490,12 @@ class OptInOutRunner:
     @property
     def writing(self) -> bool:
         return bool(getattr(self.sync, "writing", False))
+
+    def links(self) -> dict[str, LinkHealth]:
+        return dict(self.sync.links)
+
+    async def prepare(self) -> None:
+        await self.sync.prepare()
 
     async def run_once(self, stop: asyncio.Event) -> None:
         await self.sync.run_once(stop)

@@ -4,6 +4,10 @@ At-least-once: a page's cursor is committed only after every record of it
 (and of the pages before it) was acknowledged or dead-lettered; writes are
 upserts by the integration key, so a replay after a crash duplicates
 nothing. Backlog = records queued + records in flight, not yet written.
+
+Every record read is accounted for in the report (see :mod:`syncplane.worker.report`):
+written, deleted, filtered, dead-lettered, held, failed (its pass failed before its
+write; it is read again), or still in the backlog.
 """
 
 from __future__ import annotations
@@ -11,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
@@ -115,7 +118,6 @@ class Pipeline:
         self.queue: asyncio.Queue[Page | None] = asyncio.Queue(maxsize=queue_pages)
         self._queued = 0
         self._in_flight = 0
-        self._written_at: list[tuple[float, int]] = []
         self.writing = False  # a batch is with the destination: let it finish on stop
         self.checkpoint = Checkpoint()
         # Raises SchemaChanged: called before each page is written and before records the
@@ -136,7 +138,7 @@ class Pipeline:
         self._letters = True  # this stream may have dead letters (settled at the start of each pass)
 
     def _update_backlog(self) -> None:
-        self.report.backlog = self._queued + self._in_flight
+        self.report.set_backlog(self._queued + self._in_flight)
 
     async def run_once(self, stop: asyncio.Event) -> int:
         """One pass: read everything new since the checkpoint, write it, commit page by page.
@@ -162,7 +164,7 @@ class Pipeline:
             nonlocal read
             async for page in self.source.pages(self.stream.table, columns, cursor):
                 read += len(page.records)
-                self.report.counters.read += len(page.records)
+                self.report.read(len(page.records))
                 self._queued += len(page.records)
                 self._update_backlog()
                 await self.queue.put(page)
@@ -178,12 +180,8 @@ class Pipeline:
                     if self.guard is not None and page.records:
                         await self.guard()
                     complete = await self._write_page(page.records, page.full, stop)
-                except asyncio.CancelledError:
-                    self.writing = False  # stopped outside a write: nothing failed
-                    raise
                 except BaseException:
                     self.writing = False
-                    self.report.counters.failed += self._in_flight
                     raise
                 if not complete:
                     self.writing = False
@@ -216,9 +214,15 @@ class Pipeline:
             if not producer.done():
                 producer.cancel()
             await asyncio.gather(producer, return_exceptions=True)
+            left = self._queued + self._in_flight
             self._queued = self._in_flight = 0
             self._drain_queue()
-            self._update_backlog()
+            if stop.is_set():
+                # Stopped: what was read and not written stays the backlog; the next start reads it.
+                self.report.set_backlog(left)
+            else:
+                self.report.done("failed", left)  # the pass failed: the next one reads them again
+                self._update_backlog()
         return read
 
     async def _reconcile_deletes(self, stop: asyncio.Event) -> None:
@@ -313,6 +317,7 @@ class Pipeline:
                 deletes.append(Record(out.key, deleted=True))
             self.report.truncated += len(out.truncated)
         self._in_flight = len(upserts) + len(deletes)  # filtered-out records are done
+        self.report.done("filtered", len(records) - self._in_flight)
         self._update_backlog()
         batch = upserts + deletes
         held_now: set[str] = set()  # keys held (again) by this page: their newest copy is the held one
@@ -325,6 +330,7 @@ class Pipeline:
             if result.rejected and self.guard is not None:
                 await self.guard()
             by_key = {r.key: r for r in chunk}
+            held_keys: set[str] = set()
             for bad in result.rejected:
                 rejected = by_key.get(bad.key)
                 payload = kept_payload(rejected) if rejected else {}
@@ -333,6 +339,7 @@ class Pipeline:
                     held_now.add(bad.key)
                     self._held_keys.add(bad.key)
                     self._held_this_pass.add(bad.key)
+                    held_keys.add(bad.key)
                     continue
                 await self._dead_letter(bad.key, payload, bad.status, bad.error,
                                         deleted=bool(rejected and rejected.deleted))
@@ -341,10 +348,9 @@ class Pipeline:
                 await self.letters.asettle_retry(self.workflow, self.stream.name, result.written, (), ())
             if result.rejected or (self._letters and result.written):
                 await self._count_letters()
-            self.report.counters.written += len(result.written)
             self._in_flight -= len(chunk)
+            self._account(chunk, result.written, {r.key for r in result.rejected}, held_keys)
             self._update_backlog()
-            self._throughput(len(result.written))
         await self._supersede_held(records, held_now)
         return True
 
@@ -363,12 +369,32 @@ class Pipeline:
         self.report.held += len(self._held_keys) - self._held_here
         self._held_here = len(self._held_keys)
 
+    def _account(self, chunk: Sequence[Record], written: Sequence[str], rejected: set[str],
+                 held: set[str]) -> None:
+        """Where each record of a written chunk went. A sink writes one change per key (the last):
+        an earlier change of the same key in the chunk shares its outcome."""
+        ok = set(written)
+        outcome: dict[str, int] = {"written": 0, "deleted": 0, "held": 0, "dead_lettered": 0, "failed": 0}
+        for rec in chunk:
+            if rec.key in ok:
+                outcome["deleted" if rec.deleted else "written"] += 1
+            elif rec.key in held:
+                outcome["held"] += 1
+            elif rec.key in rejected:
+                outcome["dead_lettered"] += 1
+            else:
+                outcome["failed"] += 1
+        if outcome["failed"]:
+            log.warning("%s: the destination answered nothing for %d record(s) of a batch",
+                        self.stream.name, outcome["failed"])
+        for name, n in outcome.items():
+            self.report.done(name, n)  # type: ignore[arg-type]
+
     async def _dead_letter(self, key: str, payload: dict[str, Any], status: int, error: str,
                            deleted: bool = False) -> None:
         await self.letters.adead_letter(self.workflow, self.stream.name, key, payload, status, error,
                                         resource=self.stream.resource, key_field=self.stream.key_field,
                                         deleted=deleted)
-        self.report.counters.dead_lettered += 1
         self._letters = True
 
     async def _count_letters(self) -> None:
@@ -393,7 +419,7 @@ class Pipeline:
                 await self.letters.asettle_retry(self.workflow, self.stream.name, result.written,
                                                  [(r.key, r.status, r.error) for r in result.rejected],
                                                  [r.key for r in records])
-                self.report.counters.written += len(result.written)
+                self.report.resent(len(result.written))
         await self._count_letters()
         self._letters = self.report.dead_letters > 0
 
@@ -403,11 +429,20 @@ class Pipeline:
         like any page; dequeued once the page is through (a stop in between sends them again)."""
         assert self.repairs is not None
         queued = await self.repairs.arepairs(self.workflow, self.stream.name)
-        if queued and await self._write_page(queued, True, stop):
+        if not queued:
+            return
+        self.report.read(len(queued))  # read from the source by verify: accounted for like any read
+        complete = False
+        try:
+            complete = await self._write_page(queued, True, stop)
+        finally:
+            # Not written (a failure or a stop): still queued, sent again at the next pass.
+            self.report.done("failed", self._in_flight)
+            self.writing = False
+            self._in_flight = 0
+            self._update_backlog()
+        if complete:
             await self.repairs.arepaired(self.workflow, self.stream.name, [r.key for r in queued])
-        self.writing = False
-        self._in_flight = 0
-        self._update_backlog()
 
     async def _retry_held(self) -> None:
         """Re-send held records; past the policy's attempts they become dead letters."""
@@ -423,7 +458,7 @@ class Pipeline:
             for key in result.written:
                 await self.held.arelease(self.workflow, self.stream.name, key)
                 self._held_keys.discard(key)
-            self.report.counters.written += len(result.written)
+            self.report.resent(len(result.written))
             for bad in result.rejected:
                 h = by_key[bad.key]
                 if bad.status in self.hold.statuses and h.attempts + 1 < self.hold.max_attempts:
@@ -436,9 +471,3 @@ class Pipeline:
         # What is left of the listing is still held: no second listing to count them.
         self._count_held()
 
-    def _throughput(self, n: int) -> None:
-        now = time.monotonic()
-        self._written_at.append((now, n))
-        self._written_at = [(t, k) for t, k in self._written_at if now - t <= 10.0]
-        span = max(1e-3, now - self._written_at[0][0]) if len(self._written_at) > 1 else 10.0
-        self.report.records_per_second = sum(k for _, k in self._written_at) / span

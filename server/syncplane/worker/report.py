@@ -1,19 +1,59 @@
-"""The worker heartbeat: one structure, rendered as /status JSON and /metrics."""
+"""The worker heartbeat: one structure, rendered as /status JSON and /metrics.
+
+It is also the one place where a worker accounts for the records it reads: every record
+read ends in exactly one of the counters (or is still in the backlog), so that
+``read = written + deleted + filtered + dead_lettered + held + failed + backlog``
+holds at any moment (:meth:`WorkerReport.unaccounted` is 0). Re-sending held records
+and dead letters is counted apart, in ``resent``: they were counted when first read.
+"""
 
 from __future__ import annotations
 
 import os
 import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
+
+#: Where a record read can end up (besides the backlog).
+Outcome = Literal["written", "deleted", "filtered", "dead_lettered", "held", "failed"]
+#: Seconds of history behind records_per_second.
+RATE_WINDOW = 10.0
 
 
 @dataclass
 class Counters:
     read: int = 0
-    written: int = 0
-    failed: int = 0
+    written: int = 0          # upserts acknowledged
+    failed: int = 0           # read by a pass that failed before writing them: read again next pass
     dead_lettered: int = 0
+    filtered: int = 0         # needing no write (filter, event type off, nothing changed)
+    held: int = 0             # held until what they point at exists
+    deleted: int = 0          # deletes acknowledged
+    resent: int = 0           # held records and dead letters re-sent and acknowledged
+
+
+class Throughput:
+    """Records written per second over the last :data:`RATE_WINDOW` seconds, at the moment it is
+    asked: it falls to 0 when nothing moves (not the last batch's rate kept forever)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._samples: deque[tuple[float, int]] = deque()
+        self._since = clock()
+
+    def add(self, n: int) -> None:
+        if n > 0:
+            self._samples.append((self._clock(), n))
+
+    def per_second(self) -> float:
+        now = self._clock()
+        while self._samples and now - self._samples[0][0] > RATE_WINDOW:
+            self._samples.popleft()
+        # Over the window, or over the time since the worker began when that is shorter (≥ 1 s).
+        span = max(1.0, min(RATE_WINDOW, now - self._since))
+        return sum(n for _, n in self._samples) / span
 
 
 @dataclass
@@ -42,9 +82,51 @@ class WorkerReport:
     last_error: dict[str, str] | None = None
     fatal: dict[str, str] | None = None
     started_at: float = field(default_factory=time.time)
+    # How each link fares: "source", "destination", "state_store" → a LinkHealth (connectors.http)
+    # or a dict with its fields: failing_since (epoch s or None), error, status, throttled.
+    links: dict[str, Any] = field(default_factory=dict)
+    # Since when (epoch seconds) records have waited in the backlog with none leaving it; None: empty.
+    waiting_since: float | None = None
+    rate: Throughput = field(default_factory=Throughput, repr=False, compare=False)
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        self.records_per_second = self.rate.per_second()
+        data = asdict(self)
+        data.pop("rate", None)
+        return data
+
+    # -- accounting ------------------------------------------------------------------------
+    def read(self, n: int) -> None:
+        """``n`` records read from the source (they enter the backlog: see :meth:`set_backlog`)."""
+        self.counters.read += n
+
+    def done(self, outcome: Outcome, n: int) -> None:
+        """``n`` records read have left the backlog for ``outcome``."""
+        if n <= 0:
+            return
+        setattr(self.counters, outcome, getattr(self.counters, outcome) + n)
+        if outcome in ("written", "deleted"):
+            self.rate.add(n)
+        if outcome != "failed" and self.backlog > 0:
+            self.waiting_since = time.time()  # records move: not a stall
+
+    def resent(self, n: int) -> None:
+        """``n`` held records or dead letters re-sent and acknowledged."""
+        self.counters.resent += n
+        self.rate.add(n)
+
+    def set_backlog(self, n: int) -> None:
+        """Records read and not yet written (queued + in flight)."""
+        if n <= 0:
+            self.waiting_since = None
+        elif self.backlog <= 0 or self.waiting_since is None:
+            self.waiting_since = time.time()
+        self.backlog = max(0, n)
+
+    def unaccounted(self) -> int:
+        """Records read that no counter and no backlog accounts for: 0 unless a bug lost them."""
+        c = self.counters
+        return c.read - (c.written + c.deleted + c.filtered + c.dead_lettered + c.held + c.failed + self.backlog)
 
     def to_prometheus(self) -> str:
         labels = f'workflow="{self.workflow}",worker="{self.index}"'
@@ -60,10 +142,19 @@ class WorkerReport:
         metric("records_read_total", "counter", "Records read from the source.", self.counters.read)
         metric("records_written_total", "counter", "Records acknowledged by the destination.",
                self.counters.written)
-        metric("records_failed_total", "counter", "Records that failed to write.", self.counters.failed)
+        metric("records_failed_total", "counter", "Records read by a pass that failed before writing them.",
+               self.counters.failed)
         metric("records_dead_lettered_total", "counter", "Records sent to the dead-letter store.",
                self.counters.dead_lettered)
-        metric("records_per_second", "gauge", "Write throughput.", self.records_per_second)
+        metric("records_filtered_total", "counter", "Records read that needed no write.", self.counters.filtered)
+        metric("records_held_total", "counter", "Records held until what they point at exists.",
+               self.counters.held)
+        metric("records_deleted_total", "counter", "Deletes acknowledged by the destination.",
+               self.counters.deleted)
+        metric("records_resent_total", "counter", "Held records and dead letters re-sent and acknowledged.",
+               self.counters.resent)
+        metric("records_per_second", "gauge", "Write throughput over the last 10 seconds.",
+               self.rate.per_second())
         metric("values_truncated_total", "counter", "Values cut to the destination's length.", self.truncated)
         metric("held_records", "gauge", "Records held until what they point at exists.", self.held)
         if self.dead_letters >= 0:

@@ -673,6 +673,8 @@ class WorkflowStatus(_message.Message):
     TABLES_FIELD_NUMBER: _builtins.int
     DEAD_LETTERS_FIELD_NUMBER: _builtins.int
     LAST_VERIFY_FIELD_NUMBER: _builtins.int
+    DEGRADATION_FIELD_NUMBER: _builtins.int
+    AUTO_RESTART_FIELD_NUMBER: _builtins.int
     phase: Global___Phase.ValueType
     backlog: _builtins.int
     """Records read from the source and not yet written to the destination."""
@@ -714,6 +716,23 @@ class WorkflowStatus(_message.Message):
         the drivers' status updates).
         """
 
+    @_builtins.property
+    def degradation(self) -> Global___WorkflowError:
+        """Set while the workflow is Degraded but still retrying (phase RUNNING):
+        a transient failure that outlasted the threshold (reason such as
+        SOURCE_UNAVAILABLE, DESTINATION_THROTTLED, STATE_STORE_UNAVAILABLE) or a
+        backlog with nothing written (STALLED). `time` is when it began. Cleared
+        when records flow again.
+        """
+
+    @_builtins.property
+    def auto_restart(self) -> Global___AutoRestart:
+        """Automatic restarts of a workflow in ERROR for a cause outside the spec
+        (a missing Secret, rejected credentials, a missing privilege), with
+        capped exponential backoff. Unset when none is due. A vendor that does not
+        answer is not an ERROR: the workers retry, and the workflow is Degraded.
+        """
+
     def __init__(
         self,
         *,
@@ -733,10 +752,12 @@ class WorkflowStatus(_message.Message):
         tables: _abc.Iterable[Global___TableRows] | None = ...,
         dead_letters: _builtins.int = ...,
         last_verify: Global___VerifyResult | None = ...,
+        degradation: Global___WorkflowError | None = ...,
+        auto_restart: Global___AutoRestart | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["counters", b"counters", "drift", b"drift", "last_error", b"last_error", "last_verify", b"last_verify", "phase_time", b"phase_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["auto_restart", b"auto_restart", "counters", b"counters", "degradation", b"degradation", "drift", b"drift", "last_error", b"last_error", "last_verify", b"last_verify", "phase_time", b"phase_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_generation", b"applied_generation", "applied_restart_nonce", b"applied_restart_nonce", "applied_spec_hash", b"applied_spec_hash", "backlog", b"backlog", "conditions", b"conditions", "counters", b"counters", "dead_letters", b"dead_letters", "desired_workers", b"desired_workers", "drift", b"drift", "last_error", b"last_error", "last_verify", b"last_verify", "observed_generation", b"observed_generation", "phase", b"phase", "phase_time", b"phase_time", "ready_workers", b"ready_workers", "tables", b"tables"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_generation", b"applied_generation", "applied_restart_nonce", b"applied_restart_nonce", "applied_spec_hash", b"applied_spec_hash", "auto_restart", b"auto_restart", "backlog", b"backlog", "conditions", b"conditions", "counters", b"counters", "dead_letters", b"dead_letters", "degradation", b"degradation", "desired_workers", b"desired_workers", "drift", b"drift", "last_error", b"last_error", "last_verify", b"last_verify", "observed_generation", b"observed_generation", "phase", b"phase", "phase_time", b"phase_time", "ready_workers", b"ready_workers", "tables", b"tables"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -828,6 +849,40 @@ class VerifyResult(_message.Message):
 Global___VerifyResult: _TypeAlias = VerifyResult  # noqa: Y015
 
 @_typing.final
+class AutoRestart(_message.Message):
+    """Strimzi-style automatic restart bookkeeping."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COUNT_FIELD_NUMBER: _builtins.int
+    LAST_RESTART_TIME_FIELD_NUMBER: _builtins.int
+    NEXT_RESTART_TIME_FIELD_NUMBER: _builtins.int
+    count: _builtins.int
+    """Automatic restarts made since the workflow last reached RUNNING or was
+    started by a user.
+    """
+    @_builtins.property
+    def last_restart_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def next_restart_time(self) -> _timestamp_pb2.Timestamp:
+        """When the next automatic restart is due (while in ERROR)."""
+
+    def __init__(
+        self,
+        *,
+        count: _builtins.int = ...,
+        last_restart_time: _timestamp_pb2.Timestamp | None = ...,
+        next_restart_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_restart_time", b"last_restart_time", "next_restart_time", b"next_restart_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "last_restart_time", b"last_restart_time", "next_restart_time", b"next_restart_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AutoRestart: _TypeAlias = AutoRestart  # noqa: Y015
+
+@_typing.final
 class TableRows(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -851,6 +906,12 @@ Global___TableRows: _TypeAlias = TableRows  # noqa: Y015
 
 @_typing.final
 class Counters(_message.Message):
+    """What the workers did with the records they read since they started. They
+    add up: read = written + deleted + filtered + dead_lettered + held +
+    failed + the backlog. Re-sending held records and dead letters is counted
+    apart (`resent`): those records were counted when first read.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     READ_FIELD_NUMBER: _builtins.int
@@ -858,11 +919,34 @@ class Counters(_message.Message):
     FAILED_FIELD_NUMBER: _builtins.int
     DEAD_LETTERED_FIELD_NUMBER: _builtins.int
     RECORDS_PER_SECOND_FIELD_NUMBER: _builtins.int
+    FILTERED_FIELD_NUMBER: _builtins.int
+    HELD_FIELD_NUMBER: _builtins.int
+    DELETED_FIELD_NUMBER: _builtins.int
+    RESENT_FIELD_NUMBER: _builtins.int
     read: _builtins.int
+    """Records read from the source."""
     written: _builtins.int
+    """Upserts the destination acknowledged."""
     failed: _builtins.int
+    """Read by a pass that failed before writing them: the next pass reads them
+    again (so they are counted in `read` again).
+    """
     dead_lettered: _builtins.int
+    """Rejected by the destination and kept as dead letters."""
     records_per_second: _builtins.float
+    """Records written per second over the last few seconds; 0 when nothing
+    moves.
+    """
+    filtered: _builtins.int
+    """Read and needing no write: excluded by a filter, an event type that is
+    off, a change already there (an echo).
+    """
+    held: _builtins.int
+    """Held until what they point at exists (e.g. an event's contact)."""
+    deleted: _builtins.int
+    """Deletes the destination acknowledged."""
+    resent: _builtins.int
+    """Held records and dead letters re-sent and acknowledged."""
     def __init__(
         self,
         *,
@@ -871,10 +955,14 @@ class Counters(_message.Message):
         failed: _builtins.int = ...,
         dead_lettered: _builtins.int = ...,
         records_per_second: _builtins.float = ...,
+        filtered: _builtins.int = ...,
+        held: _builtins.int = ...,
+        deleted: _builtins.int = ...,
+        resent: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dead_lettered", b"dead_lettered", "failed", b"failed", "read", b"read", "records_per_second", b"records_per_second", "written", b"written"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dead_lettered", b"dead_lettered", "deleted", b"deleted", "failed", b"failed", "filtered", b"filtered", "held", b"held", "read", b"read", "records_per_second", b"records_per_second", "resent", b"resent", "written", b"written"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
