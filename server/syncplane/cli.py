@@ -47,16 +47,25 @@ def _age(wf: pb.Workflow) -> str:
     return f"{secs}s"
 
 
+def degraded_mark(status: pb.WorkflowStatus) -> str:
+    """The DEGRADED column: why the workflow is not keeping up (or in ERROR), else '-'."""
+    if status.phase == pb.PHASE_ERROR:
+        retry = f" (restart {status.auto_restart.count + 1} due)" if status.auto_restart.HasField(
+            "next_restart_time") else ""
+        return (status.last_error.reason or "ERROR") + retry
+    return status.degradation.reason or "-"
+
+
 def table_row(wf: pb.Workflow) -> list[str]:
     return [wf.name.split("/", 1)[-1], enum_short_name(pb.WorkflowType.DESCRIPTOR, wf.spec.type),
             enum_short_name(pb.DesiredState.DESCRIPTOR, wf.spec.desired_state), phase_name(wf.status.phase),
-            str(wf.status.backlog), "yes" if wf.status.drift.detected else "no", str(wf.status.dead_letters),
-            _age(wf)]
+            degraded_mark(wf.status), str(wf.status.backlog), "yes" if wf.status.drift.detected else "no",
+            str(wf.status.dead_letters), _age(wf)]
 
 
 def format_table(rows: list[list[str]],
-                 header: tuple[str, ...] = ("NAME", "TYPE", "DESIRED", "PHASE", "BACKLOG", "DRIFT", "DEADLETTERS",
-                                            "AGE")) -> str:
+                 header: tuple[str, ...] = ("NAME", "TYPE", "DESIRED", "PHASE", "DEGRADED", "BACKLOG", "DRIFT",
+                                            "DEADLETTERS", "AGE")) -> str:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     return "\n".join("   ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
                      for r in [header, *rows])
@@ -289,7 +298,7 @@ def get(ctx: click.Context, name: str, output: str) -> None:
               type=click.Choice(["STOPPED", "STARTING", "RUNNING", "STOPPING", "ERROR"]))
 @click.pass_context
 def list_(ctx: click.Context, output: str, types: tuple[str, ...], phases: tuple[str, ...]) -> None:
-    """List workflows: NAME TYPE DESIRED PHASE BACKLOG DRIFT DEADLETTERS AGE."""
+    """List workflows: NAME TYPE DESIRED PHASE DEGRADED BACKLOG DRIFT DEADLETTERS AGE."""
     client = _client(ctx)
     req = svc.ListWorkflowsRequest(page_size=500, types=[pb.WorkflowType.Value(f"WORKFLOW_TYPE_{t}") for t in types],
                                    phases=[pb.Phase.Value(f"PHASE_{p}") for p in phases])
@@ -306,9 +315,21 @@ def list_(ctx: click.Context, output: str, types: tuple[str, ...], phases: tuple
         _emit({"apiVersion": "v1", "kind": "List", "items": [to_resource(wf) for wf in workflows]}, output)
 
 
+def _when(ts: timestamp_pb2.Timestamp) -> str:
+    return ts.ToDatetime(tzinfo=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def describe_text(wf: pb.Workflow) -> str:
     s = wf.status
+    c = s.counters
     since = s.phase_time.ToDatetime(tzinfo=UTC).isoformat() if s.HasField("phase_time") else "-"
+    degraded = (f"{s.degradation.reason} since {_when(s.degradation.time)}: {s.degradation.message}"
+                if s.degradation.reason else "no")
+    restarts = "-"
+    if s.HasField("auto_restart"):
+        restarts = f"{s.auto_restart.count} made" + (
+            f", next at {_when(s.auto_restart.next_restart_time)}" if s.auto_restart.HasField("next_restart_time")
+            else "")
     lines = [
         f"Name:         {wf.name.split('/', 1)[-1]}",
         f"Type:         {enum_short_name(pb.WorkflowType.DESCRIPTOR, wf.spec.type)}",
@@ -317,9 +338,14 @@ def describe_text(wf: pb.Workflow) -> str:
         f"Generation:   {wf.generation} (observed {s.observed_generation}, applied {s.applied_generation})",
         f"Workers:      {s.ready_workers}/{s.desired_workers} ready",
         f"Backlog:      {s.backlog}",
-        f"Counters:     read {s.counters.read}, written {s.counters.written}, failed {s.counters.failed}, "
-        f"dead-lettered {s.counters.dead_lettered}, {s.counters.records_per_second:.1f} records/s",
+        # Each record read is in exactly one of these (the workers' accounting).
+        f"Records:      read {c.read} = written {c.written} + deleted {c.deleted} + filtered {c.filtered} "
+        f"+ dead-lettered {c.dead_lettered} + held {c.held} + failed (read again) {c.failed} + backlog {s.backlog}",
+        f"Re-sent:      {c.resent} (held records and dead letters written later)",
+        f"Rate:         {c.records_per_second:.1f} records/s",
+        f"Degraded:     {degraded}",
         f"Last error:   {f'{s.last_error.reason}: {s.last_error.message}' if s.last_error.reason else '-'}",
+        f"Restarts:     {restarts} (automatic, for errors outside the spec)",
         f"Tables:       {', '.join(f'{t.source_table} {t.rows} rows' for t in s.tables) or '-'}",
         f"Dead letters: {s.dead_letters}" + (" (syncplane deadletters list|retry)" if s.dead_letters else ""),
         f"Last verify:  {_last_verify(s.last_verify) if s.HasField('last_verify') else '-'}",
@@ -392,10 +418,6 @@ def replay(ctx: click.Context, name: str, table: str) -> None:
 @cli.group()
 def deadletters() -> None:
     """Records the destination rejected: list them, send them again."""
-
-
-def _when(ts: timestamp_pb2.Timestamp) -> str:
-    return ts.ToDatetime(tzinfo=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @deadletters.command(name="list")

@@ -48,12 +48,13 @@ async def test_list_shows_the_default_workflows(server: ServerProcess):
     res = await cli(server.port, "list")
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()
-    assert lines[0].split() == ["NAME", "TYPE", "DESIRED", "PHASE", "BACKLOG", "DRIFT", "DEADLETTERS", "AGE"]
-    rows = {line.split()[0]: line.split()[1:6] for line in lines[1:]}
+    assert lines[0].split() == ["NAME", "TYPE", "DESIRED", "PHASE", "DEGRADED", "BACKLOG", "DRIFT", "DEADLETTERS",
+                                "AGE"]
+    rows = {line.split()[0]: line.split()[1:7] for line in lines[1:]}
     assert rows == {
-        "contacts-ingress": ["INGRESS", "STOPPED", "STOPPED", "0", "no"],
-        "email-events-egress": ["EGRESS", "STOPPED", "STOPPED", "0", "no"],
-        "opt-in-out": ["OPT_IN_OUT", "STOPPED", "STOPPED", "0", "no"],
+        "contacts-ingress": ["INGRESS", "STOPPED", "STOPPED", "-", "0", "no"],
+        "email-events-egress": ["EGRESS", "STOPPED", "STOPPED", "-", "0", "no"],
+        "opt-in-out": ["OPT_IN_OUT", "STOPPED", "STOPPED", "-", "0", "no"],
     }
     # The README's quickstart shows this output, apart from the commands.
     readme = README.read_text()

@@ -146,7 +146,7 @@ async def test_poison_records_are_dead_lettered_then_retried_into_the_destinatio
         assert status.counters.dead_lettered == 4, "a retry is not a new dead letter"
         table = await cli(plane, "list")
         header, row = table.splitlines()[0].split(), next(r.split() for r in table.splitlines() if r.startswith(NAME))
-        assert header == ["NAME", "TYPE", "DESIRED", "PHASE", "BACKLOG", "DRIFT", "DEADLETTERS", "AGE"]
+        assert header == ["NAME", "TYPE", "DESIRED", "PHASE", "DEGRADED", "BACKLOG", "DRIFT", "DEADLETTERS", "AGE"]
         assert row[header.index("DEADLETTERS")] == "0"
     finally:
         await sb.stop()

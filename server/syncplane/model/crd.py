@@ -185,6 +185,7 @@ def workflow_crd() -> dict[str, Any]:
         {"name": "Type", "type": "string", "jsonPath": ".spec.type"},
         {"name": "Desired", "type": "string", "jsonPath": ".spec.desiredState"},
         {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+        {"name": "Degraded", "type": "string", "jsonPath": ".status.degradation.reason"},
         {"name": "Backlog", "type": "integer", "jsonPath": ".status.backlog"},
         {"name": "Drift", "type": "boolean", "jsonPath": ".status.drift.detected"},
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},

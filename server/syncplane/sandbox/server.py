@@ -180,6 +180,30 @@ class Sandbox:
         self.d365_port, self.acs_port = ports
         log.info("%s", self.describe())
 
+    async def refuse_connections(self, emulator: str) -> None:
+        """Stop listening on one emulator's port (``"d365"`` or ``"acs"``), keeping its state:
+        clients get "connection refused", as from a service that is down, until
+        :meth:`accept_connections`."""
+        index = self._emulator_index(emulator)
+        runner = self._runners[index]
+        for site in list(runner.sites):
+            await site.stop()
+        if runner.server is not None:  # and drop the open (keep-alive) connections, as a crash would
+            await runner.server.shutdown(0.1)
+
+    async def accept_connections(self, emulator: str) -> None:
+        """Listen again on the port :meth:`refuse_connections` closed."""
+        index = self._emulator_index(emulator)
+        port = (self.d365_port, self.acs_port)[index]
+        await web.TCPSite(self._runners[index], self.host, port).start()
+
+    @staticmethod
+    def _emulator_index(emulator: str) -> int:
+        try:
+            return ("d365", "acs").index(emulator)
+        except ValueError:
+            raise ValueError(f"unknown emulator {emulator!r}: 'd365' or 'acs'") from None
+
     async def stop(self) -> None:
         self.faults.d365.release_hangs()
         self.faults.acs.release_hangs()
