@@ -14,6 +14,7 @@ from typing import Any
 import kopf
 
 from syncplane.kubeclient import api_client as kube_api_client
+from syncplane.lifecycle import DEFAULT_POLICY, Policy
 from syncplane_operator import labels as L
 from syncplane_operator.builders import WorkerImage
 from syncplane_operator.leader import LeaderElection
@@ -22,6 +23,16 @@ from syncplane_operator.reconciler import Clients, drain_for_delete, reconcile
 GROUP, VERSION, PLURAL = "syncplane.io", "v1", "workflows"
 WORKERS = {L.WORKFLOW_LABEL: kopf.PRESENT}
 TIMER_INTERVAL = float(os.environ.get("SYNCPLANE_OPERATOR_INTERVAL", "1.0"))
+
+
+def policy_from_environment() -> Policy:
+    """The status rules' seconds (lifecycle.Policy): SYNCPLANE_DEGRADED_AFTER (60),
+    SYNCPLANE_RESTART_BACKOFF (5) and SYNCPLANE_RESTART_BACKOFF_CAP (300)."""
+    env = os.environ.get
+    return Policy(degraded_after=float(env("SYNCPLANE_DEGRADED_AFTER", DEFAULT_POLICY.degraded_after)),
+                  restart_backoff=float(env("SYNCPLANE_RESTART_BACKOFF", DEFAULT_POLICY.restart_backoff)),
+                  restart_backoff_cap=float(env("SYNCPLANE_RESTART_BACKOFF_CAP",
+                                                DEFAULT_POLICY.restart_backoff_cap)))
 
 
 @kopf.on.startup()
@@ -45,6 +56,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     api_client = await kube_api_client()
     memo.api = Clients(core=client.CoreV1Api(api_client), apps=client.AppsV1Api(api_client))
     memo.api_client = api_client
+    memo.policy = policy_from_environment()
     env = os.environ.get
     memo.image = WorkerImage(image=env("SYNCPLANE_WORKER_IMAGE", WorkerImage.image),
                              pull_policy=env("SYNCPLANE_WORKER_IMAGE_PULL_POLICY", WorkerImage.pull_policy),
@@ -97,7 +109,8 @@ async def workflow(body: kopf.Body, patch: kopf.Patch, logger: Any, memo: Any, n
                    name: str, **kwargs: Any) -> None:
     key = (namespace, name)
     indexes = [kwargs[i] for i in ("worker_deployments", "worker_pods", "worker_leases")]
-    await reconcile(body, patch, logger, memo.api, memo.image, *(ix.get(key, []) for ix in indexes))
+    deployments, pods, leases = (ix.get(key, []) for ix in indexes)
+    await reconcile(body, patch, logger, memo.api, memo.image, deployments, pods, leases, policy=memo.policy)
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL)

@@ -18,6 +18,7 @@ from typing import Any
 import kopf
 
 from syncplane.api.v1 import workflow_pb2 as pb
+from syncplane.lifecycle import DEFAULT_POLICY, Policy
 from syncplane.lifecycle import reconcile as decide
 from syncplane.lifecycle.drift import LIFECYCLE_FIELDS
 from syncplane.model.convert import phase_name, spec_from_dict, spec_to_dict
@@ -75,7 +76,7 @@ async def _create(call: Any, namespace: str, body: dict[str, Any]) -> None:
 
 async def reconcile(body: kopf.Body, patch: kopf.Patch, logger: Any, api: Clients, image: WorkerImage,
                     deployments: Iterable[Mapping[str, Any]], pods: Iterable[Mapping[str, Any]],
-                    leases: Iterable[Mapping[str, Any]]) -> None:
+                    leases: Iterable[Mapping[str, Any]], policy: Policy = DEFAULT_POLICY) -> None:
     name, namespace = body.metadata.name, body.metadata.namespace
     assert name and namespace
     if body.metadata.get("deletionTimestamp"):
@@ -89,8 +90,11 @@ async def reconcile(body: kopf.Body, patch: kopf.Patch, logger: Any, api: Client
     now = datetime.now(UTC)
     observed = observe(dict(deployment) if deployment else None, [dict(p) for p in pods],
                        [dict(x) for x in leases], wf.status.applied_generation, now)
-    outcome = decide(wf, applied, observed, now)
+    outcome = decide(wf, applied, observed, now, policy)
     status = outcome.status
+    if outcome.restarted:
+        logger.info("workflow %s/%s: automatic restart %d after %s", namespace, name, status.auto_restart.count,
+                    wf.status.last_error.reason)
     if outcome.apply is not None:
         cm = build_spec_configmap(name, namespace, applied_view_resource(outcome.apply), status.applied_spec_hash,
                                   status.applied_generation)

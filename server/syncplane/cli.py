@@ -99,6 +99,12 @@ def cli(ctx: click.Context, server: str, token: str | None, ca_file: Path | None
 @click.option("--crash-window", type=float, default=120.0, show_default=True)
 @click.option("--backoff-base", type=float, default=0.5, show_default=True)
 @click.option("--orphan-timeout", type=float, default=30.0, show_default=True)
+@click.option("--degraded-after", type=float, default=60.0, show_default=True,
+              help="Seconds a transient failure or a stalled backlog lasts before the workflow is Degraded.")
+@click.option("--restart-backoff", type=float, default=5.0, show_default=True,
+              help="Seconds before the first automatic restart of an ERROR from outside the spec (doubling).")
+@click.option("--restart-backoff-cap", type=float, default=300.0, show_default=True,
+              help="The longest wait between automatic restarts, in seconds.")
 @click.option("--sandbox/--no-sandbox", default=False, show_default=True,
               help="Also run the Dynamics 365 and Campaign emulators on 127.0.0.1:7480 and :7481.")
 @click.option("--sandbox-latency", type=float, default=20.0, show_default=True,
@@ -111,12 +117,13 @@ def cli(ctx: click.Context, server: str, token: str | None, ca_file: Path | None
 @click.option("--log-level", default="INFO", show_default=True)
 def up(data_dir: Path, listen: str, tls_cert: Path | None, tls_key: Path | None, token_file: Path | None,
        defaults: bool, otlp_endpoint: str | None, port_file: Path | None, stop_timeout: float,
-       crash_limit: int, crash_window: float, backoff_base: float, orphan_timeout: float, sandbox: bool,
-       sandbox_latency: float, console: bool, console_listen: str, console_port_file: Path | None,
-       log_level: str) -> None:
+       crash_limit: int, crash_window: float, backoff_base: float, orphan_timeout: float, degraded_after: float,
+       restart_backoff: float, restart_backoff_cap: float, sandbox: bool, sandbox_latency: float, console: bool,
+       console_listen: str, console_port_file: Path | None, log_level: str) -> None:
     """Run the embedded control plane (SQLite + local worker processes) and its web console."""
     from syncplane.api.server import InsecureBindError, ServerSecurity
     from syncplane.console import ConsoleConfig
+    from syncplane.lifecycle import Policy
     from syncplane.runtime.embedded import EmbeddedConfig, serve
     from syncplane.runtime.supervisor import SupervisorConfig
 
@@ -129,7 +136,9 @@ def up(data_dir: Path, listen: str, tls_cert: Path | None, tls_key: Path | None,
         console=ConsoleConfig(console_listen, security) if console else None, console_port_file=console_port_file,
         supervisor=SupervisorConfig(stop_timeout=stop_timeout, crash_limit=crash_limit,
                                     crash_window=crash_window, backoff_base=backoff_base,
-                                    orphan_timeout=orphan_timeout),
+                                    orphan_timeout=orphan_timeout,
+                                    policy=Policy(degraded_after=degraded_after, restart_backoff=restart_backoff,
+                                                  restart_backoff_cap=restart_backoff_cap)),
         with_defaults=defaults, otlp_endpoint=otlp_endpoint, port_file=port_file, sandbox=sandbox,
         sandbox_latency_ms=sandbox_latency)
     try:

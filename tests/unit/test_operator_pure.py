@@ -102,3 +102,27 @@ def test_cr_round_trip_and_status_patch():
     assert patch == {"phase": "RUNNING"}
     assert status_patch({"phase": "STOPPED", "backlog": 3}, pb.WorkflowStatus(phase=pb.PHASE_STOPPED)) == {
         "backlog": None}
+
+
+def test_a_heartbeat_carries_failing_links_and_waiting_records_to_the_decision():
+    """What the Lease annotation says of the links and the backlog reaches lifecycle.Observed, so the
+    operator derives Degraded as the embedded supervisor does."""
+    from syncplane.connectors.http import LinkHealth
+
+    report = WorkerReport(workflow="wf", index=0, generation=2, ready=True, backlog=7)
+    health = LinkHealth()
+    health.failed("GET /contacts: HTTP 429", 429)
+    report.links = {"source": LinkHealth(), "destination": health}
+    report.waiting_since = 1234.0
+    obs = observe(deployment(1), [{}], [lease_body("wf-pod", "wf", report, NOW)], 2, NOW)
+    assert obs.trouble is not None and obs.trouble.reason == "DESTINATION_THROTTLED"
+    assert obs.waiting_since == 1234.0
+
+
+def test_the_operator_reads_its_status_thresholds_from_the_environment(monkeypatch):
+    from syncplane_operator.handlers import policy_from_environment
+
+    monkeypatch.setenv("SYNCPLANE_DEGRADED_AFTER", "7")
+    monkeypatch.setenv("SYNCPLANE_RESTART_BACKOFF_CAP", "42")
+    policy = policy_from_environment()
+    assert (policy.degraded_after, policy.restart_backoff, policy.restart_backoff_cap) == (7.0, 5.0, 42.0)
