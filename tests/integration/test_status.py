@@ -29,6 +29,7 @@ from syncplane.sandbox import Sandbox, SeedSpec, start_sandbox
 from tests.backends import eventually
 from tests.integration.conftest import ControlPlane, _serve, watch_until
 from tests.integration.ingress_env import ingress_spec, prepare
+from tests.integration.optinout_env import optinout_spec
 from tests.integration.test_cli_and_security import cli
 from tests.integration.test_egress import egress_spec, expected_activities
 from tests.integration.test_ingress import start
@@ -198,3 +199,8 @@ async def test_counters_add_up_for_every_workflow_type(plane: ControlPlane, sb: 
     assert f"filtered {500 - wanted}" in described
     s = await until(plane, "in", lambda s: s.counters.written == 300 and s.backlog == 0, "the 300 contacts")
     assert adds_up(s)
+    await start(plane, "oio", optinout_spec(sb, "BIDIRECTIONAL"))
+    s = await until(plane, "oio", lambda s: s.phase == pb.PHASE_RUNNING and s.counters.read >= 300
+                    and s.backlog == 0, "the opt-in/out pass")
+    assert adds_up(s)
+    assert s.counters.filtered > 0  # profiles and contacts that already agree need no write

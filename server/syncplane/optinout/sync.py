@@ -198,9 +198,9 @@ class OptInOutSync:
                 item.campaign = pending.pop(key, None)
             self._set_backlog(len(pending) + sum(_records(i) for i in items.values()))
             await self._apply(list(items.values()), campaign_complete=campaign_from_start, crm_complete=False)
+            self._set_backlog(len(pending))  # (at once: the items are accounted for)
             if page.cursor is not None:
                 await self.checkpoints.acommit(self.workflow, CRM_STREAM, page.cursor)
-            self._set_backlog(len(pending))
             if stop.is_set():
                 return
 
