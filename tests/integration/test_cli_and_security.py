@@ -113,7 +113,7 @@ async def test_apply_start_edit_describe_stop(server: ServerProcess, tmp_path: P
     assert "restart required" in described and "~ spec.batch_size" in described
     assert "SpecDrift  True" in described
     listed = (await cli(server.port, "list")).stdout
-    assert [line.split()[5] for line in listed.splitlines() if line.startswith("mine ")] == ["yes"]
+    assert [line.split()[6] for line in listed.splitlines() if line.startswith("mine ")] == ["yes"]  # DRIFT
     res = await cli(server.port, "start", "mine")
     assert res.returncode == 1 and "FAILED_PRECONDITION" in res.stderr and "RUNNING" in res.stderr
     res = await cli(server.port, "delete", "mine")
