@@ -531,13 +531,14 @@ def watch(ctx: click.Context, name: str | None, from_revision: int, output: str)
             click.echo(json.dumps({"type": kind, "revision": event.revision,
                                    "object": to_resource(event.workflow)}))
         else:
-            click.echo(watch_line([str(event.revision), kind, *table_row(event.workflow)[:7]]))
+            click.echo(watch_line([str(event.revision), kind, *table_row(event.workflow)[:8]]))
 
 
 # Columns of `watch`: fixed widths, since rows arrive one by one (a name longer than its column
 # pushes the rest of its row right).
-WATCH_HEADER = ["REVISION", "CHANGE", "NAME", "TYPE", "DESIRED", "PHASE", "BACKLOG", "DRIFT", "DEADLETTERS"]
-_WATCH_WIDTHS = [8, 8, 24, 10, 7, 8, 7, 5, 11]
+WATCH_HEADER = ["REVISION", "CHANGE", "NAME", "TYPE", "DESIRED", "PHASE", "DEGRADED", "BACKLOG", "DRIFT",
+                "DEADLETTERS"]
+_WATCH_WIDTHS = [8, 8, 24, 10, 7, 8, 23, 7, 5, 11]
 
 
 def watch_line(cells: list[str]) -> str:

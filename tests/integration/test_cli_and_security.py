@@ -73,8 +73,8 @@ async def test_watch_prints_a_header_then_one_line_per_change(server: ServerProc
     finally:
         proc.terminate()
         await proc.wait()
-    assert lines[0].split() == ["REVISION", "CHANGE", "NAME", "TYPE", "DESIRED", "PHASE", "BACKLOG", "DRIFT",
-                                "DEADLETTERS"]
+    assert lines[0].split() == ["REVISION", "CHANGE", "NAME", "TYPE", "DESIRED", "PHASE", "DEGRADED", "BACKLOG",
+                                "DRIFT", "DEADLETTERS"]
     names = sorted(line.split()[2] for line in lines[1:])
     assert names == ["contacts-ingress", "email-events-egress", "opt-in-out"], lines
     assert all(line.split()[1] == "ADDED" for line in lines[1:]), lines
