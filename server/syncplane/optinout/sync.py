@@ -250,13 +250,17 @@ class OptInOutSync:
         self._remember(items, known_crm, known_campaign, crm_out, campaign_out)
         await self._account(items, CRM, crm_out, dict(to_crm))
         await self._account(items, CAMPAIGN, campaign_out, {w.key: dict(w.values) for w in to_campaign})
-        # Each record read of a key takes the key's outcome: dead-lettered if a side rejected it,
-        # written if a side acknowledged a write, else nothing needed writing (agree, echo, absent).
-        ok = {*crm_out.written, *campaign_out.written}
-        bad = {r.key for r in (*crm_out.rejected, *campaign_out.rejected)}
+        # The records read of a key (one or two) take its outcomes: one per side rejected (a dead
+        # letter each), then one per side written; the rest needed no write (agree, echo, absent).
+        crm_ok, campaign_ok = set(crm_out.written), set(campaign_out.written)
+        crm_bad, campaign_bad = {r.key for r in crm_out.rejected}, {r.key for r in campaign_out.rejected}
         for item in items:
-            outcome = "dead_lettered" if item.key in bad else "written" if item.key in ok else "filtered"
-            self.report.done(outcome, _records(item))  # type: ignore[arg-type]
+            n = _records(item)
+            bad = min(n, (item.key in crm_bad) + (item.key in campaign_bad))
+            ok = min(n - bad, (item.key in crm_ok) + (item.key in campaign_ok))
+            self.report.done("dead_lettered", bad)
+            self.report.done("written", ok)
+            self.report.done("filtered", n - bad - ok)
 
     async def _write(self, to_campaign: list[CampaignWrite],
                      to_crm: list[tuple[str, dict[str, bool]]]) -> tuple[Outcome, Outcome]:
