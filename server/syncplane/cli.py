@@ -50,9 +50,7 @@ def _age(wf: pb.Workflow) -> str:
 def degraded_mark(status: pb.WorkflowStatus) -> str:
     """The DEGRADED column: why the workflow is not keeping up (or in ERROR), else '-'."""
     if status.phase == pb.PHASE_ERROR:
-        retry = f" (restart {status.auto_restart.count + 1} due)" if status.auto_restart.HasField(
-            "next_restart_time") else ""
-        return (status.last_error.reason or "ERROR") + retry
+        return status.last_error.reason or "ERROR"  # (describe shows the automatic restarts)
     return status.degradation.reason or "-"
 
 

@@ -169,7 +169,12 @@ async def test_a_secret_created_afterwards_recovers_without_a_restart(plane: Con
                     and s.auto_restart.HasField("next_restart_time"), "automatic restarts while the Secret is missing")
     assert s.last_error.reason == "BAD_CREDENTIALS" and "d365-later" in s.last_error.message
     assert "automatic restart" in degraded(s).message
-    assert (await list_row(plane, "later"))["DEGRADED"] == "BAD_CREDENTIALS"
+
+    async def marked() -> bool:  # (between two attempts the row is STARTING, not marked)
+        row = await list_row(plane, "later")
+        return row["PHASE"] == "ERROR" and row["DEGRADED"] == "BAD_CREDENTIALS"
+
+    await eventually(marked, "the list row marked BAD_CREDENTIALS", 60)
     described = (await cli(plane.port, "describe", "later")).stdout
     assert "Restarts:     " in described and " made" in described  # (the next time while in ERROR)
     generation = (await plane.stub.GetWorkflow(svc.GetWorkflowRequest(name="workflows/later"))).generation
