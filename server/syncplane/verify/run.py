@@ -7,7 +7,9 @@ back off, at most ``DEFAULT_CONCURRENCY`` requests at once per API, Campaign lis
 
 - Ingress, per mapped table: the source rows through the workflow's own transform (the
   ``EntityTransform`` the pipeline applies, as a delta pass does: fields whose updates are
-  off are not compared) against the resource's records the integration created.
+  off are not compared) against the resource's records the integration created (listed by
+  ``CampaignSink.owned_records``, judged by ``owned_by``: the workers' one definition of it;
+  the others carrying a source key are counted as foreign).
 - Egress: the event feed through the ``EventTransform`` against the activities, by event id.
 - Opt-in/out: each field pair on the contacts that have a profile the integration created.
 
@@ -25,7 +27,7 @@ from typing import Any, Protocol
 
 from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.connectors.base import Record
-from syncplane.connectors.campaign import MAX_LINE_COUNT, CampaignSource, owned_by
+from syncplane.connectors.campaign import MAX_LINE_COUNT, CampaignSink, CampaignSource, owned_by
 from syncplane.connectors.dynamics import MAX_PAGE_SIZE, DynamicsSource, decode_cursor
 from syncplane.connectors.http import DEFAULT_CONCURRENCY, OAuth2ClientCredentials, Transport
 from syncplane.egress import transform as egress
@@ -166,14 +168,11 @@ async def _ingress(workflow: str, spec: pb.WorkflowSpec, stream: Stream, clients
     dynamics = DynamicsSource(spec.source.endpoint, tokens[0], key_column=entity.source_key,
                               page_size=MAX_PAGE_SIZE, transport=src_transport)
     api_key = _api_key(clients.destination_secret)
-    campaign = CampaignSource(spec.destination.endpoint, tokens[1], api_key,
-                              key_field={entity.destination_resource: entity.destination_key},
-                              line_count=MAX_LINE_COUNT, transport=dst_transport)
-    by_pkey = CampaignSource(spec.destination.endpoint, tokens[1], api_key, key_field="PKey",
-                             line_count=MAX_LINE_COUNT, transport=dst_transport)
+    # Every record carrying the key (owner None): the integration's are compared, the others counted.
+    listing = CampaignSink(spec.destination.endpoint, tokens[1], api_key, owner=None, transport=dst_transport)
     source_schema, entity_set, destination_schema = await asyncio.gather(
         dynamics.table_schema(entity.source_table), dynamics.entity_set(entity.source_table),
-        campaign.resource_schema(entity.destination_resource))
+        listing.resource_schema(entity.destination_resource))
     # As the worker does: truncate to the destination's lengths (the spec's own win), and
     # convert by both sides' types (a mapping the table refuses never ran: compared as read).
     transform.lengths = {**destination_schema.lengths, **transform.lengths}
@@ -212,11 +211,13 @@ async def _ingress(workflow: str, spec: pb.WorkflowSpec, stream: Stream, clients
         fields = list(dict.fromkeys([entity.destination_key, *(m.destination for m in entity.fields)]))
         parents: dict[str, dict[str, Any]] = {}
         for name, target in destination_schema.links.items():
-            target_key = (await campaign.resource_schema(target)).key
-            parents[name] = {r.key: r.values.get(target_key or "") async for page in
-                             by_pkey.pages(target, [target_key or "PKey"], None) for r in page.records}
-        async for page in campaign.pages(entity.destination_resource, [*fields, "createdBy"], None):
-            for rec in page.records:
+            target_key = (await listing.resource_schema(target)).key or "PKey"
+            parents[name] = {r.pkey: r.key async for page in listing.owned_records(target, target_key,
+                                                                                     line_count=MAX_LINE_COUNT)
+                             for r in page}
+        async for page in listing.owned_records(entity.destination_resource, entity.destination_key,
+                                                [*fields, "createdBy", "lastModified"], line_count=MAX_LINE_COUNT):
+            for rec in page:
                 if not owned_by(rec.values, owner):
                     foreign.add(rec.key)
                     continue
@@ -225,7 +226,7 @@ async def _ingress(workflow: str, spec: pb.WorkflowSpec, stream: Stream, clients
                     link = values.get(name)
                     if isinstance(link, dict):  # {"PKey": …}: the parent's integration key, as the source has it
                         values[name] = keys.get(str(link.get("PKey")))
-                actual[rec.key] = Row(values, instant(rec.modified))
+                actual[rec.key] = Row(values, instant(rec.values.get("lastModified")))
 
     await asyncio.gather(read_source(), read_destination())
     theirs = foreign & expected.keys()
@@ -302,8 +303,8 @@ async def _optinout(workflow: str, spec: pb.WorkflowSpec, crm: pb.Connection, ac
     tokens, (crm_transport, acs_transport) = clients.tokens, clients.transports
     contacts = DynamicsSource(crm.endpoint, tokens[0], key_column=CRM_KEY, page_size=MAX_PAGE_SIZE,
                               transport=crm_transport)
-    profiles = CampaignSource(acs.endpoint, tokens[1], _api_key(clients.destination_secret),
-                              key_field={PROFILE: PROFILE_KEY}, line_count=MAX_LINE_COUNT, transport=acs_transport)
+    profiles = CampaignSink(acs.endpoint, tokens[1], _api_key(clients.destination_secret), owner=None,
+                            transport=acs_transport)
     owner = clients.destination_secret.client_id
     crm_rows: dict[str, Row] = {}
     acs_rows: dict[str, Row] = {}
@@ -317,13 +318,14 @@ async def _optinout(workflow: str, spec: pb.WorkflowSpec, crm: pb.Connection, ac
                                             instant(rec.modified))
 
     async def read_campaign() -> None:
-        async for page in profiles.pages(PROFILE, [*(p.campaign for p in pairs), "createdBy"], None):
-            for rec in page.records:
+        async for page in profiles.owned_records(PROFILE, PROFILE_KEY, [*(p.campaign for p in pairs), "createdBy",
+                                                                        "lastModified"], line_count=MAX_LINE_COUNT):
+            for rec in page:
                 if not owned_by(rec.values, owner):
                     foreign.add(rec.key)  # the sync never writes a profile someone else created
                     continue
                 acs_rows[rec.key] = Row({p.campaign: flag(rec.values.get(p.campaign)) for p in pairs},
-                                        instant(rec.modified))
+                                        instant(rec.values.get("lastModified")))
 
     await asyncio.gather(read_crm(), read_campaign())
     both = crm_rows.keys() & acs_rows.keys()  # a contact without a profile is ingress's business
