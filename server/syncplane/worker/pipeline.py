@@ -244,12 +244,14 @@ class Pipeline:
         if deletes:
             log.info("%s: deleting %d records the source no longer has (found after a full read)",
                      self.stream.name, deletes)
+            self.report.read(len(tombstones))  # the tombstones a delta read would have carried
             self._in_flight = len(tombstones)
             self._update_backlog()
             try:
                 if not await self._write_page(tombstones, True, stop):
                     return  # stopped: reconciled again next time (deletes are idempotent)
             finally:
+                self.report.done("failed", self._in_flight)  # not written: reconciled again next time
                 self.writing = False
                 self._in_flight = 0
                 self._update_backlog()
