@@ -212,10 +212,12 @@ async def test_checkpoints_survive_pod_deletion(k8s_cluster, namespace, operator
 HELD_SELECTOR = "syncplane.io/record=held"
 
 
-@pytest.mark.timeout(600)
-async def test_held_records_survive_pod_deletion(k8s_cluster, namespace, operator, tmp_path):
+@pytest.mark.timeout(1200)   # worker_image builds the image when make image has not
+async def test_held_records_survive_pod_deletion(k8s_cluster, namespace, operator, tmp_path, worker_image):
     """An event whose contact is not in the CRM yet is held in a ConfigMap of its own, not in the pod:
-    the pod is deleted, the contact arrives, and the new pod's worker delivers the event."""
+    the pod is deleted, the contact arrives, and the new pod's worker delivers the event.
+
+    The fake kubelet runs these pods from the built image, as the pod's user: what a real cluster runs."""
     sb = await start_sandbox(seed=SeedSpec(contacts=10, seed=4))
     try:
         await create_secrets(k8s_cluster, namespace, sb)
@@ -234,7 +236,8 @@ async def test_held_records_survive_pod_deletion(k8s_cluster, namespace, operato
         def delivered() -> set[str]:
             return {a["new_eventid"] for a in sb.d365.table("new_emailevents").rows.values()}
 
-        async with FakeKubelet(namespace, Path(k8s_cluster.kubeconfig), tmp_path / "containers") as kubelet:
+        async with FakeKubelet(namespace, Path(k8s_cluster.kubeconfig), tmp_path / "containers",
+                               runtime=worker_image) as kubelet:
             try:
                 await set_desired(k8s_cluster, namespace, name, "RUNNING")
                 held: list[dict[str, Any]] = []
@@ -254,6 +257,8 @@ async def test_held_records_survive_pod_deletion(k8s_cluster, namespace, operato
                 # the pod goes; the held record stays; the contact arrives; the new pod delivers the event
                 (old_pod,) = kubelet.running()
                 old = kubelet.containers[old_pod]
+                assert old.image is not None and (entry := old.image.entrypoint()) is not None
+                assert entry.uids().real == 10001, "the pod's container runs from the image as the pod's user"
                 await kubectl(k8s_cluster, "delete", "pod", old_pod, "-n", namespace, "--wait=false")
                 assert await asyncio.to_thread(old.proc.wait, 90) == 0
                 assert len(await configmaps(k8s_cluster, namespace, HELD_SELECTOR)) == 1
