@@ -14,8 +14,8 @@ APT_PACKAGES := openssl git ca-certificates buildah debootstrap
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST := $(BIN)/pytest -p no:cacheprovider
 
-.PHONY: help setup apt venv lock k8s-binaries image run test test-unit test-integration test-e2e test-image \
-        test-k8s check-leftovers chart proto proto-check lint bench fuzz clean
+.PHONY: help setup apt venv lock k8s-binaries image run test test-unit test-integration test-security test-e2e \
+        test-image test-k8s check-leftovers chart proto proto-check lint bench fuzz clean
 
 help:
 	@echo "make run     start the embedded control plane, its web console, the sandbox emulators and the default workflows"
@@ -93,6 +93,11 @@ test-e2e: setup
 test-image: venv image
 	$(PYTEST) tests/image
 
+# Credentials, limits, file modes, exposure: a hostile endpoint records what reaches it (the k8s
+# tier's test_security_* files carry the cluster half, marked `security` too).
+test-security: venv
+	$(PYTEST) tests/security
+
 test-k8s: venv k8s-binaries image
 	$(PYTEST) tests/k8s
 
@@ -104,7 +109,7 @@ chart: venv k8s-binaries
 check-leftovers: venv
 	$(BIN)/python scripts/check_leftovers.py
 
-test: setup k8s-binaries lint chart test-unit test-integration test-e2e test-image test-k8s check-leftovers
+test: setup k8s-binaries lint chart test-unit test-integration test-security test-e2e test-image test-k8s check-leftovers
 
 bench: venv
 	$(BIN)/python -m benchmarks

@@ -94,7 +94,9 @@ async def _sync_run(sb: Sandbox, h: Harness, keys: list[str], changes: int, rng:
 async def _naive_run(sb: Sandbox, keys: list[str], changes: int, rng: random.Random) -> dict[str, Any]:
     d_tokens = OAuth2ClientCredentials(sb.d365_token_url, Credentials(SANDBOX_CLIENT_ID, SANDBOX_CLIENT_SECRET,
                                                                       scope=sb.d365_scope))
-    a_tokens = OAuth2ClientCredentials(sb.acs_token_url, Credentials(SANDBOX_CLIENT_ID, SANDBOX_CLIENT_SECRET))
+    a_tokens = OAuth2ClientCredentials(sb.acs_token_url, Credentials(SANDBOX_CLIENT_ID, SANDBOX_CLIENT_SECRET,
+                                                                     organization=sb.options.org,
+                                                                     api_host=sb.acs_origin))
     d_src = DynamicsSource(sb.d365_url, d_tokens, key_column="contactid")
     a_src = CampaignSource(sb.acs_url, a_tokens, SANDBOX_CLIENT_ID, key_field={"profile": "externalId"},
                            line_count=1000)

@@ -29,7 +29,7 @@ from syncplane.service import WorkflowService
 from syncplane.store.sqlite import SqliteStore
 from syncplane.worker.credentials import write_local_secret
 from syncplane.worker.main import state_file
-from tests.factories import spec
+from tests.factories import UNREACHABLE_SECRETS, spec
 
 STARTS = 20
 
@@ -67,9 +67,8 @@ async def run() -> dict[str, Any]:
         tmp = Path(tmpdir)
         # Secrets the workers can load (nothing listens at the token URL: the engine retries,
         # the worker is ready): Start → RUNNING measures the control plane, not a vendor.
-        for name in ("d365-sandbox", "acs-sandbox"):
-            write_local_secret(tmp / "secrets", name, {"clientId": "bench", "clientSecret": "bench",
-                                                       "tokenUrl": "http://127.0.0.1:9/token"})
+        for name, data in UNREACHABLE_SECRETS.items():
+            write_local_secret(tmp / "secrets", name, data)
         store = SqliteStore(tmp / "bench.db")
         supervisor = Supervisor(store, tmp / "run", SupervisorConfig(tick=0.5))
         service = WorkflowService(store, on_change=supervisor.wake)

@@ -15,6 +15,21 @@ _FILES = {"ingress": "10-contacts-ingress.yaml", "egress": "20-email-events-egre
           "opt_in_out": "30-opt-in-out.yaml"}
 
 
+#: Secrets for the default specs' references, declaring the default endpoints' origins, with a token
+#: URL nothing listens on: workers hold valid-looking credentials and start; their connectors retry.
+UNREACHABLE_SECRETS = {
+    "d365-sandbox": {"clientId": "test-client", "clientSecret": "test-secret", "tokenUrl": "http://127.0.0.1:9/token",
+                     "scope": "http://127.0.0.1:7480/.default"},
+    "acs-sandbox": {"clientId": "test-client", "clientSecret": "test-secret", "tokenUrl": "http://127.0.0.1:9/token",
+                    "organization": "sandbox", "apiHost": "http://127.0.0.1:7481"},
+}
+
+
+def literals(data: dict[str, str]) -> list[str]:
+    """``kubectl create secret generic`` arguments for a secret's keys."""
+    return [f"--from-literal={k}={v}" for k, v in data.items()]
+
+
 def spec(kind: str = "ingress") -> pb.WorkflowSpec:
     _, wf = from_resource(yaml.safe_load((DEFAULTS / _FILES[kind]).read_text()))
     apply_defaults(wf.spec)

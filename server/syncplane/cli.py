@@ -20,7 +20,7 @@ from google.protobuf import field_mask_pb2, json_format, timestamp_pb2
 
 from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.api.v1 import workflow_service_pb2 as svc
-from syncplane.client import ClientConfig, describe_error, stub, violation_lines
+from syncplane.client import CleartextTokenError, ClientConfig, describe_error, stub, violation_lines
 from syncplane.errors import InvalidArgument, SyncplaneError
 from syncplane.model.convert import enum_short_name, from_resource, phase_name, to_resource
 from syncplane.model.names import workflow_name
@@ -72,13 +72,45 @@ def format_table(rows: list[list[str]],
 @click.group()
 @click.option("--server", envvar="SYNCPLANE_ADDRESS", default="127.0.0.1:7443", show_default=True,
               help="Control-plane gRPC address.")
-@click.option("--token", envvar="SYNCPLANE_TOKEN", default=None, help="Bearer token (or SYNCPLANE_TOKEN).")
+@click.option("--token", envvar="SYNCPLANE_TOKEN", default=None,
+              help="Bearer token; prefer SYNCPLANE_TOKEN or --token-file (a flag shows in the process list).")
+@click.option("--token-file", envvar="SYNCPLANE_TOKEN_FILE", type=click.Path(exists=True, path_type=Path),
+              default=None, help="File holding the bearer token (or SYNCPLANE_TOKEN_FILE).")
 @click.option("--ca-file", envvar="SYNCPLANE_CA_FILE", type=click.Path(path_type=Path), default=None,
               help="CA bundle; enables TLS.")
+@click.option("--plaintext", envvar="SYNCPLANE_PLAINTEXT", is_flag=True, default=False,
+              help="Send the token without TLS to a server that is not on loopback (it travels in clear text).")
 @click.pass_context
-def cli(ctx: click.Context, server: str, token: str | None, ca_file: Path | None) -> None:
+def cli(ctx: click.Context, server: str, token: str | None, token_file: Path | None, ca_file: Path | None,
+        plaintext: bool) -> None:
     """syncplane: keep Dynamics 365 and Adobe Campaign Standard in sync."""
-    ctx.obj = ClientConfig(address=server, token=token, ca_file=ca_file)
+    if token is not None and ctx.get_parameter_source("token") == click.core.ParameterSource.COMMANDLINE:
+        click.echo("warning: --token shows in the process list; prefer SYNCPLANE_TOKEN or --token-file", err=True)
+    if token_file is not None:
+        token = token_file.read_text().strip()
+    ctx.obj = ClientConfig(address=server, token=token, ca_file=ca_file, plaintext=plaintext)
+
+
+REFLECTION = click.option("--reflection/--no-reflection", default=True, show_default=True,
+                          help="Serve gRPC server reflection (generic clients such as grpcurl list the API).")
+
+
+def _server_security(tls_cert: Path | None, tls_key: Path | None, token_file: Path | None,
+                     reflection: bool) -> Any:
+    """The server's TLS, token and exposure settings; a TLS key or token file other users can
+    read is refused (as ssh refuses a private key), naming the file and the fix."""
+    from syncplane.api.server import ServerSecurity
+    from syncplane.private_files import ExposedFileError, check_private
+
+    try:
+        if tls_key is not None:
+            check_private(tls_key, "TLS key")
+        if token_file is not None:
+            check_private(token_file, "token file")
+    except ExposedFileError as exc:
+        raise click.ClickException(str(exc)) from None
+    token = token_file.read_text().strip() if token_file else os.environ.get("SYNCPLANE_SERVER_TOKEN")
+    return ServerSecurity(tls_cert=tls_cert, tls_key=tls_key, token=token or None, reflection=reflection)
 
 
 @cli.command()
@@ -113,13 +145,17 @@ def cli(ctx: click.Context, server: str, token: str | None, ca_file: Path | None
               help="The console's address; off loopback it needs TLS and a token, like gRPC.")
 @click.option("--console-port-file", type=click.Path(path_type=Path), help="Write the console's bound port here.")
 @click.option("--log-level", default="INFO", show_default=True)
+@REFLECTION
+@click.option("--worker-memory-limit", type=int, default=2048, show_default=True,
+              help="MiB: each worker process's data segment limit (RLIMIT_DATA).")
 def up(data_dir: Path, listen: str, tls_cert: Path | None, tls_key: Path | None, token_file: Path | None,
        defaults: bool, otlp_endpoint: str | None, port_file: Path | None, stop_timeout: float,
        crash_limit: int, crash_window: float, backoff_base: float, orphan_timeout: float, degraded_after: float,
        restart_backoff: float, restart_backoff_cap: float, sandbox: bool, sandbox_latency: float, console: bool,
-       console_listen: str, console_port_file: Path | None, log_level: str) -> None:
+       console_listen: str, console_port_file: Path | None, log_level: str, reflection: bool,
+       worker_memory_limit: int) -> None:
     """Run the embedded control plane (SQLite + local worker processes) and its web console."""
-    from syncplane.api.server import InsecureBindError, ServerSecurity
+    from syncplane.api.server import InsecureBindError
     from syncplane.console import ConsoleConfig
     from syncplane.lifecycle import Policy
     from syncplane.runtime.embedded import EmbeddedConfig, serve
@@ -127,8 +163,7 @@ def up(data_dir: Path, listen: str, tls_cert: Path | None, tls_key: Path | None,
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    token = token_file.read_text().strip() if token_file else os.environ.get("SYNCPLANE_SERVER_TOKEN")
-    security = ServerSecurity(tls_cert=tls_cert, tls_key=tls_key, token=token or None)
+    security = _server_security(tls_cert, tls_key, token_file, reflection)
     config = EmbeddedConfig(
         data_dir=data_dir, address=listen, security=security,
         console=ConsoleConfig(console_listen, security) if console else None, console_port_file=console_port_file,
@@ -136,7 +171,8 @@ def up(data_dir: Path, listen: str, tls_cert: Path | None, tls_key: Path | None,
                                     crash_window=crash_window, backoff_base=backoff_base,
                                     orphan_timeout=orphan_timeout,
                                     policy=Policy(degraded_after=degraded_after, restart_backoff=restart_backoff,
-                                                  restart_backoff_cap=restart_backoff_cap)),
+                                                  restart_backoff_cap=restart_backoff_cap),
+                                    worker_memory_limit=worker_memory_limit * 1024 ** 2),
         with_defaults=defaults, otlp_endpoint=otlp_endpoint, port_file=port_file, sandbox=sandbox,
         sandbox_latency_ms=sandbox_latency)
     try:
@@ -161,23 +197,24 @@ def up(data_dir: Path, listen: str, tls_cert: Path | None, tls_key: Path | None,
               help="The console's address; off loopback it needs TLS and a token, like gRPC.")
 @click.option("--console-port-file", type=click.Path(path_type=Path), help="Write the console's bound port here.")
 @click.option("--log-level", default="INFO", show_default=True)
+@REFLECTION
 @click.pass_context
 def server(ctx: click.Context, backend: str, namespace: str, listen: str, tls_cert: Path | None,
            tls_key: Path | None, token_file: Path | None, otlp_endpoint: str | None, port_file: Path | None,
-           console: bool, console_listen: str, console_port_file: Path | None, log_level: str) -> None:
+           console: bool, console_listen: str, console_port_file: Path | None, log_level: str,
+           reflection: bool) -> None:
     """Run the gRPC API server; `--backend kubernetes` serves Workflow custom resources."""
     if backend == "embedded":
         ctx.invoke(up, listen=listen, tls_cert=tls_cert, tls_key=tls_key, token_file=token_file,
                    otlp_endpoint=otlp_endpoint, port_file=port_file, console=console, console_listen=console_listen,
-                   console_port_file=console_port_file, log_level=log_level)
+                   console_port_file=console_port_file, log_level=log_level, reflection=reflection)
         return
-    from syncplane.api.server import InsecureBindError, ServerSecurity
+    from syncplane.api.server import InsecureBindError
     from syncplane.console import ConsoleConfig
     from syncplane.runtime.kubernetes import KubernetesServerConfig, serve_kubernetes
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    token = token_file.read_text().strip() if token_file else os.environ.get("SYNCPLANE_SERVER_TOKEN")
-    security = ServerSecurity(tls_cert=tls_cert, tls_key=tls_key, token=token or None)
+    security = _server_security(tls_cert, tls_key, token_file, reflection)
     config = KubernetesServerConfig(namespace=namespace, address=listen, otlp_endpoint=otlp_endpoint,
                                     security=security, port_file=port_file,
                                     console=ConsoleConfig(console_listen, security) if console else None,
@@ -231,10 +268,16 @@ def operator_(namespaces: tuple[str, ...], standalone: bool, liveness: str) -> N
               help="SQLite file for checkpoints and dead letters (default: in --state-dir).")
 @click.option("--drain-timeout", type=float, default=20.0, show_default=True,
               help="Seconds the batch in flight may take after SIGTERM before it is abandoned.")
+@click.option("--memory-limit", type=int, default=None,
+              help="Bytes: this process's data segment limit (RLIMIT_DATA), set before anything else.")
 def worker(workflow: str, index: int, generation: int, spec_file: Path, state_dir: Path | None,
            orphan_timeout: float, heartbeat: str, namespace: str, pod_name: str, workflow_uid: str, listen: str,
-           secrets_dir: Path | None, state_db: Path | None, drain_timeout: float) -> None:
+           secrets_dir: Path | None, state_db: Path | None, drain_timeout: float, memory_limit: int | None) -> None:
     """Run one worker replica (started by the supervisor or a Deployment)."""
+    if memory_limit is not None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_DATA, (memory_limit, memory_limit))
     from syncplane.worker.main import WorkerOptions, run
 
     host, _, port = listen.rpartition(":")
@@ -247,22 +290,25 @@ def worker(workflow: str, index: int, generation: int, spec_file: Path, state_di
 
 
 def _documents(path: str) -> list[Any]:
-    """Every non-empty YAML document of the file (or stdin), all parsed before any is applied.
+    """Every non-empty YAML document of the file (or stdin), all parsed before any is applied, within
+    the bounds of syncplane.model.documents (size, depth, aliases: no alias bomb hangs the CLI).
 
     Raises:
         OSError: the file cannot be read.
-        click.ClickException: it is not YAML (the message names the line and column).
+        click.ClickException: it is not YAML, or exceeds a bound (the message says which).
     """
-    text = sys.stdin.read() if path == "-" else Path(path).read_text()
+    from syncplane.model.documents import MAX_BYTES, DocumentError, load_documents
+
+    where = "stdin" if path == "-" else path
+    if path == "-":
+        text = sys.stdin.buffer.read(MAX_BYTES + 1)
+    else:
+        with open(path, "rb") as f:
+            text = f.read(MAX_BYTES + 1)
     try:
-        return [doc for doc in yaml.safe_load_all(text) if doc]
-    except yaml.YAMLError as exc:
-        where = ""
-        mark = getattr(exc, "problem_mark", None)
-        if mark is not None:
-            where = f" at line {mark.line + 1}, column {mark.column + 1}"
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise click.ClickException(f"{'stdin' if path == '-' else path}: not valid YAML{where}: {problem}") from exc
+        return list(load_documents(text))
+    except DocumentError as exc:
+        raise click.ClickException(f"{where}: {exc}") from None
 
 
 @cli.command()
@@ -548,6 +594,8 @@ def error_text(exc: BaseException) -> str:
     violation). Never a traceback: an unexpected exception is named by its type and message."""
     if isinstance(exc, grpc.RpcError):
         return describe_error(exc)
+    if isinstance(exc, CleartextTokenError):
+        return str(exc)
     if isinstance(exc, InvalidArgument):
         return "\n".join(violation_lines([(v.field, v.description) for v in exc.violations]))
     if isinstance(exc, SyncplaneError):

@@ -11,6 +11,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from syncplane.api.v1 import workflow_service_pb2_grpc as svc_grpc
+from syncplane.validation.endpoints import is_loopback
 
 DEFAULT_ADDRESS = "127.0.0.1:7443"
 
@@ -20,6 +21,7 @@ class ClientConfig:
     address: str = DEFAULT_ADDRESS
     token: str | None = None
     ca_file: Path | None = None
+    plaintext: bool = False   # explicitly allow a token without TLS to a non-loopback server
 
     @classmethod
     def from_env(cls) -> ClientConfig:
@@ -28,7 +30,20 @@ class ClientConfig:
                    token=os.environ.get("SYNCPLANE_TOKEN") or None, ca_file=Path(ca) if ca else None)
 
 
+class CleartextTokenError(Exception):
+    """A token would go without TLS to a server that is not on loopback."""
+
+
 def channel(config: ClientConfig) -> grpc.Channel:
+    """A channel to the control plane, the token attached to every call.
+
+    Raises:
+        CleartextTokenError: a token, no CA file, a non-loopback address, and no ``plaintext``.
+    """
+    if config.token and config.ca_file is None and not config.plaintext and not is_loopback(config.address):
+        raise CleartextTokenError(
+            f"refusing to send the token in clear text to {config.address}: give --ca-file (TLS), "
+            "or --plaintext if the network between is trusted")
     if config.ca_file is None:
         ch = grpc.insecure_channel(config.address)
     else:

@@ -30,7 +30,7 @@ from syncplane.runtime.supervisor import Supervisor, SupervisorConfig
 from syncplane.service import WorkflowService
 from syncplane.store.sqlite import SqliteStore
 from syncplane.worker.credentials import write_local_secret
-from tests.factories import spec
+from tests.factories import UNREACHABLE_SECRETS, spec
 
 FAST = SupervisorConfig(tick=0.1, stop_timeout=5.0, backoff_base=0.05, backoff_cap=0.5, crash_limit=3,
                         crash_window=60.0, orphan_timeout=30.0, poll_timeout=1.0)
@@ -39,9 +39,8 @@ FAST = SupervisorConfig(tick=0.1, stop_timeout=5.0, backoff_base=0.05, backoff_c
 def write_unreachable_secrets(data_dir: Path) -> None:
     """Secret files for the default specs' references, with token URLs nothing listens on:
     workers hold valid-looking credentials and start; their connectors retry (transient)."""
-    for name in ("d365-sandbox", "acs-sandbox"):
-        write_local_secret(data_dir / "secrets", name, {"clientId": "test-client", "clientSecret": "test-secret",
-                                                         "tokenUrl": "http://127.0.0.1:9/token"})
+    for name, data in UNREACHABLE_SECRETS.items():
+        write_local_secret(data_dir / "secrets", name, data)
 
 
 def worker_processes(data_dir: Path) -> list[psutil.Process]:

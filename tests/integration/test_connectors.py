@@ -43,7 +43,9 @@ def d365_tokens(sb: Sandbox, secret: str = SANDBOX_CLIENT_SECRET) -> OAuth2Clien
 
 def acs_tokens(sb: Sandbox, secret: str = SANDBOX_CLIENT_SECRET) -> OAuth2ClientCredentials:
     return OAuth2ClientCredentials(sb.acs_token_url, Credentials(SANDBOX_CLIENT_ID, secret,
-                                                                 scope="openid,AdobeID,campaign_sdk"))
+                                                                 scope="openid,AdobeID,campaign_sdk",
+                                                                 organization=sb.options.org,
+                                                                 api_host=sb.acs_origin))
 
 
 @pytest.fixture

@@ -323,9 +323,11 @@ async def test_wrong_credentials_give_error_without_leaking_the_secret(plane: Co
     sb = await sandbox_with(SeedSpec(contacts=10, seed=2))
     try:
         wrong = "not-the-secret-4711"
-        for name, url in (("d365-sandbox", sb.d365_token_url), ("acs-sandbox", sb.acs_token_url)):
+        for name, url, audience in (("d365-sandbox", sb.d365_token_url, {"scope": sb.d365_scope}),
+                                    ("acs-sandbox", sb.acs_token_url, {"organization": sb.options.org,
+                                                                       "apiHost": sb.acs_origin})):
             write_local_secret(plane.data_dir / "secrets", name, {"clientId": sb.client_id, "clientSecret": wrong,
-                                                                  "tokenUrl": url})
+                                                                  "tokenUrl": url, **audience})
         rev = plane.store.revision()
         await start(plane, "badcreds", ingress_spec(sb))
         wf, _ = await watch_until(plane.stub, "badcreds", lambda w: w.status.phase == pb.PHASE_ERROR, rev, timeout=60)

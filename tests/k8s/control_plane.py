@@ -24,7 +24,7 @@ from syncplane.api.v1 import workflow_service_pb2_grpc as svc_grpc
 from syncplane.runtime.kubernetes import kubernetes_store
 from syncplane.service import WorkflowService
 from syncplane.worker.heartbeat import REPORT_ANNOTATION, WORKFLOW_LABEL
-from tests.factories import spec
+from tests.factories import UNREACHABLE_SECRETS, literals, spec
 from tests.k8s.kubelet import FakeKubelet
 
 
@@ -57,8 +57,7 @@ def prepare_namespace(cluster: Any, namespace: str) -> None:
     """What the chart (the workers' ServiceAccount) and the user (the referenced Secrets) create."""
     cluster.kubectl("create", "serviceaccount", "syncplane-worker", "-n", namespace)
     for secret in ("d365-sandbox", "acs-sandbox"):
-        cluster.kubectl("create", "secret", "generic", secret, "-n", namespace, "--from-literal=clientId=test-client",
-                        "--from-literal=clientSecret=test-secret", "--from-literal=tokenUrl=http://127.0.0.1:9/token")
+        cluster.kubectl("create", "secret", "generic", secret, "-n", namespace, *literals(UNREACHABLE_SECRETS[secret]))
 
 
 async def serve_kubernetes(cluster: Any, namespace: str, workdir: Path, monkeypatch: pytest.MonkeyPatch,

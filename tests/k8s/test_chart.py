@@ -39,6 +39,7 @@ from syncplane.api.v1 import workflow_service_pb2_grpc as svc_grpc
 from syncplane.model.convert import from_resource
 from syncplane.sandbox import Sandbox, SeedSpec, start_sandbox
 from syncplane.worker.kube_checkpoints import checkpoint_configmap_name
+from tests.factories import literals
 from tests.k8s.test_operator import AVAILABLE, LocalWorker, get, wait
 
 pytestmark = pytest.mark.k8s
@@ -342,13 +343,9 @@ def test_lifecycle_under_the_charts_rbac(k8s_cluster, workflow_crd, namespace, c
     # Real records flow (from the sandbox), so the worker also commits its cursors to the checkpoints ConfigMap.
     sandbox = SandboxThread(CONTACTS)
     sb = sandbox.sandbox
-    common = [f"--from-literal=clientId={sb.client_id}", f"--from-literal=clientSecret={sb.client_secret}"]
     # what a user creates: the credentials Secrets
-    k8s_cluster.kubectl("create", "secret", "generic", "d365-sandbox", "-n", namespace, *common,
-                        f"--from-literal=tokenUrl={sb.d365_token_url}", f"--from-literal=scope={sb.d365_scope}")
-    k8s_cluster.kubectl("create", "secret", "generic", "acs-sandbox", "-n", namespace, *common,
-                        f"--from-literal=tokenUrl={sb.acs_token_url}",
-                        "--from-literal=scope=openid,AdobeID,campaign_sdk")
+    for name, data in sb.secrets().items():
+        k8s_cluster.kubectl("create", "secret", "generic", name, "-n", namespace, *literals(data))
     ca = json.loads(k8s_cluster.kubeconfig.read_text())["clusters"][0]["cluster"]["certificate-authority"]
     proxies = {who: RecordingProxy(k8s_cluster.server, ca) for who in ("operator", "server", "worker")}
     operator = start_operator(k8s_cluster, namespace, release, tmp_path, "operator-0", proxies["operator"])

@@ -52,6 +52,12 @@ def _mutations() -> list[tuple[str, str, Any]]:
         ("contacts", "spec.workers", setp("spec.workers", 0)),
         ("contacts", "spec.pollInterval", setp("spec.pollInterval", "five minutes")),
         ("contacts", "spec.source.endpoint", setp("spec.source.endpoint", "ftp://nowhere")),
+        # issue 13: cleartext off loopback, link-local / metadata addresses, spaces and control characters
+        ("contacts", "spec.source.endpoint", setp("spec.source.endpoint", "http://contoso.crm.dynamics.com/api/")),
+        ("contacts", "spec.source.endpoint", setp("spec.source.endpoint", "https://169.254.169.254/latest/")),
+        ("contacts", "spec.destination.endpoint", setp("spec.destination.endpoint", "http://metadata.google.internal/")),
+        ("contacts", "spec.source.endpoint", setp("spec.source.endpoint", "https://contoso.crm.dynamics.com/a b/")),
+        ("contacts", "spec.source.endpoint", setp("spec.source.endpoint", "https://contoso.crm.dynamics.com/\n")),
         ("contacts", "spec.source.credentials.name", setp("spec.source.credentials.name", "Not_A_Name")),
         ("contacts", "spec.destination", setp("spec.destination", _DELETE)),
         ("contacts", "spec.ingress.entities[0].fields", setp("spec.ingress.entities.0.fields.1.destination",

@@ -16,6 +16,7 @@ import pytest
 import yaml
 from kopf.testing import KopfRunner
 
+from tests.factories import UNREACHABLE_SECRETS, literals
 from tests.k8s.syncplane_fixtures import SECRET_VALUE
 
 pytestmark = pytest.mark.k8s
@@ -83,10 +84,9 @@ def create_workflow(cluster: Any, namespace: str, tmp: Path, secrets: bool = Tru
     cluster.kubectl("create", "serviceaccount", "syncplane-worker", "-n", namespace)
     if secrets:
         for secret in ("d365-sandbox", "acs-sandbox"):
+            # nothing listens at its token URL: the connectors retry, the worker stays up
             cluster.kubectl("create", "secret", "generic", secret, "-n", namespace,
-                            "--from-literal=clientId=sandbox", f"--from-literal=clientSecret={SECRET_VALUE}",
-                            # nothing listens there: the connectors retry, the worker stays up
-                            "--from-literal=tokenUrl=http://127.0.0.1:9/token")
+                            *literals({**UNREACHABLE_SECRETS[secret], "clientSecret": SECRET_VALUE}))
     doc = yaml.safe_load((DEFAULTS / "10-contacts-ingress.yaml").read_text())
     path = tmp / "wf.yaml"
     path.write_text(yaml.safe_dump(doc))

@@ -25,6 +25,7 @@ from syncplane.optinout.sync import CAMPAIGN_STREAM, CRM_STREAM
 from syncplane.sandbox import Sandbox, SeedSpec, start_sandbox
 from syncplane.worker.kube_checkpoints import checkpoint_configmap_name, stream_key
 from tests.backends import eventually
+from tests.factories import literals
 from tests.integration.ingress_env import (
     actual_profiles,
     diff,
@@ -84,11 +85,8 @@ async def set_desired(cluster: Any, namespace: str, name: str, state: str, check
 async def create_secrets(cluster: Any, namespace: str, sb: Sandbox) -> None:
     """What the chart (the workers' ServiceAccount) and the user (the referenced Secrets) create."""
     await kubectl(cluster, "create", "serviceaccount", "syncplane-worker", "-n", namespace)
-    common = [f"--from-literal=clientId={sb.client_id}", f"--from-literal=clientSecret={sb.client_secret}"]
-    await kubectl(cluster, "create", "secret", "generic", "d365-sandbox", "-n", namespace, *common,
-                  f"--from-literal=tokenUrl={sb.d365_token_url}", f"--from-literal=scope={sb.d365_scope}")
-    await kubectl(cluster, "create", "secret", "generic", "acs-sandbox", "-n", namespace, *common,
-                  f"--from-literal=tokenUrl={sb.acs_token_url}", "--from-literal=scope=openid,AdobeID,campaign_sdk")
+    for name, data in sb.secrets().items():
+        await kubectl(cluster, "create", "secret", "generic", name, "-n", namespace, *literals(data))
 
 
 async def apply_workflow(cluster: Any, namespace: str, sb: Sandbox, tmp: Path, default: str, **spec: Any) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from syncplane.api.v1 import workflow_service_pb2_grpc as svc_grpc
 from syncplane.service import WorkflowService
 from syncplane.service.dead_letters import DeadLetterService
 from syncplane.service.verify import VerifyService
+from syncplane.validation.endpoints import is_loopback
 
 SERVICE_NAME = svc.DESCRIPTOR.services_by_name["WorkflowService"].full_name
 
@@ -37,20 +37,11 @@ class ServerSecurity:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     token: str | None = None
+    reflection: bool = True   # serve grpc.reflection (generic clients list the API)
 
     @property
     def tls(self) -> bool:
         return self.tls_cert is not None and self.tls_key is not None
-
-
-def is_loopback(address: str) -> bool:
-    host = address.rsplit(":", 1)[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def check_bind(address: str, security: ServerSecurity) -> None:
@@ -58,7 +49,7 @@ def check_bind(address: str, security: ServerSecurity) -> None:
     if is_loopback(address):
         return
     missing = [what for what, ok in (("TLS (--tls-cert/--tls-key)", security.tls),
-                                     ("a bearer token (--token-file or SYNCPLANE_TOKEN)", bool(security.token)))
+                                     ("a bearer token (--token-file or SYNCPLANE_SERVER_TOKEN)", bool(security.token)))
                if not ok]
     if missing:
         raise InsecureBindError(
@@ -78,9 +69,10 @@ async def create_server(
     svc_grpc.add_WorkflowServiceServicer_to_server(WorkflowServicer(service, dead_letters, verifier), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-        server)
+    if security.reflection:
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            server)
     try:
         if security.tls:
             assert security.tls_cert and security.tls_key

@@ -12,11 +12,12 @@ import json
 import logging
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC
 from typing import Any, Protocol
+from urllib.parse import unquote
 
 import aiohttp
 from yarl import URL
@@ -27,6 +28,14 @@ log = logging.getLogger("syncplane.connectors.http")
 
 #: Dataverse allows 52 concurrent requests per user; stay well below.
 DEFAULT_CONCURRENCY = 16
+#: The largest response body (bytes, after decompression) a connector reads. The largest legitimate
+#: page is a Dataverse page of 5,000 rows (odata.maxpagesize) of the selected columns, a few KiB
+#: each (~25 MiB at 5 KiB a row), or 10,000 Campaign lines; 64 MiB leaves room above both.
+DEFAULT_MAX_RESPONSE_BYTES = 64 * 1024 * 1024
+#: Campaign Standard's API host, shared by every organisation: the organisation is the first path
+#: segment (``https://mc.adobe.io/<ORGANIZATION>/campaign/...``, Adobe's "Campaign Standard API" guide,
+#: "API access" and "Setting up API access").
+CAMPAIGN_API_HOST = "https://mc.adobe.io"
 
 #: The stop of the worker this code runs for, set by its engine (None outside a worker: waits
 #: run their course). A context variable rather than an argument threaded through every
@@ -67,16 +76,107 @@ async def pause(seconds: float) -> None:
 
 @dataclass(frozen=True)
 class Credentials:
-    """What a connector needs to authenticate; resolved by the caller (secret store, env…)."""
+    """What a connector needs to authenticate; resolved by the caller (secret store, env…).
+
+    Its :attr:`audience` says where a bearer token obtained with it may go: the origin of a URL
+    ``scope`` (Dataverse: ``https://org.crm.dynamics.com/.default``) and, when ``organization`` is
+    set (Campaign), ``<api_host>/<organization>/``."""
 
     client_id: str
     client_secret: str = field(repr=False)
     tenant: str | None = None
     scope: str | None = None
     api_key: str | None = None  # Campaign's X-Api-Key (defaults to the client id there)
+    organization: str | None = None  # Campaign: the organisation in the API path
+    api_host: str = CAMPAIGN_API_HOST  # Campaign: scheme://host[:port] of the API
 
     def __str__(self) -> str:
         return f"Credentials(client_id={self.client_id!r})"
+
+    @property
+    def audience(self) -> tuple[str, ...]:
+        """URL prefixes (``scheme://host:port/path/``) this client's tokens may be sent to."""
+        prefixes: list[str] = []
+        for item in (self.scope or "").replace(",", " ").split():
+            origin = _origin_prefix(item)
+            if origin is not None:
+                prefixes.append(origin)
+        if self.organization:
+            host = _origin_prefix(self.api_host)
+            if host is not None and "/" not in self.organization.strip("/"):
+                prefixes.append(f"{host}{self.organization.strip('/')}/")
+        return tuple(dict.fromkeys(prefixes))
+
+
+def _split(url: str) -> tuple[str, str, int, str] | None:
+    """(scheme, host, port, raw path) of an absolute http(s) URL without user info; None otherwise."""
+    try:
+        u = URL(url, encoded=True)
+    except (ValueError, TypeError):
+        return None
+    if u.scheme not in ("http", "https") or not u.host or u.user is not None or u.password is not None:
+        return None
+    if u.port is None:
+        return None
+    return u.scheme, u.host.lower().rstrip("."), u.port, u.raw_path or "/"
+
+
+def _origin_prefix(url: str) -> str | None:
+    """``https://org.crm.dynamics.com/.default`` → ``https://org.crm.dynamics.com:443/``."""
+    parts = _split(url)
+    if parts is None:
+        return None
+    scheme, host, port, _ = parts
+    return f"{scheme}://{host}:{port}/"
+
+
+def audience_allows(audience: Sequence[str], url: str) -> bool:
+    """Whether ``url`` lies under one of the ``audience`` prefixes (see :attr:`Credentials.audience`):
+    same scheme, host and port, and a path inside the prefix's path. A path with ``.``/``..``
+    segments (even percent-encoded: a server may resolve them) or user info never matches."""
+    parts = _split(url)
+    if parts is None:
+        return False
+    scheme, host, port, path = parts
+    if any(unquote(seg) in (".", "..") for seg in path.split("/")):
+        return False
+    for prefix in audience:
+        allowed = _split(prefix)
+        if allowed is None:
+            continue
+        a_scheme, a_host, a_port, a_path = allowed
+        a_path = a_path if a_path.endswith("/") else a_path + "/"
+        if (scheme, host, port) == (a_scheme, a_host, a_port) and (path + "/").startswith(a_path):
+            return True
+    return False
+
+
+def origin_of(url: str) -> str:
+    """``scheme://host:port`` of a URL, for messages (no path, no query: they may carry keys)."""
+    parts = _split(url)
+    return f"{parts[0]}://{parts[1]}:{parts[2]}" if parts else "(not an absolute http(s) URL)"
+
+
+class ResponseTooLarge(ConnectorError):
+    """A response body above the transport's bound: the request fails, nothing more is read."""
+
+    def __init__(self, method: str, url: str, limit: int) -> None:
+        super().__init__("RESPONSE_TOO_LARGE", f"{method} {_redact(url)}: the response body exceeds {limit} bytes "
+                         "(the connectors' bound on a response); refused")
+
+
+class UntrustedOrigin(ConnectorError):
+    """A request with a bearer token to a URL outside the credentials' audience: never sent."""
+
+    def __init__(self, method: str, url: str, credentials: Credentials) -> None:
+        allowed = ", ".join(credentials.audience) or "nothing (no origin declared)"
+        super().__init__("UNTRUSTED_ORIGIN", f"{method} {origin_of(url)}{_path_of(url)}: refused, the credentials of "
+                         f"client id {credentials.client_id!r} are only for {allowed}; nothing was sent")
+
+
+def _path_of(url: str) -> str:
+    parts = _split(url)
+    return parts[3] if parts else ""
 
 
 class RetryableError(Exception):
@@ -198,8 +298,10 @@ class Transport:
     and its connection goes back to the pool for the next request to reuse."""
 
     def __init__(self, *, concurrency: int = DEFAULT_CONCURRENCY, policy: RetryPolicy | None = None,
-                 gate: RetryGate | None = None, timeout: float = 60.0) -> None:
+                 gate: RetryGate | None = None, timeout: float = 60.0,
+                 max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES) -> None:
         self.policy = policy or RetryPolicy()
+        self.max_response_bytes = max_response_bytes
         self.gate = gate or RetryGate()
         self.concurrency = concurrency
         self.semaphore = asyncio.Semaphore(concurrency)
@@ -242,14 +344,30 @@ class Transport:
                 if wait is not None:
                     # Hold every request of this client, not just this one.
                     self.gate.hold(wait + self.policy.retry_after_margin)
-            payload = await resp.read()
-            return Response(resp.status, resp.headers, payload), wait
+            return Response(resp.status, resp.headers, await self._read_bounded(method, url, resp)), wait
+
+    async def _read_bounded(self, method: str, url: str, resp: aiohttp.ClientResponse) -> bytes:
+        """The body, decompressed, refused past :attr:`max_response_bytes` (checked as it arrives:
+        a lying or absent Content-Length changes nothing)."""
+        limit = self.max_response_bytes
+        if resp.content_length is not None and resp.content_length > limit:
+            raise ResponseTooLarge(method, url, limit)
+        body = bytearray()
+        async for chunk in resp.content.iter_chunked(1 << 16):
+            body += chunk
+            if len(body) > limit:
+                raise ResponseTooLarge(method, url, limit)
+        return bytes(body)
 
     async def request(self, method: str, url: str, *, headers: Mapping[str, str] | None = None,
                       content: bytes | None = None, json: Any = None, data: Mapping[str, str] | None = None,
                       auth: TokenProvider | None = None) -> Response:
         """Send with retries. Returns the final response: 2xx, a non-retryable 4xx, or a 401
         that survived one token refresh. Raises :class:`RetryableError` when retries run out."""
+        if auth is not None and not audience_allows(auth.credentials.audience, url):
+            # The one place every connector request with a token passes: spec endpoints and the
+            # links a service returns (@odata.nextLink, @odata.deltaLink, Campaign's next.href).
+            raise UntrustedOrigin(method, url, auth.credentials)
         policy = self.policy
         failures = 0
         throttled = 0
@@ -320,6 +438,7 @@ def _redact(url: str) -> str:
 
 class TokenProvider(Protocol):
     gate: RetryGate
+    credentials: Credentials  # its audience bounds where the token may go
 
     async def token(self) -> str: ...
 

@@ -37,7 +37,9 @@ CONSTRAINTS: dict[tuple[str, str], dict[str, Any]] = {
     ("WorkflowSpec", "batch_size"): {"minimum": 1, "maximum": rules.MAX_BATCH_SIZE},
     ("WorkflowSpec", "workers"): {"minimum": 1, "maximum": rules.MAX_WORKERS},
     ("WorkflowSpec", "restart_nonce"): {"minimum": 0},
-    ("Connection", "endpoint"): {"pattern": r"^https?://[^@/\s#]+(/[^#]*)?$", "maxLength": 2048},
+    # No user info, fragment, spaces or control characters (the same rules as syncplane.validation).
+    ("Connection", "endpoint"): {"pattern": r"^https?://[^@/#\x00-\x20\x7f]+(/[^#\x00-\x20\x7f]*)?$",
+                                 "maxLength": 2048},
     ("SecretReference", "name"): {"pattern": DNS1123, "minLength": 1, "maxLength": 63},
     # Lists keyed by a field: the API server itself refuses duplicates (one
     # mapping per source table; one source field per destination field).
@@ -103,6 +105,14 @@ CEL: dict[str, list[dict[str, str]]] = {
         {"rule": f"!has(self.endpoint) || !self.endpoint.matches('{_cel_string(rules.SECRET_QUERY.pattern)}')",
          "message": "must not carry credentials: a query parameter looks like a secret; use credentials.name",
          "fieldPath": ".endpoint"},
+        {"rule": "self.endpoint.startsWith('https://') || (has(self.allowCleartext) && self.allowCleartext) || "
+                 "self.endpoint.matches('^http://(localhost|127\\\\.[0-9.]+|\\\\[::1\\\\])(:[0-9]+)?(/.*)?$')",
+         "message": "must use https (plain http only on loopback, or with allowCleartext: true)",
+         "fieldPath": ".endpoint"},
+        {"rule": "!self.endpoint.matches('^https?://(169\\\\.254\\\\.|\\\\[fe[89ab][0-9a-f]:|"
+                 "\\\\[fd00:ec2::254\\\\]|100\\\\.100\\\\.100\\\\.200|metadata(\\\\.google\\\\.internal|"
+                 "\\\\.goog)?[:/]|metadata(\\\\.google\\\\.internal|\\\\.goog)?$)')",
+         "message": "must not be a link-local or cloud metadata address", "fieldPath": ".endpoint"},
     ],
     "IngressSpec": [
         {"rule": "self.entities.filter(e, e.destinationResource != 'profile').size() <= "

@@ -15,7 +15,7 @@ def workflow_name(workflow_id: str) -> str:
 
 
 def is_dns1123_label(value: str) -> bool:
-    return bool(DNS1123_LABEL.match(value))
+    return bool(DNS1123_LABEL.fullmatch(value))
 
 
 def parse_name(name: str, field: str = "name") -> str:

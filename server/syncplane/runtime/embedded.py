@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,6 +24,7 @@ from syncplane.api.v1 import workflow_service_pb2 as svc
 from syncplane.console import ConsoleConfig, announce_console, serve_console
 from syncplane.errors import AlreadyExists
 from syncplane.model.convert import from_resource
+from syncplane.private_files import PRIVATE_UMASK, make_private_dir
 from syncplane.runtime.supervisor import Supervisor, SupervisorConfig
 from syncplane.service import WorkflowService
 from syncplane.service.dead_letters import DeadLetterService, SqliteDeadLetters
@@ -83,18 +85,18 @@ def embedded_verifier(store: SqliteStore, supervisor: Supervisor) -> VerifyServi
 
 def write_sandbox_secrets(sandbox: Sandbox, secrets_dir: Path) -> None:
     """The secret files the default workflows reference, holding the sandbox's own client."""
-    common = {"clientId": sandbox.client_id, "clientSecret": sandbox.client_secret}
-    write_local_secret(secrets_dir, "d365-sandbox", {**common, "tokenUrl": sandbox.d365_token_url,
-                                                     "scope": sandbox.d365_scope})
-    write_local_secret(secrets_dir, "acs-sandbox", {**common, "tokenUrl": sandbox.acs_token_url,
-                                                    "scope": "openid,AdobeID,campaign_sdk"})
+    for name, data in sandbox.secrets().items():
+        write_local_secret(secrets_dir, name, data)
 
 
 async def serve(config: EmbeddedConfig, stop: asyncio.Event | None = None) -> None:
     if config.console is not None:   # refuse an insecure console before anything starts
         check_bind(config.console.address, config.console.security)
     setup_tracing("syncplane-server", config.otlp_endpoint)
-    config.data_dir.mkdir(parents=True, exist_ok=True)
+    # Customer data (dead letters carry names and e-mails), logs, specs, secrets: owner only,
+    # for everything this process and its workers create.
+    os.umask(PRIVATE_UMASK)
+    make_private_dir(config.data_dir)
     store = SqliteStore(config.data_dir / "syncplane.db")
     supervisor = Supervisor(store, config.data_dir / "run", config.supervisor)
     service = WorkflowService(store, on_change=supervisor.wake)

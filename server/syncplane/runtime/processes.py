@@ -52,11 +52,15 @@ class WorkerProcess:
 
 
 def spawn(workflow: str, index: int, generation: int, spec_file: Path, state_dir: Path, log_dir: Path,
-          orphan_timeout: float, now: float, *, secrets_dir: Path, state_db: Path) -> WorkerProcess:
+          orphan_timeout: float, now: float, *, secrets_dir: Path, state_db: Path,
+          memory_limit: int | None = None) -> WorkerProcess:
+    """Start a worker process; ``memory_limit`` (bytes) caps its data segment (RLIMIT_DATA)."""
     state_file(state_dir, workflow, index).unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "syncplane", "worker", "--workflow", workflow, "--index", str(index),
            "--generation", str(generation), "--spec-file", str(spec_file), "--state-dir", str(state_dir),
            "--orphan-timeout", str(orphan_timeout), "--secrets-dir", str(secrets_dir), "--state-db", str(state_db)]
+    if memory_limit is not None:
+        cmd += ["--memory-limit", str(memory_limit)]
     log_dir.mkdir(parents=True, exist_ok=True)
     with open(log_dir / f"{workflow}.{index}.log", "ab") as out:
         # A session of its own: a Ctrl-C at the terminal reaches the supervisor,

@@ -47,6 +47,9 @@ class SupervisorConfig:
     poll_timeout: float = 2.0
     # Degraded threshold and automatic restarts from ERROR (seconds): see lifecycle.reconcile.
     policy: Policy = DEFAULT_POLICY
+    # Each worker's data segment limit (bytes, RLIMIT_DATA: heap and anonymous mappings): a worker
+    # fed more than it can hold fails (MemoryError, a crash) instead of taking the machine with it.
+    worker_memory_limit: int = 2 * 1024 ** 3
 
 
 @dataclass
@@ -265,4 +268,4 @@ class Supervisor:
             group.restart_at.pop(index, None)
             group.procs[index] = spawn(wid, index, generation, spec_file, self.state_dir, self.log_dir,
                                        self.config.orphan_timeout, now, secrets_dir=self.secrets_dir,
-                                       state_db=self.state_db)
+                                       state_db=self.state_db, memory_limit=self.config.worker_memory_limit)

@@ -139,6 +139,14 @@ class Sandbox:
     def acs_token_url(self) -> str:
         return f"{self.acs_origin}/ims/token/v3"
 
+    def secrets(self) -> dict[str, dict[str, str]]:
+        """The credentials of the default workflows' references (``d365-sandbox``, ``acs-sandbox``),
+        as the keys of a secret file or Kubernetes Secret, each declaring the origin it is for."""
+        common = {"clientId": self.client_id, "clientSecret": self.client_secret}
+        return {"d365-sandbox": {**common, "tokenUrl": self.d365_token_url, "scope": self.d365_scope},
+                "acs-sandbox": {**common, "tokenUrl": self.acs_token_url, "scope": "openid,AdobeID,campaign_sdk",
+                                "organization": self.options.org, "apiHost": self.acs_origin}}
+
     # -------------------------------------------------------------- control
     def expire_tokens(self) -> None:
         """Every bearer token issued so far (both vendors) expires now."""

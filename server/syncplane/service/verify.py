@@ -131,7 +131,7 @@ class VerifyService:
             secrets = await env.secrets(spec)
             return await verify(workflow_id, spec, secrets, env.state, running=running, repair=repair)
         except CredentialsError as exc:
-            raise FailedPrecondition(str(exc), phase, CredentialsError.reason) from None
+            raise FailedPrecondition(str(exc), phase, exc.reason) from None
         except RepairUnavailable as exc:
             raise FailedPrecondition(str(exc), phase, "REPAIR_UNAVAILABLE") from None
         except ConnectorError as exc:

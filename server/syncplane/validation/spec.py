@@ -12,6 +12,7 @@ from syncplane.errors import FieldViolation, InvalidArgument
 from syncplane.model.convert import enum_short_name
 from syncplane.model.names import is_dns1123_label
 from syncplane.validation import rules
+from syncplane.validation.endpoints import endpoint_problem
 
 D365 = pb.CONNECTOR_KIND_DYNAMICS365
 ACS = pb.CONNECTOR_KIND_CAMPAIGN_STANDARD
@@ -41,9 +42,9 @@ def apply_defaults(spec: pb.WorkflowSpec) -> None:
 def validate_labels(labels: dict[str, str]) -> None:
     out: list[FieldViolation] = []
     for key, value in labels.items():
-        if not rules.LABEL_KEY.match(key):
+        if not rules.LABEL_KEY.fullmatch(key):
             out.append(FieldViolation(f"labels[{key}]", "is not a valid label key"))
-        if len(value) > 63 or not rules.LABEL_VALUE.match(value):
+        if len(value) > 63 or not rules.LABEL_VALUE.fullmatch(value):
             out.append(FieldViolation(f"labels[{key}]", "value must be at most 63 alphanumerics, '-', '_' or '.'"))
     if out:
         raise InvalidArgument(out)
@@ -117,11 +118,9 @@ def _connections(spec: pb.WorkflowSpec, p: str) -> Iterable[FieldViolation]:
             yield FieldViolation(f"{fp}.kind", "is required: DYNAMICS365 or CAMPAIGN_STANDARD")
         elif want and conn.kind != want[i]:
             yield FieldViolation(f"{fp}.kind", f"must be {_kind(want[i])} for a {_type(spec.type)} workflow")
-        url = urlparse(conn.endpoint)
-        if url.scheme not in ("http", "https") or not url.netloc:
-            yield FieldViolation(f"{fp}.endpoint", "must be an http(s) URL")
-        elif "@" in url.netloc:
-            yield FieldViolation(f"{fp}.endpoint", "must not carry credentials; use credentials.name")
+        problem = endpoint_problem(conn.endpoint, conn.allow_cleartext)
+        if problem:
+            yield FieldViolation(f"{fp}.endpoint", problem)
         else:
             yield from _secret_query(conn.endpoint, f"{fp}.endpoint")
         if not is_dns1123_label(conn.credentials.name):
@@ -166,7 +165,7 @@ def _ingress(ingress: pb.IngressSpec, p: str) -> Iterable[FieldViolation]:
 def _ident(value: str, pattern: re.Pattern[str], fp: str, what: str) -> Iterable[FieldViolation]:
     if not value:
         yield FieldViolation(fp, "is required")
-    elif not pattern.match(value):
+    elif not pattern.fullmatch(value):
         yield FieldViolation(fp, f"{value!r} is not a valid {what} name")
 
 
@@ -225,7 +224,7 @@ def _opt_in_out(o: pb.OptInOutSpec, p: str) -> Iterable[FieldViolation]:
                                  f"must be one of {', '.join(sorted(rules.CAMPAIGN_OPT_OUT_FIELDS))}")
         elif campaign[pair.campaign_field] > 1:
             yield FieldViolation(f"{fp}.campaign_field", f"{pair.campaign_field!r} is paired more than once")
-        if not rules.CRM_OPT_OUT_FIELD.match(pair.crm_field):
+        if not rules.CRM_OPT_OUT_FIELD.fullmatch(pair.crm_field):
             yield FieldViolation(f"{fp}.crm_field", "must be a Dynamics 365 donot* boolean, e.g. donotbulkemail")
         elif crm[pair.crm_field] > 1:
             yield FieldViolation(f"{fp}.crm_field", f"{pair.crm_field!r} is paired more than once")

@@ -7,6 +7,13 @@ embedded, a JSON file ``<secrets-dir>/<name>.json`` with the same keys:
 unreadable secret is fatal (retrying cannot fix it): the worker reports
 BAD_CREDENTIALS and the workflow goes to ERROR. Only a secret's name and key
 names ever appear in messages, never a value.
+
+A secret also says where its tokens may go (its audience, see
+``Credentials.audience``): Dataverse's ``scope`` names the org URL
+(``https://org.crm.dynamics.com/.default``); Campaign's API host is shared, so
+its secret names the ``organization`` (and ``apiHost`` when it is not
+``https://mc.adobe.io``). :func:`check_endpoints` refuses a spec endpoint
+outside it at start (ENDPOINT_NOT_ALLOWED, naming the field).
 """
 
 from __future__ import annotations
@@ -17,13 +24,17 @@ from pathlib import Path
 from typing import Any
 
 from syncplane.api.v1 import workflow_pb2 as pb
-from syncplane.connectors.http import Credentials
+from syncplane.connectors.http import CAMPAIGN_API_HOST, Credentials, audience_allows, origin_of
+from syncplane.private_files import ExposedFileError, check_private, make_private_dir
+from syncplane.validation.endpoints import endpoint_problem
 
 REQUIRED_KEYS = ("clientId", "clientSecret", "tokenUrl")
 
 
 class CredentialsError(Exception):
-    reason = "BAD_CREDENTIALS"
+    def __init__(self, message: str, reason: str = "BAD_CREDENTIALS") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -34,6 +45,8 @@ class ConnectionSecret:
     token_url: str
     scope: str | None = None
     api_key: str | None = None
+    organization: str | None = None
+    api_host: str = CAMPAIGN_API_HOST
 
     @classmethod
     def parse(cls, name: str, label: str, data: dict[str, str]) -> ConnectionSecret:
@@ -42,10 +55,38 @@ class ConnectionSecret:
         if missing:
             raise CredentialsError(f"{label} lacks the key(s) {', '.join(missing)}")
         return cls(name, data["clientId"], data["clientSecret"], data["tokenUrl"], data.get("scope") or None,
-                   data.get("apiKey") or None)
+                   data.get("apiKey") or None, data.get("organization") or None,
+                   data.get("apiHost") or CAMPAIGN_API_HOST)
 
     def credentials(self) -> Credentials:
-        return Credentials(self.client_id, self.client_secret, scope=self.scope, api_key=self.api_key)
+        return Credentials(self.client_id, self.client_secret, scope=self.scope, api_key=self.api_key,
+                           organization=self.organization, api_host=self.api_host)
+
+
+def check_endpoints(spec: pb.WorkflowSpec, secrets: dict[str, ConnectionSecret]) -> None:
+    """Refuse a spec whose source or destination endpoint is outside the audience of the secret it
+    names, before any token is fetched.
+
+    Raises:
+        CredentialsError: reason ``ENDPOINT_NOT_ALLOWED``, naming the field and the secret (never a value).
+    """
+    for f in ("source", "destination"):
+        conn = getattr(spec, f)
+        problem = endpoint_problem(conn.endpoint, conn.allow_cleartext)
+        if problem:  # a Workflow applied with kubectl did not pass the API's validation
+            raise CredentialsError(f"spec.{f}.endpoint: {problem}", "ENDPOINT_NOT_ALLOWED")
+        secret = secrets[conn.credentials.name]
+        audience = secret.credentials().audience
+        endpoint = conn.endpoint if conn.endpoint.endswith("/") else conn.endpoint + "/"
+        if not audience:
+            raise CredentialsError(
+                f"spec.{f}.credentials: the secret {secret.name!r} declares no origin for its tokens: set scope to "
+                f"the Dataverse org URL (https://ORG.crm.dynamics.com/.default) or organization (Campaign)",
+                "ENDPOINT_NOT_ALLOWED")
+        if not audience_allows(audience, endpoint):
+            raise CredentialsError(
+                f"spec.{f}.endpoint: {origin_of(endpoint)} is not an origin the secret {secret.name!r} "
+                f"(spec.{f}.credentials) is for; it is for {', '.join(audience)}", "ENDPOINT_NOT_ALLOWED")
 
 
 def _references(spec: pb.WorkflowSpec) -> dict[str, str]:
@@ -61,9 +102,12 @@ def load_local_secrets(spec: pb.WorkflowSpec, secrets_dir: Path) -> dict[str, Co
     for name, used_by in _references(spec).items():
         path = secrets_dir / f"{name}.json"
         try:
+            check_private(path, f"secret file (referenced by {used_by})")
             data: Any = json.loads(path.read_text())
         except FileNotFoundError:
             raise CredentialsError(f"secret file {path} referenced by {used_by} was not found") from None
+        except ExposedFileError as exc:
+            raise CredentialsError(str(exc)) from None
         except (OSError, ValueError) as exc:
             raise CredentialsError(f"secret file {path} referenced by {used_by} could not be read "
                                    f"({type(exc).__name__})") from None
@@ -75,7 +119,7 @@ def load_local_secrets(spec: pb.WorkflowSpec, secrets_dir: Path) -> dict[str, Co
 
 def write_local_secret(secrets_dir: Path, name: str, data: dict[str, str]) -> Path:
     """Write an embedded-mode secret file, readable by its owner only."""
-    secrets_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    make_private_dir(secrets_dir)
     path = secrets_dir / f"{name}.json"
     tmp = path.with_suffix(".tmp")
     tmp.touch(mode=0o600)

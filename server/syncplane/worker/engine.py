@@ -62,7 +62,8 @@ from syncplane.worker.startcheck import EntityContext, StartCheckFailed, check_e
 log = logging.getLogger("syncplane.worker.engine")
 
 # Retrying cannot fix these: the worker reports them as fatal and the workflow goes to ERROR.
-FATAL_REASONS = frozenset({"BAD_CREDENTIALS", "UNAUTHORIZED", "FORBIDDEN", "NOT_FOUND"})
+FATAL_REASONS = frozenset({"BAD_CREDENTIALS", "UNAUTHORIZED", "FORBIDDEN", "NOT_FOUND", "UNTRUSTED_ORIGIN",
+                           "RESPONSE_TOO_LARGE"})
 DEFAULT_BATCH_SIZE = 500
 # Records per source page: the unit of a checkpoint, and of a schema check (three requests).
 PAGE_SIZE = 2000

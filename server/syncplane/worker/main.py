@@ -26,6 +26,7 @@ from syncplane.worker.checkpoints import SqliteWorkerState
 from syncplane.worker.credentials import (
     ConnectionSecret,
     CredentialsError,
+    check_endpoints,
     load_kubernetes_secrets,
     load_local_secrets,
 )
@@ -111,6 +112,7 @@ class Worker:
         records: Any = None
         try:
             secrets = await self._load_secrets(spec)
+            check_endpoints(spec, secrets)
             state_db = self.opts.state_db or self.opts.state_dir / "worker-state.db"
             state = SqliteWorkerState(state_db)
             if self.opts.heartbeat == "kubernetes":

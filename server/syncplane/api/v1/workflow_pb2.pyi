@@ -321,9 +321,14 @@ class Connection(_message.Message):
     KIND_FIELD_NUMBER: _builtins.int
     ENDPOINT_FIELD_NUMBER: _builtins.int
     CREDENTIALS_FIELD_NUMBER: _builtins.int
+    ALLOW_CLEARTEXT_FIELD_NUMBER: _builtins.int
     kind: Global___ConnectorKind.ValueType
     endpoint: _builtins.str
     """Base URL of the API, e.g. https://org.api.crm.dynamics.com/api/data/v9.2/."""
+    allow_cleartext: _builtins.bool
+    """Allow a plain http:// endpoint on a host other than loopback. Off by default: the bearer
+    token would travel in clear text.
+    """
     @_builtins.property
     def credentials(self) -> Global___SecretReference:
         """Where the credentials live; never the secret itself."""
@@ -334,10 +339,11 @@ class Connection(_message.Message):
         kind: Global___ConnectorKind.ValueType = ...,
         endpoint: _builtins.str = ...,
         credentials: Global___SecretReference | None = ...,
+        allow_cleartext: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["credentials", b"credentials"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["credentials", b"credentials", "endpoint", b"endpoint", "kind", b"kind"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_cleartext", b"allow_cleartext", "credentials", b"credentials", "endpoint", b"endpoint", "kind", b"kind"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
