@@ -224,11 +224,18 @@ def label_problems(docs: list[dict[str, Any]]) -> list[str]:
     return problems
 
 
+def is_user_role(doc: dict[str, Any]) -> bool:
+    """A ClusterRole aggregated into the built-in view/edit/admin: users' rights, not a component's."""
+    labels = doc["metadata"].get("labels") or {}
+    return doc["kind"] == "ClusterRole" and any(k.startswith("rbac.authorization.k8s.io/aggregate-to-")
+                                                for k in labels)
+
+
 def granted(docs: list[dict[str, Any]], fullname: str = "syncplane") -> dict[str, set[tuple[str, str, str]]]:
     """Role name suffix -> {(group, resource, verb)}; the same rules in several namespaces must agree."""
     out: dict[str, set[tuple[str, str, str]]] = {}
     for doc in docs:
-        if doc["kind"] not in ("Role", "ClusterRole"):
+        if doc["kind"] not in ("Role", "ClusterRole") or is_user_role(doc):
             continue
         suffix = doc["metadata"]["name"].removeprefix(f"{fullname}-")
         rules = {(g, r, v) for rule in doc.get("rules") or [] for g in rule.get("apiGroups", [])
@@ -255,10 +262,13 @@ def rbac_problems(docs: list[dict[str, Any]]) -> list[str]:
             problems.append(f"role {role} grants {v} on {g or 'core'}/{r}, which no code calls")
         for g, r, v in sorted(expected(role) - rules):
             problems.append(f"role {role} lacks {v} on {g or 'core'}/{r}, which the code calls")
-    for docs_kind in ("ClusterRole",):
-        for doc in docs:
-            if doc["kind"] == docs_kind and not doc["metadata"]["name"].endswith("-operator"):
-                problems.append(f"{docs_kind} {doc['metadata']['name']}: only the operator may be cluster-wide")
+    for doc in docs:
+        if is_user_role(doc):
+            for rule in doc.get("rules") or []:
+                if rule.get("apiGroups") != ["syncplane.io"] or rule.get("resources") != ["workflows"]:
+                    problems.append(f"ClusterRole {doc['metadata']['name']}: a user role grants only on workflows")
+        elif doc["kind"] == "ClusterRole" and not doc["metadata"]["name"].endswith("-operator"):
+            problems.append(f"ClusterRole {doc['metadata']['name']}: only the operator may be cluster-wide")
     return problems
 
 

@@ -87,6 +87,12 @@ def cli(ctx: click.Context, server: str, token: str | None, token_file: Path | N
     if token is not None and ctx.get_parameter_source("token") == click.core.ParameterSource.COMMANDLINE:
         click.echo("warning: --token shows in the process list; prefer SYNCPLANE_TOKEN or --token-file", err=True)
     if token_file is not None:
+        from syncplane.private_files import ExposedFileError, check_private
+
+        try:
+            check_private(token_file, "token file")
+        except ExposedFileError as exc:
+            raise click.ClickException(str(exc)) from None
         token = token_file.read_text().strip()
     ctx.obj = ClientConfig(address=server, token=token, ca_file=ca_file, plaintext=plaintext)
 
@@ -198,11 +204,14 @@ def up(data_dir: Path, listen: str, tls_cert: Path | None, tls_key: Path | None,
 @click.option("--console-port-file", type=click.Path(path_type=Path), help="Write the console's bound port here.")
 @click.option("--log-level", default="INFO", show_default=True)
 @REFLECTION
+@click.option("--auth", type=click.Choice(["kubernetes", "token"]), default="kubernetes", show_default=True,
+              help="Kubernetes backend: callers send their own Kubernetes token (TokenReview + "
+                   "SubjectAccessReview on workflows), or the shared --token-file token.")
 @click.pass_context
 def server(ctx: click.Context, backend: str, namespace: str, listen: str, tls_cert: Path | None,
            tls_key: Path | None, token_file: Path | None, otlp_endpoint: str | None, port_file: Path | None,
            console: bool, console_listen: str, console_port_file: Path | None, log_level: str,
-           reflection: bool) -> None:
+           reflection: bool, auth: str) -> None:
     """Run the gRPC API server; `--backend kubernetes` serves Workflow custom resources."""
     if backend == "embedded":
         ctx.invoke(up, listen=listen, tls_cert=tls_cert, tls_key=tls_key, token_file=token_file,
@@ -216,7 +225,7 @@ def server(ctx: click.Context, backend: str, namespace: str, listen: str, tls_ce
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     security = _server_security(tls_cert, tls_key, token_file, reflection)
     config = KubernetesServerConfig(namespace=namespace, address=listen, otlp_endpoint=otlp_endpoint,
-                                    security=security, port_file=port_file,
+                                    security=security, port_file=port_file, auth=auth,
                                     console=ConsoleConfig(console_listen, security) if console else None,
                                     console_port_file=console_port_file)
     try:

@@ -59,6 +59,10 @@ class Unauthenticated(SyncplaneError):
     reason = "UNAUTHENTICATED"
 
 
+class PermissionDenied(SyncplaneError):
+    reason = "PERMISSION_DENIED"
+
+
 class OutOfRange(SyncplaneError):
     reason = "REVISION_COMPACTED"
 

@@ -173,6 +173,7 @@ async def test_tls_and_token_on_a_public_address(tmp_path: Path, certs: tuple[Pa
     cert, key = certs
     token_file = tmp_path / "token"
     token_file.write_text("tok-123\n")
+    token_file.chmod(0o600)
     server = ServerProcess(tmp_path, "--tls-cert", str(cert), "--tls-key", str(key), "--token-file",
                            str(token_file), listen="0.0.0.0:0")
     try:

@@ -28,7 +28,6 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import grpc
 import pytest
 import yaml
 from aiohttp import ClientSession, ClientTimeout, TCPConnector, web
@@ -36,6 +35,8 @@ from aiohttp import ClientSession, ClientTimeout, TCPConnector, web
 from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.api.v1 import workflow_service_pb2 as svc
 from syncplane.api.v1 import workflow_service_pb2_grpc as svc_grpc
+from syncplane.client import ClientConfig
+from syncplane.client import channel as client_channel
 from syncplane.model.convert import from_resource
 from syncplane.sandbox import Sandbox, SeedSpec, start_sandbox
 from syncplane.worker.kube_checkpoints import checkpoint_configmap_name
@@ -118,7 +119,7 @@ def test_install_and_uninstall(k8s_cluster, namespace, tmp_path, scenario):
              f"jsonpath={{.status.availableReplicas}}={replicas}")
     cluster_roles = k8s_cluster.kubectl("get", "clusterroles", "-l", f"app.kubernetes.io/instance={release}",
                                         "-o", "name").stdout.split()
-    assert cluster_roles == ([] if values.get("watchNamespaces") else [f"clusterrole.rbac.authorization.k8s.io/"
+    assert cluster_roles == ([] if not values.get("clusterWide") else [f"clusterrole.rbac.authorization.k8s.io/"
                                                                        f"{release}-syncplane-operator"])
     assert leftovers(k8s_cluster, release, namespace)
 
@@ -366,7 +367,17 @@ def test_lifecycle_under_the_charts_rbac(k8s_cluster, workflow_crd, namespace, c
     try:
         k8s_cluster.wait_until("the server's port file", lambda: port_file.exists() and port_file.read_text() != "",
                                timeout=60)
-        channel = grpc.insecure_channel(f"127.0.0.1:{port_file.read_text().strip()}")
+        # The chart's server authenticates each caller's own token: a user bound to `edit` in the namespace
+        # (the chart aggregates the workflow rights into it).
+        k8s_cluster.kubectl("create", "serviceaccount", "a-user", "-n", namespace)
+        k8s_cluster.kubectl("create", "rolebinding", "a-user-edit", "--clusterrole=edit",
+                            f"--serviceaccount={namespace}:a-user", "-n", namespace)
+        user_token = k8s_cluster.kubectl("create", "token", "a-user", "-n", namespace).stdout.strip()
+        k8s_cluster.wait_until("edit to aggregate the workflow rights", lambda: k8s_cluster.kubectl(
+            "auth", "can-i", "patch", "workflows.syncplane.io", "-n", namespace,
+            f"--as=system:serviceaccount:{namespace}:a-user", check=False).stdout.strip() == "yes")
+        channel = client_channel(ClientConfig(address=f"127.0.0.1:{port_file.read_text().strip()}",
+                                              token=user_token))
         stub = svc_grpc.WorkflowServiceStub(channel)
         doc = yaml.safe_load((DEFAULTS / "10-contacts-ingress.yaml").read_text())
         doc["spec"]["source"]["endpoint"], doc["spec"]["destination"]["endpoint"] = sb.d365_url, sb.acs_url

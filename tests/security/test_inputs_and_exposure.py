@@ -169,6 +169,7 @@ def test_a_token_flag_warns_it_shows_in_ps(tmp_path: Path) -> None:
     assert "warning: --token shows in the process list" in res.stderr
     token_file = tmp_path / "token"
     token_file.write_text("t0ken-4711")
+    token_file.chmod(0o600)
     res = _cli("--server", "127.0.0.1:9", "--token-file", str(token_file), "get", "x")
     assert "warning" not in res.stderr
 
@@ -200,3 +201,11 @@ async def test_reflection_can_be_turned_off(tmp_path: Path, reflection: bool) ->
     finally:
         await server.stop(None)
         store.close()
+
+
+def test_the_cli_refuses_an_exposed_token_file(tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("t0ken-4711")
+    token_file.chmod(0o644)
+    res = _cli("--server", "127.0.0.1:9", "--token-file", str(token_file), "get", "x")
+    assert res.returncode == 1 and f"chmod 600 {token_file}" in res.stderr and "t0ken-4711" not in res.stderr

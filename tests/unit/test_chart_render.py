@@ -122,12 +122,26 @@ def test_the_rbac_check_catches_an_extra_or_missing_verb(rendered):
 
 
 def test_cluster_wide_mode_has_a_cluster_role_namespaced_mode_none(rendered):
-    cluster = kinds(rendered["default-values.yaml"])
+    cluster = kinds(rendered["clusterwide-values.yaml"])
     assert cluster["ClusterRole"] == ["syncplane-operator"]
-    assert cluster["ClusterRoleBinding"] == ["syncplane-operator"]
+    assert "syncplane-operator" in cluster["ClusterRoleBinding"]
     assert "syncplane-operator" not in cluster["Role"]
-    namespaced = kinds(rendered["namespaced-values.yaml"])
-    assert "ClusterRole" not in namespaced and "ClusterRoleBinding" not in namespaced
+    for scenario in ("namespaced-values.yaml", "default-values.yaml"):
+        namespaced = kinds(rendered[scenario])
+        assert "ClusterRole" not in namespaced
+        assert "syncplane-operator" not in namespaced.get("ClusterRoleBinding", [])
+
+
+@pytest.mark.security
+def test_the_operator_defaults_to_the_release_namespace(rendered):
+    """Issue 13 item 5: cluster-wide is an explicit choice; by default the operator's Role is in the
+    release namespace only and it watches only that namespace."""
+    docs = rendered["default-values.yaml"]
+    roles = [d for d in docs if d["kind"] == "Role" and d["metadata"]["name"] == "syncplane-operator"]
+    assert [r["metadata"]["namespace"] for r in roles] == [check.NAMESPACE]
+    operator = find(docs, "Deployment", "syncplane-operator")
+    args = operator["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert f"--namespace={check.NAMESPACE}" in args
     roles = [d for d in rendered["two-watch-namespaces"] if d["kind"] == "Role"
              and d["metadata"]["name"] == "syncplane-operator"]
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
@@ -173,7 +187,10 @@ def test_tls_and_token_sources(rendered, helm):
     default = rendered["default-values.yaml"]
     tls = find(default, "Secret", "syncplane-server-tls")
     assert tls["type"] == "kubernetes.io/tls" and set(tls["data"]) == {"tls.crt", "tls.key", "ca.crt"}
-    assert find(default, "Secret", "syncplane-server-token")["data"]["token"]
+    # the default auth mode is each caller's own Kubernetes token: no shared token Secret
+    assert "syncplane-server-token" not in kinds(default)["Secret"]
+    assert "--auth=kubernetes" in _container(default, "syncplane-server")["args"]
+    assert "--auth=token" in _container(rendered["tls-values.yaml"], "syncplane-server")["args"]
     existing = kinds(rendered["tls-values.yaml"])
     assert "Secret" not in existing  # both from the user's Secrets
     volumes = find(rendered["tls-values.yaml"], "Deployment", "syncplane-server")["spec"]["template"]["spec"]["volumes"]
@@ -189,6 +206,28 @@ def test_tls_and_token_sources(rendered, helm):
     result = subprocess.run([str(helm), "template", "x", str(CHART), "--set", "server.tls.selfSigned=false"],
                             capture_output=True, text=True, env=check.helm_env())
     assert result.returncode != 0 and "server.tls" in result.stderr
+
+
+@pytest.mark.security
+def test_network_policy_and_caller_identity_are_on_by_default(rendered):
+    """Issue 13 items 3 and 10: worker pods' /status and /metrics only from the operator and the
+    metrics scrapers; the API server may delegate authentication and authorisation; users' rights on
+    workflows aggregate into view/edit/admin; secret volumes are not world-readable."""
+    docs = rendered["default-values.yaml"]
+    policy = find(docs, "NetworkPolicy", "syncplane-worker")
+    assert policy["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "worker"
+    peers = policy["spec"]["ingress"][0]["from"]
+    assert peers[0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "operator"
+    assert [p["port"] for p in policy["spec"]["ingress"][0]["ports"]] == [8080]
+    binding = find(docs, "ClusterRoleBinding", "syncplane-server-auth-delegator")
+    assert binding["roleRef"]["name"] == "system:auth-delegator"
+    view = find(docs, "ClusterRole", "syncplane-workflows-view")
+    edit = find(docs, "ClusterRole", "syncplane-workflows-edit")
+    assert view["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-view"] == "true"
+    assert "rbac.authorization.k8s.io/aggregate-to-view" not in edit["metadata"]["labels"]
+    assert set(edit["rules"][0]["verbs"]) >= {"patch", "create"}
+    volumes = find(docs, "Deployment", "syncplane-server")["spec"]["template"]["spec"]["volumes"]
+    assert {v["name"]: v["secret"]["defaultMode"] for v in volumes if "secret" in v} == {"tls": 0o440}
 
 
 def test_minimal_scenario_is_the_operator_alone(rendered):

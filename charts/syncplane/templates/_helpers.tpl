@@ -50,9 +50,9 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
 
-{{/* Cluster-wide unless watchNamespaces lists namespaces. */}}
+{{/* Cluster-wide only when asked for (clusterWide: true). */}}
 {{- define "syncplane.clusterWide" -}}
-{{- if not .Values.watchNamespaces }}true{{ end }}
+{{- if .Values.clusterWide }}true{{ end }}
 {{- end }}
 
 {{/* The watched namespaces, rendered with tpl, as a JSON list. */}}
@@ -60,6 +60,9 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- $out := list }}
 {{- range .Values.watchNamespaces }}
 {{- $out = append $out (tpl . $) }}
+{{- end }}
+{{- if and (not $out) (not .Values.clusterWide) }}
+{{- $out = list .Release.Namespace }}
 {{- end }}
 {{- $out | uniq | toJson }}
 {{- end }}
@@ -121,4 +124,10 @@ tolerations:
 affinity:
   {{- toYaml . | nindent 2 }}
 {{- end }}
+{{- end }}
+
+{{/* The web console signs in with the shared token: served in auth mode token only (it does not check
+Kubernetes tokens yet). */}}
+{{- define "syncplane.consoleEnabled" -}}
+{{- if and .Values.console.enabled (eq .Values.server.auth.mode "token") }}true{{ end }}
 {{- end }}

@@ -1,4 +1,5 @@
-"""Server interceptors: the one error boundary, bearer-token auth, tracing.
+"""Server interceptors: the one error boundary, authentication and authorisation of the
+caller (syncplane.api.callers), the audit line of every mutating call, tracing.
 
 Domain errors become `google.rpc.Status` with ErrorInfo (and BadRequest for
 validation); anything unexpected becomes INTERNAL without internals.
@@ -6,7 +7,6 @@ validation); anything unexpected becomes INTERNAL without internals.
 
 from __future__ import annotations
 
-import hmac
 import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -20,6 +20,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, StatusCode
 
 from syncplane import errors
+from syncplane.api.callers import READ_VERBS, VERBS, Caller, Callers, SharedToken, audit, bearer, workflow_of
 
 log = logging.getLogger(__name__)
 DOMAIN = "syncplane.io"
@@ -30,6 +31,7 @@ _CODES: dict[type[errors.SyncplaneError], int] = {
     errors.FailedPrecondition: code_pb2.FAILED_PRECONDITION,
     errors.Aborted: code_pb2.ABORTED,
     errors.Unauthenticated: code_pb2.UNAUTHENTICATED,
+    errors.PermissionDenied: code_pb2.PERMISSION_DENIED,
     errors.OutOfRange: code_pb2.OUT_OF_RANGE,
     errors.Unavailable: code_pb2.UNAVAILABLE,
 }
@@ -90,21 +92,35 @@ async def _abort(context: grpc.aio.ServicerContext, exc: BaseException, method: 
 Handler = Callable[[Any, grpc.aio.ServicerContext], Any]
 
 
-class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Auth, tracing and error mapping around every RPC, in that order."""
+class _Call:
+    """One RPC's caller, verb and workflow, and its audit line (mutating calls only)."""
 
-    def __init__(self, token: str | None = None, tracer_provider: trace.TracerProvider | None = None) -> None:
-        self._token = token
-        self._tracer = trace.get_tracer("syncplane.api", tracer_provider=tracer_provider)
+    def __init__(self, callers: Callers, method: str, request: Any) -> None:
+        self.callers, self.method = callers, method
+        self.name = method.rsplit("/", 1)[-1]
+        self.verb = VERBS.get(self.name) if not method.startswith(PUBLIC_PREFIXES) else None
+        self.workflow = workflow_of(request) if self.verb else None
+        self.caller: Caller | None = None
 
-    def _check_auth(self, method: str, context: grpc.aio.ServicerContext) -> None:
-        if not self._token or method.startswith(PUBLIC_PREFIXES):
+    async def check(self, context: grpc.aio.ServicerContext) -> None:
+        if self.method.startswith(PUBLIC_PREFIXES):
             return
-        metadata = dict(context.invocation_metadata() or ())
-        header = str(metadata.get("authorization", ""))
-        scheme, _, value = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(value.encode(), self._token.encode()):
-            raise errors.Unauthenticated("missing or invalid bearer token")
+        self.caller = await self.callers.authenticate(bearer(context.invocation_metadata()))
+        if self.verb:
+            await self.callers.authorize(self.caller, self.verb, self.workflow)
+
+    def done(self, exc: BaseException | None = None) -> None:
+        if self.verb and self.verb not in READ_VERBS:
+            result = "OK" if exc is None else code_pb2.Code.Name(to_status(exc).code)
+            audit(self.caller, self.name, self.workflow, result)
+
+
+class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Auth, tracing, audit and error mapping around every RPC."""
+
+    def __init__(self, callers: Callers | None = None, tracer_provider: trace.TracerProvider | None = None) -> None:
+        self._callers = callers or SharedToken(None)
+        self._tracer = trace.get_tracer("syncplane.api", tracer_provider=tracer_provider)
 
     def _span(self, method: str) -> Any:
         # Status is set from the domain error; the abort that follows must not overwrite it.
@@ -134,16 +150,21 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         """A single response: the behaviour is a coroutine function (or a plain function)."""
 
         async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            rpc = _Call(self._callers, method, request)
             with self._span(method) as span:
                 try:
-                    self._check_auth(method, context)
+                    await rpc.check(context)
                     result = behavior(request, context)
-                    return (await result) if inspect.isawaitable(result) else result
+                    response = (await result) if inspect.isawaitable(result) else result
                 except grpc.aio.AbortError:
                     raise   # the behaviour aborted with its own status
                 except Exception as exc:
+                    rpc.done(exc)
                     _record(span, exc)
                     await _abort(context, exc, method)
+                else:
+                    rpc.done()
+                    return response
 
         return call
 
@@ -161,7 +182,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                                            record_exception=False, set_status_on_exception=False)
             try:
                 with self._current(span):
-                    self._check_auth(method, context)
+                    await _Call(self._callers, method, request).check(context)
                     result = behavior(request, context)
                     if inspect.isawaitable(result):
                         await result

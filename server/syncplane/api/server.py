@@ -12,6 +12,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.trace import TracerProvider
 
+from syncplane.api.callers import Callers, SharedToken
 from syncplane.api.interceptors import ServerInterceptor
 from syncplane.api.servicer import WorkflowServicer
 from syncplane.api.v1 import workflow_service_pb2 as svc
@@ -38,6 +39,12 @@ class ServerSecurity:
     tls_key: Path | None = None
     token: str | None = None
     reflection: bool = True   # serve grpc.reflection (generic clients list the API)
+    # Who may call: the shared token above when None; the Kubernetes backend passes its
+    # TokenReview/SubjectAccessReview callers (syncplane.runtime.kube_auth).
+    callers: Callers | None = None
+
+    def authenticator(self) -> Callers:
+        return self.callers or SharedToken(self.token)
 
     @property
     def tls(self) -> bool:
@@ -49,7 +56,8 @@ def check_bind(address: str, security: ServerSecurity) -> None:
     if is_loopback(address):
         return
     missing = [what for what, ok in (("TLS (--tls-cert/--tls-key)", security.tls),
-                                     ("a bearer token (--token-file or SYNCPLANE_SERVER_TOKEN)", bool(security.token)))
+                                     ("a bearer token (--token-file or SYNCPLANE_SERVER_TOKEN)",
+                                      bool(security.token) or security.callers is not None))
                if not ok]
     if missing:
         raise InsecureBindError(
@@ -64,7 +72,7 @@ async def create_server(
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     security = security or ServerSecurity()
     check_bind(address, security)
-    server = grpc.aio.server(interceptors=[ServerInterceptor(security.token, tracer_provider)],
+    server = grpc.aio.server(interceptors=[ServerInterceptor(security.authenticator(), tracer_provider)],
                              options=[("grpc.so_reuseport", 0)])
     svc_grpc.add_WorkflowServiceServicer_to_server(WorkflowServicer(service, dead_letters, verifier), server)
     health_servicer = health.aio.HealthServicer()

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from syncplane.api.server import ServerSecurity, check_bind, create_server, serve_until_signalled
 from syncplane.console import ConsoleConfig, announce_console, serve_console
 from syncplane.kubeclient import api_client
+from syncplane.runtime.kube_auth import KubernetesCallers
 from syncplane.service import WorkflowService
 from syncplane.service.dead_letters import DeadLetterService
 from syncplane.service.verify import VerifyService
@@ -31,6 +32,8 @@ class KubernetesServerConfig:
     port_file: Path | None = None
     console: ConsoleConfig | None = None
     console_port_file: Path | None = None
+    # "kubernetes": each caller's own token (TokenReview + SubjectAccessReview); "token": the shared one.
+    auth: str = "kubernetes"
 
 
 async def kubernetes_store(namespace: str) -> KubernetesStore:
@@ -42,13 +45,16 @@ async def serve_kubernetes(config: KubernetesServerConfig, stop: asyncio.Event |
         check_bind(config.console.address, config.console.security)
     setup_tracing("syncplane-server", config.otlp_endpoint)
     store = await kubernetes_store(config.namespace)
+    security = config.security
+    if config.auth == "kubernetes":
+        security = replace(security, callers=KubernetesCallers(store.api_client, config.namespace))
     service = WorkflowService(store)
     # The workers keep their dead letters in ConfigMaps of this namespace, one per record.
     letters = DeadLetterService(store, ConfigMapRecords(config.namespace, store.api_client))
     # Verify needs the workflows' Secrets and checkpoints, which this server's role does not read (yet).
     verifier = VerifyService(store, None, "VerifyWorkflow runs on the embedded backend only: on Kubernetes the "
                                           "server does not read the workflows' Secrets and checkpoint ConfigMaps")
-    server, port, health = await create_server(service, config.address, config.security, dead_letters=letters,
+    server, port, health = await create_server(service, config.address, security, dead_letters=letters,
                                                verifier=verifier)
     try:
         console = await serve_console(config.console, service, letters, config.console_port_file)

@@ -1,0 +1,70 @@
+"""Item 3 of issue 13 (both backends' half): every mutating call writes one audit line — who,
+what, which workflow, the result — and reads write none. The Kubernetes backend's caller
+identity (TokenReview + SubjectAccessReview) is tested on the test cluster
+(tests/k8s/test_security_callers.py)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from syncplane.api.callers import VERBS
+from syncplane.api.server import ServerSecurity
+from syncplane.api.v1 import workflow_pb2 as pb
+from syncplane.api.v1 import workflow_service_pb2 as svc
+from syncplane.api.v1 import workflow_service_pb2_grpc as svc_grpc
+from tests.factories import spec
+from tests.integration.conftest import ControlPlane, _serve
+
+pytestmark = pytest.mark.security
+TOKEN = "audit-t0ken"
+
+
+@pytest.fixture
+async def plane(tmp_path: Path) -> AsyncIterator[ControlPlane]:
+    async for p in _serve(tmp_path, ServerSecurity(token=TOKEN)):
+        yield p
+
+
+def _lines(caplog: pytest.LogCaptureFixture) -> list[dict[str, object]]:
+    return [json.loads(r.getMessage()) for r in caplog.records if r.name == "syncplane.audit"]
+
+
+async def test_every_mutating_call_writes_an_audit_line(plane: ControlPlane,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="syncplane.audit")
+    md = (("authorization", f"Bearer {TOKEN}"),)
+    stub = plane.stub
+    name = "workflows/audited"
+    await stub.CreateWorkflow(svc.CreateWorkflowRequest(workflow_id="audited", workflow=pb.Workflow(spec=spec())),
+                              metadata=md)
+    await stub.GetWorkflow(svc.GetWorkflowRequest(name=name), metadata=md)
+    await stub.ListWorkflows(svc.ListWorkflowsRequest(), metadata=md)
+    await stub.StartWorkflow(svc.StartWorkflowRequest(name=name), metadata=md)
+    with pytest.raises(grpc.aio.AioRpcError):   # already running: refused, and audited as refused
+        await stub.StartWorkflow(svc.StartWorkflowRequest(name=name), metadata=md)
+    await stub.StopWorkflow(svc.StopWorkflowRequest(name=name), metadata=md)
+    with pytest.raises(grpc.aio.AioRpcError):   # no token: audited as unauthenticated, not executed
+        await stub.DeleteWorkflow(svc.DeleteWorkflowRequest(name=name, force=True))
+    await stub.DeleteWorkflow(svc.DeleteWorkflowRequest(name=name, force=True), metadata=md)
+    lines = _lines(caplog)
+    assert [(x["who"], x["what"], x["workflow"], x["result"]) for x in lines] == [
+        ("token-holder", "CreateWorkflow", "audited", "OK"),
+        ("token-holder", "StartWorkflow", "audited", "OK"),
+        ("token-holder", "StartWorkflow", "audited", "FAILED_PRECONDITION"),
+        ("token-holder", "StopWorkflow", "audited", "OK"),
+        ("unauthenticated", "DeleteWorkflow", "audited", "UNAUTHENTICATED"),
+        ("token-holder", "DeleteWorkflow", "audited", "OK"),
+    ]
+    assert TOKEN not in caplog.text
+
+
+def test_every_rpc_has_a_verb() -> None:
+    methods = svc.DESCRIPTOR.services_by_name["WorkflowService"].methods_by_name
+    assert set(methods) == set(VERBS)
+    assert svc_grpc  # the stubs the mapping is about
