@@ -62,7 +62,8 @@ class Harness:
         self.d365_tokens = OAuth2ClientCredentials(sb.d365_token_url, Credentials(
             SANDBOX_CLIENT_ID, SANDBOX_CLIENT_SECRET, scope=sb.d365_scope))
         self.acs_tokens = OAuth2ClientCredentials(sb.acs_token_url, Credentials(
-            SANDBOX_CLIENT_ID, SANDBOX_CLIENT_SECRET, scope="openid,AdobeID,campaign_sdk"))
+            SANDBOX_CLIENT_ID, SANDBOX_CLIENT_SECRET, scope="openid,AdobeID,campaign_sdk", organization=sb.options.org,
+            api_host=sb.acs_origin))
         self.source = DynamicsSource(sb.d365_url, self.d365_tokens, key_column="contactid", page_size=PAGE_SIZE)
         self.sink = CampaignSink(sb.acs_url, self.acs_tokens, SANDBOX_CLIENT_ID, owner=SANDBOX_CLIENT_ID)
         self.state = SqliteWorkerState(state_dir / "worker-state.db")
