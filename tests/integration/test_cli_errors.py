@@ -83,6 +83,7 @@ def assert_clean_failure(what: str, res: subprocess.CompletedProcess[str], expec
 async def test_each_command_with_broken_input_prints_one_error_line(tmp_path: Path):
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN)
+    token_file.chmod(0o600)
     server = ServerProcess(tmp_path, "--token-file", str(token_file))
     try:
         await server.ready()
