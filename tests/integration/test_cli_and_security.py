@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,12 +24,14 @@ README = Path(__file__).resolve().parents[2] / "README.md"
 async def cli(port: int, *args: str, token: str | None = None, ca: Path | None = None,
               stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, "-m", "syncplane", "--server", f"{'localhost' if ca else '127.0.0.1'}:{port}"]
+    # the token through the environment, as the README advises (a --token flag shows in `ps`)
+    env = {k: v for k, v in os.environ.items() if k != "SYNCPLANE_TOKEN"}
     if token:
-        cmd += ["--token", token]
+        env["SYNCPLANE_TOKEN"] = token
     if ca:
         cmd += ["--ca-file", str(ca)]
     proc = await asyncio.create_subprocess_exec(*cmd, *args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                                stderr=subprocess.PIPE)
+                                                stderr=subprocess.PIPE, env=env)
     out, err = await proc.communicate(stdin.encode() if stdin else None)
     assert proc.returncode is not None
     return subprocess.CompletedProcess(args, proc.returncode, out.decode(), err.decode())
