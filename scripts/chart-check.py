@@ -65,7 +65,6 @@ RECONCILER = "operator/syncplane_operator/reconciler.py"
 LEADER = "operator/syncplane_operator/leader.py"
 STORE = "server/syncplane/store/kubernetes.py"
 HEARTBEAT = "server/syncplane/worker/heartbeat.py"
-CREDENTIALS = "server/syncplane/worker/credentials.py"
 RECORDS = "server/syncplane/worker/kube_records.py"
 
 # Role name suffix -> the verbs that role must grant, exactly.
@@ -117,7 +116,6 @@ VERBS: dict[str, list[Verb]] = {
                 "first heartbeat"),
         *_verbs("coordination.k8s.io", "leases", "delete", HEARTBEAT, r"delete_namespaced_lease",
                 "heartbeat removed on a clean stop"),
-        *_verbs("", "secrets", "get", CREDENTIALS, r"read_namespaced_secret", "the referenced credentials"),
         *_verbs("", "configmaps", "get create patch", "server/syncplane/worker",
                 r"(read|create|patch)_namespaced_config_map",
                 "the `<workflow>-checkpoints` ConfigMap: cursors read on start and merge-patched after each "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,8 +47,16 @@ def build_checkpoint_configmap(workflow: str, namespace: str) -> dict[str, Any]:
     }
 
 
+def secret_volume_name(index: int) -> str:
+    return f"secret-{index}"
+
+
 def build_worker_deployment(workflow: str, namespace: str, spec_hash: str, generation: int, replicas: int,
-                            image: WorkerImage | None = None, uid: str = "") -> dict[str, Any]:
+                            image: WorkerImage | None = None, uid: str = "",
+                            secrets: Sequence[str] = ()) -> dict[str, Any]:
+    """The worker Deployment of an applied spec. ``secrets``: the Secret names the spec references,
+    each mounted read-only (0440, group = the pod's fsGroup) at ``SECRETS_MOUNT/<name>``; optional, so
+    a missing Secret is the worker's BAD_CREDENTIALS report, not a pod stuck in ContainerCreating."""
     image = image or WorkerImage()
     selector = {L.WORKFLOW_LABEL: workflow, **L.COMPONENT_WORKER}
     pod_labels = L.worker_labels(workflow)
@@ -59,6 +68,7 @@ def build_worker_deployment(workflow: str, namespace: str, spec_hash: str, gener
         "args": ["worker", "--workflow", workflow, "--generation", str(generation),
                  "--spec-file", f"/etc/syncplane/{L.SPEC_KEY}", "--heartbeat", "kubernetes",
                  "--namespace", namespace, "--listen", f"0.0.0.0:{L.HEALTH_PORT}",
+                 "--secrets-dir", L.SECRETS_MOUNT,
                  *(["--workflow-uid", uid] if uid else [])],
         "env": [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
         "ports": [{"name": "health", "containerPort": L.HEALTH_PORT}],
@@ -69,7 +79,9 @@ def build_worker_deployment(workflow: str, namespace: str, spec_hash: str, gener
         "securityContext": {"runAsNonRoot": True, "readOnlyRootFilesystem": True,
                             "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
         "volumeMounts": [{"name": "spec", "mountPath": "/etc/syncplane", "readOnly": True},
-                         {"name": "tmp", "mountPath": "/tmp"}],
+                         {"name": "tmp", "mountPath": "/tmp"},
+                         *({"name": secret_volume_name(i), "mountPath": f"{L.SECRETS_MOUNT}/{s}", "readOnly": True}
+                           for i, s in enumerate(secrets))],
     }
     return {
         "apiVersion": "apps/v1", "kind": "Deployment",
@@ -89,10 +101,13 @@ def build_worker_deployment(workflow: str, namespace: str, spec_hash: str, gener
                     "automountServiceAccountToken": True,
                     "terminationGracePeriodSeconds": 60,
                     "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001,
-                                        "seccompProfile": {"type": "RuntimeDefault"}},
+                                        "fsGroup": 10001, "seccompProfile": {"type": "RuntimeDefault"}},
                     "containers": [container],
                     "volumes": [{"name": "spec", "configMap": {"name": L.spec_configmap_name(workflow, spec_hash)}},
-                                {"name": "tmp", "emptyDir": {}}],
+                                {"name": "tmp", "emptyDir": {}},
+                                *({"name": secret_volume_name(i),
+                                   "secret": {"secretName": s, "optional": True, "defaultMode": 0o440}}
+                                  for i, s in enumerate(secrets))],
                 },
             },
         },

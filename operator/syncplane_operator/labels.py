@@ -8,6 +8,9 @@ SPEC_HASH_ANNOTATION = f"{PREFIX}/spec-hash"
 GENERATION_ANNOTATION = f"{PREFIX}/applied-generation"
 REPORT_ANNOTATION = f"{PREFIX}/report"           # on heartbeat Leases: the worker's JSON report
 SPEC_KEY = "spec.json"
+# The referenced Secrets, mounted by the kubelet: a directory per Secret, a file per key (the worker's
+# ServiceAccount has no access to Secrets at all).
+SECRETS_MOUNT = "/etc/syncplane-secrets"
 HEALTH_PORT = 8080
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -23,6 +23,7 @@ from syncplane.lifecycle import reconcile as decide
 from syncplane.lifecycle.drift import LIFECYCLE_FIELDS
 from syncplane.model.convert import phase_name, spec_from_dict, spec_to_dict
 from syncplane.model.kube import status_patch, workflow_from_body
+from syncplane.worker.credentials import secret_references
 from syncplane_operator import labels as L
 from syncplane_operator.builders import (
     WorkerImage,
@@ -102,7 +103,8 @@ async def reconcile(body: kopf.Body, patch: kopf.Patch, logger: Any, api: Client
         await _create(api.core.create_namespaced_config_map, namespace, cm)
         await ensure_checkpoints(api, body)
         applied = outcome.apply
-    await converge(api, body, deployment, outcome.target_workers, status, image)
+    await converge(api, body, deployment, outcome.target_workers, status, image,
+                   list(secret_references(applied)) if applied is not None else [])
     changes = status_patch(body.get("status") or {}, status)
     if changes:
         patch.status.update(changes)
@@ -134,7 +136,9 @@ async def ensure_checkpoints(api: Clients, owner: kopf.Body) -> None:
 
 
 async def converge(api: Clients, owner: kopf.Body, deployment: Mapping[str, Any] | None, target: int,
-                   status: pb.WorkflowStatus, image: WorkerImage) -> None:
+                   status: pb.WorkflowStatus, image: WorkerImage, secrets: Sequence[str] = ()) -> None:
+    """Create, scale or replace the worker Deployment; ``secrets`` (the applied spec's references)
+    are mounted into its pods."""
     name, namespace = owner.metadata.name, owner.metadata.namespace
     if target == 0:
         if deployment is not None and (deployment.get("spec") or {}).get("replicas", 1) != 0:
@@ -142,7 +146,7 @@ async def converge(api: Clients, owner: kopf.Body, deployment: Mapping[str, Any]
                                                        {"spec": {"replicas": 0}})
         return
     want = build_worker_deployment(str(name), str(namespace), status.applied_spec_hash, status.applied_generation,
-                                   target, image, uid=str(owner.metadata.uid or ""))
+                                   target, image, uid=str(owner.metadata.uid or ""), secrets=secrets)
     kopf.adopt(want, owner=owner)
     if deployment is None:
         await _create(api.apps.create_namespaced_deployment, str(namespace), want)

@@ -25,6 +25,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,47 @@ class Container:
             self.image.signal(sig)
         else:
             self.proc.send_signal(sig)
+
+
+def project_secrets(pod_spec: Any, read_secret: Callable[[str], dict[str, str] | None], root: Path) -> dict[str, str]:
+    """What the kubelet does for a pod's Secret volumes: each mounted directory gets a file per key with the
+    volume's defaultMode (an optional Secret that does not exist: an empty directory). ``read_secret`` gives
+    a Secret's base64 data, or None if it does not exist. Returns mount path -> local directory."""
+    def field(obj: Any, *names: str) -> Any:
+        for n in names:
+            value = obj.get(n) if isinstance(obj, dict) else getattr(obj, n, None)
+            if value is not None:
+                return value
+        return None
+
+    volumes = {field(v, "name"): v for v in field(pod_spec, "volumes") or []}
+    mounts: dict[str, str] = {}
+    container = (field(pod_spec, "containers") or [])[0]
+    for mount in field(container, "volume_mounts", "volumeMounts") or []:
+        secret = field(volumes[field(mount, "name")], "secret")
+        if secret is None:
+            continue
+        name = field(secret, "secret_name", "secretName")
+        mode = field(secret, "default_mode", "defaultMode") or 0o644
+        local = root / name
+        local.mkdir(parents=True, exist_ok=True)
+        for key, value in (read_secret(name) or {}).items():
+            path = local / key
+            path.write_bytes(base64.b64decode(value))
+            path.chmod(mode)
+        mounts[str(field(mount, "mount_path", "mountPath")).rstrip("/")] = str(local)
+    return mounts
+
+
+def map_mounts(args: list[str], mounts: dict[str, str]) -> list[str]:
+    """Container arguments with paths under a projected mount rewritten to the local directory."""
+    out = []
+    for arg in args:
+        for mount, local in mounts.items():
+            if arg == mount or arg.startswith(mount + "/"):
+                arg = local + arg[len(mount):]
+        out.append(arg)
+    return out
 
 
 class FakeKubelet:
@@ -133,6 +175,15 @@ class FakeKubelet:
                 args[i] = str(local)
             elif i > 0 and args[i - 1] == "--listen":
                 args[i] = "127.0.0.1:0"   # the pod's port, on loopback
+        secrets: dict[str, dict[str, str] | None] = {}
+        for v in pod.spec.volumes or []:
+            if v.secret is not None:
+                try:
+                    secrets[v.secret.secret_name] = (await self._core.read_namespaced_secret(
+                        v.secret.secret_name, self.namespace)).data
+                except Exception:   # absent: an optional Secret volume is an empty directory
+                    secrets[v.secret.secret_name] = None
+        args = map_mounts(args, project_secrets(pod.spec, secrets.get, self.workdir / f"{name}-secrets"))
         # The pod's own /tmp (an emptyDir in the Deployment): the worker's local state is never shared.
         tmp = self.workdir / f"{name}-tmp"
         tmp.mkdir(exist_ok=True)

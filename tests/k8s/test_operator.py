@@ -17,6 +17,7 @@ import yaml
 from kopf.testing import KopfRunner
 
 from tests.factories import UNREACHABLE_SECRETS, literals
+from tests.k8s.kubelet import map_mounts, project_secrets
 from tests.k8s.syncplane_fixtures import SECRET_VALUE
 
 pytestmark = pytest.mark.k8s
@@ -40,10 +41,16 @@ def patch(cluster: Any, namespace: str, name: str, spec: dict[str, Any]) -> None
     cluster.kubectl("patch", "workflow", name, "-n", namespace, "--type", "merge", "-p", json.dumps({"spec": spec}))
 
 
+def _secret_data(cluster: Any, namespace: str, name: str) -> dict[str, str] | None:
+    res = cluster.kubectl("get", "secret", name, "-n", namespace, "-o", "json", check=False)
+    return json.loads(res.stdout).get("data") or {} if res.returncode == 0 else None
+
+
 class LocalWorker:
     """Plays the container of a fake pod: runs `syncplane worker` on this machine."""
 
-    def __init__(self, cluster: Any, namespace: str, workflow: str, tmp: Path) -> None:
+    def __init__(self, cluster: Any, namespace: str, workflow: str, tmp: Path, admin: Any = None) -> None:
+        admin = admin or cluster   # the kubelet's own access, for the Secret volumes
         deployment = get(cluster, namespace, "deployment", f"{workflow}-worker")
         annotations = deployment["spec"]["template"]["metadata"]["annotations"]
         self.generation = int(annotations["syncplane.io/applied-generation"])
@@ -65,11 +72,16 @@ class LocalWorker:
                "TMPDIR": str(pod_tmp)}
         args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
         uid = args[args.index("--workflow-uid") + 1]  # what the operator passes on: the Workflow's uid
+        # the kubelet mounts the referenced Secrets (it reads them as itself: here the test's admin)
+        mounts = project_secrets(deployment["spec"]["template"]["spec"], lambda name: _secret_data(
+            admin, namespace, name), tmp / f"{self.pod}-secrets")
+        secrets_dir = map_mounts([args[args.index("--secrets-dir") + 1]], mounts)[0]
         self.log = open(tmp / f"{self.pod}.log", "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "syncplane", "worker", "--workflow", workflow, "--generation", str(self.generation),
              "--spec-file", str(spec_file), "--heartbeat", "kubernetes", "--namespace", namespace,
-             "--pod-name", self.pod, "--workflow-uid", uid], env=env, stdout=self.log, stderr=subprocess.STDOUT)
+             "--pod-name", self.pod, "--workflow-uid", uid, "--secrets-dir", secrets_dir], env=env, stdout=self.log,
+            stderr=subprocess.STDOUT)
 
     def stop(self) -> None:
         if self.proc.poll() is None:

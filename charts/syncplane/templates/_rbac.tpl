@@ -56,8 +56,8 @@ and tests/k8s/test_chart.py runs the lifecycle under exactly these grants).
   verbs: ["list", "patch"]
 {{- end }}
 
-{{/* The workers: their own heartbeat Lease, their checkpoints, dead letters and held records, and the Secrets
-their workflow references. */}}
+{{/* The workers: their own heartbeat Lease, their checkpoints, dead letters and held records. No Secrets: the
+operator mounts the ones a workflow references into its worker pods. */}}
 {{- define "syncplane.workerRules" -}}
 - apiGroups: ["coordination.k8s.io"]
   resources: ["leases"]
@@ -67,8 +67,4 @@ their workflow references. */}}
 - apiGroups: [""]
   resources: ["configmaps"]
   verbs: ["get", "list", "create", "patch", "delete"]
-# the credentials named by spec.source/destination.credentials; get only, never list
-- apiGroups: [""]
-  resources: ["secrets"]
-  verbs: ["get"]
 {{- end }}

@@ -1,7 +1,9 @@
 """Resolve the credentials a workflow references, before the worker says ready.
 
-A reference names a Kubernetes Secret in the workflow's namespace or, when
-embedded, a JSON file ``<secrets-dir>/<name>.json`` with the same keys:
+A reference names a Kubernetes Secret in the workflow's namespace, which the
+operator mounts into the worker pod (``<secrets-dir>/<name>/<key>``: the worker's
+identity cannot read Secrets), or, when embedded, a JSON file
+``<secrets-dir>/<name>.json`` with the same keys:
 ``clientId``, ``clientSecret``, ``tokenUrl``, and optionally ``scope`` and
 ``apiKey`` (Campaign's X-Api-Key, the client id when absent). A missing or
 unreadable secret is fatal (retrying cannot fix it): the worker reports
@@ -89,8 +91,8 @@ def check_endpoints(spec: pb.WorkflowSpec, secrets: dict[str, ConnectionSecret])
                 f"(spec.{f}.credentials) is for; it is for {', '.join(audience)}", "ENDPOINT_NOT_ALLOWED")
 
 
-def _references(spec: pb.WorkflowSpec) -> dict[str, str]:
-    """Secret name → the first spec field referencing it."""
+def secret_references(spec: pb.WorkflowSpec) -> dict[str, str]:
+    """Secret name → the first spec field referencing it (source first)."""
     refs: dict[str, str] = {}
     for f in ("source", "destination"):
         refs.setdefault(getattr(spec, f).credentials.name, f"spec.{f}.credentials")
@@ -98,8 +100,18 @@ def _references(spec: pb.WorkflowSpec) -> dict[str, str]:
 
 
 def load_local_secrets(spec: pb.WorkflowSpec, secrets_dir: Path) -> dict[str, ConnectionSecret]:
+    """The referenced secrets from ``secrets_dir``: a ``<name>/`` directory holding a file per key (a
+    Kubernetes Secret volume, which the operator mounts into the worker pod), else ``<name>.json``
+    (embedded). Every file must be private (see syncplane.private_files).
+
+    Raises:
+        CredentialsError: a secret missing, unreadable, exposed to other users or lacking a key.
+    """
     found: dict[str, ConnectionSecret] = {}
-    for name, used_by in _references(spec).items():
+    for name, used_by in secret_references(spec).items():
+        if (secrets_dir / name).is_dir():
+            found[name] = _mounted_secret(secrets_dir / name, name, used_by)
+            continue
         path = secrets_dir / f"{name}.json"
         try:
             check_private(path, f"secret file (referenced by {used_by})")
@@ -117,6 +129,26 @@ def load_local_secrets(spec: pb.WorkflowSpec, secrets_dir: Path) -> dict[str, Co
     return found
 
 
+def _mounted_secret(directory: Path, name: str, used_by: str) -> ConnectionSecret:
+    """A Secret volume: one file per key (the kubelet's ``..data`` bookkeeping entries skipped)."""
+    data: dict[str, str] = {}
+    try:
+        for path in sorted(directory.iterdir()):
+            if path.name.startswith(".") or not path.is_file():
+                continue
+            check_private(path, f"secret key file (Secret {name}, referenced by {used_by})")
+            data[path.name] = path.read_text()
+    except ExposedFileError as exc:
+        raise CredentialsError(str(exc)) from None
+    except OSError as exc:
+        raise CredentialsError(f"Secret {name} referenced by {used_by} could not be read from {directory} "
+                               f"({type(exc).__name__})") from None
+    if not data:   # an optional Secret volume whose Secret does not exist is an empty directory
+        raise CredentialsError(f"Secret {name} referenced by {used_by} was not found (nothing mounted at "
+                               f"{directory})")
+    return ConnectionSecret.parse(name, f"Secret {name}", data)
+
+
 def write_local_secret(secrets_dir: Path, name: str, data: dict[str, str]) -> Path:
     """Write an embedded-mode secret file, readable by its owner only."""
     make_private_dir(secrets_dir)
@@ -126,29 +158,3 @@ def write_local_secret(secrets_dir: Path, name: str, data: dict[str, str]) -> Pa
     tmp.write_text(json.dumps(data))
     tmp.replace(path)
     return path
-
-
-async def load_kubernetes_secrets(spec: pb.WorkflowSpec, namespace: str) -> dict[str, ConnectionSecret]:
-    """Secrets by reference name, for the source and destination connections."""
-    import base64
-
-    from kubernetes_asyncio import client
-    from kubernetes_asyncio.client.exceptions import ApiException
-
-    from syncplane.kubeclient import api_client
-
-    found: dict[str, ConnectionSecret] = {}
-    api: Any = await api_client()
-    try:
-        core = client.CoreV1Api(api)
-        for name, used_by in _references(spec).items():
-            try:
-                secret = await core.read_namespaced_secret(name, namespace)
-            except ApiException as exc:
-                what = "was not found" if exc.status == 404 else f"could not be read (HTTP {exc.status})"
-                raise CredentialsError(f"Secret {namespace}/{name} referenced by {used_by} {what}") from None
-            data = {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
-            found[name] = ConnectionSecret.parse(name, f"Secret {namespace}/{name}", data)
-    finally:
-        await api.close()
-    return found

@@ -27,7 +27,6 @@ from syncplane.worker.credentials import (
     ConnectionSecret,
     CredentialsError,
     check_endpoints,
-    load_kubernetes_secrets,
     load_local_secrets,
 )
 from syncplane.worker.engine import Engine, FatalError
@@ -178,8 +177,7 @@ class Worker:
             await asyncio.gather(task, return_exceptions=True)
 
     async def _load_secrets(self, spec: pb.WorkflowSpec) -> dict[str, ConnectionSecret]:
-        if self.opts.heartbeat == "kubernetes":
-            return await load_kubernetes_secrets(spec, self.opts.namespace)
+        # On Kubernetes the operator mounts the referenced Secrets (--secrets-dir): no Secret API access.
         return load_local_secrets(spec, self.opts.secrets_dir or self.opts.state_dir / "secrets")
 
     async def _wait(self) -> None:
