@@ -188,3 +188,27 @@ def test_check_private_names_the_file(tmp_path: Path) -> None:
     path.chmod(0o604)
     with pytest.raises(ExposedFileError, match=r"mode 0604.*chmod 600"):
         check_private(path, "token file")
+
+
+def test_a_mounted_secret_volume_is_read_and_checked(tmp_path: Path) -> None:
+    """Issue 13 item 2: on Kubernetes the worker reads the Secret volumes the operator mounts (a file per
+    key, as the kubelet writes them: symlinks into ..data); an exposed key file or an empty (missing,
+    optional) volume is refused."""
+    root = tmp_path / "secrets"
+    for name, data in UNREACHABLE_SECRETS.items():
+        data_dir = root / name / "..2026_11_29"
+        data_dir.mkdir(parents=True)
+        (root / name / "..data").symlink_to(data_dir.name)
+        for key, value in data.items():
+            (data_dir / key).write_text(value)
+            (data_dir / key).chmod(0o440)
+            (root / name / key).symlink_to(f"..data/{key}")
+    secrets = load_local_secrets(spec("ingress"), root)
+    assert secrets["acs-sandbox"].organization == "sandbox" and secrets["d365-sandbox"].client_id == "test-client"
+    (root / "acs-sandbox" / "..2026_11_29" / "clientSecret").chmod(0o444)
+    with pytest.raises(CredentialsError, match="chmod 600"):
+        load_local_secrets(spec("ingress"), root)
+    for key in UNREACHABLE_SECRETS["acs-sandbox"]:
+        (root / "acs-sandbox" / key).unlink()
+    with pytest.raises(CredentialsError, match=r"acs-sandbox .*was not found"):
+        load_local_secrets(spec("ingress"), root)

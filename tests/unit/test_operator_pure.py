@@ -38,8 +38,24 @@ def test_worker_deployment_is_locked_down():
     assert "--generation" in c["args"] and c["args"][c["args"].index("--generation") + 1] == "4"
     assert pod["volumes"][0]["configMap"]["name"] == "wf-spec-abcdef0123"
     assert d["spec"]["selector"]["matchLabels"].items() <= d["spec"]["template"]["metadata"]["labels"].items()
-    assert not any("secret" in json.dumps(c).lower() for c in [c])
+    assert "secretkeyref" not in json.dumps(c).lower()   # no credential in the environment
     assert "--workflow-uid" not in c["args"]   # no uid known: nothing passed
+
+
+def test_the_referenced_secrets_are_mounted_not_read():
+    """Issue 13 item 2: the kubelet mounts the workflow's Secrets (read-only, 0440, optional so that a
+    missing one is the worker's BAD_CREDENTIALS report); the worker's identity needs no Secret access."""
+    d = build_worker_deployment("wf", "ns", "h", 1, 1, secrets=["d365-creds", "acs-creds"])
+    pod = d["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounted = {m["mountPath"]: volumes[m["name"]] for m in c["volumeMounts"] if "secret" in volumes[m["name"]]}
+    assert {path: v["secret"] for path, v in mounted.items()} == {
+        "/etc/syncplane-secrets/d365-creds": {"secretName": "d365-creds", "optional": True, "defaultMode": 0o440},
+        "/etc/syncplane-secrets/acs-creds": {"secretName": "acs-creds", "optional": True, "defaultMode": 0o440}}
+    assert all(m["readOnly"] for m in c["volumeMounts"] if m["mountPath"].startswith("/etc/syncplane-secrets/"))
+    assert c["args"][c["args"].index("--secrets-dir") + 1] == "/etc/syncplane-secrets"
+    assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsGroup"]
 
 
 def test_worker_deployment_passes_the_workflows_uid_on():
