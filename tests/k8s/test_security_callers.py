@@ -50,7 +50,7 @@ def user(cluster: Any, namespace: str, name: str, cluster_role: str) -> str:
 
 
 @pytest.fixture
-async def api(k8s_cluster, workflow_crd, namespace, monkeypatch, tmp_path) -> AsyncIterator[int]:
+async def api(k8s_cluster, workflow_crd, operator, namespace, monkeypatch, tmp_path) -> AsyncIterator[int]:
     """The API server in auth mode kubernetes (its own identity: the test cluster's admin)."""
     monkeypatch.setenv("KUBECONFIG", str(k8s_cluster.kubeconfig))
     port_file = tmp_path / "port"
