@@ -171,7 +171,7 @@ def test_the_commands_match_the_cli(rendered):
     # every flag given is a flag of that command
     for container in (server, operator):
         command = cli.commands[container["args"][0]]
-        known = {opt for p in command.params for opt in p.opts}
+        known = {opt for p in command.params for opt in [*p.opts, *getattr(p, "secondary_opts", [])]}
         for arg in container["args"][1:]:
             assert arg.split("=", 1)[0] in known, arg
 
