@@ -23,12 +23,7 @@ from syncplane.worker.report import WorkerReport
 
 def sandbox_secrets(sandbox: Sandbox) -> dict[str, ConnectionSecret]:
     """The secrets the test specs reference (tests.factories: d365-sandbox, acs-sandbox)."""
-    return {
-        "d365-sandbox": ConnectionSecret("d365-sandbox", sandbox.client_id, sandbox.client_secret,
-                                         sandbox.d365_token_url, sandbox.d365_scope),
-        "acs-sandbox": ConnectionSecret("acs-sandbox", sandbox.client_id, sandbox.client_secret,
-                                        sandbox.acs_token_url, "openid,AdobeID,campaign_sdk"),
-    }
+    return {name: ConnectionSecret.parse(name, f"secret {name}", data) for name, data in sandbox.secrets().items()}
 
 
 class InProcessIngress:

@@ -11,7 +11,7 @@ from typing import Any
 
 from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.optinout import OptInOutSync, build_optinout
-from syncplane.sandbox import MARKETING_USER, SANDBOX_CLIENT_ID, SANDBOX_CLIENT_SECRET, Sandbox
+from syncplane.sandbox import MARKETING_USER, SANDBOX_CLIENT_ID, Sandbox
 from syncplane.service.verify import SqliteWorkerStateAccess
 from syncplane.verify.compare import Difference
 from syncplane.verify.run import verify
@@ -43,12 +43,8 @@ def optinout_spec(sb: Sandbox, direction: str, batch_size: int = 500) -> pb.Work
 
 
 def secrets(sb: Sandbox) -> dict[str, ConnectionSecret]:
-    return {
-        "d365-sandbox": ConnectionSecret("d365-sandbox", SANDBOX_CLIENT_ID, SANDBOX_CLIENT_SECRET,
-                                         sb.d365_token_url, sb.d365_scope),
-        "acs-sandbox": ConnectionSecret("acs-sandbox", SANDBOX_CLIENT_ID, SANDBOX_CLIENT_SECRET,
-                                        sb.acs_token_url, "openid,AdobeID,campaign_sdk"),
-    }
+    """The secrets the specs reference: the sandbox's own, declaring the origins their tokens are for."""
+    return {name: ConnectionSecret.parse(name, f"secret {name}", data) for name, data in sb.secrets().items()}
 
 
 class Harness:
