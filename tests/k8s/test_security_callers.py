@@ -74,7 +74,7 @@ def _md(token: str | None) -> tuple[tuple[str, str], ...]:
 async def test_view_can_list_but_not_start_edit_can_start(k8s_cluster, namespace, api,
                                                            caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="syncplane.audit")
-    user_roles(k8s_cluster, f"callers-{namespace}")
+    user_roles(k8s_cluster, "callers")   # cluster-scoped roles, idempotent: one release name
     viewer = user(k8s_cluster, namespace, "viewer", "view")
     editor = user(k8s_cluster, namespace, "editor", "edit")
     async with grpc.aio.insecure_channel(f"127.0.0.1:{api}") as channel:
