@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from syncplane.api.v1 import workflow_pb2 as pb
-from syncplane.ingress.transform import MappingNotSupported
 from syncplane.sandbox import AcsField, Sandbox, start_sandbox
+from syncplane.worker.startcheck import StartCheckFailed
 from tests.integration.ingress_env import ingress_spec
 from tests.integration.inprocess import InProcessIngress
 
@@ -80,7 +80,8 @@ async def test_money_integer_boolean_dates_and_choices_convert_by_the_table(sb: 
         assert p["cusContact"] == "Email"                 # technicalPicklistValues off: the label
         assert run.dead_letters() == []
         # The read asked for exactly the annotation the mapping needs.
-        prefers = {(r.prefer or "") for r in sb.requests.records(server="d365") if "contacts?" in r.path}
+        prefers = {(r.prefer or "") for r in sb.requests.records(server="d365")
+                   if "contacts?" in r.path and "track-changes" in (r.prefer or "")}  # the sync's reads
         assert prefers and all('odata.include-annotations="OData.Community.Display.V1.FormattedValue"' in p
                                for p in prefers)
     finally:
@@ -132,8 +133,9 @@ async def test_a_polymorphic_link_follows_the_table_its_value_points_to(sb: Sand
         assert profile(sb, BOB)["cusParentProfile"] == sb.acs.profiles.find(ADA)
         assert profile(sb, ADA)["cusParentProfile"] is None
         assert run.held_keys("contact") == set() and run.dead_letters() == []
-        prefers = [(r.prefer or "") for r in sb.requests.records(server="d365") if "contacts?" in r.path]
-        assert all("Microsoft.Dynamics.CRM.lookuplogicalname" in p for p in prefers)
+        prefers = [(r.prefer or "") for r in sb.requests.records(server="d365")
+                   if "contacts?" in r.path and "track-changes" in (r.prefer or "")]  # the sync's reads
+        assert prefers and all("Microsoft.Dynamics.CRM.lookuplogicalname" in p for p in prefers)
     finally:
         await run.aclose()
 
@@ -148,9 +150,10 @@ async def test_a_polymorphic_link_follows_the_table_its_value_points_to(sb: Sand
 async def test_a_conversion_the_table_refuses_fails_the_start(sb: Sandbox, tmp_path: Path, mapping: dict[str, str],
                                                               technical: bool, problem: str) -> None:
     sb.d365.table("contacts").upsert(ADA, lastname="Ada", emailaddress1="ada@example.com")
-    with pytest.raises(MappingNotSupported, match=problem) as caught:
+    with pytest.raises(StartCheckFailed, match=problem) as caught:
         await run_passes(sb, spec_mapping(sb, mapping, technical=technical), tmp_path)
-    assert caught.value.problems[0][0].startswith("spec.ingress.entities[0].fields[")
+    assert caught.value.reason == "CONVERSION_NOT_SUPPORTED"
+    assert caught.value.problems[0].path.startswith("spec.ingress.entities[0].fields[")
     assert sb.acs.profiles.by_key(ADA) is None  # nothing was written
 
 
@@ -198,7 +201,7 @@ async def test_replacements_match_by_type_and_a_bad_spec_value_fails_the_start(s
     bad = spec_mapping(sb, {})
     bad.ingress.entities[0].filter.conditions.add(field="donotemail", operator=pb.FILTER_OPERATOR_EQUALS,
                                                   value="maybe")
-    with pytest.raises(MappingNotSupported, match=r"filter\.conditions"):
+    with pytest.raises(StartCheckFailed, match=r"filter\.conditions"):
         await run_passes(sb, bad, tmp_path / "bad")
 
 

@@ -266,7 +266,6 @@ class IngressRunner(_PipelineRunner):
         dst = self.dst_secret
         page_size = min(MAX_PAGE_SIZE, max(PAGE_SIZE, batch_size))
         # The key column is per table: _KeyedSource passes it per stream.
-        self.spec = spec
         self.source = DynamicsSource(spec.source.endpoint, self.tokens[0], key_column="", page_size=page_size)
         self.sink = CampaignSink(spec.destination.endpoint, self.tokens[1], dst.api_key or dst.client_id,
                                  owner=dst.client_id, concurrency=concurrency)
@@ -284,8 +283,8 @@ class IngressRunner(_PipelineRunner):
             self.guards.append(guard)
             await self.sink.prepare_links(entity.destination_resource)
             assert guard.source_baseline is not None and guard.destination_baseline is not None
-            # The conversion table and typed comparisons: a cell or a spec value that does not fit
-            # fails the start (MappingNotSupported), not every record as a dead letter.
+            # The conversion table and typed comparisons (checked at start by guard.start(): a cell
+            # or a spec value that does not fit fails the start, not every record as a dead letter).
             s.transform.bind(guard.source_baseline, guard.destination_baseline,
                              self._link_tables(guard.destination_baseline.links))
             pipelines.append(self._pipeline(s, _KeyedSource(self.source, entity.source_key, entity_set,

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.connectors.schema import Schema
+from syncplane.ingress.conversion import CONVERSION_NOT_SUPPORTED
+from syncplane.ingress.transform import mapping_problems
 
 FIELD_NOT_FOUND = "FIELD_NOT_FOUND"
 CHANGE_TRACKING_DISABLED = "CHANGE_TRACKING_DISABLED"
@@ -82,8 +84,17 @@ def change_tracking_enabled(ctx: EntityContext) -> Iterable[StartProblem]:
                            f"{_where(ctx.source)} does not have change tracking enabled")
 
 
+def conversions_supported(ctx: EntityContext) -> Iterable[StartProblem]:
+    """Every mapped field's cell of the conversion table, and every filter and replacement value,
+    fit both sides' types (ingress/README.md); checked once the fields exist."""
+    if any(True for _ in mapped_fields_exist(ctx)):
+        return
+    for path, message in mapping_problems(ctx.entity, ctx.index, ctx.source, ctx.destination):
+        yield StartProblem(CONVERSION_NOT_SUPPORTED, path, message)
+
+
 #: The checks every ingress mapping passes at start, in order.
-ENTITY_CHECKS: list[EntityCheck] = [mapped_fields_exist, change_tracking_enabled]
+ENTITY_CHECKS: list[EntityCheck] = [mapped_fields_exist, change_tracking_enabled, conversions_supported]
 
 
 def check_entity(ctx: EntityContext, checks: Iterable[EntityCheck] | None = None) -> list[StartProblem]:
