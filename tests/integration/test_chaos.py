@@ -96,10 +96,11 @@ async def test_chaos_ends_with_verify_at_zero_and_no_duplicate_key(plane: Contro
         seq = max((r.seq for r in sb.requests.records()), default=0)
 
         # The third kill, during the full re-read the expired token forces.
-        def rereading() -> bool:
-            return worker_pid(plane) is not None and any(
-                "/contacts?" in r.path and "$deltatoken" not in r.path and "$skiptoken" in r.path
-                for r in sb.requests.records(since=seq, server="d365"))
+        def rereading() -> bool:  # the expired token refused (400), then a next page of the full read
+            log = sb.requests.records(since=seq, server="d365")
+            refused = next((r.seq for r in log if r.status == 400 and "$deltatoken" in r.path), None)
+            return worker_pid(plane) is not None and refused is not None and any(
+                r.seq > refused and "/contacts?" in r.path and "$skiptoken" in r.path for r in log)
 
         await converge(rereading, 300, "the full re-read after the expired delta token")
         kill_worker(plane)  # 3
