@@ -142,3 +142,15 @@ def test_the_operator_reads_its_status_thresholds_from_the_environment(monkeypat
     monkeypatch.setenv("SYNCPLANE_RESTART_BACKOFF_CAP", "42")
     policy = policy_from_environment()
     assert (policy.degraded_after, policy.restart_backoff, policy.restart_backoff_cap) == (7.0, 5.0, 42.0)
+
+
+def test_status_patch_clears_a_nested_field_back_to_zero():
+    """records/s back to 0 (omitted by proto JSON) must be written as null inside counters: a merge
+    patch keeps whatever a nested object does not mention."""
+    status = pb.WorkflowStatus(phase=pb.PHASE_RUNNING)
+    status.counters.read = 3
+    old = {"phase": "PHASE_RUNNING", "counters": {"read": 3, "recordsPerSecond": 120.5},
+           "degradation": {"reason": "STALLED"}}
+    patch = status_patch(old, status)
+    assert patch["counters"] == {"recordsPerSecond": None}
+    assert patch["degradation"] is None

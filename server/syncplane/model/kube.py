@@ -64,6 +64,19 @@ def status_patch(old: Mapping[str, Any], new: pb.WorkflowStatus) -> dict[str, An
     # lastVerify is the API server's, kept in an annotation (LAST_VERIFY_ANNOTATION): never a status write.
     target.pop("lastVerify", None)
     known = {f.json_name for f in pb.WorkflowStatus.DESCRIPTOR.fields} - {"lastVerify"}
-    patch: dict[str, Any] = {k: v for k, v in target.items() if old.get(k) != v}
-    patch.update({k: None for k in old if k in known and k not in target})
+    return _merge_patch(old, target, known)
+
+
+def _merge_patch(old: Mapping[str, Any], new: Mapping[str, Any], known: set[str] | None = None) -> dict[str, Any]:
+    """RFC 7386 merges objects key by key: a field gone from a nested object (a counter back to 0,
+    which proto JSON omits) must be written as null there, or the old value stays."""
+    patch: dict[str, Any] = {}
+    for k, v in new.items():
+        before = old.get(k)
+        if isinstance(v, Mapping) and isinstance(before, Mapping):
+            if sub := _merge_patch(before, v):
+                patch[k] = sub
+        elif before != v:
+            patch[k] = v
+    patch.update({k: None for k in old if k not in new and (known is None or k in known)})
     return patch
