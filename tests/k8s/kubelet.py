@@ -79,7 +79,10 @@ def project_secrets(pod_spec: Any, read_secret: Callable[[str], dict[str, str] |
             path = local / key
             path.write_bytes(base64.b64decode(value))
             path.chmod(mode)
-        mounts[str(field(mount, "mount_path", "mountPath")).rstrip("/")] = str(local)
+        path = str(field(mount, "mount_path", "mountPath")).rstrip("/")
+        mounts[path] = str(local)
+        if path.endswith("/" + name):   # <dir>/<secret>: the worker is given <dir> (--secrets-dir)
+            mounts.setdefault(path[: -len(name) - 1], str(root))
     return mounts
 
 
