@@ -34,6 +34,7 @@ def test_off_loopback_without_a_token_the_console_refuses_to_start(tmp_path: Pat
 async def authed(tmp_path: Path) -> AsyncIterator[Console]:
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN)
+    token_file.chmod(0o600)  # the server refuses a token file others can read
     async for c in start_console(tmp_path, "--token-file", str(token_file)):
         yield c
 

@@ -148,6 +148,7 @@ async def test_off_loopback_the_console_is_https_with_a_login(tmp_path: Path,
     form, whose session cookie is Secure, HttpOnly and SameSite=Strict and never the token."""
     cert, key = certs
     (tmp_path / "token").write_text("tok-console\n")
+    (tmp_path / "token").chmod(0o600)  # the server refuses a token file others can read
     port_file = tmp_path / "console.port"
     server = ServerProcess(tmp_path, "--tls-cert", str(cert), "--tls-key", str(key), "--token-file",
                            str(tmp_path / "token"), "--console-listen", "0.0.0.0:0", "--console-port-file",
