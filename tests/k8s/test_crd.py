@@ -25,7 +25,7 @@ def test_valid_examples_apply(k8s_cluster, workflow_crd, namespace, tmp_path):
         assert res.returncode == 0, res.stderr
     out = k8s_cluster.kubectl("get", "workflows", "-n", namespace).stdout
     header = out.splitlines()[0].split()
-    assert header == ["NAME", "TYPE", "DESIRED", "PHASE", "BACKLOG", "DRIFT", "AGE"]
+    assert header == ["NAME", "TYPE", "DESIRED", "PHASE", "DEGRADED", "BACKLOG", "DRIFT", "AGE"]
     short = k8s_cluster.kubectl("get", "spwf", "-n", namespace, "-o", "name").stdout.split()
     assert len(short) == len(EXAMPLES)
 
