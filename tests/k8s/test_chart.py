@@ -119,8 +119,12 @@ def test_install_and_uninstall(k8s_cluster, namespace, tmp_path, scenario):
              f"jsonpath={{.status.availableReplicas}}={replicas}")
     cluster_roles = k8s_cluster.kubectl("get", "clusterroles", "-l", f"app.kubernetes.io/instance={release}",
                                         "-o", "name").stdout.split()
-    assert cluster_roles == ([] if not values.get("clusterWide") else [f"clusterrole.rbac.authorization.k8s.io/"
-                                                                       f"{release}-syncplane-operator"])
+    # the users' view/edit rights on Workflows, aggregated into the built-in roles (userRoles.aggregate, on by
+    # default), plus the operator's own ClusterRole only when it is cluster-wide
+    expected_roles = [f"{release}-syncplane-operator"] if values.get("clusterWide") else []
+    if values.get("userRoles", {}).get("aggregate", True):
+        expected_roles += [f"{release}-syncplane-workflows-edit", f"{release}-syncplane-workflows-view"]
+    assert sorted(cluster_roles) == sorted(f"clusterrole.rbac.authorization.k8s.io/{r}" for r in expected_roles)
     assert leftovers(k8s_cluster, release, namespace)
 
     k8s_cluster.helm("uninstall", release, "--namespace", namespace, "--wait", "--timeout", "120s", timeout=180)
