@@ -206,6 +206,10 @@ class FakeKubelet:
         kubeconfig.chmod(0o600)
         chown_tree(tmp, uid, gid)
         os.chown(kubeconfig, uid, gid)
+        # A real kubelet gives projected Secret files the pod's fsGroup (mode 0440), so the pod's user reads them.
+        secrets = self.workdir / f"{name}-secrets"
+        if secrets.exists():
+            chown_tree(secrets, 0, security.fs_group or gid)
         env = {"KUBECONFIG": str(kubeconfig), "POD_NAME": name, "POD_UID": pod.metadata.uid, "TMPDIR": "/tmp"}
         log_path = self.workdir / f"{name}.log"
         started = self.runtime.start(args, log_path, volumes={self.workdir: str(self.workdir), tmp: "/tmp"},
