@@ -43,6 +43,20 @@ class DeadLetterStore(Protocol):
         ...
 
 
+async def on_worker_state(path: Path, fn: Callable[[SqliteWorkerState], T]) -> T:
+    """Run `fn` on the embedded workers' SQLite file, opened for this one call and closed after it,
+    on a thread (a worker may be writing: SQLite's busy timeout waits for it off the event loop)."""
+
+    def call() -> T:
+        state = SqliteWorkerState(path)
+        try:
+            return fn(state)
+        finally:
+            state.close()
+
+    return await asyncio.to_thread(call)
+
+
 class SqliteDeadLetters:
     """The embedded workers' dead-letter table, opened per call (calls are rare; a worker
     may be writing: SQLite's busy timeout waits for it, off the event loop)."""
@@ -51,14 +65,7 @@ class SqliteDeadLetters:
         self.path = path
 
     async def _run(self, fn: Callable[[SqliteWorkerState], T]) -> T:
-        def call() -> T:
-            state = SqliteWorkerState(self.path)
-            try:
-                return fn(state)
-            finally:
-                state.close()
-
-        return await asyncio.to_thread(call)
+        return await on_worker_state(self.path, fn)
 
     async def page(self, workflow_id: str, after: tuple[str, str] | None,
                    limit: int) -> tuple[list[DeadLetter], int]:

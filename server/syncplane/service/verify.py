@@ -23,7 +23,7 @@ from syncplane.errors import FailedPrecondition, FieldViolation, InvalidArgument
 from syncplane.lifecycle import effective_phase
 from syncplane.model.convert import phase_name
 from syncplane.model.names import parse_name, workflow_name
-from syncplane.service.dead_letters import validated
+from syncplane.service.dead_letters import on_worker_state, validated
 from syncplane.store.base import WorkflowStore
 from syncplane.verify.compare import Difference
 from syncplane.verify.run import RepairUnavailable, Report, WorkerState, verify
@@ -54,14 +54,7 @@ class SqliteWorkerStateAccess:
         self.path = path
 
     async def _run(self, fn: Callable[[SqliteWorkerState], T]) -> T:
-        def call() -> T:
-            state = SqliteWorkerState(self.path)
-            try:
-                return fn(state)
-            finally:
-                state.close()
-
-        return await asyncio.to_thread(call)
+        return await on_worker_state(self.path, fn)
 
     async def committed(self, workflow: str, stream: str) -> tuple[str | None, float | None]:
         return await self._run(lambda s: s.committed(workflow, stream))
