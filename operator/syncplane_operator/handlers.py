@@ -57,6 +57,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     memo.api = Clients(core=client.CoreV1Api(api_client), apps=client.AppsV1Api(api_client))
     memo.api_client = api_client
     memo.policy = policy_from_environment()
+    memo.locks = {}
     env = os.environ.get
     memo.image = WorkerImage(image=env("SYNCPLANE_WORKER_IMAGE", WorkerImage.image),
                              pull_policy=env("SYNCPLANE_WORKER_IMAGE_PULL_POLICY", WorkerImage.pull_policy),
@@ -108,14 +109,21 @@ def worker_leases(namespace: str | None, labels: Any, body: kopf.Body, **_: Any)
 async def workflow(body: kopf.Body, patch: kopf.Patch, logger: Any, memo: Any, namespace: str | None,
                    name: str, **kwargs: Any) -> None:
     key = (namespace, name)
-    indexes = [kwargs[i] for i in ("worker_deployments", "worker_pods", "worker_leases")]
-    deployments, pods, leases = (ix.get(key, []) for ix in indexes)
-    await reconcile(body, patch, logger, memo.api, memo.image, deployments, pods, leases, policy=memo.policy)
+    # One reconcile of a Workflow at a time. kopf runs its timer beside the change handlers, each with
+    # the live body as it was when that call began: without this, a timer that read the body before a
+    # Start but the indexes after the Start's handler created the Deployment decided STOPPED -> STOPPING
+    # and scaled the new workers to 0. Under the lock, whatever created the children the indexes show
+    # ran before this call read the body, and kopf updates the live body before any handler of an event.
+    async with memo.locks.setdefault(key, asyncio.Lock()):
+        indexes = [kwargs[i] for i in ("worker_deployments", "worker_pods", "worker_leases")]
+        deployments, pods, leases = (ix.get(key, []) for ix in indexes)
+        await reconcile(body, patch, logger, memo.api, memo.image, deployments, pods, leases, policy=memo.policy)
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL)
 async def delete_workflow(body: kopf.Body, memo: Any, namespace: str | None, name: str, **kwargs: Any) -> None:
     key = (namespace, name)
+    memo.locks.pop(key, None)
     pods = kwargs["worker_pods"]   # kopf's index: live, it follows the pods as they go
     await drain_for_delete(memo.api, body, kwargs["worker_deployments"].get(key, []),
                            lambda: len(list(pods.get(key, []))))
