@@ -132,3 +132,31 @@ def test_the_api_server_fills_in_the_defaults(k8s_cluster, workflow_crd, namespa
                                               "-o", "yaml").stdout)["spec"]
     assert (spec["workers"], spec["batchSize"], spec["desiredState"]) == (1, 100, "STOPPED")
     assert spec["pollInterval"] == "10s"  # given: kept
+
+
+# issue 17: `kubectl explain` shows the proto's comments, read from the API server's published OpenAPI.
+EXPLAINED = [
+    ("workflow.spec.batchSize", "syncplane.v1.WorkflowSpec.batch_size"),
+    ("workflow.spec.source.kind", "syncplane.v1.Connection.kind"),
+    ("workflow.spec.ingress.entities.fields.source", "syncplane.v1.FieldMapping.source"),
+    ("workflow.status.backlog", "syncplane.v1.WorkflowStatus.backlog"),
+    ("workflow.status.drift.changedFields", "syncplane.v1.Drift.changed_fields"),
+    ("workflow.status.counters.deadLettered", "syncplane.v1.Counters.dead_lettered"),
+]
+
+
+@pytest.mark.parametrize(("path", "element"), EXPLAINED, ids=[p for p, _ in EXPLAINED])
+async def test_kubectl_explain_prints_the_proto_comment(k8s_cluster, workflow_crd, path, element):
+    from syncplane.api.v1.comments import COMMENTS
+    from tests.backends import eventually
+
+    want = " ".join(COMMENTS[element].split())
+    seen: list[str] = []
+
+    async def explained() -> bool:
+        # The API server publishes a new CRD's OpenAPI a few seconds after it is established.
+        res = k8s_cluster.kubectl("explain", path, check=False)
+        seen[:] = [res.stdout + res.stderr]
+        return want in " ".join(res.stdout.split())
+
+    await eventually(explained, lambda: f"{want!r} in `kubectl explain {path}`: {seen}", timeout=60, interval=1)

@@ -13,6 +13,7 @@ from typing import Any
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
 from syncplane.api.v1 import workflow_pb2 as pb
+from syncplane.api.v1.comments import COMMENTS
 from syncplane.model.convert import enum_prefix
 from syncplane.validation import rules
 
@@ -134,7 +135,27 @@ CEL: dict[str, list[dict[str, str]]] = {
 }
 
 
+def description(field: FieldDescriptor) -> str:
+    """What `kubectl explain` prints for a field: its proto comment, else its message's or enum's;
+    for an enum, each value's comment after its short name."""
+    kind = field.message_type or field.enum_type
+    text = COMMENTS.get(field.full_name) or (COMMENTS.get(kind.full_name, "") if kind is not None else "")
+    if field.enum_type is not None:
+        prefix = enum_prefix(field.enum_type)
+        values = [f"{v.name[len(prefix):]}: {COMMENTS[f'{field.enum_type.full_name}.{v.name}']}"
+                  for v in field.enum_type.values if f"{field.enum_type.full_name}.{v.name}" in COMMENTS]
+        text = " ".join([text, *values]).strip()
+    return text
+
+
 def _field_schema(owner: Descriptor, field: FieldDescriptor) -> dict[str, Any]:
+    schema = _field_schema_of(owner, field)
+    if text := description(field):
+        schema = {"description": text, **schema}
+    return schema
+
+
+def _field_schema_of(owner: Descriptor, field: FieldDescriptor) -> dict[str, Any]:
     if field.message_type is not None and field.message_type.GetOptions().map_entry:
         value = field.message_type.fields_by_name["value"]
         return {"type": "object", "additionalProperties": _single(owner, value)}

@@ -268,7 +268,9 @@ class WorkflowSpec(_message.Message):
     WORKERS_FIELD_NUMBER: _builtins.int
     RESTART_NONCE_FIELD_NUMBER: _builtins.int
     type: Global___WorkflowType.ValueType
+    """What the workflow syncs."""
     desired_state: Global___DesiredState.ValueType
+    """Start (RUNNING) or stop (STOPPED) the workflow; STOPPED when not given."""
     batch_size: _builtins.int
     """Records per destination write; 1..1000 (the Dataverse $batch limit)."""
     workers: _builtins.int
@@ -276,9 +278,13 @@ class WorkflowSpec(_message.Message):
     restart_nonce: _builtins.int
     """Bumping it asks for a restart (stop, then start with the latest spec)."""
     @_builtins.property
-    def source(self) -> Global___Connection: ...
+    def source(self) -> Global___Connection:
+        """The API the workers read from."""
+
     @_builtins.property
-    def destination(self) -> Global___Connection: ...
+    def destination(self) -> Global___Connection:
+        """The API the workers write to."""
+
     @_builtins.property
     def ingress(self) -> Global___IngressSpec:
         """Exactly the section matching `type` is set."""
@@ -316,6 +322,8 @@ Global___WorkflowSpec: _TypeAlias = WorkflowSpec  # noqa: Y015
 
 @_typing.final
 class Connection(_message.Message):
+    """One vendor API: which one, where, and the credentials to use."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     KIND_FIELD_NUMBER: _builtins.int
@@ -323,6 +331,7 @@ class Connection(_message.Message):
     CREDENTIALS_FIELD_NUMBER: _builtins.int
     ALLOW_CLEARTEXT_FIELD_NUMBER: _builtins.int
     kind: Global___ConnectorKind.ValueType
+    """The vendor API: DYNAMICS365 (the Dataverse Web API) or CAMPAIGN_STANDARD."""
     endpoint: _builtins.str
     """Base URL of the API, e.g. https://org.api.crm.dynamics.com/api/data/v9.2/."""
     allow_cleartext: _builtins.bool
@@ -447,14 +456,21 @@ class EntityMapping(_message.Message):
     destination_key: _builtins.str
     """Destination unique CRM-id field, e.g. `externalId`."""
     apply_deletes: _builtins.bool
+    """Delete the destination record when its source record is deleted."""
     technical_picklist_values: _builtins.bool
     """Send technical picklist values instead of display labels."""
     @_builtins.property
-    def fields(self) -> _containers.RepeatedCompositeFieldContainer[Global___FieldMapping]: ...
+    def fields(self) -> _containers.RepeatedCompositeFieldContainer[Global___FieldMapping]:
+        """Source column -> destination field, one mapping per destination field."""
+
     @_builtins.property
-    def replacements(self) -> _containers.RepeatedCompositeFieldContainer[Global___ValueReplacement]: ...
+    def replacements(self) -> _containers.RepeatedCompositeFieldContainer[Global___ValueReplacement]:
+        """Values rewritten before they are written (e.g. a choice's label)."""
+
     @_builtins.property
-    def filter(self) -> Global___Filter: ...
+    def filter(self) -> Global___Filter:
+        """Which source records are synced; all when unset."""
+
     def __init__(
         self,
         *,
@@ -478,13 +494,17 @@ Global___EntityMapping: _TypeAlias = EntityMapping  # noqa: Y015
 
 @_typing.final
 class FieldMapping(_message.Message):
+    """One source column written to one destination field."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     SOURCE_FIELD_NUMBER: _builtins.int
     DESTINATION_FIELD_NUMBER: _builtins.int
     APPLY_UPDATES_FIELD_NUMBER: _builtins.int
     source: _builtins.str
+    """Dynamics 365 column (attribute logical name), e.g. `emailaddress1`."""
     destination: _builtins.str
+    """Campaign field, e.g. `email`."""
     apply_updates: _builtins.bool
     """Off: written only on the initial load or a replay. Unset means on."""
     def __init__(
@@ -506,14 +526,19 @@ Global___FieldMapping: _TypeAlias = FieldMapping  # noqa: Y015
 
 @_typing.final
 class ValueReplacement(_message.Message):
+    """A value of one source column replaced before it is written."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     FIELD_FIELD_NUMBER: _builtins.int
     VALUE_FIELD_NUMBER: _builtins.int
     REPLACEMENT_FIELD_NUMBER: _builtins.int
     field: _builtins.str
+    """The source column whose value is replaced."""
     value: _builtins.str
+    """The value to replace (compared as text)."""
     replacement: _builtins.str
+    """What is written instead."""
     def __init__(
         self,
         *,
@@ -531,16 +556,21 @@ Global___ValueReplacement: _TypeAlias = ValueReplacement  # noqa: Y015
 
 @_typing.final
 class Filter(_message.Message):
+    """Which source records a mapping syncs."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     COMBINATOR_FIELD_NUMBER: _builtins.int
     CONDITIONS_FIELD_NUMBER: _builtins.int
     DELETE_EXCLUDED_FIELD_NUMBER: _builtins.int
     combinator: Global___FilterCombinator.ValueType
+    """How the conditions combine: AND (all hold) or OR (any holds)."""
     delete_excluded: _builtins.bool
     """Delete destination records that the filter now excludes."""
     @_builtins.property
-    def conditions(self) -> _containers.RepeatedCompositeFieldContainer[Global___FilterCondition]: ...
+    def conditions(self) -> _containers.RepeatedCompositeFieldContainer[Global___FilterCondition]:
+        """The conditions on source columns."""
+
     def __init__(
         self,
         *,
@@ -558,14 +588,19 @@ Global___Filter: _TypeAlias = Filter  # noqa: Y015
 
 @_typing.final
 class FilterCondition(_message.Message):
+    """One test of a source column's value."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     FIELD_FIELD_NUMBER: _builtins.int
     OPERATOR_FIELD_NUMBER: _builtins.int
     VALUE_FIELD_NUMBER: _builtins.int
     field: _builtins.str
+    """The source column tested."""
     operator: Global___FilterOperator.ValueType
+    """The comparison."""
     value: _builtins.str
+    """The value compared with (unused by IS_NULL and IS_NOT_NULL)."""
     def __init__(
         self,
         *,
@@ -592,8 +627,11 @@ class EgressSpec(_message.Message):
     CLICK_FIELD_NUMBER: _builtins.int
     BOUNCE_FIELD_NUMBER: _builtins.int
     send: _builtins.bool
+    """Email sent."""
     open: _builtins.bool
+    """Email opened."""
     click: _builtins.bool
+    """Link clicked."""
     bounce: _builtins.bool
     """Hard bounces only."""
     def __init__(
@@ -614,11 +652,16 @@ Global___EgressSpec: _TypeAlias = EgressSpec  # noqa: Y015
 
 @_typing.final
 class OptInOutSpec(_message.Message):
+    """Opt-out (block-list) state kept equal on both sides, in the given direction."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     DIRECTION_FIELD_NUMBER: _builtins.int
     FIELD_PAIRS_FIELD_NUMBER: _builtins.int
     direction: Global___OptInOutDirection.ValueType
+    """Which way changes flow: DISABLED, CRM_TO_MARKETING, MARKETING_TO_CRM or
+    BIDIRECTIONAL (the latest change wins).
+    """
     @_builtins.property
     def field_pairs(self) -> _containers.RepeatedCompositeFieldContainer[Global___OptOutFieldPair]:
         """Campaign `blackList*`/`ccpaOptOut` against Dynamics `donot*` booleans."""
@@ -639,12 +682,16 @@ Global___OptInOutSpec: _TypeAlias = OptInOutSpec  # noqa: Y015
 
 @_typing.final
 class OptOutFieldPair(_message.Message):
+    """A Campaign opt-out field and the Dynamics 365 boolean kept equal to it."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     CAMPAIGN_FIELD_FIELD_NUMBER: _builtins.int
     CRM_FIELD_FIELD_NUMBER: _builtins.int
     campaign_field: _builtins.str
+    """Campaign profile field, e.g. `blackListEmail`."""
     crm_field: _builtins.str
+    """Dynamics 365 contact column, e.g. `donotbulkemail`."""
     def __init__(
         self,
         *,
@@ -661,6 +708,8 @@ Global___OptOutFieldPair: _TypeAlias = OptOutFieldPair  # noqa: Y015
 
 @_typing.final
 class WorkflowStatus(_message.Message):
+    """What is true, written by the control plane (the operator on Kubernetes)."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     PHASE_FIELD_NUMBER: _builtins.int
@@ -682,6 +731,7 @@ class WorkflowStatus(_message.Message):
     DEGRADATION_FIELD_NUMBER: _builtins.int
     AUTO_RESTART_FIELD_NUMBER: _builtins.int
     phase: Global___Phase.ValueType
+    """STOPPED, STARTING, RUNNING, STOPPING or ERROR (see last_error)."""
     backlog: _builtins.int
     """Records read from the source and not yet written to the destination."""
     observed_generation: _builtins.int
@@ -689,7 +739,9 @@ class WorkflowStatus(_message.Message):
     applied_generation: _builtins.int
     """The generation the workers run."""
     ready_workers: _builtins.int
+    """Workers running and reporting ready at the applied generation."""
     desired_workers: _builtins.int
+    """Workers that should run: `spec.workers` while started, 0 when stopped."""
     applied_restart_nonce: _builtins.int
     """The restart nonce the current workers were started with."""
     applied_spec_hash: _builtins.str
@@ -707,7 +759,9 @@ class WorkflowStatus(_message.Message):
     @_builtins.property
     def counters(self) -> Global___Counters: ...
     @_builtins.property
-    def last_error(self) -> Global___WorkflowError: ...
+    def last_error(self) -> Global___WorkflowError:
+        """Why the workflow is in ERROR, or the last error it had."""
+
     @_builtins.property
     def drift(self) -> Global___Drift: ...
     @_builtins.property
@@ -868,7 +922,9 @@ class AutoRestart(_message.Message):
     started by a user.
     """
     @_builtins.property
-    def last_restart_time(self) -> _timestamp_pb2.Timestamp: ...
+    def last_restart_time(self) -> _timestamp_pb2.Timestamp:
+        """When the last automatic restart was made."""
+
     @_builtins.property
     def next_restart_time(self) -> _timestamp_pb2.Timestamp:
         """When the next automatic restart is due (while in ERROR)."""
@@ -890,12 +946,16 @@ Global___AutoRestart: _TypeAlias = AutoRestart  # noqa: Y015
 
 @_typing.final
 class TableRows(_message.Message):
+    """The row count of one source table."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     SOURCE_TABLE_FIELD_NUMBER: _builtins.int
     ROWS_FIELD_NUMBER: _builtins.int
     source_table: _builtins.str
+    """The Dynamics 365 table."""
     rows: _builtins.int
+    """Rows in it at the workers' last full read."""
     def __init__(
         self,
         *,
@@ -976,6 +1036,8 @@ Global___Counters: _TypeAlias = Counters  # noqa: Y015
 
 @_typing.final
 class WorkflowError(_message.Message):
+    """A failure: its reason, message and time."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     REASON_FIELD_NUMBER: _builtins.int
@@ -984,8 +1046,11 @@ class WorkflowError(_message.Message):
     reason: _builtins.str
     """Machine-readable, UPPER_SNAKE, e.g. CRASH_LOOP, SCHEMA_CHANGED."""
     message: _builtins.str
+    """What happened, for people."""
     @_builtins.property
-    def time(self) -> _timestamp_pb2.Timestamp: ...
+    def time(self) -> _timestamp_pb2.Timestamp:
+        """When it happened (for a degradation: when it began)."""
+
     def __init__(
         self,
         *,
@@ -1010,9 +1075,12 @@ class Drift(_message.Message):
     DETECTED_FIELD_NUMBER: _builtins.int
     CHANGED_FIELDS_FIELD_NUMBER: _builtins.int
     detected: _builtins.bool
+    """Edits wait for a restart."""
     @_builtins.property
     def changed_fields(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Paths of the changed spec fields, e.g. `spec.batch_size`."""
+        """Paths of the changed spec fields: `spec.batch_size` over gRPC, in the
+        resource's own spelling (`spec.batchSize`) on a Kubernetes Workflow.
+        """
 
     def __init__(
         self,
@@ -1040,12 +1108,17 @@ class Condition(_message.Message):
     MESSAGE_FIELD_NUMBER: _builtins.int
     LAST_TRANSITION_TIME_FIELD_NUMBER: _builtins.int
     type: _builtins.str
+    """Ready, SpecDrift or Degraded."""
     status: _builtins.str
     """"True", "False" or "Unknown"."""
     reason: _builtins.str
+    """Machine-readable: why the condition has its status."""
     message: _builtins.str
+    """The details, for people."""
     @_builtins.property
-    def last_transition_time(self) -> _timestamp_pb2.Timestamp: ...
+    def last_transition_time(self) -> _timestamp_pb2.Timestamp:
+        """When the status last changed."""
+
     def __init__(
         self,
         *,
