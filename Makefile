@@ -98,7 +98,7 @@ test-image: venv image
 test-security: venv
 	$(PYTEST) tests/security
 
-test-k8s: venv k8s-binaries image
+test-k8s: setup k8s-binaries image
 	$(PYTEST) tests/k8s
 
 # The Helm chart: helm lint --strict on every ci/ scenario, security and RBAC checks over helm template

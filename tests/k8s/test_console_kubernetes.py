@@ -1,0 +1,67 @@
+"""Scenario 5: the Workflows page against the Kubernetes backend. `syncplane server --backend
+kubernetes` (in-process, with its console on a loopback port) over the test cluster's Workflow
+resources, the operator reconciling them, the fake kubelet running the worker pod against the
+sandbox; in Chromium, Start moves the row to STARTING then RUNNING with no reload, and the
+backlog rises and falls."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from playwright.async_api import Page, expect
+
+from syncplane.console import ConsoleConfig
+from syncplane.runtime.kubernetes import KubernetesServerConfig, serve_kubernetes
+from syncplane.sandbox import SeedSpec, start_sandbox
+from tests.e2e.conftest import browser, page, screenshot  # noqa: F401 (fixtures)
+from tests.e2e.test_workflows_page import OBSERVE
+from tests.integration.conftest import wait_until
+from tests.k8s.kubelet import FakeKubelet
+from tests.k8s.test_worker_data import apply_workflow, create_secrets
+
+pytestmark = pytest.mark.k8s
+CONTACTS = 2000
+
+
+@pytest.mark.timeout(900)
+async def test_the_workflows_page_on_kubernetes(k8s_cluster, namespace, operator, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch, page: Page) -> None:  # noqa: F811
+    monkeypatch.setenv("KUBECONFIG", str(k8s_cluster.kubeconfig))
+    sb = await start_sandbox(seed=SeedSpec(contacts=CONTACTS, seed=5))
+    sb.faults.set(latency_ms=10.0)
+    stop = asyncio.Event()
+    port_file = tmp_path / "console.port"
+    server = asyncio.create_task(serve_kubernetes(KubernetesServerConfig(
+        namespace=namespace, address="127.0.0.1:0", console=ConsoleConfig("127.0.0.1:0"),
+        console_port_file=port_file), stop))
+    try:
+        await create_secrets(k8s_cluster, namespace, sb)
+        name = await apply_workflow(k8s_cluster, namespace, sb, tmp_path, "10-contacts-ingress.yaml",
+                                    batchSize=100, workers=1)
+        await wait_until(lambda: port_file.exists() or server.done(), timeout=60, what="the console's port")
+        assert not server.done(), server
+        url = f"http://127.0.0.1:{int(port_file.read_text())}/"
+        async with FakeKubelet(namespace, Path(k8s_cluster.kubeconfig), tmp_path / "containers"):
+            await page.goto(url)
+            row = page.locator(f"#wf-{name}")
+            await expect(row.locator('[data-field="phase"]')).to_have_text("STOPPED")
+            await page.evaluate(OBSERVE, name)
+            await row.get_by_role("button", name=f"Start {name}").click()
+            await expect(row.locator('[data-field="phase"]')).to_have_text("RUNNING")
+
+            await wait_until(lambda: len(sb.acs.profiles.rows) >= CONTACTS, timeout=400, what="every contact")
+            await expect(row.locator('[data-field="backlog"]')).to_have_text("0")
+            seen = await page.evaluate("({phases: window.__phases, backlogs: window.__backlogs, "
+                                       "same: !!window.__notReloaded})")
+            assert seen["same"], "the page reloaded"
+            assert seen["phases"][:3] == ["STOPPED", "STARTING", "RUNNING"], seen["phases"]
+            assert max(seen["backlogs"]) > 0 and seen["backlogs"][-1] == 0, seen["backlogs"]
+            await screenshot(page, "5-kubernetes-start-running")
+            await row.get_by_role("button", name=f"Stop {name}").click()
+            await expect(row.locator('[data-field="phase"]')).to_have_text("STOPPED")
+    finally:
+        stop.set()
+        await asyncio.wait_for(server, 60)
+        await sb.stop()
