@@ -11,10 +11,11 @@ VENV_STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements.lock | 
 # test cluster's PKI; git and ca-certificates fetch Go modules for the cluster build; buildah builds and runs
 # the container image without a daemon, on a Debian base that debootstrap makes.
 APT_PACKAGES := openssl git ca-certificates buildah debootstrap
+BROWSER_PACKAGES := chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST := $(BIN)/pytest -p no:cacheprovider
 
-.PHONY: help setup apt venv lock k8s-binaries image run test test-unit test-integration test-security test-e2e \
+.PHONY: help setup apt browser venv lock k8s-binaries image run test test-unit test-integration test-security test-e2e \
         test-image test-k8s check-leftovers chart proto proto-check lint bench fuzz clean
 
 help:
@@ -28,13 +29,23 @@ help:
 	@echo "make lint    ruff, mypy, buf lint and the generated-code check"
 	@echo "make chart   helm lint --strict every ci/ scenario; security and RBAC checks of the rendered chart"
 
-apt:
-	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+# Installs the Debian packages named in $(1) that are missing (one apt-get for all of them).
+define apt_install
+	@missing=""; for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "apt-get install$$missing"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
 	    -o DPkg::Lock::Timeout=600 $$missing; \
 	fi
+endef
+
+apt:
+	$(call apt_install,$(APT_PACKAGES))
+
+# Debian's chromium, which Playwright drives through executable_path (its own browser download cannot
+# reach its host from here): the e2e tier and the k8s tier's console scenario need it.
+browser:
+	$(call apt_install,$(BROWSER_PACKAGES))
 
 # The runtime dependencies exactly as locked, every file checked against its hash (the image installs the
 # same lock), then the project itself and the development tools.
@@ -87,7 +98,7 @@ test-integration: venv
 	$(PYTEST) tests/integration
 
 # The web console in Debian's chromium (fails, never skips, without it); prints its screenshots' folder.
-test-e2e: setup
+test-e2e: setup browser
 	$(PYTEST) tests/e2e
 
 test-image: venv image
@@ -98,7 +109,7 @@ test-image: venv image
 test-security: venv
 	$(PYTEST) tests/security
 
-test-k8s: setup k8s-binaries image
+test-k8s: venv browser k8s-binaries image
 	$(PYTEST) tests/k8s
 
 # The Helm chart: helm lint --strict on every ci/ scenario, security and RBAC checks over helm template
