@@ -89,6 +89,12 @@ VERBS: dict[str, list[Verb]] = {
                 "the applied-spec snapshot, read back after a restart"),
         *_verbs("", "configmaps", "create", RECONCILER, r"create_namespaced_config_map", "the snapshot on start"),
         *_verbs("", "events", "create", RECONCILER, r"kopf\.(info|warn)\(", "Events on transitions"),
+        *_verbs("", "serviceaccounts", "create", RECONCILER, r"create_namespaced_service_account",
+                "each Workflow's own worker ServiceAccount"),
+        *_verbs("rbac.authorization.k8s.io", "rolebindings", "create", RECONCILER,
+                r"create_namespaced_role_binding", "that account bound to the workers' Role"),
+        *_verbs("rbac.authorization.k8s.io", "roles", "bind", "operator/syncplane_operator/builders.py",
+                r'"roleRef"', "binding the workers' Role (by name) without holding its verbs"),
     ],
     "operator-leader-election": [
         *_verbs("coordination.k8s.io", "leases", "get", LEADER, r"read_namespaced_lease", "who leads"),

@@ -15,7 +15,8 @@ from syncplane_operator import labels as L
 class WorkerImage:
     image: str = "ghcr.io/syncplane/syncplane:0.1.0"
     pull_policy: str = "IfNotPresent"
-    service_account: str = "syncplane-worker"
+    # The Role (in each workflow's namespace) every workflow's own ServiceAccount is bound to.
+    worker_role: str = "syncplane-worker"
     cpu_request: str = "100m"
     memory_request: str = "128Mi"
     cpu_limit: str = "1"
@@ -45,6 +46,22 @@ def build_checkpoint_configmap(workflow: str, namespace: str) -> dict[str, Any]:
                      "labels": checkpoint_labels(workflow)},
         "data": {},
     }
+
+
+def build_worker_identity(workflow: str, namespace: str, role: str) -> list[dict[str, Any]]:
+    """The workflow's own worker identity: the ServiceAccount `syncplane-worker-<workflow>` and a
+    RoleBinding of it to ``role`` (the chart's worker Role: Lease and ConfigMap verbs, no Secrets).
+    RBAC cannot name the objects a worker makes at run time (Leases per pod, a ConfigMap per dead
+    letter); the chart's ValidatingAdmissionPolicy narrows this identity's writes to its own
+    workflow's objects. The caller makes the Workflow their owner, so they go with it."""
+    account = L.worker_service_account_name(workflow)
+    meta = {"name": account, "namespace": namespace, "labels": L.worker_labels(workflow)}
+    return [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": dict(meta)},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": dict(meta),
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role},
+         "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": namespace}]},
+    ]
 
 
 def secret_volume_name(index: int) -> str:
@@ -97,7 +114,7 @@ def build_worker_deployment(workflow: str, namespace: str, spec_hash: str, gener
                              "annotations": {L.SPEC_HASH_ANNOTATION: spec_hash,
                                              L.GENERATION_ANNOTATION: str(generation)}},
                 "spec": {
-                    "serviceAccountName": image.service_account,
+                    "serviceAccountName": L.worker_service_account_name(workflow),
                     "automountServiceAccountToken": True,
                     "terminationGracePeriodSeconds": 60,
                     "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001,

@@ -54,14 +54,15 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     from kubernetes_asyncio import client
 
     api_client = await kube_api_client()
-    memo.api = Clients(core=client.CoreV1Api(api_client), apps=client.AppsV1Api(api_client))
+    memo.api = Clients(core=client.CoreV1Api(api_client), apps=client.AppsV1Api(api_client),
+                       rbac=client.RbacAuthorizationV1Api(api_client))
     memo.api_client = api_client
     memo.policy = policy_from_environment()
     memo.locks = {}
     env = os.environ.get
     memo.image = WorkerImage(image=env("SYNCPLANE_WORKER_IMAGE", WorkerImage.image),
                              pull_policy=env("SYNCPLANE_WORKER_IMAGE_PULL_POLICY", WorkerImage.pull_policy),
-                             service_account=env("SYNCPLANE_WORKER_SERVICE_ACCOUNT", WorkerImage.service_account))
+                             worker_role=env("SYNCPLANE_WORKER_ROLE", WorkerImage.worker_role))
     # With replicas, only the Lease holder gets past startup (kopf starts no watch before then).
     memo.leader = LeaderElection.from_environment(api_client)
     if memo.leader is not None:

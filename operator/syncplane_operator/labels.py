@@ -22,5 +22,16 @@ def worker_deployment_name(workflow: str) -> str:
     return f"{workflow}-worker"
 
 
+# Each Workflow's workers run as a ServiceAccount of their own, `syncplane-worker-<workflow>`, which the
+# operator creates and binds to the chart's worker Role. The fixed prefix is what the chart's
+# ValidatingAdmissionPolicy reads the workflow from (templates/validatingadmissionpolicy.yaml): such an
+# account may write only Leases and ConfigMaps labelled with, and named after, its own workflow.
+WORKER_ACCOUNT_PREFIX = "syncplane-worker-"
+
+
+def worker_service_account_name(workflow: str) -> str:
+    return f"{WORKER_ACCOUNT_PREFIX}{workflow}"
+
+
 def worker_labels(workflow: str) -> dict[str, str]:
     return {**MANAGED_BY, **COMPONENT_WORKER, WORKFLOW_LABEL: workflow}

@@ -30,6 +30,7 @@ from syncplane_operator.builders import (
     build_checkpoint_configmap,
     build_spec_configmap,
     build_worker_deployment,
+    build_worker_identity,
 )
 from syncplane_operator.observe import observe
 
@@ -43,6 +44,7 @@ DRAIN_POLL = 0.5
 class Clients:
     core: Any
     apps: Any
+    rbac: Any = None
     # Snapshot ConfigMaps are immutable: cache them by name.
     snapshots: dict[str, pb.WorkflowSpec] = field(default_factory=dict)
 
@@ -135,6 +137,17 @@ async def ensure_checkpoints(api: Clients, owner: kopf.Body) -> None:
     await _create(api.core.create_namespaced_config_map, namespace, cm)
 
 
+async def ensure_worker_identity(api: Clients, owner: kopf.Body, role: str) -> None:
+    """Before a worker Deployment is created or replaced: the workflow's own ServiceAccount and its
+    RoleBinding to ``role``, owned by the Workflow. Create-if-missing (409 keeps what is there)."""
+    namespace = str(owner.metadata.namespace)
+    account, binding = build_worker_identity(str(owner.metadata.name), namespace, role)
+    for body, create in ((account, api.core.create_namespaced_service_account),
+                         (binding, api.rbac.create_namespaced_role_binding)):
+        kopf.adopt(body, owner=owner)
+        await _create(create, namespace, body)
+
+
 async def converge(api: Clients, owner: kopf.Body, deployment: Mapping[str, Any] | None, target: int,
                    status: pb.WorkflowStatus, image: WorkerImage, secrets: Sequence[str] = ()) -> None:
     """Create, scale or replace the worker Deployment; ``secrets`` (the applied spec's references)
@@ -149,11 +162,17 @@ async def converge(api: Clients, owner: kopf.Body, deployment: Mapping[str, Any]
                                    target, image, uid=str(owner.metadata.uid or ""), secrets=secrets)
     kopf.adopt(want, owner=owner)
     if deployment is None:
+        await ensure_worker_identity(api, owner, image.worker_role)
         await _create(api.apps.create_namespaced_deployment, str(namespace), want)
         return
     current_hash = ((deployment.get("metadata") or {}).get("annotations") or {}).get(L.SPEC_HASH_ANNOTATION)
     current_replicas = (deployment.get("spec") or {}).get("replicas")
-    if current_hash != status.applied_spec_hash or current_replicas != target:
+    # a Deployment from before per-workflow identities runs under another account: replaced too
+    current_account = (((deployment.get("spec") or {}).get("template") or {}).get("spec") or {}).get(
+        "serviceAccountName")
+    if (current_hash != status.applied_spec_hash or current_replicas != target
+            or current_account != L.worker_service_account_name(str(name))):
+        await ensure_worker_identity(api, owner, image.worker_role)
         await api.apps.replace_namespaced_deployment(L.worker_deployment_name(str(name)), namespace, want)
 
 

@@ -40,6 +40,7 @@ from syncplane.client import channel as client_channel
 from syncplane.model.convert import from_resource
 from syncplane.sandbox import Sandbox, SeedSpec, start_sandbox
 from syncplane.worker.kube_checkpoints import checkpoint_configmap_name
+from syncplane_operator.labels import worker_service_account_name
 from tests.factories import literals
 from tests.k8s.test_operator import AVAILABLE, LocalWorker, get, wait
 
@@ -136,10 +137,12 @@ def test_install_and_uninstall(k8s_cluster, namespace, tmp_path, scenario):
 
 
 def token_kubeconfig(cluster: Any, namespace: str, account: str, path: Path,
-                     proxy: RecordingProxy | None = None) -> Path:
+                     proxy: RecordingProxy | None = None, pod: str = "") -> Path:
     """A kubeconfig that logs in as the ServiceAccount (a bound token from the TokenRequest API),
-    optionally through a recording proxy."""
-    token = cluster.kubectl("create", "token", account, "-n", namespace, "--duration=2h").stdout.strip()
+    optionally through a recording proxy; with ``pod``, bound to that Pod as the kubelet's tokens are
+    (the API server then names the pod in the caller's user info)."""
+    bound = ["--bound-object-kind=Pod", f"--bound-object-name={pod}"] if pod else []
+    token = cluster.kubectl("create", "token", account, "-n", namespace, "--duration=2h", *bound).stdout.strip()
     admin = json.loads(cluster.kubeconfig.read_text())
     clusters = admin["clusters"]
     if proxy is not None:
@@ -363,9 +366,6 @@ def test_lifecycle_under_the_charts_rbac(k8s_cluster, workflow_crd, namespace, c
     server = Process([*server_args, "--listen=127.0.0.1:0", f"--port-file={port_file}"],
                      local_env(server_kubeconfig, pod_env(server_container, "server-0", namespace)),
                      tmp_path / "server.log")
-    worker_kubeconfig = token_kubeconfig(k8s_cluster, namespace, f"{release}-syncplane-worker",
-                                         tmp_path / "worker.kubeconfig", proxies["worker"])
-    as_worker = SimpleNamespace(kubectl=k8s_cluster.kubectl, kubeconfig=worker_kubeconfig)
     workers: list[LocalWorker] = []
     channel = None
     try:
@@ -397,7 +397,7 @@ def test_lifecycle_under_the_charts_rbac(k8s_cluster, workflow_crd, namespace, c
         events = iter(watch)
         assert next(events).workflow.name == f"workflows/{workflow_id}"   # the initial listing
 
-        # start: the operator creates the worker Deployment under the worker ServiceAccount
+        # start: the operator creates the worker Deployment under the workflow's own ServiceAccount
         stub.StartWorkflow(svc.StartWorkflowRequest(name=f"workflows/{workflow_id}"))
         # then the live watch (status updates by the operator may come first)
         assert any(e.workflow.spec.desired_state == pb.DESIRED_STATE_RUNNING for e in events)
@@ -407,7 +407,11 @@ def test_lifecycle_under_the_charts_rbac(k8s_cluster, workflow_crd, namespace, c
             "get", "deployment", f"{workflow_id}-worker", "-n", namespace, check=False).returncode == 0)
         wait(k8s_cluster, namespace, f"deployment/{workflow_id}-worker", AVAILABLE)
         pod_spec = get(k8s_cluster, namespace, "deployment", f"{workflow_id}-worker")["spec"]["template"]["spec"]
-        assert pod_spec["serviceAccountName"] == f"{release}-syncplane-worker"
+        # the workflow's own ServiceAccount, created by the operator and bound to the chart's worker Role
+        assert pod_spec["serviceAccountName"] == worker_service_account_name(workflow_id)
+        worker_kubeconfig = token_kubeconfig(k8s_cluster, namespace, worker_service_account_name(workflow_id),
+                                             tmp_path / "worker.kubeconfig", proxies["worker"])
+        as_worker = SimpleNamespace(kubectl=k8s_cluster.kubectl, kubeconfig=worker_kubeconfig)
         assert pod_spec["containers"][0]["image"] == container_of(
             k8s_cluster, namespace, f"{release}-syncplane-operator")["image"]
         workers.append(LocalWorker(as_worker, namespace, workflow_id, tmp_path))
@@ -505,7 +509,11 @@ def test_lifecycle_under_the_charts_rbac(k8s_cluster, workflow_crd, namespace, c
     rendered = check.render(check.helm_binary(), "-f", str(CHART / "ci" / "namespaced-values.yaml"),
                             release=release, namespace=namespace)
     grants = check.granted(rendered, fullname=f"{release}-syncplane")
-    used = {"operator": proxies["operator"].calls, "operator-leader-election": proxies["operator"].calls,
+    # `bind` is no request of its own: the API server checks it on each RoleBinding the operator creates
+    binds = {("rbac.authorization.k8s.io", "roles", "bind")
+             if call == ("rbac.authorization.k8s.io", "rolebindings", "create") else call
+             for call in proxies["operator"].calls}
+    used = {"operator": proxies["operator"].calls | binds, "operator-leader-election": proxies["operator"].calls,
             "server": proxies["server"].calls, "worker": proxies["worker"].calls}
     unused = {role: sorted(rules - used[role]) for role, rules in grants.items()}
     assert unused == {role: [] for role in grants}, f"granted but never used: {unused}"

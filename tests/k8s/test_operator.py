@@ -92,8 +92,6 @@ class LocalWorker:
 
 def create_workflow(cluster: Any, namespace: str, tmp: Path, secrets: bool = True) -> tuple[str, str]:
     """The default ingress workflow, stopped; with the Secrets it references unless told otherwise."""
-    # What the Helm chart creates for the workers in each watched namespace.
-    cluster.kubectl("create", "serviceaccount", "syncplane-worker", "-n", namespace)
     if secrets:
         for secret in ("d365-sandbox", "acs-sandbox"):
             # nothing listens at its token URL: the connectors retry, the worker stays up

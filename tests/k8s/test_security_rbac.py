@@ -3,19 +3,33 @@
 
 The workers read no Secret at all — not the API server's TLS key, not an unreferenced Secret, not
 even the ones their workflow references: the operator mounts those into the worker pod (the kubelet
-reads them). What RBAC cannot narrow is left as it is and shown as such: a worker's heartbeat Lease
-and its dead-letter and held-record ConfigMaps have names made at run time (pod name, record hash),
-so its Lease and ConfigMap verbs are namespace-wide (see README, "Security model")."""
+reads them). Each Workflow's workers have an identity of their own (`syncplane-worker-<workflow>`, made
+by the operator): RBAC gives it Lease and ConfigMap verbs in the namespace, since a worker's heartbeat
+Lease and its dead-letter and held-record ConfigMaps have names made at run time (pod name, record
+hash), and the chart's ValidatingAdmissionPolicy narrows its writes to its own workflow's objects.
+`kubectl auth can-i` asks RBAC only, so the second table makes the requests themselves (server-side
+dry runs, with a real pod-bound worker token): each kind x (own, other workflow) x verb."""
 
 from __future__ import annotations
 
+import json
+import ssl
+import urllib.error
+import urllib.request
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.k8s.test_chart import chart_release  # noqa: F401  (the fixture: the chart installed)
+from syncplane.worker.kube_checkpoints import checkpoint_configmap_name, checkpoint_labels
+from syncplane.worker.kube_records import DEAD_LETTER, HELD, RECORD_LABEL, record_name
+from syncplane_operator.builders import build_worker_identity
+from syncplane_operator.labels import WORKFLOW_LABEL, worker_service_account_name
+from tests.k8s.test_chart import chart_release, token_kubeconfig  # noqa: F401  (the fixture: the chart installed)
 
 pytestmark = [pytest.mark.k8s, pytest.mark.security]
+
+OWN, OTHER = "alpha", "beta"   # the worker's own workflow, and another one in the same namespace
 
 # (identity, verb, resource, name or "" for the collection) -> allowed
 TABLE: list[tuple[str, str, str, str, bool]] = [
@@ -26,9 +40,9 @@ TABLE: list[tuple[str, str, str, str, bool]] = [
     ("worker", "list", "secrets", "", False),
     ("worker", "get", "leases", "{leader}", False),           # the operator's leader Lease
     ("worker", "update", "leases", "{leader}", False),
-    ("worker", "patch", "leases", "{leader}", True),          # heartbeat Leases are named by pod: not narrowable
-    ("worker", "get", "configmaps", "other-checkpoints", True),
-    ("worker", "patch", "configmaps", "other-checkpoints", True),
+    ("worker", "patch", "leases", "{leader}", True),          # RBAC's answer; the admission policy denies it
+    ("worker", "get", "configmaps", "other-checkpoints", True),   # reads are not narrowed (README)
+    ("worker", "patch", "configmaps", "other-checkpoints", True),  # RBAC's answer; the policy denies it
     ("worker", "get", "workflows.syncplane.io", "", False),
     ("worker", "create", "deployments.apps", "", False),
     ("worker", "create", "pods", "", False),
@@ -55,8 +69,22 @@ TABLE: list[tuple[str, str, str, str, bool]] = [
 ]
 
 
+def account_of(namespace: str, release: str, who: str) -> str:
+    name = worker_service_account_name(OWN) if who == "worker" else f"{release}-syncplane-{who}"
+    return f"system:serviceaccount:{namespace}:{name}"
+
+
+def make_worker_identity(cluster: Any, namespace: str, release: str, workflow: str) -> None:
+    """What the operator makes on a start, made here under the operator's own identity (so its grants
+    are tested too): the workflow's ServiceAccount and its RoleBinding to the chart's worker Role."""
+    role = f"{release}-syncplane-worker"
+    docs = build_worker_identity(workflow, namespace, role)
+    cluster.kubectl("create", "-n", namespace, f"--as={account_of(namespace, release, 'operator')}", "-f", "-",
+                    input="\n---\n".join(json.dumps(d) for d in docs))
+
+
 def can_i(cluster: Any, namespace: str, release: str, who: str, verb: str, resource: str, name: str) -> bool:
-    account = f"system:serviceaccount:{namespace}:{release}-syncplane-{who}"
+    account = account_of(namespace, release, who)
     ns = namespace
     if name.startswith("@"):
         ns, name = name[1:], ""
@@ -69,6 +97,7 @@ def can_i(cluster: Any, namespace: str, release: str, who: str, verb: str, resou
 
 
 def test_each_identity_reaches_only_what_the_table_says(k8s_cluster, namespace, chart_release):  # noqa: F811
+    make_worker_identity(k8s_cluster, namespace, chart_release, OWN)
     got = [(who, verb, resource, name, can_i(k8s_cluster, namespace, chart_release, who, verb, resource, name))
            for who, verb, resource, name, _ in TABLE]
     table = "\n".join(f"{who:9} {verb:7} {resource}/{name or '*'}: {'yes' if ok else 'no'}"
@@ -76,3 +105,122 @@ def test_each_identity_reaches_only_what_the_table_says(k8s_cluster, namespace, 
     print("kubectl auth can-i --as <identity>:\n" + table)
     wrong = [(g, want) for g, (*_, want) in zip(got, TABLE, strict=True) if g[4] != want]
     assert wrong == [], table
+
+
+# -- the workers' writes: RBAC plus the chart's admission policy, as real requests ----------------------------
+POD = {OWN: f"{OWN}-worker-5c4f8d7b9-abcde", OTHER: f"{OTHER}-worker-5c4f8d7b9-fghij"}
+KINDS = ("checkpoints", "dead letter", "held record", "heartbeat")
+
+
+def configmap(name: str, labels: dict[str, str]) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name, "labels": labels}, "data": {}}
+
+
+def lease(name: str, labels: dict[str, str]) -> dict[str, Any]:
+    return {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": {"name": name, "labels": labels},
+            "spec": {"holderIdentity": name, "leaseDurationSeconds": 15}}
+
+
+def object_of(kind: str, workflow: str, labelled: str = "") -> dict[str, Any]:
+    """A workflow's object of a kind, as the worker or operator makes it (``labelled``: another label)."""
+    labelled = labelled or workflow
+    record = {WORKFLOW_LABEL: labelled}
+    if kind == "checkpoints":
+        return configmap(checkpoint_configmap_name(workflow), checkpoint_labels(labelled))
+    if kind in ("dead letter", "held record"):
+        which = DEAD_LETTER if kind == "dead letter" else HELD
+        return configmap(record_name(workflow, which, "contacts", "k1"), {**record, RECORD_LABEL: which})
+    return lease(POD[workflow], record)
+
+
+def merge_patch(cluster: Any, kubeconfig: Path, namespace: str, obj: dict[str, Any], body: dict[str, Any]) -> bool:
+    """A dry-run merge patch with the kubeconfig's token: True on 200, False on 403 (RBAC or admission)."""
+    token = json.loads(kubeconfig.read_text())["users"][0]["user"]["token"]
+    ca = json.loads(cluster.kubeconfig.read_text())["clusters"][0]["cluster"]["certificate-authority"]
+    group = "/apis/coordination.k8s.io/v1" if obj["kind"] == "Lease" else "/api/v1"
+    path = f"{group}/namespaces/{namespace}/{obj['kind'].lower()}s/{obj['metadata']['name']}?dryRun=All"
+    req = urllib.request.Request(cluster.server + path, data=json.dumps(body).encode(), method="PATCH", headers={
+        "Authorization": f"Bearer {token}", "Content-Type": "application/merge-patch+json"})
+    try:
+        with urllib.request.urlopen(req, context=ssl.create_default_context(cafile=ca), timeout=30) as resp:
+            return bool(resp.status == 200)
+    except urllib.error.HTTPError as exc:
+        assert exc.code == 403, exc.read()
+        return False
+
+
+def request(cluster: Any, kubeconfig: Path, namespace: str, verb: str, obj: dict[str, Any],
+            patch: dict[str, Any] | None = None) -> bool:
+    """One server-side dry run as the worker: True when the API server would do it, False when RBAC or
+    admission refuses it (any other failure fails the test)."""
+    where = ["-n", namespace, f"--kubeconfig={kubeconfig}", "--dry-run=server"]
+    target = ["lease" if obj["kind"] == "Lease" else "configmap", obj["metadata"]["name"]]
+    if verb == "create":
+        res = cluster.kubectl("create", *where, "-f", "-", input=json.dumps(obj), check=False)
+    elif verb == "patch":   # the API call itself: `kubectl patch` reads the object first (a verb of its own)
+        body = patch or {"metadata": {"annotations": {"syncplane.io/probe": "1"}}}
+        return merge_patch(cluster, kubeconfig, namespace, obj, body)
+    else:
+        res = cluster.kubectl("delete", *target, *where, check=False)
+    if res.returncode == 0:
+        return True
+    assert "denied request" in res.stderr or "forbidden" in res.stderr.lower(), res.stderr
+    return False
+
+
+def test_a_worker_writes_only_its_own_workflows_objects(k8s_cluster, namespace, chart_release, tmp_path):  # noqa: F811
+    """Issue 13 item 2, the kind: a worker pod can write only its own Workflow's Leases and ConfigMaps,
+    whatever their names. Each kind x (own, other workflow) x (create, patch, delete), and the ways
+    around it (a label or a name of the other workflow, the leader Lease, another pod's Lease of the
+    same workflow, the operator's spec snapshot, an unrelated ConfigMap), as the worker pod's own token."""
+    for workflow in (OWN, OTHER):
+        make_worker_identity(k8s_cluster, namespace, chart_release, workflow)
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": POD[OWN], "labels": {WORKFLOW_LABEL: OWN}},
+           "spec": {"serviceAccountName": worker_service_account_name(OWN),
+                    "containers": [{"name": "worker", "image": "syncplane"}]}}
+    k8s_cluster.kubectl("create", "-n", namespace, "-f", "-", input=json.dumps(pod))
+    worker = token_kubeconfig(k8s_cluster, namespace, worker_service_account_name(OWN), tmp_path / "worker",
+                              pod=POD[OWN])
+    leader = lease(f"{chart_release}-syncplane-operator-leader", {})
+    sibling = lease(f"{OWN}-worker-5c4f8d7b9-zzzzz", {WORKFLOW_LABEL: OWN})
+    # (what, verb, object, merge patch or None) -> allowed
+    creates = [(f"{kind} of {'its own' if wf == OWN else 'another'} workflow", "create", object_of(kind, wf), None,
+                wf == OWN) for kind in KINDS for wf in (OWN, OTHER)]
+    creates += [
+        ("its own dead letter's name, the other workflow's label", "create",
+         object_of("dead letter", OWN, labelled=OTHER), None, False),
+        ("the other workflow's checkpoints name, its own label", "create",
+         object_of("checkpoints", OTHER, labelled=OWN), None, False),
+        ("another pod's heartbeat of its own workflow", "create", sibling, None, False),
+        ("its workflow's spec snapshot (the operator's)", "create",
+         configmap(f"{OWN}-spec-0123456789", {WORKFLOW_LABEL: OWN}), None, False),
+        ("the operator's leader Lease", "create", leader, None, False),
+    ]
+    writes = [(f"{kind} of {'its own' if wf == OWN else 'another'} workflow", verb, object_of(kind, wf), None,
+               wf == OWN) for kind in KINDS for wf in (OWN, OTHER) for verb in ("patch", "delete")]
+    writes += [
+        ("its own checkpoints, relabelled to the other workflow", "patch", object_of("checkpoints", OWN),
+         {"metadata": {"labels": {WORKFLOW_LABEL: OTHER}}}, False),
+        ("the other workflow's checkpoints, relabelled to its own", "patch", object_of("checkpoints", OTHER),
+         {"metadata": {"labels": {WORKFLOW_LABEL: OWN}}}, False),
+        ("the operator's leader Lease", "patch", leader, None, False),
+        ("the operator's leader Lease", "delete", leader, None, False),
+        ("another pod's heartbeat of its own workflow", "patch", sibling, None, False),
+        ("an unrelated ConfigMap", "patch", configmap("unrelated", {}), None, False),
+        ("an unrelated ConfigMap", "delete", configmap("unrelated", {}), None, False),
+    ]
+    got = [(what, verb, request(k8s_cluster, worker, namespace, verb, obj, patch), want)
+           for what, verb, obj, patch, want in creates]
+    # then the objects exist (made by their owners; here the admin), for the updates and deletes
+    existing = [object_of(kind, wf) for kind in KINDS for wf in (OWN, OTHER)] + [
+        leader, sibling, configmap("unrelated", {})]
+    k8s_cluster.kubectl("create", "-n", namespace, "-f", "-", input="\n---\n".join(json.dumps(o) for o in existing))
+    got += [(what, verb, request(k8s_cluster, worker, namespace, verb, obj, patch), want)
+            for what, verb, obj, patch, want in writes]
+    table = "\n".join(f"{verb:7} {what}: {'allowed' if ok else 'denied'}" for what, verb, ok, _ in got)
+    print(f"as {worker_service_account_name(OWN)} (pod {POD[OWN]}):\n{table}")
+    assert [(what, verb) for what, verb, ok, want in got if ok != want] == [], table
+    # the policy binds the workers only: the API server still labels another workflow's dead letter
+    server = token_kubeconfig(k8s_cluster, namespace, f"{chart_release}-syncplane-server", tmp_path / "server")
+    assert request(k8s_cluster, server, namespace, "patch", object_of("dead letter", OTHER),
+                   {"metadata": {"labels": {"syncplane.io/retry": "true"}}})

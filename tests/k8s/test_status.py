@@ -164,7 +164,6 @@ async def test_a_mapped_field_that_does_not_exist_fails_the_start(k8s_cluster, n
 @pytest.mark.timeout(600)
 async def test_a_secret_created_afterwards_recovers_without_a_restart(k8s_cluster, namespace, operator, tmp_path,
                                                                       sb):
-    await kubectl(k8s_cluster, "create", "serviceaccount", "syncplane-worker", "-n", namespace)
     name = await apply_workflow(k8s_cluster, namespace, sb, tmp_path, "10-contacts-ingress.yaml")
     generation = (await workflow(k8s_cluster, namespace, name))["metadata"]["generation"]
     async with FakeKubelet(namespace, Path(k8s_cluster.kubeconfig), tmp_path / "containers"):
@@ -177,8 +176,7 @@ async def test_a_secret_created_afterwards_recovers_without_a_restart(k8s_cluste
                                    "automatic restarts while the Secret is missing")
             assert s["lastError"]["reason"] == "BAD_CREDENTIALS" and "d365-sandbox" in s["lastError"]["message"]
 
-            await kubectl(k8s_cluster, "delete", "serviceaccount", "syncplane-worker", "-n", namespace)
-            await create_secrets(k8s_cluster, namespace, sb)  # (it creates the ServiceAccount too)
+            await create_secrets(k8s_cluster, namespace, sb)
             s = await status_until(k8s_cluster, namespace, name, lambda s: s.get("phase") == "RUNNING"
                                    and counter(s, "written") == CONTACTS, "recovery once the Secret exists")
             wf = await workflow(k8s_cluster, namespace, name)

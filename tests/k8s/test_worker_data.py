@@ -83,8 +83,7 @@ async def set_desired(cluster: Any, namespace: str, name: str, state: str, check
 
 
 async def create_secrets(cluster: Any, namespace: str, sb: Sandbox) -> None:
-    """What the chart (the workers' ServiceAccount) and the user (the referenced Secrets) create."""
-    await kubectl(cluster, "create", "serviceaccount", "syncplane-worker", "-n", namespace)
+    """What the user creates: the referenced Secrets (the operator makes each workflow's ServiceAccount)."""
     for name, data in sb.secrets().items():
         await kubectl(cluster, "create", "secret", "generic", name, "-n", namespace, *literals(data))
 

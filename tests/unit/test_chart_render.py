@@ -22,7 +22,8 @@ import yaml
 from syncplane.cli import cli
 from syncplane.model.convert import from_resource
 from syncplane.validation.spec import apply_defaults, validate_spec
-from syncplane_operator.builders import build_worker_deployment
+from syncplane_operator.builders import build_worker_deployment, build_worker_identity
+from syncplane_operator.labels import WORKER_ACCOUNT_PREFIX
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "syncplane"
@@ -151,9 +152,9 @@ def test_the_operator_defaults_to_the_release_namespace(rendered):
     operator = find(rendered["two-watch-namespaces"], "Deployment", "syncplane-operator")
     args = operator["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--namespace=team-a" in args and "--namespace=team-b" in args
-    # the workers get their own ServiceAccount and Role in every watched namespace
+    # the workers' Role is in every watched namespace (the operator binds each Workflow's account to it)
     workers = [d["metadata"]["namespace"] for d in rendered["two-watch-namespaces"]
-               if d["kind"] == "ServiceAccount" and d["metadata"]["name"] == "syncplane-worker"]
+               if d["kind"] == "Role" and d["metadata"]["name"] == "syncplane-worker"]
     assert sorted(workers) == ["team-a", "team-b"]
 
 
@@ -181,9 +182,32 @@ def test_the_operator_hands_the_same_image_and_worker_account_to_the_workers(ren
     operator = _container(docs, "syncplane-operator")
     env = {e["name"]: e.get("value") for e in operator["env"]}
     assert env["SYNCPLANE_WORKER_IMAGE"] == operator["image"]
-    assert find(docs, "ServiceAccount", env["SYNCPLANE_WORKER_SERVICE_ACCOUNT"])
+    assert find(docs, "Role", env["SYNCPLANE_WORKER_ROLE"])
     assert env["SYNCPLANE_LEADER_ELECTION_LEASE"] == "syncplane-operator-leader"
     assert "--standalone" in operator["args"]
+
+
+def test_each_workflows_worker_identity_is_what_the_chart_grants_and_polices(rendered):
+    """Issue 13 item 2: the operator binds each Workflow's own ServiceAccount to the chart's worker Role,
+    may bind that Role and no other, and the admission policy reads the workflow from the same account
+    name prefix the operator uses."""
+    docs = rendered["default-values.yaml"]
+    env = {e["name"]: e.get("value") for e in _container(docs, "syncplane-operator")["env"]}
+    role = env["SYNCPLANE_WORKER_ROLE"]
+    account, binding = build_worker_identity("wf", "ns", role)
+    deployment = build_worker_deployment("wf", "ns", "h", 1, 1)
+    assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == account["metadata"]["name"]
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account["metadata"]["name"], "namespace": "ns"}]
+    operator_rules = find(docs, "Role", "syncplane-operator")["rules"]
+    assert [r.get("resourceNames") for r in operator_rules if "bind" in r["verbs"]] == [[role]]
+    policy = next(d for d in docs if d["kind"] == "ValidatingAdmissionPolicy")
+    (condition,) = policy["spec"]["matchConditions"]
+    assert f"':{WORKER_ACCOUNT_PREFIX}'" in condition["expression"]
+    binding_doc = next(d for d in docs if d["kind"] == "ValidatingAdmissionPolicyBinding")
+    assert binding_doc["spec"] == {"policyName": policy["metadata"]["name"], "validationActions": ["Deny"]}
+    # no shared worker account any more
+    assert not [d for d in docs if d["kind"] == "ServiceAccount" and "worker" in d["metadata"]["name"]]
 
 
 def test_tls_and_token_sources(rendered, helm):

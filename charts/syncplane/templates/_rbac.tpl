@@ -32,6 +32,18 @@ and tests/k8s/test_chart.py runs the lifecycle under exactly these grants).
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
+# each Workflow's own worker identity: a ServiceAccount and its RoleBinding to the worker Role, and no other
+# Role (`bind` by name: the operator itself holds none of the workers' verbs)
+- apiGroups: [""]
+  resources: ["serviceaccounts"]
+  verbs: ["create"]
+- apiGroups: ["rbac.authorization.k8s.io"]
+  resources: ["rolebindings"]
+  verbs: ["create"]
+- apiGroups: ["rbac.authorization.k8s.io"]
+  resources: ["roles"]
+  resourceNames: [{{ printf "%s-worker" (include "syncplane.fullname" .) | quote }}]
+  verbs: ["bind"]
 {{- end }}
 
 {{/* The operator's leader election, in the release namespace. Create cannot be limited by name. */}}
@@ -57,7 +69,10 @@ and tests/k8s/test_chart.py runs the lifecycle under exactly these grants).
 {{- end }}
 
 {{/* The workers: their own heartbeat Lease, their checkpoints, dead letters and held records. No Secrets: the
-operator mounts the ones a workflow references into its worker pods. */}}
+operator mounts the ones a workflow references into its worker pods. Bound by the operator to each Workflow's
+own ServiceAccount; the names are made at run time (a Lease per pod, a ConfigMap per record), which RBAC
+cannot name, so the ValidatingAdmissionPolicy (validatingadmissionpolicy.yaml) narrows every write to the
+objects of that account's own workflow. */}}
 {{- define "syncplane.workerRules" -}}
 - apiGroups: ["coordination.k8s.io"]
   resources: ["leases"]
