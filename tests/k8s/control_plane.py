@@ -54,8 +54,7 @@ class KubeControlPlane:
 
 
 def prepare_namespace(cluster: Any, namespace: str) -> None:
-    """What the chart (the workers' ServiceAccount) and the user (the referenced Secrets) create."""
-    cluster.kubectl("create", "serviceaccount", "syncplane-worker", "-n", namespace)
+    """What the user creates: the referenced Secrets (the operator makes each workflow's ServiceAccount)."""
     for secret in ("d365-sandbox", "acs-sandbox"):
         cluster.kubectl("create", "secret", "generic", secret, "-n", namespace, *literals(UNREACHABLE_SECRETS[secret]))
 

@@ -110,6 +110,7 @@ def test_each_identity_reaches_only_what_the_table_says(k8s_cluster, namespace, 
 # -- the workers' writes: RBAC plus the chart's admission policy, as real requests ----------------------------
 POD = {OWN: f"{OWN}-worker-5c4f8d7b9-abcde", OTHER: f"{OTHER}-worker-5c4f8d7b9-fghij"}
 KINDS = ("checkpoints", "dead letter", "held record", "heartbeat")
+Row = tuple[str, str, dict[str, Any], dict[str, Any] | None, bool]   # what, verb, object, merge patch, allowed
 
 
 def configmap(name: str, labels: dict[str, str]) -> dict[str, Any]:
@@ -183,9 +184,11 @@ def test_a_worker_writes_only_its_own_workflows_objects(k8s_cluster, namespace, 
                               pod=POD[OWN])
     leader = lease(f"{chart_release}-syncplane-operator-leader", {})
     sibling = lease(f"{OWN}-worker-5c4f8d7b9-zzzzz", {WORKFLOW_LABEL: OWN})
-    # (what, verb, object, merge patch or None) -> allowed
-    creates = [(f"{kind} of {'its own' if wf == OWN else 'another'} workflow", "create", object_of(kind, wf), None,
-                wf == OWN) for kind in KINDS for wf in (OWN, OTHER)]
+    def whose(wf: str) -> str:
+        return "its own" if wf == OWN else "another"
+
+    creates: list[Row] = [(f"{kind} of {whose(wf)} workflow", "create", object_of(kind, wf), None, wf == OWN)
+                          for kind in KINDS for wf in (OWN, OTHER)]
     creates += [
         ("its own dead letter's name, the other workflow's label", "create",
          object_of("dead letter", OWN, labelled=OTHER), None, False),
@@ -196,8 +199,8 @@ def test_a_worker_writes_only_its_own_workflows_objects(k8s_cluster, namespace, 
          configmap(f"{OWN}-spec-0123456789", {WORKFLOW_LABEL: OWN}), None, False),
         ("the operator's leader Lease", "create", leader, None, False),
     ]
-    writes = [(f"{kind} of {'its own' if wf == OWN else 'another'} workflow", verb, object_of(kind, wf), None,
-               wf == OWN) for kind in KINDS for wf in (OWN, OTHER) for verb in ("patch", "delete")]
+    writes: list[Row] = [(f"{kind} of {whose(wf)} workflow", verb, object_of(kind, wf), None, wf == OWN)
+                         for kind in KINDS for wf in (OWN, OTHER) for verb in ("patch", "delete")]
     writes += [
         ("its own checkpoints, relabelled to the other workflow", "patch", object_of("checkpoints", OWN),
          {"metadata": {"labels": {WORKFLOW_LABEL: OTHER}}}, False),
