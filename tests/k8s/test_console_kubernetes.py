@@ -1,8 +1,8 @@
 """Scenario 5: the Workflows page against the Kubernetes backend. `syncplane server --backend
 kubernetes` (in-process, with its console on a loopback port) over the test cluster's Workflow
 resources, the operator reconciling them, the fake kubelet running the worker pod against the
-sandbox; in Chromium, Start moves the row to STARTING then RUNNING with no reload, and the
-backlog rises and falls."""
+sandbox; in Chromium, signed in with a user's own Kubernetes token, Start moves the row to STARTING
+then RUNNING with no reload, and the backlog rises and falls."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from tests.e2e.conftest import browser, page, screenshot  # noqa: F401 (fixtures
 from tests.e2e.test_workflows_page import OBSERVE
 from tests.integration.conftest import wait_until
 from tests.k8s.kubelet import FakeKubelet
+from tests.k8s.test_security_callers import user, user_roles
 from tests.k8s.test_worker_data import apply_workflow, create_secrets
 
 pytestmark = pytest.mark.k8s
@@ -43,8 +44,14 @@ async def test_the_workflows_page_on_kubernetes(k8s_cluster, namespace, operator
         await wait_until(lambda: port_file.exists() or server.done(), timeout=60, what="the console's port")
         assert not server.done(), server
         url = f"http://127.0.0.1:{int(port_file.read_text())}/"
+        # the server checks each caller's own Kubernetes token: sign in as a user bound to `edit`
+        user_roles(k8s_cluster, "console")
+        token = user(k8s_cluster, namespace, "an-editor", "edit")
         async with FakeKubelet(namespace, Path(k8s_cluster.kubeconfig), tmp_path / "containers"):
             await page.goto(url)
+            await page.locator("#token").fill(token)
+            await page.get_by_role("button", name="Sign in").click()
+            await page.wait_for_url(url)
             row = page.locator(f"#wf-{name}")
             await expect(row.locator('[data-field="phase"]')).to_have_text("STOPPED")
             await page.evaluate(OBSERVE, name)

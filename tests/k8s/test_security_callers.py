@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import grpc
 import pytest
 import yaml
@@ -22,6 +24,7 @@ import yaml
 from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.api.v1 import workflow_service_pb2 as svc
 from syncplane.api.v1 import workflow_service_pb2_grpc as svc_grpc
+from syncplane.console import ConsoleConfig
 from syncplane.runtime.kubernetes import KubernetesServerConfig, serve_kubernetes
 from tests.factories import spec
 
@@ -56,7 +59,8 @@ async def api(k8s_cluster, workflow_crd, operator, namespace, monkeypatch, tmp_p
     port_file = tmp_path / "port"
     stop = asyncio.Event()
     task = asyncio.create_task(serve_kubernetes(KubernetesServerConfig(
-        namespace=namespace, address="127.0.0.1:0", port_file=port_file, auth="kubernetes"), stop))
+        namespace=namespace, address="127.0.0.1:0", port_file=port_file, auth="kubernetes",
+        console=ConsoleConfig("127.0.0.1:0"), console_port_file=tmp_path / "console.port"), stop))
     for _ in range(600):
         if port_file.exists() or task.done():
             break
@@ -116,3 +120,82 @@ async def test_view_can_list_but_not_start_edit_can_start(k8s_cluster, namespace
         ("editor", "StartWorkflow", "guarded", "OK"),
     ]
     assert viewer not in caplog.text and editor not in caplog.text
+
+
+CSRF = re.compile(r'name="csrf-token" content="([0-9a-f]+)"')
+
+
+async def signed_in(url: str, token: str) -> tuple[aiohttp.ClientSession, str]:
+    """A browser-like session signed in to the console with ``token``, and its CSRF token."""
+    session = aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True))   # cookies for 127.0.0.1
+    html = {"Accept": "text/html"}
+    async with session.get(f"{url}/login", headers=html) as resp:
+        csrf = CSRF.search(await resp.text())
+    assert csrf
+    async with session.post(f"{url}/login", data={"csrf": csrf.group(1), "token": token, "next": "/"},
+                            allow_redirects=False) as resp:
+        assert resp.status in (303, 401), resp.status
+        if resp.status == 401:
+            await session.close()
+            raise PermissionError("sign-in refused")
+    async with session.get(f"{url}/", headers=html) as resp:
+        assert resp.status == 200
+        csrf = CSRF.search(await resp.text())
+    assert csrf
+    return session, csrf.group(1)
+
+
+async def test_the_console_takes_each_users_own_kubernetes_token(k8s_cluster, namespace, api, tmp_path,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 13 item 3 for the web console: with auth mode kubernetes it signs users in with their own
+    Kubernetes token and authorises each page as the gRPC call it is (one path: callers.Call), so a
+    `view` user sees the workflows but cannot start one, an `edit` user can, and both are audited."""
+    caplog.set_level(logging.INFO, logger="syncplane.audit")
+    url = f"http://127.0.0.1:{int((tmp_path / 'console.port').read_text())}"
+    user_roles(k8s_cluster, "callers")
+    viewer = user(k8s_cluster, namespace, "viewer", "view")
+    editor = user(k8s_cluster, namespace, "editor", "edit")
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{api}") as channel:
+        await svc_grpc.WorkflowServiceStub(channel).CreateWorkflow(svc.CreateWorkflowRequest(
+            workflow_id="guarded", workflow=pb.Workflow(spec=spec())), metadata=_md(editor))
+    caplog.clear()
+    async with aiohttp.ClientSession() as anonymous:
+        # no token, or one the API server does not know: nothing but the sign-in page
+        async with anonymous.get(f"{url}/api/workflows") as resp:
+            assert resp.status == 401
+        async with anonymous.get(f"{url}/api/workflows", headers=_bearer("not-a-kubernetes-token")) as resp:
+            assert resp.status == 401
+        # a script may send its token as a header
+        async with anonymous.get(f"{url}/api/workflows", headers=_bearer(viewer)) as resp:
+            assert resp.status == 200 and "guarded" in await resp.text()
+    with pytest.raises(PermissionError):
+        await signed_in(url, "not-a-kubernetes-token")
+    start = {"expected_phase": "STOPPED"}
+    view, view_csrf = await signed_in(url, viewer)
+    edit, edit_csrf = await signed_in(url, editor)
+    try:
+        async with view.get(f"{url}/api/workflows") as resp:
+            assert resp.status == 200 and [w["id"] for w in (await resp.json())["workflows"]] == ["guarded"]
+        async with view.post(f"{url}/workflows/guarded/start", json=start,
+                             headers={"X-CSRF-Token": view_csrf}) as resp:
+            assert resp.status == 403 and (await resp.json())["code"] == "PERMISSION_DENIED"
+        async with edit.post(f"{url}/workflows/guarded/start", json=start,
+                             headers={"X-CSRF-Token": edit_csrf}) as resp:
+            assert resp.status == 200, await resp.text()
+    finally:
+        await view.close()
+        await edit.close()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{api}") as channel:
+        wf = await svc_grpc.WorkflowServiceStub(channel).GetWorkflow(
+            svc.GetWorkflowRequest(name="workflows/guarded"), metadata=_md(viewer))
+    assert wf.spec.desired_state == pb.DESIRED_STATE_RUNNING
+    audit = [json.loads(r.getMessage()) for r in caplog.records if r.name == "syncplane.audit"]
+    assert [(a["who"].rsplit(":", 1)[-1], a["what"], a["workflow"], a["result"]) for a in audit] == [
+        ("viewer", "StartWorkflow", "guarded", "PERMISSION_DENIED"),
+        ("editor", "StartWorkflow", "guarded", "OK"),
+    ]
+    assert viewer not in caplog.text and editor not in caplog.text
+
+
+def _bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}

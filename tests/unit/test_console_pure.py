@@ -218,3 +218,21 @@ def test_detail_shows_the_last_verify_when_there_is_one() -> None:
     got = present.detail(wf, [])["verify"]
     assert got is not None
     assert (got["compared"], got["missing"], got["time"]) == (20_000, 3, "2027-01-15T08:00:00.000Z")
+
+
+def test_every_console_page_is_an_rpc_with_a_verb(tmp_path):
+    """Issue 13 item 3 for the console: each page is authorised as the gRPC call it is. A page added
+    without a mapping would be refused (fail closed); this keeps the table complete and every RPC in it
+    known to callers.VERBS (so Kubernetes authorises it with a SubjectAccessReview)."""
+    from syncplane.api.callers import VERBS
+    from syncplane.console.app import create_console
+    from syncplane.console.auth import ROUTES, PUBLIC_PATHS
+    from syncplane.service import WorkflowService
+    from syncplane.store.sqlite import SqliteStore
+
+    app = create_console(WorkflowService(SqliteStore(tmp_path / "db")))
+    pages = {(route.method, route.resource.canonical) for route in app.router.routes()
+             if route.resource is not None and route.method != "HEAD"
+             and not (route.resource.canonical + "/").startswith(PUBLIC_PATHS)}
+    assert pages == set(ROUTES)
+    assert set(ROUTES.values()) <= set(VERBS)

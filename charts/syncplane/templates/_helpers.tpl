@@ -126,8 +126,8 @@ affinity:
 {{- end }}
 {{- end }}
 
-{{/* The web console signs in with the shared token: served in auth mode token only (it does not check
-Kubernetes tokens yet). */}}
+{{/* The web console: it signs in as the API does (auth mode kubernetes: each user's own Kubernetes token;
+token: the shared token). */}}
 {{- define "syncplane.consoleEnabled" -}}
-{{- if and .Values.console.enabled (eq .Values.server.auth.mode "token") }}true{{ end }}
+{{- if .Values.console.enabled }}true{{ end }}
 {{- end }}

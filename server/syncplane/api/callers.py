@@ -87,6 +87,29 @@ class SharedToken:
         return None
 
 
+class Call:
+    """One call, checked and audited the same way over gRPC and in the web console: its caller
+    (authenticated from a bearer token), its verb on ``workflows`` (:data:`VERBS` by RPC name) and its
+    workflow (None: the collection)."""
+
+    def __init__(self, callers: Callers, name: str, workflow: str | None) -> None:
+        self.callers, self.name, self.workflow = callers, name, workflow
+        self.verb = VERBS.get(name)
+        self.caller: Caller | None = None
+
+    async def check(self, token: str | None) -> Caller:
+        """Raises ``errors.Unauthenticated`` (a missing or invalid token) or ``errors.PermissionDenied``."""
+        self.caller = await self.callers.authenticate(token)
+        if self.verb:
+            await self.callers.authorize(self.caller, self.verb, self.workflow)
+        return self.caller
+
+    def done(self, result: str) -> None:
+        """The audit line of a mutating call; ``result``: ``OK`` or a google.rpc code name."""
+        if self.verb and self.verb not in READ_VERBS:
+            audit(self.caller, self.name, self.workflow, result)
+
+
 def bearer(metadata: Any) -> str | None:
     """The token of an ``authorization: Bearer …`` header, if any."""
     header = str(dict(metadata or ()).get("authorization", ""))

@@ -20,7 +20,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, StatusCode
 
 from syncplane import errors
-from syncplane.api.callers import READ_VERBS, VERBS, Caller, Callers, SharedToken, audit, bearer, workflow_of
+from syncplane.api.callers import VERBS, Call, Callers, SharedToken, bearer, workflow_of
 
 log = logging.getLogger(__name__)
 DOMAIN = "syncplane.io"
@@ -93,26 +93,20 @@ Handler = Callable[[Any, grpc.aio.ServicerContext], Any]
 
 
 class _Call:
-    """One RPC's caller, verb and workflow, and its audit line (mutating calls only)."""
+    """One RPC's :class:`~syncplane.api.callers.Call` (public methods: none), its token from the metadata."""
 
     def __init__(self, callers: Callers, method: str, request: Any) -> None:
-        self.callers, self.method = callers, method
-        self.name = method.rsplit("/", 1)[-1]
-        self.verb = VERBS.get(self.name) if not method.startswith(PUBLIC_PREFIXES) else None
-        self.workflow = workflow_of(request) if self.verb else None
-        self.caller: Caller | None = None
+        name = method.rsplit("/", 1)[-1]
+        public = method.startswith(PUBLIC_PREFIXES)
+        self.call = None if public else Call(callers, name, workflow_of(request) if name in VERBS else None)
 
     async def check(self, context: grpc.aio.ServicerContext) -> None:
-        if self.method.startswith(PUBLIC_PREFIXES):
-            return
-        self.caller = await self.callers.authenticate(bearer(context.invocation_metadata()))
-        if self.verb:
-            await self.callers.authorize(self.caller, self.verb, self.workflow)
+        if self.call is not None:
+            await self.call.check(bearer(context.invocation_metadata()))
 
     def done(self, exc: BaseException | None = None) -> None:
-        if self.verb and self.verb not in READ_VERBS:
-            result = "OK" if exc is None else code_pb2.Code.Name(to_status(exc).code)
-            audit(self.caller, self.name, self.workflow, result)
+        if self.call is not None:
+            self.call.done("OK" if exc is None else code_pb2.Code.Name(to_status(exc).code))
 
 
 class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]

@@ -30,7 +30,7 @@ from syncplane.api.server import BindError, ServerSecurity, check_bind
 from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.api.v1 import workflow_service_pb2 as svc
 from syncplane.console import present, spec_form
-from syncplane.console.auth import ConsoleAuth, Handler, refuse, wants_html
+from syncplane.console.auth import RESULT, SESSION_COOKIE, ConsoleAuth, Handler, refuse, wants_html
 from syncplane.console.errors import error_body
 from syncplane.console.history import Sample, SampleRing
 from syncplane.errors import FieldViolation, InvalidArgument, OutOfRange, SyncplaneError
@@ -65,7 +65,7 @@ class ConsoleConfig:
 def create_console(service: WorkflowService, dead_letters: DeadLetterService | None = None,
                    security: ServerSecurity | None = None, history: SampleRing | None = None) -> web.Application:
     security = security or ServerSecurity()
-    auth = ConsoleAuth(security.token, security.tls)
+    auth = ConsoleAuth(security.token, security.tls, security.callers)
     app = web.Application(middlewares=[auth.middleware, _errors])
     app[SERVICE] = service
     app[LETTERS] = dead_letters or DeadLetterService(service.store, None)
@@ -173,6 +173,7 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         if not isinstance(exc, SyncplaneError):
             log.exception("unexpected error in %s %s", request.method, request.path)
         status, body = error_body(exc)
+        request[RESULT] = body["code"]
         if wants_html(request):
             return _render(request, "error.html", {"error": body}, status=status)
         return web.json_response(body, status=status)
@@ -183,7 +184,8 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 def _render(request: web.Request, template: str, context: dict[str, Any], status: int = 200) -> web.Response:
     auth = request.app[AUTH]
     page = request.app[TEMPLATES].get_template(template).render(
-        csrf=auth.csrf_token(request), signed_in=bool(auth.token), phases=present.PHASES, **context)
+        csrf=auth.csrf_token(request), signed_in=auth.sign_in, own_tokens=auth.own_tokens, phases=present.PHASES,
+        **context)
     return web.Response(text=page, content_type="text/html", status=status)
 
 
@@ -269,6 +271,7 @@ def _outcome(request: web.Request, exc: SyncplaneError | None, form: dict[str, s
     """JSON for the script; for a plain form post, back to the page it came from with the message."""
     if exc is not None:
         status, body = error_body(exc)
+        request[RESULT] = body["code"]
         message = body["message"]
     else:
         status = 200
@@ -377,19 +380,20 @@ async def login(request: web.Request) -> web.StreamResponse:
     form = await request.post()
     target = str(form.get("next", "/"))
     target = target if target.startswith("/") and not target.startswith("//") else "/"
-    if not auth.token:
+    if not auth.sign_in:
         raise web.HTTPSeeOther(target)
-    if not auth.check_token(str(form.get("token", ""))):
-        return _render(request, "login.html", {"next": target, "error": "That token is not the server's."},
-                       status=401)
+    offered = str(form.get("token", ""))
+    if not await auth.check_token(offered):
+        error = "The API server does not accept that token." if auth.own_tokens else "That token is not the server's."
+        return _render(request, "login.html", {"next": target, "error": error}, status=401)
     response = web.HTTPSeeOther(target)
-    auth.set_session(response)
+    auth.set_session(response, offered)
     raise response
 
 
 async def logout(request: web.Request) -> web.StreamResponse:
     response = web.HTTPSeeOther("/login")
-    response.del_cookie("syncplane_session", path="/")
+    response.del_cookie(SESSION_COOKIE, path="/")
     raise response
 
 

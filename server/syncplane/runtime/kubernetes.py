@@ -9,6 +9,7 @@ import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from syncplane.api.callers import SharedToken
 from syncplane.api.server import ServerSecurity, check_bind, create_server, serve_until_signalled
 from syncplane.console import ConsoleConfig, announce_console, serve_console
 from syncplane.kubeclient import api_client
@@ -41,13 +42,19 @@ async def kubernetes_store(namespace: str) -> KubernetesStore:
 
 
 async def serve_kubernetes(config: KubernetesServerConfig, stop: asyncio.Event | None = None) -> None:
-    if config.console is not None:   # refuse an insecure console before anything starts
-        check_bind(config.console.address, config.console.security)
+    console_config = config.console
+    if console_config is not None:   # refuse an insecure console before anything starts
+        check_bind(console_config.address, console_config.security if config.auth != "kubernetes"
+                   else replace(console_config.security, callers=SharedToken(None)))   # (callers come below)
     setup_tracing("syncplane-server", config.otlp_endpoint)
     store = await kubernetes_store(config.namespace)
     security = config.security
     if config.auth == "kubernetes":
-        security = replace(security, callers=KubernetesCallers(store.api_client, config.namespace))
+        # one set of callers for gRPC and the console: each caller's own token, TokenReview + SubjectAccessReview
+        callers = KubernetesCallers(store.api_client, config.namespace)
+        security = replace(security, callers=callers)
+        if console_config is not None:
+            console_config = replace(console_config, security=replace(console_config.security, callers=callers))
     service = WorkflowService(store)
     # The workers keep their dead letters in ConfigMaps of this namespace, one per record.
     letters = DeadLetterService(store, ConfigMapRecords(config.namespace, store.api_client))
@@ -57,7 +64,7 @@ async def serve_kubernetes(config: KubernetesServerConfig, stop: asyncio.Event |
     server, port, health = await create_server(service, config.address, security, dead_letters=letters,
                                                verifier=verifier)
     try:
-        console = await serve_console(config.console, service, letters, config.console_port_file)
+        console = await serve_console(console_config, service, letters, config.console_port_file)
     except BaseException:
         await server.stop(None)
         await store.api_client.close()
