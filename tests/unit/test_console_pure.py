@@ -226,7 +226,7 @@ def test_every_console_page_is_an_rpc_with_a_verb(tmp_path):
     known to callers.VERBS (so Kubernetes authorises it with a SubjectAccessReview)."""
     from syncplane.api.callers import VERBS
     from syncplane.console.app import create_console
-    from syncplane.console.auth import ROUTES, PUBLIC_PATHS
+    from syncplane.console.auth import PUBLIC_PATHS, ROUTES
     from syncplane.service import WorkflowService
     from syncplane.store.sqlite import SqliteStore
 
