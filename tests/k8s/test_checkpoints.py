@@ -173,6 +173,7 @@ async def test_forbidden_and_missing_namespace_are_clear_errors(k8s_cluster, nam
         with pytest.raises(CheckpointError) as exc:
             await store.acommit("wf", "contact", "c")
         assert "forbidden" in str(exc.value) and "configmaps" in str(exc.value) and namespace in str(exc.value)
+        assert not exc.value.transient and exc.value.reason == "STATE_STORE_REJECTED"
         with pytest.raises(CheckpointError, match="forbidden"):
             await store.aload("wf", "contact")
 
@@ -221,3 +222,95 @@ async def test_commit_retries_through_an_api_server_restart(k8s_cluster, namespa
         assert not failure, failure
         assert await store.aload("wf", "contact") == "during"
     assert any("retrying" in r.getMessage() for r in caplog.records), "the commit never had to retry"
+
+
+class _CommitRunner:
+    """A runner whose every pass commits a cursor (what a pipeline does after each page)."""
+
+    writing = False
+
+    def __init__(self, store: ConfigMapCheckpoints) -> None:
+        self.store, self.passes = store, 0
+
+    def links(self) -> dict[str, Any]:
+        return {}
+
+    async def prepare(self) -> None:
+        pass
+
+    async def run_once(self, stop: asyncio.Event) -> None:
+        await self.store.acommit("wf", "contact", f"pass-{self.passes}")
+        self.passes += 1
+
+    async def classify(self) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        pass
+
+
+def _engine() -> Any:
+    from google.protobuf.duration_pb2 import Duration
+
+    from syncplane.api.v1 import workflow_pb2 as pb
+    from syncplane.worker.engine import Engine
+    from syncplane.worker.report import WorkerReport
+
+    spec = pb.WorkflowSpec(poll_interval=Duration(nanos=100_000_000))
+    return Engine("wf", spec, {}, None, WorkerReport("wf", 0, 1))  # type: ignore[arg-type]
+
+
+async def test_an_api_server_outage_is_transient_and_the_engine_recovers(k8s_cluster, namespace, kubeconfig):
+    """An outage longer than the store's own retries: the pass fails as STATE_STORE_UNAVAILABLE
+    (the state_store link failing, so Degraded), the engine keeps retrying, and commits again
+    once the API server is back; it never becomes a fatal error."""
+    engine = _engine()
+    stop = asyncio.Event()
+    async with ConfigMapCheckpoints(namespace, retry=Retry(attempts=1)) as store:
+        runner = _CommitRunner(store)
+        engine.report.links = {"state_store": engine.state_link}
+        loop_task = asyncio.create_task(engine._loop(stop, runner))
+        try:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 60
+            while runner.passes < 1:
+                assert not loop_task.done(), loop_task
+                assert loop.time() < deadline, "no pass committed"
+                await asyncio.sleep(0.05)
+            await asyncio.to_thread(k8s_cluster.restart, "kube-apiserver")
+            deadline = loop.time() + 120
+            while (engine.report.last_error or {}).get("reason") != "STATE_STORE_UNAVAILABLE":
+                assert not loop_task.done(), loop_task
+                assert loop.time() < deadline, "the outage was never reported"
+                await asyncio.sleep(0.05)
+            assert "cannot commit the checkpoint of wf/contact" in engine.report.last_error["message"]
+            failed_at = runner.passes
+            deadline = loop.time() + 120
+            while runner.passes <= failed_at or engine.state_link.failing_since is not None:
+                assert not loop_task.done(), loop_task  # a FatalError would end the loop
+                assert loop.time() < deadline, f"never recovered: {engine.report.last_error}"
+                await asyncio.sleep(0.05)
+        finally:
+            stop.set()
+            await asyncio.wait_for(loop_task, 30)
+        assert await store.aload("wf", "contact") == f"pass-{runner.passes - 1}"
+
+
+async def test_forbidden_state_store_is_fatal_with_the_rbac_hint(k8s_cluster, namespace, kubeconfig, tmp_path):
+    """A 403 is not an outage: the engine stops with a fatal error whose message names what the
+    ServiceAccount needs (not a bare type name)."""
+    from kubernetes_asyncio import client, config
+
+    from syncplane.worker.engine import FatalError
+
+    k8s_cluster.kubectl("create", "serviceaccount", "no-state", "-n", namespace)
+    path = token_kubeconfig(k8s_cluster, namespace, "no-state", tmp_path / "no-state.kubeconfig")
+    configuration = client.Configuration()
+    await config.load_kube_config(config_file=str(path), client_configuration=configuration)
+    engine = _engine()
+    async with client.ApiClient(configuration) as api:
+        runner = _CommitRunner(ConfigMapCheckpoints(namespace, api_client=api))
+        with pytest.raises(FatalError) as exc:
+            await asyncio.wait_for(engine._loop(asyncio.Event(), runner), 60)
+    assert exc.value.reason == "STATE_STORE_REJECTED"
+    assert "forbidden" in str(exc.value) and "configmaps" in str(exc.value) and namespace in str(exc.value)

@@ -71,8 +71,9 @@ DEFAULT_POLL_INTERVAL = 5.0
 MAX_BACKOFF = 30.0
 # How often the start-time checks look whether a vendor stopped answering (seconds).
 PREPARE_POLL = 0.1
-# What the state store (the worker's SQLite file, the checkpoint ConfigMaps) raises when it is
-# unavailable past its own retries: transient for the engine, shown as STATE_STORE_UNAVAILABLE.
+# What the state store (the worker's SQLite file, the checkpoint ConfigMaps) raises: when it is
+# unavailable past its own retries the pass is retried, shown as STATE_STORE_UNAVAILABLE; when it
+# refuses (RBAC 403, a missing namespace) retrying cannot help (see `state_store_fatal`).
 STATE_STORE_ERRORS = (CheckpointError, sqlite3.OperationalError)
 
 
@@ -80,6 +81,14 @@ class FatalError(Exception):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+def state_store_fatal(exc: BaseException) -> FatalError | None:
+    """The fatal error a state-store failure is, with its message (e.g. the RBAC rule a 403 needs);
+    None when it is an outage that a later pass can get through."""
+    if isinstance(exc, CheckpointError) and not exc.transient:
+        return FatalError(exc.reason, str(exc))
+    return None
 
 
 def ingress_streams(spec: pb.WorkflowSpec, index: int = 0, workers: int = 1) -> list[Stream]:
@@ -440,6 +449,8 @@ class Engine:
                 failures += 1
                 delay = self._transient("TRANSIENT", f"{type(exc).__name__}: {exc}", failures)
             except STATE_STORE_ERRORS as exc:
+                if (fatal := state_store_fatal(exc)) is not None:
+                    raise fatal from None
                 failures += 1
                 self.state_link.failed(f"{type(exc).__name__}: {exc}", None)
                 delay = self._transient("STATE_STORE_UNAVAILABLE", f"{type(exc).__name__}: {exc}", failures)

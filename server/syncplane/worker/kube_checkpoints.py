@@ -9,9 +9,11 @@ deletes it on stop: checkpoints survive stop/start and the loss of any pod.
 A commit is a JSON merge PATCH of its one data key, never a read-modify-write
 of the whole map, so workers committing different streams at once never lose
 each other's cursors. Transient failures (5xx, 429, connection errors,
-timeouts) are retried with capped exponential backoff and jitter; anything
-else (403 Forbidden, a missing namespace, an invalid object) raises
-`CheckpointError` with what to fix.
+timeouts) are retried with capped exponential backoff and jitter; when they
+run out, `CheckpointError` has ``transient=True`` (an outage: the engine retries
+the pass and shows the state store as Degraded). Anything else (403 Forbidden,
+a missing namespace, an invalid object) raises `CheckpointError` with
+``transient=False`` and what to fix (the workflow goes to ERROR with that message).
 
 Async only: `aload` / `acommit` satisfy `checkpoints.AsyncCheckpointStore`.
 """
@@ -43,7 +45,18 @@ _ESCAPE = "."
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint could not be read or committed and retrying will not help (or retries ran out)."""
+    """A ConfigMap could not be read or written.
+
+    ``transient`` is True when the API server failed in a way that passes (5xx, 429, connection
+    errors, timeouts) and this store's own retries ran out: the caller retries later. It is False
+    when retrying cannot help (403 Forbidden, a missing namespace, a rejected object): the message
+    says what to fix. ``reason`` is the status reason for either case.
+    """
+
+    def __init__(self, message: str, *, transient: bool) -> None:
+        super().__init__(message)
+        self.transient = transient
+        self.reason = "STATE_STORE_UNAVAILABLE" if transient else "STATE_STORE_REJECTED"
 
 
 def checkpoint_configmap_name(workflow: str) -> str:
@@ -174,19 +187,20 @@ class ConfigMapStore:
                         f"cannot {what}: forbidden to use ConfigMap {self.namespace}/{name} (the worker's "
                         f"ServiceAccount needs get, list, create, patch and delete on configmaps in "
                         f"{self.namespace!r}): "
-                        f"{exc.reason}") from exc
+                        f"{exc.reason}", transient=False) from exc
                 if exc.status == 404 and _not_found_kind(exc) == "namespaces":
-                    raise CheckpointError(f"cannot {what}: namespace {self.namespace!r} does not exist") from exc
+                    raise CheckpointError(f"cannot {what}: namespace {self.namespace!r} does not exist",
+                                          transient=False) from exc
                 if not _transient(exc) or n == self.retry.attempts - 1:
                     raise CheckpointError(f"cannot {what} in ConfigMap {self.namespace}/{name}: "
-                                          f"HTTP {exc.status} {exc.reason}") from exc
+                                          f"HTTP {exc.status} {exc.reason}", transient=_transient(exc)) from exc
                 failure = f"HTTP {exc.status}"
             except Exception as exc:
                 if not _transient(exc):
                     raise
                 if n == self.retry.attempts - 1:
                     raise CheckpointError(f"cannot {what} in ConfigMap {self.namespace}/{name}: "
-                                          f"{type(exc).__name__}: {exc}") from exc
+                                          f"{type(exc).__name__}: {exc}", transient=True) from exc
                 failure = type(exc).__name__
             delay = self.retry.delay(n)
             log.warning("could not %s (%s); retrying in %.2fs", what, failure, delay)
