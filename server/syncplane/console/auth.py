@@ -58,7 +58,7 @@ ROUTES: dict[tuple[str, str], str] = {
     ("POST", "/workflows/{id}/restart"): "RestartWorkflow",
 }
 #: request key: the google.rpc code name of a handled call's outcome (set by the pages; default from the HTTP status)
-RESULT = "syncplane.result"
+RESULT: web.RequestKey[str] = web.RequestKey("result", str)
 
 
 class ConsoleAuth:
@@ -141,6 +141,7 @@ class ConsoleAuth:
         try:
             await call.check(self.token_of(request))
         except errors.Unauthenticated:
+            call.done("UNAUTHENTICATED")
             if request.method == "GET" and wants_html(request):
                 raise web.HTTPSeeOther(f"/login?next={request.path_qs}") from None
             message = "sign in with your Kubernetes token" if self.own_tokens else "sign in with the server's token"
