@@ -293,7 +293,8 @@ async def events(request: web.Request) -> web.StreamResponse:
     """Server-sent events: ``change`` events with ``{"type": "ADDED|MODIFIED|DELETED", "revision": n,
     "row": present.row(...)}``, id = revision. Resumes after ``Last-Event-ID`` (sent by the
     browser on reconnect) or ``?since=``; a revision the store no longer has gives a ``reset``
-    event (the page reloads). ``?name=`` follows one workflow."""
+    event (the page reloads). ``?name=`` follows one workflow (the workflow page), and its events
+    also carry ``"live": present.live(...)`` (conditions, last error, workers, counters, tables)."""
     service = request.app[SERVICE]
     since_text = request.headers.get("Last-Event-ID") or request.query.get("since", "0")
     since = int(since_text) if since_text.isdigit() else 0
@@ -311,6 +312,8 @@ async def events(request: web.Request) -> web.StreamResponse:
             async for change in watch:
                 data = {"type": svc.ChangeType.Name(svc.ChangeType.ValueType(change.type)).removeprefix(
                     "CHANGE_TYPE_"), "revision": change.revision, "row": present.row(change.workflow)}
+                if name:   # the workflow page: its conditions, counters, workers and tables too
+                    data["live"] = present.live(change.workflow)
                 await queue.put(f"id: {change.revision}\nevent: change\ndata: {json.dumps(data)}\n\n".encode())
         except OutOfRange:
             await queue.put(b"event: reset\ndata: {}\n\n")

@@ -74,12 +74,12 @@ def row(wf: pb.Workflow) -> dict[str, Any]:
     }
 
 
-def detail(wf: pb.Workflow, diff: list[tuple[str, Any, Any]]) -> dict[str, Any]:
-    """The workflow page: the row plus conditions, last error, generations, workers, counters,
-    per-table rows and the drift diff (path, applied value, edited value)."""
+def live(wf: pb.Workflow) -> dict[str, Any]:
+    """The workflow page's status beyond the row, which its event stream (``/events?name=``) also
+    carries so the page updates it live: conditions, last error, workers ready/desired, counters
+    (records) and per-table row counts of the last full read."""
     s = wf.status
     return {
-        **row(wf),
         "conditions": [{"type": c.type, "status": c.status, "reason": c.reason, "message": c.message,
                         "since": iso(c.last_transition_time)} for c in s.conditions],
         "lastError": {"reason": s.last_error.reason, "message": s.last_error.message,
@@ -88,6 +88,14 @@ def detail(wf: pb.Workflow, diff: list[tuple[str, Any, Any]]) -> dict[str, Any]:
         "counters": {"read": s.counters.read, "written": s.counters.written, "failed": s.counters.failed,
                      "deadLettered": s.counters.dead_lettered},
         "tables": [{"table": t.source_table, "rows": t.rows} for t in s.tables],
+    }
+
+
+def detail(wf: pb.Workflow, diff: list[tuple[str, Any, Any]]) -> dict[str, Any]:
+    """The workflow page: the row, its live status (`live`), the spec's source tables, the drift
+    diff (path, applied value, edited value), the replay limit and the last verify."""
+    return {
+        **row(wf), **live(wf),
         "sourceTables": [e.source_table for e in wf.spec.ingress.entities],
         "diff": [{"field": path, "applied": old, "edited": new} for path, old, new in diff],
         "replayLimit": MAX_REPLAY_ROWS,

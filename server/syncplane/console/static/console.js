@@ -76,6 +76,56 @@
     });
   }
 
+  // --- the workflow page's live status beyond the row (present.live), from its event stream ---
+  function fillBody(body, rows, empty, columns) {
+    if (!body) return;
+    const trs = rows.map((r) => {
+      const tr = document.createElement("tr");
+      columns(r).forEach(([tag, text, cls], i) => {
+        const cell = document.createElement(i === 0 ? "th" : "td");
+        if (i === 0) cell.scope = "row";
+        if (cls) cell.className = cls;
+        if (tag === "time") {
+          const t = document.createElement("time");
+          t.setAttribute("datetime", text);
+          t.textContent = local(text);
+          cell.append(t);
+        } else {
+          cell.textContent = text;
+        }
+        tr.append(cell);
+      });
+      return tr;
+    });
+    if (!trs.length) {
+      const tr = document.createElement("tr");
+      const td = document.createElement("td");
+      td.colSpan = columns({}).length;
+      td.textContent = empty;
+      tr.append(td);
+      trs.push(tr);
+    }
+    body.replaceChildren(...trs);
+  }
+
+  function applyLive(el, d) {
+    const set = (field, text) => $$('[data-field="' + field + '"]', el).forEach((n) => { n.textContent = text; });
+    set("readyWorkers", num(d.readyWorkers));
+    set("desiredWorkers", num(d.desiredWorkers));
+    for (const c of ["read", "written", "failed", "deadLettered"]) set("counters." + c, num(d.counters[c]));
+    $$('[data-field="lastError"]', el).forEach((dd) => {
+      if (!d.lastError) { dd.textContent = "none"; return; }
+      const t = document.createElement("time");
+      t.setAttribute("datetime", d.lastError.time);
+      t.textContent = local(d.lastError.time);
+      dd.replaceChildren(d.lastError.reason + ": " + d.lastError.message + " (", t, ")");
+    });
+    fillBody($("#condition-rows", el), d.conditions, "none yet",
+      (c) => [["", c.type], ["", c.status], ["", c.reason], ["", c.message], ["time", c.since]]);
+    fillBody($("#table-rows", el), d.tables, "no full read yet",
+      (t) => [["", t.table], ["", t.rows === undefined ? "" : num(t.rows), "num"]]);
+  }
+
   function rowFor(row) {
     let el = document.getElementById("wf-" + row.id);
     if (el) return el;
@@ -105,6 +155,7 @@
       }
       const el = rowFor(change.row);
       if (el) applyRow(el, change.row);
+      if (el && change.live) applyLive(el, change.live);
       document.dispatchEvent(new CustomEvent("syncplane:row", { detail: change.row }));
     });
     source.addEventListener("reset", () => { source.close(); location.reload(); });
