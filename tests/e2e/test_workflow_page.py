@@ -1,14 +1,22 @@
 """The workflow page in Chromium against `syncplane up` and the sandbox: its status beyond the
 row (counters, workers, conditions, last error, table sizes) follows the event stream with no
-reload."""
+reload; the dead letters page through; a replay is refused, with the 2,000,000-record guard
+explained, once the table's last full read counted that many rows."""
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from playwright.async_api import Locator, Page, expect
 
+from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.api.v1 import workflow_service_pb2 as svc
+from syncplane.console.app import DEAD_LETTER_PAGE
+from syncplane.validation.rules import MAX_REPLAY_ROWS
+from syncplane.worker.checkpoints import SqliteWorkerState
+from syncplane.worker.pipeline import Checkpoint
+from tests.backends import eventually
 from tests.e2e.conftest import Console, screenshot
 
 NOT_RELOADED = "() => { window.__notReloaded = true; }"
@@ -60,3 +68,73 @@ async def test_counters_workers_conditions_and_last_error_update_live(console: C
     await expect(condition_row(page, "Ready")).to_contain_text("False")
     assert await page.evaluate("!!window.__notReloaded"), "the page reloaded"
     await screenshot(page, "7-workflow-page-live")
+
+
+async def test_dead_letters_page_through(console: Console, page: Page) -> None:
+    count = DEAD_LETTER_PAGE + 5
+    bad = sorted(console.sandbox.d365.table("contacts").rows)[:count]
+    console.sandbox.acs.poison_keys("profile", *bad)
+    await console.create("contacts")
+    await console.stub.StartWorkflow(svc.StartWorkflowRequest(name="workflows/contacts"))
+
+    async def dead_lettered() -> bool:
+        return (await console.get("contacts")).status.dead_letters == count
+
+    await eventually(dead_lettered, f"{count} dead letters", 240)
+    await page.goto(console.url + "workflows/contacts")
+    letters = page.locator("#dl-rows tr")
+    await expect(page.locator("#dl-total")).to_have_text(f"{count} in all")
+    await expect(letters).to_have_count(DEAD_LETTER_PAGE)
+    first = set(await page.locator('#dl-rows input[name="keys"]').evaluate_all("bs => bs.map(b => b.value)"))
+    more = page.get_by_role("button", name="Next page")
+    await expect(more).to_be_visible()
+    await more.click()
+    await expect(letters).to_have_count(count - DEAD_LETTER_PAGE)
+    await expect(more).to_be_hidden()
+    second = set(await page.locator('#dl-rows input[name="keys"]').evaluate_all("bs => bs.map(b => b.value)"))
+    assert not first & second and first | second == set(bad), (first, second)
+    await screenshot(page, "4b-dead-letters-second-page")
+
+
+def record_full_read(state_db: Path, workflow: str, table: str, rows: int) -> None:
+    """What a last full read of `rows` rows leaves in the workers' checkpoint (seeding 2,000,000
+    contacts into the sandbox would take the test minutes): the cursor stays, the count changes."""
+    state = SqliteWorkerState(state_db)
+    try:
+        cp = Checkpoint.loads(state.load(workflow, table))
+        assert cp.rows >= 0 and cp.cursor, cp
+        cp.rows = rows
+        state.commit(workflow, table, cp.dumps())
+    finally:
+        state.close()
+
+
+async def test_a_replay_is_accepted_then_refused_at_the_guard_with_its_reason(
+        console: Console, page: Page, tmp_path: Path) -> None:
+    await console.create("contacts")
+    await page.goto(console.url + "workflows/contacts")
+    replay = page.get_by_role("button", name="Replay at next start")
+    await page.get_by_label("Replay a table").select_option("contact")
+    await replay.click()
+    message = page.locator("#message")
+    await expect(message).to_contain_text("table contact will be read again at the next start")
+    assert (await console.get("contacts")).spec.ingress.replay.source_table == "contact"
+
+    # The start runs the replay's full read, which counts the table.
+    await page.get_by_role("button", name="Start contacts").click()
+    await console.sandbox_drained("contacts")
+    contacts = len(console.sandbox.d365.table("contacts").rows)
+    tables = page.locator("#table-rows tr").filter(has=page.get_by_role("rowheader", name="contact", exact=True))
+    await expect(tables.locator("td")).to_have_text(figure(contacts))
+    await page.get_by_role("button", name="Stop contacts").click()
+    await expect(page.locator('[data-field="phase"]')).to_have_text("STOPPED")
+
+    record_full_read(tmp_path / "worker-state.db", "contacts", "contact", MAX_REPLAY_ROWS)
+    await page.get_by_role("button", name="Start contacts").click()
+    await expect(tables.locator("td")).to_have_text(figure(MAX_REPLAY_ROWS))
+    await replay.click()
+    await expect(message).to_contain_text("replay refused: table 'contact' holds")
+    await expect(message).to_contain_text("the limit is 2,000,000")
+    await expect(message).to_have_class(re.compile(r"\berror\b"))
+    assert (await console.get("contacts")).status.phase == pb.PHASE_RUNNING
+    await screenshot(page, "8-replay-refused")

@@ -262,22 +262,25 @@
       if (item) item.hidden = true;
     });
     if (first && $("#mode").value !== "yaml") first.focus();
+    // "Add row": a copy of the blank row the server rendered last (kept as loaded, so a new row
+    // starts blank and with the defaults whatever was typed since), renumbered to the next index.
     $$("[data-add-row]", form).forEach((button) => {
+      const fieldset = button.parentElement;
+      const rows = () => $$(":scope > .row-group", fieldset);
+      const blank = rows()[rows().length - 1].cloneNode(true);
       button.addEventListener("click", () => {
-        const groups = $$(":scope > .row-group", button.parentElement);
-        const last = groups[groups.length - 1];
+        const last = rows()[rows().length - 1];
         const index = Number(last.dataset.index) + 1;
-        const base = button.parentElement.dataset.repeated;
-        const copy = last.cloneNode(true);
-        copy.dataset.index = String(index);
-        const from = base + "[" + last.dataset.index + "]";
+        const base = fieldset.dataset.repeated;
+        const copy = blank.cloneNode(true);
+        const from = base + "[" + blank.dataset.index + "]";
         const to = base + "[" + index + "]";
+        copy.dataset.index = String(index);
         $$("[name],[id],[for],[data-path],[data-error-for]", copy).forEach((n) => {
           for (const a of ["name", "id", "for", "data-path", "data-error-for"]) {
             const v = n.getAttribute(a);
             if (v && v.startsWith(from)) n.setAttribute(a, to + v.slice(from.length));
           }
-          if (n.type === "text" || n.type === "url" || n.type === "number") n.value = "";
         });
         last.after(copy);
         const focus = $("input:not([type=hidden])", copy);
