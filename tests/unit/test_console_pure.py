@@ -236,3 +236,20 @@ def test_every_console_page_is_an_rpc_with_a_verb(tmp_path):
              and not (route.resource.canonical + "/").startswith(PUBLIC_PATHS)}
     assert pages == set(ROUTES)
     assert set(ROUTES.values()) <= set(VERBS)
+
+
+def test_server_replicas_sharing_a_secret_accept_each_others_csrf_tokens():
+    """Behind one Service a page rendered by one server replica posts to another: replicas with the same
+    TLS key (or shared token) agree on CSRF tokens; different secrets do not."""
+    from aiohttp.test_utils import make_mocked_request
+
+    from syncplane.api.callers import SharedToken
+    from syncplane.console.auth import SESSION_COOKIE, ConsoleAuth
+
+    request = make_mocked_request("GET", "/", headers={"Cookie": f"{SESSION_COOKIE}=a-users-token"})
+    own = SharedToken(None)   # each user brings their own token (as with the Kubernetes callers)
+    replicas = [ConsoleAuth(None, True, own, shared_secret=b"the-tls-key") for _ in range(2)]
+    assert replicas[0].csrf_token(request) == replicas[1].csrf_token(request)
+    other = ConsoleAuth(None, True, own, shared_secret=b"another-key")
+    assert other.csrf_token(request) != replicas[0].csrf_token(request)
+    assert ConsoleAuth("t", False).csrf_token(request) == ConsoleAuth("t", False).csrf_token(request)

@@ -65,7 +65,8 @@ class ConsoleConfig:
 def create_console(service: WorkflowService, dead_letters: DeadLetterService | None = None,
                    security: ServerSecurity | None = None, history: SampleRing | None = None) -> web.Application:
     security = security or ServerSecurity()
-    auth = ConsoleAuth(security.token, security.tls, security.callers)
+    shared = security.tls_key.read_bytes() if security.tls and security.tls_key else b""
+    auth = ConsoleAuth(security.token, security.tls, security.callers, shared_secret=shared)
     app = web.Application(middlewares=[auth.middleware, _errors])
     app[SERVICE] = service
     app[LETTERS] = dead_letters or DeadLetterService(service.store, None)

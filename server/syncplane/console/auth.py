@@ -65,11 +65,17 @@ class ConsoleAuth:
     """``token``: the shared token (None: none); ``callers``: the server's own callers when each caller
     brings their own token (the Kubernetes backend's TokenReview/SubjectAccessReview), else None."""
 
-    def __init__(self, token: str | None, tls: bool, callers: Callers | None = None) -> None:
+    def __init__(self, token: str | None, tls: bool, callers: Callers | None = None,
+                 shared_secret: bytes = b"") -> None:
         self.token, self.tls = token, tls
         self.own_tokens = callers is not None
         self.callers: Callers = callers or SharedToken(token)
-        self._csrf_secret = secrets.token_bytes(32)
+        # The CSRF tokens' key. Server replicas behind one Service must agree on it (a page from one
+        # replica posts to another): derived from a secret they share (the TLS key, else the shared
+        # token) when there is one, else random per process (loopback, one process).
+        material = shared_secret or (token or "").encode()
+        self._csrf_secret = (hmac.new(material, b"syncplane-console-csrf", hashlib.sha256).digest() if material
+                             else secrets.token_bytes(32))
 
     @property
     def sign_in(self) -> bool:
