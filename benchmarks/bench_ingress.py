@@ -1,12 +1,19 @@
-"""Ingress throughput, sandbox to sandbox, side by side with two baselines run here:
+"""Ingress throughput, sandbox to sandbox, side by side with baselines run here:
 
 - the worker: a real `syncplane worker` process running the ingress engine;
-- naive: one GET of a page, then one write request per record, in sequence (aiohttp, as the worker);
+- the bare writer (benchmarks/bare_writer.py, its own process): one GET of every contact, then
+  one POST per record from the same number of coroutines as the worker has requests in flight,
+  aiohttp as the worker, nothing else;
+- concurrency / latency: what N requests in flight at L seconds each allow at most;
 - the raw read ceiling: Dataverse pages fetched and parsed, nothing written.
 
-Reported: records/s, requests per 1,000 records (reads, writes), the worker's peak RSS
-at 50,000 and at 200,000 records (flat is the goal), and the ratios to the baselines.
-The sandbox runs in this process; the worker in its own.
+Reported: records/s (whole run, and steady: between the first and the last record written),
+CPU per record (worker) and per request (bare writer), requests per 1,000 records, the worker's
+peak RSS at 50,000 and at 200,000 records (flat is the goal), and the ratios to the baselines.
+The sandbox runs in this process; the worker and the bare writer each in their own.
+
+`python -m benchmarks --only ingress` runs it at 0 ms; `--only ingress_latency` at 20 ms with the
+worker's 16 requests in flight.
 """
 
 from __future__ import annotations
@@ -22,18 +29,24 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import httpx
 
 from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.connectors.dynamics import DynamicsSource
-from syncplane.connectors.http import Credentials, OAuth2ClientCredentials
+from syncplane.connectors.http import DEFAULT_CONCURRENCY, Credentials, OAuth2ClientCredentials
 from syncplane.model.convert import spec_to_dict
 from syncplane.runtime.embedded import write_sandbox_secrets
 from syncplane.sandbox import SANDBOX_CLIENT_ID, SANDBOX_CLIENT_SECRET, Sandbox, SandboxOptions, SeedSpec, start_sandbox
 from tests.integration.ingress_env import ingress_spec
 
-NAIVE_RECORDS = 3_000
+#: Requests in flight compared at 20 ms: the old fixed cap, Dataverse's per-user limit, beyond it.
+CONCURRENCIES = (16,)
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a live process (/proc/PID/stat fields 14 and 15), seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _peak_rss_mib(pid: int) -> float:
@@ -46,7 +59,9 @@ def _peak_rss_mib(pid: int) -> float:
 
 async def run_worker(sb: Sandbox, spec: pb.WorkflowSpec, done: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
     """Run one `syncplane worker` process on ``spec`` until ``done(report)``; time it and read
-    its peak RSS. Returns seconds, peak RSS and the sandbox's request counts per server."""
+    its peak RSS. Returns seconds, peak RSS, the sandbox's request counts per server, and the
+    steady span: written records, seconds and worker CPU seconds from the first status that
+    showed a record written to the end."""
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         write_sandbox_secrets(sb, d / "secrets")
@@ -58,6 +73,7 @@ async def run_worker(sb: Sandbox, spec: pb.WorkflowSpec, done: Callable[[dict[st
         log = open(d / "worker.log", "wb")  # noqa: SIM115,ASYNC230 (once, before timing)
         started = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)  # noqa: ASYNC220
+        first: tuple[int, float, float] | None = None
         try:
             port_file = d / "workers" / "bench.0.worker.json"
             async with httpx.AsyncClient() as client:
@@ -69,24 +85,34 @@ async def run_worker(sb: Sandbox, spec: pb.WorkflowSpec, done: Callable[[dict[st
                         continue
                     port = json.loads(port_file.read_text())["port"]
                     report = (await client.get(f"http://127.0.0.1:{port}/status")).json()
+                    written = report["counters"]["written"]
+                    if first is None and written > 0:
+                        first = (written, time.perf_counter(), _cpu_seconds(proc.pid))
                     if done(report):
                         break
             elapsed = time.perf_counter() - started
+            end = (written, time.perf_counter(), _cpu_seconds(proc.pid))
             peak = _peak_rss_mib(proc.pid)
         finally:
             proc.terminate()
             proc.wait(timeout=30)
             log.close()
+    assert first is not None
     return {"seconds": elapsed, "peak_rss_mib": peak, "reads": len(sb.requests.records(server="d365")),
-            "acs": len(sb.requests.records(server="acs"))}
+            "acs": len(sb.requests.records(server="acs")), "steady_records": end[0] - first[0],
+            "steady_seconds": end[1] - first[1], "steady_cpu_s": end[2] - first[2]}
 
 
-async def _worker_run(records: int, latency_ms: float = 0.0) -> dict[str, Any]:
+async def _worker_run(records: int, latency_ms: float = 0.0, concurrency: int | None = None) -> dict[str, Any]:
+    """The worker on ``records`` contacts; ``concurrency``: its destination's requests in flight
+    (None: the spec's default)."""
     sb = await start_sandbox(seed=SeedSpec(contacts=records, seed=1),
                              options=SandboxOptions(request_log_size=4 * records + 10_000))
     sb.faults.set(latency_ms=latency_ms)
     try:
         spec = ingress_spec(sb, batch_size=1000, poll_seconds=60)
+        if concurrency not in (None, DEFAULT_CONCURRENCY):
+            raise ValueError("the worker's concurrency is fixed at 16 (connectors.http.DEFAULT_CONCURRENCY)")
         run = await run_worker(sb, spec, lambda r: r["counters"]["written"] >= records and r["backlog"] == 0)
         assert len(sb.acs.profiles.rows) == records
     finally:
@@ -95,36 +121,29 @@ async def _worker_run(records: int, latency_ms: float = 0.0) -> dict[str, Any]:
     return {"records": records, "seconds": round(elapsed, 2), "records_per_s": round(records / elapsed, 1),
             "read_requests_per_1000": round(1000 * run["reads"] / records, 2),
             "write_requests_per_1000": round(1000 * run["acs"] / records, 2),
-            "worker_peak_rss_mib": round(run["peak_rss_mib"], 1)}
+            "worker_peak_rss_mib": round(run["peak_rss_mib"], 1),
+            "steady_records_per_s": round(run["steady_records"] / run["steady_seconds"], 1),
+            "cpu_ms_per_record": round(1000 * run["steady_cpu_s"] / run["steady_records"], 4)}
 
 
-async def _naive(records: int, latency_ms: float = 0.0) -> dict[str, Any]:
-    sb = await start_sandbox(seed=SeedSpec(contacts=records, seed=2))
+async def _bare(records: int, concurrency: int, latency_ms: float = 0.0) -> dict[str, Any]:
+    """The bare writer (its own process) on ``records`` contacts with ``concurrency`` writers."""
+    sb = await start_sandbox(seed=SeedSpec(contacts=records, seed=2),
+                             options=SandboxOptions(request_log_size=records + 1000))
     sb.faults.set(latency_ms=latency_ms)
     try:
-        # The same HTTP client library as the worker's connectors (aiohttp), without their pipeline.
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30), raise_for_status=True) as client:
-            form = {"client_id": SANDBOX_CLIENT_ID, "client_secret": SANDBOX_CLIENT_SECRET,
-                    "grant_type": "client_credentials"}
-            async with client.post(sb.d365_token_url, data={**form, "scope": sb.d365_scope}) as r:
-                d365 = (await r.json())["access_token"]
-            async with client.post(sb.acs_token_url, data=form) as r:
-                acs = (await r.json())["access_token"]
-            started = time.perf_counter()
-            async with client.get(f"{sb.d365_url}contacts?$select=contactid,emailaddress1,firstname,lastname",
-                                  headers={"Authorization": f"Bearer {d365}",
-                                           "Prefer": f"odata.maxpagesize={records}"}) as r:
-                page = await r.json()
-            headers = {"Authorization": f"Bearer {acs}", "X-Api-Key": SANDBOX_CLIENT_ID}
-            for row in page["value"]:
-                body = {"externalId": row["contactid"], "email": row["emailaddress1"],
-                        "firstName": (row["firstname"] or "")[:30], "lastName": row["lastname"]}
-                async with client.post(f"{sb.acs_url}profileAndServices/profile", json=body, headers=headers) as r:
-                    await r.read()
-            elapsed = time.perf_counter() - started
-        return {"records": records, "records_per_s": round(records / elapsed, 1)}
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "benchmarks.bare_writer", sb.d365_url, sb.acs_url, sb.d365_token_url,
+            sb.acs_token_url, sb.d365_scope, str(concurrency), stdout=asyncio.subprocess.PIPE)
+        out, _ = await proc.communicate()
+        if proc.returncode:
+            raise RuntimeError(f"bare writer exited with {proc.returncode}")
+        run = json.loads(out)
+        assert len(sb.acs.profiles.rows) == records
     finally:
         await sb.stop()
+    return {"records": records, "concurrency": concurrency, "records_per_s": round(records / run["seconds"], 1),
+            "cpu_ms_per_request": round(1000 * run["cpu_s"] / records, 4)}
 
 
 async def _raw_read(records: int, latency_ms: float = 0.0) -> dict[str, Any]:
@@ -147,38 +166,44 @@ async def _raw_read(records: int, latency_ms: float = 0.0) -> dict[str, Any]:
         await sb.stop()
 
 
-async def run(records: int = 200_000, small: int = 50_000, latency_ms: float = 20.0) -> dict[str, Any]:
-    """Two settings: the sandbox answering at once (CPU-bound: both sides share this 2-core
-    machine), and answering after ``latency_ms`` like a cloud API, where concurrency pays."""
+async def run(records: int = 200_000, small: int = 50_000, concurrency: int = DEFAULT_CONCURRENCY
+              ) -> dict[str, Any]:
+    """The sandbox answering at once (CPU-bound: every side shares this 2-core machine): the
+    worker at its default concurrency against the bare writer at the same concurrency."""
     small_run = await _worker_run(small)
     print(f"ingress {small:,}: {small_run}")
     full = await _worker_run(records)
     print(f"ingress {records:,}: {full}")
-    naive = await _naive(NAIVE_RECORDS)
-    print(f"naive baseline ({NAIVE_RECORDS:,}): {naive}")
+    bare = await _bare(small, concurrency)
+    print(f"bare writer ({small:,}, {concurrency} in flight): {bare}")
     raw = await _raw_read(records)
     print(f"raw read ceiling ({records:,}): {raw}")
     result: dict[str, Any] = {
-        "worker_50k": small_run, "worker_200k": full, "naive": naive, "raw_read": raw,
-        "ratio_to_naive": round(full["records_per_s"] / naive["records_per_s"], 2),
+        "worker_50k": small_run, "worker_200k": full, "bare_writer": bare, "raw_read": raw,
+        "ratio_to_bare_writer": round(full["steady_records_per_s"] / bare["records_per_s"], 3),
+        "cpu_ratio_to_bare_writer": round(full["cpu_ms_per_record"] / bare["cpu_ms_per_request"], 3),
         "ratio_to_raw_read": round(full["records_per_s"] / raw["records_per_s"], 3),
         "rss_growth_50k_to_200k": round(full["worker_peak_rss_mib"] / small_run["worker_peak_rss_mib"], 2)}
-    print(f"ingress, no latency: {result['ratio_to_naive']}x the naive baseline, {result['ratio_to_raw_read']:.1%} "
-          f"of the raw read ceiling; worker peak RSS x{result['rss_growth_50k_to_200k']} from 50k to 200k")
-    slow_worker = await _worker_run(20_000, latency_ms)
-    slow_naive = await _naive(500, latency_ms)
-    slow_raw = await _raw_read(records, latency_ms)
-    result[f"latency_{latency_ms:g}ms"] = {
-        "worker": slow_worker, "naive": slow_naive, "raw_read": slow_raw,
-        "ratio_to_naive": round(slow_worker["records_per_s"] / slow_naive["records_per_s"], 2),
-        "ratio_to_raw_read": round(slow_worker["records_per_s"] / slow_raw["records_per_s"], 3)}
-    r = result[f"latency_{latency_ms:g}ms"]
-    print(f"ingress, {latency_ms:g} ms latency: worker {slow_worker['records_per_s']} rec/s, naive "
-          f"{slow_naive['records_per_s']} rec/s ({r['ratio_to_naive']}x), raw read {slow_raw['records_per_s']} rec/s "
-          f"({r['ratio_to_raw_read']:.1%})")
+    print(f"ingress, no latency: {result['ratio_to_bare_writer']}x the bare writer, CPU per record "
+          f"{result['cpu_ratio_to_bare_writer']}x; worker peak RSS x{result['rss_growth_50k_to_200k']} 50k to 200k")
     return result
 
 
-if __name__ == "__main__":
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    print(asyncio.run(run(int(sys.argv[1]) if len(sys.argv) > 1 else 200_000)))
+async def run_latency(records: int = 20_000, latency_ms: float = 20.0,
+                      concurrencies: tuple[int, ...] = CONCURRENCIES) -> dict[str, Any]:
+    """The sandbox answering after ``latency_ms`` like a cloud API, where concurrency pays: the
+    worker at each concurrency against the bare writer at the same one and concurrency / latency."""
+    result: dict[str, Any] = {"latency_ms": latency_ms}
+    for c in concurrencies:
+        worker = await _worker_run(records, latency_ms, c)
+        bare = await _bare(records, c, latency_ms)
+        ceiling = c / (latency_ms / 1000.0)
+        result[f"concurrency_{c}"] = {
+            "worker": worker, "bare_writer": bare, "concurrency_over_latency": ceiling,
+            "ratio_to_bare_writer": round(worker["steady_records_per_s"] / bare["records_per_s"], 3),
+            "ratio_to_ceiling": round(worker["steady_records_per_s"] / ceiling, 3)}
+        print(f"ingress {latency_ms:g} ms, {c} in flight: worker {worker['steady_records_per_s']} rec/s, bare "
+              f"{bare['records_per_s']} rec/s, ceiling {ceiling:g} rec/s")
+    return result
+
+
