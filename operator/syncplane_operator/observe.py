@@ -77,4 +77,4 @@ def observe(deployment: dict[str, Any] | None, pods: Iterable[dict[str, Any]], l
     summed = totals(fresh)
     return Observed(live=live, ready=ready, failure=failure, backlog=summed.backlog, counters=summed.counters,
                     tables=summed.tables, dead_letters=summed.dead_letters, trouble=summed.trouble,
-                    waiting_since=summed.waiting_since)
+                    waiting_since=summed.waiting_since, concurrency=summed.concurrency)

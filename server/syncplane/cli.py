@@ -405,6 +405,7 @@ def describe_text(wf: pb.Workflow) -> str:
         f"+ dead-lettered {c.dead_lettered} + held {c.held} + failed (read again) {c.failed} + backlog {s.backlog}",
         f"Re-sent:      {c.resent} (held records and dead letters written later)",
         f"Rate:         {c.records_per_second:.1f} records/s",
+        f"Concurrency:  {_concurrency(s)}",
         f"Degraded:     {degraded}",
         f"Last error:   {f'{s.last_error.reason}: {s.last_error.message}' if s.last_error.reason else '-'}",
         f"Restarts:     {restarts} (automatic, for errors outside the spec)",
@@ -421,6 +422,13 @@ def describe_text(wf: pb.Workflow) -> str:
     lines.append(f"  {'TYPE':<10} {'STATUS':<7} {'REASON':<22} MESSAGE")
     lines.extend(f"  {c.type:<10} {c.status:<7} {c.reason:<22} {c.message}" for c in s.conditions)
     return "\n".join(lines)
+
+
+def _concurrency(s: pb.WorkflowStatus) -> str:
+    """``source 16/16, destination 8/52 requests in flight`` (allowed now / at most), or ``-``."""
+    sides = [f"{side} {c.limit}/{c.max}" for side, c in (("source", s.source_concurrency),
+                                                       ("destination", s.destination_concurrency)) if c.max]
+    return f"{', '.join(sides)} requests in flight (now/at most, adaptive)" if sides else "-"
 
 
 def _last_verify(v: pb.VerifyResult) -> str:

@@ -175,3 +175,23 @@ def test_endpoint_must_not_have_a_fragment():
     s = spec()
     s.source.endpoint += "#access_token=abc"
     assert "spec.source.endpoint" in violations(s)
+
+
+# Dataverse allows 52 concurrent requests per user ("Service protection API limits"); Campaign
+# publishes no limit (256 bounds one worker). Each side, each kind, below, at and above its bound.
+@pytest.mark.parametrize(("kind", "side", "value", "ok"), [
+    ("ingress", "source", 52, True), ("ingress", "source", 53, False),
+    ("ingress", "destination", 256, True), ("ingress", "destination", 257, False),
+    ("egress", "destination", 52, True), ("egress", "destination", 53, False),
+    ("egress", "source", 256, True), ("ingress", "source", -1, False), ("ingress", "destination", 0, True),
+])
+def test_max_concurrency_is_bounded_by_the_vendor_limit(kind, side, value, ok):
+    s = spec(kind)
+    getattr(s, side).max_concurrency = value
+    if ok:
+        validate_spec(s)
+        return
+    got = violations(s)
+    assert set(got) == {f"spec.{side}.max_concurrency"}
+    assert ("52 for DYNAMICS365" if getattr(s, side).kind == pb.CONNECTOR_KIND_DYNAMICS365
+            else "256 for CAMPAIGN_STANDARD") in got[f"spec.{side}.max_concurrency"]

@@ -23,11 +23,14 @@ import aiohttp
 from yarl import URL
 
 from syncplane.connectors.base import ConnectorError
+from syncplane.connectors.concurrency import AdaptiveLimiter
+from syncplane.validation.rules import DEFAULT_MAX_CONCURRENCY
 
 log = logging.getLogger("syncplane.connectors.http")
 
-#: Dataverse allows 52 concurrent requests per user; stay well below.
-DEFAULT_CONCURRENCY = 16
+#: Requests in flight per client when the spec sets no ``maxConcurrency`` (the validation's
+#: default: one number in one place). Dataverse allows 52 concurrent requests per user.
+DEFAULT_CONCURRENCY = DEFAULT_MAX_CONCURRENCY
 #: The largest response body (bytes, after decompression) a connector reads. The largest legitimate
 #: page is a Dataverse page of 5,000 rows (odata.maxpagesize) of the selected columns, a few KiB
 #: each (~25 MiB at 5 KiB a row), or 10,000 Campaign lines; 64 MiB leaves room above both.
@@ -210,6 +213,10 @@ class LinkHealth:
     error: str = ""
     status: int | None = None        # the last failure's HTTP status; None: no answer at all
     throttled: bool = False          # the last failure was a 429 (the vendor's throttling)
+    # The API's requests in flight allowed now (adaptive, see connectors.concurrency) and at most
+    # (the spec's maxConcurrency); 0: no API transport reports on this link.
+    concurrency: int = 0
+    max_concurrency: int = 0
 
     def failed(self, error: str, status: int | None) -> None:
         if self.failing_since is None:
@@ -286,7 +293,13 @@ def _retry_after(headers: Mapping[str, str]) -> float | None:
 
 
 class Transport:
-    """A pooled aiohttp session + concurrency cap + retry policy + shared Retry-After gate.
+    """A pooled aiohttp session + adaptive concurrency cap + retry policy + shared Retry-After gate.
+
+    ``concurrency`` is the most requests in flight; below it the transport adapts (AIMD, see
+    :mod:`syncplane.connectors.concurrency`): halved on a 429, a 5xx or a failed connection,
+    cut on rising latency, grown by one per clean window. The current value is published on the
+    gate's :class:`LinkHealth` (``concurrency`` / ``max_concurrency``) unless ``adaptive`` is
+    False (a fixed cap, e.g. a token endpoint's).
 
     aiohttp rather than httpx: the ingress worker was CPU-bound in httpx's connection pool
     (about 0.8 ms of worker CPU per record; about 0.15 ms with aiohttp, same sandbox run).
@@ -299,16 +312,22 @@ class Transport:
 
     def __init__(self, *, concurrency: int = DEFAULT_CONCURRENCY, policy: RetryPolicy | None = None,
                  gate: RetryGate | None = None, timeout: float = 60.0,
-                 max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES) -> None:
+                 max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES, adaptive: bool = True) -> None:
         self.policy = policy or RetryPolicy()
         self.max_response_bytes = max_response_bytes
         self.gate = gate or RetryGate()
         self.concurrency = concurrency
-        self.semaphore = asyncio.Semaphore(concurrency)
+        self.limiter = AdaptiveLimiter(concurrency, adaptive=adaptive)
+        self._publish()
         self.timeout = aiohttp.ClientTimeout(total=timeout, connect=10.0)
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
         self.sent = 0  # requests that went out (retries included), e.g. for verify's report
+
+    def _publish(self) -> None:
+        if self.limiter.adaptive:
+            self.gate.health.concurrency = self.limiter.current
+            self.gate.health.max_concurrency = self.limiter.maximum
 
     def _client(self) -> aiohttp.ClientSession:
         """The session, made on first use (it belongs to the running event loop).
@@ -381,12 +400,15 @@ class Transport:
                 token = await auth.token()
                 hdrs["Authorization"] = f"Bearer {token}"
             wait: float | None = None
-            async with self.semaphore:
+            epoch = await self.limiter.acquire()
+            try:
                 await self.gate.wait()
+                started = time.monotonic()
                 try:
                     response, wait = await self._send(method, url, hdrs, content, json, data)
                 except (aiohttp.ClientError, TimeoutError) as exc:
                     self.gate.health.failed(f"{method} {_redact(url)}: {type(exc).__name__}", None)
+                    self.limiter.failed(epoch)
                     failures += 1
                     if failures >= policy.max_attempts:
                         raise RetryableError(f"{method} {_redact(url)}: {type(exc).__name__} after "
@@ -394,6 +416,13 @@ class Transport:
                     error: BaseException | None = exc
                 else:
                     error = None
+                    if response.status_code == 429 or response.status_code >= 500:
+                        self.limiter.failed(epoch)
+                    else:
+                        self.limiter.succeeded(time.monotonic() - started)
+            finally:
+                self.limiter.release()
+                self._publish()
             if error is not None:
                 delay = policy.backoff(failures)
                 log.debug("%s %s: %s, retrying in %.2fs", method, _redact(url), type(error).__name__, delay)
@@ -463,7 +492,7 @@ class OAuth2ClientCredentials:
         self.scope = scope if scope is not None else credentials.scope
         self.refresh_ratio = refresh_ratio
         self._own_transport = transport is None
-        self.transport = transport or Transport(concurrency=2)
+        self.transport = transport or Transport(concurrency=2, adaptive=False)
         self.gate = self.transport.gate
         self._token: str | None = None
         self._refresh_at = 0.0

@@ -89,6 +89,8 @@ class Observed:
     trouble: Trouble | None = None   # the longest-lasting transient failure of any worker
     # Since when (epoch seconds) records have waited in a backlog with none written; None: no backlog.
     waiting_since: float | None = None
+    # "source" / "destination" → (requests in flight allowed now, at most), summed over the workers.
+    concurrency: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -228,6 +230,11 @@ def _observe(status: pb.WorkflowStatus, observed: Observed, target: int, phase: 
         status.counters.CopyFrom(observed.counters)
     else:
         status.counters.records_per_second = 0.0
+    for side, value in (("source", status.source_concurrency), ("destination", status.destination_concurrency)):
+        if side in observed.concurrency:
+            value.limit, value.max = observed.concurrency[side]
+        else:
+            status.ClearField(f"{side}_concurrency")  # type: ignore[arg-type]
     if observed.dead_letters is not None:  # kept while stopped: stopping does not clear them
         status.dead_letters = observed.dead_letters
     if observed.tables:  # kept while stopped: a replay request is checked against it

@@ -5,7 +5,8 @@ both use it.
 
 A report's ``links`` say how each link a worker uses fares, keyed by ``source``,
 ``destination`` and ``state_store``: ``{"failing_since": epoch seconds or null,
-"error": str, "status": HTTP status or null, "throttled": bool}``. Its
+"error": str, "status": HTTP status or null, "throttled": bool, "concurrency": int,
+"max_concurrency": int}`` (the last two: requests in flight allowed now, and at most). Its
 ``waiting_since`` (epoch seconds or null) is since when records have waited in
 its backlog with none written."""
 
@@ -32,6 +33,8 @@ class Totals:
     dead_letters: int | None = None  # None: no worker has counted them yet
     trouble: Trouble | None = None   # the failing link that has failed longest, over all workers
     waiting_since: float | None = None  # the oldest wait of any worker's backlog (epoch seconds)
+    # "source" / "destination" → (requests in flight allowed now, at most), summed over the workers.
+    concurrency: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 def _int(value: Any) -> int:
@@ -74,6 +77,7 @@ def totals(reports: Iterable[Mapping[str, Any]]) -> Totals:
     letters: dict[str, int] = {}  # per dead-letter store: workers sharing one count the same rows
     trouble: Trouble | None = None
     waiting: float | None = None
+    concurrency: dict[str, tuple[int, int]] = {}
     for i, r in enumerate(reports):
         backlog += _int(r.get("backlog"))
         c = r.get("counters")
@@ -86,6 +90,12 @@ def totals(reports: Iterable[Mapping[str, Any]]) -> Totals:
                 trouble = failing
         if _int(r.get("backlog")) > 0 and (w := _since(r.get("waiting_since"))) is not None:
             waiting = w if waiting is None else min(waiting, w)
+        links = r.get("links")
+        for name in ("source", "destination"):
+            link = links.get(name) if isinstance(links, Mapping) else None
+            if isinstance(link, Mapping) and _int(link.get("max_concurrency")) > 0:
+                limit, most = concurrency.get(name, (0, 0))
+                concurrency[name] = (limit + _int(link.get("concurrency")), most + _int(link.get("max_concurrency")))
         t = r.get("tables")
         if isinstance(t, Mapping):
             for table, rows in t.items():
@@ -94,4 +104,5 @@ def totals(reports: Iterable[Mapping[str, Any]]) -> Totals:
         if isinstance(n, int) and not isinstance(n, bool) and n >= 0:
             store = str(r.get("dead_letter_store") or f"worker {i}")
             letters[store] = max(letters.get(store, 0), n)
-    return Totals(backlog, counters, tables, sum(letters.values()) if letters else None, trouble, waiting)
+    return Totals(backlog, counters, tables, sum(letters.values()) if letters else None, trouble, waiting,
+                  concurrency)

@@ -41,6 +41,8 @@ CONSTRAINTS: dict[tuple[str, str], dict[str, Any]] = {
     # No user info, fragment, spaces or control characters (the same rules as syncplane.validation).
     ("Connection", "endpoint"): {"pattern": r"^https?://[^@/#\x00-\x20\x7f]+(/[^#\x00-\x20\x7f]*)?$",
                                  "maxLength": 2048},
+    ("Connection", "max_concurrency"): {"minimum": 0, "maximum": max(rules.MAX_CONCURRENCY_DYNAMICS365,
+                                                                     rules.MAX_CONCURRENCY_CAMPAIGN)},
     ("SecretReference", "name"): {"pattern": DNS1123, "minLength": 1, "maxLength": 63},
     # Lists keyed by a field: the API server itself refuses duplicates (one
     # mapping per source table; one source field per destination field).
@@ -114,6 +116,10 @@ CEL: dict[str, list[dict[str, str]]] = {
                  "\\\\[fd00:ec2::254\\\\]|100\\\\.100\\\\.100\\\\.200|metadata(\\\\.google\\\\.internal|"
                  "\\\\.goog)?[:/]|metadata(\\\\.google\\\\.internal|\\\\.goog)?$)')",
          "message": "must not be a link-local or cloud metadata address", "fieldPath": ".endpoint"},
+        {"rule": f"self.kind != 'DYNAMICS365' || !has(self.maxConcurrency) || "
+                 f"self.maxConcurrency <= {rules.MAX_CONCURRENCY_DYNAMICS365}",
+         "message": f"must be at most {rules.MAX_CONCURRENCY_DYNAMICS365} for DYNAMICS365 (Dataverse's limit on "
+                    "concurrent requests per user)", "fieldPath": ".maxConcurrency"},
     ],
     "IngressSpec": [
         {"rule": "self.entities.filter(e, e.destinationResource != 'profile').size() <= "

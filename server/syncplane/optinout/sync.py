@@ -45,6 +45,7 @@ from syncplane.optinout.rules import (
     plan,
 )
 from syncplane.optinout.writers import CampaignOptOutWriter, CampaignWrite, DynamicsOptOutWriter, Outcome
+from syncplane.validation.spec import max_concurrency
 from syncplane.worker.checkpoints import AsyncCheckpointStore, AsyncDeadLetterStore, SqliteWorkerState
 from syncplane.worker.credentials import ConnectionSecret
 from syncplane.worker.report import WorkerReport
@@ -399,8 +400,8 @@ def build_optinout(workflow: str, spec: pb.WorkflowSpec, secrets: dict[str, Conn
     crm_secret, acs_secret = secrets[crm_conn.credentials.name], secrets[acs_conn.credentials.name]
     crm_tokens = OAuth2ClientCredentials(crm_secret.token_url, crm_secret.credentials())
     acs_tokens = OAuth2ClientCredentials(acs_secret.token_url, acs_secret.credentials())
-    crm_transport = Transport(concurrency=16, gate=crm_tokens.gate)
-    acs_transport = Transport(concurrency=16, gate=acs_tokens.gate)
+    crm_transport = Transport(concurrency=max_concurrency(crm_conn), gate=crm_tokens.gate)
+    acs_transport = Transport(concurrency=max_concurrency(acs_conn), gate=acs_tokens.gate)
     batch_size = spec.batch_size or DEFAULT_BATCH_SIZE
     crm_source = DynamicsSource(crm_conn.endpoint, crm_tokens, key_column=CRM_KEY, page_size=MAX_PAGE_SIZE,
                                 transport=crm_transport)

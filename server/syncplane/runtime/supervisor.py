@@ -239,7 +239,7 @@ class Supervisor:
         return Observed(live=len(group.procs), ready=ready, failure=group.failure, backlog=summed.backlog,
                         counters=summed.counters, tables=summed.tables, degraded=degraded,
                         dead_letters=summed.dead_letters, trouble=summed.trouble,
-                        waiting_since=summed.waiting_since)
+                        waiting_since=summed.waiting_since, concurrency=summed.concurrency)
 
     def _converge(self, wid: str, group: WorkerGroup, target: int, generation: int,
                   applied: pb.WorkflowSpec | None, now: float) -> None:

@@ -485,6 +485,41 @@ class ServiceProtection:
         self._exec_total.clear()
 
 
+# --------------------------------------------------------------------------- concurrency record
+
+
+class InFlight:
+    """The API requests an emulator is serving at once (token requests and ``/_sandbox`` routes
+    left out), now and at the most since the last :meth:`reset`, over all clients and per
+    client: the witness of how many concurrent requests a client really had, whatever it
+    believes it sent. Counted from arrival to response, faults included."""
+
+    def __init__(self) -> None:
+        self.now = 0
+        self.peak = 0
+        self.by_client: dict[str | None, int] = {}
+        self.peak_by_client: dict[str | None, int] = {}
+
+    def enter(self, client: str | None) -> None:
+        self.now += 1
+        self.peak = max(self.peak, self.now)
+        n = self.by_client[client] = self.by_client.get(client, 0) + 1
+        self.peak_by_client[client] = max(self.peak_by_client.get(client, 0), n)
+
+    def leave(self, client: str | None) -> None:
+        self.now -= 1
+        self.by_client[client] -= 1
+
+    def reset(self) -> None:
+        """Forget the peaks (the requests in flight now stay counted)."""
+        self.peak = self.now
+        self.peak_by_client = {c: n for c, n in self.by_client.items() if n}
+
+    def to_json(self) -> dict[str, Json]:
+        return {"in_flight": self.now, "peak": self.peak,
+                "peak_by_client": {str(c): n for c, n in self.peak_by_client.items()}}
+
+
 # --------------------------------------------------------------------------- the base app
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -503,6 +538,7 @@ class EmulatorApp:
         self.tokens = tokens
         self.faults = faults
         self.protection = protection
+        self.in_flight = InFlight()
         self.app = web.Application(middlewares=[self._middleware], client_max_size=64 * 1024 * 1024)
         self.app.on_response_prepare.append(self._label)
         r = self.app.router
@@ -516,6 +552,8 @@ class EmulatorApp:
         r.add_post(CONTROL_PREFIX + "/tokens/expire", self._ctl_expire_tokens)
         r.add_put(CONTROL_PREFIX + "/tokens/lifetime", self._ctl_token_lifetime)
         r.add_post(CONTROL_PREFIX + "/clock/advance", self._ctl_advance_clock)
+        r.add_get(CONTROL_PREFIX + "/concurrency", self._ctl_concurrency)
+        r.add_delete(CONTROL_PREFIX + "/concurrency", self._ctl_reset_concurrency)
         if protection is not None:
             r.add_get(CONTROL_PREFIX + "/limits", self._ctl_limits)
             r.add_put(CONTROL_PREFIX + "/limits", self._ctl_set_limits)
@@ -556,6 +594,9 @@ class EmulatorApp:
         self.log.append(record)  # visible while in flight (status None)
         response: web.StreamResponse | None = None
         dropped = False
+        counted = not self.is_auth_path(request.path)
+        if counted:
+            self.in_flight.enter(client)
         try:
             response = await self._serve(request, handler, record)
             return response
@@ -567,6 +608,8 @@ class EmulatorApp:
             response = exc
             raise
         finally:
+            if counted:
+                self.in_flight.leave(client)
             responded = time.monotonic()
             record.status = response.status if response is not None and not dropped else 0
             if response is not None and "Retry-After" in response.headers:
@@ -663,6 +706,13 @@ class EmulatorApp:
         body = await request.json()
         self.clock.advance(float(body["seconds"]))
         return json_response({"offset": self.clock.offset})
+
+    async def _ctl_concurrency(self, request: web.Request) -> web.Response:
+        return json_response(self.in_flight.to_json())
+
+    async def _ctl_reset_concurrency(self, request: web.Request) -> web.Response:
+        self.in_flight.reset()
+        return json_response(self.in_flight.to_json())
 
     async def _ctl_limits(self, request: web.Request) -> web.Response:
         assert self.protection is not None

@@ -104,6 +104,9 @@ class Sandbox:
         self.batch_parts = self._d365_app.batch_parts
         #: Documented Dataverse variants (paging links, $batch error handling): see variants.py.
         self.variants = self._d365_app.variants
+        #: API requests each emulator serves at once, now and at the peak (see common.InFlight).
+        self.d365_in_flight = self._d365_app.in_flight
+        self.acs_in_flight = self._acs_app.in_flight
         self._runners: list[web.AppRunner] = []
         self.d365_port = 0
         self.acs_port = 0

@@ -10,6 +10,13 @@ MIN_POLL_SECONDS = 1
 MAX_POLL_SECONDS = 3600
 DEFAULT_POLL_SECONDS = 5
 MAX_WORKERS = 16
+# Requests in flight per connection (spec.source/destination.max_concurrency). Dataverse allows
+# 52 concurrent requests per user ("Service protection API limits", Microsoft Learn,
+# learn.microsoft.com/power-apps/developer/data-platform/api-limits: "Number of concurrent
+# requests"); Campaign Standard publishes no limit: 256 bounds what one worker attempts.
+MAX_CONCURRENCY_DYNAMICS365 = 52
+MAX_CONCURRENCY_CAMPAIGN = 256
+DEFAULT_MAX_CONCURRENCY = 16   # what 0 (unset) means; see README "Concurrency" for the measurement
 MAX_REPLAY_ROWS = 2_000_000     # a replay is refused at this backlog or table size
 PROFILE_RESOURCE = "profile"
 

@@ -125,6 +125,21 @@ def _connections(spec: pb.WorkflowSpec, p: str) -> Iterable[FieldViolation]:
             yield from _secret_query(conn.endpoint, f"{fp}.endpoint")
         if not is_dns1123_label(conn.credentials.name):
             yield FieldViolation(f"{fp}.credentials.name", "is required and must be a DNS-1123 label")
+        limit = max_concurrency_limit(conn.kind)
+        if not 0 <= conn.max_concurrency <= limit:
+            yield FieldViolation(f"{fp}.max_concurrency", f"must be between 1 and {limit} for {_kind(conn.kind)} "
+                                 "(0 or unset: the default)")
+
+
+def max_concurrency(conn: pb.Connection) -> int:
+    """The requests in flight a worker may have to ``conn`` at most: its ``max_concurrency``, or
+    the default when unset (0)."""
+    return conn.max_concurrency or rules.DEFAULT_MAX_CONCURRENCY
+
+
+def max_concurrency_limit(kind: int) -> int:
+    """The most requests in flight a connection of ``kind`` may ask for (see rules)."""
+    return rules.MAX_CONCURRENCY_DYNAMICS365 if kind == D365 else rules.MAX_CONCURRENCY_CAMPAIGN
 
 
 def _secret_query(endpoint: str, fp: str) -> Iterable[FieldViolation]:

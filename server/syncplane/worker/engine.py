@@ -46,6 +46,7 @@ from syncplane.connectors.schema import Schema, SchemaChanged, check
 from syncplane.egress import transform as egress
 from syncplane.ingress.deletes import DeleteReconciler
 from syncplane.ingress.transform import EntityTransform, MappingNotSupported
+from syncplane.validation.spec import max_concurrency
 from syncplane.worker.checkpoints import (
     AsyncCheckpointStore,
     AsyncDeadLetterStore,
@@ -268,16 +269,17 @@ class _PipelineRunner:
 
 class IngressRunner(_PipelineRunner):
     def __init__(self, workflow: str, spec: pb.WorkflowSpec, secrets: dict[str, ConnectionSecret],
-                 stores: Stores, report: WorkerReport, batch_size: int, index: int, concurrency: int = 16) -> None:
+                 stores: Stores, report: WorkerReport, batch_size: int, index: int) -> None:
         super().__init__(workflow, spec, secrets, stores, report, batch_size)
         self.spec = spec
         self.streams = ingress_streams(spec, index, max(1, spec.workers))
         dst = self.dst_secret
         page_size = min(MAX_PAGE_SIZE, max(PAGE_SIZE, batch_size))
         # The key column is per table: _KeyedSource passes it per stream.
-        self.source = DynamicsSource(spec.source.endpoint, self.tokens[0], key_column="", page_size=page_size)
+        self.source = DynamicsSource(spec.source.endpoint, self.tokens[0], key_column="", page_size=page_size,
+                                     concurrency=max_concurrency(spec.source))
         self.sink = CampaignSink(spec.destination.endpoint, self.tokens[1], dst.api_key or dst.client_id,
-                                 owner=dst.client_id, concurrency=concurrency)
+                                 owner=dst.client_id, concurrency=max_concurrency(spec.destination))
         self.guards: list[StreamGuard] = []
 
     async def build(self) -> list[Pipeline]:
@@ -327,8 +329,10 @@ class EgressRunner(_PipelineRunner):
         super().__init__(workflow, spec, secrets, stores, report, batch_size)
         src = self.src_secret
         self.source = CampaignSource(spec.source.endpoint, self.tokens[0], src.api_key or src.client_id,
-                                     key_field={egress.EVENTS: egress.EVENT_KEY}, line_count=PAGE_SIZE)
-        self.sink = DynamicsSink(spec.destination.endpoint, self.tokens[1])
+                                     key_field={egress.EVENTS: egress.EVENT_KEY}, line_count=PAGE_SIZE,
+                                     concurrency=max_concurrency(spec.source))
+        self.sink = DynamicsSink(spec.destination.endpoint, self.tokens[1],
+                                 concurrency=max_concurrency(spec.destination))
         self.stream = Stream(name=egress.EVENTS, table=egress.EVENTS, resource=egress.ACTIVITY_SET,
                              key_field=egress.ACTIVITY_KEY, transform=egress.EventTransform(spec.egress))
 

@@ -7,6 +7,9 @@ COMMENTS: dict[str, str] = {'syncplane.v1.AutoRestart': 'Strimzi-style automatic
                                    'a user.',
  'syncplane.v1.AutoRestart.last_restart_time': 'When the last automatic restart was made.',
  'syncplane.v1.AutoRestart.next_restart_time': 'When the next automatic restart is due (while in ERROR).',
+ 'syncplane.v1.Concurrency': "The adaptive concurrency of one side's requests, summed over the workers.",
+ 'syncplane.v1.Concurrency.limit': 'Requests that may be in flight now.',
+ 'syncplane.v1.Concurrency.max': 'The most that may ever be (`max_concurrency` times the reporting workers).',
  'syncplane.v1.Condition': 'Kubernetes-style condition: Ready, SpecDrift, Degraded.',
  'syncplane.v1.Condition.last_transition_time': 'When the status last changed.',
  'syncplane.v1.Condition.message': 'The details, for people.',
@@ -19,6 +22,11 @@ COMMENTS: dict[str, str] = {'syncplane.v1.AutoRestart': 'Strimzi-style automatic
  'syncplane.v1.Connection.credentials': 'Where the credentials live; never the secret itself.',
  'syncplane.v1.Connection.endpoint': 'Base URL of the API, e.g. https://org.api.crm.dynamics.com/api/data/v9.2/.',
  'syncplane.v1.Connection.kind': 'The vendor API: DYNAMICS365 (the Dataverse Web API) or CAMPAIGN_STANDARD.',
+ 'syncplane.v1.Connection.max_concurrency': 'The most requests a worker has in flight to this API at once (0: the '
+                                            'default, 16). The worker adapts below it (AIMD: it grows while latency '
+                                            'and errors stay flat, halves on a 429 or rising latency). At most 52 for '
+                                            "DYNAMICS365 (Dataverse's service protection limit on concurrent requests "
+                                            'per user); at most 256 for CAMPAIGN_STANDARD, which publishes no limit.',
  'syncplane.v1.Counters': 'What the workers did with the records they read since they started. They add up: read = '
                           'written + deleted + filtered + dead_lettered + held + failed + the backlog. Re-sending held '
                           'records and dead letters is counted apart (`resent`): those records were counted when first '
@@ -201,6 +209,10 @@ COMMENTS: dict[str, str] = {'syncplane.v1.AutoRestart': 'Strimzi-style automatic
  'syncplane.v1.WorkflowStatus.phase': 'STOPPED, STARTING, RUNNING, STOPPING or ERROR (see last_error).',
  'syncplane.v1.WorkflowStatus.phase_time': 'When the workflow entered `phase`.',
  'syncplane.v1.WorkflowStatus.ready_workers': 'Workers running and reporting ready at the applied generation.',
+ 'syncplane.v1.WorkflowStatus.source_concurrency': "Requests in flight the workers allow themselves now to each side's "
+                                                   'API, summed over the workers that report: adaptive below the '
+                                                   "spec's `max_concurrency` (halved on a 429, grown while latency and "
+                                                   'errors stay flat). Unset while no worker reports.',
  'syncplane.v1.WorkflowStatus.tables': "Rows per source table, counted by the workers' last full read.",
  'syncplane.v1.WorkflowType.WORKFLOW_TYPE_EGRESS': 'Campaign email events back to Dynamics 365.',
  'syncplane.v1.WorkflowType.WORKFLOW_TYPE_INGRESS': 'Dynamics 365 contacts and custom entities into Campaign.',

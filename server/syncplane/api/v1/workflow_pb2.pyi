@@ -330,6 +330,7 @@ class Connection(_message.Message):
     ENDPOINT_FIELD_NUMBER: _builtins.int
     CREDENTIALS_FIELD_NUMBER: _builtins.int
     ALLOW_CLEARTEXT_FIELD_NUMBER: _builtins.int
+    MAX_CONCURRENCY_FIELD_NUMBER: _builtins.int
     kind: Global___ConnectorKind.ValueType
     """The vendor API: DYNAMICS365 (the Dataverse Web API) or CAMPAIGN_STANDARD."""
     endpoint: _builtins.str
@@ -337,6 +338,13 @@ class Connection(_message.Message):
     allow_cleartext: _builtins.bool
     """Allow a plain http:// endpoint on a host other than loopback. Off by default: the bearer
     token would travel in clear text.
+    """
+    max_concurrency: _builtins.int
+    """The most requests a worker has in flight to this API at once (0: the
+    default, 16). The worker adapts below it (AIMD: it grows while latency and
+    errors stay flat, halves on a 429 or rising latency). At most 52 for
+    DYNAMICS365 (Dataverse's service protection limit on concurrent requests
+    per user); at most 256 for CAMPAIGN_STANDARD, which publishes no limit.
     """
     @_builtins.property
     def credentials(self) -> Global___SecretReference:
@@ -349,10 +357,11 @@ class Connection(_message.Message):
         endpoint: _builtins.str = ...,
         credentials: Global___SecretReference | None = ...,
         allow_cleartext: _builtins.bool = ...,
+        max_concurrency: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["credentials", b"credentials"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_cleartext", b"allow_cleartext", "credentials", b"credentials", "endpoint", b"endpoint", "kind", b"kind"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_cleartext", b"allow_cleartext", "credentials", b"credentials", "endpoint", b"endpoint", "kind", b"kind", "max_concurrency", b"max_concurrency"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -730,6 +739,8 @@ class WorkflowStatus(_message.Message):
     LAST_VERIFY_FIELD_NUMBER: _builtins.int
     DEGRADATION_FIELD_NUMBER: _builtins.int
     AUTO_RESTART_FIELD_NUMBER: _builtins.int
+    SOURCE_CONCURRENCY_FIELD_NUMBER: _builtins.int
+    DESTINATION_CONCURRENCY_FIELD_NUMBER: _builtins.int
     phase: Global___Phase.ValueType
     """STOPPED, STARTING, RUNNING, STOPPING or ERROR (see last_error)."""
     backlog: _builtins.int
@@ -793,6 +804,16 @@ class WorkflowStatus(_message.Message):
         answer is not an ERROR: the workers retry, and the workflow is Degraded.
         """
 
+    @_builtins.property
+    def source_concurrency(self) -> Global___Concurrency:
+        """Requests in flight the workers allow themselves now to each side's API,
+        summed over the workers that report: adaptive below the spec's
+        `max_concurrency` (halved on a 429, grown while latency and errors stay
+        flat). Unset while no worker reports.
+        """
+
+    @_builtins.property
+    def destination_concurrency(self) -> Global___Concurrency: ...
     def __init__(
         self,
         *,
@@ -814,14 +835,42 @@ class WorkflowStatus(_message.Message):
         last_verify: Global___VerifyResult | None = ...,
         degradation: Global___WorkflowError | None = ...,
         auto_restart: Global___AutoRestart | None = ...,
+        source_concurrency: Global___Concurrency | None = ...,
+        destination_concurrency: Global___Concurrency | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["auto_restart", b"auto_restart", "counters", b"counters", "degradation", b"degradation", "drift", b"drift", "last_error", b"last_error", "last_verify", b"last_verify", "phase_time", b"phase_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["auto_restart", b"auto_restart", "counters", b"counters", "degradation", b"degradation", "destination_concurrency", b"destination_concurrency", "drift", b"drift", "last_error", b"last_error", "last_verify", b"last_verify", "phase_time", b"phase_time", "source_concurrency", b"source_concurrency"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_generation", b"applied_generation", "applied_restart_nonce", b"applied_restart_nonce", "applied_spec_hash", b"applied_spec_hash", "auto_restart", b"auto_restart", "backlog", b"backlog", "conditions", b"conditions", "counters", b"counters", "dead_letters", b"dead_letters", "degradation", b"degradation", "desired_workers", b"desired_workers", "drift", b"drift", "last_error", b"last_error", "last_verify", b"last_verify", "observed_generation", b"observed_generation", "phase", b"phase", "phase_time", b"phase_time", "ready_workers", b"ready_workers", "tables", b"tables"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_generation", b"applied_generation", "applied_restart_nonce", b"applied_restart_nonce", "applied_spec_hash", b"applied_spec_hash", "auto_restart", b"auto_restart", "backlog", b"backlog", "conditions", b"conditions", "counters", b"counters", "dead_letters", b"dead_letters", "degradation", b"degradation", "desired_workers", b"desired_workers", "destination_concurrency", b"destination_concurrency", "drift", b"drift", "last_error", b"last_error", "last_verify", b"last_verify", "observed_generation", b"observed_generation", "phase", b"phase", "phase_time", b"phase_time", "ready_workers", b"ready_workers", "source_concurrency", b"source_concurrency", "tables", b"tables"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WorkflowStatus: _TypeAlias = WorkflowStatus  # noqa: Y015
+
+@_typing.final
+class Concurrency(_message.Message):
+    """The adaptive concurrency of one side's requests, summed over the workers."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LIMIT_FIELD_NUMBER: _builtins.int
+    MAX_FIELD_NUMBER: _builtins.int
+    limit: _builtins.int
+    """Requests that may be in flight now."""
+    max: _builtins.int
+    """The most that may ever be (`max_concurrency` times the reporting workers)."""
+    def __init__(
+        self,
+        *,
+        limit: _builtins.int = ...,
+        max: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit", "max", b"max"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Concurrency: _TypeAlias = Concurrency  # noqa: Y015
 
 @_typing.final
 class VerifyCounts(_message.Message):
