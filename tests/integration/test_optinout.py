@@ -221,14 +221,19 @@ async def test_bidirectional_flips_on_both_sides_while_the_sync_runs(sb: Sandbox
         await h.converge()
         rng = random.Random(5)
         flips = 0
-        done = asyncio.Event()
+        done, passed = asyncio.Event(), asyncio.Event()
 
         async def flipper() -> None:
             nonlocal flips
-            for _ in range(400):
+            for i in range(400):
                 flip(sb, rng, keys)
                 flips += 1
                 await asyncio.sleep(0)  # interleave with the sync's requests
+                if i % 100 == 99:
+                    # Spread the flips over several passes (the sync's SQLite calls run off the
+                    # event loop, so one pass could otherwise see all of them).
+                    passed.clear()
+                    await passed.wait()
             done.set()
 
         m = marks(sb)
@@ -237,6 +242,7 @@ async def test_bidirectional_flips_on_both_sides_while_the_sync_runs(sb: Sandbox
         while not done.is_set():
             await h.sync.run_once(asyncio.Event())
             passes += 1
+            passed.set()
             assert passes < 500
         await task
         assert passes >= 2  # the flips really overlapped passes

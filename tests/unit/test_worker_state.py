@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import sqlite3
 from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from aiohttp import web
 
 from syncplane.connectors.base import Record
 from syncplane.optinout.memory import SqliteEchoMemory
+from syncplane.runtime.supervisor import SupervisorConfig
 from syncplane.worker.checkpoints import STATE_TABLES, SqliteWorkerState, forget_workflows
 from syncplane.worker.held import HeldRecords
 
@@ -45,3 +53,57 @@ def test_forgets_only_the_workflows_not_kept(tmp_path: Path) -> None:
     assert counts(path, "gone-1") == counts(path, "gone-2") == dict.fromkeys(STATE_TABLES, 0)
     assert counts(path, "kept") == dict.fromkeys(STATE_TABLES, 1)
     assert forget_workflows(path, ["kept"]) == []
+
+
+# Every call a worker makes on its SQLite file (checkpoints, dead letters, repairs, held records,
+# echo memory): none may hold up the event loop while another connection has the write lock.
+# (Reads never wait for a writer in WAL mode.)
+LOCKED_CALLS = [
+    ("commit a checkpoint", lambda s: s["state"].acommit("wf", "contact", "delta y")),
+    ("store a dead letter", lambda s: s["state"].adead_letter("wf", "contact", "k9", {"a": 1}, 400, "bad")),
+    ("settle a retry", lambda s: s["state"].asettle_retry("wf", "contact", ["k1"], [], [])),
+    ("queue a repair", lambda s: s["state"].aqueue_repairs("wf", "contact", [Record("k3", {"a": 1})])),
+    ("hold a record", lambda s: s["held"].ahold("wf", "event", "e2", {"id": "e2"}, 404, "no contact yet")),
+    ("release a record", lambda s: s["held"].arelease("wf", "event", "e1")),
+    ("store the echo memory", lambda s: s["memory"].astore("wf", "crm", {"k2": {"donotemail": False}})),
+]
+
+
+@pytest.mark.parametrize(("what", "call"), LOCKED_CALLS, ids=[w for w, _ in LOCKED_CALLS])
+async def test_a_held_write_lock_never_stalls_status(tmp_path: Path, what: str, call: Any) -> None:
+    """Another connection holds the write lock: the call
+    waits for it, but the worker's /status on the same event loop answers within the supervisor's
+    poll timeout meanwhile; once the lock goes the call completes."""
+    path = tmp_path / "worker-state.db"
+    fill(path, "wf")
+    stores: dict[str, Any] = {"state": SqliteWorkerState(path), "held": HeldRecords(path),
+                              "memory": SqliteEchoMemory(path)}
+
+    async def status(request: web.Request) -> web.Response:
+        return web.json_response({"ready": True})
+
+    app = web.Application()
+    app.router.add_get("/status", status)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    locker = sqlite3.connect(str(path), isolation_level=None)
+    locker.execute("BEGIN IMMEDIATE")
+    task = asyncio.ensure_future(call(stores))
+    try:
+        async with httpx.AsyncClient(timeout=SupervisorConfig().poll_timeout) as http:
+            for _ in range(3):
+                assert (await http.get(f"http://127.0.0.1:{port}/status")).json() == {"ready": True}
+        assert not task.done(), f"{what} did not wait for the lock"
+        locker.execute("COMMIT")
+        await asyncio.wait_for(task, 60)
+    finally:
+        if locker.in_transaction:
+            locker.execute("ROLLBACK")
+        locker.close()
+        await asyncio.gather(task, return_exceptions=True)
+        await runner.cleanup()
+        for store in stores.values():
+            store.close()

@@ -9,10 +9,11 @@ restart never reads back its own writes as new changes.
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+
+from syncplane.sqlitefile import SqliteConnection
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS optinout_known (
@@ -24,13 +25,18 @@ _CHUNK = 500  # keys per IN (...) query: well under SQLite's variable limit
 
 class SqliteEchoMemory:
     def __init__(self, path: Path | str) -> None:
-        self._db = sqlite3.connect(str(path), isolation_level=None, timeout=30)
-        if str(path) != ":memory:":
-            self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.executescript(SCHEMA)
+        self._conn = SqliteConnection(path, SCHEMA)
+        self._db = self._conn.db
 
     def close(self) -> None:
-        self._db.close()
+        self._conn.close()
+
+    # The sync's calls: on the connection's thread, never blocking the event loop.
+    async def aload(self, workflow: str, side: str, keys: Iterable[str]) -> dict[str, dict[str, bool]]:
+        return await self._conn.run(self.load, workflow, side, list(keys))
+
+    async def astore(self, workflow: str, side: str, known: Mapping[str, Mapping[str, bool]]) -> None:
+        await self._conn.run(self.store, workflow, side, known)
 
     def load(self, workflow: str, side: str, keys: Iterable[str]) -> dict[str, dict[str, bool]]:
         wanted = list(dict.fromkeys(keys))

@@ -222,8 +222,8 @@ class OptInOutSync:
         if not items:
             return
         keys = [i.key for i in items]
-        known_crm = self.memory.load(self.workflow, CRM, keys)
-        known_campaign = self.memory.load(self.workflow, CAMPAIGN, keys)
+        known_crm = await self.memory.aload(self.workflow, CRM, keys)
+        known_campaign = await self.memory.aload(self.workflow, CAMPAIGN, keys)
         to_campaign: list[CampaignWrite] = []
         to_crm: list[tuple[str, dict[str, bool]]] = []
         for item in items:
@@ -248,7 +248,7 @@ class OptInOutSync:
             if p.to_crm:
                 to_crm.append((item.key, p.to_crm))
         campaign_out, crm_out = await self._write(to_campaign, to_crm)
-        self._remember(items, known_crm, known_campaign, crm_out, campaign_out)
+        await self._remember(items, known_crm, known_campaign, crm_out, campaign_out)
         await self._account(items, CRM, crm_out, dict(to_crm))
         await self._account(items, CAMPAIGN, campaign_out, {w.key: dict(w.values) for w in to_campaign})
         # The records read of a key (one or two) take its outcomes: one per side rejected (a dead
@@ -275,7 +275,7 @@ class OptInOutSync:
             self.writing = False
         return campaign_out, crm_out
 
-    def _remember(self, items: list[_Item], known_crm: dict[str, dict[str, bool]],
+    async def _remember(self, items: list[_Item], known_crm: dict[str, dict[str, bool]],
                   known_campaign: dict[str, dict[str, bool]], crm_out: Outcome, campaign_out: Outcome) -> None:
         """The echo memory after this batch: what each side was seen holding, overlaid with what
         it acknowledged we wrote. Stored before the cursors covering these records move."""
@@ -299,8 +299,8 @@ class OptInOutSync:
                 after.update(item.plan.to_campaign)
             if after != before:
                 new_campaign[item.key] = after
-        self.memory.store(self.workflow, CRM, new_crm)
-        self.memory.store(self.workflow, CAMPAIGN, new_campaign)
+        await self.memory.astore(self.workflow, CRM, new_crm)
+        await self.memory.astore(self.workflow, CAMPAIGN, new_campaign)
 
     async def _account(self, items: list[_Item], side: str, out: Outcome,
                        payloads: dict[str, dict[str, bool]]) -> None:
@@ -343,8 +343,9 @@ class OptInOutSync:
                 out = await self.crm_writer.write(list(resend.items()))
             else:
                 out = await self.campaign_writer.write([CampaignWrite(k, v) for k, v in resend.items()])
-            known = self.memory.load(self.workflow, target, out.written)
-            self.memory.store(self.workflow, target, {k: {**known.get(k, {}), **resend[k]} for k in out.written})
+            known = await self.memory.aload(self.workflow, target, out.written)
+            await self.memory.astore(self.workflow, target,
+                                     {k: {**known.get(k, {}), **resend[k]} for k in out.written})
             rejected = {r.key for r in out.rejected}
             await self.letters.asettle_retry(self.workflow, stream, [k for k in wanted if k not in rejected],
                                              [(r.key, r.status, r.error) for r in out.rejected], list(wanted))

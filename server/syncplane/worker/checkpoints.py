@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from syncplane.connectors.base import Record
+from syncplane.sqlitefile import SqliteConnection
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS checkpoints (
@@ -148,9 +149,8 @@ class SqliteWorkerState:
     """Checkpoints and dead letters for the embedded mode."""
 
     def __init__(self, path: Path) -> None:
-        self._db = sqlite3.connect(str(path), isolation_level=None, timeout=30)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.executescript(SCHEMA)
+        self._conn = SqliteConnection(path, SCHEMA)
+        self._db = self._conn.db
         self._migrate()
         # Names this store among others (one per machine, or per pod): reports of workers
         # sharing it count the same rows once.
@@ -169,7 +169,7 @@ class SqliteWorkerState:
         self._db.execute("CREATE INDEX IF NOT EXISTS dead_letters_retry ON dead_letters (workflow, stream, retry)")
 
     def close(self) -> None:
-        self._db.close()
+        self._conn.close()
 
     def load(self, workflow: str, stream: str) -> str | None:
         row = self._db.execute("SELECT cursor FROM checkpoints WHERE workflow = ? AND stream = ?",
@@ -187,29 +187,29 @@ class SqliteWorkerState:
                          "ON CONFLICT (workflow, stream) DO UPDATE SET cursor = excluded.cursor, "
                          "updated = excluded.updated", (workflow, stream, cursor, time.time()))
 
-    # AsyncCheckpointStore: the same calls, inline as the synchronous ones always ran (the connection
-    # belongs to the thread that opened it, so not in a worker thread).
+    # AsyncCheckpointStore: the same calls, on the connection's thread (a lock another process
+    # holds is waited for there, not on the event loop).
     async def aload(self, workflow: str, stream: str) -> str | None:
-        return self.load(workflow, stream)
+        return await self._conn.run(self.load, workflow, stream)
 
     async def acommit(self, workflow: str, stream: str, cursor: str) -> None:
-        self.commit(workflow, stream, cursor)
+        await self._conn.run(self.commit, workflow, stream, cursor)
 
-    # AsyncDeadLetterStore, likewise inline.
+    # AsyncDeadLetterStore, likewise.
     async def adead_letter(self, workflow: str, stream: str, key: str, payload: dict[str, Any], status: int,
                            error: str, *, resource: str = "", key_field: str = "", deleted: bool = False) -> None:
-        self.dead_letter(workflow, stream, key, payload, status, error, resource=resource, key_field=key_field,
-                         deleted=deleted)
+        await self._conn.run(self.dead_letter, workflow, stream, key, payload, status, error, resource=resource,
+                             key_field=key_field, deleted=deleted)
 
     async def adead_letter_count(self, workflow: str) -> int:
-        return self.dead_letter_count(workflow)
+        return await self._conn.run(self.dead_letter_count, workflow)
 
     async def amarked_for_retry(self, workflow: str, stream: str) -> list[DeadLetter]:
-        return self.marked_for_retry(workflow, stream)
+        return await self._conn.run(self.marked_for_retry, workflow, stream)
 
     async def asettle_retry(self, workflow: str, stream: str, delivered: Iterable[str],
                             rejected: Iterable[tuple[str, int, str]], sent: Iterable[str]) -> None:
-        self.settle_retry(workflow, stream, delivered, rejected, sent)
+        await self._conn.run(self.settle_retry, workflow, stream, list(delivered), list(rejected), list(sent))
 
     def dead_letter(self, workflow: str, stream: str, key: str, payload: dict[str, Any], status: int,
                     error: str, *, resource: str = "", key_field: str = "", deleted: bool = False) -> None:
@@ -307,13 +307,13 @@ class SqliteWorkerState:
                              [(workflow, stream, k) for k in keys])
 
     async def aqueue_repairs(self, workflow: str, stream: str, records: Sequence[Record]) -> int:
-        return self.queue_repairs(workflow, stream, records)
+        return await self._conn.run(self.queue_repairs, workflow, stream, records)
 
     async def arepairs(self, workflow: str, stream: str) -> list[Record]:
-        return self.repairs(workflow, stream)
+        return await self._conn.run(self.repairs, workflow, stream)
 
     async def arepaired(self, workflow: str, stream: str, keys: Iterable[str]) -> None:
-        self.repaired(workflow, stream, keys)
+        await self._conn.run(self.repaired, workflow, stream, list(keys))
 
     def _transaction(self) -> _Transaction:
         return _Transaction(self._db)

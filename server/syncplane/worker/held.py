@@ -10,11 +10,12 @@ reason. Never dropped silently.
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
+
+from syncplane.sqlitefile import SqliteConnection
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS held (
@@ -53,12 +54,11 @@ class AsyncHeldStore(Protocol):
 
 class HeldRecords:
     def __init__(self, path: Path) -> None:
-        self._db = sqlite3.connect(str(path), isolation_level=None, timeout=30)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.executescript(SCHEMA)
+        self._conn = SqliteConnection(path, SCHEMA)
+        self._db = self._conn.db
 
     def close(self) -> None:
-        self._db.close()
+        self._conn.close()
 
     def hold(self, workflow: str, stream: str, key: str, payload: dict[str, Any], status: int, error: str) -> None:
         """Hold a record (first time), or count one more failed attempt."""
@@ -76,13 +76,13 @@ class HeldRecords:
                                 "stream = ? ORDER BY first_seen, key", (workflow, stream))
         return [Held(k, json.loads(p), s, e, a) for k, p, s, e, a in rows]
 
-    # AsyncHeldStore: the same calls, inline (the connection belongs to the thread that opened it).
+    # AsyncHeldStore: the same calls, on the connection's thread (never blocking the event loop).
     async def ahold(self, workflow: str, stream: str, key: str, payload: dict[str, Any], status: int,
                     error: str) -> None:
-        self.hold(workflow, stream, key, payload, status, error)
+        await self._conn.run(self.hold, workflow, stream, key, payload, status, error)
 
     async def arelease(self, workflow: str, stream: str, key: str) -> None:
-        self.release(workflow, stream, key)
+        await self._conn.run(self.release, workflow, stream, key)
 
     async def aall(self, workflow: str, stream: str) -> list[Held]:
-        return self.all(workflow, stream)
+        return await self._conn.run(self.all, workflow, stream)
