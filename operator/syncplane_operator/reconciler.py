@@ -33,6 +33,7 @@ from syncplane_operator.builders import (
     build_worker_identity,
 )
 from syncplane_operator.observe import observe
+from syncplane_operator.telemetry import observed_reconcile
 
 # A deleted Workflow's workers get this long (seconds) to drain within one call of the delete
 # handler: past the workers' own drain timeout (20 s) and the pods' termination.
@@ -77,6 +78,7 @@ async def _create(call: Any, namespace: str, body: dict[str, Any]) -> None:
             raise
 
 
+@observed_reconcile
 async def reconcile(body: kopf.Body, patch: kopf.Patch, logger: Any, api: Clients, image: WorkerImage,
                     deployments: Iterable[Mapping[str, Any]], pods: Iterable[Mapping[str, Any]],
                     leases: Iterable[Mapping[str, Any]], policy: Policy = DEFAULT_POLICY) -> None:

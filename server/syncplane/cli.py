@@ -129,6 +129,8 @@ def _server_security(tls_cert: Path | None, tls_key: Path | None, token_file: Pa
 @click.option("--defaults/--no-defaults", default=True, show_default=True,
               help="Create the three default workflows (stopped) if absent.")
 @click.option("--otlp-endpoint", envvar="OTEL_EXPORTER_OTLP_ENDPOINT", default=None)
+@click.option("--metrics-listen", default=None,
+              help="host:port to serve this process's /metrics on (Prometheus text); default: not served.")
 @click.option("--port-file", type=click.Path(path_type=Path), help="Write the bound port here.")
 @click.option("--stop-timeout", type=float, default=30.0, show_default=True)
 @click.option("--crash-limit", type=int, default=5, show_default=True)
@@ -155,7 +157,8 @@ def _server_security(tls_cert: Path | None, tls_key: Path | None, token_file: Pa
 @click.option("--worker-memory-limit", type=int, default=2048, show_default=True,
               help="MiB: each worker process's data segment limit (RLIMIT_DATA).")
 def up(data_dir: Path, listen: str, tls_cert: Path | None, tls_key: Path | None, token_file: Path | None,
-       defaults: bool, otlp_endpoint: str | None, port_file: Path | None, stop_timeout: float,
+       defaults: bool, otlp_endpoint: str | None, metrics_listen: str | None, port_file: Path | None,
+       stop_timeout: float,
        crash_limit: int, crash_window: float, backoff_base: float, orphan_timeout: float, degraded_after: float,
        restart_backoff: float, restart_backoff_cap: float, sandbox: bool, sandbox_latency: float, console: bool,
        console_listen: str, console_port_file: Path | None, log_level: str, reflection: bool,
@@ -179,7 +182,8 @@ def up(data_dir: Path, listen: str, tls_cert: Path | None, tls_key: Path | None,
                                     policy=Policy(degraded_after=degraded_after, restart_backoff=restart_backoff,
                                                   restart_backoff_cap=restart_backoff_cap),
                                     worker_memory_limit=worker_memory_limit * 1024 ** 2),
-        with_defaults=defaults, otlp_endpoint=otlp_endpoint, port_file=port_file, sandbox=sandbox,
+        with_defaults=defaults, otlp_endpoint=otlp_endpoint, metrics_address=metrics_listen, port_file=port_file,
+        sandbox=sandbox,
         sandbox_latency_ms=sandbox_latency)
     try:
         asyncio.run(serve(config))
@@ -196,6 +200,8 @@ def up(data_dir: Path, listen: str, tls_cert: Path | None, tls_key: Path | None,
 @click.option("--tls-key", type=click.Path(exists=True, path_type=Path))
 @click.option("--token-file", type=click.Path(exists=True, path_type=Path))
 @click.option("--otlp-endpoint", envvar="OTEL_EXPORTER_OTLP_ENDPOINT", default=None)
+@click.option("--metrics-listen", default=None,
+              help="host:port to serve this process's /metrics on (Prometheus text); default: not served.")
 @click.option("--port-file", type=click.Path(path_type=Path))
 @click.option("--console/--no-console", "console", default=True, show_default=True,
               help="Serve the web console (the Workflows page) next to gRPC.")
@@ -209,13 +215,14 @@ def up(data_dir: Path, listen: str, tls_cert: Path | None, tls_key: Path | None,
                    "SubjectAccessReview on workflows), or the shared --token-file token.")
 @click.pass_context
 def server(ctx: click.Context, backend: str, namespace: str, listen: str, tls_cert: Path | None,
-           tls_key: Path | None, token_file: Path | None, otlp_endpoint: str | None, port_file: Path | None,
-           console: bool, console_listen: str, console_port_file: Path | None, log_level: str,
+           tls_key: Path | None, token_file: Path | None, otlp_endpoint: str | None, metrics_listen: str | None,
+           port_file: Path | None, console: bool, console_listen: str, console_port_file: Path | None, log_level: str,
            reflection: bool, auth: str) -> None:
     """Run the gRPC API server; `--backend kubernetes` serves Workflow custom resources."""
     if backend == "embedded":
         ctx.invoke(up, listen=listen, tls_cert=tls_cert, tls_key=tls_key, token_file=token_file,
-                   otlp_endpoint=otlp_endpoint, port_file=port_file, console=console, console_listen=console_listen,
+                   otlp_endpoint=otlp_endpoint, metrics_listen=metrics_listen, port_file=port_file, console=console,
+                   console_listen=console_listen,
                    console_port_file=console_port_file, log_level=log_level, reflection=reflection)
         return
     from syncplane.api.server import InsecureBindError
@@ -225,6 +232,7 @@ def server(ctx: click.Context, backend: str, namespace: str, listen: str, tls_ce
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     security = _server_security(tls_cert, tls_key, token_file, reflection)
     config = KubernetesServerConfig(namespace=namespace, address=listen, otlp_endpoint=otlp_endpoint,
+                                    metrics_address=metrics_listen,
                                     security=security, port_file=port_file, auth=auth,
                                     console=ConsoleConfig(console_listen, security) if console else None,
                                     console_port_file=console_port_file)
@@ -247,11 +255,21 @@ def sandbox(ctx: click.Context) -> None:
 @click.option("--namespace", "namespaces", multiple=True, help="Watch these namespaces (default: all).")
 @click.option("--standalone", is_flag=True, help="No peering: for a single replica or tests.")
 @click.option("--liveness", default="http://0.0.0.0:8081/healthz", show_default=True)
-def operator_(namespaces: tuple[str, ...], standalone: bool, liveness: str) -> None:
+@click.option("--otlp-endpoint", envvar="OTEL_EXPORTER_OTLP_ENDPOINT", default=None)
+@click.option("--metrics-listen", default=None,
+              help="host:port to serve the operator's /metrics on (Prometheus text); default: not served.")
+def operator_(namespaces: tuple[str, ...], standalone: bool, liveness: str, otlp_endpoint: str | None,
+              metrics_listen: str | None) -> None:
     """Run the Kubernetes operator reconciling Workflow resources into worker Deployments."""
     import kopf
 
     import syncplane_operator.handlers  # noqa: F401  (registers the handlers)
+    from syncplane import telemetry
+
+    telemetry.setup_tracing("syncplane-operator", otlp_endpoint)
+    telemetry.setup_metrics("syncplane-operator", otlp_endpoint)
+    if metrics_listen:
+        telemetry.serve_metrics(metrics_listen)
 
     kopf.configure(verbose=False)
     kopf.run(standalone=standalone, namespaces=list(namespaces), clusterwide=not namespaces,

@@ -1,31 +1,129 @@
-"""OpenTelemetry setup: traces go over OTLP when an endpoint is configured,
-and nowhere otherwise (the SDK provider still creates spans for context)."""
+"""OpenTelemetry setup for every syncplane process (server, worker, operator).
+
+Traces go over OTLP when an endpoint is configured, and nowhere otherwise (the SDK provider
+still creates spans for context). Metrics are always readable in the Prometheus text format
+(:func:`prometheus_exposition`, served at ``/metrics``) and are pushed over OTLP as well when an
+endpoint is configured. The endpoint is the argument, else the standard
+``OTEL_EXPORTER_OTLP_ENDPOINT`` environment variable; the export interval of metrics is the SDK's
+``OTEL_METRIC_EXPORT_INTERVAL`` (milliseconds, default 60000).
+
+Why the OpenTelemetry metrics SDK and its Prometheus exporter rather than ``prometheus-client``
+alone: one set of instruments (:mod:`syncplane.metrics`) then reaches both a Prometheus scrape and an
+OTLP collector, with OpenTelemetry semantic-convention names (``http.client.request.duration``
+becomes ``http_client_request_duration_seconds`` in the exposition); the exporter renders the
+text with ``prometheus-client`` itself, so nothing here writes exposition text by hand.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
+from typing import Any
 
-from opentelemetry import trace
+from opentelemetry import metrics, trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
+log = logging.getLogger(__name__)
 _configured = False
+_metrics_lock = threading.Lock()
+_meter_provider: MeterProvider | None = None
+_registry: Any = None  # prometheus_client.CollectorRegistry of this process's metrics
 
 
-def setup_tracing(service_name: str, endpoint: str | None = None) -> TracerProvider:
+def otlp_endpoint(endpoint: str | None = None) -> str | None:
+    """The OTLP/gRPC endpoint to export to: ``endpoint``, else ``OTEL_EXPORTER_OTLP_ENDPOINT``; None: none."""
+    return endpoint or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None
+
+
+def _resource(service_name: str, attributes: dict[str, str] | None = None) -> Resource:
+    return Resource.create({"service.name": service_name, **(attributes or {})})
+
+
+def setup_tracing(service_name: str, endpoint: str | None = None,
+                  attributes: dict[str, str] | None = None) -> TracerProvider:
+    """The process's tracer provider (made once), exporting over OTLP when there is an endpoint."""
     global _configured
     provider = trace.get_tracer_provider()
     if _configured and isinstance(provider, TracerProvider):
         return provider
-    provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
-    endpoint = endpoint or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    provider = TracerProvider(resource=_resource(service_name, attributes))
+    endpoint = otlp_endpoint(endpoint)
     if endpoint:
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
-        logging.getLogger(__name__).info("exporting traces over OTLP to %s", endpoint)
+        log.info("exporting traces over OTLP to %s", endpoint)
     trace.set_tracer_provider(provider)
     _configured = True
     return provider
+
+
+def setup_metrics(service_name: str, endpoint: str | None = None,
+                  attributes: dict[str, str] | None = None) -> MeterProvider:
+    """The process's meter provider (made once): a Prometheus reader for ``/metrics``, plus a periodic
+    OTLP exporter when there is an endpoint (see :func:`otlp_endpoint`)."""
+    global _meter_provider, _registry
+    with _metrics_lock:
+        if _meter_provider is not None:
+            return _meter_provider
+        from opentelemetry.exporter.prometheus import PrometheusMetricReader
+        from prometheus_client import CollectorRegistry
+
+        _registry = CollectorRegistry()
+        readers: list[MetricReader] = [PrometheusMetricReader(registry=_registry, scope_info_enabled=False)]
+        endpoint = otlp_endpoint(endpoint)
+        if endpoint:
+            from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+
+            readers.append(PeriodicExportingMetricReader(OTLPMetricExporter(endpoint=endpoint)))
+            log.info("exporting metrics over OTLP to %s", endpoint)
+        _meter_provider = MeterProvider(resource=_resource(service_name, attributes), metric_readers=readers)
+        metrics.set_meter_provider(_meter_provider)
+        return _meter_provider
+
+
+def prometheus_exposition() -> tuple[bytes, str]:
+    """This process's metrics in the Prometheus text format, and its content type.
+
+    Raises:
+        RuntimeError: before :func:`setup_metrics`.
+    """
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    if _registry is None:
+        raise RuntimeError("setup_metrics() has not run in this process")
+    return generate_latest(_registry), CONTENT_TYPE_LATEST
+
+
+def serve_metrics(address: str) -> int:
+    """Serve ``/metrics`` on ``host:port`` (port 0: any free one) from a background thread
+    (``prometheus_client``'s own server), for processes without an HTTP server of their own
+    (the API server, the operator). Returns the port.
+
+    Raises:
+        RuntimeError: before :func:`setup_metrics`.
+        OSError: when the address cannot be bound.
+    """
+    from prometheus_client import start_http_server
+
+    if _registry is None:
+        raise RuntimeError("setup_metrics() has not run in this process")
+    host, _, port = address.rpartition(":")
+    server, _thread = start_http_server(int(port), addr=host.strip("[]") or "0.0.0.0", registry=_registry)
+    bound = int(server.server_address[1])
+    log.info("serving /metrics on %s:%d", host or "0.0.0.0", bound)
+    return bound
+
+
+def shutdown() -> None:
+    """Flush what the OTLP exporters hold (spans, the last metrics): at a process's orderly exit."""
+    provider = trace.get_tracer_provider()
+    if isinstance(provider, TracerProvider):
+        provider.shutdown()
+    if _meter_provider is not None:
+        _meter_provider.shutdown()

@@ -139,7 +139,7 @@ async def test_worker_endpoints(cp: ControlPlane):
         assert status["ready"] is True and status["generation"] == wf.status.applied_generation
         assert {"backlog", "counters", "records_per_second", "last_error"} <= status.keys()
         metrics = (await http.get("/metrics")).text
-        assert 'syncplane_worker_backlog{workflow="probe",worker="0"} 0' in metrics
-        assert "# TYPE syncplane_worker_records_written_total counter" in metrics
+        assert 'syncplane_backlog{worker="0",workflow="probe"} 0.0' in metrics
+        assert "# TYPE syncplane_records_written_total counter" in metrics
     await cp.stub.StopWorkflow(svc.StopWorkflowRequest(name=name))
     await watch_until(cp.stub, name, lambda w: w.status.phase == pb.PHASE_STOPPED, int(wf.etag))

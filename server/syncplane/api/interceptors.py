@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -19,7 +20,7 @@ from grpc_status import rpc_status
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, StatusCode
 
-from syncplane import errors
+from syncplane import errors, metrics
 from syncplane.api.callers import VERBS, Call, Callers, SharedToken, bearer, workflow_of
 
 log = logging.getLogger(__name__)
@@ -145,20 +146,27 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
         async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
             rpc = _Call(self._callers, method, request)
+            started = time.perf_counter()
+            code = code_pb2.OK
             with self._span(method) as span:
                 try:
                     await rpc.check(context)
                     result = behavior(request, context)
                     response = (await result) if inspect.isawaitable(result) else result
                 except grpc.aio.AbortError:
-                    raise   # the behaviour aborted with its own status
+                    code = code_pb2.UNKNOWN  # the behaviour aborted with its own status
+                    raise
                 except Exception as exc:
+                    code = to_status(exc).code
                     rpc.done(exc)
                     _record(span, exc)
                     await _abort(context, exc, method)
                 else:
                     rpc.done()
                     return response
+                finally:
+                    metrics.rpc_server_duration.record(time.perf_counter() - started,
+                                                       {**_attrs(method), "rpc.grpc.status_code": code})
 
         return call
 

@@ -11,6 +11,7 @@ import email.utils
 import json
 import logging
 import random
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar
@@ -22,6 +23,7 @@ from urllib.parse import unquote
 import aiohttp
 from yarl import URL
 
+from syncplane import metrics
 from syncplane.connectors.base import ConnectorError
 from syncplane.connectors.concurrency import AdaptiveLimiter
 from syncplane.validation.rules import DEFAULT_MAX_CONCURRENCY
@@ -175,6 +177,36 @@ class UntrustedOrigin(ConnectorError):
         allowed = ", ".join(credentials.audience) or "nothing (no origin declared)"
         super().__init__("UNTRUSTED_ORIGIN", f"{method} {origin_of(url)}{_path_of(url)}: refused, the credentials of "
                          f"client id {credentials.client_id!r} are only for {allowed}; nothing was sent")
+
+
+_VENDOR_HOST_API = "/api/data/"       # Dataverse Web API: /api/data/v9.2/<entity set>...
+_ID_LIKE = re.compile(r"^(@.*|[0-9a-fA-F-]{32,36}|.*\d.*\d.*\d.*)$")  # a PKey, a GUID, a number-heavy id
+
+
+def endpoint_of(url: str) -> tuple[str, str]:
+    """The vendor and endpoint template of a request URL, for metric labels and span names: low
+    cardinality, without query, keys or ids. ``https://org.crm.dynamics.com/api/data/v9.2/contacts(1f..)``
+    → ``("dynamics365", "/api/data/v9.2/contacts({key})")``; Campaign's organisation becomes
+    ``{organization}``, a PKey ``{PKey}``, an Entra tenant ``{tenant}``."""
+    segments = [s for s in _path_of(url).split("/") if s]
+    vendor = "other"
+    if "campaign" in segments[1:2]:
+        vendor = "campaign"
+        segments[0] = "{organization}"
+    elif _path_of(url).startswith(_VENDOR_HOST_API):
+        vendor = "dynamics365"
+    elif segments[-2:] == ["v2.0", "token"] and "oauth2" in segments:
+        vendor, segments[0] = "entra_id", "{tenant}"
+    elif segments[:1] == ["ims"]:
+        vendor = "adobe_ims"
+    template = []
+    for i, seg in enumerate(segments):
+        if "(" in seg:
+            seg = seg[:seg.index("(")] + "({key})"
+        elif i > 0 and not seg.startswith("$") and _ID_LIKE.match(unquote(seg)) and seg != "v9.2":
+            seg = "{PKey}" if unquote(seg).startswith("@") else "{id}"
+        template.append(seg)
+    return vendor, "/" + "/".join(template)
 
 
 def _path_of(url: str) -> str:
@@ -355,15 +387,28 @@ class Transport:
         """One exchange. Returns the response and the Retry-After of a throttling one."""
         body: Any = content if content is not None else (dict(data) if data is not None else None)
         self.sent += 1
-        async with self._client().request(method, URL(url, encoded=True), headers=headers, data=body,
-                                          json=json_body, allow_redirects=False) as resp:
-            wait = None
-            if resp.status == 429 or resp.status >= 500:
-                wait = _retry_after(resp.headers)
-                if wait is not None:
-                    # Hold every request of this client, not just this one.
-                    self.gate.hold(wait + self.policy.retry_after_margin)
-            return Response(resp.status, resp.headers, await self._read_bounded(method, url, resp)), wait
+        attributes = request_attributes(method, url)
+        started = time.perf_counter()
+        try:
+            async with self._client().request(method, URL(url, encoded=True), headers=headers, data=body,
+                                              json=json_body, allow_redirects=False) as resp:
+                attributes["http.response.status_code"] = resp.status
+                if resp.status >= 400:
+                    attributes["error.type"] = str(resp.status)
+                if resp.status == 429:
+                    metrics.http_client_throttled.add(1, _vendor_labels(attributes))
+                wait = None
+                if resp.status == 429 or resp.status >= 500:
+                    wait = _retry_after(resp.headers)
+                    if wait is not None:
+                        # Hold every request of this client, not just this one.
+                        self.gate.hold(wait + self.policy.retry_after_margin)
+                return Response(resp.status, resp.headers, await self._read_bounded(method, url, resp)), wait
+        except BaseException as exc:
+            attributes.setdefault("error.type", type(exc).__qualname__)
+            raise
+        finally:
+            metrics.http_client_duration.record(time.perf_counter() - started, attributes)
 
     async def _read_bounded(self, method: str, url: str, resp: aiohttp.ClientResponse) -> bytes:
         """The body, decompressed, refused past :attr:`max_response_bytes` (checked as it arrives:
@@ -424,6 +469,7 @@ class Transport:
                 self.limiter.release()
                 self._publish()
             if error is not None:
+                _retried(url, "connection")
                 delay = policy.backoff(failures)
                 log.debug("%s %s: %s, retrying in %.2fs", method, _redact(url), type(error).__name__, delay)
                 await pause(delay)
@@ -442,6 +488,7 @@ class Transport:
                 throttled += 1
                 if throttled > policy.max_throttled:
                     raise RetryableError(f"{method} {_redact(url)}: still throttled after {throttled} tries", status)
+                _retried(url, "throttled")
                 if wait is None:
                     await pause(policy.backoff(min(throttled, 8)))
                 continue  # the gate makes us wait Retry-After
@@ -449,6 +496,7 @@ class Transport:
                 failures += 1
                 if failures >= policy.max_attempts:
                     raise RetryableError(f"{method} {_redact(url)}: HTTP {status} after {failures} attempts", status)
+                _retried(url, "server_error")
                 await pause(policy.backoff(failures))
                 continue
             return response
@@ -458,6 +506,32 @@ class Transport:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+def request_attributes(method: str, url: str) -> dict[str, Any]:
+    """The semantic-convention attributes of a vendor request (``http.request.method``,
+    ``server.address``, ``server.port``, ``url.template``) plus ``vendor`` and ``workflow``: the
+    labels of its metrics and span. Never the query or a key."""
+    parts = _split(url)
+    vendor, template = endpoint_of(url)
+    attributes: dict[str, Any] = {"http.request.method": method, "vendor": vendor, "url.template": template,
+                                  **metrics.workflow_attributes()}
+    if parts is not None:
+        attributes["server.address"], attributes["server.port"] = parts[1], parts[2]
+    return attributes
+
+
+def _vendor_labels(attributes: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: attributes[k] for k in ("vendor", "server.address", "workflow") if k in attributes}
+
+
+def _retried(url: str, reason: str) -> None:
+    vendor, _ = endpoint_of(url)
+    parts = _split(url)
+    labels: dict[str, Any] = {"vendor": vendor, "reason": reason, **metrics.workflow_attributes()}
+    if parts is not None:
+        labels["server.address"] = parts[1]
+    metrics.http_client_retries.add(1, labels)
 
 
 def _redact(url: str) -> str:

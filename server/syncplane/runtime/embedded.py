@@ -30,7 +30,7 @@ from syncplane.service import WorkflowService
 from syncplane.service.dead_letters import DeadLetterService, SqliteDeadLetters
 from syncplane.service.verify import EmbeddedVerifyEnvironment, VerifyService
 from syncplane.store.sqlite import SqliteStore
-from syncplane.telemetry import setup_tracing
+from syncplane.telemetry import serve_metrics, setup_metrics, setup_tracing
 from syncplane.worker.credentials import write_local_secret
 
 if TYPE_CHECKING:
@@ -48,6 +48,7 @@ class EmbeddedConfig:
     supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
     with_defaults: bool = False
     otlp_endpoint: str | None = None
+    metrics_address: str | None = None   # host:port of the server's /metrics (Prometheus); None: not served
     port_file: Path | None = None
     # Run the vendor emulators in-process on their default ports (the default
     # workflows point at them): the quickstart needs no vendor account.
@@ -93,6 +94,9 @@ async def serve(config: EmbeddedConfig, stop: asyncio.Event | None = None) -> No
     if config.console is not None:   # refuse an insecure console before anything starts
         check_bind(config.console.address, config.console.security)
     setup_tracing("syncplane-server", config.otlp_endpoint)
+    setup_metrics("syncplane-server", config.otlp_endpoint)
+    if config.metrics_address:
+        serve_metrics(config.metrics_address)
     # Customer data (dead letters carry names and e-mails), logs, specs, secrets: owner only,
     # for everything this process and its workers create.
     os.umask(PRIVATE_UMASK)

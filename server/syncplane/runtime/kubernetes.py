@@ -18,7 +18,7 @@ from syncplane.service import WorkflowService
 from syncplane.service.dead_letters import DeadLetterService
 from syncplane.service.verify import VerifyService
 from syncplane.store.kubernetes import KubernetesStore
-from syncplane.telemetry import setup_tracing
+from syncplane.telemetry import serve_metrics, setup_metrics, setup_tracing
 from syncplane.worker.kube_records import ConfigMapRecords
 
 log = logging.getLogger(__name__)
@@ -30,6 +30,7 @@ class KubernetesServerConfig:
     address: str = "127.0.0.1:7443"
     security: ServerSecurity = field(default_factory=ServerSecurity)
     otlp_endpoint: str | None = None
+    metrics_address: str | None = None   # host:port of /metrics (Prometheus); None: not served
     port_file: Path | None = None
     console: ConsoleConfig | None = None
     console_port_file: Path | None = None
@@ -47,6 +48,9 @@ async def serve_kubernetes(config: KubernetesServerConfig, stop: asyncio.Event |
         check_bind(console_config.address, console_config.security if config.auth != "kubernetes"
                    else replace(console_config.security, callers=SharedToken(None)))   # (callers come below)
     setup_tracing("syncplane-server", config.otlp_endpoint)
+    setup_metrics("syncplane-server", config.otlp_endpoint)
+    if config.metrics_address:
+        serve_metrics(config.metrics_address)
     store = await kubernetes_store(config.namespace)
     security = config.security
     if config.auth == "kubernetes":

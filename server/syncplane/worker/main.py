@@ -20,6 +20,7 @@ from typing import Any
 
 from aiohttp import web
 
+from syncplane import metrics, telemetry
 from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.model.convert import spec_from_dict
 from syncplane.worker.checkpoints import SqliteWorkerState
@@ -63,6 +64,7 @@ class Worker:
     def __init__(self, opts: WorkerOptions) -> None:
         self.opts = opts
         self.report = WorkerReport(workflow=opts.workflow, index=opts.index, generation=opts.generation)
+        metrics.observe_worker(self.report)
         self.last_polled = time.monotonic()
         self.stop = asyncio.Event()
 
@@ -77,7 +79,8 @@ class Worker:
         return web.Response(text="ok")
 
     async def metrics(self, _: web.Request) -> web.Response:
-        return web.Response(text=self.report.to_prometheus(), content_type="text/plain", charset="utf-8")
+        body, content_type = telemetry.prometheus_exposition()
+        return web.Response(body=body, headers={"Content-Type": content_type})
 
     async def run(self) -> int:
         spec = spec_from_dict(json.loads(self.opts.spec_file.read_text()))
@@ -201,4 +204,11 @@ class Worker:
 def run(opts: WorkerOptions) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request: too much, and URLs carry keys
-    return asyncio.run(Worker(opts).run())
+    resource = {"syncplane.workflow": opts.workflow, "syncplane.worker.index": str(opts.index)}
+    telemetry.setup_tracing("syncplane-worker", attributes=resource)
+    telemetry.setup_metrics("syncplane-worker", attributes=resource)
+    metrics.WORKFLOW.set(opts.workflow)  # the engine's tasks inherit it: the workflow label of vendor requests
+    try:
+        return asyncio.run(Worker(opts).run())
+    finally:
+        telemetry.shutdown()

@@ -1,4 +1,5 @@
-"""The worker heartbeat: one structure, rendered as /status JSON and /metrics.
+"""The worker heartbeat: one structure, rendered as /status JSON and observed by the metric
+instruments of :mod:`syncplane.metrics` (/metrics, OTLP).
 
 It is also the one place where a worker accounts for the records it reads: every record
 read ends in exactly one of the counters (or is still in the backlog), so that
@@ -127,41 +128,3 @@ class WorkerReport:
         """Records read that no counter and no backlog accounts for: 0 unless a bug lost them."""
         c = self.counters
         return c.read - (c.written + c.deleted + c.filtered + c.dead_lettered + c.held + c.failed + self.backlog)
-
-    def to_prometheus(self) -> str:
-        labels = f'workflow="{self.workflow}",worker="{self.index}"'
-        lines = []
-
-        def metric(name: str, kind: str, help_: str, value: float) -> None:
-            lines.extend([f"# HELP syncplane_worker_{name} {help_}", f"# TYPE syncplane_worker_{name} {kind}",
-                          f"syncplane_worker_{name}{{{labels}}} {value}"])
-
-        metric("ready", "gauge", "1 when the worker is connected and syncing.", int(self.ready))
-        metric("generation", "gauge", "The workflow generation this worker runs.", self.generation)
-        metric("backlog", "gauge", "Records read and not yet written.", self.backlog)
-        metric("records_read_total", "counter", "Records read from the source.", self.counters.read)
-        metric("records_written_total", "counter", "Records acknowledged by the destination.",
-               self.counters.written)
-        metric("records_failed_total", "counter", "Records read by a pass that failed before writing them.",
-               self.counters.failed)
-        metric("records_dead_lettered_total", "counter", "Records sent to the dead-letter store.",
-               self.counters.dead_lettered)
-        metric("records_filtered_total", "counter", "Records read that needed no write.", self.counters.filtered)
-        metric("records_held_total", "counter", "Records held until what they point at exists.",
-               self.counters.held)
-        metric("records_deleted_total", "counter", "Deletes acknowledged by the destination.",
-               self.counters.deleted)
-        metric("records_resent_total", "counter", "Held records and dead letters re-sent and acknowledged.",
-               self.counters.resent)
-        metric("records_per_second", "gauge", "Write throughput over the last 10 seconds.",
-               self.rate.per_second())
-        metric("values_truncated_total", "counter", "Values cut to the destination's length.", self.truncated)
-        metric("held_records", "gauge", "Records held until what they point at exists.", self.held)
-        if self.dead_letters >= 0:
-            metric("dead_letters", "gauge", "Records waiting in the dead-letter store.", self.dead_letters)
-        metric("stale_deleted_total", "counter", "Records the source no longer had, deleted after a full read.",
-               self.stale_deleted)
-        metric("stale_records", "gauge", "Records the source no longer has, left at the destination (deletes off).",
-               sum(self.stale.values()))
-        metric("resyncs_total", "counter", "Full reads forced by an expired delta token.", self.resyncs)
-        return "\n".join(lines) + "\n"
