@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import functools
 import json
 import logging
 import random
@@ -187,26 +188,32 @@ def endpoint_of(url: str) -> tuple[str, str]:
     """The vendor and endpoint template of a request URL, for metric labels and span names: low
     cardinality, without query, keys or ids. ``https://org.crm.dynamics.com/api/data/v9.2/contacts(1f..)``
     → ``("dynamics365", "/api/data/v9.2/contacts({key})")``; Campaign's organisation becomes
-    ``{organization}``, a PKey ``{PKey}``, an Entra tenant ``{tenant}``."""
-    segments = [s for s in _path_of(url).split("/") if s]
+    ``{organization}``, a PKey ``{PKey}``, an Entra tenant ``{tenant}``, another id ``{id}``."""
+    path = _path_of(url)
+    segments = [s for s in path.split("/") if s]
     vendor = "other"
     if "campaign" in segments[1:2]:
         vendor = "campaign"
         segments[0] = "{organization}"
-    elif _path_of(url).startswith(_VENDOR_HOST_API):
+    elif path.startswith(_VENDOR_HOST_API):
         vendor = "dynamics365"
     elif segments[-2:] == ["v2.0", "token"] and "oauth2" in segments:
         vendor, segments[0] = "entra_id", "{tenant}"
     elif segments[:1] == ["ims"]:
         vendor = "adobe_ims"
-    template = []
-    for i, seg in enumerate(segments):
-        if "(" in seg:
-            seg = seg[:seg.index("(")] + "({key})"
-        elif i > 0 and not seg.startswith("$") and _ID_LIKE.match(unquote(seg)) and seg != "v9.2":
-            seg = "{PKey}" if unquote(seg).startswith("@") else "{id}"
-        template.append(seg)
-    return vendor, "/" + "/".join(template)
+    return vendor, "/" + "/".join(seg if i == 0 else _segment_template(seg) for i, seg in enumerate(segments))
+
+
+def _segment_template(segment: str) -> str:
+    """A path segment as it appears in an endpoint template: a key in parentheses, a PKey or an id replaced."""
+    if "(" in segment:
+        return segment[:segment.index("(")] + "({key})"
+    if segment.startswith(("$", "{")) or segment == "v9.2":
+        return segment
+    plain = unquote(segment)
+    if _ID_LIKE.match(plain):
+        return "{PKey}" if plain.startswith("@") else "{id}"
+    return segment
 
 
 def _path_of(url: str) -> str:
@@ -511,11 +518,20 @@ class Transport:
 def request_attributes(method: str, url: str) -> dict[str, Any]:
     """The semantic-convention attributes of a vendor request (``http.request.method``,
     ``server.address``, ``server.port``, ``url.template``) plus ``vendor`` and ``workflow``: the
-    labels of its metrics and span. Never the query or a key."""
+    labels of its metrics and span, a new dict. Never the query or a key.
+
+    Once per request (for Campaign, once per record): everything but the last path segment is
+    parsed once per endpoint (cached), the last one is only classified."""
+    head, _, last = url.split("?", 1)[0].rpartition("/")
+    return dict(_endpoint_attributes(method, f"{head}/{_segment_template(last)}", metrics.WORKFLOW.get()))
+
+
+@functools.lru_cache(maxsize=1024)
+def _endpoint_attributes(method: str, url: str, workflow: str) -> dict[str, Any]:
     parts = _split(url)
     vendor, template = endpoint_of(url)
     attributes: dict[str, Any] = {"http.request.method": method, "vendor": vendor, "url.template": template,
-                                  **metrics.workflow_attributes()}
+                                  **metrics.workflow_attributes(workflow)}
     if parts is not None:
         attributes["server.address"], attributes["server.port"] = parts[1], parts[2]
     return attributes
@@ -526,11 +542,8 @@ def _vendor_labels(attributes: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _retried(url: str, reason: str) -> None:
-    vendor, _ = endpoint_of(url)
-    parts = _split(url)
-    labels: dict[str, Any] = {"vendor": vendor, "reason": reason, **metrics.workflow_attributes()}
-    if parts is not None:
-        labels["server.address"] = parts[1]
+    labels = _vendor_labels(request_attributes("", url))
+    labels["reason"] = reason
     metrics.http_client_retries.add(1, labels)
 
 
