@@ -39,6 +39,8 @@ EXTRA_RENDERS = {
                                     "--set", "server.tls.certManager.issuerRef.name=ca-issuer",
                                     "--set", "serviceMonitor.enabled=true"],
     "two-watch-namespaces": ["--set", "watchNamespaces={team-a,team-b}"],
+    "monitoring": ["--set", "serviceMonitor.enabled=true", "--set", "dashboards.enabled=true",
+                   "--set", "watchNamespaces={team-a,team-b}"],
 }
 REQUIRED_LABELS = ("app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/managed-by",
                    "app.kubernetes.io/part-of", "helm.sh/chart")

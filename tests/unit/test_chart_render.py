@@ -352,3 +352,64 @@ def test_the_dockerfile_runs_the_package_console_script_as_non_root():
             assert f"!{item}" in ignored or f"!{item.rstrip('/')}/" in ignored, item
             assert (ROOT / item).exists(), item
 
+
+
+def _exposed_metric_names() -> set[str]:
+    """Every sample name this code base's instruments produce in /metrics (each instrument used once)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from syncplane import metrics, telemetry
+    from syncplane.worker.report import WorkerReport
+
+    telemetry.setup_metrics("chart-test")
+    metrics.observe_worker(WorkerReport("wf", 0, 1, dead_letters=0))
+    labels = {"workflow": "wf", "vendor": "campaign"}
+    metrics.http_client_duration.record(0.1, {**labels, "url.template": "/x", "error.type": "500"})
+    metrics.http_client_retries.add(1, {**labels, "reason": "throttled"})
+    metrics.http_client_throttled.add(1, labels)
+    metrics.rpc_server_duration.record(0.1, {"rpc.method": "GetWorkflow"})
+    metrics.reconcile_duration.record(0.1, {"outcome": "success"})
+    metrics.reconciles.add(1, {"outcome": "success"})
+    text = telemetry.prometheus_exposition()[0].decode()
+    return {s.name for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def test_dashboard_and_service_monitor(rendered):
+    """Issue 17 item 6: with dashboards.enabled, a ConfigMap carrying the Grafana sidecar's label holds a
+    dashboard whose every query names a metric our instruments export (and the labels they carry), with
+    backlog, records/s, errors and latency per workflow; the ServiceMonitor selects the worker pods'
+    Services in every workers' namespace and the server's and operator's in the release namespace."""
+    docs = rendered["monitoring"]
+    assert "ConfigMap" not in kinds(rendered["default-values.yaml"]) or \
+        "syncplane-dashboard" not in kinds(rendered["default-values.yaml"])["ConfigMap"]
+    cm = find(docs, "ConfigMap", "syncplane-dashboard")
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    dashboard = json.loads(cm["data"]["syncplane.json"])
+    exprs = {p["title"]: [t["expr"] for t in p["targets"]] for p in dashboard["panels"]}
+    assert {"Backlog", "Records/s written", "Errors", "Vendor request latency p95"} <= exprs.keys()
+    exposed = _exposed_metric_names()
+    for title, queries in exprs.items():
+        for expr in queries:
+            names = set(re.findall(r"\b((?:syncplane|http|rpc)_[a-z0-9_]+)\s*[{[]", expr))
+            assert names and names <= exposed, (title, names - exposed)
+    for title in ("Backlog", "Records/s written", "Errors", "Vendor request latency p95"):
+        assert all('workflow=~"$workflow"' in e and "by (" in e and "workflow" in e for e in exprs[title]), title
+    assert "url_template" in exprs["Vendor request latency p95"][0] and "vendor" in exprs["Vendor request latency p95"][0]
+
+    monitor = find(docs, "ServiceMonitor", "syncplane")
+    assert set(monitor["spec"]["namespaceSelector"]["matchNames"]) == {"syncplane", "team-a", "team-b"}
+    selector = monitor["spec"]["selector"]
+    components = selector["matchExpressions"][0]["values"]
+    services = [d for d in docs if d["kind"] == "Service"
+                and all(d["metadata"]["labels"].get(k) == v for k, v in selector["matchLabels"].items())
+                and d["metadata"]["labels"].get("app.kubernetes.io/component") in components]
+    assert {(s["metadata"]["namespace"], s["metadata"]["name"]) for s in services} == {
+        ("team-a", "syncplane-worker-metrics"), ("team-b", "syncplane-worker-metrics"), ("syncplane", "syncplane-metrics")}
+    # Each selected Service reaches a `metrics` port of the pods it selects: workers (health, 8080), server, operator.
+    control = next(s for s in services if s["metadata"]["name"] == "syncplane-metrics")
+    for deployment in ("syncplane-server", "syncplane-operator"):
+        pod = find(docs, "Deployment", deployment)["spec"]["template"]
+        assert all(pod["metadata"]["labels"].get(k) == v for k, v in control["spec"]["selector"].items())
+        container = pod["spec"]["containers"][0]
+        assert "metrics" in {p["name"] for p in container["ports"]}
+        assert "--metrics-listen=0.0.0.0:9464" in container["args"]
