@@ -394,7 +394,8 @@ def test_dashboard_and_service_monitor(rendered):
             assert names and names <= exposed, (title, names - exposed)
     for title in ("Backlog", "Records/s written", "Errors", "Vendor request latency p95"):
         assert all('workflow=~"$workflow"' in e and "by (" in e and "workflow" in e for e in exprs[title]), title
-    assert "url_template" in exprs["Vendor request latency p95"][0] and "vendor" in exprs["Vendor request latency p95"][0]
+    latency = exprs["Vendor request latency p95"][0]
+    assert "url_template" in latency and "vendor" in latency
 
     monitor = find(docs, "ServiceMonitor", "syncplane")
     assert set(monitor["spec"]["namespaceSelector"]["matchNames"]) == {"syncplane", "team-a", "team-b"}
@@ -404,7 +405,8 @@ def test_dashboard_and_service_monitor(rendered):
                 and all(d["metadata"]["labels"].get(k) == v for k, v in selector["matchLabels"].items())
                 and d["metadata"]["labels"].get("app.kubernetes.io/component") in components]
     assert {(s["metadata"]["namespace"], s["metadata"]["name"]) for s in services} == {
-        ("team-a", "syncplane-worker-metrics"), ("team-b", "syncplane-worker-metrics"), ("syncplane", "syncplane-metrics")}
+        ("team-a", "syncplane-worker-metrics"), ("team-b", "syncplane-worker-metrics"),
+        ("syncplane", "syncplane-metrics")}
     # Each selected Service reaches a `metrics` port of the pods it selects: workers (health, 8080), server, operator.
     control = next(s for s in services if s["metadata"]["name"] == "syncplane-metrics")
     for deployment in ("syncplane-server", "syncplane-operator"):
