@@ -78,10 +78,16 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
 
 @kopf.on.cleanup()
 async def close(memo: kopf.Memo, **_: Any) -> None:
-    if memo.get("leader") is not None:
-        memo.leader_task.cancel()
-        await memo.leader.release()
-    await memo.api_client.close()
+    """Release what `configure` made, and only that: startup may have failed part way (the API
+    client not made, the leader Lease never acquired)."""
+    task = memo.get("leader_task")
+    if task is not None:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await memo.leader.release()  # held: keep() was running
+    api_client = memo.get("api_client")
+    if api_client is not None:
+        await api_client.close()
 
 
 def _key(namespace: str | None, labels: Any) -> tuple[str | None, str]:

@@ -9,6 +9,7 @@ from typing import Any
 
 from syncplane.lifecycle import Observed, WorkerFailure
 from syncplane.lifecycle.reports import totals
+from syncplane.worker.main import EXIT_FATAL
 from syncplane_operator import labels as L
 
 CRASH_RESTARTS = 3           # restarts of one container before it counts as a crash loop
@@ -50,6 +51,14 @@ def observe(deployment: dict[str, Any] | None, pods: Iterable[dict[str, Any]], l
                 failure = WorkerFailure("WORKER_PODS_REJECTED", str(cond.get("message", "")))
     for pod in pods:
         for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+            # A worker that exited because retrying cannot help (e.g. its heartbeat Lease refused)
+            # says why in its termination message: without a heartbeat it is the only place.
+            for state in (cs.get("state") or {}, cs.get("lastState") or {}):
+                terminated = state.get("terminated") or {}
+                if terminated.get("exitCode") == EXIT_FATAL and terminated.get("message"):
+                    reason, _, message = str(terminated["message"]).partition(": ")
+                    failure = failure or WorkerFailure(reason if message else "WORKER_FATAL",
+                                                       message or reason)
             waiting = (cs.get("state") or {}).get("waiting") or {}
             if waiting.get("reason") == "CrashLoopBackOff" or int(cs.get("restartCount") or 0) >= CRASH_RESTARTS:
                 failure = failure or WorkerFailure(

@@ -83,7 +83,8 @@ async def reconcile(body: kopf.Body, patch: kopf.Patch, logger: Any, api: Client
                     deployments: Iterable[Mapping[str, Any]], pods: Iterable[Mapping[str, Any]],
                     leases: Iterable[Mapping[str, Any]], policy: Policy = DEFAULT_POLICY) -> None:
     name, namespace = body.metadata.name, body.metadata.namespace
-    assert name and namespace
+    if not name or not namespace:  # a namespaced resource always has both: say so if one does not
+        raise kopf.PermanentError(f"a Workflow without a name or namespace ({name!r}, {namespace!r})")
     if body.metadata.get("deletionTimestamp"):
         return  # being deleted: drain_for_delete owns it now
     try:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime, timedelta
 
+import pytest
+
 from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.lifecycle import spec_hash
 from syncplane.model.convert import to_resource
@@ -154,3 +156,42 @@ def test_status_patch_clears_a_nested_field_back_to_zero():
     patch = status_patch(old, status)
     assert patch["counters"] == {"recordsPerSecond": None}
     assert patch["degradation"] is None
+
+
+# -- errors that must reach the status or the log, not vanish -------------------------------------
+
+def test_a_worker_that_exits_fatal_says_why_through_its_termination_message():
+    """A worker whose heartbeat Lease is refused cannot report; its termination message can."""
+    from syncplane.worker.main import EXIT_FATAL
+
+    message = "HEARTBEAT_REJECTED: cannot write heartbeat Lease ns/wf-0: HTTP 403 Forbidden"
+    for where in ("state", "lastState"):
+        pod = {"metadata": {"name": "wf-0"},
+               "status": {"containerStatuses": [{"restartCount": 1, where: {"terminated": {
+                   "exitCode": EXIT_FATAL, "message": message}}}]}}
+        failure = observe(None, [pod], [], 1, datetime.now(UTC)).failure
+        assert failure is not None and failure.reason == "HEARTBEAT_REJECTED"
+        assert failure.message == message.partition(": ")[2]
+    ordinary = {"metadata": {"name": "wf-0"}, "status": {"containerStatuses": [
+        {"restartCount": 1, "lastState": {"terminated": {"exitCode": 137, "message": "OOMKilled"}}}]}}
+    assert observe(None, [ordinary], [], 1, datetime.now(UTC)).failure is None
+
+
+async def test_operator_cleanup_after_a_startup_that_failed_part_way():
+    import kopf
+
+    from syncplane_operator.handlers import close
+
+    await close(memo=kopf.Memo())  # type: ignore[call-arg,misc]  # startup failed before making the API client
+
+
+async def test_reconcile_of_a_body_without_a_namespace_is_a_permanent_error():
+    import logging
+
+    import kopf
+
+    from syncplane_operator.reconciler import reconcile
+
+    with pytest.raises(kopf.PermanentError, match="without a name or namespace"):
+        await reconcile(kopf.Body({"metadata": {"name": "wf"}}), kopf.Patch(), logging.getLogger(),
+                        None, None, [], [], [])  # type: ignore[arg-type]

@@ -6,6 +6,7 @@ The API server is played by an HTTP server answering as kube-apiserver does (a `
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -17,6 +18,7 @@ from aiohttp import web
 
 from syncplane.worker.engine import state_store_fatal
 from syncplane.worker.kube_checkpoints import CheckpointError, ConfigMapCheckpoints, Retry
+from tests.backends import eventually
 
 
 def _status(code: int, reason: str, kind: str = "configmaps") -> web.Response:
@@ -90,3 +92,45 @@ async def test_a_refused_connection_is_transient():
             await store.acommit("wf", "contact", "c")
         assert exc.value.transient and state_store_fatal(exc.value) is None
         assert "cannot commit the checkpoint of wf/contact" in str(exc.value)
+
+
+# -- the heartbeat Lease: the same kinds of answers -----------------------------------------------
+
+@pytest.mark.parametrize(("answer", "transient", "text"),
+                         [v for v in VARIANTS if v[2] != "does not exist"])  # (a Lease write names no namespace kind)
+async def test_heartbeat_refusal_is_fatal_and_outage_is_retried(api_server, answer, transient, text):
+    """A refused Lease ends the heartbeat with what to fix (the worker exits with it as its
+    termination message); an outage is retried at the next beat."""
+    from kubernetes_asyncio import client
+
+    from syncplane.worker.heartbeat import HeartbeatRejected, LeaseHeartbeat
+    from syncplane.worker.report import WorkerReport
+
+    host, answers = api_server
+    seen: list[int] = []
+
+    def counted() -> web.Response:
+        seen.append(1)
+        return answer()
+
+    answers.append(counted)
+    stop = asyncio.Event()
+    beat = LeaseHeartbeat("ns", "wf-0", "wf", WorkerReport("wf", 0, 1), interval=0.01,
+                          api_client=client.ApiClient(client.Configuration(host=host)))
+    task = asyncio.ensure_future(beat.run(stop))
+    try:
+        if transient:
+            async def three_beats() -> bool:
+                return len(seen) >= 3
+
+            await eventually(three_beats, "three beats", interval=0.01)
+            assert not task.done()
+        else:
+            with pytest.raises(HeartbeatRejected) as exc:
+                await asyncio.wait_for(task, 60)
+            assert "leases.coordination.k8s.io" in str(exc.value) and "ns/wf-0" in str(exc.value)
+    finally:
+        stop.set()
+        await asyncio.gather(task, return_exceptions=True)
+        await beat.close()
+

@@ -37,20 +37,28 @@ def lease_body(name: str, workflow: str, report: WorkerReport, now: datetime,
 
 
 class LeaseHeartbeat:
+    """Renews the worker's Lease every ``interval`` seconds with its report.
+
+    Give it an `ApiClient` (closed by `close()` all the same) or let it open one through
+    `syncplane.kubeclient.api_client()` on the first beat."""
+
     def __init__(self, namespace: str, pod_name: str, workflow: str, report: WorkerReport,
-                 interval: float = 2.0) -> None:
+                 interval: float = 2.0, api_client: Any | None = None) -> None:
         self.namespace, self.name, self.workflow = namespace, pod_name, workflow
         self.report, self.interval = report, interval
         self.pod_uid = os.environ.get("POD_UID") or None
+        self._api_client = api_client
         self._api: Any = None
 
     async def _client(self) -> Any:
         if self._api is None:
             from kubernetes_asyncio import client
 
-            from syncplane.kubeclient import api_client
+            if self._api_client is None:
+                from syncplane.kubeclient import api_client
 
-            self._api = client.CoordinationV1Api(await api_client())
+                self._api_client = await api_client()
+            self._api = client.CoordinationV1Api(self._api_client)
         return self._api
 
     async def beat(self) -> None:
@@ -66,22 +74,43 @@ class LeaseHeartbeat:
             await api.create_namespaced_lease(self.namespace, body)
 
     async def run(self, stop: asyncio.Event) -> None:
+        """Beat until ``stop``. A failed beat (an outage: 5xx, 429, a connection error) is retried
+        at the next one; staleness is the operator's call. Raises :class:`HeartbeatRejected` when
+        the API server refuses the Lease (403, 422, …): no beat can ever succeed, and without one
+        the workflow would wait in STARTING with no reason."""
+        from kubernetes_asyncio.client.exceptions import ApiException
+
         while not stop.is_set():
             try:
                 await self.beat()
-            except Exception as exc:  # a missed beat is retried; staleness is the operator's call
-                log.warning("heartbeat failed: %s", type(exc).__name__)
+            except ApiException as exc:
+                if exc.status is not None and 400 <= exc.status < 500 and exc.status not in (404, 409, 429):
+                    raise HeartbeatRejected(
+                        f"cannot write heartbeat Lease {self.namespace}/{self.name}: HTTP {exc.status} {exc.reason} "
+                        f"(the worker's ServiceAccount needs get, create, patch and delete on "
+                        f"leases.coordination.k8s.io in {self.namespace!r})") from exc
+                log.warning("heartbeat failed: HTTP %s %s", exc.status, exc.reason)
+            except Exception as exc:  # an outage: the next beat retries
+                log.warning("heartbeat failed: %s: %s", type(exc).__name__, exc)
             try:
                 await asyncio.wait_for(stop.wait(), timeout=self.interval)
             except TimeoutError:
                 pass
 
     async def close(self, remove: bool = True) -> None:
-        if self._api is None:
-            return
+        """Remove the Lease (unless ``remove`` is False) and close the client. A Lease that cannot
+        be removed is logged with why; it expires on its own (stale after LEASE_SECONDS)."""
         try:
-            if remove:
+            if remove and self._api is not None:
                 await self._api.delete_namespaced_lease(self.name, self.namespace)
-        except Exception:
-            log.warning("could not remove heartbeat lease %s", self.name)
-        await self._api.api_client.close()
+        except Exception as exc:
+            log.warning("could not remove heartbeat Lease %s/%s: %s: %s", self.namespace, self.name,
+                        type(exc).__name__, exc)
+        finally:
+            if self._api_client is not None:
+                await self._api_client.close()
+            self._api, self._api_client = None, None
+
+
+class HeartbeatRejected(RuntimeError):
+    """The API server refuses the worker's Lease: retrying cannot help (the message says what to fix)."""

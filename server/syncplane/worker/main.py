@@ -35,6 +35,8 @@ from syncplane.worker.report import WorkerReport
 
 log = logging.getLogger("syncplane.worker")
 EXIT_FATAL = 78  # EX_CONFIG: retrying cannot help
+# Where a container's last words go (the Pod's terminationMessagePath, Kubernetes' default).
+TERMINATION_LOG = Path("/dev/termination-log")
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,7 @@ class Worker:
         metrics.observe_worker(self.report)
         self.last_polled = time.monotonic()
         self.stop = asyncio.Event()
+        self.exit_code = 0
 
     async def status(self, request: web.Request) -> web.Response:
         if request.headers.get("X-Syncplane-Supervisor"):
@@ -133,6 +136,7 @@ class Worker:
             self._fatal(exc.reason, str(exc))
         if lease is not None:
             beats = asyncio.create_task(lease.run(self.stop))
+            beats.add_done_callback(self._beats_done)
         try:
             await self._wait()
         finally:
@@ -147,18 +151,35 @@ class Worker:
             if records is not None:
                 await records.close()
             if beats is not None and lease is not None:
-                await beats
-                await lease.close()
+                await asyncio.gather(beats, return_exceptions=True)
+                await lease.close(remove=self.exit_code == 0)
             state_file(self.opts.state_dir, self.opts.workflow, self.opts.index).unlink(missing_ok=True)
             await runner.cleanup()
         log.info("worker %s/%d drained and stopped", self.opts.workflow, self.opts.index)
-        return 0
+        return self.exit_code
 
     def _fatal(self, reason: str, message: str) -> None:
         # Keep heartbeating the fatal report: the control plane decides (ERROR, then stop).
         log.error("%s: %s", reason, message)
         self.report.fatal = {"reason": reason, "message": message}
         self.report.ready, self.report.phase = False, "FATAL"
+
+    def _beats_done(self, task: asyncio.Task[None]) -> None:
+        """A heartbeat the API server refuses: nobody can see this worker's report, so it says why
+        where Kubernetes shows it (the container's termination message) and exits EXIT_FATAL."""
+        from syncplane.worker.heartbeat import HeartbeatRejected
+
+        exc = None if task.cancelled() else task.exception()
+        if isinstance(exc, HeartbeatRejected):
+            self._fatal("HEARTBEAT_REJECTED", str(exc))
+            try:
+                TERMINATION_LOG.write_text(f"HEARTBEAT_REJECTED: {exc}"[:4096])  # Kubernetes keeps 4 KiB
+            except OSError:
+                pass  # not in a container (the log line above says it)
+            self.exit_code = EXIT_FATAL
+            self.stop.set()
+        elif exc is not None:
+            log.error("heartbeat failed", exc_info=exc)
 
     def _engine_done(self, task: asyncio.Task[None]) -> None:
         if task.cancelled():
