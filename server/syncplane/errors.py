@@ -72,6 +72,6 @@ class Unavailable(SyncplaneError):
 
     reason = "UNAVAILABLE"
 
-    def __init__(self, message: str, reason: str = "UNAVAILABLE") -> None:
-        super().__init__(message)
+    def __init__(self, message: str, reason: str = "UNAVAILABLE", metadata: dict[str, str] | None = None) -> None:
+        super().__init__(message, metadata)
         self.reason = reason

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from syncplane.api.v1 import workflow_pb2 as pb
-from syncplane.errors import AlreadyExists, NotFound, OutOfRange
+from syncplane.errors import AlreadyExists, NotFound, OutOfRange, Unavailable
 from syncplane.store.base import CHANGE_ADDED, CHANGE_DELETED, CHANGE_MODIFIED, Change, Mutation
 
 SCHEMA = """
@@ -39,6 +39,17 @@ CREATE TABLE IF NOT EXISTS changes (
 CREATE TABLE IF NOT EXISTS requests (request_id TEXT PRIMARY KEY, name TEXT NOT NULL);
 """
 RETAINED_CHANGES = 10_000
+#: Changes a watcher may have pending: a watcher further behind is dropped with the revision to
+#: resume from (it re-watches from there and loses nothing), instead of growing memory.
+WATCH_QUEUE = 1_000
+
+
+class _Watcher:
+    """One Watch's pending changes; ``dropped`` once it fell :data:`WATCH_QUEUE` changes behind."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[Change] = asyncio.Queue(maxsize=WATCH_QUEUE)
+        self.dropped = False
 
 
 def _now() -> datetime:
@@ -52,7 +63,7 @@ class SqliteStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
-        self._subscribers: set[asyncio.Queue[Change]] = set()
+        self._subscribers: set[_Watcher] = set()
         # Parsed rows by name, valid while mod_revision matches: this process is
         # the only writer, so the cache is written through and never stale.
         # Returned messages are shared: callers copy before mutating.
@@ -109,8 +120,12 @@ class SqliteStore:
         return Change(rev, change, wf)
 
     def _publish(self, change: Change) -> None:
-        for queue in self._subscribers:
-            queue.put_nowait(change)
+        for watcher in list(self._subscribers):
+            try:
+                watcher.queue.put_nowait(change)
+            except asyncio.QueueFull:
+                watcher.dropped = True
+                self._subscribers.discard(watcher)
 
     # -- the interface -----------------------------------------------------
     async def create(self, wf: pb.Workflow, request_id: str = "") -> pb.Workflow:
@@ -214,8 +229,13 @@ class SqliteStore:
         self._publish(change)
 
     async def watch(self, start_revision: int = 0, name: str = "") -> AsyncIterator[Change]:
-        queue: asyncio.Queue[Change] = asyncio.Queue()
-        self._subscribers.add(queue)
+        """Changes from ``start_revision`` (0: every workflow as ADDED, then changes). Raises
+        `OutOfRange` for a compacted revision, and `Unavailable` (WATCH_FELL_BEHIND, metadata
+        ``resume_revision``) when this watcher fell :data:`WATCH_QUEUE` changes behind: watching
+        again from that revision loses nothing."""
+        watcher = _Watcher()
+        queue = watcher.queue
+        self._subscribers.add(watcher)
         try:
             last = start_revision
             if start_revision == 0:
@@ -236,6 +256,10 @@ class SqliteStore:
                     if not name or wname == name:
                         yield Change(rev, ctype, pb.Workflow.FromString(body))
             while True:
+                if watcher.dropped and queue.empty():
+                    raise Unavailable(f"this watch fell more than {WATCH_QUEUE} changes behind; "
+                                      f"watch again from revision {last}", "WATCH_FELL_BEHIND",
+                                      {"resume_revision": str(last)})
                 change = await queue.get()
                 if change.revision <= last:
                     continue
@@ -243,4 +267,4 @@ class SqliteStore:
                 if not name or change.workflow.name == name:
                     yield change
         finally:
-            self._subscribers.discard(queue)
+            self._subscribers.discard(watcher)
