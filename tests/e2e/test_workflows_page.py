@@ -73,6 +73,11 @@ async def test_edit_while_running_warns_on_stop_until_a_stop_and_start(console: 
     await page.get_by_role("button", name="Save").click()
     await expect(page.locator("#message")).to_contain_text("applies at the next start")
     edited = await console.get("contacts")
+    # The workflow page's drift diff: the field, its applied value (unset: the default) and its edited value.
+    await page.goto(console.url + "workflows/contacts")
+    diff = page.get_by_role("region", name="Edits not applied yet").get_by_role("row").filter(
+        has_text="spec.ingress.entities[0].fields[2].apply_updates")
+    await expect(diff.get_by_role("cell")).to_have_text(["not set", "false"])
 
     await page.goto(console.url)
     r = row(page, "contacts")
