@@ -7,7 +7,7 @@ from __future__ import annotations
 from datetime import UTC
 from zoneinfo import ZoneInfo
 
-from playwright.async_api import Browser, expect
+from playwright.async_api import Browser, Page, expect
 
 from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.api.v1 import workflow_service_pb2 as svc
@@ -91,3 +91,23 @@ async def test_readable_at_390_px(console: Console, browser: Browser) -> None:
         await screenshot(page, "5q-workflows-390px")
     finally:
         await context.close()
+
+
+async def test_every_asset_comes_from_the_console_and_the_status_says_since_when(console: Console, page: Page) -> None:
+    """No CDN: each page loads only from the console's own origin (its script and stylesheet
+    included); hovering a status shows its phase's since-time in the browser's time zone."""
+    await console.create("contacts")
+    requested: list[str] = []
+    page.on("request", lambda request: requested.append(request.url))
+    for path in ("", "workflows/contacts", "workflows/contacts/edit", "new?type=EGRESS", "new?type=OPT_IN_OUT"):
+        await page.goto(console.url + path)
+        await page.wait_for_load_state("networkidle")
+    foreign = [u for u in requested if not u.startswith(console.url)]
+    assert not foreign, foreign
+    assert any("/static/console.js" in u for u in requested) and any("/static/console.css" in u for u in requested)
+
+    await page.goto(console.url)
+    status = page.locator('#wf-contacts [data-field="phase"]')
+    since = (await console.get("contacts")).status.phase_time.ToDatetime(tzinfo=UTC)
+    shown = await page.evaluate("iso => new Date(iso).toLocaleString()", since.isoformat())
+    await expect(status).to_have_attribute("title", f"STOPPED since {shown}")

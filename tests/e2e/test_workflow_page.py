@@ -1,7 +1,7 @@
 """The workflow page in Chromium against `syncplane up` and the sandbox: its status beyond the
 row (counters, workers, conditions, last error, table sizes) follows the event stream with no
-reload; the dead letters page through; a replay is refused, with the 2,000,000-record guard
-explained, once the table's last full read counted that many rows."""
+reload; the dead letters page through and a selected one is retried; a replay is refused, with
+the 2,000,000-record guard explained, once the table's last full read counted that many rows."""
 
 from __future__ import annotations
 
@@ -93,6 +93,16 @@ async def test_dead_letters_page_through(console: Console, page: Page) -> None:
     await expect(more).to_be_hidden()
     second = set(await page.locator('#dl-rows input[name="keys"]').evaluate_all("bs => bs.map(b => b.value)"))
     assert not first & second and first | second == set(bad), (first, second)
+
+    # The destination accepts them again: "Retry selected" sends only the ticked one.
+    console.sandbox.acs.clear_poison()
+    picked = sorted(second)[0]
+    await page.get_by_role("checkbox", name=f"Select {picked}").check()
+    await page.get_by_role("button", name="Retry selected").click()
+    await expect(page.locator("#message")).to_contain_text("1 marked for retry")
+    await expect(page.locator('[data-field="deadLetters"]')).to_have_text(str(count - 1))
+    await expect(page.locator("#dl-total")).to_have_text(f"{count - 1} in all")
+    await expect(page.locator("#dl-rows")).not_to_contain_text(picked)
     await screenshot(page, "4b-dead-letters-second-page")
 
 

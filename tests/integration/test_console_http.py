@@ -67,6 +67,13 @@ async def csrf_of(http: aiohttp.ClientSession, url: str) -> str:
     return match.group(1)
 
 
+async def test_up_prints_the_console_url_at_start_up(up: tuple[ServerProcess, str]) -> None:
+    """`syncplane up` (and so `make run`) prints the URL a user opens, with the port it bound."""
+    server, url = up
+    await wait_until(lambda: f"syncplane console: {url}/" in (server.data_dir / "server.log").read_text(),
+                     what="the console's URL on stdout")
+
+
 async def test_the_stream_resumes_after_the_last_event_id(up: tuple[ServerProcess, str]) -> None:
     server, url = up
     channel, stub = server.stub()

@@ -415,3 +415,20 @@ def test_dashboard_and_service_monitor(rendered):
         container = pod["spec"]["containers"][0]
         assert "metrics" in {p["name"] for p in container["ports"]}
         assert "--metrics-listen=0.0.0.0:9464" in container["args"]
+
+
+def test_the_console_is_on_the_servers_service_unless_disabled(helm, rendered):
+    """Issue 16: the chart exposes the console on the server's Service (console.enabled, on by default)."""
+    for docs, on in ((rendered["default-values.yaml"], True),
+                     (check.render(helm, "--set", "console.enabled=false"), False)):
+        service = find(docs, "Service", "syncplane-server")
+        ports = {p["name"]: p for p in service["spec"]["ports"]}
+        server = _container(docs, "syncplane-server")
+        container_ports = {p["name"]: p["containerPort"] for p in server.get("ports", [])}
+        if on:
+            assert ports["console"]["port"] == 7444 and ports["console"]["targetPort"] == "console"
+            assert container_ports["console"] == 7444
+            assert "--console-listen=0.0.0.0:7444" in server["args"]
+        else:
+            assert "console" not in ports and "console" not in container_ports
+            assert "--no-console" in server["args"]
