@@ -297,9 +297,12 @@ def operator_(namespaces: tuple[str, ...], standalone: bool, liveness: str, otlp
               help="Seconds the batch in flight may take after SIGTERM before it is abandoned.")
 @click.option("--memory-limit", type=int, default=None,
               help="Bytes: this process's data segment limit (RLIMIT_DATA), set before anything else.")
+@click.option("--log-file", type=click.Path(path_type=Path), default=None,
+              help="Log here, rotated (LOG_MAX_BYTES each, LOG_BACKUPS kept), instead of to stderr.")
 def worker(workflow: str, index: int, generation: int, spec_file: Path, state_dir: Path | None,
            orphan_timeout: float, heartbeat: str, namespace: str, pod_name: str, workflow_uid: str, listen: str,
-           secrets_dir: Path | None, state_db: Path | None, drain_timeout: float, memory_limit: int | None) -> None:
+           secrets_dir: Path | None, state_db: Path | None, drain_timeout: float, memory_limit: int | None,
+           log_file: Path | None) -> None:
     """Run one worker replica (started by the supervisor or a Deployment)."""
     if memory_limit is not None:
         import resource
@@ -313,7 +316,7 @@ def worker(workflow: str, index: int, generation: int, spec_file: Path, state_di
                                heartbeat=heartbeat, namespace=namespace, pod_name=pod_name,
                                workflow_uid=workflow_uid, host=host,
                                port=int(port), secrets_dir=secrets_dir, state_db=state_db,
-                               drain_timeout=drain_timeout)))
+                               drain_timeout=drain_timeout), log_file=log_file))
 
 
 def _documents(path: str) -> list[Any]:

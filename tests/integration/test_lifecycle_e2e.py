@@ -91,7 +91,8 @@ async def test_full_lifecycle(cp: ApiPlane, caplog: pytest.LogCaptureFixture):
     # under KopfRunner) log in this process; embedded workers log to files of the data directory.
     errors = [f"{r.name}: {r.getMessage()}" for r in caplog.records if r.levelno >= logging.ERROR]
     if isinstance(cp, ControlPlane):
-        errors += [f"{log.name}: {line}" for log in (cp.data_dir / "run" / "logs").glob("*.log")
+        logs = cp.data_dir / "run" / "logs"   # <wf>.<i>.log (rotated) and .out (what escaped logging)
+        errors += [f"{log.name}: {line}" for log in [*logs.glob("*.log*"), *logs.glob("*.out")]
                    for line in log.read_text().splitlines() if " ERROR " in line or "Traceback" in line]
     assert not errors, errors
 

@@ -107,3 +107,20 @@ async def test_a_held_write_lock_never_stalls_status(tmp_path: Path, what: str, 
         await runner.cleanup()
         for store in stores.values():
             store.close()
+
+
+def test_worker_logs_rotate(tmp_path: Path) -> None:
+    """A worker logging far past the size bound keeps at most (1 + backups) files of about that size."""
+    import subprocess
+    import sys
+
+    log = tmp_path / "logs" / "wf.0.log"
+    code = ("import logging, sys; from pathlib import Path\n"
+            "from syncplane.worker.main import configure_logging\n"
+            "configure_logging(Path(sys.argv[1]), max_bytes=4096, backups=2)\n"
+            "for i in range(2000): logging.getLogger('syncplane.worker').info('line %d of the worker', i)\n")
+    subprocess.run([sys.executable, "-c", code, str(log)], check=True, timeout=120)
+    files = sorted(p.name for p in log.parent.iterdir())
+    assert files == ["wf.0.log", "wf.0.log.1", "wf.0.log.2"]
+    assert all((log.parent / f).stat().st_size <= 4096 for f in files)
+    assert "line 1999 of the worker" in log.read_text()

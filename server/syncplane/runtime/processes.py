@@ -62,7 +62,10 @@ def spawn(workflow: str, index: int, generation: int, spec_file: Path, state_dir
     if memory_limit is not None:
         cmd += ["--memory-limit", str(memory_limit)]
     log_dir.mkdir(parents=True, exist_ok=True)
-    with open(log_dir / f"{workflow}.{index}.log", "ab") as out:
+    # The worker logs to <wf>.<i>.log itself, rotated; what escapes its logging (a traceback
+    # before it is set up, an interpreter crash) goes to <wf>.<i>.out, restarted with each worker.
+    cmd += ["--log-file", str(log_dir / f"{workflow}.{index}.log")]
+    with open(log_dir / f"{workflow}.{index}.out", "wb") as out:
         # A session of its own: a Ctrl-C at the terminal reaches the supervisor,
         # which drains workers deliberately, not every process at once.
         popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,

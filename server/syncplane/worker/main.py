@@ -15,6 +15,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass
+from logging.handlers import RotatingFileHandler
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,8 @@ from syncplane.worker.report import WorkerReport
 
 log = logging.getLogger("syncplane.worker")
 EXIT_FATAL = 78  # EX_CONFIG: retrying cannot help
+LOG_MAX_BYTES = 10 * 1024 * 1024   # bytes per worker log file before it rotates
+LOG_BACKUPS = 3                     # rotated files kept (<log>.1 … <log>.3)
 # Where a container's last words go (the Pod's terminationMessagePath, Kubernetes' default).
 TERMINATION_LOG = Path("/dev/termination-log")
 
@@ -222,8 +225,20 @@ class Worker:
         tmp.replace(path)
 
 
-def run(opts: WorkerOptions) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+def configure_logging(log_file: Path | None, max_bytes: int = LOG_MAX_BYTES, backups: int = LOG_BACKUPS) -> None:
+    """The worker's logging: to stderr, or to ``log_file`` rotated at ``max_bytes`` bytes with
+    ``backups`` older files kept (``<log>.1`` newest), so a worker's logs never grow forever."""
+    handlers: list[logging.Handler] | None = None
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        handlers = [RotatingFileHandler(log_file, maxBytes=max_bytes, backupCount=backups)]
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s",
+                        handlers=handlers)
+
+
+def run(opts: WorkerOptions, log_file: Path | None = None) -> int:
+    """Run a worker until it stops; its exit code. Logs as `configure_logging` says."""
+    configure_logging(log_file)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request: too much, and URLs carry keys
     resource = {"syncplane.workflow": opts.workflow, "syncplane.worker.index": str(opts.index)}
     telemetry.setup_tracing("syncplane-worker", attributes=resource)
