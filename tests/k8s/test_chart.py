@@ -366,9 +366,10 @@ def test_lifecycle_under_the_charts_rbac(k8s_cluster, workflow_crd, namespace, c
     server_kubeconfig = token_kubeconfig(k8s_cluster, namespace, f"{release}-syncplane-server",
                                          tmp_path / "server.kubeconfig", proxies["server"])
     # Loopback: no TLS or token needed; everything else as in the chart's Deployment.
-    server_args = [a for a in server_container["args"] if not a.startswith(("--listen", "--tls-", "--token-file"))]
+    server_args = [a for a in server_container["args"]
+                   if not a.startswith(("--listen", "--tls-", "--token-file", "--console-listen"))]
     port_file = tmp_path / "port"
-    server = Process([*server_args, "--listen=127.0.0.1:0", f"--port-file={port_file}"],
+    server = Process([*server_args, "--listen=127.0.0.1:0", f"--port-file={port_file}", "--console-listen=127.0.0.1:0"],
                      local_env(server_kubeconfig, pod_env(server_container, "server-0", namespace)),
                      tmp_path / "server.log")
     workers: list[LocalWorker] = []
@@ -414,9 +415,11 @@ def test_lifecycle_under_the_charts_rbac(k8s_cluster, workflow_crd, namespace, c
         pod_spec = get(k8s_cluster, namespace, "deployment", f"{workflow_id}-worker")["spec"]["template"]["spec"]
         # the workflow's own ServiceAccount, created by the operator and bound to the chart's worker Role
         assert pod_spec["serviceAccountName"] == worker_service_account_name(workflow_id)
-        worker_kubeconfig = token_kubeconfig(k8s_cluster, namespace, worker_service_account_name(workflow_id),
-                                             tmp_path / "worker.kubeconfig", proxies["worker"])
-        as_worker = SimpleNamespace(kubectl=k8s_cluster.kubectl, kubeconfig=worker_kubeconfig)
+        # each worker logs in with a token bound to its pod (the admission policy then holds it to its own
+        # pod's heartbeat Lease)
+        as_worker = SimpleNamespace(kubectl=k8s_cluster.kubectl, kubeconfig_for=lambda pod: token_kubeconfig(
+            k8s_cluster, namespace, worker_service_account_name(workflow_id), tmp_path / f"{pod}.kubeconfig",
+            proxies["worker"], pod=pod))
         assert pod_spec["containers"][0]["image"] == container_of(
             k8s_cluster, namespace, f"{release}-syncplane-operator")["image"]
         workers.append(LocalWorker(as_worker, namespace, workflow_id, tmp_path))

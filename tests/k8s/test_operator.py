@@ -68,7 +68,9 @@ class LocalWorker:
         self.pod = live[0]["metadata"]["name"]
         pod_tmp = tmp / f"{self.pod}-tmp"   # the pod's own /tmp (an emptyDir): local state is never shared
         pod_tmp.mkdir(exist_ok=True)
-        env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig), "POD_UID": live[0]["metadata"]["uid"],
+        # as the kubelet does: a token bound to the pod, when the cluster object can make one
+        kubeconfig = cluster.kubeconfig_for(self.pod) if hasattr(cluster, "kubeconfig_for") else cluster.kubeconfig
+        env = {**os.environ, "KUBECONFIG": str(kubeconfig), "POD_UID": live[0]["metadata"]["uid"],
                "TMPDIR": str(pod_tmp)}
         args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
         uid = args[args.index("--workflow-uid") + 1]  # what the operator passes on: the Workflow's uid
