@@ -339,8 +339,9 @@ def start_operator(cluster: Any, namespace: str, release: str, tmp: Path, pod: s
     container = container_of(cluster, namespace, f"{release}-syncplane-operator")
     kubeconfig = token_kubeconfig(cluster, namespace, f"{release}-syncplane-operator", tmp / f"{pod}.kubeconfig",
                                   proxy)
+    # the pod's fixed ports, on loopback port 0 here: several processes (and other tests) share this machine
     args = [a if not a.startswith("--liveness=") else "--liveness=http://127.0.0.1:0/healthz"
-            for a in container["args"]]
+            for a in container["args"] if not a.startswith("--metrics-listen")]
     env = local_env(kubeconfig, {**pod_env(container, pod, namespace), "SYNCPLANE_OPERATOR_INTERVAL": "0.5"})
     return Process(args, env, tmp / f"{pod}.log")
 
@@ -367,7 +368,7 @@ def test_lifecycle_under_the_charts_rbac(k8s_cluster, workflow_crd, namespace, c
                                          tmp_path / "server.kubeconfig", proxies["server"])
     # Loopback: no TLS or token needed; everything else as in the chart's Deployment.
     server_args = [a for a in server_container["args"]
-                   if not a.startswith(("--listen", "--tls-", "--token-file", "--console-listen"))]
+                   if not a.startswith(("--listen", "--tls-", "--token-file", "--console-listen", "--metrics-listen"))]
     port_file = tmp_path / "port"
     server = Process([*server_args, "--listen=127.0.0.1:0", f"--port-file={port_file}", "--console-listen=127.0.0.1:0"],
                      local_env(server_kubeconfig, pod_env(server_container, "server-0", namespace)),
