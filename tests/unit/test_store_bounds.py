@@ -37,3 +37,25 @@ async def test_a_slow_watcher_is_dropped_with_a_revision_to_resume_from(tmp_path
         assert got == [first.name, *names]
     finally:
         store.close()
+
+
+async def test_request_ids_are_remembered_for_the_retention_then_pruned(tmp_path: Path) -> None:
+    """Within the retention a retried create gets the first workflow back; past it the request_id
+    is forgotten (pruned by the next create carrying one), so the table does not grow forever."""
+    from syncplane.errors import AlreadyExists
+
+    kept = SqliteStore(tmp_path / "kept.db")
+    try:
+        first = await kept.create(workflow(name="wf-a"), request_id="r-1")
+        assert (await kept.create(workflow(name="wf-a"), request_id="r-1")).uid == first.uid
+    finally:
+        kept.close()
+    pruned = SqliteStore(tmp_path / "pruned.db", request_retention=-1.0)  # everything is already too old
+    try:
+        await pruned.create(workflow(name="wf-a"), request_id="r-1")
+        await pruned.create(workflow(name="wf-b"), request_id="r-2")
+        assert pruned._db.execute("SELECT request_id FROM requests").fetchall() == [("r-2",)]
+        with pytest.raises(AlreadyExists):
+            await pruned.create(workflow(name="wf-a"), request_id="r-1")
+    finally:
+        pruned.close()

@@ -38,6 +38,9 @@ CREATE TABLE IF NOT EXISTS changes (
 );
 CREATE TABLE IF NOT EXISTS requests (request_id TEXT PRIMARY KEY, name TEXT NOT NULL);
 """
+#: Seconds a CreateWorkflow request_id is remembered (a retry within it gets the same workflow
+#: back); older ones are pruned on the next create that carries one, so the table stays bounded.
+REQUEST_RETENTION = 24 * 3600.0
 RETAINED_CHANGES = 10_000
 #: Changes a watcher may have pending: a watcher further behind is dropped with the revision to
 #: resume from (it re-watches from there and loses nothing), instead of growing memory.
@@ -57,12 +60,17 @@ def _now() -> datetime:
 
 
 class SqliteStore:
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, request_retention: float = REQUEST_RETENTION) -> None:
         self.path = str(path)
+        self.request_retention = request_retention
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
+        if "created" not in {row[1] for row in self._db.execute("PRAGMA table_info(requests)")}:
+            # Added after the first release: rows from before count as made now.
+            self._db.execute("ALTER TABLE requests ADD COLUMN created REAL NOT NULL DEFAULT 0")
+            self._db.execute("UPDATE requests SET created = ?", (_now().timestamp(),))
         self._subscribers: set[_Watcher] = set()
         # Parsed rows by name, valid while mod_revision matches: this process is
         # the only writer, so the cache is written through and never stale.
@@ -132,6 +140,8 @@ class SqliteStore:
         with self._db:
             self._db.execute("BEGIN IMMEDIATE")
             if request_id:
+                self._db.execute("DELETE FROM requests WHERE created < ?",
+                                 (_now().timestamp() - self.request_retention,))
                 row = self._db.execute("SELECT name FROM requests WHERE request_id = ?", (request_id,)).fetchone()
                 if row is not None:
                     return self._load(row[0])
@@ -146,7 +156,8 @@ class SqliteStore:
                 wf.status.phase_time.CopyFrom(wf.create_time)
             change = self._write(wf, CHANGE_ADDED)
             if request_id:
-                self._db.execute("INSERT INTO requests (request_id, name) VALUES (?, ?)", (request_id, wf.name))
+                self._db.execute("INSERT INTO requests (request_id, name, created) VALUES (?, ?, ?)",
+                                 (request_id, wf.name, _now().timestamp()))
         self._publish(change)
         return change.workflow
 
