@@ -48,7 +48,7 @@ def _requests_total(cluster: TestCluster) -> float:
 
 
 def _operator(cluster: TestCluster, namespace: str, log: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig), "SYNCPLANE_OPERATOR_INTERVAL": "1.0"}
+    env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig), "SYNCPLANE_OPERATOR_RESYNC": "60"}
     return subprocess.Popen([sys.executable, "-m", "syncplane", "operator", "--standalone", "--namespace", namespace,
                              "--liveness", "http://127.0.0.1:0/healthz"], env=env, stdout=log.open("wb"),
                             stderr=subprocess.STDOUT)

@@ -72,11 +72,11 @@ RECORDS = "server/syncplane/worker/kube_records.py"
 # Role name suffix -> the verbs that role must grant, exactly.
 VERBS: dict[str, list[Verb]] = {
     "operator": [
-        *_verbs("syncplane.io", "workflows", "list watch", HANDLERS, r"@kopf\.on\.resume\(GROUP, VERSION, PLURAL\)",
+        *_verbs("syncplane.io", "workflows", "list watch", HANDLERS, r"@kopf\.daemon\(GROUP, VERSION, PLURAL",
                 "kopf lists and watches the Workflows it handles"),
         *_verbs("syncplane.io", "workflows", "patch", HANDLERS, r"settings\.persistence\.finalizer",
                 "kopf writes its finalizer and progress annotations"),
-        *_verbs("syncplane.io", "workflows/status", "patch", RECONCILER, r"patch\.status\.update",
+        *_verbs("syncplane.io", "workflows/status", "patch", RECONCILER, r"patch_namespaced_custom_object_status",
                 "the reconciler's status patch (status is a subresource)"),
         *_verbs("apps", "deployments", "list watch", HANDLERS, r'kopf\.index\("apps", "v1", "deployments"',
                 "worker Deployment index"),
@@ -90,7 +90,7 @@ VERBS: dict[str, list[Verb]] = {
         *_verbs("", "configmaps", "get", RECONCILER, r"read_namespaced_config_map",
                 "the applied-spec snapshot, read back after a restart"),
         *_verbs("", "configmaps", "create", RECONCILER, r"create_namespaced_config_map", "the snapshot on start"),
-        *_verbs("", "events", "create", RECONCILER, r"kopf\.(info|warn)\(", "Events on transitions"),
+        *_verbs("", "events", "create", RECONCILER, r"kopf\.event\(", "Events on transitions"),
         *_verbs("", "serviceaccounts", "create", RECONCILER, r"create_namespaced_service_account",
                 "each Workflow's own worker ServiceAccount"),
         *_verbs("rbac.authorization.k8s.io", "rolebindings", "create", RECONCILER,

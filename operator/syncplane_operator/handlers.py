@@ -1,5 +1,11 @@
 """kopf registrations, kept thin: every body lives in reconciler.py.
 
+Event-driven: one daemon per Workflow reconciles when woken by a change of the
+Workflow or of one of its children (worker Deployment, pods, heartbeat Leases,
+each watched once by kopf), and otherwise only every SYNCPLANE_OPERATOR_RESYNC
+seconds (60), for what no event signals (a heartbeat going stale), or when an
+automatic restart falls due.
+
 Run: `kopf run -m syncplane_operator.handlers --all-namespaces` (or
 `syncplane operator`).
 """
@@ -7,6 +13,7 @@ Run: `kopf run -m syncplane_operator.handlers --all-namespaces` (or
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import os
 from typing import Any
@@ -15,14 +22,21 @@ import kopf
 
 from syncplane.kubeclient import api_client as kube_api_client
 from syncplane.lifecycle import DEFAULT_POLICY, Policy
+from syncplane.model.kube import reflects
 from syncplane_operator import labels as L
 from syncplane_operator.builders import WorkerImage
 from syncplane_operator.leader import LeaderElection
-from syncplane_operator.reconciler import Clients, drain_for_delete, reconcile
+from syncplane_operator.reconciler import Clients, drain_for_delete, patch_status, post_transition, reconcile
+from syncplane_operator.wakers import Wakers, next_wake
 
 GROUP, VERSION, PLURAL = "syncplane.io", "v1", "workflows"
 WORKERS = {L.WORKFLOW_LABEL: kopf.PRESENT}
-TIMER_INTERVAL = float(os.environ.get("SYNCPLANE_OPERATOR_INTERVAL", "1.0"))
+DEFAULT_RESYNC = 60.0
+
+
+def resync_from_environment() -> float:
+    """SYNCPLANE_OPERATOR_RESYNC: seconds between reconciles of a Workflow that no event woke (60)."""
+    return float(os.environ.get("SYNCPLANE_OPERATOR_RESYNC", DEFAULT_RESYNC))
 
 
 def policy_from_environment() -> Policy:
@@ -47,7 +61,10 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.watching.client_timeout = 150
     settings.watching.connect_timeout = 10
     settings.networking.request_timeout = 30
-    settings.posting.level = 20
+    # Only warnings and errors of kopf's own logs become Events: the transitions are posted explicitly
+    # (reconciler.post_transition), and a handler's "succeeded." is not news.
+    settings.posting.level = logging.WARNING
+    logging.getLogger("kopf.objects").addFilter(routine_at_debug)
     # The Helm chart installs the CRD first: without scanning, no cluster-wide CRD/Namespace read is needed.
     settings.scanning.disabled = os.environ.get("SYNCPLANE_OPERATOR_SCANNING", "true") == "false"
     logging.getLogger().setLevel(os.environ.get("SYNCPLANE_LOG_LEVEL", "INFO").upper())
@@ -55,10 +72,12 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
 
     api_client = await kube_api_client()
     memo.api = Clients(core=client.CoreV1Api(api_client), apps=client.AppsV1Api(api_client),
-                       rbac=client.RbacAuthorizationV1Api(api_client))
+                       rbac=client.RbacAuthorizationV1Api(api_client), custom=client.CustomObjectsApi(api_client))
     memo.api_client = api_client
     memo.policy = policy_from_environment()
     memo.locks = {}
+    memo.wakers = Wakers()
+    memo.resync = resync_from_environment()
     env = os.environ.get
     memo.image = WorkerImage(image=env("SYNCPLANE_WORKER_IMAGE", WorkerImage.image),
                              pull_policy=env("SYNCPLANE_WORKER_IMAGE_PULL_POLICY", WorkerImage.pull_policy),
@@ -68,6 +87,14 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     if memo.leader is not None:
         await memo.leader.acquire()
         memo.leader_task = asyncio.create_task(memo.leader.keep())
+
+
+def routine_at_debug(record: logging.LogRecord) -> bool:
+    """kopf logs each handler's success at INFO; each watch event of a worker runs one: routine, DEBUG."""
+    if record.levelno == logging.INFO and str(record.msg).endswith(" succeeded."):
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger().isEnabledFor(logging.DEBUG)
+    return True
 
 
 @kopf.on.login()
@@ -109,22 +136,54 @@ def worker_leases(namespace: str | None, labels: Any, body: kopf.Body, **_: Any)
     return {_key(namespace, labels): dict(body)}
 
 
-@kopf.on.resume(GROUP, VERSION, PLURAL)
-@kopf.on.create(GROUP, VERSION, PLURAL)
-@kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
-@kopf.timer(GROUP, VERSION, PLURAL, interval=TIMER_INTERVAL)
-async def workflow(body: kopf.Body, patch: kopf.Patch, logger: Any, memo: Any, namespace: str | None,
-                   name: str, **kwargs: Any) -> None:
+@kopf.on.event(GROUP, VERSION, PLURAL)
+def workflow_changed(memo: Any, namespace: str | None, name: str, **_: Any) -> None:
+    memo.wakers.wake((namespace, name))
+
+
+@kopf.on.event("apps", "v1", "deployments", labels=WORKERS)
+@kopf.on.event("", "v1", "pods", labels=WORKERS)
+@kopf.on.event("coordination.k8s.io", "v1", "leases", labels=WORKERS)
+def worker_changed(memo: Any, namespace: str | None, labels: Any, **_: Any) -> None:
+    memo.wakers.wake(_key(namespace, labels))
+
+
+@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=5.0)
+async def workflow(body: kopf.Body, logger: Any, memo: Any, namespace: str | None, name: str,
+                   stopped: kopf.DaemonStopped, **kwargs: Any) -> None:
+    """Reconcile now, then each time an event wakes this Workflow's waker (or the resync passes).
+
+    kopf keeps ``body`` live (replaced by each watch event before the handlers run). After a status
+    write, the next reconcile waits for the watch to deliver it (or anything later), so no reconcile
+    decides from a body older than its own last write, nor writes a transition's Event twice."""
     key = (namespace, name)
-    # One reconcile of a Workflow at a time. kopf runs its timer beside the change handlers, each with
-    # the live body as it was when that call began: without this, a timer that read the body before a
-    # Start but the indexes after the Start's handler created the Deployment decided STOPPED -> STOPPING
-    # and scaled the new workers to 0. Under the lock, whatever created the children the indexes show
-    # ran before this call read the body, and kopf updates the live body before any handler of an event.
+    waker = memo.wakers.register(key)
+    written: dict[str, Any] | None = None   # our last status patch, until the watch shows it
+    try:
+        while not stopped:
+            if written is None or reflects(body.get("status") or {}, written) or waker.timed_out:
+                written = await _reconcile_once(key, body, logger, memo, kwargs)
+            await waker.wait(next_wake(body.get("status") or {}, memo.resync), stopped.wait)
+    finally:
+        memo.wakers.forget(key, waker)
+
+
+async def _reconcile_once(key: tuple[str | None, str], live: kopf.Body, logger: Any, memo: Any,
+                          indexes: dict[str, Any]) -> dict[str, Any] | None:
+    """One reconcile of a copy of the live body; the status patch it wrote, if any."""
+    # One reconcile of a Workflow at a time: a reconcile that read the body before another's Start but the
+    # indexes after it would decide STOPPED -> STOPPING and scale the new workers to 0. Under the lock, and
+    # with the daemon waiting for its own status write to come back before reconciling again, whatever
+    # created the children the indexes show ran before this call read the body.
     async with memo.locks.setdefault(key, asyncio.Lock()):
-        indexes = [kwargs[i] for i in ("worker_deployments", "worker_pods", "worker_leases")]
-        deployments, pods, leases = (ix.get(key, []) for ix in indexes)
-        await reconcile(body, patch, logger, memo.api, memo.image, deployments, pods, leases, policy=memo.policy)
+        body = kopf.Body(copy.deepcopy(dict(live)))  # type: ignore[arg-type]  # the live body changes under the awaits
+        deployments, pods, leases = (indexes[i].get(key, []) for i in
+                                     ("worker_deployments", "worker_pods", "worker_leases"))
+        result = await reconcile(body, logger, memo.api, memo.image, deployments, pods, leases, policy=memo.policy)
+        if result.changes:
+            await patch_status(memo.api, body, result.changes)
+        post_transition(body, result.transition, logger)
+        return result.changes or None
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL)

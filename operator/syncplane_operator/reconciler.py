@@ -2,8 +2,9 @@
 
 Level-based: every call recomputes from the Workflow, the snapshot ConfigMap
 and what the indexes show (Deployment, pods, heartbeat Leases), then creates
-or scales children and returns the status patch. Called on every change of
-the Workflow and by a timer that observes reality.
+or scales children and returns the status patch and the transition to post.
+Called by the Workflow's daemon (handlers.py) when an event of the Workflow or
+of its children wakes it, and on a slow resync.
 """
 
 from __future__ import annotations
@@ -41,11 +42,27 @@ DRAIN_WAIT = 60.0
 DRAIN_POLL = 0.5
 
 
+@dataclass(frozen=True)
+class Transition:
+    """A phase change, posted as one Kubernetes Event."""
+
+    type: str      # Normal | Warning
+    reason: str    # the new phase, e.g. Running
+    message: str   # "STOPPED -> STARTING" (an ERROR adds its reason and message)
+
+
+@dataclass(frozen=True)
+class Reconciled:
+    changes: dict[str, Any]               # the status merge patch; empty for a no-op
+    transition: Transition | None = None
+
+
 @dataclass
 class Clients:
     core: Any
     apps: Any
     rbac: Any = None
+    custom: Any = None
     # Snapshot ConfigMaps are immutable: cache them by name.
     snapshots: dict[str, pb.WorkflowSpec] = field(default_factory=dict)
 
@@ -79,14 +96,16 @@ async def _create(call: Any, namespace: str, body: dict[str, Any]) -> None:
 
 
 @observed_reconcile
-async def reconcile(body: kopf.Body, patch: kopf.Patch, logger: Any, api: Clients, image: WorkerImage,
+async def reconcile(body: kopf.Body, logger: Any, api: Clients, image: WorkerImage,
                     deployments: Iterable[Mapping[str, Any]], pods: Iterable[Mapping[str, Any]],
-                    leases: Iterable[Mapping[str, Any]], policy: Policy = DEFAULT_POLICY) -> None:
+                    leases: Iterable[Mapping[str, Any]], policy: Policy = DEFAULT_POLICY) -> Reconciled:
+    """Create or scale the children; the status patch to write and the transition to post (none when
+    the phase stays: a no-op reconcile writes nothing)."""
     name, namespace = body.metadata.name, body.metadata.namespace
     if not name or not namespace:  # a namespaced resource always has both: say so if one does not
         raise kopf.PermanentError(f"a Workflow without a name or namespace ({name!r}, {namespace!r})")
     if body.metadata.get("deletionTimestamp"):
-        return  # being deleted: drain_for_delete owns it now
+        return Reconciled({})  # being deleted: drain_for_delete owns it now
     try:
         wf = workflow_from_body(body)
     except Exception as exc:  # the CRD schema should make this unreachable
@@ -111,16 +130,35 @@ async def reconcile(body: kopf.Body, patch: kopf.Patch, logger: Any, api: Client
     await converge(api, body, deployment, outcome.target_workers, status, image,
                    list(secret_references(applied)) if applied is not None else [])
     changes = status_patch(body.get("status") or {}, status)
-    if changes:
-        patch.status.update(changes)
-    if status.phase != (wf.status.phase or pb.PHASE_STOPPED) or not body.get("status"):
-        message = f"{phase_name(wf.status.phase or pb.PHASE_STOPPED)} -> {phase_name(status.phase)}"
-        if status.phase == pb.PHASE_ERROR:
-            message += f": {status.last_error.reason}: {status.last_error.message}"
-            kopf.warn(body, reason=phase_name(status.phase).title(), message=message)
-        else:
-            kopf.info(body, reason=phase_name(status.phase).title(), message=message)
-        logger.info("workflow %s/%s: %s", namespace, name, message)
+    return Reconciled(changes, transition(body, wf.status.phase, status))
+
+
+def transition(body: Mapping[str, Any], before: int, status: pb.WorkflowStatus) -> Transition | None:
+    """Pure: the Event of a phase change (the first status write of a new Workflow counts as one)."""
+    if status.phase == (before or pb.PHASE_STOPPED) and body.get("status"):
+        return None
+    message = f"{phase_name(before or pb.PHASE_STOPPED)} -> {phase_name(status.phase)}"
+    if not body.get("status"):
+        message = f"created: {phase_name(status.phase)}"
+    if status.phase == pb.PHASE_ERROR:
+        return Transition("Warning", phase_name(status.phase).title(),
+                          f"{message}: {status.last_error.reason}: {status.last_error.message}")
+    return Transition("Normal", phase_name(status.phase).title(), message)
+
+
+def post_transition(body: kopf.Body, change: Transition | None, logger: Any) -> None:
+    """One Event per transition (kopf posts it in the background); logged at INFO."""
+    if change is None:
+        return
+    kopf.event(body, type=change.type, reason=change.reason, message=change.message)
+    logger.info("workflow %s/%s: %s", body.metadata.namespace, body.metadata.name, change.message)
+
+
+async def patch_status(api: Clients, body: kopf.Body, changes: Mapping[str, Any]) -> None:
+    """A merge patch of the status subresource (the operator owns ``status``)."""
+    await api.custom.patch_namespaced_custom_object_status(
+        "syncplane.io", "v1", str(body.metadata.namespace), "workflows", str(body.metadata.name),
+        {"status": dict(changes)}, _content_type="application/merge-patch+json")
 
 
 def applied_view_resource(spec: pb.WorkflowSpec) -> dict[str, Any]:

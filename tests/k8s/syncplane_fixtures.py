@@ -23,9 +23,12 @@ SECRET_VALUE = "sandbox-client-secret-value-42"
 
 
 @pytest.fixture
-def operator(k8s_cluster, workflow_crd, namespace, monkeypatch) -> Iterator[KopfRunner]:
+def operator(k8s_cluster, workflow_crd, namespace, monkeypatch, request) -> Iterator[KopfRunner]:
     monkeypatch.setenv("KUBECONFIG", str(k8s_cluster.kubeconfig))
-    monkeypatch.setenv("SYNCPLANE_OPERATOR_INTERVAL", "0.5")
+    # A quick resync for the tests of stale heartbeats; `@pytest.mark.operator_resync(600)` for a test that
+    # the watch events alone drive.
+    marker = request.node.get_closest_marker("operator_resync")
+    monkeypatch.setenv("SYNCPLANE_OPERATOR_RESYNC", str(marker.args[0] if marker else 2))
     with KopfRunner(["run", "--standalone", "--namespace", namespace, "-m", "syncplane_operator.handlers"],
                     timeout=60) as runner:
         yield runner

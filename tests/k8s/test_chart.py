@@ -342,7 +342,7 @@ def start_operator(cluster: Any, namespace: str, release: str, tmp: Path, pod: s
     # the pod's fixed ports, on loopback port 0 here: several processes (and other tests) share this machine
     args = [a if not a.startswith("--liveness=") else "--liveness=http://127.0.0.1:0/healthz"
             for a in container["args"] if not a.startswith("--metrics-listen")]
-    env = local_env(kubeconfig, {**pod_env(container, pod, namespace), "SYNCPLANE_OPERATOR_INTERVAL": "0.5"})
+    env = local_env(kubeconfig, {**pod_env(container, pod, namespace), "SYNCPLANE_OPERATOR_RESYNC": "2"})
     return Process(args, env, tmp / f"{pod}.log")
 
 

@@ -237,7 +237,7 @@ def test_delete_drains_and_leaves_no_orphans(k8s_cluster, namespace, operator, t
 
 def test_operator_restart_mid_transition_converges(k8s_cluster, workflow_crd, namespace, monkeypatch, tmp_path):
     monkeypatch.setenv("KUBECONFIG", str(k8s_cluster.kubeconfig))
-    monkeypatch.setenv("SYNCPLANE_OPERATOR_INTERVAL", "0.5")
+    monkeypatch.setenv("SYNCPLANE_OPERATOR_RESYNC", "2")
     args = ["run", "--standalone", "--namespace", namespace, "-m", "syncplane_operator.handlers"]
     # A real operator process, killed with SIGKILL in the middle of STARTING.
     with open(tmp_path / "operator.log", "wb") as log:

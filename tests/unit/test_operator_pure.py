@@ -193,5 +193,5 @@ async def test_reconcile_of_a_body_without_a_namespace_is_a_permanent_error():
     from syncplane_operator.reconciler import reconcile
 
     with pytest.raises(kopf.PermanentError, match="without a name or namespace"):
-        await reconcile(kopf.Body({"metadata": {"name": "wf"}}), kopf.Patch(), logging.getLogger(),
+        await reconcile(kopf.Body({"metadata": {"name": "wf"}}), logging.getLogger(),
                         None, None, [], [], [])  # type: ignore[arg-type]

@@ -80,3 +80,19 @@ def _merge_patch(old: Mapping[str, Any], new: Mapping[str, Any], known: set[str]
             patch[k] = v
     patch.update({k: None for k in old if k not in new and (known is None or k in known)})
     return patch
+
+
+def reflects(current: Mapping[str, Any], patch: Mapping[str, Any]) -> bool:
+    """Whether ``current`` already shows the merge patch ``patch`` (RFC 7386): the watch has
+    delivered that write, or a later one."""
+    for k, v in patch.items():
+        if v is None:
+            if k in current:
+                return False
+        elif isinstance(v, Mapping):
+            sub = current.get(k)
+            if not isinstance(sub, Mapping) or not reflects(sub, v):
+                return False
+        elif current.get(k) != v:
+            return False
+    return True

@@ -1,0 +1,85 @@
+"""issue 17: the operator is driven by watch events (its resync set to 10 minutes here), and writes
+exactly one Event per phase transition."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from tests.k8s.test_operator import AVAILABLE, LocalWorker, create_workflow, get, patch, wait
+
+pytestmark = pytest.mark.k8s
+
+
+def _transitions(cluster: Any, namespace: str, name: str) -> Counter[str]:
+    events = json.loads(cluster.kubectl("get", "events", "-n", namespace, "--field-selector",
+                                        f"involvedObject.name={name}", "-o", "json").stdout)["items"]
+    return Counter(f"{e['reason']}: {e['message']}" for e in events for _ in range(int(e.get("count") or 1)))
+
+
+def _renewals(cluster: Any, namespace: str, pod: str, times: int) -> None:
+    """Until the worker's heartbeat Lease has been renewed ``times`` more times: each renewal is a watch
+    event that wakes the Workflow's reconcile."""
+    seen: list[str] = []
+
+    def renewed() -> bool:
+        lease = get(cluster, namespace, "lease", pod)
+        if not seen or lease["spec"].get("renewTime") != seen[-1]:
+            seen.append(lease["spec"].get("renewTime"))
+        return len(seen) > times
+
+    cluster.wait_until(f"{times} renewals of the heartbeat Lease {pod}", renewed, 60)
+
+
+@pytest.mark.operator_resync(600)
+def test_lifecycle_from_watch_events_alone_with_one_event_per_transition(k8s_cluster, namespace, operator,
+                                                                         tmp_path):
+    name, target = create_workflow(k8s_cluster, namespace, tmp_path)
+    expected = Counter({"Stopped: created: STOPPED": 1})
+
+    # A change that is no transition (a label) wakes a reconcile that writes nothing.
+    k8s_cluster.kubectl("label", "workflow", name, "-n", namespace, "team=a")
+
+    # start: STARTING, then RUNNING once the Deployment is Available and the worker's Lease says ready;
+    # with a 10-minute resync only the watch events (Workflow, Deployment, pods, Lease) get it there.
+    patch(k8s_cluster, namespace, name, {"desiredState": "RUNNING"})
+    wait(k8s_cluster, namespace, target, "jsonpath={.status.phase}=STARTING", timeout=60)
+    wait(k8s_cluster, namespace, f"deployment/{name}-worker", AVAILABLE, timeout=60)
+    worker = LocalWorker(k8s_cluster, namespace, name, tmp_path)
+    try:
+        wait(k8s_cluster, namespace, target, "jsonpath={.status.phase}=RUNNING", timeout=60)
+        expected += Counter({"Starting: STOPPED -> STARTING": 1, "Running: STARTING -> RUNNING": 1})
+
+        # edit while running: drift, no transition
+        patch(k8s_cluster, namespace, name, {"batchSize": 250})
+        wait(k8s_cluster, namespace, target, "jsonpath={.status.drift.detected}=true", timeout=60)
+        _renewals(k8s_cluster, namespace, worker.pod, 2)
+
+        # stop: STOPPING, then STOPPED once the worker is gone
+        patch(k8s_cluster, namespace, name, {"desiredState": "STOPPED"})
+        wait(k8s_cluster, namespace, f"deployment/{name}-worker", "jsonpath={.spec.replicas}=0", timeout=60)
+        wait(k8s_cluster, namespace, f"pod/{worker.pod}", "delete", timeout=60)
+    finally:
+        worker.stop()
+    wait(k8s_cluster, namespace, target, "jsonpath={.status.phase}=STOPPED", timeout=60)
+    expected += Counter({"Stopping: RUNNING -> STOPPING": 1, "Stopped: STOPPING -> STOPPED": 1})
+
+    # start again
+    patch(k8s_cluster, namespace, name, {"desiredState": "RUNNING"})
+    wait(k8s_cluster, namespace, f"deployment/{name}-worker", AVAILABLE, timeout=60)
+    worker = LocalWorker(k8s_cluster, namespace, name, tmp_path)
+    try:
+        wait(k8s_cluster, namespace, target, "jsonpath={.status.phase}=RUNNING", timeout=60)
+        expected += Counter({"Starting: STOPPED -> STARTING": 1, "Running: STARTING -> RUNNING": 1})
+        # kopf posts Events from a queue: wait for them all, then let a few more heartbeats wake reconciles
+        k8s_cluster.wait_until("the transitions' Events", lambda: _transitions(k8s_cluster, namespace, name).total()
+                               >= expected.total(), 60)
+        assert _transitions(k8s_cluster, namespace, name) == expected
+        _renewals(k8s_cluster, namespace, worker.pod, 2)
+        assert _transitions(k8s_cluster, namespace, name) == expected
+    finally:
+        patch(k8s_cluster, namespace, name, {"desiredState": "STOPPED"})
+        worker.stop()
