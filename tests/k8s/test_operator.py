@@ -136,7 +136,7 @@ def test_lifecycle_under_the_operator(k8s_cluster, namespace, operator, tmp_path
         patch(k8s_cluster, namespace, name, {"batchSize": 250})
         wait(k8s_cluster, namespace, target, "jsonpath={.status.drift.detected}=true")
         wf = get(k8s_cluster, namespace, "workflow", name)
-        assert wf["status"]["drift"]["changedFields"] == ["spec.batch_size"]
+        assert wf["status"]["drift"]["changedFields"] == ["spec.batchSize"]  # the resource's own spelling
         assert {c["type"]: c["status"] for c in wf["status"]["conditions"]}["SpecDrift"] == "True"
         assert get(k8s_cluster, namespace, "deployment", f"{name}-worker")["metadata"]["generation"] == before
 

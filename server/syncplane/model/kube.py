@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from syncplane.api.v1 import workflow_pb2 as pb
@@ -44,7 +45,7 @@ def workflow_from_body(body: Mapping[str, Any]) -> pb.Workflow:
     message_from_dict(dict(body.get("spec") or {}), wf.spec, "spec")
     status = dict(body.get("status") or {})
     known = {f.json_name for f in pb.WorkflowStatus.DESCRIPTOR.fields}
-    message_from_dict({k: v for k, v in status.items() if k in known}, wf.status, "status")
+    message_from_dict(_spell_paths({k: v for k, v in status.items() if k in known}, proto_path), wf.status, "status")
     raw = (meta.get("annotations") or {}).get(LAST_VERIFY_ANNOTATION)
     if raw:
         try:
@@ -58,9 +59,38 @@ def workflow_from_body(body: Mapping[str, Any]) -> pb.Workflow:
     return wf
 
 
+# A spec field path in a status text: `spec.batch_size`, `spec.ingress.entities[0].source_table`.
+_SPEC_PATH = re.compile(r"\bspec(?:\.[A-Za-z][A-Za-z0-9_]*(?:\[\d+\])*)+")
+
+
+def resource_path(path: str) -> str:
+    """A proto field path in the resource's spelling: ``spec.batch_size`` -> ``spec.batchSize`` (the
+    fields' JSON names; the spec has no map whose keys could be mistaken for field names)."""
+    return re.sub(r"_([a-z0-9])", lambda m: m.group(1).upper(), path)
+
+
+def proto_path(path: str) -> str:
+    """The inverse of resource_path: ``spec.batchSize`` -> ``spec.batch_size`` (AIP's spelling, gRPC's)."""
+    return re.sub(r"(?<=[a-z0-9])([A-Z])", lambda m: "_" + m.group(1).lower(), path)
+
+
+def _spell_paths(status: dict[str, Any], spell: Callable[[str], str]) -> dict[str, Any]:
+    """The status with the spec paths it names (drift's changed fields, the conditions' messages)
+    spelled by ``spell``: on Kubernetes a Workflow names its own fields as the resource spells them."""
+    drift = status.get("drift")
+    if isinstance(drift, dict) and isinstance(drift.get("changedFields"), list):
+        status["drift"] = {**drift, "changedFields": [spell(str(p)) for p in drift["changedFields"]]}
+    conditions = status.get("conditions")
+    if isinstance(conditions, list):
+        status["conditions"] = [
+            {**c, "message": _SPEC_PATH.sub(lambda m: spell(m.group(0)), c["message"])}
+            if isinstance(c, dict) and isinstance(c.get("message"), str) else c for c in conditions]
+    return status
+
+
 def status_patch(old: Mapping[str, Any], new: pb.WorkflowStatus) -> dict[str, Any]:
     """A merge patch turning `old` into `new`; empty when nothing changed."""
-    target = message_to_dict(new)
+    target = _spell_paths(message_to_dict(new), resource_path)
     # lastVerify is the API server's, kept in an annotation (LAST_VERIFY_ANNOTATION): never a status write.
     target.pop("lastVerify", None)
     known = {f.json_name for f in pb.WorkflowStatus.DESCRIPTOR.fields} - {"lastVerify"}

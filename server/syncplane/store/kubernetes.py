@@ -15,14 +15,13 @@ resourceVersions, so a client resumes a Kubernetes watch.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.errors import AlreadyExists, FieldViolation, InvalidArgument, NotFound, OutOfRange, SyncplaneError
 from syncplane.model.convert import spec_from_dict, to_resource
-from syncplane.model.kube import LAST_VERIFY_ANNOTATION, last_verify_annotation, workflow_from_body
+from syncplane.model.kube import LAST_VERIFY_ANNOTATION, last_verify_annotation, proto_path, workflow_from_body
 from syncplane.store.base import CHANGE_ADDED, CHANGE_DELETED, CHANGE_MODIFIED, Change, Mutation
 
 GROUP, VERSION, PLURAL = "syncplane.io", "v1", "workflows"
@@ -212,10 +211,7 @@ def rejected(exc: Any) -> InvalidArgument:
         causes = (body.get("details") or {}).get("causes") or []
     except (ValueError, TypeError, AttributeError):
         body, causes = {}, []
-    violations = [FieldViolation(_snake_path(str(c.get("field") or "spec")), str(c.get("message") or "invalid"))
+    violations = [FieldViolation(proto_path(str(c.get("field") or "spec")), str(c.get("message") or "invalid"))
                   for c in causes if isinstance(c, dict)]
     return InvalidArgument(violations or [FieldViolation("spec", str(body.get("message") or "invalid"))])
 
-
-def _snake_path(path: str) -> str:
-    return re.sub(r"(?<=[a-z0-9])([A-Z])", lambda m: "_" + m.group(1).lower(), path)
