@@ -140,3 +140,81 @@ def run() -> dict[str, Any]:
           f"p95 {ro['operator']['p95_s']*1e3:.0f} ms | bare watch median {ro['bare_watch']['median_s']*1e3:.0f} ms"
           f" | ratio {ro['ratio_median']:.1f}")
     return results
+
+
+class _Sampler:
+    """The operator process's peak RSS and CPU seconds, sampled every 0.2 s in a thread."""
+
+    def __init__(self, pid: int) -> None:
+        import threading
+
+        self.proc = psutil.Process(pid)
+        self.peak_rss = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.2):
+            try:
+                self.peak_rss = max(self.peak_rss, self.proc.memory_info().rss)
+            except psutil.Error:
+                return
+
+    def cpu_seconds(self) -> float:
+        t = self.proc.cpu_times()
+        return float(t.user + t.system)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def scale(count: int, window: float = 60.0) -> dict[str, Any]:
+    """issue 17: ``count`` STOPPED Workflows. Cold start (every one has a phase), the operator's peak RSS,
+    then idle for ``window`` seconds: its CPU share of one core and the API requests per minute, against
+    the same cluster idling without it (the baseline, measured first)."""
+    out: dict[str, Any] = {"workflows": count}
+    with TestCluster() as cluster, tempfile.TemporaryDirectory() as tmp:
+        cluster.kubectl("apply", "--server-side", "-f", str(CRD))
+        cluster.kubectl("wait", "--for=condition=Established", "crd/workflows.syncplane.io")
+        ns = "bench"
+        cluster.kubectl("create", "namespace", ns)
+        for start in range(0, count, 200):
+            _apply(cluster, ns, [_workflow(f"idle-{i:04d}") for i in range(start, min(count, start + 200))])
+
+        def phased() -> int:
+            items = json.loads(cluster.kubectl("get", "workflows", "-n", ns, "-o", "json").stdout)["items"]
+            return sum(1 for i in items if (i.get("status") or {}).get("phase"))
+
+        before = _requests_total(cluster)
+        t = time.monotonic()
+        time.sleep(window)  # a measurement window, not synchronisation
+        out["cluster_alone_requests_per_min"] = (_requests_total(cluster) - before) / ((time.monotonic() - t) / 60)
+        t0 = time.monotonic()
+        proc = _operator(cluster, ns, Path(tmp) / "operator.log")
+        sampler = _Sampler(proc.pid)
+        try:
+            _wait(cluster, f"{count} workflows with a phase", lambda: phased() == count, timeout=900)
+            out["cold_start_every_phase_s"] = time.monotonic() - t0
+            out["cold_start_peak_rss_mib"] = sampler.peak_rss / 2**20
+            time.sleep(5)   # let the last status writes' watch events settle before the idle window
+            before, cpu0, t1 = _requests_total(cluster), sampler.cpu_seconds(), time.monotonic()
+            time.sleep(window)  # a measurement window, not synchronisation
+            elapsed = time.monotonic() - t1
+            out["idle_requests_per_min"] = (_requests_total(cluster) - before) / (elapsed / 60)
+            out["idle_operator_requests_per_min"] = (out["idle_requests_per_min"]
+                                                     - out["cluster_alone_requests_per_min"])
+            out["idle_cpu_percent_of_a_core"] = 100 * (sampler.cpu_seconds() - cpu0) / elapsed
+            out["idle_rss_mib"] = sampler.proc.memory_info().rss / 2**20
+            out["peak_rss_mib"] = sampler.peak_rss / 2**20
+        finally:
+            sampler.stop()
+            proc.terminate()
+            proc.wait(timeout=60)
+    print(json.dumps(out, indent=1))
+    return out
+
+
+if __name__ == "__main__":
+    scale(int(sys.argv[1]) if len(sys.argv) > 1 else 1000)

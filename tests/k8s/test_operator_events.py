@@ -39,6 +39,9 @@ def test_lifecycle_from_watch_events_alone_with_one_event_per_transition(k8s_clu
                                                                          tmp_path):
     name, target = create_workflow(k8s_cluster, namespace, tmp_path)
     expected = Counter({"Stopped: created: STOPPED": 1})
+    # `kubectl get workflows` shows a backlog of 0 and no drift as 0 and false, not blanks
+    row = k8s_cluster.kubectl("get", "workflow", name, "-n", namespace, "--no-headers").stdout.split()
+    assert row[1:4] == ["INGRESS", "STOPPED", "STOPPED"] and row[-3:-1] == ["0", "false"], row  # DEGRADED: empty
 
     # A change that is no transition (a label) wakes a reconcile that writes nothing.
     k8s_cluster.kubectl("label", "workflow", name, "-n", namespace, "team=a")

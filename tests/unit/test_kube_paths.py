@@ -32,3 +32,11 @@ def test_drift_paths_are_spelled_as_the_resource_on_kubernetes_and_as_the_proto_
     assert list(read.drift.changed_fields) == [proto]
     assert read.conditions[0].message == f"edited fields apply at the next start: {proto}"
     assert status_patch(written, status) == {}, "a status already written is a no-op"
+
+
+def test_the_printer_columns_read_0_and_false_not_blanks():
+    written = status_patch({}, pb.WorkflowStatus(phase=pb.PHASE_STOPPED))
+    assert written["backlog"] == 0 and written["drift"] == {"detected": False}
+    assert status_patch(written, pb.WorkflowStatus(phase=pb.PHASE_STOPPED)) == {}, "and that is a no-op after"
+    read = workflow_from_body({"metadata": {"name": "w"}, "spec": {}, "status": written}).status
+    assert read.backlog == 0 and not read.drift.detected

@@ -35,4 +35,4 @@ def test_an_unreadable_annotation_reads_as_never_verified() -> None:
 def test_the_operator_never_writes_last_verify() -> None:
     status = pb.WorkflowStatus(phase=pb.PHASE_RUNNING, last_verify=result())
     assert "lastVerify" not in status_patch({"phase": "RUNNING"}, status)
-    assert status_patch({"phase": "RUNNING"}, status) == {}
+    assert status_patch({"phase": "RUNNING", "backlog": 0, "drift": {"detected": False}}, status) == {}

@@ -116,10 +116,11 @@ def test_cr_round_trip_and_status_patch():
     new = pb.WorkflowStatus()
     new.CopyFrom(back.status)
     new.phase = pb.PHASE_RUNNING
-    patch = status_patch(body["status"], new)
+    printed = {"backlog": 0, "drift": {"detected": False}}   # the printer columns' values, always written
+    patch = status_patch({**body["status"], **printed}, new)
     assert patch == {"phase": "RUNNING"}
-    assert status_patch({"phase": "STOPPED", "backlog": 3}, pb.WorkflowStatus(phase=pb.PHASE_STOPPED)) == {
-        "backlog": None}
+    assert status_patch({"phase": "STOPPED", "backlog": 3, "drift": {"detected": False}},
+                        pb.WorkflowStatus(phase=pb.PHASE_STOPPED)) == {"backlog": 0}
 
 
 def test_a_heartbeat_carries_failing_links_and_waiting_records_to_the_decision():

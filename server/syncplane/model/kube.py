@@ -91,6 +91,10 @@ def _spell_paths(status: dict[str, Any], spell: Callable[[str], str]) -> dict[st
 def status_patch(old: Mapping[str, Any], new: pb.WorkflowStatus) -> dict[str, Any]:
     """A merge patch turning `old` into `new`; empty when nothing changed."""
     target = _spell_paths(message_to_dict(new), resource_path)
+    # The printer columns (`kubectl get workflows`) show 0 and false, not blanks: written explicitly,
+    # though proto JSON omits a default.
+    target.setdefault("backlog", 0)
+    target["drift"] = {"detected": False, **(target.get("drift") or {})}
     # lastVerify is the API server's, kept in an annotation (LAST_VERIFY_ANNOTATION): never a status write.
     target.pop("lastVerify", None)
     known = {f.json_name for f in pb.WorkflowStatus.DESCRIPTOR.fields} - {"lastVerify"}
