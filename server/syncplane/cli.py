@@ -263,8 +263,9 @@ def operator_(namespaces: tuple[str, ...], standalone: bool, liveness: str, otlp
     """Run the Kubernetes operator reconciling Workflow resources into worker Deployments."""
     import kopf
 
-    import syncplane_operator.handlers  # noqa: F401  (registers the handlers)
+    import syncplane_operator.handlers as handlers  # (registers the handlers)
     from syncplane import telemetry
+    from syncplane.startup import startup_line
 
     telemetry.setup_tracing("syncplane-operator", otlp_endpoint)
     telemetry.setup_metrics("syncplane-operator", otlp_endpoint)
@@ -272,6 +273,10 @@ def operator_(namespaces: tuple[str, ...], standalone: bool, liveness: str, otlp
         telemetry.serve_metrics(metrics_listen)
 
     kopf.configure(verbose=False)
+    logging.getLogger("syncplane.operator").info(startup_line(
+        "operator", listen=liveness, backend="kubernetes", namespaces=list(namespaces),
+        metrics=metrics_listen or "off", resync=f"{handlers.resync_from_environment():g}s",
+        leader_election="on" if os.environ.get("SYNCPLANE_LEADER_ELECTION_LEASE") else "off"))
     kopf.run(standalone=standalone, namespaces=list(namespaces), clusterwide=not namespaces,
              liveness_endpoint=liveness)
 

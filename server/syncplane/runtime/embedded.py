@@ -29,6 +29,7 @@ from syncplane.runtime.supervisor import Supervisor, SupervisorConfig
 from syncplane.service import WorkflowService
 from syncplane.service.dead_letters import DeadLetterService, SqliteDeadLetters
 from syncplane.service.verify import EmbeddedVerifyEnvironment, VerifyService
+from syncplane.startup import startup_line
 from syncplane.store.sqlite import SqliteStore
 from syncplane.telemetry import serve_metrics, setup_metrics, setup_tracing
 from syncplane.worker.credentials import write_local_secret
@@ -135,7 +136,9 @@ async def serve(config: EmbeddedConfig, stop: asyncio.Event | None = None) -> No
     if console is not None:
         announce_console(console[1])
     host = config.address.rsplit(":", 1)[0]
-    log.info("syncplane control plane serving on %s:%d (data in %s)", host, port, config.data_dir)
+    log.info(startup_line("server", listen=f"{host}:{port}", tls=config.security.tls,
+                          backend="embedded", data_dir=config.data_dir,
+                          console=console[1] if console is not None else "off"))
     await serve_until_signalled(server, health, port, config.port_file, stop)
     if console is not None:
         await console[0].cleanup()

@@ -17,6 +17,7 @@ from syncplane.runtime.kube_auth import KubernetesCallers
 from syncplane.service import WorkflowService
 from syncplane.service.dead_letters import DeadLetterService
 from syncplane.service.verify import VerifyService
+from syncplane.startup import startup_line
 from syncplane.store.kubernetes import KubernetesStore
 from syncplane.telemetry import serve_metrics, setup_metrics, setup_tracing
 from syncplane.worker.kube_records import ConfigMapRecords
@@ -75,7 +76,10 @@ async def serve_kubernetes(config: KubernetesServerConfig, stop: asyncio.Event |
         raise
     if console is not None:
         announce_console(console[1])
-    log.info("syncplane API serving on port %d over Workflow resources in namespace %s", port, config.namespace)
+    host = config.address.rsplit(":", 1)[0]
+    log.info(startup_line("server", listen=f"{host}:{port}", tls=config.security.tls,
+                          backend="kubernetes", namespaces=[config.namespace], auth=config.auth,
+                          console=console[1] if console is not None else "off"))
     await serve_until_signalled(server, health, port, config.port_file, stop)
     if console is not None:
         await console[0].cleanup()
