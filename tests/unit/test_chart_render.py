@@ -432,3 +432,23 @@ def test_the_console_is_on_the_servers_service_unless_disabled(helm, rendered):
         else:
             assert "console" not in ports and "console" not in container_ports
             assert "--no-console" in server["args"]
+
+
+def test_the_notes_create_every_secret_the_examples_reference_and_give_the_uninstall_order(helm):
+    """issue 17: a user following the NOTES can start any example (its Secrets exist), and learns the
+    uninstall order. `helm install --dry-run=client` renders the NOTES without a cluster."""
+    result = subprocess.run([str(helm), "install", "syncplane", str(CHART), "-n", "syncplane", "--dry-run=client"],
+                            capture_output=True, text=True, env=check.helm_env())
+    assert result.returncode == 0, result.stderr
+    notes = result.stdout.split("NOTES:", 1)[1]
+    referenced = set()
+    for path in sorted((CHART / "examples").glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            spec = doc["spec"]
+            referenced |= {spec[side]["credentials"]["name"] for side in ("source", "destination")}
+    assert referenced
+    for name in sorted(referenced):
+        assert f"kubectl create secret generic {name} " in notes, name
+    order = [notes.index(step) for step in ("kubectl delete workflows --all", "helm uninstall",
+                                            "kubectl delete crd workflows.syncplane.io")]
+    assert order == sorted(order)
