@@ -39,11 +39,15 @@ VARIANTS = [
 
 
 @pytest.fixture
-async def api_server() -> AsyncIterator[tuple[str, list[Callable[[], web.Response]]]]:
-    answers: list[Callable[[], web.Response]] = []
+async def api_server() -> AsyncIterator[tuple[str, list[Callable[..., Any]]]]:
+    answers: list[Callable[..., Any]] = []
 
     async def handle(request: web.Request) -> web.Response:
-        return answers[0]()
+        answer: Any = answers[0]
+        if asyncio.iscoroutinefunction(answer):   # an answer that reads the request
+            response: web.Response = await answer(request)
+            return response
+        return answer()
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", handle)
@@ -134,3 +138,49 @@ async def test_heartbeat_refusal_is_fatal_and_outage_is_retried(api_server, answ
         await asyncio.gather(task, return_exceptions=True)
         await beat.close()
 
+
+
+# -- held records keep no credential, in either store --------------------------------------------
+
+SECRET_PAYLOAD = {"id": "e1", "email": "a@example.com", "api_key": "s3cr3t-value", "password": "hunter2-value"}
+
+
+async def test_held_records_in_configmaps_keep_no_credential(api_server):
+    """The ConfigMap a held record is written to (here: the body the API server receives) carries
+    credential-named fields redacted, as dead letters do; the re-sent record leaves them out."""
+    from kubernetes_asyncio import client
+
+    from syncplane.worker.kube_records import ConfigMapRecords
+
+    host, answers = api_server
+    bodies: list[str] = []
+
+    async def capture(request: web.Request) -> web.Response:
+        text = await request.text()
+        if request.method == "GET":
+            return _status(404, "NotFound")
+        bodies.append(text)
+        return web.Response(status=201, text=text or "{}", content_type="application/json")
+
+    answers.append(capture)
+    async with client.ApiClient(client.Configuration(host=host)) as api:
+        await ConfigMapRecords("ns", api_client=api).ahold("wf", "event", "e1", SECRET_PAYLOAD, 404, "no contact")
+    assert bodies and not any("s3cr3t-value" in b or "hunter2-value" in b for b in bodies)
+    assert any("a@example.com" in b for b in bodies)
+
+
+def test_held_records_in_sqlite_keep_no_credential(tmp_path):
+    from syncplane.worker.held import HeldRecords
+    from syncplane.worker.pipeline import held_record
+
+    path = tmp_path / "worker-state.db"
+    held = HeldRecords(path)
+    try:
+        held.hold("wf", "event", "e1", SECRET_PAYLOAD, 404, "no contact")
+        [h] = held.all("wf", "event")
+    finally:
+        held.close()
+    raw = path.read_bytes() + (path.with_name(path.name + "-wal").read_bytes()
+                               if path.with_name(path.name + "-wal").exists() else b"")
+    assert b"s3cr3t-value" not in raw and b"hunter2-value" not in raw
+    assert held_record(h.key, h.payload).values == {"id": "e1", "email": "a@example.com"}

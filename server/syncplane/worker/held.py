@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from syncplane.sqlitefile import SqliteConnection
+from syncplane.worker.checkpoints import redact
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS held (
@@ -61,12 +62,13 @@ class HeldRecords:
         self._conn.close()
 
     def hold(self, workflow: str, stream: str, key: str, payload: dict[str, Any], status: int, error: str) -> None:
-        """Hold a record (first time), or count one more failed attempt."""
+        """Hold a record (first time), or count one more failed attempt. Credential-named fields
+        are redacted as in dead letters (`checkpoints.redact`): never stored, never re-sent."""
         self._db.execute(
             "INSERT INTO held (workflow, stream, key, payload, status, error, first_seen, attempts) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, 1) ON CONFLICT (workflow, stream, key) DO UPDATE SET "
             "payload = excluded.payload, status = excluded.status, error = excluded.error, attempts = attempts + 1",
-            (workflow, stream, key, json.dumps(payload, sort_keys=True), status, error, time.time()))
+            (workflow, stream, key, json.dumps(redact(payload), sort_keys=True), status, error, time.time()))
 
     def release(self, workflow: str, stream: str, key: str) -> None:
         self._db.execute("DELETE FROM held WHERE workflow = ? AND stream = ? AND key = ?", (workflow, stream, key))

@@ -213,7 +213,7 @@ class ConfigMapRecords(ConfigMapStore):
                     error: str) -> None:
         name = record_name(workflow, HELD, stream, key)
         old = await self._read(name)
-        doc = {"stream": stream, "key": key, "payload": payload, "status": status, "error": error,
+        doc = {"stream": stream, "key": key, "payload": redact(payload), "status": status, "error": error,
                "attempts": int(old["attempts"]) + 1 if old else 1}
         await self._write(workflow, HELD, name, doc, existed=old is not None)
 

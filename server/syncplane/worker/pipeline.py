@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 from syncplane.connectors.base import Page, Record, Sink, Source
 from syncplane.ingress.transform import Action, Transformed
-from syncplane.worker.checkpoints import AsyncCheckpointStore, AsyncDeadLetterStore, AsyncRepairQueue
+from syncplane.worker.checkpoints import REDACTED, AsyncCheckpointStore, AsyncDeadLetterStore, AsyncRepairQueue
 from syncplane.worker.held import AsyncHeldStore, HoldPolicy
 from syncplane.worker.report import WorkerReport
 
@@ -95,7 +95,7 @@ def kept_payload(record: Record) -> dict[str, Any]:
 
 def held_record(key: str, payload: dict[str, Any]) -> Record:
     """A kept payload (held record, dead letter) back as the record to re-send."""
-    values = dict(payload)
+    values = {k: v for k, v in payload.items() if v != REDACTED}  # a credential is never re-sent
     create_only = values.pop(CREATE_ONLY, None)
     return Record(key, values, create_only=frozenset(create_only) if isinstance(create_only, list) else frozenset())
 
