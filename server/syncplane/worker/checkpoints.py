@@ -73,12 +73,6 @@ def redact(payload: dict[str, Any]) -> dict[str, Any]:
     return {k: (REDACTED if SECRET_FIELD.search(k) else v) for k, v in payload.items()}
 
 
-class CheckpointStore(Protocol):
-    def load(self, workflow: str, stream: str) -> str | None: ...
-
-    def commit(self, workflow: str, stream: str, cursor: str) -> None: ...
-
-
 class AsyncCheckpointStore(Protocol):
     """Checkpoints for an asyncio worker: SqliteWorkerState (embedded) and
     kube_checkpoints.ConfigMapCheckpoints (Kubernetes) both satisfy it."""

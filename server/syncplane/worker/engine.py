@@ -504,7 +504,7 @@ class OptInOutRunner:
 
     @property
     def writing(self) -> bool:
-        return bool(getattr(self.sync, "writing", False))
+        return bool(self.sync.writing)
 
     def links(self) -> dict[str, LinkHealth]:
         return dict(self.sync.links)
