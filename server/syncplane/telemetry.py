@@ -122,6 +122,26 @@ def serve_metrics(address: str) -> int:
     return bound
 
 
+def current_trace_parent() -> str:
+    """The W3C ``traceparent`` of the current span; empty when there is none (not traced)."""
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    carrier: dict[str, str] = {}
+    TraceContextTextMapPropagator().inject(carrier)
+    return carrier.get("traceparent", "")
+
+
+def span_context_of(trace_parent: str) -> trace.SpanContext | None:
+    """The remote span context a ``traceparent`` names; None when it is empty or malformed."""
+    if not trace_parent:
+        return None
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    context = TraceContextTextMapPropagator().extract({"traceparent": trace_parent})
+    span_context = trace.get_current_span(context).get_span_context()
+    return span_context if span_context.is_valid else None
+
+
 def shutdown() -> None:
     """Flush what the OTLP exporters hold (spans, the last metrics): at a process's orderly exit."""
     provider = trace.get_tracer_provider()

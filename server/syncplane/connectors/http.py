@@ -22,6 +22,8 @@ from typing import Any, Protocol
 from urllib.parse import unquote
 
 import aiohttp
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, StatusCode
 from yarl import URL
 
 from syncplane import metrics
@@ -30,6 +32,7 @@ from syncplane.connectors.concurrency import AdaptiveLimiter
 from syncplane.validation.rules import DEFAULT_MAX_CONCURRENCY
 
 log = logging.getLogger("syncplane.connectors.http")
+_tracer = trace.get_tracer("syncplane.connectors")
 
 #: Requests in flight per client when the spec sets no ``maxConcurrency`` (the validation's
 #: default: one number in one place). Dataverse allows 52 concurrent requests per user.
@@ -390,11 +393,16 @@ class Transport:
         await self.gate.wait()
 
     async def _send(self, method: str, url: str, headers: dict[str, str], content: bytes | None, json_body: Any,
-                    data: Mapping[str, str] | None) -> tuple[Response, float | None]:
-        """One exchange. Returns the response and the Retry-After of a throttling one."""
+                    data: Mapping[str, str] | None, attempt: int = 1) -> tuple[Response, float | None]:
+        """One exchange (attempt number ``attempt`` of the request). Returns the response and the
+        Retry-After of a throttling one. A client span per exchange, named ``METHOD url.template``, with the
+        attributes of :func:`request_attributes` and ``attempt``: never the query, a header or a body."""
         body: Any = content if content is not None else (dict(data) if data is not None else None)
         self.sent += 1
         attributes = request_attributes(method, url)
+        span = _tracer.start_span(f"{method} {attributes['url.template']}", kind=SpanKind.CLIENT,
+                                  attributes={**attributes, "attempt": attempt}, record_exception=False,
+                                  set_status_on_exception=False)
         started = time.perf_counter()
         try:
             async with self._client().request(method, URL(url, encoded=True), headers=headers, data=body,
@@ -416,6 +424,13 @@ class Transport:
             raise
         finally:
             metrics.http_client_duration.record(time.perf_counter() - started, attributes)
+            if span.is_recording():
+                for key in ("http.response.status_code", "error.type"):
+                    if key in attributes:
+                        span.set_attribute(key, attributes[key])
+                if "error.type" in attributes:
+                    span.set_status(StatusCode.ERROR, str(attributes["error.type"]))
+            span.end()
 
     async def _read_bounded(self, method: str, url: str, resp: aiohttp.ClientResponse) -> bytes:
         """The body, decompressed, refused past :attr:`max_response_bytes` (checked as it arrives:
@@ -457,7 +472,8 @@ class Transport:
                 await self.gate.wait()
                 started = time.monotonic()
                 try:
-                    response, wait = await self._send(method, url, hdrs, content, json, data)
+                    response, wait = await self._send(method, url, hdrs, content, json, data,
+                                                      failures + throttled + refreshed + 1)
                 except (aiohttp.ClientError, TimeoutError) as exc:
                     self.gate.health.failed(f"{method} {_redact(url)}: {type(exc).__name__}", None)
                     self.limiter.failed(epoch)

@@ -1,7 +1,7 @@
 """Drift: the spec the user edited versus the spec the workers were started with.
 
-The lifecycle fields (`desired_state`, `restart_nonce`) are not part of what
-workers run, so changing them is never drift.
+The lifecycle fields (`desired_state`, `restart_nonce`, and `trace_parent`, the trace of the call
+that asked for the run) are not part of what workers run, so changing them is never drift.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from google.protobuf import json_format
 
 from syncplane.api.v1 import workflow_pb2 as pb
 
-LIFECYCLE_FIELDS = ("desired_state", "restart_nonce")
+LIFECYCLE_FIELDS = ("desired_state", "restart_nonce", "trace_parent")
 
 
 def applied_view(spec: pb.WorkflowSpec) -> dict[str, Any]:

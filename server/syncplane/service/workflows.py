@@ -27,12 +27,13 @@ from syncplane.lifecycle import (
 from syncplane.model.convert import phase_name
 from syncplane.model.names import parse_name, workflow_name
 from syncplane.store.base import CHANGE_DELETED, Change, WorkflowStore
+from syncplane.telemetry import current_trace_parent
 from syncplane.validation import apply_defaults, validate_labels, validate_spec
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
 # Update may touch these; the lifecycle fields go through Start/Stop/Restart.
-LIFECYCLE_PATHS = {"spec.desired_state", "spec.restart_nonce"}
+LIFECYCLE_PATHS = {"spec.desired_state", "spec.restart_nonce", "spec.trace_parent"}
 IMMUTABLE_PATHS = {"name", "uid", "etag", "generation", "create_time", "update_time", "status", "spec.type"}
 # How long a mutating call waits for the controller (the embedded supervisor, the operator) to
 # observe its effect before it answers with the resource as it then is (seconds).
@@ -126,6 +127,7 @@ class WorkflowService:
             # The lifecycle is never changed by Update, even with a whole-spec mask.
             new.spec.desired_state = current.spec.desired_state
             new.spec.restart_nonce = current.spec.restart_nonce
+            new.spec.trace_parent = current.spec.trace_parent
             new.spec.type = current.spec.type
             apply_defaults(new.spec)
             validate_labels(dict(new.labels))
@@ -165,19 +167,31 @@ class WorkflowService:
         return await self._settled(updated)
 
     async def start(self, req: svc.StartWorkflowRequest) -> pb.Workflow:
-        return await self._transition(req.name, req.etag, req.expected_phase, request_start)
+        return await self._transition(req.name, req.etag, req.expected_phase, traced(request_start))
 
     async def stop(self, req: svc.StopWorkflowRequest) -> pb.Workflow:
         return await self._transition(req.name, req.etag, req.expected_phase, request_stop)
 
     async def restart(self, req: svc.RestartWorkflowRequest) -> pb.Workflow:
-        return await self._transition(req.name, req.etag, req.expected_phase, request_restart)
+        return await self._transition(req.name, req.etag, req.expected_phase, traced(request_restart))
 
     def watch(self, req: svc.WatchWorkflowsRequest) -> AsyncIterator[Change]:
         if req.start_revision < 0:
             raise InvalidArgument([FieldViolation("start_revision", "must not be negative")])
         name = workflow_name(parse_name(req.name)) if req.name else ""
         return self.store.watch(req.start_revision, name)
+
+
+def traced(request: Callable[[pb.Workflow], pb.WorkflowSpec]) -> Callable[[pb.Workflow], pb.WorkflowSpec]:
+    """``request`` (a Start or Restart), also recording the current trace context in ``spec.trace_parent``:
+    the spec snapshot of the run it starts carries it to the workers."""
+
+    def with_trace(current: pb.Workflow) -> pb.WorkflowSpec:
+        spec = request(current)
+        spec.trace_parent = current_trace_parent()
+        return spec
+
+    return with_trace
 
 
 def _why_not_updatable(path: str) -> str:

@@ -37,6 +37,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from opentelemetry import trace
+from opentelemetry.trace import Link, NonRecordingSpan
+
 from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.connectors.base import ConnectorError, Page
 from syncplane.connectors.campaign import CampaignSink, CampaignSource
@@ -46,6 +49,7 @@ from syncplane.connectors.schema import Schema, SchemaChanged, check
 from syncplane.egress import transform as egress
 from syncplane.ingress.deletes import DeleteReconciler
 from syncplane.ingress.transform import EntityTransform, MappingNotSupported
+from syncplane.telemetry import span_context_of
 from syncplane.validation.spec import max_concurrency
 from syncplane.worker.checkpoints import (
     AsyncCheckpointStore,
@@ -77,6 +81,8 @@ PREPARE_POLL = 0.1
 # refuses (RBAC 403, a missing namespace) retrying cannot help (see `state_store_fatal`).
 STATE_STORE_ERRORS = (CheckpointError, sqlite3.OperationalError)
 
+
+_tracer = trace.get_tracer("syncplane.worker")
 
 class FatalError(Exception):
     def __init__(self, reason: str, message: str) -> None:
@@ -434,9 +440,19 @@ class Engine:
 
     async def _loop(self, stop: asyncio.Event, runner: Runner) -> None:
         failures = 0
+        passes = 0
+        # The call that started this run (spec.trace_parent): the first pass joins its trace, later ones link to it.
+        started_by = span_context_of(self.spec.trace_parent)
         while not stop.is_set():
+            passes += 1
+            parent = trace.set_span_in_context(NonRecordingSpan(started_by)) if started_by and passes == 1 else None
             try:
-                await self._stoppable(runner.run_once(stop), stop, runner)
+                with _tracer.start_as_current_span(
+                        "pass", context=parent, links=[Link(started_by)] if started_by and passes > 1 else None,
+                        attributes={"workflow": self.workflow, "worker": self.index, "pass": passes,
+                                    "attempt": failures + 1},
+                        record_exception=False, set_status_on_exception=False):  # messages stay in status
+                    await self._stoppable(runner.run_once(stop), stop, runner)
                 failures = 0
                 delay = self.interval
                 self.state_link.succeeded()

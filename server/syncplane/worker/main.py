@@ -241,7 +241,9 @@ def run(opts: WorkerOptions, log_file: Path | None = None) -> int:
     configure_logging(log_file)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request: too much, and URLs carry keys
     resource = {"syncplane.workflow": opts.workflow, "syncplane.worker.index": str(opts.index)}
-    telemetry.setup_tracing("syncplane-worker", attributes=resource)
+    if telemetry.otlp_endpoint():
+        # Only when spans go somewhere: otherwise the API's no-op tracer costs nothing per vendor request.
+        telemetry.setup_tracing("syncplane-worker", attributes=resource)
     telemetry.setup_metrics("syncplane-worker", attributes=resource)
     metrics.WORKFLOW.set(opts.workflow)  # the engine's tasks inherit it: the workflow label of vendor requests
     try:

@@ -19,6 +19,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
+from opentelemetry import trace
+
 from syncplane.connectors.base import Page, Record, Sink, Source
 from syncplane.ingress.transform import Action, Transformed
 from syncplane.worker.checkpoints import REDACTED, AsyncCheckpointStore, AsyncDeadLetterStore, AsyncRepairQueue
@@ -26,6 +28,7 @@ from syncplane.worker.held import AsyncHeldStore, HoldPolicy
 from syncplane.worker.report import WorkerReport
 
 log = logging.getLogger(__name__)
+_tracer = trace.get_tracer("syncplane.worker")
 
 
 class Transform(Protocol):
@@ -328,7 +331,9 @@ class Pipeline:
                 return False
             chunk = batch[i:i + self.batch_size]
             self.writing = True  # until the page is committed (run_once clears it)
-            result = await self.sink.write(self.stream.resource, self.stream.key_field, chunk, full_load=full)
+            with _tracer.start_as_current_span("batch", attributes={
+                    "workflow": self.workflow, "stream": self.stream.name, "records": len(chunk)}):
+                result = await self.sink.write(self.stream.resource, self.stream.key_field, chunk, full_load=full)
             if result.rejected and self.guard is not None:
                 await self.guard()
             by_key = {r.key: r for r in chunk}

@@ -180,6 +180,10 @@ COMMENTS: dict[str, str] = {'syncplane.v1.AutoRestart': 'Strimzi-style automatic
  'syncplane.v1.WorkflowSpec.poll_interval': 'How often the source is polled for changes; 1s..1h.',
  'syncplane.v1.WorkflowSpec.restart_nonce': 'Bumping it asks for a restart (stop, then start with the latest spec).',
  'syncplane.v1.WorkflowSpec.source': 'The API the workers read from.',
+ 'syncplane.v1.WorkflowSpec.trace_parent': 'The W3C `traceparent` of the StartWorkflow or RestartWorkflow call that '
+                                           'asked for the current run, set by the server (empty when that call was not '
+                                           "traced). It travels in the applied spec snapshot: the workers' first pass "
+                                           'joins that trace. Not a setting: never compared for drift.',
  'syncplane.v1.WorkflowSpec.type': 'What the workflow syncs.',
  'syncplane.v1.WorkflowSpec.workers': 'Worker replicas; 1..16.',
  'syncplane.v1.WorkflowStatus': 'What is true, written by the control plane (the operator on Kubernetes).',

@@ -267,6 +267,7 @@ class WorkflowSpec(_message.Message):
     POLL_INTERVAL_FIELD_NUMBER: _builtins.int
     WORKERS_FIELD_NUMBER: _builtins.int
     RESTART_NONCE_FIELD_NUMBER: _builtins.int
+    TRACE_PARENT_FIELD_NUMBER: _builtins.int
     type: Global___WorkflowType.ValueType
     """What the workflow syncs."""
     desired_state: Global___DesiredState.ValueType
@@ -277,6 +278,11 @@ class WorkflowSpec(_message.Message):
     """Worker replicas; 1..16."""
     restart_nonce: _builtins.int
     """Bumping it asks for a restart (stop, then start with the latest spec)."""
+    trace_parent: _builtins.str
+    """The W3C `traceparent` of the StartWorkflow or RestartWorkflow call that asked for the current run,
+    set by the server (empty when that call was not traced). It travels in the applied spec snapshot:
+    the workers' first pass joins that trace. Not a setting: never compared for drift.
+    """
     @_builtins.property
     def source(self) -> Global___Connection:
         """The API the workers read from."""
@@ -311,10 +317,11 @@ class WorkflowSpec(_message.Message):
         poll_interval: _duration_pb2.Duration | None = ...,
         workers: _builtins.int = ...,
         restart_nonce: _builtins.int = ...,
+        trace_parent: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["destination", b"destination", "egress", b"egress", "ingress", b"ingress", "opt_in_out", b"opt_in_out", "poll_interval", b"poll_interval", "source", b"source"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "desired_state", b"desired_state", "destination", b"destination", "egress", b"egress", "ingress", b"ingress", "opt_in_out", b"opt_in_out", "poll_interval", b"poll_interval", "restart_nonce", b"restart_nonce", "source", b"source", "type", b"type", "workers", b"workers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "desired_state", b"desired_state", "destination", b"destination", "egress", b"egress", "ingress", b"ingress", "opt_in_out", b"opt_in_out", "poll_interval", b"poll_interval", "restart_nonce", b"restart_nonce", "source", b"source", "trace_parent", b"trace_parent", "type", b"type", "workers", b"workers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
