@@ -95,7 +95,7 @@ class Metrics(msvc_grpc.MetricsServiceServicer):
             for sm in rm.scope_metrics:
                 for metric in sm.metrics:
                     names.add(metric.name)
-                    data = getattr(metric, metric.WhichOneof("data"))
+                    data = getattr(metric, metric.WhichOneof("data") or "gauge")
                     for point in data.data_points:
                         self.received.attribute_values.extend(_attrs(point.attributes).items())
         return msvc.ExportMetricsServiceResponse()
