@@ -167,9 +167,14 @@ async def test_start_to_vendor_request_is_one_trace_and_metrics_arrive(
             return next((s for s in received.spans if s.span.trace_id == start.span.trace_id
                          and s.span.name == "batch"), None)
 
+        def chain_of(batch: Span) -> list[str]:
+            return [s.span.name for s in _ancestors(batch, _by_id(received.spans))]
+
         async def traced() -> bool:
-            start = start_span()
-            return start is not None and first_batch() is not None and any(
+            # Spans arrive as they end: the pass ends after its batches, the batch after its requests.
+            start, batch = start_span(), first_batch()
+            return start is not None and batch is not None and chain_of(batch)[-2:] == ["pass", start.span.name] \
+                and any(
                 s.span.kind == trace_pb2.Span.SPAN_KIND_CLIENT and s.span.trace_id == start.span.trace_id
                 and s.attributes.get("vendor") == "campaign" for s in received.spans)
 
