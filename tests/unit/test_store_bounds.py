@@ -59,3 +59,20 @@ async def test_request_ids_are_remembered_for_the_retention_then_pruned(tmp_path
             await pruned.create(workflow(name="wf-a"), request_id="r-1")
     finally:
         pruned.close()
+
+
+def test_spec_files_keep_those_in_use_and_the_newest_few(tmp_path: Path) -> None:
+    """Embedded, the supervisor writes one spec file per generation: only the generations in use
+    and the newest KEEP_SPEC_FILES stay; another workflow's files (even one whose name starts the
+    same) are untouched."""
+    from syncplane.runtime.processes import KEEP_SPEC_FILES, prune_spec_files, spec_file
+
+    for g in range(1, 11):
+        spec_file(tmp_path, "wf", g).write_text("{}")
+        spec_file(tmp_path, "wf.g1", g).write_text("{}")
+    gone = prune_spec_files(tmp_path, "wf", in_use={2, 10})
+    left = sorted(p.name for p in tmp_path.glob("wf.g*.json") if not p.name.startswith("wf.g1.g"))
+    newest = [f"wf.g{g}.json" for g in range(11 - KEEP_SPEC_FILES, 11)]
+    assert left == sorted({"wf.g2.json", *newest})
+    assert len(gone) == 10 - len(left)
+    assert len(list(tmp_path.glob("wf.g1.g*.json"))) == 10

@@ -26,7 +26,8 @@ from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.lifecycle import DEFAULT_POLICY, Observed, Policy, WorkerFailure, reconcile
 from syncplane.lifecycle.reports import totals
 from syncplane.model.convert import spec_to_dict
-from syncplane.runtime.processes import WorkerProcess, adopt_all, read_port, spawn
+from syncplane.runtime.processes import WorkerProcess, adopt_all, prune_spec_files, read_port, spawn
+from syncplane.runtime.processes import spec_file as spec_path
 from syncplane.store.base import WorkflowStore
 from syncplane.worker.checkpoints import forget_workflows
 from syncplane.worker.main import EXIT_FATAL
@@ -259,9 +260,11 @@ class Supervisor:
         if target == 0 or applied is None or group.failure is not None:
             group.restart_at.clear()
             return
-        spec_file = self.spec_dir / f"{wid}.g{generation}.json"
+        spec_file = spec_path(self.spec_dir, wid, generation)
         if not spec_file.exists():
             spec_file.write_text(json.dumps(spec_to_dict(applied)))
+            # One file per generation: keep those in use and the newest few, not every one ever.
+            prune_spec_files(self.spec_dir, wid, {generation, *(p.generation for p in group.procs.values())})
         for index in range(target):
             if index in group.procs or group.restart_at.get(index, 0) > now:
                 continue
