@@ -32,6 +32,7 @@ from tests.integration.ingress_env import (
     status_until,
 )
 from tests.integration.test_api_errors import error_info, expect, field_paths
+from tests.integration.verify_env import verified
 
 NAME = "letters"
 PARENT = f"workflows/{NAME}"
@@ -148,6 +149,7 @@ async def test_poison_records_are_dead_lettered_then_retried_into_the_destinatio
         header, row = table.splitlines()[0].split(), next(r.split() for r in table.splitlines() if r.startswith(NAME))
         assert header == ["NAME", "TYPE", "DESIRED", "PHASE", "DEGRADED", "BACKLOG", "DRIFT", "DEADLETTERS", "AGE"]
         assert row[header.index("DEADLETTERS")] == "0"
+        await verified(plane.stub, NAME)
     finally:
         await sb.stop()
 
@@ -200,6 +202,7 @@ async def test_a_workflow_created_again_after_a_delete_starts_afresh(plane: Cont
         first = next(r.path for r in sb.requests.records(since=seq, server="d365") if "/contacts" in r.path)
         assert "$deltatoken" not in first and "$skiptoken" not in first, first
         assert await all_letters(plane) == []
+        await verified(plane.stub, NAME)
     finally:
         await sb.stop()
 

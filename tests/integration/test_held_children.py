@@ -149,7 +149,7 @@ async def test_the_issue_example_through_a_real_worker(tmp_path: Path) -> None:
     from tests.integration.conftest import ControlPlane, _serve
     from tests.integration.ingress_env import converge, prepare, status_until
     from tests.integration.test_ingress import CRASH_TOLERANT, start
-    from tests.integration.verify_env import in_sync, verify
+    from tests.integration.verify_env import verified
 
     sb = await start_sandbox()
     try:
@@ -180,6 +180,6 @@ async def test_the_issue_example_through_a_real_worker(tmp_path: Path) -> None:
             await converge(lambda: probe in actual_cards(sb), 60, "the probe card, after its contact")
             want, waiting = expected_cards(sb)
             assert not waiting and actual_cards(sb) == want and k1 not in want
-            assert in_sync(await verify(plane.stub, "held"))
+            await verified(plane.stub, "held")
     finally:
         await sb.stop()

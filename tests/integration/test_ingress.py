@@ -33,6 +33,7 @@ from tests.integration.ingress_env import (
     status_of,
     status_until,
 )
+from tests.integration.verify_env import verified
 
 # Crash tests kill the worker on purpose: allow many restarts, quickly. A stop drains its in-flight batch
 # against a sandbox that shares the test's event loop: give it a generous grace on a loaded machine.
@@ -117,6 +118,7 @@ async def test_full_ingress_then_updates_deletes_and_filter_change(plane: Contro
         assert len(active) < len(contacts.rows)
         await converge(lambda: profiles_match(sb, lambda row: row.get("statecode") == 0), 300,
                        lambda: "the filter change: " + diff(active, actual_profiles(sb)))
+        await verified(plane.stub, "ingress")
     finally:
         await sb.stop()
 
@@ -145,6 +147,7 @@ async def test_kill_9_at_ten_random_moments_loses_and_duplicates_nothing(plane: 
         assert profile_key_count(sb) == (100_000, 100_000)  # no duplicates, none lost
         status = await status_of(plane.stub, "crashy")
         assert status.phase == pb.PHASE_RUNNING
+        await verified(plane.stub, "crashy")
     finally:
         await sb.stop()
 
@@ -173,6 +176,7 @@ async def test_throttling_errors_and_token_expiry_lose_nothing(plane: ControlPla
             "the strict same-connection check had something to check"
         status = await status_until(plane.stub, "faulty", lambda s: s.counters.written >= 600, 30)
         assert status.counters.dead_lettered == 0 and status.phase == pb.PHASE_RUNNING
+        await verified(plane.stub, "faulty")  # through the same faults: verify honours them too
     finally:
         await sb.stop()
 
@@ -205,6 +209,7 @@ async def test_stop_during_heavy_sync_commits_and_start_resumes(plane: ControlPl
         assert reads and "$skiptoken=" in reads[0].path, "the restart resumed from the checkpoint, not from the start"
         posts = [r for r in sb.requests.records(since=seq, server="acs") if r.method == "POST"]
         assert len(posts) < len(expected) - written_before + 2_000, "records before the checkpoint were re-sent"
+        await verified(plane.stub, "heavy")
     finally:
         await sb.stop()
 
@@ -229,6 +234,8 @@ async def test_rejected_records_go_to_dead_letters_and_the_rest_is_written(plane
         assert all(d["payload"] for d in letters), "the record itself is kept for a retry"
         status = await status_until(plane.stub, "poison", lambda s: s.counters.dead_lettered >= 3, 30)
         assert status.counters.dead_lettered == 3 and status.counters.written == 997
+        resp = await verified(plane.stub, "poison", {"contact": (3, 0, 0)})  # exactly the dead letters are missing
+        assert list(resp.streams[0].missing_keys) == bad
     finally:
         await sb.stop()
 
@@ -273,6 +280,7 @@ async def test_replay_rewrites_one_table_and_the_table_size_is_reported(plane: C
                                    if "/contacts" in r.path), 30, "a delta read of contacts")
         assert not any("$select=" in r.path and "$deltatoken" not in r.path and "$skiptoken" not in r.path
                        for r in sb.requests.records(since=seq, server="d365") if "/contacts" in r.path)
+        await verified(plane.stub, "replayed")
     finally:
         await sb.stop()
 
@@ -315,6 +323,7 @@ async def test_a_field_removed_mid_sync_stops_with_schema_changed_and_resumes_af
 
         await converge(consistent, 300, "every contact delivered after the fix")
         assert profile_key_count(sb) == (50_000, 50_000)
+        await verified(plane.stub, "schema")  # against the fixed mapping: lastname is no longer compared
     finally:
         await sb.stop()
 

@@ -60,6 +60,7 @@ async def test_disabled_reads_and_writes_nothing(sb: Sandbox, keys: list[str], t
         await h.sync.run_once(asyncio.Event())
         assert len(sb.requests) == before
         assert profile(sb, keys[0])["blackList"] is False
+        assert (await h.verify()).compared == 0  # nothing is kept in sync: nothing compared
     finally:
         await h.aclose()
 
@@ -406,5 +407,6 @@ async def test_a_lost_echo_memory_never_clears_an_opt_out(sb: Sandbox, keys: lis
         sb.d365.table("contacts").upsert(k, firstname="Edited")
         await h.converge()
         assert profile(sb, k)["blackList"] is True
+        assert (await h.verify()).different == [k]  # the unsubscribe is kept, one way: exactly that pair
     finally:
         await h.aclose()

@@ -26,6 +26,7 @@ from tests.integration.optinout_env import (
     write_count,
 )
 from tests.integration.test_ingress import CRASH_TOLERANT, start
+from tests.integration.verify_env import verified
 
 
 @pytest.fixture
@@ -68,6 +69,7 @@ async def test_bidirectional_worker_converges_without_ping_pong(plane: ControlPl
         await converge(lambda: len([r for r in sb.requests.records(since=seen, server="d365")
                                     if "$deltatoken" in r.path]) >= 3, 60, "three more passes")
         assert write_count(sb, acs_mark, parts_mark) == writes_after_convergence
+        await verified(plane.stub, "optio")
     finally:
         await sb.stop()
 
@@ -110,5 +112,8 @@ async def test_an_unsubscribe_in_campaign_sticks_when_the_workflow_is_created_ag
         set_crm(sb, unsubscribed[0], donotemail=False)
         await converge(lambda: profile(sb, unsubscribed[0])["blackList"] is False, 120,
                        "a re-subscription made in the CRM")
+        # CRM → marketing keeps a Campaign unsubscribe: exactly the other four pairs differ, settled
+        resp = await verified(plane.stub, "optio", {"optinout": (0, 0, 4)})
+        assert list(resp.streams[0].different_keys) == sorted(unsubscribed[1:])
     finally:
         await sb.stop()

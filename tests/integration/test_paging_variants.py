@@ -48,6 +48,7 @@ from tests.integration.ingress_env import (
     prepare,
     profiles_match,
 )
+from tests.integration.verify_env import verified
 
 PAGE_SIZE = 3
 _INSERTS = itertools.count()
@@ -215,5 +216,6 @@ async def test_a_worker_reports_a_stream_that_cannot_progress(plane: ControlPlan
         new = sb.d365.table("contacts").upsert(firstname="After", lastname="Recovery",
                                                emailaddress1="after.recovery@example.com")
         await converge(lambda: new in actual_profiles(sb), 120, "a row created after the service recovered")
+        await verified(plane.stub, "stalled")
     finally:
         await sb.stop()

@@ -21,6 +21,7 @@ from syncplane.sandbox import MARKETING_USER, SANDBOX_CLIENT_ID, Sandbox, SeedSp
 from tests.backends import eventually
 from tests.integration.conftest import ControlPlane, _serve, watch_until
 from tests.integration.ingress_env import converge, diff, expected_profiles, ingress_spec, prepare
+from tests.integration.verify_env import verified
 
 
 @pytest.fixture
@@ -112,5 +113,8 @@ async def test_every_full_re_read_reconciles_deletes(plane: ControlPlane, trigge
         assert sb.acs.profiles.rows[mine]["lastName"] == "Keep"
         assert sb.acs.profiles.rows[theirs]["lastName"] == "Keep too"
         assert sb.acs.profiles.rows[theirs]["createdBy"] == MARKETING_USER
+        # verify agrees: with deletes off, exactly the stale profiles are extra
+        resp = await verified(plane.stub, "rd", {"contact": (0, 0 if apply_deletes else len(gone), 0)})
+        assert set(resp.streams[0].extra_keys) == (set() if apply_deletes else gone)
     finally:
         await sb.stop()

@@ -1,9 +1,16 @@
-"""Calling VerifyWorkflow in integration tests, and reading its answer by stream."""
+"""Calling VerifyWorkflow in integration tests, and reading its answer by stream.
+
+Every ingress, egress and opt-in/out scenario that runs through the control plane ends with
+:func:`verified`: `syncplane verify` must agree with what the test checked on the sandbox."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from syncplane.api.v1 import workflow_service_pb2 as svc
 from syncplane.api.v1 import workflow_service_pb2_grpc as svc_grpc
+
+Counts = tuple[int, int, int]  # (missing, extra, different)
 
 
 async def verify(stub: svc_grpc.WorkflowServiceStub, name: str, *, repair: bool = False,
@@ -12,7 +19,7 @@ async def verify(stub: svc_grpc.WorkflowServiceStub, name: str, *, repair: bool 
                                                                repair=repair))
 
 
-def counts(resp: svc.VerifyWorkflowResponse) -> dict[str, tuple[int, int, int]]:
+def counts(resp: svc.VerifyWorkflowResponse) -> dict[str, Counts]:
     """Stream → (missing, extra, different)."""
     return {s.stream: (s.counts.missing, s.counts.extra, s.counts.different) for s in resp.streams}
 
@@ -20,3 +27,15 @@ def counts(resp: svc.VerifyWorkflowResponse) -> dict[str, tuple[int, int, int]]:
 def in_sync(resp: svc.VerifyWorkflowResponse) -> bool:
     c = resp.result.counts
     return c.missing == c.extra == c.different == 0
+
+
+async def verified(stub: svc_grpc.WorkflowServiceStub, name: str,
+                   expected: Mapping[str, Counts] | None = None) -> svc.VerifyWorkflowResponse:
+    """The end of a scenario: verify ``name`` and assert every stream has 0 differences, except
+    the streams in ``expected`` (stream → exact (missing, extra, different)). What is left then
+    is settled, not in flight: the workers have had the chance to write it."""
+    resp = await verify(stub, name)
+    got = counts(resp)
+    assert got == {stream: (0, 0, 0) for stream in got} | dict(expected or {}), resp
+    assert resp.result.counts.in_flight == 0, resp
+    return resp
