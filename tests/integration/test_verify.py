@@ -29,10 +29,12 @@ from tests.integration.ingress_env import (
     prepare,
     profiles_match,
     status_of,
+    status_until,
 )
+from tests.integration.optinout_env import create_profiles, crm_row, optinout_spec, profile, set_campaign, set_crm
 from tests.integration.test_egress import ALL, activities, egress_spec, expected_activities
 from tests.integration.test_ingress import CRASH_TOLERANT, start, stop
-from tests.integration.verify_env import counts, in_sync, verify
+from tests.integration.verify_env import counts, in_sync, settled, verified, verify
 
 
 @pytest.fixture
@@ -144,6 +146,33 @@ async def test_a_stopped_workflow_is_verified_against_its_spec(plane: ControlPla
         await sb.stop()
 
 
+async def test_verify_while_the_workflow_runs_names_the_records_in_flight(plane: ControlPlane) -> None:
+    """Running, past its first load, its next poll an hour away: contacts edited since its last
+    checkpoint differ and are reported in flight, by key, in the answer, the status and the CLI."""
+    sb = await start_sandbox(seed=SeedSpec(contacts=300, seed=8))
+    try:
+        prepare(sb, plane.data_dir)
+        await start(plane, "polling", ingress_spec(sb, poll_seconds=3600))
+        await converge(lambda: profiles_match(sb), 120, "the first load")
+        await eventually(lambda: settled(plane.stub, "polling", {"contact": (0, 0, 0)}), "the first load committed",
+                         60, 1.0)
+        edited = sorted(sb.d365.table("contacts").rows)[:5]
+        for rid in edited:
+            sb.d365.table("contacts").upsert(rid, lastname="Edited meanwhile")
+        resp = await verify(plane.stub, "polling")
+        assert counts(resp) == {"contact": (0, 0, 5)}, resp
+        c = resp.result.counts
+        assert c.in_flight == 5 and list(resp.streams[0].in_flight_keys) == edited, resp
+        assert (await status_of(plane.stub, "polling")).phase == pb.PHASE_RUNNING
+        assert (await status_of(plane.stub, "polling")).last_verify.counts.in_flight == 5
+        doc = json.loads((await cli(plane.port, "get", "polling", "-o", "json")).stdout)
+        assert int(doc["status"]["lastVerify"]["counts"]["inFlight"]) == 5, doc["status"]
+        described = (await cli(plane.port, "describe", "polling")).stdout
+        assert "0 missing, 0 extra, 5 different (5 in flight)" in described, described
+    finally:
+        await sb.stop()
+
+
 async def test_egress_verify_counts_tampered_activities_and_repair_resends_them(plane: ControlPlane) -> None:
     sb = await start_sandbox(seed=SeedSpec(contacts=200, events=600, seed=31))
     try:
@@ -175,10 +204,49 @@ async def test_egress_verify_counts_tampered_activities_and_repair_resends_them(
         # repair: the events are sent again; egress deletes nothing, so the extra activity stays reported
         resp = await verify(plane.stub, "events", repair=True)
         assert resp.streams[0].queued == 5
-        await eventually(lambda: _counts_now(plane, "events", (0, 1, 0)), "the repaired activities", 120, 1.0)
+        await eventually(lambda: settled(plane.stub, "events", {"events": (0, 1, 0)}), "the repaired activities",
+                         120, 1.0)
     finally:
         await sb.stop()
 
 
-async def _counts_now(plane: ControlPlane, name: str, want: tuple[int, int, int]) -> bool:
-    return counts(await verify(plane.stub, name)) == {"events": want}
+async def test_optinout_verify_counts_the_refused_pairs_and_repair_lets_the_opt_outs_win(plane: ControlPlane) -> None:
+    """Bidirectional, through a worker: writes each side refused (dead letters) leave pairs that
+    differ with no news to decide them again. verify counts exactly those; --repair queues them
+    and the next pass writes the opt-outs, on both sides."""
+    sb = await start_sandbox(seed=SeedSpec(contacts=200, seed=41, opt_out_ratio=0.0))
+    try:
+        prepare(sb, plane.data_dir)
+        keys = sorted(sb.d365.table("contacts").rows)
+        create_profiles(sb, keys)
+        spec = optinout_spec(sb, "BIDIRECTIONAL")
+        spec.poll_interval.seconds = 1
+        await start(plane, "optio", spec)
+        set_crm(sb, keys[-1], donotemail=True)
+        await converge(lambda: profile(sb, keys[-1])["blackList"] is True, 120, "the first sync")
+        await verified(plane.stub, "optio")
+
+        to_campaign, to_crm = keys[:3], keys[3:5]
+        sb.acs.poison_keys("profile", *to_campaign, *(str(sb.acs.profiles.find(k)) for k in to_campaign))
+        sb.d365.poison_keys("contacts", *to_crm)
+        for k in to_campaign:
+            set_crm(sb, k, donotbulkemail=True)
+        for k in to_crm:
+            set_campaign(sb, k, blackList=True)
+        await status_until(plane.stub, "optio", lambda s: s.dead_letters == 5, 120)
+        sb.acs.clear_poison()
+        sb.d365.clear_poison()
+        await eventually(lambda: settled(plane.stub, "optio", {"optinout": (0, 0, 5)}),
+                         "the five refused pairs, settled", 60, 1.0)
+        resp = await verified(plane.stub, "optio", {"optinout": (0, 0, 5)})
+        assert list(resp.streams[0].different_keys) == sorted(to_campaign + to_crm)
+
+        resp = await verify(plane.stub, "optio", repair=True)
+        assert resp.streams[0].queued == 5 and resp.result.repair_requested
+        await eventually(lambda: settled(plane.stub, "optio", {"optinout": (0, 0, 0)}), "the repaired pairs",
+                         120, 1.0)
+        assert [profile(sb, k)["blackListEmail"] for k in to_campaign] == [True] * 3
+        assert [crm_row(sb, k)["donotemail"] for k in to_crm] == [True] * 2
+        await verified(plane.stub, "optio")
+    finally:
+        await sb.stop()

@@ -29,6 +29,13 @@ def in_sync(resp: svc.VerifyWorkflowResponse) -> bool:
     return c.missing == c.extra == c.different == 0
 
 
+async def settled(stub: svc_grpc.WorkflowServiceStub, name: str, expected: Mapping[str, Counts]) -> bool:
+    """verify ``name`` finds exactly ``expected`` (stream → counts), none of it in flight: poll
+    this with a deadline (tests.backends.eventually) while the workers settle."""
+    resp = await verify(stub, name)
+    return counts(resp) == expected and resp.result.counts.in_flight == 0
+
+
 async def verified(stub: svc_grpc.WorkflowServiceStub, name: str,
                    expected: Mapping[str, Counts] | None = None) -> svc.VerifyWorkflowResponse:
     """The end of a scenario: verify ``name`` and assert every stream has 0 differences, except

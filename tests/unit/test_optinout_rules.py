@@ -18,6 +18,7 @@ from syncplane.optinout.rules import (
     newer_wins,
     parse_time,
     plan,
+    repair_plan,
 )
 
 P = FieldPair("blackList", "donotemail")
@@ -270,3 +271,34 @@ def test_properties(d: bool | None, a: bool | None, md: bool | None, ma: bool | 
             assert final_crm == final_acs
         if p.first_sight:
             assert True in (p.to_crm.get("donotemail"), p.to_campaign.get("blackList"))
+
+
+# ---------------------------------------------------------------------------- verify --repair
+
+@pytest.mark.parametrize(("direction", "crm_v", "acs_v", "writes"), [
+    # opt-out wins, written only where the workflow writes; an opt-out is never cleared
+    (Direction.BIDIRECTIONAL, True, False, ("campaign", True)),
+    (Direction.BIDIRECTIONAL, False, True, ("crm", True)),
+    (Direction.CRM_TO_MARKETING, True, False, ("campaign", True)),
+    (Direction.CRM_TO_MARKETING, False, True, None),  # a Campaign unsubscribe, kept one way: reported only
+    (Direction.MARKETING_TO_CRM, False, True, ("crm", True)),
+    (Direction.MARKETING_TO_CRM, True, False, None),  # a CRM opt-out, kept one way
+    (Direction.DISABLED, True, False, None),
+    (Direction.BIDIRECTIONAL, True, True, None),      # no difference: nothing
+    (Direction.BIDIRECTIONAL, False, False, None),
+])
+def test_repair_plan_table(direction: Direction, crm_v: bool, acs_v: bool, writes: tuple[str, bool] | None) -> None:
+    p = repair_plan(PAIRS, direction, {"donotemail": crm_v}, {"blackList": acs_v})
+    got = (("crm", p.to_crm["donotemail"]) if p.to_crm else ("campaign", p.to_campaign["blackList"])
+           if p.to_campaign else None)
+    assert got == writes
+
+
+@given(d=VALUE, a=VALUE, direction=st.sampled_from(list(Direction)))
+def test_a_repair_never_clears_an_opt_out_and_leaves_the_pair_equal_or_kept(d: bool, a: bool,
+                                                                            direction: Direction) -> None:
+    p = repair_plan(PAIRS, direction, {"donotemail": d}, {"blackList": a})
+    assert False not in (*p.to_crm.values(), *p.to_campaign.values())
+    final_crm, final_acs = p.to_crm.get("donotemail", d), p.to_campaign.get("blackList", a)
+    assert final_crm == final_acs or not p.writes
+    assert not p.writes or d != a

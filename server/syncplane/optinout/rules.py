@@ -195,6 +195,15 @@ def _decide(direction: Direction, d: bool | None, a: bool | None, d_obs: bool | 
     return (CAMPAIGN, winner) if a != winner else (CRM, winner)
 
 
+def repair_plan(pairs: Sequence[FieldPair], direction: Direction, crm: Mapping[str, Any],
+                campaign: Mapping[str, Any]) -> Plan:
+    """What ``syncplane verify --repair`` writes for one key whose pairs differ, from both sides'
+    current values (by their own field names): the plan of a pass with no memory of either side.
+    So opt-out (True) wins, written only in the directions the workflow writes, and a repair never
+    clears an opt-out (a Campaign unsubscribe kept by CRM_TO_MARKETING stays, and is reported)."""
+    return plan(pairs, direction, Observed(crm, None), Observed(campaign, None), {}, {})
+
+
 def pairs_of(raw: Sequence[Any]) -> list[FieldPair]:
     """``spec.opt_in_out.field_pairs`` → :class:`FieldPair` (anything with campaign_field/crm_field)."""
     return [FieldPair(str(p.campaign_field), str(p.crm_field)) for p in raw]

@@ -22,9 +22,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.connectors.base import Record, Rejected
@@ -43,10 +44,16 @@ from syncplane.optinout.rules import (
     pairs_of,
     parse_time,
     plan,
+    repair_plan,
 )
 from syncplane.optinout.writers import CampaignOptOutWriter, CampaignWrite, DynamicsOptOutWriter, Outcome
 from syncplane.validation.spec import max_concurrency
-from syncplane.worker.checkpoints import AsyncCheckpointStore, AsyncDeadLetterStore, SqliteWorkerState
+from syncplane.worker.checkpoints import (
+    AsyncCheckpointStore,
+    AsyncDeadLetterStore,
+    AsyncRepairQueue,
+    SqliteWorkerState,
+)
 from syncplane.worker.credentials import ConnectionSecret
 from syncplane.worker.report import WorkerReport
 
@@ -54,6 +61,7 @@ log = logging.getLogger("syncplane.optinout")
 
 CRM_STREAM = "optinout:crm"            # checkpoint and dead-letter stream of the Dataverse side
 CAMPAIGN_STREAM = "optinout:campaign"  # … of the Campaign side
+REPAIR_STREAM = "optinout"             # the keys `syncplane verify --repair` queued (its stream name)
 CRM_TABLE, CRM_KEY = "contacts", "contactid"
 PROFILE, PROFILE_KEY = "profile", "externalId"
 DEFAULT_BATCH_SIZE = 500
@@ -115,7 +123,7 @@ class OptInOutSync:
                  crm_source: DynamicsSource, crm_writer: DynamicsOptOutWriter, campaign_source: CampaignSource,
                  campaign_writer: CampaignOptOutWriter, checkpoints: AsyncCheckpointStore,
                  letters: AsyncDeadLetterStore, memory: SqliteEchoMemory, report: WorkerReport,
-                 batch_size: int = DEFAULT_BATCH_SIZE,
+                 repairs: AsyncRepairQueue | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
                  closers: Sequence[OAuth2ClientCredentials | Transport] = (),
                  links: dict[str, LinkHealth] | None = None) -> None:
         self.workflow, self.direction, self.pairs = workflow, direction, list(pairs)
@@ -125,7 +133,7 @@ class OptInOutSync:
         # Cursors and dead letters: in the state file embedded, ConfigMaps on Kubernetes (the Engine's
         # stores). The echo memory stays local: without it the next pass sees no echo to skip, and
         # both sides already agree.
-        self.checkpoints, self.letters = checkpoints, letters
+        self.checkpoints, self.letters, self.repairs = checkpoints, letters, repairs
         self.batch_size = max(1, batch_size)
         self._closers = list(closers)
         # "source", "destination" → how the requests to that side fare (for the worker's status).
@@ -163,6 +171,7 @@ class OptInOutSync:
 
     async def _pass(self, stop: asyncio.Event) -> None:
         await self._retry_dead_letters()
+        await self._run_repairs()
         campaign_cursor = await self.checkpoints.aload(self.workflow, CAMPAIGN_STREAM)
         crm_cursor = await self.checkpoints.aload(self.workflow, CRM_STREAM)
         campaign_from_start = campaign_cursor is None
@@ -343,9 +352,7 @@ class OptInOutSync:
                 out = await self.crm_writer.write(list(resend.items()))
             else:
                 out = await self.campaign_writer.write([CampaignWrite(k, v) for k, v in resend.items()])
-            known = await self.memory.aload(self.workflow, target, out.written)
-            await self.memory.astore(self.workflow, target,
-                                     {k: {**known.get(k, {}), **resend[k]} for k in out.written})
+            await self._remember_written(target, out, resend)
             rejected = {r.key for r in out.rejected}
             await self.letters.asettle_retry(self.workflow, stream, [k for k in wanted if k not in rejected],
                                              [(r.key, r.status, r.error) for r in out.rejected], list(wanted))
@@ -354,6 +361,48 @@ class OptInOutSync:
                      self.workflow, len(wanted), stream, len(out.written), len(wanted) - len(resend) + len(out.absent),
                      len(out.rejected))
         await self._count_letters()
+
+    async def _remember_written(self, target: str, out: Outcome, values: Mapping[str, Mapping[str, bool]]) -> None:
+        """The echo memory of ``target`` after writes outside a feed's pass: what it acknowledged."""
+        known = await self.memory.aload(self.workflow, target, out.written)
+        await self.memory.astore(self.workflow, target, {k: {**known.get(k, {}), **values[k]} for k in out.written})
+
+    # ------------------------------------------------------------------ verify --repair
+    async def _run_repairs(self) -> None:
+        """The keys ``syncplane verify --repair`` queued: each key's pairs decided again from what
+        both sides hold now, as a pass with no memory decides them (rules.repair_plan: opt-out wins,
+        written only where the workflow writes, an opt-out never cleared), and written. A key
+        leaves the queue once handled: written, gone from a side, or rejected (a dead letter)."""
+        if self.repairs is None:
+            return
+        keys = [r.key for r in await self.repairs.arepairs(self.workflow, REPAIR_STREAM)]
+        if not keys:
+            return
+        contacts = await asyncio.gather(*(self.crm_writer.read(k, self.crm_fields) for k in keys))
+        profiles = await asyncio.gather(*(self.campaign_writer.lookup(k) for k in keys))
+        to_campaign: dict[str, dict[str, bool]] = {}
+        to_crm: dict[str, dict[str, bool]] = {}
+        rows: dict[str, dict[str, Any]] = {}
+        for key, contact, profile in zip(keys, contacts, profiles, strict=True):
+            if contact is None or profile is None:
+                continue  # deleted since on a side: nothing to keep in sync
+            p = repair_plan(self.pairs, self.direction, contact, profile)
+            rows[key] = profile
+            if p.to_campaign:
+                to_campaign[key] = p.to_campaign
+            if p.to_crm:
+                to_crm[key] = p.to_crm
+        campaign_out, crm_out = await self._write([CampaignWrite(k, v, rows[k]) for k, v in to_campaign.items()],
+                                                  list(to_crm.items()))
+        await self._remember_written(CRM, crm_out, to_crm)
+        await self._remember_written(CAMPAIGN, campaign_out, to_campaign)
+        await self._account([], CRM, crm_out, to_crm)
+        await self._account([], CAMPAIGN, campaign_out, to_campaign)
+        self.report.resent(len(crm_out.written) + len(campaign_out.written))
+        await self.repairs.arepaired(self.workflow, REPAIR_STREAM, keys)
+        log.info("%s: %d repair(s) queued by verify: %d written to the CRM, %d to Campaign, %d rejected",
+                 self.workflow, len(keys), len(crm_out.written), len(campaign_out.written),
+                 len(crm_out.rejected) + len(campaign_out.rejected))
 
     async def _origin_values(self, target: str, key: str) -> dict[str, bool] | None:
         """What the other side holds now, in ``target``'s field names; None if it has no such record."""
@@ -390,12 +439,18 @@ def _connection(spec: pb.WorkflowSpec, kind: pb.ConnectorKind.ValueType) -> pb.C
     raise ValueError(f"the workflow has no {pb.ConnectorKind.Name(kind)} connection")
 
 
+def direction_of(spec: pb.WorkflowSpec) -> Direction:
+    return _DIRECTIONS.get(spec.opt_in_out.direction, Direction.DISABLED)
+
+
 def build_optinout(workflow: str, spec: pb.WorkflowSpec, secrets: dict[str, ConnectionSecret],
                    state: SqliteWorkerState, report: WorkerReport, *,
                    memory_path: Path | str | None = None, checkpoints: AsyncCheckpointStore | None = None,
-                   letters: AsyncDeadLetterStore | None = None) -> OptInOutSync:
+                   letters: AsyncDeadLetterStore | None = None,
+                   repairs: AsyncRepairQueue | None = None) -> OptInOutSync:
     """The opt-in/out sync of a workflow (``spec.type`` OPT_IN_OUT). Its cursors and dead letters go
-    to ``checkpoints`` and ``letters`` (ConfigMaps on Kubernetes), by default to ``state``."""
+    to ``checkpoints`` and ``letters`` (ConfigMaps on Kubernetes), by default to ``state``; the
+    repairs ``verify`` queued are read from ``repairs`` (embedded: ``state``; none on Kubernetes)."""
     crm_conn = _connection(spec, pb.CONNECTOR_KIND_DYNAMICS365)
     acs_conn = _connection(spec, pb.CONNECTOR_KIND_CAMPAIGN_STANDARD)
     crm_secret, acs_secret = secrets[crm_conn.credentials.name], secrets[acs_conn.credentials.name]
@@ -414,10 +469,11 @@ def build_optinout(workflow: str, spec: pb.WorkflowSpec, secrets: dict[str, Conn
     campaign_writer = CampaignOptOutWriter(acs_conn.endpoint, acs_tokens, api_key, acs_secret.client_id,
                                            acs_transport)
     memory = SqliteEchoMemory(memory_path if memory_path is not None else _db_path(state))
-    return OptInOutSync(workflow, _DIRECTIONS.get(spec.opt_in_out.direction, Direction.DISABLED),
+    return OptInOutSync(workflow, direction_of(spec),
                         pairs_of(spec.opt_in_out.field_pairs), crm_source=crm_source, crm_writer=crm_writer,
                         campaign_source=campaign_source, campaign_writer=campaign_writer,
                         checkpoints=checkpoints or state, letters=letters or state, memory=memory, report=report,
+                        repairs=repairs if checkpoints is not None else state,
                         batch_size=batch_size, closers=[crm_transport, acs_transport, crm_tokens, acs_tokens],
                         links={"source" if conn.kind == spec.source.kind else "destination": tokens.gate.health
                                for conn, tokens in ((crm_conn, crm_tokens), (acs_conn, acs_tokens))})

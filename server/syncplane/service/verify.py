@@ -26,7 +26,7 @@ from syncplane.model.names import parse_name, workflow_name
 from syncplane.service.dead_letters import on_worker_state, validated
 from syncplane.store.base import WorkflowStore
 from syncplane.verify.compare import Difference
-from syncplane.verify.run import RepairUnavailable, Report, WorkerState, verify
+from syncplane.verify.run import Report, WorkerState, verify
 from syncplane.worker.checkpoints import SqliteWorkerState
 from syncplane.worker.credentials import ConnectionSecret, CredentialsError, load_local_secrets
 
@@ -96,8 +96,7 @@ class VerifyService:
         Raises:
             InvalidArgument: a bad name or sample size.
             NotFound: no such workflow.
-            FailedPrecondition: no credentials (BAD_CREDENTIALS), an API refused a read, or
-                repair asked where it is not available.
+            FailedPrecondition: no credentials (BAD_CREDENTIALS), or an API refused a read.
             Unavailable: an API stayed unavailable past the connectors' retries.
         """
         workflow_id, samples = validated(lambda: parse_name(req.name, "name"), lambda: sample_size(req.sample_size))
@@ -125,8 +124,6 @@ class VerifyService:
             return await verify(workflow_id, spec, secrets, env.state, running=running, repair=repair)
         except CredentialsError as exc:
             raise FailedPrecondition(str(exc), phase, exc.reason) from None
-        except RepairUnavailable as exc:
-            raise FailedPrecondition(str(exc), phase, "REPAIR_UNAVAILABLE") from None
         except ConnectorError as exc:
             raise FailedPrecondition(f"reading a side failed: {exc}", phase, exc.reason) from None
         except RetryableError as exc:

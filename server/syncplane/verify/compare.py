@@ -7,8 +7,9 @@ number), so two spellings of one value are one value. A key on the source side o
 *missing*, on the destination side only *extra*, on both with another digest *different*.
 A difference is *in flight* when the workers cannot have written it yet: the workflow is
 still in its first load, or the record changed at or after the stream's last committed
-checkpoint (compared in whole seconds, the precision of Dataverse's ``modifiedon``), or it
-changed while the comparison ran (seen again with another digest).
+checkpoint (compared in whole seconds, the precision of Dataverse's ``modifiedon``). The
+checkpoint is read before either side, so a record changed while the comparison runs is in
+flight too.
 """
 
 from __future__ import annotations
@@ -136,11 +137,6 @@ def in_flight(diff: Difference, read: Sequence[Mapping[str, Row]], *, running: b
         if any(math.floor(s) >= since for s in stamps):
             out.add(key)
     return out
-
-
-def merge_in_flight(diff: Difference, first: Mapping[str, str | None], again: Mapping[str, str | None]) -> None:
-    """Add the differing keys whose digest (None: absent) changed between two reads of a side."""
-    diff.in_flight.update(k for k in diff.keys if k in first and k in again and first[k] != again[k])
 
 
 def lookup_binds(values: Mapping[str, Any]) -> dict[str, Any]:

@@ -15,7 +15,10 @@ back off, at most ``DEFAULT_CONCURRENCY`` requests at once per API, Campaign lis
 
 With ``repair``, the differences are queued in the workers' state for their next pass:
 missing and different records are sent again (the source record as read here, through the
-transform), extra ones are deleted where the mapping applies deletes.
+transform), extra ones are deleted where the mapping applies deletes. Opt-in/out queues the keys
+whose pairs a pass with no memory would write (``rules.repair_plan``: opt-out wins, only where
+the workflow writes, an opt-out is never cleared); the worker decides them again from both
+sides' values at that pass.
 """
 
 from __future__ import annotations
@@ -33,14 +36,24 @@ from syncplane.connectors.http import DEFAULT_CONCURRENCY, OAuth2ClientCredentia
 from syncplane.egress import transform as egress
 from syncplane.ingress.conversion import LOOKUP_TYPES
 from syncplane.ingress.transform import Action, EntityTransform, MappingNotSupported
-from syncplane.optinout.rules import flag, pairs_of
-from syncplane.optinout.sync import CAMPAIGN_STREAM, CRM_KEY, CRM_STREAM, CRM_TABLE, PROFILE, PROFILE_KEY
+from syncplane.optinout.rules import flag, pairs_of, repair_plan
+from syncplane.optinout.sync import (
+    CAMPAIGN_STREAM,
+    CRM_KEY,
+    CRM_STREAM,
+    CRM_TABLE,
+    PROFILE,
+    PROFILE_KEY,
+    REPAIR_STREAM,
+    direction_of,
+)
 from syncplane.verify.compare import Difference, Row, compare, in_flight, instant, lookup_binds
 from syncplane.worker.credentials import ConnectionSecret
 from syncplane.worker.engine import _KeyedSource, ingress_streams
 from syncplane.worker.pipeline import Checkpoint, Stream
 
-OPTINOUT_STREAM = "optinout"
+OPTINOUT_STREAM = REPAIR_STREAM
+MODIFIED_ON = "modifiedon"  # Dataverse's last-modified column; the source's stamp of a record
 ACTIVITY_ID = "activityid"  # the primary key every activity table shares
 
 
@@ -54,10 +67,6 @@ class WorkerState(Protocol):
     async def queue_repairs(self, workflow: str, stream: str, records: Sequence[Record]) -> int:
         """Queue records for the stream's next pass; returns how many."""
         ...
-
-
-class RepairUnavailable(Exception):
-    """``repair`` was asked for a workflow type whose workers take no repair queue."""
 
 
 @dataclass
@@ -122,13 +131,9 @@ async def verify(workflow: str, spec: pb.WorkflowSpec, secrets: Mapping[str, Con
         repair: queue the differences for the workers' next pass.
 
     Raises:
-        RepairUnavailable: ``repair`` for an opt-in/out workflow.
         syncplane.connectors.base.ConnectorError: an API refused a read (credentials, a table).
         syncplane.connectors.http.RetryableError: an API stayed unavailable past the retries.
     """
-    if repair and spec.type == pb.WORKFLOW_TYPE_OPT_IN_OUT:
-        raise RepairUnavailable("repair is available for INGRESS and EGRESS workflows; an OPT_IN_OUT workflow "
-                                "decides which side wins at its next pass, from the next change of a pair")
     if spec.type == pb.WORKFLOW_TYPE_OPT_IN_OUT:
         crm = _connection(spec, pb.CONNECTOR_KIND_DYNAMICS365)
         acs = _connection(spec, pb.CONNECTOR_KIND_CAMPAIGN_STANDARD)
@@ -143,20 +148,27 @@ async def verify(workflow: str, spec: pb.WorkflowSpec, secrets: Mapping[str, Con
         elif spec.type == pb.WORKFLOW_TYPE_EGRESS:
             report.streams.append(await _egress(workflow, spec, clients, state, running, repair))
         elif spec.type == pb.WORKFLOW_TYPE_OPT_IN_OUT:
-            report.streams.append(await _optinout(workflow, spec, crm, acs, clients, state, running))
+            report.streams.append(await _optinout(workflow, spec, crm, acs, clients, state, running, repair))
     finally:
         report.requests = clients.requests
         await clients.aclose()
     return report
 
 
-async def _in_flight(state: WorkerState, workflow: str, stream: str, diff: Difference, expected: Mapping[str, Row],
-                     running: bool) -> None:
-    """The pipeline's checkpoint of ``stream``: still in its first full read, and when committed."""
+@dataclass(frozen=True)
+class _Progress:
+    """A stream's checkpoint as the workers had committed it when the comparison began."""
+
+    loading: bool              # still in its first full read
+    committed: float | None    # when (epoch seconds)
+
+
+async def _progress(state: WorkerState, workflow: str, stream: str) -> _Progress:
+    """Read BEFORE either side: a record changed while the comparison runs is then changed after
+    this commit, so in flight; read after, a commit made meanwhile would hide such a change."""
     raw, committed = await state.committed(workflow, stream)
     cursor = Checkpoint.loads(raw).cursor
-    loading = cursor is None or cursor.startswith("full ")  # a Dataverse cursor inside a full read
-    diff.in_flight = in_flight(diff, [expected], running=running, loading=loading, committed=committed)
+    return _Progress(cursor is None or cursor.startswith("full "), committed)  # "full …": inside a full read
 
 
 async def _ingress(workflow: str, spec: pb.WorkflowSpec, stream: Stream, clients: _Clients, state: WorkerState,
@@ -190,7 +202,10 @@ async def _ingress(workflow: str, spec: pb.WorkflowSpec, stream: Stream, clients
     read: dict[str, Record] = {}
 
     async def read_source() -> None:
-        async for page in keyed.pages(stream.table, transform.source_columns(), None):
+        # modifiedon (every Dataverse table has it) dates each record: what changed since the last
+        # checkpoint is in flight. The transform does not read it: asked for here.
+        columns = sorted({*transform.source_columns(), MODIFIED_ON})
+        async for page in keyed.pages(stream.table, columns, None):
             for rec in page.records:
                 if rec.deleted:
                     continue
@@ -228,12 +243,14 @@ async def _ingress(workflow: str, spec: pb.WorkflowSpec, stream: Stream, clients
                         values[name] = keys.get(str(link.get("PKey")))
                 actual[rec.key] = Row(values, instant(rec.values.get("lastModified")))
 
+    progress = await _progress(state, workflow, stream.name)
     await asyncio.gather(read_source(), read_destination())
     theirs = foreign & expected.keys()
     diff = compare({k: v for k, v in expected.items() if k not in theirs}, actual, ignored=ignored,
                    types=destination_schema.fields)
     diff.foreign = len(theirs)
-    await _in_flight(state, workflow, stream.name, diff, expected, running)
+    diff.in_flight = in_flight(diff, [expected], running=running, loading=progress.loading,
+                               committed=progress.committed)
     report = StreamReport(stream.name, entity_set, entity.destination_resource, diff)
     if repair:
         deletes = [Record(k, deleted=True) for k in diff.extra]
@@ -257,6 +274,7 @@ async def _egress(workflow: str, spec: pb.WorkflowSpec, clients: _Clients, state
     read: dict[str, Record] = {}
     columns: set[str] = {egress.ACTIVITY_KEY}
     lookups: set[str] = set()
+    progress = await _progress(state, workflow, egress.EVENTS)
     async for page in events.pages(egress.EVENTS, transform.source_columns(), None):
         for rec in page.records:
             out = transform.apply(rec, True)
@@ -279,7 +297,8 @@ async def _egress(workflow: str, spec: pb.WorkflowSpec, clients: _Clients, state
             values = {c: rec.values.get(f"_{c}_value" if c in lookups else c) for c in columns}
             actual[str(key)] = Row(values, instant(rec.modified))
     diff = compare(expected, actual, ignored=ignored)
-    await _in_flight(state, workflow, egress.EVENTS, diff, expected, running)
+    diff.in_flight = in_flight(diff, [expected], running=running, loading=progress.loading,
+                               committed=progress.committed)
     report = StreamReport(egress.EVENTS, egress.EVENTS, egress.ACTIVITY_SET, diff)
     if repair:
         records = [read[k] for k in (*diff.missing, *diff.different)]
@@ -295,7 +314,7 @@ def _connection(spec: pb.WorkflowSpec, kind: pb.ConnectorKind.ValueType) -> pb.C
 
 
 async def _optinout(workflow: str, spec: pb.WorkflowSpec, crm: pb.Connection, acs: pb.Connection,
-                    clients: _Clients, state: WorkerState, running: bool) -> StreamReport:
+                    clients: _Clients, state: WorkerState, running: bool, repair: bool) -> StreamReport:
     pairs = pairs_of(spec.opt_in_out.field_pairs)
     report = StreamReport(OPTINOUT_STREAM, CRM_TABLE, PROFILE, Difference())
     if spec.opt_in_out.direction in (pb.OPT_IN_OUT_DIRECTION_DISABLED, pb.OPT_IN_OUT_DIRECTION_UNSPECIFIED):
@@ -308,6 +327,7 @@ async def _optinout(workflow: str, spec: pb.WorkflowSpec, crm: pb.Connection, ac
     owner = clients.destination_secret.client_id
     crm_rows: dict[str, Row] = {}
     acs_rows: dict[str, Row] = {}
+    crm_values: dict[str, dict[str, bool]] = {}  # by the CRM's own field names (for a repair)
     foreign: set[str] = set()
 
     async def read_crm() -> None:
@@ -316,6 +336,8 @@ async def _optinout(workflow: str, spec: pb.WorkflowSpec, crm: pb.Connection, ac
                 if not rec.deleted:
                     crm_rows[rec.key] = Row({p.campaign: flag(rec.values.get(p.crm)) for p in pairs},
                                             instant(rec.modified))
+                    if repair:
+                        crm_values[rec.key] = {p.crm: flag(rec.values.get(p.crm)) for p in pairs}
 
     async def read_campaign() -> None:
         async for page in profiles.owned_records(PROFILE, PROFILE_KEY, [*(p.campaign for p in pairs), "createdBy",
@@ -327,16 +349,21 @@ async def _optinout(workflow: str, spec: pb.WorkflowSpec, crm: pb.Connection, ac
                 acs_rows[rec.key] = Row({p.campaign: flag(rec.values.get(p.campaign)) for p in pairs},
                                         instant(rec.values.get("lastModified")))
 
+    (crm_cursor, crm_at), (acs_cursor, acs_at) = await asyncio.gather(  # before the reads: see _progress
+        state.committed(workflow, CRM_STREAM), state.committed(workflow, CAMPAIGN_STREAM))
     await asyncio.gather(read_crm(), read_campaign())
     both = crm_rows.keys() & acs_rows.keys()  # a contact without a profile is ingress's business
     expected = {k: crm_rows[k] for k in both}
     actual = {k: acs_rows[k] for k in both}
     diff = compare(expected, actual)
     diff.foreign = len(foreign & crm_rows.keys())
-    (crm_cursor, crm_at), (acs_cursor, acs_at) = await asyncio.gather(
-        state.committed(workflow, CRM_STREAM), state.committed(workflow, CAMPAIGN_STREAM))
     loading = crm_cursor is None or acs_cursor is None or decode_cursor(crm_cursor)[0]
     committed = min(crm_at, acs_at) if crm_at is not None and acs_at is not None else None
     diff.in_flight = in_flight(diff, [expected, actual], running=running, loading=loading, committed=committed)
     report.diff = diff
+    if repair:
+        direction = direction_of(spec)
+        queue = [Record(k) for k in diff.different
+                 if repair_plan(pairs, direction, crm_values[k], dict(acs_rows[k].values)).writes]
+        report.queued = await state.queue_repairs(workflow, REPAIR_STREAM, queue) if queue else 0
     return report

@@ -374,7 +374,7 @@ class Engine:
             module: Any = importlib.import_module("syncplane.optinout.sync")
             return OptInOutRunner(module.build_optinout(self.workflow, self.spec, self.secrets, self.state,
                                                         self.report, checkpoints=stores.checkpoints,
-                                                        letters=stores.letters))
+                                                        letters=stores.letters, repairs=stores.repairs))
         return None
 
     async def run(self, stop: asyncio.Event) -> None:
