@@ -3,7 +3,7 @@ and which differences are in flight."""
 
 from __future__ import annotations
 
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from syncplane.verify.compare import Difference, Row, compare, digest, in_flight, lookup_binds, normalise
@@ -17,6 +17,7 @@ def _typed(value: object) -> tuple[type, object]:
     return type(value), value
 
 
+@settings(deadline=None)  # pure, but the machine is shared: no wall-clock limit per example
 @given(sides, sides)
 def test_every_key_is_counted_once_and_matches_a_set_comparison(source: dict, destination: dict) -> None:
     expected = {k: Row(v) for k, v in source.items()}
@@ -31,6 +32,7 @@ def test_every_key_is_counted_once_and_matches_a_set_comparison(source: dict, de
     assert d.compared == len(source.keys() | destination.keys())
 
 
+@settings(deadline=None)  # pure, but the machine is shared: no wall-clock limit per example
 @given(sides)
 def test_a_side_compared_with_itself_has_no_difference(side: dict) -> None:
     rows = {k: Row(v) for k, v in side.items()}
