@@ -10,7 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from syncplane.api.v1 import workflow_pb2 as pb
+from syncplane.api.v1 import workflow_service_pb2 as svc
+from syncplane.api.v1 import workflow_service_pb2_grpc as svc_grpc
 from syncplane.optinout import OptInOutSync, build_optinout
+from syncplane.runtime.embedded import write_sandbox_secrets
 from syncplane.sandbox import MARKETING_USER, SANDBOX_CLIENT_ID, Sandbox
 from syncplane.service.verify import SqliteWorkerStateAccess
 from syncplane.verify.compare import Difference
@@ -40,6 +43,20 @@ def optinout_spec(sb: Sandbox, direction: str, batch_size: int = 500) -> pb.Work
     s.source.CopyFrom(src)
     s.destination.CopyFrom(dst)
     return s
+
+
+async def start_worker(stub: svc_grpc.WorkflowServiceStub, data_dir: Path, sb: Sandbox, direction: str,
+                       name: str = "optio") -> list[str]:
+    """A workflow through the control plane (its worker a real process), polling every second,
+    over profiles the integration created for every contact; returns the contacts' keys, sorted."""
+    write_sandbox_secrets(sb, data_dir / "secrets")
+    keys = sorted(sb.d365.table("contacts").rows)
+    create_profiles(sb, keys)
+    spec = optinout_spec(sb, direction)
+    spec.poll_interval.seconds = 1
+    await stub.CreateWorkflow(svc.CreateWorkflowRequest(workflow_id=name, workflow=pb.Workflow(spec=spec)))
+    await stub.StartWorkflow(svc.StartWorkflowRequest(name=f"workflows/{name}"))
+    return keys
 
 
 def secrets(sb: Sandbox) -> dict[str, ConnectionSecret]:

@@ -23,6 +23,7 @@ from tests.integration.optinout_env import (
     profile,
     set_campaign,
     set_crm,
+    start_worker,
     write_count,
 )
 from tests.integration.test_ingress import CRASH_TOLERANT, start
@@ -38,12 +39,7 @@ async def plane(tmp_path: Path) -> AsyncIterator[ControlPlane]:
 async def test_bidirectional_worker_converges_without_ping_pong(plane: ControlPlane) -> None:
     sb = await start_sandbox(seed=SeedSpec(contacts=500, seed=31, opt_out_ratio=0.2))
     try:
-        prepare(sb, plane.data_dir)
-        keys = sorted(sb.d365.table("contacts").rows)
-        create_profiles(sb, keys)
-        spec = optinout_spec(sb, "BIDIRECTIONAL")
-        spec.poll_interval.seconds = 1
-        await start(plane, "optio", spec)
+        keys = await start_worker(plane.stub, plane.data_dir, sb, "BIDIRECTIONAL")
         await status_until(plane.stub, "optio", lambda s: s.phase == pb.PHASE_RUNNING, 60)
         await converge(lambda: not disagreements(sb, keys), 120, lambda: f"first sync: {disagreements(sb, keys)[:3]}")
 

@@ -31,7 +31,7 @@ from tests.integration.ingress_env import (
     status_of,
     status_until,
 )
-from tests.integration.optinout_env import create_profiles, crm_row, optinout_spec, profile, set_campaign, set_crm
+from tests.integration.optinout_env import crm_row, profile, set_campaign, set_crm, start_worker
 from tests.integration.test_egress import ALL, activities, egress_spec, expected_activities
 from tests.integration.test_ingress import CRASH_TOLERANT, start, stop
 from tests.integration.verify_env import counts, in_sync, settled, verified, verify
@@ -216,12 +216,7 @@ async def test_optinout_verify_counts_the_refused_pairs_and_repair_lets_the_opt_
     and the next pass writes the opt-outs, on both sides."""
     sb = await start_sandbox(seed=SeedSpec(contacts=200, seed=41, opt_out_ratio=0.0))
     try:
-        prepare(sb, plane.data_dir)
-        keys = sorted(sb.d365.table("contacts").rows)
-        create_profiles(sb, keys)
-        spec = optinout_spec(sb, "BIDIRECTIONAL")
-        spec.poll_interval.seconds = 1
-        await start(plane, "optio", spec)
+        keys = await start_worker(plane.stub, plane.data_dir, sb, "BIDIRECTIONAL")
         set_crm(sb, keys[-1], donotemail=True)
         await converge(lambda: profile(sb, keys[-1])["blackList"] is True, 120, "the first sync")
         await verified(plane.stub, "optio")
