@@ -85,5 +85,5 @@ def observe(deployment: dict[str, Any] | None, pods: Iterable[dict[str, Any]], l
     ready = min(available, ready_heartbeats) if require_heartbeat else available
     summed = totals(fresh)
     return Observed(live=live, ready=ready, failure=failure, backlog=summed.backlog, counters=summed.counters,
-                    tables=summed.tables, dead_letters=summed.dead_letters, trouble=summed.trouble,
-                    waiting_since=summed.waiting_since, concurrency=summed.concurrency)
+                    tables=summed.tables, stale=summed.stale, dead_letters=summed.dead_letters,
+                    trouble=summed.trouble, waiting_since=summed.waiting_since, concurrency=summed.concurrency)

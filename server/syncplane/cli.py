@@ -435,7 +435,7 @@ def describe_text(wf: pb.Workflow) -> str:
         f"Degraded:     {degraded}",
         f"Last error:   {f'{s.last_error.reason}: {s.last_error.message}' if s.last_error.reason else '-'}",
         f"Restarts:     {restarts} (automatic, for errors outside the spec)",
-        f"Tables:       {', '.join(f'{t.source_table} {t.rows} rows' for t in s.tables) or '-'}",
+        f"Tables:       {', '.join(_table(t) for t in s.tables) or '-'}",
         f"Dead letters: {s.dead_letters}" + (" (syncplane deadletters list|retry)" if s.dead_letters else ""),
         f"Last verify:  {_last_verify(s.last_verify) if s.HasField('last_verify') else '-'}",
     ]
@@ -455,6 +455,12 @@ def _concurrency(s: pb.WorkflowStatus) -> str:
     sides = [f"{side} {c.limit}/{c.max}" for side, c in (("source", s.source_concurrency),
                                                        ("destination", s.destination_concurrency)) if c.max]
     return f"{', '.join(sides)} requests in flight (now/at most, adaptive)" if sides else "-"
+
+
+def _table(t: pb.TableRows) -> str:
+    """``contact 2000 rows``, with ``(3 stale: not at the source, deletes off)`` when some are."""
+    return f"{t.source_table} {t.rows} rows" + (f" ({t.stale} stale: not at the source, deletes off)"
+                                                 if t.stale else "")
 
 
 def _last_verify(v: pb.VerifyResult) -> str:

@@ -20,7 +20,8 @@ from syncplane.api.v1 import workflow_service_pb2 as svc
 from syncplane.sandbox import MARKETING_USER, SANDBOX_CLIENT_ID, Sandbox, SeedSpec, start_sandbox
 from tests.backends import eventually
 from tests.integration.conftest import ControlPlane, _serve, watch_until
-from tests.integration.ingress_env import converge, diff, expected_profiles, ingress_spec, prepare
+from tests.integration.ingress_env import converge, diff, expected_profiles, ingress_spec, prepare, status_until
+from tests.integration.test_verify import cli
 from tests.integration.verify_env import verified
 
 
@@ -109,6 +110,11 @@ async def test_every_full_re_read_reconciles_deletes(plane: ControlPlane, trigge
 
             await eventually(counted, lambda: f"{len(gone)} stale records counted after {trigger}", 120)
             assert gone <= set(owned_profiles(sb)), "deletes are off: the profiles stay"
+            # where a user looks: the status's table row, and describe
+            await status_until(plane.stub, "rd", lambda s: [(t.source_table, t.stale) for t in s.tables]
+                               == [("contact", len(gone))], 60)
+            described = (await cli(plane.port, "describe", "rd")).stdout
+            assert f"contact {len(contacts.rows)} rows ({len(gone)} stale: not at the source, deletes off)" in described, described
         # never touched: the profiles made by hand
         assert sb.acs.profiles.rows[mine]["lastName"] == "Keep"
         assert sb.acs.profiles.rows[theirs]["lastName"] == "Keep too"

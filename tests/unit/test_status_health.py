@@ -234,3 +234,18 @@ def test_degradation_reason_is_kept_only_while_running():
     trouble = Trouble("SOURCE_UNAVAILABLE", "x", NOW.timestamp() - 600)
     out = reconcile(wf, applied, Observed(live=1, trouble=trouble), NOW, POLICY)
     assert not out.status.HasField("degradation")
+
+
+def test_stale_records_per_table_reach_the_status_and_stay_while_stopped():
+    """A full re-read with deletes off leaves records the source no longer has: the workers count
+    them per table; the status shows them beside the table's rows, kept while the workflow stops."""
+    wf, applied = running()
+    summed = totals([{"tables": {"contact": 30}, "stale": {"contact": 2}}, {"stale": {"new_loyaltycard": 1}}])
+    assert summed.stale == {"contact": 2, "new_loyaltycard": 1}
+    out = reconcile(wf, applied, Observed(live=1, ready=1, tables=summed.tables, stale=summed.stale), NOW, POLICY)
+    assert [(t.source_table, t.rows, t.stale) for t in out.status.tables] == [("contact", 30, 2),
+                                                                              ("new_loyaltycard", 0, 1)]
+    wf.status.CopyFrom(out.status)
+    out = reconcile(wf, applied, Observed(live=1, ready=1), NOW, POLICY)  # nothing reported: kept
+    assert [(t.source_table, t.rows, t.stale) for t in out.status.tables] == [("contact", 30, 2),
+                                                                              ("new_loyaltycard", 0, 1)]

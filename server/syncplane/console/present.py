@@ -87,7 +87,7 @@ def live(wf: pb.Workflow) -> dict[str, Any]:
         "readyWorkers": s.ready_workers, "desiredWorkers": s.desired_workers,
         "counters": {"read": s.counters.read, "written": s.counters.written, "failed": s.counters.failed,
                      "deadLettered": s.counters.dead_lettered},
-        "tables": [{"table": t.source_table, "rows": t.rows} for t in s.tables],
+        "tables": [{"table": t.source_table, "rows": t.rows, "stale": t.stale} for t in s.tables],
     }
 
 

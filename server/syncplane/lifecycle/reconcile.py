@@ -84,6 +84,7 @@ class Observed:
     backlog: int = 0
     counters: pb.Counters = field(default_factory=pb.Counters)
     tables: dict[str, int] = field(default_factory=dict)  # rows per source table, when known
+    stale: dict[str, int] = field(default_factory=dict)   # per source table: left at the destination
     degraded: str = ""            # e.g. a worker restarting after a crash
     dead_letters: int | None = None  # records in the dead-letter store; None: not counted yet
     trouble: Trouble | None = None   # the longest-lasting transient failure of any worker
@@ -237,11 +238,14 @@ def _observe(status: pb.WorkflowStatus, observed: Observed, target: int, phase: 
             status.ClearField(f"{side}_concurrency")  # type: ignore[arg-type]
     if observed.dead_letters is not None:  # kept while stopped: stopping does not clear them
         status.dead_letters = observed.dead_letters
-    if observed.tables:  # kept while stopped: a replay request is checked against it
-        known = {t.source_table: t.rows for t in status.tables}
-        known.update(observed.tables)
+    if observed.tables or observed.stale:  # kept while stopped: a replay request is checked against it
+        rows = {t.source_table: t.rows for t in status.tables}
+        stale = {t.source_table: t.stale for t in status.tables}
+        rows.update(observed.tables)
+        stale.update(observed.stale)
         del status.tables[:]
-        status.tables.extend(pb.TableRows(source_table=k, rows=v) for k, v in sorted(known.items()))
+        status.tables.extend(pb.TableRows(source_table=k, rows=rows.get(k, 0), stale=stale.get(k, 0))
+                             for k in sorted(rows.keys() | stale.keys()))
 
 
 def _drift(status: pb.WorkflowStatus, spec: pb.WorkflowSpec, applied: pb.WorkflowSpec | None,

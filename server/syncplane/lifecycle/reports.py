@@ -30,6 +30,7 @@ class Totals:
     backlog: int = 0
     counters: pb.Counters = field(default_factory=pb.Counters)
     tables: dict[str, int] = field(default_factory=dict)
+    stale: dict[str, int] = field(default_factory=dict)  # per source table: left at the destination, deletes off
     dead_letters: int | None = None  # None: no worker has counted them yet
     trouble: Trouble | None = None   # the failing link that has failed longest, over all workers
     waiting_since: float | None = None  # the oldest wait of any worker's backlog (epoch seconds)
@@ -74,6 +75,7 @@ def totals(reports: Iterable[Mapping[str, Any]]) -> Totals:
     counters = pb.Counters()
     backlog = 0
     tables: dict[str, int] = {}
+    stale: dict[str, int] = {}
     letters: dict[str, int] = {}  # per dead-letter store: workers sharing one count the same rows
     trouble: Trouble | None = None
     waiting: float | None = None
@@ -96,13 +98,14 @@ def totals(reports: Iterable[Mapping[str, Any]]) -> Totals:
             if isinstance(link, Mapping) and _int(link.get("max_concurrency")) > 0:
                 limit, most = concurrency.get(name, (0, 0))
                 concurrency[name] = (limit + _int(link.get("concurrency")), most + _int(link.get("max_concurrency")))
-        t = r.get("tables")
-        if isinstance(t, Mapping):
-            for table, rows in t.items():
-                tables[str(table)] = max(tables.get(str(table), 0), _int(rows))
+        for name, per_table in (("tables", tables), ("stale", stale)):
+            t = r.get(name)
+            if isinstance(t, Mapping):  # a table is one worker's: several reporting it agree
+                for table, n in t.items():
+                    per_table[str(table)] = max(per_table.get(str(table), 0), _int(n))
         n = r.get("dead_letters")
         if isinstance(n, int) and not isinstance(n, bool) and n >= 0:
             store = str(r.get("dead_letter_store") or f"worker {i}")
             letters[store] = max(letters.get(store, 0), n)
-    return Totals(backlog, counters, tables, sum(letters.values()) if letters else None, trouble, waiting,
+    return Totals(backlog, counters, tables, stale, sum(letters.values()) if letters else None, trouble, waiting,
                   concurrency)

@@ -238,7 +238,7 @@ class Supervisor:
         restarting = sorted(i for i, t in group.restart_at.items() if t > now or i not in group.procs)
         degraded = f"worker(s) {restarting} restarting after a crash" if restarting and not group.failure else ""
         return Observed(live=len(group.procs), ready=ready, failure=group.failure, backlog=summed.backlog,
-                        counters=summed.counters, tables=summed.tables, degraded=degraded,
+                        counters=summed.counters, tables=summed.tables, stale=summed.stale, degraded=degraded,
                         dead_letters=summed.dead_letters, trouble=summed.trouble,
                         waiting_since=summed.waiting_since, concurrency=summed.concurrency)
 

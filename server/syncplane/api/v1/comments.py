@@ -120,6 +120,10 @@ COMMENTS: dict[str, str] = {'syncplane.v1.AutoRestart': 'Strimzi-style automatic
  'syncplane.v1.TableRows': 'The row count of one source table.',
  'syncplane.v1.TableRows.rows': "Rows in it at the workers' last full read.",
  'syncplane.v1.TableRows.source_table': 'The Dynamics 365 table.',
+ 'syncplane.v1.TableRows.stale': "Records the integration wrote that the table's last full read (a first load, an "
+                                 'expired delta token, a replay, a filter change) no longer returned, left at the '
+                                 'destination because the mapping does not apply deletes (with `apply_deletes` they '
+                                 'are deleted instead).',
  'syncplane.v1.UpdateWorkflowRequest.update_mask': 'Paths relative to the Workflow, e.g. `spec.batch_size`, `labels`.',
  'syncplane.v1.UpdateWorkflowRequest.workflow': '`name` identifies the workflow; `etag`, if set, must match.',
  'syncplane.v1.ValueReplacement': 'A value of one source column replaced before it is written.',

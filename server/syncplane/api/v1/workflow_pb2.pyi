@@ -1008,19 +1008,27 @@ class TableRows(_message.Message):
 
     SOURCE_TABLE_FIELD_NUMBER: _builtins.int
     ROWS_FIELD_NUMBER: _builtins.int
+    STALE_FIELD_NUMBER: _builtins.int
     source_table: _builtins.str
     """The Dynamics 365 table."""
     rows: _builtins.int
     """Rows in it at the workers' last full read."""
+    stale: _builtins.int
+    """Records the integration wrote that the table's last full read (a first
+    load, an expired delta token, a replay, a filter change) no longer
+    returned, left at the destination because the mapping does not apply
+    deletes (with `apply_deletes` they are deleted instead).
+    """
     def __init__(
         self,
         *,
         source_table: _builtins.str = ...,
         rows: _builtins.int = ...,
+        stale: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["rows", b"rows", "source_table", b"source_table"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rows", b"rows", "source_table", b"source_table", "stale", b"stale"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
