@@ -114,7 +114,8 @@ async def test_every_full_re_read_reconciles_deletes(plane: ControlPlane, trigge
             await status_until(plane.stub, "rd", lambda s: [(t.source_table, t.stale) for t in s.tables]
                                == [("contact", len(gone))], 60)
             described = (await cli(plane.port, "describe", "rd")).stdout
-            assert f"contact {len(contacts.rows)} rows ({len(gone)} stale: not at the source, deletes off)" in described, described
+            row = f"contact {len(contacts.rows)} rows ({len(gone)} stale: not at the source, deletes off)"
+            assert row in described, described
         # never touched: the profiles made by hand
         assert sb.acs.profiles.rows[mine]["lastName"] == "Keep"
         assert sb.acs.profiles.rows[theirs]["lastName"] == "Keep too"
