@@ -240,7 +240,18 @@
     });
     const errors = JSON.parse(form.dataset.errors || "[]");
     let first = null;
-    errors.forEach((e) => {
+    const yamlMode = $("#mode").value === "yaml";
+    if (yamlMode) {
+      // The text was submitted from the YAML tab: the form's fields are hidden (and hold the stored
+      // spec), so the violations stay in the list under the text, each with its field path.
+      const text = $("#spec", form);
+      if (errors.length && text) {
+        text.setAttribute("aria-invalid", "true");
+        text.setAttribute("aria-describedby", "form-errors");
+        text.focus();
+      }
+    }
+    (yamlMode ? [] : errors).forEach((e) => {
       // The violation's own field, else the closest enclosing one that has a place for errors.
       let path = e.field;
       let slot = null;
@@ -261,7 +272,7 @@
       const item = $$("#form-errors li").find((li) => li.dataset.fieldPath === e.field);
       if (item) item.hidden = true;
     });
-    if (first && $("#mode").value !== "yaml") first.focus();
+    if (first) first.focus();
     // "Add row": a copy of the blank row the server rendered last (kept as loaded, so a new row
     // starts blank and with the defaults whatever was typed since), renumbered to the next index.
     $$("[data-add-row]", form).forEach((button) => {
