@@ -109,7 +109,12 @@ class CampaignSink(_Base):
     the transport's cap; a 4xx is a ``Rejected`` record, a 409 on POST re-looks-up and PATCHes.
 
     ``owner`` (the integration's client id): when set, records whose ``createdBy.name`` is
-    someone else are never modified or deleted; they come back ``Rejected(key, 409, …)``."""
+    someone else are never modified or deleted; they come back ``Rejected(key, 409, …)``.
+
+    One request per record (Campaign Standard has no bulk write): the pipeline gives it one key
+    at a time from :attr:`writers` writers, as many as its transport may have requests in flight."""
+
+    per_record = True
 
     def __init__(self, base_url: str, token_provider: TokenProvider, api_key: str, *,
                  owner: str | None = None, concurrency: int = DEFAULT_CONCURRENCY,
@@ -118,7 +123,8 @@ class CampaignSink(_Base):
                          transport=transport)
         self.owner = owner
         # (resource, key) → PKey: memory only, bounded, so memory stays flat whatever the table size.
-        self._pkeys: OrderedDict[tuple[str, str], str] = OrderedDict()
+        # A create's answer is kept as it came (bytes) and parsed only when its PKey is needed.
+        self._pkeys: OrderedDict[tuple[str, str], str | bytes] = OrderedDict()
         self._foreign: set[tuple[str, str]] = set()  # (resource, key) of records someone else created
         self.existing_ratio = 0.0  # of full-load writes whose record already existed (moving average)
         # path → link field → (target path, target key field): set by prepare_links().
@@ -188,7 +194,24 @@ class CampaignSink(_Base):
             values[fname] = {"PKey": pkey}
         return None
 
-    def _remember(self, path: str, key: str, pkey: str) -> None:
+    @property
+    def writers(self) -> int:
+        """How many records may be written at once: the transport's most requests in flight."""
+        return self.transport.concurrency
+
+    def _pkey(self, path: str, key: str) -> str | None:
+        """The cached PKey of a record (a create's answer parsed now, on first need), or None."""
+        cached = self._pkeys.get((path, key))
+        if isinstance(cached, bytes):
+            try:
+                cached = str(json.loads(cached)["PKey"])
+            except (ValueError, KeyError, TypeError):
+                self._pkeys.pop((path, key), None)
+                return None
+            self._pkeys[(path, key)] = cached
+        return cached
+
+    def _remember(self, path: str, key: str, pkey: str | bytes) -> None:
         self._pkeys[(path, key)] = pkey
         self._pkeys.move_to_end((path, key))
         while len(self._pkeys) > PKEY_CACHE_SIZE:
@@ -207,8 +230,11 @@ class CampaignSink(_Base):
             latest.pop(record.key, None)
             latest[record.key] = record
         create_first = full_load and self.existing_ratio < 0.5
-        outcomes = await asyncio.gather(*(self._write_one(path, key_field, r, create_first)
-                                          for r in latest.values()))
+        if len(latest) == 1:  # the pipeline's usual call: no task for one record
+            outcomes = [await self._write_one(path, key_field, next(iter(latest.values())), create_first)]
+        else:
+            outcomes = await asyncio.gather(*(self._write_one(path, key_field, r, create_first)
+                                              for r in latest.values()))
         written = [r.key for r in latest.values()]
         rejected = [o for o in outcomes if o is not None]
         bad = {o.key for o in rejected}
@@ -219,7 +245,7 @@ class CampaignSink(_Base):
         self.existing_ratio += 0.01 * ((1.0 if existed else 0.0) - self.existing_ratio)
 
     async def _lookup(self, path: str, key_field: str, key: str) -> str | None:
-        cached = self._pkeys.get((path, key))
+        cached = self._pkey(path, key)
         if cached is not None:
             return cached
         pkey, _ = await self._lookup_row(path, key_field, key)
@@ -254,7 +280,7 @@ class CampaignSink(_Base):
             row: dict[str, Any] | None = None
             if create_first and attempt == 0 and not record.deleted and (path, record.key) not in self._pkeys:
                 pkey = None  # try POST; a 409 means it exists: the next round looks it up
-            elif (cached := self._pkeys.get((path, record.key))) is not None:
+            elif (cached := self._pkey(path, record.key)) is not None:
                 pkey = cached
             else:
                 pkey, row = await self._lookup_row(path, key_field, record.key)
@@ -290,10 +316,7 @@ class CampaignSink(_Base):
                 if response.status_code == 409:  # it exists (created meanwhile, or a re-read): update it
                     continue
                 if response.status_code in (200, 201):
-                    try:
-                        self._remember(path, record.key, str(response.json()["PKey"]))
-                    except (ValueError, KeyError, TypeError):
-                        pass
+                    self._remember(path, record.key, response.content)  # parsed if ever needed
             if 200 <= response.status_code < 300:
                 return None
             return self._rejected(record, response)

@@ -1,8 +1,15 @@
-"""The worker pipeline: source -> bounded queue -> transform -> sink batches.
+"""The worker pipeline: source -> bounded page queue -> transform -> writers -> sink.
 
-At-least-once: a page's cursor is committed only after every record of it
-(and of the pages before it) was acknowledged or dead-lettered; writes are
-upserts by the integration key, so a replay after a crash duplicates
+A fixed set of writer coroutines (as many as the sink may have requests in flight, one for a
+sink that writes batches) takes work from one bounded queue: a record (a sink that writes one
+request per record, e.g. Campaign) or a batch. No task per record, and no barrier between
+batches or pages: the next page's records are queued while the last ones of the page before are
+still being written. Each page is a ticket counting its records not yet acknowledged; the
+cursors commit in page order, up to the last page whose every record (and every record of the
+pages before it) was acknowledged, dead-lettered or held: a watermark. Two changes of one key
+are written in the order read (a key being written holds back the next write of that key).
+
+At-least-once: writes are upserts by the integration key, so a replay after a crash duplicates
 nothing. Backlog = records queued + records in flight, not yet written.
 
 Every record read is accounted for in the report (see :mod:`syncplane.worker.report`):
@@ -15,13 +22,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from opentelemetry import trace
 
 from syncplane.connectors.base import Page, Record, Sink, Source
+from syncplane.connectors.http import StopRequested
 from syncplane.ingress.transform import Action, Transformed
 from syncplane.worker.checkpoints import REDACTED, AsyncCheckpointStore, AsyncDeadLetterStore, AsyncRepairQueue
 from syncplane.worker.held import AsyncHeldStore, HoldPolicy
@@ -103,6 +112,29 @@ def held_record(key: str, payload: dict[str, Any]) -> Record:
     return Record(key, values, create_only=frozenset(create_only) if isinstance(create_only, list) else frozenset())
 
 
+@dataclass(eq=False)
+class _Ticket:
+    """One page (or one list of records) being written: what its commit applies, and its work
+    items not yet done."""
+
+    seq: int
+    records: Sequence[Record]     # as read (for superseding held copies)
+    page: Page | None             # None: not a read page (repairs, reconciled deletes): nothing to commit
+    remaining: int = 0            # work items not yet done
+    written: list[str] = field(default_factory=list)  # keys acknowledged
+    rejected: bool = False        # some record was rejected (dead-lettered or held)
+    done: bool = False            # every item done, the page's own bookkeeping too
+    complete: bool = True         # False: an item was not written (a stop): never committed
+    full: bool = False            # the records come from a full read
+    items: list[_Work] = field(default_factory=list)  # work items not yet queued
+
+
+@dataclass(eq=False)
+class _Work:
+    ticket: _Ticket
+    records: list[Record]         # one key's changes (a sink writing per record) or a batch
+
+
 class Pipeline:
     def __init__(self, workflow: str, stream: Stream, source: Source, sink: Sink, report: WorkerReport,
                  batch_size: int, *, checkpoints: AsyncCheckpointStore, letters: AsyncDeadLetterStore,
@@ -121,7 +153,6 @@ class Pipeline:
         self.queue: asyncio.Queue[Page | None] = asyncio.Queue(maxsize=queue_pages)
         self._queued = 0
         self._in_flight = 0
-        self.writing = False  # a batch is with the destination: let it finish on stop
         self.checkpoint = Checkpoint()
         # Raises SchemaChanged: called before each page is written and before records the
         # destination rejected are dead-lettered (they may be the first sign of a schema change).
@@ -139,6 +170,25 @@ class Pipeline:
         # Where poison records go: the same SQLite file embedded, ConfigMaps on Kubernetes.
         self.letters = letters
         self._letters = True  # this stream may have dead letters (settled at the start of each pass)
+        # The writers: as many as the sink may have requests in flight when it writes a request per
+        # record (its `writers`), else one writing batches of `batch_size`.
+        self.per_record = bool(getattr(sink, "per_record", False))
+        self.writers = max(1, int(getattr(sink, "writers", 1))) if self.per_record else 1
+        self._work: asyncio.Queue[_Work | None] = asyncio.Queue(maxsize=max(2 * self.writers, 4))
+        self._tickets: deque[_Ticket] = deque()  # pages queued for writing, in read order
+        self._seq = 0
+        self._busy: dict[str, deque[asyncio.Future[None]]] = {}  # key being written → the next writes of it
+        self._writing = 0  # work items with the destination now
+        self._failure: BaseException | None = None  # a writer's error: the pass fails with it
+        self._progress = asyncio.Event()  # a ticket completed, or a writer failed
+        self._idle = asyncio.Event()  # no write with the destination
+        self._stop: asyncio.Event | None = None
+        self._held_seq: dict[str, int] = {}  # held key → the ticket that held it (-1: an earlier pass)
+
+    @property
+    def writing(self) -> bool:
+        """A write is with the destination: on stop, let it finish (the pass returns right after)."""
+        return self._writing > 0
 
     def _update_backlog(self) -> None:
         self.report.set_backlog(self._queued + self._in_flight)
@@ -151,57 +201,64 @@ class Pipeline:
         self.checkpoint = await self._resume_point()
         await self._retry_dead_letters()
         self._held_this_pass = set()
+        self._held_seq = dict.fromkeys(self._held_keys, -1)
         if self.held is not None and not self._held_loaded:
             self._held_keys = {h.key for h in await self.held.aall(self.workflow, self.stream.name)}
+            self._held_seq = dict.fromkeys(self._held_keys, -1)
             self._held_loaded = True
             self._count_held()
-        if self.repairs is not None:
-            # Before the read: a newer change of a repaired record, read in this pass, is written after it.
-            await self._run_repairs(stop)
-        cursor = self.checkpoint.cursor
-        columns = self.stream.transform.source_columns()
+        self._stop, self._failure = stop, None
+        writers = [asyncio.ensure_future(self._writer(stop)) for _ in range(self.writers)]
+        producer: asyncio.Task[None] | None = None
         read = 0
-        full_pages = False
-
-        async def produce() -> None:
-            nonlocal read
-            async for page in self.source.pages(self.stream.table, columns, cursor):
-                read += len(page.records)
-                self.report.read(len(page.records))
-                self._queued += len(page.records)
-                self._update_backlog()
-                await self.queue.put(page)
-            await self.queue.put(None)  # the end of the read; a failure ends the task instead
-
-        producer = asyncio.create_task(produce())
         try:
-            while (page := await self._next_page(stop, producer)) is not None:
-                self._queued -= len(page.records)
-                self._in_flight = len(page.records)
-                self._update_backlog()
+            if self.repairs is not None:
+                # Before the read: a newer change of a repaired record, read in this pass, is written after it.
+                await self._run_repairs(stop)
+            cursor = self.checkpoint.cursor
+            columns = self.stream.transform.source_columns()
+            full_pages = False
+
+            async def produce() -> None:
+                nonlocal read
+                async for page in self.source.pages(self.stream.table, columns, cursor):
+                    read += len(page.records)
+                    self.report.read(len(page.records))
+                    self._queued += len(page.records)
+                    self._update_backlog()
+                    await self.queue.put(page)
+                await self.queue.put(None)  # the end of the read; a failure ends the task instead
+
+            producer = asyncio.create_task(produce())
+            while True:
                 try:
-                    if self.guard is not None and page.records:
-                        await self.guard()
-                    complete = await self._write_page(page.records, page.full, stop)
-                except BaseException:
-                    self.writing = False
+                    page = await self._next_page(stop, producer)
+                except Exception:
+                    # The read failed: the pages read before it are still written and committed.
+                    await (self._quiesce() if stop.is_set() else self._drain(stop))
+                    await self._commit_done(full_pages)
                     raise
-                if not complete:
-                    self.writing = False
-                    break  # stopped mid-page: not committed, rewritten (idempotently) next time
-                if page.full:
-                    full_pages = True
-                    self.checkpoint.partial += len(page.records)
-                    self.checkpoint.reconcile = self.reconcile is not None
-                if page.restart:
-                    full_pages, self.checkpoint.partial = False, 0
-                if page.cursor is not None:
-                    self.checkpoint.cursor = page.cursor
-                    await self._commit()
-                self.writing = False  # the page is written and committed
-                self._in_flight = 0
+                if page is None:
+                    break
+                self._raise_failure()
+                self._queued -= len(page.records)
+                self._in_flight += len(page.records)
                 self._update_backlog()
-            read_to_the_end = producer.done() and not producer.cancelled() and producer.exception() is None
+                if self.guard is not None and page.records:
+                    # While the pages before are still being written: its reads overlap their writes,
+                    # and it is over before this page's first write.
+                    await self.guard()
+                self._enqueue_page(page)
+                await self._submit(self._tickets[-1])
+                full_pages = await self._commit_done(full_pages)
+            if stop.is_set():
+                await self._quiesce()  # the writes in flight finish; the rest stays in the backlog
+            else:
+                await self._drain(stop)
+            full_pages = await self._commit_done(full_pages)
+            self._raise_failure()
+            read_to_the_end = (producer.done() and not producer.cancelled() and producer.exception() is None
+                               and not self._tickets)
             if full_pages and read_to_the_end and not stop.is_set():
                 # A full read just completed: the table's size is known.
                 self.checkpoint.rows, self.checkpoint.partial = self.checkpoint.partial, 0
@@ -214,9 +271,12 @@ class Pipeline:
                 # superseded its held copy, which must not be sent after it.
                 await self._retry_held()
         finally:
-            if not producer.done():
+            if producer is not None and not producer.done():
                 producer.cancel()
-            await asyncio.gather(producer, return_exceptions=True)
+            await self._stop_writers(writers)
+            if producer is not None:
+                await asyncio.gather(producer, return_exceptions=True)
+            self._tickets.clear()
             left = self._queued + self._in_flight
             self._queued = self._in_flight = 0
             self._drain_queue()
@@ -248,14 +308,11 @@ class Pipeline:
             log.info("%s: deleting %d records the source no longer has (found after a full read)",
                      self.stream.name, deletes)
             self.report.read(len(tombstones))  # the tombstones a delta read would have carried
-            self._in_flight = len(tombstones)
-            self._update_backlog()
             try:
                 if not await self._write_page(tombstones, True, stop):
                     return  # stopped: reconciled again next time (deletes are idempotent)
             finally:
                 self.report.done("failed", self._in_flight)  # not written: reconciled again next time
-                self.writing = False
                 self._in_flight = 0
                 self._update_backlog()
             self.report.stale_deleted += deletes
@@ -308,7 +365,30 @@ class Pipeline:
             self.queue.get_nowait()
 
     async def _write_page(self, records: Sequence[Record], full: bool, stop: asyncio.Event) -> bool:
-        """Write one page in batches; False when ``stop`` came between two batches."""
+        """Write records that are not a read page (repairs, reconciled deletes) through the
+        writers, and wait for them; False when a stop came first (not all were written).
+        Raises what a writer raised."""
+        self._in_flight += len(records)
+        self._update_backlog()
+        ticket = self._enqueue(records, full, None)
+        await self._submit(ticket)
+        while not ticket.done and self._failure is None and not stop.is_set():
+            self._progress.clear()
+            if ticket.done or self._failure is not None:
+                break
+            await self._wait_progress(stop)
+        if stop.is_set():
+            await self._quiesce()
+        self._tickets.remove(ticket)
+        self._raise_failure()
+        return ticket.done and ticket.complete
+
+    def _enqueue_page(self, page: Page) -> None:
+        self._enqueue(page.records, page.full, page)
+
+    def _enqueue(self, records: Sequence[Record], full: bool, page: Page | None) -> _Ticket:
+        """Transform ``records`` (already counted in flight) into work items of a new ticket,
+        appended to the tickets in read order; filtered-out records are done at once."""
         upserts: list[Record] = []
         deletes: list[Record] = []
         for rec in records:
@@ -321,55 +401,206 @@ class Pipeline:
             elif out.action == Action.DELETE:
                 deletes.append(Record(out.key, deleted=True))
             self.report.truncated += len(out.truncated)
-        self._in_flight = len(upserts) + len(deletes)  # filtered-out records are done
-        self.report.done("filtered", len(records) - self._in_flight)
-        self._update_backlog()
         batch = upserts + deletes
-        held_now: set[str] = set()  # keys held (again) by this page: their newest copy is the held one
-        for i in range(0, len(batch), self.batch_size):
-            if i and stop.is_set():
-                return False
-            chunk = batch[i:i + self.batch_size]
-            self.writing = True  # until the page is committed (run_once clears it)
-            with _tracer.start_as_current_span("batch", attributes={
-                    "workflow": self.workflow, "stream": self.stream.name, "records": len(chunk)}):
-                result = await self.sink.write(self.stream.resource, self.stream.key_field, chunk, full_load=full)
-            if result.rejected and self.guard is not None:
-                await self.guard()
-            by_key = {r.key: r for r in chunk}
-            held_keys: set[str] = set()
-            for bad in result.rejected:
-                rejected = by_key.get(bad.key)
-                payload = kept_payload(rejected) if rejected else {}
-                if self.held is not None and self.hold is not None and bad.status in self.hold.statuses:
-                    await self.held.ahold(self.workflow, self.stream.name, bad.key, payload, bad.status, bad.error)
-                    held_now.add(bad.key)
-                    self._held_keys.add(bad.key)
-                    self._held_this_pass.add(bad.key)
-                    held_keys.add(bad.key)
-                    continue
-                await self._dead_letter(bad.key, payload, bad.status, bad.error,
-                                        deleted=bool(rejected and rejected.deleted))
-            if self._letters and result.written:
-                # Written now (e.g. corrected at the source): an older dead letter of it is moot.
-                await self.letters.asettle_retry(self.workflow, self.stream.name, result.written, (), ())
-            if result.rejected or (self._letters and result.written):
-                await self._count_letters()
-            self._in_flight -= len(chunk)
-            self._account(chunk, result.written, {r.key for r in result.rejected}, held_keys)
-            self._update_backlog()
-        await self._supersede_held(records, held_now)
-        return True
+        filtered = len(records) - len(batch)
+        self._in_flight -= filtered  # filtered-out records are done
+        self.report.done("filtered", filtered)
+        self._update_backlog()
+        self._seq += 1
+        ticket = _Ticket(self._seq, records, page, full=full)
+        if self.per_record:
+            by_key: dict[str, list[Record]] = {}
+            for rec in batch:  # one item per key: its changes in order (the sink writes the last)
+                by_key.setdefault(rec.key, []).append(rec)
+            ticket.items = [_Work(ticket, recs) for recs in by_key.values()]
+        else:
+            ticket.items = [_Work(ticket, batch[i:i + self.batch_size])
+                            for i in range(0, len(batch), self.batch_size)]
+        ticket.remaining = len(ticket.items)
+        self._tickets.append(ticket)
+        return ticket
 
-    async def _supersede_held(self, records: Sequence[Record], held_now: set[str]) -> None:
+    async def _submit(self, ticket: _Ticket) -> None:
+        """Queue a ticket's work items for the writers (waits while the queue is full: the
+        backpressure on the read). A ticket with none is finished here."""
+        items, ticket.items = ticket.items, []
+        if not items:
+            await self._finish(ticket)
+            return
+        for item in items:
+            if self._failure is not None or (self._stop is not None and self._stop.is_set()):
+                ticket.complete = False  # never finished: not committed, read again next time
+                return
+            await self._work.put(item)
+
+    async def _writer(self, stop: asyncio.Event) -> None:
+        """One of the fixed set of writers: takes work items until told to end (None)."""
+        ordered = self.writers > 1
+        while (work := await self._work.get()) is not None:
+            ticket = work.ticket
+            key = work.records[0].key
+            if ordered:
+                await self._take_key(key)  # the previous change of this key first
+            try:
+                if stop.is_set() or self._failure is not None:
+                    ticket.complete = False  # left in the backlog: read again at the next start
+                    continue
+                self._writing += 1
+                self._idle.clear()
+                try:
+                    await self._write_work(work)
+                    ticket.remaining -= 1
+                    if ticket.remaining == 0:
+                        await self._finish(ticket)
+                except StopRequested:
+                    ticket.complete = False  # a wait abandoned for the stop: read again at the next start
+                except Exception as exc:  # any failure fails the pass: run_once raises it
+                    ticket.complete = False
+                    if self._failure is None:
+                        self._failure = exc
+                    self._progress.set()
+                finally:
+                    self._writing -= 1
+                    if not self._writing:
+                        self._idle.set()
+            finally:
+                if ordered:
+                    self._give_key(key)
+
+    async def _take_key(self, key: str) -> None:
+        """Wait for the writes of ``key`` taken before (FIFO: in the order the items were queued)."""
+        waiting = self._busy.get(key)
+        if waiting is None:
+            self._busy[key] = deque()
+            return
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waiting.append(turn)
+        await turn  # handed over by _give_key: the key stays taken meanwhile
+
+    def _give_key(self, key: str) -> None:
+        waiting = self._busy.get(key)
+        while waiting:
+            turn = waiting.popleft()
+            if not turn.done():
+                turn.set_result(None)
+                return
+        self._busy.pop(key, None)
+
+    async def _write_work(self, work: _Work) -> None:
+        """Write one item; dead-letter or hold what the destination rejects; account for each record."""
+        chunk, ticket = work.records, work.ticket
+        with _tracer.start_as_current_span("batch", attributes={
+                "workflow": self.workflow, "stream": self.stream.name, "records": len(chunk)}):
+            result = await self.sink.write(self.stream.resource, self.stream.key_field, chunk,
+                                           full_load=ticket.full)
+        if result.rejected and self.guard is not None:
+            await self.guard()
+        by_key = {r.key: r for r in chunk}
+        held_keys: set[str] = set()
+        for bad in result.rejected:
+            ticket.rejected = True
+            rejected = by_key.get(bad.key)
+            payload = kept_payload(rejected) if rejected else {}
+            if self.held is not None and self.hold is not None and bad.status in self.hold.statuses:
+                await self.held.ahold(self.workflow, self.stream.name, bad.key, payload, bad.status, bad.error)
+                self._held_seq[bad.key] = ticket.seq  # its newest copy is the held one
+                self._held_keys.add(bad.key)
+                self._held_this_pass.add(bad.key)
+                held_keys.add(bad.key)
+                continue
+            await self._dead_letter(bad.key, payload, bad.status, bad.error,
+                                    deleted=bool(rejected and rejected.deleted))
+        ticket.written.extend(result.written)
+        self._in_flight -= len(chunk)
+        self._account(chunk, result.written, {r.key for r in result.rejected}, held_keys)
+        self._update_backlog()
+
+    async def _finish(self, ticket: _Ticket) -> None:
+        """A ticket's every item is done: what is kept per page (dead letters settled, held
+        copies superseded), then it may be committed."""
+        if self._letters and ticket.written:
+            # Written now (e.g. corrected at the source): an older dead letter of it is moot.
+            await self.letters.asettle_retry(self.workflow, self.stream.name, ticket.written, (), ())
+        if ticket.rejected or (self._letters and ticket.written):
+            await self._count_letters()
+        await self._supersede_held(ticket)
+        ticket.done = True
+        self._progress.set()
+
+    async def _commit_done(self, full_pages: bool) -> bool:
+        """Commit the cursor of the last page of the run of finished pages at the head of the
+        read order (the watermark); returns whether a full read's pages were among them."""
+        dumped: str | None = None
+        while self._tickets and self._tickets[0].done and self._tickets[0].page is not None:
+            page = self._tickets.popleft().page
+            assert page is not None
+            if page.full:
+                full_pages = True
+                self.checkpoint.partial += len(page.records)
+                self.checkpoint.reconcile = self.reconcile is not None
+            if page.restart:
+                full_pages, self.checkpoint.partial = False, 0
+            if page.cursor is not None:
+                self.checkpoint.cursor = page.cursor
+                dumped = self.checkpoint.dumps()  # as of this page: later ones without a cursor wait
+        if dumped is not None:
+            await self.checkpoints.acommit(self.workflow, self.stream.name, dumped)
+        return full_pages
+
+    async def _wait_progress(self, stop: asyncio.Event) -> None:
+        """Until a ticket finishes, a writer fails or ``stop`` is set."""
+        progress = asyncio.ensure_future(self._progress.wait())
+        stopped = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({progress, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            progress.cancel()
+            stopped.cancel()
+
+    async def _drain(self, stop: asyncio.Event) -> None:
+        """Wait until every queued ticket is finished (or a writer failed, or ``stop``)."""
+        while self._failure is None and not stop.is_set() and not all(t.done for t in self._tickets):
+            self._progress.clear()
+            if self._failure is not None or all(t.done for t in self._tickets):
+                break
+            await self._wait_progress(stop)
+        if stop.is_set():
+            await self._quiesce()
+
+    async def _quiesce(self) -> None:
+        """On stop: take back what the writers have not started (it stays in the backlog), and
+        wait for the writes in flight to finish."""
+        while not self._work.empty():
+            work = self._work.get_nowait()
+            if work is not None:
+                work.ticket.complete = False
+        if self._writing:
+            await self._idle.wait()
+
+    def _raise_failure(self) -> None:
+        if self._failure is not None:
+            raise self._failure
+
+    async def _stop_writers(self, writers: Sequence[asyncio.Future[None]]) -> None:
+        for w in writers:
+            w.cancel()
+        await asyncio.gather(*writers, return_exceptions=True)
+        while not self._work.empty():
+            self._work.get_nowait()
+        self._busy.clear()
+
+    async def _supersede_held(self, ticket: _Ticket) -> None:
         """A held record is superseded by any newer event of its key: written, deleted, filtered
-        out, skipped or dead-lettered, the held (older) copy must never be sent after it."""
+        out, skipped or dead-lettered, the held (older) copy must never be sent after it. A copy
+        held by this ticket or a later one (pages finish out of order) is newer: it stays."""
         if self.held is None or not self._held_keys:
             self._count_held()
             return
-        for key in {r.key for r in records} & self._held_keys - held_now:
-            await self.held.arelease(self.workflow, self.stream.name, key)
-            self._held_keys.discard(key)
+        for key in {r.key for r in ticket.records} & self._held_keys:
+            if self._held_seq.get(key, -1) < ticket.seq:
+                await self.held.arelease(self.workflow, self.stream.name, key)
+                self._held_keys.discard(key)
+                self._held_seq.pop(key, None)
         self._count_held()
 
     def _count_held(self) -> None:
@@ -445,7 +676,6 @@ class Pipeline:
         finally:
             # Not written (a failure or a stop): still queued, sent again at the next pass.
             self.report.done("failed", self._in_flight)
-            self.writing = False
             self._in_flight = 0
             self._update_backlog()
         if complete:
