@@ -1,13 +1,18 @@
 """The workflow page in Chromium against `syncplane up` and the sandbox: its status beyond the
 row (counters, workers, conditions, last error, table sizes) follows the event stream with no
 reload; the dead letters page through and a selected one is retried; a replay is refused, with
-the 2,000,000-record guard explained, once the table's last full read counted that many rows."""
+the 2,000,000-record guard explained, once the table's last full read counted that many rows;
+the chart draws backlog and records/s from the stream and the server's history; the last verify
+shows its counts; the Degraded reason appears and clears live."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import AsyncIterator
 from pathlib import Path
 
+import httpx
+import pytest
 from playwright.async_api import Locator, Page, expect
 
 from syncplane.api.v1 import workflow_pb2 as pb
@@ -17,7 +22,7 @@ from syncplane.validation.rules import MAX_REPLAY_ROWS
 from syncplane.worker.checkpoints import SqliteWorkerState
 from syncplane.worker.pipeline import Checkpoint
 from tests.backends import eventually
-from tests.e2e.conftest import Console, screenshot
+from tests.e2e.conftest import Console, screenshot, start_console
 
 NOT_RELOADED = "() => { window.__notReloaded = true; }"
 
@@ -148,3 +153,96 @@ async def test_a_replay_is_accepted_then_refused_at_the_guard_with_its_reason(
     await expect(message).to_have_class(re.compile(r"\berror\b"))
     assert (await console.get("contacts")).status.phase == pb.PHASE_RUNNING
     await screenshot(page, "8-replay-refused")
+
+
+# The chart's polylines as [x, y] pairs; y is 155 at 0 and 10 at the peak (console.js `chart`).
+CHART_POINTS = """cls => Array.from(document.querySelector('#chart polyline.' + cls).points)
+    .map(p => [p.x, p.y])"""
+
+
+async def test_the_chart_draws_backlog_and_records_per_second_from_the_stream(console: Console, page: Page) -> None:
+    await console.create("contacts")
+    await page.goto(console.url + "workflows/contacts")
+    await page.evaluate(NOT_RELOADED)
+    await page.get_by_role("button", name="Start contacts").click()
+    # Polled in the page until the stream has drawn both lines off the zero line (rAF-independent).
+    await page.wait_for_function(f"""() => {{
+        const pts = {CHART_POINTS};
+        return ["line-backlog", "line-rps"].every(c => pts(c).length >= 2 && pts(c).some(p => p[1] < 155));
+    }}""")
+    await console.sandbox_drained("contacts")
+    await expect(page.locator('[data-field="backlog"]')).to_have_text("0")
+    backlog = await page.evaluate(f"({CHART_POINTS})('line-backlog')")
+    # The backlog rose (its peak at the top) and fell back to 0 since: the last point is on the zero line.
+    assert min(y for _, y in backlog) == 10.0 and backlog[-1][1] == 155.0, backlog
+    assert all(0 <= x <= 600 for x, _ in backlog), backlog
+    assert [x for x, _ in backlog] == sorted(x for x, _ in backlog), "points in time order"
+    await expect(page.locator("#chart-range")).to_have_text(re.compile(r"^peak backlog [1-9][\d,.\s]*, peak "))
+    assert await page.evaluate("!!window.__notReloaded"), "the page reloaded"
+
+    # A fresh page draws the server's recent history at once (its ring keeps a sample at least every 10 s).
+    await page.reload()
+    await page.wait_for_function(f"() => ({CHART_POINTS})('line-backlog').length >= 1")
+    await screenshot(page, "9-chart")
+
+
+async def test_the_verify_result_shows_its_counts(console: Console, page: Page) -> None:
+    await console.create("contacts")
+    await page.goto(console.url + "workflows/contacts")
+    await expect(page.locator("#verify")).to_have_text("No verify result yet.")
+    await page.get_by_role("button", name="Start contacts").click()
+    await console.sandbox_drained("contacts")
+    await page.get_by_role("button", name="Stop contacts").click()
+    await expect(page.locator('[data-field="phase"]')).to_have_text("STOPPED")
+
+    # Two profiles deleted in Campaign behind the workflow's back: verify finds them missing.
+    gone = sorted(console.sandbox.acs.profiles.rows)[:2]
+    async with httpx.AsyncClient(base_url=console.sandbox.acs_origin) as http:
+        for pk in gone:
+            assert (await http.delete(f"/_sandbox/resources/profile/records/{pk}")).status_code == 204
+    resp = await console.stub.VerifyWorkflow(svc.VerifyWorkflowRequest(name="workflows/contacts"))
+    c = resp.result.counts
+    contacts = len(console.sandbox.d365.table("contacts").rows)
+    assert (c.compared, c.missing, c.extra, c.different) == (contacts, 2, 0, 0), resp
+
+    await page.reload()   # the page shows the verify result as it loaded (its note says so)
+    verify = page.locator("#verify")
+    await expect(verify).to_contain_text(f"{contacts} records compared, 2 missing, 0 extra, 0 different")
+    await expect(verify).to_contain_text("(0 of them in flight, expected to converge); 0 foreign records left out.")
+    await expect(verify.locator("time")).to_have_text(re.compile(r"\d"))   # in the browser's zone, not ISO
+    await expect(verify.locator("time")).not_to_have_text(re.compile("T.*Z$"))
+    await screenshot(page, "10-verify")
+
+
+@pytest.fixture
+async def degrading_console(tmp_path: Path) -> AsyncIterator[Console]:
+    """A console whose workflows turn Degraded after 2 s of trouble (60 s by default)."""
+    async for c in start_console(tmp_path, "--degraded-after", "2"):
+        yield c
+
+
+async def test_the_degraded_reason_shows_and_clears_live(degrading_console: Console, page: Page) -> None:
+    console = degrading_console
+    await console.create("contacts")
+    await page.goto(console.url + "workflows/contacts")
+    await page.evaluate(NOT_RELOADED)
+    reason = page.locator('[data-field="degraded"]')
+    await expect(reason).to_be_hidden()
+    await page.get_by_role("button", name="Start contacts").click()
+    await console.sandbox_drained("contacts")
+
+    console.sandbox.faults.d365.set(rate_503=1.0, include_auth=True)   # the CRM answers 503 to everything
+    await expect(reason).to_be_visible()
+    await expect(reason).to_contain_text("SOURCE_UNAVAILABLE: ")
+    await expect(reason).to_contain_text("HTTP 503")
+    await expect(page.locator('[data-field="phase"]')).to_have_text("RUNNING")   # retrying goes on
+    await expect(condition_row(page, "Degraded")).to_contain_text("SOURCE_UNAVAILABLE")
+    await screenshot(page, "11-degraded")
+
+    # The CRM answers again and a change flows: the reason goes, still without a reload.
+    console.sandbox.faults.d365.reset()
+    contacts = console.sandbox.d365.table("contacts")
+    contacts.upsert(next(iter(contacts.rows)), lastname="Flowing")
+    await expect(reason).to_be_hidden()
+    await expect(condition_row(page, "Degraded")).to_contain_text("False")
+    assert await page.evaluate("!!window.__notReloaded"), "the page reloaded"
