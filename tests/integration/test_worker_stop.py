@@ -9,6 +9,8 @@ the test is a bound on a condition, and an unabandoned wait would run far past i
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import signal
 import subprocess
@@ -17,11 +19,13 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from syncplane.model.convert import spec_to_dict
 from syncplane.sandbox import Sandbox, SeedSpec, start_sandbox
 from syncplane.sandbox.common import RequestRecord
+from syncplane.worker.main import state_file
 from tests.backends import eventually
 from tests.integration.ingress_env import ingress_spec, prepare
 
@@ -128,12 +132,36 @@ async def test_sigterm_abandons_the_wait(sandbox: Sandbox, tmp_path: Path, kind:
     assert "drained and stopped" in log and "abandoning it" not in log, log
 
 
+async def supervise(data_dir: Path) -> None:
+    """Poll the worker's /status as its supervisor does (every 0.5 s, with the supervisor's header) until
+    cancelled: the orphan timeout counts from the last poll, not from the worker's start."""
+    async with aiohttp.ClientSession() as http:
+        while True:
+            announced = state_file(data_dir, "stopper", 0)
+            if announced.exists():
+                port = json.loads(announced.read_text())["port"]
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with http.get(f"http://127.0.0.1:{port}/status",
+                                        headers={"X-Syncplane-Supervisor": "1"}) as resp:
+                        await resp.read()
+            await asyncio.sleep(0.5)  # the supervisor's poll period, not a wait for a condition
+
+
 async def test_orphan_timeout_during_a_retry_stops_at_once(sandbox: Sandbox, tmp_path: Path):
-    """The case seen after Ctrl-C: a worker nobody polls any more, in the middle of a retry."""
+    """The case seen after Ctrl-C: a worker nobody polls any more, in the middle of a retry.
+
+    The test is the supervisor until the worker waits in its retry, then goes away; a short orphan
+    timeout from the worker's start would fire before the first write on a loaded machine."""
     wait = WAITS["retry-after-during-a-write"]
     wait.inject(sandbox)
     proc = start_worker(sandbox, tmp_path, orphan_timeout=2.0)
-    await waiting(sandbox, wait, proc, tmp_path)
+    supervisor = asyncio.create_task(supervise(tmp_path))
+    try:
+        await waiting(sandbox, wait, proc, tmp_path)
+    finally:
+        supervisor.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await supervisor
     assert await exits(proc, tmp_path) == 0
     assert "drained and stopped" in (tmp_path / "worker.log").read_text()
 
