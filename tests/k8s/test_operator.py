@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pytest
 import yaml
@@ -106,6 +106,13 @@ def create_workflow(cluster: Any, namespace: str, tmp: Path, secrets: bool = Tru
     name = doc["metadata"]["name"]
     wait(cluster, namespace, f"workflow/{name}", "jsonpath={.status.phase}=STOPPED")
     return name, f"workflow/{name}"
+
+
+def operator_process(namespace: str, log: IO[bytes]) -> subprocess.Popen[bytes]:
+    """`syncplane operator` as its own process, watching ``namespace``, its output into ``log``."""
+    return subprocess.Popen([sys.executable, "-m", "syncplane", "operator", "--standalone", "--namespace",
+                             namespace, "--liveness", "http://127.0.0.1:0/healthz"],
+                            env=dict(os.environ), stdout=log, stderr=subprocess.STDOUT)
 
 
 def start_until_available(cluster: Any, namespace: str, name: str) -> None:
@@ -241,9 +248,7 @@ def test_operator_restart_mid_transition_converges(k8s_cluster, workflow_crd, na
     args = ["run", "--standalone", "--namespace", namespace, "-m", "syncplane_operator.handlers"]
     # A real operator process, killed with SIGKILL in the middle of STARTING.
     with open(tmp_path / "operator.log", "wb") as log:
-        first = subprocess.Popen([sys.executable, "-m", "syncplane", "operator", "--standalone", "--namespace",
-                                  namespace, "--liveness", "http://127.0.0.1:0/healthz"],
-                                 env=dict(os.environ), stdout=log, stderr=subprocess.STDOUT)
+        first = operator_process(namespace, log)
         try:
             name, target = create_workflow(k8s_cluster, namespace, tmp_path)
             patch(k8s_cluster, namespace, name, {"desiredState": "RUNNING"})

@@ -3,15 +3,12 @@ are deleted; an operator started again finishes their drain and removes the fina
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 
 import pytest
 from kopf.testing import KopfRunner
 
-from tests.k8s.test_operator import create_workflow, get, start_until_available, wait
+from tests.k8s.test_operator import create_workflow, get, operator_process, start_until_available, wait
 
 pytestmark = pytest.mark.k8s
 
@@ -21,9 +18,7 @@ def test_an_operator_started_again_releases_workflows_deleted_while_it_was_gone(
         k8s_cluster, workflow_crd, namespace, monkeypatch, tmp_path, workers):
     monkeypatch.setenv("KUBECONFIG", str(k8s_cluster.kubeconfig))
     with open(tmp_path / "operator.log", "wb") as log:
-        first = subprocess.Popen([sys.executable, "-m", "syncplane", "operator", "--standalone", "--namespace",
-                                  namespace, "--liveness", "http://127.0.0.1:0/healthz"],
-                                 env=dict(os.environ), stdout=log, stderr=subprocess.STDOUT)
+        first = operator_process(namespace, log)
         try:
             name, target = create_workflow(k8s_cluster, namespace, tmp_path)
             start_until_available(k8s_cluster, namespace, name)
