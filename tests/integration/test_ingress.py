@@ -79,45 +79,75 @@ def worker_pid(plane: ControlPlane) -> int | None:
 
 
 @pytest.mark.timeout(1200)
+async def load_then_update_and_delete(plane: ControlPlane, sb: Sandbox, contacts: int, spec: pb.WorkflowSpec,
+                                      updates: int, deletes: int, card_deletes: int) -> None:
+    """A first load of ``contacts`` contacts and their cards, then updates and deletes through change
+    tracking; each stage converges, and the last one ends with verify = 0 differences."""
+    await start(plane, "ingress", spec)
+    await converge(lambda: profiles_match(sb) and cards_match(sb),
+                   600, f"the first load of {contacts} contacts and their cards")
+    status = await status_of(plane.stub, "ingress")
+    assert status.counters.dead_lettered == 0
+    assert profile_key_count(sb) == (contacts, contacts)
+
+    # Updates and deletes flow through change tracking.
+    table = sb.d365.table("contacts")
+    ids = sorted(table.rows)
+    rng = random.Random(1)
+    for rid in rng.sample(ids, updates):
+        table.upsert(rid, lastname="Updated")
+    # (contacts no card links to: the sandbox does not cascade a delete into the cards' lookups)
+    linked = {r["new_contactid"] for r in sb.d365.table("new_loyaltycards").rows.values()}
+    for rid in rng.sample([i for i in ids if i not in linked], deletes):
+        table.delete(rid)
+    card_ids = sorted(sb.d365.table("new_loyaltycards").rows)
+    for rid in card_ids[:card_deletes]:
+        sb.d365.table("new_loyaltycards").delete(rid)
+    await converge(lambda: profiles_match(sb) and cards_match(sb),
+                   120, lambda: "updates and deletes: " + diff(expected_profiles(sb), actual_profiles(sb)))
+    await verified(plane.stub, "ingress")
+
+
+def active_contacts_only(spec: pb.WorkflowSpec) -> pb.WorkflowSpec:
+    """``spec`` with a filter on contacts (statecode = 0) that deletes the excluded at the destination."""
+    changed = pb.WorkflowSpec()
+    changed.CopyFrom(spec)
+    entity = changed.ingress.entities[0]
+    entity.filter.conditions.add(field="statecode", operator=pb.FILTER_OPERATOR_EQUALS, value="0")
+    entity.filter.delete_excluded = True
+    return changed
+
+
 async def test_full_ingress_then_updates_deletes_and_filter_change(plane: ControlPlane) -> None:
     sb = await sandbox_with(SeedSpec(contacts=50_000, loyalty_cards=2_000, seed=7))
     try:
         prepare(sb, plane.data_dir)
         spec = ingress_spec(sb, cards=True)
-        await start(plane, "ingress", spec)
-        await converge(lambda: profiles_match(sb) and cards_match(sb),
-                       600, "the first load of 50,000 contacts and 2,000 cards")
-        status = await status_of(plane.stub, "ingress")
-        assert status.counters.dead_lettered == 0
-        assert profile_key_count(sb) == (50_000, 50_000)
-
-        # Updates and deletes flow through change tracking.
+        await load_then_update_and_delete(plane, sb, 50_000, spec, updates=300, deletes=200, card_deletes=50)
         contacts = sb.d365.table("contacts")
-        ids = sorted(contacts.rows)
-        rng = random.Random(1)
-        for rid in rng.sample(ids, 300):
-            contacts.upsert(rid, lastname="Updated")
-        # (contacts no card links to: the sandbox does not cascade a delete into the cards' lookups)
-        linked = {r["new_contactid"] for r in sb.d365.table("new_loyaltycards").rows.values()}
-        for rid in rng.sample([i for i in ids if i not in linked], 200):
-            contacts.delete(rid)
-        card_ids = sorted(sb.d365.table("new_loyaltycards").rows)
-        for rid in card_ids[:50]:
-            sb.d365.table("new_loyaltycards").delete(rid)
-        await converge(lambda: profiles_match(sb) and cards_match(sb),
-                       120, lambda: "updates and deletes: " + diff(expected_profiles(sb), actual_profiles(sb)))
 
         # A filter change re-reads the table: the excluded records are deleted at the destination.
-        changed = pb.WorkflowSpec()
-        changed.CopyFrom(spec)
-        entity = changed.ingress.entities[0]
-        entity.filter.conditions.add(field="statecode", operator=pb.FILTER_OPERATOR_EQUALS, value="0")
-        entity.filter.delete_excluded = True
-        await restart_with(plane, "ingress", changed, ["spec.ingress"])
+        await restart_with(plane, "ingress", active_contacts_only(spec), ["spec.ingress"])
         active = expected_profiles(sb, lambda row: row.get("statecode") == 0)
         assert len(active) < len(contacts.rows)
         await converge(lambda: profiles_match(sb, lambda row: row.get("statecode") == 0), 300,
                        lambda: "the filter change: " + diff(active, actual_profiles(sb)))
+    finally:
+        await sb.stop()
+
+
+@pytest.mark.xfail(strict=True, reason="known fault, open: a filter that deletes excluded contacts leaves their "
+                   "loyalty cards in Campaign linked to the deleted profiles (verify: different); the held-children "
+                   "rule says such a child is held until its parent is at the destination again")
+async def test_a_filter_deleting_excluded_parents_leaves_no_child_linked_to_them(plane: ControlPlane) -> None:
+    sb = await sandbox_with(SeedSpec(contacts=2_000, loyalty_cards=200, seed=7))
+    try:
+        prepare(sb, plane.data_dir)
+        spec = ingress_spec(sb, cards=True)
+        await load_then_update_and_delete(plane, sb, 2_000, spec, updates=30, deletes=20, card_deletes=5)
+        await restart_with(plane, "ingress", active_contacts_only(spec), ["spec.ingress"])
+        await converge(lambda: profiles_match(sb, lambda row: row.get("statecode") == 0), 300, "the filter change")
+        await verified(plane.stub, "ingress")
     finally:
         await sb.stop()
 
