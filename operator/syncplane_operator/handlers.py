@@ -27,7 +27,7 @@ from syncplane_operator import labels as L
 from syncplane_operator.builders import WorkerImage
 from syncplane_operator.leader import LeaderElection
 from syncplane_operator.reconciler import Clients, drain_for_delete, patch_status, post_transition, reconcile
-from syncplane_operator.wakers import Wakers, next_wake
+from syncplane_operator.wakers import Wakers, at_rest, next_wake
 
 GROUP, VERSION, PLURAL = "syncplane.io", "v1", "workflows"
 WORKERS = {L.WORKFLOW_LABEL: kopf.PRESENT}
@@ -163,7 +163,9 @@ async def workflow(body: kopf.Body, logger: Any, memo: Any, namespace: str | Non
         while not stopped:
             if written is None or reflects(body.get("status") or {}, written) or waker.timed_out:
                 written = await _reconcile_once(key, body, logger, memo, kwargs)
-            await waker.wait(next_wake(body.get("status") or {}, memo.resync), stopped.wait)
+            # At rest, and our last write seen (or none made): only an event can bring work.
+            timeout = None if written is None and at_rest(body) else next_wake(body.get("status") or {}, memo.resync)
+            await waker.wait(timeout, stopped.wait)
     finally:
         memo.wakers.forget(key, waker)
 
