@@ -75,7 +75,6 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
                        rbac=client.RbacAuthorizationV1Api(api_client), custom=client.CustomObjectsApi(api_client))
     memo.api_client = api_client
     memo.policy = policy_from_environment()
-    memo.locks = {}
     memo.wakers = Wakers()
     memo.resync = resync_from_environment()
     env = os.environ.get
@@ -173,25 +172,24 @@ async def workflow(body: kopf.Body, logger: Any, memo: Any, namespace: str | Non
 async def _reconcile_once(key: tuple[str | None, str], live: kopf.Body, logger: Any, memo: Any,
                           indexes: dict[str, Any]) -> dict[str, Any] | None:
     """One reconcile of a copy of the live body; the status patch it wrote, if any."""
-    # One reconcile of a Workflow at a time: a reconcile that read the body before another's Start but the
-    # indexes after it would decide STOPPED -> STOPPING and scale the new workers to 0. Under the lock, and
-    # with the daemon waiting for its own status write to come back before reconciling again, whatever
-    # created the children the indexes show ran before this call read the body.
-    async with memo.locks.setdefault(key, asyncio.Lock()):
-        body = kopf.Body(copy.deepcopy(dict(live)))  # type: ignore[arg-type]  # the live body changes under the awaits
-        deployments, pods, leases = (indexes[i].get(key, []) for i in
-                                     ("worker_deployments", "worker_pods", "worker_leases"))
-        result = await reconcile(body, logger, memo.api, memo.image, deployments, pods, leases, policy=memo.policy)
-        if result.changes:
-            await patch_status(memo.api, body, result.changes)
-        post_transition(body, result.transition, logger)
-        return result.changes or None
+    # Only this Workflow's daemon calls this, one call after the other: reconciles of a Workflow never
+    # overlap. (When a timer ran beside the change handlers, one that read the body before a Start but the
+    # indexes after it decided STOPPED -> STOPPING and scaled the new workers to 0.) With the daemon waiting
+    # for its own status write to come back before reconciling again, whatever created the children the
+    # indexes show ran before this call read the body.
+    body = kopf.Body(copy.deepcopy(dict(live)))  # type: ignore[arg-type]  # the live body changes under the awaits
+    deployments, pods, leases = (indexes[i].get(key, []) for i in
+                                 ("worker_deployments", "worker_pods", "worker_leases"))
+    result = await reconcile(body, logger, memo.api, memo.image, deployments, pods, leases, policy=memo.policy)
+    if result.changes:
+        await patch_status(memo.api, body, result.changes)
+    post_transition(body, result.transition, logger)
+    return result.changes or None
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL)
 async def delete_workflow(body: kopf.Body, memo: Any, namespace: str | None, name: str, **kwargs: Any) -> None:
     key = (namespace, name)
-    memo.locks.pop(key, None)
     pods = kwargs["worker_pods"]   # kopf's index: live, it follows the pods as they go
     await drain_for_delete(memo.api, body, kwargs["worker_deployments"].get(key, []),
                            lambda: len(list(pods.get(key, []))))
