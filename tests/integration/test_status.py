@@ -33,6 +33,7 @@ from tests.integration.optinout_env import optinout_spec
 from tests.integration.test_cli_and_security import cli
 from tests.integration.test_egress import egress_spec, expected_activities
 from tests.integration.test_ingress import start
+from tests.source_faults import SOURCE_FAULTS, break_source, heal_source
 
 # Low thresholds so that the scenarios take seconds; the defaults are 60 s and 5 s..5 min.
 POLICY = Policy(degraded_after=2.0, restart_backoff=0.5, restart_backoff_cap=2.0)
@@ -95,14 +96,11 @@ async def running_with_everything_written(plane: ControlPlane, sb: Sandbox, name
                 and s.backlog == 0, "the first load")
 
 
-@pytest.mark.parametrize("fault", ["503", "refused"])
+@pytest.mark.parametrize("fault", SOURCE_FAULTS)
 async def test_a_source_that_stops_answering_is_degraded_while_running(plane: ControlPlane, sb: Sandbox,
                                                                        fault: str) -> None:
     await running_with_everything_written(plane, sb, "src")
-    if fault == "503":
-        sb.faults.d365.set(rate_503=1.0, include_auth=True)  # everything, token endpoint included
-    else:
-        await sb.refuse_connections("d365")
+    await break_source(sb, fault)  # everything, token endpoint included; or connections refused
     s = await until(plane, "src", lambda s: degraded(s).status == "True", "Degraded")
     assert s.phase == pb.PHASE_RUNNING  # retrying goes on
     assert degraded(s).reason == s.degradation.reason == "SOURCE_UNAVAILABLE"
@@ -113,12 +111,7 @@ async def test_a_source_that_stops_answering_is_degraded_while_running(plane: Co
     assert "Degraded:     SOURCE_UNAVAILABLE since" in described
     await until(plane, "src", lambda s: s.counters.records_per_second == 0.0, "records/s to fall to 0")
 
-    if fault == "503":
-        sb.faults.d365.reset()
-    else:
-        await sb.accept_connections("d365")
-    contacts = sb.d365.table("contacts")
-    contacts.upsert(next(iter(contacts.rows)), lastname="Flowing")
+    await heal_source(sb, fault)
     s = await until(plane, "src", lambda s: degraded(s).status == "False" and s.counters.written > 300,
                     "Degraded to clear once data flows")
     assert not s.HasField("degradation")

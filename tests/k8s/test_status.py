@@ -22,6 +22,7 @@ from syncplane.sandbox import Sandbox, SeedSpec, start_sandbox
 from tests.backends import eventually
 from tests.k8s.kubelet import FakeKubelet
 from tests.k8s.test_worker_data import apply_workflow, create_secrets, kubectl, set_desired, workflow
+from tests.source_faults import SOURCE_FAULTS, break_source, heal_source
 
 pytestmark = pytest.mark.k8s
 POLL = 0.5
@@ -74,7 +75,7 @@ async def running_and_loaded(cluster: Any, namespace: str, sb: Sandbox, tmp: Pat
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("fault", ["503", "refused"])
+@pytest.mark.parametrize("fault", SOURCE_FAULTS)
 async def test_a_source_that_stops_answering_is_degraded_while_running(k8s_cluster, namespace, operator, tmp_path,
                                                                        sb, fault):
     await create_secrets(k8s_cluster, namespace, sb)
@@ -82,10 +83,7 @@ async def test_a_source_that_stops_answering_is_degraded_while_running(k8s_clust
     async with FakeKubelet(namespace, Path(k8s_cluster.kubeconfig), tmp_path / "containers"):
         try:
             await running_and_loaded(k8s_cluster, namespace, sb, tmp_path, name)
-            if fault == "503":
-                sb.faults.d365.set(rate_503=1.0, include_auth=True)
-            else:
-                await sb.refuse_connections("d365")
+            await break_source(sb, fault)  # everything, token endpoint included; or connections refused
             s = await status_until(k8s_cluster, namespace, name,
                                    lambda s: condition(s, "Degraded").get("status") == "True", "Degraded")
             assert s["phase"] == "RUNNING"
@@ -96,12 +94,7 @@ async def test_a_source_that_stops_answering_is_degraded_while_running(k8s_clust
             await status_until(k8s_cluster, namespace, name,
                                lambda s: float((s.get("counters") or {}).get("recordsPerSecond") or 0) == 0,
                                "records/s to fall to 0")
-            if fault == "503":
-                sb.faults.d365.reset()
-            else:
-                await sb.accept_connections("d365")
-            contacts = sb.d365.table("contacts")
-            contacts.upsert(next(iter(contacts.rows)), lastname="Flowing")
+            await heal_source(sb, fault)
             s = await status_until(k8s_cluster, namespace, name,
                                    lambda s: condition(s, "Degraded").get("status") == "False"
                                    and counter(s, "written") > CONTACTS, "Degraded to clear")
