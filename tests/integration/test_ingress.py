@@ -108,14 +108,19 @@ async def load_then_update_and_delete(plane: ControlPlane, sb: Sandbox, contacts
     await verified(plane.stub, "ingress")
 
 
-def active_contacts_only(spec: pb.WorkflowSpec) -> pb.WorkflowSpec:
-    """``spec`` with a filter on contacts (statecode = 0) that deletes the excluded at the destination."""
+async def filter_to_active_contacts(plane: ControlPlane, sb: Sandbox, spec: pb.WorkflowSpec) -> None:
+    """Restart ``spec`` with a filter on contacts (statecode = 0) that deletes the excluded at the
+    destination; a filter change re-reads the table. Returns once Campaign holds the active ones only."""
     changed = pb.WorkflowSpec()
     changed.CopyFrom(spec)
     entity = changed.ingress.entities[0]
     entity.filter.conditions.add(field="statecode", operator=pb.FILTER_OPERATOR_EQUALS, value="0")
     entity.filter.delete_excluded = True
-    return changed
+    await restart_with(plane, "ingress", changed, ["spec.ingress"])
+    active = expected_profiles(sb, lambda row: row.get("statecode") == 0)
+    assert len(active) < len(sb.d365.table("contacts").rows)
+    await converge(lambda: profiles_match(sb, lambda row: row.get("statecode") == 0), 300,
+                   lambda: "the filter change: " + diff(active, actual_profiles(sb)))
 
 
 async def test_full_ingress_then_updates_deletes_and_filter_change(plane: ControlPlane) -> None:
@@ -124,14 +129,7 @@ async def test_full_ingress_then_updates_deletes_and_filter_change(plane: Contro
         prepare(sb, plane.data_dir)
         spec = ingress_spec(sb, cards=True)
         await load_then_update_and_delete(plane, sb, 50_000, spec, updates=300, deletes=200, card_deletes=50)
-        contacts = sb.d365.table("contacts")
-
-        # A filter change re-reads the table: the excluded records are deleted at the destination.
-        await restart_with(plane, "ingress", active_contacts_only(spec), ["spec.ingress"])
-        active = expected_profiles(sb, lambda row: row.get("statecode") == 0)
-        assert len(active) < len(contacts.rows)
-        await converge(lambda: profiles_match(sb, lambda row: row.get("statecode") == 0), 300,
-                       lambda: "the filter change: " + diff(active, actual_profiles(sb)))
+        await filter_to_active_contacts(plane, sb, spec)
     finally:
         await sb.stop()
 
@@ -145,8 +143,7 @@ async def test_a_filter_deleting_excluded_parents_leaves_no_child_linked_to_them
         prepare(sb, plane.data_dir)
         spec = ingress_spec(sb, cards=True)
         await load_then_update_and_delete(plane, sb, 2_000, spec, updates=30, deletes=20, card_deletes=5)
-        await restart_with(plane, "ingress", active_contacts_only(spec), ["spec.ingress"])
-        await converge(lambda: profiles_match(sb, lambda row: row.get("statecode") == 0), 300, "the filter change")
+        await filter_to_active_contacts(plane, sb, spec)
         await verified(plane.stub, "ingress")
     finally:
         await sb.stop()
