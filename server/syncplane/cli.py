@@ -16,13 +16,13 @@ from typing import Any
 import click
 import grpc
 import yaml
-from google.protobuf import field_mask_pb2, json_format, timestamp_pb2
+from google.protobuf import field_mask_pb2, timestamp_pb2
 
 from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.api.v1 import workflow_service_pb2 as svc
 from syncplane.client import CleartextTokenError, ClientConfig, describe_error, stub, violation_lines
 from syncplane.errors import InvalidArgument, SyncplaneError
-from syncplane.model.convert import enum_short_name, from_resource, phase_name, to_resource
+from syncplane.model.convert import enum_short_name, from_resource, message_to_dict, phase_name, to_resource
 from syncplane.model.names import workflow_name
 
 
@@ -31,6 +31,8 @@ def _client(ctx: click.Context) -> Any:
 
 
 def _emit(resource: Any, output: str) -> None:
+    """Print a dict as JSON or YAML. Build it with `to_resource`/`message_to_dict`, never proto
+    JSON, so every `-o json|yaml` has the same shapes: int64 as numbers, short enum names."""
     if output == "json":
         click.echo(json.dumps(resource, indent=2))
     else:
@@ -538,7 +540,7 @@ def deadletters_list(ctx: click.Context, name: str, output: str) -> None:
             break
         req.page_token = resp.next_page_token
     if output != "table":
-        _emit({"items": [json_format.MessageToDict(d) for d in letters]}, output)
+        _emit({"items": [message_to_dict(d) for d in letters]}, output)
         return
     if not letters:
         click.echo(f"workflow/{name} has no dead letters")
@@ -595,7 +597,7 @@ def verify(ctx: click.Context, name: str, output: str, samples: int, repair: boo
     if output == "table":
         click.echo(verify_text(name, resp))
     else:
-        _emit(json_format.MessageToDict(resp), output)
+        _emit(message_to_dict(resp), output)
 
 
 @cli.command()

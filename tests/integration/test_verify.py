@@ -101,7 +101,7 @@ async def test_verify_counts_exactly_what_was_tampered_and_repair_fixes_it(plane
         res = await cli(plane.port, "verify", "verified", "-o", "json")
         assert res.returncode == 0, res.stderr
         doc = json.loads(res.stdout)
-        assert doc["result"]["counts"]["missing"] == "3" and doc["result"]["counts"]["different"] == "4"
+        assert doc["result"]["counts"]["missing"] == 3 and doc["result"]["counts"]["different"] == 4
         res = await cli(plane.port, "verify", "verified", "--samples", "2")
         assert res.returncode == 0 and "DIFFERENCES" in res.stdout and deleted_keys[0] in res.stdout, res.stdout
         assert "3 missing, 2 extra, 4 different" in res.stdout

@@ -21,7 +21,9 @@ API_VERSION = "syncplane.io/v1"
 KIND = "Workflow"
 _INT64 = {FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_SINT64,
           FieldDescriptor.TYPE_FIXED64, FieldDescriptor.TYPE_SFIXED64}
-_WKT = {"google.protobuf.Timestamp", "google.protobuf.Duration", "google.protobuf.FieldMask"}
+# Well-known types whose proto JSON is already their resource form (a Struct is the user's own keys).
+_WKT = {"google.protobuf.Timestamp", "google.protobuf.Duration", "google.protobuf.FieldMask",
+        "google.protobuf.Struct", "google.protobuf.Value", "google.protobuf.ListValue"}
 
 
 def enum_prefix(enum: EnumDescriptor) -> str:
@@ -80,7 +82,8 @@ def _convert_field(item: Any, field: FieldDescriptor, to_short: bool, path: str)
 
 
 def message_to_dict(msg: Message) -> dict[str, Any]:
-    """camelCase keys and short enum names; default values omitted."""
+    """camelCase keys, short enum names and 64-bit integers as numbers (proto JSON writes them as
+    strings); default values omitted. The one conversion behind every `-o json|yaml` of the CLI."""
     raw = json_format.MessageToDict(msg)
     result: dict[str, Any] = _walk(raw, msg.DESCRIPTOR, True, "")
     return result
