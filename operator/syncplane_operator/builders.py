@@ -7,8 +7,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from syncplane.worker.kube_checkpoints import checkpoint_configmap_name, checkpoint_labels
-from syncplane_operator import labels as L
+from syncplane.contract import names as L
+from syncplane.contract.names import checkpoint_configmap_name, checkpoint_labels
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,7 @@ def build_worker_deployment(workflow: str, namespace: str, spec_hash: str, gener
         "image": image.image,
         "imagePullPolicy": image.pull_policy,
         "args": ["worker", "--workflow", workflow, "--generation", str(generation),
-                 "--spec-file", f"/etc/syncplane/{L.SPEC_KEY}", "--heartbeat", "kubernetes",
+                 "--spec-file", f"{L.SPEC_MOUNT}/{L.SPEC_KEY}", "--heartbeat", "kubernetes",
                  "--namespace", namespace, "--listen", f"0.0.0.0:{L.HEALTH_PORT}",
                  "--secrets-dir", L.SECRETS_MOUNT,
                  *(["--workflow-uid", uid] if uid else [])],
@@ -95,7 +95,7 @@ def build_worker_deployment(workflow: str, namespace: str, spec_hash: str, gener
                       "limits": {"cpu": image.cpu_limit, "memory": image.memory_limit}},
         "securityContext": {"runAsNonRoot": True, "readOnlyRootFilesystem": True,
                             "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
-        "volumeMounts": [{"name": "spec", "mountPath": "/etc/syncplane", "readOnly": True},
+        "volumeMounts": [{"name": "spec", "mountPath": L.SPEC_MOUNT, "readOnly": True},
                          {"name": "tmp", "mountPath": "/tmp"},
                          *({"name": secret_volume_name(i), "mountPath": f"{L.SECRETS_MOUNT}/{s}", "readOnly": True}
                            for i, s in enumerate(secrets))],

@@ -20,10 +20,10 @@ from typing import Any
 
 import kopf
 
+from syncplane.contract import names as L
 from syncplane.kubeclient import api_client as kube_api_client
 from syncplane.lifecycle import DEFAULT_POLICY, Policy
 from syncplane.model.kube import reflects
-from syncplane_operator import labels as L
 from syncplane_operator.builders import WorkerImage
 from syncplane_operator.leader import LeaderElection
 from syncplane_operator.reconciler import Clients, drain_for_delete, patch_status, post_transition, reconcile

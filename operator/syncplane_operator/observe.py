@@ -7,10 +7,10 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
+from syncplane.contract import names as L
+from syncplane.contract.report import WorkerReport
 from syncplane.lifecycle import Observed, WorkerFailure
 from syncplane.lifecycle.reports import totals
-from syncplane.worker.main import EXIT_FATAL
-from syncplane_operator import labels as L
 
 CRASH_RESTARTS = 3           # restarts of one container before it counts as a crash loop
 STALE_AFTER_SECONDS = 30.0   # a heartbeat Lease not renewed this long is stale
@@ -55,7 +55,7 @@ def observe(deployment: dict[str, Any] | None, pods: Iterable[dict[str, Any]], l
             # says why in its termination message: without a heartbeat it is the only place.
             for state in (cs.get("state") or {}, cs.get("lastState") or {}):
                 terminated = state.get("terminated") or {}
-                if terminated.get("exitCode") == EXIT_FATAL and terminated.get("message"):
+                if terminated.get("exitCode") == L.EXIT_FATAL and terminated.get("message"):
                     reason, _, message = str(terminated["message"]).partition(": ")
                     failure = failure or WorkerFailure(reason if message else "WORKER_FATAL",
                                                        message or reason)
@@ -67,21 +67,21 @@ def observe(deployment: dict[str, Any] | None, pods: Iterable[dict[str, Any]], l
     ready_heartbeats = 0
     fresh: list[dict[str, Any]] = []
     for lease in leases:
-        report = lease_report(lease)
+        raw = lease_report(lease)
+        report = WorkerReport.from_json(raw)
         renewed = _parse_time((lease.get("spec") or {}).get("renewTime"))
         stale = renewed is None or (now - renewed).total_seconds() > STALE_AFTER_SECONDS
-        fatal = report.get("fatal")
-        if isinstance(fatal, dict) and report.get("generation") == generation:
-            failure = failure or WorkerFailure(str(fatal.get("reason", "WORKER_FATAL")), str(fatal.get("message", "")))
+        if (fatal := report.fatal_at(generation)) is not None:
+            failure = failure or WorkerFailure(*fatal)
         if stale:
-            if report.get("generation") == generation and not report.get("draining"):
+            if report.generation == generation and not report.draining:
                 failure = failure or WorkerFailure(
                     "HEARTBEAT_STALE", f"worker {lease['metadata']['name']} has not renewed its heartbeat "
                     f"for over {STALE_AFTER_SECONDS:.0f}s")
             continue
-        if report.get("ready") and report.get("generation") == generation:
+        if report.ready_at(generation):
             ready_heartbeats += 1
-        fresh.append(report)
+        fresh.append(raw)
     ready = min(available, ready_heartbeats) if require_heartbeat else available
     summed = totals(fresh)
     return Observed(live=live, ready=ready, failure=failure, backlog=summed.backlog, counters=summed.counters,

@@ -10,7 +10,7 @@ Labels: ``workflow`` and ``worker`` (its index) on a worker's series; ``vendor``
 ``campaign``, ``entra_id``, ``adobe_ims``, ``other``) on vendor requests. Never a URL's query, a
 key value or a secret: the endpoint is a template (``/api/data/v9.2/contacts({key})``).
 
-Cost: the record counters are observed from the worker's :class:`~syncplane.worker.report.WorkerReport`
+Cost: the record counters are observed from the worker's :class:`~syncplane.contract.report.WorkerReport`
 when a reader collects (a scrape, an OTLP export), so the per-record path pays nothing; the HTTP
 instruments record once per request (a batch of up to 1,000 records), never per record.
 """
@@ -25,7 +25,7 @@ from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Observation
 
 if TYPE_CHECKING:
-    from syncplane.worker.report import WorkerReport
+    from syncplane.contract.report import WorkerReport
 
 #: The workflow the code runs for (a worker sets it; tasks inherit it): the ``workflow`` label of
 #: its vendor requests. Empty outside a worker (the server's verify, the operator).

@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from syncplane.api.v1 import workflow_pb2 as pb
+from syncplane.contract.report import WorkerReport
 from syncplane.sandbox import Sandbox
 from syncplane.worker.checkpoints import SqliteWorkerState
 from syncplane.worker.credentials import ConnectionSecret
 from syncplane.worker.engine import IngressRunner, Stores
 from syncplane.worker.held import HeldRecords
-from syncplane.worker.report import WorkerReport
 
 
 def sandbox_secrets(sandbox: Sandbox) -> dict[str, ConnectionSecret]:

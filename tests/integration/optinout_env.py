@@ -12,6 +12,7 @@ from typing import Any
 from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.api.v1 import workflow_service_pb2 as svc
 from syncplane.api.v1 import workflow_service_pb2_grpc as svc_grpc
+from syncplane.contract.report import WorkerReport
 from syncplane.optinout import OptInOutSync, build_optinout
 from syncplane.runtime.embedded import write_sandbox_secrets
 from syncplane.sandbox import MARKETING_USER, SANDBOX_CLIENT_ID, Sandbox
@@ -20,7 +21,6 @@ from syncplane.verify.compare import Difference
 from syncplane.verify.run import verify
 from syncplane.worker.checkpoints import SqliteWorkerState
 from syncplane.worker.credentials import ConnectionSecret
-from syncplane.worker.report import WorkerReport
 from tests.factories import spec as default_spec
 
 PAIRS = (("blackListEmail", "donotbulkemail"), ("blackList", "donotemail"))

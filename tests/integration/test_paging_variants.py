@@ -29,13 +29,13 @@ from syncplane.connectors.base import ConnectorError
 from syncplane.connectors.campaign import CampaignSink
 from syncplane.connectors.dynamics import DynamicsSource
 from syncplane.connectors.http import Credentials, OAuth2ClientCredentials
+from syncplane.contract.report import WorkerReport
 from syncplane.ingress.deletes import DeleteReconciler
 from syncplane.ingress.transform import EntityTransform
 from syncplane.sandbox import SANDBOX_CLIENT_ID, SANDBOX_CLIENT_SECRET, Sandbox, SeedSpec, start_sandbox
 from syncplane.sandbox.variants import PAGE_ACTIONS
 from syncplane.worker.checkpoints import SqliteWorkerState
 from syncplane.worker.pipeline import Checkpoint, Pipeline, Stream
-from syncplane.worker.report import WorkerReport
 from tests.backends import eventually
 from tests.factories import spec
 from tests.integration.conftest import ControlPlane, _serve

@@ -37,10 +37,9 @@ from syncplane.api.v1 import workflow_service_pb2 as svc
 from syncplane.api.v1 import workflow_service_pb2_grpc as svc_grpc
 from syncplane.client import ClientConfig
 from syncplane.client import channel as client_channel
+from syncplane.contract.names import checkpoint_configmap_name, worker_service_account_name
 from syncplane.model.convert import from_resource
 from syncplane.sandbox import Sandbox, SeedSpec, start_sandbox
-from syncplane.worker.kube_checkpoints import checkpoint_configmap_name
-from syncplane_operator.labels import worker_service_account_name
 from tests.factories import literals
 from tests.k8s.test_operator import AVAILABLE, LocalWorker, get, wait
 

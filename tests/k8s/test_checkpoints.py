@@ -18,13 +18,8 @@ from typing import Any
 
 import pytest
 
-from syncplane.worker.kube_checkpoints import (
-    CheckpointError,
-    ConfigMapCheckpoints,
-    Retry,
-    checkpoint_configmap_name,
-    stream_key,
-)
+from syncplane.contract.names import checkpoint_configmap_name
+from syncplane.worker.kube_checkpoints import CheckpointError, ConfigMapCheckpoints, Retry, stream_key
 from tests.k8s.test_chart import token_kubeconfig
 from tests.k8s.test_operator import create_workflow, get, patch, start_until_available, wait
 
@@ -253,8 +248,8 @@ def _engine() -> Any:
     from google.protobuf.duration_pb2 import Duration
 
     from syncplane.api.v1 import workflow_pb2 as pb
+    from syncplane.contract.report import WorkerReport
     from syncplane.worker.engine import Engine
-    from syncplane.worker.report import WorkerReport
 
     spec = pb.WorkflowSpec(poll_interval=Duration(nanos=100_000_000))
     return Engine("wf", spec, {}, None, WorkerReport("wf", 0, 1))  # type: ignore[arg-type]

@@ -21,10 +21,15 @@ from typing import Any
 
 import pytest
 
-from syncplane.worker.kube_checkpoints import checkpoint_configmap_name, checkpoint_labels
-from syncplane.worker.kube_records import DEAD_LETTER, HELD, RECORD_LABEL, record_name
+from syncplane.contract.names import (
+    RECORD_LABEL,
+    WORKFLOW_LABEL,
+    checkpoint_configmap_name,
+    checkpoint_labels,
+    worker_service_account_name,
+)
+from syncplane.worker.kube_records import DEAD_LETTER, HELD, record_name
 from syncplane_operator.builders import build_worker_identity
-from syncplane_operator.labels import WORKFLOW_LABEL, worker_service_account_name
 from tests.k8s.test_chart import chart_release, token_kubeconfig  # noqa: F401  (the fixture: the chart installed)
 
 pytestmark = [pytest.mark.k8s, pytest.mark.security]

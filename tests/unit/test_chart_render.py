@@ -20,10 +20,10 @@ import pytest
 import yaml
 
 from syncplane.cli import cli
+from syncplane.contract.names import WORKER_ACCOUNT_PREFIX
 from syncplane.model.convert import from_resource
 from syncplane.validation.spec import apply_defaults, validate_spec
 from syncplane_operator.builders import build_worker_deployment, build_worker_identity
-from syncplane_operator.labels import WORKER_ACCOUNT_PREFIX
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "syncplane"
@@ -359,7 +359,7 @@ def _exposed_metric_names() -> set[str]:
     from prometheus_client.parser import text_string_to_metric_families
 
     from syncplane import metrics, telemetry
-    from syncplane.worker.report import WorkerReport
+    from syncplane.contract.report import WorkerReport
 
     telemetry.setup_metrics("chart-test")
     metrics.observe_worker(WorkerReport("wf", 0, 1, dead_letters=0))

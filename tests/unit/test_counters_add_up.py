@@ -17,11 +17,11 @@ from hypothesis import strategies as st
 
 from syncplane.connectors.base import Page, Record, Rejected, WriteResult
 from syncplane.connectors.http import RetryableError
+from syncplane.contract.report import WorkerReport
 from syncplane.ingress.transform import Action, Transformed
 from syncplane.worker.checkpoints import SqliteWorkerState
 from syncplane.worker.held import HeldRecords, HoldPolicy
 from syncplane.worker.pipeline import Pipeline, Stream
-from syncplane.worker.report import WorkerReport
 
 # A record's value says what happens to it: its action, and the destination's answer.
 ACTIONS = st.sampled_from(["upsert", "delete", "skip"])

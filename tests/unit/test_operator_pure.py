@@ -8,11 +8,11 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from syncplane.api.v1 import workflow_pb2 as pb
+from syncplane.contract.report import WorkerReport
 from syncplane.lifecycle import spec_hash
 from syncplane.model.convert import to_resource
 from syncplane.model.kube import status_patch, workflow_from_body
 from syncplane.worker.heartbeat import lease_body
-from syncplane.worker.report import WorkerReport
 from syncplane_operator.builders import build_spec_configmap, build_worker_deployment
 from syncplane_operator.observe import observe
 from tests.factories import workflow
@@ -163,7 +163,7 @@ def test_status_patch_clears_a_nested_field_back_to_zero():
 
 def test_a_worker_that_exits_fatal_says_why_through_its_termination_message():
     """A worker whose heartbeat Lease is refused cannot report; its termination message can."""
-    from syncplane.worker.main import EXIT_FATAL
+    from syncplane.contract.names import EXIT_FATAL
 
     message = "HEARTBEAT_REJECTED: cannot write heartbeat Lease ns/wf-0: HTTP 403 Forbidden"
     for where in ("state", "lastState"):

@@ -107,8 +107,8 @@ async def test_heartbeat_refusal_is_fatal_and_outage_is_retried(api_server, answ
     termination message); an outage is retried at the next beat."""
     from kubernetes_asyncio import client
 
+    from syncplane.contract.report import WorkerReport
     from syncplane.worker.heartbeat import HeartbeatRejected, LeaseHeartbeat
-    from syncplane.worker.report import WorkerReport
 
     host, answers = api_server
     seen: list[int] = []

@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from syncplane.api.v1 import workflow_pb2 as pb
+from syncplane.contract.names import LAST_VERIFY_ANNOTATION
 from syncplane.errors import SyncplaneError
 from syncplane.model.convert import message_from_dict, message_to_dict
 
@@ -24,10 +25,6 @@ def etag_of(meta: Mapping[str, Any]) -> str:
     """
     labels = json.dumps(meta.get("labels") or {}, sort_keys=True)
     return f"{int(meta.get('generation') or 0)}-{hashlib.sha256(labels.encode()).hexdigest()[:8]}"
-
-
-#: VerifyWorkflow's last summary on Kubernetes (see store.kubernetes): JSON of a VerifyResult.
-LAST_VERIFY_ANNOTATION = "verify.syncplane.io/last-result"
 
 
 def last_verify_annotation(result: pb.VerifyResult) -> str:

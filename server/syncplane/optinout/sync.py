@@ -32,6 +32,7 @@ from syncplane.connectors.base import Record, Rejected
 from syncplane.connectors.campaign import CampaignSource
 from syncplane.connectors.dynamics import MAX_PAGE_SIZE, DynamicsSource
 from syncplane.connectors.http import LinkHealth, OAuth2ClientCredentials, Transport
+from syncplane.contract.report import WorkerReport
 from syncplane.optinout.memory import SqliteEchoMemory
 from syncplane.optinout.rules import (
     CAMPAIGN,
@@ -55,7 +56,6 @@ from syncplane.worker.checkpoints import (
     SqliteWorkerState,
 )
 from syncplane.worker.credentials import ConnectionSecret
-from syncplane.worker.report import WorkerReport
 
 log = logging.getLogger("syncplane.optinout")
 

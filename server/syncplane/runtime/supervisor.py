@@ -23,6 +23,8 @@ from pathlib import Path
 import httpx
 
 from syncplane.api.v1 import workflow_pb2 as pb
+from syncplane.contract.names import EXIT_FATAL
+from syncplane.contract.report import WorkerReport
 from syncplane.lifecycle import DEFAULT_POLICY, Observed, Policy, WorkerFailure, reconcile
 from syncplane.lifecycle.reports import totals
 from syncplane.model.convert import spec_to_dict
@@ -30,7 +32,6 @@ from syncplane.runtime.processes import WorkerProcess, adopt_all, prune_spec_fil
 from syncplane.runtime.processes import spec_file as spec_path
 from syncplane.store.base import WorkflowStore
 from syncplane.worker.checkpoints import forget_workflows
-from syncplane.worker.main import EXIT_FATAL
 
 log = logging.getLogger(__name__)
 
@@ -209,9 +210,9 @@ class Supervisor:
             if proc.stopping_since is not None or not keep_running:
                 log.info("worker %s/%d (pid %d) stopped with status %s", wid, index, proc.pid, code)
                 continue
-            fatal = proc.report.get("fatal")
-            if code == EXIT_FATAL and isinstance(fatal, dict):
-                group.failure = WorkerFailure(str(fatal.get("reason", "WORKER_FATAL")), str(fatal.get("message")))
+            fatal = WorkerReport.from_json(proc.report).failure()
+            if code == EXIT_FATAL and fatal is not None:
+                group.failure = WorkerFailure(*fatal)
                 continue
             group.crashes.append(now)
             while group.crashes and now - group.crashes[0] > self.config.crash_window:
@@ -227,13 +228,14 @@ class Supervisor:
                 group.restart_at[index] = now + backoff(n, self.config.backoff_base, self.config.backoff_cap)
 
     def _observe(self, group: WorkerGroup, generation: int, now: float) -> Observed:
-        ready = sum(1 for p in group.procs.values() if p.report.get("ready")
-                    and p.report.get("generation") == generation and p.stopping_since is None)
-        for p in group.procs.values():
-            fatal = p.report.get("fatal")
-            if group.failure is None and isinstance(fatal, dict) and p.report.get("generation") == generation:
+        reports = {i: WorkerReport.from_json(p.report) for i, p in group.procs.items()}
+        ready = sum(1 for i, p in group.procs.items()
+                    if reports[i].ready_at(generation) and p.stopping_since is None)
+        for report in reports.values():
+            fatal = report.fatal_at(generation)
+            if group.failure is None and fatal is not None:
                 # A live worker that hit what retrying cannot fix (credentials, a schema change).
-                group.failure = WorkerFailure(str(fatal.get("reason", "WORKER_FATAL")), str(fatal.get("message")))
+                group.failure = WorkerFailure(*fatal)
         summed = totals(p.report for p in group.procs.values())
         restarting = sorted(i for i, t in group.restart_at.items() if t > now or i not in group.procs)
         degraded = f"worker(s) {restarting} restarting after a crash" if restarting and not group.failure else ""

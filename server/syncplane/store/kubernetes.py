@@ -19,13 +19,13 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from syncplane.api.v1 import workflow_pb2 as pb
+from syncplane.contract.names import LAST_VERIFY_ANNOTATION, REQUEST_ID_ANNOTATION, SPEC_KEY, spec_configmap_name
 from syncplane.errors import AlreadyExists, FieldViolation, InvalidArgument, NotFound, OutOfRange, SyncplaneError
 from syncplane.model.convert import spec_from_dict, to_resource
-from syncplane.model.kube import LAST_VERIFY_ANNOTATION, last_verify_annotation, proto_path, workflow_from_body
+from syncplane.model.kube import last_verify_annotation, proto_path, workflow_from_body
 from syncplane.store.base import CHANGE_ADDED, CHANGE_DELETED, CHANGE_MODIFIED, Change, Mutation
 
 GROUP, VERSION, PLURAL = "syncplane.io", "v1", "workflows"
-REQUEST_ID_ANNOTATION = "syncplane.io/request-id"
 _CHANGE = {"ADDED": CHANGE_ADDED, "MODIFIED": CHANGE_MODIFIED, "DELETED": CHANGE_DELETED}
 CONFLICT_RETRIES = 10
 
@@ -144,8 +144,8 @@ class KubernetesStore:
         if not wf.status.applied_spec_hash:
             return None
         cm = await self.core.read_namespaced_config_map(
-            f"{self._id(name)}-spec-{wf.status.applied_spec_hash[:10]}", self.namespace)
-        return spec_from_dict(json.loads(cm.data["spec.json"]))
+            spec_configmap_name(self._id(name), wf.status.applied_spec_hash), self.namespace)
+        return spec_from_dict(json.loads(cm.data[SPEC_KEY]))
 
     async def set_status(self, name: str, status: pb.WorkflowStatus,
                          applied: pb.WorkflowSpec | None = None) -> pb.Workflow:

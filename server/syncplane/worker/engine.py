@@ -46,6 +46,7 @@ from syncplane.connectors.campaign import CampaignSink, CampaignSource
 from syncplane.connectors.dynamics import MAX_PAGE_SIZE, DynamicsSink, DynamicsSource
 from syncplane.connectors.http import STOPPING, LinkHealth, OAuth2ClientCredentials, RetryableError
 from syncplane.connectors.schema import Schema, SchemaChanged, check
+from syncplane.contract.report import WorkerReport
 from syncplane.egress import transform as egress
 from syncplane.ingress.deletes import DeleteReconciler
 from syncplane.ingress.transform import EntityTransform, MappingNotSupported
@@ -61,7 +62,6 @@ from syncplane.worker.credentials import ConnectionSecret
 from syncplane.worker.held import AsyncHeldStore, HeldRecords, HoldPolicy
 from syncplane.worker.kube_checkpoints import CheckpointError
 from syncplane.worker.pipeline import Pipeline, Stream
-from syncplane.worker.report import WorkerReport
 from syncplane.worker.startcheck import EntityContext, StartCheckFailed, check_entity, entity_index
 
 log = logging.getLogger("syncplane.worker.engine")

@@ -13,11 +13,10 @@ import os
 from datetime import UTC, datetime
 from typing import Any
 
-from syncplane.worker.report import WorkerReport
+from syncplane.contract.names import COMPONENT_WORKER, MANAGED_BY_LABEL, REPORT_ANNOTATION, WORKFLOW_LABEL
+from syncplane.contract.report import WorkerReport
 
 log = logging.getLogger(__name__)
-REPORT_ANNOTATION = "syncplane.io/report"
-WORKFLOW_LABEL = "syncplane.io/workflow"
 LEASE_SECONDS = 15
 
 
@@ -25,8 +24,7 @@ def lease_body(name: str, workflow: str, report: WorkerReport, now: datetime,
                pod_uid: str | None = None) -> dict[str, Any]:
     metadata: dict[str, Any] = {
         "name": name,
-        "labels": {WORKFLOW_LABEL: workflow, "app.kubernetes.io/managed-by": "syncplane-operator",
-                   "app.kubernetes.io/component": "worker"},
+        "labels": {WORKFLOW_LABEL: workflow, MANAGED_BY_LABEL: "syncplane-operator", **COMPONENT_WORKER},
         "annotations": {REPORT_ANNOTATION: json.dumps(report.to_json(), sort_keys=True)},
     }
     if pod_uid:

@@ -28,15 +28,12 @@ from dataclasses import dataclass
 from typing import Any, Self, TypeVar
 
 from syncplane.connectors.http import pause
+from syncplane.contract.names import checkpoint_configmap_name, checkpoint_labels
 from syncplane.model.convert import API_VERSION, KIND
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-WORKFLOW_LABEL = "syncplane.io/workflow"
-MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
-COMPONENT_LABEL = "app.kubernetes.io/component"
-CHECKPOINTS_SUFFIX = "-checkpoints"
 MERGE_PATCH = "application/merge-patch+json"
 # A ConfigMap key: [-._a-zA-Z0-9]+, at most 253 characters.
 _KEY_MAX = 253
@@ -57,15 +54,6 @@ class CheckpointError(RuntimeError):
         super().__init__(message)
         self.transient = transient
         self.reason = "STATE_STORE_UNAVAILABLE" if transient else "STATE_STORE_REJECTED"
-
-
-def checkpoint_configmap_name(workflow: str) -> str:
-    return f"{workflow}{CHECKPOINTS_SUFFIX}"
-
-
-def checkpoint_labels(workflow: str) -> dict[str, str]:
-    """The labels of a checkpoints ConfigMap, whoever creates it (operator or worker)."""
-    return {MANAGED_BY_LABEL: "syncplane", COMPONENT_LABEL: "checkpoints", WORKFLOW_LABEL: workflow}
 
 
 def workflow_owner(workflow: str, uid: str) -> dict[str, Any]:

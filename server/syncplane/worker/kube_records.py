@@ -23,12 +23,11 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from syncplane.contract.names import RECORD_LABEL, RETRY_LABEL, WORKFLOW_LABEL
 from syncplane.worker.checkpoints import DeadLetter, redact
 from syncplane.worker.held import Held
-from syncplane.worker.kube_checkpoints import MERGE_PATCH, WORKFLOW_LABEL, ConfigMapStore, workflow_owner
+from syncplane.worker.kube_checkpoints import MERGE_PATCH, ConfigMapStore, workflow_owner
 
-RECORD_LABEL = "syncplane.io/record"
-RETRY_LABEL = "syncplane.io/retry"
 DEAD_LETTER, HELD = "dead-letter", "held"
 DATA_KEY = "record.json"
 _PREFIX = {DEAD_LETTER: "dl", HELD: "held"}

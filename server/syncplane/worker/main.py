@@ -23,6 +23,8 @@ from aiohttp import web
 
 from syncplane import metrics, telemetry
 from syncplane.api.v1 import workflow_pb2 as pb
+from syncplane.contract.names import EXIT_FATAL
+from syncplane.contract.report import WorkerReport
 from syncplane.model.convert import spec_from_dict
 from syncplane.worker.checkpoints import SqliteWorkerState
 from syncplane.worker.credentials import (
@@ -32,10 +34,8 @@ from syncplane.worker.credentials import (
     load_local_secrets,
 )
 from syncplane.worker.engine import Engine, FatalError
-from syncplane.worker.report import WorkerReport
 
 log = logging.getLogger("syncplane.worker")
-EXIT_FATAL = 78  # EX_CONFIG: retrying cannot help
 LOG_MAX_BYTES = 10 * 1024 * 1024   # bytes per worker log file before it rotates
 LOG_BACKUPS = 3                     # rotated files kept (<log>.1 … <log>.3)
 # Where a container's last words go (the Pod's terminationMessagePath, Kubernetes' default).

@@ -12,7 +12,7 @@ are written in the order read (a key being written holds back the next write of 
 At-least-once: writes are upserts by the integration key, so a replay after a crash duplicates
 nothing. Backlog = records queued + records in flight, not yet written.
 
-Every record read is accounted for in the report (see :mod:`syncplane.worker.report`):
+Every record read is accounted for in the report (see :mod:`syncplane.contract.report`):
 written, deleted, filtered, dead-lettered, held, failed (its pass failed before its
 write; it is read again), or still in the backlog.
 """
@@ -31,10 +31,10 @@ from opentelemetry import trace
 
 from syncplane.connectors.base import Page, Record, Sink, Source
 from syncplane.connectors.http import StopRequested
+from syncplane.contract.report import WorkerReport
 from syncplane.ingress.transform import Action, Transformed
 from syncplane.worker.checkpoints import REDACTED, AsyncCheckpointStore, AsyncDeadLetterStore, AsyncRepairQueue
 from syncplane.worker.held import AsyncHeldStore, HoldPolicy
-from syncplane.worker.report import WorkerReport
 
 log = logging.getLogger(__name__)
 _tracer = trace.get_tracer("syncplane.worker")

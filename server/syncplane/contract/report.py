@@ -1,5 +1,7 @@
-"""The worker heartbeat: one structure, rendered as /status JSON and observed by the metric
-instruments of :mod:`syncplane.metrics` (/metrics, OTLP).
+"""The worker heartbeat: one structure, rendered as /status JSON (embedded) or a Lease
+annotation (Kubernetes), observed by the metric instruments of :mod:`syncplane.metrics`
+(/metrics, OTLP), and read back by both drivers through :meth:`WorkerReport.from_json`
+(the embedded supervisor and the operator's ``observe``).
 
 It is also the one place where a worker accounts for the records it reads: every record
 read ends in exactly one of the counters (or is still in the backlog), so that
@@ -13,8 +15,8 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 #: Where a record read can end up (besides the backlog).
@@ -91,10 +93,59 @@ class WorkerReport:
     rate: Throughput = field(default_factory=Throughput, repr=False, compare=False)
 
     def to_json(self) -> dict[str, Any]:
+        """The report as JSON-ready data: every field but the rate window, ``counters`` a dict."""
         self.records_per_second = self.rate.per_second()
         data = asdict(self)
         data.pop("rate", None)
         return data
+
+    @classmethod
+    def from_json(cls, data: object) -> WorkerReport:
+        """A report read back from another process: ``to_json()``'s shape, from /status or a Lease.
+
+        Never raises: a field that is missing or of another type (an old worker, a Lease edited by
+        hand) takes its default, so a malformed report reads as not ready and not fatal.
+        """
+        d = data if isinstance(data, Mapping) else {}
+        report = cls(workflow=_str(d.get("workflow")), index=_int(d.get("index")),
+                     generation=_int(d.get("generation")), pid=_int(d.get("pid")), started_at=0.0)
+        raw_counters = d.get("counters")
+        raw_counters = raw_counters if isinstance(raw_counters, Mapping) else {}
+        report.counters = Counters(**{f.name: _int(raw_counters.get(f.name)) for f in fields(Counters)})
+        report.ready = d.get("ready") is True
+        report.phase = _str(d.get("phase")) or report.phase
+        for name in ("backlog", "truncated", "resyncs", "held", "stale_deleted"):
+            setattr(report, name, _int(d.get(name)))
+        report.dead_letters = _int(d.get("dead_letters"), -1)
+        report.dead_letter_store = _str(d.get("dead_letter_store"))
+        report.records_per_second = _float(d.get("records_per_second")) or 0.0
+        report.started_at = _float(d.get("started_at")) or 0.0
+        report.waiting_since = _float(d.get("waiting_since"))
+        report.tables, report.stale = _counts(d.get("tables")), _counts(d.get("stale"))
+        report.last_error, report.fatal = _error(d.get("last_error")), _error(d.get("fatal"))
+        links = d.get("links")
+        report.links = {str(k): v for k, v in links.items()} if isinstance(links, Mapping) else {}
+        return report
+
+    @property
+    def draining(self) -> bool:
+        """Whether the worker was stopping on purpose (SIGTERM, an orphan timeout) when it reported."""
+        return self.phase == "DRAINING"
+
+    def ready_at(self, generation: int) -> bool:
+        """Whether this worker runs ``generation`` of the spec and says it is ready."""
+        return self.ready and self.generation == generation
+
+    def fatal_at(self, generation: int) -> tuple[str, str] | None:
+        """``(reason, message)`` of what retrying cannot fix, when this worker runs ``generation``
+        (an older generation's worker is being replaced: its failure is not the workflow's)."""
+        return self.failure() if self.generation == generation else None
+
+    def failure(self) -> tuple[str, str] | None:
+        """``(reason, message)`` of the fatal error this worker reported, whatever its generation."""
+        if self.fatal is None:
+            return None
+        return self.fatal.get("reason") or "WORKER_FATAL", self.fatal.get("message") or ""
 
     # -- accounting ------------------------------------------------------------------------
     def read(self, n: int) -> None:
@@ -128,3 +179,30 @@ class WorkerReport:
         """Records read that no counter and no backlog accounts for: 0 unless a bug lost them."""
         c = self.counters
         return c.read - (c.written + c.deleted + c.filtered + c.dead_lettered + c.held + c.failed + self.backlog)
+
+
+# -- tolerant readers for from_json ------------------------------------------------------------
+def _int(value: object, default: int = 0) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+
+def _float(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
+def _str(value: object) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def _counts(value: object) -> dict[str, int]:
+    if not isinstance(value, Mapping):
+        return {}
+    return {str(k): v for k, v in value.items() if isinstance(v, int) and not isinstance(v, bool)}
+
+
+def _error(value: object) -> dict[str, str] | None:
+    if not isinstance(value, Mapping):
+        return None
+    return {str(k): v for k, v in value.items() if isinstance(v, str)}

@@ -1,0 +1,84 @@
+"""Names, labels and annotations the operator, workers, API server and chart agree on.
+
+Pure constants and name functions. The chart's templates (notably its
+ValidatingAdmissionPolicy) spell the same labels and name prefixes.
+"""
+
+from __future__ import annotations
+
+PREFIX = "syncplane.io"
+
+# -- labels -----------------------------------------------------------------------------------
+#: On every object of a workflow's (worker pods, Leases, ConfigMaps): the workflow's name.
+WORKFLOW_LABEL = f"{PREFIX}/workflow"
+#: On dead-letter and held-record ConfigMaps: ``dead-letter`` or ``held``.
+RECORD_LABEL = f"{PREFIX}/record"
+#: On a dead-letter ConfigMap marked for a retry: ``"true"``.
+RETRY_LABEL = f"{PREFIX}/retry"
+MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
+COMPONENT_LABEL = "app.kubernetes.io/component"
+MANAGED_BY = {MANAGED_BY_LABEL: "syncplane-operator", "app.kubernetes.io/part-of": "syncplane"}
+COMPONENT_WORKER = {COMPONENT_LABEL: "worker"}
+
+# -- annotations ------------------------------------------------------------------------------
+SPEC_HASH_ANNOTATION = f"{PREFIX}/spec-hash"
+GENERATION_ANNOTATION = f"{PREFIX}/applied-generation"
+#: On heartbeat Leases: the worker's JSON report (:class:`syncplane.contract.report.WorkerReport`).
+REPORT_ANNOTATION = f"{PREFIX}/report"
+#: On a Workflow: the request_id of the last create/update made through the API server (idempotency).
+REQUEST_ID_ANNOTATION = f"{PREFIX}/request-id"
+#: On a Workflow: VerifyWorkflow's last summary, JSON of a VerifyResult (see store.kubernetes).
+LAST_VERIFY_ANNOTATION = f"verify.{PREFIX}/last-result"
+
+# -- ConfigMaps, mounts, ports ----------------------------------------------------------------
+#: The data key of a `<workflow>-spec-<hash>` ConfigMap: the applied spec as JSON.
+SPEC_KEY = "spec.json"
+#: Where the worker pod mounts its spec ConfigMap.
+SPEC_MOUNT = "/etc/syncplane"
+# The referenced Secrets, mounted by the kubelet: a directory per Secret, a file per key (the worker's
+# ServiceAccount has no access to Secrets at all).
+SECRETS_MOUNT = "/etc/syncplane-secrets"
+HEALTH_PORT = 8080
+CHECKPOINTS_SUFFIX = "-checkpoints"
+
+# -- exit codes -------------------------------------------------------------------------------
+#: A worker that hit what retrying cannot help (EX_CONFIG): not a crash, the workflow goes to ERROR
+#: with the reason in its report or, on Kubernetes, in the container's termination message.
+EXIT_FATAL = 78
+
+
+def spec_configmap_name(workflow: str, spec_hash: str) -> str:
+    """The ConfigMap holding the spec applied at ``spec_hash``: ``<workflow>-spec-<first 10 hex>``."""
+    return f"{workflow}-spec-{spec_hash[:10]}"
+
+
+def checkpoint_configmap_name(workflow: str) -> str:
+    """The ConfigMap holding a workflow's cursors: ``<workflow>-checkpoints``."""
+    return f"{workflow}{CHECKPOINTS_SUFFIX}"
+
+
+def checkpoint_labels(workflow: str) -> dict[str, str]:
+    """The labels of a checkpoints ConfigMap, whoever creates it (operator or worker)."""
+    return {MANAGED_BY_LABEL: "syncplane", COMPONENT_LABEL: "checkpoints", WORKFLOW_LABEL: workflow}
+
+
+def worker_deployment_name(workflow: str) -> str:
+    """The Deployment running a workflow's workers: ``<workflow>-worker``."""
+    return f"{workflow}-worker"
+
+
+# Each Workflow's workers run as a ServiceAccount of their own, `syncplane-worker-<workflow>`, which the
+# operator creates and binds to the chart's worker Role. The fixed prefix is what the chart's
+# ValidatingAdmissionPolicy reads the workflow from (templates/validatingadmissionpolicy.yaml): such an
+# account may write only Leases and ConfigMaps labelled with, and named after, its own workflow.
+WORKER_ACCOUNT_PREFIX = "syncplane-worker-"
+
+
+def worker_service_account_name(workflow: str) -> str:
+    """The ServiceAccount a workflow's workers run as: ``syncplane-worker-<workflow>``."""
+    return f"{WORKER_ACCOUNT_PREFIX}{workflow}"
+
+
+def worker_labels(workflow: str) -> dict[str, str]:
+    """The labels of a workflow's worker pods, and of their heartbeat Leases."""
+    return {**MANAGED_BY, **COMPONENT_WORKER, WORKFLOW_LABEL: workflow}
