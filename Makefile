@@ -26,7 +26,7 @@ help:
 	@echo "make fuzz    the API fuzzer for FUZZ_SECONDS (600) against a live embedded server; prints what it tried"
 	@echo "make proto   regenerate the committed protobuf/gRPC stubs"
 	@echo "make lock    re-resolve requirements.lock (runtime dependencies with hashes) from pyproject.toml"
-	@echo "make lint    ruff, mypy, buf lint and the generated-code check"
+	@echo "make lint    ruff, mypy, the import-layer contracts (lint-imports), buf lint and the generated-code check"
 	@echo "make chart   helm lint --strict every ci/ scenario; security and RBAC checks of the rendered chart"
 
 # Installs the Debian packages named in $(1) that are missing (one apt-get for all of them).
@@ -89,6 +89,7 @@ proto-check: venv
 lint: venv proto-check
 	$(BIN)/ruff check server operator tests scripts benchmarks
 	$(BIN)/mypy server/syncplane operator/syncplane_operator tests benchmarks
+	$(BIN)/lint-imports --no-cache
 	cd proto && ../$(BIN)/buf lint
 
 test-unit: venv
