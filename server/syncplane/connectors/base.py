@@ -15,6 +15,8 @@ from typing import Any, Protocol
 
 @dataclass(frozen=True)
 class Record:
+    """One source row (or a delete to propagate), keyed by its integration key."""
+
     key: str                              # the integration key (e.g. contactid)
     values: dict[str, Any] = field(default_factory=dict)
     deleted: bool = False                 # a $deletedEntity row / a delete to propagate
@@ -26,6 +28,8 @@ class Record:
 
 @dataclass(frozen=True)
 class Page:
+    """Records read by one source request, and the cursor to commit once all are acknowledged."""
+
     records: Sequence[Record]
     # Opaque resume point valid once this page is written; None = nothing new to commit.
     cursor: str | None
@@ -41,6 +45,8 @@ class Page:
 
 @dataclass(frozen=True)
 class Rejected:
+    """A record the destination refused (a poison record): dead-lettered with this reason."""
+
     key: str
     status: int                           # HTTP status from the destination (e.g. 400)
     error: str                            # the destination's message, no secrets
@@ -48,6 +54,8 @@ class Rejected:
 
 @dataclass(frozen=True)
 class WriteResult:
+    """What a sink did with each record of a write: acknowledged, or rejected with its reason."""
+
     written: Sequence[str] = ()           # keys acknowledged
     rejected: Sequence[Rejected] = ()     # poison records: dead-letter them, keep going
 
@@ -61,16 +69,29 @@ class ConnectorError(Exception):
 
 
 class Source(Protocol):
-    def pages(self, table: str, columns: Sequence[str], cursor: str | None) -> AsyncIterator[Page]: ...
+    """A side records are read from (Dataverse, Campaign's event feed)."""
 
-    async def aclose(self) -> None: ...
+    def pages(self, table: str, columns: Sequence[str], cursor: str | None) -> AsyncIterator[Page]:
+        """The pages of ``table`` (its ``columns`` only) from ``cursor`` on (None: a full read).
+
+        Raises `ConnectorError` when retrying cannot help; transient HTTP failures are retried inside.
+        """
+        ...
+
+    async def aclose(self) -> None:
+        """Close the HTTP sessions; idempotent."""
+        ...
 
 
 class Sink(Protocol):
+    """A side records are written to, by integration key (Campaign, Dataverse)."""
+
     async def write(self, resource: str, key_field: str, records: Sequence[Record], *,
                     full_load: bool = False) -> WriteResult:
         """``full_load``: the records come from a full read, so most are likely new to the
         destination (a sink may try create-first). A hint only; the result must be the same."""
         ...
 
-    async def aclose(self) -> None: ...
+    async def aclose(self) -> None:
+        """Close the HTTP sessions; idempotent."""
+        ...

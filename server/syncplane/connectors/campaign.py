@@ -352,6 +352,12 @@ class CampaignSource(_Base):
         return self.key_field.get(resource, "PKey")
 
     async def pages(self, resource: str, columns: Sequence[str], cursor: str | None) -> AsyncIterator[Page]:
+        """The pages of ``resource`` (``columns`` only; all when empty) modified since ``cursor``
+        (None: from the epoch), ``line_count`` records a request.
+
+        Raises `ConnectorError` ``BAD_CURSOR`` for a cursor this class did not write, and what
+        `raise_for_status` raises for a refused request.
+        """
         key_field = self._key_of(resource)
         since, seen = EPOCH, set[str]()
         if cursor:

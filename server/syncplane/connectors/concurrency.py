@@ -112,17 +112,21 @@ class AdaptiveLimiter:
 
     @property
     def maximum(self) -> int:
+        """The most requests in flight ever allowed."""
         return self.aimd.maximum
 
     @property
     def current(self) -> int:
+        """The requests in flight allowed now (the maximum when not adaptive)."""
         return self.aimd.current if self.adaptive else self.aimd.maximum
 
     def failed(self, epoch: int) -> None:
+        """A request sent in ``epoch`` (from :meth:`acquire`) was throttled or failed: halve the limit."""
         if self.adaptive:
             self.aimd.failed(epoch)
 
     def succeeded(self, latency_s: float) -> None:
+        """A request was answered in ``latency_s`` seconds: may raise the limit by one."""
         if self.adaptive:
             self.aimd.succeeded(latency_s)
             self._wake()
@@ -146,6 +150,7 @@ class AdaptiveLimiter:
         return self.aimd.epoch
 
     def release(self) -> None:
+        """Give back the slot of :meth:`acquire`, waking the next waiter."""
         self.in_flight -= 1
         self._wake()
 

@@ -243,11 +243,13 @@ class DynamicsSource:
         return Record(str(key), values, modified=str(modified) if modified is not None else None)
 
     async def aclose(self) -> None:
+        """Close the HTTP transport when this object opened it; idempotent."""
         if self._own_transport:
             await self.transport.aclose()
 
 
 def encode_cursor(full: bool, link: str) -> str:
+    """The cursor of a page: ``full <nextLink>`` inside a full read, ``delta <deltaLink>`` after it."""
     return ("full " if full else "delta ") + link
 
 
@@ -287,6 +289,8 @@ def _json_object(response: Response, what: str) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class PartResponse:
+    """One part of a ``$batch`` answer: its HTTP status, headers, body bytes and Content-ID."""
+
     status: int
     headers: dict[str, str]
     body: bytes
@@ -527,6 +531,7 @@ class DynamicsSink:
         return WriteResult(written, rejected)
 
     async def aclose(self) -> None:
+        """Close the HTTP transport when this object opened it; idempotent."""
         if self._own_transport:
             await self.transport.aclose()
 

@@ -234,6 +234,8 @@ class RetryableError(Exception):
 
 @dataclass(frozen=True)
 class RetryPolicy:
+    """How a request is retried: attempts for failures and throttling, backoff delays in seconds."""
+
     max_attempts: int = 8  # for 5xx, timeouts and connection errors
     max_throttled: int = 30  # 429s (and 503s carrying Retry-After) tolerated per request
     base_delay: float = 0.1  # seconds; full jitter: uniform(0, min(cap, base * 2**attempt))
@@ -241,6 +243,7 @@ class RetryPolicy:
     retry_after_margin: float = 0.01  # added to Retry-After: never early, even with clock rounding
 
     def backoff(self, attempt: int) -> float:
+        """Seconds to wait before retry ``attempt`` (0-based): full jitter over the capped exponential."""
         return random.uniform(0.0, min(self.max_delay, self.base_delay * (2 ** attempt)))
 
 
@@ -261,11 +264,13 @@ class LinkHealth:
     max_concurrency: int = 0
 
     def failed(self, error: str, status: int | None) -> None:
+        """An exchange failed with ``error`` (no body, no query) and HTTP ``status`` (None: no answer)."""
         if self.failing_since is None:
             self.failing_since = time.time()
         self.error, self.status, self.throttled = error, status, status == 429
 
     def succeeded(self) -> None:
+        """An exchange got an answer other than a failure: the link is healthy again."""
         if self.failing_since is not None:
             self.failing_since, self.error, self.status, self.throttled = None, "", None, False
 
@@ -280,13 +285,16 @@ class RetryGate:
         self.health = LinkHealth()
 
     def hold(self, seconds: float) -> None:
+        """Hold every request of the client for ``seconds`` from now (never shortens a hold)."""
         self._until = max(self._until, time.monotonic() + seconds)
 
     @property
     def remaining(self) -> float:
+        """Seconds left before requests may go out again (0.0: none held)."""
         return max(0.0, self._until - time.monotonic())
 
     async def wait(self) -> None:
+        """Return once no hold is left (a stop abandons the wait: see `pause`)."""
         # The deadline can move while we sleep (another 429), hence the loop.
         while (delay := self._until - time.monotonic()) > 0:
             await pause(delay)
@@ -306,6 +314,7 @@ class Response:
 
     @property
     def text(self) -> str:
+        """The body as text (UTF-8, undecodable bytes replaced)."""
         return self.content.decode("utf-8", errors="replace")
 
 
@@ -525,6 +534,7 @@ class Transport:
             return response
 
     async def aclose(self) -> None:
+        """Close the pooled session; later requests fail. Idempotent."""
         self._closed = True
         if self._session is not None:
             await self._session.close()
@@ -569,14 +579,22 @@ def _redact(url: str) -> str:
 
 
 class TokenProvider(Protocol):
+    """Bearer tokens for one API's requests."""
+
     gate: RetryGate
     credentials: Credentials  # its audience bounds where the token may go
 
-    async def token(self) -> str: ...
+    async def token(self) -> str:
+        """A token valid now (cached until it nears expiry). Raises `ConnectorError` BAD_CREDENTIALS."""
+        ...
 
-    async def refresh(self, stale: str) -> str: ...
+    async def refresh(self, stale: str) -> str:
+        """A token other than ``stale``, which an API answered 401 to."""
+        ...
 
-    async def aclose(self) -> None: ...
+    async def aclose(self) -> None:
+        """Close what the provider opened; idempotent."""
+        ...
 
 
 class OAuth2ClientCredentials:
@@ -603,6 +621,11 @@ class OAuth2ClientCredentials:
         self.fetches = 0  # token requests made (for tests and metrics)
 
     async def token(self) -> str:
+        """The cached token, or a new one past ``refresh_ratio`` of its lifetime.
+
+        Raises `ConnectorError` ``BAD_CREDENTIALS`` when the token endpoint refuses (the message
+        names the client id, never the secret).
+        """
         if self._token is not None and self._clock() < self._refresh_at:
             return self._token
         async with self._lock:
@@ -656,6 +679,7 @@ class OAuth2ClientCredentials:
         return message.replace(secret, "***") if secret else message
 
     async def aclose(self) -> None:
+        """Close the transport when this provider opened it; idempotent."""
         if self._own_transport:
             await self.transport.aclose()
 
@@ -679,6 +703,7 @@ def error_text(response: Response) -> str:
 
 
 def error_text_of(body: Any) -> str:
+    """The error message of a parsed JSON error body (OData or Campaign shape); "" for another shape."""
     if not isinstance(body, dict):
         return ""
     err = body.get("error")

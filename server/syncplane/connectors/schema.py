@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class Schema:
+    """One table's or resource's schema as the guard compares it: field types, lengths, links."""
+
     side: str                                   # "Dynamics 365 table" | "Campaign resource"
     name: str                                   # table or resource name
     fields: dict[str, str] = field(default_factory=dict)      # field → type
@@ -27,6 +29,8 @@ class Schema:
 
 
 class SchemaChanged(Exception):
+    """A mapped field or the change tracking changed since the worker started (fatal)."""
+
     reason = "SCHEMA_CHANGED"
 
 
@@ -49,6 +53,7 @@ def problems(current: Schema, mapped: Iterable[str], baseline: Schema | None = N
 
 
 def check(current: Schema, mapped: Iterable[str], baseline: Schema | None = None) -> None:
+    """Raise `SchemaChanged` naming every one of :func:`problems`; return when there are none."""
     found = problems(current, mapped, baseline)
     if found:
         raise SchemaChanged("; ".join(found))

@@ -27,6 +27,8 @@ RATE_WINDOW = 10.0
 
 @dataclass
 class Counters:
+    """Records (a count each) by where they ended since the worker started."""
+
     read: int = 0
     written: int = 0          # upserts acknowledged
     failed: int = 0           # read by a pass that failed before writing them: read again next pass
@@ -47,10 +49,12 @@ class Throughput:
         self._since = clock()
 
     def add(self, n: int) -> None:
+        """``n`` records were written now."""
         if n > 0:
             self._samples.append((self._clock(), n))
 
     def per_second(self) -> float:
+        """Records per second over the window (or the worker's life when shorter, at least 1 s)."""
         now = self._clock()
         while self._samples and now - self._samples[0][0] > RATE_WINDOW:
             self._samples.popleft()
@@ -61,6 +65,9 @@ class Throughput:
 
 @dataclass
 class WorkerReport:
+    """One worker's state for the control plane: which workflow, index and spec generation it
+    runs, its phase, backlog (records), counters, failing links and fatal error."""
+
     workflow: str
     index: int
     generation: int

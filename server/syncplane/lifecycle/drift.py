@@ -27,6 +27,7 @@ def applied_view(spec: pb.WorkflowSpec) -> dict[str, Any]:
 
 
 def spec_hash(spec: pb.WorkflowSpec) -> str:
+    """16 hex digits of SHA-256 over the spec's applied view (lifecycle fields left out), canonical JSON."""
     canonical = json.dumps(applied_view(spec), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 

@@ -96,6 +96,8 @@ class Observed:
 
 @dataclass(frozen=True)
 class Outcome:
+    """What :func:`reconcile` decided: the next status, the spec to snapshot, the workers to run."""
+
     status: pb.WorkflowStatus
     # The spec to record as applied (a start happened), else None.
     apply: pb.WorkflowSpec | None
@@ -106,6 +108,7 @@ class Outcome:
 
     @property
     def started(self) -> bool:
+        """Whether this reconcile is a start (a spec to record as applied)."""
         return self.apply is not None
 
     @property
@@ -280,11 +283,14 @@ def _conditions(status: pb.WorkflowStatus, observed: Observed, phase: int, now: 
 
 
 def phase_label(phase: int) -> str:
+    """A phase for a condition's reason: ``PHASE_RUNNING`` -> ``Running``."""
     return pb.Phase.Name(pb.Phase.ValueType(phase)).removeprefix("PHASE_").title()
 
 
 def set_condition(status: pb.WorkflowStatus, ctype: str, value: bool, reason: str, message: str,
                   now: datetime) -> None:
+    """Set condition ``ctype`` of ``status`` in place (Kubernetes semantics): its
+    lastTransitionTime moves to ``now`` only when its True/False value changes."""
     text = "True" if value else "False"
     for cond in status.conditions:
         if cond.type == ctype:

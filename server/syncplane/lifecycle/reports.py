@@ -27,6 +27,8 @@ LINKS = {"source": "SOURCE", "destination": "DESTINATION", "state_store": "STATE
 
 @dataclass(frozen=True)
 class Totals:
+    """The workers' reports summed: backlog (records), counters, table sizes and what goes wrong."""
+
     backlog: int = 0
     counters: pb.Counters = field(default_factory=pb.Counters)
     tables: dict[str, int] = field(default_factory=dict)
@@ -72,6 +74,8 @@ def troubles(report: Mapping[str, Any]) -> list[Trouble]:
 
 
 def totals(reports: Iterable[Mapping[str, Any]]) -> Totals:
+    """Sum the reports of a workflow's workers (the JSON of `syncplane.contract.report.WorkerReport`;
+    an empty mapping for a worker not heard from). Dead letters are counted once per store."""
     counters = pb.Counters()
     backlog = 0
     tables: dict[str, int] = {}

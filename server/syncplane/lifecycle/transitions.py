@@ -21,14 +21,18 @@ RESTART_FROM = frozenset({pb.PHASE_STARTING, pb.PHASE_RUNNING, pb.PHASE_ERROR})
 
 
 def current_phase(wf: pb.Workflow) -> int:
+    """The phase the status shows; STOPPED for a workflow never reconciled."""
     return wf.status.phase or pb.PHASE_STOPPED
 
 
 def restart_pending(wf: pb.Workflow) -> bool:
+    """Whether a Restart was asked (``spec.restart_nonce``) that no reconcile has applied yet."""
     return wf.spec.restart_nonce != wf.status.applied_restart_nonce
 
 
 def effective_phase(wf: pb.Workflow) -> int:
+    """The phase the workflow is already heading into: what a Start/Stop/Restart is checked against,
+    so a request made twice before the next reconcile is refused the second time."""
     phase = current_phase(wf)
     if wf.spec.desired_state == RUNNING:
         if phase == pb.PHASE_STOPPED or (phase == pb.PHASE_ERROR and restart_pending(wf)):
@@ -41,6 +45,11 @@ def effective_phase(wf: pb.Workflow) -> int:
 
 
 def check_preconditions(wf: pb.Workflow, etag: str, expected_phase: int) -> None:
+    """Check a conditional call (AIP-154 etag, and our ``expected_phase``; empty/0: not checked).
+
+    Raises `Aborted` for a stale etag and `FailedPrecondition` (PHASE_MISMATCH) when the
+    effective phase is not the expected one.
+    """
     if etag and etag != wf.etag:
         raise Aborted(f"etag {etag!r} does not match the current {wf.etag!r}; re-read and retry",
                       {"etag": wf.etag})
@@ -69,6 +78,7 @@ def request_start(wf: pb.Workflow) -> pb.WorkflowSpec:
 
 
 def request_stop(wf: pb.Workflow) -> pb.WorkflowSpec:
+    """The spec after a Stop; `FailedPrecondition` (TRANSITION_NOT_ALLOWED) unless starting, running or in error."""
     if effective_phase(wf) not in STOP_FROM:
         raise _refuse("stop", wf)
     spec = pb.WorkflowSpec()
@@ -78,6 +88,7 @@ def request_stop(wf: pb.Workflow) -> pb.WorkflowSpec:
 
 
 def request_restart(wf: pb.Workflow) -> pb.WorkflowSpec:
+    """The spec after a Restart (a new ``restart_nonce``); `FailedPrecondition` unless starting, running or in error."""
     if effective_phase(wf) not in RESTART_FROM:
         raise _refuse("restart", wf)
     spec = pb.WorkflowSpec()

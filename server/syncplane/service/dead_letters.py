@@ -33,6 +33,8 @@ T = TypeVar("T")
 
 
 class DeadLetterStore(Protocol):
+    """Where a platform's workers keep their dead letters, as the API reads and marks them."""
+
     async def page(self, workflow_id: str, after: tuple[str, str] | None,
                    limit: int) -> tuple[list[DeadLetter], int]:
         """Up to ``limit`` letters after ``after`` in (stream, key) order, and how many there are in all."""
@@ -69,14 +71,19 @@ class SqliteDeadLetters:
 
     async def page(self, workflow_id: str, after: tuple[str, str] | None,
                    limit: int) -> tuple[list[DeadLetter], int]:
+        """Up to ``limit`` letters after ``after`` in (stream, key) order, and how many there are in all."""
         return await self._run(lambda s: (s.list_dead_letters(workflow_id, after, limit),
                                           s.dead_letter_count(workflow_id)))
 
     async def mark(self, workflow_id: str, keys: Sequence[str]) -> tuple[int, list[str]]:
+        """Mark ``keys`` (all when empty) for a retry: (marked, unknown keys); all or nothing."""
         return await self._run(lambda s: s.mark_for_retry(workflow_id, keys))
 
 
 class DeadLetterService:
+    """ListDeadLetters and RetryDeadLetters: validation, paging tokens, NOT_FOUND and
+    FAILED_PRECONDITION (a backend with no dead-letter store), over a `DeadLetterStore`."""
+
     def __init__(self, workflows: WorkflowStore, letters: DeadLetterStore | None,
                  unavailable: str = "dead letters are kept by the embedded workers only; "
                                     "this server's backend has no dead-letter store") -> None:
@@ -91,6 +98,10 @@ class DeadLetterService:
         return self.letters
 
     async def list(self, req: svc.ListDeadLettersRequest) -> svc.ListDeadLettersResponse:
+        """One page (AIP-158) of a workflow's dead letters, oldest stream/key first, and their total.
+
+        Raises `InvalidArgument` (parent, page_size, page_token), `NotFound`, `FailedPrecondition`.
+        """
         workflow_id, size, after = validated(
             lambda: parse_name(req.parent, "parent"), lambda: page_size(req.page_size),
             lambda: decode_token(req.page_token, req.parent) if req.page_token else None)
@@ -103,6 +114,11 @@ class DeadLetterService:
         return resp
 
     async def retry(self, req: svc.RetryDeadLettersRequest) -> svc.RetryDeadLettersResponse:
+        """Mark dead letters for the workers' next pass to re-send (all when ``keys`` is empty).
+
+        Raises `InvalidArgument` naming each unknown or repeated key (nothing marked then),
+        `NotFound`, `FailedPrecondition`.
+        """
         workflow_id, keys = validated(lambda: parse_name(req.parent, "parent"), lambda: validate_keys(req.keys))
         letters = await self._store_for(workflow_id)
         marked, unknown = await letters.mark(workflow_id, keys)
@@ -140,12 +156,14 @@ def validated(*checks: Callable[[], Any]) -> tuple[Any, ...]:
 
 
 def page_size(requested: int) -> int:
+    """The page size to use (records): the default for 0, at most MAX_PAGE_SIZE; negative is INVALID_ARGUMENT."""
     if requested < 0:
         raise InvalidArgument([FieldViolation("page_size", "must not be negative")])
     return min(requested or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
 
 
 def validate_keys(keys: Sequence[str]) -> list[str]:
+    """The keys of a retry, checked: at most MAX_KEYS, none empty or repeated (`InvalidArgument`, per index)."""
     bad: list[FieldViolation] = []
     if len(keys) > MAX_KEYS:
         bad.append(FieldViolation("keys", f"at most {MAX_KEYS} keys per call (an empty list retries all)"))
@@ -162,11 +180,14 @@ def validate_keys(keys: Sequence[str]) -> list[str]:
 
 
 def encode_token(parent: str, after: tuple[str, str]) -> str:
+    """An opaque page token (URL-safe base64 JSON) for the page after (stream, key) of ``parent``."""
     raw = json.dumps({"parent": _canonical(parent), "after": list(after)}).encode()
     return base64.urlsafe_b64encode(raw).decode()
 
 
 def decode_token(token: str, parent: str) -> tuple[str, str]:
+    """The (stream, key) a token of :func:`encode_token` resumes after; `InvalidArgument` on
+    ``page_token`` for a token not issued by this server or issued for another parent."""
     try:
         data = json.loads(base64.urlsafe_b64decode(token.encode()))
         issued_for, (stream, key) = data["parent"], data["after"]
@@ -184,6 +205,7 @@ def _canonical(parent: str) -> str:
 
 
 def to_proto(d: DeadLetter) -> svc.DeadLetter:
+    """A stored dead letter (payload already redacted) as the API's message."""
     payload = struct_pb2.Struct()
     payload.update(d.payload)
     first, last = timestamp_pb2.Timestamp(), timestamp_pb2.Timestamp()

@@ -43,7 +43,9 @@ class VerifyEnvironment(Protocol):
         ...
 
     @property
-    def state(self) -> WorkerState: ...
+    def state(self) -> WorkerState:
+        """The workers' checkpoints and repair queue of this backend."""
+        ...
 
 
 class SqliteWorkerStateAccess:
@@ -57,9 +59,11 @@ class SqliteWorkerStateAccess:
         return await on_worker_state(self.path, fn)
 
     async def committed(self, workflow: str, stream: str) -> tuple[str | None, float | None]:
+        """(cursor, commit time in epoch seconds) of a stream; (None, None) before its first commit."""
         return await self._run(lambda s: s.committed(workflow, stream))
 
     async def queue_repairs(self, workflow: str, stream: str, records: Sequence[Record]) -> int:
+        """Queue ``records`` for the worker's next pass to decide again; returns how many were queued."""
         return await self._run(lambda s: s.queue_repairs(workflow, stream, records))
 
 
@@ -71,14 +75,17 @@ class EmbeddedVerifyEnvironment:
         self._state = SqliteWorkerStateAccess(state_db)
 
     async def secrets(self, spec: pb.WorkflowSpec) -> dict[str, ConnectionSecret]:
+        """The connections' credentials from the secret files; raises CredentialsError naming what is missing."""
         return await asyncio.to_thread(load_local_secrets, spec, self.secrets_dir)
 
     @property
     def state(self) -> WorkerState:
+        """The embedded workers' state file."""
         return self._state
 
 
 def sample_size(requested: int) -> int:
+    """Keys listed per kind of difference (0: the default); `InvalidArgument` beyond MAX_SAMPLE_SIZE."""
     if not 0 <= requested <= MAX_SAMPLE_SIZE:
         raise InvalidArgument([FieldViolation("sample_size", f"must be between 0 and {MAX_SAMPLE_SIZE} "
                                               f"(0 means {DEFAULT_SAMPLE_SIZE})")])
@@ -86,6 +93,8 @@ def sample_size(requested: int) -> int:
 
 
 class VerifyService:
+    """VerifyWorkflow: compares both sides of a workflow through a `VerifyEnvironment`."""
+
     def __init__(self, workflows: WorkflowStore, environment: VerifyEnvironment | None,
                  unavailable: str = "this server's backend cannot reach the workers' state") -> None:
         self.workflows, self.environment, self.unavailable = workflows, environment, unavailable
@@ -131,11 +140,13 @@ class VerifyService:
 
 
 def counts_proto(d: Difference) -> pb.VerifyCounts:
+    """A comparison's counts (records) as the API's message."""
     return pb.VerifyCounts(compared=d.compared, missing=len(d.missing), extra=len(d.extra),
                            different=len(d.different), in_flight=len(d.in_flight), foreign=d.foreign)
 
 
 def summary(report: Report, repair: bool, now: float | None = None) -> pb.VerifyResult:
+    """The summary kept as ``status.last_verify``: the total counts, stamped ``now`` (epoch seconds)."""
     result = pb.VerifyResult(counts=counts_proto(report.total()), repair_requested=repair, requests=report.requests)
     result.verify_time.FromNanoseconds(int((now if now is not None else time.time()) * 1e9))
     return result
@@ -143,6 +154,7 @@ def summary(report: Report, repair: bool, now: float | None = None) -> pb.Verify
 
 def stream_proto(stream: str, source: str, destination: str, diff: Difference, queued: int,
                  samples: int) -> svc.VerifyStream:
+    """One stream's detail: counts and up to ``samples`` keys per kind of difference."""
     return svc.VerifyStream(stream=stream, source=source, destination=destination, counts=counts_proto(diff),
                             missing_keys=diff.missing[:samples], extra_keys=diff.extra[:samples],
                             different_keys=diff.different[:samples],

@@ -76,6 +76,10 @@ class WorkflowService:
         return latest
 
     async def create(self, req: svc.CreateWorkflowRequest) -> pb.Workflow:
+        """Create a workflow (defaults applied, output fields cleared), idempotent by ``request_id``.
+
+        Raises `InvalidArgument` with field paths, `AlreadyExists`. ``validate_only`` writes nothing.
+        """
         workflow_id = parse_name(req.workflow_id, "workflow_id")
         wf = pb.Workflow()
         wf.CopyFrom(req.workflow)
@@ -93,9 +97,11 @@ class WorkflowService:
         return await self._settled(created)
 
     async def get(self, name: str) -> pb.Workflow:
+        """The workflow ``workflows/<id>`` (or a bare id); `InvalidArgument`, `NotFound`."""
         return await self.store.get(workflow_name(parse_name(name)))
 
     async def list(self, req: svc.ListWorkflowsRequest) -> svc.ListWorkflowsResponse:
+        """One page (AIP-158) by name, filtered by type and phase; `InvalidArgument` for a bad size or token."""
         if req.page_size < 0:
             raise InvalidArgument([FieldViolation("page_size", "must not be negative")])
         size = min(req.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
@@ -108,6 +114,11 @@ class WorkflowService:
         return resp
 
     async def update(self, req: svc.UpdateWorkflowRequest) -> pb.Workflow:
+        """Update labels and spec by field mask (AIP-134; empty: both), never the lifecycle fields.
+
+        Raises `InvalidArgument` (mask paths, spec), `Aborted` (stale etag), `NotFound`, and
+        `FailedPrecondition` for a replay refused at 2,000,000 records.
+        """
         name = workflow_name(parse_name(req.workflow.name, "workflow.name"))
         paths = list(req.update_mask.paths) or ["labels", "spec"]
         bad = [FieldViolation(f"update_mask.paths[{i}]", _why_not_updatable(p)) for i, p in enumerate(paths)
@@ -140,6 +151,7 @@ class WorkflowService:
         return await self._settled(updated)
 
     async def delete(self, req: svc.DeleteWorkflowRequest) -> None:
+        """Delete a stopped (or failed) workflow; `FailedPrecondition` WORKERS_RUNNING unless ``force``."""
         name = workflow_name(parse_name(req.name))
 
         def check(wf: pb.Workflow) -> None:
@@ -167,15 +179,19 @@ class WorkflowService:
         return await self._settled(updated)
 
     async def start(self, req: svc.StartWorkflowRequest) -> pb.Workflow:
+        """Set desired RUNNING; `FailedPrecondition` unless the effective phase is STOPPED or ERROR."""
         return await self._transition(req.name, req.etag, req.expected_phase, traced(request_start))
 
     async def stop(self, req: svc.StopWorkflowRequest) -> pb.Workflow:
+        """Set desired STOPPED; `FailedPrecondition` unless starting, running or in error."""
         return await self._transition(req.name, req.etag, req.expected_phase, request_stop)
 
     async def restart(self, req: svc.RestartWorkflowRequest) -> pb.Workflow:
+        """Bump ``spec.restart_nonce`` (applies edits); `FailedPrecondition` unless starting, running or in error."""
         return await self._transition(req.name, req.etag, req.expected_phase, traced(request_restart))
 
     def watch(self, req: svc.WatchWorkflowsRequest) -> AsyncIterator[Change]:
+        """The changes after ``start_revision`` (0: the current state first), of one workflow or all."""
         if req.start_revision < 0:
             raise InvalidArgument([FieldViolation("start_revision", "must not be negative")])
         name = workflow_name(parse_name(req.name)) if req.name else ""
