@@ -884,6 +884,30 @@ async def test_acs_custom_resource(clients: Clients) -> None:
     assert (await clients.acs("GET", "customResources/cusUnknown")).status_code == 404
 
 
+async def test_acs_link_delete_forms(clients: Clients) -> None:
+    """Deleting a profile: the cards linking to it stay (Campaign's default link behaviour), or
+    go with it ("deleting the target record implies deleting records referenced by the link")."""
+    async def profile_with_card(n: int) -> tuple[str, str]:
+        profile = (await clients.acs("POST", "profileAndServices/profile", json={"externalId": f"p{n}"})).json()
+        card = (await clients.acs("POST", "customResources/cusLoyaltyCard",
+                                  json={"crmId": f"c{n}", "profile": {"PKey": profile["PKey"]}})).json()
+        return profile["PKey"], card["PKey"]
+
+    for n, behaviour, card_stays in ((1, None, True), (2, "cascade", False), (3, "keep", True)):
+        if behaviour is not None:
+            r = await clients.http.put(clients.sb.acs_origin + "/_sandbox/link-delete", json={"behaviour": behaviour})
+            assert r.status_code == 200 and r.json() == {"behaviour": behaviour}
+        profile, card = await profile_with_card(n)
+        assert (await clients.acs("DELETE", f"profileAndServices/profile/{profile}")).status_code in (200, 204)
+        got = await clients.acs("GET", f"customResources/cusLoyaltyCard/{card}")
+        assert got.status_code == (200 if card_stays else 404), behaviour
+        if card_stays:  # its link still names the deleted profile, which is gone
+            assert got.json()["profile"]["PKey"] == profile
+            assert (await clients.acs("GET", f"profileAndServices/profile/{profile}")).status_code == 404
+    r = await clients.http.put(clients.sb.acs_origin + "/_sandbox/link-delete", json={"behaviour": "orphan"})
+    assert r.status_code == 400 and "keep, cascade" in r.json()["error"]
+
+
 # ============================================================================ Campaign: feeds
 
 

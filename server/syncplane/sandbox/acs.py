@@ -85,6 +85,7 @@ class AcsEmulator(EmulatorApp):
         r.add_put("/_sandbox/poison", self._ctl_poison)
         r.add_delete("/_sandbox/poison", self._ctl_clear_poison)
         r.add_put("/_sandbox/force-pagination-threshold", self._ctl_threshold)
+        r.add_put("/_sandbox/link-delete", self._ctl_link_delete)
 
     # -------------------------------------------------------------- EmulatorApp hooks
     def is_auth_path(self, path: str) -> bool:
@@ -377,6 +378,14 @@ class AcsEmulator(EmulatorApp):
     async def _ctl_clear_poison(self, request: web.Request) -> web.Response:
         self.state.clear_poison()
         return web.Response(status=204)
+
+    async def _ctl_link_delete(self, request: web.Request) -> web.Response:
+        """``{"behaviour": "keep" | "cascade"}``: what a delete does to the records linking to it."""
+        try:
+            self.state.set_link_delete(str((await request.json())["behaviour"]))
+        except (ValueError, KeyError, TypeError) as exc:
+            return json_response({"error": str(exc)}, status=400)
+        return json_response({"behaviour": self.state.link_delete})
 
     async def _ctl_threshold(self, request: web.Request) -> web.Response:
         self.state.force_pagination_threshold = int((await request.json())["rows"])

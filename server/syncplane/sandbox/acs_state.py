@@ -20,6 +20,8 @@ from typing import Any
 from syncplane.sandbox.common import SandboxClock
 
 ACS_FIELD_TYPES = frozenset({"string", "boolean", "int", "double", "datetime", "date", "link"})
+#: What deleting a record does to the records linking to it (see ``AcsState.link_delete``).
+LINK_DELETE_FORMS = ("keep", "cascade")
 #: Tables with more rows than this need ``_forcePagination=true`` to get ``next`` links.
 FORCE_PAGINATION_THRESHOLD = 100_000
 DEFAULT_LINE_COUNT = 25
@@ -336,9 +338,16 @@ class AcsResource:
         self._touch(pkey, stamp)
 
     def delete(self, pkey: str) -> bool:
+        """Delete one record; the records linking to it follow ``AcsState.link_delete``."""
         row = self.rows.pop(pkey, None)
         if row is None:
             return False
+        if self.state.link_delete == "cascade":
+            for other in self.state.resources.values():
+                for f in other.fields.values():
+                    if f.type == "link" and f.target == self.name:
+                        for linked in [pk for pk, r in other.rows.items() if r.get(f.name) == pkey]:
+                            other.delete(linked)
         if self.key_field is not None and row.get(self.key_field) is not None:
             self._key_index.pop(row[self.key_field], None)
         self.mod_ts.pop(pkey, None)
@@ -373,6 +382,11 @@ class AcsState:
         self.resources: dict[str, AcsResource] = {}
         self.force_pagination_threshold = FORCE_PAGINATION_THRESHOLD
         self.poison: dict[str, set[str]] = {}
+        # What deleting a record does to the records whose link points at it: the link's "Behavior
+        # if deleted or duplicated" (Campaign Standard, "Defining links between resources"; the
+        # privacy tutorial "Modifying custom resources for privacy requests"). "keep", the default:
+        # they stay, their link naming the deleted record; "cascade": they are deleted with it.
+        self.link_delete = "keep"
         self._salt = salt
         self._pkeys = 0
         self._last_ts = 0.0
@@ -422,6 +436,12 @@ class AcsState:
         if stamps:
             self._last_ts = stamps[-1]
         return stamps
+
+    def set_link_delete(self, behaviour: str) -> None:
+        """Raises ``ValueError`` for a behaviour that is not one of ``LINK_DELETE_FORMS``."""
+        if behaviour not in LINK_DELETE_FORMS:
+            raise ValueError(f"link delete behaviour must be one of {', '.join(LINK_DELETE_FORMS)}")
+        self.link_delete = behaviour
 
     def poison_keys(self, resource: str, *keys: str) -> None:
         """POST/PATCH/DELETE of records with these PKeys or unique-key values get 400."""
