@@ -567,12 +567,13 @@ def verify_text(name: str, resp: svc.VerifyWorkflowResponse) -> str:
     c, r = resp.result.counts, resp.result
     verdict = "in sync" if not (c.missing or c.extra or c.different) else "DIFFERENCES"
     lines = [f"workflow/{name}: {verdict}: {c.compared} compared, {c.missing} missing, {c.extra} extra, "
-             f"{c.different} different ({c.in_flight} in flight), {c.foreign} foreign; {r.requests} requests"]
+             f"{c.different} different ({c.in_flight} in flight), {c.foreign} foreign, {c.held} held; "
+             f"{r.requests} requests"]
     rows = [[s.stream, f"{s.source} -> {s.destination}", str(s.counts.compared), str(s.counts.missing),
              str(s.counts.extra), str(s.counts.different), str(s.counts.in_flight), str(s.counts.foreign),
-             str(s.queued) if r.repair_requested else "-"] for s in resp.streams]
+             str(s.counts.held), str(s.queued) if r.repair_requested else "-"] for s in resp.streams]
     lines.append(format_table(rows, ("STREAM", "SIDES", "COMPARED", "MISSING", "EXTRA", "DIFFERENT", "IN FLIGHT",
-                                     "FOREIGN", "QUEUED")))
+                                     "FOREIGN", "HELD", "QUEUED")))
     for s in resp.streams:
         for kind, keys in (("missing", s.missing_keys), ("extra", s.extra_keys), ("different", s.different_keys),
                            ("in flight", s.in_flight_keys)):

@@ -134,10 +134,9 @@ async def test_full_ingress_then_updates_deletes_and_filter_change(plane: Contro
         await sb.stop()
 
 
-@pytest.mark.xfail(strict=True, reason="known fault, open: a filter that deletes excluded contacts leaves their "
-                   "loyalty cards in Campaign linked to the deleted profiles (verify: different); the held-children "
-                   "rule says such a child is held until its parent is at the destination again")
 async def test_a_filter_deleting_excluded_parents_leaves_no_child_linked_to_them(plane: ControlPlane) -> None:
+    """The cards of the contacts the new filter excludes are deleted with their profiles and held
+    (the whole kind, each way a parent leaves and comes back: test_parent_deletes.py)."""
     sb = await sandbox_with(SeedSpec(contacts=2_000, loyalty_cards=200, seed=7))
     try:
         prepare(sb, plane.data_dir)

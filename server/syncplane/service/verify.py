@@ -142,7 +142,8 @@ class VerifyService:
 def counts_proto(d: Difference) -> pb.VerifyCounts:
     """A comparison's counts (records) as the API's message."""
     return pb.VerifyCounts(compared=d.compared, missing=len(d.missing), extra=len(d.extra),
-                           different=len(d.different), in_flight=len(d.in_flight), foreign=d.foreign)
+                           different=len(d.different), in_flight=len(d.in_flight), foreign=d.foreign,
+                           held=d.held)
 
 
 def summary(report: Report, repair: bool, now: float | None = None) -> pb.VerifyResult:

@@ -47,7 +47,7 @@ from syncplane.optinout.sync import (
     REPAIR_STREAM,
     direction_of,
 )
-from syncplane.verify.compare import Difference, Row, compare, in_flight, instant, lookup_binds
+from syncplane.verify.compare import Difference, Row, compare, in_flight, instant, lookup_binds, waiting_for_parent
 from syncplane.worker.credentials import ConnectionSecret
 from syncplane.worker.engine import _KeyedSource, ingress_streams
 from syncplane.worker.pipeline import Checkpoint, Stream
@@ -92,6 +92,7 @@ class Report:
             out.different += s.diff.different
             out.in_flight |= s.diff.in_flight
             out.foreign += s.diff.foreign
+            out.held += s.diff.held
         return out
 
 
@@ -143,8 +144,9 @@ async def verify(workflow: str, spec: pb.WorkflowSpec, secrets: Mapping[str, Con
     report = Report()
     try:
         if spec.type == pb.WORKFLOW_TYPE_INGRESS:
+            there: dict[str, set[str]] = {}  # resource → keys at the destination (parents come first)
             for stream in ingress_streams(spec):
-                report.streams.append(await _ingress(workflow, spec, stream, clients, state, running, repair))
+                report.streams.append(await _ingress(workflow, spec, stream, clients, state, running, repair, there))
         elif spec.type == pb.WORKFLOW_TYPE_EGRESS:
             report.streams.append(await _egress(workflow, spec, clients, state, running, repair))
         elif spec.type == pb.WORKFLOW_TYPE_OPT_IN_OUT:
@@ -172,7 +174,9 @@ async def _progress(state: WorkerState, workflow: str, stream: str) -> _Progress
 
 
 async def _ingress(workflow: str, spec: pb.WorkflowSpec, stream: Stream, clients: _Clients, state: WorkerState,
-                   running: bool, repair: bool) -> StreamReport:
+                   running: bool, repair: bool, there: dict[str, set[str]]) -> StreamReport:
+    """One mapped table. ``there``: resource → the keys its records have at the destination, for
+    the streams compared before (parents first); this stream's are added."""
     transform = stream.transform
     assert isinstance(transform, EntityTransform)
     entity = transform.entity
@@ -246,9 +250,11 @@ async def _ingress(workflow: str, spec: pb.WorkflowSpec, stream: Stream, clients
     progress = await _progress(state, workflow, stream.name)
     await asyncio.gather(read_source(), read_destination())
     theirs = foreign & expected.keys()
-    diff = compare({k: v for k, v in expected.items() if k not in theirs}, actual, ignored=ignored,
-                   types=destination_schema.fields)
-    diff.foreign = len(theirs)
+    held = waiting_for_parent(expected, destination_schema.links, there)
+    diff = compare({k: v for k, v in expected.items() if k not in theirs and k not in held}, actual,
+                   ignored=ignored, types=destination_schema.fields)
+    diff.foreign, diff.held = len(theirs), len(held)
+    there[entity.destination_resource] = {k.lower() for k in (expected.keys() - held) | (actual.keys() & ignored)}
     diff.in_flight = in_flight(diff, [expected], running=running, loading=progress.loading,
                                committed=progress.committed)
     report = StreamReport(stream.name, entity_set, entity.destination_resource, diff)

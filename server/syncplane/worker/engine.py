@@ -58,6 +58,7 @@ from syncplane.worker.checkpoints import (
     AsyncRepairQueue,
     SqliteWorkerState,
 )
+from syncplane.worker.children import Child, ParentRemoval, child_links
 from syncplane.worker.credentials import ConnectionSecret
 from syncplane.worker.held import AsyncHeldStore, HeldRecords, HoldPolicy
 from syncplane.worker.kube_checkpoints import CheckpointError
@@ -238,14 +239,18 @@ class _PipelineRunner:
         self.dst_secret = secrets[spec.destination.credentials.name]
         self.tokens = [_tokens(self.src_secret), _tokens(self.dst_secret)]
 
+    #: How long a record waits for what it points at (egress: an event's contact) before it is a dead letter.
+    hold_policy = HoldPolicy()
+
     def _pipeline(self, stream: Stream, source: Any, guard: Callable[[], Awaitable[None]] | None = None,
-                  reconcile: Callable[[], Awaitable[Sequence[str]]] | None = None) -> Pipeline:
+                  reconcile: Callable[[], Awaitable[Sequence[str]]] | None = None,
+                  removed: Callable[[Sequence[str]], Awaitable[None]] | None = None) -> Pipeline:
         """A pipeline over this runner's sink and stores; a record whose parent (a linked profile,
         an event's contact) is not there yet is held and re-sent."""
         s = self.stores
         return Pipeline(self.workflow, stream, source, self.sink, self.report, self.batch_size,
-                        checkpoints=s.checkpoints, letters=s.letters, guard=guard, held=s.held, hold=HoldPolicy(),
-                        repairs=s.repairs, reconcile=reconcile)
+                        checkpoints=s.checkpoints, letters=s.letters, guard=guard, held=s.held,
+                        hold=self.hold_policy, repairs=s.repairs, reconcile=reconcile, removed=removed)
 
     async def aclose(self) -> None:
         await self.source.aclose()
@@ -282,6 +287,9 @@ class _PipelineRunner:
 
 
 class IngressRunner(_PipelineRunner):
+    # A child waits for its parent however long the parent is filtered out or absent (DOMAIN.md).
+    hold_policy = HoldPolicy(max_attempts=None)
+
     def __init__(self, workflow: str, spec: pb.WorkflowSpec, secrets: dict[str, ConnectionSecret],
                  stores: Stores, report: WorkerReport, batch_size: int, index: int) -> None:
         super().__init__(workflow, spec, secrets, stores, report, batch_size)
@@ -298,6 +306,8 @@ class IngressRunner(_PipelineRunner):
 
     async def build(self) -> list[Pipeline]:
         pipelines = []
+        links = {e.destination_resource: (await self.sink.resource_schema(e.destination_resource)).links
+                 for e in self.spec.ingress.entities}
         for s in self.streams:
             assert isinstance(s.transform, EntityTransform)
             entity = s.transform.entity
@@ -316,8 +326,26 @@ class IngressRunner(_PipelineRunner):
                                                             s.transform.lookups(), s.transform.annotations()),
                                             guard, DeleteReconciler(self.source, entity_set, entity.source_key,
                                                                     self.sink, entity.destination_resource,
-                                                                    entity.destination_key)))
+                                                                    entity.destination_key),
+                                            await self._removal(entity.destination_resource, links)))
         return pipelines
+
+    async def _removal(self, resource: str, links: dict[str, dict[str, str]]) -> ParentRemoval | None:
+        """What deleting a ``resource`` record at the destination does to the records linked to
+        it (worker/children.py): None when no mapped entity links to it."""
+        children = []
+        for link in child_links(self.spec, resource, links):
+            entity = link.entity
+            transform = EntityTransform(entity, index=entity_index(self.spec, entity.source_table))
+            source_schema = await self.source.table_schema(entity.source_table)
+            destination_schema = await self.sink.resource_schema(entity.destination_resource)
+            transform.lengths = {**destination_schema.lengths, **transform.lengths}
+            transform.bind(source_schema, destination_schema, self._link_tables(destination_schema.links))
+            entity_set = await self.source.entity_set(entity.source_table)
+            children.append(Child(link, transform, _KeyedSource(self.source, entity.source_key, entity_set,
+                                                                transform.lookups(), transform.annotations()),
+                                  entity_set))
+        return ParentRemoval(self.workflow, resource, children, self.sink, self.stores.held) if children else None
 
     def _link_tables(self, links: dict[str, str]) -> dict[str, str]:
         """Link field → the source table whose records its target resource holds (profile ←

@@ -4,7 +4,8 @@ An egress event whose contact is not in Dynamics 365 yet (a 404 on its
 ``regarding`` binding) is not an error of the event: the contact may arrive
 with the next ingress pass. It is held, durably, and re-sent at the start of
 each pass; after ``max_attempts`` passes it becomes a dead letter, with the
-reason. Never dropped silently.
+reason. Never dropped silently. An ingress child (a loyalty card whose profile is
+not in Campaign) is held the same way, with no limit: until its parent is there.
 """
 
 from __future__ import annotations
@@ -29,7 +30,10 @@ CREATE TABLE IF NOT EXISTS held (
 @dataclass(frozen=True)
 class HoldPolicy:
     statuses: frozenset[int] = frozenset({404})   # "what it points at does not exist"
-    max_attempts: int = 20                         # passes before it becomes a dead letter
+    # Passes before it becomes a dead letter; None: held until what it points at is there (an
+    # ingress child waits for its parent, DOMAIN.md "a child may arrive before its parent; order
+    # or hold it", however long the parent is filtered out or absent).
+    max_attempts: int | None = 20
 
 
 @dataclass(frozen=True)

@@ -126,6 +126,7 @@ class _Ticket:
     done: bool = False            # every item done, the page's own bookkeeping too
     complete: bool = True         # False: an item was not written (a stop): never committed
     full: bool = False            # the records come from a full read
+    deleted: list[str] = field(default_factory=list)  # keys deleted at the destination (acknowledged)
     items: list[_Work] = field(default_factory=list)  # work items not yet queued
 
 
@@ -141,8 +142,12 @@ class Pipeline:
                  queue_pages: int = 2, guard: Callable[[], Awaitable[None]] | None = None,
                  held: AsyncHeldStore | None = None, hold: HoldPolicy | None = None,
                  repairs: AsyncRepairQueue | None = None,
-                 reconcile: Callable[[], Awaitable[Sequence[str]]] | None = None) -> None:
+                 reconcile: Callable[[], Awaitable[Sequence[str]]] | None = None,
+                 removed: Callable[[Sequence[str]], Awaitable[None]] | None = None) -> None:
         self.workflow, self.stream = workflow, stream
+        # Called with the keys of a page this stream deleted at the destination, before the page is
+        # committed (a failure fails the pass): their linked children are held (worker/children.py).
+        self.removed = removed
         # Records `syncplane verify --repair` queued: sent first in the next pass, through the transform.
         self.repairs = repairs
         # Lists the keys the integration wrote at the destination that the source no longer has
@@ -159,10 +164,10 @@ class Pipeline:
         self.guard = guard
         # Records whose target does not exist yet (e.g. an event's contact): held, re-sent each pass.
         self.held, self.hold = held, hold
-        # The keys this stream holds (this pipeline is their only writer): any newer event of
-        # one of them supersedes the held copy. Loaded at each pass's retry of them.
+        # The keys this stream holds: any newer event of one of them supersedes the held copy.
+        # Loaded at the start of each pass (the pipeline of a parent this stream links to holds
+        # the children of the parents it removes: worker/children.py).
         self._held_keys: set[str] = set()
-        self._held_loaded = False
         self._held_this_pass: set[str] = set()  # first held in this pass: re-sent from the next one
         self._held_here = 0  # this stream's share of report.held
         # Where cursors live: the worker's SQLite file embedded, a ConfigMap on Kubernetes.
@@ -201,12 +206,10 @@ class Pipeline:
         self.checkpoint = await self._resume_point()
         await self._retry_dead_letters()
         self._held_this_pass = set()
-        self._held_seq = dict.fromkeys(self._held_keys, -1)
-        if self.held is not None and not self._held_loaded:
+        if self.held is not None:
             self._held_keys = {h.key for h in await self.held.aall(self.workflow, self.stream.name)}
-            self._held_seq = dict.fromkeys(self._held_keys, -1)
-            self._held_loaded = True
             self._count_held()
+        self._held_seq = dict.fromkeys(self._held_keys, -1)
         self._stop, self._failure = stop, None
         writers = [asyncio.ensure_future(self._writer(stop)) for _ in range(self.writers)]
         producer: asyncio.Task[None] | None = None
@@ -511,13 +514,17 @@ class Pipeline:
             await self._dead_letter(bad.key, payload, bad.status, bad.error,
                                     deleted=bool(rejected and rejected.deleted))
         ticket.written.extend(result.written)
+        last = {r.key: r for r in chunk}  # the change of each key the sink wrote
+        ticket.deleted.extend(k for k in result.written if k in last and last[k].deleted)
         self._in_flight -= len(chunk)
         self._account(chunk, result.written, {r.key for r in result.rejected}, held_keys)
         self._update_backlog()
 
     async def _finish(self, ticket: _Ticket) -> None:
         """A ticket's every item is done: what is kept per page (dead letters settled, held
-        copies superseded), then it may be committed."""
+        copies superseded, the children of removed records held), then it may be committed."""
+        if self.removed is not None and ticket.deleted:
+            await self.removed(ticket.deleted)
         if self._letters and ticket.written:
             # Written now (e.g. corrected at the source): an older dead letter of it is moot.
             await self.letters.asettle_retry(self.workflow, self.stream.name, ticket.written, (), ())
@@ -698,7 +705,8 @@ class Pipeline:
             self.report.resent(len(result.written))
             for bad in result.rejected:
                 h = by_key[bad.key]
-                if bad.status in self.hold.statuses and h.attempts + 1 < self.hold.max_attempts:
+                if bad.status in self.hold.statuses and (self.hold.max_attempts is None
+                                                         or h.attempts + 1 < self.hold.max_attempts):
                     await self.held.ahold(self.workflow, self.stream.name, bad.key, h.payload, bad.status, bad.error)
                     continue
                 await self.held.arelease(self.workflow, self.stream.name, bad.key)

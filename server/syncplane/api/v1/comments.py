@@ -136,6 +136,9 @@ COMMENTS: dict[str, str] = {'syncplane.v1.AutoRestart': 'Strimzi-style automatic
  'syncplane.v1.VerifyCounts.extra': 'At the destination (written by the integration), not at the source.',
  'syncplane.v1.VerifyCounts.foreign': 'Destination records with a source key that the integration did not create: '
                                       'never written by it, left out of the comparison.',
+ 'syncplane.v1.VerifyCounts.held': 'Linked records (a custom resource linking to a profile) whose parent is not at the '
+                                   'destination: the workers hold them until it is there, so they are expected absent, '
+                                   'not missing (present, they count as extra).',
  'syncplane.v1.VerifyCounts.in_flight': "Of the missing, extra and different: records changed since the workers' last "
                                         'committed checkpoint, or while the comparison ran (the workers have not read '
                                         'them yet; they are expected to converge).',

@@ -891,6 +891,7 @@ class VerifyCounts(_message.Message):
     DIFFERENT_FIELD_NUMBER: _builtins.int
     IN_FLIGHT_FIELD_NUMBER: _builtins.int
     FOREIGN_FIELD_NUMBER: _builtins.int
+    HELD_FIELD_NUMBER: _builtins.int
     compared: _builtins.int
     """Records compared: keys seen on either side (after the mapping's filter)."""
     missing: _builtins.int
@@ -908,6 +909,11 @@ class VerifyCounts(_message.Message):
     """Destination records with a source key that the integration did not create:
     never written by it, left out of the comparison.
     """
+    held: _builtins.int
+    """Linked records (a custom resource linking to a profile) whose parent is not
+    at the destination: the workers hold them until it is there, so they are
+    expected absent, not missing (present, they count as extra).
+    """
     def __init__(
         self,
         *,
@@ -917,10 +923,11 @@ class VerifyCounts(_message.Message):
         different: _builtins.int = ...,
         in_flight: _builtins.int = ...,
         foreign: _builtins.int = ...,
+        held: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["compared", b"compared", "different", b"different", "extra", b"extra", "foreign", b"foreign", "in_flight", b"in_flight", "missing", b"missing"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compared", b"compared", "different", b"different", "extra", b"extra", "foreign", b"foreign", "held", b"held", "in_flight", b"in_flight", "missing", b"missing"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
