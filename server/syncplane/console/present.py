@@ -111,4 +111,4 @@ def verify(wf: pb.Workflow) -> dict[str, Any] | None:
     c = v.counts
     return {"time": iso(v.verify_time), "compared": c.compared, "missing": c.missing, "extra": c.extra,
             "different": c.different, "inFlight": c.in_flight, "foreign": c.foreign,
-            "repairRequested": v.repair_requested}
+            "held": c.held, "repairRequested": v.repair_requested}
