@@ -23,8 +23,8 @@ from typing import Any
 from syncplane.connectors.base import Record
 from syncplane.connectors.campaign import MAX_LINE_COUNT, CampaignSource
 from syncplane.connectors.dynamics import MAX_PAGE_SIZE, DynamicsSource
-from syncplane.connectors.http import Credentials, OAuth2ClientCredentials
-from syncplane.sandbox import SANDBOX_CLIENT_ID, SANDBOX_CLIENT_SECRET, Sandbox, SandboxOptions, SeedSpec, start_sandbox
+from syncplane.connectors.http import OAuth2ClientCredentials
+from syncplane.sandbox import SANDBOX_CLIENT_ID, Sandbox, SandboxOptions, SeedSpec, start_sandbox
 from syncplane.verify.run import verify
 from tests.integration.ingress_env import expected_profiles, ingress_spec
 from tests.integration.optinout_env import secrets
@@ -70,9 +70,11 @@ async def _verify(records: int, latency_ms: float) -> dict[str, Any]:
 async def _raw_read(records: int, latency_ms: float) -> dict[str, Any]:
     sb = await _sandbox(records, latency_ms)
     try:
-        common = (SANDBOX_CLIENT_ID, SANDBOX_CLIENT_SECRET)
-        d365_tokens = OAuth2ClientCredentials(sb.d365_token_url, Credentials(*common, scope=sb.d365_scope))
-        acs_tokens = OAuth2ClientCredentials(sb.acs_token_url, Credentials(*common))
+        # The sandbox's own secrets, as verify gets them: each declares the origin its tokens are for.
+        spec, conn = ingress_spec(sb), secrets(sb)
+        d365, acs = conn[spec.source.credentials.name], conn[spec.destination.credentials.name]
+        d365_tokens = OAuth2ClientCredentials(d365.token_url, d365.credentials())
+        acs_tokens = OAuth2ClientCredentials(acs.token_url, acs.credentials())
         contacts = DynamicsSource(sb.d365_url, d365_tokens, key_column="contactid", page_size=MAX_PAGE_SIZE)
         profiles = CampaignSource(sb.acs_url, acs_tokens, SANDBOX_CLIENT_ID, key_field="externalId",
                                   line_count=MAX_LINE_COUNT)
