@@ -14,9 +14,9 @@ from typing import Any
 import grpc
 
 from syncplane.api.server import create_server
-from syncplane.api.v1 import workflow_pb2 as pb
-from syncplane.api.v1 import workflow_service_pb2 as svc
-from syncplane.api.v1 import workflow_service_pb2_grpc as svc_grpc
+from syncplane.proto.v1 import workflow_pb2 as pb
+from syncplane.proto.v1 import workflow_service_pb2 as svc
+from syncplane.proto.v1 import workflow_service_pb2_grpc as svc_grpc
 from syncplane.service import WorkflowService
 from syncplane.store.sqlite import SqliteStore
 from tests.factories import spec

@@ -22,8 +22,8 @@ from typing import Any
 import grpc
 from playwright.async_api import async_playwright
 
-from syncplane.api.v1 import workflow_pb2 as pb
-from syncplane.api.v1 import workflow_service_pb2 as svc
+from syncplane.proto.v1 import workflow_pb2 as pb
+from syncplane.proto.v1 import workflow_service_pb2 as svc
 from tests.e2e.conftest import CHROMIUM, CHROMIUM_ARGS
 from tests.factories import spec
 from tests.integration.conftest import ServerProcess, wait_until, worker_processes

@@ -31,10 +31,10 @@ from typing import Any
 
 import httpx
 
-from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.connectors.dynamics import DynamicsSource
 from syncplane.connectors.http import DEFAULT_CONCURRENCY, Credentials, OAuth2ClientCredentials
 from syncplane.model.convert import spec_to_dict
+from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.runtime.embedded import write_sandbox_secrets
 from syncplane.sandbox import SANDBOX_CLIENT_ID, SANDBOX_CLIENT_SECRET, Sandbox, SandboxOptions, SeedSpec, start_sandbox
 from tests.integration.ingress_env import ingress_spec

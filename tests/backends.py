@@ -36,9 +36,9 @@ import grpc
 import pytest
 
 from syncplane.api.server import ServerSecurity
-from syncplane.api.v1 import workflow_pb2 as pb
-from syncplane.api.v1 import workflow_service_pb2 as svc
-from syncplane.api.v1 import workflow_service_pb2_grpc as svc_grpc
+from syncplane.proto.v1 import workflow_pb2 as pb
+from syncplane.proto.v1 import workflow_service_pb2 as svc
+from syncplane.proto.v1 import workflow_service_pb2_grpc as svc_grpc
 
 BACKENDS = ("embedded", "kubernetes")
 TIER_BACKENDS = {"integration": ("embedded",), "k8s": ("kubernetes",)}

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import yaml
 
-from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.model.convert import from_resource
+from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.validation import apply_defaults
 
 DEFAULTS = Path(__file__).resolve().parent.parent / "server" / "syncplane" / "defaults"

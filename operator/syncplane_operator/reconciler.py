@@ -18,13 +18,14 @@ from typing import Any
 
 import kopf
 
-from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.contract import names as L
 from syncplane.lifecycle import DEFAULT_POLICY, Policy
 from syncplane.lifecycle import reconcile as decide
 from syncplane.lifecycle.drift import LIFECYCLE_FIELDS
-from syncplane.model.convert import phase_name, spec_from_dict, spec_to_dict
+from syncplane.model.convert import spec_from_dict, spec_to_dict
 from syncplane.model.kube import status_patch, workflow_from_body
+from syncplane.proto.enums import phase_name
+from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.worker.credentials import secret_references
 from syncplane_operator.builders import (
     WorkerImage,

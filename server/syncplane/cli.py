@@ -18,12 +18,13 @@ import grpc
 import yaml
 from google.protobuf import field_mask_pb2, timestamp_pb2
 
-from syncplane.api.v1 import workflow_pb2 as pb
-from syncplane.api.v1 import workflow_service_pb2 as svc
 from syncplane.client import CleartextTokenError, ClientConfig, describe_error, stub, violation_lines
 from syncplane.errors import InvalidArgument, SyncplaneError
-from syncplane.model.convert import enum_short_name, from_resource, message_to_dict, phase_name, to_resource
-from syncplane.model.names import workflow_name
+from syncplane.model.convert import from_resource, message_to_dict, to_resource
+from syncplane.proto.enums import enum_short_name, phase_name
+from syncplane.proto.v1 import workflow_pb2 as pb
+from syncplane.proto.v1 import workflow_service_pb2 as svc
+from syncplane.validation.names import workflow_name
 
 
 def _client(ctx: click.Context) -> Any:

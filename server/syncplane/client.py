@@ -10,7 +10,7 @@ import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from syncplane.api.v1 import workflow_service_pb2_grpc as svc_grpc
+from syncplane.proto.v1 import workflow_service_pb2_grpc as svc_grpc
 from syncplane.validation.endpoints import is_loopback
 
 DEFAULT_ADDRESS = "127.0.0.1:7443"

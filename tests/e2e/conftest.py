@@ -20,9 +20,9 @@ import grpc
 import pytest
 from playwright.async_api import Browser, Page, async_playwright, expect
 
-from syncplane.api.v1 import workflow_pb2 as pb
-from syncplane.api.v1 import workflow_service_pb2 as svc
-from syncplane.api.v1 import workflow_service_pb2_grpc as svc_grpc
+from syncplane.proto.v1 import workflow_pb2 as pb
+from syncplane.proto.v1 import workflow_service_pb2 as svc
+from syncplane.proto.v1 import workflow_service_pb2_grpc as svc_grpc
 from syncplane.runtime.embedded import write_sandbox_secrets
 from syncplane.sandbox import Sandbox, SeedSpec, start_sandbox
 from tests.backends import eventually

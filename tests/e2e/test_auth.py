@@ -14,8 +14,8 @@ import pytest
 from aiohttp import web
 from playwright.async_api import Page, expect
 
-from syncplane.api.v1 import workflow_pb2 as pb
-from syncplane.api.v1 import workflow_service_pb2 as svc
+from syncplane.proto.v1 import workflow_pb2 as pb
+from syncplane.proto.v1 import workflow_service_pb2 as svc
 from tests.e2e.conftest import Console, screenshot, start_console
 
 TOKEN = "console-e2e-token"

@@ -9,8 +9,8 @@ import re
 
 from playwright.async_api import Page, expect
 
-from syncplane.api.v1 import workflow_pb2 as pb
-from syncplane.api.v1 import workflow_service_pb2 as svc
+from syncplane.proto.v1 import workflow_pb2 as pb
+from syncplane.proto.v1 import workflow_service_pb2 as svc
 from tests.e2e.conftest import Console, screenshot
 
 FIELDS = "spec.ingress.entities[0].fields"

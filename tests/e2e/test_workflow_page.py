@@ -15,9 +15,9 @@ import httpx
 import pytest
 from playwright.async_api import Locator, Page, expect
 
-from syncplane.api.v1 import workflow_pb2 as pb
-from syncplane.api.v1 import workflow_service_pb2 as svc
 from syncplane.console.app import DEAD_LETTER_PAGE
+from syncplane.proto.v1 import workflow_pb2 as pb
+from syncplane.proto.v1 import workflow_service_pb2 as svc
 from syncplane.validation.rules import MAX_REPLAY_ROWS
 from syncplane.worker.checkpoints import SqliteWorkerState
 from syncplane.worker.pipeline import Checkpoint

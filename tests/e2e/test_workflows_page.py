@@ -8,8 +8,8 @@ from typing import Any
 
 from playwright.async_api import Page, expect
 
-from syncplane.api.v1 import workflow_pb2 as pb
-from syncplane.api.v1 import workflow_service_pb2 as svc
+from syncplane.proto.v1 import workflow_pb2 as pb
+from syncplane.proto.v1 import workflow_service_pb2 as svc
 from tests.e2e.conftest import Console, screenshot
 
 # Records what the page shows, as it changes: each status text and each backlog value.

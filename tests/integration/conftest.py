@@ -21,9 +21,9 @@ import httpx
 import psutil
 
 from syncplane.api.server import ServerSecurity, create_server
-from syncplane.api.v1 import workflow_pb2 as pb
-from syncplane.api.v1 import workflow_service_pb2 as svc
-from syncplane.api.v1 import workflow_service_pb2_grpc as svc_grpc
+from syncplane.proto.v1 import workflow_pb2 as pb
+from syncplane.proto.v1 import workflow_service_pb2 as svc
+from syncplane.proto.v1 import workflow_service_pb2_grpc as svc_grpc
 from syncplane.runtime.embedded import embedded_dead_letters, embedded_verifier
 from syncplane.runtime.processes import read_port
 from syncplane.runtime.supervisor import Supervisor, SupervisorConfig

@@ -12,8 +12,8 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.contract.report import WorkerReport
+from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.sandbox import Sandbox
 from syncplane.worker.checkpoints import SqliteWorkerState
 from syncplane.worker.credentials import ConnectionSecret

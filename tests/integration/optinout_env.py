@@ -9,11 +9,11 @@ import random
 from pathlib import Path
 from typing import Any
 
-from syncplane.api.v1 import workflow_pb2 as pb
-from syncplane.api.v1 import workflow_service_pb2 as svc
-from syncplane.api.v1 import workflow_service_pb2_grpc as svc_grpc
 from syncplane.contract.report import WorkerReport
 from syncplane.optinout import OptInOutSync, build_optinout
+from syncplane.proto.v1 import workflow_pb2 as pb
+from syncplane.proto.v1 import workflow_service_pb2 as svc
+from syncplane.proto.v1 import workflow_service_pb2_grpc as svc_grpc
 from syncplane.runtime.embedded import write_sandbox_secrets
 from syncplane.sandbox import MARKETING_USER, SANDBOX_CLIENT_ID, Sandbox
 from syncplane.service.verify import SqliteWorkerStateAccess

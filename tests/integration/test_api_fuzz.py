@@ -30,7 +30,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from hypothesis import HealthCheck, given, settings
 
-from syncplane.api.v1 import workflow_service_pb2 as svc
+from syncplane.proto.v1 import workflow_service_pb2 as svc
 from tests.backends import ApiPlane, eventually
 from tests.fuzz_api import calls
 from tests.integration.conftest import ControlPlane

@@ -14,8 +14,8 @@ import pytest
 import yaml
 
 from syncplane.api.server import InsecureBindError, ServerSecurity, check_bind
-from syncplane.api.v1 import workflow_service_pb2 as svc
-from syncplane.api.v1 import workflow_service_pb2_grpc as svc_grpc
+from syncplane.proto.v1 import workflow_service_pb2 as svc
+from syncplane.proto.v1 import workflow_service_pb2_grpc as svc_grpc
 from tests.integration.conftest import ServerProcess, wait_until, worker_processes
 
 README = Path(__file__).resolve().parents[2] / "README.md"

@@ -16,9 +16,9 @@ import click
 import pytest
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
-from syncplane.api.v1 import workflow_pb2 as pb
-from syncplane.api.v1 import workflow_service_pb2 as svc
 from syncplane.cli import cli as cli_group
+from syncplane.proto.v1 import workflow_pb2 as pb
+from syncplane.proto.v1 import workflow_service_pb2 as svc
 from syncplane.sandbox import SeedSpec, start_sandbox
 from tests.integration.conftest import ControlPlane, _serve
 from tests.integration.ingress_env import ingress_spec, prepare, status_until

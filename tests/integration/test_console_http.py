@@ -20,8 +20,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from syncplane.api.v1 import workflow_pb2 as pb
-from syncplane.api.v1 import workflow_service_pb2 as svc
+from syncplane.proto.v1 import workflow_pb2 as pb
+from syncplane.proto.v1 import workflow_service_pb2 as svc
 from tests.backends import eventually
 from tests.factories import spec
 from tests.integration.conftest import ServerProcess, wait_until

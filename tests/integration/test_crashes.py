@@ -11,8 +11,8 @@ import signal
 
 import pytest
 
-from syncplane.api.v1 import workflow_pb2 as pb
-from syncplane.api.v1 import workflow_service_pb2 as svc
+from syncplane.proto.v1 import workflow_pb2 as pb
+from syncplane.proto.v1 import workflow_service_pb2 as svc
 from tests.integration.conftest import ControlPlane, wait_until, watch_until, worker_processes
 
 pytestmark = pytest.mark.backends("embedded")

@@ -17,8 +17,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from syncplane.api.v1 import workflow_pb2 as pb
-from syncplane.api.v1 import workflow_service_pb2 as svc
+from syncplane.proto.v1 import workflow_pb2 as pb
+from syncplane.proto.v1 import workflow_service_pb2 as svc
 from syncplane.sandbox import SeedSpec, start_sandbox
 from syncplane.worker.checkpoints import REDACTED, SqliteWorkerState
 from tests.integration.conftest import ControlPlane, _serve

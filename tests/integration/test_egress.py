@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.egress.transform import crm_time
+from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.sandbox import Sandbox, SeedSpec, start_sandbox
 from tests.backends import eventually
 from tests.factories import spec as default_spec

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from syncplane.api.v1 import workflow_pb2 as pb
-from syncplane.api.v1 import workflow_service_pb2 as svc
+from syncplane.proto.v1 import workflow_pb2 as pb
+from syncplane.proto.v1 import workflow_service_pb2 as svc
 from syncplane.runtime.supervisor import SupervisorConfig
 from syncplane.sandbox import Sandbox, SeedSpec, start_sandbox
 from syncplane.worker.checkpoints import SqliteWorkerState

@@ -16,8 +16,8 @@ import httpx
 import pytest
 from google.protobuf import field_mask_pb2
 
-from syncplane.api.v1 import workflow_pb2 as pb
-from syncplane.api.v1 import workflow_service_pb2 as svc
+from syncplane.proto.v1 import workflow_pb2 as pb
+from syncplane.proto.v1 import workflow_service_pb2 as svc
 from syncplane.runtime.processes import read_port
 from tests.backends import ApiPlane, eventually, revision
 from tests.integration.conftest import ControlPlane, watch_until

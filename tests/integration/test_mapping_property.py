@@ -15,7 +15,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from syncplane.api.v1 import workflow_pb2 as pb
+from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.sandbox import Sandbox, start_sandbox
 from syncplane.service.verify import SqliteWorkerStateAccess
 from syncplane.verify.run import verify

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from syncplane.api.v1 import workflow_pb2 as pb
+from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.sandbox import AcsField, Sandbox, start_sandbox
 from syncplane.worker.startcheck import StartCheckFailed
 from tests.integration.ingress_env import ingress_spec

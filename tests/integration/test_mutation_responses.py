@@ -14,8 +14,8 @@ from collections.abc import Awaitable, Callable
 
 from google.protobuf import field_mask_pb2
 
-from syncplane.api.v1 import workflow_pb2 as pb
-from syncplane.api.v1 import workflow_service_pb2 as svc
+from syncplane.proto.v1 import workflow_pb2 as pb
+from syncplane.proto.v1 import workflow_service_pb2 as svc
 from tests.backends import ApiPlane
 from tests.integration.conftest import watch_until
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from syncplane.api.v1 import workflow_pb2 as pb
+from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.sandbox import SeedSpec, start_sandbox
 from tests.integration.conftest import ControlPlane, _serve
 from tests.integration.ingress_env import converge, prepare, status_until
@@ -74,7 +74,7 @@ async def test_an_unsubscribe_in_campaign_sticks_when_the_workflow_is_created_ag
     """Issue 12, fault 6: CRM → marketing; a contact unsubscribes in Campaign while the CRM still
     says donotemail false. The workflow is deleted and created again (all its state, echo memory
     included, is forgotten): its first full read must not write blackList false."""
-    from syncplane.api.v1 import workflow_service_pb2 as svc
+    from syncplane.proto.v1 import workflow_service_pb2 as svc
     from tests.integration.test_ingress import stop
 
     sb = await start_sandbox(seed=SeedSpec(contacts=200, seed=5, opt_out_ratio=0.0))

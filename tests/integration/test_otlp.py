@@ -26,9 +26,9 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc as tsv
 from opentelemetry.proto.common.v1 import common_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
 
-from syncplane.api.v1 import workflow_pb2 as pb
-from syncplane.api.v1 import workflow_service_pb2 as svc
-from syncplane.api.v1 import workflow_service_pb2_grpc as svc_grpc
+from syncplane.proto.v1 import workflow_pb2 as pb
+from syncplane.proto.v1 import workflow_service_pb2 as svc
+from syncplane.proto.v1 import workflow_service_pb2_grpc as svc_grpc
 from syncplane.runtime.embedded import write_sandbox_secrets
 from syncplane.sandbox import SeedSpec, start_sandbox
 from tests.backends import eventually

@@ -23,8 +23,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from syncplane.api.v1 import workflow_pb2 as pb
-from syncplane.api.v1 import workflow_service_pb2 as svc
 from syncplane.connectors.base import ConnectorError
 from syncplane.connectors.campaign import CampaignSink
 from syncplane.connectors.dynamics import DynamicsSource
@@ -32,6 +30,8 @@ from syncplane.connectors.http import Credentials, OAuth2ClientCredentials
 from syncplane.contract.report import WorkerReport
 from syncplane.ingress.deletes import DeleteReconciler
 from syncplane.ingress.transform import EntityTransform
+from syncplane.proto.v1 import workflow_pb2 as pb
+from syncplane.proto.v1 import workflow_service_pb2 as svc
 from syncplane.sandbox import SANDBOX_CLIENT_ID, SANDBOX_CLIENT_SECRET, Sandbox, SeedSpec, start_sandbox
 from syncplane.sandbox.variants import PAGE_ACTIONS
 from syncplane.worker.checkpoints import SqliteWorkerState

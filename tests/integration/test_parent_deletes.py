@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from syncplane.api.v1 import workflow_pb2 as pb
+from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.sandbox import Sandbox, start_sandbox
 from syncplane.service.verify import SqliteWorkerStateAccess
 from syncplane.verify.run import verify

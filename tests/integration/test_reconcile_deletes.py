@@ -15,8 +15,8 @@ import httpx
 import pytest
 from google.protobuf import field_mask_pb2
 
-from syncplane.api.v1 import workflow_pb2 as pb
-from syncplane.api.v1 import workflow_service_pb2 as svc
+from syncplane.proto.v1 import workflow_pb2 as pb
+from syncplane.proto.v1 import workflow_service_pb2 as svc
 from syncplane.sandbox import MARKETING_USER, SANDBOX_CLIENT_ID, Sandbox, SeedSpec, start_sandbox
 from tests.backends import eventually
 from tests.integration.conftest import ControlPlane, _serve, watch_until

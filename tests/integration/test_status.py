@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from syncplane.api.v1 import workflow_pb2 as pb
-from syncplane.api.v1 import workflow_service_pb2 as svc
 from syncplane.lifecycle import Policy
+from syncplane.proto.v1 import workflow_pb2 as pb
+from syncplane.proto.v1 import workflow_service_pb2 as svc
 from syncplane.runtime.embedded import write_sandbox_secrets
 from syncplane.runtime.supervisor import SupervisorConfig
 from syncplane.sandbox import Sandbox, SeedSpec, start_sandbox

@@ -11,8 +11,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import StatusCode
 
 from syncplane.api.server import create_server
-from syncplane.api.v1 import workflow_service_pb2 as svc
-from syncplane.api.v1 import workflow_service_pb2_grpc as svc_grpc
+from syncplane.proto.v1 import workflow_service_pb2 as svc
+from syncplane.proto.v1 import workflow_service_pb2_grpc as svc_grpc
 from syncplane.service import WorkflowService
 from syncplane.store.sqlite import SqliteStore
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from syncplane.api.v1 import workflow_pb2 as pb
+from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.sandbox import SANDBOX_CLIENT_ID, SeedSpec, start_sandbox
 from tests.backends import eventually
 from tests.integration.conftest import ControlPlane, _serve

@@ -18,10 +18,10 @@ import grpc
 import pytest
 
 from syncplane.api.server import ServerSecurity, create_server
-from syncplane.api.v1 import workflow_pb2 as pb
-from syncplane.api.v1 import workflow_service_pb2 as svc
-from syncplane.api.v1 import workflow_service_pb2_grpc as svc_grpc
 from syncplane.contract.names import REPORT_ANNOTATION, WORKFLOW_LABEL
+from syncplane.proto.v1 import workflow_pb2 as pb
+from syncplane.proto.v1 import workflow_service_pb2 as svc
+from syncplane.proto.v1 import workflow_service_pb2_grpc as svc_grpc
 from syncplane.runtime.kubernetes import kubernetes_store
 from syncplane.service import WorkflowService
 from tests.factories import UNREACHABLE_SECRETS, literals, spec

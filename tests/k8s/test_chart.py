@@ -32,13 +32,13 @@ import pytest
 import yaml
 from aiohttp import ClientSession, ClientTimeout, TCPConnector, web
 
-from syncplane.api.v1 import workflow_pb2 as pb
-from syncplane.api.v1 import workflow_service_pb2 as svc
-from syncplane.api.v1 import workflow_service_pb2_grpc as svc_grpc
 from syncplane.client import ClientConfig
 from syncplane.client import channel as client_channel
 from syncplane.contract.names import checkpoint_configmap_name, worker_service_account_name
 from syncplane.model.convert import from_resource
+from syncplane.proto.v1 import workflow_pb2 as pb
+from syncplane.proto.v1 import workflow_service_pb2 as svc
+from syncplane.proto.v1 import workflow_service_pb2_grpc as svc_grpc
 from syncplane.sandbox import Sandbox, SeedSpec, start_sandbox
 from tests.factories import literals
 from tests.k8s.test_operator import AVAILABLE, LocalWorker, get, wait

@@ -247,8 +247,8 @@ class _CommitRunner:
 def _engine() -> Any:
     from google.protobuf.duration_pb2 import Duration
 
-    from syncplane.api.v1 import workflow_pb2 as pb
     from syncplane.contract.report import WorkerReport
+    from syncplane.proto.v1 import workflow_pb2 as pb
     from syncplane.worker.engine import Engine
 
     spec = pb.WorkflowSpec(poll_interval=Duration(nanos=100_000_000))

@@ -147,7 +147,7 @@ EXPLAINED = [
 
 @pytest.mark.parametrize(("path", "element"), EXPLAINED, ids=[p for p, _ in EXPLAINED])
 async def test_kubectl_explain_prints_the_proto_comment(k8s_cluster, workflow_crd, path, element):
-    from syncplane.api.v1.comments import COMMENTS
+    from syncplane.proto.v1.comments import COMMENTS
     from tests.backends import eventually
 
     want = " ".join(COMMENTS[element].split())

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import pytest
 
-from syncplane.api.v1 import workflow_pb2 as pb
-from syncplane.api.v1 import workflow_service_pb2 as svc
+from syncplane.proto.v1 import workflow_pb2 as pb
+from syncplane.proto.v1 import workflow_service_pb2 as svc
 from tests.backends import ApiPlane
 from tests.integration import (
     test_api_errors,

@@ -21,10 +21,10 @@ import grpc
 import pytest
 import yaml
 
-from syncplane.api.v1 import workflow_pb2 as pb
-from syncplane.api.v1 import workflow_service_pb2 as svc
-from syncplane.api.v1 import workflow_service_pb2_grpc as svc_grpc
 from syncplane.console import ConsoleConfig
+from syncplane.proto.v1 import workflow_pb2 as pb
+from syncplane.proto.v1 import workflow_service_pb2 as svc
+from syncplane.proto.v1 import workflow_service_pb2_grpc as svc_grpc
 from syncplane.runtime.kubernetes import KubernetesServerConfig, serve_kubernetes
 from tests.factories import spec
 

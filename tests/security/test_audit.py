@@ -17,11 +17,11 @@ import pytest
 
 from syncplane.api.callers import VERBS
 from syncplane.api.server import ServerSecurity
-from syncplane.api.v1 import workflow_pb2 as pb
-from syncplane.api.v1 import workflow_service_pb2 as svc
-from syncplane.api.v1 import workflow_service_pb2_grpc as svc_grpc
 from syncplane.console import ConsoleConfig
 from syncplane.console.app import create_console, start_console
+from syncplane.proto.v1 import workflow_pb2 as pb
+from syncplane.proto.v1 import workflow_service_pb2 as svc
+from syncplane.proto.v1 import workflow_service_pb2_grpc as svc_grpc
 from syncplane.service import WorkflowService
 from tests.factories import spec
 from tests.integration.conftest import ControlPlane, _serve

@@ -15,14 +15,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from syncplane.api.server import ServerSecurity, create_server
-from syncplane.api.v1 import workflow_pb2 as pb
-from syncplane.api.v1 import workflow_service_pb2 as svc
 from syncplane.errors import InvalidArgument
-from syncplane.model.names import DNS1123_LABEL, parse_name
+from syncplane.proto.v1 import workflow_pb2 as pb
+from syncplane.proto.v1 import workflow_service_pb2 as svc
 from syncplane.service import WorkflowService
 from syncplane.store.sqlite import SqliteStore
 from syncplane.validation import validate_labels
 from syncplane.validation.endpoints import endpoint_problem
+from syncplane.validation.names import DNS1123_LABEL, parse_name
 from syncplane.validation.rules import CAMPAIGN_IDENTIFIER, CRM_IDENTIFIER
 from tests.factories import spec
 from tests.integration.conftest import ControlPlane, _serve

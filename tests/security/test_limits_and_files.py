@@ -114,7 +114,7 @@ def _exposed(root: Path) -> list[str]:
 
 async def test_the_embedded_data_directory_is_private(up: ServerProcess) -> None:
     channel, stub = up.stub()
-    from syncplane.api.v1 import workflow_service_pb2 as svc
+    from syncplane.proto.v1 import workflow_service_pb2 as svc
     async with channel:
         await stub.StartWorkflow(svc.StartWorkflowRequest(name="workflows/contacts-ingress"))
         # a worker has run: its log, spec file and state database exist

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.connectors.base import ConnectorError
 from syncplane.connectors.campaign import CampaignSource
 from syncplane.connectors.dynamics import DynamicsSource
 from syncplane.connectors.http import Credentials, OAuth2ClientCredentials, audience_allows
+from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.runtime.supervisor import SupervisorConfig
 from syncplane.sandbox import SeedSpec, start_sandbox
 from tests.integration.conftest import ControlPlane, _serve, watch_until

@@ -11,7 +11,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.console import present
 from syncplane.console.app import ENUMS, template_env
 from syncplane.console.errors import error_body
@@ -20,6 +19,7 @@ from syncplane.console.spec_form import spec_from_form, spec_view
 from syncplane.errors import Aborted, FailedPrecondition, FieldViolation, InvalidArgument, NotFound
 from syncplane.lifecycle.drift import drift_diff
 from syncplane.lifecycle.transitions import START_FROM, STOP_FROM, effective_phase
+from syncplane.proto.v1 import workflow_pb2 as pb
 from tests.factories import spec, workflow
 
 

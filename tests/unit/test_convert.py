@@ -1,8 +1,8 @@
 import pytest
 
-from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.errors import InvalidArgument
 from syncplane.model.convert import from_resource, spec_from_dict, spec_to_dict, to_resource
+from syncplane.proto.v1 import workflow_pb2 as pb
 from tests.factories import workflow
 
 

@@ -9,11 +9,11 @@ from datetime import UTC, datetime
 
 import pytest
 
-from syncplane.api.v1 import workflow_pb2 as pb
-from syncplane.api.v1 import workflow_service_pb2 as svc
 from syncplane.errors import FailedPrecondition, InvalidArgument, NotFound
 from syncplane.lifecycle import Observed, reconcile
 from syncplane.lifecycle.reports import totals
+from syncplane.proto.v1 import workflow_pb2 as pb
+from syncplane.proto.v1 import workflow_service_pb2 as svc
 from syncplane.service.dead_letters import (
     MAX_KEYS,
     DeadLetterService,

@@ -1,7 +1,7 @@
 from datetime import UTC, datetime
 
-from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.lifecycle import Observed, changed_fields, reconcile, spec_hash
+from syncplane.proto.v1 import workflow_pb2 as pb
 from tests.factories import spec, workflow
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.model.kube import proto_path, resource_path, status_patch, workflow_from_body
+from syncplane.proto.v1 import workflow_pb2 as pb
 
 PATHS = [
     ("spec.batch_size", "spec.batchSize"),

@@ -3,9 +3,9 @@ and never part of the operator's status writes (pure conversions)."""
 
 from __future__ import annotations
 
-from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.contract.names import LAST_VERIFY_ANNOTATION
 from syncplane.model.kube import last_verify_annotation, status_patch, workflow_from_body
+from syncplane.proto.v1 import workflow_pb2 as pb
 
 
 def result() -> pb.VerifyResult:

@@ -6,7 +6,6 @@ from datetime import UTC, datetime
 
 import pytest
 
-from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.errors import Aborted, FailedPrecondition
 from syncplane.lifecycle import (
     Observed,
@@ -19,6 +18,7 @@ from syncplane.lifecycle import (
     request_start,
     request_stop,
 )
+from syncplane.proto.v1 import workflow_pb2 as pb
 from tests.factories import workflow
 
 NOW = datetime(2026, 11, 28, tzinfo=UTC)

@@ -8,7 +8,6 @@ from datetime import UTC, datetime
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.errors import FailedPrecondition
 from syncplane.lifecycle import (
     Observed,
@@ -18,6 +17,7 @@ from syncplane.lifecycle import (
     request_start,
     request_stop,
 )
+from syncplane.proto.v1 import workflow_pb2 as pb
 from tests.factories import workflow
 
 NOW = datetime(2026, 11, 28, tzinfo=UTC)

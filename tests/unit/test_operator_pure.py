@@ -7,11 +7,11 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.contract.report import WorkerReport
 from syncplane.lifecycle import spec_hash
 from syncplane.model.convert import to_resource
 from syncplane.model.kube import status_patch, workflow_from_body
+from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.worker.heartbeat import lease_body
 from syncplane_operator.builders import build_spec_configmap, build_worker_deployment
 from syncplane_operator.observe import observe

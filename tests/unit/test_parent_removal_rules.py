@@ -4,8 +4,8 @@ expects absent because their parent is not at the destination (verify/compare.py
 
 from __future__ import annotations
 
-from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.connectors.base import Record
+from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.verify.compare import Row, waiting_for_parent
 from syncplane.worker.children import child_links, linked_to
 

@@ -12,11 +12,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.connectors.http import LinkHealth
 from syncplane.contract.report import RATE_WINDOW, Throughput, WorkerReport
 from syncplane.lifecycle import Observed, Policy, Trouble, WorkerFailure, reconcile, restartable
 from syncplane.lifecycle.reports import totals, troubles
+from syncplane.proto.v1 import workflow_pb2 as pb
 from tests.factories import workflow
 
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)

@@ -14,9 +14,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.ingress.compare import matches, parse_spec_value
 from syncplane.ingress.conversion import NotConvertible, SourceType
+from syncplane.proto.v1 import workflow_pb2 as pb
 
 EQ, NE, GT, LT = (pb.FILTER_OPERATOR_EQUALS, pb.FILTER_OPERATOR_NOT_EQUALS, pb.FILTER_OPERATOR_GREATER_THAN,
                   pb.FILTER_OPERATOR_LESS_THAN)

@@ -2,10 +2,10 @@ from __future__ import annotations
 
 import pytest
 
-from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.errors import InvalidArgument
-from syncplane.model.names import parse_name
+from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.validation import validate_labels, validate_spec
+from syncplane.validation.names import parse_name
 from tests.factories import PLAIN_QUERY_NAMES, SECRET_QUERY_NAMES, spec, with_query
 
 

@@ -1,1 +1,2 @@
-"""The gRPC surface: generated stubs (v1/), the servicer, interceptors and server factory."""
+"""The gRPC surface: the servicer, its interceptor and the server factory (the stubs they serve are
+generated into :mod:`syncplane.proto`)."""

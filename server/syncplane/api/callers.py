@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from syncplane import errors
-from syncplane.model.names import WORKFLOW_PREFIX
+from syncplane.validation.names import WORKFLOW_PREFIX
 
 audit_log = logging.getLogger("syncplane.audit")
 

@@ -15,8 +15,8 @@ from opentelemetry.trace import TracerProvider
 from syncplane.api.callers import Callers, SharedToken
 from syncplane.api.interceptors import ServerInterceptor
 from syncplane.api.servicer import WorkflowServicer
-from syncplane.api.v1 import workflow_service_pb2 as svc
-from syncplane.api.v1 import workflow_service_pb2_grpc as svc_grpc
+from syncplane.proto.v1 import workflow_service_pb2 as svc
+from syncplane.proto.v1 import workflow_service_pb2_grpc as svc_grpc
 from syncplane.service import WorkflowService
 from syncplane.service.dead_letters import DeadLetterService
 from syncplane.service.verify import VerifyService

@@ -27,8 +27,6 @@ from aiohttp import web
 from google.protobuf import field_mask_pb2
 
 from syncplane.api.server import BindError, ServerSecurity, check_bind
-from syncplane.api.v1 import workflow_pb2 as pb
-from syncplane.api.v1 import workflow_service_pb2 as svc
 from syncplane.console import present, spec_form
 from syncplane.console.auth import RESULT, SESSION_COOKIE, ConsoleAuth, Handler, refuse, wants_html
 from syncplane.console.errors import error_body
@@ -36,9 +34,11 @@ from syncplane.console.history import Sample, SampleRing
 from syncplane.errors import FieldViolation, InvalidArgument, OutOfRange, SyncplaneError
 from syncplane.lifecycle.drift import drift_diff
 from syncplane.model.convert import from_resource, spec_from_dict, spec_to_dict
-from syncplane.model.names import workflow_name
+from syncplane.proto.v1 import workflow_pb2 as pb
+from syncplane.proto.v1 import workflow_service_pb2 as svc
 from syncplane.service import WorkflowService
 from syncplane.service.dead_letters import DeadLetterService
+from syncplane.validation.names import workflow_name
 
 log = logging.getLogger(__name__)
 HERE = Path(__file__).resolve().parent

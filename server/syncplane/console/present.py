@@ -12,10 +12,10 @@ from typing import Any
 
 from google.protobuf import timestamp_pb2
 
-from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.lifecycle import effective_phase
 from syncplane.lifecycle.transitions import START_FROM, STOP_FROM
-from syncplane.model.convert import enum_short_name, phase_name
+from syncplane.proto.enums import enum_short_name, phase_name
+from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.validation.rules import MAX_REPLAY_ROWS
 
 PHASES = ("STOPPED", "STARTING", "RUNNING", "STOPPING", "ERROR")

@@ -13,8 +13,9 @@ from typing import Any
 
 from google.protobuf.descriptor import FieldDescriptor
 
-from syncplane.api.v1 import workflow_pb2 as pb
-from syncplane.model.convert import enum_short_name, message_from_dict, message_to_field_dict
+from syncplane.model.convert import message_from_dict, message_to_field_dict
+from syncplane.proto.enums import enum_short_name
+from syncplane.proto.v1 import workflow_pb2 as pb
 
 _PART = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
 CHECKBOX_OFF = "false"

@@ -10,9 +10,9 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.connectors.base import Record
 from syncplane.ingress.transform import Action, Transformed
+from syncplane.proto.v1 import workflow_pb2 as pb
 
 ACTIVITY_SET = "new_emailevents"
 ACTIVITY_KEY = "new_eventid"

@@ -30,7 +30,6 @@ from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any
 
-from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.ingress.conversion import (
     CHOICE_TYPES,
     GUID_TYPES,
@@ -41,6 +40,7 @@ from syncplane.ingress.conversion import (
     SourceType,
     parse_decimal,
 )
+from syncplane.proto.v1 import workflow_pb2 as pb
 
 ORDERED = (pb.FILTER_OPERATOR_GREATER_THAN, pb.FILTER_OPERATOR_LESS_THAN)
 _TRUE, _FALSE = {"true", "1", "yes"}, {"false", "0", "no"}

@@ -20,7 +20,6 @@ from datetime import date, datetime
 from enum import Enum
 from typing import Any
 
-from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.connectors.base import Record
 from syncplane.connectors.schema import Schema
 from syncplane.ingress.compare import SpecValue, matches, parse_spec_value
@@ -36,6 +35,7 @@ from syncplane.ingress.conversion import (
     replacement_value,
     source_type,
 )
+from syncplane.proto.v1 import workflow_pb2 as pb
 
 FORMATTED_VALUE = "OData.Community.Display.V1.FormattedValue"
 LOOKUP_LOGICAL_NAME = "Microsoft.Dynamics.CRM.lookuplogicalname"

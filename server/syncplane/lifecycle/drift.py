@@ -13,7 +13,7 @@ from typing import Any
 
 from google.protobuf import json_format
 
-from syncplane.api.v1 import workflow_pb2 as pb
+from syncplane.proto.v1 import workflow_pb2 as pb
 
 LIFECYCLE_FIELDS = ("desired_state", "restart_nonce", "trace_parent")
 

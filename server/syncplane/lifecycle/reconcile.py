@@ -25,9 +25,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.lifecycle.drift import changed_fields, spec_hash
 from syncplane.lifecycle.transitions import current_phase, restart_pending
+from syncplane.proto.v1 import workflow_pb2 as pb
 
 RUNNING = pb.DESIRED_STATE_RUNNING
 

@@ -16,8 +16,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.lifecycle.reconcile import Trouble
+from syncplane.proto.v1 import workflow_pb2 as pb
 
 #: The counters a worker reports, summed as they are (all but records_per_second).
 COUNTER_NAMES = ("read", "written", "failed", "dead_lettered", "filtered", "held", "deleted", "resent")

@@ -8,9 +8,9 @@ phase the workflow is already heading into.
 
 from __future__ import annotations
 
-from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.errors import Aborted, FailedPrecondition
-from syncplane.model.convert import phase_name
+from syncplane.proto.enums import phase_name
+from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.validation.rules import MAX_REPLAY_ROWS
 
 RUNNING, STOPPED = pb.DESIRED_STATE_RUNNING, pb.DESIRED_STATE_STOPPED

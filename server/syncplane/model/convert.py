@@ -11,11 +11,12 @@ from __future__ import annotations
 from typing import Any
 
 from google.protobuf import json_format
-from google.protobuf.descriptor import EnumDescriptor, FieldDescriptor
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
-from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.errors import FieldViolation, InvalidArgument
+from syncplane.proto.enums import enum_prefix
+from syncplane.proto.v1 import workflow_pb2 as pb
 
 API_VERSION = "syncplane.io/v1"
 KIND = "Workflow"
@@ -24,22 +25,6 @@ _INT64 = {FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT64, FieldDescript
 # Well-known types whose proto JSON is already their resource form (a Struct is the user's own keys).
 _WKT = {"google.protobuf.Timestamp", "google.protobuf.Duration", "google.protobuf.FieldMask",
         "google.protobuf.Struct", "google.protobuf.Value", "google.protobuf.ListValue"}
-
-
-def enum_prefix(enum: EnumDescriptor) -> str:
-    zero = enum.values_by_number[0].name
-    return zero[: -len("UNSPECIFIED")] if zero.endswith("UNSPECIFIED") else ""
-
-
-def enum_short_name(enum: EnumDescriptor, number: int) -> str:
-    value = enum.values_by_number.get(number)
-    if value is None:
-        return str(number)
-    return value.name[len(enum_prefix(enum)):]
-
-
-def phase_name(phase: int) -> str:
-    return enum_short_name(pb.Phase.DESCRIPTOR, phase)
 
 
 def _walk(value: Any, desc: Any, to_short: bool, path: str) -> Any:

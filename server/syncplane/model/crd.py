@@ -12,9 +12,9 @@ from typing import Any
 
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
-from syncplane.api.v1 import workflow_pb2 as pb
-from syncplane.api.v1.comments import COMMENTS
-from syncplane.model.convert import enum_prefix
+from syncplane.proto.enums import enum_prefix
+from syncplane.proto.v1 import workflow_pb2 as pb
+from syncplane.proto.v1.comments import COMMENTS
 from syncplane.validation import rules
 
 GROUP, VERSION, KIND, PLURAL, SINGULAR = "syncplane.io", "v1", "Workflow", "workflows", "workflow"

@@ -10,10 +10,10 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.contract.names import LAST_VERIFY_ANNOTATION
 from syncplane.errors import SyncplaneError
 from syncplane.model.convert import message_from_dict, message_to_dict
+from syncplane.proto.v1 import workflow_pb2 as pb
 
 
 def etag_of(meta: Mapping[str, Any]) -> str:

@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.connectors.base import Record, Rejected
 from syncplane.connectors.campaign import CampaignSource
 from syncplane.connectors.dynamics import MAX_PAGE_SIZE, DynamicsSource
@@ -48,6 +47,7 @@ from syncplane.optinout.rules import (
     repair_plan,
 )
 from syncplane.optinout.writers import CampaignOptOutWriter, CampaignWrite, DynamicsOptOutWriter, Outcome
+from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.validation.spec import max_concurrency
 from syncplane.worker.checkpoints import (
     AsyncCheckpointStore,

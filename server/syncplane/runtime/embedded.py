@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING
 import yaml
 
 from syncplane.api.server import ServerSecurity, check_bind, create_server, serve_until_signalled
-from syncplane.api.v1 import workflow_service_pb2 as svc
 from syncplane.console import ConsoleConfig, announce_console, serve_console
 from syncplane.errors import AlreadyExists
 from syncplane.model.convert import from_resource
 from syncplane.private_files import PRIVATE_UMASK, make_private_dir
+from syncplane.proto.v1 import workflow_service_pb2 as svc
 from syncplane.runtime.supervisor import Supervisor, SupervisorConfig
 from syncplane.service import WorkflowService
 from syncplane.service.dead_letters import DeadLetterService, SqliteDeadLetters

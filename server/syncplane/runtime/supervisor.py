@@ -22,12 +22,12 @@ from pathlib import Path
 
 import httpx
 
-from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.contract.names import EXIT_FATAL
 from syncplane.contract.report import WorkerReport
 from syncplane.lifecycle import DEFAULT_POLICY, Observed, Policy, WorkerFailure, reconcile
 from syncplane.lifecycle.reports import totals
 from syncplane.model.convert import spec_to_dict
+from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.runtime.processes import WorkerProcess, adopt_all, prune_spec_files, read_port, spawn
 from syncplane.runtime.processes import spec_file as spec_path
 from syncplane.store.base import WorkflowStore

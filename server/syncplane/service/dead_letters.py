@@ -19,11 +19,11 @@ from typing import Any, Protocol, TypeVar, overload
 
 from google.protobuf import struct_pb2, timestamp_pb2
 
-from syncplane.api.v1 import workflow_service_pb2 as svc
 from syncplane.errors import FailedPrecondition, FieldViolation, InvalidArgument
-from syncplane.model.convert import phase_name
-from syncplane.model.names import parse_name, workflow_name
+from syncplane.proto.enums import phase_name
+from syncplane.proto.v1 import workflow_service_pb2 as svc
 from syncplane.store.base import WorkflowStore
+from syncplane.validation.names import parse_name, workflow_name
 from syncplane.worker.checkpoints import DeadLetter, SqliteWorkerState
 
 DEFAULT_PAGE_SIZE = 50

@@ -15,16 +15,16 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol, TypeVar
 
-from syncplane.api.v1 import workflow_pb2 as pb
-from syncplane.api.v1 import workflow_service_pb2 as svc
 from syncplane.connectors.base import ConnectorError, Record
 from syncplane.connectors.http import RetryableError
 from syncplane.errors import FailedPrecondition, FieldViolation, InvalidArgument, Unavailable
 from syncplane.lifecycle import effective_phase
-from syncplane.model.convert import phase_name
-from syncplane.model.names import parse_name, workflow_name
+from syncplane.proto.enums import phase_name
+from syncplane.proto.v1 import workflow_pb2 as pb
+from syncplane.proto.v1 import workflow_service_pb2 as svc
 from syncplane.service.dead_letters import on_worker_state, validated
 from syncplane.store.base import WorkflowStore
+from syncplane.validation.names import parse_name, workflow_name
 from syncplane.verify.compare import Difference
 from syncplane.verify.run import Report, WorkerState, verify
 from syncplane.worker.checkpoints import SqliteWorkerState

@@ -13,8 +13,6 @@ from contextlib import aclosing
 
 from google.protobuf import field_mask_pb2
 
-from syncplane.api.v1 import workflow_pb2 as pb
-from syncplane.api.v1 import workflow_service_pb2 as svc
 from syncplane.errors import FailedPrecondition, FieldViolation, InvalidArgument
 from syncplane.lifecycle import (
     check_preconditions,
@@ -24,11 +22,13 @@ from syncplane.lifecycle import (
     request_start,
     request_stop,
 )
-from syncplane.model.convert import phase_name
-from syncplane.model.names import parse_name, workflow_name
+from syncplane.proto.enums import phase_name
+from syncplane.proto.v1 import workflow_pb2 as pb
+from syncplane.proto.v1 import workflow_service_pb2 as svc
 from syncplane.store.base import CHANGE_DELETED, Change, WorkflowStore
 from syncplane.telemetry import current_trace_parent
 from syncplane.validation import apply_defaults, validate_labels, validate_spec
+from syncplane.validation.names import parse_name, workflow_name
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000

@@ -18,11 +18,11 @@ import json
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
-from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.contract.names import LAST_VERIFY_ANNOTATION, REQUEST_ID_ANNOTATION, SPEC_KEY, spec_configmap_name
 from syncplane.errors import AlreadyExists, FieldViolation, InvalidArgument, NotFound, OutOfRange, SyncplaneError
 from syncplane.model.convert import spec_from_dict, to_resource
 from syncplane.model.kube import last_verify_annotation, proto_path, workflow_from_body
+from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.store.base import CHANGE_ADDED, CHANGE_DELETED, CHANGE_MODIFIED, Change, Mutation
 
 GROUP, VERSION, PLURAL = "syncplane.io", "v1", "workflows"

@@ -15,8 +15,8 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.errors import AlreadyExists, NotFound, OutOfRange, Unavailable
+from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.store.base import CHANGE_ADDED, CHANGE_DELETED, CHANGE_MODIFIED, Change, Mutation
 
 SCHEMA = """

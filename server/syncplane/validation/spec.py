@@ -7,12 +7,12 @@ from collections import Counter
 from collections.abc import Iterable
 from urllib.parse import urlparse
 
-from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.errors import FieldViolation, InvalidArgument
-from syncplane.model.convert import enum_short_name
-from syncplane.model.names import is_dns1123_label
+from syncplane.proto.enums import enum_short_name
+from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.validation import rules
 from syncplane.validation.endpoints import endpoint_problem
+from syncplane.validation.names import is_dns1123_label
 
 D365 = pb.CONNECTOR_KIND_DYNAMICS365
 ACS = pb.CONNECTOR_KIND_CAMPAIGN_STANDARD

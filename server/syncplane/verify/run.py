@@ -28,7 +28,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.connectors.base import Record
 from syncplane.connectors.campaign import MAX_LINE_COUNT, CampaignSink, CampaignSource, owned_by
 from syncplane.connectors.dynamics import MAX_PAGE_SIZE, DynamicsSource, decode_cursor
@@ -47,6 +46,7 @@ from syncplane.optinout.sync import (
     REPAIR_STREAM,
     direction_of,
 )
+from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.verify.compare import Difference, Row, compare, in_flight, instant, lookup_binds, waiting_for_parent
 from syncplane.worker.credentials import ConnectionSecret
 from syncplane.worker.engine import _KeyedSource, ingress_streams

@@ -24,9 +24,9 @@ import logging
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
-from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.connectors.base import Record, Sink, Source
 from syncplane.ingress.transform import Action, EntityTransform
+from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.worker.held import AsyncHeldStore
 from syncplane.worker.pipeline import kept_payload
 

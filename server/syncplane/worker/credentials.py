@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.connectors.http import CAMPAIGN_API_HOST, Credentials, audience_allows, origin_of
 from syncplane.private_files import ExposedFileError, check_private, make_private_dir
+from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.validation.endpoints import endpoint_problem
 
 REQUIRED_KEYS = ("clientId", "clientSecret", "tokenUrl")

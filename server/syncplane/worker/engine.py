@@ -40,7 +40,6 @@ from typing import Any, Protocol
 from opentelemetry import trace
 from opentelemetry.trace import Link, NonRecordingSpan
 
-from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.connectors.base import ConnectorError, Page
 from syncplane.connectors.campaign import CampaignSink, CampaignSource
 from syncplane.connectors.dynamics import MAX_PAGE_SIZE, DynamicsSink, DynamicsSource
@@ -50,6 +49,7 @@ from syncplane.contract.report import WorkerReport
 from syncplane.egress import transform as egress
 from syncplane.ingress.deletes import DeleteReconciler
 from syncplane.ingress.transform import EntityTransform, MappingNotSupported
+from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.telemetry import span_context_of
 from syncplane.validation.spec import max_concurrency
 from syncplane.worker.checkpoints import (

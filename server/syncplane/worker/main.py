@@ -22,10 +22,10 @@ from typing import Any
 from aiohttp import web
 
 from syncplane import metrics, telemetry
-from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.contract.names import EXIT_FATAL
 from syncplane.contract.report import WorkerReport
 from syncplane.model.convert import spec_from_dict
+from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.worker.checkpoints import SqliteWorkerState
 from syncplane.worker.credentials import (
     ConnectionSecret,

@@ -14,10 +14,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from syncplane.api.v1 import workflow_pb2 as pb
 from syncplane.connectors.schema import Schema
 from syncplane.ingress.conversion import CONVERSION_NOT_SUPPORTED
 from syncplane.ingress.transform import mapping_problems
+from syncplane.proto.v1 import workflow_pb2 as pb
 
 FIELD_NOT_FOUND = "FIELD_NOT_FOUND"
 CHANGE_TRACKING_DISABLED = "CHANGE_TRACKING_DISABLED"

@@ -5,8 +5,8 @@ isort:skip_file
 
 from collections import abc as _abc
 from grpc import aio as _aio
-from syncplane.api.v1 import workflow_pb2 as _workflow_pb2
-from syncplane.api.v1 import workflow_service_pb2 as _workflow_service_pb2
+from syncplane.proto.v1 import workflow_pb2 as _workflow_pb2
+from syncplane.proto.v1 import workflow_service_pb2 as _workflow_service_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys

@@ -3,8 +3,8 @@
 import grpc
 import warnings
 
-from syncplane.api.v1 import workflow_pb2 as syncplane_dot_v1_dot_workflow__pb2
-from syncplane.api.v1 import workflow_service_pb2 as syncplane_dot_v1_dot_workflow__service__pb2
+from syncplane.proto.v1 import workflow_pb2 as syncplane_dot_v1_dot_workflow__pb2
+from syncplane.proto.v1 import workflow_service_pb2 as syncplane_dot_v1_dot_workflow__service__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
