@@ -6,7 +6,8 @@ with ``http.request.method``, ``server.address``, ``server.port``, ``http.respon
 The Prometheus exposition turns dots into underscores and adds the unit and ``_total`` suffixes
 (``syncplane.records.read`` → ``syncplane_records_read_total``).
 
-Labels: ``workflow`` and ``worker`` (its index) on a worker's series; ``vendor`` (``dynamics365``,
+Labels: ``workflow`` and ``worker`` (its index) on a worker's series, ``link`` (``source``,
+``destination``) on its concurrency; ``vendor`` (``dynamics365``,
 ``campaign``, ``entra_id``, ``adobe_ims``, ``other``) on vendor requests. Never a URL's query, a
 key value or a secret: the endpoint is a template (``/api/data/v9.2/contacts({key})``).
 
@@ -17,7 +18,7 @@ instruments record once per request (a batch of up to 1,000 records), never per 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from contextvars import ContextVar
 from typing import TYPE_CHECKING
 
@@ -119,5 +120,21 @@ def observe_worker(report: WorkerReport) -> None:
                                                                   "after a full read.")
     _meter.create_observable_counter("syncplane.values.truncated", [value(lambda: report.truncated)],
                                      unit="{value}", description="Values cut to the destination's field length.")
+    def concurrency(field: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        def observe(_: CallbackOptions) -> Iterable[Observation]:
+            # A link is a connectors.http.LinkHealth in the worker, or its fields as a dict.
+            for link, health in list(report.links.items()):
+                fields = health if isinstance(health, Mapping) else vars(health)
+                if int(fields.get("max_concurrency") or 0) > 0:
+                    yield Observation(int(fields.get(field) or 0), {**labels(), "link": link})
+        return observe
+
+    _meter.create_observable_gauge(
+        "syncplane.concurrency.limit", [concurrency("concurrency")], unit="{request}",
+        description="Requests in flight allowed now on a link (source, destination): the adaptive (AIMD) "
+                    "limit, at most syncplane.concurrency.max.")
+    _meter.create_observable_gauge(
+        "syncplane.concurrency.max", [concurrency("max_concurrency")], unit="{request}",
+        description="The most requests in flight on a link: the spec's maxConcurrency (or its default).")
     _meter.create_observable_counter("syncplane.resyncs", [value(lambda: report.resyncs)], unit="{resync}",
                                      description="Full reads forced by an expired delta token.")

@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from syncplane.runtime.processes import read_port
 from syncplane.sandbox import SeedSpec, start_sandbox
+from syncplane.validation.spec import max_concurrency
 from tests.backends import eventually
 from tests.integration.conftest import ControlPlane, _serve
 from tests.integration.ingress_env import converge, ingress_spec, prepare, profiles_match
@@ -69,6 +70,7 @@ async def test_worker_metrics_parse_and_follow_the_conventions(plane: ControlPla
                   "syncplane_records_filtered": "counter", "syncplane_records_dead_lettered": "counter",
                   "syncplane_backlog": "gauge", "syncplane_throughput_per_second": "gauge",
                   "syncplane_http_client_retries": "counter", "syncplane_http_client_throttled": "counter",
+                  "syncplane_concurrency_limit": "gauge", "syncplane_concurrency_max": "gauge",
                   "http_client_request_duration_seconds": "histogram"}
         for name, kind in wanted.items():
             assert name in fams, f"{name} missing from {sorted(fams)}"
@@ -79,6 +81,17 @@ async def test_worker_metrics_parse_and_follow_the_conventions(plane: ControlPla
         assert [s.labels for s in read] == [{"workflow": "metered", "worker": "0"}]
         assert read[0].value >= 300
         assert value(fams, "syncplane_backlog") == 0
+
+        # Concurrency per link: the AIMD limit now (the 429s above cut the destination's), never above the
+        # maximum, which is the spec's (its default here).
+        limits = {s.labels["link"]: s.value for s in fams["syncplane_concurrency_limit"].samples}
+        maxima = {s.labels["link"]: s.value for s in fams["syncplane_concurrency_max"].samples}
+        spec = ingress_spec(sb, batch_size=100)
+        assert maxima == {"source": max_concurrency(spec.source), "destination": max_concurrency(spec.destination)}
+        for link, limit in limits.items():
+            assert 1 <= limit <= maxima[link], (link, limit, maxima)
+        assert set(limits) == set(maxima)
+        assert {s.labels["workflow"] for s in fams["syncplane_concurrency_limit"].samples} == {"metered"}
 
         # Vendor requests: semantic-convention attributes, by vendor and endpoint template.
         http_samples = [s for s in fams["http_client_request_duration_seconds"].samples if s.name.endswith("_count")]
