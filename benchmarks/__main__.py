@@ -65,8 +65,10 @@ def _get(result: Any, path: str) -> Any:
 
 #: benchmark → (figure, path to it, baseline, path to it, unit, better), paths into its result.
 SUMMARY: dict[str, list[tuple[str, str, str, str, str, str]]] = {
-    "api": [(f"{m} rps", f"{m}/syncplane/rps", "bare grpc.aio servicer", f"{m}/bare/rps", "req/s", "higher")
-            for m in ("GetWorkflow", "ListWorkflows(100)")],
+    "api": [row for m in ("GetWorkflow", "ListWorkflows(100)") for row in (
+        (f"{m} rps", f"{m}/syncplane/rps", "bare grpc.aio servicer", f"{m}/bare/rps", "req/s", "higher"),
+        (f"{m} CPU per call", f"{m}/syncplane/cpu_us_per_call", "bare grpc.aio servicer",
+         f"{m}/bare/cpu_us_per_call", "us", "lower"))],
     "start_to_running": [("start to RUNNING", "syncplane/median_s", "bare process spawn", "bare_spawn/median_s",
                           "s", "lower")],
     "ingress": [("worker records/s, 0 ms", "worker_200k/steady_records_per_s", "bare writer, same concurrency",

@@ -17,6 +17,7 @@ import grpc
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
+from opentelemetry import context as context_api
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, StatusCode
 
@@ -93,13 +94,33 @@ async def _abort(context: grpc.aio.ServicerContext, exc: BaseException, method: 
 Handler = Callable[[Any, grpc.aio.ServicerContext], Any]
 
 
+class _Method:
+    """What an RPC's checks need of its method, worked out once per method: its name, whether it is
+    public, whether its request names a workflow, and its span and metric attributes."""
+
+    def __init__(self, method: str) -> None:
+        self.method = method
+        self.name = method.rsplit("/", 1)[-1]
+        self.public = method.startswith(PUBLIC_PREFIXES)
+        self.names_workflow = self.name in VERBS
+        self.attrs = _attrs(method)
+        self._metric_attrs: dict[int, dict[str, Any]] = {}
+
+    def metric_attrs(self, code: int) -> dict[str, Any]:
+        attrs = self._metric_attrs.get(code)
+        if attrs is None:
+            attrs = self._metric_attrs[code] = {**self.attrs, "rpc.grpc.status_code": code}
+        return attrs
+
+
 class _Call:
     """One RPC's :class:`~syncplane.api.callers.Call` (public methods: none), its token from the metadata."""
 
-    def __init__(self, callers: Callers, method: str, request: Any) -> None:
-        name = method.rsplit("/", 1)[-1]
-        public = method.startswith(PUBLIC_PREFIXES)
-        self.call = None if public else Call(callers, name, workflow_of(request) if name in VERBS else None)
+    __slots__ = ("call",)
+
+    def __init__(self, callers: Callers, method: _Method, request: Any) -> None:
+        self.call = None if method.public else Call(
+            callers, method.name, workflow_of(request) if method.names_workflow else None)
 
     async def check(self, context: grpc.aio.ServicerContext) -> None:
         if self.call is not None:
@@ -116,15 +137,18 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def __init__(self, callers: Callers | None = None, tracer_provider: trace.TracerProvider | None = None) -> None:
         self._callers = callers or SharedToken(None)
         self._tracer = trace.get_tracer("syncplane.api", tracer_provider=tracer_provider)
+        # The wrapped handler per method, with the handler it wraps: grpc hands the same registered
+        # handler for a method on every call, so the wrapping is done once, not per call.
+        self._wrapped: dict[str, tuple[Any, Any]] = {}
 
-    def _span(self, method: str) -> Any:
+    def _start_span(self, method: _Method) -> trace.Span:
         # Status is set from the domain error; the abort that follows must not overwrite it.
-        return self._tracer.start_as_current_span(method, kind=SpanKind.SERVER, attributes=_attrs(method),
-                                                  record_exception=False, set_status_on_exception=False)
+        return self._tracer.start_span(method.method, kind=SpanKind.SERVER, attributes=method.attrs,
+                                       record_exception=False, set_status_on_exception=False)
 
     @staticmethod
     def _current(span: trace.Span) -> Any:
-        # Like _span: the status comes from the domain error, not from the exception passing by.
+        # Like _start_span: the status comes from the domain error, not from the exception passing by.
         return trace.use_span(span, record_exception=False, set_status_on_exception=False)
 
     async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]],
@@ -133,44 +157,54 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if handler is None:
             return None
         method = details.method
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped_handler = handler
         for shape, streaming, factory in _SHAPES:
             behavior = getattr(handler, shape)
             if behavior is not None:
-                wrapped = (self._streaming if streaming else self._unary)(method, behavior)
-                return factory(wrapped, request_deserializer=handler.request_deserializer,
-                               response_serializer=handler.response_serializer)
-        return handler
+                wrapped = (self._streaming if streaming else self._unary)(_Method(method), behavior)
+                wrapped_handler = factory(wrapped, request_deserializer=handler.request_deserializer,
+                                          response_serializer=handler.response_serializer)
+                break
+        self._wrapped[method] = (handler, wrapped_handler)
+        return wrapped_handler
 
-    def _unary(self, method: str, behavior: Handler) -> Handler:
+    def _unary(self, method: _Method, behavior: Handler) -> Handler:
         """A single response: the behaviour is a coroutine function (or a plain function)."""
 
         async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
             rpc = _Call(self._callers, method, request)
             started = time.perf_counter()
             code = code_pb2.OK
-            with self._span(method) as span:
-                try:
-                    await rpc.check(context)
-                    result = behavior(request, context)
-                    response = (await result) if inspect.isawaitable(result) else result
-                except grpc.aio.AbortError:
-                    code = code_pb2.UNKNOWN  # the behaviour aborted with its own status
-                    raise
-                except Exception as exc:
-                    code = to_status(exc).code
-                    rpc.done(exc)
-                    _record(span, exc)
-                    await _abort(context, exc, method)
-                else:
-                    rpc.done()
-                    return response
-                finally:
-                    metrics.rpc_server_duration.record(time.perf_counter() - started,
-                                                       {**_attrs(method), "rpc.grpc.status_code": code})
+            # The span by hand rather than start_as_current_span (the same steps, without its
+            # context-manager layers on every call). Its status comes from the domain error.
+            span = self._start_span(method)
+            token = context_api.attach(trace.set_span_in_context(span))
+            try:
+                await rpc.check(context)
+                result = behavior(request, context)
+                response = (await result) if inspect.isawaitable(result) else result
+            except grpc.aio.AbortError:
+                code = code_pb2.UNKNOWN  # the behaviour aborted with its own status
+                raise
+            except Exception as exc:
+                code = to_status(exc).code
+                rpc.done(exc)
+                _record(span, exc)
+                await _abort(context, exc, method.method)
+            else:
+                rpc.done()
+                return response
+            finally:
+                context_api.detach(token)
+                span.end()
+                metrics.rpc_server_duration.record(time.perf_counter() - started, method.metric_attrs(code))
 
         return call
 
-    def _streaming(self, method: str, behavior: Handler) -> Handler:
+    def _streaming(self, method: _Method, behavior: Handler) -> Handler:
         """A response stream. The behaviour may be an async generator (ours, reflection) or a
         coroutine writing with `context.write` (grpc's health Watch), or a plain generator.
 
@@ -180,8 +214,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         "Failed to detach context")."""
 
         async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            span = self._tracer.start_span(method, kind=SpanKind.SERVER, attributes=_attrs(method),
-                                           record_exception=False, set_status_on_exception=False)
+            span = self._start_span(method)
             try:
                 with self._current(span):
                     await _Call(self._callers, method, request).check(context)
@@ -204,7 +237,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 raise
             except Exception as exc:
                 _record(span, exc)
-                await _abort(context, exc, method)
+                await _abort(context, exc, method.method)
             finally:
                 span.end()
 

@@ -32,6 +32,8 @@ from syncplane.validation.names import parse_name, workflow_name
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
+#: Distinct ListWorkflows queries whose last page is kept (the oldest goes first).
+PAGE_CACHE = 64
 # Update may touch these; the lifecycle fields go through Start/Stop/Restart.
 LIFECYCLE_PATHS = {"spec.desired_state", "spec.restart_nonce", "spec.trace_parent"}
 IMMUTABLE_PATHS = {"name", "uid", "etag", "generation", "create_time", "update_time", "status", "spec.type"}
@@ -56,6 +58,12 @@ class WorkflowService:
         self.store = store
         self._on_change = on_change or (lambda: None)
         self.settle_timeout = settle_timeout
+        # The last page answered per query, with the stored messages it was built from. A store
+        # returns the same (shared, never mutated) message for a workflow until it changes, so
+        # the same rows give the same page: copying up to MAX_PAGE_SIZE workflows into a response
+        # was most of a ListWorkflows call. Holding the rows keeps their identities from being reused.
+        self._pages: dict[tuple[tuple[int, ...], tuple[int, ...], str, int],
+                          tuple[list[pb.Workflow], svc.ListWorkflowsResponse]] = {}
 
     async def _settled(self, wf: pb.Workflow) -> pb.Workflow:
         """``wf`` (just written) once the controller has observed its generation."""
@@ -101,16 +109,24 @@ class WorkflowService:
         return await self.store.get(workflow_name(parse_name(name)))
 
     async def list(self, req: svc.ListWorkflowsRequest) -> svc.ListWorkflowsResponse:
-        """One page (AIP-158) by name, filtered by type and phase; `InvalidArgument` for a bad size or token."""
+        """One page (AIP-158) by name, filtered by type and phase; `InvalidArgument` for a bad size or token.
+        The response may be shared with other callers: do not mutate it."""
         if req.page_size < 0:
             raise InvalidArgument([FieldViolation("page_size", "must not be negative")])
         size = min(req.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         after = _decode_token(req.page_token, req) if req.page_token else ""
-        rows = await self.store.list(types=list(req.types), phases=list(req.phases), after=after,
-                                     limit=size + 1)
+        types, phases = list(req.types), list(req.phases)
+        rows = await self.store.list(types=types, phases=phases, after=after, limit=size + 1)
+        key = (tuple(types), tuple(phases), after, size)
+        hit = self._pages.get(key)
+        if hit is not None and len(hit[0]) == len(rows) and all(a is b for a, b in zip(hit[0], rows, strict=True)):
+            return hit[1]
         resp = svc.ListWorkflowsResponse(workflows=rows[:size])
         if len(rows) > size:
             resp.next_page_token = _encode_token(rows[size - 1].name, req)
+        if len(self._pages) >= PAGE_CACHE:
+            self._pages.pop(next(iter(self._pages)))
+        self._pages[key] = (rows, resp)
         return resp
 
     async def update(self, req: svc.UpdateWorkflowRequest) -> pb.Workflow:

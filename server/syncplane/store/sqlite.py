@@ -45,6 +45,8 @@ RETAINED_CHANGES = 10_000
 #: Changes a watcher may have pending: a watcher further behind is dropped with the revision to
 #: resume from (it re-watches from there and loses nothing), instead of growing memory.
 WATCH_QUEUE = 1_000
+#: Distinct list queries whose results are kept between writes (the oldest goes first).
+LIST_CACHE = 64
 
 
 class _Watcher:
@@ -76,12 +78,19 @@ class SqliteStore:
         # the only writer, so the cache is written through and never stale.
         # Returned messages are shared: callers copy before mutating.
         self._cache: dict[str, tuple[int, pb.Workflow]] = {}
+        # List results by query, dropped on every write (a write that rolls back drops them too,
+        # which only costs a re-read): a repeated list of unchanged workflows neither queries
+        # SQLite nor looks up each row. The rows are the shared parsed messages of ``_cache``.
+        self._lists: dict[tuple[tuple[int, ...], tuple[int, ...], str, int], list[pb.Workflow]] = {}
 
     def close(self) -> None:
         self._db.close()
 
     # -- helpers -----------------------------------------------------------
     def _load(self, name: str) -> pb.Workflow:
+        hit = self._cache.get(name)
+        if hit is not None:  # written through: every write and delete of ``name`` drops it first
+            return hit[1]
         row = self._db.execute("SELECT mod_revision FROM workflows WHERE name = ?", (name,)).fetchone()
         if row is None:
             raise NotFound(f"workflow {name} not found", {"name": name})
@@ -123,6 +132,7 @@ class SqliteStore:
         self._db.execute("INSERT INTO changes (revision, name, type, body) VALUES (?, ?, ?, ?)",
                          (rev, wf.name, change, body))
         self._cache.pop(wf.name, None)
+        self._lists.clear()
         if rev % 1000 == 0:
             self._db.execute("DELETE FROM changes WHERE revision <= ?", (rev - RETAINED_CHANGES,))
         return Change(rev, change, wf)
@@ -166,6 +176,10 @@ class SqliteStore:
 
     async def list(self, *, types: Sequence[int] = (), phases: Sequence[int] = (), after: str = "",
                    limit: int = 50) -> list[pb.Workflow]:
+        key = (tuple(types), tuple(phases), after, limit)
+        hit = self._lists.get(key)
+        if hit is not None:
+            return list(hit)
         sql, args = "SELECT name, mod_revision FROM workflows WHERE name > ?", list[str | int]([after])
         if types:
             sql += f" AND type IN ({','.join('?' * len(types))})"
@@ -175,7 +189,11 @@ class SqliteStore:
             args.extend(phases)
         sql += " ORDER BY name LIMIT ?"
         args.append(limit)
-        return [self._parsed(name, rev) for name, rev in self._db.execute(sql, args).fetchall()]
+        rows = [self._parsed(name, rev) for name, rev in self._db.execute(sql, args).fetchall()]
+        if len(self._lists) >= LIST_CACHE:
+            self._lists.pop(next(iter(self._lists)))
+        self._lists[key] = rows
+        return list(rows)
 
     async def update(self, name: str, mutate: Mutation) -> pb.Workflow:
         with self._db:
@@ -200,6 +218,7 @@ class SqliteStore:
             rev = self._bump()
             self._db.execute("DELETE FROM workflows WHERE name = ?", (name,))
             self._cache.pop(name, None)
+            self._lists.clear()
             self._db.execute("INSERT INTO changes (revision, name, type, body) VALUES (?, ?, ?, ?)",
                              (rev, name, CHANGE_DELETED, wf.SerializeToString()))
         self._publish(Change(rev, CHANGE_DELETED, wf))
