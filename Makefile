@@ -7,6 +7,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 # Reinstall when the dependency list or the lock changes.
 VENV_STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements.lock | sha1sum | cut -c1-12)
+# The benchmarks' own dependencies (dlt, the read path's baseline), never the runtime's or the image's.
+BENCH_STAMP := $(VENV)/.bench-$(shell cat requirements-bench.lock | sha1sum | cut -c1-12)
 # Debian packages the tests use: openssl makes TLS test certificates and the
 # test cluster's PKI; git and ca-certificates fetch Go modules for the cluster build; buildah builds and runs
 # the container image without a daemon, on a Debian base that debootstrap makes.
@@ -58,11 +60,14 @@ $(VENV_STAMP): pyproject.toml requirements.lock
 
 venv: $(VENV_STAMP)
 
-# Re-resolve requirements.lock (the runtime dependencies of pyproject.toml, pinned, with every file's hash).
+# Re-resolve requirements.lock (the runtime dependencies of pyproject.toml, pinned, with every file's hash)
+# and requirements-bench.lock (`make bench`'s own, constrained to the runtime's pins).
 lock:
 	$(PYTHON) -m venv build/lock-venv && build/lock-venv/bin/pip install -q pip-tools
 	build/lock-venv/bin/pip-compile -q --generate-hashes --allow-unsafe --strip-extras --no-emit-index-url \
 	  --no-emit-find-links -o requirements.lock pyproject.toml
+	build/lock-venv/bin/pip-compile -q --generate-hashes --allow-unsafe --strip-extras --no-emit-index-url \
+	  --no-emit-find-links -o requirements-bench.lock requirements-bench.in
 
 setup: apt venv
 
@@ -123,7 +128,11 @@ check-leftovers: venv
 
 test: setup k8s-binaries lint chart test-unit test-integration test-security test-e2e test-image test-k8s check-leftovers
 
-bench: venv
+$(BENCH_STAMP): requirements-bench.lock $(VENV_STAMP)
+	$(BIN)/pip install -q --require-hashes -r requirements-bench.lock
+	rm -f $(VENV)/.bench-* && touch $@
+
+bench: venv $(BENCH_STAMP)
 	$(BIN)/python -m benchmarks
 
 # The API fuzzer (tests/fuzz_api.py), long: `make test` runs a bounded number of its examples.

@@ -24,13 +24,14 @@ from benchmarks import (
     bench_ingress,
     bench_operator,
     bench_optinout,
+    bench_read,
     bench_start,
     bench_verify,
 )
 
 BENCHMARKS: dict[str, Callable[[], Awaitable[Any]]] = {
     "api": bench_api.run, "start_to_running": bench_start.run, "ingress": bench_ingress.run,
-    "ingress_latency": bench_ingress.run_latency,
+    "ingress_latency": bench_ingress.run_latency, "read": bench_read.run,
     "egress": bench_egress.run, "opt_in_out": bench_optinout.run, "verify": bench_verify.run,
     "console": bench_console.run,
     "operator": lambda: asyncio.to_thread(bench_operator.run),
@@ -77,6 +78,10 @@ SUMMARY: dict[str, list[tuple[str, str, str, str, str, str]]] = {
                  "bare_writer/cpu_ms_per_request", "ms", "lower"),
                 ("worker peak RSS at 200k", "worker_200k/worker_peak_rss_mib", "at 50k",
                  "worker_50k/worker_peak_rss_mib", "MiB", "lower")],
+    "read": [("read records/s (200k contacts)", "syncplane/records_per_s", "dlt REST client",
+              "dlt/records_per_s", "rec/s", "higher"),
+             ("read CPU per 1,000 records", "syncplane/cpu_ms_per_1000", "dlt REST client", "dlt/cpu_ms_per_1000",
+              "ms", "lower")],
     "egress": [("egress events/s", "worker/events_per_s", "naive", "naive/events_per_s", "ev/s", "higher")],
     "opt_in_out": [("opt-in/out changes/s", "sync/changes_per_s", "naive", "naive/changes_per_s", "ch/s", "higher")],
     "verify": [("verify records/s", "no_latency/verify/records_per_s", "raw paged read",
