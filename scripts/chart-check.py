@@ -97,6 +97,7 @@ VERBS: dict[str, list[Verb]] = {
                 r"create_namespaced_role_binding", "that account bound to the workers' Role"),
         *_verbs("rbac.authorization.k8s.io", "roles", "bind", "operator/syncplane_operator/builders.py",
                 r'"roleRef"', "binding the workers' Role (by name) without holding its verbs"),
+        *_verbs("batch", "jobs", "create", RECONCILER, r"create_namespaced_job", "a verify Job per request"),
     ],
     "operator-leader-election": [
         *_verbs("coordination.k8s.io", "leases", "get", LEADER, r"read_namespaced_lease", "who leads"),
@@ -117,6 +118,9 @@ VERBS: dict[str, list[Verb]] = {
         *_verbs("", "configmaps", "list", RECORDS, r"list_namespaced_config_map", "ListDeadLetters"),
         *_verbs("", "configmaps", "patch", RECORDS, r"patch_namespaced_config_map",
                 "RetryDeadLetters (the retry label)"),
+        *_verbs("", "configmaps", "watch", "server/syncplane/verify/kube.py",
+                r"w\.stream\(self\.core\.list_namespaced_config_map",
+                "VerifyWorkflow waits for its Job's result in `<workflow>-verify`"),
     ],
     "worker": [
         *_verbs("coordination.k8s.io", "leases", "patch", HEARTBEAT, r"patch_namespaced_lease", "heartbeat"),

@@ -9,6 +9,7 @@ from typing import Any
 
 from syncplane.contract import names as L
 from syncplane.contract.names import checkpoint_configmap_name, checkpoint_labels
+from syncplane.verify.kube import JOB_TTL, MAX_WAIT, VerifyRequest, job_name
 
 
 @dataclass(frozen=True)
@@ -68,29 +69,23 @@ def secret_volume_name(index: int) -> str:
     return f"secret-{index}"
 
 
-def build_worker_deployment(workflow: str, namespace: str, spec_hash: str, generation: int, replicas: int,
-                            image: WorkerImage | None = None, uid: str = "",
-                            secrets: Sequence[str] = ()) -> dict[str, Any]:
-    """The worker Deployment of an applied spec. ``secrets``: the Secret names the spec references,
-    each mounted read-only (0440, group = the pod's fsGroup) at ``SECRETS_MOUNT/<name>``; optional, so
-    a missing Secret is the worker's BAD_CREDENTIALS report, not a pod stuck in ContainerCreating."""
-    image = image or WorkerImage()
-    selector = {L.WORKFLOW_LABEL: workflow, **L.COMPONENT_WORKER}
-    pod_labels = L.worker_labels(workflow)
+def build_worker_pod_spec(workflow: str, spec_configmap: str, args: list[str], image: WorkerImage,
+                          secrets: Sequence[str] = (), serves_health: bool = True) -> dict[str, Any]:
+    """The pod spec of the workflow's worker identity: its ServiceAccount, the spec ConfigMap at
+    /etc/syncplane, ``secrets`` each mounted read-only (0440, group = the pod's fsGroup) at
+    ``SECRETS_MOUNT/<name>`` (optional, so a missing Secret is reported by the program, not a pod stuck
+    in ContainerCreating), a private /tmp; ``args`` the container's. With ``serves_health``, the
+    health port and its probes (the workers'; a verify Job's container serves none)."""
     probe = {"httpGet": {"path": "/healthz", "port": "health"}, "periodSeconds": 10, "timeoutSeconds": 2}
-    container = {
+    container: dict[str, Any] = {
         "name": "worker",
         "image": image.image,
         "imagePullPolicy": image.pull_policy,
-        "args": ["worker", "--workflow", workflow, "--generation", str(generation),
-                 "--spec-file", f"{L.SPEC_MOUNT}/{L.SPEC_KEY}", "--heartbeat", "kubernetes",
-                 "--namespace", namespace, "--listen", f"0.0.0.0:{L.HEALTH_PORT}",
-                 "--secrets-dir", L.SECRETS_MOUNT,
-                 *(["--workflow-uid", uid] if uid else [])],
+        "args": args,
         "env": [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
-        "ports": [{"name": "health", "containerPort": L.HEALTH_PORT}],
-        "readinessProbe": probe,
-        "livenessProbe": {**probe, "failureThreshold": 6},
+        **({"ports": [{"name": "health", "containerPort": L.HEALTH_PORT}],
+            "readinessProbe": probe,
+            "livenessProbe": {**probe, "failureThreshold": 6}} if serves_health else {}),
         "resources": {"requests": {"cpu": image.cpu_request, "memory": image.memory_request},
                       "limits": {"cpu": image.cpu_limit, "memory": image.memory_limit}},
         "securityContext": {"runAsNonRoot": True, "readOnlyRootFilesystem": True,
@@ -100,6 +95,34 @@ def build_worker_deployment(workflow: str, namespace: str, spec_hash: str, gener
                          *({"name": secret_volume_name(i), "mountPath": f"{L.SECRETS_MOUNT}/{s}", "readOnly": True}
                            for i, s in enumerate(secrets))],
     }
+    return {
+        "serviceAccountName": L.worker_service_account_name(workflow),
+        "automountServiceAccountToken": True,
+        "terminationGracePeriodSeconds": 60,
+        "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001,
+                            "fsGroup": 10001, "seccompProfile": {"type": "RuntimeDefault"}},
+        "containers": [container],
+        "volumes": [{"name": "spec", "configMap": {"name": spec_configmap}},
+                    {"name": "tmp", "emptyDir": {}},
+                    *({"name": secret_volume_name(i),
+                       "secret": {"secretName": s, "optional": True, "defaultMode": 0o440}}
+                      for i, s in enumerate(secrets))],
+    }
+
+
+def build_worker_deployment(workflow: str, namespace: str, spec_hash: str, generation: int, replicas: int,
+                            image: WorkerImage | None = None, uid: str = "",
+                            secrets: Sequence[str] = ()) -> dict[str, Any]:
+    """The worker Deployment of an applied spec. ``secrets``: the Secret names the spec references,
+    each mounted as `build_worker_pod_spec` says."""
+    image = image or WorkerImage()
+    selector = {L.WORKFLOW_LABEL: workflow, **L.COMPONENT_WORKER}
+    pod_labels = L.worker_labels(workflow)
+    args = ["worker", "--workflow", workflow, "--generation", str(generation),
+            "--spec-file", f"{L.SPEC_MOUNT}/{L.SPEC_KEY}", "--heartbeat", "kubernetes",
+            "--namespace", namespace, "--listen", f"0.0.0.0:{L.HEALTH_PORT}",
+            "--secrets-dir", L.SECRETS_MOUNT,
+            *(["--workflow-uid", uid] if uid else [])]
     return {
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": {"name": L.worker_deployment_name(workflow), "namespace": namespace, "labels": pod_labels,
@@ -113,19 +136,37 @@ def build_worker_deployment(workflow: str, namespace: str, spec_hash: str, gener
                 "metadata": {"labels": pod_labels,
                              "annotations": {L.SPEC_HASH_ANNOTATION: spec_hash,
                                              L.GENERATION_ANNOTATION: str(generation)}},
-                "spec": {
-                    "serviceAccountName": L.worker_service_account_name(workflow),
-                    "automountServiceAccountToken": True,
-                    "terminationGracePeriodSeconds": 60,
-                    "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001,
-                                        "fsGroup": 10001, "seccompProfile": {"type": "RuntimeDefault"}},
-                    "containers": [container],
-                    "volumes": [{"name": "spec", "configMap": {"name": L.spec_configmap_name(workflow, spec_hash)}},
-                                {"name": "tmp", "emptyDir": {}},
-                                *({"name": secret_volume_name(i),
-                                   "secret": {"secretName": s, "optional": True, "defaultMode": 0o440}}
-                                  for i, s in enumerate(secrets))],
-                },
+                "spec": build_worker_pod_spec(workflow, L.spec_configmap_name(workflow, spec_hash), args, image,
+                                              secrets),
             },
+        },
+    }
+
+
+def build_verify_job(workflow: str, namespace: str, request: VerifyRequest, spec_hash: str, running: bool,
+                     image: WorkerImage | None = None, uid: str = "", secrets: Sequence[str] = ()) -> dict[str, Any]:
+    """The one-off Job of a ``syncplane verify`` on Kubernetes (syncplane.verify.kube): the worker pod
+    spec (the workflow's own ServiceAccount, its Secrets mounted, the snapshot ``spec_hash``) running
+    ``syncplane verify-job``; not retried (a second run would find what the first wrote), ended after
+    ``activeDeadlineSeconds`` (the server stops waiting earlier), deleted ``ttlSecondsAfterFinished``
+    after it ends. The caller makes the Workflow its owner."""
+    image = image or WorkerImage()
+    labels = {**L.MANAGED_BY, **L.COMPONENT_VERIFY, L.WORKFLOW_LABEL: workflow}
+    args = ["verify-job", "--workflow", workflow, "--namespace", namespace,
+            "--spec-file", f"{L.SPEC_MOUNT}/{L.SPEC_KEY}", "--secrets-dir", L.SECRETS_MOUNT,
+            "--request", request.annotation(), *(["--running"] if running else []),
+            *(["--workflow-uid", uid] if uid else [])]
+    pod = build_worker_pod_spec(workflow, L.spec_configmap_name(workflow, spec_hash), args, image, secrets,
+                                serves_health=False)
+    pod["restartPolicy"] = "Never"
+    return {
+        "apiVersion": "batch/v1", "kind": "Job",
+        "metadata": {"name": job_name(workflow, request.id), "namespace": namespace, "labels": labels,
+                     "annotations": {L.VERIFY_REQUEST_ID_ANNOTATION: request.id}},
+        "spec": {
+            "backoffLimit": 0,
+            "activeDeadlineSeconds": int(MAX_WAIT),
+            "ttlSecondsAfterFinished": JOB_TTL,
+            "template": {"metadata": {"labels": labels}, "spec": pod},
         },
     }

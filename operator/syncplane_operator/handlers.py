@@ -31,6 +31,8 @@ from syncplane_operator.wakers import Wakers, at_rest, next_wake
 
 GROUP, VERSION, PLURAL = "syncplane.io", "v1", "workflows"
 WORKERS = {L.WORKFLOW_LABEL: kopf.PRESENT}
+# worker pods only: a verify Job's pod carries the workflow label too, but is no worker
+WORKER_PODS: dict[str, Any] = {L.WORKFLOW_LABEL: kopf.PRESENT, L.COMPONENT_LABEL: L.COMPONENT_WORKER[L.COMPONENT_LABEL]}
 DEFAULT_RESYNC = 60.0
 
 
@@ -72,7 +74,8 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
 
     api_client = await kube_api_client()
     memo.api = Clients(core=client.CoreV1Api(api_client), apps=client.AppsV1Api(api_client),
-                       rbac=client.RbacAuthorizationV1Api(api_client), custom=client.CustomObjectsApi(api_client))
+                       rbac=client.RbacAuthorizationV1Api(api_client), custom=client.CustomObjectsApi(api_client),
+                       batch=client.BatchV1Api(api_client))
     memo.api_client = api_client
     memo.policy = policy_from_environment()
     memo.wakers = Wakers()
@@ -125,7 +128,7 @@ def worker_deployments(namespace: str | None, labels: Any, body: kopf.Body, **_:
     return {_key(namespace, labels): dict(body)}
 
 
-@kopf.index("", "v1", "pods", labels=WORKERS)
+@kopf.index("", "v1", "pods", labels=WORKER_PODS)
 def worker_pods(namespace: str | None, labels: Any, body: kopf.Body, **_: Any) -> Any:
     return {_key(namespace, labels): dict(body)}
 
@@ -141,7 +144,7 @@ def workflow_changed(memo: Any, namespace: str | None, name: str, **_: Any) -> N
 
 
 @kopf.on.event("apps", "v1", "deployments", labels=WORKERS)
-@kopf.on.event("", "v1", "pods", labels=WORKERS)
+@kopf.on.event("", "v1", "pods", labels=WORKER_PODS)
 @kopf.on.event("coordination.k8s.io", "v1", "leases", labels=WORKERS)
 def worker_changed(memo: Any, namespace: str | None, labels: Any, **_: Any) -> None:
     memo.wakers.wake(_key(namespace, labels))

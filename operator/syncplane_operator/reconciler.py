@@ -19,18 +19,22 @@ from typing import Any
 import kopf
 
 from syncplane.contract import names as L
+from syncplane.contract.names import VERIFY_REQUEST_ANNOTATION
 from syncplane.lifecycle import DEFAULT_POLICY, Policy
 from syncplane.lifecycle import reconcile as decide
-from syncplane.lifecycle.drift import LIFECYCLE_FIELDS
+from syncplane.lifecycle.drift import LIFECYCLE_FIELDS, spec_hash
 from syncplane.model.convert import spec_from_dict, spec_to_dict
 from syncplane.model.kube import status_patch, workflow_from_body
 from syncplane.proto.enums import phase_name
 from syncplane.proto.v1 import workflow_pb2 as pb
+from syncplane.verify.kube import VerifyRequest, parse_outcome, result_configmap_name
+from syncplane.verify.run import workers_running
 from syncplane.worker.credentials import secret_references
 from syncplane_operator.builders import (
     WorkerImage,
     build_checkpoint_configmap,
     build_spec_configmap,
+    build_verify_job,
     build_worker_deployment,
     build_worker_identity,
 )
@@ -64,6 +68,7 @@ class Clients:
     apps: Any
     rbac: Any = None
     custom: Any = None
+    batch: Any = None
     # Snapshot ConfigMaps are immutable: cache them by name.
     snapshots: dict[str, pb.WorkflowSpec] = field(default_factory=dict)
 
@@ -130,6 +135,7 @@ async def reconcile(body: kopf.Body, logger: Any, api: Clients, image: WorkerIma
         applied = outcome.apply
     await converge(api, body, deployment, outcome.target_workers, status, image,
                    list(secret_references(applied)) if applied is not None else [])
+    await ensure_verify_job(api, body, wf, applied, image)
     changes = status_patch(body.get("status") or {}, status)
     return Reconciled(changes, transition(body, wf.status.phase, status))
 
@@ -216,6 +222,39 @@ async def converge(api: Clients, owner: kopf.Body, deployment: Mapping[str, Any]
             or current_account != L.worker_service_account_name(str(name))):
         await ensure_worker_identity(api, owner, image.worker_role)
         await api.apps.replace_namespaced_deployment(L.worker_deployment_name(str(name)), namespace, want)
+
+
+async def ensure_verify_job(api: Clients, owner: kopf.Body, wf: pb.Workflow, applied: pb.WorkflowSpec | None,
+                            image: WorkerImage) -> None:
+    """The Job of the verify the server asked for (annotation ``verify.syncplane.io/request``), unless it
+    exists (409) or its outcome is already written (``<workflow>-verify``: a Job removed after its TTL is
+    not run again). It compares the spec the workers run while they run, else the current spec (its
+    snapshot ConfigMap made here, as a start would), as the workflow's own identity."""
+    from kubernetes_asyncio.client.exceptions import ApiException
+
+    request = VerifyRequest.parse((owner.metadata.annotations or {}).get(VERIFY_REQUEST_ANNOTATION))
+    if request is None:
+        return
+    name, namespace = str(owner.metadata.name), str(owner.metadata.namespace)
+    try:
+        done = await api.core.read_namespaced_config_map(result_configmap_name(name), namespace)
+        if parse_outcome(done.data, request.id) is not None:
+            return
+    except ApiException as exc:
+        if exc.status != 404:
+            raise
+    running = workers_running(wf) and applied is not None
+    spec = applied if running and applied is not None else wf.spec
+    hash_ = wf.status.applied_spec_hash if running else spec_hash(spec)
+    if not running:
+        cm = build_spec_configmap(name, namespace, applied_view_resource(spec), hash_, wf.generation)
+        kopf.adopt(cm, owner=owner)
+        await _create(api.core.create_namespaced_config_map, namespace, cm)
+    await ensure_worker_identity(api, owner, image.worker_role)
+    job = build_verify_job(name, namespace, request, hash_, running, image, uid=str(owner.metadata.uid or ""),
+                           secrets=list(secret_references(spec)))
+    kopf.adopt(job, owner=owner)
+    await _create(api.batch.create_namespaced_job, namespace, job)
 
 
 async def drain_for_delete(api: Clients, owner: kopf.Body, deployments: Iterable[Mapping[str, Any]],

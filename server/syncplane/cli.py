@@ -327,6 +327,28 @@ def worker(workflow: str, index: int, generation: int, spec_file: Path, state_di
                                drain_timeout=drain_timeout), log_file=log_file))
 
 
+@cli.command("verify-job", hidden=True)
+@click.option("--workflow", required=True)
+@click.option("--namespace", envvar="POD_NAMESPACE", required=True)
+@click.option("--workflow-uid", default="", help="The Workflow's uid, owner of what the Job creates.")
+@click.option("--spec-file", type=click.Path(exists=True, path_type=Path), required=True)
+@click.option("--secrets-dir", type=click.Path(path_type=Path), required=True,
+              help="The referenced Secrets, a directory each (mounted as the workers' are).")
+@click.option("--request", "request_json", required=True, help="The request: JSON {id, samples, repair}.")
+@click.option("--running", is_flag=True, help="The workers run: what they have not written yet is in flight.")
+def verify_job(workflow: str, namespace: str, workflow_uid: str, spec_file: Path, secrets_dir: Path,
+               request_json: str, running: bool) -> None:
+    """Run one `syncplane verify` on Kubernetes (the operator's verify Job) and write its outcome."""
+    from syncplane.verify.kube import VerifyRequest, run_job
+    from syncplane.worker.main import configure_logging
+
+    request = VerifyRequest.parse(request_json)
+    if request is None:
+        raise click.ClickException("--request is not a verify request (JSON {id, samples, repair})")
+    configure_logging(None)
+    sys.exit(asyncio.run(run_job(workflow, namespace, workflow_uid, spec_file, secrets_dir, request, running)))
+
+
 def _documents(path: str) -> list[Any]:
     """Every non-empty YAML document of the file (or stdin), all parsed before any is applied, within
     the bounds of syncplane.model.documents (size, depth, aliases: no alias bomb hangs the CLI).

@@ -24,10 +24,15 @@ and tests/k8s/test_chart.py runs the lifecycle under exactly these grants).
 - apiGroups: ["coordination.k8s.io"]
   resources: ["leases"]
   verbs: ["list", "watch"]
-# applied-spec snapshots: created on start, read back once after a restart
+# applied-spec snapshots: created on start (or for a verify), read back once after a restart; a verify's
+# result read before its Job is created (an answered request runs no second Job)
 - apiGroups: [""]
   resources: ["configmaps"]
   verbs: ["get", "create"]
+# `syncplane verify`: a one-off Job per request, run as the workflow's worker identity
+- apiGroups: ["batch"]
+  resources: ["jobs"]
+  verbs: ["create"]
 # Events on transitions (kopf.info / kopf.warn)
 - apiGroups: [""]
   resources: ["events"]
@@ -62,13 +67,15 @@ and tests/k8s/test_chart.py runs the lifecycle under exactly these grants).
 - apiGroups: ["syncplane.io"]
   resources: ["workflows"]
   verbs: ["get", "list", "watch", "create", "update", "delete"]
-# dead letters (a ConfigMap each): ListDeadLetters lists them, RetryDeadLetters labels them
+# dead letters (a ConfigMap each): ListDeadLetters lists them, RetryDeadLetters labels them;
+# VerifyWorkflow watches `<workflow>-verify` for its Job's result
 - apiGroups: [""]
   resources: ["configmaps"]
-  verbs: ["list", "patch"]
+  verbs: ["list", "watch", "patch"]
 {{- end }}
 
-{{/* The workers: their own heartbeat Lease, their checkpoints, dead letters and held records. No Secrets: the
+{{/* The workers (and their workflow's verify Jobs): their own heartbeat Lease, their checkpoints, dead letters,
+held records, verify's repairs and result. No Secrets: the
 operator mounts the ones a workflow references into its worker pods. Bound by the operator to each Workflow's
 own ServiceAccount; the names are made at run time (a Lease per pod, a ConfigMap per record), which RBAC
 cannot name, so the ValidatingAdmissionPolicy (validatingadmissionpolicy.yaml) narrows every write to the

@@ -64,4 +64,4 @@ class WorkflowServicer(svc_grpc.WorkflowServiceServicer):
         return await self.dead_letters.retry(request)
 
     async def VerifyWorkflow(self, request: svc.VerifyWorkflowRequest, context: Ctx) -> svc.VerifyWorkflowResponse:
-        return await self.verifier.verify(request)
+        return await self.verifier.verify(request, context.time_remaining())

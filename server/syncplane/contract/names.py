@@ -11,7 +11,7 @@ PREFIX = "syncplane.io"
 # -- labels -----------------------------------------------------------------------------------
 #: On every object of a workflow's (worker pods, Leases, ConfigMaps): the workflow's name.
 WORKFLOW_LABEL = f"{PREFIX}/workflow"
-#: On dead-letter and held-record ConfigMaps: ``dead-letter`` or ``held``.
+#: On dead-letter, held-record and repair ConfigMaps: ``dead-letter``, ``held`` or ``repair``.
 RECORD_LABEL = f"{PREFIX}/record"
 #: On a dead-letter ConfigMap marked for a retry: ``"true"``.
 RETRY_LABEL = f"{PREFIX}/retry"
@@ -19,6 +19,8 @@ MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 COMPONENT_LABEL = "app.kubernetes.io/component"
 MANAGED_BY = {MANAGED_BY_LABEL: "syncplane-operator", "app.kubernetes.io/part-of": "syncplane"}
 COMPONENT_WORKER = {COMPONENT_LABEL: "worker"}
+#: A verify Job and its pod (syncplane.verify.kube): the workflow's label, but not a worker.
+COMPONENT_VERIFY = {COMPONENT_LABEL: "verify"}
 
 # -- annotations ------------------------------------------------------------------------------
 SPEC_HASH_ANNOTATION = f"{PREFIX}/spec-hash"
@@ -29,6 +31,10 @@ REPORT_ANNOTATION = f"{PREFIX}/report"
 REQUEST_ID_ANNOTATION = f"{PREFIX}/request-id"
 #: On a Workflow: VerifyWorkflow's last summary, JSON of a VerifyResult (see store.kubernetes).
 LAST_VERIFY_ANNOTATION = f"verify.{PREFIX}/last-result"
+#: On a Workflow: a VerifyWorkflow waiting for its Job, JSON {id, samples, repair} (syncplane.verify.kube).
+VERIFY_REQUEST_ANNOTATION = f"verify.{PREFIX}/request"
+#: On a verify Job: the id of the request it runs.
+VERIFY_REQUEST_ID_ANNOTATION = f"{PREFIX}/verify-request"
 
 # -- ConfigMaps, mounts, ports ----------------------------------------------------------------
 #: The data key of a `<workflow>-spec-<hash>` ConfigMap: the applied spec as JSON.

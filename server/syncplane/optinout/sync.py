@@ -450,7 +450,7 @@ def build_optinout(workflow: str, spec: pb.WorkflowSpec, secrets: dict[str, Conn
                    repairs: AsyncRepairQueue | None = None) -> OptInOutSync:
     """The opt-in/out sync of a workflow (``spec.type`` OPT_IN_OUT). Its cursors and dead letters go
     to ``checkpoints`` and ``letters`` (ConfigMaps on Kubernetes), by default to ``state``; the
-    repairs ``verify`` queued are read from ``repairs`` (embedded: ``state``; none on Kubernetes)."""
+    repairs ``verify`` queued are read from ``repairs`` (embedded: ``state``; ConfigMaps on Kubernetes)."""
     crm_conn = _connection(spec, pb.CONNECTOR_KIND_DYNAMICS365)
     acs_conn = _connection(spec, pb.CONNECTOR_KIND_CAMPAIGN_STANDARD)
     crm_secret, acs_secret = secrets[crm_conn.credentials.name], secrets[acs_conn.credentials.name]

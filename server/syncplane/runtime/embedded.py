@@ -28,7 +28,7 @@ from syncplane.proto.v1 import workflow_service_pb2 as svc
 from syncplane.runtime.supervisor import Supervisor, SupervisorConfig
 from syncplane.service import WorkflowService
 from syncplane.service.dead_letters import DeadLetterService, SqliteDeadLetters
-from syncplane.service.verify import EmbeddedVerifyEnvironment, VerifyService
+from syncplane.service.verify import EmbeddedVerifyEnvironment, LocalVerifyRunner, VerifyService
 from syncplane.startup import startup_line
 from syncplane.store.sqlite import SqliteStore
 from syncplane.telemetry import serve_metrics, setup_metrics, setup_tracing
@@ -82,7 +82,8 @@ def embedded_dead_letters(store: SqliteStore, supervisor: Supervisor) -> DeadLet
 
 def embedded_verifier(store: SqliteStore, supervisor: Supervisor) -> VerifyService:
     """Verify with the local secret files and the local workers' state file."""
-    return VerifyService(store, EmbeddedVerifyEnvironment(supervisor.secrets_dir, supervisor.state_db))
+    return VerifyService(store, LocalVerifyRunner(store, EmbeddedVerifyEnvironment(supervisor.secrets_dir,
+                                                                                  supervisor.state_db)))
 
 
 def write_sandbox_secrets(sandbox: Sandbox, secrets_dir: Path) -> None:

@@ -1,10 +1,15 @@
 """The verify use case: compare a workflow's source and destination (syncplane.verify), keep the
 summary as ``status.last_verify``, and optionally queue the differences for the next pass.
 
-The comparison runs in the API server, with the workflow's own credentials, while the workers
-may be running: it reads only. It compares against the spec the workers run (the applied
-snapshot) when there is one, else the current spec. Embedded, the workers' checkpoints and the
-repair queue are in <data-dir>/worker-state.db (WAL: the workers keep writing meanwhile).
+The comparison reads only, with the workflow's own credentials, while the workers may be
+running. It compares against the spec the workers run (the applied snapshot) when there is one,
+else the current spec.
+
+- Embedded (`LocalVerifyRunner`): it runs in the API server; the workers' checkpoints and the
+  repair queue are in <data-dir>/worker-state.db (WAL: the workers keep writing meanwhile).
+- Kubernetes (`syncplane.verify.kube.KubernetesVerifyRunner`): the API server reads no Secret,
+  so the comparison runs in a one-off Job as the workflow's worker identity (see verify/kube.py);
+  this service waits for its result.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, TypeVar
 
@@ -26,7 +32,7 @@ from syncplane.service.dead_letters import on_worker_state, validated
 from syncplane.store.base import WorkflowStore
 from syncplane.validation.names import parse_name, workflow_name
 from syncplane.verify.compare import Difference
-from syncplane.verify.run import Report, WorkerState, verify
+from syncplane.verify.run import Report, WorkerState, verify, workers_running
 from syncplane.worker.checkpoints import SqliteWorkerState
 from syncplane.worker.credentials import ConnectionSecret, CredentialsError, load_local_secrets
 
@@ -67,12 +73,12 @@ class SqliteWorkerStateAccess:
         return await self._run(lambda s: s.queue_repairs(workflow, stream, records))
 
 
-class EmbeddedVerifyEnvironment:
-    """Embedded: secrets are ``<data-dir>/secrets/<name>.json`` files, state the worker-state file."""
+class SecretFilesEnvironment:
+    """Secrets read from a directory (worker.credentials.load_local_secrets: a ``<name>.json`` file
+    or a mounted Secret's directory per reference), state wherever ``state`` keeps it."""
 
-    def __init__(self, secrets_dir: Path, state_db: Path) -> None:
-        self.secrets_dir = secrets_dir
-        self._state = SqliteWorkerStateAccess(state_db)
+    def __init__(self, secrets_dir: Path, state: WorkerState) -> None:
+        self.secrets_dir, self._state = secrets_dir, state
 
     async def secrets(self, spec: pb.WorkflowSpec) -> dict[str, ConnectionSecret]:
         """The connections' credentials from the secret files; raises CredentialsError naming what is missing."""
@@ -84,6 +90,13 @@ class EmbeddedVerifyEnvironment:
         return self._state
 
 
+class EmbeddedVerifyEnvironment(SecretFilesEnvironment):
+    """Embedded: secrets are ``<data-dir>/secrets/<name>.json`` files, state the worker-state file."""
+
+    def __init__(self, secrets_dir: Path, state_db: Path) -> None:
+        super().__init__(secrets_dir, SqliteWorkerStateAccess(state_db))
+
+
 def sample_size(requested: int) -> int:
     """Keys listed per kind of difference (0: the default); `InvalidArgument` beyond MAX_SAMPLE_SIZE."""
     if not 0 <= requested <= MAX_SAMPLE_SIZE:
@@ -92,51 +105,107 @@ def sample_size(requested: int) -> int:
     return requested or DEFAULT_SAMPLE_SIZE
 
 
+@dataclass(frozen=True)
+class VerifyCall:
+    """One VerifyWorkflow, validated: what a runner needs besides the store."""
+
+    workflow_id: str
+    workflow: pb.Workflow
+    samples: int                 # sample keys per kind and stream
+    repair: bool
+    timeout: float | None        # seconds the caller still waits (its RPC deadline); None: no deadline
+
+    @property
+    def phase(self) -> str:
+        """The workflow's phase as the API spells it (e.g. ``RUNNING``), for error details."""
+        return phase_name(effective_phase(self.workflow))
+
+
+class VerifyRunner(Protocol):
+    """Runs one comparison where the backend can: in this process (embedded) or in a Job (Kubernetes)."""
+
+    async def run(self, call: VerifyCall) -> svc.VerifyWorkflowResponse:
+        """The result and per-stream detail; raises the errors `VerifyService.verify` lists."""
+        ...
+
+
+async def compare(workflow_id: str, spec: pb.WorkflowSpec, environment: VerifyEnvironment, *, phase: str,
+                  running: bool, repair: bool) -> Report:
+    """`syncplane.verify.run.verify` with its failures as the API's errors (one mapping for both
+    backends).
+
+    Raises:
+        FailedPrecondition: no credentials (the CredentialsError's reason, e.g. BAD_CREDENTIALS), or
+            an API refused a read (the ConnectorError's reason).
+        Unavailable: an API stayed unavailable past the connectors' retries.
+    """
+    try:
+        secrets = await environment.secrets(spec)
+        return await verify(workflow_id, spec, secrets, environment.state, running=running, repair=repair)
+    except CredentialsError as exc:
+        raise FailedPrecondition(str(exc), phase, exc.reason) from None
+    except ConnectorError as exc:
+        raise FailedPrecondition(f"reading a side failed: {exc}", phase, exc.reason) from None
+    except RetryableError as exc:
+        raise Unavailable(f"a side stayed unavailable: {exc}") from None
+
+
+def response_of(report: Report, repair: bool, samples: int) -> svc.VerifyWorkflowResponse:
+    """The RPC's answer: the summary (timed now) and each stream with up to ``samples`` keys per kind."""
+    return svc.VerifyWorkflowResponse(result=summary(report, repair),
+                                      streams=[stream_proto(s.stream, s.source, s.destination, s.diff, s.queued,
+                                                            samples) for s in report.streams])
+
+
+class LocalVerifyRunner:
+    """Compares in this process (embedded: the server may read the workflows' secret files)."""
+
+    def __init__(self, workflows: WorkflowStore, environment: VerifyEnvironment) -> None:
+        self.workflows, self.environment = workflows, environment
+
+    async def run(self, call: VerifyCall) -> svc.VerifyWorkflowResponse:
+        """Compare against the spec the workers run (the applied snapshot) or else the current one."""
+        running = workers_running(call.workflow)
+        name = workflow_name(call.workflow_id)
+        applied = await self.workflows.get_applied(name) if running else None
+        spec = applied if applied is not None else call.workflow.spec
+        report = await compare(call.workflow_id, spec, self.environment, phase=call.phase, running=running,
+                               repair=call.repair)
+        return response_of(report, call.repair, call.samples)
+
+
 class VerifyService:
-    """VerifyWorkflow: compares both sides of a workflow through a `VerifyEnvironment`."""
+    """VerifyWorkflow: compares both sides of a workflow through a `VerifyRunner` (here or in a Job)."""
 
-    def __init__(self, workflows: WorkflowStore, environment: VerifyEnvironment | None,
+    def __init__(self, workflows: WorkflowStore, runner: VerifyRunner | None,
                  unavailable: str = "this server's backend cannot reach the workers' state") -> None:
-        self.workflows, self.environment, self.unavailable = workflows, environment, unavailable
+        """``runner``: where comparisons run; None answers every call FAILED_PRECONDITION
+        (VERIFY_UNAVAILABLE) with ``unavailable``."""
+        self.workflows, self.runner, self.unavailable = workflows, runner, unavailable
 
-    async def verify(self, req: svc.VerifyWorkflowRequest) -> svc.VerifyWorkflowResponse:
+    async def verify(self, req: svc.VerifyWorkflowRequest, timeout: float | None = None) -> svc.VerifyWorkflowResponse:
         """Compare, record ``status.last_verify``, answer the per-stream detail.
+
+        Args:
+            timeout: seconds the caller still waits (the RPC's deadline); None: no deadline.
 
         Raises:
             InvalidArgument: a bad name or sample size.
             NotFound: no such workflow.
-            FailedPrecondition: no credentials (BAD_CREDENTIALS), or an API refused a read.
-            Unavailable: an API stayed unavailable past the connectors' retries.
+            FailedPrecondition: no credentials (BAD_CREDENTIALS), an API refused a read, or (on
+                Kubernetes) the verify Job could not run (its reason says why).
+            Unavailable: an API stayed unavailable past the connectors' retries, or (on Kubernetes)
+                no result came before the deadline (VERIFY_TIMEOUT).
         """
         workflow_id, samples = validated(lambda: parse_name(req.name, "name"), lambda: sample_size(req.sample_size))
         name = workflow_name(workflow_id)
         wf = await self.workflows.get(name)
-        phase = phase_name(effective_phase(wf))
-        if self.environment is None:
-            raise FailedPrecondition(f"{self.unavailable} (workflow {name})", phase, "VERIFY_UNAVAILABLE")
-        running = effective_phase(wf) in (pb.PHASE_RUNNING, pb.PHASE_STARTING)
-        applied = await self.workflows.get_applied(name) if running else None
-        spec = applied if applied is not None else wf.spec
-        report = await self._compare(workflow_id, spec, phase, running, req.repair)
-        result = summary(report, req.repair)
-        await self.workflows.set_last_verify(name, result)
-        return svc.VerifyWorkflowResponse(result=result, streams=[stream_proto(s.stream, s.source, s.destination,
-                                                                               s.diff, s.queued, samples)
-                                                                  for s in report.streams])
-
-    async def _compare(self, workflow_id: str, spec: pb.WorkflowSpec, phase: str, running: bool,
-                       repair: bool) -> Report:
-        env = self.environment
-        assert env is not None
-        try:
-            secrets = await env.secrets(spec)
-            return await verify(workflow_id, spec, secrets, env.state, running=running, repair=repair)
-        except CredentialsError as exc:
-            raise FailedPrecondition(str(exc), phase, exc.reason) from None
-        except ConnectorError as exc:
-            raise FailedPrecondition(f"reading a side failed: {exc}", phase, exc.reason) from None
-        except RetryableError as exc:
-            raise Unavailable(f"a side stayed unavailable: {exc}") from None
+        call = VerifyCall(workflow_id, wf, samples, req.repair, timeout)
+        if self.runner is None:
+            raise FailedPrecondition(f"{self.unavailable} (workflow {name})", call.phase, "VERIFY_UNAVAILABLE")
+        response = await self.runner.run(call)
+        await self.workflows.set_last_verify(name, response.result)
+        return response
 
 
 def counts_proto(d: Difference) -> pb.VerifyCounts:

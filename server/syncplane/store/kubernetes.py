@@ -154,12 +154,25 @@ class KubernetesStore:
     async def set_last_verify(self, name: str, result: pb.VerifyResult) -> None:
         """The annotation, by a replace conditional on the resourceVersion read (the ``update``
         verb the server already has for spec edits); re-read and retried on a conflict."""
+        await self.set_annotation(name, LAST_VERIFY_ANNOTATION, last_verify_annotation(result))
+
+    async def set_annotation(self, name: str, key: str, value: str | None, only_if: str | None = None) -> None:
+        """Set (``value``) or remove (None) one of the server's annotations of a Workflow, by a replace
+        conditional on the resourceVersion read, retried on a conflict; with ``only_if``, only while
+        the annotation still holds that value (a removal leaves a newer caller's value alone)."""
         from kubernetes_asyncio.client.exceptions import ApiException
 
         for _ in range(CONFLICT_RETRIES):
             obj = await self._get(name)
             annotations = obj["metadata"].setdefault("annotations", {}) or {}
-            annotations[LAST_VERIFY_ANNOTATION] = last_verify_annotation(result)
+            if only_if is not None and annotations.get(key) != only_if:
+                return
+            if value is None:
+                if key not in annotations:
+                    return
+                del annotations[key]
+            else:
+                annotations[key] = value
             obj["metadata"]["annotations"] = annotations
             try:
                 await self.custom.replace_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL,

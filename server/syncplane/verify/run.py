@@ -57,6 +57,14 @@ MODIFIED_ON = "modifiedon"  # Dataverse's last-modified column; the source's sta
 ACTIVITY_ID = "activityid"  # the primary key every activity table shares
 
 
+def workers_running(wf: pb.Workflow) -> bool:
+    """Whether the workers run now (STARTING or RUNNING): what they have not written yet is in flight,
+    and the spec compared is the one they run (the applied snapshot)."""
+    from syncplane.lifecycle import effective_phase
+
+    return effective_phase(wf) in (pb.PHASE_RUNNING, pb.PHASE_STARTING)
+
+
 class WorkerState(Protocol):
     """What verify reads and writes of the workers' state (their SQLite file, embedded)."""
 

@@ -101,7 +101,8 @@ class AsyncDeadLetterStore(Protocol):
 
 class AsyncRepairQueue(Protocol):
     """Records `syncplane verify --repair` queued for a stream's next pass: source records (as
-    read, before the transform) to send again, or deletes. SqliteWorkerState (embedded)."""
+    read, before the transform) to send again, or deletes. SqliteWorkerState (embedded),
+    kube_records.ConfigMapRecords (Kubernetes)."""
 
     async def aqueue_repairs(self, workflow: str, stream: str, records: Sequence[Record]) -> int: ...
 

@@ -210,8 +210,8 @@ class StreamGuard:
         check(destination, self.destination_fields, self.destination_baseline)
 
 
-class RecordStore(AsyncDeadLetterStore, AsyncHeldStore, Protocol):
-    """Dead letters and held records in one store (kube_records.ConfigMapRecords)."""
+class RecordStore(AsyncDeadLetterStore, AsyncHeldStore, AsyncRepairQueue, Protocol):
+    """Dead letters, held records and verify's repairs in one store (kube_records.ConfigMapRecords)."""
 
 
 @dataclass(frozen=True)
@@ -221,7 +221,7 @@ class Stores:
     checkpoints: AsyncCheckpointStore
     letters: AsyncDeadLetterStore
     held: AsyncHeldStore
-    repairs: AsyncRepairQueue | None = None   # verify --repair (embedded)
+    repairs: AsyncRepairQueue | None = None   # verify --repair
 
 
 class _PipelineRunner:
@@ -415,12 +415,12 @@ class Engine:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Sync until ``stop``; raises :class:`FatalError` when retrying cannot help."""
-        # Embedded, everything in the worker's SQLite file; on Kubernetes cursors, dead letters and
-        # held records in ConfigMaps (main.py makes those stores).
+        # Embedded, everything in the worker's SQLite file; on Kubernetes cursors, dead letters,
+        # held records and repairs in ConfigMaps (main.py makes those stores).
         checkpoints = self.checkpoints or self.state
         local_held: HeldRecords | None = None
         if self.records is not None:
-            stores = Stores(checkpoints, letters=self.records, held=self.records)
+            stores = Stores(checkpoints, letters=self.records, held=self.records, repairs=self.records)
         else:
             local_held = HeldRecords(self.state_db or Path(":memory:"))
             stores = Stores(checkpoints, letters=self.state, held=local_held, repairs=self.state)

@@ -1,18 +1,20 @@
-"""Dead letters and held records on Kubernetes: one ConfigMap per record, so they outlive the pod.
+"""Dead letters, held records and repairs on Kubernetes: one ConfigMap per record, so they outlive the pod.
 
 A worker pod's own volume dies with it; a held record (an event whose contact is not in the CRM
 yet) or a dead letter kept there would be lost once the checkpoint has moved past it. Here each
 lives in a ConfigMap of the workflow's namespace:
 
-- named `<workflow>-dl-<hash>` (a dead letter) or `<workflow>-held-<hash>`, the hash being the
+- named `<workflow>-dl-<hash>` (a dead letter), `<workflow>-held-<hash>` or `<workflow>-repair-<hash>`
+  (a record `syncplane verify --repair` queued for the stream's next pass), the hash being the
   first 16 hex digits of SHA-256 over `stream NUL key`;
 - labelled with the workflow and the kind, plus `syncplane.io/retry: "true"` once
   RetryDeadLetters marked it (the worker re-sends those, then removes the label or the record);
 - owned by the Workflow (its uid comes from the operator), so deleting the Workflow deletes them;
 - holding the record as JSON in `data["record.json"]`, secrets redacted as in the embedded store.
 
-`ConfigMapRecords` is the worker's `AsyncDeadLetterStore` and `AsyncHeldStore`, and the API
-server's `DeadLetterStore` on the Kubernetes backend (`list_letters`, `mark`).
+`ConfigMapRecords` is the worker's `AsyncDeadLetterStore`, `AsyncHeldStore` and `AsyncRepairQueue`
+(the verify Job queues, the workers send and remove), and the API server's `DeadLetterStore` on the
+Kubernetes backend (`list_letters`, `mark`).
 """
 
 from __future__ import annotations
@@ -23,14 +25,15 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from syncplane.connectors.base import Record
 from syncplane.contract.names import RECORD_LABEL, RETRY_LABEL, WORKFLOW_LABEL
 from syncplane.worker.checkpoints import DeadLetter, redact
 from syncplane.worker.held import Held
 from syncplane.worker.kube_checkpoints import MERGE_PATCH, ConfigMapStore, workflow_owner
 
-DEAD_LETTER, HELD = "dead-letter", "held"
+DEAD_LETTER, HELD, REPAIR = "dead-letter", "held", "repair"
 DATA_KEY = "record.json"
-_PREFIX = {DEAD_LETTER: "dl", HELD: "held"}
+_PREFIX = {DEAD_LETTER: "dl", HELD: "held", REPAIR: "repair"}
 
 
 def record_name(workflow: str, kind: str, stream: str, key: str) -> str:
@@ -222,6 +225,29 @@ class ConfigMapRecords(ConfigMapStore):
     async def aall(self, workflow: str, stream: str) -> list[Held]:
         rows = await self._list(workflow, HELD)
         return sorted((held_of(doc) for _, doc, _ in rows if doc.get("stream") == stream), key=lambda h: h.key)
+
+    # -- AsyncRepairQueue (the verify Job queues, the worker sends) -------------------------------
+    async def aqueue_repairs(self, workflow: str, stream: str, records: Sequence[Record]) -> int:
+        """Queue records for the stream's next pass (a newer queueing of a key replaces the older);
+        the payload is the source record as read (no secret: source values only). Returns how many."""
+        now = time.time()
+        for r in records:
+            name = record_name(workflow, REPAIR, stream, r.key)
+            doc = {"stream": stream, "key": r.key, "payload": {} if r.deleted else r.values,
+                   "deleted": r.deleted, "queued": now}
+            await self._write(workflow, REPAIR, name, json.loads(json.dumps(doc, default=str)), existed=False)
+        return len(records)
+
+    async def arepairs(self, workflow: str, stream: str) -> list[Record]:
+        """The stream's queued repairs, oldest queueing first (then by key)."""
+        rows = [doc for _, doc, _ in await self._list(workflow, REPAIR) if doc.get("stream") == stream]
+        rows.sort(key=lambda d: (float(d.get("queued") or 0), str(d["key"])))
+        return [Record(str(d["key"]), {} if d.get("deleted") else dict(d.get("payload") or {}),
+                       deleted=bool(d.get("deleted"))) for d in rows]
+
+    async def arepaired(self, workflow: str, stream: str, keys: Iterable[str]) -> None:
+        for key in keys:
+            await self._delete(record_name(workflow, REPAIR, stream, key))
 
     # -- the API server's side (DeadLetterStore) -------------------------------------------------
     async def list_letters(self, workflow: str) -> list[DeadLetter]:
