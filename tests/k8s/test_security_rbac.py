@@ -28,7 +28,8 @@ from syncplane.contract.names import (
     checkpoint_labels,
     worker_service_account_name,
 )
-from syncplane.worker.kube_records import DEAD_LETTER, HELD, record_name
+from syncplane.verify.kube import result_configmap_name, result_labels
+from syncplane.worker.kube_records import DEAD_LETTER, HELD, REPAIR, record_name
 from syncplane_operator.builders import build_worker_identity
 from tests.k8s.test_chart import chart_release, token_kubeconfig  # noqa: F401  (the fixture: the chart installed)
 
@@ -51,6 +52,7 @@ TABLE: list[tuple[str, str, str, str, bool]] = [
     ("worker", "get", "workflows.syncplane.io", "", False),
     ("worker", "create", "deployments.apps", "", False),
     ("worker", "create", "pods", "", False),
+    ("worker", "create", "jobs.batch", "", False),
     # the API server
     ("server", "get", "secrets", "{tls}", False),
     ("server", "get", "secrets", "unrelated", False),
@@ -60,6 +62,8 @@ TABLE: list[tuple[str, str, str, str, bool]] = [
     ("server", "delete", "configmaps", "other-checkpoints", False),
     ("server", "patch", "workflows.syncplane.io/status", "", False),  # the operator owns status
     ("server", "create", "deployments.apps", "", False),
+    ("server", "watch", "configmaps", "", True),                      # VerifyWorkflow waits for its result
+    ("server", "create", "jobs.batch", "", False),                    # the operator runs verify Jobs
     # the operator
     ("operator", "get", "secrets", "{tls}", False),
     ("operator", "get", "secrets", "unrelated", False),
@@ -70,6 +74,8 @@ TABLE: list[tuple[str, str, str, str, bool]] = [
     ("operator", "delete", "configmaps", "other-checkpoints", False),
     ("operator", "patch", "workflows.syncplane.io/status", "", True),
     ("operator", "create", "deployments.apps", "", True),
+    ("operator", "create", "jobs.batch", "", True),                    # a verify Job per request
+    ("operator", "delete", "jobs.batch", "", False),
     ("operator", "create", "deployments.apps", "@kube-system", False),   # not cluster-wide by default
 ]
 
@@ -114,7 +120,7 @@ def test_each_identity_reaches_only_what_the_table_says(k8s_cluster, namespace, 
 
 # -- the workers' writes: RBAC plus the chart's admission policy, as real requests ----------------------------
 POD = {OWN: f"{OWN}-worker-5c4f8d7b9-abcde", OTHER: f"{OTHER}-worker-5c4f8d7b9-fghij"}
-KINDS = ("checkpoints", "dead letter", "held record", "heartbeat")
+KINDS = ("checkpoints", "dead letter", "held record", "repair", "verify result", "heartbeat")
 Row = tuple[str, str, dict[str, Any], dict[str, Any] | None, bool]   # what, verb, object, merge patch, allowed
 
 
@@ -133,8 +139,10 @@ def object_of(kind: str, workflow: str, labelled: str = "") -> dict[str, Any]:
     record = {WORKFLOW_LABEL: labelled}
     if kind == "checkpoints":
         return configmap(checkpoint_configmap_name(workflow), checkpoint_labels(labelled))
-    if kind in ("dead letter", "held record"):
-        which = DEAD_LETTER if kind == "dead letter" else HELD
+    if kind == "verify result":   # a verify Job's answer (it runs as the workers' identity)
+        return configmap(result_configmap_name(workflow), result_labels(labelled))
+    if kind in ("dead letter", "held record", "repair"):
+        which = {"dead letter": DEAD_LETTER, "held record": HELD, "repair": REPAIR}[kind]
         return configmap(record_name(workflow, which, "contacts", "k1"), {**record, RECORD_LABEL: which})
     return lease(POD[workflow], record)
 

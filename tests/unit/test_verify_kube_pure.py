@@ -98,7 +98,8 @@ def test_a_damaged_outcome_is_a_failed_verify_not_a_crash(data: dict[str, str]) 
     assert outcome is not None and outcome.response is None and outcome.reason == "VERIFY_FAILED"
 
 
-@given(st.from_regex(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?", fullmatch=True), st.from_regex(r"[0-9a-f]{16}", fullmatch=True))
+@given(st.from_regex(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?", fullmatch=True),
+       st.from_regex(r"[0-9a-f]{16}", fullmatch=True))
 def test_job_names_fit_a_label_value(workflow: str, rid: str) -> None:
     name = job_name(workflow, rid)
     assert len(name) <= 63 and name.endswith(f"-verify-{rid[:8]}")

@@ -34,7 +34,7 @@ from syncplane.validation.names import parse_name, workflow_name
 from syncplane.verify.compare import Difference
 from syncplane.verify.run import Report, WorkerState, verify, workers_running
 from syncplane.worker.checkpoints import SqliteWorkerState
-from syncplane.worker.credentials import ConnectionSecret, CredentialsError, load_local_secrets
+from syncplane.worker.credentials import ConnectionSecret, CredentialsError, check_endpoints, load_local_secrets
 
 DEFAULT_SAMPLE_SIZE = 10
 MAX_SAMPLE_SIZE = 1000
@@ -135,12 +135,14 @@ async def compare(workflow_id: str, spec: pb.WorkflowSpec, environment: VerifyEn
     backends).
 
     Raises:
-        FailedPrecondition: no credentials (the CredentialsError's reason, e.g. BAD_CREDENTIALS), or
-            an API refused a read (the ConnectorError's reason).
+        FailedPrecondition: no credentials (the CredentialsError's reason, e.g. BAD_CREDENTIALS), an
+            endpoint its secret is not for (ENDPOINT_NOT_ALLOWED), or an API refused a read (the
+            ConnectorError's reason).
         Unavailable: an API stayed unavailable past the connectors' retries.
     """
     try:
         secrets = await environment.secrets(spec)
+        check_endpoints(spec, secrets)  # as a worker does: a token goes only to an origin its secret is for
         return await verify(workflow_id, spec, secrets, environment.state, running=running, repair=repair)
     except CredentialsError as exc:
         raise FailedPrecondition(str(exc), phase, exc.reason) from None
