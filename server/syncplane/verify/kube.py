@@ -149,16 +149,16 @@ def parse_outcome(data: dict[str, str] | None, request_id: str) -> Outcome | Non
 
 
 class ConfigMapWorkerState(WorkerState):
-    """verify's WorkerState over the workers' ConfigMaps: checkpoints in ``<workflow>-checkpoints``,
-    repairs queued as ``<workflow>-repair-<hash>`` records (kube_records), which the workers send at
-    their next pass. The checkpoints keep no commit time: a running workflow's differences are then
-    all reported in flight (verify.compare.in_flight with ``committed`` None), never hidden."""
+    """verify's WorkerState over the workers' ConfigMaps: checkpoints (and when each was committed)
+    in ``<workflow>-checkpoints``, repairs queued as ``<workflow>-repair-<hash>`` records
+    (kube_records), which the workers send at their next pass. A commit with no time (written
+    before times were kept) makes a running workflow's differences all in flight, never hidden."""
 
     def __init__(self, checkpoints: ConfigMapCheckpoints, records: ConfigMapRecords) -> None:
         self.checkpoints, self.records = checkpoints, records
 
     async def committed(self, workflow: str, stream: str) -> tuple[str | None, float | None]:
-        return await self.checkpoints.aload(workflow, stream), None
+        return await self.checkpoints.acommitted(workflow, stream)
 
     async def queue_repairs(self, workflow: str, stream: str, records: Any) -> int:
         return await self.records.aqueue_repairs(workflow, stream, records)

@@ -20,9 +20,11 @@ Async only: `aload` / `acommit` satisfy `checkpoints.AsyncCheckpointStore`.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 import re
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Self, TypeVar
@@ -74,6 +76,13 @@ def stream_key(stream: str) -> str:
     if len(key) > _KEY_MAX:
         raise ValueError(f"stream name {stream!r} is too long for a ConfigMap key ({len(key)} > {_KEY_MAX})")
     return key
+
+
+def committed_annotation(stream: str) -> str:
+    """The checkpoints ConfigMap's annotation holding when ``stream`` last committed (epoch seconds):
+    ``syncplane.io/committed-<16 hex of SHA-256(stream)>`` (an annotation name has 63 characters at
+    most, a stream key up to 253)."""
+    return f"syncplane.io/committed-{hashlib.sha256(stream.encode()).hexdigest()[:16]}"
 
 
 def stream_name(key: str) -> str:
@@ -214,7 +223,9 @@ class ConfigMapCheckpoints(ConfigMapStore):
         from kubernetes_asyncio.client.exceptions import ApiException
 
         name, key = checkpoint_configmap_name(workflow), stream_key(stream)
-        patch = {"data": {key: cursor}}
+        # When, beside it (verify reports a change at or after it as in flight, as embedded does)
+        committed = {committed_annotation(stream): f"{time.time():.3f}"}
+        patch = {"metadata": {"annotations": committed}, "data": {key: cursor}}
 
         async def attempt() -> None:
             api = await self._api()
@@ -226,7 +237,7 @@ class ConfigMapCheckpoints(ConfigMapStore):
                     raise
             body = {"apiVersion": "v1", "kind": "ConfigMap",
                     "metadata": {"name": name, "namespace": self.namespace, "labels": checkpoint_labels(workflow),
-                                 **workflow_owner(workflow, self.owner_uid)},
+                                 "annotations": committed, **workflow_owner(workflow, self.owner_uid)},
                     "data": {key: cursor}}
             try:
                 await api.create_namespaced_config_map(self.namespace, body)
@@ -240,6 +251,32 @@ class ConfigMapCheckpoints(ConfigMapStore):
         await self._call(f"commit the checkpoint of {workflow}/{stream}", name, attempt)
 
     # -- extras -----------------------------------------------------------------------------
+    async def acommitted(self, workflow: str, stream: str) -> tuple[str | None, float | None]:
+        """The stream's cursor and when it was committed (epoch seconds; None when unknown: a
+        commit made before commit times were kept); (None, None) before the first commit."""
+        from kubernetes_asyncio.client.exceptions import ApiException
+
+        name = checkpoint_configmap_name(workflow)
+
+        async def attempt() -> tuple[str | None, float | None]:
+            api = await self._api()
+            try:
+                cm = await api.read_namespaced_config_map(name, self.namespace)
+            except ApiException as exc:
+                if exc.status == 404:
+                    return None, None
+                raise
+            cursor = (cm.data or {}).get(stream_key(stream))
+            if cursor is None:
+                return None, None
+            try:
+                when = float((cm.metadata.annotations or {})[committed_annotation(stream)])
+            except (KeyError, ValueError):
+                when = None
+            return str(cursor), when
+
+        return await self._call(f"load the checkpoint of {workflow}/{stream}", name, attempt)
+
     async def aload_all(self, workflow: str) -> dict[str, str]:
         """Every stream's cursor of a workflow (stream name -> cursor)."""
         from kubernetes_asyncio.client.exceptions import ApiException
