@@ -18,8 +18,8 @@ import httpx
 import pytest
 
 from syncplane.api.server import create_server
-from syncplane.api.v1 import workflow_service_pb2 as svc
-from syncplane.api.v1 import workflow_service_pb2_grpc as svc_grpc
+from syncplane.proto.v1 import workflow_service_pb2 as svc
+from syncplane.proto.v1 import workflow_service_pb2_grpc as svc_grpc
 from syncplane.runtime.kubernetes import kubernetes_store
 from syncplane.sandbox import SANDBOX_CLIENT_ID, Sandbox, SeedSpec, start_sandbox
 from syncplane.service import WorkflowService
