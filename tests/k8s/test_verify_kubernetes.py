@@ -20,11 +20,10 @@ import pytest
 from syncplane.api.server import create_server
 from syncplane.proto.v1 import workflow_service_pb2 as svc
 from syncplane.proto.v1 import workflow_service_pb2_grpc as svc_grpc
-from syncplane.runtime.kubernetes import kubernetes_store
+from syncplane.runtime.kubernetes import kubernetes_store, kubernetes_verifier
 from syncplane.sandbox import SANDBOX_CLIENT_ID, Sandbox, SeedSpec, start_sandbox
 from syncplane.service import WorkflowService
-from syncplane.service.verify import VerifyService
-from syncplane.verify.kube import KubernetesVerifyRunner, result_configmap_name
+from syncplane.verify.kube import result_configmap_name
 from tests.backends import eventually
 from tests.integration.ingress_env import actual_profiles, diff, expected_profiles, profiles_match
 from tests.integration.verify_env import counts
@@ -65,8 +64,7 @@ async def stub(k8s_cluster, namespace, monkeypatch) -> AsyncIterator[svc_grpc.Wo
     """The server as `syncplane server --backend kubernetes` wires it (runtime/kubernetes.py)."""
     monkeypatch.setenv("KUBECONFIG", str(k8s_cluster.kubeconfig))
     store = await kubernetes_store(namespace)
-    server, port, _ = await create_server(WorkflowService(store), "127.0.0.1:0",
-                                          verifier=VerifyService(store, KubernetesVerifyRunner(store)))
+    server, port, _ = await create_server(WorkflowService(store), "127.0.0.1:0", verifier=kubernetes_verifier(store))
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     try:
         yield svc_grpc.WorkflowServiceStub(channel)

@@ -20,6 +20,7 @@ from syncplane.service.verify import VerifyService
 from syncplane.startup import startup_line
 from syncplane.store.kubernetes import KubernetesStore
 from syncplane.telemetry import serve_metrics, setup_metrics, setup_tracing
+from syncplane.verify.kube import KubernetesVerifyRunner
 from syncplane.worker.kube_records import ConfigMapRecords
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,12 @@ async def kubernetes_store(namespace: str) -> KubernetesStore:
     return KubernetesStore(await api_client(), namespace)
 
 
+def kubernetes_verifier(store: KubernetesStore) -> VerifyService:
+    """VerifyWorkflow on Kubernetes: this server reads no Secret, so each comparison runs in a Job as
+    the workflow's own worker identity, and the server waits for its result (syncplane.verify.kube)."""
+    return VerifyService(store, KubernetesVerifyRunner(store))
+
+
 async def serve_kubernetes(config: KubernetesServerConfig, stop: asyncio.Event | None = None) -> None:
     console_config = config.console
     if console_config is not None:   # refuse an insecure console before anything starts
@@ -63,11 +70,8 @@ async def serve_kubernetes(config: KubernetesServerConfig, stop: asyncio.Event |
     service = WorkflowService(store)
     # The workers keep their dead letters in ConfigMaps of this namespace, one per record.
     letters = DeadLetterService(store, ConfigMapRecords(config.namespace, store.api_client))
-    # Verify needs the workflows' Secrets and checkpoints, which this server's role does not read (yet).
-    verifier = VerifyService(store, None, "VerifyWorkflow runs on the embedded backend only: on Kubernetes the "
-                                          "server does not read the workflows' Secrets and checkpoint ConfigMaps")
     server, port, health = await create_server(service, config.address, security, dead_letters=letters,
-                                               verifier=verifier)
+                                               verifier=kubernetes_verifier(store))
     try:
         console = await serve_console(console_config, service, letters, config.console_port_file)
     except BaseException:
