@@ -14,6 +14,7 @@ both kinds share this one connection, serialised by a lock.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import sqlite3
 import threading
@@ -52,7 +53,10 @@ class SqliteConnection:
         if self._thread is None:
             self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._thread, functools.partial(self.call, fn, *args, **kwargs))
+        # The caller's context goes along (as asyncio.to_thread does): a function may read the
+        # current trace span, e.g. a Start recording its trace parent in the spec it writes.
+        context = contextvars.copy_context()
+        return await loop.run_in_executor(self._thread, functools.partial(context.run, self.call, fn, *args, **kwargs))
 
     def close(self) -> None:
         if self._thread is not None:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from syncplane.errors import Unavailable
+from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.store.sqlite import WATCH_QUEUE, SqliteStore
 from tests.factories import workflow
+from tests.sqlite_lock import waits_for_the_lock_without_stalling
 
 
 async def test_a_slow_watcher_is_dropped_with_a_revision_to_resume_from(tmp_path: Path) -> None:
@@ -76,3 +79,37 @@ def test_spec_files_keep_those_in_use_and_the_newest_few(tmp_path: Path) -> None
     assert left == sorted({"wf.g2.json", *newest})
     assert len(gone) == 10 - len(left)
     assert len(list(tmp_path.glob("wf.g1.g*.json"))) == 10
+
+
+# Every write of the API server's store (the embedded control plane's syncplane.db): none may hold
+# up the event loop the API, the console and the supervisor share while another connection has the
+# write lock. (Reads never wait for a writer in WAL mode.)
+STORE_WRITES = [
+    ("create a workflow", lambda s: s.create(workflow(name="wf-new"), "request-1")),
+    ("update a workflow", lambda s: s.update("workflows/wf", lambda wf: _labelled(wf))),
+    ("delete a workflow", lambda s: s.delete("workflows/wf", lambda wf: None)),
+    ("write a status", lambda s: s.set_status("workflows/wf", pb.WorkflowStatus(phase=pb.PHASE_RUNNING))),
+    ("record a verify", lambda s: s.set_last_verify("workflows/wf", pb.VerifyResult(repair_requested=True))),
+]
+
+
+def _labelled(wf: pb.Workflow) -> pb.Workflow:
+    wf.labels["team"] = "crm"
+    return wf
+
+
+@pytest.mark.parametrize(("what", "call"), STORE_WRITES, ids=[w for w, _ in STORE_WRITES])
+async def test_a_held_write_lock_never_stalls_the_servers_loop(tmp_path: Path, what: str, call: Any) -> None:
+    """Another connection holds syncplane.db's write lock: the store's write waits for it while
+    an endpoint on the same loop answers within the supervisor's poll timeout; then it completes
+    and its change reaches a watcher."""
+    path = tmp_path / "syncplane.db"
+    store = SqliteStore(path)
+    try:
+        await store.create(workflow(name="wf"))
+        since = store.revision()
+        await waits_for_the_lock_without_stalling(path, lambda: call(store), what)
+        change = await anext(store.watch(start_revision=since))
+        assert change.revision == since + 1
+    finally:
+        store.close()

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
-import sqlite3
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
-from aiohttp import web
 
 from syncplane.connectors.base import Record
 from syncplane.optinout.memory import SqliteEchoMemory
-from syncplane.runtime.supervisor import SupervisorConfig
 from syncplane.worker.checkpoints import STATE_TABLES, SqliteWorkerState, forget_workflows
 from syncplane.worker.held import HeldRecords
+from tests.sqlite_lock import waits_for_the_lock_without_stalling
 
 
 def fill(path: Path, workflow: str) -> None:
@@ -78,33 +74,9 @@ async def test_a_held_write_lock_never_stalls_status(tmp_path: Path, what: str, 
     fill(path, "wf")
     stores: dict[str, Any] = {"state": SqliteWorkerState(path), "held": HeldRecords(path),
                               "memory": SqliteEchoMemory(path)}
-
-    async def status(request: web.Request) -> web.Response:
-        return web.json_response({"ready": True})
-
-    app = web.Application()
-    app.router.add_get("/status", status)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    locker = sqlite3.connect(str(path), isolation_level=None)
-    locker.execute("BEGIN IMMEDIATE")
-    task = asyncio.ensure_future(call(stores))
     try:
-        async with httpx.AsyncClient(timeout=SupervisorConfig().poll_timeout) as http:
-            for _ in range(3):
-                assert (await http.get(f"http://127.0.0.1:{port}/status")).json() == {"ready": True}
-        assert not task.done(), f"{what} did not wait for the lock"
-        locker.execute("COMMIT")
-        await asyncio.wait_for(task, 60)
+        await waits_for_the_lock_without_stalling(path, lambda: call(stores), what)
     finally:
-        if locker.in_transaction:
-            locker.execute("ROLLBACK")
-        locker.close()
-        await asyncio.gather(task, return_exceptions=True)
-        await runner.cleanup()
         for store in stores.values():
             store.close()
 

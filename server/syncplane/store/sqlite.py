@@ -4,6 +4,10 @@ Every write bumps one global revision and appends to a `changes` log, so a
 watcher can resume from any revision still retained. The etag of a workflow
 is the revision that last modified it. One process owns the file; watchers in
 that process are woken by an in-memory broadcast.
+
+Every SQLite call runs on the connection's own thread (:class:`syncplane.sqlitefile.SqliteConnection`),
+never on the event loop: a write waiting up to the busy timeout for another connection's lock
+leaves the API, the console and the supervisor's polls running meanwhile.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from pathlib import Path
 
 from syncplane.errors import AlreadyExists, NotFound, OutOfRange, Unavailable
 from syncplane.proto.v1 import workflow_pb2 as pb
+from syncplane.sqlitefile import SqliteConnection
 from syncplane.store.base import CHANGE_ADDED, CHANGE_DELETED, CHANGE_MODIFIED, Change, Mutation
 
 SCHEMA = """
@@ -57,6 +62,11 @@ class _Watcher:
         self.dropped = False
 
 
+#: Workflows as the store's calls return them; change log rows (revision, name, change type, body).
+Rows = list[pb.Workflow]
+ChangeRows = list[tuple[int, str, int, bytes]]
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
 
@@ -65,10 +75,9 @@ class SqliteStore:
     def __init__(self, path: Path | str, request_retention: float = REQUEST_RETENTION) -> None:
         self.path = str(path)
         self.request_retention = request_retention
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
+        self._conn = SqliteConnection(self.path, SCHEMA)
+        self._db: sqlite3.Connection = self._conn.db  # used only inside self._conn's calls
         self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(SCHEMA)
         if "created" not in {row[1] for row in self._db.execute("PRAGMA table_info(requests)")}:
             # Added after the first release: rows from before count as made now.
             self._db.execute("ALTER TABLE requests ADD COLUMN created REAL NOT NULL DEFAULT 0")
@@ -84,7 +93,7 @@ class SqliteStore:
         self._lists: dict[tuple[tuple[int, ...], tuple[int, ...], str, int], list[pb.Workflow]] = {}
 
     def close(self) -> None:
-        self._db.close()
+        self._conn.close()
 
     # -- helpers -----------------------------------------------------------
     def _load(self, name: str) -> pb.Workflow:
@@ -147,6 +156,12 @@ class SqliteStore:
 
     # -- the interface -----------------------------------------------------
     async def create(self, wf: pb.Workflow, request_id: str = "") -> pb.Workflow:
+        change = await self._conn.run(self._create, wf, request_id)
+        if change.revision:
+            self._publish(change)
+        return change.workflow
+
+    def _create(self, wf: pb.Workflow, request_id: str) -> Change:
         with self._db:
             self._db.execute("BEGIN IMMEDIATE")
             if request_id:
@@ -154,7 +169,7 @@ class SqliteStore:
                                  (_now().timestamp() - self.request_retention,))
                 row = self._db.execute("SELECT name FROM requests WHERE request_id = ?", (request_id,)).fetchone()
                 if row is not None:
-                    return self._load(row[0])
+                    return Change(0, CHANGE_ADDED, self._load(row[0]))  # revision 0: nothing to publish
             exists = self._db.execute("SELECT 1 FROM workflows WHERE name = ?", (wf.name,)).fetchone()
             if exists:
                 raise AlreadyExists(f"workflow {wf.name} already exists", {"name": wf.name})
@@ -168,18 +183,28 @@ class SqliteStore:
             if request_id:
                 self._db.execute("INSERT INTO requests (request_id, name, created) VALUES (?, ?, ?)",
                                  (request_id, wf.name, _now().timestamp()))
-        self._publish(change)
-        return change.workflow
+        return change
 
     async def get(self, name: str) -> pb.Workflow:
-        return self._load(name)
+        hit = self._cache.get(name)  # written through on the connection's thread: answered here when cached
+        if hit is not None:
+            return hit[1]
+        return await self._conn.run(self._load, name)
 
     async def list(self, *, types: Sequence[int] = (), phases: Sequence[int] = (), after: str = "",
                    limit: int = 50) -> list[pb.Workflow]:
+        # Answered on the loop when cached (the rows of a list since the last write); else on the
+        # connection's thread, which caches them.
+        hit = self._lists.get((tuple(types), tuple(phases), after, limit))
+        if hit is not None:
+            return list(hit)
+        return list(await self._conn.run(self._list, types, phases, after, limit))
+
+    def _list(self, types: Sequence[int], phases: Sequence[int], after: str, limit: int) -> Rows:
         key = (tuple(types), tuple(phases), after, limit)
         hit = self._lists.get(key)
         if hit is not None:
-            return list(hit)
+            return hit
         sql, args = "SELECT name, mod_revision FROM workflows WHERE name > ?", list[str | int]([after])
         if types:
             sql += f" AND type IN ({','.join('?' * len(types))})"
@@ -196,6 +221,12 @@ class SqliteStore:
         return list(rows)
 
     async def update(self, name: str, mutate: Mutation) -> pb.Workflow:
+        change = await self._conn.run(self._update, name, mutate)
+        if change.revision:
+            self._publish(change)
+        return change.workflow
+
+    def _update(self, name: str, mutate: Mutation) -> Change:
         with self._db:
             self._db.execute("BEGIN IMMEDIATE")
             current = self._load(name)
@@ -205,12 +236,13 @@ class SqliteStore:
             if new.spec != current.spec:
                 new.generation = current.generation + 1
             elif new == current:
-                return current
-            change = self._write(new, CHANGE_MODIFIED)
-        self._publish(change)
-        return change.workflow
+                return Change(0, CHANGE_MODIFIED, current)  # revision 0: nothing written
+            return self._write(new, CHANGE_MODIFIED)
 
     async def delete(self, name: str, check: Callable[[pb.Workflow], None]) -> None:
+        self._publish(await self._conn.run(self._delete, name, check))
+
+    def _delete(self, name: str, check: Callable[[pb.Workflow], None]) -> Change:
         with self._db:
             self._db.execute("BEGIN IMMEDIATE")
             wf = self._load(name)
@@ -221,9 +253,12 @@ class SqliteStore:
             self._lists.clear()
             self._db.execute("INSERT INTO changes (revision, name, type, body) VALUES (?, ?, ?, ?)",
                              (rev, name, CHANGE_DELETED, wf.SerializeToString()))
-        self._publish(Change(rev, CHANGE_DELETED, wf))
+        return Change(rev, CHANGE_DELETED, wf)
 
     async def get_applied(self, name: str) -> pb.WorkflowSpec | None:
+        return await self._conn.run(self._get_applied, name)
+
+    def _get_applied(self, name: str) -> pb.WorkflowSpec | None:
         row = self._db.execute("SELECT applied FROM workflows WHERE name = ?", (name,)).fetchone()
         if row is None:
             raise NotFound(f"workflow {name} not found", {"name": name})
@@ -231,6 +266,11 @@ class SqliteStore:
 
     async def set_status(self, name: str, status: pb.WorkflowStatus,
                          applied: pb.WorkflowSpec | None = None) -> pb.Workflow:
+        change = await self._conn.run(self._set_status, name, status, applied)
+        self._publish(change)
+        return change.workflow
+
+    def _set_status(self, name: str, status: pb.WorkflowStatus, applied: pb.WorkflowSpec | None) -> Change:
         with self._db:
             self._db.execute("BEGIN IMMEDIATE")
             wf = pb.Workflow()
@@ -245,18 +285,18 @@ class SqliteStore:
             else:
                 wf.status.ClearField("last_verify")
             blob = applied.SerializeToString() if applied is not None else None
-            change = self._write(wf, CHANGE_MODIFIED, blob, keep_applied=applied is None, status_only=True)
-        self._publish(change)
-        return change.workflow
+            return self._write(wf, CHANGE_MODIFIED, blob, keep_applied=applied is None, status_only=True)
 
     async def set_last_verify(self, name: str, result: pb.VerifyResult) -> None:
+        self._publish(await self._conn.run(self._set_last_verify, name, result))
+
+    def _set_last_verify(self, name: str, result: pb.VerifyResult) -> Change:
         with self._db:
             self._db.execute("BEGIN IMMEDIATE")
             wf = pb.Workflow()
             wf.CopyFrom(self._load(name))
             wf.status.last_verify.CopyFrom(result)
-            change = self._write(wf, CHANGE_MODIFIED, status_only=True)
-        self._publish(change)
+            return self._write(wf, CHANGE_MODIFIED, status_only=True)
 
     async def watch(self, start_revision: int = 0, name: str = "") -> AsyncIterator[Change]:
         """Changes from ``start_revision`` (0: every workflow as ADDED, then changes). Raises
@@ -269,19 +309,12 @@ class SqliteStore:
         try:
             last = start_revision
             if start_revision == 0:
-                last = self.revision()
-                for wf in await self.list(limit=1_000_000):
+                last, workflows = await self._conn.run(self._snapshot)
+                for wf in workflows:
                     if not name or wf.name == name:
                         yield Change(last, CHANGE_ADDED, wf)
             else:
-                oldest = self._db.execute("SELECT MIN(revision) FROM changes").fetchone()[0]
-                if oldest is not None and start_revision < oldest - 1:
-                    raise OutOfRange(f"revision {start_revision} has been compacted; "
-                                     f"the oldest retained is {oldest}; restart from 0",
-                                     {"oldest": str(oldest)})
-                rows = self._db.execute("SELECT revision, name, type, body FROM changes WHERE revision > ? "
-                                        "ORDER BY revision", (start_revision,)).fetchall()
-                for rev, wname, ctype, body in rows:
+                for rev, wname, ctype, body in await self._conn.run(self._changes_after, start_revision):
                     last = rev
                     if not name or wname == name:
                         yield Change(rev, ctype, pb.Workflow.FromString(body))
@@ -298,3 +331,16 @@ class SqliteStore:
                     yield change
         finally:
             self._subscribers.discard(watcher)
+
+    def _snapshot(self) -> tuple[int, Rows]:
+        """The current revision and every workflow at it (one call: no write in between)."""
+        return self.revision(), self._list((), (), "", 1_000_000)
+
+    def _changes_after(self, start_revision: int) -> ChangeRows:
+        oldest = self._db.execute("SELECT MIN(revision) FROM changes").fetchone()[0]
+        if oldest is not None and start_revision < oldest - 1:
+            raise OutOfRange(f"revision {start_revision} has been compacted; "
+                             f"the oldest retained is {oldest}; restart from 0", {"oldest": str(oldest)})
+        rows = self._db.execute("SELECT revision, name, type, body FROM changes WHERE revision > ? "
+                                "ORDER BY revision", (start_revision,)).fetchall()
+        return [(int(r), str(n), int(t), bytes(b)) for r, n, t, b in rows]
