@@ -135,7 +135,15 @@ async def reconcile(body: kopf.Body, logger: Any, api: Clients, image: WorkerIma
         applied = outcome.apply
     await converge(api, body, deployment, outcome.target_workers, status, image,
                    list(secret_references(applied)) if applied is not None else [])
-    await ensure_verify_job(api, body, wf, applied, image)
+    from kubernetes_asyncio.client.exceptions import ApiException
+
+    try:
+        await ensure_verify_job(api, body, wf, applied, image)
+    except ApiException as exc:   # a verify that cannot start never holds up the workflow's own reconcile
+        kopf.warn(body, reason="VerifyNotStarted", message=f"cannot create the verify Job: HTTP {exc.status} "
+                  f"{exc.reason}")
+        logger.warning("workflow %s/%s: cannot create the verify Job: HTTP %s %s", namespace, name, exc.status,
+                       exc.reason)
     changes = status_patch(body.get("status") or {}, status)
     return Reconciled(changes, transition(body, wf.status.phase, status))
 
