@@ -37,3 +37,20 @@ def test_every_runtime_dependency_is_pinned_within_its_range_with_hashes() -> No
         assert name in pins, f"{req.name} is not in requirements.lock: run make lock"
         assert req.specifier.contains(pins[name][0], prereleases=True), \
             f"{req.name}=={pins[name][0]} is outside {req.specifier}: run make lock"
+
+
+def test_setup_and_the_image_install_the_lock_with_hashes() -> None:
+    """Issue 13 item 9: every pip install of the runtime dependencies, in `make setup` and in the
+    Dockerfile's build and runtime stages, goes through requirements.lock with --require-hashes, and
+    nothing installs the project's dependencies unlocked (the project itself comes after, --no-deps or
+    editable over the locked set)."""
+    makefile = (ROOT / "Makefile").read_text().replace("\\\n", " ")
+    makefile = makefile[makefile.index("$(VENV_STAMP):"):].split("\n\n")[0]   # the recipe `make setup` runs
+    dockerfile = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    locked_install = re.compile(r"pip (install|wheel)\b[^\n&]*--require-hashes[^\n&]*-r \S*requirements\.lock")
+    assert locked_install.search(makefile), "make setup installs requirements.lock with --require-hashes"
+    assert len(locked_install.findall(dockerfile)) == 2, "the image builds and installs the lock with hashes"
+    for text in (makefile, dockerfile):
+        for cmd in re.findall(r"pip (?:install|wheel)\b[^\n&]*", text):
+            assert "requirements.lock" in cmd or "--no-deps" in cmd or "-e '.[dev]'" in cmd \
+                or "--upgrade pip" in cmd or "uninstall" in cmd, cmd
