@@ -26,10 +26,11 @@ class WorkerImage:
 
 def build_spec_configmap(workflow: str, namespace: str, spec: dict[str, Any], spec_hash: str,
                          generation: int) -> dict[str, Any]:
-    """An immutable snapshot of the spec the workers run, named by its hash."""
+    """An immutable snapshot of the spec a run's workers run (with the trace context of the call that
+    started it), named by its hash and the generation that applied it."""
     return {
         "apiVersion": "v1", "kind": "ConfigMap",
-        "metadata": {"name": L.spec_configmap_name(workflow, spec_hash), "namespace": namespace,
+        "metadata": {"name": L.spec_configmap_name(workflow, spec_hash, generation), "namespace": namespace,
                      "labels": L.worker_labels(workflow),
                      "annotations": {L.SPEC_HASH_ANNOTATION: spec_hash, L.GENERATION_ANNOTATION: str(generation)}},
         "immutable": True,
@@ -136,17 +137,19 @@ def build_worker_deployment(workflow: str, namespace: str, spec_hash: str, gener
                 "metadata": {"labels": pod_labels,
                              "annotations": {L.SPEC_HASH_ANNOTATION: spec_hash,
                                              L.GENERATION_ANNOTATION: str(generation)}},
-                "spec": build_worker_pod_spec(workflow, L.spec_configmap_name(workflow, spec_hash), args, image,
-                                              secrets),
+                "spec": build_worker_pod_spec(workflow, L.spec_configmap_name(workflow, spec_hash, generation), args,
+                                              image, secrets),
             },
         },
     }
 
 
 def build_verify_job(workflow: str, namespace: str, request: VerifyRequest, spec_hash: str, running: bool,
-                     image: WorkerImage | None = None, uid: str = "", secrets: Sequence[str] = ()) -> dict[str, Any]:
+                     image: WorkerImage | None = None, uid: str = "", secrets: Sequence[str] = (),
+                     generation: int | None = None) -> dict[str, Any]:
     """The one-off Job of a ``syncplane verify`` on Kubernetes (syncplane.verify.kube): the worker pod
-    spec (the workflow's own ServiceAccount, its Secrets mounted, the snapshot ``spec_hash``) running
+    spec (the workflow's own ServiceAccount, its Secrets mounted, the snapshot ``spec_hash`` of
+    ``generation``: see ``spec_configmap_name``) running
     ``syncplane verify-job``; not retried (a second run would find what the first wrote), ended after
     ``activeDeadlineSeconds`` (the server stops waiting earlier), deleted ``ttlSecondsAfterFinished``
     after it ends. The caller makes the Workflow its owner."""
@@ -156,7 +159,7 @@ def build_verify_job(workflow: str, namespace: str, request: VerifyRequest, spec
             "--spec-file", f"{L.SPEC_MOUNT}/{L.SPEC_KEY}", "--secrets-dir", L.SECRETS_MOUNT,
             "--request", request.annotation(), *(["--running"] if running else []),
             *(["--workflow-uid", uid] if uid else [])]
-    pod = build_worker_pod_spec(workflow, L.spec_configmap_name(workflow, spec_hash), args, image, secrets,
+    pod = build_worker_pod_spec(workflow, L.spec_configmap_name(workflow, spec_hash, generation), args, image, secrets,
                                 serves_health=False)
     pod["restartPolicy"] = "Never"
     return {

@@ -1,10 +1,12 @@
 """kopf registrations, kept thin: every body lives in reconciler.py.
 
-Event-driven: one daemon per Workflow reconciles when woken by a change of the
-Workflow or of one of its children (worker Deployment, pods, heartbeat Leases,
-each watched once by kopf), and otherwise only every SYNCPLANE_OPERATOR_RESYNC
-seconds (60), for what no event signals (a heartbeat going stale), or when an
-automatic restart falls due.
+Event-driven: a Workflow is reconciled when a watch event of it or of one of its
+children (worker Deployment, pods, heartbeat Leases, each watched once by kopf)
+queues it, and otherwise only every SYNCPLANE_OPERATOR_RESYNC seconds (60), for
+what no event signals (a heartbeat going stale), or when an automatic restart
+falls due; a Workflow at rest (desired STOPPED, STOPPED) waits for events alone.
+One work queue with SYNCPLANE_OPERATOR_WORKERS (8) reconcile workers serves
+every Workflow (wakers.ReconcileQueue): no task per Workflow.
 
 Run: `kopf run -m syncplane_operator.handlers --all-namespaces` (or
 `syncplane operator`).
@@ -13,9 +15,10 @@ Run: `kopf run -m syncplane_operator.handlers --all-namespaces` (or
 from __future__ import annotations
 
 import asyncio
-import copy
+import functools
 import logging
 import os
+from collections.abc import Hashable, Mapping
 from typing import Any
 
 import kopf
@@ -23,17 +26,18 @@ import kopf
 from syncplane.contract import names as L
 from syncplane.kubeclient import api_client as kube_api_client
 from syncplane.lifecycle import DEFAULT_POLICY, Policy
-from syncplane.model.kube import reflects
 from syncplane_operator.builders import WorkerImage
 from syncplane_operator.leader import LeaderElection
 from syncplane_operator.reconciler import Clients, drain_for_delete, patch_status, post_transition, reconcile
-from syncplane_operator.wakers import Wakers, at_rest, next_wake
+from syncplane_operator.wakers import ReconcileQueue
 
 GROUP, VERSION, PLURAL = "syncplane.io", "v1", "workflows"
 WORKERS = {L.WORKFLOW_LABEL: kopf.PRESENT}
 # worker pods only: a verify Job's pod carries the workflow label too, but is no worker
 WORKER_PODS: dict[str, Any] = {L.WORKFLOW_LABEL: kopf.PRESENT, L.COMPONENT_LABEL: L.COMPONENT_WORKER[L.COMPONENT_LABEL]}
+LOG = logging.getLogger("syncplane.operator")
 DEFAULT_RESYNC = 60.0
+DEFAULT_WORKERS = 8
 
 
 def resync_from_environment() -> float:
@@ -52,7 +56,7 @@ def policy_from_environment() -> Policy:
 
 
 @kopf.on.startup()
-async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: Any) -> None:
     # kopf's own bookkeeping goes into annotations under our prefix, not status.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=L.PREFIX)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
@@ -78,7 +82,6 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
                        batch=client.BatchV1Api(api_client))
     memo.api_client = api_client
     memo.policy = policy_from_environment()
-    memo.wakers = Wakers()
     memo.resync = resync_from_environment()
     env = os.environ.get
     memo.image = WorkerImage(image=env("SYNCPLANE_WORKER_IMAGE", WorkerImage.image),
@@ -89,6 +92,10 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     if memo.leader is not None:
         await memo.leader.acquire()
         memo.leader_task = asyncio.create_task(memo.leader.keep())
+    # kopf's indexes are live objects, handed to handlers as keyword arguments: the queue's workers read them.
+    memo.indexes = {name: kwargs[name] for name in ("worker_deployments", "worker_pods", "worker_leases")}
+    memo.reconciles = ReconcileQueue(functools.partial(_reconcile_once, memo), memo.resync,
+                                     int(env("SYNCPLANE_OPERATOR_WORKERS", DEFAULT_WORKERS)))
 
 
 def routine_at_debug(record: logging.LogRecord) -> bool:
@@ -109,6 +116,9 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
 async def close(memo: kopf.Memo, **_: Any) -> None:
     """Release what `configure` made, and only that: startup may have failed part way (the API
     client not made, the leader Lease never acquired)."""
+    reconciles = memo.get("reconciles")
+    if reconciles is not None:
+        await reconciles.stop()
     task = memo.get("leader_task")
     if task is not None:
         task.cancel()
@@ -123,70 +133,67 @@ def _key(namespace: str | None, labels: Any) -> tuple[str | None, str]:
     return namespace, str(labels.get(L.WORKFLOW_LABEL, ""))
 
 
+# The handlers are coroutines: kopf runs a plain function in a thread pool, one hop per watch event.
 @kopf.index("apps", "v1", "deployments", labels=WORKERS)
-def worker_deployments(namespace: str | None, labels: Any, body: kopf.Body, **_: Any) -> Any:
-    return {_key(namespace, labels): dict(body)}
+async def worker_deployments(namespace: str | None, labels: Any, body: kopf.Body, **_: Any) -> Any:
+    return {_key(namespace, labels): kept(body)}
 
 
 @kopf.index("", "v1", "pods", labels=WORKER_PODS)
-def worker_pods(namespace: str | None, labels: Any, body: kopf.Body, **_: Any) -> Any:
-    return {_key(namespace, labels): dict(body)}
+async def worker_pods(namespace: str | None, labels: Any, body: kopf.Body, **_: Any) -> Any:
+    return {_key(namespace, labels): kept(body)}
 
 
 @kopf.index("coordination.k8s.io", "v1", "leases", labels=WORKERS)
-def worker_leases(namespace: str | None, labels: Any, body: kopf.Body, **_: Any) -> Any:
-    return {_key(namespace, labels): dict(body)}
+async def worker_leases(namespace: str | None, labels: Any, body: kopf.Body, **_: Any) -> Any:
+    return {_key(namespace, labels): kept(body)}
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-def workflow_changed(memo: Any, namespace: str | None, name: str, **_: Any) -> None:
-    memo.wakers.wake((namespace, name))
+async def workflow_changed(memo: Any, event: Mapping[str, Any], body: kopf.Body, namespace: str | None, name: str,
+                     **_: Any) -> None:
+    """Every watch event of a Workflow (the first listing included) queues its reconcile with its
+    newest body."""
+    key = (namespace, name)
+    # Started here, not at startup: kopf.event (a transition's Event) needs the event queue that kopf sets in
+    # the context of its per-object processing, which the workers' tasks inherit when created here.
+    memo.reconciles.start()
+    if event.get("type") == "DELETED":
+        memo.reconciles.forget(key)
+    else:
+        memo.reconciles.update(key, kept(body))
+
+
+def kept(body: Mapping[str, Any]) -> dict[str, Any]:
+    """What the queue and the indexes keep of a body: all but ``metadata.managedFields`` (the API server's
+    field-ownership bookkeeping, often larger than the rest and never read here). A new dict: kopf's
+    own body is left as it is."""
+    metadata = {k: v for k, v in (body.get("metadata") or {}).items() if k != "managedFields"}
+    return {**body, "metadata": metadata}
 
 
 @kopf.on.event("apps", "v1", "deployments", labels=WORKERS)
 @kopf.on.event("", "v1", "pods", labels=WORKER_PODS)
 @kopf.on.event("coordination.k8s.io", "v1", "leases", labels=WORKERS)
-def worker_changed(memo: Any, namespace: str | None, labels: Any, **_: Any) -> None:
-    memo.wakers.wake(_key(namespace, labels))
+async def worker_changed(memo: Any, namespace: str | None, labels: Any, **_: Any) -> None:
+    memo.reconciles.wake(_key(namespace, labels))
 
 
-@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=5.0)
-async def workflow(body: kopf.Body, logger: Any, memo: Any, namespace: str | None, name: str,
-                   stopped: kopf.DaemonStopped, **kwargs: Any) -> None:
-    """Reconcile now, then each time an event wakes this Workflow's waker (or the resync passes).
-
-    kopf keeps ``body`` live (replaced by each watch event before the handlers run). After a status
-    write, the next reconcile waits for the watch to deliver it (or anything later), so no reconcile
-    decides from a body older than its own last write, nor writes a transition's Event twice."""
-    key = (namespace, name)
-    waker = memo.wakers.register(key)
-    written: dict[str, Any] | None = None   # our last status patch, until the watch shows it
-    try:
-        while not stopped:
-            if written is None or reflects(body.get("status") or {}, written) or waker.timed_out:
-                written = await _reconcile_once(key, body, logger, memo, kwargs)
-            # At rest, and our last write seen (or none made): only an event can bring work.
-            timeout = None if written is None and at_rest(body) else next_wake(body.get("status") or {}, memo.resync)
-            await waker.wait(timeout, stopped.wait)
-    finally:
-        memo.wakers.forget(key, waker)
-
-
-async def _reconcile_once(key: tuple[str | None, str], live: kopf.Body, logger: Any, memo: Any,
-                          indexes: dict[str, Any]) -> dict[str, Any] | None:
-    """One reconcile of a copy of the live body; the status patch it wrote, if any."""
-    # Only this Workflow's daemon calls this, one call after the other: reconciles of a Workflow never
-    # overlap. (When a timer ran beside the change handlers, one that read the body before a Start but the
-    # indexes after it decided STOPPED -> STOPPING and scaled the new workers to 0.) With the daemon waiting
-    # for its own status write to come back before reconciling again, whatever created the children the
-    # indexes show ran before this call read the body.
-    body = kopf.Body(copy.deepcopy(dict(live)))  # type: ignore[arg-type]  # the live body changes under the awaits
+async def _reconcile_once(memo: Any, key: Hashable, body: Mapping[str, Any]) -> dict[str, Any] | None:
+    """One reconcile of a Workflow's newest body (the queue never runs two of one Workflow at once);
+    the status patch it wrote, if any."""
+    # Reconciles of a Workflow must not overlap. (When a timer ran beside the change handlers, one that
+    # read the body before a Start but the indexes after it decided STOPPED -> STOPPING and scaled the
+    # new workers to 0.) With the queue waiting for a reconcile's own status write to come back before
+    # reconciling again, whatever created the children the indexes show ran before this call's body.
+    indexes = memo.indexes
     deployments, pods, leases = (indexes[i].get(key, []) for i in
                                  ("worker_deployments", "worker_pods", "worker_leases"))
-    result = await reconcile(body, logger, memo.api, memo.image, deployments, pods, leases, policy=memo.policy)
+    live = kopf.Body(body)  # type: ignore[arg-type]
+    result = await reconcile(live, LOG, memo.api, memo.image, deployments, pods, leases, policy=memo.policy)
     if result.changes:
-        await patch_status(memo.api, body, result.changes)
-    post_transition(body, result.transition, logger)
+        await patch_status(memo.api, live, result.changes)
+    post_transition(live, result.transition, LOG)
     return result.changes or None
 
 

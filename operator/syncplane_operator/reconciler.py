@@ -3,7 +3,7 @@
 Level-based: every call recomputes from the Workflow, the snapshot ConfigMap
 and what the indexes show (Deployment, pods, heartbeat Leases), then creates
 or scales children and returns the status patch and the transition to post.
-Called by the Workflow's daemon (handlers.py) when an event of the Workflow or
+Called by the reconcile queue (handlers.py, wakers.py) when an event of the Workflow or
 of its children wakes it, and on a slow resync.
 """
 
@@ -73,22 +73,27 @@ class Clients:
     snapshots: dict[str, pb.WorkflowSpec] = field(default_factory=dict)
 
 
-async def load_snapshot(api: Clients, namespace: str, workflow: str, spec_hash: str) -> pb.WorkflowSpec | None:
+async def load_snapshot(api: Clients, namespace: str, workflow: str, spec_hash: str,
+                        generation: int) -> pb.WorkflowSpec | None:
+    """The applied spec of the run that ``generation`` started (None: no run, or its snapshot is gone);
+    a run started by an operator before per-run snapshots has the snapshot named by the hash alone."""
     if not spec_hash:
         return None
-    name = L.spec_configmap_name(workflow, spec_hash)
-    key = f"{namespace}/{name}"
-    if key not in api.snapshots:
-        from kubernetes_asyncio.client.exceptions import ApiException
+    from kubernetes_asyncio.client.exceptions import ApiException
 
+    for name in L.spec_configmap_names(workflow, spec_hash, generation):
+        key = f"{namespace}/{name}"
+        if key in api.snapshots:
+            return api.snapshots[key]
         try:
             cm = await api.core.read_namespaced_config_map(name, namespace)
         except ApiException as exc:
             if exc.status == 404:
-                return None
+                continue
             raise
         api.snapshots[key] = spec_from_dict(json.loads(cm.data[L.SPEC_KEY]))
-    return api.snapshots[key]
+        return api.snapshots[key]
+    return None
 
 
 async def _create(call: Any, namespace: str, body: dict[str, Any]) -> None:
@@ -116,7 +121,7 @@ async def reconcile(body: kopf.Body, logger: Any, api: Clients, image: WorkerIma
         wf = workflow_from_body(body)
     except Exception as exc:  # the CRD schema should make this unreachable
         raise kopf.PermanentError(f"invalid Workflow: {exc}") from exc
-    applied = await load_snapshot(api, namespace, name, wf.status.applied_spec_hash)
+    applied = await load_snapshot(api, namespace, name, wf.status.applied_spec_hash, wf.status.applied_generation)
     deployment = next(iter(deployments), None)
     now = datetime.now(UTC)
     observed = observe(dict(deployment) if deployment else None, [dict(p) for p in pods],
@@ -177,10 +182,13 @@ async def patch_status(api: Clients, body: kopf.Body, changes: Mapping[str, Any]
 
 
 def applied_view_resource(spec: pb.WorkflowSpec) -> dict[str, Any]:
-    """The snapshot as users write it (camelCase), without the lifecycle fields."""
+    """The snapshot as users write it (camelCase): what the workers run, and the trace context of the
+    Start or Restart that applied it (``traceParent``: their first pass joins that trace, as on the
+    embedded backend). The other lifecycle fields (desired state, restart nonce) are not the run's."""
     data = spec_to_dict(spec)
     for name in LIFECYCLE_FIELDS:  # the same rule as drift: lifecycle fields are not what workers run
-        data.pop(spec.DESCRIPTOR.fields_by_name[name].json_name, None)
+        if name != "trace_parent":
+            data.pop(spec.DESCRIPTOR.fields_by_name[name].json_name, None)
     return data
 
 
@@ -254,13 +262,14 @@ async def ensure_verify_job(api: Clients, owner: kopf.Body, wf: pb.Workflow, app
     running = workers_running(wf) and applied is not None
     spec = applied if running and applied is not None else wf.spec
     hash_ = wf.status.applied_spec_hash if running else spec_hash(spec)
+    generation = wf.status.applied_generation if running else wf.generation
     if not running:
-        cm = build_spec_configmap(name, namespace, applied_view_resource(spec), hash_, wf.generation)
+        cm = build_spec_configmap(name, namespace, applied_view_resource(spec), hash_, generation)
         kopf.adopt(cm, owner=owner)
         await _create(api.core.create_namespaced_config_map, namespace, cm)
     await ensure_worker_identity(api, owner, image.worker_role)
     job = build_verify_job(name, namespace, request, hash_, running, image, uid=str(owner.metadata.uid or ""),
-                           secrets=list(secret_references(spec)))
+                           secrets=list(secret_references(spec)), generation=generation)
     kopf.adopt(job, owner=owner)
     await _create(api.batch.create_namespaced_job, namespace, job)
 

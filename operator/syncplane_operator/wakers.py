@@ -1,56 +1,157 @@
 """What wakes a Workflow's reconcile: a watch event of the Workflow or of its children, a due
-time (an automatic restart), or the slow resync. One Waker per Workflow (its daemon's)."""
+time (an automatic restart), or the slow resync; and the work queue that runs those reconciles.
+
+One queue and a fixed pool of reconcile workers for all Workflows, as client-go's workqueue does for
+Go controllers, instead of a kopf daemon (an asyncio task and its live body) per Workflow: a Workflow
+at rest costs its last body and nothing else. (kopf has no work queue of its own: its daemons and
+timers are per object; this is the ~100 lines it lacks.)"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable, Hashable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import kopf
 
-class Waker:
-    """An edge-triggered wake-up: ``wake()`` before or during ``wait()`` ends the wait."""
+from syncplane.model.kube import reflects
 
-    def __init__(self) -> None:
-        self._event = asyncio.Event()
-        self.timed_out = False   # whether the last wait ended by its timeout, not by a wake
+log = logging.getLogger("syncplane.operator")
 
-    def wake(self) -> None:
-        self._event.set()
-
-    async def wait(self, timeout: float | None, stopped: Callable[[], Awaitable[Any]] | None = None) -> None:
-        """Until woken, ``stopped()`` completes, or ``timeout`` seconds pass (None: no timeout)."""
-        waits = [asyncio.ensure_future(self._event.wait())]
-        if stopped is not None:
-            waits.append(asyncio.ensure_future(stopped()))
-        try:
-            done, _ = await asyncio.wait(waits, timeout=None if timeout is None else max(0.0, timeout),
-                                         return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for w in waits:
-                w.cancel()
-        self.timed_out = not done
-        self._event.clear()
+#: reconcile(key, body) -> the status merge patch it wrote (None: it wrote none)
+Reconcile = Callable[[Hashable, Mapping[str, Any]], Awaitable[Mapping[str, Any] | None]]
 
 
-class Wakers:
-    """The Waker of each Workflow, by (namespace, name)."""
+@dataclass
+class _Key:
+    body: Mapping[str, Any]
+    written: Mapping[str, Any] | None = None   # our last status patch, until a watch event shows it
+    due: bool = False                          # a timer (resync, due restart, retry) fired
+    failures: int = 0                          # reconciles that raised in a row (the retry's backoff)
+    timer: asyncio.TimerHandle | None = None
 
-    def __init__(self) -> None:
-        self._by_key: dict[Hashable, Waker] = {}
 
-    def register(self, key: Hashable) -> Waker:
-        waker = self._by_key[key] = Waker()
-        return waker
+class ReconcileQueue:
+    """Reconciles of Workflows by key ((namespace, name)), ``workers`` at a time.
 
-    def forget(self, key: Hashable, waker: Waker) -> None:
-        if self._by_key.get(key) is waker:
-            del self._by_key[key]
+    - ``update(key, body)`` (each watch event of the Workflow) keeps its newest body and queues it;
+      ``wake(key)`` (an event of one of its children) queues it; ``forget(key)`` when it is gone.
+    - A key is never reconciled by two workers at once; queued again while reconciling, it is
+      reconciled once more afterwards (never twice in the queue).
+    - After a status write, the key's next reconcile waits for a watch event that shows the write
+      (or anything later), so no reconcile decides from a body older than its own last write, nor posts
+      a transition's Event twice; the resync ends that wait if the event never comes.
+    - A key not at rest (:func:`at_rest`) is reconciled again after :func:`next_wake` seconds though no
+      event came. A reconcile that raises is retried (``kopf.TemporaryError``: after its delay; any
+      other error: after 1, 2, 4 … seconds, capped at the resync); ``kopf.PermanentError``: on the
+      next event only.
+    """
+
+    def __init__(self, reconcile: Reconcile, resync: float, workers: int = 8) -> None:
+        self._reconcile = reconcile
+        self._resync = resync
+        self._workers = workers
+        self._keys: dict[Hashable, _Key] = {}
+        self._queue: asyncio.Queue[Hashable] = asyncio.Queue()
+        self._queued: set[Hashable] = set()
+        self._running: set[Hashable] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        """Start the workers in the running loop, unless started; ``stop()`` ends them."""
+        if self._tasks:
+            return
+        self._tasks = [asyncio.create_task(self._work(), name=f"reconcile worker {i}") for i in range(self._workers)]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for state in self._keys.values():
+            if state.timer is not None:
+                state.timer.cancel()
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def update(self, key: Hashable, body: Mapping[str, Any]) -> None:
+        state = self._keys.get(key)
+        if state is None:
+            self._keys[key] = _Key(body)
+        else:
+            state.body = body
+        self._add(key)
 
     def wake(self, key: Hashable) -> None:
-        if (waker := self._by_key.get(key)) is not None:
-            waker.wake()
+        if key in self._keys:
+            self._add(key)
+
+    def forget(self, key: Hashable) -> None:
+        state = self._keys.pop(key, None)
+        if state is not None and state.timer is not None:
+            state.timer.cancel()
+
+    def _add(self, key: Hashable) -> None:
+        if key in self._queued:
+            return
+        self._queued.add(key)
+        if key not in self._running:   # else: queued again when its reconcile ends
+            self._queue.put_nowait(key)
+
+    def _due(self, key: Hashable) -> None:
+        if (state := self._keys.get(key)) is not None:
+            state.due, state.timer = True, None
+            self._add(key)
+
+    def _schedule(self, key: Hashable, state: _Key, delay: float | None) -> None:
+        if state.timer is not None:
+            state.timer.cancel()
+        state.timer = None if delay is None else asyncio.get_running_loop().call_later(delay, self._due, key)
+
+    async def _work(self) -> None:
+        while True:
+            key = await self._queue.get()
+            self._queued.discard(key)
+            self._running.add(key)
+            try:
+                await self._process(key)
+            finally:
+                self._running.discard(key)
+                if key in self._queued:
+                    self._queue.put_nowait(key)
+
+    async def _process(self, key: Hashable) -> None:
+        state = self._keys.get(key)
+        if state is None:
+            return
+        delay: float | None
+        if state.written is None or reflects(state.body.get("status") or {}, state.written) or state.due:
+            state.due = False
+            try:
+                state.written = await self._reconcile(key, state.body)
+            except kopf.PermanentError as exc:
+                log.error("reconcile of %s failed permanently (retried on its next change): %s", key, exc)
+                self._schedule(key, state, None)
+                return
+            except kopf.TemporaryError as exc:
+                log.warning("reconcile of %s will be retried in %.0f s: %s", key, exc.delay or 1, exc)
+                self._schedule(key, state, min(self._resync, float(exc.delay or 1)))
+                return
+            except Exception:
+                state.failures += 1
+                delay = min(self._resync, 2.0 ** (state.failures - 1))
+                log.exception("reconcile of %s failed; retried in %.0f s", key, delay)
+                self._schedule(key, state, delay)
+                return
+            state.failures = 0
+        # At rest, and our last write seen (or none made): only an event can bring work.
+        body = state.body
+        delay = None if state.written is None and at_rest(body) else next_wake(body.get("status") or {},
+                                                                               self._resync)
+        self._schedule(key, state, delay)
 
 
 def next_wake(status: Mapping[str, Any], resync: float, now: datetime | None = None) -> float:
@@ -70,7 +171,7 @@ def next_wake(status: Mapping[str, Any], resync: float, now: datetime | None = N
 def at_rest(body: Mapping[str, Any]) -> bool:
     """A Workflow desired STOPPED and STOPPED, with no automatic restart due: it has no workers, so no
     heartbeat can go stale, and only a watch event (an edit, a start, a child changing) can give its
-    reconcile anything to do. Its daemon then waits for events alone: with 1,000 idle Workflows the
+    reconcile anything to do. It then waits for events alone: with 1,000 idle Workflows the
     resync was the operator's whole idle cost."""
     spec, status = body.get("spec") or {}, body.get("status") or {}
     if not isinstance(spec, Mapping) or not isinstance(status, Mapping):

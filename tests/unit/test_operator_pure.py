@@ -9,21 +9,22 @@ import pytest
 
 from syncplane.contract.report import WorkerReport
 from syncplane.lifecycle import spec_hash
-from syncplane.model.convert import to_resource
+from syncplane.model.convert import spec_from_dict, spec_to_dict, to_resource
 from syncplane.model.kube import status_patch, workflow_from_body
 from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.worker.heartbeat import lease_body
 from syncplane_operator.builders import build_spec_configmap, build_worker_deployment
 from syncplane_operator.observe import observe
+from syncplane_operator.reconciler import applied_view_resource
 from tests.factories import workflow
 
 NOW = datetime(2026, 11, 28, 12, tzinfo=UTC)
 
 
-def test_configmap_is_immutable_and_named_by_hash():
+def test_configmap_is_immutable_and_named_by_hash_and_the_generation_of_its_run():
     cm = build_spec_configmap("wf", "ns", {"batchSize": 5}, "abcdef0123456789", 3)
     assert cm["immutable"] is True
-    assert cm["metadata"]["name"] == "wf-spec-abcdef0123"
+    assert cm["metadata"]["name"] == "wf-spec-abcdef0123-3"
     assert json.loads(cm["data"]["spec.json"]) == {"batchSize": 5}
 
 
@@ -38,7 +39,7 @@ def test_worker_deployment_is_locked_down():
     assert c["readinessProbe"]["httpGet"]["path"] == "/healthz" and c["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert c["resources"]["requests"] and c["resources"]["limits"]
     assert "--generation" in c["args"] and c["args"][c["args"].index("--generation") + 1] == "4"
-    assert pod["volumes"][0]["configMap"]["name"] == "wf-spec-abcdef0123"
+    assert pod["volumes"][0]["configMap"]["name"] == "wf-spec-abcdef0123-4"
     assert d["spec"]["selector"]["matchLabels"].items() <= d["spec"]["template"]["metadata"]["labels"].items()
     assert "secretkeyref" not in json.dumps(c).lower()   # no credential in the environment
     assert "--workflow-uid" not in c["args"]   # no uid known: nothing passed
@@ -196,3 +197,15 @@ async def test_reconcile_of_a_body_without_a_namespace_is_a_permanent_error():
     with pytest.raises(kopf.PermanentError, match="without a name or namespace"):
         await reconcile(kopf.Body({"metadata": {"name": "wf"}}), logging.getLogger(),
                         None, None, [], [], [])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("start", [{"traceParent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"},
+                                   {"traceParent": ""}, {}])
+def test_the_applied_snapshot_keeps_the_runs_trace_context_and_no_other_lifecycle_field(start):
+    """issue 17 item 5: the workers read their trace context from the snapshot (the ConfigMap's spec.json)."""
+    spec = spec_from_dict({**spec_to_dict(workflow().spec), "desiredState": "RUNNING", "restartNonce": 3,
+                           **start})
+    snapshot = applied_view_resource(spec)
+    assert "desiredState" not in snapshot and "restartNonce" not in snapshot
+    assert snapshot.get("traceParent", "") == start.get("traceParent", "")
+    assert spec_from_dict(snapshot).trace_parent == spec.trace_parent

@@ -53,9 +53,18 @@ CHECKPOINTS_SUFFIX = "-checkpoints"
 EXIT_FATAL = 78
 
 
-def spec_configmap_name(workflow: str, spec_hash: str) -> str:
-    """The ConfigMap holding the spec applied at ``spec_hash``: ``<workflow>-spec-<first 10 hex>``."""
-    return f"{workflow}-spec-{spec_hash[:10]}"
+def spec_configmap_name(workflow: str, spec_hash: str, generation: int | None = None) -> str:
+    """The ConfigMap holding the spec of the run that ``generation`` applied at ``spec_hash``:
+    ``<workflow>-spec-<first 10 hex>-<generation>``. One per run, not per spec: it also carries the trace
+    context of the Start or Restart that applied it. Without a generation: the name an operator before
+    per-run snapshots gave (``<workflow>-spec-<first 10 hex>``), still read for the runs it started."""
+    return f"{workflow}-spec-{spec_hash[:10]}" + ("" if generation is None else f"-{generation}")
+
+
+def spec_configmap_names(workflow: str, spec_hash: str, generation: int) -> tuple[str, str]:
+    """Where the applied spec of the run that ``generation`` started may be, in the order to try: its
+    per-run name, then the per-spec name of an earlier operator."""
+    return spec_configmap_name(workflow, spec_hash, generation), spec_configmap_name(workflow, spec_hash)
 
 
 def checkpoint_configmap_name(workflow: str) -> str:

@@ -18,7 +18,7 @@ import json
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
-from syncplane.contract.names import LAST_VERIFY_ANNOTATION, REQUEST_ID_ANNOTATION, SPEC_KEY, spec_configmap_name
+from syncplane.contract.names import LAST_VERIFY_ANNOTATION, REQUEST_ID_ANNOTATION, SPEC_KEY, spec_configmap_names
 from syncplane.errors import AlreadyExists, FieldViolation, InvalidArgument, NotFound, OutOfRange, SyncplaneError
 from syncplane.model.convert import spec_from_dict, to_resource
 from syncplane.model.kube import last_verify_annotation, proto_path, workflow_from_body
@@ -140,12 +140,29 @@ class KubernetesStore:
         raise SyncplaneError(f"workflow {name} kept changing; retry")
 
     async def get_applied(self, name: str) -> pb.WorkflowSpec | None:
+        """The spec the current run applied (its snapshot ConfigMap); None before any start.
+
+        Raises:
+            ApiException: the snapshot cannot be read (404 when it is gone under either name).
+        """
+        from kubernetes_asyncio.client.exceptions import ApiException
+
         wf = await self.get(name)
         if not wf.status.applied_spec_hash:
             return None
-        cm = await self.core.read_namespaced_config_map(
-            spec_configmap_name(self._id(name), wf.status.applied_spec_hash), self.namespace)
-        return spec_from_dict(json.loads(cm.data[SPEC_KEY]))
+        missing: ApiException | None = None
+        for candidate in spec_configmap_names(self._id(name), wf.status.applied_spec_hash,
+                                              wf.status.applied_generation):
+            try:
+                cm = await self.core.read_namespaced_config_map(candidate, self.namespace)
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
+                missing = exc
+                continue
+            return spec_from_dict(json.loads(cm.data[SPEC_KEY]))
+        assert missing is not None
+        raise missing
 
     async def set_status(self, name: str, status: pb.WorkflowStatus,
                          applied: pb.WorkflowSpec | None = None) -> pb.Workflow:

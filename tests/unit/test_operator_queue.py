@@ -1,0 +1,165 @@
+"""The operator's reconcile queue (wakers.ReconcileQueue): one pool of workers for every Workflow.
+
+The guarantees the per-Workflow daemon gave, kept: a Workflow's reconciles never overlap, the newest
+body is the one reconciled, a reconcile waits for its own status write to come back, and a Workflow
+at rest has no timer (nothing runs for it until an event). No cluster: a fake reconcile records calls."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Hashable, Mapping
+from typing import Any
+
+import kopf
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from syncplane_operator.wakers import ReconcileQueue
+
+STOPPED = {"spec": {"desiredState": "STOPPED"}, "status": {"phase": "STOPPED"}}
+
+
+async def until(condition: Any, timeout: float = 10.0) -> None:
+    """Poll ``condition()`` until true (fails after ``timeout`` seconds)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        assert loop.time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.001)
+
+
+class Recorder:
+    """A reconcile that records each call, may yield in between, and writes what ``writes`` says."""
+
+    def __init__(self, yields: int = 3, writes: Mapping[str, Any] | None = None) -> None:
+        self.calls: list[tuple[Hashable, Mapping[str, Any]]] = []
+        self.running: set[Hashable] = set()
+        self.overlaps = 0
+        self.yields = yields
+        self.writes = writes
+        self.fail: BaseException | None = None
+
+    async def __call__(self, key: Hashable, body: Mapping[str, Any]) -> Mapping[str, Any] | None:
+        if key in self.running:
+            self.overlaps += 1
+        self.running.add(key)
+        try:
+            self.calls.append((key, body))
+            for _ in range(self.yields):
+                await asyncio.sleep(0)
+            if self.fail is not None:
+                raise self.fail
+            return self.writes
+        finally:
+            self.running.discard(key)
+
+
+def stopped(n: int) -> dict[str, Any]:
+    return {**STOPPED, "metadata": {"resourceVersion": str(n)}}
+
+
+@settings(max_examples=60, deadline=None)
+@given(ops=st.lists(st.tuples(st.sampled_from(["update", "wake", "pause"]), st.integers(0, 3)), max_size=40),
+       workers=st.integers(1, 4))
+def test_reconciles_of_one_workflow_never_overlap_and_the_newest_body_is_reconciled_last(ops, workers):
+    async def scenario() -> None:
+        rec = Recorder()
+        queue = ReconcileQueue(rec, resync=3600, workers=workers)
+        queue.start()
+        newest: dict[int, dict[str, Any]] = {}
+        try:
+            for n, (op, key) in enumerate(ops):
+                if op == "update":
+                    newest[key] = stopped(n)
+                    queue.update(key, newest[key])
+                elif op == "wake":
+                    queue.wake(key)   # of a key never updated: nothing to do
+                else:
+                    await asyncio.sleep(0)
+            await until(lambda: not queue._queued and not queue._running)
+        finally:
+            await queue.stop()
+        assert rec.overlaps == 0
+        for key, body in newest.items():
+            assert [b for k, b in rec.calls if k == key][-1] is body
+        assert {k for k, _ in rec.calls} == set(newest)
+
+    asyncio.run(scenario())
+
+
+def test_after_a_status_write_the_next_reconcile_waits_for_the_watch_to_show_it():
+    async def scenario() -> None:
+        rec = Recorder(writes={"phase": "STOPPED", "observedGeneration": 2})
+        queue = ReconcileQueue(rec, resync=3600)
+        queue.start()
+        try:
+            queue.update("wf", {"spec": {}, "status": {}})
+            await until(lambda: len(rec.calls) == 1 and not queue._running)
+            # an event from before the write (another field changed): no reconcile on a stale body
+            queue.update("wf", {"spec": {}, "status": {}, "metadata": {"labels": {"a": "b"}}})
+            queue.wake("wf")
+            await until(lambda: not queue._queued and not queue._running)
+            assert len(rec.calls) == 1
+            # the write comes back: reconciled again
+            rec.writes = None
+            queue.update("wf", {"spec": {}, "status": {"phase": "STOPPED", "observedGeneration": 2}})
+            await until(lambda: len(rec.calls) == 2)
+        finally:
+            await queue.stop()
+
+    asyncio.run(scenario())
+
+
+def test_the_resync_ends_the_wait_for_a_write_the_watch_never_shows():
+    async def scenario() -> None:
+        rec = Recorder(writes={"phase": "STOPPED"})
+        queue = ReconcileQueue(rec, resync=0.05)
+        queue.start()
+        try:
+            queue.update("wf", {"spec": {}, "status": {}})
+            await until(lambda: len(rec.calls) >= 2)   # no event: the resync reconciles again
+        finally:
+            await queue.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_workflow_at_rest_has_no_timer_one_that_runs_has_the_resync():
+    async def scenario() -> None:
+        rec = Recorder()
+        queue = ReconcileQueue(rec, resync=0.05)
+        queue.start()
+        try:
+            queue.update("idle", STOPPED)
+            queue.update("busy", {"spec": {"desiredState": "RUNNING"}, "status": {"phase": "RUNNING"}})
+            await until(lambda: sum(1 for k, _ in rec.calls if k == "busy") >= 3)   # resync after resync
+            assert [k for k, _ in rec.calls].count("idle") == 1
+            assert queue._keys["idle"].timer is None
+            queue.forget("busy")
+            assert len(queue) == 1
+        finally:
+            await queue.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_failed_reconcile_is_retried_a_permanent_failure_waits_for_the_next_event():
+    async def scenario() -> None:
+        rec = Recorder()
+        rec.fail = kopf.TemporaryError("not yet", delay=0.01)
+        queue = ReconcileQueue(rec, resync=3600)
+        queue.start()
+        try:
+            queue.update("wf", STOPPED)
+            await until(lambda: len(rec.calls) >= 3)   # retried after its delay, no event needed
+            rec.fail = kopf.PermanentError("never")
+            await until(lambda: isinstance(rec.fail, kopf.PermanentError) and queue._keys["wf"].timer is None
+                        and not queue._running and not queue._queued)
+            calls = len(rec.calls)
+            rec.fail = None
+            queue.update("wf", stopped(1))
+            await until(lambda: len(rec.calls) == calls + 1)
+        finally:
+            await queue.stop()
+
+    asyncio.run(scenario())
