@@ -4,7 +4,9 @@ a "summary": one row per figure with its same-run baseline and the ratio); a tab
 summary is printed at the end. Nothing here asserts a time.
 
 `python -m benchmarks --only ingress [--only api …]` runs those alone and replaces only their
-entries in last-run.json; `python -m benchmarks --list` names them."""
+entries in last-run.json; `python -m benchmarks --list` names them. `operator_scale` (issue 17) runs
+the operator over `--operator-workflows N` STOPPED Workflows (100 by default; the issue's figure is
+1,000: `--only operator_scale --operator-workflows 1000`)."""
 
 from __future__ import annotations
 
@@ -29,16 +31,20 @@ from benchmarks import (
     bench_verify,
 )
 
+#: Settings of the benchmarks that take one, from the command line.
+OPTIONS: dict[str, int] = {"operator_workflows": 100}
+
 BENCHMARKS: dict[str, Callable[[], Awaitable[Any]]] = {
     "api": bench_api.run, "start_to_running": bench_start.run, "ingress": bench_ingress.run,
     "ingress_latency": bench_ingress.run_latency, "read": bench_read.run,
     "egress": bench_egress.run, "opt_in_out": bench_optinout.run, "verify": bench_verify.run,
     "console": bench_console.run,
     "operator": lambda: asyncio.to_thread(bench_operator.run),
+    "operator_scale": lambda: asyncio.to_thread(bench_operator.scale, OPTIONS["operator_workflows"]),
 }
 
 #: Benchmarks that need the Kubernetes test binaries (skipped by --no-k8s).
-K8S = {"operator"}
+K8S = {"operator", "operator_scale"}
 
 
 @dataclass(frozen=True)
@@ -94,6 +100,16 @@ SUMMARY: dict[str, list[tuple[str, str, str, str, str, str]]] = {
                  "s", "lower")],
     "operator": [("operator reaction", "reaction/operator/median_s", "bare watch", "reaction/bare_watch/median_s",
                   "s", "lower")],
+    "operator_scale": [
+        ("cold start, every Workflow phased", "cold_start_every_phase_s", "cluster alone creating them",
+         "cluster_alone_create_s", "s", "lower"),
+        ("operator peak RSS, cold start", "cold_start_peak_rss_mib", "operator with 0 Workflows",
+         "no_workflows/peak_rss_mib", "MiB", "lower"),
+        ("API requests/min, idle", "idle_requests_per_min", "cluster alone", "cluster_alone_requests_per_min",
+         "req/min", "lower"),
+        ("concurrent starts, p95 patch to RUNNING", "concurrent_starts/patch_to_running/p95_s",
+         "bare watch sees the patch, p95", "concurrent_starts/bare_watch/p95_s", "s", "lower"),
+    ],
 }
 
 
@@ -146,6 +162,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-k8s", action="store_true",
                    help=f"skip the benchmarks that start a Kubernetes test cluster ({', '.join(sorted(K8S))})")
     p.add_argument("--list", action="store_true", help="print the benchmarks' names and exit")
+    p.add_argument("--operator-workflows", type=int, default=OPTIONS["operator_workflows"], metavar="N",
+                   help="operator_scale: how many STOPPED Workflows (default: %(default)s)")
     p.add_argument("--output", type=Path, default=Path(__file__).with_name("last-run.json"),
                    help="where to write the results (default: benchmarks/last-run.json)")
     return p
@@ -159,6 +177,7 @@ async def run(names: list[str]) -> dict[str, Any]:
 def main(argv: list[str]) -> int:
     """Parse ``argv`` (``--help`` prints usage and exits before anything starts), then run."""
     args = parser().parse_args(argv)
+    OPTIONS["operator_workflows"] = args.operator_workflows
     if args.list:
         print("\n".join(BENCHMARKS))
         return 0

@@ -6,10 +6,17 @@
 - 200 idle Workflows: operator RSS and API requests per minute (from the API
   server's apiserver_request_total), against the cluster idling without it.
 - Cold start: time for a fresh operator to reconcile 200 existing Workflows.
+
+``scale(N)`` (issue 17; ``python -m benchmarks.bench_operator N``, or ``python -m benchmarks --only
+operator_scale --operator-workflows N``): the operator with 0 Workflows, then a cold start over N
+STOPPED ones (every one has a phase; peak RSS), idle with them (CPU, API requests), and 50 concurrent
+starts (patch -> RUNNING, the fake kubelet running the 50 workers), each against the same run's
+cluster-alone baseline.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -17,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -24,13 +32,16 @@ from typing import Any
 import psutil
 import yaml
 
+from tests.factories import UNREACHABLE_SECRETS, literals
 from tests.k8s.cluster import TestCluster
+from tests.k8s.kubelet import FakeKubelet
 
 ROOT = Path(__file__).resolve().parent.parent
 CRD = ROOT / "charts" / "syncplane" / "crds" / "workflows.syncplane.io.yaml"
 DEFAULT = ROOT / "server" / "syncplane" / "defaults" / "10-contacts-ingress.yaml"
 RUNS = 50
 IDLE = 200
+STARTS = 50
 
 
 def _workflow(name: str, desired: str = "STOPPED") -> dict[str, Any]:
@@ -47,9 +58,11 @@ def _requests_total(cluster: TestCluster) -> float:
                                                            str(text), re.MULTILINE))
 
 
-def _operator(cluster: TestCluster, namespace: str, log: Path) -> subprocess.Popen[bytes]:
+def _operator(cluster: TestCluster, namespace: str, log: Path, *more: str) -> subprocess.Popen[bytes]:
+    """`syncplane operator` watching ``namespace`` (and the ``more`` namespaces)."""
     env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig), "SYNCPLANE_OPERATOR_RESYNC": "60"}
-    return subprocess.Popen([sys.executable, "-m", "syncplane", "operator", "--standalone", "--namespace", namespace,
+    watched = [arg for ns in (namespace, *more) for arg in ("--namespace", ns)]
+    return subprocess.Popen([sys.executable, "-m", "syncplane", "operator", "--standalone", *watched,
                              "--liveness", "http://127.0.0.1:0/healthz"], env=env, stdout=log.open("wb"),
                             stderr=subprocess.STDOUT)
 
@@ -170,18 +183,118 @@ class _Sampler:
         self._thread.join()
 
 
-def scale(count: int, window: float = 60.0) -> dict[str, Any]:
-    """issue 17: ``count`` STOPPED Workflows. Cold start (every one has a phase), the operator's peak RSS,
+def _kubelet(cluster: TestCluster, namespace: str, workdir: Path, stop: threading.Event) -> threading.Thread:
+    """The fake kubelet of ``namespace`` (its pods' workers as local processes), in a thread of its own
+    until ``stop`` is set."""
+
+    async def serve() -> None:
+        async with FakeKubelet(namespace, Path(cluster.kubeconfig), workdir):
+            await asyncio.to_thread(stop.wait)
+
+    thread = threading.Thread(target=asyncio.run, args=(serve(),), daemon=True)
+    thread.start()
+    return thread
+
+
+def concurrent_starts(cluster: TestCluster, ns: str, workdir: Path, count: int = STARTS) -> dict[str, Any]:
+    """``count`` STOPPED Workflows of ``ns`` (which the operator watches) patched to RUNNING at once:
+    per Workflow, the seconds from its patch to phase RUNNING (the Deployment Available under the fake
+    kubelet, the worker's heartbeat ready). Baseline: the same patches seen by a bare watch of the
+    Workflows (the API server's own floor). Secrets with an unreachable token URL: the workers start,
+    their connectors retry."""
+    for secret, data in UNREACHABLE_SECRETS.items():
+        cluster.kubectl("create", "secret", "generic", secret, "-n", ns, *literals(data))
+    names = [f"start-{i:02d}" for i in range(count)]
+    _apply(cluster, ns, [_workflow(n) for n in names])
+
+    def phases() -> dict[str, str]:
+        items = json.loads(cluster.kubectl("get", "workflows", "-n", ns, "-o", "json").stdout)["items"]
+        return {i["metadata"]["name"]: (i.get("status") or {}).get("phase", "") for i in items}
+
+    _wait(cluster, f"{count} workflows STOPPED", lambda: list(phases().values()).count("STOPPED") == count, 300)
+    # One watch prints each change's desired state and phase; its first `count` lines are the listing.
+    watch = subprocess.Popen([str(cluster.kubectl_path), "--kubeconfig", str(cluster.kubeconfig), "get", "workflows",
+                              "-n", ns, "--watch", "--no-headers", "-o",
+                              "custom-columns=N:.metadata.name,D:.spec.desiredState,P:.status.phase"],
+                             stdout=subprocess.PIPE, env=cluster.env, text=True)
+    assert watch.stdout is not None
+    for _ in range(count):
+        watch.stdout.readline()
+    seen: dict[str, float] = {}      # name -> when the watch first showed desiredState RUNNING
+    running: dict[str, float] = {}   # name -> when the watch first showed phase RUNNING
+
+    def follow() -> None:
+        assert watch.stdout is not None
+        for line in watch.stdout:
+            name, desired, phase = [*line.split(), "", "", ""][:3]
+            now = time.monotonic()
+            if desired == "RUNNING":
+                seen.setdefault(name, now)
+            if phase == "RUNNING":
+                running.setdefault(name, now)
+
+    reader = threading.Thread(target=follow, daemon=True)
+    reader.start()
+    stop = threading.Event()
+    kubelet = _kubelet(cluster, ns, workdir, stop)
+    patched: dict[str, float] = {}
+    try:
+        def start(name: str) -> None:
+            patched[name] = time.monotonic()
+            cluster.kubectl("patch", "workflow", name, "-n", ns, "--type", "merge",
+                            "-p", '{"spec":{"desiredState":"RUNNING"}}')
+
+        threads = [threading.Thread(target=start, args=(n,)) for n in names]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        _wait(cluster, f"{count} workflows RUNNING", lambda: len(running) == count, 600)
+    finally:
+        stop.set()
+        kubelet.join(timeout=120)
+        watch.kill()
+        watch.wait()
+    ours = [running[n] - patched[n] for n in names]
+    floor = [seen[n] - patched[n] for n in names if n in seen]
+    return {"workflows": count, "patch_to_running": {**pctl(ours), "max_s": max(ours)},
+            "bare_watch": {**pctl(floor), "max_s": max(floor)}}
+
+
+def operator_alone(cluster: TestCluster, ns: str, log: Path, window: float) -> dict[str, float]:
+    """The operator watching ``ns`` with no Workflow in it, for ``window`` seconds: its peak RSS and
+    CPU share of one core (a measurement window: startup included)."""
+    proc = _operator(cluster, ns, log)
+    sampler = _Sampler(proc.pid)
+    try:
+        cpu0, t0 = sampler.cpu_seconds(), time.monotonic()
+        time.sleep(window)  # a measurement window, not synchronisation
+        return {"peak_rss_mib": sampler.peak_rss / 2**20,
+                "cpu_percent_of_a_core": 100 * (sampler.cpu_seconds() - cpu0) / (time.monotonic() - t0)}
+    finally:
+        sampler.stop()
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def scale(count: int, window: float = 60.0, starts: int = STARTS) -> dict[str, Any]:
+    """issue 17: the operator with 0 Workflows (``window`` seconds), then ``count`` STOPPED Workflows: cold
+    start (every one has a phase; baseline: the cluster alone creating them), the operator's peak RSS,
     then idle for ``window`` seconds: its CPU share of one core and the API requests per minute, against
-    the same cluster idling without it (the baseline, measured first)."""
+    the same cluster idling without it (measured first); then ``starts`` concurrent starts
+    (:func:`concurrent_starts`; 0: none)."""
     out: dict[str, Any] = {"workflows": count}
     with TestCluster() as cluster, tempfile.TemporaryDirectory() as tmp:
         cluster.kubectl("apply", "--server-side", "-f", str(CRD))
         cluster.kubectl("wait", "--for=condition=Established", "crd/workflows.syncplane.io")
-        ns = "bench"
+        ns, starts_ns = "bench", "starts"
         cluster.kubectl("create", "namespace", ns)
+        cluster.kubectl("create", "namespace", starts_ns)
+        out["no_workflows"] = operator_alone(cluster, starts_ns, Path(tmp) / "operator-alone.log", min(window, 20))
+        t_create = time.monotonic()
         for start in range(0, count, 200):
             _apply(cluster, ns, [_workflow(f"idle-{i:04d}") for i in range(start, min(count, start + 200))])
+        out["cluster_alone_create_s"] = time.monotonic() - t_create
 
         def phased() -> int:
             items = json.loads(cluster.kubectl("get", "workflows", "-n", ns, "-o", "json").stdout)["items"]
@@ -192,7 +305,7 @@ def scale(count: int, window: float = 60.0) -> dict[str, Any]:
         time.sleep(window)  # a measurement window, not synchronisation
         out["cluster_alone_requests_per_min"] = (_requests_total(cluster) - before) / ((time.monotonic() - t) / 60)
         t0 = time.monotonic()
-        proc = _operator(cluster, ns, Path(tmp) / "operator.log")
+        proc = _operator(cluster, ns, Path(tmp) / "operator.log", starts_ns)
         sampler = _Sampler(proc.pid)
         try:
             _wait(cluster, f"{count} workflows with a phase", lambda: phased() == count, timeout=900)
@@ -207,6 +320,8 @@ def scale(count: int, window: float = 60.0) -> dict[str, Any]:
                                                      - out["cluster_alone_requests_per_min"])
             out["idle_cpu_percent_of_a_core"] = 100 * (sampler.cpu_seconds() - cpu0) / elapsed
             out["idle_rss_mib"] = sampler.proc.memory_info().rss / 2**20
+            if starts:
+                out["concurrent_starts"] = concurrent_starts(cluster, starts_ns, Path(tmp) / "containers", starts)
             out["peak_rss_mib"] = sampler.peak_rss / 2**20
         finally:
             sampler.stop()
@@ -216,5 +331,14 @@ def scale(count: int, window: float = 60.0) -> dict[str, Any]:
     return out
 
 
+def main(argv: list[str]) -> int:
+    """``python -m benchmarks.bench_operator [N [WINDOW [STARTS]]]``: :func:`scale` (1,000, 60 s, 50)."""
+    count = int(argv[0]) if argv else 1000
+    window = float(argv[1]) if len(argv) > 1 else 60.0
+    starts = int(argv[2]) if len(argv) > 2 else STARTS
+    scale(count, window, starts)
+    return 0
+
+
 if __name__ == "__main__":
-    scale(int(sys.argv[1]) if len(sys.argv) > 1 else 1000)
+    sys.exit(main(sys.argv[1:]))

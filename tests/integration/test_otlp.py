@@ -12,18 +12,11 @@ import asyncio
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
-from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2 as msvc
-from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2_grpc as msvc_grpc
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as tsvc
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc as tsvc_grpc
-from opentelemetry.proto.common.v1 import common_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
 
 from syncplane.proto.v1 import workflow_pb2 as pb
@@ -33,105 +26,15 @@ from syncplane.runtime.embedded import write_sandbox_secrets
 from syncplane.sandbox import SeedSpec, start_sandbox
 from tests.backends import eventually
 from tests.integration.ingress_env import converge, ingress_spec, profiles_match
+from tests.otlp import Received, Span, ancestors, assert_no_secret, by_id, export_env, receiver
 
-
-def _value(v: common_pb2.AnyValue) -> str:
-    kind = v.WhichOneof("value")
-    if kind in ("array_value", "kvlist_value"):
-        return str(v)
-    return str(getattr(v, kind)) if kind else ""
-
-
-def _attrs(kvs: Any) -> dict[str, str]:
-    return {kv.key: _value(kv.value) for kv in kvs}
-
-
-@dataclass
-class Span:
-    service: str
-    span: trace_pb2.Span
-
-    @property
-    def attributes(self) -> dict[str, str]:
-        return _attrs(self.span.attributes)
-
-
-@dataclass
-class Received:
-    spans: list[Span] = field(default_factory=list)
-    metrics: dict[str, set[str]] = field(default_factory=dict)  # service.name → metric names
-    attribute_values: list[tuple[str, str]] = field(default_factory=list)  # every exported (key, value)
-
-    def keep(self, resource: Any) -> str:
-        attributes = _attrs(resource.attributes)
-        self.attribute_values.extend(attributes.items())
-        return attributes.get("service.name", "")
-
-
-class Traces(tsvc_grpc.TraceServiceServicer):
-    def __init__(self, received: Received) -> None:
-        self.received = received
-
-    async def Export(self, request: tsvc.ExportTraceServiceRequest, context: Any) -> tsvc.ExportTraceServiceResponse:
-        for rs in request.resource_spans:
-            service = self.received.keep(rs.resource)
-            for ss in rs.scope_spans:
-                for span in ss.spans:
-                    self.received.spans.append(Span(service, span))
-                    self.received.attribute_values.extend(_attrs(span.attributes).items())
-                    self.received.attribute_values.append(("span.name", span.name))
-        return tsvc.ExportTraceServiceResponse()
-
-
-class Metrics(msvc_grpc.MetricsServiceServicer):
-    def __init__(self, received: Received) -> None:
-        self.received = received
-
-    async def Export(self, request: msvc.ExportMetricsServiceRequest,
-                     context: Any) -> msvc.ExportMetricsServiceResponse:
-        for rm in request.resource_metrics:
-            service = self.received.keep(rm.resource)
-            names = self.received.metrics.setdefault(service, set())
-            for sm in rm.scope_metrics:
-                for metric in sm.metrics:
-                    names.add(metric.name)
-                    data = getattr(metric, metric.WhichOneof("data") or "gauge")
-                    for point in data.data_points:
-                        self.received.attribute_values.extend(_attrs(point.attributes).items())
-        return msvc.ExportMetricsServiceResponse()
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[tuple[str, Received]]:
-    received = Received()
-    server = grpc.aio.server()
-    tsvc_grpc.add_TraceServiceServicer_to_server(Traces(received), server)
-    msvc_grpc.add_MetricsServiceServicer_to_server(Metrics(received), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        yield f"http://127.0.0.1:{port}", received
-    finally:
-        await server.stop(0)
+__all__ = ["receiver"]   # the fixture, used by name
 
 
 @pytest.fixture
 def server_env(receiver: tuple[str, Received]) -> Iterator[dict[str, str]]:
     endpoint, _ = receiver
-    yield {**os.environ, "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_EXPORTER_OTLP_INSECURE": "true",
-           "OTEL_METRIC_EXPORT_INTERVAL": "500", "OTEL_BSP_SCHEDULE_DELAY": "200"}
-
-
-def _by_id(spans: list[Span]) -> dict[bytes, Span]:
-    return {s.span.span_id: s for s in spans}
-
-
-def _ancestors(span: Span, index: dict[bytes, Span]) -> list[Span]:
-    out = []
-    while span.span.parent_span_id and span.span.parent_span_id in index:
-        span = index[span.span.parent_span_id]
-        out.append(span)
-    return out
+    yield {**os.environ, **export_env(endpoint)}
 
 
 @pytest.mark.timeout(300)
@@ -168,7 +71,7 @@ async def test_start_to_vendor_request_is_one_trace_and_metrics_arrive(
                          and s.span.name == "batch"), None)
 
         def chain_of(batch: Span) -> list[str]:
-            return [s.span.name for s in _ancestors(batch, _by_id(received.spans))]
+            return [s.span.name for s in ancestors(batch, by_id(received.spans))]
 
         async def traced() -> bool:
             # Spans arrive as they end: the pass ends after its batches, the batch after its requests.
@@ -183,8 +86,8 @@ async def test_start_to_vendor_request_is_one_trace_and_metrics_arrive(
         start, batch = start_span(), first_batch()
         assert start is not None and batch is not None
         assert start.service == "syncplane-server" and batch.service == "syncplane-worker"
-        index = _by_id(received.spans)
-        chain = _ancestors(batch, index)
+        index = by_id(received.spans)
+        chain = ancestors(batch, index)
         assert [s.span.name for s in chain][-2:] == ["pass", start.span.name], [s.span.name for s in chain]
         first_pass = chain[-2]
         assert first_pass.attributes["workflow"] == "traced" and first_pass.attributes["pass"] == "1"
@@ -212,10 +115,7 @@ async def test_start_to_vendor_request_is_one_trace_and_metrics_arrive(
         tokens = set(sb.d365_tokens._tokens) | set(sb.acs_tokens._tokens)
         assert secrets and tokens
         tokens |= {"eyJzYnguZDM2NSJ9.", "eyJzYnguYWNzIn0."}  # the prefix of every token each emulator issues
-        for key, value in received.attribute_values:
-            assert "Bearer" not in value and "access_token" not in value, key
-            assert not any(s in value for s in secrets | tokens), key
-            assert "?" not in value, (key, value)  # no query string (filters, keys)
+        assert_no_secret(received, secrets | tokens)
     finally:
         proc.terminate()
         await asyncio.to_thread(proc.wait, 60)
