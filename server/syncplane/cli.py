@@ -276,12 +276,31 @@ def operator_(namespaces: tuple[str, ...], standalone: bool, liveness: str, otlp
         telemetry.serve_metrics(metrics_listen)
 
     kopf.configure(verbose=False)
+    liveness = free_port_for(liveness)
     logging.getLogger("syncplane.operator").info(startup_line(
         "operator", listen=liveness, backend="kubernetes", namespaces=list(namespaces),
         metrics=metrics_listen or "off", resync=f"{handlers.resync_from_environment():g}s",
         leader_election="on" if os.environ.get("SYNCPLANE_LEADER_ELECTION_LEASE") else "off"))
     kopf.run(standalone=standalone, namespaces=list(namespaces), clusterwide=not namespaces,
              liveness_endpoint=liveness)
+
+
+def free_port_for(url: str) -> str:
+    """``url`` with port 0 (any free port) replaced by a free port of its host. kopf's health endpoint reads
+    a port of 0 as none and binds 80 (an operator then fails to start wherever port 80 is taken, and two
+    operators with ``:0`` on one machine collide). Found by binding port 0 once, then released: another
+    process could take it in between, as with any port given on the command line."""
+    import socket
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(url)
+    if parts.port != 0 or not parts.hostname:
+        return url
+    with socket.socket(socket.AF_INET6 if ":" in parts.hostname else socket.AF_INET) as sock:
+        sock.bind((parts.hostname, 0))
+        port = sock.getsockname()[1]
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{host}:{port}"))
 
 
 @cli.command(hidden=True)
