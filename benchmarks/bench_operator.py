@@ -183,6 +183,15 @@ class _Sampler:
         self._thread.join()
 
 
+def _phases(cluster: TestCluster, ns: str) -> dict[str, str]:
+    """Each Workflow's phase ("" before its first status); none when the API server answers with an error
+    (it may time out a list while the operator's cold start loads it): the caller polls again."""
+    res = cluster.kubectl("get", "workflows", "-n", ns, "-o", "json", check=False)
+    if res.returncode != 0:
+        return {}
+    return {i["metadata"]["name"]: (i.get("status") or {}).get("phase", "") for i in json.loads(res.stdout)["items"]}
+
+
 def _kubelet(cluster: TestCluster, namespace: str, workdir: Path, stop: threading.Event) -> threading.Thread:
     """The fake kubelet of ``namespace`` (its pods' workers as local processes), in a thread of its own
     until ``stop`` is set."""
@@ -207,11 +216,8 @@ def concurrent_starts(cluster: TestCluster, ns: str, workdir: Path, count: int =
     names = [f"start-{i:02d}" for i in range(count)]
     _apply(cluster, ns, [_workflow(n) for n in names])
 
-    def phases() -> dict[str, str]:
-        items = json.loads(cluster.kubectl("get", "workflows", "-n", ns, "-o", "json").stdout)["items"]
-        return {i["metadata"]["name"]: (i.get("status") or {}).get("phase", "") for i in items}
-
-    _wait(cluster, f"{count} workflows STOPPED", lambda: list(phases().values()).count("STOPPED") == count, 300)
+    _wait(cluster, f"{count} workflows STOPPED",
+          lambda: list(_phases(cluster, ns).values()).count("STOPPED") == count, 300)
     # One watch prints each change's desired state and phase; its first `count` lines are the listing.
     watch = subprocess.Popen([str(cluster.kubectl_path), "--kubeconfig", str(cluster.kubeconfig), "get", "workflows",
                               "-n", ns, "--watch", "--no-headers", "-o",
@@ -297,8 +303,7 @@ def scale(count: int, window: float = 60.0, starts: int = STARTS) -> dict[str, A
         out["cluster_alone_create_s"] = time.monotonic() - t_create
 
         def phased() -> int:
-            items = json.loads(cluster.kubectl("get", "workflows", "-n", ns, "-o", "json").stdout)["items"]
-            return sum(1 for i in items if (i.get("status") or {}).get("phase"))
+            return sum(1 for phase in _phases(cluster, ns).values() if phase)
 
         before = _requests_total(cluster)
         t = time.monotonic()
