@@ -33,7 +33,7 @@ import psutil
 import yaml
 
 from tests.factories import UNREACHABLE_SECRETS, literals
-from tests.k8s.cluster import TestCluster
+from tests.k8s.cluster import ClusterError, TestCluster
 from tests.k8s.kubelet import FakeKubelet
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -205,12 +205,14 @@ def _kubelet(cluster: TestCluster, namespace: str, workdir: Path, stop: threadin
     return thread
 
 
-def concurrent_starts(cluster: TestCluster, ns: str, workdir: Path, count: int = STARTS) -> dict[str, Any]:
+def concurrent_starts(cluster: TestCluster, ns: str, workdir: Path, count: int = STARTS,
+                      deadline: float = 600.0) -> dict[str, Any]:
     """``count`` STOPPED Workflows of ``ns`` (which the operator watches) patched to RUNNING at once:
     per Workflow, the seconds from its patch to phase RUNNING (the Deployment Available under the fake
     kubelet, the worker's heartbeat ready). Baseline: the same patches seen by a bare watch of the
     Workflows (the API server's own floor). Secrets with an unreachable token URL: the workers start,
-    their connectors retry."""
+    their connectors retry. Those not RUNNING ``deadline`` seconds after the patches are counted, not
+    waited for (a worker whose heartbeat goes stale on a loaded machine is ERROR, then restarted)."""
     for secret, data in UNREACHABLE_SECRETS.items():
         cluster.kubectl("create", "secret", "generic", secret, "-n", ns, *literals(data))
     names = [f"start-{i:02d}" for i in range(count)]
@@ -255,16 +257,20 @@ def concurrent_starts(cluster: TestCluster, ns: str, workdir: Path, count: int =
             t.start()
         for t in threads:
             t.join()
-        _wait(cluster, f"{count} workflows RUNNING", lambda: len(running) == count, 600)
+        try:
+            _wait(cluster, f"{count} workflows RUNNING", lambda: len(running) == count, deadline)
+        except ClusterError:   # a figure still: those that made it, and how many did not
+            pass
     finally:
         stop.set()
         kubelet.join(timeout=120)
         watch.kill()
         watch.wait()
-    ours = [running[n] - patched[n] for n in names]
+    ours = [running[n] - patched[n] for n in names if n in running]
     floor = [seen[n] - patched[n] for n in names if n in seen]
-    return {"workflows": count, "patch_to_running": {**pctl(ours), "max_s": max(ours)},
-            "bare_watch": {**pctl(floor), "max_s": max(floor)}}
+    return {"workflows": count, "not_running_within_s": {"count": count - len(ours), "deadline_s": deadline},
+            "patch_to_running": {**pctl(ours), "max_s": max(ours)} if len(ours) > 1 else {},
+            "bare_watch": {**pctl(floor), "max_s": max(floor)} if len(floor) > 1 else {}}
 
 
 def operator_alone(cluster: TestCluster, ns: str, log: Path, window: float) -> dict[str, float]:
@@ -332,7 +338,7 @@ def scale(count: int, window: float = 60.0, starts: int = STARTS) -> dict[str, A
             sampler.stop()
             proc.terminate()
             proc.wait(timeout=60)
-    print(json.dumps(out, indent=1))
+            print(json.dumps(out, indent=1), flush=True)   # what was measured, also when a stage failed
     return out
 
 

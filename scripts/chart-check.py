@@ -72,7 +72,7 @@ RECORDS = "server/syncplane/worker/kube_records.py"
 # Role name suffix -> the verbs that role must grant, exactly.
 VERBS: dict[str, list[Verb]] = {
     "operator": [
-        *_verbs("syncplane.io", "workflows", "list watch", HANDLERS, r"@kopf\.daemon\(GROUP, VERSION, PLURAL",
+        *_verbs("syncplane.io", "workflows", "list watch", HANDLERS, r"@kopf\.on\.event\(GROUP, VERSION, PLURAL",
                 "kopf lists and watches the Workflows it handles"),
         *_verbs("syncplane.io", "workflows", "patch", HANDLERS, r"settings\.persistence\.finalizer",
                 "kopf writes its finalizer and progress annotations"),
