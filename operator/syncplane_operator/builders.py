@@ -145,8 +145,8 @@ def build_worker_deployment(workflow: str, namespace: str, spec_hash: str, gener
 
 
 def build_verify_job(workflow: str, namespace: str, request: VerifyRequest, spec_hash: str, running: bool,
-                     image: WorkerImage | None = None, uid: str = "", secrets: Sequence[str] = (),
-                     generation: int | None = None) -> dict[str, Any]:
+                     image: WorkerImage | None = None, uid: str = "", secrets: Sequence[str] = (), *,
+                     generation: int) -> dict[str, Any]:
     """The one-off Job of a ``syncplane verify`` on Kubernetes (syncplane.verify.kube): the worker pod
     spec (the workflow's own ServiceAccount, its Secrets mounted, the snapshot ``spec_hash`` of
     ``generation``: see ``spec_configmap_name``) running

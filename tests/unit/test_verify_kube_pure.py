@@ -110,7 +110,8 @@ def test_the_verify_job_runs_as_the_workers_do() -> None:
     not indexed as one), never retried, cleaned up after its TTL, and no secret value anywhere."""
     request = VerifyRequest("0123456789abcdef", 5, True)
     image = WorkerImage(image="registry.example/syncplane:1")
-    job = build_verify_job("contacts", "ns", request, "f" * 16, True, image, uid="uid-1", secrets=["d365", "acs"])
+    job = build_verify_job("contacts", "ns", request, "f" * 16, True, image, uid="uid-1", secrets=["d365", "acs"],
+                           generation=3)
     deployment = build_worker_deployment("contacts", "ns", "f" * 16, 3, 1, image, uid="uid-1",
                                          secrets=["d365", "acs"])
     pod, worker_pod = job["spec"]["template"]["spec"], deployment["spec"]["template"]["spec"]
@@ -128,5 +129,5 @@ def test_the_verify_job_runs_as_the_workers_do() -> None:
     labels = job["spec"]["template"]["metadata"]["labels"]
     assert labels[L.WORKFLOW_LABEL] == "contacts" and labels[L.COMPONENT_LABEL] == "verify"
     assert job["metadata"]["name"] == job_name("contacts", request.id)
-    stopped = build_verify_job("contacts", "ns", request, "f" * 16, False, image)
+    stopped = build_verify_job("contacts", "ns", request, "f" * 16, False, image, generation=4)
     assert "--running" not in stopped["spec"]["template"]["spec"]["containers"][0]["args"]
