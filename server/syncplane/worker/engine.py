@@ -49,6 +49,7 @@ from syncplane.contract.report import WorkerReport
 from syncplane.egress import transform as egress
 from syncplane.ingress.deletes import DeleteReconciler
 from syncplane.ingress.transform import EntityTransform, MappingNotSupported
+from syncplane.optinout.sync import OptInOutSync, build_optinout
 from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.telemetry import span_context_of
 from syncplane.validation.spec import max_concurrency
@@ -396,22 +397,14 @@ class Engine:
         self.state_link = LinkHealth()  # the state store's, from the passes' outcomes
 
     def _runner(self, stores: Stores) -> Runner | None:
-        t = self.spec.type
-        if t == pb.WORKFLOW_TYPE_INGRESS:
-            return IngressRunner(self.workflow, self.spec, self.secrets, stores, self.report, self.batch_size,
-                                 self.index)
-        if self.index != 0:
+        """This worker's runner, from :data:`RUNNERS`; None for a spare replica (or no such type)."""
+        entry = RUNNERS.get(self.spec.type)
+        if entry is None:
+            return None
+        factory, every_worker = entry
+        if self.index != 0 and not every_worker:
             return None  # one event feed, one contact table: a single worker does the work
-        if t == pb.WORKFLOW_TYPE_EGRESS:
-            return EgressRunner(self.workflow, self.spec, self.secrets, stores, self.report, self.batch_size)
-        if t == pb.WORKFLOW_TYPE_OPT_IN_OUT:
-            import importlib
-
-            module: Any = importlib.import_module("syncplane.optinout.sync")
-            return OptInOutRunner(module.build_optinout(self.workflow, self.spec, self.secrets, self.state,
-                                                        self.report, checkpoints=stores.checkpoints,
-                                                        letters=stores.letters, repairs=stores.repairs))
-        return None
+        return factory(self, stores)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Sync until ``stop``; raises :class:`FatalError` when retrying cannot help."""
@@ -551,7 +544,7 @@ class Engine:
 class OptInOutRunner:
     """Adapts the opt-in/out sync to the engine's runner."""
 
-    def __init__(self, sync: Any) -> None:
+    def __init__(self, sync: OptInOutSync) -> None:
         self.sync = sync
 
     @property
@@ -572,3 +565,27 @@ class OptInOutRunner:
 
     async def aclose(self) -> None:
         await self.sync.aclose()
+
+
+def _ingress(engine: Engine, stores: Stores) -> Runner:
+    return IngressRunner(engine.workflow, engine.spec, engine.secrets, stores, engine.report, engine.batch_size,
+                         engine.index)
+
+
+def _egress(engine: Engine, stores: Stores) -> Runner:
+    return EgressRunner(engine.workflow, engine.spec, engine.secrets, stores, engine.report, engine.batch_size)
+
+
+def _opt_in_out(engine: Engine, stores: Stores) -> Runner:
+    return OptInOutRunner(build_optinout(engine.workflow, engine.spec, engine.secrets, engine.state, engine.report,
+                                         checkpoints=stores.checkpoints, letters=stores.letters,
+                                         repairs=stores.repairs))
+
+
+#: The runner of each workflow type (``spec.type``), and whether every worker runs one (ingress
+#: splits its tables over the workers) or worker 0 alone (one event feed, one contact table).
+RUNNERS: dict[int, tuple[Callable[[Engine, Stores], Runner], bool]] = {
+    pb.WORKFLOW_TYPE_INGRESS: (_ingress, True),
+    pb.WORKFLOW_TYPE_EGRESS: (_egress, False),
+    pb.WORKFLOW_TYPE_OPT_IN_OUT: (_opt_in_out, False),
+}
