@@ -93,6 +93,8 @@ VERBS: dict[str, list[Verb]] = {
         *_verbs("", "events", "create", RECONCILER, r"kopf\.event\(", "Events on transitions"),
         *_verbs("", "serviceaccounts", "create", RECONCILER, r"create_namespaced_service_account",
                 "each Workflow's own worker ServiceAccount"),
+        *_verbs("", "serviceaccounts", "patch", RECONCILER, r"patch_namespaced_service_account",
+                "the configured annotations and labels (workload identity) on an existing one"),
         *_verbs("rbac.authorization.k8s.io", "rolebindings", "create", RECONCILER,
                 r"create_namespaced_role_binding", "that account bound to the workers' Role"),
         *_verbs("rbac.authorization.k8s.io", "roles", "bind", "operator/syncplane_operator/builders.py",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,6 +19,10 @@ class WorkerImage:
     pull_policy: str = "IfNotPresent"
     # The Role (in each workflow's namespace) every workflow's own ServiceAccount is bound to.
     worker_role: str = "syncplane-worker"
+    # Copied onto each Workflow's own worker ServiceAccount (chart `worker.serviceAccount.annotations`
+    # and `.labels`), e.g. `azure.workload.identity/client-id`: (key, value) pairs.
+    account_annotations: tuple[tuple[str, str], ...] = ()
+    account_labels: tuple[tuple[str, str], ...] = ()
     cpu_request: str = "100m"
     memory_request: str = "128Mi"
     cpu_limit: str = "1"
@@ -50,20 +55,32 @@ def build_checkpoint_configmap(workflow: str, namespace: str) -> dict[str, Any]:
     }
 
 
-def build_worker_identity(workflow: str, namespace: str, role: str) -> list[dict[str, Any]]:
-    """The workflow's own worker identity: the ServiceAccount `syncplane-worker-<workflow>` and a
-    RoleBinding of it to ``role`` (the chart's worker Role: Lease and ConfigMap verbs, no Secrets).
-    RBAC cannot name the objects a worker makes at run time (Leases per pod, a ConfigMap per dead
-    letter); the chart's ValidatingAdmissionPolicy narrows this identity's writes to its own
-    workflow's objects. The caller makes the Workflow their owner, so they go with it."""
+def build_worker_identity(workflow: str, namespace: str, role: str,
+                          image: WorkerImage | None = None) -> list[dict[str, Any]]:
+    """The workflow's own worker identity: the ServiceAccount `syncplane-worker-<workflow>`, with the
+    chart's worker ServiceAccount annotations and labels (``image.account_annotations``/``account_labels``:
+    workload identity), and a RoleBinding of it to ``role`` (the chart's worker Role: Lease and
+    ConfigMap verbs, no Secrets). RBAC cannot name the objects a worker makes at run time (Leases per
+    pod, a ConfigMap per dead letter); the chart's ValidatingAdmissionPolicy narrows this identity's
+    writes to its own workflow's objects. The caller makes the Workflow their owner, so they go with it."""
+    image = image or WorkerImage()
     account = L.worker_service_account_name(workflow)
     meta = {"name": account, "namespace": namespace, "labels": L.worker_labels(workflow)}
+    account_meta = {**meta, "labels": {**dict(image.account_labels), **L.worker_labels(workflow)},
+                    **({"annotations": dict(image.account_annotations)} if image.account_annotations else {})}
     return [
-        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": dict(meta)},
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": account_meta},
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": dict(meta),
          "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role},
          "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": namespace}]},
     ]
+
+
+def identity_hash(identity: Sequence[dict[str, Any]]) -> str:
+    """A digest of `build_worker_identity`'s objects, kept on the worker Deployment
+    (``L.IDENTITY_ANNOTATION``): when it differs (an upgrade, new ServiceAccount annotations) the
+    operator ensures the identity again before replacing the Deployment."""
+    return hashlib.sha256(json.dumps(list(identity), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def secret_volume_name(index: int) -> str:
@@ -113,9 +130,10 @@ def build_worker_pod_spec(workflow: str, spec_configmap: str, args: list[str], i
 
 def build_worker_deployment(workflow: str, namespace: str, spec_hash: str, generation: int, replicas: int,
                             image: WorkerImage | None = None, uid: str = "",
-                            secrets: Sequence[str] = ()) -> dict[str, Any]:
+                            secrets: Sequence[str] = (), identity: str = "") -> dict[str, Any]:
     """The worker Deployment of an applied spec. ``secrets``: the Secret names the spec references,
-    each mounted as `build_worker_pod_spec` says."""
+    each mounted as `build_worker_pod_spec` says. ``identity``: `identity_hash` of the workers'
+    identity, kept as an annotation of the Deployment."""
     image = image or WorkerImage()
     selector = {L.WORKFLOW_LABEL: workflow, **L.COMPONENT_WORKER}
     pod_labels = L.worker_labels(workflow)
@@ -127,7 +145,8 @@ def build_worker_deployment(workflow: str, namespace: str, spec_hash: str, gener
     return {
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": {"name": L.worker_deployment_name(workflow), "namespace": namespace, "labels": pod_labels,
-                     "annotations": {L.SPEC_HASH_ANNOTATION: spec_hash, L.GENERATION_ANNOTATION: str(generation)}},
+                     "annotations": {L.SPEC_HASH_ANNOTATION: spec_hash, L.GENERATION_ANNOTATION: str(generation),
+                                     **({L.IDENTITY_ANNOTATION: identity} if identity else {})}},
         "spec": {
             "replicas": replicas,
             "selector": {"matchLabels": selector},

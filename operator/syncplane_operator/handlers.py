@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import logging
 import os
 from collections.abc import Hashable, Mapping
@@ -55,6 +56,22 @@ def policy_from_environment() -> Policy:
                                                 DEFAULT_POLICY.restart_backoff_cap)))
 
 
+def string_map_from_environment(variable: str) -> tuple[tuple[str, str], ...]:
+    """A JSON object of strings in ``variable`` (the chart renders `worker.serviceAccount.annotations`
+    and `.labels` so), as sorted (key, value) pairs; unset or empty: none. Raises ValueError naming the
+    variable when it is not such an object (the operator does not start)."""
+    text = os.environ.get(variable, "").strip()
+    if not text:
+        return ()
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"{variable} is not JSON: {exc}") from exc
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise ValueError(f"{variable} must be a JSON object of strings")
+    return tuple(sorted(value.items()))
+
+
 @kopf.on.startup()
 async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: Any) -> None:
     # kopf's own bookkeeping goes into annotations under our prefix, not status.
@@ -86,7 +103,9 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: 
     env = os.environ.get
     memo.image = WorkerImage(image=env("SYNCPLANE_WORKER_IMAGE", WorkerImage.image),
                              pull_policy=env("SYNCPLANE_WORKER_IMAGE_PULL_POLICY", WorkerImage.pull_policy),
-                             worker_role=env("SYNCPLANE_WORKER_ROLE", WorkerImage.worker_role))
+                             worker_role=env("SYNCPLANE_WORKER_ROLE", WorkerImage.worker_role),
+                             account_annotations=string_map_from_environment("SYNCPLANE_WORKER_SA_ANNOTATIONS"),
+                             account_labels=string_map_from_environment("SYNCPLANE_WORKER_SA_LABELS"))
     # With replicas, only the Lease holder gets past startup (kopf starts no watch before then).
     memo.leader = LeaderElection.from_environment(api_client)
     if memo.leader is not None:

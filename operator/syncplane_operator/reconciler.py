@@ -37,6 +37,7 @@ from syncplane_operator.builders import (
     build_verify_job,
     build_worker_deployment,
     build_worker_identity,
+    identity_hash,
 )
 from syncplane_operator.observe import observe
 from syncplane_operator.telemetry import observed_reconcile
@@ -96,14 +97,17 @@ async def load_snapshot(api: Clients, namespace: str, workflow: str, spec_hash: 
     return None
 
 
-async def _create(call: Any, namespace: str, body: dict[str, Any]) -> None:
+async def _create(call: Any, namespace: str, body: dict[str, Any]) -> bool:
+    """Create a child; False when it was already there (children are idempotent)."""
     from kubernetes_asyncio.client.exceptions import ApiException
 
     try:
         await call(namespace, body)
     except ApiException as exc:
-        if exc.status != 409:  # already there: children are idempotent
+        if exc.status != 409:
             raise
+        return False
+    return True
 
 
 @observed_reconcile
@@ -201,15 +205,21 @@ async def ensure_checkpoints(api: Clients, owner: kopf.Body) -> None:
     await _create(api.core.create_namespaced_config_map, namespace, cm)
 
 
-async def ensure_worker_identity(api: Clients, owner: kopf.Body, role: str) -> None:
-    """Before a worker Deployment is created or replaced: the workflow's own ServiceAccount and its
-    RoleBinding to ``role``, owned by the Workflow. Create-if-missing (409 keeps what is there)."""
+async def ensure_worker_identity(api: Clients, owner: kopf.Body, image: WorkerImage) -> None:
+    """Before a worker Deployment (or a verify Job) is created or replaced: the workflow's own
+    ServiceAccount and its RoleBinding to the chart's worker Role, owned by the Workflow.
+    Create-if-missing; a ServiceAccount already there gets the configured annotations and labels
+    (merge patch: workload identity set by a later `helm upgrade` reaches the Workflows that exist)."""
     namespace = str(owner.metadata.namespace)
-    account, binding = build_worker_identity(str(owner.metadata.name), namespace, role)
+    account, binding = build_worker_identity(str(owner.metadata.name), namespace, image.worker_role, image)
     for body, create in ((account, api.core.create_namespaced_service_account),
                          (binding, api.rbac.create_namespaced_role_binding)):
         kopf.adopt(body, owner=owner)
-        await _create(create, namespace, body)
+        created = await _create(create, namespace, body)
+        if body is account and not created and (image.account_annotations or image.account_labels):
+            meta = account["metadata"]
+            await api.core.patch_namespaced_service_account(
+                meta["name"], namespace, {"metadata": {k: meta[k] for k in ("annotations", "labels") if k in meta}})
 
 
 async def converge(api: Clients, owner: kopf.Body, deployment: Mapping[str, Any] | None, target: int,
@@ -222,21 +232,27 @@ async def converge(api: Clients, owner: kopf.Body, deployment: Mapping[str, Any]
             await api.apps.patch_namespaced_deployment(L.worker_deployment_name(str(name)), namespace,
                                                        {"spec": {"replicas": 0}})
         return
+    identity = identity_hash(build_worker_identity(str(name), str(namespace), image.worker_role, image))
     want = build_worker_deployment(str(name), str(namespace), status.applied_spec_hash, status.applied_generation,
-                                   target, image, uid=str(owner.metadata.uid or ""), secrets=secrets)
+                                   target, image, uid=str(owner.metadata.uid or ""), secrets=secrets,
+                                   identity=identity)
     kopf.adopt(want, owner=owner)
     if deployment is None:
-        await ensure_worker_identity(api, owner, image.worker_role)
+        await ensure_worker_identity(api, owner, image)
         await _create(api.apps.create_namespaced_deployment, str(namespace), want)
         return
-    current_hash = ((deployment.get("metadata") or {}).get("annotations") or {}).get(L.SPEC_HASH_ANNOTATION)
+    annotations = (deployment.get("metadata") or {}).get("annotations") or {}
+    current_hash = annotations.get(L.SPEC_HASH_ANNOTATION)
     current_replicas = (deployment.get("spec") or {}).get("replicas")
     # a Deployment from before per-workflow identities runs under another account: replaced too
     current_account = (((deployment.get("spec") or {}).get("template") or {}).get("spec") or {}).get(
         "serviceAccountName")
+    # an identity changed since (new ServiceAccount annotations: workload identity) is ensured before the
+    # Deployment is replaced
     if (current_hash != status.applied_spec_hash or current_replicas != target
-            or current_account != L.worker_service_account_name(str(name))):
-        await ensure_worker_identity(api, owner, image.worker_role)
+            or current_account != L.worker_service_account_name(str(name))
+            or annotations.get(L.IDENTITY_ANNOTATION) != identity):
+        await ensure_worker_identity(api, owner, image)
         await api.apps.replace_namespaced_deployment(L.worker_deployment_name(str(name)), namespace, want)
 
 
@@ -267,7 +283,7 @@ async def ensure_verify_job(api: Clients, owner: kopf.Body, wf: pb.Workflow, app
         cm = build_spec_configmap(name, namespace, applied_view_resource(spec), hash_, generation)
         kopf.adopt(cm, owner=owner)
         await _create(api.core.create_namespaced_config_map, namespace, cm)
-    await ensure_worker_identity(api, owner, image.worker_role)
+    await ensure_worker_identity(api, owner, image)
     job = build_verify_job(name, namespace, request, hash_, running, image, uid=str(owner.metadata.uid or ""),
                            secrets=list(secret_references(spec)), generation=generation)
     kopf.adopt(job, owner=owner)

@@ -403,6 +403,9 @@ def test_lifecycle_under_the_charts_rbac(k8s_cluster, workflow_crd, namespace, c
         events = iter(watch)
         assert next(events).workflow.name == f"workflows/{workflow_id}"   # the initial listing
 
+        # the workflow's worker ServiceAccount as an earlier release left it, without the workload identity
+        # the values now configure: the operator annotates it (issue 13 item 2, workload identity)
+        k8s_cluster.kubectl("create", "serviceaccount", worker_service_account_name(workflow_id), "-n", namespace)
         # start: the operator creates the worker Deployment under the workflow's own ServiceAccount
         stub.StartWorkflow(svc.StartWorkflowRequest(name=f"workflows/{workflow_id}"))
         # then the live watch (status updates by the operator may come first)
@@ -415,6 +418,10 @@ def test_lifecycle_under_the_charts_rbac(k8s_cluster, workflow_crd, namespace, c
         pod_spec = get(k8s_cluster, namespace, "deployment", f"{workflow_id}-worker")["spec"]["template"]["spec"]
         # the workflow's own ServiceAccount, created by the operator and bound to the chart's worker Role
         assert pod_spec["serviceAccountName"] == worker_service_account_name(workflow_id)
+        values = yaml.safe_load((CHART / "ci" / "namespaced-values.yaml").read_text())["worker"]["serviceAccount"]
+        account = get(k8s_cluster, namespace, "serviceaccount", worker_service_account_name(workflow_id))["metadata"]
+        assert account["annotations"] == values["annotations"]
+        assert account["labels"].items() >= values["labels"].items()
         # each worker logs in with a token bound to its pod (the admission policy then holds it to its own
         # pod's heartbeat Lease)
         as_worker = SimpleNamespace(kubectl=k8s_cluster.kubectl, kubeconfig_for=lambda pod: token_kubeconfig(

@@ -240,3 +240,42 @@ def test_a_worker_writes_only_its_own_workflows_objects(k8s_cluster, namespace, 
     server = token_kubeconfig(k8s_cluster, namespace, f"{chart_release}-syncplane-server", tmp_path / "server")
     assert request(k8s_cluster, server, namespace, "patch", object_of("dead letter", OTHER),
                    {"metadata": {"labels": {"syncplane.io/retry": "true"}}})
+
+
+# -- workload identity: the chart's worker ServiceAccount settings on each Workflow's own account ----------------
+WORKLOAD_IDENTITY = {"azure.workload.identity/client-id": "00000000-0000-0000-0000-0000000000aa"}
+
+
+def test_each_workflows_account_carries_the_configured_workload_identity(k8s_cluster, workflow_crd, namespace,
+                                                                        monkeypatch, tmp_path):
+    """Issue 13 item 2: a per-Workflow worker ServiceAccount keeps the chart's worker ServiceAccount
+    annotations and labels (`worker.serviceAccount.*`, the operator's SYNCPLANE_WORKER_SA_* variables),
+    and an upgrade that sets them reaches the Workflows already running: an operator without them makes
+    the identity, the next one, configured, annotates that account (the Deployment's identity digest)."""
+    from kopf.testing import KopfRunner
+
+    from tests.k8s.test_operator import create_workflow, get, start_until_available
+
+    monkeypatch.setenv("KUBECONFIG", str(k8s_cluster.kubeconfig))
+    monkeypatch.setenv("SYNCPLANE_OPERATOR_RESYNC", "2")
+    args = ["run", "--standalone", "--namespace", namespace, "-m", "syncplane_operator.handlers"]
+    account = worker_service_account_name
+    with KopfRunner(args, timeout=60) as first:
+        name, _ = create_workflow(k8s_cluster, namespace, tmp_path)
+        start_until_available(k8s_cluster, namespace, name)
+    assert first.exception is None, first.output
+    before = get(k8s_cluster, namespace, "serviceaccount", account(name))["metadata"]
+    assert not set(WORKLOAD_IDENTITY) & set(before.get("annotations") or {})
+
+    monkeypatch.setenv("SYNCPLANE_WORKER_SA_ANNOTATIONS", json.dumps(WORKLOAD_IDENTITY))
+    monkeypatch.setenv("SYNCPLANE_WORKER_SA_LABELS", json.dumps({"azure.workload.identity/use": "true"}))
+    with KopfRunner(args, timeout=60) as second:
+        def meta() -> dict[str, Any]:
+            return dict(get(k8s_cluster, namespace, "serviceaccount", account(name))["metadata"])
+
+        k8s_cluster.wait_until("the workload identity on the workflow's account",
+                               lambda: (meta().get("annotations") or {}).items() >= WORKLOAD_IDENTITY.items(),
+                               timeout=60)
+        assert meta()["labels"]["azure.workload.identity/use"] == "true"
+        assert meta()["labels"][WORKFLOW_LABEL] == name
+    assert second.exception is None, second.output

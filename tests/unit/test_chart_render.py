@@ -23,7 +23,7 @@ from syncplane.cli import cli
 from syncplane.contract.names import WORKER_ACCOUNT_PREFIX
 from syncplane.model.convert import from_resource
 from syncplane.validation.spec import apply_defaults, validate_spec
-from syncplane_operator.builders import build_worker_deployment, build_worker_identity
+from syncplane_operator.builders import WorkerImage, build_worker_deployment, build_worker_identity
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "syncplane"
@@ -452,3 +452,30 @@ def test_the_notes_create_every_secret_the_examples_reference_and_give_the_unins
     order = [notes.index(step) for step in ("kubectl delete workflows --all", "helm uninstall",
                                             "kubectl delete crd workflows.syncplane.io")]
     assert order == sorted(order)
+
+
+def test_the_workers_serviceaccount_settings_reach_each_workflows_account(helm, monkeypatch):
+    """Issue 13 item 2: `worker.serviceAccount.annotations` (workload identity) and `.labels` go to the
+    operator, which puts them on every Workflow's own worker ServiceAccount."""
+    from syncplane_operator.handlers import string_map_from_environment
+
+    docs = check.render(helm, "--set", r"worker.serviceAccount.annotations.azure\.workload\.identity/client-id=abc",
+                        "--set-string", r"worker.serviceAccount.labels.azure\.workload\.identity/use=true")
+    for e in _container(docs, "syncplane-operator")["env"]:
+        monkeypatch.setenv(e["name"], e.get("value") or "")
+    image = WorkerImage(account_annotations=string_map_from_environment("SYNCPLANE_WORKER_SA_ANNOTATIONS"),
+                        account_labels=string_map_from_environment("SYNCPLANE_WORKER_SA_LABELS"))
+    account = build_worker_identity("wf", "ns", "r", image)[0]
+    assert account["metadata"]["annotations"] == {"azure.workload.identity/client-id": "abc"}
+    assert account["metadata"]["labels"]["azure.workload.identity/use"] == "true"
+    assert account["metadata"]["labels"]["syncplane.io/workflow"] == "wf"   # its own labels win
+    assert "annotations" not in build_worker_identity("wf", "ns", "r")[0]["metadata"]   # none by default
+
+
+@pytest.mark.parametrize("value", ["[1]", '{"a": 1}', "not json"])
+def test_a_malformed_serviceaccount_setting_stops_the_operator_naming_it(monkeypatch, value):
+    from syncplane_operator.handlers import string_map_from_environment
+
+    monkeypatch.setenv("SYNCPLANE_WORKER_SA_LABELS", value)
+    with pytest.raises(ValueError, match="SYNCPLANE_WORKER_SA_LABELS"):
+        string_map_from_environment("SYNCPLANE_WORKER_SA_LABELS")

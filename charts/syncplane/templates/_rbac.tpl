@@ -39,9 +39,10 @@ and tests/k8s/test_chart.py runs the lifecycle under exactly these grants).
   verbs: ["create"]
 # each Workflow's own worker identity: a ServiceAccount and its RoleBinding to the worker Role, and no other
 # Role (`bind` by name: the operator itself holds none of the workers' verbs)
+# (annotated for workload identity, `worker.serviceAccount`: patch on one that exists)
 - apiGroups: [""]
   resources: ["serviceaccounts"]
-  verbs: ["create"]
+  verbs: ["create", "patch"]
 - apiGroups: ["rbac.authorization.k8s.io"]
   resources: ["rolebindings"]
   verbs: ["create"]

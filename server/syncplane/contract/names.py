@@ -25,6 +25,8 @@ COMPONENT_VERIFY = {COMPONENT_LABEL: "verify"}
 # -- annotations ------------------------------------------------------------------------------
 SPEC_HASH_ANNOTATION = f"{PREFIX}/spec-hash"
 GENERATION_ANNOTATION = f"{PREFIX}/applied-generation"
+#: On worker Deployments: a digest of the workers' identity (the operator's builders.identity_hash).
+IDENTITY_ANNOTATION = f"{PREFIX}/worker-identity"
 #: On heartbeat Leases: the worker's JSON report (:class:`syncplane.contract.report.WorkerReport`).
 REPORT_ANNOTATION = f"{PREFIX}/report"
 #: On a Workflow: the request_id of the last create/update made through the API server (idempotency).
