@@ -78,7 +78,6 @@ def worker_pid(plane: ControlPlane) -> int | None:
     return procs[0].pid if procs else None
 
 
-@pytest.mark.timeout(1200)
 async def load_then_update_and_delete(plane: ControlPlane, sb: Sandbox, contacts: int, spec: pb.WorkflowSpec,
                                       updates: int, deletes: int, card_deletes: int) -> None:
     """A first load of ``contacts`` contacts and their cards, then updates and deletes through change
@@ -123,6 +122,7 @@ async def filter_to_active_contacts(plane: ControlPlane, sb: Sandbox, spec: pb.W
                    lambda: "the filter change: " + diff(active, actual_profiles(sb)))
 
 
+@pytest.mark.timeout(1200)
 async def test_full_ingress_then_updates_deletes_and_filter_change(plane: ControlPlane) -> None:
     sb = await sandbox_with(SeedSpec(contacts=50_000, loyalty_cards=2_000, seed=7))
     try:
