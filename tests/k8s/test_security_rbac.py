@@ -42,6 +42,7 @@ TABLE: list[tuple[str, str, str, str, bool]] = [
     # the workers
     ("worker", "get", "secrets", "{tls}", False),             # the API server's TLS key
     ("worker", "get", "secrets", "unrelated", False),         # a Secret no workflow references
+    ("worker", "get", "secrets", "{token}", False),  # the API token Secret (token auth mode)
     ("worker", "get", "secrets", "d365-sandbox", False),      # even a referenced one: mounted, not read
     ("worker", "list", "secrets", "", False),
     ("worker", "get", "leases", "{leader}", False),           # the operator's leader Lease
@@ -56,6 +57,7 @@ TABLE: list[tuple[str, str, str, str, bool]] = [
     # the API server
     ("server", "get", "secrets", "{tls}", False),
     ("server", "get", "secrets", "unrelated", False),
+    ("server", "get", "secrets", "{token}", False),  # the API token Secret (token auth mode)
     ("server", "list", "secrets", "", False),
     ("server", "update", "leases", "{leader}", False),
     ("server", "patch", "configmaps", "other-checkpoints", True),   # RetryDeadLetters labels dead letters
@@ -67,6 +69,7 @@ TABLE: list[tuple[str, str, str, str, bool]] = [
     # the operator
     ("operator", "get", "secrets", "{tls}", False),
     ("operator", "get", "secrets", "unrelated", False),
+    ("operator", "get", "secrets", "{token}", False),  # the API token Secret (token auth mode)
     ("operator", "list", "secrets", "", False),
     ("operator", "update", "leases", "{leader}", True),
     ("operator", "update", "leases", "another-lease", False),
@@ -99,7 +102,8 @@ def can_i(cluster: Any, namespace: str, release: str, who: str, verb: str, resou
     ns = namespace
     if name.startswith("@"):
         ns, name = name[1:], ""
-    name = name.format(tls=f"{release}-syncplane-server-tls", leader=f"{release}-syncplane-operator-leader")
+    name = name.format(tls=f"{release}-syncplane-server-tls", leader=f"{release}-syncplane-operator-leader",
+                       token=f"{release}-syncplane-server-token")
     target = f"{resource}/{name}" if name else resource
     res = cluster.kubectl("auth", "can-i", verb, target, "-n", ns, f"--as={account}", check=False)
     answer = res.stdout.strip()
