@@ -179,6 +179,10 @@ class DynamicsSource:
             if isinstance(next_link, str):
                 followed.add(next_link)
                 fetch = asyncio.ensure_future(self._get(next_link, annotations))
+                # Let it send its request now, so that the service makes the next page while this
+                # one is turned into records (without this the request left only once the caller
+                # awaited something, after the records were built: one page after the other).
+                await asyncio.sleep(0)
             try:
                 records = [self._record(row, key) for row in body.get("value", [])]
                 if isinstance(next_link, str):
@@ -235,7 +239,12 @@ class DynamicsSource:
     def _record(self, row: dict[str, Any], key_column: str) -> Record:
         if "reason" in row and "id" in row and str(row.get("@odata.context", "")).endswith("$deletedEntity"):
             return Record(str(row["id"]), deleted=True)
-        values = {k: v for k, v in row.items() if not k.startswith("@")}
+        # The row is this read's own (just parsed): its annotations ("@odata.etag" on every row) are
+        # taken out in place rather than every value copied into a new dict.
+        values = row
+        values.pop("@odata.etag", None)
+        for name in [name for name in values if name[:1] == "@"]:
+            del values[name]
         key = values.get(key_column)
         if key is None:
             raise ConnectorError("MISSING_KEY", f"a row came back without its key column {key_column!r}")
