@@ -16,7 +16,16 @@ MAX_WORKERS = 16
 # requests"); Campaign Standard publishes no limit: 256 bounds what one worker attempts.
 MAX_CONCURRENCY_DYNAMICS365 = 52
 MAX_CONCURRENCY_CAMPAIGN = 256
-DEFAULT_MAX_CONCURRENCY = 16   # what 0 (unset) means; see README "Concurrency" for the measurement
+# What 0 (unset) means. Measured 2026-11-29 (issue 18), worker steady records/s by destination
+# concurrency, 4,000 contacts, two rounds, each against a bare writer at the same concurrency in the same
+# run (bench_ingress._worker_run and _bare, driven per concurrency; `python -m benchmarks --only ingress
+# --only ingress_latency` runs the fixed set): at 20 ms, 8: 50/42, 16: 72/88, 32: 56/81, 52: 78/75 rec/s
+# (bare writer 97/99, 70/145, 95/137, 147/156); at 0 ms (one round), 8: 59, 16: 63, 52: 81 rec/s (bare 81,
+# 158, 140). The machine ran at a load average of 17-28 on 2 cores (normal:
+# ~7,000 rec/s at 0 ms), so every run was CPU-starved and no concurrency beat 16 beyond the noise: the
+# default stays 16, to be measured again on a quiet machine (the issue's earlier bare writers at 52 and
+# 128 in flight were 2.4-2.6x faster at 20 ms). AIMD lowers it on 429s or rising latency either way.
+DEFAULT_MAX_CONCURRENCY = 16
 MAX_REPLAY_ROWS = 2_000_000     # a replay is refused at this backlog or table size
 PROFILE_RESOURCE = "profile"
 
