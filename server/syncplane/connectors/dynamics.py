@@ -179,11 +179,13 @@ class DynamicsSource:
             if isinstance(next_link, str):
                 followed.add(next_link)
                 fetch = asyncio.ensure_future(self._get(next_link, annotations))
-                # Let it send its request now, so that the service makes the next page while this
-                # one is turned into records (without this the request left only once the caller
-                # awaited something, after the records were built: one page after the other).
-                await asyncio.sleep(0)
             try:
+                if fetch is not None:
+                    # Let it send its request now, so that the service makes the next page while this
+                    # one is turned into records (without this the request left only once the caller
+                    # awaited something, after the records were built: one page after the other).
+                    # Inside the try: a cancellation here cancels the fetch too.
+                    await asyncio.sleep(0)
                 records = [self._record(row, key) for row in body.get("value", [])]
                 if isinstance(next_link, str):
                     page_cursor = encode_cursor(full, next_link)
