@@ -28,6 +28,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import grpc
 import pytest
 import yaml
 from aiohttp import ClientSession, ClientTimeout, TCPConnector, web
@@ -497,6 +498,16 @@ def test_lifecycle_under_the_charts_rbac(k8s_cluster, workflow_crd, namespace, c
         wait(k8s_cluster, namespace, f"pod/{workers[1].pod}", "delete")
         workers[1].stop()
         k8s_cluster.wait_until("STOPPED again", lambda: phase(stub, workflow_id) == "PHASE_STOPPED", timeout=90)
+
+        # verify: the server records the request and watches for the answer, the operator creates the Job (run
+        # as the worker identity). No kubelet runs that Job's pod here (the workers above run by hand), so the
+        # call ends with the reason before its deadline; the whole verify is tests/k8s/test_verify_kubernetes.py.
+        verifying = stub.VerifyWorkflow.future(svc.VerifyWorkflowRequest(name=parent), timeout=30)
+        k8s_cluster.wait_until("the operator to create the verify Job", lambda: json.loads(k8s_cluster.kubectl(
+            "get", "jobs", "-n", namespace, "-o", "json").stdout)["items"] != [], timeout=30)
+        failed = verifying.exception()
+        assert isinstance(failed, grpc.Call) and failed.code() == grpc.StatusCode.UNAVAILABLE, failed
+        assert "kubectl describe job" in str(failed.details()), failed.details()
         stub.DeleteWorkflow(svc.DeleteWorkflowRequest(name=f"workflows/{workflow_id}"))
         wait(k8s_cluster, namespace, f"workflow/{workflow_id}", "delete")
         events = json.loads(k8s_cluster.kubectl("get", "events", "-n", namespace, "--field-selector",
