@@ -157,7 +157,9 @@ def layer_findings(files: list[LayerFile], context: dict[str, str]) -> list[str]
             found.append(f"secret-looking path: {f.path}")
         if f.path.startswith(BUILD_LEFTOVERS):
             found.append(f"build-stage path: {f.path}")
-        if f.path.startswith(PACKAGE) and re.search(r"/(tests?|scripts|charts|proto)/", f.path):
+        # (the package's proto/ holds the generated stubs, runtime code; the .proto sources are not)
+        if f.path.startswith(PACKAGE) and (re.search(r"/(tests?|scripts|charts)/", f.path)
+                                           or f.path.endswith(".proto")):
             found.append(f"not runtime code: {f.path}")
         if f.private_key and f.path not in debian:
             found.append(f"private key: {f.path}")
@@ -181,6 +183,7 @@ KEY = (b"-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIKqHm0zRtpuB6FEX2EExam
     (_file("src/pyproject.toml", b"other"), "build-stage path"),
     (_file("wheels/x.whl"), "build-stage path"),
     (_file(SITE + "syncplane/tests/test_x.py", b"y"), "not runtime code"),
+    (_file(SITE + "syncplane/proto/v1/workflow.proto", b"syntax"), "not runtime code"),
     (_file("etc/ssl/private/server.pem", KEY), "private key"),
 ])
 def test_the_layer_check_finds_each_kind_of_leak(leak: LayerFile, why: str) -> None:
@@ -188,6 +191,7 @@ def test_the_layer_check_finds_each_kind_of_leak(leak: LayerFile, why: str) -> N
     clean = [_file("var/lib/dpkg/info/libgnutls30:amd64.list", text="/usr/lib/libgnutls.so.30\n"),
              _file("usr/lib/libgnutls.so.30", b"\0" + KEY),                 # a Debian library's test vectors
              _file(SITE + "syncplane/cli.py", b"the makefile"),             # the package's own files, installed
+             _file(SITE + "syncplane/proto/v1/workflow_pb2.py", b"stubs"),  # generated stubs: runtime code
              _file("etc/ssl/certs/ca-certificates.crt", b"-----BEGIN CERTIFICATE-----")]
     assert layer_findings(clean, context) == []
     found = layer_findings([*clean, leak], context)
