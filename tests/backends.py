@@ -61,6 +61,18 @@ class ApiPlane(Protocol):
         """The workers' own reports (the /status JSON embedded, the heartbeat Leases' on Kubernetes)."""
         ...
 
+    def worker_logs(self) -> list[Path]:
+        """Every worker's log file so far, those of stopped workers included: the supervisor's
+        `<wf>.<i>.log*` and `.out` files embedded, each container's log on Kubernetes."""
+        ...
+
+
+def error_lines(logs: list[Path]) -> list[str]:
+    """`<file>: <line>` for each ERROR or traceback line in these log files (normal use logs none:
+    issue 14, fault 6)."""
+    return [f"{log.name}: {line}" for log in logs if log.is_file()
+            for line in log.read_text(errors="replace").splitlines() if " ERROR " in line or "Traceback" in line]
+
 
 async def revision(stub: svc_grpc.WorkflowServiceStub, name: str) -> int:
     """The watch revision now (of an existing workflow), to follow what happens next on either

@@ -119,6 +119,11 @@ class ControlPlane:
                 reports.append((await http.get(f"http://127.0.0.1:{port}/status")).json())
         return reports
 
+    def worker_logs(self) -> list[Path]:
+        """The supervisor's worker logs: `<wf>.<i>.log` (rotated) and `.out` (what escaped logging)."""
+        logs = self.data_dir / "run" / "logs"
+        return sorted([*logs.glob("*.log*"), *logs.glob("*.out")])
+
 
 def _workflow_of(proc: psutil.Process) -> str:
     cmd = proc.info["cmdline"] or []

@@ -19,7 +19,7 @@ from google.protobuf import field_mask_pb2
 from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.proto.v1 import workflow_service_pb2 as svc
 from syncplane.runtime.processes import read_port
-from tests.backends import ApiPlane, eventually, revision
+from tests.backends import ApiPlane, error_lines, eventually, revision
 from tests.integration.conftest import ControlPlane, watch_until
 
 TIMEOUT = 90.0   # a start on Kubernetes: a rollout of fake pods, then the workers' first heartbeats
@@ -88,13 +88,12 @@ async def test_full_lifecycle(cp: ApiPlane, caplog: pytest.LogCaptureFixture):
     await eventually(gone, "the deleted workflow and its workers to be gone", TIMEOUT)
 
     # Normal use logs no ERROR: the server and the controller (the supervisor, or the operator
-    # under KopfRunner) log in this process; embedded workers log to files of the data directory.
+    # under KopfRunner) log in this process; the workers, which drained twice (the stop, the
+    # delete), log to files: the data directory's embedded, each container's on Kubernetes.
     errors = [f"{r.name}: {r.getMessage()}" for r in caplog.records if r.levelno >= logging.ERROR]
-    if isinstance(cp, ControlPlane):
-        logs = cp.data_dir / "run" / "logs"   # <wf>.<i>.log (rotated) and .out (what escaped logging)
-        errors += [f"{log.name}: {line}" for log in [*logs.glob("*.log*"), *logs.glob("*.out")]
-                   for line in log.read_text().splitlines() if " ERROR " in line or "Traceback" in line]
-    assert not errors, errors
+    logs = cp.worker_logs()
+    assert logs, "no worker log found"
+    assert not errors + error_lines(logs), errors + error_lines(logs)
 
 
 async def test_restart_applies_latest_spec(cp: ApiPlane):

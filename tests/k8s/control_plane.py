@@ -52,6 +52,10 @@ class KubeControlPlane:
         leases = await self.kubelet.leases(f"{WORKFLOW_LABEL}={workflow_id}")
         return [json.loads(lease.metadata.annotations[REPORT_ANNOTATION]) for lease in leases]
 
+    def worker_logs(self) -> list[Path]:
+        """Each worker container's output (its log), written by the fake kubelet, stopped ones included."""
+        return sorted(self.kubelet.workdir.glob("*.log"))
+
 
 def prepare_namespace(cluster: Any, namespace: str) -> None:
     """What the user creates: the referenced Secrets (the operator makes each workflow's ServiceAccount)."""
