@@ -22,7 +22,8 @@ ROWS = [SourceType(t) for t in ("String", "Memo", "EntityName", "Boolean", "Inte
                                 "Customer", "Owner", "PartyList", "Virtual")] + \
     [SourceType("DateTime", b) for b in ("UserLocal", "DateOnly", "TimeZoneIndependent")]
 
-# The documented cells (README "Mapping rules"): (row, destination) that convert; all others are
+# The documented cells (server/syncplane/ingress/README.md, "The conversion table"; the document itself is
+# checked against the code in test_ingress_rules_doc.py): (row, destination) that convert; all others are
 # start-time problems. "string" takes every readable type (DOMAIN.md: anything else is a string).
 READABLE = {r.row for r in ROWS} - {"PartyList", "Virtual"}
 CONVERTS = {(row, "string") for row in READABLE} | {
