@@ -67,7 +67,7 @@ RECONCILER = "operator/syncplane_operator/reconciler.py"
 LEADER = "operator/syncplane_operator/leader.py"
 STORE = "server/syncplane/store/kubernetes.py"
 HEARTBEAT = "server/syncplane/worker/heartbeat.py"
-RECORDS = "server/syncplane/worker/kube_records.py"
+RECORDS = "server/syncplane/state/kube_records.py"
 
 # Role name suffix -> the verbs that role must grant, exactly.
 VERBS: dict[str, list[Verb]] = {
@@ -130,7 +130,7 @@ VERBS: dict[str, list[Verb]] = {
                 "first heartbeat"),
         *_verbs("coordination.k8s.io", "leases", "delete", HEARTBEAT, r"delete_namespaced_lease",
                 "heartbeat removed on a clean stop"),
-        *_verbs("", "configmaps", "get create patch", "server/syncplane/worker",
+        *_verbs("", "configmaps", "get create patch", "server/syncplane/state",
                 r"(read|create|patch)_namespaced_config_map",
                 "the `<workflow>-checkpoints` ConfigMap: cursors read on start and merge-patched after each "
                 "written page; created again if it was deleted while the worker ran"),

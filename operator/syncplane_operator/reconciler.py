@@ -20,6 +20,7 @@ import kopf
 
 from syncplane.contract import names as L
 from syncplane.contract.names import VERIFY_REQUEST_ANNOTATION
+from syncplane.credentials import secret_references
 from syncplane.lifecycle import DEFAULT_POLICY, Policy
 from syncplane.lifecycle import reconcile as decide
 from syncplane.lifecycle.drift import LIFECYCLE_FIELDS, spec_hash
@@ -29,7 +30,6 @@ from syncplane.proto.enums import phase_name
 from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.verify.kube import VerifyRequest, parse_outcome, result_configmap_name
 from syncplane.verify.run import workers_running
-from syncplane.worker.credentials import secret_references
 from syncplane_operator.builders import (
     WorkerImage,
     build_checkpoint_configmap,

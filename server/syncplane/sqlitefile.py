@@ -2,9 +2,9 @@
 
 SQLite waits for another connection's write lock up to its busy timeout (30 s here): run
 inline, that wait would stall the whole event loop (a worker's ``/status`` would miss the
-supervisor's poll). The worker state, held records and echo memory each keep one connection
-and run their async calls through :meth:`SqliteConnection.run` on that connection's own
-thread, one call at a time.
+supervisor's poll). The worker-state database (:class:`syncplane.state.sqlite.SqliteWorkerState`:
+checkpoints, dead letters, held records, echo memory) keeps one connection and runs its async
+calls through :meth:`SqliteConnection.run` on that connection's own thread, one call at a time.
 
 Our own code rather than ``aiosqlite`` (which does the same, one thread per connection)
 because the stores also keep their synchronous calls (the API's one-off accesses, tests):

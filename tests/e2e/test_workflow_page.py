@@ -18,8 +18,8 @@ from playwright.async_api import Locator, Page, expect
 from syncplane.console.app import DEAD_LETTER_PAGE
 from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.proto.v1 import workflow_service_pb2 as svc
+from syncplane.state.sqlite import SqliteWorkerState
 from syncplane.validation.rules import MAX_REPLAY_ROWS
-from syncplane.worker.checkpoints import SqliteWorkerState
 from syncplane.worker.pipeline import Checkpoint
 from tests.backends import eventually
 from tests.e2e.conftest import Console, screenshot, start_console

@@ -21,6 +21,7 @@ import httpx
 import psutil
 
 from syncplane.api.server import ServerSecurity, create_server
+from syncplane.credentials import write_local_secret
 from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.proto.v1 import workflow_service_pb2 as svc
 from syncplane.proto.v1 import workflow_service_pb2_grpc as svc_grpc
@@ -29,7 +30,6 @@ from syncplane.runtime.processes import read_port
 from syncplane.runtime.supervisor import Supervisor, SupervisorConfig
 from syncplane.service import WorkflowService
 from syncplane.store.sqlite import SqliteStore
-from syncplane.worker.credentials import write_local_secret
 from tests.factories import UNREACHABLE_SECRETS, spec
 
 FAST = SupervisorConfig(tick=0.1, stop_timeout=5.0, backoff_base=0.05, backoff_cap=0.5, crash_limit=3,

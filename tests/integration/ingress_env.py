@@ -16,7 +16,7 @@ from syncplane.proto.v1 import workflow_service_pb2 as svc
 from syncplane.proto.v1 import workflow_service_pb2_grpc as svc_grpc
 from syncplane.runtime.embedded import write_sandbox_secrets
 from syncplane.sandbox import Sandbox
-from syncplane.worker.checkpoints import SqliteWorkerState
+from syncplane.state.sqlite import SqliteWorkerState
 from tests.factories import spec as default_spec
 
 PROFILE = {"contactid": "externalId", "emailaddress1": "email", "firstname": "firstName", "lastname": "lastName"}

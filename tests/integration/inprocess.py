@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from syncplane.contract.report import WorkerReport
+from syncplane.credentials import ConnectionSecret
 from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.sandbox import Sandbox
-from syncplane.worker.checkpoints import SqliteWorkerState
-from syncplane.worker.credentials import ConnectionSecret
-from syncplane.worker.engine import IngressRunner, Stores
-from syncplane.worker.held import HeldRecords
+from syncplane.state.factory import embedded_stores
+from syncplane.state.sqlite import SqliteWorkerState
+from syncplane.worker.engine import IngressRunner
 
 
 def sandbox_secrets(sandbox: Sandbox) -> dict[str, ConnectionSecret]:
@@ -32,11 +32,11 @@ class InProcessIngress:
     def __init__(self, sandbox: Sandbox, spec: pb.WorkflowSpec, state_dir: Path, workflow: str = "wf") -> None:
         state_dir.mkdir(parents=True, exist_ok=True)
         self.state = SqliteWorkerState(state_dir / "worker-state.db")
-        self.held = HeldRecords(state_dir / "worker-state.db")
+        self.held = self.state
         self.report = WorkerReport(workflow, 0, 1)
         self.workflow = workflow
         self.runner = IngressRunner(workflow, spec, sandbox_secrets(sandbox),
-                                    Stores(self.state, letters=self.state, held=self.held), self.report,
+                                    embedded_stores(self.state), self.report,
                                     spec.batch_size or 500, 0)
 
     async def passes(self, n: int = 1) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from syncplane.contract.report import WorkerReport
+from syncplane.credentials import ConnectionSecret
 from syncplane.optinout import OptInOutSync, build_optinout
 from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.proto.v1 import workflow_service_pb2 as svc
@@ -17,10 +18,10 @@ from syncplane.proto.v1 import workflow_service_pb2_grpc as svc_grpc
 from syncplane.runtime.embedded import write_sandbox_secrets
 from syncplane.sandbox import MARKETING_USER, SANDBOX_CLIENT_ID, Sandbox
 from syncplane.service.verify import SqliteWorkerStateAccess
+from syncplane.state.factory import embedded_stores
+from syncplane.state.sqlite import SqliteWorkerState
 from syncplane.verify.compare import Difference
 from syncplane.verify.run import verify
-from syncplane.worker.checkpoints import SqliteWorkerState
-from syncplane.worker.credentials import ConnectionSecret
 from tests.factories import spec as default_spec
 
 PAIRS = (("blackListEmail", "donotbulkemail"), ("blackList", "donotemail"))
@@ -71,8 +72,8 @@ class Harness:
         self.sb, self.tmp, self.direction, self.name = sb, tmp, direction, name
         self.state = SqliteWorkerState(tmp / "worker.db")
         self.report = WorkerReport(name, 0, 1)
-        self.sync: OptInOutSync = build_optinout(name, optinout_spec(sb, direction), secrets(sb), self.state,
-                                                 self.report)
+        self.sync: OptInOutSync = build_optinout(name, optinout_spec(sb, direction), secrets(sb),
+                                                 embedded_stores(self.state), self.report)
 
     async def restart(self, direction: str | None = None) -> None:
         """A worker restart over the same state file (optionally after a mode change)."""
@@ -81,7 +82,7 @@ class Harness:
         self.state.close()
         self.state = SqliteWorkerState(self.tmp / "worker.db")
         self.sync = build_optinout(self.name, optinout_spec(self.sb, self.direction), secrets(self.sb),
-                                   self.state, self.report)
+                                   embedded_stores(self.state), self.report)
 
     async def aclose(self) -> None:
         await self.sync.aclose()

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from syncplane.credentials import write_local_secret
 from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.proto.v1 import workflow_service_pb2 as svc
 from syncplane.runtime.supervisor import SupervisorConfig
 from syncplane.sandbox import Sandbox, SeedSpec, start_sandbox
-from syncplane.worker.checkpoints import SqliteWorkerState
-from syncplane.worker.credentials import write_local_secret
+from syncplane.state.sqlite import SqliteWorkerState
 from tests.integration.conftest import ControlPlane, _serve, watch_until, worker_processes
 from tests.integration.ingress_env import (
     actual_profiles,

@@ -34,7 +34,7 @@ from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.proto.v1 import workflow_service_pb2 as svc
 from syncplane.sandbox import SANDBOX_CLIENT_ID, SANDBOX_CLIENT_SECRET, Sandbox, SeedSpec, start_sandbox
 from syncplane.sandbox.variants import PAGE_ACTIONS
-from syncplane.worker.checkpoints import SqliteWorkerState
+from syncplane.state.sqlite import SqliteWorkerState
 from syncplane.worker.pipeline import Checkpoint, Pipeline, Stream
 from tests.backends import eventually
 from tests.factories import spec

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from syncplane.worker.checkpoints import SqliteWorkerState
+from syncplane.state.sqlite import SqliteWorkerState
 
 
 def test_checkpoints_survive_a_new_process(tmp_path: Path):
@@ -16,7 +16,7 @@ def test_checkpoints_survive_a_new_process(tmp_path: Path):
     state.commit("wf", "contact", "delta-1")
     state.commit("wf", "contact", "delta-2")
     state.close()
-    code = ("import sys; from pathlib import Path; from syncplane.worker.checkpoints import SqliteWorkerState; "
+    code = ("import sys; from pathlib import Path; from syncplane.state.sqlite import SqliteWorkerState; "
             "print(SqliteWorkerState(Path(sys.argv[1])).load('wf', 'contact'))")
     out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "delta-2"

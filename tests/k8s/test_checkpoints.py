@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from syncplane.contract.names import checkpoint_configmap_name
-from syncplane.worker.kube_checkpoints import CheckpointError, ConfigMapCheckpoints, Retry, stream_key
+from syncplane.state.kube_checkpoints import CheckpointError, ConfigMapCheckpoints, Retry, stream_key
 from tests.k8s.test_chart import token_kubeconfig
 from tests.k8s.test_operator import create_workflow, get, patch, start_until_available, wait
 
@@ -45,7 +45,7 @@ def configmap(cluster: Any, namespace: str, workflow: str) -> dict[str, Any] | N
 def in_a_process(cluster: Any, namespace: str, pod: str, code: str) -> str:
     """Run store code in a separate Python process (a pod's container): `store` and `wf` are bound."""
     script = ("import asyncio, sys\n"
-              "from syncplane.worker.kube_checkpoints import ConfigMapCheckpoints\n"
+              "from syncplane.state.kube_checkpoints import ConfigMapCheckpoints\n"
               "async def main(store, wf):\n"
               + "".join(f"    {line}\n" for line in code.splitlines())
               + "async def run():\n"
@@ -180,7 +180,7 @@ async def test_forbidden_and_missing_namespace_are_clear_errors(k8s_cluster, nam
 
 
 async def test_commit_retries_through_an_api_server_restart(k8s_cluster, namespace, kubeconfig, caplog):
-    caplog.set_level(logging.WARNING, logger="syncplane.worker.kube_checkpoints")
+    caplog.set_level(logging.WARNING, logger="syncplane.state.kube_checkpoints")
     async with ConfigMapCheckpoints(namespace, retry=Retry(attempts=60, base=0.1, cap=1.0)) as store:
         await store.acommit("wf", "contact", "before")
         restarted = threading.Event()

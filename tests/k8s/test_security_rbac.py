@@ -28,8 +28,8 @@ from syncplane.contract.names import (
     checkpoint_labels,
     worker_service_account_name,
 )
+from syncplane.state.kube_records import DEAD_LETTER, HELD, REPAIR, record_name
 from syncplane.verify.kube import result_configmap_name, result_labels
-from syncplane.worker.kube_records import DEAD_LETTER, HELD, REPAIR, record_name
 from syncplane_operator.builders import build_worker_identity
 from tests.k8s.test_chart import chart_release, token_kubeconfig  # noqa: F401  (the fixture: the chart installed)
 

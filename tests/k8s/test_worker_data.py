@@ -24,7 +24,7 @@ import yaml
 from syncplane.contract.names import checkpoint_configmap_name
 from syncplane.optinout.sync import CAMPAIGN_STREAM, CRM_STREAM
 from syncplane.sandbox import Sandbox, SeedSpec, start_sandbox
-from syncplane.worker.kube_checkpoints import stream_key
+from syncplane.state.kube_checkpoints import stream_key
 from tests.backends import eventually
 from tests.factories import literals
 from tests.integration.ingress_env import (

@@ -83,7 +83,7 @@ def test_safe_endpoints_are_accepted(endpoint: str, cleartext: bool) -> None:
 
 def test_a_kubectl_applied_endpoint_is_checked_by_the_worker_too() -> None:
     """The worker applies the same rules at start (a Workflow applied with kubectl skips the API)."""
-    from syncplane.worker.credentials import CredentialsError, check_endpoints
+    from syncplane.credentials import CredentialsError, check_endpoints
     s = spec("ingress")
     s.source.endpoint = "https://169.254.169.254/api/data/v9.2/"
     with pytest.raises(CredentialsError) as caught:

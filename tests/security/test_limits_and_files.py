@@ -23,8 +23,8 @@ from aiohttp import web
 from syncplane.connectors.base import ConnectorError
 from syncplane.connectors.dynamics import DynamicsSource
 from syncplane.connectors.http import Credentials, OAuth2ClientCredentials, Transport
+from syncplane.credentials import CredentialsError, load_local_secrets, write_local_secret
 from syncplane.private_files import ExposedFileError, check_private
-from syncplane.worker.credentials import CredentialsError, load_local_secrets, write_local_secret
 from syncplane.worker.engine import FATAL_REASONS
 from tests.factories import UNREACHABLE_SECRETS, spec
 from tests.integration.conftest import ServerProcess, wait_until

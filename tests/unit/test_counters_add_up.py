@@ -19,8 +19,8 @@ from syncplane.connectors.base import Page, Record, Rejected, WriteResult
 from syncplane.connectors.http import RetryableError
 from syncplane.contract.report import WorkerReport
 from syncplane.ingress.transform import Action, Transformed
-from syncplane.worker.checkpoints import SqliteWorkerState
-from syncplane.worker.held import HeldRecords, HoldPolicy
+from syncplane.state.records import HoldPolicy
+from syncplane.state.sqlite import SqliteWorkerState
 from syncplane.worker.pipeline import Pipeline, Stream
 
 # A record's value says what happens to it: its action, and the destination's answer.
@@ -99,7 +99,7 @@ async def run(pages: list[list[tuple[str, str]]], duplicate: bool, batch: int, f
     report = WorkerReport("wf", 0, 1)
     stop = asyncio.Event()
     state = SqliteWorkerState(tmp / "state.db")
-    held = HeldRecords(tmp / "held.db")
+    held = SqliteWorkerState(tmp / "held.db")
     sink = Sink(report, fail_at, stop_at, stop)
     pipeline = Pipeline("wf", Stream("s", "t", "r", "key", ByValue()), Source(pages, duplicate), sink, report,
                         batch, checkpoints=state, letters=state, held=held, hold=HoldPolicy())

@@ -23,7 +23,7 @@ from syncplane.service.dead_letters import (
     to_proto,
     validate_keys,
 )
-from syncplane.worker.checkpoints import DeadLetter
+from syncplane.state.records import DeadLetter
 from tests.factories import workflow
 
 NOW = datetime(2026, 11, 28, tzinfo=UTC)

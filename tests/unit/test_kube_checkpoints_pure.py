@@ -9,8 +9,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from syncplane.worker.checkpoints import AsyncCheckpointStore, SqliteWorkerState
-from syncplane.worker.kube_checkpoints import ConfigMapCheckpoints, stream_key, stream_name, workflow_owner
+from syncplane.state.kube_checkpoints import ConfigMapCheckpoints, stream_key, stream_name, workflow_owner
+from syncplane.state.sqlite import SqliteWorkerState
+from syncplane.state.stores import AsyncCheckpointStore
 from syncplane_operator.builders import build_checkpoint_configmap
 
 CONFIGMAP_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from syncplane.worker.kube_records import DEAD_LETTER, HELD, held_of, letter_of, record_name, record_selector
+from syncplane.state.kube_records import DEAD_LETTER, HELD, held_of, letter_of, record_name, record_selector
 
 DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
 

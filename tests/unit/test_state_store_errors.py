@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from syncplane.state.kube_checkpoints import CheckpointError, ConfigMapCheckpoints, Retry
 from syncplane.worker.engine import state_store_fatal
-from syncplane.worker.kube_checkpoints import CheckpointError, ConfigMapCheckpoints, Retry
 from tests.backends import eventually
 
 
@@ -150,7 +150,7 @@ async def test_held_records_in_configmaps_keep_no_credential(api_server):
     credential-named fields redacted, as dead letters do; the re-sent record leaves them out."""
     from kubernetes_asyncio import client
 
-    from syncplane.worker.kube_records import ConfigMapRecords
+    from syncplane.state.kube_records import ConfigMapRecords
 
     host, answers = api_server
     bodies: list[str] = []
@@ -170,11 +170,11 @@ async def test_held_records_in_configmaps_keep_no_credential(api_server):
 
 
 def test_held_records_in_sqlite_keep_no_credential(tmp_path):
-    from syncplane.worker.held import HeldRecords
+    from syncplane.state.sqlite import SqliteWorkerState
     from syncplane.worker.pipeline import held_record
 
     path = tmp_path / "worker-state.db"
-    held = HeldRecords(path)
+    held = SqliteWorkerState(path)
     try:
         held.hold("wf", "event", "e1", SECRET_PAYLOAD, 404, "no contact")
         [h] = held.all("wf", "event")

@@ -8,20 +8,18 @@ from typing import Any
 import pytest
 
 from syncplane.connectors.base import Record
-from syncplane.optinout.memory import SqliteEchoMemory
-from syncplane.worker.checkpoints import STATE_TABLES, SqliteWorkerState, forget_workflows
-from syncplane.worker.held import HeldRecords
+from syncplane.state.sqlite import STATE_TABLES, SqliteWorkerState, forget_workflows
 from tests.sqlite_lock import waits_for_the_lock_without_stalling
 
 
 def fill(path: Path, workflow: str) -> None:
-    state, held, memory = SqliteWorkerState(path), HeldRecords(path), SqliteEchoMemory(path)
+    state, held, memory = SqliteWorkerState(path), SqliteWorkerState(path), SqliteWorkerState(path)
     try:
         state.commit(workflow, "contact", "delta x")
         state.dead_letter(workflow, "contact", "k1", {"email": "a@example.com"}, 400, "bad")
         state.queue_repairs(workflow, "contact", [Record("k2", {"email": "b@example.com"})])
         held.hold(workflow, "event", "e1", {"id": "e1"}, 404, "no contact yet")
-        memory.store(workflow, "crm", {"k1": {"donotemail": True}})
+        memory.remember(workflow, "crm", {"k1": {"donotemail": True}})
     finally:
         state.close()
         held.close()
@@ -61,7 +59,7 @@ LOCKED_CALLS = [
     ("queue a repair", lambda s: s["state"].aqueue_repairs("wf", "contact", [Record("k3", {"a": 1})])),
     ("hold a record", lambda s: s["held"].ahold("wf", "event", "e2", {"id": "e2"}, 404, "no contact yet")),
     ("release a record", lambda s: s["held"].arelease("wf", "event", "e1")),
-    ("store the echo memory", lambda s: s["memory"].astore("wf", "crm", {"k2": {"donotemail": False}})),
+    ("store the echo memory", lambda s: s["memory"].aremember("wf", "crm", {"k2": {"donotemail": False}})),
 ]
 
 
@@ -72,8 +70,8 @@ async def test_a_held_write_lock_never_stalls_status(tmp_path: Path, what: str, 
     poll timeout meanwhile; once the lock goes the call completes."""
     path = tmp_path / "worker-state.db"
     fill(path, "wf")
-    stores: dict[str, Any] = {"state": SqliteWorkerState(path), "held": HeldRecords(path),
-                              "memory": SqliteEchoMemory(path)}
+    stores: dict[str, Any] = {"state": SqliteWorkerState(path), "held": SqliteWorkerState(path),
+                              "memory": SqliteWorkerState(path)}
     try:
         await waits_for_the_lock_without_stalling(path, lambda: call(stores), what)
     finally:

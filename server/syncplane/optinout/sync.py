@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from syncplane.connectors.base import Record, Rejected
@@ -32,7 +30,7 @@ from syncplane.connectors.campaign import CampaignSource
 from syncplane.connectors.dynamics import MAX_PAGE_SIZE, DynamicsSource
 from syncplane.connectors.http import LinkHealth, OAuth2ClientCredentials, Transport
 from syncplane.contract.report import WorkerReport
-from syncplane.optinout.memory import SqliteEchoMemory
+from syncplane.credentials import ConnectionSecret
 from syncplane.optinout.rules import (
     CAMPAIGN,
     CRM,
@@ -48,14 +46,8 @@ from syncplane.optinout.rules import (
 )
 from syncplane.optinout.writers import CampaignOptOutWriter, CampaignWrite, DynamicsOptOutWriter, Outcome
 from syncplane.proto.v1 import workflow_pb2 as pb
+from syncplane.state.stores import AsyncCheckpointStore, AsyncDeadLetterStore, AsyncRepairQueue, EchoMemory, Stores
 from syncplane.validation.spec import max_concurrency
-from syncplane.worker.checkpoints import (
-    AsyncCheckpointStore,
-    AsyncDeadLetterStore,
-    AsyncRepairQueue,
-    SqliteWorkerState,
-)
-from syncplane.worker.credentials import ConnectionSecret
 
 log = logging.getLogger("syncplane.optinout")
 
@@ -109,20 +101,11 @@ def _records(item: _Item) -> int:
     return int(item.crm is not None) + int(item.campaign is not None)
 
 
-def _db_path(state: SqliteWorkerState) -> str:
-    """The worker state's SQLite file: the echo memory keeps its own table there."""
-    db: sqlite3.Connection = state._db
-    for _, name, path in db.execute("PRAGMA database_list"):
-        if name == "main" and path:
-            return str(path)
-    return ":memory:"
-
-
 class OptInOutSync:
     def __init__(self, workflow: str, direction: Direction, pairs: Sequence[FieldPair], *,
                  crm_source: DynamicsSource, crm_writer: DynamicsOptOutWriter, campaign_source: CampaignSource,
                  campaign_writer: CampaignOptOutWriter, checkpoints: AsyncCheckpointStore,
-                 letters: AsyncDeadLetterStore, memory: SqliteEchoMemory, report: WorkerReport,
+                 letters: AsyncDeadLetterStore, memory: EchoMemory, report: WorkerReport,
                  repairs: AsyncRepairQueue | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
                  closers: Sequence[OAuth2ClientCredentials | Transport] = (),
                  links: dict[str, LinkHealth] | None = None) -> None:
@@ -130,9 +113,8 @@ class OptInOutSync:
         self.crm_source, self.crm_writer = crm_source, crm_writer
         self.campaign_source, self.campaign_writer = campaign_source, campaign_writer
         self.memory, self.report = memory, report
-        # Cursors and dead letters: in the state file embedded, ConfigMaps on Kubernetes (the Engine's
-        # stores). The echo memory stays local: without it the next pass sees no echo to skip, and
-        # both sides already agree.
+        # The worker's stores (syncplane.state.factory): cursors and dead letters in the state file
+        # embedded, ConfigMaps on Kubernetes; the echo memory in a SQLite file on both.
         self.checkpoints, self.letters, self.repairs = checkpoints, letters, repairs
         self.batch_size = max(1, batch_size)
         self._closers = list(closers)
@@ -231,8 +213,8 @@ class OptInOutSync:
         if not items:
             return
         keys = [i.key for i in items]
-        known_crm = await self.memory.aload(self.workflow, CRM, keys)
-        known_campaign = await self.memory.aload(self.workflow, CAMPAIGN, keys)
+        known_crm = await self.memory.aknown(self.workflow, CRM, keys)
+        known_campaign = await self.memory.aknown(self.workflow, CAMPAIGN, keys)
         to_campaign: list[CampaignWrite] = []
         to_crm: list[tuple[str, dict[str, bool]]] = []
         for item in items:
@@ -308,8 +290,8 @@ class OptInOutSync:
                 after.update(item.plan.to_campaign)
             if after != before:
                 new_campaign[item.key] = after
-        await self.memory.astore(self.workflow, CRM, new_crm)
-        await self.memory.astore(self.workflow, CAMPAIGN, new_campaign)
+        await self.memory.aremember(self.workflow, CRM, new_crm)
+        await self.memory.aremember(self.workflow, CAMPAIGN, new_campaign)
 
     async def _account(self, items: list[_Item], side: str, out: Outcome,
                        payloads: dict[str, dict[str, bool]]) -> None:
@@ -364,8 +346,8 @@ class OptInOutSync:
 
     async def _remember_written(self, target: str, out: Outcome, values: Mapping[str, Mapping[str, bool]]) -> None:
         """The echo memory of ``target`` after writes outside a feed's pass: what it acknowledged."""
-        known = await self.memory.aload(self.workflow, target, out.written)
-        await self.memory.astore(self.workflow, target, {k: {**known.get(k, {}), **values[k]} for k in out.written})
+        known = await self.memory.aknown(self.workflow, target, out.written)
+        await self.memory.aremember(self.workflow, target, {k: {**known.get(k, {}), **values[k]} for k in out.written})
 
     # ------------------------------------------------------------------ verify --repair
     async def _run_repairs(self) -> None:
@@ -428,7 +410,6 @@ class OptInOutSync:
             await closer.aclose()
         for c in self._closers:
             await c.aclose()
-        self.memory.close()
 
 
 def _connection(spec: pb.WorkflowSpec, kind: pb.ConnectorKind.ValueType) -> pb.Connection:
@@ -444,13 +425,9 @@ def direction_of(spec: pb.WorkflowSpec) -> Direction:
 
 
 def build_optinout(workflow: str, spec: pb.WorkflowSpec, secrets: dict[str, ConnectionSecret],
-                   state: SqliteWorkerState, report: WorkerReport, *,
-                   memory_path: Path | str | None = None, checkpoints: AsyncCheckpointStore | None = None,
-                   letters: AsyncDeadLetterStore | None = None,
-                   repairs: AsyncRepairQueue | None = None) -> OptInOutSync:
-    """The opt-in/out sync of a workflow (``spec.type`` OPT_IN_OUT). Its cursors and dead letters go
-    to ``checkpoints`` and ``letters`` (ConfigMaps on Kubernetes), by default to ``state``; the
-    repairs ``verify`` queued are read from ``repairs`` (embedded: ``state``; ConfigMaps on Kubernetes)."""
+                   stores: Stores, report: WorkerReport) -> OptInOutSync:
+    """The opt-in/out sync of a workflow (``spec.type`` OPT_IN_OUT), keeping its cursors, dead
+    letters and echo memory in ``stores`` and reading there the repairs ``verify`` queued."""
     crm_conn = _connection(spec, pb.CONNECTOR_KIND_DYNAMICS365)
     acs_conn = _connection(spec, pb.CONNECTOR_KIND_CAMPAIGN_STANDARD)
     crm_secret, acs_secret = secrets[crm_conn.credentials.name], secrets[acs_conn.credentials.name]
@@ -468,12 +445,11 @@ def build_optinout(workflow: str, spec: pb.WorkflowSpec, secrets: dict[str, Conn
                                      line_count=CAMPAIGN_LINE_COUNT, transport=acs_transport)
     campaign_writer = CampaignOptOutWriter(acs_conn.endpoint, acs_tokens, api_key, acs_secret.client_id,
                                            acs_transport)
-    memory = SqliteEchoMemory(memory_path if memory_path is not None else _db_path(state))
     return OptInOutSync(workflow, direction_of(spec),
                         pairs_of(spec.opt_in_out.field_pairs), crm_source=crm_source, crm_writer=crm_writer,
                         campaign_source=campaign_source, campaign_writer=campaign_writer,
-                        checkpoints=checkpoints or state, letters=letters or state, memory=memory, report=report,
-                        repairs=repairs if checkpoints is not None else state,
+                        checkpoints=stores.checkpoints, letters=stores.letters, memory=stores.memory,
+                        report=report, repairs=stores.repairs,
                         batch_size=batch_size, closers=[crm_transport, acs_transport, crm_tokens, acs_tokens],
                         links={"source" if conn.kind == spec.source.kind else "destination": tokens.gate.health
                                for conn, tokens in ((crm_conn, crm_tokens), (acs_conn, acs_tokens))})

@@ -21,6 +21,7 @@ import yaml
 
 from syncplane.api.server import ServerSecurity, check_bind, create_server, serve_until_signalled
 from syncplane.console import ConsoleConfig, announce_console, serve_console
+from syncplane.credentials import write_local_secret
 from syncplane.errors import AlreadyExists
 from syncplane.model.convert import from_resource
 from syncplane.private_files import PRIVATE_UMASK, make_private_dir
@@ -32,7 +33,6 @@ from syncplane.service.verify import EmbeddedVerifyEnvironment, LocalVerifyRunne
 from syncplane.startup import startup_line
 from syncplane.store.sqlite import SqliteStore
 from syncplane.telemetry import serve_metrics, setup_metrics, setup_tracing
-from syncplane.worker.credentials import write_local_secret
 
 if TYPE_CHECKING:
     from syncplane.sandbox import Sandbox

@@ -18,10 +18,10 @@ from syncplane.service import WorkflowService
 from syncplane.service.dead_letters import DeadLetterService
 from syncplane.service.verify import VerifyService
 from syncplane.startup import startup_line
+from syncplane.state.kube_records import ConfigMapRecords
 from syncplane.store.kubernetes import KubernetesStore
 from syncplane.telemetry import serve_metrics, setup_metrics, setup_tracing
 from syncplane.verify.kube import KubernetesVerifyRunner
-from syncplane.worker.kube_records import ConfigMapRecords
 
 log = logging.getLogger(__name__)
 

@@ -30,8 +30,8 @@ from syncplane.model.convert import spec_to_dict
 from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.runtime.processes import WorkerProcess, adopt_all, prune_spec_files, read_port, spawn
 from syncplane.runtime.processes import spec_file as spec_path
+from syncplane.state.sqlite import forget_workflows
 from syncplane.store.base import WorkflowStore
-from syncplane.worker.checkpoints import forget_workflows
 
 log = logging.getLogger(__name__)
 

@@ -22,9 +22,10 @@ from google.protobuf import struct_pb2, timestamp_pb2
 from syncplane.errors import FailedPrecondition, FieldViolation, InvalidArgument
 from syncplane.proto.enums import phase_name
 from syncplane.proto.v1 import workflow_service_pb2 as svc
+from syncplane.state.records import DeadLetter
+from syncplane.state.sqlite import SqliteWorkerState
 from syncplane.store.base import WorkflowStore
 from syncplane.validation.names import parse_name, workflow_name
-from syncplane.worker.checkpoints import DeadLetter, SqliteWorkerState
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000

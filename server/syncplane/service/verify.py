@@ -23,18 +23,18 @@ from typing import Protocol, TypeVar
 
 from syncplane.connectors.base import ConnectorError, Record
 from syncplane.connectors.http import RetryableError
+from syncplane.credentials import ConnectionSecret, CredentialsError, check_endpoints, load_local_secrets
 from syncplane.errors import FailedPrecondition, FieldViolation, InvalidArgument, Unavailable
 from syncplane.lifecycle import effective_phase
 from syncplane.proto.enums import phase_name
 from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.proto.v1 import workflow_service_pb2 as svc
 from syncplane.service.dead_letters import on_worker_state, validated
+from syncplane.state.sqlite import SqliteWorkerState
 from syncplane.store.base import WorkflowStore
 from syncplane.validation.names import parse_name, workflow_name
 from syncplane.verify.compare import Difference
 from syncplane.verify.run import Report, WorkerState, verify, workers_running
-from syncplane.worker.checkpoints import SqliteWorkerState
-from syncplane.worker.credentials import ConnectionSecret, CredentialsError, check_endpoints, load_local_secrets
 
 DEFAULT_SAMPLE_SIZE = 10
 MAX_SAMPLE_SIZE = 1000

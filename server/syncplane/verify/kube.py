@@ -40,9 +40,9 @@ from syncplane.contract.names import (
 )
 from syncplane.errors import FailedPrecondition, SyncplaneError, Unavailable
 from syncplane.proto.v1 import workflow_service_pb2 as svc
+from syncplane.state.kube_checkpoints import MERGE_PATCH, ConfigMapCheckpoints, workflow_owner
+from syncplane.state.kube_records import ConfigMapRecords
 from syncplane.verify.run import WorkerState
-from syncplane.worker.kube_checkpoints import MERGE_PATCH, ConfigMapCheckpoints, workflow_owner
-from syncplane.worker.kube_records import ConfigMapRecords
 
 log = logging.getLogger(__name__)
 

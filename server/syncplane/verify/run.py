@@ -32,6 +32,7 @@ from syncplane.connectors.base import Record
 from syncplane.connectors.campaign import MAX_LINE_COUNT, CampaignSink, CampaignSource, owned_by
 from syncplane.connectors.dynamics import MAX_PAGE_SIZE, DynamicsSource, decode_cursor
 from syncplane.connectors.http import DEFAULT_CONCURRENCY, OAuth2ClientCredentials, Transport
+from syncplane.credentials import ConnectionSecret
 from syncplane.egress import transform as egress
 from syncplane.ingress.conversion import LOOKUP_TYPES
 from syncplane.ingress.transform import Action, EntityTransform, MappingNotSupported
@@ -48,7 +49,6 @@ from syncplane.optinout.sync import (
 )
 from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.verify.compare import Difference, Row, compare, in_flight, instant, lookup_binds, waiting_for_parent
-from syncplane.worker.credentials import ConnectionSecret
 from syncplane.worker.engine import _KeyedSource, ingress_streams
 from syncplane.worker.pipeline import Checkpoint, Stream
 

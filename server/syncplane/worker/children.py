@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from syncplane.connectors.base import Record, Sink, Source
 from syncplane.ingress.transform import Action, EntityTransform
 from syncplane.proto.v1 import workflow_pb2 as pb
-from syncplane.worker.held import AsyncHeldStore
+from syncplane.state.stores import AsyncHeldStore
 from syncplane.worker.pipeline import kept_payload
 
 log = logging.getLogger(__name__)

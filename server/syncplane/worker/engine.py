@@ -33,8 +33,6 @@ import logging
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 from opentelemetry import trace
@@ -46,23 +44,18 @@ from syncplane.connectors.dynamics import MAX_PAGE_SIZE, DynamicsSink, DynamicsS
 from syncplane.connectors.http import STOPPING, LinkHealth, OAuth2ClientCredentials, RetryableError
 from syncplane.connectors.schema import Schema, SchemaChanged, check
 from syncplane.contract.report import WorkerReport
+from syncplane.credentials import ConnectionSecret
 from syncplane.egress import transform as egress
 from syncplane.ingress.deletes import DeleteReconciler
 from syncplane.ingress.transform import EntityTransform, MappingNotSupported
 from syncplane.optinout.sync import OptInOutSync, build_optinout
 from syncplane.proto.v1 import workflow_pb2 as pb
+from syncplane.state.kube_checkpoints import CheckpointError
+from syncplane.state.records import HoldPolicy
+from syncplane.state.stores import Stores
 from syncplane.telemetry import span_context_of
 from syncplane.validation.spec import max_concurrency
-from syncplane.worker.checkpoints import (
-    AsyncCheckpointStore,
-    AsyncDeadLetterStore,
-    AsyncRepairQueue,
-    SqliteWorkerState,
-)
 from syncplane.worker.children import Child, ParentRemoval, child_links
-from syncplane.worker.credentials import ConnectionSecret
-from syncplane.worker.held import AsyncHeldStore, HeldRecords, HoldPolicy
-from syncplane.worker.kube_checkpoints import CheckpointError
 from syncplane.worker.pipeline import Pipeline, Stream
 from syncplane.worker.startcheck import EntityContext, StartCheckFailed, check_entity, entity_index
 
@@ -209,20 +202,6 @@ class StreamGuard:
             raise
         check(await source, self.source_fields, self.source_baseline)
         check(destination, self.destination_fields, self.destination_baseline)
-
-
-class RecordStore(AsyncDeadLetterStore, AsyncHeldStore, AsyncRepairQueue, Protocol):
-    """Dead letters, held records and verify's repairs in one store (kube_records.ConfigMapRecords)."""
-
-
-@dataclass(frozen=True)
-class Stores:
-    """Where a worker keeps its state: the worker's SQLite file embedded, ConfigMaps on Kubernetes."""
-
-    checkpoints: AsyncCheckpointStore
-    letters: AsyncDeadLetterStore
-    held: AsyncHeldStore
-    repairs: AsyncRepairQueue | None = None   # verify --repair
 
 
 class _PipelineRunner:
@@ -384,19 +363,17 @@ class EgressRunner(_PipelineRunner):
 
 
 class Engine:
+    """Runs one worker's passes over ``stores`` (its platform's: syncplane.state.factory)."""
+
     def __init__(self, workflow: str, spec: pb.WorkflowSpec, secrets: dict[str, ConnectionSecret],
-                 state: SqliteWorkerState, report: WorkerReport, index: int = 0,
-                 state_db: Path | None = None, checkpoints: AsyncCheckpointStore | None = None,
-                 records: RecordStore | None = None) -> None:
+                 stores: Stores, report: WorkerReport, index: int = 0) -> None:
         self.workflow, self.spec, self.secrets = workflow, spec, secrets
-        self.checkpoints, self.records = checkpoints, records
-        self.state, self.report, self.index = state, report, index
+        self.stores, self.report, self.index = stores, report, index
         self.batch_size = spec.batch_size or DEFAULT_BATCH_SIZE
         self.interval = poll_interval(spec)
-        self.state_db = state_db
         self.state_link = LinkHealth()  # the state store's, from the passes' outcomes
 
-    def _runner(self, stores: Stores) -> Runner | None:
+    def _runner(self) -> Runner | None:
         """This worker's runner, from :data:`RUNNERS`; None for a spare replica (or no such type)."""
         entry = RUNNERS.get(self.spec.type)
         if entry is None:
@@ -404,28 +381,17 @@ class Engine:
         factory, every_worker = entry
         if self.index != 0 and not every_worker:
             return None  # one event feed, one contact table: a single worker does the work
-        return factory(self, stores)
+        return factory(self, self.stores)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Sync until ``stop``; raises :class:`FatalError` when retrying cannot help."""
-        # Embedded, everything in the worker's SQLite file; on Kubernetes cursors, dead letters,
-        # held records and repairs in ConfigMaps (main.py makes those stores).
-        checkpoints = self.checkpoints or self.state
-        local_held: HeldRecords | None = None
-        if self.records is not None:
-            stores = Stores(checkpoints, letters=self.records, held=self.records, repairs=self.records)
-        else:
-            local_held = HeldRecords(self.state_db or Path(":memory:"))
-            stores = Stores(checkpoints, letters=self.state, held=local_held, repairs=self.state)
         # From here on every wait of the connectors (backoff, Retry-After, token fetch, retry) is
         # abandoned as soon as the stop begins; only a batch already with the destination finishes.
         stopping = STOPPING.set(stop)
         try:
-            await self._run(stop, self._runner(stores))
+            await self._run(stop, self._runner())
         finally:
             STOPPING.reset(stopping)
-            if local_held is not None:
-                local_held.close()
 
     async def _run(self, stop: asyncio.Event, runner: Runner | None) -> None:
         if runner is None:
@@ -577,9 +543,7 @@ def _egress(engine: Engine, stores: Stores) -> Runner:
 
 
 def _opt_in_out(engine: Engine, stores: Stores) -> Runner:
-    return OptInOutRunner(build_optinout(engine.workflow, engine.spec, engine.secrets, engine.state, engine.report,
-                                         checkpoints=stores.checkpoints, letters=stores.letters,
-                                         repairs=stores.repairs))
+    return OptInOutRunner(build_optinout(engine.workflow, engine.spec, engine.secrets, stores, engine.report))
 
 
 #: The runner of each workflow type (``spec.type``), and whether every worker runs one (ingress

@@ -17,22 +17,22 @@ import time
 from dataclasses import dataclass
 from logging.handlers import RotatingFileHandler
 from pathlib import Path
-from typing import Any
 
 from aiohttp import web
 
 from syncplane import metrics, telemetry
 from syncplane.contract.names import EXIT_FATAL
 from syncplane.contract.report import WorkerReport
-from syncplane.model.convert import spec_from_dict
-from syncplane.proto.v1 import workflow_pb2 as pb
-from syncplane.worker.checkpoints import SqliteWorkerState
-from syncplane.worker.credentials import (
+from syncplane.credentials import (
     ConnectionSecret,
     CredentialsError,
     check_endpoints,
     load_local_secrets,
 )
+from syncplane.model.convert import spec_from_dict
+from syncplane.proto.v1 import workflow_pb2 as pb
+from syncplane.state.factory import worker_stores
+from syncplane.state.stores import Stores
 from syncplane.worker.engine import Engine, FatalError
 
 log = logging.getLogger("syncplane.worker")
@@ -115,24 +115,15 @@ class Worker:
         log.info("worker %s/%d generation %d listening on %s:%d (type %s)", self.opts.workflow,
                  self.opts.index, self.opts.generation, self.opts.host, port, spec.type)
         engine_task: asyncio.Task[None] | None = None
-        state: SqliteWorkerState | None = None
-        checkpoints: Any = None
-        records: Any = None
+        stores: Stores | None = None
         try:
             secrets = await self._load_secrets(spec)
             check_endpoints(spec, secrets)
             state_db = self.opts.state_db or self.opts.state_dir / "worker-state.db"
-            state = SqliteWorkerState(state_db)
-            if self.opts.heartbeat == "kubernetes":
-                # Cursors in <workflow>-checkpoints, dead letters and held records in a ConfigMap each:
-                # they survive the pod (its state dir does not).
-                from syncplane.worker.kube_checkpoints import ConfigMapCheckpoints
-                from syncplane.worker.kube_records import ConfigMapRecords
-
-                checkpoints = ConfigMapCheckpoints(self.opts.namespace, owner_uid=self.opts.workflow_uid)
-                records = ConfigMapRecords(self.opts.namespace, owner_uid=self.opts.workflow_uid)
-            engine = Engine(self.opts.workflow, spec, secrets, state, self.report, self.opts.index, state_db,
-                            checkpoints, records)
+            stores = worker_stores("kubernetes" if self.opts.heartbeat == "kubernetes" else "embedded",
+                                   state_db=state_db, namespace=self.opts.namespace,
+                                   owner_uid=self.opts.workflow_uid)
+            engine = Engine(self.opts.workflow, spec, secrets, stores, self.report, self.opts.index)
             engine_task = asyncio.create_task(engine.run(self.stop))
             engine_task.add_done_callback(self._engine_done)
         except CredentialsError as exc:
@@ -147,12 +138,8 @@ class Worker:
             self.stop.set()
             if engine_task is not None:
                 await self._drain(engine_task)
-            if state is not None:
-                state.close()
-            if checkpoints is not None:
-                await checkpoints.close()
-            if records is not None:
-                await records.close()
+            if stores is not None:
+                await stores.aclose()
             if beats is not None and lease is not None:
                 await asyncio.gather(beats, return_exceptions=True)
                 await lease.close(remove=self.exit_code == 0)

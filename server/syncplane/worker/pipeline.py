@@ -33,8 +33,8 @@ from syncplane.connectors.base import Page, Record, Sink, Source
 from syncplane.connectors.http import StopRequested
 from syncplane.contract.report import WorkerReport
 from syncplane.ingress.transform import Action, Transformed
-from syncplane.worker.checkpoints import REDACTED, AsyncCheckpointStore, AsyncDeadLetterStore, AsyncRepairQueue
-from syncplane.worker.held import AsyncHeldStore, HoldPolicy
+from syncplane.state.records import REDACTED, HoldPolicy
+from syncplane.state.stores import AsyncCheckpointStore, AsyncDeadLetterStore, AsyncHeldStore, AsyncRepairQueue
 
 log = logging.getLogger(__name__)
 _tracer = trace.get_tracer("syncplane.worker")

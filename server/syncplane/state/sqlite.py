@@ -1,24 +1,29 @@
-"""Durable worker state: sync cursors (checkpoints) and dead letters.
+"""The embedded platform's worker state: one SQLite database per worker-state file.
 
-Embedded, both live in a SQLite file of the worker's own (WAL, so several
-worker processes can write it). On Kubernetes checkpoints live in a ConfigMap
-per workflow (kube_checkpoints.ConfigMapCheckpoints), behind AsyncCheckpointStore.
+:class:`SqliteWorkerState` keeps every kind of worker state in one file (WAL, so the worker
+processes and the API server share it): checkpoints, dead letters, verify's repairs, held
+records and the opt-in/out echo memory, a table each (:data:`STATE_TABLES`). Its async calls
+(the worker's) run on the connection's own thread (:class:`syncplane.sqlitefile.SqliteConnection`):
+a lock another process holds is waited for there, never on the event loop. Its synchronous calls
+are the API server's one-off accesses.
+
+On Kubernetes the same interfaces are kept in ConfigMaps (:mod:`.kube_checkpoints`,
+:mod:`.kube_records`); only the echo memory stays in a pod-local file of this kind.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import socket
 import sqlite3
 import time
-from collections.abc import Collection, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from syncplane.connectors.base import Record
 from syncplane.sqlitefile import SqliteConnection
+from syncplane.state.records import DeadLetter, Held, redact
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS checkpoints (
@@ -31,6 +36,13 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 CREATE TABLE IF NOT EXISTS repairs (
     workflow TEXT NOT NULL, stream TEXT NOT NULL, key TEXT NOT NULL, payload TEXT NOT NULL,
     deleted INTEGER NOT NULL, queued REAL NOT NULL, PRIMARY KEY (workflow, stream, key));
+CREATE TABLE IF NOT EXISTS held (
+    workflow TEXT NOT NULL, stream TEXT NOT NULL, key TEXT NOT NULL, payload TEXT NOT NULL,
+    status INTEGER NOT NULL, error TEXT NOT NULL, first_seen REAL NOT NULL, attempts INTEGER NOT NULL,
+    PRIMARY KEY (workflow, stream, key));
+CREATE TABLE IF NOT EXISTS optinout_known (
+    workflow TEXT NOT NULL, side TEXT NOT NULL, key TEXT NOT NULL, known TEXT NOT NULL, updated REAL NOT NULL,
+    PRIMARY KEY (workflow, side, key));
 """
 # Added to dead_letters after the first release: (name, declaration), added in place when absent.
 DEAD_LETTER_COLUMNS = (
@@ -39,81 +51,12 @@ DEAD_LETTER_COLUMNS = (
     ("deleted", "INTEGER NOT NULL DEFAULT 0"),      # a rejected delete
     ("retry", "INTEGER NOT NULL DEFAULT 0"),        # RetryDeadLetters marked it; the worker re-sends it
 )
-REDACTED = "[REDACTED]"
-# Field names that hold credentials: their values are never stored (nor shown, nor re-sent).
-SECRET_FIELD = re.compile(r"pass(word|wd)?$|secret|token|api_?key|authori[sz]ation|credential|private_?key",
-                          re.IGNORECASE)
 _LETTER_COLUMNS = ("stream", "key", "resource", "key_field", "payload", "deleted", "status", "error",
                    "first_seen", "last_seen", "attempts", "retry")
+_CHUNK = 500  # keys per IN (...) query of the echo memory: well under SQLite's variable limit
 
 
-@dataclass(frozen=True)
-class DeadLetter:
-    """A stored poison record (``payload`` already redacted)."""
-
-    stream: str
-    key: str
-    resource: str
-    key_field: str
-    payload: dict[str, Any]
-    deleted: bool
-    status: int
-    error: str
-    first_seen: float
-    last_seen: float
-    attempts: int
-    retry: bool
-
-    def resend_values(self) -> dict[str, Any]:
-        """What a retry sends: the payload without the redacted fields (never the marker)."""
-        return {k: v for k, v in self.payload.items() if v != REDACTED}
-
-
-def redact(payload: dict[str, Any]) -> dict[str, Any]:
-    return {k: (REDACTED if SECRET_FIELD.search(k) else v) for k, v in payload.items()}
-
-
-class AsyncCheckpointStore(Protocol):
-    """Checkpoints for an asyncio worker: SqliteWorkerState (embedded) and
-    kube_checkpoints.ConfigMapCheckpoints (Kubernetes) both satisfy it."""
-
-    async def aload(self, workflow: str, stream: str) -> str | None: ...
-
-    async def acommit(self, workflow: str, stream: str, cursor: str) -> None: ...
-
-
-class AsyncDeadLetterStore(Protocol):
-    """Dead letters for an asyncio worker: SqliteWorkerState (embedded) and
-    kube_records.ConfigMapRecords (Kubernetes) both satisfy it."""
-
-    location: str  # names the store: reports of workers sharing one count its rows once
-
-    async def adead_letter(self, workflow: str, stream: str, key: str, payload: dict[str, Any], status: int,
-                           error: str, *, resource: str = "", key_field: str = "", deleted: bool = False) -> None: ...
-
-    async def adead_letter_count(self, workflow: str) -> int: ...
-
-    async def amarked_for_retry(self, workflow: str, stream: str) -> list[DeadLetter]: ...
-
-    async def asettle_retry(self, workflow: str, stream: str, delivered: Iterable[str],
-                            rejected: Iterable[tuple[str, int, str]], sent: Iterable[str]) -> None: ...
-
-
-class AsyncRepairQueue(Protocol):
-    """Records `syncplane verify --repair` queued for a stream's next pass: source records (as
-    read, before the transform) to send again, or deletes. SqliteWorkerState (embedded),
-    kube_records.ConfigMapRecords (Kubernetes)."""
-
-    async def aqueue_repairs(self, workflow: str, stream: str, records: Sequence[Record]) -> int: ...
-
-    async def arepairs(self, workflow: str, stream: str) -> list[Record]: ...
-
-    async def arepaired(self, workflow: str, stream: str, keys: Iterable[str]) -> None: ...
-
-
-#: Every table of the worker-state database; each row belongs to one workflow (its first column):
-#: checkpoints, dead letters and repairs here, held records (held.py), the opt-in/out echo memory
-#: (optinout/memory.py).
+#: Every table of the worker-state database; each row belongs to one workflow (its first column).
 STATE_TABLES = ("checkpoints", "dead_letters", "repairs", "held", "optinout_known")
 
 
@@ -141,7 +84,13 @@ def forget_workflows(path: Path, keep: Collection[str]) -> list[str]:
 
 
 class SqliteWorkerState:
-    """Checkpoints and dead letters for the embedded mode."""
+    """Every kind of worker state of the embedded platform, in the SQLite file ``path``.
+
+    Satisfies each interface of :mod:`syncplane.state.stores` (``a…`` calls, on the connection's
+    thread). The synchronous calls are the API server's (list and mark dead letters, queue
+    repairs, read a checkpoint for verify) and the tests'. Raises ``sqlite3.OperationalError``
+    (``database is locked``) when another process holds the write lock past the busy timeout.
+    """
 
     def __init__(self, path: Path) -> None:
         self._conn = SqliteConnection(path, SCHEMA)
@@ -164,7 +113,12 @@ class SqliteWorkerState:
         self._db.execute("CREATE INDEX IF NOT EXISTS dead_letters_retry ON dead_letters (workflow, stream, retry)")
 
     def close(self) -> None:
+        """Close the connection (and its thread)."""
         self._conn.close()
+
+    async def aclose(self) -> None:
+        """:meth:`close`, for :class:`syncplane.state.stores.Stores`."""
+        self.close()
 
     def load(self, workflow: str, stream: str) -> str | None:
         row = self._db.execute("SELECT cursor FROM checkpoints WHERE workflow = ? AND stream = ?",
@@ -309,6 +263,77 @@ class SqliteWorkerState:
 
     async def arepaired(self, workflow: str, stream: str, keys: Iterable[str]) -> None:
         await self._conn.run(self.repaired, workflow, stream, list(keys))
+
+    # -- held records (AsyncHeldStore) --------------------------------------------------------
+    def hold(self, workflow: str, stream: str, key: str, payload: dict[str, Any], status: int, error: str) -> None:
+        """Hold a record (first time), or count one more failed attempt. Credential-named fields
+        are redacted as in dead letters (:func:`syncplane.state.records.redact`): never stored, never re-sent."""
+        self._db.execute(
+            "INSERT INTO held (workflow, stream, key, payload, status, error, first_seen, attempts) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, 1) ON CONFLICT (workflow, stream, key) DO UPDATE SET "
+            "payload = excluded.payload, status = excluded.status, error = excluded.error, attempts = attempts + 1",
+            (workflow, stream, key, json.dumps(redact(payload), sort_keys=True), status, error, time.time()))
+
+    def release(self, workflow: str, stream: str, key: str) -> None:
+        self._db.execute("DELETE FROM held WHERE workflow = ? AND stream = ? AND key = ?", (workflow, stream, key))
+
+    def all(self, workflow: str, stream: str) -> list[Held]:
+        rows = self._db.execute("SELECT key, payload, status, error, attempts FROM held WHERE workflow = ? AND "
+                                "stream = ? ORDER BY first_seen, key", (workflow, stream))
+        return [Held(k, json.loads(p), s, e, a) for k, p, s, e, a in rows]
+
+    async def ahold(self, workflow: str, stream: str, key: str, payload: dict[str, Any], status: int,
+                    error: str) -> None:
+        await self._conn.run(self.hold, workflow, stream, key, payload, status, error)
+
+    async def arelease(self, workflow: str, stream: str, key: str) -> None:
+        await self._conn.run(self.release, workflow, stream, key)
+
+    async def aall(self, workflow: str, stream: str) -> list[Held]:
+        return await self._conn.run(self.all, workflow, stream)
+
+    # -- the opt-in/out echo memory (EchoMemory) ------------------------------------------------
+    def known(self, workflow: str, side: str, keys: Iterable[str]) -> dict[str, dict[str, bool]]:
+        """Key → opt-out field → value the sync knows ``side`` holds, for the keys it knows; an
+        unreadable row is no baseline (the safe default: opt-out wins)."""
+        wanted = list(dict.fromkeys(keys))
+        out: dict[str, dict[str, bool]] = {}
+        for i in range(0, len(wanted), _CHUNK):
+            chunk = wanted[i:i + _CHUNK]
+            rows = self._db.execute(
+                f"SELECT key, known FROM optinout_known WHERE workflow = ? AND side = ? AND key IN "
+                f"({','.join('?' * len(chunk))})", (workflow, side, *chunk))
+            for key, known in rows:
+                try:
+                    value = json.loads(known)
+                except ValueError:
+                    continue
+                if isinstance(value, dict):
+                    out[str(key)] = {str(k): bool(v) for k, v in value.items()}
+        return out
+
+    def remember(self, workflow: str, side: str, known: Mapping[str, Mapping[str, bool]]) -> None:
+        """Replace the known values of these keys (callers pass the merged dict), atomically."""
+        if not known:
+            return
+        now = time.time()
+        rows = [(workflow, side, key, json.dumps(dict(values), sort_keys=True), now) for key, values in known.items()]
+        with self._transaction():
+            self._db.executemany(
+                "INSERT INTO optinout_known (workflow, side, key, known, updated) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (workflow, side, key) DO UPDATE SET known = excluded.known, updated = excluded.updated",
+                rows)
+
+    def known_count(self, workflow: str) -> int:
+        """Keys the echo memory holds for the workflow (both sides)."""
+        row = self._db.execute("SELECT COUNT(*) FROM optinout_known WHERE workflow = ?", (workflow,)).fetchone()
+        return int(row[0])
+
+    async def aknown(self, workflow: str, side: str, keys: Iterable[str]) -> dict[str, dict[str, bool]]:
+        return await self._conn.run(self.known, workflow, side, list(keys))
+
+    async def aremember(self, workflow: str, side: str, known: Mapping[str, Mapping[str, bool]]) -> None:
+        await self._conn.run(self.remember, workflow, side, known)
 
     def _transaction(self) -> _Transaction:
         return _Transaction(self._db)

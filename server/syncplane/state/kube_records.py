@@ -27,9 +27,8 @@ from typing import Any
 
 from syncplane.connectors.base import Record
 from syncplane.contract.names import RECORD_LABEL, RETRY_LABEL, WORKFLOW_LABEL
-from syncplane.worker.checkpoints import DeadLetter, redact
-from syncplane.worker.held import Held
-from syncplane.worker.kube_checkpoints import MERGE_PATCH, ConfigMapStore, workflow_owner
+from syncplane.state.kube_checkpoints import MERGE_PATCH, ConfigMapStore, workflow_owner
+from syncplane.state.records import DeadLetter, Held, redact
 
 DEAD_LETTER, HELD, REPAIR = "dead-letter", "held", "repair"
 DATA_KEY = "record.json"

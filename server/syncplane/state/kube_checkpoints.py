@@ -15,7 +15,7 @@ the pass and shows the state store as Degraded). Anything else (403 Forbidden,
 a missing namespace, an invalid object) raises `CheckpointError` with
 ``transient=False`` and what to fix (the workflow goes to ERROR with that message).
 
-Async only: `aload` / `acommit` satisfy `checkpoints.AsyncCheckpointStore`.
+Async only: `aload` / `acommit` satisfy `syncplane.state.stores.AsyncCheckpointStore`.
 """
 
 from __future__ import annotations
@@ -161,9 +161,14 @@ class ConfigMapStore:
         return self._core
 
     async def close(self) -> None:
+        """Close the client if this store opened it."""
         if self._owns_client and self._api_client is not None:
             await self._api_client.close()
         self._api_client, self._core = None, None
+
+    async def aclose(self) -> None:
+        """:meth:`close`, for :class:`syncplane.state.stores.Stores`."""
+        await self.close()
 
     async def __aenter__(self) -> Self:
         return self
