@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import AsyncIterator
 
@@ -465,3 +466,46 @@ async def test_retry_after_in_either_http_form_holds_the_client(sandbox: Sandbox
     throttled = [r for r in sandbox.requests.records(server="d365") if r.status == 429]
     assert len(throttled) == 2 and all(r.retry_after is not None and r.retry_after >= 0.9 for r in throttled)
     assert sandbox.requests.retry_after_violations() == []
+
+
+async def test_campaign_event_cursor_stays_bounded_when_a_bulk_update_shares_one_timestamp(sandbox: Sandbox) -> None:
+    """100,000 events on one ``lastModified`` (a bulk update), between a few earlier and later
+    ones: a reader restarted from the stored cursor after every page delivers each event once,
+    and no stored cursor holds more than ``line_count`` keys (it must fit a 1 MiB ConfigMap value)."""
+    events = sandbox.acs.events
+    for i in range(3):
+        events.create({"eventId": f"before-{i}", "eventType": "open"})
+    bulk = sandbox.acs.next_ts()
+    expected = [f"before-{i}" for i in range(3)]
+    for i in range(100_000):
+        events.create({"eventId": f"bulk-{i:06d}", "eventType": "send"}, ts=bulk)
+        expected.append(f"bulk-{i:06d}")
+    for i in range(3):
+        events.create({"eventId": f"after-{i}", "eventType": "click"})
+        expected.append(f"after-{i}")
+    line_count = 1000
+    tokens = acs_tokens(sandbox)
+    src = CampaignSource(sandbox.acs_url, tokens, SANDBOX_CLIENT_ID, key_field="eventId", line_count=line_count)
+    delivered: list[str] = []
+    cursor: str | None = None
+    largest = 0
+    try:
+        for _ in range(2 * len(expected) // line_count + 10):  # a restart after every page
+            got: list[str] = []
+            async for page in src.pages("events", ["eventId"], cursor):
+                assert page.cursor is not None
+                cursor = page.cursor
+                largest = max(largest, len(cursor.encode()))
+                assert len(json.loads(cursor)["seen"]) <= line_count
+                if page.records:
+                    got = [r.key for r in page.records]
+                    break  # the worker stops here; the next pass starts from the stored cursor
+            if not got:
+                break
+            delivered += got
+        assert len(delivered) == len(expected) and sorted(delivered) == sorted(expected)
+        # line_count keys of ≤ 13 characters as a JSON list, plus the timestamp and one page URL
+        assert largest <= line_count * 16 + 4096, largest
+    finally:
+        await src.aclose()
+        await tokens.aclose()

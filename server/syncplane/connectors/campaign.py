@@ -331,9 +331,22 @@ class CampaignSink(_Base):
 
 class CampaignSource(_Base):
     """Reads a resource in ``lastModified`` order (``byLastModified``), which is both the full
-    read (from the epoch) and the incremental one. The cursor — on every page — is the last
-    ``lastModified`` seen plus the keys carrying it, so the inclusive boundary is deduplicated.
-    Campaign has no deletion feed: deletions are not reported."""
+    read (from the epoch) and the incremental one. Campaign has no deletion feed: deletions are
+    not reported.
+
+    The cursor (JSON, on every page) is bounded: at most ``line_count`` keys plus one URL, so it
+    fits a 1 MiB ConfigMap value even when a bulk update gives 100,000 records one timestamp.
+    ``since`` is the last ``lastModified`` delivered and ``seen`` the keys carrying it *on one
+    page*, which deduplicates the inclusive boundary:
+
+    - no ``page``: the records at ``since`` begin on that page, so re-asking ``byLastModified``
+      from ``since`` starts with them;
+    - ``page``: they began on an earlier page, so the read resumes by asking that page's own
+      ``next.href`` (the vendor's pagination, which neither skips nor repeats a record) again.
+
+    Our own bookkeeping: the API documents no order among records sharing a ``lastModified``
+    and no filter on it with a second field, so its pagination is the only stable tie-break.
+    """
 
     def __init__(self, base_url: str, token_provider: TokenProvider, api_key: str, *,
                  key_field: str | Mapping[str, str] = "PKey", line_count: int = 1000,
@@ -359,36 +372,44 @@ class CampaignSource(_Base):
         `raise_for_status` raises for a refused request.
         """
         key_field = self._key_of(resource)
-        since, seen = EPOCH, set[str]()
+        since, seen, page = EPOCH, set[str](), None
         if cursor:
             try:
                 state = json.loads(cursor)
-                since, seen = str(state["since"]), set(state["seen"])
+                since, seen, page = str(state["since"]), set(state["seen"]), state.get("page")
             except (ValueError, KeyError, TypeError):
                 raise ConnectorError("BAD_CURSOR", f"unreadable Campaign cursor for {resource}") from None
+            if page is not None and not (isinstance(page, str) and page.startswith(self.base_url)):
+                raise ConnectorError("BAD_CURSOR", f"unreadable Campaign cursor for {resource}")
         path = resource_path(resource)
         query = urlencode({"lastModified_parameter": since, "_lineCount": str(self.line_count),
                            "_forcePagination": "true"})
-        url: str | None = f"{self.base_url}{path}/byLastModified?{query}"
+        url: str | None = page or f"{self.base_url}{path}/byLastModified?{query}"
+        began_here = page is None  # whether the records at `since` begin on the page at `url`
         wanted = set(columns)
         while url is not None:
             response = await self._call("GET", url)
             raise_for_status(response, f"GET {path}")
             body = response.json()
             records: list[Record] = []
+            here = set[str]()  # the keys at `since` on this page, delivered now or before
             for row in body.get("content") or []:
                 key = row.get(key_field)
                 modified = row.get("lastModified")
                 if key is None or modified is None:
                     continue
                 key, modified = str(key), str(modified)
-                if modified == since and key in seen:
-                    continue  # the inclusive boundary: already delivered
                 if modified != since:
-                    since, seen = modified, set()
-                seen.add(key)
+                    since, seen, here, began_here = modified, set(), set(), True
+                here.add(key)
+                if key in seen:
+                    continue  # the inclusive boundary: already delivered
                 values = {k: v for k, v in row.items() if not wanted or k in wanted or k == key_field}
                 records.append(Record(key, values, modified=modified))
+            state = {"since": since, "seen": sorted(here)}
+            if not began_here:
+                state["page"] = url
             nxt = body.get("next")
+            yield Page(records, json.dumps(state))
             url = str(nxt["href"]) if isinstance(nxt, dict) and nxt.get("href") else None
-            yield Page(records, json.dumps({"since": since, "seen": sorted(seen)}))
+            seen, began_here = set(), False  # pages of one answer never overlap
