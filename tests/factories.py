@@ -8,6 +8,8 @@ import yaml
 
 from syncplane.model.convert import from_resource
 from syncplane.proto.v1 import workflow_pb2 as pb
+from syncplane.proto.v1 import workflow_service_pb2 as svc
+from syncplane.proto.v1 import workflow_service_pb2_grpc as svc_grpc
 from syncplane.validation import apply_defaults
 
 DEFAULTS = Path(__file__).resolve().parent.parent / "server" / "syncplane" / "defaults"
@@ -34,6 +36,15 @@ def spec(kind: str = "ingress") -> pb.WorkflowSpec:
     _, wf = from_resource(yaml.safe_load((DEFAULTS / _FILES[kind]).read_text()))
     apply_defaults(wf.spec)
     return wf.spec
+
+
+async def create_workflow(stub: svc_grpc.WorkflowServiceStub, name: str, kind: str = "ingress",
+                          **overrides: object) -> pb.Workflow:
+    """CreateWorkflow ``name`` with the ``kind`` example spec, ``overrides`` set on its spec fields."""
+    wf = pb.Workflow(spec=spec(kind))
+    for key, value in overrides.items():
+        setattr(wf.spec, key, value)
+    return await stub.CreateWorkflow(svc.CreateWorkflowRequest(workflow_id=name, workflow=wf))
 
 
 def workflow(kind: str = "ingress", name: str = "wf") -> pb.Workflow:

@@ -30,16 +30,7 @@ from tests.image.buildah import (
     layer_files,
     oci_config,
 )
-from tests.integration.ingress_env import (
-    actual_profiles,
-    converge,
-    diff,
-    expected_profiles,
-    ingress_spec,
-    prepare,
-    profile_key_count,
-    profiles_match,
-)
+from tests.integration import ingress_env as env
 
 # The first test builds the image when `make image` has not (debootstrap, syft and a vfs build: many minutes).
 pytestmark = pytest.mark.timeout(2400)
@@ -71,15 +62,16 @@ async def test_a_worker_from_the_image_syncs_ingress_and_drains_on_sigterm(image
     data = tmp_path / "data"
     data.mkdir()
     try:
-        prepare(sb, data)   # data/secrets/<name>.json, pointing at the sandbox's token endpoints on loopback
-        (data / "spec.json").write_text(json.dumps(spec_to_dict(ingress_spec(sb, batch_size=200))))
+        env.prepare(sb, data)   # data/secrets/<name>.json, pointing at the sandbox's token endpoints on loopback
+        (data / "spec.json").write_text(json.dumps(spec_to_dict(env.ingress_spec(sb, batch_size=200))))
         chown_tree(data, UID, GID)
         args = ["worker", "--workflow", "imaged", "--generation", "1", "--spec-file", "/data/spec.json",
                 "--state-dir", "/data", "--secrets-dir", "/data/secrets"]
 
         first = image.start(container, args, tmp_path / "worker-1.log", volumes={data: "/data"})
         try:
-            await converge(lambda: len(sb.acs.profiles.rows) >= 1_000, 300, "1,000 profiles from the image's worker")
+            await env.converge(lambda: len(sb.acs.profiles.rows) >= 1_000, 300,
+                               "1,000 profiles from the image's worker")
             entry = first.entrypoint()
             assert entry is not None and entry.uids().real == UID
             first.signal(signal.SIGTERM)   # mid-load: the batch in flight finishes, its page is committed
@@ -92,10 +84,10 @@ async def test_a_worker_from_the_image_syncs_ingress_and_drains_on_sigterm(image
 
         second = image.start(container, args, tmp_path / "worker-2.log", volumes={data: "/data"})
         try:
-            expected = expected_profiles(sb)
-            await converge(lambda: profiles_match(sb), 600,
-                           lambda: "the restarted worker's sync: " + diff(expected, actual_profiles(sb)))
-            rows, keys = profile_key_count(sb)
+            expected = env.expected_profiles(sb)
+            await env.converge(lambda: env.profiles_match(sb), 600,
+                               lambda: "the restarted worker's sync: " + env.diff(expected, env.actual_profiles(sb)))
+            rows, keys = env.profile_key_count(sb)
             assert rows == keys == len(expected), "no duplicates across the stop"
             assert stopped_at < len(expected), "the first worker was stopped mid-load"
             second.signal(signal.SIGTERM)

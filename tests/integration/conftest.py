@@ -30,7 +30,7 @@ from syncplane.runtime.processes import read_port
 from syncplane.runtime.supervisor import Supervisor, SupervisorConfig
 from syncplane.service import WorkflowService
 from syncplane.store.sqlite import SqliteStore
-from tests.factories import UNREACHABLE_SECRETS, spec
+from tests.factories import UNREACHABLE_SECRETS, create_workflow
 
 FAST = SupervisorConfig(tick=0.1, stop_timeout=5.0, backoff_base=0.05, backoff_cap=0.5, crash_limit=3,
                         crash_window=60.0, orphan_timeout=30.0, poll_timeout=1.0)
@@ -100,10 +100,7 @@ class ControlPlane:
     data_dir: Path
 
     async def create(self, name: str, kind: str = "ingress", **overrides: object) -> pb.Workflow:
-        wf = pb.Workflow(spec=spec(kind))
-        for key, value in overrides.items():
-            setattr(wf.spec, key, value)
-        return await self.stub.CreateWorkflow(svc.CreateWorkflowRequest(workflow_id=name, workflow=wf))
+        return await create_workflow(self.stub, name, kind, **overrides)
 
     async def worker_count(self, workflow_id: str) -> int:
         """Live worker processes of a workflow (the process table)."""

@@ -5,12 +5,23 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
-from syncplane.sandbox import SANDBOX_CLIENT_ID, SANDBOX_CLIENT_SECRET, Sandbox
+from syncplane.sandbox import SANDBOX_CLIENT_ID, SANDBOX_CLIENT_SECRET, Sandbox, SeedSpec, start_sandbox
+
+
+@asynccontextmanager
+async def running_sandbox(seed: SeedSpec) -> AsyncIterator[Sandbox]:
+    """Both emulators on loopback, seeded with ``seed``, stopped on the way out."""
+    sb = await start_sandbox(seed=seed)
+    try:
+        yield sb
+    finally:
+        await sb.stop()
 
 
 async def d365_token(http: httpx.AsyncClient, sb: Sandbox, client_id: str = SANDBOX_CLIENT_ID,

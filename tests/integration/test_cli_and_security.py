@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,25 +15,10 @@ import yaml
 from syncplane.api.server import InsecureBindError, ServerSecurity, check_bind
 from syncplane.proto.v1 import workflow_service_pb2 as svc
 from syncplane.proto.v1 import workflow_service_pb2_grpc as svc_grpc
+from tests.integration.cli_env import cli, cli_process
 from tests.integration.conftest import ServerProcess, wait_until, worker_processes
 
 README = Path(__file__).resolve().parents[2] / "README.md"
-
-
-async def cli(port: int, *args: str, token: str | None = None, ca: Path | None = None,
-              stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "syncplane", "--server", f"{'localhost' if ca else '127.0.0.1'}:{port}"]
-    # the token through the environment, as the README advises (a --token flag shows in `ps`)
-    env = {k: v for k, v in os.environ.items() if k != "SYNCPLANE_TOKEN"}
-    if token:
-        env["SYNCPLANE_TOKEN"] = token
-    if ca:
-        cmd += ["--ca-file", str(ca)]
-    proc = await asyncio.create_subprocess_exec(*cmd, *args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                                stderr=subprocess.PIPE, env=env)
-    out, err = await proc.communicate(stdin.encode() if stdin else None)
-    assert proc.returncode is not None
-    return subprocess.CompletedProcess(args, proc.returncode, out.decode(), err.decode())
 
 
 @pytest.fixture
@@ -68,9 +52,7 @@ async def test_list_shows_the_default_workflows(server: ServerProcess):
 
 
 async def test_watch_prints_a_header_then_one_line_per_change(server: ServerProcess):
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "syncplane", "--server", f"127.0.0.1:{server.port}", "watch",
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = await cli_process(server.port, "watch")
     try:
         lines = [(await asyncio.wait_for(proc.stdout.readline(), 60)).decode() for _ in range(4)]  # type: ignore[union-attr]
     finally:
@@ -94,9 +76,7 @@ async def test_apply_start_edit_describe_stop(server: ServerProcess, tmp_path: P
     res = await cli(server.port, "apply", "-f", str(manifest))
     assert res.stdout.strip() == "workflow/mine created", res.stderr
     assert (await cli(server.port, "start", "mine")).returncode == 0
-    watch = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "syncplane", "--server", f"127.0.0.1:{server.port}", "watch", "mine", "-o", "json",
-        stdout=subprocess.PIPE)
+    watch = await cli_process(server.port, "watch", "mine", "-o", "json")
     assert watch.stdout is not None
     while True:
         event = json.loads(await watch.stdout.readline())

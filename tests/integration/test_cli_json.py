@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from syncplane.cli import cli as cli_group
 from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.proto.v1 import workflow_service_pb2 as svc
 from syncplane.sandbox import SeedSpec, start_sandbox
+from tests.integration.cli_env import cli_process
 from tests.integration.conftest import ControlPlane, _serve
 from tests.integration.ingress_env import ingress_spec, prepare, status_until
 from tests.integration.test_ingress import start
@@ -101,9 +101,7 @@ async def plane(tmp_path: Path) -> AsyncIterator[ControlPlane]:
 
 async def json_of(plane: ControlPlane, args: list[str]) -> dict[str, Any]:
     """The first JSON document the real CLI prints (`watch` prints one per change: its first)."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "syncplane", "--server", f"127.0.0.1:{plane.port}", *args, "-o", "json",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    proc = await cli_process(plane.port, *args, "-o", "json")
     try:
         if args[0] == "watch":
             line = await asyncio.wait_for(proc.stdout.readline(), 60)  # type: ignore[union-attr]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
-import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from syncplane.proto.v1 import workflow_service_pb2 as svc
 from syncplane.sandbox import SeedSpec, start_sandbox
 from syncplane.state.records import REDACTED
 from syncplane.state.sqlite import SqliteWorkerState
+from tests.integration.cli_env import cli
 from tests.integration.conftest import ControlPlane, _serve
 from tests.integration.ingress_env import (
     actual_profiles,
@@ -68,15 +68,11 @@ async def letters_until(plane: ControlPlane, predicate: Callable[[list[svc.DeadL
     return letters
 
 
-async def cli(plane: ControlPlane, *args: str) -> str:
-    """The real `syncplane` CLI against the in-process server's port (not blocking the loop
-    the sandbox runs on)."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "syncplane", "--server", f"127.0.0.1:{plane.port}", *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode == 0, err.decode()
-    return out.decode()
+async def run_cli(plane: ControlPlane, *args: str) -> str:
+    """The real CLI's stdout; it must succeed."""
+    res = await cli(plane.port, *args)
+    assert res.returncode == 0, res.stderr
+    return res.stdout
 
 
 @pytest.mark.timeout(600)
@@ -118,7 +114,7 @@ async def test_poison_records_are_dead_lettered_then_retried_into_the_destinatio
         assert [d.key for d in second.dead_letters] == bad[3:] and not second.next_page_token
 
         # The CLI shows them too (payload included with -o json).
-        listed = json.loads(await cli(plane, "deadletters", "list", NAME, "-o", "json"))
+        listed = json.loads(await run_cli(plane, "deadletters", "list", NAME, "-o", "json"))
         assert [i["key"] for i in listed["items"]] == bad and listed["items"][0]["httpStatus"] == 400
 
         # Retried while the destination still rejects it: kept, one more attempt, a new last-seen.
@@ -141,14 +137,14 @@ async def test_poison_records_are_dead_lettered_then_retried_into_the_destinatio
         await status_until(plane.stub, NAME, lambda s: s.dead_letters == 2, 30)
 
         # ...and the CLI retries the rest, against the same server port.
-        out = await cli(plane, "deadletters", "retry", NAME)
+        out = await run_cli(plane, "deadletters", "retry", NAME)
         assert "2 dead letter(s) marked for retry" in out, out
         await converge(lambda: actual_profiles(sb) == everything, 60,
                        lambda: "every record: " + diff(everything, actual_profiles(sb)))
         await letters_until(plane, lambda ls: not ls, 30, "no dead letters")
         status = await status_until(plane.stub, NAME, lambda s: s.dead_letters == 0, 30)
         assert status.counters.dead_lettered == 4, "a retry is not a new dead letter"
-        table = await cli(plane, "list")
+        table = await run_cli(plane, "list")
         header, row = table.splitlines()[0].split(), next(r.split() for r in table.splitlines() if r.startswith(NAME))
         assert header == ["NAME", "TYPE", "DESIRED", "PHASE", "DEGRADED", "BACKLOG", "DRIFT", "DEADLETTERS", "AGE"]
         assert row[header.index("DEADLETTERS")] == "0"

@@ -4,10 +4,7 @@ marketer or another tool would), and verify must count exactly what was done."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import subprocess
-import sys
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,8 +13,9 @@ import httpx
 import pytest
 
 from syncplane.proto.v1 import workflow_pb2 as pb
-from syncplane.sandbox import SANDBOX_CLIENT_ID, SeedSpec, start_sandbox
+from syncplane.sandbox import SeedSpec, start_sandbox
 from tests.backends import eventually
+from tests.integration.cli_env import cli
 from tests.integration.conftest import ControlPlane, _serve
 from tests.integration.ingress_env import (
     actual_profiles,
@@ -34,20 +32,13 @@ from tests.integration.ingress_env import (
 from tests.integration.optinout_env import crm_row, profile, set_campaign, set_crm, start_worker
 from tests.integration.test_egress import ALL, activities, egress_spec, expected_activities
 from tests.integration.test_ingress import CRASH_TOLERANT, start, stop
-from tests.integration.verify_env import counts, in_sync, settled, verified, verify
+from tests.integration.verify_env import counts, in_sync, settled, tamper_profiles, verified, verify
 
 
 @pytest.fixture
 async def plane(tmp_path: Path) -> AsyncIterator[ControlPlane]:
     async for p in _serve(tmp_path, config=CRASH_TOLERANT):
         yield p
-
-
-async def cli(port: int, *args: str) -> subprocess.CompletedProcess[str]:
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "syncplane", "--server", f"127.0.0.1:{port}",
-                                                *args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    out, err = await proc.communicate()
-    return subprocess.CompletedProcess(args, proc.returncode or 0, out.decode(), err.decode())
 
 
 @pytest.mark.timeout(600)
@@ -63,26 +54,11 @@ async def test_verify_counts_exactly_what_was_tampered_and_repair_fixes_it(plane
         assert resp.result.requests > 0
 
         # Tamper with the destination through Campaign's API and the sandbox's control routes.
-        profiles = sorted(sb.acs.profiles.rows)  # PKeys
-        deleted, edited = profiles[:3], profiles[3:7]
-        deleted_keys = sorted(sb.acs.profiles.rows[pk]["externalId"] for pk in deleted)
-        edited_keys = sorted(sb.acs.profiles.rows[pk]["externalId"] for pk in edited)
+        deleted_keys, extra_keys, edited_keys = await tamper_profiles(sb)
         async with httpx.AsyncClient(base_url=sb.acs_origin) as http:
-            for pk in deleted:
-                assert (await http.delete(f"/_sandbox/resources/profile/records/{pk}")).status_code == 204
-            for pk in edited:
-                assert (await http.patch(f"/_sandbox/resources/profile/records/{pk}",
-                                         json={"lastName": "Tampered"})).status_code == 200
-            # written by the integration's client, for contacts that do not exist
-            for i in range(2):
-                r = await http.post("/_sandbox/resources/profile/records",
-                                    json={"externalId": f"00000000-0000-0000-0000-00000000000{i}",
-                                          "email": f"x{i}@example.com", "createdBy": SANDBOX_CLIENT_ID})
-                assert r.status_code == 201
             # a marketer's own profile, no CRM id: not the integration's, never compared
             assert (await http.post("/_sandbox/resources/profile/records",
                                     json={"email": "m@example.com"})).status_code == 201
-        extra_keys = [f"00000000-0000-0000-0000-00000000000{i}" for i in range(2)]
 
         resp = await verify(plane.stub, "verified", samples=100)
         assert counts(resp) == {"contact": (3, 2, 4), "new_loyaltycard": (0, 0, 0)}, resp

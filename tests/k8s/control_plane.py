@@ -20,11 +20,10 @@ import pytest
 from syncplane.api.server import ServerSecurity, create_server
 from syncplane.contract.names import REPORT_ANNOTATION, WORKFLOW_LABEL
 from syncplane.proto.v1 import workflow_pb2 as pb
-from syncplane.proto.v1 import workflow_service_pb2 as svc
 from syncplane.proto.v1 import workflow_service_pb2_grpc as svc_grpc
 from syncplane.runtime.kubernetes import kubernetes_store
 from syncplane.service import WorkflowService
-from tests.factories import UNREACHABLE_SECRETS, literals, spec
+from tests.factories import UNREACHABLE_SECRETS, create_workflow, literals
 from tests.k8s.kubelet import FakeKubelet
 
 
@@ -37,10 +36,7 @@ class KubeControlPlane:
     kubelet: FakeKubelet
 
     async def create(self, name: str, kind: str = "ingress", **overrides: object) -> pb.Workflow:
-        wf = pb.Workflow(spec=spec(kind))
-        for key, value in overrides.items():
-            setattr(wf.spec, key, value)
-        return await self.stub.CreateWorkflow(svc.CreateWorkflowRequest(workflow_id=name, workflow=wf))
+        return await create_workflow(self.stub, name, kind, **overrides)
 
     async def worker_count(self, workflow_id: str) -> int:
         """Live (not deleting) worker pods of the workflow."""

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import os
 import re
@@ -41,6 +40,7 @@ from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.proto.v1 import workflow_service_pb2 as svc
 from syncplane.proto.v1 import workflow_service_pb2_grpc as svc_grpc
 from syncplane.sandbox import Sandbox, SeedSpec, start_sandbox
+from tests.chart_tools import check
 from tests.factories import literals
 from tests.k8s.test_operator import AVAILABLE, LocalWorker, get, wait
 
@@ -52,16 +52,6 @@ SCENARIOS = sorted((CHART / "ci").glob("*-values.yaml"))
 CONTACTS = 300   # three pages at batchSize 100
 
 
-def _load_check() -> Any:
-    spec = importlib.util.spec_from_file_location("chart_check", ROOT / "scripts" / "chart-check.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["chart_check"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-check = _load_check()
 
 
 def release_name() -> str:

@@ -18,8 +18,9 @@ from typing import Any
 
 import pytest
 
-from syncplane.sandbox import Sandbox, SeedSpec, start_sandbox
+from syncplane.sandbox import Sandbox, SeedSpec
 from tests.backends import eventually
+from tests.integration.sandbox_fixtures import running_sandbox
 from tests.k8s.kubelet import FakeKubelet
 from tests.k8s.test_worker_data import apply_workflow, create_secrets, kubectl, set_desired, workflow
 from tests.source_faults import SOURCE_FAULTS, break_source, heal_source
@@ -39,11 +40,8 @@ def fast_status(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 async def sb() -> AsyncIterator[Sandbox]:
-    sandbox = await start_sandbox(seed=SeedSpec(contacts=CONTACTS, seed=11))
-    try:
+    async with running_sandbox(SeedSpec(contacts=CONTACTS, seed=11)) as sandbox:
         yield sandbox
-    finally:
-        await sandbox.stop()
 
 
 def condition(status: dict[str, Any], ctype: str) -> dict[str, Any]:

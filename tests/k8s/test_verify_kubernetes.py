@@ -14,19 +14,19 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import httpx
 import pytest
 
 from syncplane.api.server import create_server
 from syncplane.proto.v1 import workflow_service_pb2 as svc
 from syncplane.proto.v1 import workflow_service_pb2_grpc as svc_grpc
 from syncplane.runtime.kubernetes import kubernetes_store, kubernetes_verifier
-from syncplane.sandbox import SANDBOX_CLIENT_ID, Sandbox, SeedSpec, start_sandbox
+from syncplane.sandbox import Sandbox, SeedSpec
 from syncplane.service import WorkflowService
 from syncplane.verify.kube import result_configmap_name
 from tests.backends import eventually
 from tests.integration.ingress_env import actual_profiles, diff, expected_profiles, profiles_match
-from tests.integration.verify_env import counts
+from tests.integration.sandbox_fixtures import running_sandbox
+from tests.integration.verify_env import counts, tamper_profiles
 from tests.k8s.kubelet import FakeKubelet
 from tests.k8s.syncplane_fixtures import SECRET_VALUE
 from tests.k8s.test_worker_data import apply_workflow, configmaps, create_secrets, kubectl, set_desired, workflow
@@ -52,11 +52,8 @@ async def verify(stub: svc_grpc.WorkflowServiceStub, name: str, *, repair: bool 
 
 @pytest.fixture
 async def sandbox() -> AsyncIterator[Sandbox]:
-    sb = await start_sandbox(seed=SeedSpec(contacts=CONTACTS, seed=31))
-    try:
+    async with running_sandbox(SeedSpec(contacts=CONTACTS, seed=31)) as sb:
         yield sb
-    finally:
-        await sb.stop()
 
 
 @pytest.fixture
@@ -92,21 +89,7 @@ async def test_verify_on_kubernetes_counts_the_tampering_and_repair_converges(
         assert resp.streams[0].counts.compared == CONTACTS and resp.result.requests > 0
 
         # 2. tamper with the destination: 3 deleted, 4 edited, 2 written as the integration for no contact
-        profiles = sorted(sb.acs.profiles.rows)
-        deleted, edited = profiles[:3], profiles[3:7]
-        deleted_keys = sorted(sb.acs.profiles.rows[pk]["externalId"] for pk in deleted)
-        edited_keys = sorted(sb.acs.profiles.rows[pk]["externalId"] for pk in edited)
-        extra_keys = [f"00000000-0000-0000-0000-00000000000{i}" for i in range(2)]
-        async with httpx.AsyncClient(base_url=sb.acs_origin) as http:
-            for pk in deleted:
-                assert (await http.delete(f"/_sandbox/resources/profile/records/{pk}")).status_code == 204
-            for pk in edited:
-                assert (await http.patch(f"/_sandbox/resources/profile/records/{pk}",
-                                         json={"lastName": "Tampered"})).status_code == 200
-            for key in extra_keys:
-                assert (await http.post("/_sandbox/resources/profile/records",
-                                        json={"externalId": key, "email": f"{key}@example.com",
-                                              "createdBy": SANDBOX_CLIENT_ID})).status_code == 201
+        deleted_keys, extra_keys, edited_keys = await tamper_profiles(sb)
 
         # while the workers run: the destination's changes are not theirs to make, so none is in flight
         # (each checkpoint's commit time is kept beside it; with none, all nine would be)

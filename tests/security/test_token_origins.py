@@ -7,6 +7,7 @@ there, whether the spec names it or a service's returned link (``@odata.nextLink
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,8 +18,8 @@ from syncplane.connectors.campaign import CampaignSource
 from syncplane.connectors.dynamics import DynamicsSource
 from syncplane.connectors.http import Credentials, OAuth2ClientCredentials, audience_allows
 from syncplane.proto.v1 import workflow_pb2 as pb
-from syncplane.runtime.supervisor import SupervisorConfig
 from syncplane.sandbox import SeedSpec, start_sandbox
+from tests.integration.conftest import FAST as INTEGRATION_FAST
 from tests.integration.conftest import ControlPlane, _serve, watch_until
 from tests.integration.ingress_env import ingress_spec, prepare
 from tests.integration.test_ingress import start
@@ -129,8 +130,7 @@ async def test_a_delta_link_resumed_from_a_cursor_goes_nowhere_else(hostile: Hos
 
 
 # ------------------------------------------------------------------ spec endpoints, end to end
-FAST = SupervisorConfig(tick=0.1, stop_timeout=10.0, backoff_base=0.05, backoff_cap=0.5, crash_limit=3,
-                        crash_window=60.0, orphan_timeout=30.0, poll_timeout=1.0)
+FAST = replace(INTEGRATION_FAST, stop_timeout=10.0)
 
 
 @pytest.fixture

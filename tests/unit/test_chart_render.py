@@ -10,10 +10,8 @@ import importlib.util
 import json
 import re
 import subprocess
-import sys
 import tomllib
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
@@ -24,21 +22,12 @@ from syncplane.contract.names import WORKER_ACCOUNT_PREFIX
 from syncplane.model.convert import from_resource
 from syncplane.validation.spec import apply_defaults, validate_spec
 from syncplane_operator.builders import WorkerImage, build_worker_deployment, build_worker_identity
+from tests.chart_tools import check
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "syncplane"
 
 
-def _load_check() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("chart_check", ROOT / "scripts" / "chart-check.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["chart_check"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-check = _load_check()
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ at rest has no timer (nothing runs for it until an event). No cluster: a fake re
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from typing import Any
 
 import kopf
@@ -15,17 +15,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from syncplane_operator.wakers import ReconcileQueue
+from tests.backends import eventually
 
 STOPPED = {"spec": {"desiredState": "STOPPED"}, "status": {"phase": "STOPPED"}}
 
 
-async def until(condition: Any, timeout: float = 10.0) -> None:
-    """Poll ``condition()`` until true (fails after ``timeout`` seconds)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        assert loop.time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.001)
+async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Poll ``condition()`` every millisecond until true (fails after ``timeout`` seconds)."""
+    async def check() -> bool:
+        return condition()
+    await eventually(check, "the queue's condition", timeout, 0.001)
 
 
 class Recorder:
