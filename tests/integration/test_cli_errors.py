@@ -17,8 +17,8 @@ import pytest
 import yaml
 
 from tests.factories import DEFAULTS
+from tests.integration.cli_env import cli
 from tests.integration.conftest import ServerProcess
-from tests.integration.test_cli_and_security import cli
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 TOKEN = "cli-errors-token"

@@ -19,9 +19,9 @@ from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.proto.v1 import workflow_service_pb2 as svc
 from syncplane.sandbox import MARKETING_USER, SANDBOX_CLIENT_ID, Sandbox, SeedSpec, start_sandbox
 from tests.backends import eventually
+from tests.integration.cli_env import cli
 from tests.integration.conftest import ControlPlane, _serve, watch_until
 from tests.integration.ingress_env import converge, diff, expected_profiles, ingress_spec, prepare, status_until
-from tests.integration.test_verify import cli
 from tests.integration.verify_env import verified
 
 

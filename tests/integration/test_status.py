@@ -27,10 +27,10 @@ from syncplane.runtime.embedded import write_sandbox_secrets
 from syncplane.runtime.supervisor import SupervisorConfig
 from syncplane.sandbox import Sandbox, SeedSpec, start_sandbox
 from tests.backends import eventually
+from tests.integration.cli_env import cli
 from tests.integration.conftest import ControlPlane, _serve, watch_until
 from tests.integration.ingress_env import ingress_spec, prepare
 from tests.integration.optinout_env import optinout_spec
-from tests.integration.test_cli_and_security import cli
 from tests.integration.test_egress import egress_spec, expected_activities
 from tests.integration.test_ingress import start
 from tests.source_faults import SOURCE_FAULTS, break_source, heal_source
