@@ -1,4 +1,4 @@
-"""Issue 18 item 5: the API's read caches (SqliteStore's parsed rows and list results, the service's
+"""Issue 18 item 5: the API's read caches (SqliteStore's parsed rows, the service's
 last page per query) never answer what the database no longer holds. Random sequences of creates,
 spec and status writes and deletes, each followed by Gets and Lists (filters, page sizes, every
 page), are answered exactly as a fresh store on the same file, which has no cache, answers them."""

@@ -58,12 +58,12 @@ class WorkflowService:
         self.store = store
         self._on_change = on_change or (lambda: None)
         self.settle_timeout = settle_timeout
-        # The last page answered per query, with the stored messages it was built from. A store
-        # returns the same (shared, never mutated) message for a workflow until it changes, so
-        # the same rows give the same page: copying up to MAX_PAGE_SIZE workflows into a response
-        # was most of a ListWorkflows call. Holding the rows keeps their identities from being reused.
+        # The one cache of list results: the last page answered per query, with the store's
+        # list_version it was read at. While that version stays, the page is answered again without
+        # asking the store; copying up to MAX_PAGE_SIZE workflows into a response was most of a
+        # ListWorkflows call. A store that cannot tell (None) is asked every time.
         self._pages: dict[tuple[tuple[int, ...], tuple[int, ...], str, int],
-                          tuple[list[pb.Workflow], svc.ListWorkflowsResponse]] = {}
+                          tuple[int, svc.ListWorkflowsResponse]] = {}
 
     async def _settled(self, wf: pb.Workflow) -> pb.Workflow:
         """``wf`` (just written) once the controller has observed its generation."""
@@ -116,17 +116,19 @@ class WorkflowService:
         size = min(req.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         after = _decode_token(req.page_token, req) if req.page_token else ""
         types, phases = list(req.types), list(req.phases)
-        rows = await self.store.list(types=types, phases=phases, after=after, limit=size + 1)
         key = (tuple(types), tuple(phases), after, size)
+        version = self.store.list_version()  # before the list: a write during it makes the page a miss
         hit = self._pages.get(key)
-        if hit is not None and len(hit[0]) == len(rows) and all(a is b for a, b in zip(hit[0], rows, strict=True)):
+        if version is not None and hit is not None and hit[0] == version:
             return hit[1]
+        rows = await self.store.list(types=types, phases=phases, after=after, limit=size + 1)
         resp = svc.ListWorkflowsResponse(workflows=rows[:size])
         if len(rows) > size:
             resp.next_page_token = _encode_token(rows[size - 1].name, req)
-        if len(self._pages) >= PAGE_CACHE:
-            self._pages.pop(next(iter(self._pages)))
-        self._pages[key] = (rows, resp)
+        if version is not None:
+            if len(self._pages) >= PAGE_CACHE and key not in self._pages:
+                self._pages.pop(next(iter(self._pages)))
+            self._pages[key] = (version, resp)
         return resp
 
     async def update(self, req: svc.UpdateWorkflowRequest) -> pb.Workflow:

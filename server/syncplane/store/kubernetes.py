@@ -94,6 +94,10 @@ class KubernetesStore:
                 break
         return out
 
+    def list_version(self) -> None:
+        """The API server can change Workflows behind this process: lists are never reused."""
+        return None
+
     async def update(self, name: str, mutate: Mutation) -> pb.Workflow:
         from kubernetes_asyncio.client.exceptions import ApiException
 

@@ -50,8 +50,6 @@ RETAINED_CHANGES = 10_000
 #: Changes a watcher may have pending: a watcher further behind is dropped with the revision to
 #: resume from (it re-watches from there and loses nothing), instead of growing memory.
 WATCH_QUEUE = 1_000
-#: Distinct list queries whose results are kept between writes (the oldest goes first).
-LIST_CACHE = 64
 
 
 class _Watcher:
@@ -87,10 +85,9 @@ class SqliteStore:
         # the only writer, so the cache is written through and never stale.
         # Returned messages are shared: callers copy before mutating.
         self._cache: dict[str, tuple[int, pb.Workflow]] = {}
-        # List results by query, dropped on every write (a write that rolls back drops them too,
-        # which only costs a re-read): a repeated list of unchanged workflows neither queries
-        # SQLite nor looks up each row. The rows are the shared parsed messages of ``_cache``.
-        self._lists: dict[tuple[tuple[int, ...], tuple[int, ...], str, int], list[pb.Workflow]] = {}
+        # Bumped on the connection's thread by every write and delete, before it commits (one
+        # that rolls back bumps it too, which only costs a re-read): see list_version.
+        self._version = 0
 
     def close(self) -> None:
         self._conn.close()
@@ -141,7 +138,7 @@ class SqliteStore:
         self._db.execute("INSERT INTO changes (revision, name, type, body) VALUES (?, ?, ?, ?)",
                          (rev, wf.name, change, body))
         self._cache.pop(wf.name, None)
-        self._lists.clear()
+        self._version += 1
         if rev % 1000 == 0:
             self._db.execute("DELETE FROM changes WHERE revision <= ?", (rev - RETAINED_CHANGES,))
         return Change(rev, change, wf)
@@ -193,18 +190,14 @@ class SqliteStore:
 
     async def list(self, *, types: Sequence[int] = (), phases: Sequence[int] = (), after: str = "",
                    limit: int = 50) -> list[pb.Workflow]:
-        # Answered on the loop when cached (the rows of a list since the last write); else on the
-        # connection's thread, which caches them.
-        hit = self._lists.get((tuple(types), tuple(phases), after, limit))
-        if hit is not None:
-            return list(hit)
         return list(await self._conn.run(self._list, types, phases, after, limit))
 
+    def list_version(self) -> int:
+        """Changes whenever a workflow is written or deleted (this process is the only writer): a
+        caller may reuse what ``list`` answered while it stays the same. Read it before listing."""
+        return self._version
+
     def _list(self, types: Sequence[int], phases: Sequence[int], after: str, limit: int) -> Rows:
-        key = (tuple(types), tuple(phases), after, limit)
-        hit = self._lists.get(key)
-        if hit is not None:
-            return hit
         sql, args = "SELECT name, mod_revision FROM workflows WHERE name > ?", list[str | int]([after])
         if types:
             sql += f" AND type IN ({','.join('?' * len(types))})"
@@ -214,11 +207,7 @@ class SqliteStore:
             args.extend(phases)
         sql += " ORDER BY name LIMIT ?"
         args.append(limit)
-        rows = [self._parsed(name, rev) for name, rev in self._db.execute(sql, args).fetchall()]
-        if len(self._lists) >= LIST_CACHE:
-            self._lists.pop(next(iter(self._lists)))
-        self._lists[key] = rows
-        return list(rows)
+        return [self._parsed(name, rev) for name, rev in self._db.execute(sql, args).fetchall()]
 
     async def update(self, name: str, mutate: Mutation) -> pb.Workflow:
         change = await self._conn.run(self._update, name, mutate)
@@ -250,7 +239,7 @@ class SqliteStore:
             rev = self._bump()
             self._db.execute("DELETE FROM workflows WHERE name = ?", (name,))
             self._cache.pop(name, None)
-            self._lists.clear()
+            self._version += 1
             self._db.execute("INSERT INTO changes (revision, name, type, body) VALUES (?, ?, ?, ?)",
                              (rev, name, CHANGE_DELETED, wf.SerializeToString()))
         return Change(rev, CHANGE_DELETED, wf)
