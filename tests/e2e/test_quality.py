@@ -111,3 +111,49 @@ async def test_every_asset_comes_from_the_console_and_the_status_says_since_when
     since = (await console.get("contacts")).status.phase_time.ToDatetime(tzinfo=UTC)
     shown = await page.evaluate("iso => new Date(iso).toLocaleString()", since.isoformat())
     await expect(status).to_have_attribute("title", f"STOPPED since {shown}")
+
+
+STATUS_STYLE = """(phases) => {
+  const shown = document.querySelector('#wf-contacts [data-field="phase"]');
+  return phases.map((phase) => {
+    // The badge as the page draws a row in that phase (console.js: className and text by phase).
+    const badge = shown.cloneNode(false);
+    badge.className = shown.className.replace(/status-[a-z]+/, 'status-' + phase.toLowerCase());
+    badge.textContent = phase;
+    shown.parentNode.appendChild(badge);
+    const style = getComputedStyle(badge);
+    const out = {phase, text: badge.innerText, color: style.color, background: style.backgroundColor,
+                 mark: getComputedStyle(badge, '::before').content};
+    badge.remove();
+    return out;
+  });
+}"""
+
+
+def _luminance(css: str) -> float:
+    """WCAG 2 relative luminance of a computed `rgb(r, g, b)` colour."""
+    channels = [int(c) / 255 for c in css[css.index("(") + 1:css.index(")")].split(",")[:3]]
+    r, g, b = (c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4 for c in channels)
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+
+def contrast(a: str, b: str) -> float:
+    """WCAG 2 contrast ratio of two computed colours (1 to 21)."""
+    high, low = sorted((_luminance(a), _luminance(b)), reverse=True)
+    return (high + 0.05) / (low + 0.05)
+
+
+async def test_each_status_has_its_own_accessible_colour_and_text(console: Console, page: Page) -> None:
+    """Every phase's badge, with the console's own stylesheet: its text is the phase, its colours
+    pass WCAG AA (4.5:1), and no two phases share a background colour or a mark, so a phase is
+    never told by colour alone nor confused with another."""
+    await console.create("contacts")
+    await page.goto(console.url)
+    phases = [name.removeprefix("PHASE_") for name in (v.name for v in pb.Phase.DESCRIPTOR.values)
+              if name != "PHASE_UNSPECIFIED"]
+    styles = await page.evaluate(STATUS_STYLE, phases)
+    for s in styles:
+        assert s["text"].endswith(s["phase"]), s
+        assert contrast(s["color"], s["background"]) >= 4.5, s
+    assert len({s["background"] for s in styles}) == len(phases), styles
+    assert len({s["mark"] for s in styles}) == len(phases) and "none" not in {s["mark"] for s in styles}, styles
