@@ -54,6 +54,11 @@ def worker_processes(data_dir: Path) -> list[psutil.Process]:
     return found
 
 
+# Seconds for a `syncplane up` process to listen: a bound, not a speed (on the shared machine, at load 15
+# on 2 cores, one took over 30 s).
+READY_TIMEOUT = 120.0
+
+
 async def wait_until(predicate: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
     """Poll a condition of the outside world (the process table) with a deadline."""
     loop = asyncio.get_running_loop()
@@ -168,7 +173,8 @@ class ServerProcess:
         self.port = 0
 
     async def ready(self) -> None:
-        await wait_until(lambda: self.port_file.exists() or self.proc.poll() is not None, what="server port")
+        await wait_until(lambda: self.port_file.exists() or self.proc.poll() is not None, READY_TIMEOUT,
+                         what="server port")
         assert self.proc.poll() is None, (self.data_dir / "server.log").read_text()
         self.port = int(self.port_file.read_text())
 
