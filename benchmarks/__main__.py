@@ -27,6 +27,7 @@ from benchmarks import (
     bench_operator,
     bench_optinout,
     bench_read,
+    bench_split,
     bench_start,
     bench_verify,
 )
@@ -38,7 +39,7 @@ BENCHMARKS: dict[str, Callable[[], Awaitable[Any]]] = {
     "api": bench_api.run, "start_to_running": bench_start.run, "ingress": bench_ingress.run,
     "ingress_latency": bench_ingress.run_latency, "read": bench_read.run,
     "egress": bench_egress.run, "opt_in_out": bench_optinout.run, "verify": bench_verify.run,
-    "console": bench_console.run,
+    "console": bench_console.run, "split_load": bench_split.run,
     "operator": lambda: asyncio.to_thread(bench_operator.run),
     "operator_scale": lambda: asyncio.to_thread(bench_operator.scale, OPTIONS["operator_workflows"]),
 }
@@ -88,6 +89,8 @@ SUMMARY: dict[str, list[tuple[str, str, str, str, str, str]]] = {
               "dlt/records_per_s", "rec/s", "higher"),
              ("read CPU per 1,000 records", "syncplane/cpu_ms_per_1000", "dlt REST client", "dlt/cpu_ms_per_1000",
               "ms", "lower")],
+    "split_load": [(f"first load records/s, 20 ms, {n} workers", f"workers_{n}/records_per_s", "1 worker",
+                    "workers_1/records_per_s", "rec/s", "higher") for n in bench_split.WORKERS[1:]],
     "egress": [("egress events/s", "worker/events_per_s", "naive", "naive/events_per_s", "ev/s", "higher")],
     "opt_in_out": [("opt-in/out changes/s", "sync/changes_per_s", "naive", "naive/changes_per_s", "ch/s", "higher")],
     "verify": [("verify records/s", "no_latency/verify/records_per_s", "raw paged read",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -67,20 +68,22 @@ class DynamicsSource:
         self._own_transport = transport is None
         self.transport = transport or Transport(concurrency=concurrency, policy=policy, gate=token_provider.gate)
 
-    def _prefer(self, annotations: Sequence[str] = ()) -> dict[str, str]:
-        prefer = f"odata.track-changes, odata.maxpagesize={self.page_size}"
+    def _prefer(self, annotations: Sequence[str] = (), track: bool = True) -> dict[str, str]:
+        prefer = f"odata.track-changes, odata.maxpagesize={self.page_size}" if track else \
+            f"odata.maxpagesize={self.page_size}"
         if annotations:
             # Dataverse returns annotations (formatted values, a lookup's table) only when asked:
             # "Formatted values" and "Lookup property data", Dataverse Web API query docs.
             prefer += f', odata.include-annotations="{",".join(annotations)}"'
         return {**_ODATA_HEADERS, "Prefer": prefer}
 
-    async def _get(self, url: str, annotations: Sequence[str] = ()) -> Response:
-        return await self.transport.request("GET", url, headers=self._prefer(annotations), auth=self.tokens)
+    async def _get(self, url: str, annotations: Sequence[str] = (), track: bool = True) -> Response:
+        return await self.transport.request("GET", url, headers=self._prefer(annotations, track), auth=self.tokens)
 
-    def _first_url(self, table: str, columns: Sequence[str], key_column: str) -> str:
+    def _first_url(self, table: str, columns: Sequence[str], key_column: str, where: str | None = None) -> str:
         cols = list(dict.fromkeys([key_column, *columns]))
-        return f"{self.base_url}{quote(table)}?$select={quote(','.join(cols), safe=',')}"
+        url = f"{self.base_url}{quote(table)}?$select={quote(','.join(cols), safe=',')}"
+        return url if where is None else url + "&$filter=" + quote(where, safe="',()")
 
     async def entity_set(self, logical_name: str) -> str:
         """The entity set (collection) name of a table, e.g. ``contact`` → ``contacts``."""
@@ -124,8 +127,13 @@ class DynamicsSource:
         return Schema("Dynamics 365 table", logical_name, fields, lengths, tracking, behaviours=behaviours)
 
     async def pages(self, table: str, columns: Sequence[str], cursor: str | None, *,
-                    key_column: str | None = None, annotations: Sequence[str] = ()) -> AsyncIterator[Page]:
+                    key_column: str | None = None, annotations: Sequence[str] = (),
+                    where: str | None = None) -> AsyncIterator[Page]:
         """``table`` is the entity set; ``key_column`` overrides the source's for this read.
+
+        ``where``: a ``$filter`` (e.g. :func:`key_range_filter`): a plain read of the rows it
+        admits, without change tracking (Dataverse refuses ``$filter`` with it), whose pages are
+        all ``full``; its last page's cursor is :data:`RANGE_DONE` (there is no delta link).
 
         A committed cursor always makes progress, or the read fails loudly. OData only says a
         service SHOULD end a change-tracked read with ``@odata.deltaLink`` (OData 4.0 part 1
@@ -142,19 +150,24 @@ class DynamicsSource:
         ``PAGING_LOOP`` is raised. The engine reports it as the pass's error and retries.
         """
         key = key_column or self.key_column
+        track = where is None
         full, url = decode_cursor(cursor)
         resynced = False
-        first_url = self._first_url(table, columns, key)
+        first_url = self._first_url(table, columns, key, where)
         if url is None:
             url = first_url
-        response = await self._get(url, annotations)
+
+        async def get(link: str) -> Response:
+            return await self._get(link, annotations, track)
+
+        response = await get(url)
         if cursor is not None and ((full and response.status_code == 400) or _is_expired_delta(response)):
             # An expired delta token, or a resume link the service no longer accepts: start over.
             log.info("%s cursor for %s no longer valid: full resync", "resume" if full else "delta", table)
             self.resyncs += 1
             resynced, full = True, True
             url = first_url
-            response = await self._get(url, annotations)
+            response = await get(url)
         raise_for_status(response, f"GET {table}")
         followed = {url}  # links fetched in this read: one seen again is a loop
         pages = 0
@@ -170,7 +183,7 @@ class DynamicsSource:
                     "PAGING_LOOP", f"GET {table}: page {pages} of this read has an @odata.nextLink to a page already "
                     "read, so following it would never end; the next read starts over from the first page")
                 next_link = None
-            elif not isinstance(next_link, str) and not isinstance(delta, str):
+            elif not isinstance(next_link, str) and not isinstance(delta, str) and track:
                 stalled = ConnectorError(
                     "NO_DELTA_LINK", f"GET {table}: the last page (page {pages} of this read) carries neither "
                     "@odata.nextLink nor @odata.deltaLink, so there is no cursor to resume changes from; the next "
@@ -178,7 +191,7 @@ class DynamicsSource:
             fetch: asyncio.Task[Response] | None = None
             if isinstance(next_link, str):
                 followed.add(next_link)
-                fetch = asyncio.ensure_future(self._get(next_link, annotations))
+                fetch = asyncio.ensure_future(get(next_link))
             try:
                 if fetch is not None:
                     # Let it send its request now, so that the service makes the next page while this
@@ -189,6 +202,8 @@ class DynamicsSource:
                 records = [self._record(row, key) for row in body.get("value", [])]
                 if isinstance(next_link, str):
                     page_cursor = encode_cursor(full, next_link)
+                elif not track:
+                    page_cursor = RANGE_DONE
                 elif isinstance(delta, str) and stalled is None:
                     page_cursor = encode_cursor(False, delta)
                 else:
@@ -206,6 +221,33 @@ class DynamicsSource:
             finally:
                 if fetch is not None and not fetch.done():
                     fetch.cancel()
+
+    async def start_tracking(self, table: str, columns: Sequence[str], key_column: str, sample: int = 4096,
+                             rng: random.Random | None = None) -> tuple[str, list[str]]:
+        """Take a delta token now: a change-tracked read to its ``@odata.deltaLink`` (Dataverse
+        hands the token out only at the end of a tracked read). ``columns``: those the delta
+        reads will need, since the delta link keeps the ``$select`` of the read that made it.
+        Returns (the delta cursor, to resume changes from this moment; a uniform sample of at
+        most ``sample`` keys, reservoir-sampled so memory stays flat whatever the table's size).
+
+        Raises:
+            ConnectorError: ``NO_DELTA_LINK``/``PAGING_LOOP`` (see :meth:`pages`), or the API
+                refused the read.
+        """
+        rng = rng or random.Random()
+        kept: list[str] = []
+        seen = 0
+        cursor = None
+        async for page in self.pages(table, columns, None, key_column=key_column):
+            for record in page.records:
+                seen += 1
+                if len(kept) < sample:
+                    kept.append(record.key)
+                elif (slot := rng.randrange(seen)) < sample:
+                    kept[slot] = record.key
+            cursor = page.cursor
+        assert cursor is not None  # pages() ends with the delta link's cursor or raises
+        return cursor, kept
 
     async def snapshot(self, table: str, columns: Sequence[str], *, key_column: str) -> AsyncIterator[list[Record]]:
         """Every row of an entity set as it is now, page by page: a plain paged read (no change
@@ -257,6 +299,32 @@ class DynamicsSource:
         """Close the HTTP transport when this object opened it; idempotent."""
         if self._own_transport:
             await self.transport.aclose()
+
+
+#: The cursor of a key range read (``pages(where=…)``) read to its end.
+RANGE_DONE = "range-done"
+
+
+def sql_guid_order(key: str) -> bytes:
+    """The sort key of a GUID in the order SQL Server (so Dataverse's ``$filter`` ``gt``/``lt``
+    on a ``uniqueidentifier`` column) compares them, which is not the order of their text: the
+    last 6 bytes are the most significant, then bytes 8-9, 6-7, 4-5, 0-3 of the .NET byte array
+    (``Guid.ToByteArray``; Python's ``UUID.bytes_le``). Source: .NET ``SqlGuid.CompareTo``
+    ("treats the last 6 bytes as the most significant ones in comparisons"), SQLGuid.cs.
+    Raises ValueError for a key that is not a GUID."""
+    raw = uuid.UUID(key).bytes_le
+    return bytes(raw[i] for i in (10, 11, 12, 13, 14, 15, 8, 9, 6, 7, 4, 5, 0, 1, 2, 3))
+
+
+def key_range_filter(key_column: str, low: str | None, high: str | None) -> str | None:
+    """The ``$filter`` of the half-open key range [``low``, ``high``) on a GUID key column
+    (``None``: unbounded on that side; both None: no filter). GUID literals go unquoted."""
+    for bound in (low, high):
+        if bound is not None and not _GUID.match(bound):
+            raise ValueError(f"not a GUID: {bound!r}")
+    parts = ([f"{key_column} ge {low}"] if low is not None else []) + \
+            ([f"{key_column} lt {high}"] if high is not None else [])
+    return " and ".join(parts) or None
 
 
 def encode_cursor(full: bool, link: str) -> str:

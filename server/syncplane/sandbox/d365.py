@@ -251,23 +251,41 @@ def split_segment(path: str) -> tuple[str, str | None, str]:
 _CLAUSE = re.compile(r"^\s*([A-Za-z_][\w.]*)\s+(eq|ne|gt|ge|lt|le)\s+(.+?)\s*$", re.IGNORECASE)
 
 
+def sql_guid_order(text: str) -> bytes:
+    """The sort key of a GUID as SQL Server (so Dataverse) orders ``uniqueidentifier`` values,
+    which is not the order of its text: the last 6 bytes are the most significant, then bytes
+    8-9, 6-7, 4-5 and 0-3 of its .NET byte array (``Guid.ToByteArray``, little-endian in its first
+    three fields; Python's ``UUID.bytes_le``). Source: SqlGuid.CompareTo ("treats the last 6
+    bytes as the most significant ones in comparisons") and its SQLGuid.cs byte order."""
+    raw = uuid.UUID(text).bytes_le
+    return bytes(raw[i] for i in (10, 11, 12, 13, 14, 15, 8, 9, 6, 7, 4, 5, 0, 1, 2, 3))
+
+
 def compile_filter(text: str, resolve: Callable[[str], str]) -> Callable[[dict[str, Any]], bool]:
-    """A tiny ``$filter``: ``a eq 'x' and b ge 3`` (case-insensitive string comparison)."""
-    clauses: list[tuple[str, str, Any]] = []
+    """A tiny ``$filter``: ``a eq 'x' and b ge 3`` (case-insensitive string comparison). A GUID
+    literal (unquoted, ``contactid ge 5c1e…``) compares as a ``uniqueidentifier``, in SQL Server's
+    order (:func:`sql_guid_order`), as Dataverse evaluates it."""
+    clauses: list[tuple[str, str, Any, bool]] = []
     for part in _split_outside_quotes(text, " and "):
         match = _CLAUSE.match(part)
         if not match:
             raise ODataError(501, NOT_IMPLEMENTED_CODE, f"The sandbox $filter supports 'column op literal' joined "
                              f"by 'and' only; got '{part.strip()}'.")
-        clauses.append((resolve(match.group(1)), match.group(2).lower(), parse_literal(match.group(3))))
+        literal = match.group(3).strip()
+        guid = bool(_GUID.match(literal))
+        clauses.append((resolve(match.group(1)), match.group(2).lower(),
+                        sql_guid_order(literal) if guid else parse_literal(literal), guid))
 
     def norm(v: Any) -> Any:
         return v.casefold() if isinstance(v, str) else v
 
+    def guid_value(v: Any) -> bytes | None:
+        return sql_guid_order(v) if isinstance(v, str) and _GUID.match(v) else None
+
     def check(row: dict[str, Any]) -> bool:
-        for name, op, lit in clauses:
-            val = norm(row.get(name))
-            want = norm(lit)
+        for name, op, lit, guid in clauses:
+            val = guid_value(row.get(name)) if guid else norm(row.get(name))
+            want = lit if guid else norm(lit)
             if op == "eq":
                 ok = val == want
             elif op == "ne":

@@ -255,6 +255,54 @@ class ConfigMapCheckpoints(ConfigMapStore):
 
         await self._call(f"commit the checkpoint of {workflow}/{stream}", name, attempt)
 
+    async def aswap(self, workflow: str, stream: str, expected: str | None, cursor: str) -> bool:
+        """Compare-and-set of one data key (see `AsyncCheckpointStore.aswap`), by optimistic
+        concurrency: the merge PATCH carries the resourceVersion read, so the API server refuses
+        it (409) when the ConfigMap changed since. Another key's commit changes it too: then the
+        key is read again and the swap retried, while it still holds ``expected``."""
+        from kubernetes_asyncio.client.exceptions import ApiException
+
+        name, key = checkpoint_configmap_name(workflow), stream_key(stream)
+        committed = {committed_annotation(stream): f"{time.time():.3f}"}
+
+        async def attempt() -> bool | None:  # None: lost a race on another key, read again
+            api = await self._api()
+            try:
+                cm = await api.read_namespaced_config_map(name, self.namespace)
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
+                if expected is not None:
+                    return False
+                body = {"apiVersion": "v1", "kind": "ConfigMap",
+                        "metadata": {"name": name, "namespace": self.namespace,
+                                     "labels": checkpoint_labels(workflow), "annotations": committed,
+                                     **workflow_owner(workflow, self.owner_uid)},
+                        "data": {key: cursor}}
+                try:
+                    await api.create_namespaced_config_map(self.namespace, body)
+                    return True
+                except ApiException as exc2:
+                    if exc2.status != 409:
+                        raise
+                    return None
+            if (cm.data or {}).get(key) != expected:
+                return False
+            patch = {"metadata": {"resourceVersion": cm.metadata.resource_version, "annotations": committed},
+                     "data": {key: cursor}}
+            try:
+                await api.patch_namespaced_config_map(name, self.namespace, patch, _content_type=MERGE_PATCH)
+                return True
+            except ApiException as exc:
+                if exc.status != 409:
+                    raise
+                return None
+
+        while True:
+            done = await self._call(f"swap the checkpoint of {workflow}/{stream}", name, attempt)
+            if done is not None:
+                return done
+
     # -- extras -----------------------------------------------------------------------------
     async def acommitted(self, workflow: str, stream: str) -> tuple[str | None, float | None]:
         """The stream's cursor and when it was committed (epoch seconds; None when unknown: a

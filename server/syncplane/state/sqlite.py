@@ -136,6 +136,16 @@ class SqliteWorkerState:
                          "ON CONFLICT (workflow, stream) DO UPDATE SET cursor = excluded.cursor, "
                          "updated = excluded.updated", (workflow, stream, cursor, time.time()))
 
+    def swap(self, workflow: str, stream: str, expected: str | None, cursor: str) -> bool:
+        """See :meth:`AsyncCheckpointStore.aswap`: one statement, atomic in SQLite."""
+        if expected is None:
+            cur = self._db.execute("INSERT INTO checkpoints (workflow, stream, cursor, updated) VALUES (?, ?, ?, ?) "
+                                   "ON CONFLICT (workflow, stream) DO NOTHING", (workflow, stream, cursor, time.time()))
+        else:
+            cur = self._db.execute("UPDATE checkpoints SET cursor = ?, updated = ? WHERE workflow = ? AND stream = ? "
+                                   "AND cursor = ?", (cursor, time.time(), workflow, stream, expected))
+        return cur.rowcount == 1
+
     # AsyncCheckpointStore: the same calls, on the connection's thread (a lock another process
     # holds is waited for there, not on the event loop).
     async def aload(self, workflow: str, stream: str) -> str | None:
@@ -143,6 +153,9 @@ class SqliteWorkerState:
 
     async def acommit(self, workflow: str, stream: str, cursor: str) -> None:
         await self._conn.run(self.commit, workflow, stream, cursor)
+
+    async def aswap(self, workflow: str, stream: str, expected: str | None, cursor: str) -> bool:
+        return await self._conn.run(self.swap, workflow, stream, expected, cursor)
 
     # AsyncDeadLetterStore, likewise.
     async def adead_letter(self, workflow: str, stream: str, key: str, payload: dict[str, Any], status: int,

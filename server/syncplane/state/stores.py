@@ -27,6 +27,12 @@ class AsyncCheckpointStore(Protocol):
         """Commit the stream's cursor (this stream's only: other streams' are left as they are)."""
         ...
 
+    async def aswap(self, workflow: str, stream: str, expected: str | None, cursor: str) -> bool:
+        """Compare-and-set: set the stream's value to ``cursor`` only if it is ``expected`` now
+        (None: absent); True when it was set. Atomic among workers sharing the store (the split
+        first load's claims, syncplane.worker.split)."""
+        ...
+
 
 class AsyncDeadLetterStore(Protocol):
     """Dead letters (:class:`~syncplane.state.records.DeadLetter`): stored, counted, re-sent when marked."""

@@ -4,8 +4,9 @@ passes until stopped, with one error policy for all types.
 - Ingress: each entity mapping is a stream from a Dataverse table to a Campaign
   resource. Streams run one after the other in every pass, profiles first, so a
   parent record exists before the children that link to it. With several
-  workers, stream i belongs to worker i mod workers (a table is never split: a
-  delta feed cannot be partitioned).
+  workers, stream i belongs to worker i mod workers (a delta feed cannot be
+  partitioned), but its first load is split into key ranges read by every
+  worker at once (see syncplane.worker.split).
 - Egress: Campaign's event feed to Dynamics activities, keyed by event id; an
   event whose contact does not exist yet is held and re-sent (see held.py).
 - Opt-in/out: see syncplane.optinout.
@@ -57,6 +58,7 @@ from syncplane.telemetry import span_context_of
 from syncplane.validation.spec import max_concurrency
 from syncplane.worker.children import Child, ParentRemoval, child_links
 from syncplane.worker.pipeline import Pipeline, Stream
+from syncplane.worker.split import SplitLoad, owning
 from syncplane.worker.startcheck import EntityContext, StartCheckFailed, check_entity, entity_index
 
 log = logging.getLogger("syncplane.worker.engine")
@@ -140,14 +142,27 @@ class _KeyedSource:
     terms the mapping needs (Prefer odata.include-annotations), none when it needs none."""
 
     def __init__(self, source: DynamicsSource, key_column: str, entity_set: str,
-                 lookups: frozenset[str] = frozenset(), annotations: Sequence[str] = ()) -> None:
+                 lookups: frozenset[str] = frozenset(), annotations: Sequence[str] = (),
+                 where: str | None = None) -> None:
         self.source, self.key_column, self.entity_set, self.lookups = source, key_column, entity_set, lookups
         self.annotations = list(annotations)
+        self.where = where  # a key range of a split first load: a plain read of the rows it admits
+
+    def range(self, where: str | None) -> _KeyedSource:
+        """The same table's rows in one key range (``$filter``), read without change tracking."""
+        return _KeyedSource(self.source, self.key_column, self.entity_set, self.lookups, self.annotations, where)
+
+    def _wire(self, columns: Sequence[str]) -> list[str]:
+        return [f"_{c}_value" if c in self.lookups else c for c in columns]
+
+    async def start_tracking(self, columns: Sequence[str]) -> tuple[str, list[str]]:
+        """A delta token from now, and a sample of keys (DynamicsSource.start_tracking)."""
+        return await self.source.start_tracking(self.entity_set, self._wire(columns), self.key_column)
 
     async def pages(self, table: str, columns: Sequence[str], cursor: str | None) -> AsyncIterator[Page]:
-        wire = [f"_{c}_value" if c in self.lookups else c for c in columns]
+        wire = self._wire(columns)
         async for page in self.source.pages(self.entity_set, wire, cursor, key_column=self.key_column,
-                                            annotations=self.annotations):
+                                            annotations=self.annotations, where=self.where):
             for record in page.records:
                 values = record.values
                 for c in self.lookups:
@@ -224,13 +239,15 @@ class _PipelineRunner:
 
     def _pipeline(self, stream: Stream, source: Any, guard: Callable[[], Awaitable[None]] | None = None,
                   reconcile: Callable[[], Awaitable[Sequence[str]]] | None = None,
-                  removed: Callable[[Sequence[str]], Awaitable[None]] | None = None) -> Pipeline:
+                  removed: Callable[[Sequence[str]], Awaitable[None]] | None = None, part: str = "") -> Pipeline:
         """A pipeline over this runner's sink and stores; a record whose parent (a linked profile,
-        an event's contact) is not there yet is held and re-sent."""
+        an event's contact) is not there yet is held and re-sent. ``part``: one key range of a
+        split first load (no repairs: the stream's own pipeline sends them)."""
         s = self.stores
         return Pipeline(self.workflow, stream, source, self.sink, self.report, self.batch_size,
                         checkpoints=s.checkpoints, letters=s.letters, guard=guard, held=s.held,
-                        hold=self.hold_policy, repairs=s.repairs, reconcile=reconcile, removed=removed)
+                        hold=self.hold_policy, repairs=None if part else s.repairs, reconcile=reconcile,
+                        removed=removed, part=part)
 
     async def aclose(self) -> None:
         await self.source.aclose()
@@ -238,9 +255,12 @@ class _PipelineRunner:
         for t in self.tokens:
             await t.aclose()
 
+    #: Pipelines running beside ``pipelines`` (a split first load's key ranges).
+    extra: tuple[Pipeline, ...] = ()
+
     @property
     def writing(self) -> bool:
-        return any(p.writing for p in self.pipelines)
+        return any(p.writing for p in (*self.pipelines, *self.extra))
 
     def links(self) -> dict[str, LinkHealth]:
         return {"source": self.tokens[0].gate.health, "destination": self.tokens[1].gate.health}
@@ -271,10 +291,18 @@ class IngressRunner(_PipelineRunner):
     hold_policy = HoldPolicy(max_attempts=None)
 
     def __init__(self, workflow: str, spec: pb.WorkflowSpec, secrets: dict[str, ConnectionSecret],
-                 stores: Stores, report: WorkerReport, batch_size: int, index: int) -> None:
+                 stores: Stores, report: WorkerReport, batch_size: int, index: int, holder: str = "") -> None:
         super().__init__(workflow, spec, secrets, stores, report, batch_size)
-        self.spec = spec
-        self.streams = ingress_streams(spec, index, max(1, spec.workers))
+        # ``holder``: this worker's name among workers without an index (Kubernetes pods): a
+        # stream's owner is then whoever claims it (split.owning), not worker i mod workers.
+        self.indexed = not holder
+        self.spec, self.index, self.holder = spec, index, holder or f"worker-{index}"
+        self.workers = max(1, spec.workers)
+        # Every stream: each worker reads a key range of every first load (worker/split.py);
+        # the streams this worker owns it also reads on from the delta token.
+        self.streams = ingress_streams(spec)
+        self.owned = {s.name for s in ingress_streams(spec, index, self.workers)}
+        self.splits: dict[str, SplitLoad] = {}
         dst = self.dst_secret
         page_size = min(MAX_PAGE_SIZE, max(PAGE_SIZE, batch_size))
         # The key column is per table: _KeyedSource passes it per stream.
@@ -302,13 +330,34 @@ class IngressRunner(_PipelineRunner):
             # or a spec value that does not fit fails the start, not every record as a dead letter).
             s.transform.bind(guard.source_baseline, guard.destination_baseline,
                              self._link_tables(guard.destination_baseline.links))
-            pipelines.append(self._pipeline(s, _KeyedSource(self.source, entity.source_key, entity_set,
-                                                            s.transform.lookups(), s.transform.annotations()),
+            keyed = _KeyedSource(self.source, entity.source_key, entity_set, s.transform.lookups(),
+                                 s.transform.annotations())
+            pipelines.append(self._pipeline(s, keyed,
                                             guard, DeleteReconciler(self.source, entity_set, entity.source_key,
                                                                     self.sink, entity.destination_resource,
                                                                     entity.destination_key),
                                             await self._removal(entity.destination_resource, links)))
+            if self.workers > 1:
+                self.splits[s.name] = self._split(s, keyed, guard)
         return pipelines
+
+    def _split(self, stream: Stream, keyed: _KeyedSource, guard: StreamGuard) -> SplitLoad:
+        """The split first load of ``stream``: this worker's key ranges, through pipelines of their own."""
+
+        async def take_token() -> tuple[str, list[str]]:
+            return await keyed.start_tracking(stream.transform.source_columns())
+
+        async def run_range(i: int, where: str | None, stop: asyncio.Event) -> None:
+            pipeline = self._pipeline(stream, keyed.range(where), guard, part=split.range_key(i))
+            self.extra = (*self.extra, pipeline)
+            try:
+                await pipeline.run_once(stop)
+            finally:
+                self.extra = tuple(p for p in self.extra if p is not pipeline)
+
+        split = SplitLoad(self.workflow, stream.name, keyed.key_column, self.workers, self.index, self.holder,
+                          self.stores.checkpoints, stream.transform.filter_fingerprint(), take_token, run_range)
+        return split
 
     async def _removal(self, resource: str, links: dict[str, dict[str, str]]) -> ParentRemoval | None:
         """What deleting a ``resource`` record at the destination does to the records linked to
@@ -334,8 +383,26 @@ class IngressRunner(_PipelineRunner):
         return {f: by_resource[r] for f, r in links.items() if r in by_resource}
 
     async def run_once(self, stop: asyncio.Event) -> None:
-        await super().run_once(stop)
-        self.report.resyncs = self.source.resyncs
+        """Each stream in order: its split first load while there is one (every worker), then,
+        for the streams this worker owns, the stream's own pass (changes from the delta cursor)."""
+        if not self.pipelines:
+            self.pipelines = await self.build()
+        try:
+            for p in self.pipelines:
+                if stop.is_set():
+                    break
+                name = p.stream.name
+                split = self.splits.get(name)
+                if split is not None:
+                    if not await split.run(stop):
+                        continue  # ranges remain (here or with other workers): the next pass looks again
+                    del self.splits[name]
+                if self.workers > 1 and not self.indexed:
+                    await owning(self.stores.checkpoints, self.workflow, name, self.holder, p.run_once, stop)
+                elif name in self.owned:
+                    await p.run_once(stop)
+        finally:
+            self.report.resyncs = self.source.resyncs
 
     async def classify(self) -> None:
         for guard in self.guards:
@@ -366,8 +433,11 @@ class Engine:
     """Runs one worker's passes over ``stores`` (its platform's: syncplane.state.factory)."""
 
     def __init__(self, workflow: str, spec: pb.WorkflowSpec, secrets: dict[str, ConnectionSecret],
-                 stores: Stores, report: WorkerReport, index: int = 0) -> None:
+                 stores: Stores, report: WorkerReport, index: int = 0, holder: str = "") -> None:
         self.workflow, self.spec, self.secrets = workflow, spec, secrets
+        # Names this worker in claims among workers (worker/split.py): its index embedded (a
+        # restarted worker is the same holder; empty here), its pod's name on Kubernetes.
+        self.holder = holder
         self.stores, self.report, self.index = stores, report, index
         self.batch_size = spec.batch_size or DEFAULT_BATCH_SIZE
         self.interval = poll_interval(spec)
@@ -535,7 +605,7 @@ class OptInOutRunner:
 
 def _ingress(engine: Engine, stores: Stores) -> Runner:
     return IngressRunner(engine.workflow, engine.spec, engine.secrets, stores, engine.report, engine.batch_size,
-                         engine.index)
+                         engine.index, engine.holder)
 
 
 def _egress(engine: Engine, stores: Stores) -> Runner:

@@ -123,7 +123,8 @@ class Worker:
             stores = worker_stores("kubernetes" if self.opts.heartbeat == "kubernetes" else "embedded",
                                    state_db=state_db, namespace=self.opts.namespace,
                                    owner_uid=self.opts.workflow_uid)
-            engine = Engine(self.opts.workflow, spec, secrets, stores, self.report, self.opts.index)
+            engine = Engine(self.opts.workflow, spec, secrets, stores, self.report, self.opts.index,
+                            holder=self.opts.pod_name if self.opts.heartbeat == "kubernetes" else "")
             engine_task = asyncio.create_task(engine.run(self.stop))
             engine_task.add_done_callback(self._engine_done)
         except CredentialsError as exc:

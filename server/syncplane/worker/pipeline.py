@@ -143,8 +143,13 @@ class Pipeline:
                  held: AsyncHeldStore | None = None, hold: HoldPolicy | None = None,
                  repairs: AsyncRepairQueue | None = None,
                  reconcile: Callable[[], Awaitable[Sequence[str]]] | None = None,
-                 removed: Callable[[Sequence[str]], Awaitable[None]] | None = None) -> None:
+                 removed: Callable[[Sequence[str]], Awaitable[None]] | None = None, part: str = "") -> None:
         self.workflow, self.stream = workflow, stream
+        # A part of a split first load (worker/split.py): its cursor is committed under this key;
+        # its dead letters and held records are the stream's, re-sent by the stream's own pipeline
+        # (not by each part, which would send them as many times at once).
+        self.part = part
+        self.checkpoint_key = part or stream.name
         # Called with the keys of a page this stream deleted at the destination, before the page is
         # committed (a failure fails the pass): their linked children are held (worker/children.py).
         self.removed = removed
@@ -204,7 +209,8 @@ class Pipeline:
         Returns the records read. On ``stop`` it finishes the batch in flight and returns: the
         last fully written page is committed, the rest is read again at the next start."""
         self.checkpoint = await self._resume_point()
-        await self._retry_dead_letters()
+        if not self.part:
+            await self._retry_dead_letters()
         self._held_this_pass = set()
         if self.held is not None:
             self._held_keys = {h.key for h in await self.held.aall(self.workflow, self.stream.name)}
@@ -269,7 +275,7 @@ class Pipeline:
                 await self._commit()
             if self.checkpoint.reconcile and read_to_the_end and not stop.is_set():
                 await self._reconcile_deletes(stop)
-            if self.held is not None and read_to_the_end and not stop.is_set():
+            if self.held is not None and read_to_the_end and not stop.is_set() and not self.part:
                 # After the read, not before: a newer event of a held key (read just now) has
                 # superseded its held copy, which must not be sent after it.
                 await self._retry_held()
@@ -326,7 +332,7 @@ class Pipeline:
         """The committed checkpoint, with its cursor dropped (read everything again) when the
         filter changed since (excluded records must go, admitted ones come) or a new replay
         of this table was asked for."""
-        cp = Checkpoint.loads(await self.checkpoints.aload(self.workflow, self.stream.name))
+        cp = Checkpoint.loads(await self.checkpoints.aload(self.workflow, self.checkpoint_key))
         fingerprint = self.stream.transform.filter_fingerprint()
         if cp.cursor is not None and cp.filter != fingerprint:
             log.info("%s: the filter changed; reading the whole table again", self.stream.name)
@@ -337,13 +343,13 @@ class Pipeline:
         if cp.cursor is None:
             cp.partial = 0
         cp.filter, cp.replay = fingerprint, self.stream.replay or cp.replay
-        if cp.rows >= 0:
+        if cp.rows >= 0 and not self.part:
             self.report.tables[self.stream.name] = cp.rows
         return cp
 
     async def _commit(self) -> None:
-        await self.checkpoints.acommit(self.workflow, self.stream.name, self.checkpoint.dumps())
-        if self.checkpoint.rows >= 0:
+        await self.checkpoints.acommit(self.workflow, self.checkpoint_key, self.checkpoint.dumps())
+        if self.checkpoint.rows >= 0 and not self.part:
             self.report.tables[self.stream.name] = self.checkpoint.rows
 
     async def _next_page(self, stop: asyncio.Event, producer: asyncio.Task[None]) -> Page | None:
@@ -551,7 +557,7 @@ class Pipeline:
                 self.checkpoint.cursor = page.cursor
                 dumped = self.checkpoint.dumps()  # as of this page: later ones without a cursor wait
         if dumped is not None:
-            await self.checkpoints.acommit(self.workflow, self.stream.name, dumped)
+            await self.checkpoints.acommit(self.workflow, self.checkpoint_key, dumped)
         return full_pages
 
     async def _wait_progress(self, stop: asyncio.Event) -> None:

@@ -1,0 +1,79 @@
+"""The first load of one table split across 3 worker pods (issue 18 item 4) on the test cluster.
+
+The pods of a Deployment have no index: each claims a key range in the `<workflow>-checkpoints`
+ConfigMap (compare-and-set on its resourceVersion), and one claims the stream to read on from the
+delta token taken at the start. Rows are changed, created and deleted during the load; the
+destination ends equal to the source, counted by key at the sandbox (no duplicate, no loss)."""
+
+from __future__ import annotations
+
+import json
+import random
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from syncplane.sandbox import SeedSpec, start_sandbox
+from syncplane.state.kube_checkpoints import stream_key
+from tests.backends import eventually
+from tests.integration.ingress_env import actual_profiles, diff, expected_profiles, profile_key_count, profiles_match
+from tests.k8s.kubelet import FakeKubelet
+from tests.k8s.test_worker_data import POLL, apply_workflow, checkpoints, create_secrets, set_desired
+
+pytestmark = pytest.mark.k8s
+CONTACTS = 12_000
+PODS = 3
+
+
+@pytest.mark.timeout(900)
+async def test_three_worker_pods_split_the_first_load(k8s_cluster, namespace, operator, tmp_path):
+    sb = await start_sandbox(seed=SeedSpec(contacts=CONTACTS, seed=18))
+    try:
+        await create_secrets(k8s_cluster, namespace, sb)
+        name = await apply_workflow(k8s_cluster, namespace, sb, tmp_path, "10-contacts-ingress.yaml",
+                                    batchSize=500, workers=PODS)
+        async with FakeKubelet(namespace, Path(k8s_cluster.kubeconfig), tmp_path / "containers") as kubelet:
+            try:
+                await set_desired(k8s_cluster, namespace, name, "RUNNING")
+
+                async def loading() -> bool:
+                    return len(sb.acs.profiles.rows) >= CONTACTS // 4
+
+                await eventually(loading, lambda: f"a quarter of the load ({len(sb.acs.profiles.rows)} profiles; "
+                                 f"worker logs in {tmp_path / 'containers'})", 420, POLL)
+                assert len(kubelet.running()) == PODS, kubelet.running()
+                table = sb.d365.table("contacts")
+                rng = random.Random(3)
+                ids = sorted(table.rows)
+                for rid in rng.sample(ids, 300):
+                    table.upsert(rid, lastname="Changed during the load")
+                for rid in rng.sample(ids, 50):
+                    if rid in table.rows:
+                        table.delete(rid)
+                for i in range(100):
+                    table.upsert(str(uuid.UUID(int=rng.getrandbits(128), version=4)),
+                                 emailaddress1=f"new{i}@example.com", lastname="Created during the load")
+                expected = len(table.rows)
+
+                async def complete() -> bool:
+                    return profiles_match(sb)
+
+                await eventually(complete, lambda: "the split load on 3 pods: "
+                                 + diff(expected_profiles(sb), actual_profiles(sb)), 600, POLL)
+                assert profile_key_count(sb) == (expected, expected)  # no duplicate, none lost
+
+                data = await checkpoints(k8s_cluster, namespace, name)
+                ranges = {i: json.loads(data[stream_key(f"contact@range-{i}")]) for i in range(PODS)}
+                assert all(r["cursor"] == "range-done" for r in ranges.values()), ranges
+                assert sum(r["rows"] for r in ranges.values()) >= CONTACTS - 50
+                holders: set[Any] = {json.loads(data[stream_key(f"contact@claim-{i}")])["holder"]
+                                     for i in range(PODS)}
+                assert holders <= set(kubelet.containers), holders  # claimed by pod names
+                main = json.loads(data[stream_key("contact")])
+                assert str(main["cursor"]).startswith("delta ")
+            finally:
+                await set_desired(k8s_cluster, namespace, name, "STOPPED", check=False)
+    finally:
+        await sb.stop()

@@ -1,0 +1,88 @@
+"""The split first load's pure parts (worker/split.py): range bounds in Dataverse's GUID order,
+and claims by compare-and-set on the embedded checkpoint store (SQLite, real file, two
+connections as two worker processes would have)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from pathlib import Path
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from syncplane.connectors.dynamics import sql_guid_order
+from syncplane.state.sqlite import SqliteWorkerState
+from syncplane.worker.split import bounds, claim, claimable
+
+GUIDS = st.lists(st.uuids().map(str), min_size=1, max_size=300)
+
+
+@settings(max_examples=200, deadline=None)
+@given(sample=GUIDS, ranges=st.integers(1, 9))
+def test_bounds_increase_in_sql_server_order_and_cut_the_sample_evenly(sample: list[str], ranges: int) -> None:
+    inner = bounds(sample, ranges)
+    assert len(inner) <= ranges - 1
+    keys = [sql_guid_order(b) for b in inner]
+    assert keys == sorted(keys) and len(set(keys)) == len(keys)  # strictly increasing for the service
+    distinct = len(set(sample))
+    if distinct >= 2 * ranges:
+        assert len(inner) == ranges - 1
+        ordered = sorted(set(sample), key=sql_guid_order)
+        edges = [0, *(ordered.index(b) for b in inner), distinct]
+        sizes = [edges[i + 1] - edges[i] for i in range(len(edges) - 1)]
+        assert max(sizes) - min(sizes) <= 1  # equal parts of the sample
+
+
+def test_keys_that_are_not_guids_make_one_range() -> None:
+    assert bounds(["a@example.com", "b@example.com", "c@example.com"], 3) == []
+
+
+def test_sql_server_order_is_not_the_text_order() -> None:
+    a, b = "00000000-0000-0000-0000-000000000001", "ffffffff-ffff-ffff-ffff-000000000000"
+    assert a < b and sql_guid_order(a) > sql_guid_order(b)  # the last group is the most significant
+
+
+CLAIMS = [  # (stored, holder asking, may take)
+    (None, "w1", True),
+    (json.dumps({"holder": "w1", "until": 10**12}), "w1", True),    # its own: renewed
+    (json.dumps({"holder": "w2", "until": 10**12}), "w1", False),   # another's, live
+    (json.dumps({"holder": "w2", "until": 1.0}), "w1", True),       # another's, expired
+    (json.dumps({"delta": "delta x", "inner": []}), "w1", False),   # a plan, not a claim
+    ("not json", "w1", True),                                       # unreadable: taken over
+]
+
+
+def test_who_may_take_a_claim() -> None:
+    for stored, holder, may in CLAIMS:
+        assert claimable(stored, holder, time.time()) is may, (stored, holder)
+
+
+def test_two_workers_racing_for_one_claim_one_wins(tmp_path: Path) -> None:
+    async def scenario() -> list[bool]:
+        a, b = SqliteWorkerState(tmp_path / "s.db"), SqliteWorkerState(tmp_path / "s.db")
+        try:
+            results = []
+            for i in range(50):
+                key = f"contact@claim-{i}"
+                results.append(await asyncio.gather(claim(a, "wf", key, "w1"), claim(b, "wf", key, "w2")))
+            return [sum(pair) == 1 for pair in results]
+        finally:
+            a.close()
+            b.close()
+
+    assert all(asyncio.run(scenario()))
+
+
+def test_a_swap_sets_only_from_the_expected_value(tmp_path: Path) -> None:
+    s = SqliteWorkerState(tmp_path / "s.db")
+    try:
+        assert s.swap("wf", "k", None, "one")
+        assert not s.swap("wf", "k", None, "two")        # present: not from absent
+        assert not s.swap("wf", "k", "other", "two")     # not what it holds
+        assert s.swap("wf", "k", "one", "two") and s.load("wf", "k") == "two"
+        assert s.load("wf", str(uuid.uuid4())) is None
+    finally:
+        s.close()
