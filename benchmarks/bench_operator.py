@@ -17,6 +17,7 @@ cluster-alone baseline.
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import os
 import re
@@ -56,6 +57,18 @@ def _requests_total(cluster: TestCluster) -> float:
     assert status == 200
     return sum(float(m.group(1)) for m in re.finditer(r'^apiserver_request_total\{[^}]*\} ([0-9.e+]+)$',
                                                            str(text), re.MULTILINE))
+
+
+def requests_by_kind(cluster: TestCluster) -> dict[tuple[str, str], float]:
+    """The API server's requests so far (apiserver_request_total) by verb and resource[/subresource]."""
+    status, text = cluster.api("GET", "/metrics")
+    assert status == 200
+    counts: dict[tuple[str, str], float] = collections.defaultdict(float)
+    for m in re.finditer(r'^apiserver_request_total\{([^}]*)\} ([0-9.e+]+)$', str(text), re.MULTILINE):
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
+        resource = "/".join(x for x in (labels.get("resource", ""), labels.get("subresource", "")) if x)
+        counts[(labels.get("verb", ""), resource)] += float(m.group(2))
+    return counts
 
 
 def _operator(cluster: TestCluster, namespace: str, log: Path, *more: str) -> subprocess.Popen[bytes]:
@@ -192,6 +205,42 @@ def _phases(cluster: TestCluster, ns: str) -> dict[str, str]:
     return {i["metadata"]["name"]: (i.get("status") or {}).get("phase", "") for i in json.loads(res.stdout)["items"]}
 
 
+class PhaseWatch:
+    """Each Workflow of ``namespace`` and its phase, as one ``kubectl get --watch`` sees them, in a thread:
+    the cost of following a cold start is one line per change, not a list of every Workflow per poll
+    (polling ``kubectl get -o json`` of 1,000 Workflows back to back took a core of its own from the
+    API server and the operator it was measuring, a cost growing with the count times the duration)."""
+
+    def __init__(self, cluster: TestCluster, namespace: str) -> None:
+        self.phases: dict[str, str] = {}
+        self.first: dict[str, float] = {}   # name -> when the watch first showed it with a phase
+        self._proc = subprocess.Popen([str(cluster.kubectl_path), "--kubeconfig", str(cluster.kubeconfig), "get",
+                                       "workflows", "-n", namespace, "--watch", "--no-headers", "-o",
+                                       "custom-columns=N:.metadata.name,P:.status.phase"],
+                                      stdout=subprocess.PIPE, env=cluster.env, text=True)
+        self._thread = threading.Thread(target=self._follow, daemon=True)
+        self._thread.start()
+
+    def _follow(self) -> None:
+        assert self._proc.stdout is not None
+        for line in self._proc.stdout:
+            name, phase = [*line.split(), "", ""][:2]
+            phase = "" if phase == "<none>" else phase
+            self.phases[name] = phase
+            if phase:
+                self.first.setdefault(name, time.monotonic())
+
+    def phased(self) -> int:
+        return len(self.first)
+
+    def stop(self) -> None:
+        """End the watch (again: nothing)."""
+        if self._proc.poll() is None:
+            self._proc.kill()
+        self._proc.wait()
+        self._thread.join(timeout=10)
+
+
 def _kubelet(cluster: TestCluster, namespace: str, workdir: Path, stop: threading.Event) -> threading.Thread:
     """The fake kubelet of ``namespace`` (its pods' workers as local processes), in a thread of its own
     until ``stop`` is set."""
@@ -308,19 +357,25 @@ def scale(count: int, window: float = 60.0, starts: int = STARTS) -> dict[str, A
             _apply(cluster, ns, [_workflow(f"idle-{i:04d}") for i in range(start, min(count, start + 200))])
         out["cluster_alone_create_s"] = time.monotonic() - t_create
 
-        def phased() -> int:
-            return sum(1 for phase in _phases(cluster, ns).values() if phase)
-
         before = _requests_total(cluster)
         t = time.monotonic()
         time.sleep(window)  # a measurement window, not synchronisation
         out["cluster_alone_requests_per_min"] = (_requests_total(cluster) - before) / ((time.monotonic() - t) / 60)
+        watch = PhaseWatch(cluster, ns)
+        cluster.wait_until(f"{count} workflows listed by the watch", lambda: len(watch.phases) == count, 120)
+        requests0 = requests_by_kind(cluster)
         t0 = time.monotonic()
         proc = _operator(cluster, ns, Path(tmp) / "operator.log", starts_ns)
         sampler = _Sampler(proc.pid)
         try:
-            _wait(cluster, f"{count} workflows with a phase", lambda: phased() == count, timeout=900)
+            _wait(cluster, f"{count} workflows with a phase", lambda: watch.phased() == count, timeout=900)
             out["cold_start_every_phase_s"] = time.monotonic() - t0
+            watch.stop()
+            after = requests_by_kind(cluster)
+            made = {" ".join(k): round(v - requests0.get(k, 0)) for k, v in after.items()}
+            out["cold_start_requests"] = {k: v for k, v in sorted(made.items(), key=lambda kv: -kv[1])
+                                          if v >= count / 10}
+            out["cold_start_cpu_s"] = sampler.cpu_seconds()
             out["cold_start_peak_rss_mib"] = sampler.peak_rss / 2**20
             time.sleep(5)   # let the last status writes' watch events settle before the idle window
             before, cpu0, t1 = _requests_total(cluster), sampler.cpu_seconds(), time.monotonic()
@@ -335,6 +390,7 @@ def scale(count: int, window: float = 60.0, starts: int = STARTS) -> dict[str, A
                 out["concurrent_starts"] = concurrent_starts(cluster, starts_ns, Path(tmp) / "containers", starts)
             out["peak_rss_mib"] = sampler.peak_rss / 2**20
         finally:
+            watch.stop()
             sampler.stop()
             proc.terminate()
             proc.wait(timeout=60)

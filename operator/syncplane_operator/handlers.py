@@ -76,8 +76,7 @@ def string_map_from_environment(variable: str) -> tuple[tuple[str, str], ...]:
 async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: Any) -> None:
     # kopf's own bookkeeping goes into annotations under our prefix, not status.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=L.PREFIX)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=L.PREFIX, key="last-handled-configuration")
+    settings.persistence.diffbase_storage = NoDiffBase()
     settings.persistence.finalizer = f"{L.PREFIX}/finalizer"
     # Pinned timeouts: a watch that silently stalls is re-established.
     settings.watching.server_timeout = 120
@@ -115,6 +114,24 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: 
     memo.indexes = {name: kwargs[name] for name in ("worker_deployments", "worker_pods", "worker_leases")}
     memo.reconciles = ReconcileQueue(functools.partial(_reconcile_once, memo), memo.resync,
                                      int(env("SYNCPLANE_OPERATOR_WORKERS", DEFAULT_WORKERS)))
+
+
+class NoDiffBase(kopf.DiffBaseStorage):
+    """No diff-base: every Workflow's essence is empty, so kopf sees no change to hand to a handler
+    and writes nothing. The diff-base serves on.create/on.update/on.resume/on.field handlers, and this
+    operator has none (the reconcile is level-based; on.delete works from ``deletionTimestamp``). The
+    default (an annotation holding the Workflow's spec as JSON) cost a PATCH of every Workflow at
+    its first sight and at each spec edit, a deep copy of each watch event's body, and a second copy
+    of the spec in every body kept."""
+
+    def build(self, *, body: kopf.Body, extra_fields: Any = None) -> kopf.BodyEssence:
+        return {}
+
+    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
+        return {}
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
+        return None
 
 
 def routine_at_debug(record: logging.LogRecord) -> bool:
@@ -183,11 +200,19 @@ async def workflow_changed(memo: Any, event: Mapping[str, Any], body: kopf.Body,
         memo.reconciles.update(key, kept(body))
 
 
+#: Annotations that copy a whole object as JSON, never read here: `kubectl apply`'s, and the diff-base
+#: that operators before :class:`NoDiffBase` wrote on every Workflow.
+COPIES = frozenset({"kubectl.kubernetes.io/last-applied-configuration", f"{L.PREFIX}/last-handled-configuration"})
+
+
 def kept(body: Mapping[str, Any]) -> dict[str, Any]:
     """What the queue and the indexes keep of a body: all but ``metadata.managedFields`` (the API server's
-    field-ownership bookkeeping, often larger than the rest and never read here). A new dict: kopf's
-    own body is left as it is."""
+    field-ownership bookkeeping, often larger than the rest and never read here) and the annotations
+    in :data:`COPIES` (each as large as the spec). A new dict: kopf's own body is left as it is."""
     metadata = {k: v for k, v in (body.get("metadata") or {}).items() if k != "managedFields"}
+    annotations = metadata.get("annotations")
+    if annotations and not COPIES.isdisjoint(annotations):
+        metadata["annotations"] = {k: v for k, v in annotations.items() if k not in COPIES}
     return {**body, "metadata": metadata}
 
 

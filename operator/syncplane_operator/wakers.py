@@ -17,7 +17,7 @@ from typing import Any
 
 import kopf
 
-from syncplane.model.kube import reflects
+from syncplane.model.kube import merged, reflects
 
 log = logging.getLogger("syncplane.operator")
 
@@ -128,10 +128,18 @@ class ReconcileQueue:
         if state is None:
             return
         delay: float | None
-        if state.written is None or reflects(state.body.get("status") or {}, state.written) or state.due:
+        status = state.body.get("status") or {}
+        if state.written is None or reflects(status, state.written) or state.due:
             state.due = False
+            body = state.body
+            if state.written is not None and not reflects(status, state.written):
+                # The resync (or a due time) came before the watch showed our last write, which the API
+                # server accepted: decide from the body with that write, not from one before it (that
+                # decided the same transition again, and posted its Event twice, when the watch lagged
+                # a loaded API server by more than the resync).
+                body = {**body, "status": merged(status, state.written)}
             try:
-                state.written = await self._reconcile(key, state.body)
+                state.written = await self._reconcile(key, body)
             except kopf.PermanentError as exc:
                 log.error("reconcile of %s failed permanently (retried on its next change): %s", key, exc)
                 self._schedule(key, state, None)

@@ -34,6 +34,16 @@ def _renewals(cluster: Any, namespace: str, pod: str, times: int) -> None:
     cluster.wait_until(f"{times} renewals of the heartbeat Lease {pod}", renewed, 60)
 
 
+def _written_by_the_operator(cluster: Any, namespace: str, name: str) -> set[str]:
+    """The fields of the Workflow, its status aside, owned (managedFields) by a manager that is not
+    kubectl: what the operator wrote there, as ``metadata.finalizers``-style paths two levels deep."""
+    body = get(cluster, namespace, "workflow", name)
+    return {f"{top[2:]}.{field[2:]}" for entry in body["metadata"]["managedFields"]
+            if not entry["manager"].startswith("kubectl") and entry.get("subresource") != "status"
+            for top, fields in entry["fieldsV1"].items() if top.startswith("f:")
+            for field in fields if field.startswith("f:")}
+
+
 @pytest.mark.operator_resync(600)
 def test_lifecycle_from_watch_events_alone_with_one_event_per_transition(k8s_cluster, namespace, operator,
                                                                          tmp_path):
@@ -60,6 +70,9 @@ def test_lifecycle_from_watch_events_alone_with_one_event_per_transition(k8s_clu
         patch(k8s_cluster, namespace, name, {"batchSize": 250})
         wait(k8s_cluster, namespace, target, "jsonpath={.status.drift.detected}=true", timeout=60)
         _renewals(k8s_cluster, namespace, worker.pod, 2)
+        # Of the Workflow itself the operator writes its finalizer alone: no diff-base annotation (a PATCH
+        # of every Workflow at its first sight and at each edit, a copy of its spec in every body).
+        assert _written_by_the_operator(k8s_cluster, namespace, name) == {"metadata.finalizers"}
 
         # stop: STOPPING, then STOPPED once the worker is gone
         patch(k8s_cluster, namespace, name, {"desiredState": "STOPPED"})

@@ -113,6 +113,21 @@ def _merge_patch(old: Mapping[str, Any], new: Mapping[str, Any], known: set[str]
     return patch
 
 
+def merged(current: Mapping[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
+    """``current`` with the merge patch ``patch`` applied (RFC 7386: a null removes the key, an object
+    merges key by key, anything else replaces); a new dict, ``current`` is left as it is."""
+    out = dict(current)
+    for k, v in patch.items():
+        if v is None:
+            out.pop(k, None)
+        elif isinstance(v, Mapping):
+            sub = current.get(k)
+            out[k] = merged(sub if isinstance(sub, Mapping) else {}, v)
+        else:
+            out[k] = v
+    return out
+
+
 def reflects(current: Mapping[str, Any], patch: Mapping[str, Any]) -> bool:
     """Whether ``current`` already shows the merge patch ``patch`` (RFC 7386): the watch has
     delivered that write, or a later one."""
