@@ -206,38 +206,44 @@ def _phases(cluster: TestCluster, ns: str) -> dict[str, str]:
 
 
 class PhaseWatch:
-    """Each Workflow of ``namespace`` and its phase, as one ``kubectl get --watch`` sees them, in a thread:
+    """Each Workflow of ``namespace`` and its phase, as ``kubectl get --watch`` sees them, in a thread:
     the cost of following a cold start is one line per change, not a list of every Workflow per poll
     (polling ``kubectl get -o json`` of 1,000 Workflows back to back took a core of its own from the
-    API server and the operator it was measuring, a cost growing with the count times the duration)."""
+    API server and the operator it was measuring, a cost growing with the count times the duration).
+    A watch the API server ends (its timeout, a loaded watch cache) is started again: it lists first."""
 
     def __init__(self, cluster: TestCluster, namespace: str) -> None:
         self.phases: dict[str, str] = {}
         self.first: dict[str, float] = {}   # name -> when the watch first showed it with a phase
-        self._proc = subprocess.Popen([str(cluster.kubectl_path), "--kubeconfig", str(cluster.kubeconfig), "get",
-                                       "workflows", "-n", namespace, "--watch", "--no-headers", "-o",
-                                       "custom-columns=N:.metadata.name,P:.status.phase"],
-                                      stdout=subprocess.PIPE, env=cluster.env, text=True)
+        self._args = [str(cluster.kubectl_path), "--kubeconfig", str(cluster.kubeconfig), "get", "workflows",
+                      "-n", namespace, "--watch", "--no-headers", "-o",
+                      "custom-columns=N:.metadata.name,P:.status.phase"]
+        self._env = cluster.env
+        self._stopped = threading.Event()
+        self._proc: subprocess.Popen[str] | None = None
         self._thread = threading.Thread(target=self._follow, daemon=True)
         self._thread.start()
 
     def _follow(self) -> None:
-        assert self._proc.stdout is not None
-        for line in self._proc.stdout:
-            name, phase = [*line.split(), "", ""][:2]
-            phase = "" if phase == "<none>" else phase
-            self.phases[name] = phase
-            if phase:
-                self.first.setdefault(name, time.monotonic())
+        while not self._stopped.is_set():
+            self._proc = proc = subprocess.Popen(self._args, stdout=subprocess.PIPE, env=self._env, text=True)
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                name, phase = [*line.split(), "", ""][:2]
+                phase = "" if phase == "<none>" else phase
+                self.phases[name] = phase
+                if phase:
+                    self.first.setdefault(name, time.monotonic())
+            proc.wait()
 
     def phased(self) -> int:
         return len(self.first)
 
     def stop(self) -> None:
         """End the watch (again: nothing)."""
-        if self._proc.poll() is None:
+        self._stopped.set()
+        if self._proc is not None and self._proc.poll() is None:
             self._proc.kill()
-        self._proc.wait()
         self._thread.join(timeout=10)
 
 

@@ -29,6 +29,7 @@ Reconcile = Callable[[Hashable, Mapping[str, Any]], Awaitable[Mapping[str, Any] 
 class _Key:
     body: Mapping[str, Any]
     written: Mapping[str, Any] | None = None   # our last status patch, until a watch event shows it
+    status: Mapping[str, Any] | None = None    # the status as our writes (all accepted) left it
     due: bool = False                          # a timer (resync, due restart, retry) fired
     failures: int = 0                          # reconciles that raised in a row (the retry's backoff)
     timer: asyncio.TimerHandle | None = None
@@ -132,14 +133,17 @@ class ReconcileQueue:
         if state.written is None or reflects(status, state.written) or state.due:
             state.due = False
             body = state.body
-            if state.written is not None and not reflects(status, state.written):
-                # The resync (or a due time) came before the watch showed our last write, which the API
-                # server accepted: decide from the body with that write, not from one before it (that
-                # decided the same transition again, and posted its Event twice, when the watch lagged
-                # a loaded API server by more than the resync).
-                body = {**body, "status": merged(status, state.written)}
+            if state.status is not None and not reflects(status, state.status):
+                # A body older than our writes, which the API server accepted: the resync (or a due time)
+                # came before the watch showed the last one, or the watch handed an older body on after a
+                # newer (seen on a loaded API server at 1,000 Workflows). Decide from the body with those
+                # writes: from the one before them, the same transition was decided again, its Event
+                # posted twice.
+                body = {**body, "status": merged(status, state.status)}
             try:
                 state.written = await self._reconcile(key, body)
+                if state.written:
+                    state.status = merged(body.get("status") or {}, state.written)
             except kopf.PermanentError as exc:
                 log.error("reconcile of %s failed permanently (retried on its next change): %s", key, exc)
                 self._schedule(key, state, None)

@@ -37,7 +37,8 @@ def _renewals(cluster: Any, namespace: str, pod: str, times: int) -> None:
 def _written_by_the_operator(cluster: Any, namespace: str, name: str) -> set[str]:
     """The fields of the Workflow, its status aside, owned (managedFields) by a manager that is not
     kubectl: what the operator wrote there, as ``metadata.finalizers``-style paths two levels deep."""
-    body = get(cluster, namespace, "workflow", name)
+    body = json.loads(cluster.kubectl("get", "workflow", name, "-n", namespace, "-o", "json",
+                                      "--show-managed-fields").stdout)
     return {f"{top[2:]}.{field[2:]}" for entry in body["metadata"]["managedFields"]
             if not entry["manager"].startswith("kubectl") and entry.get("subresource") != "status"
             for top, fields in entry["fieldsV1"].items() if top.startswith("f:")

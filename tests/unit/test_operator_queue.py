@@ -127,6 +127,27 @@ def test_the_resync_ends_the_wait_for_a_write_the_watch_never_shows():
     asyncio.run(scenario())
 
 
+def test_a_body_older_than_a_write_already_seen_is_decided_with_that_write():
+    async def scenario() -> None:
+        rec = Recorder(writes={"phase": "STOPPED"})
+        queue = ReconcileQueue(rec, resync=3600)
+        queue.start()
+        try:
+            queue.update("wf", {"spec": {}, "status": {}})
+            await until(lambda: len(rec.calls) == 1 and not queue._running)
+            rec.writes = None   # the write comes back: a reconcile that writes nothing
+            queue.update("wf", {"spec": {}, "status": {"phase": "STOPPED"}})
+            await until(lambda: len(rec.calls) == 2 and not queue._running)
+            # then the watch hands on a body from before the write (a relist, a lagging cache)
+            queue.update("wf", {"spec": {"x": 1}, "status": {}})
+            await until(lambda: len(rec.calls) == 3)
+            assert rec.calls[2][1] == {"spec": {"x": 1}, "status": {"phase": "STOPPED"}}
+        finally:
+            await queue.stop()
+
+    asyncio.run(scenario())
+
+
 def test_a_workflow_at_rest_has_no_timer_one_that_runs_has_the_resync():
     async def scenario() -> None:
         rec = Recorder()
