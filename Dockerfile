@@ -22,6 +22,7 @@ RUN /opt/build/bin/pip wheel --require-hashes --only-binary=:all: --wheel-dir /w
 COPY pyproject.toml ./
 COPY server/ server/
 COPY operator/ operator/
+# (not sandbox/: the emulators are a package of their own, for the tests and `make run`, never in the image)
 RUN /opt/build/bin/pip wheel --no-deps --wheel-dir /wheels .
 
 # ---- runtime: the wheels installed into a virtualenv (no pip left in it), run as a non-root user

@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # Reinstall when the dependency list or the lock changes.
-VENV_STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements.lock | sha1sum | cut -c1-12)
+VENV_STAMP := $(VENV)/.installed-$(shell cat pyproject.toml sandbox/pyproject.toml requirements.lock | sha1sum | cut -c1-12)
 # The benchmarks' own dependencies (dlt, the read path's baseline), never the runtime's or the image's.
 BENCH_STAMP := $(VENV)/.bench-$(shell cat requirements-bench.lock | sha1sum | cut -c1-12)
 # Debian packages the tests use: openssl makes TLS test certificates and the
@@ -50,12 +50,14 @@ browser:
 	$(call apt_install,$(BROWSER_PACKAGES))
 
 # The runtime dependencies exactly as locked, every file checked against its hash (the image installs the
-# same lock), then the project itself and the development tools.
-$(VENV_STAMP): pyproject.toml requirements.lock
+# same lock), then the project itself and the development tools, then the sandbox package (sandbox/: the
+# emulators `make run` and the tests use, never in the image; its dependencies are the product's, locked).
+$(VENV_STAMP): pyproject.toml sandbox/pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q --require-hashes -r requirements.lock
 	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-deps -e ./sandbox
 	rm -f $(VENV)/.installed-* && touch $@
 
 venv: $(VENV_STAMP)
@@ -82,7 +84,7 @@ image: apt
 	scripts/build-image.sh
 
 run: setup
-	$(BIN)/syncplane up --data-dir .syncplane --sandbox
+	$(BIN)/syncplane-sandbox-up --data-dir .syncplane
 
 # The protobuf stubs and the CRD, from proto/ (one script; CI fails on a diff).
 proto: venv
@@ -92,8 +94,8 @@ proto-check: venv
 	$(BIN)/python scripts/generate.py --check
 
 lint: venv proto-check
-	$(BIN)/ruff check server operator tests scripts benchmarks
-	$(BIN)/mypy server/syncplane operator/syncplane_operator tests benchmarks
+	$(BIN)/ruff check server operator sandbox tests scripts benchmarks
+	$(BIN)/mypy server/syncplane operator/syncplane_operator sandbox/syncplane_sandbox tests benchmarks
 	$(BIN)/lint-imports --no-cache
 	cd proto && ../$(BIN)/buf lint
 

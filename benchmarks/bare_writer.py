@@ -21,7 +21,7 @@ from typing import Any
 
 import aiohttp
 
-from syncplane.sandbox import SANDBOX_CLIENT_ID, SANDBOX_CLIENT_SECRET
+from syncplane_sandbox import SANDBOX_CLIENT_ID, SANDBOX_CLIENT_SECRET
 
 
 async def write_all(d365_url: str, acs_url: str, d365_token_url: str, acs_token_url: str, d365_scope: str,

@@ -35,8 +35,8 @@ from syncplane.connectors.dynamics import DynamicsSource
 from syncplane.connectors.http import DEFAULT_CONCURRENCY, Credentials, OAuth2ClientCredentials
 from syncplane.model.convert import spec_to_dict
 from syncplane.proto.v1 import workflow_pb2 as pb
-from syncplane.runtime.embedded import write_sandbox_secrets
-from syncplane.sandbox import SANDBOX_CLIENT_ID, SANDBOX_CLIENT_SECRET, Sandbox, SandboxOptions, SeedSpec, start_sandbox
+from syncplane_sandbox import SANDBOX_CLIENT_ID, SANDBOX_CLIENT_SECRET, Sandbox, SandboxOptions, SeedSpec, start_sandbox
+from syncplane_sandbox.quickstart import write_sandbox_secrets
 from tests.integration.ingress_env import ingress_spec
 
 #: Requests in flight compared at 20 ms: the old fixed cap, Dataverse's per-user limit, beyond it.

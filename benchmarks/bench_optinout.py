@@ -25,7 +25,7 @@ from urllib.parse import urlencode
 from syncplane.connectors.campaign import CampaignSource
 from syncplane.connectors.dynamics import DynamicsSource
 from syncplane.connectors.http import Credentials, OAuth2ClientCredentials
-from syncplane.sandbox import SANDBOX_CLIENT_ID, SANDBOX_CLIENT_SECRET, Sandbox, SeedSpec, start_sandbox
+from syncplane_sandbox import SANDBOX_CLIENT_ID, SANDBOX_CLIENT_SECRET, Sandbox, SeedSpec, start_sandbox
 from tests.integration.optinout_env import PAIRS, Harness, create_profiles, crm_row, disagreements, profile
 
 CRM_FIELDS = [c for _, c in PAIRS]

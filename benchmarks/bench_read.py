@@ -11,7 +11,7 @@ import json
 import sys
 from typing import Any
 
-from syncplane.sandbox import SandboxOptions, SeedSpec, start_sandbox
+from syncplane_sandbox import SandboxOptions, SeedSpec, start_sandbox
 
 RECORDS = 200_000
 ROUNDS = 2

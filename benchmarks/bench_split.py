@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from syncplane.model.convert import spec_to_dict
-from syncplane.runtime.embedded import write_sandbox_secrets
-from syncplane.sandbox import SandboxOptions, SeedSpec, start_sandbox
+from syncplane_sandbox import SandboxOptions, SeedSpec, start_sandbox
+from syncplane_sandbox.quickstart import write_sandbox_secrets
 from tests.integration.ingress_env import ingress_spec
 
 WORKERS = (1, 2, 4)

@@ -24,8 +24,8 @@ from syncplane.connectors.base import Record
 from syncplane.connectors.campaign import MAX_LINE_COUNT, CampaignSource
 from syncplane.connectors.dynamics import MAX_PAGE_SIZE, DynamicsSource
 from syncplane.connectors.http import OAuth2ClientCredentials
-from syncplane.sandbox import SANDBOX_CLIENT_ID, Sandbox, SandboxOptions, SeedSpec, start_sandbox
 from syncplane.verify.run import verify
+from syncplane_sandbox import SANDBOX_CLIENT_ID, Sandbox, SandboxOptions, SeedSpec, start_sandbox
 from tests.integration.ingress_env import expected_profiles, ingress_spec
 from tests.integration.optinout_env import secrets
 

@@ -22,7 +22,7 @@ import sys
 import time
 from typing import Any
 
-from syncplane.sandbox import SANDBOX_CLIENT_ID, SANDBOX_CLIENT_SECRET
+from syncplane_sandbox import SANDBOX_CLIENT_ID, SANDBOX_CLIENT_SECRET
 
 TABLE = "contacts"
 COLUMNS = ("emailaddress1", "firstname", "lastname")

@@ -4,7 +4,7 @@ refused). Shared by tests/integration/test_status.py and tests/k8s/test_status.p
 
 from __future__ import annotations
 
-from syncplane.sandbox import Sandbox
+from syncplane_sandbox import Sandbox
 
 SOURCE_FAULTS = ["503", "refused"]
 

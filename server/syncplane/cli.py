@@ -11,7 +11,7 @@ import sys
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import grpc
@@ -25,6 +25,9 @@ from syncplane.proto.enums import enum_short_name, phase_name
 from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.proto.v1 import workflow_service_pb2 as svc
 from syncplane.validation.names import workflow_name
+
+if TYPE_CHECKING:
+    from syncplane.runtime.embedded import Companion
 
 
 def _client(ctx: click.Context) -> Any:
@@ -146,10 +149,6 @@ def _server_security(tls_cert: Path | None, tls_key: Path | None, token_file: Pa
               help="Seconds before the first automatic restart of an ERROR from outside the spec (doubling).")
 @click.option("--restart-backoff-cap", type=float, default=300.0, show_default=True,
               help="The longest wait between automatic restarts, in seconds.")
-@click.option("--sandbox/--no-sandbox", default=False, show_default=True,
-              help="Also run the Dynamics 365 and Campaign emulators on 127.0.0.1:7480 and :7481.")
-@click.option("--sandbox-latency", type=float, default=20.0, show_default=True,
-              help="Milliseconds the emulators take per request, like a cloud API (0: loopback speed).")
 @click.option("--console/--no-console", "console", default=True, show_default=True,
               help="Serve the web console (the Workflows page) next to gRPC.")
 @click.option("--console-listen", default="127.0.0.1:7444", show_default=True,
@@ -163,10 +162,14 @@ def up(data_dir: Path, listen: str, tls_cert: Path | None, tls_key: Path | None,
        defaults: bool, otlp_endpoint: str | None, metrics_listen: str | None, port_file: Path | None,
        stop_timeout: float,
        crash_limit: int, crash_window: float, backoff_base: float, orphan_timeout: float, degraded_after: float,
-       restart_backoff: float, restart_backoff_cap: float, sandbox: bool, sandbox_latency: float, console: bool,
+       restart_backoff: float, restart_backoff_cap: float, console: bool,
        console_listen: str, console_port_file: Path | None, log_level: str, reflection: bool,
-       worker_memory_limit: int) -> None:
-    """Run the embedded control plane (SQLite + local worker processes) and its web console."""
+       worker_memory_limit: int, companion: Companion | None = None) -> None:
+    """Run the embedded control plane (SQLite + local worker processes) and its web console.
+
+    ``companion``: something run beside it, never a command-line option (the sandbox package's
+    ``syncplane-sandbox-up`` calls this with its emulators; the product never imports them).
+    """
     from syncplane.api.server import InsecureBindError
     from syncplane.console import ConsoleConfig
     from syncplane.lifecycle import Policy
@@ -186,8 +189,7 @@ def up(data_dir: Path, listen: str, tls_cert: Path | None, tls_key: Path | None,
                                                   restart_backoff_cap=restart_backoff_cap),
                                     worker_memory_limit=worker_memory_limit * 1024 ** 2),
         with_defaults=defaults, otlp_endpoint=otlp_endpoint, metrics_address=metrics_listen, port_file=port_file,
-        sandbox=sandbox,
-        sandbox_latency_ms=sandbox_latency)
+        companion=companion)
     try:
         asyncio.run(serve(config))
     except InsecureBindError as exc:
@@ -243,15 +245,6 @@ def server(ctx: click.Context, backend: str, namespace: str, listen: str, tls_ce
         asyncio.run(serve_kubernetes(config))
     except InsecureBindError as exc:
         raise click.ClickException(str(exc)) from exc
-
-
-@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-@click.pass_context
-def sandbox(ctx: click.Context) -> None:
-    """Run the Dynamics 365 and Campaign Standard emulators (see --help of `python -m syncplane.sandbox`)."""
-    from syncplane.sandbox import main as sandbox_main
-
-    sys.exit(sandbox_main(ctx.args))
 
 
 @cli.command(name="operator")

@@ -23,8 +23,8 @@ from playwright.async_api import Browser, Page, async_playwright, expect
 from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.proto.v1 import workflow_service_pb2 as svc
 from syncplane.proto.v1 import workflow_service_pb2_grpc as svc_grpc
-from syncplane.runtime.embedded import write_sandbox_secrets
-from syncplane.sandbox import Sandbox, SeedSpec, start_sandbox
+from syncplane_sandbox import Sandbox, SeedSpec, start_sandbox
+from syncplane_sandbox.quickstart import write_sandbox_secrets
 from tests.backends import eventually
 from tests.integration.conftest import ServerProcess, wait_until, worker_processes
 

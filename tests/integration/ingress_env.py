@@ -14,9 +14,9 @@ from typing import Any
 from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.proto.v1 import workflow_service_pb2 as svc
 from syncplane.proto.v1 import workflow_service_pb2_grpc as svc_grpc
-from syncplane.runtime.embedded import write_sandbox_secrets
-from syncplane.sandbox import Sandbox
 from syncplane.state.sqlite import SqliteWorkerState
+from syncplane_sandbox import Sandbox
+from syncplane_sandbox.quickstart import write_sandbox_secrets
 from tests.factories import spec as default_spec
 
 PROFILE = {"contactid": "externalId", "emailaddress1": "email", "firstname": "firstName", "lastname": "lastName"}

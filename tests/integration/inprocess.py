@@ -15,10 +15,10 @@ from typing import Any
 from syncplane.contract.report import WorkerReport
 from syncplane.credentials import ConnectionSecret
 from syncplane.proto.v1 import workflow_pb2 as pb
-from syncplane.sandbox import Sandbox
 from syncplane.state.factory import embedded_stores
 from syncplane.state.sqlite import SqliteWorkerState
 from syncplane.worker.engine import IngressRunner
+from syncplane_sandbox import Sandbox
 
 
 def sandbox_secrets(sandbox: Sandbox) -> dict[str, ConnectionSecret]:

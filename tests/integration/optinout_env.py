@@ -15,13 +15,13 @@ from syncplane.optinout import OptInOutSync, build_optinout
 from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.proto.v1 import workflow_service_pb2 as svc
 from syncplane.proto.v1 import workflow_service_pb2_grpc as svc_grpc
-from syncplane.runtime.embedded import write_sandbox_secrets
-from syncplane.sandbox import MARKETING_USER, SANDBOX_CLIENT_ID, Sandbox
 from syncplane.service.verify import SqliteWorkerStateAccess
 from syncplane.state.factory import embedded_stores
 from syncplane.state.sqlite import SqliteWorkerState
 from syncplane.verify.compare import Difference
 from syncplane.verify.run import verify
+from syncplane_sandbox import MARKETING_USER, SANDBOX_CLIENT_ID, Sandbox
+from syncplane_sandbox.quickstart import write_sandbox_secrets
 from tests.factories import spec as default_spec
 
 PAIRS = (("blackListEmail", "donotbulkemail"), ("blackList", "donotemail"))

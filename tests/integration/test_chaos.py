@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from syncplane.sandbox import Sandbox, SeedSpec, start_sandbox
+from syncplane_sandbox import Sandbox, SeedSpec, start_sandbox
 from tests.integration.conftest import ControlPlane, _serve
 from tests.integration.ingress_env import (
     actual_profiles,

@@ -13,7 +13,7 @@ import pytest
 from syncplane.cli import describe_text
 from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.proto.v1 import workflow_service_pb2 as svc
-from syncplane.sandbox import SeedSpec, start_sandbox
+from syncplane_sandbox import SeedSpec, start_sandbox
 from tests.integration.conftest import ControlPlane, _serve
 from tests.integration.ingress_env import ingress_spec, prepare, status_until
 

@@ -13,10 +13,10 @@ from syncplane.connectors.base import ConnectorError, Page, Record
 from syncplane.connectors.campaign import CampaignSink, CampaignSource
 from syncplane.connectors.dynamics import DELTA_TOKEN_EXPIRED_CODE, DynamicsSink, DynamicsSource
 from syncplane.connectors.http import Credentials, OAuth2ClientCredentials
-from syncplane.sandbox import (
+from syncplane_sandbox import (
     DELTA_TOKEN_EXPIRED_CODE as SANDBOX_DELTA_CODE,
 )
-from syncplane.sandbox import (
+from syncplane_sandbox import (
     MARKETING_USER,
     POISON_CODE,
     SANDBOX_CLIENT_ID,

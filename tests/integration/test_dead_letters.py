@@ -18,9 +18,9 @@ import pytest
 
 from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.proto.v1 import workflow_service_pb2 as svc
-from syncplane.sandbox import SeedSpec, start_sandbox
 from syncplane.state.records import REDACTED
 from syncplane.state.sqlite import SqliteWorkerState
+from syncplane_sandbox import SeedSpec, start_sandbox
 from tests.integration.cli_env import cli
 from tests.integration.conftest import ControlPlane, _serve
 from tests.integration.ingress_env import (

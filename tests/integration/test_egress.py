@@ -15,7 +15,7 @@ import pytest
 
 from syncplane.egress.transform import crm_time
 from syncplane.proto.v1 import workflow_pb2 as pb
-from syncplane.sandbox import Sandbox, SeedSpec, start_sandbox
+from syncplane_sandbox import Sandbox, SeedSpec, start_sandbox
 from tests.backends import eventually
 from tests.factories import spec as default_spec
 from tests.integration.conftest import ControlPlane, _serve, worker_processes

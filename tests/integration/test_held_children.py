@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from syncplane.proto.v1 import workflow_pb2 as pb
-from syncplane.sandbox import Sandbox, start_sandbox
+from syncplane_sandbox import Sandbox, start_sandbox
 from tests.integration.ingress_env import ingress_spec
 from tests.integration.inprocess import InProcessIngress
 

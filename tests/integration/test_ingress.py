@@ -16,8 +16,8 @@ from syncplane.credentials import write_local_secret
 from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.proto.v1 import workflow_service_pb2 as svc
 from syncplane.runtime.supervisor import SupervisorConfig
-from syncplane.sandbox import Sandbox, SeedSpec, start_sandbox
 from syncplane.state.sqlite import SqliteWorkerState
+from syncplane_sandbox import Sandbox, SeedSpec, start_sandbox
 from tests.integration.conftest import ControlPlane, _serve, watch_until, worker_processes
 from tests.integration.ingress_env import (
     actual_profiles,

@@ -16,9 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from syncplane.proto.v1 import workflow_pb2 as pb
-from syncplane.sandbox import Sandbox, start_sandbox
 from syncplane.service.verify import SqliteWorkerStateAccess
 from syncplane.verify.run import verify
+from syncplane_sandbox import Sandbox, start_sandbox
 from tests.integration.ingress_env import CARD, LENGTHS, PROFILE, ingress_spec
 from tests.integration.inprocess import InProcessIngress, sandbox_secrets
 

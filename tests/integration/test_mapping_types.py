@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from syncplane.proto.v1 import workflow_pb2 as pb
-from syncplane.sandbox import AcsField, Sandbox, start_sandbox
 from syncplane.worker.startcheck import StartCheckFailed
+from syncplane_sandbox import AcsField, Sandbox, start_sandbox
 from tests.integration.ingress_env import ingress_spec
 from tests.integration.inprocess import InProcessIngress
 

@@ -14,8 +14,8 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from syncplane.runtime.processes import read_port
-from syncplane.sandbox import SeedSpec, start_sandbox
 from syncplane.validation.spec import max_concurrency
+from syncplane_sandbox import SeedSpec, start_sandbox
 from tests.backends import eventually
 from tests.integration.conftest import ControlPlane, _serve
 from tests.integration.ingress_env import converge, ingress_spec, prepare, profiles_match

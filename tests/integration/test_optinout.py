@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from syncplane.optinout.sync import CAMPAIGN_STREAM
-from syncplane.sandbox import Sandbox, SeedSpec, start_sandbox
+from syncplane_sandbox import Sandbox, SeedSpec, start_sandbox
 from tests.integration.optinout_env import (
     PAIRS,
     Harness,

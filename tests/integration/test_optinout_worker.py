@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from syncplane.proto.v1 import workflow_pb2 as pb
-from syncplane.sandbox import SeedSpec, start_sandbox
+from syncplane_sandbox import SeedSpec, start_sandbox
 from tests.integration.conftest import ControlPlane, _serve
 from tests.integration.ingress_env import converge, prepare, status_until
 from tests.integration.optinout_env import (

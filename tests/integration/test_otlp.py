@@ -22,8 +22,8 @@ from opentelemetry.proto.trace.v1 import trace_pb2
 from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.proto.v1 import workflow_service_pb2 as svc
 from syncplane.proto.v1 import workflow_service_pb2_grpc as svc_grpc
-from syncplane.runtime.embedded import write_sandbox_secrets
-from syncplane.sandbox import SeedSpec, start_sandbox
+from syncplane_sandbox import SeedSpec, start_sandbox
+from syncplane_sandbox.quickstart import write_sandbox_secrets
 from tests.backends import eventually
 from tests.integration.ingress_env import converge, ingress_spec, profiles_match
 from tests.otlp import Received, Span, ancestors, assert_no_secret, by_id, export_env, receiver

@@ -32,10 +32,10 @@ from syncplane.ingress.deletes import DeleteReconciler
 from syncplane.ingress.transform import EntityTransform
 from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.proto.v1 import workflow_service_pb2 as svc
-from syncplane.sandbox import SANDBOX_CLIENT_ID, SANDBOX_CLIENT_SECRET, Sandbox, SeedSpec, start_sandbox
-from syncplane.sandbox.variants import PAGE_ACTIONS
 from syncplane.state.sqlite import SqliteWorkerState
 from syncplane.worker.pipeline import Checkpoint, Pipeline, Stream
+from syncplane_sandbox import SANDBOX_CLIENT_ID, SANDBOX_CLIENT_SECRET, Sandbox, SeedSpec, start_sandbox
+from syncplane_sandbox.variants import PAGE_ACTIONS
 from tests.backends import eventually
 from tests.factories import spec
 from tests.integration.conftest import ControlPlane, _serve

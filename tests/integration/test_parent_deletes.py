@@ -21,9 +21,9 @@ from typing import Any
 import pytest
 
 from syncplane.proto.v1 import workflow_pb2 as pb
-from syncplane.sandbox import Sandbox, start_sandbox
 from syncplane.service.verify import SqliteWorkerStateAccess
 from syncplane.verify.run import verify
+from syncplane_sandbox import Sandbox, start_sandbox
 from tests.integration.ingress_env import ingress_spec
 from tests.integration.inprocess import InProcessIngress, sandbox_secrets
 from tests.integration.test_held_children import actual_cards

@@ -17,7 +17,7 @@ from google.protobuf import field_mask_pb2
 
 from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.proto.v1 import workflow_service_pb2 as svc
-from syncplane.sandbox import MARKETING_USER, SANDBOX_CLIENT_ID, Sandbox, SeedSpec, start_sandbox
+from syncplane_sandbox import MARKETING_USER, SANDBOX_CLIENT_ID, Sandbox, SeedSpec, start_sandbox
 from tests.backends import eventually
 from tests.integration.cli_env import cli
 from tests.integration.conftest import ControlPlane, _serve, watch_until

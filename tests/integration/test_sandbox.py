@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from syncplane.sandbox import (
+from syncplane_sandbox import (
     DELTA_TOKEN_EXPIRED_CODE,
     DELTA_TOKEN_EXPIRED_STATUS,
     MARKETING_USER,
@@ -30,7 +30,7 @@ from syncplane.sandbox import (
     ServiceProtectionLimits,
     start_sandbox,
 )
-from syncplane.sandbox.odata_batch import PartResponse, parse_batch_response
+from syncplane_sandbox.odata_batch import PartResponse, parse_batch_response
 from tests.integration.sandbox_fixtures import Clients, Op, acs_token, build_batch, d365_token, open_clients
 
 
@@ -983,7 +983,7 @@ async def test_seed_is_deterministic_and_realistic() -> None:
 
 async def test_command_line_entry_point() -> None:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "syncplane.sandbox", "--d365-port", "0", "--acs-port", "0", "--seed-contacts", "50",
+        sys.executable, "-m", "syncplane_sandbox", "--d365-port", "0", "--acs-port", "0", "--seed-contacts", "50",
         stderr=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert proc.stderr is not None
     try:

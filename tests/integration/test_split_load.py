@@ -21,8 +21,8 @@ from syncplane.connectors.dynamics import DynamicsSource, key_range_filter
 from syncplane.connectors.http import Credentials, OAuth2ClientCredentials
 from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.proto.v1 import workflow_service_pb2 as svc
-from syncplane.sandbox import SANDBOX_CLIENT_ID, SANDBOX_CLIENT_SECRET, Sandbox, SeedSpec, start_sandbox
 from syncplane.worker.split import bounds, range_filters
+from syncplane_sandbox import SANDBOX_CLIENT_ID, SANDBOX_CLIENT_SECRET, Sandbox, SeedSpec, start_sandbox
 from tests.integration.conftest import ControlPlane, _serve, worker_processes
 from tests.integration.ingress_env import (
     actual_profiles,

@@ -23,9 +23,9 @@ import pytest
 from syncplane.lifecycle import Policy
 from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.proto.v1 import workflow_service_pb2 as svc
-from syncplane.runtime.embedded import write_sandbox_secrets
 from syncplane.runtime.supervisor import SupervisorConfig
-from syncplane.sandbox import Sandbox, SeedSpec, start_sandbox
+from syncplane_sandbox import Sandbox, SeedSpec, start_sandbox
+from syncplane_sandbox.quickstart import write_sandbox_secrets
 from tests.backends import eventually
 from tests.integration.cli_env import cli
 from tests.integration.conftest import ControlPlane, _serve, watch_until

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from syncplane.proto.v1 import workflow_pb2 as pb
-from syncplane.sandbox import SeedSpec, start_sandbox
+from syncplane_sandbox import SeedSpec, start_sandbox
 from tests.backends import eventually
 from tests.integration.cli_env import cli
 from tests.integration.conftest import ControlPlane, _serve

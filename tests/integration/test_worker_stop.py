@@ -23,9 +23,9 @@ import aiohttp
 import pytest
 
 from syncplane.model.convert import spec_to_dict
-from syncplane.sandbox import Sandbox, SeedSpec, start_sandbox
-from syncplane.sandbox.common import RequestRecord
 from syncplane.worker.main import state_file
+from syncplane_sandbox import Sandbox, SeedSpec, start_sandbox
+from syncplane_sandbox.common import RequestRecord
 from tests.backends import eventually
 from tests.integration.ingress_env import ingress_spec, prepare
 

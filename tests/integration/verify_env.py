@@ -11,7 +11,7 @@ import httpx
 
 from syncplane.proto.v1 import workflow_service_pb2 as svc
 from syncplane.proto.v1 import workflow_service_pb2_grpc as svc_grpc
-from syncplane.sandbox import SANDBOX_CLIENT_ID, Sandbox
+from syncplane_sandbox import SANDBOX_CLIENT_ID, Sandbox
 
 Counts = tuple[int, int, int]  # (missing, extra, different)
 

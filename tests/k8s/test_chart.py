@@ -39,7 +39,7 @@ from syncplane.model.convert import from_resource
 from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.proto.v1 import workflow_service_pb2 as svc
 from syncplane.proto.v1 import workflow_service_pb2_grpc as svc_grpc
-from syncplane.sandbox import Sandbox, SeedSpec, start_sandbox
+from syncplane_sandbox import Sandbox, SeedSpec, start_sandbox
 from tests.chart_tools import check
 from tests.factories import literals
 from tests.k8s.test_operator import AVAILABLE, LocalWorker, get, wait

@@ -14,7 +14,7 @@ from playwright.async_api import Page, expect
 
 from syncplane.console import ConsoleConfig
 from syncplane.runtime.kubernetes import KubernetesServerConfig, serve_kubernetes
-from syncplane.sandbox import SeedSpec, start_sandbox
+from syncplane_sandbox import SeedSpec, start_sandbox
 from tests.e2e.conftest import browser, page, screenshot  # noqa: F401 (fixtures)
 from tests.e2e.test_workflows_page import OBSERVE
 from tests.integration.conftest import wait_until

@@ -23,7 +23,7 @@ import pytest
 from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.proto.v1 import workflow_service_pb2 as svc
 from syncplane.proto.v1 import workflow_service_pb2_grpc as svc_grpc
-from syncplane.sandbox import SeedSpec, start_sandbox
+from syncplane_sandbox import SeedSpec, start_sandbox
 from tests.backends import eventually
 from tests.integration.ingress_env import ingress_spec
 from tests.k8s.kubelet import FakeKubelet

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from syncplane.sandbox import SeedSpec, start_sandbox
 from syncplane.state.kube_checkpoints import stream_key
+from syncplane_sandbox import SeedSpec, start_sandbox
 from tests.backends import eventually
 from tests.integration.ingress_env import actual_profiles, diff, expected_profiles, profile_key_count, profiles_match
 from tests.k8s.kubelet import FakeKubelet

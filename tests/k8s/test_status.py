@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from syncplane.sandbox import Sandbox, SeedSpec
+from syncplane_sandbox import Sandbox, SeedSpec
 from tests.backends import eventually
 from tests.integration.sandbox_fixtures import running_sandbox
 from tests.k8s.kubelet import FakeKubelet

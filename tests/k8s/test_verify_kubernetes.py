@@ -20,9 +20,9 @@ from syncplane.api.server import create_server
 from syncplane.proto.v1 import workflow_service_pb2 as svc
 from syncplane.proto.v1 import workflow_service_pb2_grpc as svc_grpc
 from syncplane.runtime.kubernetes import kubernetes_store, kubernetes_verifier
-from syncplane.sandbox import Sandbox, SeedSpec
 from syncplane.service import WorkflowService
 from syncplane.verify.kube import result_configmap_name
+from syncplane_sandbox import Sandbox, SeedSpec
 from tests.backends import eventually
 from tests.integration.ingress_env import actual_profiles, diff, expected_profiles, profiles_match
 from tests.integration.sandbox_fixtures import running_sandbox

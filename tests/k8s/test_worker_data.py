@@ -23,8 +23,8 @@ import yaml
 
 from syncplane.contract.names import checkpoint_configmap_name
 from syncplane.optinout.sync import CAMPAIGN_STREAM, CRM_STREAM
-from syncplane.sandbox import Sandbox, SeedSpec, start_sandbox
 from syncplane.state.kube_checkpoints import stream_key
+from syncplane_sandbox import Sandbox, SeedSpec, start_sandbox
 from tests.backends import eventually
 from tests.factories import literals
 from tests.integration.ingress_env import (

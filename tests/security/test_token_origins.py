@@ -18,7 +18,7 @@ from syncplane.connectors.campaign import CampaignSource
 from syncplane.connectors.dynamics import DynamicsSource
 from syncplane.connectors.http import Credentials, OAuth2ClientCredentials, audience_allows
 from syncplane.proto.v1 import workflow_pb2 as pb
-from syncplane.sandbox import SeedSpec, start_sandbox
+from syncplane_sandbox import SeedSpec, start_sandbox
 from tests.integration.conftest import FAST as INTEGRATION_FAST
 from tests.integration.conftest import ControlPlane, _serve, watch_until
 from tests.integration.ingress_env import ingress_spec, prepare

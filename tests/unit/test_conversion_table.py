@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from syncplane.ingress.conversion import DESTINATION_TYPES, NotConvertible, SourceType, converter
-from syncplane.sandbox import AcsField, AcsState, SandboxClock
+from syncplane_sandbox import AcsField, AcsState, SandboxClock
 
 ROWS = [SourceType(t) for t in ("String", "Memo", "EntityName", "Boolean", "Integer", "BigInt", "Decimal",
                                 "Money", "Double", "Picklist", "State", "Status", "Uniqueidentifier", "Lookup",
@@ -100,8 +100,8 @@ def test_every_conversion_is_accepted_by_its_campaign_field(data: st.DataObject,
     if destination == "date":
         assert stored == wire[:10]  # the calendar date as entered: no shift by a zone
     if destination == "datetime" and row_name == "DateTime (UserLocal)":
-        from syncplane.sandbox.acs_state import parse_acs_time
-        from syncplane.sandbox.d365_state import parse_datetime
+        from syncplane_sandbox.acs_state import parse_acs_time
+        from syncplane_sandbox.d365_state import parse_datetime
         assert parse_acs_time(stored) == parse_datetime(wire).astimezone(UTC).timestamp()
 
 

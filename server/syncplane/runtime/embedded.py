@@ -15,13 +15,12 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import yaml
 
 from syncplane.api.server import ServerSecurity, check_bind, create_server, serve_until_signalled
 from syncplane.console import ConsoleConfig, announce_console, serve_console
-from syncplane.credentials import write_local_secret
 from syncplane.errors import AlreadyExists
 from syncplane.model.convert import from_resource
 from syncplane.private_files import PRIVATE_UMASK, make_private_dir
@@ -34,11 +33,24 @@ from syncplane.startup import startup_line
 from syncplane.store.sqlite import SqliteStore
 from syncplane.telemetry import serve_metrics, setup_metrics, setup_tracing
 
-if TYPE_CHECKING:
-    from syncplane.sandbox import Sandbox
-
 log = logging.getLogger(__name__)
 DEFAULTS_DIR = Path(__file__).resolve().parent.parent / "defaults"
+
+
+class Companion(Protocol):
+    """Something `syncplane up` runs beside the control plane: the sandbox package's emulators
+    (``syncplane_sandbox.quickstart``, `make run`), which the product itself never imports.
+
+    ``start`` runs before the supervisor starts, with the directory of the local secret files it
+    may write (``<name>.json``); ``stop`` after the workers stopped. ``start_defaults``: start the
+    default workflows this run created (there is something for them to sync).
+    """
+
+    start_defaults: bool
+
+    async def start(self, secrets_dir: Path) -> None: ...
+
+    async def stop(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -51,12 +63,9 @@ class EmbeddedConfig:
     otlp_endpoint: str | None = None
     metrics_address: str | None = None   # host:port of the server's /metrics (Prometheus); None: not served
     port_file: Path | None = None
-    # Run the vendor emulators in-process on their default ports (the default
-    # workflows point at them): the quickstart needs no vendor account.
-    sandbox: bool = False
-    # Their answer time: at cloud-like latency a newcomer sees the backlog rise and fall; at
-    # loopback speed the 20,000 seeded contacts are synced before `syncplane list` can show it.
-    sandbox_latency_ms: float = 20.0
+    # Run beside the control plane (the sandbox's emulators, whose default ports the default
+    # workflows point at: the quickstart needs no vendor account).
+    companion: Companion | None = None
     # The web console, on its own loopback port next to gRPC (None: not served).
     console: ConsoleConfig | None = None
     console_port_file: Path | None = None
@@ -86,12 +95,6 @@ def embedded_verifier(store: SqliteStore, supervisor: Supervisor) -> VerifyServi
                                                                                   supervisor.state_db)))
 
 
-def write_sandbox_secrets(sandbox: Sandbox, secrets_dir: Path) -> None:
-    """The secret files the default workflows reference, holding the sandbox's own client."""
-    for name, data in sandbox.secrets().items():
-        write_local_secret(secrets_dir, name, data)
-
-
 async def serve(config: EmbeddedConfig, stop: asyncio.Event | None = None) -> None:
     if config.console is not None:   # refuse an insecure console before anything starts
         check_bind(config.console.address, config.console.security)
@@ -115,22 +118,16 @@ async def serve(config: EmbeddedConfig, stop: asyncio.Event | None = None) -> No
         await server.stop(None)
         store.close()
         raise
-    sandbox = None
-    if config.sandbox:
-        from syncplane.sandbox import SeedSpec, start_sandbox
-
-        sandbox = await start_sandbox(d365_port=7480, acs_port=7481,
-                                      seed=SeedSpec(contacts=20_000, events=500))
-        sandbox.faults.set(latency_ms=config.sandbox_latency_ms)
-        write_sandbox_secrets(sandbox, supervisor.secrets_dir)
-        log.info("sandbox emulators: Dynamics 365 %s, Campaign %s", sandbox.d365_url, sandbox.acs_url)
+    companion = config.companion
+    if companion is not None:
+        await companion.start(supervisor.secrets_dir)
     # Before the defaults: each create and start answers once the supervisor has observed it.
     supervisor.start()
     if config.with_defaults:
         created = await create_default_workflows(service)
         if created:
             log.info("created default workflows: %s", ", ".join(created))
-        if created and sandbox is not None:
+        if created and companion is not None and companion.start_defaults:
             # With the sandbox there is something to sync: run the defaults (once; a stop sticks).
             for name in created:
                 await service.start(svc.StartWorkflowRequest(name=f"workflows/{name}"))
@@ -150,6 +147,6 @@ async def serve(config: EmbeddedConfig, stop: asyncio.Event | None = None) -> No
     log.info("RPCs drained; stopping the workers (each finishes its batch in flight)")
     await supervisor.close(stop_workers=True)
     log.info("workers stopped; the next `syncplane up` resumes them")
-    if sandbox is not None:
-        await sandbox.stop()
+    if companion is not None:
+        await companion.stop()
     store.close()

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from syncplane.sandbox.common import SandboxClock
+from syncplane_sandbox.common import SandboxClock
 
 ACS_FIELD_TYPES = frozenset({"string", "boolean", "int", "double", "datetime", "date", "link"})
 #: What deleting a record does to the records linking to it (see ``AcsState.link_delete``).

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from syncplane.sandbox.acs_state import AcsState, format_acs_time
-from syncplane.sandbox.d365_state import D365State, format_datetime, target_key
+from syncplane_sandbox.acs_state import AcsState, format_acs_time
+from syncplane_sandbox.d365_state import D365State, format_datetime, target_key
 
 FIRST_NAMES = ("Ada", "Alan", "Grace", "Linus", "Margaret", "Edsger", "Barbara", "Donald", "Frances", "Ken",
                "Radia", "Dennis", "Katherine", "John", "Hedy", "Tim", "Zoë", "José", "Søren", "Chloé", "Mei",

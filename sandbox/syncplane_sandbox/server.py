@@ -15,9 +15,9 @@ from typing import Any
 
 from aiohttp import web
 
-from syncplane.sandbox.acs import AcsEmulator
-from syncplane.sandbox.acs_state import FORCE_PAGINATION_THRESHOLD, AcsState, install_default_resources
-from syncplane.sandbox.common import (
+from syncplane_sandbox.acs import AcsEmulator
+from syncplane_sandbox.acs_state import FORCE_PAGINATION_THRESHOLD, AcsState, install_default_resources
+from syncplane_sandbox.common import (
     SANDBOX_ACS_ORG,
     SANDBOX_CLIENT_ID,
     SANDBOX_CLIENT_SECRET,
@@ -29,11 +29,11 @@ from syncplane.sandbox.common import (
     ServiceProtectionLimits,
     TokenIssuer,
 )
-from syncplane.sandbox.d365 import API_PREFIX, D365Emulator
-from syncplane.sandbox.d365_state import DELTA_TOKEN_MAX_AGE_S, D365State, install_default_tables
-from syncplane.sandbox.seed import SeedSpec, apply_seed, generate_events
+from syncplane_sandbox.d365 import API_PREFIX, D365Emulator
+from syncplane_sandbox.d365_state import DELTA_TOKEN_MAX_AGE_S, D365State, install_default_tables
+from syncplane_sandbox.seed import SeedSpec, apply_seed, generate_events
 
-log = logging.getLogger("syncplane.sandbox")
+log = logging.getLogger("syncplane_sandbox")
 
 BANNER = ("SANDBOX EMULATORS — local, in-memory emulations of the Dynamics 365 (Dataverse) Web API and the "
           "Adobe Campaign Standard API; not the vendors' services")
@@ -175,7 +175,7 @@ class Sandbox:
     def describe(self) -> str:
         return (f"{BANNER}. Dynamics 365 Web API: {self.d365_url} (token: {self.d365_token_url}, scope "
                 f"{self.d365_scope}); Campaign Standard: {self.acs_url} (token: {self.acs_token_url}); "
-                f"client_id={self.client_id}, client secret: syncplane.sandbox.SANDBOX_CLIENT_SECRET; "
+                f"client_id={self.client_id}, client secret: syncplane_sandbox.SANDBOX_CLIENT_SECRET; "
                 f"control API under /_sandbox on both ports")
 
     # -------------------------------------------------------------- lifecycle
@@ -258,7 +258,7 @@ async def run_forever(host: str = "127.0.0.1", d365_port: int = 7480, acs_port: 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m syncplane.sandbox", description=BANNER)
+    p = argparse.ArgumentParser(prog="syncplane-sandbox", description=BANNER)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--d365-port", type=int, default=7480)
     p.add_argument("--acs-port", type=int, default=7481)
@@ -275,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m syncplane.sandbox``: run both emulators until SIGINT/SIGTERM."""
+    """``syncplane-sandbox`` (``python -m syncplane_sandbox``): run both emulators until SIGINT/SIGTERM."""
     args = build_parser().parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")

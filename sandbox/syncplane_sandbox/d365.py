@@ -33,7 +33,7 @@ from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 from aiohttp import web
 
-from syncplane.sandbox.common import (
+from syncplane_sandbox.common import (
     EmulatorApp,
     Faults,
     Json,
@@ -48,7 +48,7 @@ from syncplane.sandbox.common import (
     dumps,
     json_response,
 )
-from syncplane.sandbox.d365_state import (
+from syncplane_sandbox.d365_state import (
     BATCH_TOO_LARGE_CODE,
     CHANGE_TRACKING_DISABLED_CODE,
     DUPLICATE_CODE,
@@ -66,7 +66,7 @@ from syncplane.sandbox.d365_state import (
     ODataError,
     Table,
 )
-from syncplane.sandbox.odata_batch import (
+from syncplane_sandbox.odata_batch import (
     MAX_BATCH_REQUESTS,
     BatchFormatError,
     BatchRequest,
@@ -76,7 +76,7 @@ from syncplane.sandbox.odata_batch import (
     parse_batch,
     write_batch_response,
 )
-from syncplane.sandbox.variants import ProtocolVariants
+from syncplane_sandbox.variants import ProtocolVariants
 
 API_PREFIX = "/api/data/v9.2/"
 MAX_PAGE_SIZE = 5000

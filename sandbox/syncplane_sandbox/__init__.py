@@ -1,8 +1,11 @@
-"""``syncplane.sandbox``: local, protocol-faithful emulators of the documented subsets of
+"""``syncplane_sandbox``: local, protocol-faithful emulators of the documented subsets of
 the Dynamics 365 (Dataverse) Web API and the Adobe Campaign Standard REST API.
 
 They are emulators, and say so: every response carries ``X-Syncplane-Sandbox: emulator``
 and startup logs a banner. State is in memory; both servers listen on loopback.
+
+A package of its own (``sandbox/pyproject.toml``), installed by ``make setup`` for the tests and
+``make run`` and never into the runtime image; the product (``syncplane``) never imports it.
 
     sandbox = await start_sandbox(seed=SeedSpec(contacts=1000))
     ...  # sandbox.d365_url, sandbox.d365_token_url, sandbox.acs_url, sandbox.acs_token_url
@@ -10,11 +13,13 @@ and startup logs a banner. State is in memory; both servers listen on loopback.
     sandbox.d365.table("contacts").upsert(firstname="Ada")
     await sandbox.stop()
 
-Command line: ``python -m syncplane.sandbox --d365-port 7480 --acs-port 7481 --seed-contacts 1000``.
+Command line: ``syncplane-sandbox --d365-port 7480 --acs-port 7481 --seed-contacts 1000`` (or
+``python -m syncplane_sandbox``); ``syncplane-sandbox-up`` is ``syncplane up`` with the emulators
+beside it (``quickstart.py``).
 See ``d365.py`` and ``acs.py`` for the endpoints and the documented choices.
 """
 
-from syncplane.sandbox.acs_state import (
+from syncplane_sandbox.acs_state import (
     FORCE_PAGINATION_THRESHOLD,
     MARKETING_USER,
     AcsError,
@@ -22,7 +27,7 @@ from syncplane.sandbox.acs_state import (
     AcsResource,
     AcsState,
 )
-from syncplane.sandbox.common import (
+from syncplane_sandbox.common import (
     SANDBOX_ACS_ORG,
     SANDBOX_CLIENT_ID,
     SANDBOX_CLIENT_SECRET,
@@ -36,7 +41,7 @@ from syncplane.sandbox.common import (
     SandboxClock,
     ServiceProtectionLimits,
 )
-from syncplane.sandbox.d365_state import (
+from syncplane_sandbox.d365_state import (
     DELTA_TOKEN_EXPIRED_CODE,
     DELTA_TOKEN_EXPIRED_STATUS,
     POISON_CODE,
@@ -46,8 +51,8 @@ from syncplane.sandbox.d365_state import (
     ODataError,
     Table,
 )
-from syncplane.sandbox.seed import SeedSpec
-from syncplane.sandbox.server import Sandbox, SandboxFaults, SandboxOptions, main, run_forever, start_sandbox
+from syncplane_sandbox.seed import SeedSpec
+from syncplane_sandbox.server import Sandbox, SandboxFaults, SandboxOptions, main, run_forever, start_sandbox
 
 __all__ = [
     "DELTA_TOKEN_EXPIRED_CODE",

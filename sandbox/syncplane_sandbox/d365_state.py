@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from syncplane.sandbox.common import SandboxClock
+from syncplane_sandbox.common import SandboxClock
 
 # Error codes the emulator answers with (documented so connectors can branch on them).
 #: Delta token expired (by age, default 7 days, or by ``expire_delta_tokens()``): HTTP 400.

@@ -35,7 +35,7 @@ from urllib.parse import urlencode
 
 from aiohttp import web
 
-from syncplane.sandbox.acs_state import (
+from syncplane_sandbox.acs_state import (
     DEFAULT_LINE_COUNT,
     INVALID_VALUE,
     MAX_LINE_COUNT,
@@ -48,7 +48,7 @@ from syncplane.sandbox.acs_state import (
     AcsState,
     parse_acs_time,
 )
-from syncplane.sandbox.common import (
+from syncplane_sandbox.common import (
     EmulatorApp,
     Faults,
     Json,
