@@ -12,7 +12,7 @@ import aiohttp
 from benchmarks.bench_ingress import run_worker
 from syncplane.connectors.base import Record
 from syncplane.egress.transform import EventTransform
-from syncplane.ingress.transform import Action
+from syncplane.transform import Action
 from syncplane_sandbox import SANDBOX_CLIENT_ID, SANDBOX_CLIENT_SECRET, SandboxOptions, SeedSpec, start_sandbox
 from tests.factories import spec as default_spec
 

@@ -18,9 +18,9 @@ from hypothesis import strategies as st
 from syncplane.connectors.base import Page, Record, Rejected, WriteResult
 from syncplane.connectors.http import RetryableError
 from syncplane.contract.report import WorkerReport
-from syncplane.ingress.transform import Action, Transformed
 from syncplane.state.records import HoldPolicy
 from syncplane.state.sqlite import SqliteWorkerState
+from syncplane.transform import Action, Transformed
 from syncplane.worker.pipeline import Pipeline, Stream
 
 # A record's value says what happens to it: its action, and the destination's answer.

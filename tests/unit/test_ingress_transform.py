@@ -3,9 +3,10 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from syncplane.connectors.base import Record
-from syncplane.ingress import Action, EntityTransform
+from syncplane.ingress import EntityTransform
 from syncplane.ingress.transform import FORMATTED, convert
 from syncplane.proto.v1 import workflow_pb2 as pb
+from syncplane.transform import Action
 from tests.factories import spec
 
 

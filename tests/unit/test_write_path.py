@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from syncplane.connectors.base import Page, Record, WriteResult
 from syncplane.contract.report import WorkerReport
-from syncplane.ingress.transform import Action, Transformed
+from syncplane.transform import Action, Transformed
 from syncplane.worker.pipeline import Pipeline, Stream
 
 PAGES = st.lists(st.lists(st.integers(0, 9), max_size=8), min_size=1, max_size=8)  # keys k0..k9

@@ -11,8 +11,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from syncplane.connectors.base import Record
-from syncplane.ingress.transform import Action, Transformed
 from syncplane.proto.v1 import workflow_pb2 as pb
+from syncplane.transform import Action, Transformed
 
 ACTIVITY_SET = "new_emailevents"
 ACTIVITY_KEY = "new_eventid"

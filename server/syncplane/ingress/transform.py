@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
 from datetime import date, datetime
-from enum import Enum
 from typing import Any
 
 from syncplane.connectors.base import Record
@@ -36,29 +34,13 @@ from syncplane.ingress.conversion import (
     source_type,
 )
 from syncplane.proto.v1 import workflow_pb2 as pb
+from syncplane.transform import Action, Transformed
 
 FORMATTED_VALUE = "OData.Community.Display.V1.FormattedValue"
 LOOKUP_LOGICAL_NAME = "Microsoft.Dynamics.CRM.lookuplogicalname"
 FORMATTED = f"@{FORMATTED_VALUE}"
 # Campaign field lengths (DOMAIN.md); a custom resource declares its own.
 PROFILE_LENGTHS = {"email": 128, "firstName": 30, "lastName": 50, "externalId": 100}
-
-
-class Action(Enum):
-    UPSERT = "upsert"
-    DELETE = "delete"
-    SKIP = "skip"
-
-
-@dataclass(frozen=True)
-class Transformed:
-    action: Action
-    key: str
-    values: dict[str, Any] = field(default_factory=dict)
-    truncated: tuple[str, ...] = ()
-    # Destination fields of mappings with applyUpdates: false: written when the destination
-    # record is created (or on a replay), never over an existing record's value.
-    create_only: frozenset[str] = frozenset()
 
 
 class MappingNotSupported(Exception):

@@ -48,6 +48,7 @@ from syncplane.optinout.writers import CampaignOptOutWriter, CampaignWrite, Dyna
 from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.state.stores import AsyncCheckpointStore, AsyncDeadLetterStore, AsyncRepairQueue, EchoMemory, Stores
 from syncplane.validation.spec import max_concurrency
+from syncplane.worker.accounting import Accounting
 
 log = logging.getLogger("syncplane.optinout")
 
@@ -116,6 +117,7 @@ class OptInOutSync:
         # The worker's stores (syncplane.state.factory): cursors and dead letters in the state file
         # embedded, ConfigMaps on Kubernetes; the echo memory in a SQLite file on both.
         self.checkpoints, self.letters, self.repairs = checkpoints, letters, repairs
+        self.accounting = Accounting(workflow, report, letters)   # dead letters, backlog: as the pipeline's
         self.batch_size = max(1, batch_size)
         self._closers = list(closers)
         # "source", "destination" → how the requests to that side fare (for the worker's status).
@@ -145,11 +147,8 @@ class OptInOutSync:
         finally:
             self.totals.add(self.last)
             left, self._queued = self._queued, 0
-            if stop.is_set():  # stopped: what was read and not written stays the backlog
-                self.report.set_backlog(left)
-            else:              # the pass failed: the next one reads them again
-                self.report.done("failed", left)
-                self.report.set_backlog(0)
+            # Stopped: what was read and not written stays the backlog; failed: the next pass reads it again.
+            self.accounting.end_pass(stop.is_set(), left)
 
     async def _pass(self, stop: asyncio.Event) -> None:
         await self._retry_dead_letters()
@@ -299,7 +298,7 @@ class OptInOutSync:
         for bad in out.rejected:
             await self._dead_letter(stream, bad, payloads.get(bad.key, {}))
         if out.rejected:
-            await self._count_letters()
+            await self.accounting.count_letters()
         written = len(out.written)
         if side == CRM:
             self.last.written_crm += written
@@ -310,12 +309,8 @@ class OptInOutSync:
         self.last.rejected += len(out.rejected)
 
     async def _dead_letter(self, stream: str, bad: Rejected, payload: dict[str, bool]) -> None:
-        await self.letters.adead_letter(self.workflow, stream, bad.key, dict(payload), bad.status, bad.error)
+        await self.accounting.dead_letter(stream, bad.key, dict(payload), bad.status, bad.error)
         log.warning("%s: %s %s dead-lettered: HTTP %s %s", self.workflow, stream, bad.key, bad.status, bad.error)
-
-    async def _count_letters(self) -> None:
-        self.report.dead_letters = await self.letters.adead_letter_count(self.workflow)
-        self.report.dead_letter_store = self.letters.location
 
     # ------------------------------------------------------------------ dead letters marked for retry
     async def _retry_dead_letters(self) -> None:
@@ -342,7 +337,7 @@ class OptInOutSync:
             log.info("%s: %d dead letter(s) of %s retried: %d written, %d superseded or gone, %d rejected again",
                      self.workflow, len(wanted), stream, len(out.written), len(wanted) - len(resend) + len(out.absent),
                      len(out.rejected))
-        await self._count_letters()
+        await self.accounting.count_letters()
 
     async def _remember_written(self, target: str, out: Outcome, values: Mapping[str, Mapping[str, bool]]) -> None:
         """The echo memory of ``target`` after writes outside a feed's pass: what it acknowledged."""
@@ -403,7 +398,7 @@ class OptInOutSync:
 
     def _set_backlog(self, n: int) -> None:
         self._queued = n
-        self.report.set_backlog(n)
+        self.accounting.backlog(n)
 
     async def aclose(self) -> None:
         for closer in (self.crm_source, self.campaign_source):

@@ -35,7 +35,7 @@ from syncplane.connectors.http import DEFAULT_CONCURRENCY, OAuth2ClientCredentia
 from syncplane.credentials import ConnectionSecret
 from syncplane.egress import transform as egress
 from syncplane.ingress.conversion import LOOKUP_TYPES
-from syncplane.ingress.transform import Action, EntityTransform, MappingNotSupported
+from syncplane.ingress.transform import EntityTransform, MappingNotSupported
 from syncplane.optinout.rules import flag, pairs_of, repair_plan
 from syncplane.optinout.sync import (
     CAMPAIGN_STREAM,
@@ -48,6 +48,7 @@ from syncplane.optinout.sync import (
     direction_of,
 )
 from syncplane.proto.v1 import workflow_pb2 as pb
+from syncplane.transform import Action
 from syncplane.verify.compare import Difference, Row, compare, in_flight, instant, lookup_binds, waiting_for_parent
 from syncplane.worker.engine import _KeyedSource, ingress_streams
 from syncplane.worker.pipeline import Checkpoint, Stream

@@ -25,9 +25,10 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from syncplane.connectors.base import Record, Sink, Source
-from syncplane.ingress.transform import Action, EntityTransform
+from syncplane.ingress.transform import EntityTransform
 from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.state.stores import AsyncHeldStore
+from syncplane.transform import Action
 from syncplane.worker.pipeline import kept_payload
 
 log = logging.getLogger(__name__)

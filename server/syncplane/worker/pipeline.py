@@ -25,29 +25,20 @@ import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from opentelemetry import trace
 
 from syncplane.connectors.base import Page, Record, Sink, Source
 from syncplane.connectors.http import StopRequested
 from syncplane.contract.report import WorkerReport
-from syncplane.ingress.transform import Action, Transformed
 from syncplane.state.records import REDACTED, HoldPolicy
 from syncplane.state.stores import AsyncCheckpointStore, AsyncDeadLetterStore, AsyncHeldStore, AsyncRepairQueue
+from syncplane.transform import Action, Transform
+from syncplane.worker.accounting import Accounting
 
 log = logging.getLogger(__name__)
 _tracer = trace.get_tracer("syncplane.worker")
-
-
-class Transform(Protocol):
-    """A source record in, a destination action out (ingress and egress each have one)."""
-
-    def apply(self, record: Record, full: bool) -> Transformed: ...
-
-    def source_columns(self) -> list[str]: ...
-
-    def filter_fingerprint(self) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -179,6 +170,7 @@ class Pipeline:
         self.checkpoints = checkpoints
         # Where poison records go: the same SQLite file embedded, ConfigMaps on Kubernetes.
         self.letters = letters
+        self.accounting = Accounting(workflow, report, letters)
         self._letters = True  # this stream may have dead letters (settled at the start of each pass)
         # The writers: as many as the sink may have requests in flight when it writes a request per
         # record (its `writers`), else one writing batches of `batch_size`.
@@ -201,7 +193,7 @@ class Pipeline:
         return self._writing > 0
 
     def _update_backlog(self) -> None:
-        self.report.set_backlog(self._queued + self._in_flight)
+        self.accounting.backlog(self._queued + self._in_flight)
 
     async def run_once(self, stop: asyncio.Event) -> int:
         """One pass: read everything new since the checkpoint, write it, commit page by page.
@@ -289,12 +281,9 @@ class Pipeline:
             left = self._queued + self._in_flight
             self._queued = self._in_flight = 0
             self._drain_queue()
-            if stop.is_set():
-                # Stopped: what was read and not written stays the backlog; the next start reads it.
-                self.report.set_backlog(left)
-            else:
-                self.report.done("failed", left)  # the pass failed: the next one reads them again
-                self._update_backlog()
+            # Stopped: what was read and not written stays the backlog; the next start reads it.
+            # Failed: counted failed; the next pass reads them again.
+            self.accounting.end_pass(stop.is_set(), left)
         return read
 
     async def _reconcile_deletes(self, stop: asyncio.Event) -> None:
@@ -535,7 +524,7 @@ class Pipeline:
             # Written now (e.g. corrected at the source): an older dead letter of it is moot.
             await self.letters.asettle_retry(self.workflow, self.stream.name, ticket.written, (), ())
         if ticket.rejected or (self._letters and ticket.written):
-            await self._count_letters()
+            await self.accounting.count_letters()
         await self._supersede_held(ticket)
         ticket.done = True
         self._progress.set()
@@ -643,14 +632,10 @@ class Pipeline:
 
     async def _dead_letter(self, key: str, payload: dict[str, Any], status: int, error: str,
                            deleted: bool = False) -> None:
-        await self.letters.adead_letter(self.workflow, self.stream.name, key, payload, status, error,
-                                        resource=self.stream.resource, key_field=self.stream.key_field,
-                                        deleted=deleted)
+        await self.accounting.dead_letter(self.stream.name, key, payload, status, error,
+                                          resource=self.stream.resource, key_field=self.stream.key_field,
+                                          deleted=deleted)
         self._letters = True
-
-    async def _count_letters(self) -> None:
-        self.report.dead_letters = await self.letters.adead_letter_count(self.workflow)
-        self.report.dead_letter_store = self.letters.location
 
     async def _retry_dead_letters(self) -> None:
         """Re-send the dead letters RetryDeadLetters marked, to where they were written; delete
@@ -671,7 +656,7 @@ class Pipeline:
                                                  [(r.key, r.status, r.error) for r in result.rejected],
                                                  [r.key for r in records])
                 self.report.resent(len(result.written))
-        await self._count_letters()
+        await self.accounting.count_letters()
         self._letters = self.report.dead_letters > 0
 
     async def _run_repairs(self, stop: asyncio.Event) -> None:
