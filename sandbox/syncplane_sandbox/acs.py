@@ -54,8 +54,10 @@ from syncplane_sandbox.common import (
     Json,
     RequestLog,
     SandboxClock,
+    SchemaOps,
     ServiceProtection,
     TokenIssuer,
+    apply_schema_change,
     b64url_decode,
     b64url_encode,
     bearer_of,
@@ -82,8 +84,7 @@ class AcsEmulator(EmulatorApp):
         r.add_post("/_sandbox/resources/{name}/records", self._ctl_create)
         r.add_patch("/_sandbox/resources/{name}/records/{pkey}", self._ctl_update)
         r.add_delete("/_sandbox/resources/{name}/records/{pkey}", self._ctl_delete)
-        r.add_put("/_sandbox/poison", self._ctl_poison)
-        r.add_delete("/_sandbox/poison", self._ctl_clear_poison)
+        self.control_poison(state, "resource")
         r.add_put("/_sandbox/force-pagination-threshold", self._ctl_threshold)
         r.add_put("/_sandbox/link-delete", self._ctl_link_delete)
 
@@ -330,21 +331,11 @@ class AcsEmulator(EmulatorApp):
                               for n, r in self.state.resources.items()})
 
     async def _ctl_schema(self, request: web.Request) -> web.Response:
-        """``{"op": "rename", "field": old, "to": new}`` | ``{"op": "retype", "field": f, "type": t,
-        "max_length": n}`` | ``{"op": "drop", "field": f}`` | ``{"op": "add", "field": f, "type": t}``."""
+        """A schema change of one resource: :func:`~syncplane_sandbox.common.apply_schema_change` by ``"field"``."""
         res = self.state.resource(request.match_info["name"])
-        body = await request.json()
-        op = body["op"]
-        if op == "rename":
-            res.rename_field(body["field"], body["to"])
-        elif op == "retype":
-            res.retype_field(body["field"], body["type"], body.get("max_length"))
-        elif op == "drop":
-            res.drop_field(body["field"])
-        elif op == "add":
-            res.add_field(AcsField(body["field"], body["type"], body.get("max_length")))
-        else:
-            raise ValueError(f"unknown schema op {op!r}")
+        apply_schema_change(await request.json(), "field", SchemaOps(
+            res.rename_field, res.retype_field, res.drop_field,
+            lambda name, type, max_length: res.add_field(AcsField(name, type, max_length))))
         return json_response(self.resource_type(res, self._base(request)))
 
     async def _ctl_create(self, request: web.Request) -> web.Response:
@@ -369,15 +360,6 @@ class AcsEmulator(EmulatorApp):
     async def _ctl_delete(self, request: web.Request) -> web.Response:
         res = self.state.resource(request.match_info["name"])
         return web.Response(status=204 if res.delete(request.match_info["pkey"]) else 404)
-
-    async def _ctl_poison(self, request: web.Request) -> web.Response:
-        body = await request.json()
-        self.state.poison_keys(body["resource"], *body["keys"])
-        return json_response({k: sorted(v) for k, v in self.state.poison.items()})
-
-    async def _ctl_clear_poison(self, request: web.Request) -> web.Response:
-        self.state.clear_poison()
-        return web.Response(status=204)
 
     async def _ctl_link_delete(self, request: web.Request) -> web.Response:
         """``{"behaviour": "keep" | "cascade"}``: what a delete does to the records linking to it."""

@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 
@@ -525,6 +525,46 @@ class InFlight:
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+class PoisonList(Protocol):
+    """An emulator's state that rejects the writes of chosen keys (a plug-in / a workflow that
+    refuses a record): ``poison`` maps a table or resource to its poisoned keys (lower case)."""
+
+    poison: dict[str, set[str]]
+
+    def poison_keys(self, name: str, /, *keys: str) -> None: ...
+
+    def clear_poison(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class SchemaOps:
+    """One table's (Dataverse) or resource's (Campaign) schema changes, for the control route that
+    changes a schema under a running sync: each takes the column or field name first."""
+
+    rename: Callable[[str, str], None]
+    retype: Callable[[str, str, int | None], None]
+    drop: Callable[[str], None]
+    add: Callable[[str, str, int | None], None]
+
+
+def apply_schema_change(body: dict[str, Any], term: str, ops: SchemaOps) -> None:
+    """``{"op": "rename", term: old, "to": new}`` | ``{"op": "retype", term: name, "type": T,
+    "max_length": n}`` | ``{"op": "drop", term: name}`` | ``{"op": "add", term: name, "type": T,
+    "max_length": n}``, ``term`` being ``"column"`` (Dataverse) or ``"field"`` (Campaign). Raises
+    ValueError for another op, KeyError for a missing member (the control routes answer 400)."""
+    op, name = body["op"], body[term]
+    if op == "rename":
+        ops.rename(name, body["to"])
+    elif op == "retype":
+        ops.retype(name, body["type"], body.get("max_length"))
+    elif op == "drop":
+        ops.drop(name)
+    elif op == "add":
+        ops.add(name, body["type"], body.get("max_length"))
+    else:
+        raise ValueError(f"unknown schema op {op!r}")
+
+
 class EmulatorApp:
     """Common aiohttp plumbing of an emulator: labelling header, request log, fault
     injection, optional service protection, and the ``/_sandbox`` control routes."""
@@ -557,6 +597,23 @@ class EmulatorApp:
         if protection is not None:
             r.add_get(CONTROL_PREFIX + "/limits", self._ctl_limits)
             r.add_put(CONTROL_PREFIX + "/limits", self._ctl_set_limits)
+
+    def control_poison(self, state: PoisonList, owner: str) -> None:
+        """The poison control routes, one for both emulators: ``PUT /_sandbox/poison`` with
+        ``{owner: name, "keys": [...]}`` (``owner``: ``"table"`` on Dataverse, ``"resource"`` on
+        Campaign) answers every poisoned key by name; ``DELETE /_sandbox/poison`` clears them (204)."""
+
+        async def put(request: web.Request) -> web.Response:
+            body = await request.json()
+            state.poison_keys(body[owner], *body["keys"])
+            return json_response({k: sorted(v) for k, v in state.poison.items()})
+
+        async def clear(request: web.Request) -> web.Response:
+            state.clear_poison()
+            return web.Response(status=204)
+
+        self.app.router.add_put(CONTROL_PREFIX + "/poison", put)
+        self.app.router.add_delete(CONTROL_PREFIX + "/poison", clear)
 
     # -- hooks for subclasses
     def is_auth_path(self, path: str) -> bool:

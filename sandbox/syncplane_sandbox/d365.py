@@ -1,4 +1,8 @@
-"""The Dynamics 365 / Dataverse Web API emulator (HTTP side).
+"""The Dynamics 365 / Dataverse Web API emulator (HTTP side): the routes.
+
+The OData query parsing (``Prefer``, literals, keys, ``$filter``) is ``odata_query.py``, the
+``$batch`` format ``odata_batch.py``, the tables and their rules ``d365_state.py``; the control
+routes (``/_sandbox/...``) shared with the Campaign emulator are ``common.py``'s.
 
 Endpoints (``{root}`` = ``http://host:port/api/data/v9.2/``):
 
@@ -23,7 +27,6 @@ is rolled back and represented by the failing request's response alone.
 from __future__ import annotations
 
 import json
-import re
 import time
 import uuid
 from collections.abc import Callable
@@ -40,8 +43,10 @@ from syncplane_sandbox.common import (
     RequestLog,
     RequestRecord,
     SandboxClock,
+    SchemaOps,
     ServiceProtection,
     TokenIssuer,
+    apply_schema_change,
     b64url_decode,
     b64url_encode,
     bearer_of,
@@ -75,6 +80,14 @@ from syncplane_sandbox.odata_batch import (
     count_requests,
     parse_batch,
     write_batch_response,
+)
+from syncplane_sandbox.odata_query import (
+    GUID,
+    annotation_filter,
+    compile_filter,
+    parse_key,
+    parse_prefer,
+    split_segment,
 )
 from syncplane_sandbox.variants import ProtocolVariants
 
@@ -118,191 +131,6 @@ def _json(data: Json, status: int = 200, headers: dict[str, str] | None = None) 
     return OResponse(status, {**ODATA_HEADERS, "Content-Type": JSON_TYPE, **(headers or {})}, dumps(data))
 
 
-def parse_prefer(value: str | None) -> dict[str, str]:
-    """``Prefer`` header → {preference: value} (value "" for bare preferences). Preferences are
-    comma-separated; a quoted value may hold commas (RFC 7240), as an include-annotations list does."""
-    prefs: dict[str, str] = {}
-    for item in _split_outside(value or "", ",", '"'):
-        name, _, val = item.strip().partition("=")
-        if name:
-            prefs[name.strip().lower()] = val.strip().strip('"')
-    return prefs
-
-
-def _split_outside(text: str, sep: str, quote_char: str) -> list[str]:
-    parts: list[str] = []
-    buf: list[str] = []
-    quoted = False
-    for ch in text:
-        if ch == quote_char:
-            quoted = not quoted
-        if ch == sep and not quoted:
-            parts.append("".join(buf))
-            buf = []
-            continue
-        buf.append(ch)
-    parts.append("".join(buf))
-    return parts
-
-
-def annotation_filter(prefer: dict[str, str]) -> Callable[[str], bool] | None:
-    """``odata.include-annotations`` → which annotation terms to return (None: none asked).
-
-    OData 4.0 part 1 §8.2.8.4: a comma-separated list of term names or patterns, ``*`` for all,
-    ``namespace.*`` for a namespace, a leading ``-`` excludes; an exclusion wins over an
-    inclusion (the sandbox's simplification of "the more specific wins")."""
-    raw = prefer.get("odata.include-annotations")
-    if raw is None:
-        return None
-    include: list[str] = []
-    exclude: list[str] = []
-    for item in (i.strip() for i in raw.split(",") if i.strip()):
-        (exclude if item.startswith("-") else include).append(item.lstrip("-"))
-
-    def matches(term: str, pattern: str) -> bool:
-        return pattern == "*" or pattern == term or (pattern.endswith(".*") and term.startswith(pattern[:-1]))
-
-    def wanted(term: str) -> bool:
-        return any(matches(term, p) for p in include) and not any(matches(term, p) for p in exclude)
-
-    return wanted
-
-
-# ---------------------------------------------------------------------- literals, keys and $filter
-
-
-def _split_outside_quotes(text: str, sep: str) -> list[str]:
-    parts, buf, quoted, i = [], [], False, 0
-    while i < len(text):
-        ch = text[i]
-        if ch == "'":
-            if quoted and i + 1 < len(text) and text[i + 1] == "'":
-                buf.append("''")
-                i += 2
-                continue
-            quoted = not quoted
-        if not quoted and text.startswith(sep, i):
-            parts.append("".join(buf))
-            buf = []
-            i += len(sep)
-            continue
-        buf.append(ch)
-        i += 1
-    if quoted:
-        raise ODataError(400, INVALID_VALUE_CODE, "Unterminated string literal.")
-    parts.append("".join(buf))
-    return parts
-
-
-_GUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
-
-
-def parse_literal(text: str) -> Any:
-    text = text.strip()
-    if len(text) >= 2 and text[0] == "'" and text[-1] == "'":
-        return text[1:-1].replace("''", "'")
-    low = text.lower()
-    if low in ("true", "false"):
-        return low == "true"
-    if low == "null":
-        return None
-    if _GUID.match(text):
-        return text.lower()
-    try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        return float(text)
-    except ValueError:
-        raise ODataError(400, INVALID_VALUE_CODE, f"Syntax error: unrecognized literal '{text}'.") from None
-
-
-def parse_key(text: str) -> list[tuple[str | None, Any]]:
-    pairs: list[tuple[str | None, Any]] = []
-    for part in _split_outside_quotes(text, ","):
-        name, eq, value = part.partition("=")
-        if eq and not name.strip().startswith("'"):
-            pairs.append((name.strip(), parse_literal(value)))
-        else:
-            pairs.append((None, parse_literal(part)))
-    return pairs
-
-
-def split_segment(path: str) -> tuple[str, str | None, str]:
-    """``contacts(emailaddress1='a(b)')/x`` → (``contacts``, ``emailaddress1='a(b)'``, ``x``)."""
-    paren = path.find("(")
-    slash = path.find("/")
-    if paren < 0 or 0 <= slash < paren:
-        if slash < 0:
-            return path, None, ""
-        return path[:slash], None, path[slash + 1:]
-    quoted, i = False, paren + 1
-    while i < len(path):
-        ch = path[i]
-        if ch == "'":
-            quoted = not quoted
-        elif ch == ")" and not quoted:
-            return path[:paren], path[paren + 1:i], path[i + 1:].lstrip("/")
-        i += 1
-    raise ODataError(400, INVALID_VALUE_CODE, "Bad Request - Error in query syntax.")
-
-
-_CLAUSE = re.compile(r"^\s*([A-Za-z_][\w.]*)\s+(eq|ne|gt|ge|lt|le)\s+(.+?)\s*$", re.IGNORECASE)
-
-
-def sql_guid_order(text: str) -> bytes:
-    """The sort key of a GUID as SQL Server (so Dataverse) orders ``uniqueidentifier`` values,
-    which is not the order of its text: the last 6 bytes are the most significant, then bytes
-    8-9, 6-7, 4-5 and 0-3 of its .NET byte array (``Guid.ToByteArray``, little-endian in its first
-    three fields; Python's ``UUID.bytes_le``). Source: SqlGuid.CompareTo ("treats the last 6
-    bytes as the most significant ones in comparisons") and its SQLGuid.cs byte order."""
-    raw = uuid.UUID(text).bytes_le
-    return bytes(raw[i] for i in (10, 11, 12, 13, 14, 15, 8, 9, 6, 7, 4, 5, 0, 1, 2, 3))
-
-
-def compile_filter(text: str, resolve: Callable[[str], str]) -> Callable[[dict[str, Any]], bool]:
-    """A tiny ``$filter``: ``a eq 'x' and b ge 3`` (case-insensitive string comparison). A GUID
-    literal (unquoted, ``contactid ge 5c1e…``) compares as a ``uniqueidentifier``, in SQL Server's
-    order (:func:`sql_guid_order`), as Dataverse evaluates it."""
-    clauses: list[tuple[str, str, Any, bool]] = []
-    for part in _split_outside_quotes(text, " and "):
-        match = _CLAUSE.match(part)
-        if not match:
-            raise ODataError(501, NOT_IMPLEMENTED_CODE, f"The sandbox $filter supports 'column op literal' joined "
-                             f"by 'and' only; got '{part.strip()}'.")
-        literal = match.group(3).strip()
-        guid = bool(_GUID.match(literal))
-        clauses.append((resolve(match.group(1)), match.group(2).lower(),
-                        sql_guid_order(literal) if guid else parse_literal(literal), guid))
-
-    def norm(v: Any) -> Any:
-        return v.casefold() if isinstance(v, str) else v
-
-    def guid_value(v: Any) -> bytes | None:
-        return sql_guid_order(v) if isinstance(v, str) and _GUID.match(v) else None
-
-    def check(row: dict[str, Any]) -> bool:
-        for name, op, lit, guid in clauses:
-            val = guid_value(row.get(name)) if guid else norm(row.get(name))
-            want = lit if guid else norm(lit)
-            if op == "eq":
-                ok = val == want
-            elif op == "ne":
-                ok = val != want
-            else:
-                try:
-                    ok = (val is not None and want is not None and
-                          {"gt": val > want, "ge": val >= want, "lt": val < want, "le": val <= want}[op])
-                except TypeError:
-                    ok = False
-            if not ok:
-                return False
-        return True
-
-    return check
-
-
 # ---------------------------------------------------------------------- the emulator
 
 
@@ -329,8 +157,7 @@ class D365Emulator(EmulatorApp):
         r.add_put("/_sandbox/tables/{set}/change-tracking", self._ctl_change_tracking)
         r.add_put("/_sandbox/tables/{set}/rows/{id}", self._ctl_put_row)
         r.add_delete("/_sandbox/tables/{set}/rows/{id}", self._ctl_delete_row)
-        r.add_put("/_sandbox/poison", self._ctl_poison)
-        r.add_delete("/_sandbox/poison", self._ctl_clear_poison)
+        self.control_poison(state, "table")
         r.add_post("/_sandbox/seed", self._ctl_seed)
         r.add_get("/_sandbox/variants", self._ctl_variants)
         r.add_delete("/_sandbox/variants", self._ctl_reset_variants)
@@ -718,7 +545,7 @@ class D365Emulator(EmulatorApp):
         pairs = parse_key(key)
         if len(pairs) == 1 and (pairs[0][0] is None or pairs[0][0] == table.primary_key):
             value = pairs[0][1]
-            if not isinstance(value, str) or not _GUID.match(value):
+            if not isinstance(value, str) or not GUID.match(value):
                 raise ODataError(400, INVALID_VALUE_CODE, f"Invalid key '{key}' for '{table.entity_set}'.")
             return value.lower(), {}
         if any(name is None for name, _ in pairs):
@@ -910,21 +737,11 @@ class D365Emulator(EmulatorApp):
                               for s, t in self.state.tables_by_set.items()})
 
     async def _ctl_schema(self, request: web.Request) -> web.Response:
-        """``{"op": "rename", "column": old, "to": new}`` | ``{"op": "retype", "column": c, "type": T,
-        "max_length": n}`` | ``{"op": "drop", "column": c}`` | ``{"op": "add", "column": c, "type": T}``."""
+        """A schema change of one table: :func:`~syncplane_sandbox.common.apply_schema_change` by ``"column"``."""
         table = self.state.table(request.match_info["set"])
-        body = await request.json()
-        op = body["op"]
-        if op == "rename":
-            table.rename_column(body["column"], body["to"])
-        elif op == "retype":
-            table.retype_column(body["column"], body["type"], body.get("max_length"))
-        elif op == "drop":
-            table.drop_column(body["column"])
-        elif op == "add":
-            table.add_column(Column(body["column"], body["type"], body.get("max_length")))
-        else:
-            raise ValueError(f"unknown schema op {op!r}")
+        apply_schema_change(await request.json(), "column", SchemaOps(
+            table.rename_column, table.retype_column, table.drop_column,
+            lambda name, type, max_length: table.add_column(Column(name, type, max_length))))
         return json_response(self.entity_metadata(table, True, True))
 
     async def _ctl_change_tracking(self, request: web.Request) -> web.Response:
@@ -943,15 +760,6 @@ class D365Emulator(EmulatorApp):
     async def _ctl_delete_row(self, request: web.Request) -> web.Response:
         table = self.state.table(request.match_info["set"])
         return web.Response(status=204 if table.delete(str(uuid.UUID(request.match_info["id"]))) else 404)
-
-    async def _ctl_poison(self, request: web.Request) -> web.Response:
-        body = await request.json()
-        self.state.poison_keys(body["table"], *body["keys"])
-        return json_response({k: sorted(v) for k, v in self.state.poison.items()})
-
-    async def _ctl_clear_poison(self, request: web.Request) -> web.Response:
-        self.state.clear_poison()
-        return web.Response(status=204)
 
     async def _ctl_variants(self, request: web.Request) -> web.Response:
         return json_response(self.variants.snapshot())
