@@ -9,6 +9,9 @@ The types come from both sides' schemas at start (:meth:`EntityTransform.bind`):
 mapping uses is checked then, so a conversion the table does not allow, or a spec value that
 is not of its column's type, fails the start instead of dead-lettering every record. A
 transform not bound (no schemas known) passes values on as read.
+
+It implements the pipeline's transform contract (:mod:`syncplane.transform`: ``Action``,
+``Transformed``), which lives outside ingress so that the pipeline and egress never import it.
 """
 
 from __future__ import annotations
