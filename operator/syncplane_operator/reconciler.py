@@ -97,6 +97,31 @@ async def load_snapshot(api: Clients, namespace: str, workflow: str, spec_hash: 
     return None
 
 
+async def prune_snapshots(api: Clients, namespace: str, workflow: str, in_use: Iterable[str]) -> None:
+    """Delete the workflow's spec snapshot ConfigMaps but those ``in_use`` (names) and the newest
+    ``L.KEEP_SPEC_SNAPSHOTS``: one is made per run, so they would otherwise pile up. Called after a snapshot
+    is made. A snapshot already gone is fine; other API errors are raised.
+
+    Deleted by the operator rather than by the garbage collector: a snapshot must outlive the worker
+    Deployment's ReplicaSets (a stopped workflow's applied spec is read for drift and by verify Jobs, and a
+    verify Job's own snapshot has no ReplicaSet), and owning it by a ReplicaSet would need another watch and
+    a patch once the Deployment controller made one. The chart narrows the operator's ConfigMap deletes to
+    these names (validatingadmissionpolicy.yaml)."""
+    from kubernetes_asyncio.client.exceptions import ApiException
+
+    selector = ",".join(f"{k}={v}" for k, v in {**L.COMPONENT_WORKER, L.WORKFLOW_LABEL: workflow}.items())
+    listed = await api.core.list_namespaced_config_map(namespace, label_selector=selector)
+    snapshots = {str(cm.metadata.name): int((cm.metadata.annotations or {}).get(L.GENERATION_ANNOTATION) or 0)
+                 for cm in listed.items}
+    for name in L.stale_spec_snapshots(workflow, snapshots, in_use):
+        try:
+            await api.core.delete_namespaced_config_map(name, namespace)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+        api.snapshots.pop(f"{namespace}/{name}", None)
+
+
 async def _create(call: Any, namespace: str, body: dict[str, Any]) -> bool:
     """Create a child; False when it was already there (children are idempotent)."""
     from kubernetes_asyncio.client.exceptions import ApiException
@@ -140,6 +165,7 @@ async def reconcile(body: kopf.Body, logger: Any, api: Clients, image: WorkerIma
                                   status.applied_generation)
         kopf.adopt(cm, owner=body)
         await _create(api.core.create_namespaced_config_map, namespace, cm)
+        await prune_snapshots(api, namespace, name, [cm["metadata"]["name"]])
         await ensure_checkpoints(api, body)
         applied = outcome.apply
     await converge(api, body, deployment, outcome.target_workers, status, image,
@@ -283,6 +309,8 @@ async def ensure_verify_job(api: Clients, owner: kopf.Body, wf: pb.Workflow, app
         cm = build_spec_configmap(name, namespace, applied_view_resource(spec), hash_, generation)
         kopf.adopt(cm, owner=owner)
         await _create(api.core.create_namespaced_config_map, namespace, cm)
+        await prune_snapshots(api, namespace, name, [cm["metadata"]["name"], *L.spec_configmap_names(
+            name, wf.status.applied_spec_hash, wf.status.applied_generation)])
     await ensure_worker_identity(api, owner, image)
     job = build_verify_job(name, namespace, request, hash_, running, image, uid=str(owner.metadata.uid or ""),
                            secrets=list(secret_references(spec)), generation=generation)

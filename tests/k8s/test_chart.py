@@ -34,7 +34,7 @@ from aiohttp import ClientSession, ClientTimeout, TCPConnector, web
 
 from syncplane.client import ClientConfig
 from syncplane.client import channel as client_channel
-from syncplane.contract.names import checkpoint_configmap_name, worker_service_account_name
+from syncplane.contract.names import KEEP_SPEC_SNAPSHOTS, checkpoint_configmap_name, worker_service_account_name
 from syncplane.model.convert import from_resource
 from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.proto.v1 import workflow_service_pb2 as svc
@@ -488,6 +488,26 @@ def test_lifecycle_under_the_charts_rbac(k8s_cluster, workflow_crd, namespace, c
         wait(k8s_cluster, namespace, f"pod/{workers[1].pod}", "delete")
         workers[1].stop()
         k8s_cluster.wait_until("STOPPED again", lambda: phase(stub, workflow_id) == "PHASE_STOPPED", timeout=90)
+
+        # three more runs, the spec edited before each (no worker: each stops while STARTING): a snapshot each,
+        # and the operator prunes the workflow's older ones, keeping the applied and newest KEEP_SPEC_SNAPSHOTS
+        for size in (300, 350, 400):
+            wf = stub.GetWorkflow(svc.GetWorkflowRequest(name=parent))
+            wf.spec.batch_size = size
+            stub.UpdateWorkflow(svc.UpdateWorkflowRequest(workflow=wf, update_mask=field_mask_pb2.FieldMask(
+                paths=["spec.batch_size"])))
+            stub.StartWorkflow(svc.StartWorkflowRequest(name=parent))
+            k8s_cluster.wait_until(f"STARTING at batch size {size}", lambda: phase(stub, workflow_id) in (
+                "PHASE_STARTING", "PHASE_RUNNING"), timeout=90)
+            stub.StopWorkflow(svc.StopWorkflowRequest(name=parent))
+            k8s_cluster.wait_until("STOPPED", lambda: phase(stub, workflow_id) == "PHASE_STOPPED", timeout=90)
+
+        def snapshots() -> list[str]:
+            return [cm["metadata"]["name"] for cm in json.loads(k8s_cluster.kubectl(
+                "get", "configmaps", "-n", namespace, "-l", f"syncplane.io/workflow={workflow_id}", "-o", "json",
+            ).stdout)["items"] if cm["metadata"]["name"].startswith(f"{workflow_id}-spec-")]
+
+        k8s_cluster.wait_until("the older snapshots pruned", lambda: len(snapshots()) == KEEP_SPEC_SNAPSHOTS)
 
         # verify: the server records the request and watches for the answer, the operator creates the Job (run
         # as the worker identity). No kubelet runs that Job's pod here (the workers above run by hand), so the

@@ -16,6 +16,13 @@ import pytest
 import yaml
 from kopf.testing import KopfRunner
 
+from syncplane.contract.names import (
+    GENERATION_ANNOTATION,
+    KEEP_SPEC_SNAPSHOTS,
+    WORKFLOW_LABEL,
+    checkpoint_configmap_name,
+    spec_configmap_name,
+)
 from tests.factories import UNREACHABLE_SECRETS, literals
 from tests.k8s.kubelet import map_mounts, project_secrets
 from tests.k8s.syncplane_fixtures import SECRET_VALUE
@@ -285,3 +292,28 @@ def test_operator_recovers_from_an_api_server_restart(k8s_cluster, namespace, op
     finally:
         worker.stop()
     wait(k8s_cluster, namespace, target, "jsonpath={.status.phase}=STOPPED")
+
+
+def test_spec_snapshots_are_pruned_to_the_applied_one_and_the_newest(k8s_cluster, namespace, operator, tmp_path):
+    """Issue 15: a snapshot ConfigMap is made per run (``<workflow>-spec-<hash>-<generation>``) and none
+    was ever deleted. After six runs, a spec edit before each, the workflow keeps the applied run's and
+    the newest KEEP_SPEC_SNAPSHOTS; its other ConfigMaps (checkpoints) stay."""
+    name, target = create_workflow(k8s_cluster, namespace, tmp_path)
+
+    def snapshots() -> dict[str, int]:
+        items = json.loads(k8s_cluster.kubectl("get", "configmaps", "-n", namespace, "-l",
+                                               f"{WORKFLOW_LABEL}={name}", "-o", "json").stdout)["items"]
+        return {cm["metadata"]["name"]: int(cm["metadata"]["annotations"][GENERATION_ANNOTATION])
+                for cm in items if cm["metadata"]["name"].startswith(f"{name}-spec-")}
+
+    made: list[str] = []
+    for run in range(6):
+        patch(k8s_cluster, namespace, name, {"desiredState": "RUNNING", "batchSize": 100 + run})
+        wait(k8s_cluster, namespace, target, "jsonpath={.status.phase}=STARTING")
+        status = get(k8s_cluster, namespace, "workflow", name)["status"]
+        made.append(spec_configmap_name(name, status["appliedSpecHash"], int(status["appliedGeneration"])))
+        patch(k8s_cluster, namespace, name, {"desiredState": "STOPPED"})
+        wait(k8s_cluster, namespace, target, "jsonpath={.status.phase}=STOPPED")
+    assert len(set(made)) == 6
+    k8s_cluster.wait_until("the older snapshots pruned", lambda: set(snapshots()) == set(made[-KEEP_SPEC_SNAPSHOTS:]))
+    assert get(k8s_cluster, namespace, "configmap", checkpoint_configmap_name(name))

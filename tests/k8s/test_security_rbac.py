@@ -26,6 +26,8 @@ from syncplane.contract.names import (
     WORKFLOW_LABEL,
     checkpoint_configmap_name,
     checkpoint_labels,
+    spec_configmap_name,
+    worker_labels,
     worker_service_account_name,
 )
 from syncplane.state.kube_records import DEAD_LETTER, HELD, REPAIR, record_name
@@ -74,7 +76,8 @@ TABLE: list[tuple[str, str, str, str, bool]] = [
     ("operator", "update", "leases", "{leader}", True),
     ("operator", "update", "leases", "another-lease", False),
     ("operator", "patch", "leases", "{leader}", False),
-    ("operator", "delete", "configmaps", "other-checkpoints", False),
+    ("operator", "delete", "configmaps", "other-checkpoints", True),   # RBAC's answer (snapshots are pruned);
+                                                                       # the policy denies it
     ("operator", "patch", "workflows.syncplane.io/status", "", True),
     ("operator", "create", "deployments.apps", "", True),
     ("operator", "create", "jobs.batch", "", True),                    # a verify Job per request
@@ -245,6 +248,25 @@ def test_a_worker_writes_only_its_own_workflows_objects(k8s_cluster, namespace, 
     assert request(k8s_cluster, server, namespace, "patch", object_of("dead letter", OTHER),
                    {"metadata": {"labels": {"syncplane.io/retry": "true"}}})
 
+
+
+def test_the_operator_deletes_only_spec_snapshots(k8s_cluster, namespace, chart_release, tmp_path):  # noqa: F811
+    """Issue 15: the operator prunes each workflow's spec snapshots (a ConfigMap per run), so RBAC grants it
+    ConfigMap delete in the namespace; the chart's admission policy holds that to `<workflow>-spec-*`
+    snapshots labelled with their workflow. Real dry-run deletes with the operator's own token."""
+    operator = token_kubeconfig(k8s_cluster, namespace, f"{chart_release}-syncplane-operator", tmp_path / "operator")
+    rows: list[tuple[str, dict[str, Any], bool]] = [
+        ("a spec snapshot", configmap(spec_configmap_name(OWN, "0123456789abcdef", 4), worker_labels(OWN)), True),
+        ("an earlier operator's per-spec snapshot", configmap(spec_configmap_name(OWN, "fedcba9876543210"),
+                                                               worker_labels(OWN)), True),
+        ("a snapshot's name, another workflow's label",
+         configmap(spec_configmap_name(OWN, "0123456789abcdef", 5), worker_labels(OTHER)), False),
+        *[(kind, object_of(kind, OWN), False) for kind in KINDS if kind != "heartbeat"],
+        ("an unlabelled ConfigMap named like a snapshot", configmap("unrelated-spec-0123456789", {}), False),
+    ]
+    k8s_cluster.kubectl("apply", "-n", namespace, "-f", "-", input="\n---\n".join(json.dumps(o) for _, o, _ in rows))
+    got = [(what, request(k8s_cluster, operator, namespace, "delete", obj)) for what, obj, _ in rows]
+    assert got == [(what, want) for what, _, want in rows]
 
 # -- workload identity: the chart's worker ServiceAccount settings on each Workflow's own account ----------------
 WORKLOAD_IDENTITY = {"azure.workload.identity/client-id": "00000000-0000-0000-0000-0000000000aa"}

@@ -81,6 +81,31 @@ def test_spec_files_keep_those_in_use_and_the_newest_few(tmp_path: Path) -> None
     assert len(list(tmp_path.glob("wf.g1.g*.json"))) == 10
 
 
+def test_spec_snapshots_keep_those_in_use_and_the_newest_few() -> None:
+    """On Kubernetes, the operator makes one spec snapshot ConfigMap per run: the same rule as the
+    embedded spec files (KEEP_SPEC_SNAPSHOTS newest, by generation, and those in use, here the applied
+    run's and an earlier operator's per-spec one), and nothing that is not this workflow's snapshot:
+    another workflow's (one whose name starts the same, too), checkpoints, dead letters."""
+    from syncplane.contract.names import (
+        KEEP_SPEC_SNAPSHOTS,
+        checkpoint_configmap_name,
+        spec_configmap_name,
+        stale_spec_snapshots,
+    )
+
+    runs = {spec_configmap_name("wf", f"{g:x}" * 10, g): g for g in range(1, 11)}
+    per_spec = spec_configmap_name("wf", "ab" * 20)
+    others = {spec_configmap_name("wf-spec", "cd" * 20, 3): 3, spec_configmap_name("other", "cd" * 20, 1): 1,
+              checkpoint_configmap_name("wf"): 0, "wf-dl-0123456789abcdef": 0, "wf-spec-notahash": 0}
+    applied = spec_configmap_name("wf", "2" * 10, 2)
+    gone = stale_spec_snapshots("wf", {**runs, per_spec: 0, **others}, in_use=[applied])
+    newest = sorted(runs, key=runs.__getitem__)[-KEEP_SPEC_SNAPSHOTS:]
+    assert gone == sorted({*runs, per_spec} - {applied, *newest})
+    assert stale_spec_snapshots("wf", {**runs, per_spec: 0}, in_use=[per_spec, applied]) == sorted(
+        set(runs) - {applied, *newest})
+    assert stale_spec_snapshots("wf", others, in_use=[]) == []
+
+
 # Every write of the API server's store (the embedded control plane's syncplane.db): none may hold
 # up the event loop the API, the console and the supervisor share while another connection has the
 # write lock. (Reads never wait for a writer in WAL mode.)

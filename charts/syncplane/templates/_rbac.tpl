@@ -24,11 +24,13 @@ and tests/k8s/test_chart.py runs the lifecycle under exactly these grants).
 - apiGroups: ["coordination.k8s.io"]
   resources: ["leases"]
   verbs: ["list", "watch"]
-# applied-spec snapshots: created on start (or for a verify), read back once after a restart; a verify's
+# applied-spec snapshots: created on start (or for a verify), read back once after a restart, and the
+# workflow's older ones listed and deleted then (all but the applied one and the newest few; the
+# ValidatingAdmissionPolicy holds the operator's deletes to `<workflow>-spec-*` names); a verify's
 # result read before its Job is created (an answered request runs no second Job)
 - apiGroups: [""]
   resources: ["configmaps"]
-  verbs: ["get", "create"]
+  verbs: ["get", "list", "create", "delete"]
 # `syncplane verify`: a one-off Job per request, run as the workflow's worker identity
 - apiGroups: ["batch"]
   resources: ["jobs"]

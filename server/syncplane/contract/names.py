@@ -6,6 +6,9 @@ ValidatingAdmissionPolicy) spell the same labels and name prefixes.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable, Mapping
+
 PREFIX = "syncplane.io"
 
 # -- labels -----------------------------------------------------------------------------------
@@ -61,6 +64,26 @@ def spec_configmap_name(workflow: str, spec_hash: str, generation: int | None = 
     context of the Start or Restart that applied it. Without a generation: the name an operator before
     per-run snapshots gave (``<workflow>-spec-<first 10 hex>``), still read for the runs it started."""
     return f"{workflow}-spec-{spec_hash[:10]}" + ("" if generation is None else f"-{generation}")
+
+
+#: Spec snapshots kept besides those in use: the newest, by the generation that applied them (as many as
+#: the embedded platform keeps spec files, runtime.processes.KEEP_SPEC_FILES).
+KEEP_SPEC_SNAPSHOTS = 3
+_SNAPSHOT_SUFFIX = re.compile(r"[0-9a-f]{10}(-[0-9]+)?")
+
+
+def stale_spec_snapshots(workflow: str, snapshots: Mapping[str, int], in_use: Iterable[str],
+                         keep: int = KEEP_SPEC_SNAPSHOTS) -> list[str]:
+    """Pure: the spec snapshot ConfigMaps of ``workflow`` to delete, sorted. ``snapshots``: ConfigMap name →
+    the generation that applied it (0 when unknown: the per-spec name of an earlier operator). All but those
+    ``in_use`` (names) and the ``keep`` newest; a name that is not one of ``workflow``'s snapshots
+    (``spec_configmap_name``) is never returned."""
+    prefix = f"{workflow}-spec-"
+    own = {n: g for n, g in snapshots.items()
+           if n.startswith(prefix) and _SNAPSHOT_SUFFIX.fullmatch(n[len(prefix):])}
+    newest = sorted(own, key=lambda n: (own[n], n))[-keep:] if keep > 0 else []
+    kept = set(in_use) | set(newest)
+    return sorted(n for n in own if n not in kept)
 
 
 def spec_configmap_names(workflow: str, spec_hash: str, generation: int) -> tuple[str, str]:
