@@ -265,6 +265,9 @@ def test_the_operator_deletes_only_spec_snapshots(k8s_cluster, namespace, chart_
         ("an unlabelled ConfigMap named like a snapshot", configmap("unrelated-spec-0123456789", {}), False),
     ]
     k8s_cluster.kubectl("apply", "-n", namespace, "-f", "-", input="\n---\n".join(json.dumps(o) for _, o, _ in rows))
+    # the API server applies a new policy once its informer has it: wait for that (a deadline, not a sleep)
+    k8s_cluster.wait_until("the operator's admission policy in effect", lambda: not request(
+        k8s_cluster, operator, namespace, "delete", object_of("checkpoints", OWN)), timeout=60)
     got = [(what, request(k8s_cluster, operator, namespace, "delete", obj)) for what, obj, _ in rows]
     assert got == [(what, want) for what, _, want in rows]
 
