@@ -20,6 +20,7 @@ import grpc
 import httpx
 
 from syncplane.api.server import create_server
+from syncplane.contract.names import state_file
 from syncplane.credentials import write_local_secret
 from syncplane.model.convert import spec_to_dict
 from syncplane.proto.v1 import workflow_pb2 as pb
@@ -28,7 +29,6 @@ from syncplane.proto.v1 import workflow_service_pb2_grpc as svc_grpc
 from syncplane.runtime.supervisor import Supervisor, SupervisorConfig
 from syncplane.service import WorkflowService
 from syncplane.store.sqlite import SqliteStore
-from syncplane.worker.main import state_file
 from tests.factories import UNREACHABLE_SECRETS, spec
 
 STARTS = 20

@@ -66,7 +66,7 @@ HANDLERS = "operator/syncplane_operator/handlers.py"
 RECONCILER = "operator/syncplane_operator/reconciler.py"
 LEADER = "operator/syncplane_operator/leader.py"
 STORE = "server/syncplane/store/kubernetes.py"
-HEARTBEAT = "server/syncplane/worker/heartbeat.py"
+HEARTBEAT = "server/syncplane/worker/platform/kubernetes.py"
 RECORDS = "server/syncplane/state/kube_records.py"
 
 # Role name suffix -> the verbs that role must grant, exactly.

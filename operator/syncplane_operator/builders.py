@@ -138,7 +138,7 @@ def build_worker_deployment(workflow: str, namespace: str, spec_hash: str, gener
     selector = {L.WORKFLOW_LABEL: workflow, **L.COMPONENT_WORKER}
     pod_labels = L.worker_labels(workflow)
     args = ["worker", "--workflow", workflow, "--generation", str(generation),
-            "--spec-file", f"{L.SPEC_MOUNT}/{L.SPEC_KEY}", "--heartbeat", "kubernetes",
+            "--spec-file", f"{L.SPEC_MOUNT}/{L.SPEC_KEY}", "--platform", "kubernetes",
             "--namespace", namespace, "--listen", f"0.0.0.0:{L.HEALTH_PORT}",
             "--secrets-dir", L.SECRETS_MOUNT,
             *(["--workflow-uid", uid] if uid else [])]

@@ -303,8 +303,9 @@ def free_port_for(url: str) -> str:
 @click.option("--spec-file", type=click.Path(exists=True, path_type=Path), required=True)
 @click.option("--state-dir", type=click.Path(path_type=Path), default=None)
 @click.option("--orphan-timeout", type=float, default=0.0)
-@click.option("--heartbeat", type=click.Choice(["http", "kubernetes"]), default="http",
-              help="http: polled on /status by the embedded supervisor; kubernetes: a Lease per pod.")
+@click.option("--platform", type=click.Choice(["embedded", "kubernetes"]), default="embedded", show_default=True,
+              help="Where secrets, state and heartbeat are (syncplane.worker.platform): embedded: secret files, "
+                   "the state SQLite file, polled on /status; kubernetes: mounted Secrets, ConfigMaps, a Lease.")
 @click.option("--namespace", envvar="POD_NAMESPACE", default="")
 @click.option("--pod-name", envvar="POD_NAME", default="")
 @click.option("--workflow-uid", default="", help="Kubernetes: the Workflow's uid, owner of what the worker creates.")
@@ -320,7 +321,7 @@ def free_port_for(url: str) -> str:
 @click.option("--log-file", type=click.Path(path_type=Path), default=None,
               help="Log here, rotated (LOG_MAX_BYTES each, LOG_BACKUPS kept), instead of to stderr.")
 def worker(workflow: str, index: int, generation: int, spec_file: Path, state_dir: Path | None,
-           orphan_timeout: float, heartbeat: str, namespace: str, pod_name: str, workflow_uid: str, listen: str,
+           orphan_timeout: float, platform: str, namespace: str, pod_name: str, workflow_uid: str, listen: str,
            secrets_dir: Path | None, state_db: Path | None, drain_timeout: float, memory_limit: int | None,
            log_file: Path | None) -> None:
     """Run one worker replica (started by the supervisor or a Deployment)."""
@@ -333,7 +334,7 @@ def worker(workflow: str, index: int, generation: int, spec_file: Path, state_di
     host, _, port = listen.rpartition(":")
     sys.exit(run(WorkerOptions(workflow=workflow, index=index, generation=generation, spec_file=spec_file,
                                state_dir=state_dir or Path(tempfile.gettempdir()), orphan_timeout=orphan_timeout,
-                               heartbeat=heartbeat, namespace=namespace, pod_name=pod_name,
+                               platform=platform, namespace=namespace, pod_name=pod_name,
                                workflow_uid=workflow_uid, host=host,
                                port=int(port), secrets_dir=secrets_dir, state_db=state_db,
                                drain_timeout=drain_timeout), log_file=log_file))

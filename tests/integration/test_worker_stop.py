@@ -22,8 +22,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from syncplane.contract.names import state_file
 from syncplane.model.convert import spec_to_dict
-from syncplane.worker.main import state_file
 from syncplane_sandbox import Sandbox, SeedSpec, start_sandbox
 from syncplane_sandbox.common import RequestRecord
 from tests.backends import eventually

@@ -88,7 +88,7 @@ class LocalWorker:
         self.log = open(tmp / f"{self.pod}.log", "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "syncplane", "worker", "--workflow", workflow, "--generation", str(self.generation),
-             "--spec-file", str(spec_file), "--heartbeat", "kubernetes", "--namespace", namespace,
+             "--spec-file", str(spec_file), "--platform", "kubernetes", "--namespace", namespace,
              "--pod-name", self.pod, "--workflow-uid", uid, "--secrets-dir", secrets_dir], env=env, stdout=self.log,
             stderr=subprocess.STDOUT)
 

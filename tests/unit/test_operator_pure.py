@@ -12,7 +12,7 @@ from syncplane.lifecycle import spec_hash
 from syncplane.model.convert import spec_from_dict, spec_to_dict, to_resource
 from syncplane.model.kube import status_patch, workflow_from_body
 from syncplane.proto.v1 import workflow_pb2 as pb
-from syncplane.worker.heartbeat import lease_body
+from syncplane.worker.platform.kubernetes import lease_body
 from syncplane_operator.builders import build_spec_configmap, build_worker_deployment
 from syncplane_operator.observe import observe
 from syncplane_operator.reconciler import applied_view_resource

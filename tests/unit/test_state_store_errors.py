@@ -108,7 +108,7 @@ async def test_heartbeat_refusal_is_fatal_and_outage_is_retried(api_server, answ
     from kubernetes_asyncio import client
 
     from syncplane.contract.report import WorkerReport
-    from syncplane.worker.heartbeat import HeartbeatRejected, LeaseHeartbeat
+    from syncplane.worker.platform.kubernetes import HeartbeatRejected, LeaseHeartbeat
 
     host, answers = api_server
     seen: list[int] = []

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from syncplane.contract.report import Counters, WorkerReport
-from syncplane.worker.heartbeat import lease_body
+from syncplane.worker.platform.kubernetes import lease_body
 from syncplane_operator.observe import STALE_AFTER_SECONDS, observe
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)

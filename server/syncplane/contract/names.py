@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 
 PREFIX = "syncplane.io"
 
@@ -122,3 +123,9 @@ def worker_service_account_name(workflow: str) -> str:
 def worker_labels(workflow: str) -> dict[str, str]:
     """The labels of a workflow's worker pods, and of their heartbeat Leases."""
     return {**MANAGED_BY, **COMPONENT_WORKER, WORKFLOW_LABEL: workflow}
+
+
+def state_file(state_dir: Path, workflow: str, index: int) -> Path:
+    """Embedded: the file in which worker ``index`` of ``workflow`` announces its pid and /status
+    port to the supervisor (JSON ``{workflow, index, generation, pid, port}``), removed when it stops."""
+    return state_dir / f"{workflow}.{index}.worker.json"

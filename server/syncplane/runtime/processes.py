@@ -17,7 +17,7 @@ from pathlib import Path
 
 import psutil
 
-from syncplane.worker.main import state_file
+from syncplane.contract.names import state_file
 
 log = logging.getLogger(__name__)
 

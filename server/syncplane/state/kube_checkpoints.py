@@ -108,6 +108,7 @@ class Retry:
     cap: float = 5.0
 
     def delay(self, attempt: int) -> float:
+        """Seconds to wait before retry ``attempt`` (0-based): uniform in [0, min(cap, base * 2**attempt)]."""
         return random.uniform(0, min(self.cap, self.base * 2 ** attempt))
 
 

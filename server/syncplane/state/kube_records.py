@@ -36,16 +36,19 @@ _PREFIX = {DEAD_LETTER: "dl", HELD: "held", REPAIR: "repair"}
 
 
 def record_name(workflow: str, kind: str, stream: str, key: str) -> str:
+    """The ConfigMap name of a record: ``<workflow>-<dl|held|repair>-<16 hex of SHA-256(stream NUL key)>``."""
     digest = hashlib.sha256(f"{stream}\0{key}".encode()).hexdigest()[:16]
     return f"{workflow}-{_PREFIX[kind]}-{digest}"
 
 
 def record_selector(workflow: str, kind: str, retry: bool = False) -> str:
+    """The label selector of a workflow's records of ``kind`` (only those marked for retry when ``retry``)."""
     selector = f"{WORKFLOW_LABEL}={workflow},{RECORD_LABEL}={kind}"
     return selector + (f",{RETRY_LABEL}=true" if retry else "")
 
 
 def letter_of(doc: dict[str, Any], retry: bool) -> DeadLetter:
+    """The :class:`DeadLetter` a record ConfigMap's JSON holds; raises KeyError/ValueError when malformed."""
     return DeadLetter(stream=str(doc["stream"]), key=str(doc["key"]), resource=str(doc.get("resource", "")),
                       key_field=str(doc.get("keyField", "")), payload=dict(doc.get("payload") or {}),
                       deleted=bool(doc.get("deleted")), status=int(doc["status"]), error=str(doc["error"]),
@@ -54,6 +57,7 @@ def letter_of(doc: dict[str, Any], retry: bool) -> DeadLetter:
 
 
 def held_of(doc: dict[str, Any]) -> Held:
+    """The :class:`Held` a record ConfigMap's JSON holds; raises KeyError/ValueError when malformed."""
     return Held(str(doc["key"]), dict(doc.get("payload") or {}), int(doc["status"]), str(doc["error"]),
                 int(doc["attempts"]))
 
@@ -169,6 +173,7 @@ class ConfigMapRecords(ConfigMapStore):
     # -- AsyncDeadLetterStore (the worker) -------------------------------------------------------
     async def adead_letter(self, workflow: str, stream: str, key: str, payload: dict[str, Any], status: int,
                            error: str, *, resource: str = "", key_field: str = "", deleted: bool = False) -> None:
+        """``AsyncDeadLetterStore.adead_letter`` (see the module's text)."""
         name = record_name(workflow, DEAD_LETTER, stream, key)
         old = await self._read(name)
         now = time.time()
@@ -180,9 +185,11 @@ class ConfigMapRecords(ConfigMapStore):
         self._letters.setdefault(workflow, set()).add(name)
 
     async def adead_letter_count(self, workflow: str) -> int:
+        """``AsyncDeadLetterStore.adead_letter_count`` (see the module's text)."""
         return len(await self.list_letters(workflow))
 
     async def amarked_for_retry(self, workflow: str, stream: str) -> list[DeadLetter]:
+        """``AsyncDeadLetterStore.amarked_for_retry`` (see the module's text)."""
         rows = await self._list(workflow, DEAD_LETTER, retry=True)
         self._letters.setdefault(workflow, set()).update(name for name, _, _ in rows)
         return sorted((letter_of(doc, True) for _, doc, _ in rows if doc.get("stream") == stream),
@@ -190,6 +197,7 @@ class ConfigMapRecords(ConfigMapStore):
 
     async def asettle_retry(self, workflow: str, stream: str, delivered: Iterable[str],
                             rejected: Iterable[tuple[str, int, str]], sent: Iterable[str]) -> None:
+        """``AsyncDeadLetterStore.asettle_retry`` (see the module's text)."""
         known = self._letters.setdefault(workflow, set())
         for key in delivered:
             name = record_name(workflow, DEAD_LETTER, stream, key)
@@ -212,6 +220,7 @@ class ConfigMapRecords(ConfigMapStore):
     # -- AsyncHeldStore (the worker) -------------------------------------------------------------
     async def ahold(self, workflow: str, stream: str, key: str, payload: dict[str, Any], status: int,
                     error: str) -> None:
+        """``AsyncHeldStore.ahold`` (see the module's text)."""
         name = record_name(workflow, HELD, stream, key)
         old = await self._read(name)
         doc = {"stream": stream, "key": key, "payload": redact(payload), "status": status, "error": error,
@@ -219,9 +228,11 @@ class ConfigMapRecords(ConfigMapStore):
         await self._write(workflow, HELD, name, doc, existed=old is not None)
 
     async def arelease(self, workflow: str, stream: str, key: str) -> None:
+        """``AsyncHeldStore.arelease`` (see the module's text)."""
         await self._delete(record_name(workflow, HELD, stream, key))
 
     async def aall(self, workflow: str, stream: str) -> list[Held]:
+        """``AsyncHeldStore.aall`` (see the module's text)."""
         rows = await self._list(workflow, HELD)
         return sorted((held_of(doc) for _, doc, _ in rows if doc.get("stream") == stream), key=lambda h: h.key)
 
@@ -245,6 +256,7 @@ class ConfigMapRecords(ConfigMapStore):
                        deleted=bool(d.get("deleted"))) for d in rows]
 
     async def arepaired(self, workflow: str, stream: str, keys: Iterable[str]) -> None:
+        """``AsyncRepairQueue.arepaired`` (see the module's text)."""
         for key in keys:
             await self._delete(record_name(workflow, REPAIR, stream, key))
 

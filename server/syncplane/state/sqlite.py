@@ -121,6 +121,7 @@ class SqliteWorkerState:
         self.close()
 
     def load(self, workflow: str, stream: str) -> str | None:
+        """The stream's committed cursor; None before its first commit."""
         row = self._db.execute("SELECT cursor FROM checkpoints WHERE workflow = ? AND stream = ?",
                                (workflow, stream)).fetchone()
         return str(row[0]) if row else None
@@ -132,6 +133,7 @@ class SqliteWorkerState:
         return (str(row[0]), float(row[1])) if row else (None, None)
 
     def commit(self, workflow: str, stream: str, cursor: str) -> None:
+        """Commit the stream's cursor (with the time, epoch seconds)."""
         self._db.execute("INSERT INTO checkpoints (workflow, stream, cursor, updated) VALUES (?, ?, ?, ?) "
                          "ON CONFLICT (workflow, stream) DO UPDATE SET cursor = excluded.cursor, "
                          "updated = excluded.updated", (workflow, stream, cursor, time.time()))
@@ -149,28 +151,35 @@ class SqliteWorkerState:
     # AsyncCheckpointStore: the same calls, on the connection's thread (a lock another process
     # holds is waited for there, not on the event loop).
     async def aload(self, workflow: str, stream: str) -> str | None:
+        """``AsyncCheckpointStore.aload`` (on the connection's thread)."""
         return await self._conn.run(self.load, workflow, stream)
 
     async def acommit(self, workflow: str, stream: str, cursor: str) -> None:
+        """``AsyncCheckpointStore.acommit`` (on the connection's thread)."""
         await self._conn.run(self.commit, workflow, stream, cursor)
 
     async def aswap(self, workflow: str, stream: str, expected: str | None, cursor: str) -> bool:
+        """``AsyncCheckpointStore.aswap`` (on the connection's thread)."""
         return await self._conn.run(self.swap, workflow, stream, expected, cursor)
 
     # AsyncDeadLetterStore, likewise.
     async def adead_letter(self, workflow: str, stream: str, key: str, payload: dict[str, Any], status: int,
                            error: str, *, resource: str = "", key_field: str = "", deleted: bool = False) -> None:
+        """``AsyncDeadLetterStore.adead_letter`` (on the connection's thread)."""
         await self._conn.run(self.dead_letter, workflow, stream, key, payload, status, error, resource=resource,
                              key_field=key_field, deleted=deleted)
 
     async def adead_letter_count(self, workflow: str) -> int:
+        """``AsyncDeadLetterStore.adead_letter_count`` (on the connection's thread)."""
         return await self._conn.run(self.dead_letter_count, workflow)
 
     async def amarked_for_retry(self, workflow: str, stream: str) -> list[DeadLetter]:
+        """``AsyncDeadLetterStore.amarked_for_retry`` (on the connection's thread)."""
         return await self._conn.run(self.marked_for_retry, workflow, stream)
 
     async def asettle_retry(self, workflow: str, stream: str, delivered: Iterable[str],
                             rejected: Iterable[tuple[str, int, str]], sent: Iterable[str]) -> None:
+        """``AsyncDeadLetterStore.asettle_retry`` (on the connection's thread)."""
         await self._conn.run(self.settle_retry, workflow, stream, list(delivered), list(rejected), list(sent))
 
     def dead_letter(self, workflow: str, stream: str, key: str, payload: dict[str, Any], status: int,
@@ -189,6 +198,8 @@ class SqliteWorkerState:
              resource, key_field, int(deleted)))
 
     def dead_letters(self, workflow: str) -> list[dict[str, Any]]:
+        """The workflow's dead letters as dicts (stream, key, payload, status, error, first_seen,
+        last_seen, attempts), by stream and key."""
         rows = self._db.execute("SELECT stream, key, payload, status, error, first_seen, last_seen, attempts "
                                 "FROM dead_letters WHERE workflow = ? ORDER BY stream, key", (workflow,))
         cols = ("stream", "key", "payload", "status", "error", "first_seen", "last_seen", "attempts")
@@ -196,6 +207,7 @@ class SqliteWorkerState:
 
     # -- dead letters: the API's side (list, mark) and the worker's (re-send, settle) ----------
     def dead_letter_count(self, workflow: str) -> int:
+        """The workflow's dead letters (records)."""
         return int(self._db.execute("SELECT COUNT(*) FROM dead_letters WHERE workflow = ?",
                                     (workflow,)).fetchone()[0])
 
@@ -227,6 +239,7 @@ class SqliteWorkerState:
             return cur.rowcount, []
 
     def marked_for_retry(self, workflow: str, stream: str) -> list[DeadLetter]:
+        """The stream's dead letters marked for retry, by key."""
         rows = self._db.execute(f"SELECT {', '.join(_LETTER_COLUMNS)} FROM dead_letters WHERE workflow = ? AND "
                                 "stream = ? AND retry = 1 ORDER BY key", (workflow, stream))
         return [_letter(r) for r in rows]
@@ -260,21 +273,26 @@ class SqliteWorkerState:
         return len(records)
 
     def repairs(self, workflow: str, stream: str) -> list[Record]:
+        """The stream's queued repairs, oldest first (a delete as a record with no values)."""
         rows = self._db.execute("SELECT key, payload, deleted FROM repairs WHERE workflow = ? AND stream = ? "
                                 "ORDER BY queued, key", (workflow, stream))
         return [Record(str(k), {} if d else json.loads(p), deleted=bool(d)) for k, p, d in rows]
 
     def repaired(self, workflow: str, stream: str, keys: Iterable[str]) -> None:
+        """Forget the queued repairs of these keys (sent)."""
         self._db.executemany("DELETE FROM repairs WHERE workflow = ? AND stream = ? AND key = ?",
                              [(workflow, stream, k) for k in keys])
 
     async def aqueue_repairs(self, workflow: str, stream: str, records: Sequence[Record]) -> int:
+        """``AsyncRepairQueue.aqueue_repairs`` (on the connection's thread)."""
         return await self._conn.run(self.queue_repairs, workflow, stream, records)
 
     async def arepairs(self, workflow: str, stream: str) -> list[Record]:
+        """``AsyncRepairQueue.arepairs`` (on the connection's thread)."""
         return await self._conn.run(self.repairs, workflow, stream)
 
     async def arepaired(self, workflow: str, stream: str, keys: Iterable[str]) -> None:
+        """``AsyncRepairQueue.arepaired`` (on the connection's thread)."""
         await self._conn.run(self.repaired, workflow, stream, list(keys))
 
     # -- held records (AsyncHeldStore) --------------------------------------------------------
@@ -288,21 +306,26 @@ class SqliteWorkerState:
             (workflow, stream, key, json.dumps(redact(payload), sort_keys=True), status, error, time.time()))
 
     def release(self, workflow: str, stream: str, key: str) -> None:
+        """Forget a held record (written at last, or dead-lettered)."""
         self._db.execute("DELETE FROM held WHERE workflow = ? AND stream = ? AND key = ?", (workflow, stream, key))
 
     def all(self, workflow: str, stream: str) -> list[Held]:
+        """The stream's held records, oldest first."""
         rows = self._db.execute("SELECT key, payload, status, error, attempts FROM held WHERE workflow = ? AND "
                                 "stream = ? ORDER BY first_seen, key", (workflow, stream))
         return [Held(k, json.loads(p), s, e, a) for k, p, s, e, a in rows]
 
     async def ahold(self, workflow: str, stream: str, key: str, payload: dict[str, Any], status: int,
                     error: str) -> None:
+        """``AsyncHeldStore.ahold`` (on the connection's thread)."""
         await self._conn.run(self.hold, workflow, stream, key, payload, status, error)
 
     async def arelease(self, workflow: str, stream: str, key: str) -> None:
+        """``AsyncHeldStore.arelease`` (on the connection's thread)."""
         await self._conn.run(self.release, workflow, stream, key)
 
     async def aall(self, workflow: str, stream: str) -> list[Held]:
+        """``AsyncHeldStore.aall`` (on the connection's thread)."""
         return await self._conn.run(self.all, workflow, stream)
 
     # -- the opt-in/out echo memory (EchoMemory) ------------------------------------------------
@@ -343,9 +366,11 @@ class SqliteWorkerState:
         return int(row[0])
 
     async def aknown(self, workflow: str, side: str, keys: Iterable[str]) -> dict[str, dict[str, bool]]:
+        """``EchoMemory.aknown`` (on the connection's thread)."""
         return await self._conn.run(self.known, workflow, side, list(keys))
 
     async def aremember(self, workflow: str, side: str, known: Mapping[str, Mapping[str, bool]]) -> None:
+        """``EchoMemory.aremember`` (on the connection's thread)."""
         await self._conn.run(self.remember, workflow, side, known)
 
     def _transaction(self) -> _Transaction:

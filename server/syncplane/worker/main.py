@@ -1,9 +1,11 @@
 """Entry point of a worker process.
 
 Lifecycle: bind /status on a loopback port, announce it in a state file the
-supervisor reads, run until SIGTERM, drain, remove the state file, exit 0.
-When embedded, a worker that nobody polls for `orphan_timeout` seconds
-assumes its supervisor is gone for good and drains itself: no orphans.
+supervisor reads, take secrets, stores and heartbeat from the platform
+(:mod:`syncplane.worker.platform`: embedded or kubernetes), run until SIGTERM,
+drain, remove the state file, exit 0. When embedded, a worker that nobody
+polls for `orphan_timeout` seconds assumes its supervisor is gone for good and
+drains itself: no orphans.
 """
 
 from __future__ import annotations
@@ -21,19 +23,14 @@ from pathlib import Path
 from aiohttp import web
 
 from syncplane import metrics, telemetry
-from syncplane.contract.names import EXIT_FATAL
+from syncplane.contract.names import EXIT_FATAL, state_file
 from syncplane.contract.report import WorkerReport
-from syncplane.credentials import (
-    ConnectionSecret,
-    CredentialsError,
-    check_endpoints,
-    load_local_secrets,
-)
+from syncplane.credentials import CredentialsError, check_endpoints
 from syncplane.model.convert import spec_from_dict
-from syncplane.proto.v1 import workflow_pb2 as pb
-from syncplane.state.factory import worker_stores
 from syncplane.state.stores import Stores
 from syncplane.worker.engine import Engine, FatalError
+from syncplane.worker.platform import HeartbeatRejected, Platform
+from syncplane.worker.platform.embedded import EmbeddedPlatform
 
 log = logging.getLogger("syncplane.worker")
 LOG_MAX_BYTES = 10 * 1024 * 1024   # bytes per worker log file before it rotates
@@ -52,22 +49,34 @@ class WorkerOptions:
     host: str = "127.0.0.1"
     port: int = 0
     orphan_timeout: float = 0.0
-    heartbeat: str = "http"          # "http": polled on /status (embedded); "kubernetes": a Lease
+    platform: str = "embedded"       # "embedded" or "kubernetes": see syncplane.worker.platform
     namespace: str = ""
     pod_name: str = ""
     workflow_uid: str = ""           # kubernetes: owner of the ConfigMaps the worker creates
-    secrets_dir: Path | None = None  # embedded: <name>.json per secret reference
-    state_db: Path | None = None     # embedded: checkpoints and dead letters
+    secrets_dir: Path | None = None  # embedded: <name>.json per secret reference; kubernetes: the mounts
+    state_db: Path | None = None     # the worker-state SQLite file (kubernetes: the echo memory only)
     drain_timeout: float = 20.0      # after SIGTERM, how long the batch in flight may take
 
 
-def state_file(state_dir: Path, workflow: str, index: int) -> Path:
-    return state_dir / f"{workflow}.{index}.worker.json"
+def platform_of(opts: WorkerOptions) -> Platform:
+    """The platform ``opts.platform`` names; raises ValueError for another name."""
+    secrets_dir = opts.secrets_dir or opts.state_dir / "secrets"
+    state_db = opts.state_db or opts.state_dir / "worker-state.db"
+    if opts.platform == "embedded":
+        return EmbeddedPlatform(state_db=state_db, secrets_dir=secrets_dir)
+    if opts.platform == "kubernetes":
+        from syncplane.worker.platform.kubernetes import KubernetesPlatform
+
+        return KubernetesPlatform(namespace=opts.namespace, pod_name=opts.pod_name or f"{opts.workflow}-{os.getpid()}",
+                                  workflow=opts.workflow, workflow_uid=opts.workflow_uid, secrets_dir=secrets_dir,
+                                  state_db=state_db, holder=opts.pod_name)
+    raise ValueError(f"unknown platform {opts.platform!r}")
 
 
 class Worker:
-    def __init__(self, opts: WorkerOptions) -> None:
+    def __init__(self, opts: WorkerOptions, platform: Platform | None = None) -> None:
         self.opts = opts
+        self.platform = platform or platform_of(opts)
         self.report = WorkerReport(workflow=opts.workflow, index=opts.index, generation=opts.generation)
         metrics.observe_worker(self.report)
         self.last_polled = time.monotonic()
@@ -90,47 +99,26 @@ class Worker:
 
     async def run(self) -> int:
         spec = spec_from_dict(json.loads(self.opts.spec_file.read_text()))
-        app = web.Application()
-        app.router.add_get("/status", self.status)
-        app.router.add_get("/healthz", self.healthz)
-        app.router.add_get("/metrics", self.metrics)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, self.opts.host, self.opts.port)
-        await site.start()
-        server = site._server
-        assert isinstance(server, asyncio.Server) and server.sockets
-        port = int(server.sockets[0].getsockname()[1])
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.stop.set)
+        runner, port = await self._serve()
         self._announce(port)
-        beats: asyncio.Task[None] | None = None
-        lease = None
-        if self.opts.heartbeat == "kubernetes":
-            from syncplane.worker.heartbeat import LeaseHeartbeat
-
-            lease = LeaseHeartbeat(self.opts.namespace, self.opts.pod_name or f"{self.opts.workflow}-{os.getpid()}",
-                                   self.opts.workflow, self.report)
-        log.info("worker %s/%d generation %d listening on %s:%d (type %s)", self.opts.workflow,
-                 self.opts.index, self.opts.generation, self.opts.host, port, spec.type)
+        log.info("worker %s/%d generation %d listening on %s:%d (type %s, platform %s)", self.opts.workflow,
+                 self.opts.index, self.opts.generation, self.opts.host, port, spec.type, self.platform.name)
+        heartbeat = self.platform.heartbeat(self.report)
         engine_task: asyncio.Task[None] | None = None
+        beats: asyncio.Task[None] | None = None
         stores: Stores | None = None
         try:
-            secrets = await self._load_secrets(spec)
+            secrets = self.platform.secrets(spec)
             check_endpoints(spec, secrets)
-            state_db = self.opts.state_db or self.opts.state_dir / "worker-state.db"
-            stores = worker_stores("kubernetes" if self.opts.heartbeat == "kubernetes" else "embedded",
-                                   state_db=state_db, namespace=self.opts.namespace,
-                                   owner_uid=self.opts.workflow_uid)
+            stores = self.platform.stores()
             engine = Engine(self.opts.workflow, spec, secrets, stores, self.report, self.opts.index,
-                            holder=self.opts.pod_name if self.opts.heartbeat == "kubernetes" else "")
+                            holder=self.platform.holder)
             engine_task = asyncio.create_task(engine.run(self.stop))
             engine_task.add_done_callback(self._engine_done)
         except CredentialsError as exc:
             self._fatal(exc.reason, str(exc))
-        if lease is not None:
-            beats = asyncio.create_task(lease.run(self.stop))
+        if heartbeat is not None:
+            beats = asyncio.create_task(heartbeat.run(self.stop))
             beats.add_done_callback(self._beats_done)
         try:
             await self._wait()
@@ -141,13 +129,32 @@ class Worker:
                 await self._drain(engine_task)
             if stores is not None:
                 await stores.aclose()
-            if beats is not None and lease is not None:
+            if beats is not None:
                 await asyncio.gather(beats, return_exceptions=True)
-                await lease.close(remove=self.exit_code == 0)
+            if heartbeat is not None:
+                await heartbeat.close(remove=self.exit_code == 0)
             state_file(self.opts.state_dir, self.opts.workflow, self.opts.index).unlink(missing_ok=True)
             await runner.cleanup()
         log.info("worker %s/%d drained and stopped", self.opts.workflow, self.opts.index)
         return self.exit_code
+
+    async def _serve(self) -> tuple[web.AppRunner, int]:
+        """/status, /healthz and /metrics on ``opts.host:opts.port``, SIGTERM/SIGINT wired to the
+        stop; the runner and the port bound (the one asked for, or a free one for port 0)."""
+        app = web.Application()
+        app.router.add_get("/status", self.status)
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/metrics", self.metrics)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, self.opts.host, self.opts.port)
+        await site.start()
+        server = site._server
+        assert isinstance(server, asyncio.Server) and server.sockets
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop.set)
+        return runner, int(server.sockets[0].getsockname()[1])
 
     def _fatal(self, reason: str, message: str) -> None:
         # Keep heartbeating the fatal report: the control plane decides (ERROR, then stop).
@@ -158,8 +165,6 @@ class Worker:
     def _beats_done(self, task: asyncio.Task[None]) -> None:
         """A heartbeat the API server refuses: nobody can see this worker's report, so it says why
         where Kubernetes shows it (the container's termination message) and exits EXIT_FATAL."""
-        from syncplane.worker.heartbeat import HeartbeatRejected
-
         exc = None if task.cancelled() else task.exception()
         if isinstance(exc, HeartbeatRejected):
             self._fatal("HEARTBEAT_REJECTED", str(exc))
@@ -190,10 +195,6 @@ class Worker:
             log.warning("the batch in flight did not finish in %.0fs; abandoning it", self.opts.drain_timeout)
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-
-    async def _load_secrets(self, spec: pb.WorkflowSpec) -> dict[str, ConnectionSecret]:
-        # On Kubernetes the operator mounts the referenced Secrets (--secrets-dir): no Secret API access.
-        return load_local_secrets(spec, self.opts.secrets_dir or self.opts.state_dir / "secrets")
 
     async def _wait(self) -> None:
         while not self.stop.is_set():

@@ -1,7 +1,13 @@
-"""The Kubernetes heartbeat: a coordination.k8s.io Lease per worker pod.
+"""The Kubernetes platform: workers are the pods of the Deployment the operator makes per Workflow.
 
-renewTime is liveness; the annotation carries the same JSON report as the
-embedded /status. The operator watches these Leases; nobody dials the pod.
+- Secrets: the Secrets the spec references, which the operator mounts into the pod
+  (``<secrets-dir>/<name>/<key>``; the worker's identity cannot read Secrets).
+- State: ConfigMaps in the workflow's namespace, owned by the Workflow, so that they outlive the
+  pod (:mod:`syncplane.state.kube_checkpoints`, :mod:`syncplane.state.kube_records`); only the
+  echo memory is in a pod-local SQLite file.
+- Heartbeat: a coordination.k8s.io Lease per worker pod (:class:`LeaseHeartbeat`). renewTime is
+  liveness; the annotation carries the same JSON report as the embedded /status. The operator
+  watches these Leases; nobody dials the pod.
 """
 
 from __future__ import annotations
@@ -10,11 +16,18 @@ import asyncio
 import json
 import logging
 import os
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from syncplane.contract.names import COMPONENT_WORKER, MANAGED_BY_LABEL, REPORT_ANNOTATION, WORKFLOW_LABEL
 from syncplane.contract.report import WorkerReport
+from syncplane.credentials import ConnectionSecret
+from syncplane.proto.v1 import workflow_pb2 as pb
+from syncplane.state.factory import worker_stores
+from syncplane.state.stores import Stores
+from syncplane.worker.platform import Heartbeat, HeartbeatRejected, read_secrets
 
 log = logging.getLogger(__name__)
 LEASE_SECONDS = 15
@@ -110,5 +123,33 @@ class LeaseHeartbeat:
             self._api, self._api_client = None, None
 
 
-class HeartbeatRejected(RuntimeError):
-    """The API server refuses the worker's Lease: retrying cannot help (the message says what to fix)."""
+@dataclass(frozen=True)
+class KubernetesPlatform:
+    """A worker pod's platform: its ``namespace``, its ``pod_name`` (its Lease's name), the
+    Workflow's ``workflow_uid`` (owner of the ConfigMaps it creates), the mounted ``secrets_dir``
+    and ``state_db``, the pod-local file of the echo memory."""
+
+    namespace: str
+    pod_name: str
+    workflow: str
+    workflow_uid: str
+    secrets_dir: Path
+    state_db: Path
+    holder: str = ""       # the pod's name as given (POD_NAME), for the split first load's claims
+    name: str = "kubernetes"
+
+    def secrets(self, spec: pb.WorkflowSpec) -> dict[str, ConnectionSecret]:
+        """The mounted Secrets; raises ``CredentialsError`` (one missing, unreadable, lacking a key)."""
+        return read_secrets(spec, self.secrets_dir)
+
+    def stores(self) -> Stores:
+        """ConfigMaps in the namespace (the echo memory in ``state_db``)."""
+        return worker_stores("kubernetes", state_db=self.state_db, namespace=self.namespace,
+                             owner_uid=self.workflow_uid)
+
+    def heartbeat(self, report: WorkerReport) -> Heartbeat | None:
+        """The pod's Lease, renewed with ``report``."""
+        return LeaseHeartbeat(self.namespace, self.pod_name, self.workflow, report)
+
+
+__all__ = ["HeartbeatRejected", "KubernetesPlatform", "LeaseHeartbeat", "lease_body"]
