@@ -74,7 +74,7 @@ class SqliteWorkerStateAccess:
 
 
 class SecretFilesEnvironment:
-    """Secrets read from a directory (worker.credentials.load_local_secrets: a ``<name>.json`` file
+    """Secrets read from a directory (syncplane.credentials.load_local_secrets: a ``<name>.json`` file
     or a mounted Secret's directory per reference), state wherever ``state`` keeps it."""
 
     def __init__(self, secrets_dir: Path, state: WorkerState) -> None:

@@ -206,7 +206,7 @@ async def run_job(workflow: str, namespace: str, workflow_uid: str, spec_file: P
     try:
         try:
             spec = spec_from_dict(json.loads(await asyncio.to_thread(spec_file.read_text)))
-            # The Secrets are mounted as the workers' are: one directory per Secret (worker.credentials).
+            # The Secrets are mounted as the workers' are: one directory per Secret (syncplane.credentials).
             env = SecretFilesEnvironment(secrets_dir, ConfigMapWorkerState(checkpoints, records))
             report = await compare(workflow, spec, env, phase="RUNNING" if running else "STOPPED",
                                    running=running, repair=request.repair)

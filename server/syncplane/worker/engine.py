@@ -8,7 +8,7 @@ passes until stopped, with one error policy for all types.
   partitioned), but its first load is split into key ranges read by every
   worker at once (see syncplane.worker.split).
 - Egress: Campaign's event feed to Dynamics activities, keyed by event id; an
-  event whose contact does not exist yet is held and re-sent (see held.py).
+  event whose contact does not exist yet is held and re-sent (see syncplane.state.records).
 - Opt-in/out: see syncplane.optinout.
 
 Before it says ready, a worker runs its start-time checks (:meth:`Runner.prepare`):
