@@ -15,6 +15,7 @@ Everything else (the engine, the runners, ``/status``, draining) is the same on 
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -70,6 +71,16 @@ class Platform(Protocol):
         ...
 
 
-def read_secrets(spec: pb.WorkflowSpec, secrets_dir: Path) -> dict[str, ConnectionSecret]:
-    """Both platforms' secrets: files under ``secrets_dir`` (see ``syncplane.credentials.load_local_secrets``)."""
-    return load_local_secrets(spec, secrets_dir)
+@dataclass(frozen=True)
+class LocalFiles:
+    """What both platforms keep in the worker's file system: the secrets under ``secrets_dir``
+    (embedded: ``<name>.json`` files; kubernetes: the Secrets the operator mounts, a directory
+    each) and the worker-state SQLite file ``state_db`` (kubernetes: the echo memory only)."""
+
+    secrets_dir: Path
+    state_db: Path
+
+    def secrets(self, spec: pb.WorkflowSpec) -> dict[str, ConnectionSecret]:
+        """The secrets ``spec`` references (``syncplane.credentials.load_local_secrets``); raises
+        ``CredentialsError`` when one is missing, unreadable, exposed to other users or lacks a key."""
+        return load_local_secrets(spec, self.secrets_dir)

@@ -9,28 +9,19 @@ workers (:mod:`syncplane.state.sqlite`), and the supervisor polls each worker's 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from syncplane.contract.report import WorkerReport
-from syncplane.credentials import ConnectionSecret
-from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.state.factory import worker_stores
 from syncplane.state.stores import Stores
-from syncplane.worker.platform import Heartbeat, read_secrets
+from syncplane.worker.platform import Heartbeat, LocalFiles
 
 
 @dataclass(frozen=True)
-class EmbeddedPlatform:
+class EmbeddedPlatform(LocalFiles):
     """``state_db``: the worker-state file; ``secrets_dir``: the secret files' directory."""
 
-    state_db: Path
-    secrets_dir: Path
     name: str = "embedded"
     holder: str = ""
-
-    def secrets(self, spec: pb.WorkflowSpec) -> dict[str, ConnectionSecret]:
-        """The referenced ``<name>.json`` files; raises ``CredentialsError``."""
-        return read_secrets(spec, self.secrets_dir)
 
     def stores(self) -> Stores:
         """Every store in the worker-state file."""

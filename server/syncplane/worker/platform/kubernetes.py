@@ -18,16 +18,13 @@ import logging
 import os
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from syncplane.contract.names import COMPONENT_WORKER, MANAGED_BY_LABEL, REPORT_ANNOTATION, WORKFLOW_LABEL
 from syncplane.contract.report import WorkerReport
-from syncplane.credentials import ConnectionSecret
-from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.state.factory import worker_stores
 from syncplane.state.stores import Stores
-from syncplane.worker.platform import Heartbeat, HeartbeatRejected, read_secrets
+from syncplane.worker.platform import Heartbeat, HeartbeatRejected, LocalFiles
 
 log = logging.getLogger(__name__)
 LEASE_SECONDS = 15
@@ -124,23 +121,17 @@ class LeaseHeartbeat:
 
 
 @dataclass(frozen=True)
-class KubernetesPlatform:
+class KubernetesPlatform(LocalFiles):
     """A worker pod's platform: its ``namespace``, its ``pod_name`` (its Lease's name), the
-    Workflow's ``workflow_uid`` (owner of the ConfigMaps it creates), the mounted ``secrets_dir``
-    and ``state_db``, the pod-local file of the echo memory."""
+    Workflow's ``workflow_uid`` (owner of the ConfigMaps it creates); ``secrets_dir``: where the
+    Secrets are mounted; ``state_db``: the pod-local file of the echo memory."""
 
-    namespace: str
-    pod_name: str
-    workflow: str
-    workflow_uid: str
-    secrets_dir: Path
-    state_db: Path
+    namespace: str = ""
+    pod_name: str = ""
+    workflow: str = ""
+    workflow_uid: str = ""
     holder: str = ""       # the pod's name as given (POD_NAME), for the split first load's claims
     name: str = "kubernetes"
-
-    def secrets(self, spec: pb.WorkflowSpec) -> dict[str, ConnectionSecret]:
-        """The mounted Secrets; raises ``CredentialsError`` (one missing, unreadable, lacking a key)."""
-        return read_secrets(spec, self.secrets_dir)
 
     def stores(self) -> Stores:
         """ConfigMaps in the namespace (the echo memory in ``state_db``)."""
