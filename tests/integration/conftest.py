@@ -173,9 +173,15 @@ class ServerProcess:
         self.port = 0
 
     async def ready(self) -> None:
-        await wait_until(lambda: self.port_file.exists() or self.proc.poll() is not None, READY_TIMEOUT,
-                         what="server port")
-        assert self.proc.poll() is None, (self.data_dir / "server.log").read_text()
+        """Wait for the port file. A server that never listens is stopped before the error is raised: a
+        fixture failing in its setup never reaches its teardown, and the process would outlive the test."""
+        try:
+            await wait_until(lambda: self.port_file.exists() or self.proc.poll() is not None, READY_TIMEOUT,
+                             what="server port")
+            assert self.proc.poll() is None, (self.data_dir / "server.log").read_text()
+        except BaseException:
+            self.stop()
+            raise
         self.port = int(self.port_file.read_text())
 
     def stub(self) -> tuple[grpc.aio.Channel, svc_grpc.WorkflowServiceStub]:
@@ -185,5 +191,9 @@ class ServerProcess:
     def stop(self, sig: signal.Signals = signal.SIGTERM) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
-            self.proc.wait(timeout=30)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
         self.log.close()
