@@ -68,6 +68,7 @@ LEADER = "operator/syncplane_operator/leader.py"
 STORE = "server/syncplane/store/kubernetes.py"
 HEARTBEAT = "server/syncplane/worker/platform/kubernetes.py"
 RECORDS = "server/syncplane/state/kube_records.py"
+BUILDERS = "operator/syncplane_operator/builders.py"
 
 # Role name suffix -> the verbs that role must grant, exactly.
 VERBS: dict[str, list[Verb]] = {
@@ -89,6 +90,8 @@ VERBS: dict[str, list[Verb]] = {
                 r'kopf\.index\("coordination\.k8s\.io", "v1", "leases"', "the workers' heartbeats"),
         *_verbs("", "configmaps", "get", RECONCILER, r"read_namespaced_config_map",
                 "the applied-spec snapshot, read back after a restart"),
+        *_verbs("", "configmaps", "get patch", BUILDERS, r'"verbs": \["get", "patch"\],\s*"resourceNames"',
+                "granted by name in each Workflow's own worker Role (a Role grants only what its maker holds)"),
         *_verbs("", "configmaps", "create", RECONCILER, r"create_namespaced_config_map", "the snapshot on start"),
         *_verbs("", "configmaps", "list", RECONCILER, r"list_namespaced_config_map",
                 "the workflow's spec snapshots, to prune"),
@@ -99,8 +102,10 @@ VERBS: dict[str, list[Verb]] = {
                 "each Workflow's own worker ServiceAccount"),
         *_verbs("", "serviceaccounts", "patch", RECONCILER, r"patch_namespaced_service_account",
                 "the configured annotations and labels (workload identity) on an existing one"),
+        *_verbs("rbac.authorization.k8s.io", "roles", "create", RECONCILER, r"create_namespaced_role\)",
+                "each Workflow's own worker Role (its ConfigMaps by name)"),
         *_verbs("rbac.authorization.k8s.io", "rolebindings", "create", RECONCILER,
-                r"create_namespaced_role_binding", "that account bound to the workers' Role"),
+                r"create_namespaced_role_binding", "that account bound to the workers' Role and to its own"),
         *_verbs("rbac.authorization.k8s.io", "roles", "bind", "operator/syncplane_operator/builders.py",
                 r'"roleRef"', "binding the workers' Role (by name) without holding its verbs"),
         *_verbs("batch", "jobs", "create", RECONCILER, r"create_namespaced_job", "a verify Job per request"),
@@ -121,12 +126,13 @@ VERBS: dict[str, list[Verb]] = {
         *_verbs("syncplane.io", "workflows", "update", STORE, r"replace_namespaced_custom_object",
                 "UpdateWorkflow, Start/Stop/Restart (spec only)"),
         *_verbs("syncplane.io", "workflows", "delete", STORE, r"delete_namespaced_custom_object", "DeleteWorkflow"),
-        *_verbs("", "configmaps", "list", RECORDS, r"list_namespaced_config_map", "ListDeadLetters"),
-        *_verbs("", "configmaps", "patch", RECORDS, r"patch_namespaced_config_map",
-                "RetryDeadLetters (the retry label)"),
-        *_verbs("", "configmaps", "watch", "server/syncplane/verify/kube.py",
+        *_verbs("", "configmaps", "get", RECORDS, r"self\.read\(",
+                "ListDeadLetters (each shard by name; ConfigMapStore.read)"),
+        *_verbs("", "configmaps", "patch", RECORDS, r"self\.merge_patch\(",
+                "RetryDeadLetters (the retry mark; ConfigMapStore.merge_patch)"),
+        *_verbs("", "configmaps", "list watch", "server/syncplane/verify/kube.py",
                 r"w\.stream\(self\.core\.list_namespaced_config_map",
-                "VerifyWorkflow waits for its Job's result in `<workflow>-verify`"),
+                "VerifyWorkflow lists, then watches `<workflow>-verify` for its Job's result"),
     ],
     "worker": [
         *_verbs("coordination.k8s.io", "leases", "patch", HEARTBEAT, r"patch_namespaced_lease", "heartbeat"),
@@ -134,14 +140,10 @@ VERBS: dict[str, list[Verb]] = {
                 "first heartbeat"),
         *_verbs("coordination.k8s.io", "leases", "delete", HEARTBEAT, r"delete_namespaced_lease",
                 "heartbeat removed on a clean stop"),
-        *_verbs("", "configmaps", "get create patch", "server/syncplane/state",
-                r"(read|create|patch)_namespaced_config_map",
-                "the `<workflow>-checkpoints` ConfigMap: cursors read on start and merge-patched after each "
-                "written page; created again if it was deleted while the worker ran"),
-        *_verbs("", "configmaps", "list", RECORDS, r"list_namespaced_config_map",
-                "dead letters marked for retry, held records"),
-        *_verbs("", "configmaps", "delete", RECORDS, r"delete_namespaced_config_map",
-                "a held record released, a dead letter delivered"),
+        *_verbs("", "configmaps", "create", "server/syncplane/state", r"create_namespaced_config_map",
+                "the `<workflow>-checkpoints` ConfigMap if it was deleted while the worker ran, the first record "
+                "of a dead-letter, held-record or repair shard, a verify Job's first `<workflow>-verify` (get and "
+                "patch: the Workflow's own Role, by name)"),
     ],
 }
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from syncplane.contract import names as L
-from syncplane.contract.names import checkpoint_configmap_name, checkpoint_labels
+from syncplane.contract.names import checkpoint_configmap_name, checkpoint_labels, worker_configmap_names
 from syncplane.verify.kube import JOB_TTL, MAX_WAIT, VerifyRequest, job_name
 
 
@@ -57,22 +57,35 @@ def build_checkpoint_configmap(workflow: str, namespace: str) -> dict[str, Any]:
 
 def build_worker_identity(workflow: str, namespace: str, role: str,
                           image: WorkerImage | None = None) -> list[dict[str, Any]]:
-    """The workflow's own worker identity: the ServiceAccount `syncplane-worker-<workflow>`, with the
-    chart's worker ServiceAccount annotations and labels (``image.account_annotations``/``account_labels``:
-    workload identity), and a RoleBinding of it to ``role`` (the chart's worker Role: Lease and
-    ConfigMap verbs, no Secrets). RBAC cannot name the objects a worker makes at run time (Leases per
-    pod, a ConfigMap per dead letter); the chart's ValidatingAdmissionPolicy narrows this identity's
-    writes to its own workflow's objects. The caller makes the Workflow their owner, so they go with it."""
+    """The workflow's own worker identity, four objects:
+
+    - the ServiceAccount `syncplane-worker-<workflow>`, with the chart's worker ServiceAccount
+      annotations and labels (``image.account_annotations``/``account_labels``: workload identity);
+    - a RoleBinding of it to ``role``, the chart's worker Role: its heartbeat Leases, and `create`
+      on ConfigMaps (RBAC cannot limit create by name: the chart's ValidatingAdmissionPolicy narrows
+      those writes to the workflow's own names; no Secrets, the operator mounts the referenced ones);
+    - the Role `syncplane-worker-<workflow>-objects`: `get` and `patch` on exactly the ConfigMaps
+      the workers use, by name (`contract.names.worker_configmap_names`: its checkpoints and its dead-letter
+      and held-record shards), so a worker reads no other workflow's data; no `list`, `watch` or `delete`;
+    - a RoleBinding of the account to that Role.
+
+    The caller makes the Workflow their owner, so they go with it."""
     image = image or WorkerImage()
     account = L.worker_service_account_name(workflow)
+    own = f"{account}-objects"
     meta = {"name": account, "namespace": namespace, "labels": L.worker_labels(workflow)}
     account_meta = {**meta, "labels": {**dict(image.account_labels), **L.worker_labels(workflow)},
                     **({"annotations": dict(image.account_annotations)} if image.account_annotations else {})}
+    subjects = [{"kind": "ServiceAccount", "name": account, "namespace": namespace}]
     return [
         {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": account_meta},
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": dict(meta),
-         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role},
-         "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": namespace}]},
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role}, "subjects": subjects},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {**meta, "name": own},
+         "rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "patch"],
+                    "resourceNames": worker_configmap_names(workflow)}]},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {**meta, "name": own},
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": own}, "subjects": subjects},
     ]
 
 

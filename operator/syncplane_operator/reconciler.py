@@ -233,13 +233,17 @@ async def ensure_checkpoints(api: Clients, owner: kopf.Body) -> None:
 
 async def ensure_worker_identity(api: Clients, owner: kopf.Body, image: WorkerImage) -> None:
     """Before a worker Deployment (or a verify Job) is created or replaced: the workflow's own
-    ServiceAccount and its RoleBinding to the chart's worker Role, owned by the Workflow.
-    Create-if-missing; a ServiceAccount already there gets the configured annotations and labels
-    (merge patch: workload identity set by a later `helm upgrade` reaches the Workflows that exist)."""
+    ServiceAccount, its RoleBinding to the chart's worker Role, and its own Role (its ConfigMaps by name)
+    with its RoleBinding (`builders.build_worker_identity`), owned by the Workflow. Create-if-missing; a
+    ServiceAccount already there gets the configured annotations and labels (merge patch: workload
+    identity set by a later `helm upgrade` reaches the Workflows that exist)."""
     namespace = str(owner.metadata.namespace)
-    account, binding = build_worker_identity(str(owner.metadata.name), namespace, image.worker_role, image)
+    account, binding, role, own_binding = build_worker_identity(str(owner.metadata.name), namespace,
+                                                                image.worker_role, image)
     for body, create in ((account, api.core.create_namespaced_service_account),
-                         (binding, api.rbac.create_namespaced_role_binding)):
+                         (binding, api.rbac.create_namespaced_role_binding),
+                         (role, api.rbac.create_namespaced_role),
+                         (own_binding, api.rbac.create_namespaced_role_binding)):
         kopf.adopt(body, owner=owner)
         created = await _create(create, namespace, body)
         if body is account and not created and (image.account_annotations or image.account_labels):
@@ -273,8 +277,8 @@ async def converge(api: Clients, owner: kopf.Body, deployment: Mapping[str, Any]
     # a Deployment from before per-workflow identities runs under another account: replaced too
     current_account = (((deployment.get("spec") or {}).get("template") or {}).get("spec") or {}).get(
         "serviceAccountName")
-    # an identity changed since (new ServiceAccount annotations: workload identity) is ensured before the
-    # Deployment is replaced
+    # an identity changed since (an upgrade adding the workers' own Role, new ServiceAccount annotations)
+    # is ensured before the Deployment is replaced
     if (current_hash != status.applied_spec_hash or current_replicas != target
             or current_account != L.worker_service_account_name(str(name))
             or annotations.get(L.IDENTITY_ANNOTATION) != identity):

@@ -4,9 +4,11 @@
 The workers read no Secret at all — not the API server's TLS key, not an unreferenced Secret, not
 even the ones their workflow references: the operator mounts those into the worker pod (the kubelet
 reads them). Each Workflow's workers have an identity of their own (`syncplane-worker-<workflow>`, made
-by the operator): RBAC gives it Lease and ConfigMap verbs in the namespace, since a worker's heartbeat
-Lease and its dead-letter and held-record ConfigMaps have names made at run time (pod name, record
-hash), and the chart's ValidatingAdmissionPolicy narrows its writes to its own workflow's objects.
+by the operator) with a Role of its own: get and patch on exactly its workflow's ConfigMaps, by name
+(checkpoints, dead-letter and held-record shards), and no list: it reads no other workflow's data.
+RBAC also gives it Lease verbs and ConfigMap create in the namespace, since a worker's heartbeat Lease
+is named after its pod and create cannot be narrowed by name; the chart's ValidatingAdmissionPolicy
+narrows those writes to its own workflow's objects.
 `kubectl auth can-i` asks RBAC only, so the second table makes the requests themselves (server-side
 dry runs, with a real pod-bound worker token): each kind x (own, other workflow) x verb."""
 
@@ -22,16 +24,21 @@ from typing import Any
 import pytest
 
 from syncplane.contract.names import (
+    DEAD_LETTER,
+    HELD,
     RECORD_LABEL,
+    REPAIR,
     WORKFLOW_LABEL,
     checkpoint_configmap_name,
     checkpoint_labels,
+    record_shard,
     spec_configmap_name,
+    verify_configmap_name,
+    worker_configmap_names,
     worker_labels,
     worker_service_account_name,
 )
-from syncplane.state.kube_records import DEAD_LETTER, HELD, REPAIR, record_name
-from syncplane.verify.kube import result_configmap_name, result_labels
+from syncplane.verify.kube import result_labels
 from syncplane_operator.builders import build_worker_identity
 from tests.k8s.test_chart import chart_release, token_kubeconfig  # noqa: F401  (the fixture: the chart installed)
 
@@ -50,8 +57,22 @@ TABLE: list[tuple[str, str, str, str, bool]] = [
     ("worker", "get", "leases", "{leader}", False),           # the operator's leader Lease
     ("worker", "update", "leases", "{leader}", False),
     ("worker", "patch", "leases", "{leader}", True),          # RBAC's answer; the admission policy denies it
-    ("worker", "get", "configmaps", "other-checkpoints", True),   # reads are not narrowed (README)
-    ("worker", "patch", "configmaps", "other-checkpoints", True),  # RBAC's answer; the policy denies it
+    # reads: its own workflow's ConfigMaps by name, nothing else (issue 13 item 2: no other workflow's
+    # checkpoints, dead letters, held records or repairs, which carry customer data; its verify Jobs run as
+    # this identity and write `<workflow>-verify`)
+    ("worker", "list", "configmaps", "", False),
+    ("worker", "watch", "configmaps", "", False),
+    *[("worker", verb, "configmaps", f"{wf}-{obj}", wf == OWN)
+      for wf in (OWN, OTHER)
+      for obj in ("checkpoints", "verify", "dl-0", "dl-f", "held-0", "held-f", "repair-0", "repair-f")
+      for verb in ("get", "patch")],
+    ("worker", "delete", "configmaps", f"{OWN}-dl-0", False),
+    ("worker", "update", "configmaps", f"{OWN}-checkpoints", False),
+    ("worker", "get", "configmaps", f"{OWN}-spec-0123456789", False),    # the operator's snapshot: mounted
+    ("worker", "get", "configmaps", f"{OWN}-dl-0123456789abcdef", False),  # the earlier per-record names
+    ("worker", "get", "configmaps", f"{OWN}-repair-0123456789abcdef", False),
+    ("worker", "get", "configmaps", "unrelated", False),
+    ("worker", "create", "configmaps", "", True),     # RBAC's answer; the policy narrows it (second table)
     ("worker", "get", "workflows.syncplane.io", "", False),
     ("worker", "create", "deployments.apps", "", False),
     ("worker", "create", "pods", "", False),
@@ -62,7 +83,9 @@ TABLE: list[tuple[str, str, str, str, bool]] = [
     ("server", "get", "secrets", "{token}", False),  # the API token Secret (token auth mode)
     ("server", "list", "secrets", "", False),
     ("server", "update", "leases", "{leader}", False),
-    ("server", "patch", "configmaps", "other-checkpoints", True),   # RetryDeadLetters labels dead letters
+    ("server", "get", "configmaps", f"{OTHER}-dl-0", True),        # ListDeadLetters reads the shards
+    ("server", "patch", "configmaps", f"{OTHER}-dl-0", True),      # RetryDeadLetters marks dead letters
+    ("server", "list", "configmaps", "", True),                       # VerifyWorkflow: `<workflow>-verify`
     ("server", "delete", "configmaps", "other-checkpoints", False),
     ("server", "patch", "workflows.syncplane.io/status", "", False),  # the operator owns status
     ("server", "create", "deployments.apps", "", False),
@@ -78,6 +101,9 @@ TABLE: list[tuple[str, str, str, str, bool]] = [
     ("operator", "patch", "leases", "{leader}", False),
     ("operator", "delete", "configmaps", "other-checkpoints", True),   # RBAC's answer (snapshots are pruned);
                                                                        # the policy denies it
+    ("operator", "create", "roles.rbac.authorization.k8s.io", "", True),    # each Workflow's own worker Role
+    ("operator", "update", "roles.rbac.authorization.k8s.io", "", False),
+    ("operator", "bind", "roles.rbac.authorization.k8s.io", "admin", False),
     ("operator", "patch", "workflows.syncplane.io/status", "", True),
     ("operator", "create", "deployments.apps", "", True),
     ("operator", "create", "jobs.batch", "", True),                    # a verify Job per request
@@ -93,7 +119,8 @@ def account_of(namespace: str, release: str, who: str) -> str:
 
 def make_worker_identity(cluster: Any, namespace: str, release: str, workflow: str) -> None:
     """What the operator makes on a start, made here under the operator's own identity (so its grants
-    are tested too): the workflow's ServiceAccount and its RoleBinding to the chart's worker Role."""
+    are tested too, the API server's escalation check included): the workflow's ServiceAccount, its
+    RoleBinding to the chart's worker Role, its own Role of ConfigMap names and that Role's binding."""
     role = f"{release}-syncplane-worker"
     docs = build_worker_identity(workflow, namespace, role)
     cluster.kubectl("create", "-n", namespace, f"--as={account_of(namespace, release, 'operator')}", "-f", "-",
@@ -147,10 +174,10 @@ def object_of(kind: str, workflow: str, labelled: str = "") -> dict[str, Any]:
     if kind == "checkpoints":
         return configmap(checkpoint_configmap_name(workflow), checkpoint_labels(labelled))
     if kind == "verify result":   # a verify Job's answer (it runs as the workers' identity)
-        return configmap(result_configmap_name(workflow), result_labels(labelled))
+        return configmap(verify_configmap_name(workflow), result_labels(labelled))
     if kind in ("dead letter", "held record", "repair"):
         which = {"dead letter": DEAD_LETTER, "held record": HELD, "repair": REPAIR}[kind]
-        return configmap(record_name(workflow, which, "contacts", "k1"), {**record, RECORD_LABEL: which})
+        return configmap(record_shard(workflow, which, "contacts", "k1")[0], {**record, RECORD_LABEL: which})
     return lease(POD[workflow], record)
 
 
@@ -219,7 +246,9 @@ def test_a_worker_writes_only_its_own_workflows_objects(k8s_cluster, namespace, 
          configmap(f"{OWN}-spec-0123456789", {WORKFLOW_LABEL: OWN}), None, False),
         ("the operator's leader Lease", "create", leader, None, False),
     ]
-    writes: list[Row] = [(f"{kind} of {whose(wf)} workflow", verb, object_of(kind, wf), None, wf == OWN)
+    # a worker deletes only its heartbeat (records leave their shard by a patch)
+    writes: list[Row] = [(f"{kind} of {whose(wf)} workflow", verb, object_of(kind, wf), None,
+                          wf == OWN and (verb == "patch" or kind == "heartbeat"))
                          for kind in KINDS for wf in (OWN, OTHER) for verb in ("patch", "delete")]
     writes += [
         ("its own checkpoints, relabelled to the other workflow", "patch", object_of("checkpoints", OWN),
@@ -243,10 +272,10 @@ def test_a_worker_writes_only_its_own_workflows_objects(k8s_cluster, namespace, 
     table = "\n".join(f"{verb:7} {what}: {'allowed' if ok else 'denied'}" for what, verb, ok, _ in got)
     print(f"as {worker_service_account_name(OWN)} (pod {POD[OWN]}):\n{table}")
     assert [(what, verb) for what, verb, ok, want in got if ok != want] == [], table
-    # the policy binds the workers only: the API server still labels another workflow's dead letter
+    # the policy binds the workers only: the API server still marks another workflow's dead letter
     server = token_kubeconfig(k8s_cluster, namespace, f"{chart_release}-syncplane-server", tmp_path / "server")
     assert request(k8s_cluster, server, namespace, "patch", object_of("dead letter", OTHER),
-                   {"metadata": {"labels": {"syncplane.io/retry": "true"}}})
+                   {"data": {"0123456789abcdef.retry": "true"}})
 
 
 
@@ -280,7 +309,8 @@ def test_each_workflows_account_carries_the_configured_workload_identity(k8s_clu
     """Issue 13 item 2: a per-Workflow worker ServiceAccount keeps the chart's worker ServiceAccount
     annotations and labels (`worker.serviceAccount.*`, the operator's SYNCPLANE_WORKER_SA_* variables),
     and an upgrade that sets them reaches the Workflows already running: an operator without them makes
-    the identity, the next one, configured, annotates that account (the Deployment's identity digest)."""
+    the identity (with its own Role of ConfigMap names), the next one, configured, annotates that account
+    (the Deployment's identity digest)."""
     from kopf.testing import KopfRunner
 
     from tests.k8s.test_operator import create_workflow, get, start_until_available
@@ -293,8 +323,13 @@ def test_each_workflows_account_carries_the_configured_workload_identity(k8s_clu
         name, _ = create_workflow(k8s_cluster, namespace, tmp_path)
         start_until_available(k8s_cluster, namespace, name)
     assert first.exception is None, first.output
+    uid = get(k8s_cluster, namespace, "workflow", name)["metadata"]["uid"]
     before = get(k8s_cluster, namespace, "serviceaccount", account(name))["metadata"]
     assert not set(WORKLOAD_IDENTITY) & set(before.get("annotations") or {})
+    role = get(k8s_cluster, namespace, "role", f"{account(name)}-objects")
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "patch"],
+                              "resourceNames": worker_configmap_names(name)}]
+    assert [o["uid"] for o in role["metadata"]["ownerReferences"]] == [uid]   # goes with the Workflow
 
     monkeypatch.setenv("SYNCPLANE_WORKER_SA_ANNOTATIONS", json.dumps(WORKLOAD_IDENTITY))
     monkeypatch.setenv("SYNCPLANE_WORKER_SA_LABELS", json.dumps({"azure.workload.identity/use": "true"}))

@@ -4,7 +4,7 @@ Job's container (`syncplane verify-job`, with the Secrets mounted as the workers
 against the sandbox over real HTTP, and the server answers with what the Job wrote.
 
 The destination is tampered with through the sandbox's own API; verify must count exactly that, and
---repair must queue it (as ConfigMaps) for the workers' next pass, which puts it right."""
+--repair must queue it (in the workflow's repair shards, ConfigMaps) for the workers' next pass, which puts it right."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import grpc
 import pytest
 
 from syncplane.api.server import create_server
+from syncplane.contract.names import REPAIR, record_shard
 from syncplane.proto.v1 import workflow_service_pb2 as svc
 from syncplane.proto.v1 import workflow_service_pb2_grpc as svc_grpc
 from syncplane.runtime.kubernetes import kubernetes_store, kubernetes_verifier
@@ -29,7 +30,7 @@ from tests.integration.sandbox_fixtures import running_sandbox
 from tests.integration.verify_env import counts, tamper_profiles
 from tests.k8s.kubelet import FakeKubelet
 from tests.k8s.syncplane_fixtures import SECRET_VALUE
-from tests.k8s.test_worker_data import apply_workflow, configmaps, create_secrets, kubectl, set_desired, workflow
+from tests.k8s.test_worker_data import apply_workflow, create_secrets, kubectl, records, set_desired, workflow
 
 pytestmark = pytest.mark.k8s
 CONTACTS = 400
@@ -113,19 +114,21 @@ async def test_verify_on_kubernetes_counts_the_tampering_and_repair_converges(
         c = got.status.last_verify.counts
         assert (c.missing, c.extra, c.different) == (3, 2, 4) and got.status.last_verify.HasField("verify_time")
 
-        # 3. --repair queues the differences as ConfigMaps; the workers' next pass writes them
+        # 3. --repair queues the differences in the repair shards; the workers' next pass writes them
         resp = await verify(stub, name, repair=True)
         assert [(s.stream, s.queued) for s in resp.streams] == [("contact", 9)], resp
-        queued = await configmaps(k8s_cluster, namespace, f"syncplane.io/workflow={name},syncplane.io/record=repair")
-        assert len(queued) == 9, [cm["metadata"]["name"] for cm in queued]
-        assert all(cm["metadata"]["ownerReferences"][0]["kind"] == "Workflow" for cm in queued)
+        repairs = f"syncplane.io/workflow={name},syncplane.io/record=repair"
+        queued = await records(k8s_cluster, namespace, repairs)
+        assert sorted(doc["key"] for _, doc in queued) == sorted(deleted_keys + extra_keys + edited_keys), queued
+        for shard, doc in queued:   # each in the shard its name says, which goes with the Workflow
+            assert shard["metadata"]["name"] == record_shard(name, REPAIR, doc["stream"], doc["key"])[0]
+            assert shard["metadata"]["ownerReferences"][0]["kind"] == "Workflow"
         await set_desired(k8s_cluster, namespace, name, "RUNNING")
         await eventually(lambda: _true(actual_profiles(sb) == expected), lambda: "the repair: "
                          + diff(expected, actual_profiles(sb)), 300, POLL)
 
         async def drained() -> bool:
-            return not await configmaps(k8s_cluster, namespace,
-                                        f"syncplane.io/workflow={name},syncplane.io/record=repair")
+            return not await records(k8s_cluster, namespace, repairs)
 
         await eventually(drained, "the workers removed the repairs they sent", 120, POLL)
         await set_desired(k8s_cluster, namespace, name, "STOPPED")

@@ -21,9 +21,10 @@ from typing import Any
 import pytest
 import yaml
 
-from syncplane.contract.names import checkpoint_configmap_name
+from syncplane.contract.names import HELD, checkpoint_configmap_name, record_shard
 from syncplane.optinout.sync import CAMPAIGN_STREAM, CRM_STREAM
 from syncplane.state.kube_checkpoints import stream_key
+from syncplane.state.kube_records import records_of
 from syncplane_sandbox import Sandbox, SeedSpec, start_sandbox
 from tests.backends import eventually
 from tests.factories import literals
@@ -76,6 +77,12 @@ async def configmaps(cluster: Any, namespace: str, selector: str) -> list[dict[s
     items: list[dict[str, Any]] = json.loads(await kubectl(cluster, "get", "configmaps", "-n", namespace, "-l",
                                                            selector, "-o", "json"))["items"]
     return items
+
+
+async def records(cluster: Any, namespace: str, selector: str) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(shard ConfigMap, record) of every dead letter, held record or repair the selector's shards hold."""
+    return [(cm, doc) for cm in await configmaps(cluster, namespace, selector)
+            for _, doc, _ in records_of(cm.get("data") or {})]
 
 
 async def set_desired(cluster: Any, namespace: str, name: str, state: str, check: bool = True) -> None:
@@ -212,7 +219,7 @@ HELD_SELECTOR = "syncplane.io/record=held"
 
 @pytest.mark.timeout(1200)   # worker_image builds the image when make image has not
 async def test_held_records_survive_pod_deletion(k8s_cluster, namespace, operator, tmp_path, worker_image):
-    """An event whose contact is not in the CRM yet is held in a ConfigMap of its own, not in the pod:
+    """An event whose contact is not in the CRM yet is held in a ConfigMap (its shard), not in the pod:
     the pod is deleted, the contact arrives, and the new pod's worker delivers the event.
 
     The fake kubelet runs these pods from the built image, as the pod's user: what a real cluster runs."""
@@ -238,19 +245,20 @@ async def test_held_records_survive_pod_deletion(k8s_cluster, namespace, operato
                                runtime=worker_image) as kubelet:
             try:
                 await set_desired(k8s_cluster, namespace, name, "RUNNING")
-                held: list[dict[str, Any]] = []
+                held: list[tuple[dict[str, Any], dict[str, Any]]] = []
 
                 async def holding() -> bool:
                     nonlocal held
-                    held = await configmaps(k8s_cluster, namespace, HELD_SELECTOR)
+                    held = await records(k8s_cluster, namespace, HELD_SELECTOR)
                     return delivered() == {"evt-ok"} and len(held) == 1
 
                 await eventually(holding, lambda: f"evt-ok delivered and evt-held held (delivered "
                                  f"{delivered()}, held {held}; worker logs in {tmp_path / 'containers'})", 180, POLL)
-                record = json.loads(held[0]["data"]["record.json"])
+                shard, record = held[0]
                 assert record["key"] == "evt-held" and record["status"] == 404
+                assert shard["metadata"]["name"] == record_shard(name, HELD, record["stream"], "evt-held")[0]
                 uid = (await workflow(k8s_cluster, namespace, name))["metadata"]["uid"]
-                assert [o["uid"] for o in held[0]["metadata"]["ownerReferences"]] == [uid]
+                assert [o["uid"] for o in shard["metadata"]["ownerReferences"]] == [uid]
 
                 # the pod goes; the held record stays; the contact arrives; the new pod delivers the event
                 (old_pod,) = kubelet.running()
@@ -259,14 +267,14 @@ async def test_held_records_survive_pod_deletion(k8s_cluster, namespace, operato
                 assert entry.uids().real == 10001, "the pod's container runs from the image as the pod's user"
                 await kubectl(k8s_cluster, "delete", "pod", old_pod, "-n", namespace, "--wait=false")
                 assert await asyncio.to_thread(old.proc.wait, 90) == 0
-                assert len(await configmaps(k8s_cluster, namespace, HELD_SELECTOR)) == 1
+                assert len(await records(k8s_cluster, namespace, HELD_SELECTOR)) == 1
                 sb.d365.table("contacts").upsert(late, lastname="Late", emailaddress1="late@example.com")
 
                 async def released() -> bool:
                     return (delivered() == {"evt-ok", "evt-held"} and any(p != old_pod for p in kubelet.running())
-                            and not await configmaps(k8s_cluster, namespace, HELD_SELECTOR))
+                            and not await records(k8s_cluster, namespace, HELD_SELECTOR))
 
-                await eventually(released, lambda: f"evt-held delivered by the new pod, its ConfigMap gone (delivered "
+                await eventually(released, lambda: f"evt-held delivered by the new pod, its record gone (delivered "
                                  f"{delivered()})", 180, POLL)
             finally:
                 await set_desired(k8s_cluster, namespace, name, "STOPPED", check=False)
@@ -295,7 +303,7 @@ async def test_opt_in_out_keeps_cursors_and_dead_letters_in_configmaps(k8s_clust
                     sb.d365.table("contacts").upsert(k, donotemail=True)
 
                 async def synced() -> bool:
-                    letters = await configmaps(k8s_cluster, namespace, letters_selector)
+                    letters = await records(k8s_cluster, namespace, letters_selector)
                     cursors = set(await checkpoints(k8s_cluster, namespace, name))
                     flipped = sb.acs.profiles.by_key(keys[1]) or {}
                     return (flipped.get("blackList") is True and len(letters) == 1
@@ -308,8 +316,7 @@ async def test_opt_in_out_keeps_cursors_and_dead_letters_in_configmaps(k8s_clust
                 await eventually(synced, lambda: f"the flip synced, the poisoned one dead-lettered, both cursors "
                                  f"committed (Campaign writes: {writes()}; worker logs in {tmp_path / 'containers'})",
                                  180, POLL)
-                (letter,) = await configmaps(k8s_cluster, namespace, letters_selector)
-                record = json.loads(letter["data"]["record.json"])
+                ((_, record),) = await records(k8s_cluster, namespace, letters_selector)
                 assert (record["key"], record["stream"], record["status"]) == (bad, CAMPAIGN_STREAM, 400)
 
                 # a new pod: the dead letter and the cursors are still there
@@ -317,7 +324,7 @@ async def test_opt_in_out_keeps_cursors_and_dead_letters_in_configmaps(k8s_clust
                 old = kubelet.containers[old_pod]   # taken before the delete: the kubelet forgets a deleted pod
                 await kubectl(k8s_cluster, "delete", "pod", old_pod, "-n", namespace, "--wait=false")
                 assert await asyncio.to_thread(old.proc.wait, 90) == 0
-                assert len(await configmaps(k8s_cluster, namespace, letters_selector)) == 1
+                assert len(await records(k8s_cluster, namespace, letters_selector)) == 1
                 cursors = set(await checkpoints(k8s_cluster, namespace, name))
                 assert {stream_key(CRM_STREAM), stream_key(CAMPAIGN_STREAM)} <= cursors
             finally:

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from syncplane.cli import cli
-from syncplane.contract.names import WORKER_ACCOUNT_PREFIX
+from syncplane.contract.names import WORKER_ACCOUNT_PREFIX, worker_configmap_names
 from syncplane.model.convert import from_resource
 from syncplane.validation.spec import apply_defaults, validate_spec
 from syncplane_operator.builders import WorkerImage, build_worker_deployment, build_worker_identity
@@ -183,13 +183,22 @@ def test_each_workflows_worker_identity_is_what_the_chart_grants_and_polices(ren
     docs = rendered["default-values.yaml"]
     env = {e["name"]: e.get("value") for e in _container(docs, "syncplane-operator")["env"]}
     role = env["SYNCPLANE_WORKER_ROLE"]
-    account, binding = build_worker_identity("wf", "ns", role)
+    account, binding, own_role, own_binding = build_worker_identity("wf", "ns", role)
     deployment = build_worker_deployment("wf", "ns", "h", 1, 1)
     assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == account["metadata"]["name"]
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role}
-    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account["metadata"]["name"], "namespace": "ns"}]
+    subjects = [{"kind": "ServiceAccount", "name": account["metadata"]["name"], "namespace": "ns"}]
+    assert binding["subjects"] == own_binding["subjects"] == subjects
+    assert own_binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                      "name": own_role["metadata"]["name"]}
+    # its own Role: get and patch of its workflow's ConfigMaps by name, nothing else (no list, no wildcard)
+    assert own_role["rules"] == [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "patch"],
+                                  "resourceNames": worker_configmap_names("wf")}]
     operator_rules = find(docs, "Role", "syncplane-operator")["rules"]
     assert [r.get("resourceNames") for r in operator_rules if "bind" in r["verbs"]] == [[role]]
+    # the shared worker Role reads nothing: no get, list or watch on anything
+    worker_rules = find(docs, "Role", role)["rules"]
+    assert not [r for r in worker_rules if {"get", "list", "watch", "*"} & set(r["verbs"])]
     policy = next(d for d in docs if d["kind"] == "ValidatingAdmissionPolicy")
     (condition,) = policy["spec"]["matchConditions"]
     assert f"':{WORKER_ACCOUNT_PREFIX}'" in condition["expression"]

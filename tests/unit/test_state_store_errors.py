@@ -32,7 +32,7 @@ VARIANTS = [
     (lambda: _status(503, "ServiceUnavailable"), True, "HTTP 503"),
     (lambda: _status(500, "InternalError"), True, "HTTP 500"),
     (lambda: _status(429, "TooManyRequests"), True, "HTTP 429"),
-    (lambda: _status(403, "Forbidden"), False, "needs get, list, create, patch and delete on configmaps"),
+    (lambda: _status(403, "Forbidden"), False, "needs get, create and patch on its workflow"),
     (lambda: _status(404, "NotFound", kind="namespaces"), False, "does not exist"),
     (lambda: _status(422, "Invalid"), False, "HTTP 422"),
 ]

@@ -27,10 +27,12 @@ and tests/k8s/test_chart.py runs the lifecycle under exactly these grants).
 # applied-spec snapshots: created on start (or for a verify), read back once after a restart, and the
 # workflow's older ones listed and deleted then (all but the applied one and the newest few; the
 # ValidatingAdmissionPolicy holds the operator's deletes to `<workflow>-spec-*` names); a verify's
-# result read before its Job is created (an answered request runs no second Job)
+# result read before its Job is created (an answered request runs no second Job); patch also because the
+# operator grants get and patch, by name, in each Workflow's own worker Role (RBAC lets a Role grant only
+# verbs its maker holds)
 - apiGroups: [""]
   resources: ["configmaps"]
-  verbs: ["get", "list", "create", "delete"]
+  verbs: ["get", "list", "create", "patch", "delete"]
 # `syncplane verify`: a one-off Job per request, run as the workflow's worker identity
 - apiGroups: ["batch"]
   resources: ["jobs"]
@@ -39,14 +41,15 @@ and tests/k8s/test_chart.py runs the lifecycle under exactly these grants).
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
-# each Workflow's own worker identity: a ServiceAccount and its RoleBinding to the worker Role, and no other
-# Role (`bind` by name: the operator itself holds none of the workers' verbs)
-# (annotated for workload identity, `worker.serviceAccount`: patch on one that exists)
+# each Workflow's own worker identity: a ServiceAccount (annotated for workload identity: patch on one that
+# exists), its RoleBinding to the worker Role, and its own Role of ConfigMap names with its RoleBinding (`bind`
+# by name for the worker Role: the operator itself holds none of its verbs; its own Role grants ConfigMap
+# verbs the operator holds)
 - apiGroups: [""]
   resources: ["serviceaccounts"]
   verbs: ["create", "patch"]
 - apiGroups: ["rbac.authorization.k8s.io"]
-  resources: ["rolebindings"]
+  resources: ["rolebindings", "roles"]
   verbs: ["create"]
 - apiGroups: ["rbac.authorization.k8s.io"]
   resources: ["roles"]
@@ -70,26 +73,27 @@ and tests/k8s/test_chart.py runs the lifecycle under exactly these grants).
 - apiGroups: ["syncplane.io"]
   resources: ["workflows"]
   verbs: ["get", "list", "watch", "create", "update", "delete"]
-# dead letters (a ConfigMap each): ListDeadLetters lists them, RetryDeadLetters labels them;
-# VerifyWorkflow watches `<workflow>-verify` for its Job's result
+# dead letters (fixed shards per workflow): ListDeadLetters reads them by name, RetryDeadLetters marks them;
+# VerifyWorkflow watches `<workflow>-verify` (a metadata.name field selector) for its Job's result
 - apiGroups: [""]
   resources: ["configmaps"]
-  verbs: ["list", "watch", "patch"]
+  verbs: ["get", "list", "watch", "patch"]
 {{- end }}
 
 {{/* The workers (and their workflow's verify Jobs): their own heartbeat Lease, their checkpoints, dead letters,
 held records, verify's repairs and result. No Secrets: the
 operator mounts the ones a workflow references into its worker pods. Bound by the operator to each Workflow's
-own ServiceAccount; the names are made at run time (a Lease per pod, a ConfigMap per record), which RBAC
-cannot name, so the ValidatingAdmissionPolicy (validatingadmissionpolicy.yaml) narrows every write to the
-objects of that account's own workflow. */}}
+own ServiceAccount, which the operator also gives a Role of its own: get and patch on exactly its workflow's
+ConfigMaps, by name (operator/syncplane_operator/builders.py, build_worker_identity). Here only what RBAC
+cannot name: a Lease per pod, and create (never limited by name); the ValidatingAdmissionPolicy
+(validatingadmissionpolicy.yaml) narrows those writes to the objects of that account's own workflow. */}}
 {{- define "syncplane.workerRules" -}}
 - apiGroups: ["coordination.k8s.io"]
   resources: ["leases"]
   verbs: ["create", "patch", "delete"]
-# the `<workflow>-checkpoints` ConfigMap a worker reads and patches; a ConfigMap per dead letter
-# or held record, listed, created, updated and deleted
+# the `<workflow>-checkpoints` ConfigMap (the operator creates it; a worker again if it was deleted), the
+# first record of a dead-letter, held-record or repair shard, and a verify Job's first `<workflow>-verify`
 - apiGroups: [""]
   resources: ["configmaps"]
-  verbs: ["get", "list", "create", "patch", "delete"]
+  verbs: ["create"]
 {{- end }}

@@ -6,6 +6,7 @@ ValidatingAdmissionPolicy) spell the same labels and name prefixes.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -15,10 +16,8 @@ PREFIX = "syncplane.io"
 # -- labels -----------------------------------------------------------------------------------
 #: On every object of a workflow's (worker pods, Leases, ConfigMaps): the workflow's name.
 WORKFLOW_LABEL = f"{PREFIX}/workflow"
-#: On dead-letter, held-record and repair ConfigMaps: ``dead-letter``, ``held`` or ``repair``.
+#: On dead-letter, held-record and repair ConfigMaps (shards): ``dead-letter``, ``held`` or ``repair``.
 RECORD_LABEL = f"{PREFIX}/record"
-#: On a dead-letter ConfigMap marked for a retry: ``"true"``.
-RETRY_LABEL = f"{PREFIX}/retry"
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 COMPONENT_LABEL = "app.kubernetes.io/component"
 MANAGED_BY = {MANAGED_BY_LABEL: "syncplane-operator", "app.kubernetes.io/part-of": "syncplane"}
@@ -129,3 +128,42 @@ def state_file(state_dir: Path, workflow: str, index: int) -> Path:
     """Embedded: the file in which worker ``index`` of ``workflow`` announces its pid and /status
     port to the supervisor (JSON ``{workflow, index, generation, pid, port}``), removed when it stops."""
     return state_dir / f"{workflow}.{index}.worker.json"
+# -- dead letters, held records, repairs: fixed shards, every name derivable from the workflow's ----------
+DEAD_LETTER, HELD, REPAIR = "dead-letter", "held", "repair"
+RECORD_KINDS = (DEAD_LETTER, HELD, REPAIR)
+_RECORD_PREFIX = {DEAD_LETTER: "dl", HELD: "held", REPAIR: "repair"}
+#: Shards per kind and workflow: `<workflow>-dl-<0..f>`, `<workflow>-held-<0..f>`, `<workflow>-repair-<0..f>`.
+RECORD_SHARDS = 16
+#: A record's retry mark is the data key ``<record id>.retry`` = ``"true"`` beside the record.
+RETRY_SUFFIX = ".retry"
+VERIFY_SUFFIX = "-verify"
+
+
+def record_id(stream: str, key: str) -> str:
+    """A record's data key in its shard: the first 16 hex digits of SHA-256 over ``stream NUL key``."""
+    return hashlib.sha256(f"{stream}\0{key}".encode()).hexdigest()[:16]
+
+
+def record_shard_name(workflow: str, kind: str, shard: int) -> str:
+    """Shard ``shard`` (0..RECORD_SHARDS-1) of a workflow's ``kind`` (DEAD_LETTER, HELD or REPAIR) records."""
+    return f"{workflow}-{_RECORD_PREFIX[kind]}-{shard:x}"
+
+
+def record_shard(workflow: str, kind: str, stream: str, key: str) -> tuple[str, str]:
+    """(ConfigMap name, data key) of a record: the shard of the id's first hex digit."""
+    rid = record_id(stream, key)
+    return record_shard_name(workflow, kind, int(rid[0], 16)), rid
+
+
+def verify_configmap_name(workflow: str) -> str:
+    """The ConfigMap a verify Job writes its outcome to: ``<workflow>-verify`` (syncplane.verify.kube)."""
+    return f"{workflow}{VERIFY_SUFFIX}"
+
+
+def worker_configmap_names(workflow: str) -> list[str]:
+    """Every ConfigMap a workflow's worker identity (its workers and its verify Jobs) reads or patches: its
+    checkpoints, its verify result and each shard of its dead letters, held records and repairs. The
+    operator's per-Workflow worker Role grants exactly these, by name; the chart's admission policy lets
+    that identity create exactly these names."""
+    return [checkpoint_configmap_name(workflow), verify_configmap_name(workflow)] + [
+        record_shard_name(workflow, kind, i) for kind in RECORD_KINDS for i in range(RECORD_SHARDS)]

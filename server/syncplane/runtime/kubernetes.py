@@ -68,7 +68,7 @@ async def serve_kubernetes(config: KubernetesServerConfig, stop: asyncio.Event |
         if console_config is not None:
             console_config = replace(console_config, security=replace(console_config.security, callers=callers))
     service = WorkflowService(store)
-    # The workers keep their dead letters in ConfigMaps of this namespace, one per record.
+    # The workers keep their dead letters in ConfigMaps of this namespace, 16 shards per workflow.
     letters = DeadLetterService(store, ConfigMapRecords(config.namespace, store.api_client))
     server, port, health = await create_server(service, config.address, security, dead_letters=letters,
                                                verifier=kubernetes_verifier(store))

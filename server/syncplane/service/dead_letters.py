@@ -4,7 +4,7 @@ The workers own the sink, so a retry is a mark: each worker re-sends the marked
 records of its streams at the start of its next pass (see worker.pipeline).
 Embedded, the records live in the workers' SQLite file (<data-dir>/worker-state.db,
 WAL: the workers keep writing while this reads and marks). On Kubernetes they are
-ConfigMaps, one per record (syncplane.state.kube_records). A server built without a store
+ConfigMaps, 16 shards per workflow read by name (state.kube_records). A server built without a store
 says so (FAILED_PRECONDITION).
 """
 

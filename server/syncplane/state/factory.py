@@ -4,7 +4,7 @@
 Platform       checkpoints                                 dead letters, held records, repairs
 =============  ==========================================  ==========================================
 embedded       the worker-state SQLite file                the same file
-kubernetes     ConfigMap ``<workflow>-checkpoints``        a ConfigMap per record (kube_records)
+kubernetes     ConfigMap ``<workflow>-checkpoints``        16 fixed ConfigMap shards per kind (kube_records)
 =============  ==========================================  ==========================================
 
 The opt-in/out echo memory is in the SQLite file on both: on Kubernetes a pod-local one (losing

@@ -25,7 +25,7 @@ import logging
 import random
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Self, TypeVar
 
@@ -188,7 +188,7 @@ class ConfigMapStore:
                 if exc.status == 403:
                     raise CheckpointError(
                         f"cannot {what}: forbidden to use ConfigMap {self.namespace}/{name} (the worker's "
-                        f"ServiceAccount needs get, list, create, patch and delete on configmaps in "
+                        f"ServiceAccount needs get, create and patch on its workflow's configmaps in "
                         f"{self.namespace!r}): "
                         f"{exc.reason}", transient=False) from exc
                 if exc.status == 404 and _not_found_kind(exc) == "namespaces":
@@ -210,6 +210,65 @@ class ConfigMapStore:
             await pause(delay)
         raise AssertionError("unreachable")
 
+    async def read(self, what: str, name: str) -> Any | None:
+        """ConfigMap ``name`` (the client's V1ConfigMap), or None when it does not exist; retried as
+        `_call` does (``what`` names the reading in its errors). Raises `CheckpointError` as `_call` does."""
+        from kubernetes_asyncio.client.exceptions import ApiException
+
+        async def attempt() -> Any | None:
+            api = await self._api()
+            try:
+                return await api.read_namespaced_config_map(name, self.namespace)
+            except ApiException as exc:
+                if exc.status == 404:
+                    return None
+                raise
+
+        return await self._call(what, name, attempt)
+
+    async def merge_patch(self, what: str, name: str, patch: dict[str, Any], *, workflow: str,
+                          labels: Mapping[str, str] | None) -> bool:
+        """Apply a JSON merge patch (``{"data": {key: value or None}}``, optionally with
+        ``"metadata": {"annotations": ...}``) to ConfigMap ``name``, retried as `_call` does (``what``
+        names the change in its errors). Only the keys in ``patch`` change, so writers of other keys
+        never lose each other's. When the ConfigMap does not exist: with ``labels``, create it with those
+        labels, owned by ``workflow`` (when this store knows its uid), holding the patch's non-null data
+        and annotations, and if another writer created it meanwhile (409), patch that one; with
+        ``labels=None``, change nothing (nothing to remove). Returns True when this call created it.
+        Raises `CheckpointError` as `_call` does."""
+        from kubernetes_asyncio.client.exceptions import ApiException
+
+        def values(d: Mapping[str, str | None]) -> dict[str, str]:
+            return {k: v for k, v in d.items() if v is not None}
+
+        async def attempt() -> bool:
+            api = await self._api()
+            try:
+                await api.patch_namespaced_config_map(name, self.namespace, patch, _content_type=MERGE_PATCH)
+                return False
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
+            if labels is None:
+                return False
+            annotations = values((patch.get("metadata") or {}).get("annotations") or {})
+            body = {"apiVersion": "v1", "kind": "ConfigMap",
+                    "metadata": {"name": name, "namespace": self.namespace, "labels": dict(labels),
+                                 **({"annotations": annotations} if annotations else {}),
+                                 **workflow_owner(workflow, self.owner_uid)},
+                    "data": values(patch.get("data") or {})}
+            try:
+                await api.create_namespaced_config_map(self.namespace, body)
+                return True
+            except ApiException as exc:
+                if exc.status != 409:
+                    raise
+            # another writer created it in between: patch ours onto theirs
+            await api.patch_namespaced_config_map(name, self.namespace, patch, _content_type=MERGE_PATCH)
+            return False
+
+        return await self._call(what, name, attempt)
+
 
 class ConfigMapCheckpoints(ConfigMapStore):
     """`AsyncCheckpointStore` over `<workflow>-checkpoints` ConfigMaps in one namespace."""
@@ -226,35 +285,13 @@ class ConfigMapCheckpoints(ConfigMapStore):
         """Set this stream's cursor, and only it: a merge PATCH of one data key; creates the
         ConfigMap if it is missing, owned by the Workflow when its uid is known (so it is
         deleted with it, and a Workflow created again under that name starts afresh)."""
-        from kubernetes_asyncio.client.exceptions import ApiException
-
         name, key = checkpoint_configmap_name(workflow), stream_key(stream)
         # When, beside it (verify reports a change at or after it as in flight, as embedded does)
         committed = {committed_annotation(stream): f"{time.time():.3f}"}
         patch = {"metadata": {"annotations": committed}, "data": {key: cursor}}
-
-        async def attempt() -> None:
-            api = await self._api()
-            try:
-                await api.patch_namespaced_config_map(name, self.namespace, patch, _content_type=MERGE_PATCH)
-                return
-            except ApiException as exc:
-                if exc.status != 404:
-                    raise
-            body = {"apiVersion": "v1", "kind": "ConfigMap",
-                    "metadata": {"name": name, "namespace": self.namespace, "labels": checkpoint_labels(workflow),
-                                 "annotations": committed, **workflow_owner(workflow, self.owner_uid)},
-                    "data": {key: cursor}}
-            try:
-                await api.create_namespaced_config_map(self.namespace, body)
-                log.info("created checkpoints ConfigMap %s/%s (the operator had not)", self.namespace, name)
-            except ApiException as exc:
-                if exc.status != 409:
-                    raise
-                # Someone else created it in between: set our key on theirs.
-                await api.patch_namespaced_config_map(name, self.namespace, patch, _content_type=MERGE_PATCH)
-
-        await self._call(f"commit the checkpoint of {workflow}/{stream}", name, attempt)
+        if await self.merge_patch(f"commit the checkpoint of {workflow}/{stream}", name, patch, workflow=workflow,
+                                  labels=checkpoint_labels(workflow)):
+            log.info("created checkpoints ConfigMap %s/%s (the operator had not)", self.namespace, name)
 
     async def aswap(self, workflow: str, stream: str, expected: str | None, cursor: str) -> bool:
         """Compare-and-set of one data key (see `AsyncCheckpointStore.aswap`), by optimistic
@@ -308,43 +345,16 @@ class ConfigMapCheckpoints(ConfigMapStore):
     async def acommitted(self, workflow: str, stream: str) -> tuple[str | None, float | None]:
         """The stream's cursor and when it was committed (epoch seconds; None when unknown: a
         commit made before commit times were kept); (None, None) before the first commit."""
-        from kubernetes_asyncio.client.exceptions import ApiException
-
-        name = checkpoint_configmap_name(workflow)
-
-        async def attempt() -> tuple[str | None, float | None]:
-            api = await self._api()
-            try:
-                cm = await api.read_namespaced_config_map(name, self.namespace)
-            except ApiException as exc:
-                if exc.status == 404:
-                    return None, None
-                raise
-            cursor = (cm.data or {}).get(stream_key(stream))
-            if cursor is None:
-                return None, None
-            try:
-                when = float((cm.metadata.annotations or {})[committed_annotation(stream)])
-            except (KeyError, ValueError):
-                when = None
-            return str(cursor), when
-
-        return await self._call(f"load the checkpoint of {workflow}/{stream}", name, attempt)
+        cm = await self.read(f"load the checkpoint of {workflow}/{stream}", checkpoint_configmap_name(workflow))
+        if cm is None or (cursor := (cm.data or {}).get(stream_key(stream))) is None:
+            return None, None
+        try:
+            when = float((cm.metadata.annotations or {})[committed_annotation(stream)])
+        except (KeyError, ValueError):
+            when = None
+        return str(cursor), when
 
     async def aload_all(self, workflow: str) -> dict[str, str]:
         """Every stream's cursor of a workflow (stream name -> cursor)."""
-        from kubernetes_asyncio.client.exceptions import ApiException
-
-        name = checkpoint_configmap_name(workflow)
-
-        async def attempt() -> dict[str, str]:
-            api = await self._api()
-            try:
-                cm = await api.read_namespaced_config_map(name, self.namespace)
-            except ApiException as exc:
-                if exc.status == 404:
-                    return {}
-                raise
-            return {stream_name(k): str(v) for k, v in (cm.data or {}).items()}
-
-        return await self._call(f"load the checkpoints of {workflow}", name, attempt)
+        cm = await self.read(f"load the checkpoints of {workflow}", checkpoint_configmap_name(workflow))
+        return {} if cm is None else {stream_name(k): str(v) for k, v in (cm.data or {}).items()}

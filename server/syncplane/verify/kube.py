@@ -10,8 +10,8 @@ The API server reads no Secret (README, "Security model"), so it cannot compare 
    Workflow, cleaned up ``ttlSecondsAfterFinished`` after it ends (operator builders.build_verify_job);
 3. the Job (`run_job`, ``syncplane verify-job``) runs the same comparison as embedded
    (syncplane.verify.run) against the workers' ConfigMap state (`ConfigMapWorkerState`: checkpoints;
-   ``--repair`` queues into the ``<workflow>-repair-<hash>`` ConfigMaps the workers read at their
-   next pass) and writes the answer, or the reason it could not, to the ConfigMap ``<workflow>-verify``
+   ``--repair`` queues into the ``<workflow>-repair-<0..f>`` ConfigMap shards the workers read at
+   their next pass) and writes the answer, or the reason it could not, to the ConfigMap ``<workflow>-verify``
    (`outcome_data`): a name the admission policy lets the worker identity write;
 4. the server watches that ConfigMap until it holds its request id, or the RPC's deadline nears
    (`KubernetesVerifyRunner`), and keeps the summary as ``status.lastVerify`` as embedded does.
@@ -37,17 +37,17 @@ from syncplane.contract.names import (
     MANAGED_BY_LABEL,
     VERIFY_REQUEST_ANNOTATION,
     WORKFLOW_LABEL,
+    verify_configmap_name,
 )
 from syncplane.errors import FailedPrecondition, SyncplaneError, Unavailable
 from syncplane.proto.v1 import workflow_service_pb2 as svc
-from syncplane.state.kube_checkpoints import MERGE_PATCH, ConfigMapCheckpoints, workflow_owner
+from syncplane.state.kube_checkpoints import ConfigMapCheckpoints
 from syncplane.state.kube_records import ConfigMapRecords
 from syncplane.verify.run import WorkerState
 
 log = logging.getLogger(__name__)
 
 REQUEST_ANNOTATION = VERIFY_REQUEST_ANNOTATION
-RESULT_SUFFIX = "-verify"
 REQUEST_KEY, RESULT_KEY, ERROR_KEY = "request", "result.json", "error.json"
 VERIFY_COMPONENT = COMPONENT_VERIFY[COMPONENT_LABEL]
 MAX_WAIT = 900.0          # seconds the server waits for a Job's result when the call has no deadline
@@ -87,8 +87,8 @@ class VerifyRequest:
         return cls(rid.lower(), samples, repair)
 
 
-def result_configmap_name(workflow: str) -> str:
-    return f"{workflow}{RESULT_SUFFIX}"
+#: ``<workflow>-verify`` (contract.names: the worker identity's Role and the admission policy name it too)
+result_configmap_name = verify_configmap_name
 
 
 def job_name(workflow: str, request_id: str) -> str:
@@ -150,7 +150,7 @@ def parse_outcome(data: dict[str, str] | None, request_id: str) -> Outcome | Non
 
 class ConfigMapWorkerState(WorkerState):
     """verify's WorkerState over the workers' ConfigMaps: checkpoints (and when each was committed)
-    in ``<workflow>-checkpoints``, repairs queued as ``<workflow>-repair-<hash>`` records
+    in ``<workflow>-checkpoints``, repairs queued in the ``<workflow>-repair-<0..f>`` shards
     (kube_records), which the workers send at their next pass. A commit with no time (written
     before times were kept) makes a running workflow's differences all in flight, never hidden."""
 
@@ -167,31 +167,9 @@ class ConfigMapWorkerState(WorkerState):
 async def write_outcome(store: ConfigMapCheckpoints, workflow: str, data: dict[str, str]) -> None:
     """Create ``<workflow>-verify`` (owned by the Workflow), or replace its data (a merge PATCH that
     also drops the other of result/error)."""
-    from kubernetes_asyncio.client.exceptions import ApiException
-
-    name = result_configmap_name(workflow)
     patch = {"data": {REQUEST_KEY: None, RESULT_KEY: None, ERROR_KEY: None, **data}}
-
-    async def attempt() -> None:
-        api = await store._api()
-        try:
-            await api.patch_namespaced_config_map(name, store.namespace, patch, _content_type=MERGE_PATCH)
-            return
-        except ApiException as exc:
-            if exc.status != 404:
-                raise
-        body = {"apiVersion": "v1", "kind": "ConfigMap",
-                "metadata": {"name": name, "namespace": store.namespace, "labels": result_labels(workflow),
-                             **workflow_owner(workflow, store.owner_uid)},
-                "data": data}
-        try:
-            await api.create_namespaced_config_map(store.namespace, body)
-        except ApiException as exc:
-            if exc.status != 409:
-                raise
-            await api.patch_namespaced_config_map(name, store.namespace, patch, _content_type=MERGE_PATCH)
-
-    await store._call(f"write the verify result of {workflow}", name, attempt)
+    await store.merge_patch(f"write the verify result of {workflow}", result_configmap_name(workflow), patch,
+                            workflow=workflow, labels=result_labels(workflow))
 
 
 async def run_job(workflow: str, namespace: str, workflow_uid: str, spec_file: Path, secrets_dir: Path,
