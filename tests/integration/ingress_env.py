@@ -7,6 +7,8 @@ the documented mapping rules, independently of the worker's transform.
 from __future__ import annotations
 
 import asyncio
+import random
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -79,6 +81,22 @@ def profile_key_count(sandbox: Sandbox) -> tuple[int, int]:
     """(rows carrying an externalId, distinct externalIds): equal means no duplicates."""
     keys = [r["externalId"] for r in sandbox.acs.profiles.rows.values() if r.get("externalId")]
     return len(keys), len(set(keys))
+
+
+def change_during_load(sandbox: Sandbox, rng: random.Random, changed: int, deleted: int, created: int) -> None:
+    """Edit the source's contacts while a load reads them: ``changed`` rows get a new last name,
+    up to ``deleted`` rows are deleted (sampled with replacement of the changed ones), ``created``
+    new rows (random GUID keys) are added. The destination must still end equal to the source."""
+    table = sandbox.d365.table("contacts")
+    ids = sorted(table.rows)
+    for rid in rng.sample(ids, changed):
+        table.upsert(rid, lastname="Changed during the load")
+    for rid in rng.sample(ids, deleted):
+        if rid in table.rows:
+            table.delete(rid)
+    for i in range(created):
+        table.upsert(str(uuid.UUID(int=rng.getrandbits(128), version=4)),
+                     emailaddress1=f"new{i}@example.com", lastname="Created during the load")
 
 
 def expected_cards(sandbox: Sandbox) -> dict[str, dict[str, Any]]:

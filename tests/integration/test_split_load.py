@@ -29,6 +29,7 @@ from syncplane_sandbox import SANDBOX_CLIENT_ID, SANDBOX_CLIENT_SECRET, Sandbox,
 from tests.integration.conftest import ControlPlane, _serve, worker_processes
 from tests.integration.ingress_env import (
     actual_profiles,
+    change_during_load,
     converge,
     diff,
     expected_profiles,
@@ -168,15 +169,7 @@ async def _split_load(plane: ControlPlane, contacts: int, *, kill: bool, change:
             assert victims, "worker 2 is running"
             os.kill(victims[0].pid, signal.SIGKILL)
         if change:
-            ids = sorted(table.rows)
-            for rid in rng.sample(ids, 500):
-                table.upsert(rid, lastname="Changed during the load")
-            for rid in rng.sample(ids, 100):
-                if rid in table.rows:
-                    table.delete(rid)
-            for i in range(200):
-                table.upsert(str(uuid.UUID(int=rng.getrandbits(128), version=4)),
-                             emailaddress1=f"new{i}@example.com", lastname="Created during the load")
+            change_during_load(sb, rng, changed=500, deleted=100, created=200)
         expected_n = len(table.rows)
         await converge(lambda: profiles_match(sb), 1500,
                        lambda: "the split load: " + diff(expected_profiles(sb), actual_profiles(sb)))

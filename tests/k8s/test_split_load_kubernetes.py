@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import random
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,14 @@ import pytest
 from syncplane.state.kube_checkpoints import stream_key
 from syncplane_sandbox import SeedSpec, start_sandbox
 from tests.backends import eventually
-from tests.integration.ingress_env import actual_profiles, diff, expected_profiles, profile_key_count, profiles_match
+from tests.integration.ingress_env import (
+    actual_profiles,
+    change_during_load,
+    diff,
+    expected_profiles,
+    profile_key_count,
+    profiles_match,
+)
 from tests.k8s.kubelet import FakeKubelet
 from tests.k8s.test_worker_data import POLL, apply_workflow, checkpoints, create_secrets, set_desired
 
@@ -45,16 +51,7 @@ async def test_three_worker_pods_split_the_first_load(k8s_cluster, namespace, op
                                  f"worker logs in {tmp_path / 'containers'})", 420, POLL)
                 assert len(kubelet.running()) == PODS, kubelet.running()
                 table = sb.d365.table("contacts")
-                rng = random.Random(3)
-                ids = sorted(table.rows)
-                for rid in rng.sample(ids, 300):
-                    table.upsert(rid, lastname="Changed during the load")
-                for rid in rng.sample(ids, 50):
-                    if rid in table.rows:
-                        table.delete(rid)
-                for i in range(100):
-                    table.upsert(str(uuid.UUID(int=rng.getrandbits(128), version=4)),
-                                 emailaddress1=f"new{i}@example.com", lastname="Created during the load")
+                change_during_load(sb, random.Random(3), changed=300, deleted=50, created=100)
                 expected = len(table.rows)
 
                 async def complete() -> bool:
