@@ -68,10 +68,12 @@ class Checkpoint:
     reconcile: bool = False
 
     def dumps(self) -> str:
+        """The checkpoint as the JSON text the checkpoint stores keep."""
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
     def loads(cls, raw: str | None) -> Checkpoint:
+        """A stored checkpoint back; ``None`` (nothing committed yet) is the start of the table."""
         if raw is None:
             return cls()
         try:
@@ -128,6 +130,8 @@ class _Work:
 
 
 class Pipeline:
+    """One stream's passes: read since the checkpoint, transform, write, commit by watermark (see the module)."""
+
     def __init__(self, workflow: str, stream: Stream, source: Source, sink: Sink, report: WorkerReport,
                  batch_size: int, *, checkpoints: AsyncCheckpointStore, letters: AsyncDeadLetterStore,
                  queue_pages: int = 2, guard: Callable[[], Awaitable[None]] | None = None,

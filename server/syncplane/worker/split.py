@@ -102,6 +102,7 @@ class Plan:
 
     @property
     def ranges(self) -> int:
+        """How many key ranges: one more than the inner bounds."""
         return len(self.inner) + 1
 
 
@@ -151,10 +152,12 @@ class SplitLoad:
         self.take_token, self.run_range = take_token, run_range
 
     def range_key(self, i: int) -> str:
+        """The checkpoint key range ``i`` commits under (``<stream>@range-<i>``)."""
         return f"{self.stream}@range-{i}"
 
     @property
     def plan_key(self) -> str:
+        """The checkpoint key of the split's plan (``<stream>@split``)."""
         return f"{self.stream}@split"
 
     async def needed(self) -> bool:
