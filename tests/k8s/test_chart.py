@@ -117,10 +117,13 @@ def test_install_and_uninstall(k8s_cluster, namespace, tmp_path, scenario):
     if values.get("userRoles", {}).get("aggregate", True):
         expected_roles += [f"{release}-syncplane-workflows-edit", f"{release}-syncplane-workflows-view"]
     assert sorted(cluster_roles) == sorted(f"clusterrole.rbac.authorization.k8s.io/{r}" for r in expected_roles)
-    # the policy that keeps each workflow's workers to their own objects, with its binding (rbac.create)
+    # the two policies (each workflow's workers keep to their own objects; the operator deletes only spec
+    # snapshots), each with its binding (rbac.create)
     policies = k8s_cluster.kubectl("get", "validatingadmissionpolicies,validatingadmissionpolicybindings", "-l",
                                    f"app.kubernetes.io/instance={release}", "-o", "name").stdout.split()
-    assert len(policies) == (2 if values.get("rbac", {}).get("create", True) else 0), policies
+    kinds = sorted(p.split("/")[0].split(".")[0] for p in policies)
+    assert kinds == (["validatingadmissionpolicy"] * 2 + ["validatingadmissionpolicybinding"] * 2
+                     if values.get("rbac", {}).get("create", True) else []), policies
     assert leftovers(k8s_cluster, release, namespace)
 
     k8s_cluster.helm("uninstall", release, "--namespace", namespace, "--wait", "--timeout", "120s", timeout=180)
