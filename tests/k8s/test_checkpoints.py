@@ -309,3 +309,57 @@ async def test_forbidden_state_store_is_fatal_with_the_rbac_hint(k8s_cluster, na
             await asyncio.wait_for(engine._loop(asyncio.Event(), runner), 60)
     assert exc.value.reason == "STATE_STORE_REJECTED"
     assert "forbidden" in str(exc.value) and "configmaps" in str(exc.value) and namespace in str(exc.value)
+
+
+# The compare-and-set the split first load claims by (`ConfigMapCheckpoints.aswap`): another worker
+# (a second API client) writes between the swap's read and its write, so the write carries a stale
+# resourceVersion (or creates a ConfigMap that now exists): the API server answers 409 and the swap
+# reads again. (before: the key's value, or None for no ConfigMap; between: what the other worker
+# commits after the swap's first read, or None; expected: what the swap expects; won: its result;
+# after: the data keys at the end.)
+SWAP_RACES = [
+    ("no race", {"contact": "a"}, None, "a", True, {"contact": "b"}),
+    ("stale resourceVersion: the same key changed", {"contact": "a"}, ("contact", "theirs"), "a", False,
+     {"contact": "theirs"}),
+    ("stale resourceVersion: another key changed", {"contact": "a"}, ("account", "x"), "a", True,
+     {"contact": "b", "account": "x"}),
+    ("not what it holds", {"contact": "a"}, None, "other", False, {"contact": "a"}),
+    ("404 creates", None, None, None, True, {"contact": "b"}),
+    ("404 with a value expected", None, None, "a", False, None),
+    ("404, then created by another worker with another key", None, ("account", "x"), None, True,
+     {"contact": "b", "account": "x"}),
+    ("404, then created by another worker with this key", None, ("contact", "theirs"), None, False,
+     {"contact": "theirs"}),
+]
+
+
+@pytest.mark.parametrize(("case", "before", "between", "expected", "won", "after"), SWAP_RACES,
+                         ids=[r[0] for r in SWAP_RACES])
+async def test_aswap_against_a_racing_writer(k8s_cluster, namespace, kubeconfig, case, before, between, expected,
+                                             won, after):
+    wf = f"swap-{uuid.uuid4().hex[:8]}"
+    async with ConfigMapCheckpoints(namespace) as store, ConfigMapCheckpoints(namespace) as other:
+        for k, v in (before or {}).items():
+            await other.acommit(wf, k, v)
+        api = await store._api()
+        real_read, reads = api.read_namespaced_config_map, []
+
+        async def read_then_race(*args: Any, **kwargs: Any) -> Any:
+            # The kubernetes client's read (a library call, not ours), then the other worker's write.
+            try:
+                return await real_read(*args, **kwargs)
+            finally:
+                reads.append(1)
+                if len(reads) == 1 and between is not None:
+                    await other.acommit(wf, *between)
+
+        api.read_namespaced_config_map = read_then_race
+        assert await store.aswap(wf, "contact", expected, "b") is won
+        if between is not None:
+            assert len(reads) == 2, "the 409 made the swap read again"
+        cm = configmap(k8s_cluster, namespace, wf)
+        if after is None:
+            assert cm is None
+        else:
+            assert cm is not None and cm["data"] == after
+            assert cm["metadata"]["labels"]["syncplane.io/workflow"] == wf
