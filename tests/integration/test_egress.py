@@ -19,7 +19,7 @@ from syncplane_sandbox import Sandbox, SeedSpec, start_sandbox
 from tests.backends import eventually
 from tests.factories import spec as default_spec
 from tests.integration.conftest import ControlPlane, _serve, worker_processes
-from tests.integration.ingress_env import converge, dead_letters, prepare
+from tests.integration.ingress_env import converge, dead_letters, prepare, status_of
 from tests.integration.test_ingress import CRASH_TOLERANT, restart_with, start
 from tests.integration.verify_env import verified
 
@@ -161,5 +161,32 @@ async def test_an_event_before_its_contact_is_held_then_delivered_or_dead_letter
         await eventually(lambda: held(0), "the worker reporting nothing held any more", 30)
         resp = await verified(plane.stub, "held", {"events": (1, 0, 0)})  # exactly the dead-lettered event
         assert list(resp.streams[0].missing_keys) == ["evt-held-1"]
+    finally:
+        await sb.stop()
+
+
+@pytest.mark.timeout(600)
+async def test_with_two_workers_one_runs_the_feed_and_each_event_is_written_once(plane: ControlPlane) -> None:
+    """``workers: 2`` for one event feed: worker 0 runs it, worker 1 stands by (embedded workers
+    have an index; on Kubernetes the pods claim it: tests/k8s/test_claimed_runner_kubernetes.py)."""
+    sb = await start_sandbox(seed=SeedSpec(contacts=200, events=1_000, seed=18))
+    try:
+        prepare(sb, plane.data_dir)
+        spec = egress_spec(sb)
+        spec.workers = 2
+        await start(plane, "events2", spec)
+        expected = expected_activities(sb, ALL)
+        status = pb.WorkflowStatus()
+
+        async def delivered() -> bool:
+            nonlocal status
+            status = await status_of(plane.stub, "events2")
+            return len(activities(sb)) == len(expected) and status.counters.written >= len(expected)
+
+        await eventually(delivered, lambda: f"{len(activities(sb))} of {len(expected)} activities; {status}", 300)
+        assert status.ready_workers == 2
+        assert status.counters.written == len(expected), status.counters  # once, not once per worker
+        ids = [a["new_eventid"] for a in activities(sb)]
+        assert len(ids) == len(set(ids)) == len(expected)
     finally:
         await sb.stop()

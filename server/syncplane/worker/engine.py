@@ -449,7 +449,13 @@ class Engine:
         if entry is None:
             return None
         factory, every_worker = entry
-        if self.index != 0 and not every_worker:
+        if every_worker:
+            return factory(self, self.stores)
+        if self.holder and self.spec.workers > 1:
+            # Pods have no index (each runs as worker 0): the one holding the claim does the work,
+            # the others stand by and take it over when its holder stops renewing it.
+            return ClaimedRunner(factory(self, self.stores), self.stores, self.workflow, self.holder)
+        if self.index != 0:
             return None  # one event feed, one contact table: a single worker does the work
         return factory(self, self.stores)
 
@@ -603,6 +609,40 @@ class OptInOutRunner:
         await self.sync.aclose()
 
 
+class ClaimedRunner:
+    """A runner whose work one worker at a time does (egress: one event feed; opt-in/out: one
+    contact table), among workers without an index (Kubernetes pods: every pod of a
+    Deployment is worker 0). Each pass runs only while this worker holds the claim
+    ``runner@owner`` in the checkpoint store (:func:`syncplane.worker.split.owning`, renewed
+    while it runs; the pass stops if the claim is lost); the others pass idle and take the
+    claim over once it expires (``split.CLAIM_TTL`` seconds after its holder stopped)."""
+
+    #: The claim's name among the workflow's checkpoints (``<name>@owner``).
+    CLAIM = "runner"
+
+    def __init__(self, inner: Runner, stores: Stores, workflow: str, holder: str) -> None:
+        self.inner, self.stores, self.workflow, self.holder = inner, stores, workflow, holder
+
+    @property
+    def writing(self) -> bool:
+        return self.inner.writing
+
+    def links(self) -> dict[str, LinkHealth]:
+        return self.inner.links()
+
+    async def prepare(self) -> None:
+        await self.inner.prepare()
+
+    async def run_once(self, stop: asyncio.Event) -> None:
+        await owning(self.stores.checkpoints, self.workflow, self.CLAIM, self.holder, self.inner.run_once, stop)
+
+    async def classify(self) -> None:
+        await self.inner.classify()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
 def _ingress(engine: Engine, stores: Stores) -> Runner:
     return IngressRunner(engine.workflow, engine.spec, engine.secrets, stores, engine.report, engine.batch_size,
                          engine.index, engine.holder)
@@ -617,7 +657,8 @@ def _opt_in_out(engine: Engine, stores: Stores) -> Runner:
 
 
 #: The runner of each workflow type (``spec.type``), and whether every worker runs one (ingress
-#: splits its tables over the workers) or worker 0 alone (one event feed, one contact table).
+#: splits its tables over the workers) or one worker alone (one event feed, one contact table):
+#: worker 0 embedded, the holder of a claim among pods (:class:`ClaimedRunner`).
 RUNNERS: dict[int, tuple[Callable[[Engine, Stores], Runner], bool]] = {
     pb.WORKFLOW_TYPE_INGRESS: (_ingress, True),
     pb.WORKFLOW_TYPE_EGRESS: (_egress, False),
