@@ -192,7 +192,9 @@ COMMENTS: dict[str, str] = {'syncplane.v1.AutoRestart': 'Strimzi-style automatic
                                            "traced). It travels in the applied spec snapshot: the workers' first pass "
                                            'joins that trace. Not a setting: never compared for drift.',
  'syncplane.v1.WorkflowSpec.type': 'What the workflow syncs.',
- 'syncplane.v1.WorkflowSpec.workers': 'Worker replicas; 1..16.',
+ 'syncplane.v1.WorkflowSpec.workers': 'Worker replicas; 1..16. Ingress spreads its tables and splits each first load '
+                                      'over them; egress and opt-in/out (one feed each) run on one worker at a time, '
+                                      'the others standing by to take over.',
  'syncplane.v1.WorkflowStatus': 'What is true, written by the control plane (the operator on Kubernetes).',
  'syncplane.v1.WorkflowStatus.applied_generation': 'The generation the workers run.',
  'syncplane.v1.WorkflowStatus.applied_restart_nonce': 'The restart nonce the current workers were started with.',

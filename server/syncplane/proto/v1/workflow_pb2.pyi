@@ -275,7 +275,10 @@ class WorkflowSpec(_message.Message):
     batch_size: _builtins.int
     """Records per destination write; 1..1000 (the Dataverse $batch limit)."""
     workers: _builtins.int
-    """Worker replicas; 1..16."""
+    """Worker replicas; 1..16. Ingress spreads its tables and splits each first
+    load over them; egress and opt-in/out (one feed each) run on one worker
+    at a time, the others standing by to take over.
+    """
     restart_nonce: _builtins.int
     """Bumping it asks for a restart (stop, then start with the latest spec)."""
     trace_parent: _builtins.str
