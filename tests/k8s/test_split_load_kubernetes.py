@@ -2,13 +2,17 @@
 
 The pods of a Deployment have no index: each claims a key range in the `<workflow>-checkpoints`
 ConfigMap (compare-and-set on its resourceVersion), and one claims the stream to read on from the
-delta token taken at the start. Rows are changed, created and deleted during the load; the
-destination ends equal to the source, counted by key at the sandbox (no duplicate, no loss)."""
+delta token taken at the start. Rows are changed, created and deleted during the load, and the pod
+reading range 0 is deleted with grace 0 mid-range (its container killed, as on a lost node): its
+claim expires and another pod resumes the range from its committed progress. The destination ends
+equal to the source, counted by key at the sandbox (no duplicate, no loss)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +30,7 @@ from tests.integration.ingress_env import (
     profiles_match,
 )
 from tests.k8s.kubelet import FakeKubelet
-from tests.k8s.test_worker_data import POLL, apply_workflow, checkpoints, create_secrets, set_desired
+from tests.k8s.test_worker_data import POLL, apply_workflow, checkpoints, create_secrets, kubectl, set_desired
 
 pytestmark = pytest.mark.k8s
 CONTACTS = 12_000
@@ -34,7 +38,8 @@ PODS = 3
 
 
 @pytest.mark.timeout(900)
-async def test_three_worker_pods_split_the_first_load(k8s_cluster, namespace, operator, tmp_path):
+async def test_three_worker_pods_split_the_first_load_through_a_pod_deleted_mid_range(k8s_cluster, namespace, operator,
+                                                                                      tmp_path):
     sb = await start_sandbox(seed=SeedSpec(contacts=CONTACTS, seed=18))
     try:
         await create_secrets(k8s_cluster, namespace, sb)
@@ -50,6 +55,14 @@ async def test_three_worker_pods_split_the_first_load(k8s_cluster, namespace, op
                 await eventually(loading, lambda: f"a quarter of the load ({len(sb.acs.profiles.rows)} profiles; "
                                  f"worker logs in {tmp_path / 'containers'})", 420, POLL)
                 assert len(kubelet.running()) == PODS, kubelet.running()
+                # The pod reading range 0, deleted with grace 0 while the range is not done.
+                data = await checkpoints(k8s_cluster, namespace, name)
+                assert json.loads(data.get(stream_key("contact@range-0"), "{}")).get("cursor") != "range-done"
+                victim = json.loads(data[stream_key("contact@claim-0")])["holder"]
+                container = kubelet.containers[victim]
+                container.signal(signal.SIGKILL)
+                await asyncio.to_thread(container.proc.wait, 30)
+                await kubectl(k8s_cluster, "delete", "pod", victim, "-n", namespace, "--grace-period=0", "--force")
                 table = sb.d365.table("contacts")
                 change_during_load(sb, random.Random(3), changed=300, deleted=50, created=100)
                 expected = len(table.rows)
@@ -68,6 +81,8 @@ async def test_three_worker_pods_split_the_first_load(k8s_cluster, namespace, op
                 holders: set[Any] = {json.loads(data[stream_key(f"contact@claim-{i}")])["holder"]
                                      for i in range(PODS)}
                 assert holders <= set(kubelet.containers), holders  # claimed by pod names
+                assert victim not in holders  # range 0 was resumed by another pod
+                assert ranges[0]["rows"] > 0
                 main = json.loads(data[stream_key("contact")])
                 assert str(main["cursor"]).startswith("delta ")
             finally:
