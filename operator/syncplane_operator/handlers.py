@@ -5,6 +5,8 @@ children (worker Deployment, pods, heartbeat Leases, each watched once by kopf)
 queues it, and otherwise only every SYNCPLANE_OPERATOR_RESYNC seconds (60), for
 what no event signals (a heartbeat going stale), or when an automatic restart
 falls due; a Workflow at rest (desired STOPPED, STOPPED) waits for events alone.
+A deleted Workflow that had workers is released by the same reconcile once they
+drained (the operator's own finalizer: reconciler.finalize).
 One work queue with SYNCPLANE_OPERATOR_WORKERS (8) reconcile workers serves
 every Workflow (wakers.ReconcileQueue): no task per Workflow.
 
@@ -29,7 +31,7 @@ from syncplane.kubeclient import api_client as kube_api_client
 from syncplane.lifecycle import DEFAULT_POLICY, Policy
 from syncplane_operator.builders import WorkerImage
 from syncplane_operator.leader import LeaderElection
-from syncplane_operator.reconciler import Clients, drain_for_delete, patch_status, post_transition, reconcile
+from syncplane_operator.reconciler import Clients, patch_status, post_transition, reconcile
 from syncplane_operator.wakers import ReconcileQueue
 
 GROUP, VERSION, PLURAL = "syncplane.io", "v1", "workflows"
@@ -77,7 +79,11 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: 
     # kopf's own bookkeeping goes into annotations under our prefix, not status.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=L.PREFIX)
     settings.persistence.diffbase_storage = NoDiffBase()
-    settings.persistence.finalizer = f"{L.PREFIX}/finalizer"
+    # No kopf handler needs a finalizer (no on.delete, daemon or timer), so kopf adds none. The operator
+    # owns L.FINALIZER itself (reconciler.hold_for_drain / finalize): only a Workflow that ever had workers
+    # carries it. kopf's own name must differ from ours: kopf removes its finalizer from any object that
+    # no handler of its needs one for.
+    settings.persistence.finalizer = f"{L.PREFIX}/kopf-finalizer"
     # Pinned timeouts: a watch that silently stalls is re-established.
     settings.watching.server_timeout = 120
     settings.watching.client_timeout = 150
@@ -119,7 +125,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: 
 class NoDiffBase(kopf.DiffBaseStorage):
     """No diff-base: every Workflow's essence is empty, so kopf sees no change to hand to a handler
     and writes nothing. The diff-base serves on.create/on.update/on.resume/on.field handlers, and this
-    operator has none (the reconcile is level-based; on.delete works from ``deletionTimestamp``). The
+    operator has none (the reconcile is level-based, a deletion included: reconciler.finalize). The
     default (an annotation holding the Workflow's spec as JSON) cost a PATCH of every Workflow at
     its first sight and at each spec edit, a deep copy of each watch event's body, and a second copy
     of the spec in every body kept."""
@@ -239,11 +245,3 @@ async def _reconcile_once(memo: Any, key: Hashable, body: Mapping[str, Any]) -> 
         await patch_status(memo.api, live, result.changes)
     post_transition(live, result.transition, LOG)
     return result.changes or None
-
-
-@kopf.on.delete(GROUP, VERSION, PLURAL)
-async def delete_workflow(body: kopf.Body, memo: Any, namespace: str | None, name: str, **kwargs: Any) -> None:
-    key = (namespace, name)
-    pods = kwargs["worker_pods"]   # kopf's index: live, it follows the pods as they go
-    await drain_for_delete(memo.api, body, kwargs["worker_deployments"].get(key, []),
-                           lambda: len(list(pods.get(key, []))))

@@ -9,9 +9,8 @@ of its children wakes it, and on a slow resync.
 
 from __future__ import annotations
 
-import asyncio
 import json
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -41,11 +40,6 @@ from syncplane_operator.builders import (
 )
 from syncplane_operator.observe import observe
 from syncplane_operator.telemetry import observed_reconcile
-
-# A deleted Workflow's workers get this long (seconds) to drain within one call of the delete
-# handler: past the workers' own drain timeout (20 s) and the pods' termination.
-DRAIN_WAIT = 60.0
-DRAIN_POLL = 0.5
 
 
 @dataclass(frozen=True)
@@ -145,7 +139,8 @@ async def reconcile(body: kopf.Body, logger: Any, api: Clients, image: WorkerIma
     if not name or not namespace:  # a namespaced resource always has both: say so if one does not
         raise kopf.PermanentError(f"a Workflow without a name or namespace ({name!r}, {namespace!r})")
     if body.metadata.get("deletionTimestamp"):
-        return Reconciled({})  # being deleted: drain_for_delete owns it now
+        await finalize(api, body, deployments, pods)
+        return Reconciled({})
     try:
         wf = workflow_from_body(body)
     except Exception as exc:  # the CRD schema should make this unreachable
@@ -157,6 +152,8 @@ async def reconcile(body: kopf.Body, logger: Any, api: Clients, image: WorkerIma
                        [dict(x) for x in leases], wf.status.applied_generation, now)
     outcome = decide(wf, applied, observed, now, policy)
     status = outcome.status
+    if outcome.apply is not None or outcome.target_workers > 0:
+        await hold_for_drain(api, body)
     if outcome.restarted:
         logger.info("workflow %s/%s: automatic restart %d after %s", namespace, name, status.auto_restart.count,
                     wf.status.last_error.reason)
@@ -322,21 +319,50 @@ async def ensure_verify_job(api: Clients, owner: kopf.Body, wf: pb.Workflow, app
     await _create(api.batch.create_namespaced_job, namespace, job)
 
 
-async def drain_for_delete(api: Clients, owner: kopf.Body, deployments: Iterable[Mapping[str, Any]],
-                           pods_left: Callable[[], int], wait: float = DRAIN_WAIT) -> None:
-    """Before a Workflow goes, its workers drain (a delete loses nothing);
-    owner references then let the garbage collector remove every child.
+async def finalize(api: Clients, owner: kopf.Body, deployments: Iterable[Mapping[str, Any]],
+                   pods: Iterable[Mapping[str, Any]]) -> None:
+    """A Workflow being deleted: before it goes, its workers drain (a delete loses nothing: they stop on
+    SIGTERM with their checkpoints still there); owner references then let the garbage collector remove
+    every child. Scales the worker Deployment to 0 and, once none of its pods is left (``pods``: kopf's
+    index; each pod's watch events queue the next call), removes :data:`L.FINALIZER`. Nothing when the
+    Workflow has no such finalizer (it never had workers: it goes at once, its children after it).
 
-    Waits up to ``wait`` seconds here for the worker pods to go (``pods_left`` reads kopf's
-    live index): a normal drain is not an error, and kopf logs every TemporaryError at ERROR.
-    Only a drain that outlasts it is retried that way.
-    """
-    deployment = next(iter(deployments), None)
-    await converge(api, owner, deployment, 0, pb.WorkflowStatus(), WorkerImage())
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + wait
-    # kopf offers no event on an index change: poll it.
-    while (remaining := pods_left()) and loop.time() < deadline:  # noqa: ASYNC110
-        await asyncio.sleep(DRAIN_POLL)
-    if remaining:
-        raise kopf.TemporaryError(f"still waiting for {remaining} worker(s) to drain after {wait:.0f}s", delay=1)
+    Raises ``kopf.TemporaryError`` when the Workflow changed between its body and the patch (409)."""
+    finalizers = list(owner.metadata.get("finalizers") or [])
+    if L.FINALIZER not in finalizers:
+        return
+    await converge(api, owner, next(iter(deployments), None), 0, pb.WorkflowStatus(), WorkerImage())
+    if any(True for _ in pods):   # still draining (terminating pods included)
+        return
+    await _set_finalizers(api, owner, [f for f in finalizers if f != L.FINALIZER])
+
+
+async def hold_for_drain(api: Clients, owner: kopf.Body) -> None:
+    """Before the operator first creates a Workflow's workers (and the spec snapshot and checkpoints they
+    run with): :data:`L.FINALIZER`, so that its deletion waits for :func:`finalize`. A Workflow never
+    started has none: a cold start over stopped Workflows writes only their status (and one Event each).
+    Nothing when it is there already. Raises ``kopf.TemporaryError`` on a 409 (see :func:`finalize`)."""
+    finalizers = list(owner.metadata.get("finalizers") or [])
+    if L.FINALIZER not in finalizers:
+        await _set_finalizers(api, owner, [*finalizers, L.FINALIZER])
+
+
+async def _set_finalizers(api: Clients, owner: kopf.Body, finalizers: list[str]) -> None:
+    """A merge patch of the Workflow's ``metadata.finalizers``, on the condition that it is still at the body's
+    ``resourceVersion`` (a merge patch replaces the whole list: another controller's finalizer added
+    meanwhile must not be lost). A 409 is ``kopf.TemporaryError``: the queue retries on the newer body that
+    the watch brings; a Workflow already gone (404) needs nothing."""
+    from kubernetes_asyncio.client.exceptions import ApiException
+
+    meta = owner.metadata
+    try:
+        await api.custom.patch_namespaced_custom_object(
+            "syncplane.io", "v1", str(meta.namespace), "workflows", str(meta.name),
+            {"metadata": {"finalizers": finalizers, "resourceVersion": meta.get("resourceVersion")}},
+            _content_type="application/merge-patch+json")
+    except ApiException as exc:
+        if exc.status == 409:
+            raise kopf.TemporaryError(f"{meta.namespace}/{meta.name} changed meanwhile: its finalizers are "
+                                      "written again from its newer body", delay=1) from exc
+        if exc.status != 404:
+            raise

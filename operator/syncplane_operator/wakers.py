@@ -181,12 +181,14 @@ def next_wake(status: Mapping[str, Any], resync: float, now: datetime | None = N
 
 
 def at_rest(body: Mapping[str, Any]) -> bool:
-    """A Workflow desired STOPPED and STOPPED, with no automatic restart due: it has no workers, so no
-    heartbeat can go stale, and only a watch event (an edit, a start, a child changing) can give its
-    reconcile anything to do. It then waits for events alone: with 1,000 idle Workflows the
+    """A Workflow desired STOPPED and STOPPED, not being deleted, with no automatic restart due: it has no
+    workers, so no heartbeat can go stale, and only a watch event (an edit, a start, a child changing) can
+    give its reconcile anything to do. It then waits for events alone: with 1,000 idle Workflows the
     resync was the operator's whole idle cost."""
     spec, status = body.get("spec") or {}, body.get("status") or {}
     if not isinstance(spec, Mapping) or not isinstance(status, Mapping):
         return False
+    if (body.get("metadata") or {}).get("deletionTimestamp"):
+        return False   # being deleted: its drain is watched (the resync, should an event be missed)
     return ((spec.get("desiredState") or "STOPPED") == "STOPPED" and status.get("phase") == "STOPPED"
             and not (status.get("autoRestart") or {}).get("nextRestartTime"))

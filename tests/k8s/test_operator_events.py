@@ -50,6 +50,8 @@ def test_lifecycle_from_watch_events_alone_with_one_event_per_transition(k8s_clu
                                                                          tmp_path):
     name, target = create_workflow(k8s_cluster, namespace, tmp_path)
     expected = Counter({"Stopped: created: STOPPED": 1})
+    # never started: the operator wrote its status alone (no finalizer: that comes with its first workers)
+    assert _written_by_the_operator(k8s_cluster, namespace, name) == set()
     # `kubectl get workflows` shows a backlog of 0 and no drift as 0 and false, not blanks
     row = k8s_cluster.kubectl("get", "workflow", name, "-n", namespace, "--no-headers").stdout.split()
     assert row[1:4] == ["INGRESS", "STOPPED", "STOPPED"] and row[-3:-1] == ["0", "false"], row  # DEGRADED: empty
@@ -71,8 +73,8 @@ def test_lifecycle_from_watch_events_alone_with_one_event_per_transition(k8s_clu
         patch(k8s_cluster, namespace, name, {"batchSize": 250})
         wait(k8s_cluster, namespace, target, "jsonpath={.status.drift.detected}=true", timeout=60)
         _renewals(k8s_cluster, namespace, worker.pod, 2)
-        # Of the Workflow itself the operator writes its finalizer alone: no diff-base annotation (a PATCH
-        # of every Workflow at its first sight and at each edit, a copy of its spec in every body).
+        # Of a started Workflow itself the operator writes its finalizer alone: no diff-base annotation (a
+        # PATCH of every Workflow at its first sight and at each edit, a copy of its spec in every body).
         assert _written_by_the_operator(k8s_cluster, namespace, name) == {"metadata.finalizers"}
 
         # stop: STOPPING, then STOPPED once the worker is gone

@@ -25,6 +25,9 @@ SOON = (NOW + timedelta(seconds=5)).isoformat().replace("+00:00", "Z")
     ({"spec": {"desiredState": "STOPPED"}, "status": {"phase": "STOPPED", "autoRestart": {"nextRestartTime": SOON}}},
      False),
     ({"spec": None, "status": None}, False),
+    # being deleted: its workers' drain is what releases it (the resync, should a pod's event be missed)
+    ({"metadata": {"deletionTimestamp": "2026-11-29T12:00:00Z"}, "spec": {"desiredState": "STOPPED"},
+      "status": {"phase": "STOPPED"}}, False),
 ])
 def test_only_a_stopped_workflow_with_nothing_due_waits_for_events_alone(body: dict[str, Any], expected: bool):
     assert at_rest(body) is expected

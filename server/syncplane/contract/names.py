@@ -25,6 +25,10 @@ COMPONENT_WORKER = {COMPONENT_LABEL: "worker"}
 #: A verify Job and its pod (syncplane.verify.kube): the workflow's label, but not a worker.
 COMPONENT_VERIFY = {COMPONENT_LABEL: "verify"}
 
+#: On a Workflow whose workers the operator ever created: removed by the operator once they drained
+#: after the Workflow's deletion (syncplane_operator.reconciler.finalize). A Workflow never started has none.
+FINALIZER = f"{PREFIX}/finalizer"
+
 # -- annotations ------------------------------------------------------------------------------
 SPEC_HASH_ANNOTATION = f"{PREFIX}/spec-hash"
 GENERATION_ANNOTATION = f"{PREFIX}/applied-generation"
