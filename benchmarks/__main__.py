@@ -6,7 +6,8 @@ summary is printed at the end. Nothing here asserts a time.
 `python -m benchmarks --only ingress [--only api …]` runs those alone and replaces only their
 entries in last-run.json; `python -m benchmarks --list` names them. `operator_scale` (issue 17) runs
 the operator over `--operator-workflows N` STOPPED Workflows (100 by default; the issue's figure is
-1,000: `--only operator_scale --operator-workflows 1000`)."""
+1,000: `--only operator_scale --operator-workflows 1000`); `operator_watch_namespaces` spreads as many
+over 10 namespaces, the operator watching two."""
 
 from __future__ import annotations
 
@@ -42,10 +43,12 @@ BENCHMARKS: dict[str, Callable[[], Awaitable[Any]]] = {
     "console": bench_console.run, "split_load": bench_split.run,
     "operator": lambda: asyncio.to_thread(bench_operator.run),
     "operator_scale": lambda: asyncio.to_thread(bench_operator.scale, OPTIONS["operator_workflows"]),
+    "operator_watch_namespaces": lambda: asyncio.to_thread(bench_operator.watched_namespaces,
+                                                           OPTIONS["operator_workflows"]),
 }
 
 #: Benchmarks that need the Kubernetes test binaries (skipped by --no-k8s).
-K8S = {"operator", "operator_scale"}
+K8S = {"operator", "operator_scale", "operator_watch_namespaces"}
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,12 @@ SUMMARY: dict[str, list[tuple[str, str, str, str, str, str]]] = {
         ("concurrent starts, p95 patch to RUNNING", "concurrent_starts/patch_to_running/p95_s",
          "bare watch sees the patch, p95", "concurrent_starts/bare_watch/p95_s", "s", "lower"),
     ],
+    "operator_watch_namespaces": [
+        ("cold start, every watched Workflow phased", "cold_start_every_watched_phase_s",
+         "cluster alone creating all of them", "cluster_alone_create_s", "s", "lower"),
+        ("API requests/min, idle, 2 of 10 namespaces watched", "idle_requests_per_min", "cluster alone",
+         "cluster_alone_requests_per_min", "req/min", "lower"),
+    ],
 }
 
 
@@ -166,7 +175,8 @@ def parser() -> argparse.ArgumentParser:
                    help=f"skip the benchmarks that start a Kubernetes test cluster ({', '.join(sorted(K8S))})")
     p.add_argument("--list", action="store_true", help="print the benchmarks' names and exit")
     p.add_argument("--operator-workflows", type=int, default=OPTIONS["operator_workflows"], metavar="N",
-                   help="operator_scale: how many STOPPED Workflows (default: %(default)s)")
+                   help="operator_scale, operator_watch_namespaces: how many STOPPED Workflows "
+                        "(default: %(default)s)")
     p.add_argument("--output", type=Path, default=Path(__file__).with_name("last-run.json"),
                    help="where to write the results (default: benchmarks/last-run.json)")
     return p

@@ -11,7 +11,8 @@
 operator_scale --operator-workflows N``): the operator with 0 Workflows, then a cold start over N
 STOPPED ones (every one has a phase; peak RSS), idle with them (CPU, API requests), and 50 concurrent
 starts (patch -> RUNNING, the fake kubelet running the 50 workers), each against the same run's
-cluster-alone baseline.
+cluster-alone baseline. ``watched_namespaces()`` (``python -m benchmarks.bench_operator watch-namespaces``,
+or ``--only operator_watch_namespaces``): 1,000 Workflows in 10 namespaces, the operator watching two.
 """
 
 from __future__ import annotations
@@ -344,6 +345,83 @@ def operator_alone(cluster: TestCluster, ns: str, log: Path, window: float) -> d
         proc.wait(timeout=60)
 
 
+def idle(cluster: TestCluster, sampler: _Sampler, window: float, alone_per_min: float) -> dict[str, float]:
+    """The operator idle for ``window`` seconds (after 5 s for the last status writes' watch events): API
+    requests per minute (all, and beyond ``alone_per_min``, the same cluster idling without it), its CPU
+    share of one core and its RSS."""
+    time.sleep(5)   # let the last status writes' watch events settle before the idle window
+    before, cpu0, t1 = _requests_total(cluster), sampler.cpu_seconds(), time.monotonic()
+    time.sleep(window)  # a measurement window, not synchronisation
+    elapsed = time.monotonic() - t1
+    rpm = (_requests_total(cluster) - before) / (elapsed / 60)
+    return {"idle_requests_per_min": rpm, "idle_operator_requests_per_min": rpm - alone_per_min,
+            "idle_cpu_percent_of_a_core": 100 * (sampler.cpu_seconds() - cpu0) / elapsed,
+            "idle_rss_mib": sampler.proc.memory_info().rss / 2**20}
+
+
+def _create(cluster: TestCluster, namespaces: list[str], count: int) -> float:
+    """``count`` STOPPED Workflows spread evenly over ``namespaces`` (made here), 200 per kubectl apply;
+    the seconds it took the cluster alone."""
+    t = time.monotonic()
+    for ns in namespaces:
+        cluster.kubectl("create", "namespace", ns)
+    per = count // len(namespaces)
+    for ns in namespaces:
+        for start in range(0, per, 200):
+            _apply(cluster, ns, [_workflow(f"idle-{i:04d}") for i in range(start, min(per, start + 200))])
+    return time.monotonic() - t
+
+
+def _cluster_alone(cluster: TestCluster, window: float) -> float:
+    """API requests per minute of the cluster idling for ``window`` seconds with no operator."""
+    before, t = _requests_total(cluster), time.monotonic()
+    time.sleep(window)  # a measurement window, not synchronisation
+    return (_requests_total(cluster) - before) / ((time.monotonic() - t) / 60)
+
+
+def watched_namespaces(count: int = 1000, spread: int = 10, watched: int = 2,
+                       window: float = 60.0) -> dict[str, Any]:
+    """issue 17, ``watchNamespaces``: ``count`` STOPPED Workflows in ``spread`` namespaces, the operator
+    watching ``watched`` of them (``--namespace`` each, as the chart passes `watchNamespaces`): the cold
+    start until every watched Workflow has a phase (baseline: the cluster alone creating all of them), how
+    many unwatched ones got one (none expected), the operator's peak RSS, and idle: its CPU, RSS and API
+    requests per minute against the same cluster idling without it. Memory and requests are to follow the
+    watched Workflows (compare :func:`scale` over ``count * watched / spread``), not all of them."""
+    out: dict[str, Any] = {"workflows": count, "namespaces": spread, "watched_namespaces": watched,
+                           "watched_workflows": count // spread * watched}
+    with TestCluster() as cluster, tempfile.TemporaryDirectory() as tmp:
+        cluster.kubectl("apply", "--server-side", "-f", str(CRD))
+        cluster.kubectl("wait", "--for=condition=Established", "crd/workflows.syncplane.io")
+        namespaces = [f"team-{i:02d}" for i in range(spread)]
+        out["cluster_alone_create_s"] = _create(cluster, namespaces, count)
+        out["cluster_alone_requests_per_min"] = _cluster_alone(cluster, window)
+        watches = [PhaseWatch(cluster, ns) for ns in namespaces[:watched]]
+        per = count // spread
+        cluster.wait_until("the watched workflows listed", lambda: all(len(w.phases) == per for w in watches), 120)
+        t0 = time.monotonic()
+        proc = _operator(cluster, namespaces[0], Path(tmp) / "operator.log", *namespaces[1:watched])
+        sampler = _Sampler(proc.pid)
+        try:
+            _wait(cluster, f"{out['watched_workflows']} watched workflows with a phase",
+                  lambda: sum(w.phased() for w in watches) == out["watched_workflows"], timeout=900)
+            out["cold_start_every_watched_phase_s"] = time.monotonic() - t0
+            for w in watches:
+                w.stop()
+            out["cold_start_peak_rss_mib"] = sampler.peak_rss / 2**20
+            out.update(idle(cluster, sampler, window, out["cluster_alone_requests_per_min"]))
+            out["unwatched_with_a_phase"] = sum(1 for ns in namespaces[watched:]
+                                                for phase in _phases(cluster, ns).values() if phase)
+            out["peak_rss_mib"] = sampler.peak_rss / 2**20
+        finally:
+            for w in watches:
+                w.stop()
+            sampler.stop()
+            proc.terminate()
+            proc.wait(timeout=60)
+            print(json.dumps(out, indent=1), flush=True)   # what was measured, also when a stage failed
+    return out
+
+
 def scale(count: int, window: float = 60.0, starts: int = STARTS) -> dict[str, Any]:
     """issue 17: the operator with 0 Workflows (``window`` seconds), then ``count`` STOPPED Workflows: cold
     start (every one has a phase; baseline: the cluster alone creating them), the operator's peak RSS,
@@ -355,18 +433,10 @@ def scale(count: int, window: float = 60.0, starts: int = STARTS) -> dict[str, A
         cluster.kubectl("apply", "--server-side", "-f", str(CRD))
         cluster.kubectl("wait", "--for=condition=Established", "crd/workflows.syncplane.io")
         ns, starts_ns = "bench", "starts"
-        cluster.kubectl("create", "namespace", ns)
         cluster.kubectl("create", "namespace", starts_ns)
         out["no_workflows"] = operator_alone(cluster, starts_ns, Path(tmp) / "operator-alone.log", min(window, 20))
-        t_create = time.monotonic()
-        for start in range(0, count, 200):
-            _apply(cluster, ns, [_workflow(f"idle-{i:04d}") for i in range(start, min(count, start + 200))])
-        out["cluster_alone_create_s"] = time.monotonic() - t_create
-
-        before = _requests_total(cluster)
-        t = time.monotonic()
-        time.sleep(window)  # a measurement window, not synchronisation
-        out["cluster_alone_requests_per_min"] = (_requests_total(cluster) - before) / ((time.monotonic() - t) / 60)
+        out["cluster_alone_create_s"] = _create(cluster, [ns], count)
+        out["cluster_alone_requests_per_min"] = _cluster_alone(cluster, window)
         watch = PhaseWatch(cluster, ns)
         cluster.wait_until(f"{count} workflows listed by the watch", lambda: len(watch.phases) == count, 120)
         requests0 = requests_by_kind(cluster)
@@ -383,15 +453,7 @@ def scale(count: int, window: float = 60.0, starts: int = STARTS) -> dict[str, A
                                           if v >= count / 10}
             out["cold_start_cpu_s"] = sampler.cpu_seconds()
             out["cold_start_peak_rss_mib"] = sampler.peak_rss / 2**20
-            time.sleep(5)   # let the last status writes' watch events settle before the idle window
-            before, cpu0, t1 = _requests_total(cluster), sampler.cpu_seconds(), time.monotonic()
-            time.sleep(window)  # a measurement window, not synchronisation
-            elapsed = time.monotonic() - t1
-            out["idle_requests_per_min"] = (_requests_total(cluster) - before) / (elapsed / 60)
-            out["idle_operator_requests_per_min"] = (out["idle_requests_per_min"]
-                                                     - out["cluster_alone_requests_per_min"])
-            out["idle_cpu_percent_of_a_core"] = 100 * (sampler.cpu_seconds() - cpu0) / elapsed
-            out["idle_rss_mib"] = sampler.proc.memory_info().rss / 2**20
+            out.update(idle(cluster, sampler, window, out["cluster_alone_requests_per_min"]))
             if starts:
                 out["concurrent_starts"] = concurrent_starts(cluster, starts_ns, Path(tmp) / "containers", starts)
             out["peak_rss_mib"] = sampler.peak_rss / 2**20
@@ -405,7 +467,12 @@ def scale(count: int, window: float = 60.0, starts: int = STARTS) -> dict[str, A
 
 
 def main(argv: list[str]) -> int:
-    """``python -m benchmarks.bench_operator [N [WINDOW [STARTS]]]``: :func:`scale` (1,000, 60 s, 50)."""
+    """``python -m benchmarks.bench_operator [N [WINDOW [STARTS]]]``: :func:`scale` (1,000, 60 s, 50);
+    ``python -m benchmarks.bench_operator watch-namespaces [N [WINDOW]]``: :func:`watched_namespaces`
+    (1,000 in 10 namespaces, 2 watched, 60 s)."""
+    if argv[:1] == ["watch-namespaces"]:
+        watched_namespaces(int(argv[1]) if len(argv) > 1 else 1000, window=float(argv[2]) if len(argv) > 2 else 60.0)
+        return 0
     count = int(argv[0]) if argv else 1000
     window = float(argv[1]) if len(argv) > 1 else 60.0
     starts = int(argv[2]) if len(argv) > 2 else STARTS
