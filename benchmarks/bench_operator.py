@@ -170,13 +170,15 @@ def run() -> dict[str, Any]:
 
 
 class _Sampler:
-    """The operator process's peak RSS and CPU seconds, sampled every 0.2 s in a thread."""
+    """The operator process's peak RSS, its peak count of open TCP connections (each API call that finds
+    no idle one in its client's pool opens one) and its CPU seconds, sampled every 0.2 s in a thread."""
 
     def __init__(self, pid: int) -> None:
         import threading
 
         self.proc = psutil.Process(pid)
         self.peak_rss = 0
+        self.peak_connections = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -185,6 +187,7 @@ class _Sampler:
         while not self._stop.wait(0.2):
             try:
                 self.peak_rss = max(self.peak_rss, self.proc.memory_info().rss)
+                self.peak_connections = max(self.peak_connections, len(self.proc.net_connections("tcp")))
             except psutil.Error:
                 return
 
@@ -408,10 +411,12 @@ def watched_namespaces(count: int = 1000, spread: int = 10, watched: int = 2,
             for w in watches:
                 w.stop()
             out["cold_start_peak_rss_mib"] = sampler.peak_rss / 2**20
+            out["cold_start_peak_tcp_connections"] = sampler.peak_connections
             out.update(idle(cluster, sampler, window, out["cluster_alone_requests_per_min"]))
             out["unwatched_with_a_phase"] = sum(1 for ns in namespaces[watched:]
                                                 for phase in _phases(cluster, ns).values() if phase)
             out["peak_rss_mib"] = sampler.peak_rss / 2**20
+            out["peak_tcp_connections"] = sampler.peak_connections
         finally:
             for w in watches:
                 w.stop()
@@ -453,10 +458,12 @@ def scale(count: int, window: float = 60.0, starts: int = STARTS) -> dict[str, A
                                           if v >= count / 10}
             out["cold_start_cpu_s"] = sampler.cpu_seconds()
             out["cold_start_peak_rss_mib"] = sampler.peak_rss / 2**20
+            out["cold_start_peak_tcp_connections"] = sampler.peak_connections
             out.update(idle(cluster, sampler, window, out["cluster_alone_requests_per_min"]))
             if starts:
                 out["concurrent_starts"] = concurrent_starts(cluster, starts_ns, Path(tmp) / "containers", starts)
             out["peak_rss_mib"] = sampler.peak_rss / 2**20
+            out["peak_tcp_connections"] = sampler.peak_connections
         finally:
             watch.stop()
             sampler.stop()
