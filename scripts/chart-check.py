@@ -75,8 +75,8 @@ VERBS: dict[str, list[Verb]] = {
     "operator": [
         *_verbs("syncplane.io", "workflows", "list watch", HANDLERS, r"@kopf\.on\.event\(GROUP, VERSION, PLURAL",
                 "kopf lists and watches the Workflows it handles"),
-        *_verbs("syncplane.io", "workflows", "patch", HANDLERS, r"settings\.persistence\.finalizer",
-                "kopf writes its finalizer and progress annotations"),
+        *_verbs("syncplane.io", "workflows", "patch", RECONCILER, r"patch_namespaced_custom_object\(",
+                "the operator's finalizer, added with a Workflow's first workers and removed once they drained"),
         *_verbs("syncplane.io", "workflows/status", "patch", RECONCILER, r"patch_namespaced_custom_object_status",
                 "the reconciler's status patch (status is a subresource)"),
         *_verbs("apps", "deployments", "list watch", HANDLERS, r'kopf\.index\("apps", "v1", "deployments"',

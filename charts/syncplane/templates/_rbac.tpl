@@ -5,7 +5,7 @@ and tests/k8s/test_chart.py runs the lifecycle under exactly these grants).
 
 {{/* The operator, in each watched namespace (or cluster-wide). */}}
 {{- define "syncplane.operatorRules" -}}
-# kopf: watch Workflows; finalizer and progress annotations (patch); status (patch on the subresource)
+# Workflows: watched (kopf); the operator's finalizer (patch); status (patch on the subresource)
 - apiGroups: ["syncplane.io"]
   resources: ["workflows"]
   verbs: ["list", "watch", "patch"]
