@@ -579,7 +579,7 @@ def test_two_operators_one_acts_and_the_other_takes_over(k8s_cluster, workflow_c
                                lambda: lease_holder(k8s_cluster, namespace, lease) == "operator-a")
         second = start_operator(k8s_cluster, namespace, release, tmp_path, "operator-b")
         k8s_cluster.wait_until("the second operator standing by", lambda: "standing by" in second.output)
-        # only the leader acts: a new Workflow is handled (finalizer, STOPPED) by operator-a alone
+        # only the leader acts: a new Workflow is handled (its status: STOPPED) by operator-a alone
         doc = yaml.safe_load((DEFAULTS / "10-contacts-ingress.yaml").read_text())
         k8s_cluster.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(doc))
         wait(k8s_cluster, namespace, "workflow/contacts-ingress", "jsonpath={.status.phase}=STOPPED")
