@@ -267,6 +267,27 @@ def test_the_server_has_a_disruption_budget(rendered):
     assert pdb["spec"]["selector"]["matchLabels"] == server["spec"]["selector"]["matchLabels"]
 
 
+#: The operator's peak RSS over a cold start with 1,000 STOPPED Workflows, MiB (issue 17): the worst run of
+#: `python -m benchmarks.bench_operator 1000 30 0` reported with the limits in values.yaml (raise it when a
+#: run measures more).
+OPERATOR_PEAK_1000_MIB = 160
+HEADROOM = 1.25
+UNITS = {"Ki": 2**-10, "Mi": 1, "Gi": 2**10}
+
+
+def mebibytes(quantity: str) -> float:
+    number, unit = re.fullmatch(r"([0-9.]+)([KMG]i)", quantity).groups()  # type: ignore[union-attr]
+    return float(number) * UNITS[unit]
+
+
+def test_the_operators_memory_limit_holds_its_measured_peak_at_1000_workflows(rendered):
+    """A limit under the peak would have a real kubelet OOM-kill the operator at each cold start, in a loop."""
+    for scenario, docs in rendered.items():
+        container = find(docs, "Deployment", "syncplane-operator")["spec"]["template"]["spec"]["containers"][0]
+        limit = mebibytes(container["resources"]["limits"]["memory"])
+        assert limit >= HEADROOM * OPERATOR_PEAK_1000_MIB, (scenario, limit)
+
+
 @pytest.mark.parametrize("values", [
     ["--set", "logLevel=LOUD"],
     ["--set", "operator.replicas=-1"],
