@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 import tempfile
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -107,6 +108,24 @@ REFLECTION = click.option("--reflection/--no-reflection", default=True, show_def
                           help="Serve gRPC server reflection (generic clients such as grpcurl list the API).")
 
 
+def _serving(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The options `up` and `server` share: the console, the log level, reflection."""
+    for option in reversed([
+        click.option("--console/--no-console", "console", default=True, show_default=True,
+                     help="Serve the web console (the Workflows page) next to gRPC."),
+        click.option("--console-listen", default="127.0.0.1:7444", show_default=True,
+                     help="The console's address; off loopback it needs TLS and a token, like gRPC."),
+        click.option("--console-port-file", type=click.Path(path_type=Path),
+                     help="Write the console's bound port here."),
+        click.option("--log-level", default="INFO", show_default=True),
+        REFLECTION,
+    ]):
+        command = option(command)
+    return command
+
+
+
+
 def _server_security(tls_cert: Path | None, tls_key: Path | None, token_file: Path | None,
                      reflection: bool) -> Any:
     """The server's TLS, token and exposure settings; a TLS key or token file other users can
@@ -149,13 +168,7 @@ def _server_security(tls_cert: Path | None, tls_key: Path | None, token_file: Pa
               help="Seconds before the first automatic restart of an ERROR from outside the spec (doubling).")
 @click.option("--restart-backoff-cap", type=float, default=300.0, show_default=True,
               help="The longest wait between automatic restarts, in seconds.")
-@click.option("--console/--no-console", "console", default=True, show_default=True,
-              help="Serve the web console (the Workflows page) next to gRPC.")
-@click.option("--console-listen", default="127.0.0.1:7444", show_default=True,
-              help="The console's address; off loopback it needs TLS and a token, like gRPC.")
-@click.option("--console-port-file", type=click.Path(path_type=Path), help="Write the console's bound port here.")
-@click.option("--log-level", default="INFO", show_default=True)
-@REFLECTION
+@_serving
 @click.option("--worker-memory-limit", type=int, default=2048, show_default=True,
               help="MiB: each worker process's data segment limit (RLIMIT_DATA).")
 def up(data_dir: Path, listen: str, tls_cert: Path | None, tls_key: Path | None, token_file: Path | None,
@@ -208,13 +221,7 @@ def up(data_dir: Path, listen: str, tls_cert: Path | None, tls_key: Path | None,
 @click.option("--metrics-listen", default=None,
               help="host:port to serve this process's /metrics on (Prometheus text); default: not served.")
 @click.option("--port-file", type=click.Path(path_type=Path))
-@click.option("--console/--no-console", "console", default=True, show_default=True,
-              help="Serve the web console (the Workflows page) next to gRPC.")
-@click.option("--console-listen", default="127.0.0.1:7444", show_default=True,
-              help="The console's address; off loopback it needs TLS and a token, like gRPC.")
-@click.option("--console-port-file", type=click.Path(path_type=Path), help="Write the console's bound port here.")
-@click.option("--log-level", default="INFO", show_default=True)
-@REFLECTION
+@_serving
 @click.option("--auth", type=click.Choice(["kubernetes", "token"]), default="kubernetes", show_default=True,
               help="Kubernetes backend: callers send their own Kubernetes token (TokenReview + "
                    "SubjectAccessReview on workflows), or the shared --token-file token.")
