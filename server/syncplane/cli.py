@@ -124,8 +124,6 @@ def _serving(command: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
-
-
 def _server_security(tls_cert: Path | None, tls_key: Path | None, token_file: Path | None,
                      reflection: bool) -> Any:
     """The server's TLS, token and exposure settings; a TLS key or token file other users can
