@@ -6,6 +6,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from syncplane.errors import Unavailable
 from syncplane.proto.v1 import workflow_pb2 as pb
@@ -66,16 +68,17 @@ async def test_request_ids_are_remembered_for_the_retention_then_pruned(tmp_path
 
 def test_spec_files_keep_those_in_use_and_the_newest_few(tmp_path: Path) -> None:
     """Embedded, the supervisor writes one spec file per generation: only the generations in use
-    and the newest KEEP_SPEC_FILES stay; another workflow's files (even one whose name starts the
+    and the newest KEEP_SPEC_SNAPSHOTS stay; another workflow's files (even one whose name starts the
     same) are untouched."""
-    from syncplane.runtime.processes import KEEP_SPEC_FILES, prune_spec_files, spec_file
+    from syncplane.contract.names import KEEP_SPEC_SNAPSHOTS
+    from syncplane.runtime.processes import prune_spec_files, spec_file
 
     for g in range(1, 11):
         spec_file(tmp_path, "wf", g).write_text("{}")
         spec_file(tmp_path, "wf.g1", g).write_text("{}")
     gone = prune_spec_files(tmp_path, "wf", in_use={2, 10})
     left = sorted(p.name for p in tmp_path.glob("wf.g*.json") if not p.name.startswith("wf.g1.g"))
-    newest = [f"wf.g{g}.json" for g in range(11 - KEEP_SPEC_FILES, 11)]
+    newest = [f"wf.g{g}.json" for g in range(11 - KEEP_SPEC_SNAPSHOTS, 11)]
     assert left == sorted({"wf.g2.json", *newest})
     assert len(gone) == 10 - len(left)
     assert len(list(tmp_path.glob("wf.g1.g*.json"))) == 10
@@ -104,6 +107,24 @@ def test_spec_snapshots_keep_those_in_use_and_the_newest_few() -> None:
     assert stale_spec_snapshots("wf", {**runs, per_spec: 0}, in_use=[per_spec, applied]) == sorted(
         set(runs) - {applied, *newest})
     assert stale_spec_snapshots("wf", others, in_use=[]) == []
+
+
+@settings(max_examples=300, deadline=None)
+@given(generations=st.dictionaries(st.integers(0, 40), st.integers(0, 20), max_size=15),
+       in_use=st.sets(st.integers(0, 50), max_size=5), keep=st.integers(-1, 6))
+def test_the_snapshot_keep_rule_deletes_all_but_those_in_use_and_the_newest(
+        generations: dict[int, int], in_use: set[int], keep: int) -> None:
+    """The one keep rule both platforms prune by (contract.names.stale_snapshots): what it deletes is
+    exactly what is neither in use nor among the ``keep`` newest by generation (ties by name), sorted;
+    it never names a snapshot it was not given."""
+    from syncplane.contract.names import stale_snapshots
+
+    gone = stale_snapshots(generations, in_use, keep)
+    def newer(s: int) -> int:  # how many snapshots are newer than s
+        return sum((generations[o], o) > (generations[s], s) for o in generations)
+
+    assert gone == sorted(s for s in generations if s not in in_use and newer(s) >= keep)
+    assert len(generations) - len(gone) >= min(len(generations), max(keep, 0))
 
 
 # Every write of the API server's store (the embedded control plane's syncplane.db): none may hold

@@ -10,6 +10,7 @@ import hashlib
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import TypeVar
 
 PREFIX = "syncplane.io"
 
@@ -70,24 +71,35 @@ def spec_configmap_name(workflow: str, spec_hash: str, generation: int | None = 
     return f"{workflow}-spec-{spec_hash[:10]}" + ("" if generation is None else f"-{generation}")
 
 
-#: Spec snapshots kept besides those in use: the newest, by the generation that applied them (as many as
-#: the embedded platform keeps spec files, runtime.processes.KEEP_SPEC_FILES).
+#: Spec snapshots kept per workflow besides those in use: the newest, by the generation that applied them.
+#: Both platforms: the operator's `<workflow>-spec-<hash>-<generation>` ConfigMaps and the embedded
+#: supervisor's `<workflow>.g<generation>.json` spec files (:func:`stale_snapshots`).
 KEEP_SPEC_SNAPSHOTS = 3
 _SNAPSHOT_SUFFIX = re.compile(r"[0-9a-f]{10}(-[0-9]+)?")
+Snapshot = TypeVar("Snapshot", str, int)
+
+
+def stale_snapshots(snapshots: Mapping[Snapshot, int], in_use: Iterable[Snapshot],
+                    keep: int = KEEP_SPEC_SNAPSHOTS) -> list[Snapshot]:
+    """Pure, the keep rule of spec snapshots on both platforms: of ``snapshots`` (a snapshot, by name or
+    generation → the generation that applied it), those to delete, sorted: all but those ``in_use`` and the
+    ``keep`` newest (by generation, then by name). A snapshot is written per run, so they would otherwise
+    pile up; ``in_use`` entries that are not in ``snapshots`` change nothing."""
+    newest = sorted(snapshots, key=lambda s: (snapshots[s], s))[-keep:] if keep > 0 else []
+    kept = set(in_use) | set(newest)
+    return sorted(s for s in snapshots if s not in kept)
 
 
 def stale_spec_snapshots(workflow: str, snapshots: Mapping[str, int], in_use: Iterable[str],
                          keep: int = KEEP_SPEC_SNAPSHOTS) -> list[str]:
     """Pure: the spec snapshot ConfigMaps of ``workflow`` to delete, sorted. ``snapshots``: ConfigMap name →
-    the generation that applied it (0 when unknown: the per-spec name of an earlier operator). All but those
-    ``in_use`` (names) and the ``keep`` newest; a name that is not one of ``workflow``'s snapshots
+    the generation that applied it (0 when unknown: the per-spec name of an earlier operator). The rule of
+    :func:`stale_snapshots` over ``workflow``'s own snapshots: a name that is not one of them
     (``spec_configmap_name``) is never returned."""
     prefix = f"{workflow}-spec-"
     own = {n: g for n, g in snapshots.items()
            if n.startswith(prefix) and _SNAPSHOT_SUFFIX.fullmatch(n[len(prefix):])}
-    newest = sorted(own, key=lambda n: (own[n], n))[-keep:] if keep > 0 else []
-    kept = set(in_use) | set(newest)
-    return sorted(n for n in own if n not in kept)
+    return stale_snapshots(own, in_use, keep)
 
 
 def spec_configmap_names(workflow: str, spec_hash: str, generation: int) -> tuple[str, str]:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import psutil
 
-from syncplane.contract.names import state_file
+from syncplane.contract.names import KEEP_SPEC_SNAPSHOTS, stale_snapshots, state_file
 
 log = logging.getLogger(__name__)
 
@@ -105,24 +105,20 @@ def adopt_all(state_dir: Path, now: float) -> list[WorkerProcess]:
     return adopted
 
 
-#: Spec files kept per workflow besides those in use: the newest generations, for a look back.
-KEEP_SPEC_FILES = 3
-
-
 def spec_file(spec_dir: Path, workflow: str, generation: int) -> Path:
     """Where the supervisor writes a generation's applied spec for its workers to read at start."""
     return spec_dir / f"{workflow}.g{generation}.json"
 
 
-def prune_spec_files(spec_dir: Path, workflow: str, in_use: Iterable[int], keep: int = KEEP_SPEC_FILES) -> list[Path]:
+def prune_spec_files(spec_dir: Path, workflow: str, in_use: Iterable[int],
+                     keep: int = KEEP_SPEC_SNAPSHOTS) -> list[Path]:
     """Delete the workflow's spec files but those of ``in_use`` generations and the ``keep``
-    newest (one file is written per generation, so they would otherwise pile up). Returns those
+    newest (the rule of :func:`syncplane.contract.names.stale_snapshots`). Returns those
     deleted; other workflows' files are never touched."""
     pattern = re.compile(rf"{re.escape(workflow)}\.g(\d+)\.json")
     files = {int(m.group(1)): p for p in spec_dir.glob(f"{glob.escape(workflow)}.g*.json")
              if (m := pattern.fullmatch(p.name))}
-    kept = set(in_use) | set(sorted(files)[-keep:] if keep > 0 else [])
-    gone = [p for g, p in sorted(files.items()) if g not in kept]
+    gone = [files[g] for g in stale_snapshots({g: g for g in files}, in_use, keep)]
     for p in gone:
         p.unlink(missing_ok=True)
     return gone
