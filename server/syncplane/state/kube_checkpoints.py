@@ -210,6 +210,16 @@ class ConfigMapStore:
             await pause(delay)
         raise AssertionError("unreachable")
 
+    def _new_configmap(self, name: str, workflow: str, labels: Mapping[str, str], data: Mapping[str, str],
+                       annotations: Mapping[str, str]) -> dict[str, Any]:
+        """The body of a ConfigMap this store creates: ``name`` in its namespace with ``labels``, the
+        ``annotations`` (none when empty) and ``data``, owned by ``workflow`` when this store knows its uid."""
+        return {"apiVersion": "v1", "kind": "ConfigMap",
+                "metadata": {"name": name, "namespace": self.namespace, "labels": dict(labels),
+                             **({"annotations": dict(annotations)} if annotations else {}),
+                             **workflow_owner(workflow, self.owner_uid)},
+                "data": dict(data)}
+
     async def read(self, what: str, name: str) -> Any | None:
         """ConfigMap ``name`` (the client's V1ConfigMap), or None when it does not exist; retried as
         `_call` does (``what`` names the reading in its errors). Raises `CheckpointError` as `_call` does."""
@@ -251,12 +261,8 @@ class ConfigMapStore:
                     raise
             if labels is None:
                 return False
-            annotations = values((patch.get("metadata") or {}).get("annotations") or {})
-            body = {"apiVersion": "v1", "kind": "ConfigMap",
-                    "metadata": {"name": name, "namespace": self.namespace, "labels": dict(labels),
-                                 **({"annotations": annotations} if annotations else {}),
-                                 **workflow_owner(workflow, self.owner_uid)},
-                    "data": values(patch.get("data") or {})}
+            body = self._new_configmap(name, workflow, labels, values(patch.get("data") or {}),
+                                       values((patch.get("metadata") or {}).get("annotations") or {}))
             try:
                 await api.create_namespaced_config_map(self.namespace, body)
                 return True
@@ -312,11 +318,7 @@ class ConfigMapCheckpoints(ConfigMapStore):
                     raise
                 if expected is not None:
                     return False
-                body = {"apiVersion": "v1", "kind": "ConfigMap",
-                        "metadata": {"name": name, "namespace": self.namespace,
-                                     "labels": checkpoint_labels(workflow), "annotations": committed,
-                                     **workflow_owner(workflow, self.owner_uid)},
-                        "data": {key: cursor}}
+                body = self._new_configmap(name, workflow, checkpoint_labels(workflow), {key: cursor}, committed)
                 try:
                     await api.create_namespaced_config_map(self.namespace, body)
                     return True
