@@ -17,3 +17,33 @@ async def api_client() -> Any:
     await config.load_kube_config(config_file=os.environ.get("KUBECONFIG") or None,
                                   client_configuration=configuration)
     return client.ApiClient(configuration)
+
+
+
+class LazyApi:
+    """One API group of ``kubernetes_asyncio.client`` (``"CoreV1Api"``, ``"CoordinationV1Api"``, …) over
+    an ApiClient: the one given, or one that :func:`api_client` opens on the first :meth:`get`. ``api`` is
+    None until then. :meth:`close` closes the ApiClient when this owns it (``owns``; by default when it
+    was not given, and always one it opened)."""
+
+    def __init__(self, group: str, client: Any | None = None, *, owns: bool | None = None) -> None:
+        self.group = group
+        self.client = client
+        self.owns = client is None if owns is None else owns
+        self.api: Any = None
+
+    async def get(self) -> Any:
+        """The API group's client object, opening the ApiClient if there is none."""
+        if self.api is None:
+            from kubernetes_asyncio import client
+
+            if self.client is None:
+                self.client, self.owns = await api_client(), True
+            self.api = getattr(client, self.group)(self.client)
+        return self.api
+
+    async def close(self) -> None:
+        """Close the ApiClient if this owns it; forget both either way."""
+        if self.owns and self.client is not None:
+            await self.client.close()
+        self.client, self.api = None, None

@@ -31,6 +31,7 @@ from typing import Any, Self, TypeVar
 
 from syncplane.connectors.http import pause
 from syncplane.contract.names import checkpoint_configmap_name, checkpoint_labels
+from syncplane.kubeclient import LazyApi
 from syncplane.model.convert import API_VERSION, KIND
 
 log = logging.getLogger(__name__)
@@ -136,7 +137,7 @@ class ConfigMapStore:
     """A worker's ConfigMaps in one namespace: the client, and calls retried when transient.
 
     Give it an `ApiClient` (closed by its owner) or let it open one through
-    `syncplane.kubeclient.api_client()` on first use (closed by `close()`).
+    `syncplane.kubeclient.LazyApi` on first use (closed by `close()`).
     """
 
     def __init__(self, namespace: str, api_client: Any | None = None, retry: Retry | None = None,
@@ -146,26 +147,14 @@ class ConfigMapStore:
         self.namespace = namespace
         self.owner_uid = owner_uid  # the Workflow's: a ConfigMap the worker creates goes with it
         self.retry = retry or Retry()
-        self._api_client = api_client
-        self._owns_client = api_client is None
-        self._core: Any = None
+        self._core = LazyApi("CoreV1Api", api_client)
 
     async def _api(self) -> Any:
-        if self._core is None:
-            from kubernetes_asyncio import client
-
-            if self._api_client is None:
-                from syncplane.kubeclient import api_client
-
-                self._api_client = await api_client()
-            self._core = client.CoreV1Api(self._api_client)
-        return self._core
+        return await self._core.get()
 
     async def close(self) -> None:
         """Close the client if this store opened it."""
-        if self._owns_client and self._api_client is not None:
-            await self._api_client.close()
-        self._api_client, self._core = None, None
+        await self._core.close()
 
     async def aclose(self) -> None:
         """:meth:`close`, for :class:`syncplane.state.stores.Stores`."""

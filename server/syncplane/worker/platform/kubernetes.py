@@ -22,6 +22,7 @@ from typing import Any
 
 from syncplane.contract.names import COMPONENT_WORKER, MANAGED_BY_LABEL, REPORT_ANNOTATION, WORKFLOW_LABEL
 from syncplane.contract.report import WorkerReport
+from syncplane.kubeclient import LazyApi
 from syncplane.state.factory import worker_stores
 from syncplane.state.stores import Stores
 from syncplane.worker.platform import Heartbeat, HeartbeatRejected, LocalFiles
@@ -48,31 +49,19 @@ class LeaseHeartbeat:
     """Renews the worker's Lease every ``interval`` seconds with its report.
 
     Give it an `ApiClient` (closed by `close()` all the same) or let it open one through
-    `syncplane.kubeclient.api_client()` on the first beat."""
+    `syncplane.kubeclient.LazyApi` on the first beat."""
 
     def __init__(self, namespace: str, pod_name: str, workflow: str, report: WorkerReport,
                  interval: float = 2.0, api_client: Any | None = None) -> None:
         self.namespace, self.name, self.workflow = namespace, pod_name, workflow
         self.report, self.interval = report, interval
         self.pod_uid = os.environ.get("POD_UID") or None
-        self._api_client = api_client
-        self._api: Any = None
-
-    async def _client(self) -> Any:
-        if self._api is None:
-            from kubernetes_asyncio import client
-
-            if self._api_client is None:
-                from syncplane.kubeclient import api_client
-
-                self._api_client = await api_client()
-            self._api = client.CoordinationV1Api(self._api_client)
-        return self._api
+        self._kube = LazyApi("CoordinationV1Api", api_client, owns=True)
 
     async def beat(self) -> None:
         from kubernetes_asyncio.client.exceptions import ApiException
 
-        api = await self._client()
+        api = await self._kube.get()
         body = lease_body(self.name, self.workflow, self.report, datetime.now(UTC), self.pod_uid)
         try:
             await api.patch_namespaced_lease(self.name, self.namespace, body)
@@ -109,15 +98,13 @@ class LeaseHeartbeat:
         """Remove the Lease (unless ``remove`` is False) and close the client. A Lease that cannot
         be removed is logged with why; it expires on its own (stale after LEASE_SECONDS)."""
         try:
-            if remove and self._api is not None:
-                await self._api.delete_namespaced_lease(self.name, self.namespace)
+            if remove and self._kube.api is not None:
+                await self._kube.api.delete_namespaced_lease(self.name, self.namespace)
         except Exception as exc:
             log.warning("could not remove heartbeat Lease %s/%s: %s: %s", self.namespace, self.name,
                         type(exc).__name__, exc)
         finally:
-            if self._api_client is not None:
-                await self._api_client.close()
-            self._api, self._api_client = None, None
+            await self._kube.close()
 
 
 @dataclass(frozen=True)
