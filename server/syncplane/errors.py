@@ -13,12 +13,17 @@ class FieldViolation:
 
 
 class SyncplaneError(Exception):
+    """A domain error: ``message`` for people, ``metadata`` (string → string) and ``reason`` (the
+    ErrorInfo reason, the class's own unless given) for programs."""
+
     reason = "ERROR"
 
-    def __init__(self, message: str, metadata: dict[str, str] | None = None) -> None:
+    def __init__(self, message: str, metadata: dict[str, str] | None = None, *, reason: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.metadata = metadata or {}
+        if reason is not None:
+            self.reason = reason
 
 
 class InvalidArgument(SyncplaneError):
@@ -31,10 +36,15 @@ class InvalidArgument(SyncplaneError):
 
 
 class NotFound(SyncplaneError):
+    """No workflow by that name."""
+
     reason = "NOT_FOUND"
 
 
 class AlreadyExists(SyncplaneError):
+    """A create of a name that is taken (a replayed ``request_id`` is not this: it returns the
+    workflow it created)."""
+
     reason = "ALREADY_EXISTS"
 
 
@@ -44,9 +54,8 @@ class FailedPrecondition(SyncplaneError):
     reason = "FAILED_PRECONDITION"
 
     def __init__(self, message: str, phase: str, reason: str = "FAILED_PRECONDITION") -> None:
-        super().__init__(message, {"phase": phase})
+        super().__init__(message, {"phase": phase}, reason=reason)
         self.phase = phase
-        self.reason = reason
 
 
 class Aborted(SyncplaneError):
@@ -60,10 +69,14 @@ class Unauthenticated(SyncplaneError):
 
 
 class PermissionDenied(SyncplaneError):
+    """The caller is known but may not do this."""
+
     reason = "PERMISSION_DENIED"
 
 
 class OutOfRange(SyncplaneError):
+    """A watch from a revision the store no longer keeps: watch again from 0."""
+
     reason = "REVISION_COMPACTED"
 
 
@@ -73,5 +86,4 @@ class Unavailable(SyncplaneError):
     reason = "UNAVAILABLE"
 
     def __init__(self, message: str, reason: str = "UNAVAILABLE", metadata: dict[str, str] | None = None) -> None:
-        super().__init__(message, metadata)
-        self.reason = reason
+        super().__init__(message, metadata, reason=reason)
