@@ -8,6 +8,8 @@ phase the workflow is already heading into.
 
 from __future__ import annotations
 
+from collections.abc import Container
+
 from syncplane.errors import Aborted, FailedPrecondition
 from syncplane.proto.enums import phase_name
 from syncplane.proto.v1 import workflow_pb2 as pb
@@ -59,42 +61,44 @@ def check_preconditions(wf: pb.Workflow, etag: str, expected_phase: int) -> None
             f"{phase_name(effective_phase(wf))}", phase_name(effective_phase(wf)), "PHASE_MISMATCH")
 
 
-def _refuse(action: str, wf: pb.Workflow) -> FailedPrecondition:
-    phase = phase_name(effective_phase(wf))
-    return FailedPrecondition(f"cannot {action} workflow {wf.name}: it is {phase}", phase,
-                              "TRANSITION_NOT_ALLOWED")
+def _spec_to_change(action: str, wf: pb.Workflow, allowed: Container[int]) -> pb.WorkflowSpec:
+    """A copy of ``wf``'s spec for ``action`` to change; `FailedPrecondition` (TRANSITION_NOT_ALLOWED)
+    when the effective phase is not one of ``allowed``."""
+    if effective_phase(wf) not in allowed:
+        phase = phase_name(effective_phase(wf))
+        raise FailedPrecondition(f"cannot {action} workflow {wf.name}: it is {phase}", phase,
+                                 "TRANSITION_NOT_ALLOWED")
+    spec = pb.WorkflowSpec()
+    spec.CopyFrom(wf.spec)
+    return spec
+
+
+def _new_run(spec: pb.WorkflowSpec, wf: pb.Workflow) -> None:
+    """Ask for a new run of ``wf``: a ``restart_nonce`` past both the spec's and the applied one."""
+    spec.restart_nonce = max(spec.restart_nonce, wf.status.applied_restart_nonce) + 1
 
 
 def request_start(wf: pb.Workflow) -> pb.WorkflowSpec:
     """The spec after a Start. From ERROR with RUNNING desired, a start is a restart."""
-    if effective_phase(wf) not in START_FROM:
-        raise _refuse("start", wf)
-    spec = pb.WorkflowSpec()
-    spec.CopyFrom(wf.spec)
+    spec = _spec_to_change("start", wf, START_FROM)
     if spec.desired_state == RUNNING:
-        spec.restart_nonce = max(spec.restart_nonce, wf.status.applied_restart_nonce) + 1
+        _new_run(spec, wf)
     spec.desired_state = RUNNING
     return spec
 
 
 def request_stop(wf: pb.Workflow) -> pb.WorkflowSpec:
     """The spec after a Stop; `FailedPrecondition` (TRANSITION_NOT_ALLOWED) unless starting, running or in error."""
-    if effective_phase(wf) not in STOP_FROM:
-        raise _refuse("stop", wf)
-    spec = pb.WorkflowSpec()
-    spec.CopyFrom(wf.spec)
+    spec = _spec_to_change("stop", wf, STOP_FROM)
     spec.desired_state = STOPPED
     return spec
 
 
 def request_restart(wf: pb.Workflow) -> pb.WorkflowSpec:
     """The spec after a Restart (a new ``restart_nonce``); `FailedPrecondition` unless starting, running or in error."""
-    if effective_phase(wf) not in RESTART_FROM:
-        raise _refuse("restart", wf)
-    spec = pb.WorkflowSpec()
-    spec.CopyFrom(wf.spec)
+    spec = _spec_to_change("restart", wf, RESTART_FROM)
     spec.desired_state = RUNNING
-    spec.restart_nonce = max(spec.restart_nonce, wf.status.applied_restart_nonce) + 1
+    _new_run(spec, wf)
     return spec
 
 
