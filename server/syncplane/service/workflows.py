@@ -13,15 +13,8 @@ from contextlib import aclosing
 
 from google.protobuf import field_mask_pb2
 
+from syncplane import lifecycle
 from syncplane.errors import FailedPrecondition, FieldViolation, InvalidArgument
-from syncplane.lifecycle import (
-    check_preconditions,
-    check_replay,
-    effective_phase,
-    request_restart,
-    request_start,
-    request_stop,
-)
 from syncplane.proto.enums import phase_name
 from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.proto.v1 import workflow_service_pb2 as svc
@@ -145,7 +138,7 @@ class WorkflowService:
             raise InvalidArgument(bad)
 
         def mutate(current: pb.Workflow) -> pb.Workflow:
-            check_preconditions(current, req.workflow.etag, 0)
+            lifecycle.check_preconditions(current, req.workflow.etag, 0)
             new = pb.Workflow()
             new.CopyFrom(current)
             mask = field_mask_pb2.FieldMask(paths=_expand(paths))
@@ -161,7 +154,7 @@ class WorkflowService:
             apply_defaults(new.spec)
             validate_labels(dict(new.labels))
             validate_spec(new.spec)
-            check_replay(current, new.spec)
+            lifecycle.check_replay(current, new.spec)
             return new
 
         updated = await self.store.update(name, mutate)
@@ -173,8 +166,8 @@ class WorkflowService:
         name = workflow_name(parse_name(req.name))
 
         def check(wf: pb.Workflow) -> None:
-            check_preconditions(wf, req.etag, 0)
-            phase = effective_phase(wf)
+            lifecycle.check_preconditions(wf, req.etag, 0)
+            phase = lifecycle.effective_phase(wf)
             if phase != pb.PHASE_STOPPED and phase != pb.PHASE_ERROR and not req.force:
                 raise FailedPrecondition(
                     f"workflow {name} is {phase_name(phase)}: stop it first, or delete with force",
@@ -188,7 +181,7 @@ class WorkflowService:
         full = workflow_name(parse_name(name))
 
         def mutate(current: pb.Workflow) -> pb.Workflow:
-            check_preconditions(current, etag, expected_phase)
+            lifecycle.check_preconditions(current, etag, expected_phase)
             current.spec.CopyFrom(request(current))
             return current
 
@@ -198,15 +191,15 @@ class WorkflowService:
 
     async def start(self, req: svc.StartWorkflowRequest) -> pb.Workflow:
         """Set desired RUNNING; `FailedPrecondition` unless the effective phase is STOPPED or ERROR."""
-        return await self._transition(req.name, req.etag, req.expected_phase, traced(request_start))
+        return await self._transition(req.name, req.etag, req.expected_phase, traced(lifecycle.request_start))
 
     async def stop(self, req: svc.StopWorkflowRequest) -> pb.Workflow:
         """Set desired STOPPED; `FailedPrecondition` unless starting, running or in error."""
-        return await self._transition(req.name, req.etag, req.expected_phase, request_stop)
+        return await self._transition(req.name, req.etag, req.expected_phase, lifecycle.request_stop)
 
     async def restart(self, req: svc.RestartWorkflowRequest) -> pb.Workflow:
         """Bump ``spec.restart_nonce`` (applies edits); `FailedPrecondition` unless starting, running or in error."""
-        return await self._transition(req.name, req.etag, req.expected_phase, traced(request_restart))
+        return await self._transition(req.name, req.etag, req.expected_phase, traced(lifecycle.request_restart))
 
     def watch(self, req: svc.WatchWorkflowsRequest) -> AsyncIterator[Change]:
         """The changes after ``start_revision`` (0: the current state first), of one workflow or all."""
