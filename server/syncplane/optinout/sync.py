@@ -102,6 +102,18 @@ def _records(item: _Item) -> int:
     return int(item.crm is not None) + int(item.campaign is not None)
 
 
+def _held_after(before: Mapping[str, bool], seen: Record | None, fields: Sequence[str],
+                written: Mapping[str, bool]) -> dict[str, bool] | None:
+    """What one side holds of a key's pairs after a batch, for the echo memory: what it was known to hold
+    (``before``), overlaid with the ``fields`` it was ``seen`` holding, then with what it acknowledged
+    we wrote (``written``); None when that is no change."""
+    after = dict(before)
+    if seen is not None:
+        after.update({f: flag(seen.values.get(f)) for f in fields})
+    after.update(written)
+    return None if after == before else after
+
+
 class OptInOutSync:
     def __init__(self, workflow: str, direction: Direction, pairs: Sequence[FieldPair], *,
                  crm_source: DynamicsSource, crm_writer: DynamicsOptOutWriter, campaign_source: CampaignSource,
@@ -273,22 +285,14 @@ class OptInOutSync:
         new_crm: dict[str, dict[str, bool]] = {}
         new_campaign: dict[str, dict[str, bool]] = {}
         for item in items:
-            before = known_crm.get(item.key, {})
-            after = dict(before)
-            if item.crm is not None:
-                after.update({f: flag(item.crm.values.get(f)) for f in self.crm_fields})
-            if item.key in crm_ok:
-                after.update(item.plan.to_crm)
-            if after != before:
-                new_crm[item.key] = after
-            before = known_campaign.get(item.key, {})
-            after = dict(before)
-            if item.campaign is not None:
-                after.update({f: flag(item.campaign.values.get(f)) for f in self.campaign_fields})
-            if item.key in campaign_ok:
-                after.update(item.plan.to_campaign)
-            if after != before:
-                new_campaign[item.key] = after
+            crm = _held_after(known_crm.get(item.key, {}), item.crm, self.crm_fields,
+                              item.plan.to_crm if item.key in crm_ok else {})
+            campaign = _held_after(known_campaign.get(item.key, {}), item.campaign, self.campaign_fields,
+                                   item.plan.to_campaign if item.key in campaign_ok else {})
+            if crm is not None:
+                new_crm[item.key] = crm
+            if campaign is not None:
+                new_campaign[item.key] = campaign
         await self.memory.aremember(self.workflow, CRM, new_crm)
         await self.memory.aremember(self.workflow, CAMPAIGN, new_campaign)
 
