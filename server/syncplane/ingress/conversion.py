@@ -114,6 +114,22 @@ def _to_string(source: SourceType, label: bool) -> Converter:
     raise NotConvertible(f"{source.row} has no value to send as text")
 
 
+#: The DateTime column's cells, by Campaign field type: what that field holds, and by the column's behaviour
+#: ("*": any other) its converter, or why there is none.
+_DATETIME_CELLS: dict[str, tuple[str, dict[str, Converter | str]]] = {
+    "datetime": ("a date and time", {
+        "": _instant, "UserLocal": _instant,
+        "TimeZoneIndependent": lambda v: _wall_time(v) + "Z",  # the wall time, labelled UTC: it has no zone
+        "*": "a DateOnly date has no time of day: map it to a date field"}),
+    "date": ("a date", {
+        "DateOnly": _iso_date,
+        "TimeZoneIndependent": _iso_date,  # the wall time's own date: no zone to convert from
+        "*": "a UserLocal date and time is a UTC instant: its calendar date depends on the user's time zone "
+             "(cut to UTC it is a day early east of UTC); change the column's behaviour to DateOnly, or map "
+             "it to a datetime field"}),
+}
+
+
 def converter(source: SourceType, destination: str, *, label: bool = False) -> Converter:
     """The cell of the table: a function from the wire value (never None: None stays None) to
     the value Campaign's field takes. ``label``: a choice is sent as its display label (the
@@ -142,24 +158,14 @@ def converter(source: SourceType, destination: str, *, label: bool = False) -> C
         if t in NUMBER_TYPES:
             return float
         raise NotConvertible(f"{source.row} is not a number")
-    if destination == "datetime":
-        if t == "DateTime" and source.behaviour in ("", "UserLocal"):
-            return _instant
-        if t == "DateTime" and source.behaviour == "TimeZoneIndependent":
-            return lambda v: _wall_time(v) + "Z"  # the wall time, labelled UTC: it has no zone
-        if t == "DateTime":
-            raise NotConvertible("a DateOnly date has no time of day: map it to a date field")
-        raise NotConvertible(f"{source.row} is not a date and time")
-    if destination == "date":
-        if t == "DateTime" and source.behaviour == "DateOnly":
-            return _iso_date
-        if t == "DateTime" and source.behaviour == "TimeZoneIndependent":
-            return _iso_date  # the wall time's own date: no zone to convert from
-        if t == "DateTime":
-            raise NotConvertible("a UserLocal date and time is a UTC instant: its calendar date depends on the "
-                                 "user's time zone (cut to UTC it is a day early east of UTC); change the "
-                                 "column's behaviour to DateOnly, or map it to a datetime field")
-        raise NotConvertible(f"{source.row} is not a date")
+    if destination in _DATETIME_CELLS:
+        what, cells = _DATETIME_CELLS[destination]
+        if t != "DateTime":
+            raise NotConvertible(f"{source.row} is not {what}")
+        cell = cells.get(source.behaviour, cells["*"])
+        if isinstance(cell, str):
+            raise NotConvertible(cell)
+        return cell
     if destination == "link":
         if t in LOOKUP_TYPES:
             return str
