@@ -130,28 +130,28 @@ class EntityTransform:
                     except NotConvertible as exc:
                         problems.append((f"{path}.replacements[{k}].replacement", f"for Campaign {dest} "
                                          f"{m.destination!r}: {exc}"))
+        def spec_value(at: str, name: str, operator: int, value: str) -> SpecValue | None:
+            """The spec value ``value`` compared with column ``name`` by ``operator``; None, with a problem
+            at ``at``, when it cannot be."""
+            st = self.source_types[name]
+            try:
+                spec = parse_spec_value(st, operator, value)
+            except NotConvertible as exc:
+                problems.append((at, f"{name!r} ({st.row}): {exc}"))
+                return None
+            if spec.label:
+                self._labels.add(name)
+            return spec
+
         self._conditions = []
         for j, c in enumerate(e.filter.conditions):
-            st = self.source_types[c.field]
-            try:
-                spec = parse_spec_value(st, c.operator, c.value)
-            except NotConvertible as exc:
-                problems.append((f"{path}.filter.conditions[{j}]", f"{c.field!r} ({st.row}): {exc}"))
-                continue
-            self._conditions.append((c, st, spec))
-            if spec.label:
-                self._labels.add(c.field)
+            if (spec := spec_value(f"{path}.filter.conditions[{j}]", c.field, c.operator, c.value)) is not None:
+                self._conditions.append((c, self.source_types[c.field], spec))
         self._replacements = {}
         for k, r in enumerate(e.replacements):
-            st = self.source_types[r.field]
-            try:
-                spec = parse_spec_value(st, pb.FILTER_OPERATOR_EQUALS, r.value)
-            except NotConvertible as exc:
-                problems.append((f"{path}.replacements[{k}].value", f"{r.field!r} ({st.row}): {exc}"))
-                continue
-            self._replacements.setdefault(r.field, []).append((spec, r.replacement))
-            if spec.label:
-                self._labels.add(r.field)
+            at = f"{path}.replacements[{k}].value"
+            if (spec := spec_value(at, r.field, pb.FILTER_OPERATOR_EQUALS, r.value)) is not None:
+                self._replacements.setdefault(r.field, []).append((spec, r.replacement))
         if problems:
             raise MappingNotSupported(problems)
         self.bound = True
