@@ -422,6 +422,18 @@ def get(ctx: click.Context, name: str, output: str) -> None:
         _emit(to_resource(wf), output)
 
 
+def _every_page(call: Callable[[Any], Any], req: Any, items: str) -> list[Any]:
+    """Every item of a List call (AIP-158): ``call(req)`` page after page, following ``next_page_token``
+    (written into ``req``), each page's repeated field ``items`` in order."""
+    found: list[Any] = []
+    while True:
+        resp = call(req)
+        found.extend(getattr(resp, items))
+        if not resp.next_page_token:
+            return found
+        req.page_token = resp.next_page_token
+
+
 @cli.command(name="list")
 @click.option("-o", "--output", type=click.Choice(["yaml", "json", "table"]), default="table")
 @click.option("--type", "types", multiple=True, type=click.Choice(["INGRESS", "EGRESS", "OPT_IN_OUT"]))
@@ -433,13 +445,7 @@ def list_(ctx: click.Context, output: str, types: tuple[str, ...], phases: tuple
     client = _client(ctx)
     req = svc.ListWorkflowsRequest(page_size=500, types=[pb.WorkflowType.Value(f"WORKFLOW_TYPE_{t}") for t in types],
                                    phases=[pb.Phase.Value(f"PHASE_{p}") for p in phases])
-    workflows: list[pb.Workflow] = []
-    while True:
-        resp = client.ListWorkflows(req)
-        workflows.extend(resp.workflows)
-        if not resp.next_page_token:
-            break
-        req.page_token = resp.next_page_token
+    workflows: list[pb.Workflow] = _every_page(client.ListWorkflows, req, "workflows")
     if output == "table":
         click.echo(format_table([table_row(wf) for wf in workflows]))
     else:
@@ -573,13 +579,7 @@ def deadletters_list(ctx: click.Context, name: str, output: str) -> None:
     """List a workflow's dead letters: key, HTTP status, reason, attempts, times (and payload with -o)."""
     client = _client(ctx)
     req = svc.ListDeadLettersRequest(parent=workflow_name(name), page_size=1000)
-    letters: list[svc.DeadLetter] = []
-    while True:
-        resp = client.ListDeadLetters(req)
-        letters.extend(resp.dead_letters)
-        if not resp.next_page_token:
-            break
-        req.page_token = resp.next_page_token
+    letters: list[svc.DeadLetter] = _every_page(client.ListDeadLetters, req, "dead_letters")
     if output != "table":
         _emit({"items": [message_to_dict(d) for d in letters]}, output)
         return
