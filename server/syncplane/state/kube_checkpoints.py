@@ -133,6 +133,20 @@ def _not_found_kind(exc: Any) -> str:
         return ""
 
 
+async def _unless_conflict(write: Awaitable[Any]) -> bool:
+    """Await ``write``: True when it was made, False when the API server answered 409 Conflict (the
+    object exists already, or changed since the resourceVersion the write carries)."""
+    from kubernetes_asyncio.client.exceptions import ApiException
+
+    try:
+        await write
+        return True
+    except ApiException as exc:
+        if exc.status != 409:
+            raise
+        return False
+
+
 class ConfigMapStore:
     """A worker's ConfigMaps in one namespace: the client, and calls retried when transient.
 
@@ -252,12 +266,8 @@ class ConfigMapStore:
                 return False
             body = self._new_configmap(name, workflow, labels, values(patch.get("data") or {}),
                                        values((patch.get("metadata") or {}).get("annotations") or {}))
-            try:
-                await api.create_namespaced_config_map(self.namespace, body)
+            if await _unless_conflict(api.create_namespaced_config_map(self.namespace, body)):
                 return True
-            except ApiException as exc:
-                if exc.status != 409:
-                    raise
             # another writer created it in between: patch ours onto theirs
             await api.patch_namespaced_config_map(name, self.namespace, patch, _content_type=MERGE_PATCH)
             return False
@@ -308,24 +318,14 @@ class ConfigMapCheckpoints(ConfigMapStore):
                 if expected is not None:
                     return False
                 body = self._new_configmap(name, workflow, checkpoint_labels(workflow), {key: cursor}, committed)
-                try:
-                    await api.create_namespaced_config_map(self.namespace, body)
-                    return True
-                except ApiException as exc2:
-                    if exc2.status != 409:
-                        raise
-                    return None
+                return True if await _unless_conflict(api.create_namespaced_config_map(self.namespace, body)) else None
             if (cm.data or {}).get(key) != expected:
                 return False
             patch = {"metadata": {"resourceVersion": cm.metadata.resource_version, "annotations": committed},
                      "data": {key: cursor}}
-            try:
-                await api.patch_namespaced_config_map(name, self.namespace, patch, _content_type=MERGE_PATCH)
-                return True
-            except ApiException as exc:
-                if exc.status != 409:
-                    raise
-                return None
+            written = _unless_conflict(
+                api.patch_namespaced_config_map(name, self.namespace, patch, _content_type=MERGE_PATCH))
+            return True if await written else None
 
         while True:
             done = await self._call(f"swap the checkpoint of {workflow}/{stream}", name, attempt)
