@@ -96,10 +96,9 @@ SUMMARY: dict[str, list[tuple[str, str, str, str, str, str]]] = {
                     "workers_1/records_per_s", "rec/s", "higher") for n in bench_split.WORKERS[1:]],
     "egress": [("egress events/s", "worker/events_per_s", "naive", "naive/events_per_s", "ev/s", "higher")],
     "opt_in_out": [("opt-in/out changes/s", "sync/changes_per_s", "naive", "naive/changes_per_s", "ch/s", "higher")],
-    "verify": [("verify records/s", "no_latency/verify/records_per_s", "raw paged read",
-                "no_latency/raw_paged_read/records_per_s", "rec/s", "higher"),
-               ("verify records/s, 20 ms", "latency_20ms/verify/records_per_s", "raw paged read",
-                "latency_20ms/raw_paged_read/records_per_s", "rec/s", "higher"),
+    "verify": [*((f"verify records/s{latency}", f"{run}/verify/records_per_s", "raw paged read",
+                  f"{run}/raw_paged_read/records_per_s", "rec/s", "higher")
+                 for run, latency in (("no_latency", ""), ("latency_20ms", ", 20 ms"))),
                ("verify requests per 1,000 records", "no_latency/verify/requests_per_1000", "raw paged read",
                 "no_latency/raw_paged_read/requests_per_1000", "req", "lower")],
     "console": [("watch to screen", "watch_to_screen_s/median", "gRPC watch", "baseline_grpc_watch_s/median",
