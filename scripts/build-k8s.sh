@@ -86,33 +86,39 @@ ldflags_k8s() {
   echo "$out"
 }
 
-build_k8s() {
-  local name="$1"
+# unless_cached NAME WHAT COMMAND...: run COMMAND, which puts NAME into $BIN, unless it is there; timed.
+unless_cached() {
+  local name="$1" what="$2"; shift 2
   if [[ -x "$BIN/$name" ]]; then log "cached $BIN/$name"; return; fi
-  log "building $name $K8S_VERSION (slow on a cold cache)"
+  log "$what"
   local t0=$SECONDS
-  (cd "$ROOT/tests/k8s/cluster" && go build -trimpath -tags selinux,notest \
-      -ldflags "$(ldflags_k8s)" -o "$BIN/$name.tmp" "k8s.io/kubernetes/cmd/$name")
-  mv "$BIN/$name.tmp" "$BIN/$name"
+  "$@"
   log "built $name in $((SECONDS - t0))s"
 }
 
-build_etcd() {
-  if [[ -x "$BIN/etcd" ]]; then log "cached $BIN/etcd"; return; fi
-  log "building etcd $ETCD_VERSION"
-  local t0=$SECONDS
-  (cd "$ROOT/tests/k8s/etcd" && go build -trimpath -ldflags "-s -w" -o "$BIN/etcd.tmp" go.etcd.io/etcd/server/v3)
-  mv "$BIN/etcd.tmp" "$BIN/etcd"
-  log "built etcd in $((SECONDS - t0))s"
+# go_build DIR NAME LDFLAGS PACKAGE [GO BUILD FLAGS...]: build PACKAGE of the module in DIR as $BIN/NAME
+# (through NAME.tmp, so that an interrupted build never looks cached).
+go_build() {
+  local dir="$1" name="$2" ldflags="$3" pkg="$4"; shift 4
+  (cd "$dir" && go build -trimpath "$@" -ldflags "$ldflags" -o "$BIN/$name.tmp" "$pkg")
+  mv "$BIN/$name.tmp" "$BIN/$name"
 }
 
-build_kwok() {
-  if [[ -x "$BIN/kwok" ]]; then log "cached $BIN/kwok"; return; fi
-  log "installing kwok $KWOK_VERSION"
-  local t0=$SECONDS
-  GOBIN="$BIN" GOFLAGS="-buildvcs=false" go install -ldflags "-s -w" "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION"
-  log "built kwok in $((SECONDS - t0))s"
+build_k8s() {
+  unless_cached "$1" "building $1 $K8S_VERSION (slow on a cold cache)" \
+    go_build "$ROOT/tests/k8s/cluster" "$1" "$(ldflags_k8s)" "k8s.io/kubernetes/cmd/$1" -tags selinux,notest
 }
+
+build_etcd() {
+  unless_cached etcd "building etcd $ETCD_VERSION" \
+    go_build "$ROOT/tests/k8s/etcd" etcd "-s -w" go.etcd.io/etcd/server/v3
+}
+
+install_kwok() {
+  GOBIN="$BIN" GOFLAGS="-buildvcs=false" go install -ldflags "-s -w" "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION"
+}
+
+build_kwok() { unless_cached kwok "installing kwok $KWOK_VERSION" install_kwok; }
 
 fetch_kubectl_helm() {
   if [[ -x "$BIN/kubectl" && -x "$BIN/helm" ]]; then log "cached $BIN/kubectl $BIN/helm"; return; fi
