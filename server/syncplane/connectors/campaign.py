@@ -19,6 +19,7 @@ from syncplane.connectors.http import (
     RetryPolicy,
     TokenProvider,
     Transport,
+    VendorApi,
     error_text,
     raise_for_status,
 )
@@ -56,14 +57,12 @@ def owned_by(row: Mapping[str, Any], owner: str | None) -> bool:
     return owner is None or name == owner
 
 
-class _Base:
+class _Base(VendorApi):
     def __init__(self, base_url: str, token_provider: TokenProvider, api_key: str, *, concurrency: int,
                  policy: RetryPolicy | None, transport: Transport | None) -> None:
-        self.base_url = base_url if base_url.endswith("/") else base_url + "/"
-        self.tokens = token_provider
+        super().__init__(base_url if base_url.endswith("/") else base_url + "/", token_provider,
+                         concurrency=concurrency, policy=policy, transport=transport)
         self.api_key = api_key
-        self._own_transport = transport is None
-        self.transport = transport or Transport(concurrency=concurrency, policy=policy, gate=token_provider.gate)
 
     async def _call(self, method: str, url: str, body: dict[str, Any] | None = None) -> Response:
         headers = {"X-Api-Key": self.api_key, "Accept": "application/json"}
@@ -72,10 +71,6 @@ class _Base:
             headers["Content-Type"] = "application/json"
             content = json.dumps(body, separators=(",", ":"), default=str).encode()
         return await self.transport.request(method, url, headers=headers, content=content, auth=self.tokens)
-
-    async def aclose(self) -> None:
-        if self._own_transport:
-            await self.transport.aclose()
 
     async def resource_schema(self, resource: str) -> Schema:
         """Fields, types and lengths of a resource (``<section>/resourceType/<name>``)."""

@@ -21,6 +21,7 @@ from syncplane.connectors.http import (
     RetryPolicy,
     TokenProvider,
     Transport,
+    VendorApi,
     error_text,
     error_text_of,
     pause,
@@ -44,7 +45,7 @@ def _service_root(base_url: str) -> str:
     return base_url if base_url.endswith("/") else base_url + "/"
 
 
-class DynamicsSource:
+class DynamicsSource(VendorApi):
     """Reads an entity set with change tracking.
 
     ``pages(table, columns, None)`` is a full read (every row, inactive ones included) whose
@@ -60,13 +61,11 @@ class DynamicsSource:
                  policy: RetryPolicy | None = None, transport: Transport | None = None) -> None:
         if not 0 < page_size <= MAX_PAGE_SIZE:
             raise ValueError(f"page_size must be between 1 and {MAX_PAGE_SIZE}")
-        self.base_url = _service_root(base_url)
-        self.tokens = token_provider
+        super().__init__(_service_root(base_url), token_provider, concurrency=concurrency, policy=policy,
+                         transport=transport)
         self.key_column = key_column
         self.page_size = page_size
         self.resyncs = 0  # full reads forced by an expired delta token
-        self._own_transport = transport is None
-        self.transport = transport or Transport(concurrency=concurrency, policy=policy, gate=token_provider.gate)
 
     def _prefer(self, annotations: Sequence[str] = (), track: bool = True) -> dict[str, str]:
         prefer = f"odata.track-changes, odata.maxpagesize={self.page_size}" if track else \
@@ -294,11 +293,6 @@ class DynamicsSource:
             raise ConnectorError("MISSING_KEY", f"a row came back without its key column {key_column!r}")
         modified = values.get("modifiedon")
         return Record(str(key), values, modified=str(modified) if modified is not None else None)
-
-    async def aclose(self) -> None:
-        """Close the HTTP transport when this object opened it; idempotent."""
-        if self._own_transport:
-            await self.transport.aclose()
 
 
 #: The cursor of a key range read (``pages(where=…)``) read to its end.
@@ -554,7 +548,7 @@ async def run_batches(items: Sequence[T], batch_size: int, send: Callable[[Seque
     return answered
 
 
-class DynamicsSink:
+class DynamicsSink(VendorApi):
     """Upserts (``PATCH {set}({id})``) and deletes (``DELETE``) through ``$batch``: independent
     requests (no change set) with ``Prefer: odata.continue-on-error``, ≤ 1,000 per batch.
 
@@ -568,12 +562,10 @@ class DynamicsSink:
                  policy: RetryPolicy | None = None, transport: Transport | None = None) -> None:
         if not 0 < batch_size <= MAX_BATCH_REQUESTS:
             raise ValueError(f"batch_size must be between 1 and {MAX_BATCH_REQUESTS}")
-        self.base_url = _service_root(base_url)
-        self.tokens = token_provider
+        super().__init__(_service_root(base_url), token_provider, concurrency=concurrency, policy=policy,
+                         transport=transport)
         self.batch_size = batch_size
         self.parallel_batches = max(1, parallel_batches)
-        self._own_transport = transport is None
-        self.transport = transport or Transport(concurrency=concurrency, policy=policy, gate=token_provider.gate)
 
     def _url(self, entity_set: str, key_field: str, key: str) -> str:
         if _GUID.match(key):
@@ -608,11 +600,6 @@ class DynamicsSink:
             else:
                 rejected.append(Rejected(record.key, part.status, _part_error(part)))
         return WriteResult(written, rejected)
-
-    async def aclose(self) -> None:
-        """Close the HTTP transport when this object opened it; idempotent."""
-        if self._own_transport:
-            await self.transport.aclose()
 
 
 def _part_error(part: PartResponse) -> str:

@@ -684,6 +684,25 @@ class OAuth2ClientCredentials:
             await self.transport.aclose()
 
 
+class VendorApi:
+    """A client of one vendor API: its ``base_url``, its ``tokens`` and the :class:`Transport` it calls
+    through, either the one given (shared: its owner closes it) or one of its own (at most ``concurrency``
+    requests at once, retried by ``policy``, behind the token provider's retry gate), closed by
+    :meth:`aclose`."""
+
+    def __init__(self, base_url: str, token_provider: TokenProvider, *, concurrency: int,
+                 policy: RetryPolicy | None, transport: Transport | None) -> None:
+        self.base_url = base_url
+        self.tokens = token_provider
+        self._own_transport = transport is None
+        self.transport = transport or Transport(concurrency=concurrency, policy=policy, gate=token_provider.gate)
+
+    async def aclose(self) -> None:
+        """Close the HTTP transport when this object opened it; idempotent."""
+        if self._own_transport:
+            await self.transport.aclose()
+
+
 def raise_for_status(response: Response, what: str) -> None:
     """Non-2xx that retrying will not fix → :class:`ConnectorError` (reason by status)."""
     status = response.status_code
