@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from syncplane_sandbox.common import SandboxClock
+from syncplane_sandbox.common import SandboxClock, rename_entry
 
 ACS_FIELD_TYPES = frozenset({"string", "boolean", "int", "double", "datetime", "date", "link"})
 #: What deleting a record does to the records linking to it (see ``AcsState.link_delete``).
@@ -133,10 +133,7 @@ class AcsResource:
         if new in self.fields:
             raise ValueError(f"{self.name} already has a field {new!r}")
         f.name = new
-        self.fields = {(new if k == old else k): v for k, v in self.fields.items()}
-        for row in self.rows.values():
-            if old in row:
-                row[new] = row.pop(old)
+        self.fields = rename_entry(self.fields, self.rows.values(), old, new)
         if self.key_field == old:
             self.key_field = new
             self.filters = {k: v for k, v in self.filters.items() if v.field != old}

@@ -15,10 +15,10 @@ import re
 import secrets
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from aiohttp import web
 
@@ -545,6 +545,19 @@ class SchemaOps:
     retype: Callable[[str, str, int | None], None]
     drop: Callable[[str], None]
     add: Callable[[str, str, int | None], None]
+
+
+V = TypeVar("V")
+
+
+def rename_entry(schema: dict[str, V], rows: Iterable[dict[str, Any]], old: str, new: str) -> dict[str, V]:
+    """A rename of field (or column) ``old`` to ``new``: moved in every row of ``rows`` that has it (data
+    kept, as a publisher's rename would); returns ``schema`` (name → definition) with the entry renamed
+    in its place."""
+    for row in rows:
+        if old in row:
+            row[new] = row.pop(old)
+    return {(new if k == old else k): v for k, v in schema.items()}
 
 
 def apply_schema_change(body: dict[str, Any], term: str, ops: SchemaOps) -> None:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from syncplane_sandbox.common import SandboxClock
+from syncplane_sandbox.common import SandboxClock, rename_entry
 
 # Error codes the emulator answers with (documented so connectors can branch on them).
 #: Delta token expired (by age, default 7 days, or by ``expire_delta_tokens()``): HTTP 400.
@@ -217,10 +217,7 @@ class Table:
         if new in self.columns:
             raise ValueError(f"{self.logical_name} already has a column {new!r}")
         col.name = new
-        self.columns = {(new if k == old else k): v for k, v in self.columns.items()}
-        for row in self.rows.values():
-            if old in row:
-                row[new] = row.pop(old)
+        self.columns = rename_entry(self.columns, self.rows.values(), old, new)
         renamed = []
         for key in self.alternate_keys:
             new_key = tuple(new if c == old else c for c in key)
