@@ -45,6 +45,13 @@ def _service_root(base_url: str) -> str:
     return base_url if base_url.endswith("/") else base_url + "/"
 
 
+def _at_most(name: str, value: int, most: int) -> int:
+    """``value`` when it is from 1 to ``most``; otherwise ValueError naming ``name``."""
+    if not 0 < value <= most:
+        raise ValueError(f"{name} must be between 1 and {most}")
+    return value
+
+
 class DynamicsSource(VendorApi):
     """Reads an entity set with change tracking.
 
@@ -59,12 +66,10 @@ class DynamicsSource(VendorApi):
     def __init__(self, base_url: str, token_provider: TokenProvider, *, key_column: str,
                  page_size: int = MAX_PAGE_SIZE, concurrency: int = DEFAULT_CONCURRENCY,
                  policy: RetryPolicy | None = None, transport: Transport | None = None) -> None:
-        if not 0 < page_size <= MAX_PAGE_SIZE:
-            raise ValueError(f"page_size must be between 1 and {MAX_PAGE_SIZE}")
+        self.page_size = _at_most("page_size", page_size, MAX_PAGE_SIZE)
         super().__init__(_service_root(base_url), token_provider, concurrency=concurrency, policy=policy,
                          transport=transport)
         self.key_column = key_column
-        self.page_size = page_size
         self.resyncs = 0  # full reads forced by an expired delta token
 
     def _prefer(self, annotations: Sequence[str] = (), track: bool = True) -> dict[str, str]:
@@ -560,11 +565,9 @@ class DynamicsSink(VendorApi):
     def __init__(self, base_url: str, token_provider: TokenProvider, *, batch_size: int = MAX_BATCH_REQUESTS,
                  parallel_batches: int = 1, concurrency: int = DEFAULT_CONCURRENCY,
                  policy: RetryPolicy | None = None, transport: Transport | None = None) -> None:
-        if not 0 < batch_size <= MAX_BATCH_REQUESTS:
-            raise ValueError(f"batch_size must be between 1 and {MAX_BATCH_REQUESTS}")
+        self.batch_size = _at_most("batch_size", batch_size, MAX_BATCH_REQUESTS)
         super().__init__(_service_root(base_url), token_provider, concurrency=concurrency, policy=policy,
                          transport=transport)
-        self.batch_size = batch_size
         self.parallel_batches = max(1, parallel_batches)
 
     def _url(self, entity_set: str, key_field: str, key: str) -> str:
