@@ -126,9 +126,7 @@ class Supervisor:
         while True:
             try:
                 await self.tick()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
+            except Exception:  # (CancelledError is not one: a cancel still ends the loop)
                 log.exception("supervisor tick failed; retrying")
             self._wake.clear()
             try:
