@@ -578,6 +578,14 @@ def apply_schema_change(body: dict[str, Any], term: str, ops: SchemaOps) -> None
         raise ValueError(f"unknown schema op {op!r}")
 
 
+class Switches(Protocol):
+    """Settings switched through the control API (fault injection, protocol variants)."""
+
+    def snapshot(self) -> dict[str, Json]: ...
+
+    def reset(self) -> None: ...
+
+
 class EmulatorApp:
     """Common aiohttp plumbing of an emulator: labelling header, request log, fault
     injection, optional service protection, and the ``/_sandbox`` control routes."""
@@ -598,9 +606,8 @@ class EmulatorApp:
         r.add_get(CONTROL_PREFIX, self._ctl_info)
         r.add_get(CONTROL_PREFIX + "/requests", self._ctl_requests)
         r.add_delete(CONTROL_PREFIX + "/requests", self._ctl_clear_requests)
-        r.add_get(CONTROL_PREFIX + "/faults", self._ctl_faults)
+        self.control_switches(CONTROL_PREFIX + "/faults", faults)
         r.add_put(CONTROL_PREFIX + "/faults", self._ctl_set_faults)
-        r.add_delete(CONTROL_PREFIX + "/faults", self._ctl_reset_faults)
         r.add_post(CONTROL_PREFIX + "/faults/queue", self._ctl_queue_fault)
         r.add_post(CONTROL_PREFIX + "/tokens/expire", self._ctl_expire_tokens)
         r.add_put(CONTROL_PREFIX + "/tokens/lifetime", self._ctl_token_lifetime)
@@ -610,6 +617,20 @@ class EmulatorApp:
         if protection is not None:
             r.add_get(CONTROL_PREFIX + "/limits", self._ctl_limits)
             r.add_put(CONTROL_PREFIX + "/limits", self._ctl_set_limits)
+
+    def control_switches(self, path: str, switches: Switches) -> None:
+        """``GET path``: what ``switches`` are set to (their snapshot); ``DELETE path``: back to their
+        defaults, answered with the snapshot. One for fault injection and the protocol variants."""
+
+        async def show(request: web.Request) -> web.Response:
+            return json_response(switches.snapshot())
+
+        async def reset(request: web.Request) -> web.Response:
+            switches.reset()
+            return json_response(switches.snapshot())
+
+        self.app.router.add_get(path, show)
+        self.app.router.add_delete(path, reset)
 
     def control_poison(self, state: PoisonList, owner: str) -> None:
         """The poison control routes, one for both emulators: ``PUT /_sandbox/poison`` with
@@ -745,17 +766,10 @@ class EmulatorApp:
         self.log.clear()
         return web.Response(status=204)
 
-    async def _ctl_faults(self, request: web.Request) -> web.Response:
-        return json_response(self.faults.snapshot())
-
     async def _ctl_set_faults(self, request: web.Request) -> web.Response:
         body = await request.json()
         seed = body.pop("seed", None)
         self.faults.set(seed=seed, **body)
-        return json_response(self.faults.snapshot())
-
-    async def _ctl_reset_faults(self, request: web.Request) -> web.Response:
-        self.faults.reset()
         return json_response(self.faults.snapshot())
 
     async def _ctl_queue_fault(self, request: web.Request) -> web.Response:

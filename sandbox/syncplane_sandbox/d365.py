@@ -159,8 +159,7 @@ class D365Emulator(EmulatorApp):
         r.add_delete("/_sandbox/tables/{set}/rows/{id}", self._ctl_delete_row)
         self.control_poison(state, "table")
         r.add_post("/_sandbox/seed", self._ctl_seed)
-        r.add_get("/_sandbox/variants", self._ctl_variants)
-        r.add_delete("/_sandbox/variants", self._ctl_reset_variants)
+        self.control_switches("/_sandbox/variants", self.variants)
         r.add_put("/_sandbox/variants/paging", self._ctl_paging)
         r.add_put("/_sandbox/variants/batch", self._ctl_batch_variant)
 
@@ -760,13 +759,6 @@ class D365Emulator(EmulatorApp):
     async def _ctl_delete_row(self, request: web.Request) -> web.Response:
         table = self.state.table(request.match_info["set"])
         return web.Response(status=204 if table.delete(str(uuid.UUID(request.match_info["id"]))) else 404)
-
-    async def _ctl_variants(self, request: web.Request) -> web.Response:
-        return json_response(self.variants.snapshot())
-
-    async def _ctl_reset_variants(self, request: web.Request) -> web.Response:
-        self.variants.reset()
-        return json_response(self.variants.snapshot())
 
     async def _ctl_paging(self, request: web.Request) -> web.Response:
         """``{"default": "keep|no-link|repeat|loop", "script": [action, ...]}`` (either key)."""
