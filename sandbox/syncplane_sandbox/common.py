@@ -618,6 +618,14 @@ class EmulatorApp:
             r.add_get(CONTROL_PREFIX + "/limits", self._ctl_limits)
             r.add_put(CONTROL_PREFIX + "/limits", self._ctl_set_limits)
 
+    def control_schema(self, collection: str, listing: Handler, change: Handler) -> None:
+        """The schema control routes of the emulated collections (``"resources"`` on Campaign,
+        ``"tables"`` on Dataverse): ``GET /_sandbox/<collection>``, each with its schema and size
+        (``listing``); ``POST /_sandbox/<collection>/{name}/schema``, a schema change of one
+        (``change``, see :func:`apply_schema_change`)."""
+        self.app.router.add_get(f"{CONTROL_PREFIX}/{collection}", listing)
+        self.app.router.add_post(f"{CONTROL_PREFIX}/{collection}/{{name}}/schema", change)
+
     def control_switches(self, path: str, switches: Switches) -> None:
         """``GET path``: what ``switches`` are set to (their snapshot); ``DELETE path``: back to their
         defaults, answered with the snapshot. One for fault injection and the protocol variants."""

@@ -152,11 +152,10 @@ class D365Emulator(EmulatorApp):
         r.add_route("*", API_PREFIX + "{tail:.*}", self._api)
         r.add_route("*", API_PREFIX.rstrip("/"), self._api)
         r.add_post("/_sandbox/delta-tokens/expire", self._ctl_expire_delta)
-        r.add_get("/_sandbox/tables", self._ctl_tables)
-        r.add_post("/_sandbox/tables/{set}/schema", self._ctl_schema)
-        r.add_put("/_sandbox/tables/{set}/change-tracking", self._ctl_change_tracking)
-        r.add_put("/_sandbox/tables/{set}/rows/{id}", self._ctl_put_row)
-        r.add_delete("/_sandbox/tables/{set}/rows/{id}", self._ctl_delete_row)
+        self.control_schema("tables", self._ctl_tables, self._ctl_schema)
+        r.add_put("/_sandbox/tables/{name}/change-tracking", self._ctl_change_tracking)
+        r.add_put("/_sandbox/tables/{name}/rows/{id}", self._ctl_put_row)
+        r.add_delete("/_sandbox/tables/{name}/rows/{id}", self._ctl_delete_row)
         self.control_poison(state, "table")
         r.add_post("/_sandbox/seed", self._ctl_seed)
         self.control_switches("/_sandbox/variants", self.variants)
@@ -737,19 +736,19 @@ class D365Emulator(EmulatorApp):
 
     async def _ctl_schema(self, request: web.Request) -> web.Response:
         """A schema change of one table: :func:`~syncplane_sandbox.common.apply_schema_change` by ``"column"``."""
-        table = self.state.table(request.match_info["set"])
+        table = self.state.table(request.match_info["name"])
         apply_schema_change(await request.json(), "column", SchemaOps(
             table.rename_column, table.retype_column, table.drop_column,
             lambda name, type, max_length: table.add_column(Column(name, type, max_length))))
         return json_response(self.entity_metadata(table, True, True))
 
     async def _ctl_change_tracking(self, request: web.Request) -> web.Response:
-        table = self.state.table(request.match_info["set"])
+        table = self.state.table(request.match_info["name"])
         table.change_tracking = bool((await request.json())["enabled"])
         return json_response({"ChangeTrackingEnabled": table.change_tracking})
 
     async def _ctl_put_row(self, request: web.Request) -> web.Response:
-        table = self.state.table(request.match_info["set"])
+        table = self.state.table(request.match_info["name"])
         try:
             rid = table.upsert(request.match_info["id"], **(await request.json()))
         except ODataError as exc:
@@ -757,7 +756,7 @@ class D365Emulator(EmulatorApp):
         return json_response(table.output(rid))
 
     async def _ctl_delete_row(self, request: web.Request) -> web.Response:
-        table = self.state.table(request.match_info["set"])
+        table = self.state.table(request.match_info["name"])
         return web.Response(status=204 if table.delete(str(uuid.UUID(request.match_info["id"]))) else 404)
 
     async def _ctl_paging(self, request: web.Request) -> web.Response:
