@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -39,6 +40,7 @@ from syncplane.api.server import ServerSecurity
 from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.proto.v1 import workflow_service_pb2 as svc
 from syncplane.proto.v1 import workflow_service_pb2_grpc as svc_grpc
+from tests.factories import create_workflow
 
 BACKENDS = ("embedded", "kubernetes")
 TIER_BACKENDS = {"integration": ("embedded",), "k8s": ("kubernetes",)}
@@ -65,6 +67,20 @@ class ApiPlane(Protocol):
         """Every worker's log file so far, those of stopped workers included: the supervisor's
         `<wf>.<i>.log*` and `.out` files embedded, each container's log on Kubernetes."""
         ...
+
+
+@dataclass
+class ConnectedPlane:
+    """What every backend's control plane fixture holds: a client connected to its gRPC server on
+    ``port`` (loopback). Each tier's fixture extends it with what it runs on (tests.integration.conftest,
+    tests.k8s.control_plane)."""
+
+    stub: svc_grpc.WorkflowServiceStub
+    channel: grpc.aio.Channel
+    port: int
+
+    async def create(self, name: str, kind: str = "ingress", **overrides: object) -> pb.Workflow:
+        return await create_workflow(self.stub, name, kind, **overrides)
 
 
 def error_lines(logs: list[Path]) -> list[str]:

@@ -30,7 +30,9 @@ from syncplane.runtime.processes import read_port
 from syncplane.runtime.supervisor import Supervisor, SupervisorConfig
 from syncplane.service import WorkflowService
 from syncplane.store.sqlite import SqliteStore
-from tests.factories import UNREACHABLE_SECRETS, create_workflow
+from tests.backends import ConnectedPlane
+from tests.factories import UNREACHABLE_SECRETS
+from tests.processes import stop_process
 
 FAST = SupervisorConfig(tick=0.1, stop_timeout=5.0, backoff_base=0.05, backoff_cap=0.5, crash_limit=3,
                         crash_window=60.0, orphan_timeout=30.0, poll_timeout=1.0)
@@ -96,16 +98,10 @@ async def watch_until(stub: svc_grpc.WorkflowServiceStub, name: str, predicate: 
 
 
 @dataclass
-class ControlPlane:
-    stub: svc_grpc.WorkflowServiceStub
-    channel: grpc.aio.Channel
-    port: int
+class ControlPlane(ConnectedPlane):
     store: SqliteStore
     supervisor: Supervisor
     data_dir: Path
-
-    async def create(self, name: str, kind: str = "ingress", **overrides: object) -> pb.Workflow:
-        return await create_workflow(self.stub, name, kind, **overrides)
 
     async def worker_count(self, workflow_id: str) -> int:
         """Live worker processes of a workflow (the process table)."""
@@ -189,11 +185,5 @@ class ServerProcess:
         return channel, svc_grpc.WorkflowServiceStub(channel)
 
     def stop(self, sig: signal.Signals = signal.SIGTERM) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, sig)
         self.log.close()

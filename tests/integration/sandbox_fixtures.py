@@ -15,8 +15,8 @@ from syncplane_sandbox import SANDBOX_CLIENT_ID, SANDBOX_CLIENT_SECRET, Sandbox,
 
 
 @asynccontextmanager
-async def running_sandbox(seed: SeedSpec) -> AsyncIterator[Sandbox]:
-    """Both emulators on loopback, seeded with ``seed``, stopped on the way out."""
+async def running_sandbox(seed: SeedSpec | None = None) -> AsyncIterator[Sandbox]:
+    """Both emulators on loopback, seeded with ``seed`` (None: empty), stopped on the way out."""
     sb = await start_sandbox(seed=seed)
     try:
         yield sb

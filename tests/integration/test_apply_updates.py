@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 
 from syncplane.proto.v1 import workflow_pb2 as pb
-from syncplane_sandbox import Sandbox, start_sandbox
+from syncplane_sandbox import Sandbox
 from tests.integration.ingress_env import ingress_spec
 from tests.integration.inprocess import InProcessIngress
+from tests.integration.sandbox_fixtures import running_sandbox
 
 OLD = "00000000-0000-4000-8000-0000000000d1"   # synced by the first load
 NEW = "00000000-0000-4000-8000-0000000000d2"   # created in Dynamics after the first load
@@ -38,11 +39,8 @@ def spec_with(sb: Sandbox, *, replay: str = "", filtered: bool = False) -> pb.Wo
 
 @pytest.fixture
 async def sb() -> AsyncIterator[Sandbox]:
-    sandbox = await start_sandbox()
-    try:
+    async with running_sandbox() as sandbox:
         yield sandbox
-    finally:
-        await sandbox.stop()
 
 
 def last_name(sb: Sandbox, key: str) -> object:

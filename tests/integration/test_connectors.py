@@ -23,19 +23,16 @@ from syncplane_sandbox import (
     SANDBOX_CLIENT_SECRET,
     Sandbox,
     SeedSpec,
-    start_sandbox,
 )
+from tests.integration.sandbox_fixtures import running_sandbox
 
 COLUMNS = ["firstname", "lastname", "emailaddress1", "statecode", "modifiedon"]
 
 
 @pytest.fixture
 async def sandbox() -> AsyncIterator[Sandbox]:
-    sb = await start_sandbox(seed=SeedSpec(contacts=1234, seed=3))
-    try:
+    async with running_sandbox(SeedSpec(contacts=1234, seed=3)) as sb:
         yield sb
-    finally:
-        await sb.stop()
 
 
 def d365_tokens(sb: Sandbox, secret: str = SANDBOX_CLIENT_SECRET) -> OAuth2ClientCredentials:

@@ -25,15 +25,13 @@ from tests.integration.optinout_env import (
     set_crm,
     write_count,
 )
+from tests.integration.sandbox_fixtures import running_sandbox
 
 
 @pytest.fixture
 async def sb() -> AsyncIterator[Sandbox]:
-    sandbox = await start_sandbox(seed=SeedSpec(contacts=300, seed=11, opt_out_ratio=0.3))
-    try:
+    async with running_sandbox(SeedSpec(contacts=300, seed=11, opt_out_ratio=0.3)) as sandbox:
         yield sandbox
-    finally:
-        await sandbox.stop()
 
 
 def contact_keys(sb: Sandbox) -> list[str]:

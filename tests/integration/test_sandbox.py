@@ -31,16 +31,21 @@ from syncplane_sandbox import (
     start_sandbox,
 )
 from syncplane_sandbox.odata_batch import PartResponse, parse_batch_response
-from tests.integration.sandbox_fixtures import Clients, Op, acs_token, build_batch, d365_token, open_clients
+from tests.integration.sandbox_fixtures import (
+    Clients,
+    Op,
+    acs_token,
+    build_batch,
+    d365_token,
+    open_clients,
+    running_sandbox,
+)
 
 
 @pytest.fixture
 async def sandbox() -> AsyncIterator[Sandbox]:
-    sb = await start_sandbox(seed=SeedSpec(contacts=120, loyalty_cards=10, events=30, acs_profiles=5, seed=7))
-    try:
+    async with running_sandbox(SeedSpec(contacts=120, loyalty_cards=10, events=30, acs_profiles=5, seed=7)) as sb:
         yield sb
-    finally:
-        await sb.stop()
 
 
 @pytest.fixture

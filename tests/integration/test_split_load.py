@@ -39,17 +39,14 @@ from tests.integration.ingress_env import (
     profiles_match,
     status_of,
 )
-from tests.integration.sandbox_fixtures import open_clients
+from tests.integration.sandbox_fixtures import open_clients, running_sandbox
 from tests.integration.test_ingress import CRASH_TOLERANT
 
 
 @pytest.fixture
 async def empty() -> AsyncIterator[Sandbox]:
-    sb = await start_sandbox(seed=SeedSpec(contacts=0, seed=1))
-    try:
+    async with running_sandbox(SeedSpec(contacts=0, seed=1)) as sb:
         yield sb
-    finally:
-        await sb.stop()
 
 
 def _contacts(sb: Sandbox, keys: list[str]) -> None:

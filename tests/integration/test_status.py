@@ -24,13 +24,14 @@ from syncplane.lifecycle import Policy
 from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.proto.v1 import workflow_service_pb2 as svc
 from syncplane.runtime.supervisor import SupervisorConfig
-from syncplane_sandbox import Sandbox, SeedSpec, start_sandbox
+from syncplane_sandbox import Sandbox, SeedSpec
 from syncplane_sandbox.quickstart import write_sandbox_secrets
 from tests.backends import eventually
 from tests.integration.cli_env import cli
 from tests.integration.conftest import ControlPlane, _serve, watch_until
 from tests.integration.ingress_env import ingress_spec, prepare
 from tests.integration.optinout_env import optinout_spec
+from tests.integration.sandbox_fixtures import running_sandbox
 from tests.integration.test_egress import egress_spec, expected_activities
 from tests.integration.test_ingress import start
 from tests.source_faults import SOURCE_FAULTS, break_source, heal_source
@@ -49,11 +50,8 @@ async def plane(tmp_path: Path) -> AsyncIterator[ControlPlane]:
 
 @pytest.fixture
 async def sb() -> AsyncIterator[Sandbox]:
-    sandbox = await start_sandbox(seed=SeedSpec(contacts=300, events=500, seed=11))
-    try:
+    async with running_sandbox(SeedSpec(contacts=300, events=500, seed=11)) as sandbox:
         yield sandbox
-    finally:
-        await sandbox.stop()
 
 
 async def status(plane: ControlPlane, name: str) -> pb.WorkflowStatus:

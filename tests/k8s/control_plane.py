@@ -19,24 +19,18 @@ import pytest
 
 from syncplane.api.server import ServerSecurity, create_server
 from syncplane.contract.names import REPORT_ANNOTATION, WORKFLOW_LABEL
-from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.proto.v1 import workflow_service_pb2_grpc as svc_grpc
 from syncplane.runtime.kubernetes import kubernetes_store
 from syncplane.service import WorkflowService
-from tests.factories import UNREACHABLE_SECRETS, create_workflow, literals
+from tests.backends import ConnectedPlane
+from tests.factories import UNREACHABLE_SECRETS, literals
 from tests.k8s.kubelet import FakeKubelet
 
 
 @dataclass
-class KubeControlPlane:
-    stub: svc_grpc.WorkflowServiceStub
-    channel: grpc.aio.Channel
-    port: int
+class KubeControlPlane(ConnectedPlane):
     namespace: str
     kubelet: FakeKubelet
-
-    async def create(self, name: str, kind: str = "ingress", **overrides: object) -> pb.Workflow:
-        return await create_workflow(self.stub, name, kind, **overrides)
 
     async def worker_count(self, workflow_id: str) -> int:
         """Live (not deleting) worker pods of the workflow."""

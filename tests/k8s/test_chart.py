@@ -16,7 +16,6 @@ import asyncio
 import json
 import os
 import re
-import signal
 import ssl
 import subprocess
 import sys
@@ -43,6 +42,7 @@ from syncplane_sandbox import Sandbox, SeedSpec, start_sandbox
 from tests.chart_tools import check
 from tests.factories import literals
 from tests.k8s.test_operator import AVAILABLE, LocalWorker, get, wait
+from tests.processes import stop_process
 
 pytestmark = pytest.mark.k8s
 ROOT = Path(__file__).resolve().parents[2]
@@ -288,13 +288,7 @@ class Process:
                                      stderr=subprocess.STDOUT)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         self._log.close()
 
     @property
