@@ -139,6 +139,26 @@ async def converge(check: Callable[[], bool], timeout: float, what: str | Callab
         await asyncio.sleep(0.5)  # the sandbox shares this event loop: leave it the time
 
 
+async def profiles_converge(sandbox: Sandbox, timeout: float, what: str, *,
+                            expected: dict[str, dict[str, Any]] | None = None,
+                            where: Callable[[dict[str, Any]], bool] | None = None, cards: bool = False) -> None:
+    """Wait up to ``timeout`` seconds for Campaign's profiles to equal ``expected`` (externalId → fields)
+    or, when None, the mapped source as it is at each poll (its contacts passing ``where``; with
+    ``cards``, the loyalty cards must match too). On the deadline, AssertionError names ``what`` and the
+    difference (:func:`diff`)."""
+    if expected is None:
+        def level() -> bool:
+            return profiles_match(sandbox, where) and (not cards or cards_match(sandbox))
+    else:
+        def level() -> bool:
+            return actual_profiles(sandbox) == expected
+
+    def wanted() -> dict[str, dict[str, Any]]:
+        return expected if expected is not None else expected_profiles(sandbox, where or (lambda _: True))
+
+    await converge(level, timeout, lambda: f"{what}: " + diff(wanted(), actual_profiles(sandbox)))
+
+
 def dead_letters(data_dir: Path, workflow: str) -> list[dict[str, Any]]:
     """A workflow's dead letters, as the embedded workers stored them."""
     state = SqliteWorkerState(data_dir / "worker-state.db")

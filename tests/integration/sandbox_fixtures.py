@@ -24,6 +24,22 @@ async def running_sandbox(seed: SeedSpec | None = None) -> AsyncIterator[Sandbox
         await sb.stop()
 
 
+def change_contacts(sb: Sandbox, deleted: int = 1) -> tuple[list[str], str]:
+    """The edits a change-tracked read must report, made 2 s later on the sandbox's clock: the first
+    contact renamed (``firstname`` "Renamed"), the second's ``lastname`` "Changed", a contact created
+    ("New Person"), then the ``deleted`` contacts after the second deleted. Returns (the contact ids
+    before the edits, in the table's order; the created contact's id)."""
+    table = sb.d365.table("contacts")
+    ids = list(table.rows)
+    sb.clock.advance(2)
+    table.upsert(ids[0], firstname="Renamed")
+    table.upsert(ids[1], lastname="Changed")
+    created = table.upsert(firstname="New", lastname="Person", emailaddress1="new.person@example.com")
+    for rid in ids[2:2 + deleted]:
+        table.delete(rid)
+    return ids, created
+
+
 async def d365_token(http: httpx.AsyncClient, sb: Sandbox, client_id: str = SANDBOX_CLIENT_ID,
                      secret: str = SANDBOX_CLIENT_SECRET) -> str:
     r = await http.post(sb.d365_token_url, data={"client_id": client_id, "client_secret": secret,

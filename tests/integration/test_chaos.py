@@ -19,14 +19,11 @@ import pytest
 from syncplane_sandbox import Sandbox, SeedSpec, start_sandbox
 from tests.integration.conftest import ControlPlane, _serve
 from tests.integration.ingress_env import (
-    actual_profiles,
     converge,
-    diff,
-    expected_profiles,
     ingress_spec,
     prepare,
     profile_key_count,
-    profiles_match,
+    profiles_converge,
 )
 from tests.integration.test_ingress import CRASH_TOLERANT, start, worker_pid
 from tests.integration.verify_env import counts, verify
@@ -76,8 +73,7 @@ async def test_chaos_ends_with_verify_at_zero_and_no_duplicate_key(plane: Contro
         storm(sb)
         kill_worker(plane)  # 2
         await converge(lambda: len(profiles) >= 15_000, 600, "15,000 profiles through the storm")
-        await converge(lambda: profiles_match(sb), 900,
-                       lambda: "the first load: " + diff(expected_profiles(sb), actual_profiles(sb)))
+        await profiles_converge(sb, 900, "the first load")
 
         # The delta token expires; meanwhile contacts are deleted, edited and inserted. No await in
         # between: the worker (served by this event loop) cannot poll in the middle of it.
@@ -104,9 +100,7 @@ async def test_chaos_ends_with_verify_at_zero_and_no_duplicate_key(plane: Contro
 
         await converge(rereading, 300, "the full re-read after the expired delta token")
         kill_worker(plane)  # 3
-        expected = expected_profiles(sb)
-        await converge(lambda: profiles_match(sb), 900,
-                       lambda: "after the expired token: " + diff(expected, actual_profiles(sb)))
+        await profiles_converge(sb, 900, "after the expired token")
 
         rows, keys = profile_key_count(sb)
         assert rows == keys == len(contacts.rows), "no duplicate key, none lost"

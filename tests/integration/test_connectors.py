@@ -6,6 +6,7 @@ import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 import pytest
 
@@ -24,7 +25,7 @@ from syncplane_sandbox import (
     Sandbox,
     SeedSpec,
 )
-from tests.integration.sandbox_fixtures import running_sandbox
+from tests.integration.sandbox_fixtures import change_contacts, running_sandbox
 
 COLUMNS = ["firstname", "lastname", "emailaddress1", "statecode", "modifiedon"]
 
@@ -48,35 +49,22 @@ def acs_tokens(sb: Sandbox, secret: str = SANDBOX_CLIENT_SECRET) -> OAuth2Client
 
 @pytest.fixture
 async def source(sandbox: Sandbox) -> AsyncIterator[DynamicsSource]:
-    tokens = d365_tokens(sandbox)
-    src = DynamicsSource(sandbox.d365_url, tokens, key_column="contactid", page_size=200)
-    try:
+    async with (aclosing(d365_tokens(sandbox)) as tokens,
+                aclosing(DynamicsSource(sandbox.d365_url, tokens, key_column="contactid", page_size=200)) as src):
         yield src
-    finally:
-        await src.aclose()
-        await tokens.aclose()
 
 
 @pytest.fixture
 async def d365_sink(sandbox: Sandbox) -> AsyncIterator[DynamicsSink]:
-    tokens = d365_tokens(sandbox)
-    sink = DynamicsSink(sandbox.d365_url, tokens)
-    try:
+    async with aclosing(d365_tokens(sandbox)) as tokens, aclosing(DynamicsSink(sandbox.d365_url, tokens)) as sink:
         yield sink
-    finally:
-        await sink.aclose()
-        await tokens.aclose()
 
 
 @pytest.fixture
 async def acs_sink(sandbox: Sandbox) -> AsyncIterator[CampaignSink]:
-    tokens = acs_tokens(sandbox)
-    sink = CampaignSink(sandbox.acs_url, tokens, api_key=SANDBOX_CLIENT_ID)
-    try:
+    async with (aclosing(acs_tokens(sandbox)) as tokens,
+                aclosing(CampaignSink(sandbox.acs_url, tokens, api_key=SANDBOX_CLIENT_ID)) as sink):
         yield sink
-    finally:
-        await sink.aclose()
-        await tokens.aclose()
 
 
 async def read_all(src: DynamicsSource, cursor: str | None = None) -> list[Page]:
@@ -117,14 +105,7 @@ async def test_full_read_resumes_mid_load_from_a_page_cursor(sandbox: Sandbox, s
 
 async def test_delta_after_updates_and_deletes(sandbox: Sandbox, source: DynamicsSource) -> None:
     cursor = (await read_all(source))[-1].cursor
-    table = sandbox.d365.table("contacts")
-    ids = list(table.rows)
-    sandbox.clock.advance(2)
-    table.upsert(ids[0], firstname="Renamed")
-    table.upsert(ids[1], lastname="Changed")
-    created = table.upsert(firstname="New", lastname="Person", emailaddress1="new.person@example.com")
-    table.delete(ids[2])
-    table.delete(ids[3])
+    ids, created = change_contacts(sandbox, deleted=2)
 
     pages = await read_all(source, cursor)
     records = {r.key: r for p in pages for r in p.records}

@@ -24,12 +24,11 @@ from syncplane_sandbox import SeedSpec, start_sandbox
 from tests.integration.cli_env import cli
 from tests.integration.conftest import ControlPlane, _serve
 from tests.integration.ingress_env import (
-    actual_profiles,
     converge,
-    diff,
     expected_profiles,
     ingress_spec,
     prepare,
+    profiles_converge,
     status_until,
 )
 from tests.integration.test_api_errors import error_info, expect, field_paths
@@ -87,8 +86,7 @@ async def test_poison_records_are_dead_lettered_then_retried_into_the_destinatio
         await plane.stub.StartWorkflow(svc.StartWorkflowRequest(name=PARENT))
         everything = expected_profiles(sb)
         good = {k: v for k, v in everything.items() if k not in bad}
-        await converge(lambda: actual_profiles(sb) == good, 120,
-                       lambda: "all but the poison records: " + diff(good, actual_profiles(sb)))
+        await profiles_converge(sb, 120, "all but the poison records", expected=good)
 
         # Each poison record is listed with its reason, over gRPC.
         letters = await letters_until(plane, lambda ls: len(ls) == 4, 60, "four dead letters")
@@ -130,8 +128,7 @@ async def test_poison_records_are_dead_lettered_then_retried_into_the_destinatio
         resp = await plane.stub.RetryDeadLetters(svc.RetryDeadLettersRequest(parent=PARENT, keys=bad[:2]))
         assert resp.marked_count == 2
         with_two = {**good, **{k: everything[k] for k in bad[:2]}}
-        await converge(lambda: actual_profiles(sb) == with_two, 60,
-                       lambda: "the two retried records: " + diff(with_two, actual_profiles(sb)))
+        await profiles_converge(sb, 60, "the two retried records", expected=with_two)
         left = await letters_until(plane, lambda ls: len(ls) == 2, 30, "two dead letters left")
         assert [d.key for d in left] == bad[2:]
         await status_until(plane.stub, NAME, lambda s: s.dead_letters == 2, 30)
@@ -139,8 +136,7 @@ async def test_poison_records_are_dead_lettered_then_retried_into_the_destinatio
         # ...and the CLI retries the rest, against the same server port.
         out = await run_cli(plane, "deadletters", "retry", NAME)
         assert "2 dead letter(s) marked for retry" in out, out
-        await converge(lambda: actual_profiles(sb) == everything, 60,
-                       lambda: "every record: " + diff(everything, actual_profiles(sb)))
+        await profiles_converge(sb, 60, "every record", expected=everything)
         await letters_until(plane, lambda ls: not ls, 30, "no dead letters")
         status = await status_until(plane.stub, NAME, lambda s: s.dead_letters == 0, 30)
         assert status.counters.dead_lettered == 4, "a retry is not a new dead letter"
@@ -196,8 +192,7 @@ async def test_a_workflow_created_again_after_a_delete_starts_afresh(plane: Cont
         await plane.stub.CreateWorkflow(create)
         await plane.stub.StartWorkflow(svc.StartWorkflowRequest(name=PARENT))
         everything = expected_profiles(sb)
-        await converge(lambda: actual_profiles(sb) == everything, 120,
-                       lambda: "every record: " + diff(everything, actual_profiles(sb)))
+        await profiles_converge(sb, 120, "every record", expected=everything)
         first = next(r.path for r in sb.requests.records(since=seq, server="d365") if "/contacts" in r.path)
         assert "$deltatoken" not in first and "$skiptoken" not in first, first
         assert await all_letters(plane) == []

@@ -21,15 +21,13 @@ from syncplane_sandbox import Sandbox, SeedSpec, start_sandbox
 from tests.integration.conftest import ControlPlane, _serve, watch_until, worker_processes
 from tests.integration.ingress_env import (
     actual_profiles,
-    cards_match,
     converge,
     dead_letters,
-    diff,
     expected_profiles,
     ingress_spec,
     prepare,
     profile_key_count,
-    profiles_match,
+    profiles_converge,
     status_of,
     status_until,
 )
@@ -83,8 +81,7 @@ async def load_then_update_and_delete(plane: ControlPlane, sb: Sandbox, contacts
     """A first load of ``contacts`` contacts and their cards, then updates and deletes through change
     tracking; each stage converges, and the last one ends with verify = 0 differences."""
     await start(plane, "ingress", spec)
-    await converge(lambda: profiles_match(sb) and cards_match(sb),
-                   600, f"the first load of {contacts} contacts and their cards")
+    await profiles_converge(sb, 600, f"the first load of {contacts} contacts and their cards", cards=True)
     status = await status_of(plane.stub, "ingress")
     assert status.counters.dead_lettered == 0
     assert profile_key_count(sb) == (contacts, contacts)
@@ -102,8 +99,7 @@ async def load_then_update_and_delete(plane: ControlPlane, sb: Sandbox, contacts
     card_ids = sorted(sb.d365.table("new_loyaltycards").rows)
     for rid in card_ids[:card_deletes]:
         sb.d365.table("new_loyaltycards").delete(rid)
-    await converge(lambda: profiles_match(sb) and cards_match(sb),
-                   120, lambda: "updates and deletes: " + diff(expected_profiles(sb), actual_profiles(sb)))
+    await profiles_converge(sb, 120, "updates and deletes", cards=True)
     await verified(plane.stub, "ingress")
 
 
@@ -118,8 +114,7 @@ async def filter_to_active_contacts(plane: ControlPlane, sb: Sandbox, spec: pb.W
     await restart_with(plane, "ingress", changed, ["spec.ingress"])
     active = expected_profiles(sb, lambda row: row.get("statecode") == 0)
     assert len(active) < len(sb.d365.table("contacts").rows)
-    await converge(lambda: profiles_match(sb, lambda row: row.get("statecode") == 0), 300,
-                   lambda: "the filter change: " + diff(active, actual_profiles(sb)))
+    await profiles_converge(sb, 300, "the filter change", where=lambda row: row.get("statecode") == 0)
 
 
 @pytest.mark.timeout(1200)
@@ -154,7 +149,6 @@ async def test_kill_9_at_ten_random_moments_loses_and_duplicates_nothing(plane: 
     try:
         prepare(sb, plane.data_dir)
         await start(plane, "crashy", ingress_spec(sb, batch_size=1000))
-        expected = expected_profiles(sb)
         rng = random.Random(20261128)
         kills = 0
         for written_at in sorted(rng.sample(range(2_000, 90_000), 10)):
@@ -167,8 +161,7 @@ async def test_kill_9_at_ten_random_moments_loses_and_duplicates_nothing(plane: 
             os.kill(pid, signal.SIGKILL)
             kills += 1
         assert kills == 10
-        await converge(lambda: profiles_match(sb), 600,
-                       lambda: "consistency after 10 kills: " + diff(expected, actual_profiles(sb)))
+        await profiles_converge(sb, 600, "consistency after 10 kills")
         assert profile_key_count(sb) == (100_000, 100_000)  # no duplicates, none lost
         status = await status_of(plane.stub, "crashy")
         assert status.phase == pb.PHASE_RUNNING
@@ -186,9 +179,7 @@ async def test_throttling_errors_and_token_expiry_lose_nothing(plane: ControlPla
         await start(plane, "faulty", ingress_spec(sb, batch_size=100))
         await converge(lambda: len(sb.acs.profiles.rows) >= 200, 300, "a third delivered")
         sb.expire_tokens()  # mid-run: every issued token is now invalid
-        expected = expected_profiles(sb)
-        await converge(lambda: profiles_match(sb), 600,
-                       lambda: "delivery under faults: " + diff(expected, actual_profiles(sb)))
+        await profiles_converge(sb, 600, "delivery under faults")
         log = sb.requests
         assert sum(1 for r in log.records() if r.status == 429) > 0
         assert sum(1 for r in log.records() if r.status == 503) > 0
@@ -228,8 +219,7 @@ async def test_stop_during_heavy_sync_commits_and_start_resumes(plane: ControlPl
 
         await plane.stub.StartWorkflow(svc.StartWorkflowRequest(name="workflows/heavy"))
         expected = expected_profiles(sb)
-        await converge(lambda: profiles_match(sb), 300,
-                       lambda: "completion after restart: " + diff(expected, actual_profiles(sb)))
+        await profiles_converge(sb, 300, "completion after restart")
         reads = [r for r in sb.requests.records(since=seq, server="d365") if "/contacts?" in r.path]
         assert reads and "$skiptoken=" in reads[0].path, "the restart resumed from the checkpoint, not from the start"
         posts = [r for r in sb.requests.records(since=seq, server="acs") if r.method == "POST"]
@@ -248,8 +238,7 @@ async def test_rejected_records_go_to_dead_letters_and_the_rest_is_written(plane
         await start(plane, "poison", ingress_spec(sb, batch_size=1000))
         expected = {k: v for k, v in expected_profiles(sb).items() if k not in bad}
 
-        await converge(lambda: actual_profiles(sb) == expected, 120,
-                       lambda: "all but the poison records: " + diff(expected, actual_profiles(sb)))
+        await profiles_converge(sb, 120, "all but the poison records", expected=expected)
         # the letters are stored once the batch's writes return, a moment after the last profile lands
         await converge(lambda: len(dead_letters(plane.data_dir, "poison")) == len(bad), 30,
                        lambda: f"the {len(bad)} poison records dead-lettered: {dead_letters(plane.data_dir, 'poison')}")
@@ -273,8 +262,7 @@ async def test_replay_rewrites_one_table_and_the_table_size_is_reported(plane: C
         prepare(sb, plane.data_dir)
         spec = ingress_spec(sb, cards=True)
         await start(plane, "replayed", spec)
-        await converge(lambda: profiles_match(sb) and cards_match(sb),
-                       120, "the first load")
+        await profiles_converge(sb, 120, "the first load", cards=True)
         status = await status_until(plane.stub, "replayed", lambda s: len(s.tables) == 2, 30)
         assert {t.source_table: t.rows for t in status.tables} == {"contact": 2_000, "new_loyaltycard": 300}
 
@@ -290,8 +278,7 @@ async def test_replay_rewrites_one_table_and_the_table_size_is_reported(plane: C
         replay.ingress.replay.source_table = "contact"
         replay.ingress.replay.request_id = "r1"
         await restart_with(plane, "replayed", replay, ["spec.ingress.replay"])
-        await converge(lambda: profiles_match(sb), 120,
-                       lambda: "the replay: " + diff(expected_profiles(sb), actual_profiles(sb)))
+        await profiles_converge(sb, 120, "the replay")
         # Only the replayed table was read in full again.
         full_reads = [r.path for r in sb.requests.records(since=seq, server="d365")
                       if "$select=" in r.path and "$skiptoken" not in r.path and "$deltatoken" not in r.path]

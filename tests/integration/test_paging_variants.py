@@ -46,7 +46,7 @@ from tests.integration.ingress_env import (
     expected_profiles,
     ingress_spec,
     prepare,
-    profiles_match,
+    profiles_converge,
 )
 from tests.integration.verify_env import verified
 
@@ -204,7 +204,7 @@ async def test_a_worker_reports_a_stream_that_cannot_progress(plane: ControlPlan
         await plane.stub.CreateWorkflow(svc.CreateWorkflowRequest(
             workflow_id="stalled", workflow=pb.Workflow(spec=ingress_spec(sb, batch_size=500))))
         await plane.stub.StartWorkflow(svc.StartWorkflowRequest(name="workflows/stalled"))
-        await converge(lambda: profiles_match(sb), 120, lambda: diff(expected_profiles(sb), actual_profiles(sb)))
+        await profiles_converge(sb, 120, "the stalled workflow's load")
 
         async def stalled() -> bool:
             reports = await plane.worker_reports("stalled")

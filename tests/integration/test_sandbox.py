@@ -36,6 +36,7 @@ from tests.integration.sandbox_fixtures import (
     Op,
     acs_token,
     build_batch,
+    change_contacts,
     d365_token,
     open_clients,
     running_sandbox,
@@ -186,12 +187,7 @@ async def test_d365_track_changes_and_delta(clients: Clients) -> None:
     assert empty.status_code == 200 and empty.json()["value"] == []
     assert empty.json()["@odata.deltaLink"]
 
-    ids = list(table.rows)
-    sb.clock.advance(2)
-    table.upsert(ids[0], firstname="Renamed")
-    table.upsert(ids[1], lastname="Changed")
-    created = table.upsert(firstname="New", lastname="Person", emailaddress1="new.person@example.com")
-    table.delete(ids[2])
+    ids, created = change_contacts(sb)
     table.upsert(ids[0], firstname="Renamed twice")  # two updates, one entry
 
     r = await clients.d365("GET", delta_link)

@@ -28,15 +28,12 @@ from syncplane.worker.split import bounds, range_filters
 from syncplane_sandbox import SANDBOX_CLIENT_ID, SANDBOX_CLIENT_SECRET, Sandbox, SeedSpec, start_sandbox
 from tests.integration.conftest import ControlPlane, _serve, worker_processes
 from tests.integration.ingress_env import (
-    actual_profiles,
     change_during_load,
     converge,
-    diff,
-    expected_profiles,
     ingress_spec,
     prepare,
     profile_key_count,
-    profiles_match,
+    profiles_converge,
     status_of,
 )
 from tests.integration.sandbox_fixtures import open_clients, running_sandbox
@@ -168,8 +165,7 @@ async def _split_load(plane: ControlPlane, contacts: int, *, kill: bool, change:
         if change:
             change_during_load(sb, rng, changed=500, deleted=100, created=200)
         expected_n = len(table.rows)
-        await converge(lambda: profiles_match(sb), 1500,
-                       lambda: "the split load: " + diff(expected_profiles(sb), actual_profiles(sb)))
+        await profiles_converge(sb, 1500, "the split load")
         assert profile_key_count(sb) == (expected_n, expected_n)  # no duplicate, none lost
         state = _split_state(plane.data_dir, "split")
         ranges = sorted(k for k in state if k.startswith("contact@range-"))

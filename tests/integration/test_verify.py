@@ -18,14 +18,11 @@ from tests.backends import eventually
 from tests.integration.cli_env import cli
 from tests.integration.conftest import ControlPlane, _serve
 from tests.integration.ingress_env import (
-    actual_profiles,
-    cards_match,
     converge,
-    diff,
     expected_profiles,
     ingress_spec,
     prepare,
-    profiles_match,
+    profiles_converge,
     status_of,
     status_until,
 )
@@ -47,7 +44,7 @@ async def test_verify_counts_exactly_what_was_tampered_and_repair_fixes_it(plane
     try:
         prepare(sb, plane.data_dir)
         await start(plane, "verified", ingress_spec(sb, cards=True))
-        await converge(lambda: profiles_match(sb) and cards_match(sb), 300, "the first load")
+        await profiles_converge(sb, 300, "the first load", cards=True)
         resp = await verify(plane.stub, "verified")
         assert counts(resp) == {"contact": (0, 0, 0), "new_loyaltycard": (0, 0, 0)}, resp
         assert {s.stream: s.counts.compared for s in resp.streams} == {"contact": 2_000, "new_loyaltycard": 300}
@@ -88,8 +85,7 @@ async def test_verify_counts_exactly_what_was_tampered_and_repair_fixes_it(plane
         resp = await verify(plane.stub, "verified", repair=True)
         assert {s.stream: s.queued for s in resp.streams} == {"contact": 9, "new_loyaltycard": 0}
         expected = expected_profiles(sb)
-        await converge(lambda: actual_profiles(sb) == expected, 120,
-                       lambda: "the repair: " + diff(expected, actual_profiles(sb)))
+        await profiles_converge(sb, 120, "the repair", expected=expected)
         assert in_sync(await verify(plane.stub, "verified")), "0 differences after the repair"
         assert sb.acs.profiles.find(extra_keys[0]) is None
     finally:
@@ -111,7 +107,7 @@ async def test_a_stopped_workflow_is_verified_against_its_spec(plane: ControlPla
     try:
         prepare(sb, plane.data_dir)
         await start(plane, "stopped", ingress_spec(sb))
-        await converge(lambda: profiles_match(sb), 120, "the first load")
+        await profiles_converge(sb, 120, "the first load")
         await stop(plane, "stopped")
         sb.d365.table("contacts").upsert(sorted(sb.d365.table("contacts").rows)[0], lastname="Changed")
         resp = await verify(plane.stub, "stopped")
@@ -129,7 +125,7 @@ async def test_verify_while_the_workflow_runs_names_the_records_in_flight(plane:
     try:
         prepare(sb, plane.data_dir)
         await start(plane, "polling", ingress_spec(sb, poll_seconds=3600))
-        await converge(lambda: profiles_match(sb), 120, "the first load")
+        await profiles_converge(sb, 120, "the first load")
         await eventually(lambda: settled(plane.stub, "polling", {"contact": (0, 0, 0)}), "the first load committed",
                          60, 1.0)
         edited = sorted(sb.d365.table("contacts").rows)[:5]
