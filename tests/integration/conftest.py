@@ -19,6 +19,7 @@ from typing import Any
 import grpc
 import httpx
 import psutil
+import pytest
 
 from syncplane.api.server import ServerSecurity, create_server
 from syncplane.credentials import write_local_secret
@@ -36,6 +37,10 @@ from tests.processes import stop_process
 
 FAST = SupervisorConfig(tick=0.1, stop_timeout=5.0, backoff_base=0.05, backoff_cap=0.5, crash_limit=3,
                         crash_window=60.0, orphan_timeout=30.0, poll_timeout=1.0)
+# Crash tests kill the worker on purpose: allow many restarts, quickly. A stop drains its in-flight batch
+# against a sandbox that shares the test's event loop: give it a generous grace on a loaded machine.
+CRASH_TOLERANT = SupervisorConfig(tick=0.1, stop_timeout=60.0, backoff_base=0.05, backoff_cap=0.5, crash_limit=50,
+                                  crash_window=600.0, orphan_timeout=30.0, poll_timeout=1.0)
 
 
 def write_unreachable_secrets(data_dir: Path) -> None:
@@ -150,6 +155,15 @@ async def _serve(tmp_path: Path, security: ServerSecurity | None = None,
         for proc in leftovers:
             os.kill(proc.pid, signal.SIGKILL)
         assert not leftovers, f"worker processes left behind: {[p.pid for p in leftovers]}"
+
+
+@pytest.fixture
+async def plane(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[ControlPlane]:
+    """The embedded control plane in-process on ``tmp_path``; its supervisor runs with the config of the
+    test's (or module's) ``supervisor`` marker, FAST when it has none."""
+    marker = request.node.get_closest_marker("supervisor")
+    async for p in _serve(tmp_path, config=marker.args[0] if marker else FAST):
+        yield p
 
 
 class ServerProcess:

@@ -11,13 +11,11 @@ import os
 import random
 import signal
 import uuid
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
 from syncplane_sandbox import Sandbox, SeedSpec, start_sandbox
-from tests.integration.conftest import ControlPlane, _serve
+from tests.integration.conftest import CRASH_TOLERANT, ControlPlane
 from tests.integration.ingress_env import (
     converge,
     ingress_spec,
@@ -25,8 +23,10 @@ from tests.integration.ingress_env import (
     profile_key_count,
     profiles_converge,
 )
-from tests.integration.test_ingress import CRASH_TOLERANT, start, worker_pid
+from tests.integration.test_ingress import start, worker_pid
 from tests.integration.verify_env import counts, verify
+
+pytestmark = pytest.mark.supervisor(CRASH_TOLERANT)
 
 # Background throttling all along, and storms: bursts of consecutive 429s and 503s (Retry-After: 1)
 # on both APIs. A Retry-After holds every request of a client, so a burst stalls it for seconds.
@@ -37,12 +37,6 @@ def storm(sb: Sandbox) -> None:
     for emulator in (sb.faults.d365, sb.faults.acs):
         emulator.queue(429, 12)
         emulator.queue(503, 8)
-
-
-@pytest.fixture
-async def plane(tmp_path: Path) -> AsyncIterator[ControlPlane]:
-    async for p in _serve(tmp_path, config=CRASH_TOLERANT):
-        yield p
 
 
 def kill_worker(plane: ControlPlane) -> None:

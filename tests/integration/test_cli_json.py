@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -20,7 +19,7 @@ from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.proto.v1 import workflow_service_pb2 as svc
 from syncplane_sandbox import SeedSpec, start_sandbox
 from tests.integration.cli_env import cli_process
-from tests.integration.conftest import ControlPlane, _serve
+from tests.integration.conftest import ControlPlane
 from tests.integration.ingress_env import ingress_spec, prepare, status_until
 from tests.integration.test_ingress import start
 
@@ -91,12 +90,6 @@ def commands_with_json_output(group: click.Group, prefix: str = "") -> set[str]:
 
 def test_the_table_names_every_command_with_json_output() -> None:
     assert commands_with_json_output(cli_group) == set(JSON_COMMANDS)
-
-
-@pytest.fixture
-async def plane(tmp_path: Path) -> AsyncIterator[ControlPlane]:
-    async for p in _serve(tmp_path):
-        yield p
 
 
 async def json_of(plane: ControlPlane, args: list[str]) -> dict[str, Any]:

@@ -4,9 +4,6 @@ the sandbox itself (its record of the requests it served at once), not by the wo
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
-
 import aiohttp
 import pytest
 
@@ -14,16 +11,10 @@ from syncplane.cli import describe_text
 from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.proto.v1 import workflow_service_pb2 as svc
 from syncplane_sandbox import SeedSpec, start_sandbox
-from tests.integration.conftest import ControlPlane, _serve
+from tests.integration.conftest import ControlPlane
 from tests.integration.ingress_env import ingress_spec, prepare, status_until
 
 MAX = 8
-
-
-@pytest.fixture
-async def plane(tmp_path: Path) -> AsyncIterator[ControlPlane]:
-    async for p in _serve(tmp_path):
-        yield p
 
 
 @pytest.mark.timeout(600)

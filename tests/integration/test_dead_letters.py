@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -22,7 +22,7 @@ from syncplane.state.records import REDACTED
 from syncplane.state.sqlite import SqliteWorkerState
 from syncplane_sandbox import SeedSpec, start_sandbox
 from tests.integration.cli_env import cli
-from tests.integration.conftest import ControlPlane, _serve
+from tests.integration.conftest import ControlPlane
 from tests.integration.ingress_env import (
     converge,
     expected_profiles,
@@ -36,12 +36,6 @@ from tests.integration.verify_env import verified
 
 NAME = "letters"
 PARENT = f"workflows/{NAME}"
-
-
-@pytest.fixture
-async def plane(tmp_path: Path) -> AsyncIterator[ControlPlane]:
-    async for p in _serve(tmp_path):
-        yield p
 
 
 async def all_letters(plane: ControlPlane, page_size: int = 0) -> list[svc.DeadLetter]:

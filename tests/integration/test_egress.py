@@ -7,8 +7,6 @@ import os
 import signal
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,16 +16,12 @@ from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane_sandbox import Sandbox, SeedSpec, start_sandbox
 from tests.backends import eventually
 from tests.factories import spec as default_spec
-from tests.integration.conftest import ControlPlane, _serve, worker_processes
+from tests.integration.conftest import CRASH_TOLERANT, ControlPlane, worker_processes
 from tests.integration.ingress_env import converge, dead_letters, prepare, status_of
-from tests.integration.test_ingress import CRASH_TOLERANT, restart_with, start
+from tests.integration.test_ingress import restart_with, start
 from tests.integration.verify_env import verified
 
-
-@pytest.fixture
-async def plane(tmp_path: Path) -> AsyncIterator[ControlPlane]:
-    async for p in _serve(tmp_path, config=CRASH_TOLERANT):
-        yield p
+pytestmark = pytest.mark.supervisor(CRASH_TOLERANT)
 
 
 def egress_spec(sb: Sandbox, **switches: bool) -> pb.WorkflowSpec:

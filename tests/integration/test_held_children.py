@@ -146,9 +146,9 @@ async def test_the_issue_example_through_a_real_worker(tmp_path: Path) -> None:
     """The same example through the control plane and a worker process: the worker's own held
     count follows, K1 is not resurrected, K2 keeps its new values, and verify finds 0 differences."""
     from tests.backends import eventually
-    from tests.integration.conftest import ControlPlane, _serve
+    from tests.integration.conftest import CRASH_TOLERANT, ControlPlane, _serve
     from tests.integration.ingress_env import converge, prepare, status_until
-    from tests.integration.test_ingress import CRASH_TOLERANT, start
+    from tests.integration.test_ingress import start
     from tests.integration.verify_env import verified
 
     sb = await start_sandbox()

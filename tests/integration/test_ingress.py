@@ -7,18 +7,15 @@ from __future__ import annotations
 import os
 import random
 import signal
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
 from syncplane.credentials import write_local_secret
 from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.proto.v1 import workflow_service_pb2 as svc
-from syncplane.runtime.supervisor import SupervisorConfig
 from syncplane.state.sqlite import SqliteWorkerState
 from syncplane_sandbox import Sandbox, SeedSpec, start_sandbox
-from tests.integration.conftest import ControlPlane, _serve, watch_until, worker_processes
+from tests.integration.conftest import CRASH_TOLERANT, ControlPlane, watch_until, worker_processes
 from tests.integration.ingress_env import (
     actual_profiles,
     converge,
@@ -33,16 +30,7 @@ from tests.integration.ingress_env import (
 )
 from tests.integration.verify_env import verified
 
-# Crash tests kill the worker on purpose: allow many restarts, quickly. A stop drains its in-flight batch
-# against a sandbox that shares the test's event loop: give it a generous grace on a loaded machine.
-CRASH_TOLERANT = SupervisorConfig(tick=0.1, stop_timeout=60.0, backoff_base=0.05, backoff_cap=0.5, crash_limit=50,
-                                  crash_window=600.0, orphan_timeout=30.0, poll_timeout=1.0)
-
-
-@pytest.fixture
-async def plane(tmp_path: Path) -> AsyncIterator[ControlPlane]:
-    async for p in _serve(tmp_path, config=CRASH_TOLERANT):
-        yield p
+pytestmark = pytest.mark.supervisor(CRASH_TOLERANT)
 
 
 async def sandbox_with(seed: SeedSpec) -> Sandbox:

@@ -5,8 +5,6 @@ exists and are syncplane-prefixed elsewhere; no label holds a query, a key or a 
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import httpx
 import pytest
@@ -17,21 +15,17 @@ from syncplane.runtime.processes import read_port
 from syncplane.validation.spec import max_concurrency
 from syncplane_sandbox import SeedSpec, start_sandbox
 from tests.backends import eventually
-from tests.integration.conftest import ControlPlane, _serve
+from tests.integration.conftest import CRASH_TOLERANT, ControlPlane
 from tests.integration.ingress_env import converge, ingress_spec, prepare, profiles_match
-from tests.integration.test_ingress import CRASH_TOLERANT, start
+from tests.integration.test_ingress import start
+
+pytestmark = pytest.mark.supervisor(CRASH_TOLERANT)
 
 #: The semantic-convention metrics a worker exports (Prometheus names of the OTel instruments).
 SEMCONV = {"http_client_request_duration_seconds"}
 #: Families the Prometheus exporter adds about the process (resource and scope).
 EXPORTER = {"target_info", "otel_scope_info"}
 LABEL = re.compile(r"^[a-z][a-z0-9_]*$")
-
-
-@pytest.fixture
-async def plane(tmp_path: Path) -> AsyncIterator[ControlPlane]:
-    async for p in _serve(tmp_path, config=CRASH_TOLERANT):
-        yield p
 
 
 def families(text: str) -> dict[str, Metric]:

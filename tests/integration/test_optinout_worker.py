@@ -5,14 +5,12 @@ both sides, and the worker's writes stay bounded by the real changes."""
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
 from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane_sandbox import SeedSpec, start_sandbox
-from tests.integration.conftest import ControlPlane, _serve
+from tests.integration.conftest import CRASH_TOLERANT, ControlPlane
 from tests.integration.ingress_env import converge, prepare, status_until
 from tests.integration.optinout_env import (
     PAIRS,
@@ -26,14 +24,10 @@ from tests.integration.optinout_env import (
     start_worker,
     write_count,
 )
-from tests.integration.test_ingress import CRASH_TOLERANT, start
+from tests.integration.test_ingress import start
 from tests.integration.verify_env import verified
 
-
-@pytest.fixture
-async def plane(tmp_path: Path) -> AsyncIterator[ControlPlane]:
-    async for p in _serve(tmp_path, config=CRASH_TOLERANT):
-        yield p
+pytestmark = pytest.mark.supervisor(CRASH_TOLERANT)
 
 
 async def test_bidirectional_worker_converges_without_ping_pong(plane: ControlPlane) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import math
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +37,7 @@ from syncplane_sandbox import SANDBOX_CLIENT_ID, SANDBOX_CLIENT_SECRET, Sandbox,
 from syncplane_sandbox.variants import PAGE_ACTIONS
 from tests.backends import eventually
 from tests.factories import spec
-from tests.integration.conftest import ControlPlane, _serve
+from tests.integration.conftest import ControlPlane
 from tests.integration.ingress_env import (
     actual_profiles,
     converge,
@@ -186,12 +185,6 @@ async def test_a_read_that_cannot_progress_fails_loudly_and_restarts(tmp_path: P
     finally:
         await harness.aclose()
         await sb.stop()
-
-
-@pytest.fixture
-async def plane(tmp_path: Path) -> AsyncIterator[ControlPlane]:
-    async for p in _serve(tmp_path):
-        yield p
 
 
 async def test_a_worker_reports_a_stream_that_cannot_progress(plane: ControlPlane) -> None:

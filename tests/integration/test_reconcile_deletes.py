@@ -7,8 +7,6 @@ touched, even one whose externalId names a deleted contact."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -20,15 +18,9 @@ from syncplane.proto.v1 import workflow_service_pb2 as svc
 from syncplane_sandbox import MARKETING_USER, SANDBOX_CLIENT_ID, Sandbox, SeedSpec, start_sandbox
 from tests.backends import eventually
 from tests.integration.cli_env import cli
-from tests.integration.conftest import ControlPlane, _serve, watch_until
+from tests.integration.conftest import ControlPlane, watch_until
 from tests.integration.ingress_env import converge, diff, expected_profiles, ingress_spec, prepare, status_until
 from tests.integration.verify_env import verified
-
-
-@pytest.fixture
-async def plane(tmp_path: Path) -> AsyncIterator[ControlPlane]:
-    async for p in _serve(tmp_path):
-        yield p
 
 
 def owned_profiles(sb: Sandbox) -> dict[str, dict[str, Any]]:

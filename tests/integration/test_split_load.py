@@ -26,7 +26,7 @@ from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.proto.v1 import workflow_service_pb2 as svc
 from syncplane.worker.split import bounds, range_filters
 from syncplane_sandbox import SANDBOX_CLIENT_ID, SANDBOX_CLIENT_SECRET, Sandbox, SeedSpec, start_sandbox
-from tests.integration.conftest import ControlPlane, _serve, worker_processes
+from tests.integration.conftest import CRASH_TOLERANT, ControlPlane, worker_processes
 from tests.integration.ingress_env import (
     change_during_load,
     converge,
@@ -37,7 +37,8 @@ from tests.integration.ingress_env import (
     status_of,
 )
 from tests.integration.sandbox_fixtures import open_clients, running_sandbox
-from tests.integration.test_ingress import CRASH_TOLERANT
+
+pytestmark = pytest.mark.supervisor(CRASH_TOLERANT)
 
 
 @pytest.fixture
@@ -130,11 +131,6 @@ def test_a_range_filter_names_guids_unquoted() -> None:
 
 
 # ---------------------------------------------------------------------- workers: 4, end to end
-
-@pytest.fixture
-async def plane(tmp_path: Path) -> AsyncIterator[ControlPlane]:
-    async for p in _serve(tmp_path, config=CRASH_TOLERANT):
-        yield p
 
 
 def _split_state(data_dir: Path, workflow: str) -> dict[str, str]:

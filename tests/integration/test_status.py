@@ -16,7 +16,6 @@ The Kubernetes backend runs the same scenarios in tests/k8s/test_status.py.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
@@ -28,7 +27,7 @@ from syncplane_sandbox import Sandbox, SeedSpec
 from syncplane_sandbox.quickstart import write_sandbox_secrets
 from tests.backends import eventually
 from tests.integration.cli_env import cli
-from tests.integration.conftest import ControlPlane, _serve, watch_until
+from tests.integration.conftest import ControlPlane, watch_until
 from tests.integration.ingress_env import ingress_spec, prepare
 from tests.integration.optinout_env import optinout_spec
 from tests.integration.sandbox_fixtures import running_sandbox
@@ -41,11 +40,7 @@ POLICY = Policy(degraded_after=2.0, restart_backoff=0.5, restart_backoff_cap=2.0
 CONFIG = SupervisorConfig(tick=0.1, stop_timeout=30.0, backoff_base=0.05, backoff_cap=0.5, crash_limit=50,
                           crash_window=600.0, orphan_timeout=30.0, poll_timeout=1.0, policy=POLICY)
 
-
-@pytest.fixture
-async def plane(tmp_path: Path) -> AsyncIterator[ControlPlane]:
-    async for p in _serve(tmp_path, config=CONFIG):
-        yield p
+pytestmark = pytest.mark.supervisor(CONFIG)
 
 
 @pytest.fixture

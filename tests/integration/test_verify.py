@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import httpx
 import pytest
@@ -16,7 +14,7 @@ from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane_sandbox import SeedSpec, start_sandbox
 from tests.backends import eventually
 from tests.integration.cli_env import cli
-from tests.integration.conftest import ControlPlane, _serve
+from tests.integration.conftest import CRASH_TOLERANT, ControlPlane
 from tests.integration.ingress_env import (
     converge,
     expected_profiles,
@@ -28,14 +26,10 @@ from tests.integration.ingress_env import (
 )
 from tests.integration.optinout_env import crm_row, profile, set_campaign, set_crm, start_worker
 from tests.integration.test_egress import ALL, activities, egress_spec, expected_activities
-from tests.integration.test_ingress import CRASH_TOLERANT, start, stop
+from tests.integration.test_ingress import start, stop
 from tests.integration.verify_env import counts, in_sync, settled, tamper_profiles, verified, verify
 
-
-@pytest.fixture
-async def plane(tmp_path: Path) -> AsyncIterator[ControlPlane]:
-    async for p in _serve(tmp_path, config=CRASH_TOLERANT):
-        yield p
+pytestmark = pytest.mark.supervisor(CRASH_TOLERANT)
 
 
 @pytest.mark.timeout(600)
