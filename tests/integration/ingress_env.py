@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 import random
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +18,10 @@ from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.proto.v1 import workflow_service_pb2 as svc
 from syncplane.proto.v1 import workflow_service_pb2_grpc as svc_grpc
 from syncplane.state.sqlite import SqliteWorkerState
-from syncplane_sandbox import Sandbox
+from syncplane_sandbox import Sandbox, SeedSpec
 from syncplane_sandbox.quickstart import write_sandbox_secrets
 from tests.factories import spec as default_spec
+from tests.integration.sandbox_fixtures import running_sandbox
 
 PROFILE = {"contactid": "externalId", "emailaddress1": "email", "firstname": "firstName", "lastname": "lastName"}
 LENGTHS = {"email": 128, "firstName": 30, "lastName": 50}
@@ -49,6 +51,23 @@ def ingress_spec(sandbox: Sandbox, *, cards: bool = False, batch_size: int = 500
 
 def prepare(sandbox: Sandbox, data_dir: Any) -> None:
     write_sandbox_secrets(sandbox, data_dir / "secrets")
+
+
+@asynccontextmanager
+async def prepared_sandbox(seed: SeedSpec, data_dir: Path) -> AsyncIterator[Sandbox]:
+    """A running sandbox seeded with ``seed`` whose client secrets are written to ``data_dir``/secrets
+    (where the embedded workers read them); stopped on the way out."""
+    async with running_sandbox(seed) as sb:
+        prepare(sb, data_dir)
+        yield sb
+
+
+def poison_contacts(sandbox: Sandbox, count: int) -> list[str]:
+    """The first ``count`` contact ids (sorted), whose profiles Campaign now rejects (the sandbox's poison
+    fault): each such record must end in the dead letters. Returns those ids."""
+    keys = sorted(sandbox.d365.table("contacts").rows)[:count]
+    sandbox.acs.poison_keys("profile", *keys)
+    return keys
 
 
 def passes(row: dict[str, Any], conditions: list[tuple[str, str]]) -> bool:

@@ -17,10 +17,10 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from syncplane.cli import cli as cli_group
 from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.proto.v1 import workflow_service_pb2 as svc
-from syncplane_sandbox import SeedSpec, start_sandbox
+from syncplane_sandbox import SeedSpec
 from tests.integration.cli_env import cli_process
 from tests.integration.conftest import ControlPlane
-from tests.integration.ingress_env import ingress_spec, prepare, status_until
+from tests.integration.ingress_env import ingress_spec, poison_contacts, prepared_sandbox, status_until
 from tests.integration.test_ingress import start
 
 NAME = "jsonshape"
@@ -112,11 +112,8 @@ async def json_of(plane: ControlPlane, args: list[str]) -> dict[str, Any]:
 
 @pytest.mark.timeout(300)
 async def test_every_json_output_prints_integers_as_numbers(plane: ControlPlane) -> None:
-    sb = await start_sandbox(seed=SeedSpec(contacts=200, seed=5))
-    try:
-        prepare(sb, plane.data_dir)
-        poison = sorted(sb.d365.table("contacts").rows)[:2]
-        sb.acs.poison_keys("profile", *poison)
+    async with prepared_sandbox(SeedSpec(contacts=200, seed=5), plane.data_dir) as sb:
+        poison_contacts(sb, 2)
         await start(plane, NAME, ingress_spec(sb, batch_size=50))
         await status_until(plane.stub, NAME, lambda s: s.counters.written == 198 and s.dead_letters == 2
                            and s.counters.dead_lettered == 2 and s.backlog == 0, 120)
@@ -128,5 +125,3 @@ async def test_every_json_output_prints_integers_as_numbers(plane: ControlPlane)
             if not_numbers:
                 failures[command] = not_numbers
         assert not failures, f"integer fields printed as something else than a JSON number: {failures}"
-    finally:
-        await sb.stop()

@@ -27,7 +27,9 @@ from tests.integration.ingress_env import (
     converge,
     expected_profiles,
     ingress_spec,
+    poison_contacts,
     prepare,
+    prepared_sandbox,
     profiles_converge,
     status_until,
 )
@@ -70,11 +72,8 @@ async def run_cli(plane: ControlPlane, *args: str) -> str:
 
 @pytest.mark.timeout(600)
 async def test_poison_records_are_dead_lettered_then_retried_into_the_destination(plane: ControlPlane) -> None:
-    sb = await start_sandbox(seed=SeedSpec(contacts=400, seed=11))
-    try:
-        prepare(sb, plane.data_dir)
-        bad = sorted(sb.d365.table("contacts").rows)[:4]
-        sb.acs.poison_keys("profile", *bad)
+    async with prepared_sandbox(SeedSpec(contacts=400, seed=11), plane.data_dir) as sb:
+        bad = poison_contacts(sb, 4)
         await plane.stub.CreateWorkflow(svc.CreateWorkflowRequest(
             workflow_id=NAME, workflow=pb.Workflow(spec=ingress_spec(sb, batch_size=100))))
         await plane.stub.StartWorkflow(svc.StartWorkflowRequest(name=PARENT))
@@ -139,8 +138,6 @@ async def test_poison_records_are_dead_lettered_then_retried_into_the_destinatio
         assert header == ["NAME", "TYPE", "DESIRED", "PHASE", "DEGRADED", "BACKLOG", "DRIFT", "DEADLETTERS", "AGE"]
         assert row[header.index("DEADLETTERS")] == "0"
         await verified(plane.stub, NAME)
-    finally:
-        await sb.stop()
 
 
 def state_rows(db: Path, workflow: str) -> dict[str, int]:
@@ -162,8 +159,7 @@ async def test_a_workflow_created_again_after_a_delete_starts_afresh(plane: Cont
     db = plane.data_dir / "worker-state.db"
     try:
         prepare(sb, plane.data_dir)
-        bad = sorted(sb.d365.table("contacts").rows)[:2]
-        sb.acs.poison_keys("profile", *bad)
+        poison_contacts(sb, 2)
         spec = ingress_spec(sb, batch_size=100)
         create = svc.CreateWorkflowRequest(workflow_id=NAME, workflow=pb.Workflow(spec=spec))
         await plane.stub.CreateWorkflow(create)

@@ -14,7 +14,7 @@ from syncplane.credentials import write_local_secret
 from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.proto.v1 import workflow_service_pb2 as svc
 from syncplane.state.sqlite import SqliteWorkerState
-from syncplane_sandbox import Sandbox, SeedSpec, start_sandbox
+from syncplane_sandbox import Sandbox, SeedSpec
 from tests.integration.conftest import CRASH_TOLERANT, ControlPlane, watch_until, worker_processes
 from tests.integration.ingress_env import (
     actual_profiles,
@@ -22,19 +22,17 @@ from tests.integration.ingress_env import (
     dead_letters,
     expected_profiles,
     ingress_spec,
-    prepare,
+    poison_contacts,
+    prepared_sandbox,
     profile_key_count,
     profiles_converge,
     status_of,
     status_until,
 )
+from tests.integration.sandbox_fixtures import running_sandbox
 from tests.integration.verify_env import verified
 
 pytestmark = pytest.mark.supervisor(CRASH_TOLERANT)
-
-
-async def sandbox_with(seed: SeedSpec) -> Sandbox:
-    return await start_sandbox(seed=seed)
 
 
 async def start(plane: ControlPlane, name: str, spec: pb.WorkflowSpec) -> None:
@@ -107,35 +105,25 @@ async def filter_to_active_contacts(plane: ControlPlane, sb: Sandbox, spec: pb.W
 
 @pytest.mark.timeout(1200)
 async def test_full_ingress_then_updates_deletes_and_filter_change(plane: ControlPlane) -> None:
-    sb = await sandbox_with(SeedSpec(contacts=50_000, loyalty_cards=2_000, seed=7))
-    try:
-        prepare(sb, plane.data_dir)
+    async with prepared_sandbox(SeedSpec(contacts=50_000, loyalty_cards=2_000, seed=7), plane.data_dir) as sb:
         spec = ingress_spec(sb, cards=True)
         await load_then_update_and_delete(plane, sb, 50_000, spec, updates=300, deletes=200, card_deletes=50)
         await filter_to_active_contacts(plane, sb, spec)
-    finally:
-        await sb.stop()
 
 
 async def test_a_filter_deleting_excluded_parents_leaves_no_child_linked_to_them(plane: ControlPlane) -> None:
     """The cards of the contacts the new filter excludes are deleted with their profiles and held
     (the whole kind, each way a parent leaves and comes back: test_parent_deletes.py)."""
-    sb = await sandbox_with(SeedSpec(contacts=2_000, loyalty_cards=200, seed=7))
-    try:
-        prepare(sb, plane.data_dir)
+    async with prepared_sandbox(SeedSpec(contacts=2_000, loyalty_cards=200, seed=7), plane.data_dir) as sb:
         spec = ingress_spec(sb, cards=True)
         await load_then_update_and_delete(plane, sb, 2_000, spec, updates=30, deletes=20, card_deletes=5)
         await filter_to_active_contacts(plane, sb, spec)
         await verified(plane.stub, "ingress")
-    finally:
-        await sb.stop()
 
 
 @pytest.mark.timeout(1200)
 async def test_kill_9_at_ten_random_moments_loses_and_duplicates_nothing(plane: ControlPlane) -> None:
-    sb = await sandbox_with(SeedSpec(contacts=100_000, seed=11))
-    try:
-        prepare(sb, plane.data_dir)
+    async with prepared_sandbox(SeedSpec(contacts=100_000, seed=11), plane.data_dir) as sb:
         await start(plane, "crashy", ingress_spec(sb, batch_size=1000))
         rng = random.Random(20261128)
         kills = 0
@@ -154,15 +142,11 @@ async def test_kill_9_at_ten_random_moments_loses_and_duplicates_nothing(plane: 
         status = await status_of(plane.stub, "crashy")
         assert status.phase == pb.PHASE_RUNNING
         await verified(plane.stub, "crashy")
-    finally:
-        await sb.stop()
 
 
 @pytest.mark.timeout(900)
 async def test_throttling_errors_and_token_expiry_lose_nothing(plane: ControlPlane) -> None:
-    sb = await sandbox_with(SeedSpec(contacts=600, seed=5))
-    try:
-        prepare(sb, plane.data_dir)
+    async with prepared_sandbox(SeedSpec(contacts=600, seed=5), plane.data_dir) as sb:
         sb.faults.set(rate_429=0.10, rate_503=0.05, retry_after_s=1)
         await start(plane, "faulty", ingress_spec(sb, batch_size=100))
         await converge(lambda: len(sb.acs.profiles.rows) >= 200, 300, "a third delivered")
@@ -181,14 +165,10 @@ async def test_throttling_errors_and_token_expiry_lose_nothing(plane: ControlPla
         status = await status_until(plane.stub, "faulty", lambda s: s.counters.written >= 600, 30)
         assert status.counters.dead_lettered == 0 and status.phase == pb.PHASE_RUNNING
         await verified(plane.stub, "faulty")  # through the same faults: verify honours them too
-    finally:
-        await sb.stop()
 
 
 async def test_stop_during_heavy_sync_commits_and_start_resumes(plane: ControlPlane) -> None:
-    sb = await sandbox_with(SeedSpec(contacts=30_000, seed=9))
-    try:
-        prepare(sb, plane.data_dir)
+    async with prepared_sandbox(SeedSpec(contacts=30_000, seed=9), plane.data_dir) as sb:
         await start(plane, "heavy", ingress_spec(sb, batch_size=500))
         await converge(lambda: len(sb.acs.profiles.rows) >= 6_000, 300, "6,000 profiles written")
         pid = worker_pid(plane)
@@ -213,16 +193,11 @@ async def test_stop_during_heavy_sync_commits_and_start_resumes(plane: ControlPl
         posts = [r for r in sb.requests.records(since=seq, server="acs") if r.method == "POST"]
         assert len(posts) < len(expected) - written_before + 2_000, "records before the checkpoint were re-sent"
         await verified(plane.stub, "heavy")
-    finally:
-        await sb.stop()
 
 
 async def test_rejected_records_go_to_dead_letters_and_the_rest_is_written(plane: ControlPlane) -> None:
-    sb = await sandbox_with(SeedSpec(contacts=1_000, seed=3))
-    try:
-        prepare(sb, plane.data_dir)
-        bad = sorted(sb.d365.table("contacts").rows)[:3]
-        sb.acs.poison_keys("profile", *bad)
+    async with prepared_sandbox(SeedSpec(contacts=1_000, seed=3), plane.data_dir) as sb:
+        bad = poison_contacts(sb, 3)
         await start(plane, "poison", ingress_spec(sb, batch_size=1000))
         expected = {k: v for k, v in expected_profiles(sb).items() if k not in bad}
 
@@ -240,14 +215,10 @@ async def test_rejected_records_go_to_dead_letters_and_the_rest_is_written(plane
         assert status.counters.dead_lettered == 3 and status.counters.written == 997 and status.backlog == 0
         resp = await verified(plane.stub, "poison", {"contact": (3, 0, 0)})  # exactly the dead letters are missing
         assert list(resp.streams[0].missing_keys) == bad
-    finally:
-        await sb.stop()
 
 
 async def test_replay_rewrites_one_table_and_the_table_size_is_reported(plane: ControlPlane) -> None:
-    sb = await sandbox_with(SeedSpec(contacts=2_000, loyalty_cards=300, seed=13))
-    try:
-        prepare(sb, plane.data_dir)
+    async with prepared_sandbox(SeedSpec(contacts=2_000, loyalty_cards=300, seed=13), plane.data_dir) as sb:
         spec = ingress_spec(sb, cards=True)
         await start(plane, "replayed", spec)
         await profiles_converge(sb, 120, "the first load", cards=True)
@@ -283,16 +254,12 @@ async def test_replay_rewrites_one_table_and_the_table_size_is_reported(plane: C
         assert not any("$select=" in r.path and "$deltatoken" not in r.path and "$skiptoken" not in r.path
                        for r in sb.requests.records(since=seq, server="d365") if "/contacts" in r.path)
         await verified(plane.stub, "replayed")
-    finally:
-        await sb.stop()
 
 
 @pytest.mark.timeout(900)
 async def test_a_field_removed_mid_sync_stops_with_schema_changed_and_resumes_after_the_fix(
         plane: ControlPlane) -> None:
-    sb = await sandbox_with(SeedSpec(contacts=50_000, seed=17))
-    try:
-        prepare(sb, plane.data_dir)
+    async with prepared_sandbox(SeedSpec(contacts=50_000, seed=17), plane.data_dir) as sb:
         spec = ingress_spec(sb, batch_size=1000)
         await start(plane, "schema", spec)
         await converge(lambda: len(sb.acs.profiles.rows) >= 10_000, 300, "10,000 profiles written")
@@ -326,13 +293,10 @@ async def test_a_field_removed_mid_sync_stops_with_schema_changed_and_resumes_af
         await converge(consistent, 300, "every contact delivered after the fix")
         assert profile_key_count(sb) == (50_000, 50_000)
         await verified(plane.stub, "schema")  # against the fixed mapping: lastname is no longer compared
-    finally:
-        await sb.stop()
 
 
 async def test_wrong_credentials_give_error_without_leaking_the_secret(plane: ControlPlane) -> None:
-    sb = await sandbox_with(SeedSpec(contacts=10, seed=2))
-    try:
+    async with running_sandbox(SeedSpec(contacts=10, seed=2)) as sb:
         wrong = "not-the-secret-4711"
         for name, url, audience in (("d365-sandbox", sb.d365_token_url, {"scope": sb.d365_scope}),
                                     ("acs-sandbox", sb.acs_token_url, {"organization": sb.options.org,
@@ -345,5 +309,3 @@ async def test_wrong_credentials_give_error_without_leaking_the_secret(plane: Co
         assert wf.status.last_error.reason == "BAD_CREDENTIALS"
         assert sb.client_id in wf.status.last_error.message  # says which client, never the secret
         assert wrong not in str(wf) and wrong not in (plane.data_dir / "run" / "logs" / "badcreds.0.log").read_text()
-    finally:
-        await sb.stop()

@@ -9,9 +9,9 @@ import random
 import pytest
 
 from syncplane.proto.v1 import workflow_pb2 as pb
-from syncplane_sandbox import SeedSpec, start_sandbox
+from syncplane_sandbox import SeedSpec
 from tests.integration.conftest import CRASH_TOLERANT, ControlPlane
-from tests.integration.ingress_env import converge, prepare, status_until
+from tests.integration.ingress_env import converge, prepared_sandbox, status_until
 from tests.integration.optinout_env import (
     PAIRS,
     create_profiles,
@@ -24,6 +24,7 @@ from tests.integration.optinout_env import (
     start_worker,
     write_count,
 )
+from tests.integration.sandbox_fixtures import running_sandbox
 from tests.integration.test_ingress import start
 from tests.integration.verify_env import verified
 
@@ -31,8 +32,7 @@ pytestmark = pytest.mark.supervisor(CRASH_TOLERANT)
 
 
 async def test_bidirectional_worker_converges_without_ping_pong(plane: ControlPlane) -> None:
-    sb = await start_sandbox(seed=SeedSpec(contacts=500, seed=31, opt_out_ratio=0.2))
-    try:
+    async with running_sandbox(SeedSpec(contacts=500, seed=31, opt_out_ratio=0.2)) as sb:
         keys = await start_worker(plane.stub, plane.data_dir, sb, "BIDIRECTIONAL")
         await status_until(plane.stub, "optio", lambda s: s.phase == pb.PHASE_RUNNING, 60)
         await converge(lambda: not disagreements(sb, keys), 120, lambda: f"first sync: {disagreements(sb, keys)[:3]}")
@@ -60,8 +60,6 @@ async def test_bidirectional_worker_converges_without_ping_pong(plane: ControlPl
                                     if "$deltatoken" in r.path]) >= 3, 60, "three more passes")
         assert write_count(sb, acs_mark, parts_mark) == writes_after_convergence
         await verified(plane.stub, "optio")
-    finally:
-        await sb.stop()
 
 
 async def test_an_unsubscribe_in_campaign_sticks_when_the_workflow_is_created_again(plane: ControlPlane) -> None:
@@ -71,9 +69,7 @@ async def test_an_unsubscribe_in_campaign_sticks_when_the_workflow_is_created_ag
     from syncplane.proto.v1 import workflow_service_pb2 as svc
     from tests.integration.test_ingress import stop
 
-    sb = await start_sandbox(seed=SeedSpec(contacts=200, seed=5, opt_out_ratio=0.0))
-    try:
-        prepare(sb, plane.data_dir)
+    async with prepared_sandbox(SeedSpec(contacts=200, seed=5, opt_out_ratio=0.0), plane.data_dir) as sb:
         keys = sorted(sb.d365.table("contacts").rows)
         create_profiles(sb, keys)
         spec = optinout_spec(sb, "CRM_TO_MARKETING")
@@ -105,5 +101,3 @@ async def test_an_unsubscribe_in_campaign_sticks_when_the_workflow_is_created_ag
         # CRM → marketing keeps a Campaign unsubscribe: exactly the other four pairs differ, settled
         resp = await verified(plane.stub, "optio", {"optinout": (0, 0, 4)})
         assert list(resp.streams[0].different_keys) == sorted(unsubscribed[1:])
-    finally:
-        await sb.stop()
