@@ -7,7 +7,8 @@ at rest has no timer (nothing runs for it until an event). No cluster: a fake re
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import AsyncIterator, Callable, Hashable, Mapping
+from contextlib import asynccontextmanager
 from typing import Any
 
 import kopf
@@ -54,6 +55,18 @@ class Recorder:
             self.running.discard(key)
 
 
+@asynccontextmanager
+async def running_queue(reconcile: Recorder, resync: float, **options: Any) -> AsyncIterator[ReconcileQueue]:
+    """A started ReconcileQueue over ``reconcile`` (resync in seconds; ``options`` as the queue takes
+    them), stopped on the way out."""
+    queue = ReconcileQueue(reconcile, resync=resync, **options)
+    queue.start()
+    try:
+        yield queue
+    finally:
+        await queue.stop()
+
+
 def stopped(n: int) -> dict[str, Any]:
     return {**STOPPED, "metadata": {"resourceVersion": str(n)}}
 
@@ -64,10 +77,8 @@ def stopped(n: int) -> dict[str, Any]:
 def test_reconciles_of_one_workflow_never_overlap_and_the_newest_body_is_reconciled_last(ops, workers):
     async def scenario() -> None:
         rec = Recorder()
-        queue = ReconcileQueue(rec, resync=3600, workers=workers)
-        queue.start()
         newest: dict[int, dict[str, Any]] = {}
-        try:
+        async with running_queue(rec, resync=3600, workers=workers) as queue:
             for n, (op, key) in enumerate(ops):
                 if op == "update":
                     newest[key] = stopped(n)
@@ -77,8 +88,6 @@ def test_reconciles_of_one_workflow_never_overlap_and_the_newest_body_is_reconci
                 else:
                     await asyncio.sleep(0)
             await until(lambda: not queue._queued and not queue._running)
-        finally:
-            await queue.stop()
         assert rec.overlaps == 0
         for key, body in newest.items():
             assert [b for k, b in rec.calls if k == key][-1] is body
@@ -90,9 +99,7 @@ def test_reconciles_of_one_workflow_never_overlap_and_the_newest_body_is_reconci
 def test_after_a_status_write_the_next_reconcile_waits_for_the_watch_to_show_it():
     async def scenario() -> None:
         rec = Recorder(writes={"phase": "STOPPED", "observedGeneration": 2})
-        queue = ReconcileQueue(rec, resync=3600)
-        queue.start()
-        try:
+        async with running_queue(rec, resync=3600) as queue:
             queue.update("wf", {"spec": {}, "status": {}})
             await until(lambda: len(rec.calls) == 1 and not queue._running)
             # an event from before the write (another field changed): no reconcile on a stale body
@@ -104,8 +111,6 @@ def test_after_a_status_write_the_next_reconcile_waits_for_the_watch_to_show_it(
             rec.writes = None
             queue.update("wf", {"spec": {}, "status": {"phase": "STOPPED", "observedGeneration": 2}})
             await until(lambda: len(rec.calls) == 2)
-        finally:
-            await queue.stop()
 
     asyncio.run(scenario())
 
@@ -113,16 +118,12 @@ def test_after_a_status_write_the_next_reconcile_waits_for_the_watch_to_show_it(
 def test_the_resync_ends_the_wait_for_a_write_the_watch_never_shows():
     async def scenario() -> None:
         rec = Recorder(writes={"phase": "STOPPED"})
-        queue = ReconcileQueue(rec, resync=0.05)
-        queue.start()
-        try:
+        async with running_queue(rec, resync=0.05) as queue:
             queue.update("wf", {"spec": {}, "status": {}})
             await until(lambda: len(rec.calls) >= 2)   # no event: the resync reconciles again
             # from the body with the write the API server accepted, not the one before it (which decided
             # the same transition again: a second Event)
             assert rec.calls[0][1]["status"] == {} and rec.calls[1][1]["status"] == {"phase": "STOPPED"}
-        finally:
-            await queue.stop()
 
     asyncio.run(scenario())
 
@@ -130,9 +131,7 @@ def test_the_resync_ends_the_wait_for_a_write_the_watch_never_shows():
 def test_a_body_older_than_a_write_already_seen_is_decided_with_that_write():
     async def scenario() -> None:
         rec = Recorder(writes={"phase": "STOPPED"})
-        queue = ReconcileQueue(rec, resync=3600)
-        queue.start()
-        try:
+        async with running_queue(rec, resync=3600) as queue:
             queue.update("wf", {"spec": {}, "status": {}})
             await until(lambda: len(rec.calls) == 1 and not queue._running)
             rec.writes = None   # the write comes back: a reconcile that writes nothing
@@ -142,8 +141,6 @@ def test_a_body_older_than_a_write_already_seen_is_decided_with_that_write():
             queue.update("wf", {"spec": {"x": 1}, "status": {}})
             await until(lambda: len(rec.calls) == 3)
             assert rec.calls[2][1] == {"spec": {"x": 1}, "status": {"phase": "STOPPED"}}
-        finally:
-            await queue.stop()
 
     asyncio.run(scenario())
 
@@ -151,9 +148,7 @@ def test_a_body_older_than_a_write_already_seen_is_decided_with_that_write():
 def test_a_workflow_at_rest_has_no_timer_one_that_runs_has_the_resync():
     async def scenario() -> None:
         rec = Recorder()
-        queue = ReconcileQueue(rec, resync=0.05)
-        queue.start()
-        try:
+        async with running_queue(rec, resync=0.05) as queue:
             queue.update("idle", STOPPED)
             queue.update("busy", {"spec": {"desiredState": "RUNNING"}, "status": {"phase": "RUNNING"}})
             await until(lambda: sum(1 for k, _ in rec.calls if k == "busy") >= 3)   # resync after resync
@@ -161,8 +156,6 @@ def test_a_workflow_at_rest_has_no_timer_one_that_runs_has_the_resync():
             assert queue._keys["idle"].timer is None
             queue.forget("busy")
             assert len(queue) == 1
-        finally:
-            await queue.stop()
 
     asyncio.run(scenario())
 
@@ -171,9 +164,7 @@ def test_a_failed_reconcile_is_retried_a_permanent_failure_waits_for_the_next_ev
     async def scenario() -> None:
         rec = Recorder()
         rec.fail = kopf.TemporaryError("not yet", delay=0.01)
-        queue = ReconcileQueue(rec, resync=3600)
-        queue.start()
-        try:
+        async with running_queue(rec, resync=3600) as queue:
             queue.update("wf", STOPPED)
             await until(lambda: len(rec.calls) >= 3)   # retried after its delay, no event needed
             rec.fail = kopf.PermanentError("never")
@@ -183,8 +174,6 @@ def test_a_failed_reconcile_is_retried_a_permanent_failure_waits_for_the_next_ev
             rec.fail = None
             queue.update("wf", stopped(1))
             await until(lambda: len(rec.calls) == calls + 1)
-        finally:
-            await queue.stop()
 
     asyncio.run(scenario())
 
