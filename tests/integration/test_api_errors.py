@@ -6,10 +6,12 @@ control plane, and by tests/k8s/test_grpc_kubernetes.py with the Kubernetes one.
 from __future__ import annotations
 
 import asyncio
+from typing import TypeVar
 
 import grpc
 import pytest
 from google.protobuf import field_mask_pb2
+from google.protobuf.message import Message
 from google.rpc import error_details_pb2
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from grpc_status import rpc_status
@@ -22,6 +24,7 @@ from tests.factories import spec
 from tests.integration.conftest import watch_until
 
 NAME = "workflows/errs"
+Detail = TypeVar("Detail", bound=Message)
 
 
 async def expect(call, code: grpc.StatusCode) -> grpc.aio.AioRpcError:
@@ -31,26 +34,24 @@ async def expect(call, code: grpc.StatusCode) -> grpc.aio.AioRpcError:
     return exc.value
 
 
-def field_paths(err: grpc.aio.AioRpcError) -> list[str]:
+def rpc_detail(err: grpc.aio.AioRpcError, kind: type[Detail]) -> Detail:
+    """The error's first google.rpc.Status detail of type ``kind``; AssertionError when it has none."""
     status = rpc_status.from_call(err)
     assert status is not None
     for detail in status.details:
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            return [v.field for v in bad.field_violations]
-    raise AssertionError("no BadRequest detail")
+        if detail.Is(kind.DESCRIPTOR):
+            found = kind()
+            detail.Unpack(found)
+            return found
+    raise AssertionError(f"no {kind.DESCRIPTOR.name} detail")
+
+
+def field_paths(err: grpc.aio.AioRpcError) -> list[str]:
+    return [v.field for v in rpc_detail(err, error_details_pb2.BadRequest).field_violations]
 
 
 def error_info(err: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
-    status = rpc_status.from_call(err)
-    assert status is not None
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            return info
-    raise AssertionError("no ErrorInfo detail")
+    return rpc_detail(err, error_details_pb2.ErrorInfo)
 
 
 IA, NF, AE = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ALREADY_EXISTS
