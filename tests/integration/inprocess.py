@@ -9,6 +9,8 @@ file. The destination is then read from the sandbox (the outside world).
 from __future__ import annotations
 
 import asyncio
+import tempfile
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -53,3 +55,10 @@ class InProcessIngress:
         await self.runner.aclose()
         self.held.close()
         self.state.close()
+
+
+def run_example(scenario: Callable[[Path], Coroutine[Any, Any, None]]) -> None:
+    """Run one Hypothesis example's ``scenario`` on an event loop and in a state directory of its own
+    (an example cannot use pytest's per-test ``tmp_path`` nor its loop: it runs many times per test)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        asyncio.run(scenario(Path(tmp)))

@@ -9,8 +9,7 @@ interleavings; the connectors speak real HTTP to the sandbox."""
 
 from __future__ import annotations
 
-import asyncio
-import tempfile
+from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,8 @@ from hypothesis import strategies as st
 from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane_sandbox import Sandbox, start_sandbox
 from tests.integration.ingress_env import ingress_spec
-from tests.integration.inprocess import InProcessIngress
+from tests.integration.inprocess import InProcessIngress, run_example
+from tests.integration.sandbox_fixtures import running_sandbox
 
 WAITING = "00000000-0000-4000-8000-00000000000a"   # a contact without an email: filtered out, so not in Campaign
 SYNCED = "00000000-0000-4000-8000-00000000000b"    # a contact that is in Campaign
@@ -91,45 +91,38 @@ def apply(sb: Sandbox, op: tuple[Any, ...]) -> bool:
 
 
 async def scenario(steps: list[tuple[Any, ...]], state_dir: Path) -> None:
-    sb = await start_sandbox()
-    run: InProcessIngress | None = None
-    try:
+    async with running_sandbox() as sb:
         contacts = sb.d365.table("contacts")
         contacts.upsert(WAITING, firstname="Wait", lastname="Ing")
         contacts.upsert(SYNCED, firstname="Syn", lastname="Ced", emailaddress1="synced@example.com")
-        run = InProcessIngress(sb, held_spec(sb), state_dir)
-        await run.passes(1)
-        for step in steps:
-            if apply(sb, step):
-                await run.passes(1)
-        await run.passes(3)  # quiescence: two passes with nothing new, and one to re-send what was held
-        want, waiting = expected_cards(sb)
-        got = actual_cards(sb)
-        # Cards waiting for their contact are held, and counted; every other card is exactly the source.
-        assert run.held_keys(STREAM) == waiting
-        assert run.report.held == len(waiting)
-        assert {k: v for k, v in got.items() if k not in waiting} == want
-        # The contact arrives (again: an edit): every held card is written, none is left held, and
-        # no card deleted or re-pointed meanwhile comes back.
-        sb.d365.table("contacts").upsert(WAITING, emailaddress1="waiting@example.com")
-        await run.passes(3)
-        want, waiting = expected_cards(sb)
-        assert not waiting
-        assert actual_cards(sb) == want
-        assert run.held_keys(STREAM) == set()
-        assert run.report.held == 0
-        assert run.dead_letters() == []
-    finally:
-        if run is not None:
-            await run.aclose()
-        await sb.stop()
+        async with aclosing(InProcessIngress(sb, held_spec(sb), state_dir)) as run:
+            await run.passes(1)
+            for step in steps:
+                if apply(sb, step):
+                    await run.passes(1)
+            await run.passes(3)  # quiescence: two passes with nothing new, and one to re-send what was held
+            want, waiting = expected_cards(sb)
+            got = actual_cards(sb)
+            # Cards waiting for their contact are held, and counted; every other card is exactly the source.
+            assert run.held_keys(STREAM) == waiting
+            assert run.report.held == len(waiting)
+            assert {k: v for k, v in got.items() if k not in waiting} == want
+            # The contact arrives (again: an edit): every held card is written, none is left held, and
+            # no card deleted or re-pointed meanwhile comes back.
+            sb.d365.table("contacts").upsert(WAITING, emailaddress1="waiting@example.com")
+            await run.passes(3)
+            want, waiting = expected_cards(sb)
+            assert not waiting
+            assert actual_cards(sb) == want
+            assert run.held_keys(STREAM) == set()
+            assert run.report.held == 0
+            assert run.dead_letters() == []
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops)
 def test_a_held_card_is_superseded_by_any_newer_event_for_its_key(steps: list[tuple[Any, ...]]) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        asyncio.run(scenario(steps, Path(tmp)))
+    run_example(lambda state_dir: scenario(steps, state_dir))
 
 
 def test_the_issue_example_deleted_and_repointed_cards_while_held() -> None:
@@ -138,8 +131,7 @@ def test_the_issue_example_deleted_and_repointed_cards_while_held() -> None:
     steps: list[tuple[Any, ...]] = [("create", 0, WAITING, 10), ("create", 1, WAITING, 20), ("pass",),
                                     ("delete", 0), ("repoint", 1, SYNCED), ("update", 1, 99), ("pass",),
                                     ("arrive",), ("pass",)]
-    with tempfile.TemporaryDirectory() as tmp:
-        asyncio.run(scenario(steps, Path(tmp)))
+    run_example(lambda state_dir: scenario(steps, state_dir))
 
 
 async def test_the_issue_example_through_a_real_worker(tmp_path: Path) -> None:

@@ -7,8 +7,7 @@ extra or different). The engine runs in this process (inprocess.py); HTTP is rea
 
 from __future__ import annotations
 
-import asyncio
-import tempfile
+from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +17,10 @@ from hypothesis import strategies as st
 from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.service.verify import SqliteWorkerStateAccess
 from syncplane.verify.run import verify
-from syncplane_sandbox import Sandbox, start_sandbox
+from syncplane_sandbox import Sandbox
 from tests.integration.ingress_env import CARD, LENGTHS, PROFILE, ingress_spec
-from tests.integration.inprocess import InProcessIngress, sandbox_secrets
+from tests.integration.inprocess import InProcessIngress, run_example, sandbox_secrets
+from tests.integration.sandbox_fixtures import running_sandbox
 
 CONTACTS = [f"00000000-0000-4000-8000-0000000001{i:02d}" for i in range(4)]
 CARDS = [f"00000000-0000-4000-8000-0000000002{i:02d}" for i in range(3)]
@@ -100,42 +100,35 @@ def apply(sb: Sandbox, op: tuple[Any, ...]) -> bool:
 
 
 async def scenario(steps: list[tuple[Any, ...]], state_dir: Path) -> None:
-    sb = await start_sandbox()
-    run: InProcessIngress | None = None
-    try:
+    async with running_sandbox() as sb:
         spec = spec_of(sb)
-        run = InProcessIngress(sb, spec, state_dir)
-        await run.passes(1)
-        for step in steps:
-            if apply(sb, step):
-                await run.passes(1)
-        await run.passes(3)
-        profiles, cards, waiting = expected(sb)
-        got_profiles, got_cards = actual(sb)
-        assert got_profiles == profiles
-        assert {k: v for k, v in got_cards.items() if k not in waiting} == cards
-        assert run.held_keys("new_loyaltycard") == waiting and run.report.held == len(waiting)
-        # Every parent arrives: nothing is held, and both sides agree exactly.
-        for rid in list(sb.d365.table("contacts").rows):
-            if sb.d365.table("contacts").rows[rid].get("emailaddress1") is None:
-                sb.d365.table("contacts").upsert(rid, emailaddress1=f"{rid[-4:]}@example.com")
-        await run.passes(3)
-        profiles, cards, waiting = expected(sb)
-        assert not waiting and actual(sb) == (profiles, cards)
-        assert run.held_keys("new_loyaltycard") == set() and run.report.held == 0
-        assert run.dead_letters() == []
-        report = await verify(run.workflow, spec, sandbox_secrets(sb),
-                              SqliteWorkerStateAccess(state_dir / "worker-state.db"), running=False)
-        total = report.total()
-        assert (len(total.missing), len(total.extra), len(total.different)) == (0, 0, 0), report
-    finally:
-        if run is not None:
-            await run.aclose()
-        await sb.stop()
+        async with aclosing(InProcessIngress(sb, spec, state_dir)) as run:
+            await run.passes(1)
+            for step in steps:
+                if apply(sb, step):
+                    await run.passes(1)
+            await run.passes(3)
+            profiles, cards, waiting = expected(sb)
+            got_profiles, got_cards = actual(sb)
+            assert got_profiles == profiles
+            assert {k: v for k, v in got_cards.items() if k not in waiting} == cards
+            assert run.held_keys("new_loyaltycard") == waiting and run.report.held == len(waiting)
+            # Every parent arrives: nothing is held, and both sides agree exactly.
+            for rid in list(sb.d365.table("contacts").rows):
+                if sb.d365.table("contacts").rows[rid].get("emailaddress1") is None:
+                    sb.d365.table("contacts").upsert(rid, emailaddress1=f"{rid[-4:]}@example.com")
+            await run.passes(3)
+            profiles, cards, waiting = expected(sb)
+            assert not waiting and actual(sb) == (profiles, cards)
+            assert run.held_keys("new_loyaltycard") == set() and run.report.held == 0
+            assert run.dead_letters() == []
+            report = await verify(run.workflow, spec, sandbox_secrets(sb),
+                                  SqliteWorkerStateAccess(state_dir / "worker-state.db"), running=False)
+            total = report.total()
+            assert (len(total.missing), len(total.extra), len(total.different)) == (0, 0, 0), report
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops)
 def test_after_quiescence_the_destination_equals_the_mapped_source(steps: list[tuple[Any, ...]]) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        asyncio.run(scenario(steps, Path(tmp)))
+    run_example(lambda state_dir: scenario(steps, state_dir))
