@@ -8,6 +8,7 @@ import signal
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 
 from syncplane.proto.v1 import workflow_pb2 as pb
@@ -17,11 +18,26 @@ from tests.factories import spec
 from tests.integration.conftest import ServerProcess, wait_until, watch_until, worker_processes
 
 
+class Servers:
+    """The `syncplane up` processes a test starts on one data directory."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.started: list[ServerProcess] = []
+
+    async def up(self, *extra: str) -> tuple[ServerProcess, grpc.aio.Channel, svc_grpc.WorkflowServiceStub]:
+        """Start one (``extra``: its command-line options), wait until it listens; with a client of it."""
+        server = ServerProcess(self.data_dir, *extra)
+        self.started.append(server)
+        await server.ready()
+        return server, *server.stub()
+
+
 @pytest.fixture
-def servers(tmp_path: Path) -> Iterator[list[ServerProcess]]:
-    started: list[ServerProcess] = []
+def servers(tmp_path: Path) -> Iterator[Servers]:
+    started = Servers(tmp_path)
     yield started
-    for s in started:
+    for s in started.started:
         s.stop(signal.SIGKILL)
     leftovers = worker_processes(tmp_path)
     for p in leftovers:
@@ -38,16 +54,22 @@ async def _create_and_start(stub: svc_grpc.WorkflowServiceStub, name: str, start
     return running
 
 
+async def keep_one_running_one_stopped(stub: svc_grpc.WorkflowServiceStub) -> None:
+    await keep_one_running_one_stopped(stub)
+
+
+async def kept(stub: svc_grpc.WorkflowServiceStub) -> tuple[pb.Workflow, pb.Workflow]:
+    """The two workflows of keep_one_running_one_stopped(), as the server has them now."""
+    return (await stub.GetWorkflow(svc.GetWorkflowRequest(name="workflows/keep-running")),
+            await stub.GetWorkflow(svc.GetWorkflowRequest(name="workflows/keep-stopped")))
+
+
 @pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 async def test_interactive_stop_stops_the_workers_and_the_next_up_resumes_them(tmp_path: Path, servers, how):
     """Ctrl-C (or SIGTERM) on `syncplane up` drains and stops its workers before it exits; the
     desired states are kept, so the next `up` starts the running workflow's workers again."""
-    first = ServerProcess(tmp_path)
-    servers.append(first)
-    await first.ready()
-    channel, stub = first.stub()
-    await _create_and_start(stub, "keep-running", start=True)
-    await _create_and_start(stub, "keep-stopped", start=False)
+    first, channel, stub = await servers.up()
+    await keep_one_running_one_stopped(stub)
     # A client following a watch when the stop comes: its stream is ended by the shutdown.
     watch = stub.WatchWorkflows(svc.WatchWorkflowsRequest())
     await watch.read()
@@ -62,13 +84,9 @@ async def test_interactive_stop_stops_the_workers_and_the_next_up_resumes_them(t
     log = (tmp_path / "server.log").read_text()
     assert "workers stopped" in log and " ERROR " not in log, log
 
-    second = ServerProcess(tmp_path)
-    servers.append(second)
-    await second.ready()
-    channel, stub = second.stub()
+    second, channel, stub = await servers.up()
     try:
-        running = await stub.GetWorkflow(svc.GetWorkflowRequest(name="workflows/keep-running"))
-        stopped = await stub.GetWorkflow(svc.GetWorkflowRequest(name="workflows/keep-stopped"))
+        running, stopped = await kept(stub)
         assert running.spec.desired_state == pb.DESIRED_STATE_RUNNING
         assert stopped.spec.desired_state == pb.DESIRED_STATE_STOPPED and stopped.status.phase == pb.PHASE_STOPPED
         running, _ = await watch_until(stub, "workflows/keep-running",
@@ -83,12 +101,8 @@ async def test_interactive_stop_stops_the_workers_and_the_next_up_resumes_them(t
 
 
 async def test_a_killed_control_plane_leaves_workers_that_the_next_up_adopts(tmp_path: Path, servers):
-    first = ServerProcess(tmp_path)
-    servers.append(first)
-    await first.ready()
-    channel, stub = first.stub()
-    await _create_and_start(stub, "keep-running", start=True)
-    await _create_and_start(stub, "keep-stopped", start=False)
+    first, channel, stub = await servers.up()
+    await keep_one_running_one_stopped(stub)
     await channel.close()
     before = {p.pid for p in worker_processes(tmp_path)}
     assert len(before) == 1
@@ -97,13 +111,9 @@ async def test_a_killed_control_plane_leaves_workers_that_the_next_up_adopts(tmp
     assert first.proc.returncode == -signal.SIGKILL
     assert {p.pid for p in worker_processes(tmp_path)} == before, "workers outlive a killed control plane"
 
-    second = ServerProcess(tmp_path)
-    servers.append(second)
-    await second.ready()
-    channel, stub = second.stub()
+    second, channel, stub = await servers.up()
     try:
-        running = await stub.GetWorkflow(svc.GetWorkflowRequest(name="workflows/keep-running"))
-        stopped = await stub.GetWorkflow(svc.GetWorkflowRequest(name="workflows/keep-stopped"))
+        running, stopped = await kept(stub)
         assert running.status.phase == pb.PHASE_RUNNING
         assert stopped.status.phase == pb.PHASE_STOPPED
         # Once a new workflow runs, the new supervisor has reconciled every workflow.
@@ -125,10 +135,7 @@ async def test_a_killed_control_plane_leaves_workers_that_the_next_up_adopts(tmp
 
 
 async def test_workers_stop_themselves_when_no_control_plane_returns(tmp_path: Path, servers):
-    server = ServerProcess(tmp_path, "--orphan-timeout", "5")
-    servers.append(server)
-    await server.ready()
-    channel, stub = server.stub()
+    server, channel, stub = await servers.up("--orphan-timeout", "5")
     await _create_and_start(stub, "lonely", start=True)
     await channel.close()
     assert len(worker_processes(tmp_path)) == 1
