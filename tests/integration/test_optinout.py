@@ -50,6 +50,16 @@ async def harness(sb: Sandbox, tmp_path: Path, direction: str) -> Harness:
     return Harness(sb, tmp_path, direction)
 
 
+async def flip_one_each_side(sb: Sandbox, h: Harness, crm_key: str, campaign_key: str) -> tuple[int, int]:
+    """Flip ``crm_key``'s e-mail opt-out in the CRM and ``campaign_key``'s in Campaign, then sync until
+    quiet; returns the request-log marks from before the sync (for write_count)."""
+    set_crm(sb, crm_key, donotemail=not crm_row(sb, crm_key)["donotemail"])
+    set_campaign(sb, campaign_key, blackListEmail=not profile(sb, campaign_key)["blackListEmail"])
+    m = marks(sb)
+    await h.converge()
+    return m
+
+
 async def test_disabled_reads_and_writes_nothing(sb: Sandbox, keys: list[str], tmp_path: Path) -> None:
     h = await harness(sb, tmp_path, "DISABLED")
     try:
@@ -75,11 +85,8 @@ async def test_crm_to_marketing(sb: Sandbox, keys: list[str], tmp_path: Path) ->
         assert len(sb.acs.profiles) == len(keys)
         # a CRM change flows; a Campaign change does not flow back
         a, b = keys[0], keys[1]
-        set_crm(sb, a, donotemail=not crm_row(sb, a)["donotemail"])
-        set_campaign(sb, b, blackListEmail=not profile(sb, b)["blackListEmail"])
         crm_b = dict(crm_row(sb, b))
-        m = marks(sb)
-        await h.converge()
+        m = await flip_one_each_side(sb, h, crm_key=a, campaign_key=b)
         assert profile(sb, a)["blackList"] == crm_row(sb, a)["donotemail"]
         assert crm_row(sb, b)["donotbulkemail"] == crm_b["donotbulkemail"]
         assert crm_row(sb, b)["modifiedon"] == crm_b["modifiedon"]  # the CRM was not written at all
@@ -105,11 +112,8 @@ async def test_marketing_to_crm(sb: Sandbox, keys: list[str], tmp_path: Path) ->
         # the 20 contacts without a profile kept their values; no contact was created
         assert len(sb.d365.table("contacts")) == len(keys) + 20
         a, b = keys[40], keys[41]
-        set_campaign(sb, a, blackListEmail=not profile(sb, a)["blackListEmail"])
-        set_crm(sb, b, donotemail=not crm_row(sb, b)["donotemail"])
         acs_b = dict(profile(sb, b))
-        m = marks(sb)
-        await h.converge()
+        m = await flip_one_each_side(sb, h, crm_key=b, campaign_key=a)
         assert crm_row(sb, a)["donotbulkemail"] == profile(sb, a)["blackListEmail"]
         assert profile(sb, b)["lastModified"] == acs_b["lastModified"]  # Campaign untouched
         assert write_count(sb, *m) == 1
