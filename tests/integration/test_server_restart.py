@@ -55,7 +55,8 @@ async def _create_and_start(stub: svc_grpc.WorkflowServiceStub, name: str, start
 
 
 async def keep_one_running_one_stopped(stub: svc_grpc.WorkflowServiceStub) -> None:
-    await keep_one_running_one_stopped(stub)
+    await _create_and_start(stub, "keep-running", start=True)
+    await _create_and_start(stub, "keep-stopped", start=False)
 
 
 async def kept(stub: svc_grpc.WorkflowServiceStub) -> tuple[pb.Workflow, pb.Workflow]:
