@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from syncplane.state.kube_checkpoints import stream_key
-from syncplane_sandbox import SeedSpec, start_sandbox
+from syncplane_sandbox import SeedSpec
 from tests.backends import eventually
 from tests.integration.ingress_env import (
     actual_profiles,
@@ -30,7 +30,7 @@ from tests.integration.ingress_env import (
     profiles_match,
 )
 from tests.k8s.kubelet import FakeKubelet
-from tests.k8s.test_worker_data import POLL, apply_workflow, checkpoints, create_secrets, kubectl, set_desired
+from tests.k8s.test_worker_data import POLL, apply_workflow, checkpoints, kubectl, sandbox_with_secrets, set_desired
 
 pytestmark = pytest.mark.k8s
 CONTACTS = 12_000
@@ -40,9 +40,7 @@ PODS = 3
 @pytest.mark.timeout(900)
 async def test_three_worker_pods_split_the_first_load_through_a_pod_deleted_mid_range(k8s_cluster, namespace, operator,
                                                                                       tmp_path):
-    sb = await start_sandbox(seed=SeedSpec(contacts=CONTACTS, seed=18))
-    try:
-        await create_secrets(k8s_cluster, namespace, sb)
+    async with sandbox_with_secrets(k8s_cluster, namespace, SeedSpec(contacts=CONTACTS, seed=18)) as sb:
         name = await apply_workflow(k8s_cluster, namespace, sb, tmp_path, "10-contacts-ingress.yaml",
                                     batchSize=500, workers=PODS)
         async with FakeKubelet(namespace, Path(k8s_cluster.kubeconfig), tmp_path / "containers") as kubelet:
@@ -87,5 +85,3 @@ async def test_three_worker_pods_split_the_first_load_through_a_pod_deleted_mid_
                 assert str(main["cursor"]).startswith("delta ")
             finally:
                 await set_desired(k8s_cluster, namespace, name, "STOPPED", check=False)
-    finally:
-        await sb.stop()

@@ -15,6 +15,8 @@ import asyncio
 import json
 import urllib.parse
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,7 @@ from syncplane.contract.names import HELD, checkpoint_configmap_name, record_sha
 from syncplane.optinout.sync import CAMPAIGN_STREAM, CRM_STREAM
 from syncplane.state.kube_checkpoints import stream_key
 from syncplane.state.kube_records import records_of
-from syncplane_sandbox import Sandbox, SeedSpec, start_sandbox
+from syncplane_sandbox import Sandbox, SeedSpec
 from tests.backends import eventually
 from tests.factories import literals
 from tests.integration.ingress_env import (
@@ -36,6 +38,7 @@ from tests.integration.ingress_env import (
     profiles_match,
 )
 from tests.integration.optinout_env import create_profiles
+from tests.integration.sandbox_fixtures import running_sandbox
 from tests.k8s.kubelet import Container, FakeKubelet
 from tests.k8s.test_operator import DEFAULTS
 
@@ -96,6 +99,15 @@ async def create_secrets(cluster: Any, namespace: str, sb: Sandbox) -> None:
         await kubectl(cluster, "create", "secret", "generic", name, "-n", namespace, *literals(data))
 
 
+@asynccontextmanager
+async def sandbox_with_secrets(cluster: Any, namespace: str, seed: SeedSpec) -> AsyncIterator[Sandbox]:
+    """A running sandbox seeded with ``seed``, its client Secrets created in ``namespace`` (what the user
+    creates); the sandbox is stopped on the way out."""
+    async with running_sandbox(seed) as sb:
+        await create_secrets(cluster, namespace, sb)
+        yield sb
+
+
 async def apply_workflow(cluster: Any, namespace: str, sb: Sandbox, tmp: Path, default: str, **spec: Any) -> str:
     """A default workflow, its endpoints on the sandbox, polling every second; stopped."""
     doc = yaml.safe_load((DEFAULTS / default).read_text())
@@ -123,9 +135,7 @@ def token(url: str) -> str | None:
 
 @pytest.mark.timeout(900)
 async def test_checkpoints_survive_pod_deletion(k8s_cluster, namespace, operator, tmp_path):
-    sb = await start_sandbox(seed=SeedSpec(contacts=CONTACTS, seed=13))
-    try:
-        await create_secrets(k8s_cluster, namespace, sb)
+    async with sandbox_with_secrets(k8s_cluster, namespace, SeedSpec(contacts=CONTACTS, seed=13)) as sb:
         name = await apply_workflow(k8s_cluster, namespace, sb, tmp_path, "10-contacts-ingress.yaml",
                                     batchSize=500, workers=1)
         selector = f"syncplane.io/workflow={name}"
@@ -210,8 +220,6 @@ async def test_checkpoints_survive_pod_deletion(k8s_cluster, namespace, operator
                                  90, POLL)
             finally:
                 await set_desired(k8s_cluster, namespace, name, "STOPPED", check=False)
-    finally:
-        await sb.stop()
 
 
 HELD_SELECTOR = "syncplane.io/record=held"
@@ -223,9 +231,7 @@ async def test_held_records_survive_pod_deletion(k8s_cluster, namespace, operato
     the pod is deleted, the contact arrives, and the new pod's worker delivers the event.
 
     The fake kubelet runs these pods from the built image, as the pod's user: what a real cluster runs."""
-    sb = await start_sandbox(seed=SeedSpec(contacts=10, seed=4))
-    try:
-        await create_secrets(k8s_cluster, namespace, sb)
+    async with sandbox_with_secrets(k8s_cluster, namespace, SeedSpec(contacts=10, seed=4)) as sb:
         late = str(uuid.uuid4())
         sb.acs.events.create({"eventId": "evt-held", "eventType": "send", "externalId": late, "campaignId": "OP0001",
                               "campaignName": "c", "deliveryId": "DM000101", "deliveryName": "d",
@@ -278,17 +284,13 @@ async def test_held_records_survive_pod_deletion(k8s_cluster, namespace, operato
                                  f"{delivered()})", 180, POLL)
             finally:
                 await set_desired(k8s_cluster, namespace, name, "STOPPED", check=False)
-    finally:
-        await sb.stop()
 
 
 @pytest.mark.timeout(600)
 async def test_opt_in_out_keeps_cursors_and_dead_letters_in_configmaps(k8s_cluster, namespace, operator, tmp_path):
     """The opt-in/out worker on Kubernetes: its two cursors in `<workflow>-checkpoints`, a write the
     destination rejects in a dead-letter ConfigMap; a pod deleted after that loses neither."""
-    sb = await start_sandbox(seed=SeedSpec(contacts=50, seed=6))
-    try:
-        await create_secrets(k8s_cluster, namespace, sb)
+    async with sandbox_with_secrets(k8s_cluster, namespace, SeedSpec(contacts=50, seed=6)) as sb:
         keys = sorted(sb.d365.table("contacts").rows)
         create_profiles(sb, keys)
         bad = keys[0]
@@ -329,6 +331,4 @@ async def test_opt_in_out_keeps_cursors_and_dead_letters_in_configmaps(k8s_clust
                 assert {stream_key(CRM_STREAM), stream_key(CAMPAIGN_STREAM)} <= cursors
             finally:
                 await set_desired(k8s_cluster, namespace, name, "STOPPED", check=False)
-    finally:
-        await sb.stop()
 
