@@ -65,6 +65,12 @@ async def status_until(cluster: Any, namespace: str, name: str, check: Callable[
     return last
 
 
+async def ingress_with_secrets(cluster: Any, namespace: str, sb: Sandbox, tmp: Path) -> str:
+    """The contacts ingress workflow on the sandbox, stopped, and the Secrets it references; returns its name."""
+    await create_secrets(cluster, namespace, sb)
+    return await apply_workflow(cluster, namespace, sb, tmp, "10-contacts-ingress.yaml")
+
+
 async def running_and_loaded(cluster: Any, namespace: str, sb: Sandbox, tmp: Path, name: str) -> None:
     await set_desired(cluster, namespace, name, "RUNNING")
     await status_until(cluster, namespace, name, lambda s: s.get("phase") == "RUNNING"
@@ -76,8 +82,7 @@ async def running_and_loaded(cluster: Any, namespace: str, sb: Sandbox, tmp: Pat
 @pytest.mark.parametrize("fault", SOURCE_FAULTS)
 async def test_a_source_that_stops_answering_is_degraded_while_running(k8s_cluster, namespace, operator, tmp_path,
                                                                        sb, fault):
-    await create_secrets(k8s_cluster, namespace, sb)
-    name = await apply_workflow(k8s_cluster, namespace, sb, tmp_path, "10-contacts-ingress.yaml")
+    name = await ingress_with_secrets(k8s_cluster, namespace, sb, tmp_path)
     async with FakeKubelet(namespace, Path(k8s_cluster.kubeconfig), tmp_path / "containers"):
         try:
             await running_and_loaded(k8s_cluster, namespace, sb, tmp_path, name)
@@ -103,8 +108,7 @@ async def test_a_source_that_stops_answering_is_degraded_while_running(k8s_clust
 
 @pytest.mark.timeout(600)
 async def test_a_backlog_with_nothing_written_is_stalled(k8s_cluster, namespace, operator, tmp_path, sb):
-    await create_secrets(k8s_cluster, namespace, sb)
-    name = await apply_workflow(k8s_cluster, namespace, sb, tmp_path, "10-contacts-ingress.yaml")
+    name = await ingress_with_secrets(k8s_cluster, namespace, sb, tmp_path)
     async with FakeKubelet(namespace, Path(k8s_cluster.kubeconfig), tmp_path / "containers"):
         try:
             await running_and_loaded(k8s_cluster, namespace, sb, tmp_path, name)
@@ -126,8 +130,7 @@ async def test_a_backlog_with_nothing_written_is_stalled(k8s_cluster, namespace,
 
 @pytest.mark.timeout(600)
 async def test_a_mapped_field_that_does_not_exist_fails_the_start(k8s_cluster, namespace, operator, tmp_path, sb):
-    await create_secrets(k8s_cluster, namespace, sb)
-    name = await apply_workflow(k8s_cluster, namespace, sb, tmp_path, "10-contacts-ingress.yaml")
+    name = await ingress_with_secrets(k8s_cluster, namespace, sb, tmp_path)
     doc = await workflow(k8s_cluster, namespace, name)
     entities = doc["spec"]["ingress"]["entities"]
     entities[0]["fields"].append({"source": "new_nosuchfield", "destination": "middleName"})
