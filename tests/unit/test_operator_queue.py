@@ -96,86 +96,71 @@ def test_reconciles_of_one_workflow_never_overlap_and_the_newest_body_is_reconci
     asyncio.run(scenario())
 
 
-def test_after_a_status_write_the_next_reconcile_waits_for_the_watch_to_show_it():
-    async def scenario() -> None:
-        rec = Recorder(writes={"phase": "STOPPED", "observedGeneration": 2})
-        async with running_queue(rec, resync=3600) as queue:
-            queue.update("wf", {"spec": {}, "status": {}})
-            await until(lambda: len(rec.calls) == 1 and not queue._running)
-            # an event from before the write (another field changed): no reconcile on a stale body
-            queue.update("wf", {"spec": {}, "status": {}, "metadata": {"labels": {"a": "b"}}})
-            queue.wake("wf")
-            await until(lambda: not queue._queued and not queue._running)
-            assert len(rec.calls) == 1
-            # the write comes back: reconciled again
-            rec.writes = None
-            queue.update("wf", {"spec": {}, "status": {"phase": "STOPPED", "observedGeneration": 2}})
-            await until(lambda: len(rec.calls) == 2)
-
-    asyncio.run(scenario())
+async def test_after_a_status_write_the_next_reconcile_waits_for_the_watch_to_show_it() -> None:
+    rec = Recorder(writes={"phase": "STOPPED", "observedGeneration": 2})
+    async with running_queue(rec, resync=3600) as queue:
+        queue.update("wf", {"spec": {}, "status": {}})
+        await until(lambda: len(rec.calls) == 1 and not queue._running)
+        # an event from before the write (another field changed): no reconcile on a stale body
+        queue.update("wf", {"spec": {}, "status": {}, "metadata": {"labels": {"a": "b"}}})
+        queue.wake("wf")
+        await until(lambda: not queue._queued and not queue._running)
+        assert len(rec.calls) == 1
+        # the write comes back: reconciled again
+        rec.writes = None
+        queue.update("wf", {"spec": {}, "status": {"phase": "STOPPED", "observedGeneration": 2}})
+        await until(lambda: len(rec.calls) == 2)
 
 
-def test_the_resync_ends_the_wait_for_a_write_the_watch_never_shows():
-    async def scenario() -> None:
-        rec = Recorder(writes={"phase": "STOPPED"})
-        async with running_queue(rec, resync=0.05) as queue:
-            queue.update("wf", {"spec": {}, "status": {}})
-            await until(lambda: len(rec.calls) >= 2)   # no event: the resync reconciles again
-            # from the body with the write the API server accepted, not the one before it (which decided
-            # the same transition again: a second Event)
-            assert rec.calls[0][1]["status"] == {} and rec.calls[1][1]["status"] == {"phase": "STOPPED"}
-
-    asyncio.run(scenario())
+async def test_the_resync_ends_the_wait_for_a_write_the_watch_never_shows() -> None:
+    rec = Recorder(writes={"phase": "STOPPED"})
+    async with running_queue(rec, resync=0.05) as queue:
+        queue.update("wf", {"spec": {}, "status": {}})
+        await until(lambda: len(rec.calls) >= 2)   # no event: the resync reconciles again
+        # from the body with the write the API server accepted, not the one before it (which decided
+        # the same transition again: a second Event)
+        assert rec.calls[0][1]["status"] == {} and rec.calls[1][1]["status"] == {"phase": "STOPPED"}
 
 
-def test_a_body_older_than_a_write_already_seen_is_decided_with_that_write():
-    async def scenario() -> None:
-        rec = Recorder(writes={"phase": "STOPPED"})
-        async with running_queue(rec, resync=3600) as queue:
-            queue.update("wf", {"spec": {}, "status": {}})
-            await until(lambda: len(rec.calls) == 1 and not queue._running)
-            rec.writes = None   # the write comes back: a reconcile that writes nothing
-            queue.update("wf", {"spec": {}, "status": {"phase": "STOPPED"}})
-            await until(lambda: len(rec.calls) == 2 and not queue._running)
-            # then the watch hands on a body from before the write (a relist, a lagging cache)
-            queue.update("wf", {"spec": {"x": 1}, "status": {}})
-            await until(lambda: len(rec.calls) == 3)
-            assert rec.calls[2][1] == {"spec": {"x": 1}, "status": {"phase": "STOPPED"}}
-
-    asyncio.run(scenario())
+async def test_a_body_older_than_a_write_already_seen_is_decided_with_that_write() -> None:
+    rec = Recorder(writes={"phase": "STOPPED"})
+    async with running_queue(rec, resync=3600) as queue:
+        queue.update("wf", {"spec": {}, "status": {}})
+        await until(lambda: len(rec.calls) == 1 and not queue._running)
+        rec.writes = None   # the write comes back: a reconcile that writes nothing
+        queue.update("wf", {"spec": {}, "status": {"phase": "STOPPED"}})
+        await until(lambda: len(rec.calls) == 2 and not queue._running)
+        # then the watch hands on a body from before the write (a relist, a lagging cache)
+        queue.update("wf", {"spec": {"x": 1}, "status": {}})
+        await until(lambda: len(rec.calls) == 3)
+        assert rec.calls[2][1] == {"spec": {"x": 1}, "status": {"phase": "STOPPED"}}
 
 
-def test_a_workflow_at_rest_has_no_timer_one_that_runs_has_the_resync():
-    async def scenario() -> None:
-        rec = Recorder()
-        async with running_queue(rec, resync=0.05) as queue:
-            queue.update("idle", STOPPED)
-            queue.update("busy", {"spec": {"desiredState": "RUNNING"}, "status": {"phase": "RUNNING"}})
-            await until(lambda: sum(1 for k, _ in rec.calls if k == "busy") >= 3)   # resync after resync
-            assert [k for k, _ in rec.calls].count("idle") == 1
-            assert queue._keys["idle"].timer is None
-            queue.forget("busy")
-            assert len(queue) == 1
-
-    asyncio.run(scenario())
+async def test_a_workflow_at_rest_has_no_timer_one_that_runs_has_the_resync() -> None:
+    rec = Recorder()
+    async with running_queue(rec, resync=0.05) as queue:
+        queue.update("idle", STOPPED)
+        queue.update("busy", {"spec": {"desiredState": "RUNNING"}, "status": {"phase": "RUNNING"}})
+        await until(lambda: sum(1 for k, _ in rec.calls if k == "busy") >= 3)   # resync after resync
+        assert [k for k, _ in rec.calls].count("idle") == 1
+        assert queue._keys["idle"].timer is None
+        queue.forget("busy")
+        assert len(queue) == 1
 
 
-def test_a_failed_reconcile_is_retried_a_permanent_failure_waits_for_the_next_event():
-    async def scenario() -> None:
-        rec = Recorder()
-        rec.fail = kopf.TemporaryError("not yet", delay=0.01)
-        async with running_queue(rec, resync=3600) as queue:
-            queue.update("wf", STOPPED)
-            await until(lambda: len(rec.calls) >= 3)   # retried after its delay, no event needed
-            rec.fail = kopf.PermanentError("never")
-            await until(lambda: isinstance(rec.fail, kopf.PermanentError) and queue._keys["wf"].timer is None
-                        and not queue._running and not queue._queued)
-            calls = len(rec.calls)
-            rec.fail = None
-            queue.update("wf", stopped(1))
-            await until(lambda: len(rec.calls) == calls + 1)
-
-    asyncio.run(scenario())
+async def test_a_failed_reconcile_is_retried_a_permanent_failure_waits_for_the_next_event() -> None:
+    rec = Recorder()
+    rec.fail = kopf.TemporaryError("not yet", delay=0.01)
+    async with running_queue(rec, resync=3600) as queue:
+        queue.update("wf", STOPPED)
+        await until(lambda: len(rec.calls) >= 3)   # retried after its delay, no event needed
+        rec.fail = kopf.PermanentError("never")
+        await until(lambda: isinstance(rec.fail, kopf.PermanentError) and queue._keys["wf"].timer is None
+                    and not queue._running and not queue._queued)
+        calls = len(rec.calls)
+        rec.fail = None
+        queue.update("wf", stopped(1))
+        await until(lambda: len(rec.calls) == calls + 1)
 
 
 json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=3),
