@@ -164,7 +164,7 @@ async def profiles_converge(sandbox: Sandbox, timeout: float, what: str, *,
     """Wait up to ``timeout`` seconds for Campaign's profiles to equal ``expected`` (externalId → fields)
     or, when None, the mapped source as it is at each poll (its contacts passing ``where``; with
     ``cards``, the loyalty cards must match too). On the deadline, AssertionError names ``what`` and the
-    difference (:func:`diff`)."""
+    difference (:func:`diff`, of the cards too with ``cards``)."""
     if expected is None:
         def level() -> bool:
             return profiles_match(sandbox, where) and (not cards or cards_match(sandbox))
@@ -175,7 +175,12 @@ async def profiles_converge(sandbox: Sandbox, timeout: float, what: str, *,
     def wanted() -> dict[str, dict[str, Any]]:
         return expected if expected is not None else expected_profiles(sandbox, where or (lambda _: True))
 
-    await converge(level, timeout, lambda: f"{what}: " + diff(wanted(), actual_profiles(sandbox)))
+    def difference() -> str:
+        profiles = diff(wanted(), actual_profiles(sandbox))
+        return f"{what}: {profiles}" + (f"; cards: {diff(expected_cards(sandbox), actual_cards(sandbox))}"
+                                        if cards else "")
+
+    await converge(level, timeout, difference)
 
 
 def dead_letters(data_dir: Path, workflow: str) -> list[dict[str, Any]]:
