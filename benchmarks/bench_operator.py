@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import json
 import os
 import re
@@ -28,6 +29,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -332,20 +334,34 @@ def concurrent_starts(cluster: TestCluster, ns: str, workdir: Path, count: int =
             "bare_watch": {**pctl(floor), "max_s": max(floor)} if len(floor) > 1 else {}}
 
 
-def operator_alone(cluster: TestCluster, ns: str, log: Path, window: float) -> dict[str, float]:
-    """The operator watching ``ns`` with no Workflow in it, for ``window`` seconds: its peak RSS and
-    CPU share of one core (a measurement window: startup included)."""
-    proc = _operator(cluster, ns, log)
+@contextlib.contextmanager
+def _sampled_operator(cluster: TestCluster, namespace: str, log: Path, *more: str) -> Iterator[_Sampler]:
+    """`syncplane operator` (:func:`_operator`) sampled by a :class:`_Sampler` while the block runs;
+    the sampler and the operator are stopped after it, also when it fails."""
+    proc = _operator(cluster, namespace, log, *more)
     sampler = _Sampler(proc.pid)
     try:
-        cpu0, t0 = sampler.cpu_seconds(), time.monotonic()
-        time.sleep(window)  # a measurement window, not synchronisation
-        return {"peak_rss_mib": sampler.peak_rss / 2**20,
-                "cpu_percent_of_a_core": 100 * (sampler.cpu_seconds() - cpu0) / (time.monotonic() - t0)}
+        yield sampler
     finally:
         sampler.stop()
         proc.terminate()
         proc.wait(timeout=60)
+
+
+def _peaks(sampler: _Sampler, prefix: str = "") -> dict[str, float]:
+    """The operator's peak RSS (MiB) and peak count of open TCP connections so far, named with ``prefix``."""
+    return {f"{prefix}peak_rss_mib": sampler.peak_rss / 2**20,
+            f"{prefix}peak_tcp_connections": sampler.peak_connections}
+
+
+def operator_alone(cluster: TestCluster, ns: str, log: Path, window: float) -> dict[str, float]:
+    """The operator watching ``ns`` with no Workflow in it, for ``window`` seconds: its peak RSS and
+    CPU share of one core (a measurement window: startup included)."""
+    with _sampled_operator(cluster, ns, log) as sampler:
+        cpu0, t0 = sampler.cpu_seconds(), time.monotonic()
+        time.sleep(window)  # a measurement window, not synchronisation
+        return {"peak_rss_mib": sampler.peak_rss / 2**20,
+                "cpu_percent_of_a_core": 100 * (sampler.cpu_seconds() - cpu0) / (time.monotonic() - t0)}
 
 
 def idle(cluster: TestCluster, sampler: _Sampler, window: float, alone_per_min: float) -> dict[str, float]:
@@ -402,27 +418,22 @@ def watched_namespaces(count: int = 1000, spread: int = 10, watched: int = 2,
         per = count // spread
         cluster.wait_until("the watched workflows listed", lambda: all(len(w.phases) == per for w in watches), 120)
         t0 = time.monotonic()
-        proc = _operator(cluster, namespaces[0], Path(tmp) / "operator.log", *namespaces[1:watched])
-        sampler = _Sampler(proc.pid)
         try:
-            _wait(cluster, f"{out['watched_workflows']} watched workflows with a phase",
-                  lambda: sum(w.phased() for w in watches) == out["watched_workflows"], timeout=900)
-            out["cold_start_every_watched_phase_s"] = time.monotonic() - t0
-            for w in watches:
-                w.stop()
-            out["cold_start_peak_rss_mib"] = sampler.peak_rss / 2**20
-            out["cold_start_peak_tcp_connections"] = sampler.peak_connections
-            out.update(idle(cluster, sampler, window, out["cluster_alone_requests_per_min"]))
-            out["unwatched_with_a_phase"] = sum(1 for ns in namespaces[watched:]
-                                                for phase in _phases(cluster, ns).values() if phase)
-            out["peak_rss_mib"] = sampler.peak_rss / 2**20
-            out["peak_tcp_connections"] = sampler.peak_connections
+            with _sampled_operator(cluster, namespaces[0], Path(tmp) / "operator.log",
+                                   *namespaces[1:watched]) as sampler:
+                _wait(cluster, f"{out['watched_workflows']} watched workflows with a phase",
+                      lambda: sum(w.phased() for w in watches) == out["watched_workflows"], timeout=900)
+                out["cold_start_every_watched_phase_s"] = time.monotonic() - t0
+                for w in watches:
+                    w.stop()
+                out.update(_peaks(sampler, "cold_start_"))
+                out.update(idle(cluster, sampler, window, out["cluster_alone_requests_per_min"]))
+                out["unwatched_with_a_phase"] = sum(1 for ns in namespaces[watched:]
+                                                    for phase in _phases(cluster, ns).values() if phase)
+                out.update(_peaks(sampler))
         finally:
             for w in watches:
                 w.stop()
-            sampler.stop()
-            proc.terminate()
-            proc.wait(timeout=60)
             print(json.dumps(out, indent=1), flush=True)   # what was measured, also when a stage failed
     return out
 
@@ -446,29 +457,24 @@ def scale(count: int, window: float = 60.0, starts: int = STARTS) -> dict[str, A
         cluster.wait_until(f"{count} workflows listed by the watch", lambda: len(watch.phases) == count, 120)
         requests0 = requests_by_kind(cluster)
         t0 = time.monotonic()
-        proc = _operator(cluster, ns, Path(tmp) / "operator.log", starts_ns)
-        sampler = _Sampler(proc.pid)
         try:
-            _wait(cluster, f"{count} workflows with a phase", lambda: watch.phased() == count, timeout=900)
-            out["cold_start_every_phase_s"] = time.monotonic() - t0
-            watch.stop()
-            after = requests_by_kind(cluster)
-            made = {" ".join(k): round(v - requests0.get(k, 0)) for k, v in after.items()}
-            out["cold_start_requests"] = {k: v for k, v in sorted(made.items(), key=lambda kv: -kv[1])
-                                          if v >= count / 10}
-            out["cold_start_cpu_s"] = sampler.cpu_seconds()
-            out["cold_start_peak_rss_mib"] = sampler.peak_rss / 2**20
-            out["cold_start_peak_tcp_connections"] = sampler.peak_connections
-            out.update(idle(cluster, sampler, window, out["cluster_alone_requests_per_min"]))
-            if starts:
-                out["concurrent_starts"] = concurrent_starts(cluster, starts_ns, Path(tmp) / "containers", starts)
-            out["peak_rss_mib"] = sampler.peak_rss / 2**20
-            out["peak_tcp_connections"] = sampler.peak_connections
+            with _sampled_operator(cluster, ns, Path(tmp) / "operator.log", starts_ns) as sampler:
+                _wait(cluster, f"{count} workflows with a phase", lambda: watch.phased() == count, timeout=900)
+                out["cold_start_every_phase_s"] = time.monotonic() - t0
+                watch.stop()
+                after = requests_by_kind(cluster)
+                made = {" ".join(k): round(v - requests0.get(k, 0)) for k, v in after.items()}
+                out["cold_start_requests"] = {k: v for k, v in sorted(made.items(), key=lambda kv: -kv[1])
+                                              if v >= count / 10}
+                out["cold_start_cpu_s"] = sampler.cpu_seconds()
+                out.update(_peaks(sampler, "cold_start_"))
+                out.update(idle(cluster, sampler, window, out["cluster_alone_requests_per_min"]))
+                if starts:
+                    out["concurrent_starts"] = concurrent_starts(cluster, starts_ns, Path(tmp) / "containers",
+                                                                 starts)
+                out.update(_peaks(sampler))
         finally:
             watch.stop()
-            sampler.stop()
-            proc.terminate()
-            proc.wait(timeout=60)
             print(json.dumps(out, indent=1), flush=True)   # what was measured, also when a stage failed
     return out
 
