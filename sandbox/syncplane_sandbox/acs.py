@@ -50,13 +50,9 @@ from syncplane_sandbox.acs_state import (
 )
 from syncplane_sandbox.common import (
     EmulatorApp,
-    Faults,
+    EmulatorParts,
     Json,
-    RequestLog,
-    SandboxClock,
     SchemaOps,
-    ServiceProtection,
-    TokenIssuer,
     apply_schema_change,
     b64url_decode,
     b64url_encode,
@@ -70,9 +66,8 @@ TOKEN_PATH = "/ims/token/v3"
 class AcsEmulator(EmulatorApp):
     server_name = "acs"
 
-    def __init__(self, state: AcsState, clock: SandboxClock, log: RequestLog, tokens: TokenIssuer, faults: Faults,
-                 protection: ServiceProtection | None = None) -> None:
-        super().__init__(clock, log, tokens, faults, protection)
+    def __init__(self, state: AcsState, parts: EmulatorParts) -> None:
+        super().__init__(parts)
         self.state = state
         self.event_generator: Callable[[int, random.Random], int] | None = None
         r = self.app.router

@@ -586,19 +586,31 @@ class Switches(Protocol):
     def reset(self) -> None: ...
 
 
+@dataclass(frozen=True)
+class EmulatorParts:
+    """What the sandbox gives each emulator: its clock (shared), the request log (shared), its
+    token issuer, its fault injection and its service protection (``None``: no limits, as
+    Campaign publishes none)."""
+
+    clock: SandboxClock
+    log: RequestLog
+    tokens: TokenIssuer
+    faults: Faults
+    protection: ServiceProtection | None = None
+
+
 class EmulatorApp:
     """Common aiohttp plumbing of an emulator: labelling header, request log, fault
     injection, optional service protection, and the ``/_sandbox`` control routes."""
 
     server_name = "emulator"
 
-    def __init__(self, clock: SandboxClock, log: RequestLog, tokens: TokenIssuer, faults: Faults,
-                 protection: ServiceProtection | None = None) -> None:
-        self.clock = clock
-        self.log = log
-        self.tokens = tokens
-        self.faults = faults
-        self.protection = protection
+    def __init__(self, parts: EmulatorParts) -> None:
+        self.clock = parts.clock
+        self.log = parts.log
+        self.tokens = parts.tokens
+        self.faults = faults = parts.faults
+        self.protection = protection = parts.protection
         self.in_flight = InFlight()
         self.app = web.Application(middlewares=[self._middleware], client_max_size=64 * 1024 * 1024)
         self.app.on_response_prepare.append(self._label)

@@ -38,14 +38,11 @@ from aiohttp import web
 
 from syncplane_sandbox.common import (
     EmulatorApp,
-    Faults,
+    EmulatorParts,
     Json,
     RequestLog,
     RequestRecord,
-    SandboxClock,
     SchemaOps,
-    ServiceProtection,
-    TokenIssuer,
     apply_schema_change,
     b64url_decode,
     b64url_encode,
@@ -137,16 +134,15 @@ def _json(data: Json, status: int = 200, headers: dict[str, str] | None = None) 
 class D365Emulator(EmulatorApp):
     server_name = "d365"
 
-    def __init__(self, state: D365State, clock: SandboxClock, log: RequestLog, tokens: TokenIssuer, faults: Faults,
-                 protection: ServiceProtection, tenant: str) -> None:
-        super().__init__(clock, log, tokens, faults, protection)
+    def __init__(self, state: D365State, parts: EmulatorParts, tenant: str) -> None:
+        super().__init__(parts)
         self.state = state
         self.tenant = tenant
         self.seeder: Callable[[dict[str, Any]], dict[str, int]] | None = None
         #: Documented variants switched on demand (``/_sandbox/variants``): see variants.py.
         self.variants = ProtocolVariants()
         #: One record per request inside a ``$batch`` (the outer POST is in the request log).
-        self.batch_parts = RequestLog(log._records.maxlen or 200_000)
+        self.batch_parts = RequestLog(parts.log._records.maxlen or 200_000)
         r = self.app.router
         r.add_post("/{tenant}/oauth2/v2.0/token", self._token)
         r.add_route("*", API_PREFIX + "{tail:.*}", self._api)

@@ -22,6 +22,7 @@ from syncplane_sandbox.common import (
     SANDBOX_CLIENT_ID,
     SANDBOX_CLIENT_SECRET,
     SANDBOX_TENANT_ID,
+    EmulatorParts,
     Faults,
     RequestLog,
     SandboxClock,
@@ -94,11 +95,12 @@ class Sandbox:
         self.faults = SandboxFaults(Faults(options.fault_seed), Faults(options.fault_seed + 1))
         self.d365_protection = ServiceProtection(self.clock, options.d365_limits)
         self.acs_protection = ServiceProtection(self.clock, options.acs_limits) if options.acs_limits else None
-        self._d365_app = D365Emulator(self.d365, self.clock, self.requests, self.d365_tokens, self.faults.d365,
-                                      self.d365_protection, options.tenant)
+        self._d365_app = D365Emulator(self.d365, EmulatorParts(self.clock, self.requests, self.d365_tokens,
+                                                               self.faults.d365, self.d365_protection),
+                                      options.tenant)
         self._d365_app.seeder = self._http_seed
-        self._acs_app = AcsEmulator(self.acs, self.clock, self.requests, self.acs_tokens, self.faults.acs,
-                                    self.acs_protection)
+        self._acs_app = AcsEmulator(self.acs, EmulatorParts(self.clock, self.requests, self.acs_tokens,
+                                                            self.faults.acs, self.acs_protection))
         self._acs_app.event_generator = self._http_events
         #: The requests inside Dataverse ``$batch`` POSTs, one record each (method, inner URL, status).
         self.batch_parts = self._d365_app.batch_parts
@@ -110,37 +112,20 @@ class Sandbox:
         self._runners: list[web.AppRunner] = []
         self.d365_port = 0
         self.acs_port = 0
+        self._set_addresses()
 
     # -------------------------------------------------------------- addresses
-    @property
-    def d365_origin(self) -> str:
-        return f"http://{self.host}:{self.d365_port}"
-
-    @property
-    def d365_url(self) -> str:
-        """The Web API service root, e.g. ``http://127.0.0.1:7480/api/data/v9.2/``."""
-        return self.d365_origin + API_PREFIX
-
-    @property
-    def d365_token_url(self) -> str:
-        return f"{self.d365_origin}/{self.options.tenant}/oauth2/v2.0/token"
-
-    @property
-    def d365_scope(self) -> str:
-        return f"{self.d365_origin}/.default"
-
-    @property
-    def acs_origin(self) -> str:
-        return f"http://{self.host}:{self.acs_port}"
-
-    @property
-    def acs_url(self) -> str:
-        """The Campaign API base, e.g. ``http://127.0.0.1:7481/sandbox/campaign/``."""
-        return f"{self.acs_origin}/{self.options.org}/campaign/"
-
-    @property
-    def acs_token_url(self) -> str:
-        return f"{self.acs_origin}/ims/token/v3"
+    def _set_addresses(self) -> None:
+        """The addresses of both emulators, once their ports are known (at start)."""
+        self.d365_origin = f"http://{self.host}:{self.d365_port}"
+        #: The Web API service root, e.g. ``http://127.0.0.1:7480/api/data/v9.2/``.
+        self.d365_url = self.d365_origin + API_PREFIX
+        self.d365_token_url = f"{self.d365_origin}/{self.options.tenant}/oauth2/v2.0/token"
+        self.d365_scope = f"{self.d365_origin}/.default"
+        self.acs_origin = f"http://{self.host}:{self.acs_port}"
+        #: The Campaign API base, e.g. ``http://127.0.0.1:7481/sandbox/campaign/``.
+        self.acs_url = f"{self.acs_origin}/{self.options.org}/campaign/"
+        self.acs_token_url = f"{self.acs_origin}/ims/token/v3"
 
     def secrets(self) -> dict[str, dict[str, str]]:
         """The credentials of the default workflows' references (``d365-sandbox``, ``acs-sandbox``),
@@ -189,6 +174,7 @@ class Sandbox:
             await site.start()
             ports.append(int(runner.addresses[0][1]))
         self.d365_port, self.acs_port = ports
+        self._set_addresses()
         log.info("%s", self.describe())
 
     async def refuse_connections(self, emulator: str) -> None:
