@@ -152,8 +152,8 @@ async def reconcile(body: kopf.Body, logger: Any, api: Clients, image: WorkerIma
                        [dict(x) for x in leases], wf.status.applied_generation, now)
     outcome = decide(wf, applied, observed, now, policy)
     status = outcome.status
-    if outcome.apply is not None or outcome.target_workers > 0:
-        await hold_for_drain(api, body)
+    if (outcome.apply is not None or outcome.target_workers > 0) and not await hold_for_drain(api, body):
+        return Reconciled({})  # deleted meanwhile: no children for a Workflow that is gone
     if outcome.restarted:
         logger.info("workflow %s/%s: automatic restart %d after %s", namespace, name, status.auto_restart.count,
                     wf.status.last_error.reason)
@@ -332,26 +332,37 @@ async def finalize(api: Clients, owner: kopf.Body, deployments: Iterable[Mapping
     if L.FINALIZER not in finalizers:
         return
     await converge(api, owner, next(iter(deployments), None), 0, pb.WorkflowStatus(), WorkerImage())
-    if any(True for _ in pods):   # still draining (terminating pods included)
+    if any(draining(pod) for pod in pods):
         return
     await _set_finalizers(api, owner, [f for f in finalizers if f != L.FINALIZER])
 
 
-async def hold_for_drain(api: Clients, owner: kopf.Body) -> None:
-    """Before the operator first creates a Workflow's workers (and the spec snapshot and checkpoints they
-    run with): :data:`L.FINALIZER`, so that its deletion waits for :func:`finalize`. A Workflow never
-    started has none: a cold start over stopped Workflows writes only their status (and one Event each).
-    Nothing when it is there already. Raises ``kopf.TemporaryError`` on a 409 (see :func:`finalize`)."""
+def draining(pod: Mapping[str, Any]) -> bool:
+    """Pure: whether a worker pod still holds up its Workflow's deletion: it may still be running or
+    stopping (terminating pods included). A pod that has ended (phase ``Succeeded`` or ``Failed``, e.g.
+    evicted, or left by a node's graceful shutdown) runs nothing and is not deleted by scaling to 0:
+    waiting for it would hold the Workflow, and so its ReplicaSet's garbage collection, forever."""
+    return (pod.get("status") or {}).get("phase") not in ("Succeeded", "Failed")
+
+
+async def hold_for_drain(api: Clients, owner: kopf.Body) -> bool:
+    """Before the operator first creates a Workflow's workers (and the checkpoints they run with):
+    :data:`L.FINALIZER`, so that its deletion waits for :func:`finalize`. A Workflow never started has
+    none (the spec snapshot of a verify Job needs none: the garbage collector removes it), so a cold
+    start over stopped Workflows writes only their status (and one Event each). Nothing when it is there
+    already.
+
+    Returns False when the Workflow is gone (404): nothing may then be created for it. Raises
+    ``kopf.TemporaryError`` on a 409 (see :func:`finalize`)."""
     finalizers = list(owner.metadata.get("finalizers") or [])
-    if L.FINALIZER not in finalizers:
-        await _set_finalizers(api, owner, [*finalizers, L.FINALIZER])
+    return L.FINALIZER in finalizers or await _set_finalizers(api, owner, [*finalizers, L.FINALIZER])
 
 
-async def _set_finalizers(api: Clients, owner: kopf.Body, finalizers: list[str]) -> None:
+async def _set_finalizers(api: Clients, owner: kopf.Body, finalizers: list[str]) -> bool:
     """A merge patch of the Workflow's ``metadata.finalizers``, on the condition that it is still at the body's
     ``resourceVersion`` (a merge patch replaces the whole list: another controller's finalizer added
     meanwhile must not be lost). A 409 is ``kopf.TemporaryError``: the queue retries on the newer body that
-    the watch brings; a Workflow already gone (404) needs nothing."""
+    the watch brings. Returns False when the Workflow is already gone (404), True when patched."""
     from kubernetes_asyncio.client.exceptions import ApiException
 
     meta = owner.metadata
@@ -366,3 +377,5 @@ async def _set_finalizers(api: Clients, owner: kopf.Body, finalizers: list[str])
                                       "written again from its newer body", delay=1) from exc
         if exc.status != 404:
             raise
+        return False
+    return True

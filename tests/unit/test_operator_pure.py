@@ -15,7 +15,7 @@ from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.worker.platform.kubernetes import lease_body
 from syncplane_operator.builders import build_spec_configmap, build_worker_deployment
 from syncplane_operator.observe import observe
-from syncplane_operator.reconciler import applied_view_resource
+from syncplane_operator.reconciler import applied_view_resource, draining
 from tests.factories import workflow
 
 NOW = datetime(2026, 11, 28, 12, tzinfo=UTC)
@@ -209,3 +209,17 @@ def test_the_applied_snapshot_keeps_the_runs_trace_context_and_no_other_lifecycl
     assert "desiredState" not in snapshot and "restartNonce" not in snapshot
     assert snapshot.get("traceParent", "") == start.get("traceParent", "")
     assert spec_from_dict(snapshot).trace_parent == spec.trace_parent
+
+
+@pytest.mark.parametrize(("status", "holds_up"), [
+    ({"phase": "Pending"}, True),
+    ({"phase": "Running"}, True),
+    ({"phase": "Unknown"}, True),      # a lost node: it may still be running
+    ({}, True),                        # no status yet
+    ({"phase": "Succeeded"}, False),
+    ({"phase": "Failed", "reason": "Evicted"}, False),   # never deleted by scaling to 0
+    ({"phase": "Failed", "reason": "Terminated"}, False),  # a node's graceful shutdown
+])
+def test_only_a_worker_pod_that_may_still_run_holds_up_its_workflows_deletion(status: dict[str, str],
+                                                                               holds_up: bool) -> None:
+    assert draining({"metadata": {"name": "w"}, "status": status}) is holds_up

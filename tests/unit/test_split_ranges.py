@@ -10,12 +10,14 @@ import time
 import uuid
 from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from syncplane.connectors.dynamics import sql_guid_order
 from syncplane.state.sqlite import SqliteWorkerState
-from syncplane.worker.split import bounds, claim, claimable
+from syncplane.worker import split
+from syncplane.worker.split import bounds, claim, claimable, owning
 
 GUIDS = st.lists(st.uuids().map(str), min_size=1, max_size=300)
 
@@ -86,3 +88,63 @@ def test_a_swap_sets_only_from_the_expected_value(tmp_path: Path) -> None:
         assert s.load("wf", str(uuid.uuid4())) is None
     finally:
         s.close()
+
+
+class FailingStore(SqliteWorkerState):
+    """The real embedded store, made unreachable on demand (as a partitioned pod sees its store)."""
+
+    down = False
+
+    async def aload(self, workflow: str, stream: str) -> str | None:
+        if self.down:
+            raise OSError("the checkpoint store is unreachable")
+        return await super().aload(workflow, stream)
+
+
+async def test_a_graceful_stop_releases_the_claim_for_another_worker_at_once(tmp_path: Path) -> None:
+    a, b = SqliteWorkerState(tmp_path / "s.db"), SqliteWorkerState(tmp_path / "s.db")
+    stop = asyncio.Event()
+    try:
+        async def one_pass(_: asyncio.Event) -> None:
+            stop.set()  # the worker is asked to stop during its pass
+
+        assert await owning(a, "wf", "runner", "w1", one_pass, stop)
+        assert await claim(b, "wf", "runner@owner", "w2"), "the stopped holder released its claim"
+        assert not await claim(a, "wf", "runner@owner", "w1"), "and holds it no more"
+    finally:
+        a.close()
+        b.close()
+
+
+async def test_a_pass_without_a_graceful_stop_keeps_its_claim(tmp_path: Path) -> None:
+    a, b = SqliteWorkerState(tmp_path / "s.db"), SqliteWorkerState(tmp_path / "s.db")
+    try:
+        async def one_pass(_: asyncio.Event) -> None:
+            return None
+
+        assert await owning(a, "wf", "runner", "w1", one_pass, asyncio.Event())
+        assert not await claim(b, "wf", "runner@owner", "w2"), "live until it expires: the next pass is w1's"
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.mark.timeout(60)
+async def test_a_claim_that_cannot_be_renewed_stops_the_pass_before_another_worker_may_take_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(split, "RENEW_EVERY", 0.01)
+    monkeypatch.setattr(split, "CLAIM_TTL", 4.0)  # given up after 2 s unrenewed
+    store = FailingStore(tmp_path / "s.db")
+    taken_over: list[bool] = []
+    try:
+        async def until_stopped(stop: asyncio.Event) -> None:
+            store.down = True  # from now on no renewal reaches the store
+            await stop.wait()  # the pass ends only when told to: by the lost claim here
+            store.down = False
+            held = json.loads(await store.aload("wf", "runner@owner") or "{}")
+            taken_over.append(held.get("until", 0) <= time.time())
+
+        assert await owning(store, "wf", "runner", "w1", until_stopped, asyncio.Event())
+        assert taken_over == [False], "the pass stopped while its claim was still live: no overlap"
+    finally:
+        store.close()

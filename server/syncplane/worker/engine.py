@@ -614,8 +614,11 @@ class ClaimedRunner:
     contact table), among workers without an index (Kubernetes pods: every pod of a
     Deployment is worker 0). Each pass runs only while this worker holds the claim
     ``runner@owner`` in the checkpoint store (:func:`syncplane.worker.split.owning`, renewed
-    while it runs; the pass stops if the claim is lost); the others pass idle and take the
-    claim over once it expires (``split.CLAIM_TTL`` seconds after its holder stopped)."""
+    while the pass runs; the pass stops if the claim is lost or cannot be renewed); the others
+    pass idle. A graceful stop releases the claim; otherwise it expires ``split.CLAIM_TTL``
+    seconds after its last renewal, and another worker takes it. Between passes it is not
+    renewed: with a poll interval longer than that, the work may move from worker to worker
+    between passes, never two at once."""
 
     #: The claim's name among the workflow's checkpoints (``<name>@owner``).
     CLAIM = "runner"

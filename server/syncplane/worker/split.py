@@ -124,11 +124,13 @@ def claimable(raw: str | None, holder: str, now: float) -> bool:
 
 
 async def claim(store: AsyncCheckpointStore, workflow: str, key: str, holder: str,
-                ttl: float = CLAIM_TTL) -> bool:
-    """Take or renew the claim ``key`` for ``holder`` until now + ``ttl`` seconds; False when
-    another holder's claim is live, or another worker changed it at the same moment."""
+                ttl: float | None = None) -> bool:
+    """Take or renew the claim ``key`` for ``holder`` until now + ``ttl`` seconds (default
+    :data:`CLAIM_TTL`); False when another holder's claim is live, or another worker changed it
+    at the same moment."""
     raw = await store.aload(workflow, key)
     now = time.time()
+    ttl = CLAIM_TTL if ttl is None else ttl
     if not claimable(raw, holder, now):
         return False
     return await store.aswap(workflow, key, raw, json.dumps({"holder": holder, "until": now + ttl}))
@@ -227,7 +229,7 @@ class SplitLoad:
     async def _run_claimed(self, i: int, where: str | None, stop: asyncio.Event) -> None:
         """Range ``i``'s pipeline while this worker holds its claim; it stops as soon as the
         claim is lost (another worker took it after it expired) or ``stop`` is set."""
-        async with self._renewing(f"{self.stream}@claim-{i}") as lost:
+        async with self._renewing(f"{self.stream}@claim-{i}", stop) as lost:
             both = asyncio.Event()
             watch = asyncio.ensure_future(_either(stop, lost, both))
             try:
@@ -236,8 +238,8 @@ class SplitLoad:
                 watch.cancel()
                 await asyncio.gather(watch, return_exceptions=True)
 
-    def _renewing(self, key: str) -> _Renewal:
-        return _Renewal(self.store, self.workflow, self.stream, self.holder, key)
+    def _renewing(self, key: str, stop: asyncio.Event | None = None) -> _Renewal:
+        return _Renewal(self.store, self.workflow, self.stream, self.holder, key, stop)
 
 
 async def owning(store: AsyncCheckpointStore, workflow: str, stream: str, holder: str,
@@ -248,7 +250,7 @@ async def owning(store: AsyncCheckpointStore, workflow: str, stream: str, holder
     key = f"{stream}@owner"
     if not await claim(store, workflow, key, holder):
         return False
-    async with _Renewal(store, workflow, stream, holder, key) as lost:
+    async with _Renewal(store, workflow, stream, holder, key, stop) as lost:
         both = asyncio.Event()
         watch = asyncio.ensure_future(_either(stop, lost, both))
         try:
@@ -259,12 +261,28 @@ async def owning(store: AsyncCheckpointStore, workflow: str, stream: str, holder
     return True
 
 
+async def release(store: AsyncCheckpointStore, workflow: str, key: str, holder: str) -> bool:
+    """Give up ``holder``'s claim ``key`` at once (its ``until`` set to 0), so that another worker
+    takes it without waiting for it to expire; False when the claim is not ``holder``'s or was
+    changed at the same moment (it then expires on its own)."""
+    raw = await store.aload(workflow, key)
+    held = _claim(raw)
+    if held is None or held.get("holder") != holder:
+        return False
+    return await store.aswap(workflow, key, raw, json.dumps({"holder": holder, "until": 0}))
+
+
 class _Renewal:
     """Renews a claim every :data:`RENEW_EVERY` seconds while the block runs; the event it
-    yields is set if the claim was lost."""
+    yields is set if the claim was lost: taken by another worker, or not renewed for
+    ``CLAIM_TTL / 2`` seconds (the store unreachable from here: the block stops well before
+    another worker may take the claim, and two must never work at once). When ``stop`` is set at the block's end
+    (a graceful stop), the claim is released for another worker to take at once."""
 
-    def __init__(self, store: AsyncCheckpointStore, workflow: str, stream: str, holder: str, key: str) -> None:
+    def __init__(self, store: AsyncCheckpointStore, workflow: str, stream: str, holder: str, key: str,
+                 stop: asyncio.Event | None = None) -> None:
         self.store, self.workflow, self.stream, self.holder, self.key = store, workflow, stream, holder, key
+        self.stop = stop
         self.lost = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
 
@@ -276,15 +294,27 @@ class _Renewal:
         assert self.task is not None
         self.task.cancel()
         await asyncio.gather(self.task, return_exceptions=True)
+        if self.stop is not None and self.stop.is_set() and not self.lost.is_set():
+            try:
+                await release(self.store, self.workflow, self.key, self.holder)
+            except Exception as exc:  # it expires on its own after CLAIM_TTL
+                log.warning("%s: could not release claim %s: %s", self.stream, self.key, exc)
 
     async def _renew(self) -> None:
+        renewed_at = time.monotonic()
         while True:
             await asyncio.sleep(RENEW_EVERY)  # a renewal period, not a stand-in for synchronisation
             try:
                 renewed = await claim(self.store, self.workflow, self.key, self.holder)
-            except Exception as exc:  # the store is down: the claim may lapse; keep trying
+            except Exception as exc:  # the store is down: retried until the claim may have lapsed
+                if time.monotonic() - renewed_at >= CLAIM_TTL / 2:
+                    log.warning("%s: claim %s not renewed for %.0f s (%s); stopping it here", self.stream,
+                                self.key, time.monotonic() - renewed_at, exc)
+                    self.lost.set()
+                    return
                 log.warning("%s: could not renew claim %s: %s", self.stream, self.key, exc)
                 continue
+            renewed_at = time.monotonic()
             if not renewed:
                 log.warning("%s: claim %s was taken by another worker; stopping it here", self.stream, self.key)
                 self.lost.set()
