@@ -145,6 +145,19 @@ def test_records_per_second_is_live_and_falls_to_zero():
     assert rate.per_second() == 0.0
 
 
+def test_the_rate_window_stays_small_however_many_records_are_written():
+    """Every report (each /status poll, each heartbeat) serialises the window: its size must not
+    grow with the records written in it."""
+    clock = FakeClock()
+    rate = Throughput(clock)
+    for i in range(50_000):
+        rate.add(1)
+        clock.t += 0.0002 * (i % 7)   # many writes per second, at uneven moments
+    assert rate.per_second() > 0
+    assert len(WorkerReport("wf", 0, 1, rate=rate).to_json()) > 0
+    assert len(rate._samples) <= RATE_WINDOW + 2
+
+
 # -- automatic restarts from ERROR ------------------------------------------------------------
 
 SPEC_REASONS = ["FIELD_NOT_FOUND", "SCHEMA_CHANGED", "CRASH_LOOP", "NOT_FOUND", "INTERNAL"]

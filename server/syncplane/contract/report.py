@@ -41,17 +41,25 @@ class Counters:
 
 class Throughput:
     """Records written per second over the last :data:`RATE_WINDOW` seconds, at the moment it is
-    asked: it falls to 0 when nothing moves (not the last batch's rate kept forever)."""
+    asked: it falls to 0 when nothing moves (not the last batch's rate kept forever).
+
+    Counts are kept per whole second of the clock, so the window holds at most
+    ``RATE_WINDOW + 2`` buckets however many records are written (one sample per record made
+    every report, i.e. every ``/status`` poll and heartbeat, copy thousands of them)."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
-        self._samples: deque[tuple[float, int]] = deque()
+        self._samples: deque[list[int]] = deque()  # [second, records written in it], oldest first
         self._since = clock()
 
     def add(self, n: int) -> None:
         """``n`` records were written now."""
         if n > 0:
-            self._samples.append((self._clock(), n))
+            second = int(self._clock())
+            if self._samples and self._samples[-1][0] == second:
+                self._samples[-1][1] += n
+            else:
+                self._samples.append([second, n])
 
     def per_second(self) -> float:
         """Records per second over the window (or the worker's life when shorter, at least 1 s)."""
