@@ -19,7 +19,6 @@ async def api_client() -> Any:
     return client.ApiClient(configuration)
 
 
-
 class LazyApi:
     """One API group of ``kubernetes_asyncio.client`` (``"CoreV1Api"``, ``"CoordinationV1Api"``, …) over
     an ApiClient: the one given, or one that :func:`api_client` opens on the first :meth:`get`. ``api`` is
