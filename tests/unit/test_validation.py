@@ -6,6 +6,7 @@ from syncplane.errors import InvalidArgument
 from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.validation import validate_labels, validate_spec
 from syncplane.validation.names import parse_name
+from syncplane.validation.spec import max_concurrency, max_concurrency_limit
 from tests.factories import PLAIN_QUERY_NAMES, SECRET_QUERY_NAMES, spec, with_query
 
 
@@ -195,3 +196,16 @@ def test_max_concurrency_is_bounded_by_the_vendor_limit(kind, side, value, ok):
     assert set(got) == {f"spec.{side}.max_concurrency"}
     assert ("52 for DYNAMICS365" if getattr(s, side).kind == pb.CONNECTOR_KIND_DYNAMICS365
             else "256 for CAMPAIGN_STANDARD") in got[f"spec.{side}.max_concurrency"]
+
+
+@pytest.mark.parametrize(("kind", "set_to", "expected"), [
+    (pb.CONNECTOR_KIND_CAMPAIGN_STANDARD, 0, 52),   # unset: Campaign's measured default
+    (pb.CONNECTOR_KIND_DYNAMICS365, 0, 16),         # unset: a third of Dataverse's per-user limit
+    (pb.CONNECTOR_KIND_CAMPAIGN_STANDARD, 8, 8),    # set: as set
+    (pb.CONNECTOR_KIND_DYNAMICS365, 52, 52),
+])
+def test_an_unset_max_concurrency_means_its_kinds_default(kind: pb.ConnectorKind.ValueType, set_to: int,
+                                                          expected: int) -> None:
+    conn = pb.Connection(kind=kind, max_concurrency=set_to)
+    assert max_concurrency(conn) == expected
+    assert max_concurrency(conn) <= max_concurrency_limit(kind)

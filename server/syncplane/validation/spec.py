@@ -133,8 +133,10 @@ def _connections(spec: pb.WorkflowSpec, p: str) -> Iterable[FieldViolation]:
 
 def max_concurrency(conn: pb.Connection) -> int:
     """The requests in flight a worker may have to ``conn`` at most: its ``max_concurrency``, or
-    the default when unset (0)."""
-    return conn.max_concurrency or rules.DEFAULT_MAX_CONCURRENCY
+    when unset (0) the default of its kind (rules: 52 for Campaign Standard, 16 for Dataverse)."""
+    if conn.max_concurrency:
+        return conn.max_concurrency
+    return rules.DEFAULT_MAX_CONCURRENCY if conn.kind == D365 else rules.DEFAULT_MAX_CONCURRENCY_CAMPAIGN
 
 
 def max_concurrency_limit(kind: int) -> int:

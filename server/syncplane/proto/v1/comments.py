@@ -23,10 +23,11 @@ COMMENTS: dict[str, str] = {'syncplane.v1.AutoRestart': 'Strimzi-style automatic
  'syncplane.v1.Connection.endpoint': 'Base URL of the API, e.g. https://org.api.crm.dynamics.com/api/data/v9.2/.',
  'syncplane.v1.Connection.kind': 'The vendor API: DYNAMICS365 (the Dataverse Web API) or CAMPAIGN_STANDARD.',
  'syncplane.v1.Connection.max_concurrency': 'The most requests a worker has in flight to this API at once (0: the '
-                                            'default, 16). The worker adapts below it (AIMD: it grows while latency '
-                                            'and errors stay flat, halves on a 429 or rising latency). At most 52 for '
-                                            "DYNAMICS365 (Dataverse's service protection limit on concurrent requests "
-                                            'per user); at most 256 for CAMPAIGN_STANDARD, which publishes no limit.',
+                                            'default, 16 for DYNAMICS365 and 52 for CAMPAIGN_STANDARD, both measured). '
+                                            'The worker adapts below it (AIMD: it grows while latency and errors stay '
+                                            'flat, halves on a 429 or rising latency). At most 52 for DYNAMICS365 '
+                                            "(Dataverse's service protection limit on concurrent requests per user); "
+                                            'at most 256 for CAMPAIGN_STANDARD, which publishes no limit.',
  'syncplane.v1.Counters': 'What the workers did with the records they read since they started. They add up: read = '
                           'written + deleted + filtered + dead_lettered + held + failed + the backlog. Re-sending held '
                           'records and dead letters is counted apart (`resent`): those records were counted when first '

@@ -351,7 +351,8 @@ class Connection(_message.Message):
     """
     max_concurrency: _builtins.int
     """The most requests a worker has in flight to this API at once (0: the
-    default, 16). The worker adapts below it (AIMD: it grows while latency and
+    default, 16 for DYNAMICS365 and 52 for CAMPAIGN_STANDARD, both measured).
+    The worker adapts below it (AIMD: it grows while latency and
     errors stay flat, halves on a 429 or rising latency). At most 52 for
     DYNAMICS365 (Dataverse's service protection limit on concurrent requests
     per user); at most 256 for CAMPAIGN_STANDARD, which publishes no limit.
