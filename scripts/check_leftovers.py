@@ -11,6 +11,8 @@ from pathlib import Path
 import psutil
 
 CACHE = Path(os.environ.get("SYNCPLANE_CACHE", Path.home() / ".cache" / "syncplane"))
+#: This checkout: only its own workers count (another checkout's test run may be going on beside it).
+ROOT = Path(__file__).resolve().parents[1]
 TEST_CONTAINER = "syncplane-test-"   # the image tier's working containers (tests/image/conftest.py)
 CLUSTER_BINARIES = {"etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok"}
 
@@ -23,7 +25,8 @@ def leftovers() -> list[str]:
         exe = proc.info["exe"] or ""
         cmd = proc.info["cmdline"] or []
         from_cache = exe.startswith(str(CACHE)) and Path(exe).name in CLUSTER_BINARIES
-        test_worker = "syncplane" in " ".join(cmd[:3]) and "worker" in cmd and any("pytest-of-" in c for c in cmd)
+        test_worker = ("syncplane" in " ".join(cmd[:3]) and "worker" in cmd and any("pytest-of-" in c for c in cmd)
+                       and bool(cmd) and cmd[0].startswith(str(ROOT) + os.sep))
         image_run = bool(cmd) and Path(cmd[0]).name == "buildah" and any(c.startswith(TEST_CONTAINER) for c in cmd)
         if from_cache or test_worker or image_run:
             found.append(f"pid {proc.info['pid']}: {' '.join(cmd)[:160]}")
