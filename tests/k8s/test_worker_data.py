@@ -108,12 +108,16 @@ async def sandbox_with_secrets(cluster: Any, namespace: str, seed: SeedSpec) -> 
         yield sb
 
 
-async def apply_workflow(cluster: Any, namespace: str, sb: Sandbox, tmp: Path, default: str, **spec: Any) -> str:
-    """A default workflow, its endpoints on the sandbox, polling every second; stopped."""
+async def apply_workflow(cluster: Any, namespace: str, sb: Sandbox, tmp: Path, default: str, *,
+                         destination_max_concurrency: int = 0, **spec: Any) -> str:
+    """A default workflow, its endpoints on the sandbox, polling every second; stopped. A
+    ``destination_max_concurrency`` other than 0 caps the requests in flight to its destination."""
     doc = yaml.safe_load((DEFAULTS / default).read_text())
     for side in ("source", "destination"):
         conn = doc["spec"][side]
         conn["endpoint"] = sb.d365_url if conn["kind"] == "DYNAMICS365" else sb.acs_url
+    if destination_max_concurrency:
+        doc["spec"]["destination"]["maxConcurrency"] = destination_max_concurrency
     doc["spec"].update(pollInterval="1s", desiredState="STOPPED", **spec)
     path = tmp / "wf.yaml"
     path.write_text(yaml.safe_dump(doc))
