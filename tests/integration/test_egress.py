@@ -175,10 +175,11 @@ async def test_with_two_workers_one_runs_the_feed_and_each_event_is_written_once
         async def delivered() -> bool:
             nonlocal status
             status = await status_of(plane.stub, "events2")
-            return len(activities(sb)) == len(expected) and status.counters.written >= len(expected)
+            # Both workers ready as well: the feed may be delivered before worker 1 (the stand-by) is up.
+            return (len(activities(sb)) == len(expected) and status.counters.written >= len(expected)
+                    and status.ready_workers == 2 and status.phase == pb.PHASE_RUNNING)
 
         await eventually(delivered, lambda: f"{len(activities(sb))} of {len(expected)} activities; {status}", 300)
-        assert status.ready_workers == 2
         assert status.counters.written == len(expected), status.counters  # once, not once per worker
         ids = [a["new_eventid"] for a in activities(sb)]
         assert len(ids) == len(set(ids)) == len(expected)
