@@ -62,6 +62,34 @@ def test_who_may_take_a_claim() -> None:
         assert claimable(stored, holder, time.time()) is may, (stored, holder)
 
 
+RELEASES = [  # (stored, holder releasing, released)
+    (json.dumps({"holder": "w1", "until": 10**12}), "w1", True),    # its own, live
+    (json.dumps({"holder": "w1", "until": 1.0}), "w1", True),       # its own, expired
+    (json.dumps({"holder": "w2", "until": 10**12}), "w1", False),   # another's
+    (None, "w1", False),                                            # nobody's
+    (json.dumps({"delta": "delta x", "inner": []}), "w1", False),   # a plan, not a claim
+    ("not json", "w1", False),
+]
+
+
+async def test_who_may_release_a_claim(tmp_path: Path) -> None:
+    s = SqliteWorkerState(tmp_path / "s.db")
+    try:
+        for n, (stored, holder, released) in enumerate(RELEASES):
+            key = f"contact@claim-{n}"
+            if stored is not None:
+                assert await s.aswap("wf", key, None, stored)
+            assert await split.release(s, "wf", key, holder) is released, (stored, holder)
+            after = await s.aload("wf", key)
+            if released:
+                assert json.loads(after or "{}") == {"holder": holder, "until": 0}
+                assert await claim(s, "wf", key, "w3"), "a released claim is free at once"
+            else:
+                assert after == stored, "left as it was"
+    finally:
+        s.close()
+
+
 def test_two_workers_racing_for_one_claim_one_wins(tmp_path: Path) -> None:
     async def scenario() -> list[bool]:
         a, b = SqliteWorkerState(tmp_path / "s.db"), SqliteWorkerState(tmp_path / "s.db")
@@ -114,6 +142,21 @@ async def test_a_graceful_stop_releases_the_claim_for_another_worker_at_once(tmp
     finally:
         a.close()
         b.close()
+
+
+@pytest.mark.timeout(60)
+async def test_a_stop_during_the_pass_halts_it(tmp_path: Path) -> None:
+    a = SqliteWorkerState(tmp_path / "s.db")
+    stop = asyncio.Event()
+    try:
+        async def until_halted(halt: asyncio.Event) -> None:
+            asyncio.get_running_loop().call_soon(stop.set)  # the worker is asked to stop meanwhile
+            await halt.wait()
+
+        assert await owning(a, "wf", "runner", "w1", until_halted, stop)
+        assert await claim(a, "wf", "runner@owner", "w2"), "released on the graceful stop"
+    finally:
+        a.close()
 
 
 async def test_a_pass_without_a_graceful_stop_keeps_its_claim(tmp_path: Path) -> None:

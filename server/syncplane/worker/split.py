@@ -52,6 +52,7 @@ and the control plane sums the reports.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
@@ -128,12 +129,34 @@ async def claim(store: AsyncCheckpointStore, workflow: str, key: str, holder: st
     """Take or renew the claim ``key`` for ``holder`` until now + ``ttl`` seconds (default
     :data:`CLAIM_TTL`); False when another holder's claim is live, or another worker changed it
     at the same moment."""
+    ttl = CLAIM_TTL if ttl is None else ttl
+    return await _swap_claim(store, workflow, key, lambda raw, now: claimable(raw, holder, now),
+                             lambda now: json.dumps({"holder": holder, "until": now + ttl}))
+
+
+async def release(store: AsyncCheckpointStore, workflow: str, key: str, holder: str) -> bool:
+    """Give up ``holder``'s claim ``key`` at once (its ``until`` set to 0), so that another worker
+    takes it without waiting for it to expire; False when the claim is not ``holder``'s or was
+    changed at the same moment (it then expires on its own)."""
+    return await _swap_claim(store, workflow, key, lambda raw, now: _holder(raw) == holder,
+                             lambda now: json.dumps({"holder": holder, "until": 0}))
+
+
+def _holder(raw: str | None) -> object:
+    held = _claim(raw)
+    return None if held is None else held.get("holder")
+
+
+async def _swap_claim(store: AsyncCheckpointStore, workflow: str, key: str,
+                      allowed: Callable[[str | None, float], bool], value: Callable[[float], str]) -> bool:
+    """Compare-and-set the claim ``key``: read it and, when ``allowed(stored, now)`` (``now`` in
+    epoch seconds), replace exactly what was read with ``value(now)``. False when not allowed, or
+    when another worker changed it in between (the store's swap refused)."""
     raw = await store.aload(workflow, key)
     now = time.time()
-    ttl = CLAIM_TTL if ttl is None else ttl
-    if not claimable(raw, holder, now):
+    if not allowed(raw, now):
         return False
-    return await store.aswap(workflow, key, raw, json.dumps({"holder": holder, "until": now + ttl}))
+    return await store.aswap(workflow, key, raw, value(now))
 
 
 class SplitLoad:
@@ -185,9 +208,8 @@ class SplitLoad:
                 return False
             if await self._done(i) is not None:
                 continue
-            if not await claim(self.store, self.workflow, f"{self.stream}@claim-{i}", self.holder):
-                continue
-            await self._run_claimed(i, filters[i], stop)
+            await _while_claimed(self.store, self.workflow, self.stream, self.holder, f"{self.stream}@claim-{i}",
+                                 stop, functools.partial(self.run_range, i, filters[i]))
         if stop.is_set():
             return False
         rows = 0
@@ -214,32 +236,17 @@ class SplitLoad:
             return Plan(value["delta"], tuple(str(b) for b in value.get("inner", [])))
         if not await claim(self.store, self.workflow, self.plan_key, self.holder):
             return None
-        async with self._renewing(self.plan_key) as lost:
+        async with _Renewal(self.store, self.workflow, self.stream, self.holder, self.plan_key) as lost:
             delta, sample = await self.take_token()
             if lost.is_set():
                 return None
         plan = Plan(delta, tuple(bounds(sample, self.workers)))
-        mine = await self.store.aload(self.workflow, self.plan_key)
-        if not claimable(mine, self.holder, time.time()) or not await self.store.aswap(
-                self.workflow, self.plan_key, mine, json.dumps({"delta": plan.delta, "inner": list(plan.inner)})):
+        if not await _swap_claim(self.store, self.workflow, self.plan_key,
+                                 lambda raw, now: claimable(raw, self.holder, now),
+                                 lambda now: json.dumps({"delta": plan.delta, "inner": list(plan.inner)})):
             return None
         log.info("%s: split first load over %d ranges; delta token taken", self.stream, plan.ranges)
         return plan
-
-    async def _run_claimed(self, i: int, where: str | None, stop: asyncio.Event) -> None:
-        """Range ``i``'s pipeline while this worker holds its claim; it stops as soon as the
-        claim is lost (another worker took it after it expired) or ``stop`` is set."""
-        async with self._renewing(f"{self.stream}@claim-{i}", stop) as lost:
-            both = asyncio.Event()
-            watch = asyncio.ensure_future(_either(stop, lost, both))
-            try:
-                await self.run_range(i, where, both)
-            finally:
-                watch.cancel()
-                await asyncio.gather(watch, return_exceptions=True)
-
-    def _renewing(self, key: str, stop: asyncio.Event | None = None) -> _Renewal:
-        return _Renewal(self.store, self.workflow, self.stream, self.holder, key, stop)
 
 
 async def owning(store: AsyncCheckpointStore, workflow: str, stream: str, holder: str,
@@ -247,58 +254,60 @@ async def owning(store: AsyncCheckpointStore, workflow: str, stream: str, holder
     """Run ``run(stop)`` (the stream's own pass) if ``holder`` holds or takes the claim
     ``<stream>@owner``, renewed meanwhile; the pass stops if the claim is lost. Returns whether
     it ran. For workers without an index (Kubernetes pods): one of them reads the delta."""
-    key = f"{stream}@owner"
+    return await _while_claimed(store, workflow, stream, holder, f"{stream}@owner", stop, run)
+
+
+async def _while_claimed(store: AsyncCheckpointStore, workflow: str, stream: str, holder: str, key: str,
+                         stop: asyncio.Event, run: Callable[[asyncio.Event], Awaitable[object]]) -> bool:
+    """Run ``run(halt)`` if ``holder`` holds or takes the claim ``key``, renewed while it runs;
+    ``halt`` is set when ``stop`` is or when the claim is lost (:class:`_Renewal`), and ``run``
+    is to return soon after. Returns whether it ran (False: another worker holds the claim)."""
     if not await claim(store, workflow, key, holder):
         return False
-    async with _Renewal(store, workflow, stream, holder, key, stop) as lost:
-        both = asyncio.Event()
-        watch = asyncio.ensure_future(_either(stop, lost, both))
-        try:
-            await run(both)
-        finally:
-            watch.cancel()
-            await asyncio.gather(watch, return_exceptions=True)
+    async with _Renewal(store, workflow, stream, holder, key, stop) as halt:
+        await run(halt)
     return True
 
 
-async def release(store: AsyncCheckpointStore, workflow: str, key: str, holder: str) -> bool:
-    """Give up ``holder``'s claim ``key`` at once (its ``until`` set to 0), so that another worker
-    takes it without waiting for it to expire; False when the claim is not ``holder``'s or was
-    changed at the same moment (it then expires on its own)."""
-    raw = await store.aload(workflow, key)
-    held = _claim(raw)
-    if held is None or held.get("holder") != holder:
-        return False
-    return await store.aswap(workflow, key, raw, json.dumps({"holder": holder, "until": 0}))
-
-
 class _Renewal:
-    """Renews a claim every :data:`RENEW_EVERY` seconds while the block runs; the event it
-    yields is set if the claim was lost: taken by another worker, or not renewed for
-    ``CLAIM_TTL / 2`` seconds (the store unreachable from here: the block stops well before
-    another worker may take the claim, and two must never work at once). When ``stop`` is set at the block's end
-    (a graceful stop), the claim is released for another worker to take at once."""
+    """Renews a claim every :data:`RENEW_EVERY` seconds while the block runs. The event it yields
+    (``halt``) is set when the block is to stop: ``stop`` set (when given), or the claim lost:
+    taken by another worker, or not renewed for ``CLAIM_TTL / 2`` seconds (the store unreachable
+    from here: the block stops well before another worker may take the claim, and two must never
+    work at once). When ``stop`` is set at the block's end (a graceful stop), the claim is
+    released for another worker to take at once."""
 
     def __init__(self, store: AsyncCheckpointStore, workflow: str, stream: str, holder: str, key: str,
                  stop: asyncio.Event | None = None) -> None:
         self.store, self.workflow, self.stream, self.holder, self.key = store, workflow, stream, holder, key
         self.stop = stop
         self.lost = asyncio.Event()
-        self.task: asyncio.Task[None] | None = None
+        self.halt = asyncio.Event()
+        self.tasks: list[asyncio.Future[None]] = []
 
     async def __aenter__(self) -> asyncio.Event:
-        self.task = asyncio.ensure_future(self._renew())
-        return self.lost
+        self.tasks = [asyncio.ensure_future(self._renew())]
+        if self.stop is not None:
+            self.tasks.append(asyncio.ensure_future(self._halt_on(self.stop)))
+        return self.halt
 
     async def __aexit__(self, *exc: object) -> None:
-        assert self.task is not None
-        self.task.cancel()
-        await asyncio.gather(self.task, return_exceptions=True)
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
         if self.stop is not None and self.stop.is_set() and not self.lost.is_set():
             try:
                 await release(self.store, self.workflow, self.key, self.holder)
             except Exception as exc:  # it expires on its own after CLAIM_TTL
                 log.warning("%s: could not release claim %s: %s", self.stream, self.key, exc)
+
+    async def _halt_on(self, stop: asyncio.Event) -> None:
+        await stop.wait()
+        self.halt.set()
+
+    def _lose(self) -> None:
+        self.lost.set()
+        self.halt.set()
 
     async def _renew(self) -> None:
         renewed_at = time.monotonic()
@@ -310,22 +319,12 @@ class _Renewal:
                 if time.monotonic() - renewed_at >= CLAIM_TTL / 2:
                     log.warning("%s: claim %s not renewed for %.0f s (%s); stopping it here", self.stream,
                                 self.key, time.monotonic() - renewed_at, exc)
-                    self.lost.set()
+                    self._lose()
                     return
                 log.warning("%s: could not renew claim %s: %s", self.stream, self.key, exc)
                 continue
             renewed_at = time.monotonic()
             if not renewed:
                 log.warning("%s: claim %s was taken by another worker; stopping it here", self.stream, self.key)
-                self.lost.set()
+                self._lose()
                 return
-
-
-async def _either(a: asyncio.Event, b: asyncio.Event, out: asyncio.Event) -> None:
-    waits = [asyncio.ensure_future(a.wait()), asyncio.ensure_future(b.wait())]
-    try:
-        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        out.set()
-    finally:
-        for w in waits:
-            w.cancel()
