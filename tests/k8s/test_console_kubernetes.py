@@ -42,7 +42,7 @@ async def test_the_workflows_page_on_kubernetes(k8s_cluster, namespace, operator
         # At most 2 writes in flight at 10 ms each: the load takes seconds whatever the default
         # concurrency, so the page sees its backlog rise before it falls to 0.
         name = await apply_workflow(k8s_cluster, namespace, sb, tmp_path, "10-contacts-ingress.yaml",
-                                    destination_max_concurrency=2, batchSize=100, workers=1)
+                                    destination={"maxConcurrency": 2}, batchSize=100, workers=1)
         await wait_until(lambda: port_file.exists() or server.done(), timeout=60, what="the console's port")
         assert not server.done(), server
         url = f"http://127.0.0.1:{int(port_file.read_text())}/"

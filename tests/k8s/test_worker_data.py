@@ -24,6 +24,7 @@ import pytest
 import yaml
 
 from syncplane.contract.names import HELD, checkpoint_configmap_name, record_shard
+from syncplane.model.kube import merged
 from syncplane.optinout.sync import CAMPAIGN_STREAM, CRM_STREAM
 from syncplane.state.kube_checkpoints import stream_key
 from syncplane.state.kube_records import records_of
@@ -108,17 +109,15 @@ async def sandbox_with_secrets(cluster: Any, namespace: str, seed: SeedSpec) -> 
         yield sb
 
 
-async def apply_workflow(cluster: Any, namespace: str, sb: Sandbox, tmp: Path, default: str, *,
-                         destination_max_concurrency: int = 0, **spec: Any) -> str:
-    """A default workflow, its endpoints on the sandbox, polling every second; stopped. A
-    ``destination_max_concurrency`` other than 0 caps the requests in flight to its destination."""
+async def apply_workflow(cluster: Any, namespace: str, sb: Sandbox, tmp: Path, default: str, **spec: Any) -> str:
+    """A default workflow, its endpoints on the sandbox, polling every second; stopped. ``spec`` is
+    merged into the default's spec as a JSON merge patch (RFC 7386: nested objects merge key by
+    key, so ``destination={"maxConcurrency": 2}`` keeps the destination's other fields)."""
     doc = yaml.safe_load((DEFAULTS / default).read_text())
     for side in ("source", "destination"):
         conn = doc["spec"][side]
         conn["endpoint"] = sb.d365_url if conn["kind"] == "DYNAMICS365" else sb.acs_url
-    if destination_max_concurrency:
-        doc["spec"]["destination"]["maxConcurrency"] = destination_max_concurrency
-    doc["spec"].update(pollInterval="1s", desiredState="STOPPED", **spec)
+    doc["spec"] = merged(doc["spec"], {"pollInterval": "1s", "desiredState": "STOPPED", **spec})
     path = tmp / "wf.yaml"
     path.write_text(yaml.safe_dump(doc))
     await kubectl(cluster, "apply", "-n", namespace, "-f", str(path))
