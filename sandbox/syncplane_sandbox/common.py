@@ -16,7 +16,7 @@ import secrets
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
 
@@ -299,6 +299,27 @@ class ScriptedFault:
     path_regex: str | None
 
 
+#: The methods that write, held by default (a hold on reads would stall a test before its writes).
+WRITE_METHODS = ("POST", "PUT", "PATCH", "DELETE")
+
+
+@dataclass(slots=True)
+class Hold:
+    """Requests held before they are served, until released: ``methods`` (upper case) on the
+    paths matching ``path_regex`` (every API path when None), never the token endpoints."""
+
+    path_regex: str | None
+    methods: frozenset[str]
+    released: asyncio.Event = field(default_factory=asyncio.Event)
+    waiting: int = 0
+
+    def matches(self, method: str, path: str) -> bool:
+        return method in self.methods and (self.path_regex is None or re.search(self.path_regex, path) is not None)
+
+    def to_json(self) -> dict[str, Json]:
+        return {"path_regex": self.path_regex, "methods": sorted(self.methods), "waiting": self.waiting}
+
+
 @dataclass(slots=True)
 class FaultDecision:
     name: str  # "429" | "503" | "timeout" | "status:NNN"
@@ -317,6 +338,7 @@ class Faults:
         self._rng = random.Random(seed)
         self._script: deque[ScriptedFault] = deque()
         self._release = asyncio.Event()
+        self._hold: Hold | None = None
 
     def set(self, seed: int | None = None, **changes: Any) -> FaultConfig:
         """Change some settings, e.g. ``set(rate_429=0.1, retry_after_s=2)``; a new seed
@@ -340,10 +362,54 @@ class Faults:
         return self.config
 
     def reset(self) -> None:
-        """No faults, empty script, RNG restarted from the seed."""
+        """No faults, empty script, nothing held (held requests go on), RNG restarted from the seed."""
         self.config = FaultConfig()
         self._script.clear()
         self._rng = random.Random(self._seed)
+        self.release_held()
+
+    def hold(self, path_regex: str | None = None, methods: Iterable[str] = WRITE_METHODS) -> None:
+        """Hold every API request of ``methods`` on a path matching ``path_regex`` (default: every
+        write, on any API path; never the token endpoints) before it is served, until
+        :meth:`release_held`: a destination that takes exactly as long as a test needs to observe
+        a state (a backlog) that fast writes would pass by, whatever the machine's speed. A held
+        request counts as in flight; a client that gives up on it sees a timeout."""
+        if path_regex is not None:
+            try:
+                re.compile(path_regex)
+            except re.error as exc:
+                raise ValueError(f"path_regex: {exc}") from None
+        if isinstance(methods, str):
+            raise TypeError("methods is a list of HTTP methods, e.g. [\"POST\", \"PATCH\"]")
+        upper = frozenset(m.upper() for m in methods)
+        if not upper:
+            raise ValueError("hold at least one method")
+        self.release_held()
+        self._hold = Hold(path_regex, upper)
+
+    def release_held(self) -> int:
+        """Serve the held requests (they go on as if just received) and hold no more; returns how
+        many were waiting."""
+        hold, self._hold = self._hold, None
+        if hold is None:
+            return 0
+        hold.released.set()
+        return hold.waiting
+
+    def held(self) -> int:
+        """How many requests are held now."""
+        return self._hold.waiting if self._hold is not None else 0
+
+    async def wait_if_held(self, method: str, path: str, is_auth: bool) -> None:
+        """Return once ``method path`` may be served: at once unless a hold matches it."""
+        hold = self._hold
+        if hold is None or is_auth or not hold.matches(method, path):
+            return
+        hold.waiting += 1
+        try:
+            await hold.released.wait()
+        finally:
+            hold.waiting -= 1
 
     def queue(self, status: int, count: int = 1, retry_after: int | None = None,
               path_regex: str | None = None) -> None:
@@ -359,7 +425,8 @@ class Faults:
         return len(self._script)
 
     def snapshot(self) -> dict[str, Json]:
-        return {"config": asdict(self.config), "seed": self._seed, "queued": len(self._script)}
+        return {"config": asdict(self.config), "seed": self._seed, "queued": len(self._script),
+                "hold": self._hold.to_json() if self._hold is not None else None}
 
     def decide(self, path: str, is_auth: bool) -> FaultDecision | None:
         cfg = self.config
@@ -621,6 +688,8 @@ class EmulatorApp:
         self.control_switches(CONTROL_PREFIX + "/faults", faults)
         r.add_put(CONTROL_PREFIX + "/faults", self._ctl_set_faults)
         r.add_post(CONTROL_PREFIX + "/faults/queue", self._ctl_queue_fault)
+        r.add_put(CONTROL_PREFIX + "/faults/hold", self._ctl_hold)
+        r.add_delete(CONTROL_PREFIX + "/faults/hold", self._ctl_release_held)
         r.add_post(CONTROL_PREFIX + "/tokens/expire", self._ctl_expire_tokens)
         r.add_put(CONTROL_PREFIX + "/tokens/lifetime", self._ctl_token_lifetime)
         r.add_post(CONTROL_PREFIX + "/clock/advance", self._ctl_advance_clock)
@@ -730,6 +799,7 @@ class EmulatorApp:
 
     async def _serve(self, request: web.Request, handler: Handler, record: RequestRecord) -> web.StreamResponse:
         client = record.client
+        await self.faults.wait_if_held(request.method, request.path, self.is_auth_path(request.path))
         decision = self.faults.decide(request.path, self.is_auth_path(request.path))
         latency = decision.latency_s if decision is not None else 0.0
         if decision is not None:
@@ -797,6 +867,14 @@ class EmulatorApp:
         self.faults.queue(int(body["status"]), int(body.get("count", 1)), body.get("retry_after"),
                           body.get("path_regex"))
         return json_response(self.faults.snapshot())
+
+    async def _ctl_hold(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.faults.hold(body.get("path_regex"), body.get("methods", WRITE_METHODS))
+        return json_response(self.faults.snapshot())
+
+    async def _ctl_release_held(self, request: web.Request) -> web.Response:
+        return json_response({"released": self.faults.release_held(), **self.faults.snapshot()})
 
     async def _ctl_expire_tokens(self, request: web.Request) -> web.Response:
         return json_response({"expired": self.tokens.expire_all()})

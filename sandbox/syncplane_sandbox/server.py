@@ -204,6 +204,8 @@ class Sandbox:
     async def stop(self) -> None:
         self.faults.d365.release_hangs()
         self.faults.acs.release_hangs()
+        self.faults.d365.release_held()
+        self.faults.acs.release_held()
         runners, self._runners = self._runners, []
         for runner in runners:
             await runner.cleanup()

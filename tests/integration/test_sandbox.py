@@ -31,6 +31,7 @@ from syncplane_sandbox import (
     start_sandbox,
 )
 from syncplane_sandbox.odata_batch import PartResponse, parse_batch_response
+from tests.backends import eventually
 from tests.integration.sandbox_fixtures import (
     Clients,
     Op,
@@ -651,6 +652,53 @@ async def test_fault_latency_and_timeout(clients: Clients) -> None:
     assert (await clients.d365("GET", "WhoAmI")).status_code == 200
     dropped = [r for r in sb.requests.records(server="d365") if r.fault == "timeout"]
     assert len(dropped) == 1 and dropped[0].status in (None, 0)  # None while still hanging, then 0 (dropped)
+
+
+HOLDS: list[tuple[dict[str, Any], str, str, bool]] = [  # (hold settings, method, path, held)
+    ({}, "POST", "profileAndServices/profile", True),                       # a write: held by default
+    ({}, "GET", "profileAndServices/profile", False),                       # a read is not
+    ({"methods": ["get"]}, "GET", "profileAndServices/profile", True),     # unless asked (any case)
+    ({"path_regex": "/service$"}, "POST", "profileAndServices/profile", False),  # another path
+    ({"methods": ["POST"]}, "POST", "TOKEN", False),                        # never the token endpoint
+]
+
+
+async def test_a_hold_keeps_matching_requests_until_released(clients: Clients) -> None:
+    """The hold switch: what it holds waits (in flight, unanswered) until released, then is served
+    as usual; what it does not hold is answered at once meanwhile."""
+    sb = clients.sb
+    for n, (settings, method, path, held) in enumerate(HOLDS):
+        sb.faults.acs.reset()
+        sb.faults.acs.hold(**settings)
+        if path == "TOKEN":
+            assert await asyncio.wait_for(acs_token(clients.http, sb), 30)
+            continue
+        task = asyncio.ensure_future(clients.acs(method, path, json={"externalId": f"held-{n}"}
+                                                 if method == "POST" else None))
+        if held:
+            await eventually(lambda: _true(sb.faults.acs.held() == 1), f"{method} {path} held ({settings})", 30)
+            assert not task.done() and sb.acs_in_flight.now >= 1, "held: unanswered, in flight"
+            assert sb.faults.acs.release_held() == 1
+        answer = await asyncio.wait_for(task, 30)  # not held: answered while the hold is on
+        assert answer.status_code in (200, 201), (settings, answer.text)
+        assert sb.faults.acs.held() == 0
+
+    # over HTTP, on the Campaign emulator: PUT sets it (the snapshot shows it), DELETE releases
+    r = await clients.http.put(sb.acs_origin + "/_sandbox/faults/hold", json={"methods": ["POST"]})
+    assert r.status_code == 200 and r.json()["hold"] == {"path_regex": None, "methods": ["POST"], "waiting": 0}
+    task = asyncio.ensure_future(clients.acs("POST", "profileAndServices/profile", json={"externalId": "held-h"}))
+    await eventually(lambda: _true(sb.faults.acs.held() == 1), "the POST held", 30)
+    r = await clients.http.delete(sb.acs_origin + "/_sandbox/faults/hold")
+    assert r.status_code == 200 and r.json()["released"] == 1 and r.json()["hold"] is None
+    assert (await asyncio.wait_for(task, 30)).status_code == 201
+    bad: dict[str, Any]
+    for bad in ({"methods": "POST"}, {"methods": []}, {"path_regex": "("}):
+        r = await clients.http.put(sb.acs_origin + "/_sandbox/faults/hold", json=bad)
+        assert r.status_code == 400 and r.json()["error"], bad
+
+
+async def _true(value: bool) -> bool:
+    return value
 
 
 async def test_request_log_and_retry_after_violations(clients: Clients) -> None:
