@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from playwright.async_api import Browser, Page, async_playwright, expect
 from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.proto.v1 import workflow_service_pb2 as svc
 from syncplane.proto.v1 import workflow_service_pb2_grpc as svc_grpc
-from syncplane_sandbox import Sandbox, SeedSpec, start_sandbox
+from syncplane_sandbox import Faults, Sandbox, SeedSpec, start_sandbox
 from syncplane_sandbox.quickstart import write_sandbox_secrets
 from tests.backends import eventually
 from tests.integration.conftest import ServerProcess, wait_until, worker_processes
@@ -73,6 +74,20 @@ async def screenshot(page: Page, name: str) -> Path:
     path = SCREENSHOTS / f"{name}.png"
     await page.screenshot(path=str(path), full_page=True)
     return path
+
+
+@asynccontextmanager
+async def writes_held_until(page: Page, faults: Faults, shown: str, timeout_s: float = 300.0) -> AsyncIterator[None]:
+    """Writes to the emulator of ``faults`` held (the sandbox's hold switch) while the block runs and
+    until the page shows ``shown`` (a JavaScript predicate, polled in the page, for at most
+    ``timeout_s`` seconds), then released: a state that fast writes would pass by (a backlog above
+    0) is seen whatever the machine's speed and the workflow's concurrency."""
+    faults.hold()
+    try:
+        yield
+        await page.wait_for_function(shown, timeout=timeout_s * 1000)
+    finally:
+        faults.release_held()
 
 
 @dataclass

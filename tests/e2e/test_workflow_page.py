@@ -22,7 +22,7 @@ from syncplane.state.sqlite import SqliteWorkerState
 from syncplane.validation.rules import MAX_REPLAY_ROWS
 from syncplane.worker.pipeline import Checkpoint
 from tests.backends import eventually
-from tests.e2e.conftest import Console, screenshot, start_console
+from tests.e2e.conftest import Console, screenshot, start_console, writes_held_until
 
 NOT_RELOADED = "() => { window.__notReloaded = true; }"
 
@@ -164,7 +164,10 @@ async def test_the_chart_draws_backlog_and_records_per_second_from_the_stream(co
     await console.create("contacts")
     await page.goto(console.url + "workflows/contacts")
     await page.evaluate(NOT_RELOADED)
-    await page.get_by_role("button", name="Start contacts").click()
+    # Campaign's writes held until the backlog line has left the zero line, whatever the speed.
+    async with writes_held_until(page, console.sandbox.faults.acs,
+                                 f"() => ({CHART_POINTS})('line-backlog').some(p => p[1] < 155)"):
+        await page.get_by_role("button", name="Start contacts").click()
     # Polled in the page until the stream has drawn both lines off the zero line (rAF-independent).
     await page.wait_for_function(f"""() => {{
         const pts = {CHART_POINTS};

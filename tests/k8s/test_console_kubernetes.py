@@ -15,8 +15,8 @@ from playwright.async_api import Page, expect
 from syncplane.console import ConsoleConfig
 from syncplane.runtime.kubernetes import KubernetesServerConfig, serve_kubernetes
 from syncplane_sandbox import SeedSpec, start_sandbox
-from tests.e2e.conftest import browser, page, screenshot  # noqa: F401 (fixtures)
-from tests.e2e.test_workflows_page import OBSERVE
+from tests.e2e.conftest import browser, page, screenshot, writes_held_until  # noqa: F401 (fixtures)
+from tests.e2e.test_workflows_page import BACKLOG_SHOWN, OBSERVE
 from tests.integration.conftest import wait_until
 from tests.k8s.kubelet import FakeKubelet
 from tests.k8s.test_security_callers import user, user_roles
@@ -31,7 +31,6 @@ async def test_the_workflows_page_on_kubernetes(k8s_cluster, namespace, operator
                                                 monkeypatch: pytest.MonkeyPatch, page: Page) -> None:  # noqa: F811
     monkeypatch.setenv("KUBECONFIG", str(k8s_cluster.kubeconfig))
     sb = await start_sandbox(seed=SeedSpec(contacts=CONTACTS, seed=5))
-    sb.faults.set(latency_ms=10.0)
     stop = asyncio.Event()
     port_file = tmp_path / "console.port"
     server = asyncio.create_task(serve_kubernetes(KubernetesServerConfig(
@@ -39,10 +38,7 @@ async def test_the_workflows_page_on_kubernetes(k8s_cluster, namespace, operator
         console_port_file=port_file), stop))
     try:
         await create_secrets(k8s_cluster, namespace, sb)
-        # At most 2 writes in flight at 10 ms each: the load takes seconds whatever the default
-        # concurrency, so the page sees its backlog rise before it falls to 0.
-        name = await apply_workflow(k8s_cluster, namespace, sb, tmp_path, "10-contacts-ingress.yaml",
-                                    destination={"maxConcurrency": 2}, batchSize=100, workers=1)
+        name = await apply_workflow(k8s_cluster, namespace, sb, tmp_path, "10-contacts-ingress.yaml", workers=1)
         await wait_until(lambda: port_file.exists() or server.done(), timeout=60, what="the console's port")
         assert not server.done(), server
         url = f"http://127.0.0.1:{int(port_file.read_text())}/"
@@ -57,8 +53,11 @@ async def test_the_workflows_page_on_kubernetes(k8s_cluster, namespace, operator
             row = page.locator(f"#wf-{name}")
             await expect(row.locator('[data-field="phase"]')).to_have_text("STOPPED")
             await page.evaluate(OBSERVE, name)
-            await row.get_by_role("button", name=f"Start {name}").click()
-            await expect(row.locator('[data-field="phase"]')).to_have_text("RUNNING")
+            # Campaign's writes are held until the page has shown a backlog: it rises before it
+            # falls to 0 whatever the machine's speed and the destination's concurrency.
+            async with writes_held_until(page, sb.faults.acs, BACKLOG_SHOWN):
+                await row.get_by_role("button", name=f"Start {name}").click()
+                await expect(row.locator('[data-field="phase"]')).to_have_text("RUNNING")
 
             await wait_until(lambda: len(sb.acs.profiles.rows) >= CONTACTS, timeout=400, what="every contact")
             await expect(row.locator('[data-field="backlog"]')).to_have_text("0")
