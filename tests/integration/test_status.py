@@ -4,7 +4,7 @@ sandbox over real HTTP, the status read back through the API and `syncplane list
 - a source answering 503 to everything, or refusing connections: RUNNING, Degraded with
   SOURCE_UNAVAILABLE, the last error and when it began; records/s falls to 0; it clears
   when data flows again;
-- a stall with a backlog (the destination answers, but far too slowly): Degraded STALLED;
+- a stall with a backlog (the destination holds every write, unanswered): Degraded STALLED;
 - a mapped field that does not exist: the start fails (STARTING → ERROR FIELD_NOT_FOUND);
 - a missing Secret: ERROR, restarted automatically with backoff (attempts, next time shown);
   creating the Secret recovers the workflow without a restart;
@@ -114,8 +114,9 @@ async def test_a_source_that_stops_answering_is_degraded_while_running(plane: Co
 
 async def test_a_backlog_with_nothing_written_is_stalled(plane: ControlPlane, sb: Sandbox) -> None:
     await running_with_everything_written(plane, sb, "stall")
-    # The destination answers, but each request takes longer than the threshold many times over.
-    sb.faults.acs.set(latency_ms=15_000)
+    # The destination holds every write (the sandbox's hold switch) until the stall has been seen:
+    # nothing is written for as long as the test needs, whatever the machine's speed.
+    sb.faults.acs.hold()
     contacts = sb.d365.table("contacts")
     for rid in list(contacts.rows)[:50]:
         contacts.upsert(rid, lastname="Waiting")
@@ -123,7 +124,7 @@ async def test_a_backlog_with_nothing_written_is_stalled(plane: ControlPlane, sb
     assert s.phase == pb.PHASE_RUNNING and s.backlog > 0
     assert degraded(s).reason == s.degradation.reason == "STALLED"
     assert (await list_row(plane, "stall"))["DEGRADED"] == "STALLED"
-    sb.faults.acs.reset()
+    sb.faults.acs.release_held()
     s = await until(plane, "stall", lambda s: degraded(s).status == "False" and s.backlog == 0
                     and s.counters.written >= 350, "the stall to clear", timeout=120)
     assert adds_up(s)
