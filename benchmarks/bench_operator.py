@@ -18,7 +18,6 @@ or ``--only operator_watch_namespaces``): 1,000 Workflows in 10 namespaces, the 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import json
 import os
@@ -39,6 +38,7 @@ import yaml
 from tests.factories import UNREACHABLE_SECRETS, literals
 from tests.k8s.cluster import ClusterError, TestCluster
 from tests.k8s.kubelet import FakeKubelet
+from tests.k8s.test_operator import operator_reconciles
 
 ROOT = Path(__file__).resolve().parent.parent
 CRD = ROOT / "charts" / "syncplane" / "crds" / "workflows.syncplane.io.yaml"
@@ -62,23 +62,19 @@ def _requests_total(cluster: TestCluster) -> float:
                                                            str(text), re.MULTILINE))
 
 
-def requests_by_kind(cluster: TestCluster) -> dict[tuple[str, str], float]:
-    """The API server's requests so far (apiserver_request_total) by verb and resource[/subresource]."""
-    status, text = cluster.api("GET", "/metrics")
-    assert status == 200
-    counts: dict[tuple[str, str], float] = collections.defaultdict(float)
-    for m in re.finditer(r'^apiserver_request_total\{([^}]*)\} ([0-9.e+]+)$', str(text), re.MULTILINE):
-        labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
-        resource = "/".join(x for x in (labels.get("resource", ""), labels.get("subresource", "")) if x)
-        counts[(labels.get("verb", ""), resource)] += float(m.group(2))
-    return counts
+def requests_by_kind(cluster: TestCluster, metric: str = "apiserver_request_total") -> dict[tuple[str, str], float]:
+    """:meth:`TestCluster.requests_by_kind`."""
+    return cluster.requests_by_kind(metric)
 
 
-def _operator(cluster: TestCluster, namespace: str, log: Path, *more: str) -> subprocess.Popen[bytes]:
-    """`syncplane operator` watching ``namespace`` (and the ``more`` namespaces)."""
+def _operator(cluster: TestCluster, namespace: str, log: Path, *more: str,
+              metrics_listen: str | None = None) -> subprocess.Popen[bytes]:
+    """`syncplane operator` watching ``namespace`` (and the ``more`` namespaces), serving its /metrics on
+    ``metrics_listen`` (host:port) if given."""
     env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig), "SYNCPLANE_OPERATOR_RESYNC": "60"}
     watched = [arg for ns in (namespace, *more) for arg in ("--namespace", ns)]
-    return subprocess.Popen([sys.executable, "-m", "syncplane", "operator", "--standalone", *watched,
+    metrics = ["--metrics-listen", metrics_listen] if metrics_listen else []
+    return subprocess.Popen([sys.executable, "-m", "syncplane", "operator", "--standalone", *watched, *metrics,
                              "--liveness", "http://127.0.0.1:0/healthz"], env=env, stdout=log.open("wb"),
                             stderr=subprocess.STDOUT)
 
@@ -335,10 +331,11 @@ def concurrent_starts(cluster: TestCluster, ns: str, workdir: Path, count: int =
 
 
 @contextlib.contextmanager
-def _sampled_operator(cluster: TestCluster, namespace: str, log: Path, *more: str) -> Iterator[_Sampler]:
+def _sampled_operator(cluster: TestCluster, namespace: str, log: Path, *more: str,
+                      metrics_listen: str | None = None) -> Iterator[_Sampler]:
     """`syncplane operator` (:func:`_operator`) sampled by a :class:`_Sampler` while the block runs;
     the sampler and the operator are stopped after it, also when it fails."""
-    proc = _operator(cluster, namespace, log, *more)
+    proc = _operator(cluster, namespace, log, *more, metrics_listen=metrics_listen)
     sampler = _Sampler(proc.pid)
     try:
         yield sampler
@@ -378,17 +375,98 @@ def idle(cluster: TestCluster, sampler: _Sampler, window: float, alone_per_min: 
             "idle_rss_mib": sampler.proc.memory_info().rss / 2**20}
 
 
-def _create(cluster: TestCluster, namespaces: list[str], count: int) -> float:
-    """``count`` STOPPED Workflows spread evenly over ``namespaces`` (made here), 200 per kubectl apply;
-    the seconds it took the cluster alone."""
+def _create(cluster: TestCluster, namespaces: list[str], count: int, make_namespaces: bool = True) -> float:
+    """``count`` STOPPED Workflows spread evenly over ``namespaces`` (made here unless ``make_namespaces``
+    is False), 200 per kubectl apply; the seconds it took."""
     t = time.monotonic()
-    for ns in namespaces:
+    for ns in namespaces if make_namespaces else []:
         cluster.kubectl("create", "namespace", ns)
     per = count // len(namespaces)
     for ns in namespaces:
         for start in range(0, per, 200):
             _apply(cluster, ns, [_workflow(f"idle-{i:04d}") for i in range(start, min(per, start + 200))])
     return time.monotonic() - t
+
+
+class ClusterCost:
+    """What the test cluster spends from this object's creation to :meth:`report`: the CPU seconds of each
+    of its processes (kube-apiserver, etcd, kube-controller-manager, kube-scheduler, kwok), the API
+    server's requests and the seconds it spent on them (apiserver_request_duration_seconds_sum, wall
+    time summed over concurrent requests) by verb and resource, and the 1-minute load average at both ends
+    (the machine is shared: a figure comes with its load)."""
+
+    def __init__(self, cluster: TestCluster) -> None:
+        self.cluster = cluster
+        self.processes = {name: psutil.Process(pid) for name, pid in cluster.pids_by_name.items()}
+        self.cpu0 = self._cpu()
+        self.requests0 = requests_by_kind(cluster)
+        self.seconds0 = requests_by_kind(cluster, "apiserver_request_duration_seconds_sum")
+        self.load0 = os.getloadavg()[0]
+        self.t0 = time.monotonic()
+
+    def _cpu(self) -> dict[str, float]:
+        return {name: float(sum(p.cpu_times()[:2])) for name, p in self.processes.items()}
+
+    def report(self, least: float = 1) -> dict[str, Any]:
+        """Elapsed seconds, load, CPU seconds by process, and the requests (at least ``least`` of a
+        kind) with the API server's seconds on each kind (WATCH: open watches, not work)."""
+        cpu = self._cpu()
+        made = {k: v - self.requests0.get(k, 0) for k, v in requests_by_kind(self.cluster).items()}
+        spent = {k: v - self.seconds0.get(k, 0) for k, v in
+                 requests_by_kind(self.cluster, "apiserver_request_duration_seconds_sum").items()}
+        kinds = sorted((k for k, v in made.items() if v >= least), key=lambda k: -made[k])
+        return {"elapsed_s": round(time.monotonic() - self.t0, 2),
+                "load_1min": [self.load0, os.getloadavg()[0]],
+                "cpu_s": {name: round(cpu[name] - self.cpu0[name], 2) for name in cpu},
+                "requests": {" ".join(k): round(made[k]) for k in kinds},
+                "api_server_s": {" ".join(k): round(spent.get(k, 0.0), 2) for k in kinds if k[0] != "WATCH"}}
+
+
+def restart_and_create(cluster: TestCluster, ns: str, count: int, workdir: Path, alone_create_s: float,
+                       settle: float = 5.0) -> dict[str, Any]:
+    """The two other starts a user meets (issue 17), after a first operator gave ``ns``'s ``count``
+    Workflows a phase and was stopped:
+
+    - ``restart``: an operator started again over them (an upgrade, a rescheduled pod): the seconds until
+      it has reconciled each once (its reconciles counter), the status PATCHes and Events it wrote (none
+      is due: every reconcile is a no-op), its CPU seconds and the cluster's cost (:class:`ClusterCost`),
+      counted ``settle`` seconds after (kopf posts Events from a queue);
+    - ``created_while_up``: ``count`` Workflows created (as :func:`_create` did for the baseline,
+      ``alone_create_s``) in a namespace the same operator watches: seconds from the first create until
+      every one has a phase, and the cluster's cost."""
+    from tests.k8s.cluster import free_ports
+
+    port = free_ports(1)[0]
+    fresh = "created"
+    cluster.kubectl("create", "namespace", fresh)
+    out: dict[str, Any] = {}
+    cost = ClusterCost(cluster)
+    t0 = time.monotonic()
+    with _sampled_operator(cluster, ns, workdir / "operator-restart.log", fresh,
+                           metrics_listen=f"127.0.0.1:{port}") as sampler:
+        _wait(cluster, f"{count} reconciles by the restarted operator", lambda: operator_reconciles(port) >= count,
+              timeout=600)
+        seconds = time.monotonic() - t0
+        time.sleep(settle)  # a measurement window, not synchronisation: Events it might still post
+        report = cost.report(count / 10)
+        out["restart"] = {"workflows": count, "every_one_reconciled_s": seconds,
+                          "status_patches": round(report["requests"].get("PATCH workflows/status", 0)),
+                          "events_posted": round(report["requests"].get("POST events", 0)),
+                          "workflow_patches": round(report["requests"].get("PATCH workflows", 0)),
+                          "operator_cpu_s": sampler.cpu_seconds(), "cluster": report,
+                          **_peaks(sampler)}
+        watch = PhaseWatch(cluster, fresh)
+        try:
+            cost = ClusterCost(cluster)
+            t1 = time.monotonic()
+            created = _create(cluster, [fresh], count, make_namespaces=False)
+            _wait(cluster, f"{count} created workflows with a phase", lambda: watch.phased() == count, timeout=900)
+            out["created_while_up"] = {"workflows": count, "every_phase_s": time.monotonic() - t1,
+                                       "create_s": created, "cluster_alone_create_s": alone_create_s,
+                                       "cluster": cost.report(count / 10), **_peaks(sampler)}
+        finally:
+            watch.stop()
+    return out
 
 
 def _cluster_alone(cluster: TestCluster, window: float) -> float:
@@ -455,24 +533,24 @@ def scale(count: int, window: float = 60.0, starts: int = STARTS) -> dict[str, A
         out["cluster_alone_requests_per_min"] = _cluster_alone(cluster, window)
         watch = PhaseWatch(cluster, ns)
         cluster.wait_until(f"{count} workflows listed by the watch", lambda: len(watch.phases) == count, 120)
-        requests0 = requests_by_kind(cluster)
+        cost = ClusterCost(cluster)
         t0 = time.monotonic()
         try:
             with _sampled_operator(cluster, ns, Path(tmp) / "operator.log", starts_ns) as sampler:
                 _wait(cluster, f"{count} workflows with a phase", lambda: watch.phased() == count, timeout=900)
                 out["cold_start_every_phase_s"] = time.monotonic() - t0
+                out["cold_start_first_phase_s"] = min(watch.first.values()) - t0
                 watch.stop()
-                after = requests_by_kind(cluster)
-                made = {" ".join(k): round(v - requests0.get(k, 0)) for k, v in after.items()}
-                out["cold_start_requests"] = {k: v for k, v in sorted(made.items(), key=lambda kv: -kv[1])
-                                              if v >= count / 10}
                 out["cold_start_cpu_s"] = sampler.cpu_seconds()
+                out["cold_start_cluster"] = report = cost.report(count / 10)
+                out["cold_start_requests"] = report["requests"]
                 out.update(_peaks(sampler, "cold_start_"))
                 out.update(idle(cluster, sampler, window, out["cluster_alone_requests_per_min"]))
                 if starts:
                     out["concurrent_starts"] = concurrent_starts(cluster, starts_ns, Path(tmp) / "containers",
                                                                  starts)
                 out.update(_peaks(sampler))
+            out.update(restart_and_create(cluster, ns, count, Path(tmp), out["cluster_alone_create_s"]))
         finally:
             watch.stop()
             print(json.dumps(out, indent=1), flush=True)   # what was measured, also when a stage failed

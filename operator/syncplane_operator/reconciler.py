@@ -177,16 +177,20 @@ async def reconcile(body: kopf.Body, logger: Any, api: Clients, image: WorkerIma
         logger.warning("workflow %s/%s: cannot create the verify Job: HTTP %s %s", namespace, name, exc.status,
                        exc.reason)
     changes = status_patch(body.get("status") or {}, status)
-    return Reconciled(changes, transition(body, wf.status.phase, status))
+    return Reconciled(changes, transition(wf.status.phase, status))
 
 
-def transition(body: Mapping[str, Any], before: int, status: pb.WorkflowStatus) -> Transition | None:
-    """Pure: the Event of a phase change (the first status write of a new Workflow counts as one)."""
-    if status.phase == (before or pb.PHASE_STOPPED) and body.get("status"):
+def transition(before: int, status: pb.WorkflowStatus) -> Transition | None:
+    """Pure: the Event of a phase change, None when the phase stays.
+
+    A Workflow without a status is STOPPED (the state every Workflow starts in, DESIGN.md §1: it has no
+    workers), so the first status of one created STOPPED is no transition and posts no Event: a cold start
+    over 1,000 such Workflows wrote 1,000 "created: STOPPED" Events (issue 17: "each transition writes exactly
+    one Event"), about as much API server work as their 1,000 status writes. One created RUNNING is posted
+    ``STOPPED -> STARTING``, as a start of an existing one is."""
+    if status.phase == (before or pb.PHASE_STOPPED):
         return None
     message = f"{phase_name(before or pb.PHASE_STOPPED)} -> {phase_name(status.phase)}"
-    if not body.get("status"):
-        message = f"created: {phase_name(status.phase)}"
     if status.phase == pb.PHASE_ERROR:
         return Transition("Warning", phase_name(status.phase).title(),
                           f"{message}: {status.last_error.reason}: {status.last_error.message}")

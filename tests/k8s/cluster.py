@@ -19,6 +19,7 @@ the process table and raises if anything it started is still alive.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import http.client
@@ -200,6 +201,11 @@ class TestCluster:
         return [p.popen.pid for p in self._processes]
 
     @property
+    def pids_by_name(self) -> dict[str, int]:
+        """The pid of each running cluster process by its name (etcd, kube-apiserver, kwok, ...)."""
+        return {p.name: p.popen.pid for p in self._processes if p.popen.poll() is None}
+
+    @property
     def env(self) -> dict[str, str]:
         """Environment for kubectl/helm (and code under test) aimed at this cluster only."""
         d = self._dir
@@ -303,6 +309,20 @@ class TestCluster:
             return resp.status, json.loads(raw)
         except ValueError:
             return resp.status, raw
+
+    def requests_by_kind(self, metric: str = "apiserver_request_total") -> dict[tuple[str, str], float]:
+        """The API server's requests so far (``metric``: apiserver_request_total, or
+        apiserver_request_duration_seconds_sum for the seconds it spent on them) by (verb,
+        resource[/subresource]), e.g. ``("PATCH", "workflows/status")``, from its /metrics."""
+        status, text = self.api("GET", "/metrics")
+        if status != 200:
+            raise ClusterError(f"GET /metrics of the API server: HTTP {status}")
+        counts: dict[tuple[str, str], float] = collections.defaultdict(float)
+        for m in re.finditer(rf'^{metric}\{{([^}}]*)\}} ([0-9.e+]+)$', str(text), re.MULTILINE):
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
+            resource = "/".join(x for x in (labels.get("resource", ""), labels.get("subresource", "")) if x)
+            counts[(labels.get("verb", ""), resource)] += float(m.group(2))
+        return counts
 
     def restart(self, name: str, timeout: float = 60.0) -> None:
         """Stop one control-plane process and start it again with the same flags (an API server restart)."""

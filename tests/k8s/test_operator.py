@@ -115,11 +115,30 @@ def create_workflow(cluster: Any, namespace: str, tmp: Path, secrets: bool = Tru
     return name, f"workflow/{name}"
 
 
-def operator_process(namespace: str, log: IO[bytes]) -> subprocess.Popen[bytes]:
-    """`syncplane operator` as its own process, watching ``namespace``, its output into ``log``."""
+def operator_process(namespace: str, log: IO[bytes], metrics_port: int | None = None) -> subprocess.Popen[bytes]:
+    """`syncplane operator` as its own process, watching ``namespace``, its output into ``log``; serving its
+    /metrics on 127.0.0.1:``metrics_port`` if given (:func:`operator_reconciles`)."""
+    metrics = ["--metrics-listen", f"127.0.0.1:{metrics_port}"] if metrics_port else []
     return subprocess.Popen([sys.executable, "-m", "syncplane", "operator", "--standalone", "--namespace",
-                             namespace, "--liveness", "http://127.0.0.1:0/healthz"],
+                             namespace, *metrics, "--liveness", "http://127.0.0.1:0/healthz"],
                             env=dict(os.environ), stdout=log, stderr=subprocess.STDOUT)
+
+
+def operator_reconciles(metrics_port: int) -> float:
+    """The reconciles an operator process has counted (``syncplane.operator.reconciles``, every outcome),
+    from its /metrics on 127.0.0.1:``metrics_port`` (parsed by prometheus_client); 0 before it serves them."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return 0.0
+    return sum(sample.value for family in text_string_to_metric_families(text)
+               if family.name == "syncplane_operator_reconciles" for sample in family.samples
+               if sample.name.endswith("_total"))
 
 
 def start_until_available(cluster: Any, namespace: str, name: str) -> None:

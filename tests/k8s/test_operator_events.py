@@ -8,8 +8,20 @@ from collections import Counter
 from typing import Any
 
 import pytest
+import yaml
 
-from tests.k8s.test_operator import AVAILABLE, LocalWorker, create_workflow, get, patch, wait
+from tests.k8s.cluster import free_ports
+from tests.k8s.test_operator import (
+    AVAILABLE,
+    DEFAULTS,
+    LocalWorker,
+    create_workflow,
+    get,
+    operator_process,
+    operator_reconciles,
+    patch,
+    wait,
+)
 
 pytestmark = pytest.mark.k8s
 
@@ -49,7 +61,8 @@ def _written_by_the_operator(cluster: Any, namespace: str, name: str) -> set[str
 def test_lifecycle_from_watch_events_alone_with_one_event_per_transition(k8s_cluster, namespace, operator,
                                                                          tmp_path):
     name, target = create_workflow(k8s_cluster, namespace, tmp_path)
-    expected = Counter({"Stopped: created: STOPPED": 1})
+    # created STOPPED: its first status is the phase it starts in, no transition and no Event
+    expected: Counter[str] = Counter()
     # never started: the operator wrote its status alone (no finalizer: that comes with its first workers)
     assert _written_by_the_operator(k8s_cluster, namespace, name) == set()
     # `kubectl get workflows` shows a backlog of 0 and no drift as 0 and false, not blanks
@@ -102,3 +115,48 @@ def test_lifecycle_from_watch_events_alone_with_one_event_per_transition(k8s_clu
     finally:
         patch(k8s_cluster, namespace, name, {"desiredState": "STOPPED"})
         worker.stop()
+
+
+def test_an_operator_started_again_over_workflows_with_a_phase_writes_nothing(k8s_cluster, workflow_crd, namespace,
+                                                                             monkeypatch, tmp_path):
+    """issue 17, an operator's real cold start (an upgrade, a rescheduled pod): its Workflows have a phase
+    already, so each reconcile is a no-op: no status PATCH, no Event, nothing written on the Workflow.
+    Counted by the API server itself (apiserver_request_total): the test cluster serves this test alone."""
+    monkeypatch.setenv("KUBECONFIG", str(k8s_cluster.kubeconfig))
+    monkeypatch.setenv("SYNCPLANE_OPERATOR_RESYNC", "600")
+    doc = yaml.safe_load((DEFAULTS / "10-contacts-ingress.yaml").read_text())
+    names = [f"at-rest-{i}" for i in range(3)]
+    docs = [{**doc, "metadata": {"name": name}} for name in names]
+    with open(tmp_path / "operator.log", "wb") as log:
+        first = operator_process(namespace, log)
+        try:
+            k8s_cluster.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump_all(docs))
+            for name in names:
+                wait(k8s_cluster, namespace, f"workflow/{name}", "jsonpath={.status.phase}=STOPPED")
+        finally:
+            first.terminate()
+            first.wait(timeout=60)
+        statuses = {name: get(k8s_cluster, namespace, "workflow", name)["status"] for name in names}
+        events = {name: _transitions(k8s_cluster, namespace, name) for name in names}
+        before = k8s_cluster.requests_by_kind()
+        port = free_ports(1)[0]
+        second = operator_process(namespace, log, metrics_port=port)
+        try:
+            k8s_cluster.wait_until("a reconcile of each Workflow", lambda: operator_reconciles(port) >= len(names), 60)
+            # A label wakes each one again: its second reconcile runs only once its first (and any write of
+            # it) is over, so the counts below are complete.
+            k8s_cluster.kubectl("label", "workflows", "--all", "-n", namespace, "restarted=yes")
+            k8s_cluster.wait_until("a second reconcile of each Workflow",
+                                   lambda: operator_reconciles(port) >= 2 * len(names), 60)
+        finally:
+            second.terminate()
+            second.wait(timeout=60)
+    after = k8s_cluster.requests_by_kind()
+    made = {kind: after[kind] - before.get(kind, 0) for kind in (("PATCH", "workflows/status"), ("POST", "events"),
+                                                                ("PUT", "workflows/status"))}
+    assert made == {("PATCH", "workflows/status"): 0, ("POST", "events"): 0, ("PUT", "workflows/status"): 0}
+    assert {name: get(k8s_cluster, namespace, "workflow", name)["status"] for name in names} == statuses
+    assert {name: _transitions(k8s_cluster, namespace, name) for name in names} == events == \
+        {name: Counter() for name in names}
+    for name in names:
+        assert _written_by_the_operator(k8s_cluster, namespace, name) == set()

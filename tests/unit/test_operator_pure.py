@@ -15,7 +15,7 @@ from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.worker.platform.kubernetes import lease_body
 from syncplane_operator.builders import build_spec_configmap, build_worker_deployment
 from syncplane_operator.observe import observe
-from syncplane_operator.reconciler import applied_view_resource, draining
+from syncplane_operator.reconciler import Transition, applied_view_resource, draining, transition
 from tests.factories import workflow
 
 NOW = datetime(2026, 11, 28, 12, tzinfo=UTC)
@@ -223,3 +223,31 @@ def test_the_applied_snapshot_keeps_the_runs_trace_context_and_no_other_lifecycl
 def test_only_a_worker_pod_that_may_still_run_holds_up_its_workflows_deletion(status: dict[str, str],
                                                                                holds_up: bool) -> None:
     assert draining({"metadata": {"name": "w"}, "status": status}) is holds_up
+
+
+ERR = pb.WorkflowError(reason="AUTH_FAILED", message="401 from the token endpoint")
+
+
+@pytest.mark.parametrize(("before", "after", "event"), [
+    # no status yet: the Workflow is STOPPED (it has no workers); its first status STOPPED is no transition
+    (pb.PHASE_UNSPECIFIED, pb.WorkflowStatus(phase=pb.PHASE_STOPPED), None),
+    (pb.PHASE_UNSPECIFIED, pb.WorkflowStatus(phase=pb.PHASE_STARTING),
+     Transition("Normal", "Starting", "STOPPED -> STARTING")),
+    (pb.PHASE_UNSPECIFIED, pb.WorkflowStatus(phase=pb.PHASE_ERROR, last_error=ERR),
+     Transition("Warning", "Error", "STOPPED -> ERROR: AUTH_FAILED: 401 from the token endpoint")),
+    (pb.PHASE_STOPPED, pb.WorkflowStatus(phase=pb.PHASE_STOPPED), None),
+    (pb.PHASE_RUNNING, pb.WorkflowStatus(phase=pb.PHASE_RUNNING), None),
+    (pb.PHASE_ERROR, pb.WorkflowStatus(phase=pb.PHASE_ERROR, last_error=ERR), None),
+    (pb.PHASE_STOPPED, pb.WorkflowStatus(phase=pb.PHASE_STARTING), Transition("Normal", "Starting",
+                                                                            "STOPPED -> STARTING")),
+    (pb.PHASE_RUNNING, pb.WorkflowStatus(phase=pb.PHASE_STOPPING), Transition("Normal", "Stopping",
+                                                                            "RUNNING -> STOPPING")),
+    (pb.PHASE_STOPPING, pb.WorkflowStatus(phase=pb.PHASE_STOPPED), Transition("Normal", "Stopped",
+                                                                            "STOPPING -> STOPPED")),
+    (pb.PHASE_RUNNING, pb.WorkflowStatus(phase=pb.PHASE_ERROR, last_error=ERR),
+     Transition("Warning", "Error", "RUNNING -> ERROR: AUTH_FAILED: 401 from the token endpoint")),
+])
+def test_an_event_for_each_phase_change_and_none_for_a_workflows_first_status_stopped(before, after, event):
+    """issue 17: one Event per transition; a Workflow created STOPPED starts STOPPED, which is no change
+    (a cold start over 1,000 of them wrote 1,000 "created: STOPPED" Events)."""
+    assert transition(before, after) == event
