@@ -31,6 +31,8 @@ class _Key:
     written: Mapping[str, Any] | None = None   # our last status patch, until a watch event shows it
     status: Mapping[str, Any] | None = None    # the status as our writes (all accepted) left it
     due: bool = False                          # a timer (resync, due restart, retry) fired
+    woken: bool = False                        # a child's event came since the last reconcile began
+    decided: Mapping[str, Any] | None = None   # what the last reconcile decided from (:func:`inputs`)
     failures: int = 0                          # reconciles that raised in a row (the retry's backoff)
     timer: asyncio.TimerHandle | None = None
 
@@ -87,7 +89,8 @@ class ReconcileQueue:
         self._add(key)
 
     def wake(self, key: Hashable) -> None:
-        if key in self._keys:
+        if (state := self._keys.get(key)) is not None:
+            state.woken = True
             self._add(key)
 
     def forget(self, key: Hashable) -> None:
@@ -130,9 +133,16 @@ class ReconcileQueue:
             return
         delay: float | None
         status = state.body.get("status") or {}
-        if state.written is None or reflects(status, state.written) or state.due:
-            state.due = False
+        if state.written is not None and reflects(status, state.written) and not (state.due or state.woken) \
+                and at_rest(state.body) and inputs(state.body) == state.decided:
+            # The watch event of our own write, which left the Workflow at rest, and nothing else since: the
+            # same inputs decide the same, so no reconcile (a cold start over 1,000 new Workflows reconciled
+            # each twice, the second time to write nothing).
+            state.written = None
+        elif state.written is None or reflects(status, state.written) or state.due:
+            state.due = state.woken = False
             body = state.body
+            state.decided = inputs(body)
             if state.status is not None and not reflects(status, state.status):
                 # A body older than our writes, which the API server accepted: the resync (or a due time)
                 # came before the watch showed the last one, or the watch handed an older body on after a
@@ -164,6 +174,13 @@ class ReconcileQueue:
         delay = None if state.written is None and at_rest(body) else next_wake(body.get("status") or {},
                                                                                self._resync)
         self._schedule(key, state, delay)
+
+
+def inputs(body: Mapping[str, Any]) -> dict[str, Any]:
+    """What a reconcile decides from in a Workflow's body, but its status: spec and metadata without
+    ``resourceVersion`` (which our own status write changes) or ``managedFields``."""
+    metadata = {k: v for k, v in (body.get("metadata") or {}).items() if k not in ("resourceVersion", "managedFields")}
+    return {**{k: v for k, v in body.items() if k != "status"}, "metadata": metadata}
 
 
 def next_wake(status: Mapping[str, Any], resync: float, now: datetime | None = None) -> float:

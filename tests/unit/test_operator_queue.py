@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import kopf
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -127,13 +128,97 @@ async def test_a_body_older_than_a_write_already_seen_is_decided_with_that_write
     async with running_queue(rec, resync=3600) as queue:
         queue.update("wf", {"spec": {}, "status": {}})
         await until(lambda: len(rec.calls) == 1 and not queue._running)
-        rec.writes = None   # the write comes back: a reconcile that writes nothing
-        queue.update("wf", {"spec": {}, "status": {"phase": "STOPPED"}})
-        await until(lambda: len(rec.calls) == 2 and not queue._running)
+        rec.writes = None
+        queue.update("wf", {"spec": {}, "status": {"phase": "STOPPED"}})   # the write comes back
+        await until(lambda: not queue._queued and not queue._running)
         # then the watch hands on a body from before the write (a relist, a lagging cache)
         queue.update("wf", {"spec": {"x": 1}, "status": {}})
-        await until(lambda: len(rec.calls) == 3)
-        assert rec.calls[2][1] == {"spec": {"x": 1}, "status": {"phase": "STOPPED"}}
+        await until(lambda: len(rec.calls) == 2)
+        assert rec.calls[1][1] == {"spec": {"x": 1}, "status": {"phase": "STOPPED"}}
+
+
+async def test_the_watch_event_of_a_write_that_left_the_workflow_at_rest_is_not_reconciled_again() -> None:
+    """The second reconcile of each new Workflow in a cold start: same spec and metadata, the status it
+    wrote, no child's event: it would decide the same and write nothing."""
+    rec = Recorder(writes={"phase": "STOPPED", "observedGeneration": 1})
+    meta: dict[str, Any] = {"name": "wf", "generation": 1, "resourceVersion": "1"}
+    body: dict[str, Any] = {"metadata": meta, "spec": {"desiredState": "STOPPED"}}
+    echo: dict[str, Any] = {**body, "metadata": {**body["metadata"], "resourceVersion": "2"},
+            "status": {"phase": "STOPPED", "observedGeneration": 1}}
+    async with running_queue(rec, resync=3600) as queue:
+        queue.update("wf", body)
+        await until(lambda: len(rec.calls) == 1 and not queue._running)
+        queue.update("wf", echo)
+        await until(lambda: not queue._queued and not queue._running)
+        assert len(rec.calls) == 1 and queue._keys["wf"].timer is None   # at rest: nothing more runs for it
+        # what follows is reconciled as ever: a label (no new generation) ...
+        queue.update("wf", {**echo, "metadata": {**echo["metadata"], "labels": {"team": "a"}}})
+        await until(lambda: len(rec.calls) == 2)
+
+
+@pytest.mark.parametrize("between", ["wake", "label", "annotation", "spec", "finalizer", "deletion", "running"])
+async def test_the_watch_event_of_a_write_is_reconciled_when_anything_else_came_with_it_or_before(between) -> None:
+    """Only the echo of our own write of a Workflow at rest, with nothing else since, is skipped: a child's
+    event, or a change of what the reconcile reads (metadata that is no status, the spec), is reconciled."""
+    rec = Recorder(writes={"phase": "STOPPED"})
+    meta: dict[str, Any] = {"name": "wf", "generation": 1, "resourceVersion": "1"}
+    body: dict[str, Any] = {"metadata": meta, "spec": {"desiredState": "STOPPED"}}
+    echo: dict[str, Any] = {"metadata": {**meta, "resourceVersion": "2"}, "spec": body["spec"],
+                            "status": {"phase": "STOPPED"}}
+    changed: dict[str, dict[str, Any]] = {
+        "label": {"labels": {"a": "b"}}, "annotation": {"annotations": {"verify.syncplane.io/request": "x"}},
+               "finalizer": {"finalizers": ["f"]}, "deletion": {"deletionTimestamp": "2026-11-30T00:00:00Z"}}
+    if between in changed:
+        echo["metadata"] = {**echo["metadata"], **changed[between]}
+    elif between == "spec":
+        echo = {**echo, "metadata": {**echo["metadata"], "generation": 2}, "spec": {"desiredState": "STOPPED", "x": 1}}
+    elif between == "running":
+        echo = {**echo, "spec": {"desiredState": "RUNNING"}}
+    async with running_queue(rec, resync=3600) as queue:
+        queue.update("wf", body)
+        await until(lambda: len(rec.calls) == 1 and not queue._running)
+        if between == "wake":
+            queue.wake("wf")   # a child's event while the write is on its way back
+            await until(lambda: not queue._queued and not queue._running)
+            assert len(rec.calls) == 1
+        queue.update("wf", echo)
+        await until(lambda: len(rec.calls) == 2)
+        assert rec.calls[1][1]["metadata"] == echo["metadata"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(ops=st.lists(st.tuples(st.sampled_from(["update", "echo", "wake", "pause"]), st.integers(0, 2)),
+                    max_size=30))
+def test_every_change_and_every_childs_event_is_reconciled_though_echoes_are_not(ops):
+    """Whatever the order of the Workflow's changes, the watch events of our writes and its children's
+    events: each child's event is followed by a reconcile, and the last reconcile decided from the newest
+    spec and metadata (the only reconciles saved are those that would decide from the same)."""
+    async def scenario() -> None:
+        rec = Recorder(writes={"phase": "STOPPED"})
+        spec: dict[str, Any] = {"desiredState": "STOPPED", "x": 0}
+        wakes: list[int] = []   # how many reconciles had started at each child's event
+        async with running_queue(rec, resync=3600) as queue:
+            queue.update("wf", {"metadata": {"resourceVersion": "0"}, "spec": spec})
+            for n, (op, value) in enumerate(ops, start=1):
+                if op == "update":
+                    spec = {"desiredState": "STOPPED", "x": value}
+                    queue.update("wf", {"metadata": {"resourceVersion": str(n)}, "spec": spec})
+                elif op == "echo":
+                    queue.update("wf", {"metadata": {"resourceVersion": str(n)}, "spec": spec,
+                                        "status": {"phase": "STOPPED"}})
+                elif op == "wake":
+                    wakes.append(len(rec.calls))
+                    queue.wake("wf")
+                else:
+                    for _ in range(value + 1):
+                        await asyncio.sleep(0)
+            # the watch shows our last write at last
+            queue.update("wf", {"metadata": {"resourceVersion": "end"}, "spec": spec, "status": {"phase": "STOPPED"}})
+            await until(lambda: not queue._queued and not queue._running)
+        assert all(len(rec.calls) > started for started in wakes)
+        assert rec.calls[-1][1]["spec"] == spec
+
+    asyncio.run(scenario())
 
 
 async def test_a_workflow_at_rest_has_no_timer_one_that_runs_has_the_resync() -> None:
