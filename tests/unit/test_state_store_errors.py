@@ -140,6 +140,54 @@ async def test_heartbeat_refusal_is_fatal_and_outage_is_retried(api_server, answ
 
 
 
+# (phase, ready, fatal): each change of a report's phase that the operator acts on
+PHASE_CHANGES = [("RUNNING", True, None), ("FATAL", False, {"reason": "BAD_CREDENTIALS", "message": "m"})]
+
+
+@pytest.mark.parametrize(("phase", "ready", "fatal"), PHASE_CHANGES)
+async def test_heartbeat_sends_a_phase_change_at_once(api_server, phase, ready, fatal):
+    """A worker that becomes ready (or fatal) renews its Lease at once, not at the next period (here
+    an hour): the operator's STARTING -> RUNNING (or ERROR) waited up to a renew interval for it."""
+    from kubernetes_asyncio import client
+
+    from syncplane.contract.names import REPORT_ANNOTATION
+    from syncplane.contract.report import WorkerReport
+    from syncplane.worker.platform.kubernetes import LeaseHeartbeat
+
+    host, answers = api_server
+    reports: list[dict[str, Any]] = []
+
+    async def lease(request: web.Request) -> web.Response:
+        body = await request.json()
+        reports.append(json.loads(body["metadata"]["annotations"][REPORT_ANNOTATION]))
+        return web.json_response(body)
+
+    answers.append(lease)
+    report = WorkerReport("wf", 0, 1)
+    stop = asyncio.Event()
+    beat = LeaseHeartbeat("ns", "wf-0", "wf", report, interval=3600,
+                          api_client=client.ApiClient(client.Configuration(host=host)))
+    task = asyncio.ensure_future(beat.run(stop))
+    try:
+        async def beats(n: int) -> bool:
+            return len(reports) >= n
+
+        await eventually(lambda: beats(1), "the first beat")
+        assert reports[0]["phase"] == "STARTING" and reports[0]["ready"] is False
+        report.fatal = fatal
+        report.set_phase(phase, ready=ready)
+
+        async def sent() -> bool:
+            return any(r["phase"] == phase and r["ready"] is ready and r["fatal"] == fatal for r in reports)
+
+        await eventually(sent, lambda: f"a beat with phase {phase}: {reports}", timeout=30)
+        assert not task.done()
+    finally:
+        stop.set()
+        await asyncio.gather(task, return_exceptions=True)
+        await beat.close(remove=False)
+
+
 # -- held records keep no credential, in either store --------------------------------------------
 
 SECRET_PAYLOAD = {"id": "e1", "email": "a@example.com", "api_key": "s3cr3t-value", "password": "hunter2-value"}

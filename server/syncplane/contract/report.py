@@ -107,6 +107,24 @@ class WorkerReport:
     waiting_since: float | None = None
     rate: Throughput = field(default_factory=Throughput, repr=False, compare=False)
 
+    def __post_init__(self) -> None:
+        # Not a field: neither in to_json() nor compared (a callable per heartbeat of this process).
+        self._phase_listeners: list[Callable[[], None]] = []
+
+    def set_phase(self, phase: str, ready: bool) -> None:
+        """Set ``phase`` and ``ready`` together and call each listener (:meth:`on_phase_change`) once:
+        a heartbeat then carries the change at once, not at its next period (a worker that became
+        ready waited up to the Lease's renew interval, 2 s, before the operator could see it)."""
+        self.phase, self.ready = phase, ready
+        for listener in list(self._phase_listeners):
+            listener()
+
+    def on_phase_change(self, listener: Callable[[], None]) -> Callable[[], None]:
+        """Call ``listener()`` (no arguments; in the caller's thread) after each :meth:`set_phase`;
+        returns the function that removes it again."""
+        self._phase_listeners.append(listener)
+        return lambda: self._phase_listeners.remove(listener)
+
     def to_json(self) -> dict[str, Any]:
         """The report as JSON-ready data: every field but the rate window, ``counters`` a dict."""
         self.records_per_second = self.rate.per_second()

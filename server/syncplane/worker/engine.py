@@ -471,7 +471,7 @@ class Engine:
 
     async def _run(self, stop: asyncio.Event, runner: Runner | None) -> None:
         if runner is None:
-            self.report.ready, self.report.phase = True, "RUNNING"
+            self.report.set_phase("RUNNING", ready=True)
             await stop.wait()  # a spare replica: heartbeats, ready to take over at the next start
             return
         self.report.links = {**runner.links(), "state_store": self.state_link}
@@ -479,7 +479,7 @@ class Engine:
             await self._prepare(stop, runner)
             if stop.is_set():
                 return
-            self.report.ready, self.report.phase = True, "RUNNING"
+            self.report.set_phase("RUNNING", ready=True)
             await self._loop(stop, runner)
         finally:
             await runner.aclose()

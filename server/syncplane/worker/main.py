@@ -123,7 +123,7 @@ class Worker:
         try:
             await self._wait()
         finally:
-            self.report.ready, self.report.phase = False, "DRAINING"
+            self.report.set_phase("DRAINING", ready=False)
             self.stop.set()
             if engine_task is not None:
                 await self._drain(engine_task)
@@ -160,7 +160,7 @@ class Worker:
         # Keep heartbeating the fatal report: the control plane decides (ERROR, then stop).
         log.error("%s: %s", reason, message)
         self.report.fatal = {"reason": reason, "message": message}
-        self.report.ready, self.report.phase = False, "FATAL"
+        self.report.set_phase("FATAL", ready=False)
 
     def _beats_done(self, task: asyncio.Task[None]) -> None:
         """A heartbeat the API server refuses: nobody can see this worker's report, so it says why

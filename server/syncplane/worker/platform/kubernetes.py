@@ -71,13 +71,24 @@ class LeaseHeartbeat:
             await api.create_namespaced_lease(self.namespace, body)
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Beat until ``stop``. A failed beat (an outage: 5xx, 429, a connection error) is retried
-        at the next one; staleness is the operator's call. Raises :class:`HeartbeatRejected` when
-        the API server refuses the Lease (403, 422, …): no beat can ever succeed, and without one
+        """Beat every ``interval`` seconds until ``stop``, and at once when the report's phase changes
+        (:meth:`WorkerReport.set_phase`: ready, fatal), so the operator sees a start end without
+        waiting for the next period. A failed beat (an outage: 5xx, 429, a connection error) is
+        retried at the next one; staleness is the operator's call. Raises :class:`HeartbeatRejected`
+        when the API server refuses the Lease (403, 422, …): no beat can ever succeed, and without one
         the workflow would wait in STARTING with no reason."""
+        changed = asyncio.Event()
+        unsubscribe = self.report.on_phase_change(changed.set)
+        try:
+            await self._beat_until(stop, changed)
+        finally:
+            unsubscribe()
+
+    async def _beat_until(self, stop: asyncio.Event, changed: asyncio.Event) -> None:
         from kubernetes_asyncio.client.exceptions import ApiException
 
         while not stop.is_set():
+            changed.clear()   # a change from here on is in this beat's body, or makes another beat
             try:
                 await self.beat()
             except ApiException as exc:
@@ -89,10 +100,12 @@ class LeaseHeartbeat:
                 log.warning("heartbeat failed: HTTP %s %s", exc.status, exc.reason)
             except Exception as exc:  # an outage: the next beat retries
                 log.warning("heartbeat failed: %s: %s", type(exc).__name__, exc)
+            waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(changed.wait())]
             try:
-                await asyncio.wait_for(stop.wait(), timeout=self.interval)
-            except TimeoutError:
-                pass
+                await asyncio.wait(waits, timeout=self.interval, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waits:
+                    w.cancel()
 
     async def close(self, remove: bool = True) -> None:
         """Remove the Lease (unless ``remove`` is False) and close the client. A Lease that cannot
