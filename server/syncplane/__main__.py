@@ -1,3 +1,3 @@
-from syncplane.cli import main
+from syncplane.entry import main
 
 main()

@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,6 +25,7 @@ from syncplane.proto.enums import enum_short_name, phase_name
 from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.proto.v1 import workflow_service_pb2 as svc
 from syncplane.validation.names import workflow_name
+from syncplane.worker.command import worker
 
 if TYPE_CHECKING:
     from syncplane.runtime.embedded import Companion
@@ -301,48 +301,7 @@ def free_port_for(url: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=f"{host}:{port}"))
 
 
-@cli.command(hidden=True)
-@click.option("--workflow", required=True)
-@click.option("--index", type=int, default=0)
-@click.option("--generation", type=int, required=True)
-@click.option("--spec-file", type=click.Path(exists=True, path_type=Path), required=True)
-@click.option("--state-dir", type=click.Path(path_type=Path), default=None)
-@click.option("--orphan-timeout", type=float, default=0.0)
-@click.option("--platform", type=click.Choice(["embedded", "kubernetes"]), default="embedded", show_default=True,
-              help="Where secrets, state and heartbeat are (syncplane.worker.platform): embedded: secret files, "
-                   "the state SQLite file, polled on /status; kubernetes: mounted Secrets, ConfigMaps, a Lease.")
-@click.option("--namespace", envvar="POD_NAMESPACE", default="")
-@click.option("--pod-name", envvar="POD_NAME", default="")
-@click.option("--workflow-uid", default="", help="Kubernetes: the Workflow's uid, owner of what the worker creates.")
-@click.option("--listen", default="127.0.0.1:0", help="Address of /status, /healthz and /metrics.")
-@click.option("--secrets-dir", type=click.Path(path_type=Path), default=None,
-              help="Embedded: a <name>.json file per secret reference.")
-@click.option("--state-db", type=click.Path(path_type=Path), default=None,
-              help="SQLite file for checkpoints and dead letters (default: in --state-dir).")
-@click.option("--drain-timeout", type=float, default=20.0, show_default=True,
-              help="Seconds the batch in flight may take after SIGTERM before it is abandoned.")
-@click.option("--memory-limit", type=int, default=None,
-              help="Bytes: this process's data segment limit (RLIMIT_DATA), set before anything else.")
-@click.option("--log-file", type=click.Path(path_type=Path), default=None,
-              help="Log here, rotated (LOG_MAX_BYTES each, LOG_BACKUPS kept), instead of to stderr.")
-def worker(workflow: str, index: int, generation: int, spec_file: Path, state_dir: Path | None,
-           orphan_timeout: float, platform: str, namespace: str, pod_name: str, workflow_uid: str, listen: str,
-           secrets_dir: Path | None, state_db: Path | None, drain_timeout: float, memory_limit: int | None,
-           log_file: Path | None) -> None:
-    """Run one worker replica (started by the supervisor or a Deployment)."""
-    if memory_limit is not None:
-        import resource
-
-        resource.setrlimit(resource.RLIMIT_DATA, (memory_limit, memory_limit))
-    from syncplane.worker.main import WorkerOptions, run
-
-    host, _, port = listen.rpartition(":")
-    sys.exit(run(WorkerOptions(workflow=workflow, index=index, generation=generation, spec_file=spec_file,
-                               state_dir=state_dir or Path(tempfile.gettempdir()), orphan_timeout=orphan_timeout,
-                               platform=platform, namespace=namespace, pod_name=pod_name,
-                               workflow_uid=workflow_uid, host=host,
-                               port=int(port), secrets_dir=secrets_dir, state_db=state_db,
-                               drain_timeout=drain_timeout), log_file=log_file))
+cli.add_command(worker)
 
 
 @cli.command("verify-job", hidden=True)
@@ -705,18 +664,7 @@ def error_text(exc: BaseException) -> str:
 
 
 def main(args: list[str] | None = None) -> None:
-    """The `syncplane` entry point: every failure is `error: …` on stderr and a non-zero exit
-    (2 for a usage error, 130 for Ctrl-C, 1 otherwise)."""
-    try:
-        cli.main(args=args, standalone_mode=False, obj=None)
-    except (click.exceptions.Abort, KeyboardInterrupt):
-        sys.exit(130)
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
-    except click.UsageError as exc:
-        hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
-        click.echo(f"error: {exc.format_message()}{hint}", err=True)
-        sys.exit(exc.exit_code)
-    except Exception as exc:   # the one boundary: a user sees a line, never a traceback
-        click.echo(f"error: {error_text(exc)}", err=True)
-        sys.exit(1)
+    """The `syncplane` command line (:func:`syncplane.entry.main`, which runs `worker` without this module)."""
+    from syncplane.entry import main as entry_main
+
+    entry_main(args)
