@@ -3,8 +3,9 @@
 The pods of a Deployment have no index: each claims a key range in the `<workflow>-checkpoints`
 ConfigMap (compare-and-set on its resourceVersion), and one claims the stream to read on from the
 delta token taken at the start. Rows are changed, created and deleted during the load, and the pod
-reading range 0 is deleted with grace 0 mid-range (its container killed, as on a lost node): its
-claim expires and another pod resumes the range from its committed progress. The destination ends
+reading a range not yet done is deleted with grace 0 mid-range (its container killed, as on a lost
+node; Campaign holds every write meanwhile, so no range can end before the kill whatever the
+machine's speed): its claim expires and another pod resumes the range from its committed progress. The destination ends
 equal to the source, counted by key at the sandbox (no duplicate, no loss)."""
 
 from __future__ import annotations
@@ -52,14 +53,18 @@ async def test_three_worker_pods_split_the_first_load_through_a_pod_deleted_mid_
 
                 await eventually(loading, lambda: f"a quarter of the load ({len(sb.acs.profiles.rows)} profiles; "
                                  f"worker logs in {tmp_path / 'containers'})", 420, POLL)
+                # Every write held from here until the kill: no range can end meanwhile.
+                sb.faults.acs.hold()
                 assert len(kubelet.running()) == PODS, kubelet.running()
-                # The pod reading range 0, deleted with grace 0 while the range is not done.
+                # The pod reading a range not done, deleted with grace 0 mid-range.
                 data = await checkpoints(k8s_cluster, namespace, name)
-                assert json.loads(data.get(stream_key("contact@range-0"), "{}")).get("cursor") != "range-done"
-                victim = json.loads(data[stream_key("contact@claim-0")])["holder"]
+                cut = next(i for i in range(PODS) if stream_key(f"contact@claim-{i}") in data and json.loads(
+                    data.get(stream_key(f"contact@range-{i}"), "{}")).get("cursor") != "range-done")
+                victim = json.loads(data[stream_key(f"contact@claim-{cut}")])["holder"]
                 container = kubelet.containers[victim]
                 container.signal(signal.SIGKILL)
                 await asyncio.to_thread(container.proc.wait, 30)
+                sb.faults.acs.release_held()
                 await kubectl(k8s_cluster, "delete", "pod", victim, "-n", namespace, "--grace-period=0", "--force")
                 table = sb.d365.table("contacts")
                 change_during_load(sb, random.Random(3), changed=300, deleted=50, created=100)
@@ -79,8 +84,8 @@ async def test_three_worker_pods_split_the_first_load_through_a_pod_deleted_mid_
                 holders: set[Any] = {json.loads(data[stream_key(f"contact@claim-{i}")])["holder"]
                                      for i in range(PODS)}
                 assert holders <= set(kubelet.containers), holders  # claimed by pod names
-                assert victim not in holders  # range 0 was resumed by another pod
-                assert ranges[0]["rows"] > 0
+                assert victim not in holders  # the cut range was resumed by another pod
+                assert ranges[cut]["rows"] > 0
                 main = json.loads(data[stream_key("contact")])
                 assert str(main["cursor"]).startswith("delta ")
             finally:
