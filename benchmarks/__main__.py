@@ -108,6 +108,10 @@ SUMMARY: dict[str, list[tuple[str, str, str, str, str, str]]] = {
     "operator_scale": [
         ("cold start, every Workflow phased", "cold_start_every_phase_s", "cluster alone creating them",
          "cluster_alone_create_s", "s", "lower"),
+        ("created while the operator runs, every one phased", "created_while_up/every_phase_s",
+         "cluster alone creating them", "cluster_alone_create_s", "s", "lower"),
+        ("operator started again over them, every one reconciled (writes nothing)",
+         "restart/every_one_reconciled_s", "cold start", "cold_start_every_phase_s", "s", "lower"),
         ("operator peak RSS, cold start", "cold_start_peak_rss_mib", "operator with 0 Workflows",
          "no_workflows/peak_rss_mib", "MiB", "lower"),
         ("API requests/min, idle", "idle_requests_per_min", "cluster alone", "cluster_alone_requests_per_min",

@@ -521,7 +521,15 @@ def scale(count: int, window: float = 60.0, starts: int = STARTS) -> dict[str, A
     start (every one has a phase; baseline: the cluster alone creating them), the operator's peak RSS,
     then idle for ``window`` seconds: its CPU share of one core and the API requests per minute, against
     the same cluster idling without it (measured first); then ``starts`` concurrent starts
-    (:func:`concurrent_starts`; 0: none)."""
+    (:func:`concurrent_starts`; 0: none); then, that operator stopped, :func:`restart_and_create`: one
+    started again over the phased Workflows (it writes nothing), and ``count`` more created while it runs.
+
+    The cold start runs from the operator's spawn (Python start-up, imports, kopf's login and listing
+    included) until a ``kubectl get --watch`` (:class:`PhaseWatch`) has shown the last Workflow with a
+    phase; Workflows created before, by ``kubectl apply`` with no operator (``cluster_alone_create_s``,
+    the baseline: 1,000 writes into the same API server on the same machine, one at a time). Its cost is
+    broken down (:class:`ClusterCost`): CPU seconds of the operator and of each cluster process, the
+    requests by kind and the API server's seconds on each."""
     out: dict[str, Any] = {"workflows": count}
     with TestCluster() as cluster, tempfile.TemporaryDirectory() as tmp:
         cluster.kubectl("apply", "--server-side", "-f", str(CRD))
