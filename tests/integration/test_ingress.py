@@ -4,6 +4,7 @@ process, the sandbox emulators over real HTTP. Every check is on the destination
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import signal
@@ -171,9 +172,15 @@ async def test_stop_during_heavy_sync_commits_and_start_resumes(plane: ControlPl
     async with prepared_sandbox(SeedSpec(contacts=30_000, seed=9), plane.data_dir) as sb:
         await start(plane, "heavy", ingress_spec(sb, batch_size=500))
         await converge(lambda: len(sb.acs.profiles.rows) >= 6_000, 300, "6,000 profiles written")
+        # Campaign holds every write until the worker is told to stop: the stop comes mid-load
+        # whatever the machine's speed. Released once STOPPING shows, so the drain can end.
+        sb.faults.acs.hold()
         pid = worker_pid(plane)
         assert pid is not None
-        await stop(plane, "heavy")
+        stopping = asyncio.ensure_future(stop(plane, "heavy"))
+        await status_until(plane.stub, "heavy", lambda s: s.phase == pb.PHASE_STOPPING, 60)
+        sb.faults.acs.release_held()
+        await stopping
         assert worker_processes(plane.data_dir) == []
         # The worker drained (exit 0, not killed by the supervisor's escalation) and committed.
         log_text = (plane.data_dir / "run" / "logs" / "heavy.0.log").read_text()
