@@ -54,7 +54,7 @@ def _retry_after_on_read(sb: Sandbox) -> None:
 
 
 def _slow_read(sb: Sandbox) -> None:
-    sb.faults.d365.set(latency_ms=HOUR * 1000.0, path_regex=r"/contacts$")
+    sb.faults.d365.hold(path_regex=r"/contacts$", methods=["GET"])  # unanswered until released
 
 
 def _token_fetch(sb: Sandbox) -> None:
