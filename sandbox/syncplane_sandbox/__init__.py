@@ -10,6 +10,8 @@ A package of its own (``sandbox/pyproject.toml``), installed by ``make setup`` f
     sandbox = await start_sandbox(seed=SeedSpec(contacts=1000))
     ...  # sandbox.d365_url, sandbox.d365_token_url, sandbox.acs_url, sandbox.acs_token_url
     sandbox.faults.d365.set(rate_429=0.1)      # or PUT /_sandbox/faults on either port
+    sandbox.faults.acs.hold()                  # writes wait unanswered (PUT /_sandbox/faults/hold) ...
+    sandbox.faults.acs.release_held()          # ... until released (DELETE /_sandbox/faults/hold)
     sandbox.d365.table("contacts").upsert(firstname="Ada")
     await sandbox.stop()
 
