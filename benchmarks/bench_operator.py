@@ -538,7 +538,10 @@ def scale(count: int, window: float = 60.0, starts: int = STARTS) -> dict[str, A
         cluster.kubectl("create", "namespace", starts_ns)
         out["no_workflows"] = operator_alone(cluster, starts_ns, Path(tmp) / "operator-alone.log", min(window, 20))
         out["cluster_alone_create_s"] = _create(cluster, [ns], count)
+        alone = ClusterCost(cluster)
         out["cluster_alone_requests_per_min"] = _cluster_alone(cluster, window)
+        # what the cluster spends idling (its controllers, leases): to subtract from a window's CPU seconds
+        out["cluster_alone_idle"] = alone.report()
         watch = PhaseWatch(cluster, ns)
         cluster.wait_until(f"{count} workflows listed by the watch", lambda: len(watch.phases) == count, 120)
         cost = ClusterCost(cluster)
