@@ -47,7 +47,7 @@ def _resource(service_name: str, attributes: dict[str, str] | None = None) -> Re
 def setup_tracing(service_name: str, endpoint: str | None = None,
                   attributes: dict[str, str] | None = None) -> TracerProvider:
     """The process's tracer provider (made once), exporting over OTLP when there is an endpoint."""
-    global _configured
+    global _configured, _tracing
     provider = trace.get_tracer_provider()
     if _configured and isinstance(provider, TracerProvider):
         return provider
@@ -59,7 +59,7 @@ def setup_tracing(service_name: str, endpoint: str | None = None,
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
         log.info("exporting traces over OTLP to %s", endpoint)
     trace.set_tracer_provider(provider)
-    _configured = True
+    _configured = _tracing = True  # spans are recorded from the next request on
     return provider
 
 
@@ -120,6 +120,29 @@ def serve_metrics(address: str) -> int:
     bound = int(server.server_address[1])
     log.info("serving /metrics on %s:%d", host or "0.0.0.0", bound)
     return bound
+
+
+_tracing = False
+_unchecked = 0  # calls of tracing() left before it asks OpenTelemetry again
+
+
+def tracing() -> bool:
+    """Whether spans go anywhere: a tracer provider is set. Until one is, OpenTelemetry's API hands
+    out a no-op tracer, whose spans record nothing and still cost the attributes and context built
+    around them: code on a per-request path asks this first and skips that work.
+
+    True as soon as :func:`setup_tracing` has run (every syncplane process sets its provider there)
+    and from then on (a provider is set at most once per process). A provider set another way (an
+    application embedding the connectors, ``OTEL_PYTHON_TRACER_PROVIDER``) is noticed within 256
+    calls: asking OpenTelemetry costs an environment lookup, too much for every request."""
+    global _tracing, _unchecked
+    if _tracing:
+        return True
+    _unchecked -= 1
+    if _unchecked < 0:
+        _unchecked = 255
+        _tracing = not isinstance(trace.get_tracer_provider(), (trace.ProxyTracerProvider, trace.NoOpTracerProvider))
+    return _tracing
 
 
 def current_trace_parent() -> str:

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import os
 import subprocess
@@ -22,7 +23,7 @@ from aiohttp import web
 
 from syncplane.connectors.base import ConnectorError
 from syncplane.connectors.dynamics import DynamicsSource
-from syncplane.connectors.http import Credentials, OAuth2ClientCredentials, Transport
+from syncplane.connectors.http import Credentials, OAuth2ClientCredentials, RetryableError, RetryPolicy, Transport
 from syncplane.credentials import CredentialsError, load_local_secrets, write_local_secret
 from syncplane.private_files import ExposedFileError, check_private
 from syncplane.worker.engine import FATAL_REASONS
@@ -71,6 +72,31 @@ async def test_a_response_above_the_bound_fails_the_request(variant: str, handle
     finally:
         await transport.aclose()
         await service.stop()
+
+
+async def test_a_body_past_its_content_length_is_not_read() -> None:
+    """A server that declares a small Content-Length and sends more after it: the answer is never
+    more than the declared bytes (HTTP frames the body by its length; aiohttp takes what follows
+    for a next answer and refuses it as one), so an uncompressed answer with a Content-Length
+    under the bound is read whole, without counting its chunks."""
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+                     + b" " * (4 * LIMIT))
+        writer.close()
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    transport = Transport(max_response_bytes=LIMIT, policy=RetryPolicy(max_attempts=1))
+    try:
+        response = await transport.request("GET", f"http://127.0.0.1:{port}/lying")
+    except RetryableError:
+        pass   # the bytes after the body, read as a next answer, failed the exchange: nothing kept
+    else:
+        assert response.content == b"{}"
+    finally:
+        await transport.aclose()
+        server.close()
+        await server.wait_closed()
 
 
 async def test_connectors_read_pages_through_the_bound() -> None:

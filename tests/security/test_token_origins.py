@@ -48,6 +48,8 @@ AUDIENCE = ("http://127.0.0.1:7480/", "https://mc.adobe.io:443/acme/")
     ("https://mc.adobe.io/acme/%2e%2e/other/campaign/", False),           # encoded dot segments
     ("http://127.0.0.1:7480@127.0.0.2:7480/api/", False),                 # user info
     ("//127.0.0.1:7480/api/", False),                                     # not absolute
+    ("https://mc.adobe.io:x/acme/campaign/", False),                      # a malformed port (refused, not raised)
+    ("https://mc.adobe.io@[::1/acme/campaign/", False),                   # a malformed host
     ("file:///etc/passwd", False),
     ("", False),
 ])

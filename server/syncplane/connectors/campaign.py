@@ -30,6 +30,8 @@ log = logging.getLogger("syncplane.connectors.campaign")
 EPOCH = "1970-01-01 00:00:00.000Z"
 MAX_LINE_COUNT = 10_000
 PKEY_CACHE_SIZE = 10_000
+#: One encoder for every request body: ``json.dumps`` with any option builds a new encoder per call.
+_JSON = json.JSONEncoder(separators=(",", ":"), default=str)
 
 
 def resource_path(resource: str) -> str:
@@ -63,14 +65,15 @@ class _Base(VendorApi):
         super().__init__(base_url if base_url.endswith("/") else base_url + "/", token_provider,
                          concurrency=concurrency, policy=policy, transport=transport)
         self.api_key = api_key
+        # Made once: a request's headers are these plus its token (the transport's copy).
+        self._headers = {"X-Api-Key": api_key, "Accept": "application/json"}
+        self._json_headers = {**self._headers, "Content-Type": "application/json"}
 
     async def _call(self, method: str, url: str, body: dict[str, Any] | None = None) -> Response:
-        headers = {"X-Api-Key": self.api_key, "Accept": "application/json"}
-        content = None
-        if body is not None:
-            headers["Content-Type"] = "application/json"
-            content = json.dumps(body, separators=(",", ":"), default=str).encode()
-        return await self.transport.request(method, url, headers=headers, content=content, auth=self.tokens)
+        if body is None:
+            return await self.transport.request(method, url, headers=self._headers, auth=self.tokens)
+        return await self.transport.request(method, url, headers=self._json_headers,
+                                            content=_JSON.encode(body).encode(), auth=self.tokens)
 
     async def resource_schema(self, resource: str) -> Schema:
         """Fields, types and lengths of a resource (``<section>/resourceType/<name>``)."""

@@ -29,6 +29,7 @@ from typing import Any
 
 from opentelemetry import trace
 
+from syncplane import telemetry
 from syncplane.connectors.base import Page, Record, Sink, Source
 from syncplane.connectors.http import StopRequested
 from syncplane.contract.report import WorkerReport
@@ -491,10 +492,13 @@ class Pipeline:
     async def _write_work(self, work: _Work) -> None:
         """Write one item; dead-letter or hold what the destination rejects; account for each record."""
         chunk, ticket = work.records, work.ticket
-        with _tracer.start_as_current_span("batch", attributes={
-                "workflow": self.workflow, "stream": self.stream.name, "records": len(chunk)}):
-            result = await self.sink.write(self.stream.resource, self.stream.key_field, chunk,
-                                           full_load=ticket.full)
+        if telemetry.tracing():  # the batch's span, parent of its vendor requests' client spans
+            with _tracer.start_as_current_span("batch", attributes={
+                    "workflow": self.workflow, "stream": self.stream.name, "records": len(chunk)}):
+                result = await self.sink.write(self.stream.resource, self.stream.key_field, chunk,
+                                               full_load=ticket.full)
+        else:  # no tracer provider: no span, not even a no-op one (its context costs per record)
+            result = await self.sink.write(self.stream.resource, self.stream.key_field, chunk, full_load=ticket.full)
         if result.rejected and self.guard is not None:
             await self.guard()
         by_key = {r.key: r for r in chunk}
