@@ -91,14 +91,19 @@ def pctl(samples: list[float]) -> dict[str, float]:
     return {"median_s": statistics.median(samples), "p95_s": statistics.quantiles(samples, n=20)[18]}
 
 
+def prepare(cluster: TestCluster, ns: str) -> None:
+    """The CRD, established, and the namespace ``ns`` with the workers' service account."""
+    cluster.kubectl("apply", "--server-side", "-f", str(CRD))
+    cluster.kubectl("wait", "--for=condition=Established", "crd/workflows.syncplane.io")
+    cluster.kubectl("create", "namespace", ns)
+    cluster.kubectl("create", "serviceaccount", "syncplane-worker", "-n", ns)
+
+
 def run() -> dict[str, Any]:
     results: dict[str, Any] = {}
     with TestCluster() as cluster, tempfile.TemporaryDirectory() as tmp:
-        cluster.kubectl("apply", "--server-side", "-f", str(CRD))
-        cluster.kubectl("wait", "--for=condition=Established", "crd/workflows.syncplane.io")
         ns = "bench"
-        cluster.kubectl("create", "namespace", ns)
-        cluster.kubectl("create", "serviceaccount", "syncplane-worker", "-n", ns)
+        prepare(cluster, ns)
 
         # Cold start over 200 existing Workflows.
         _apply(cluster, ns, [_workflow(f"idle-{i:03d}") for i in range(IDLE)])

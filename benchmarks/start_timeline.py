@@ -59,7 +59,7 @@ from typing import Any
 
 import psutil
 
-from benchmarks.bench_operator import CRD, _apply, _kubelet, _operator, _phases, _wait, _workflow
+from benchmarks.bench_operator import _apply, _kubelet, _operator, _phases, _wait, _workflow, prepare
 from tests.factories import UNREACHABLE_SECRETS, literals
 from tests.k8s.cluster import TestCluster
 
@@ -129,11 +129,8 @@ def _watches(cluster: TestCluster, ns: str) -> Iterator[dict[str, _Watch]]:
 def timeline(starts: int = 1) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     with TestCluster() as cluster, tempfile.TemporaryDirectory() as tmp:
-        cluster.kubectl("apply", "--server-side", "-f", str(CRD))
-        cluster.kubectl("wait", "--for=condition=Established", "crd/workflows.syncplane.io")
         ns = "starts"
-        cluster.kubectl("create", "namespace", ns)
-        cluster.kubectl("create", "serviceaccount", "syncplane-worker", "-n", ns)
+        prepare(cluster, ns)
         for secret, data in UNREACHABLE_SECRETS.items():
             cluster.kubectl("create", "secret", "generic", secret, "-n", ns, *literals(data))
         names = [f"start-{i:02d}" for i in range(starts)]
