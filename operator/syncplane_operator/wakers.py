@@ -142,7 +142,7 @@ class ReconcileQueue:
         elif state.written is None or reflects(status, state.written) or state.due:
             state.due = state.woken = False
             body = state.body
-            state.decided = inputs(body)
+            decided = inputs(body)
             if state.status is not None and not reflects(status, state.status):
                 # A body older than our writes, which the API server accepted: the resync (or a due time)
                 # came before the watch showed the last one, or the watch handed an older body on after a
@@ -150,6 +150,10 @@ class ReconcileQueue:
                 # writes: from the one before them, the same transition was decided again, its Event
                 # posted twice.
                 body = {**body, "status": merged(status, state.status)}
+            # Until the reconcile returns nothing is decided: should it raise, the echo of an earlier
+            # write seen next (a relist after a watch reconnect, likeliest while the API server fails
+            # reconciles) must not pass for the echo of this one and cancel the retry scheduled below.
+            state.decided = None
             try:
                 state.written = await self._reconcile(key, body)
                 if state.written:
@@ -169,6 +173,7 @@ class ReconcileQueue:
                 self._schedule(key, state, delay)
                 return
             state.failures = 0
+            state.decided = decided
         # At rest, and our last write seen (or none made): only an event can bring work.
         body = state.body
         delay = None if state.written is None and at_rest(body) else next_wake(body.get("status") or {},

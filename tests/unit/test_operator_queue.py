@@ -248,6 +248,27 @@ async def test_a_failed_reconcile_is_retried_a_permanent_failure_waits_for_the_n
         await until(lambda: len(rec.calls) == calls + 1)
 
 
+@pytest.mark.parametrize("failure", [RuntimeError("API 500"), kopf.TemporaryError("API 429", delay=0.01)],
+                         ids=["error", "temporary"])
+async def test_a_failed_reconcile_is_retried_though_the_echo_of_an_earlier_write_comes_again(failure) -> None:
+    """The reconcile of a child's event fails; then the watch hands on the echo of the write before it
+    again (a relist after a watch reconnect). That is no echo of the failed reconcile: its retry runs."""
+    rec = Recorder(writes={"phase": "STOPPED"})
+    meta: dict[str, Any] = {"name": "wf", "generation": 1, "resourceVersion": "1"}
+    body = {"metadata": meta, "spec": {"desiredState": "STOPPED"}}
+    echo = {"metadata": {**meta, "resourceVersion": "2"}, "spec": body["spec"], "status": {"phase": "STOPPED"}}
+    async with running_queue(rec, resync=3600) as queue:
+        queue.update("wf", body)
+        await until(lambda: len(rec.calls) == 1 and not queue._running)
+        queue.wake("wf")                      # a child's event before the echo
+        rec.fail = failure                    # whose reconcile fails
+        queue.update("wf", echo)
+        await until(lambda: len(rec.calls) == 2 and not queue._running)
+        rec.fail = None
+        queue.update("wf", dict(echo))        # the same body again
+        await until(lambda: len(rec.calls) == 3)   # the retry (or this event) reconciles it
+
+
 json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=3),
                            lambda inner: st.dictionaries(st.text(max_size=2), inner, max_size=3), max_leaves=8)
 json_objects = st.dictionaries(st.text(max_size=2), json_values, max_size=4)
