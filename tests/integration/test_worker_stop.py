@@ -1,7 +1,7 @@
 """A stop ends every wait of a worker at once: a backoff, a Retry-After, a read, a token fetch.
 
 A real worker process syncs from the sandbox; a fault makes it wait an hour (a Retry-After of
-3600 s, a response that takes an hour, a token endpoint throttling for an hour), with a drain
+3600 s, a read held unanswered by the sandbox, a token endpoint throttling for an hour), with a drain
 timeout of an hour too. The stop begins (SIGTERM, or the orphan timeout of a worker nobody
 polls) once the sandbox's request log shows the worker waiting; the worker must then exit by
 itself, with status 0 (drained, not killed), well before any of those hours: the deadline of
@@ -53,7 +53,7 @@ def _retry_after_on_read(sb: Sandbox) -> None:
     sb.faults.d365.queue(503, count=100_000, retry_after=HOUR, path_regex=r"/contacts$")
 
 
-def _slow_read(sb: Sandbox) -> None:
+def _held_read(sb: Sandbox) -> None:
     sb.faults.d365.hold(path_regex=r"/contacts$", methods=["GET"])  # unanswered until released
 
 
@@ -69,7 +69,7 @@ WAITS = {
     "retry-after-during-a-write": Wait(_retry_after_on_write, _answered("acs", 429, "profileAndServices/profile")),
     "backoff-during-a-write": Wait(_backoff_on_write, _answered("acs", 500, "profileAndServices/profile")),
     "retry-after-on-a-read": Wait(_retry_after_on_read, _answered("d365", 503, "contacts")),
-    "read-in-progress": Wait(_slow_read, lambda r: r.server == "d365" and r.status is None and "contacts" in r.path),
+    "read-in-progress": Wait(_held_read, lambda r: r.server == "d365" and r.status is None and "contacts" in r.path),
     "token-fetch": Wait(_token_fetch, _answered("acs", 503, "/ims/token")),
 }
 

@@ -58,8 +58,9 @@ async def test_three_worker_pods_split_the_first_load_through_a_pod_deleted_mid_
                 assert len(kubelet.running()) == PODS, kubelet.running()
                 # The pod reading a range not done, deleted with grace 0 mid-range.
                 data = await checkpoints(k8s_cluster, namespace, name)
-                cut = next(i for i in range(PODS) if stream_key(f"contact@claim-{i}") in data and json.loads(
-                    data.get(stream_key(f"contact@range-{i}"), "{}")).get("cursor") != "range-done")
+                cut = next((i for i in range(PODS) if stream_key(f"contact@claim-{i}") in data and json.loads(
+                    data.get(stream_key(f"contact@range-{i}"), "{}")).get("cursor") != "range-done"), None)
+                assert cut is not None, f"every range claimed is done already: {sorted(data)}"
                 victim = json.loads(data[stream_key(f"contact@claim-{cut}")])["holder"]
                 container = kubelet.containers[victim]
                 container.signal(signal.SIGKILL)

@@ -49,3 +49,17 @@ def test_other_commands_still_go_through_the_command_line():
     out = subprocess.run([sys.executable, "-m", "syncplane", "list", "--help"], capture_output=True, text=True,
                          check=True)
     assert "Usage: syncplane list" in out.stdout
+
+
+@pytest.mark.parametrize(("args", "code", "says"), [
+    (["worker"], 2, "Missing option '--workflow'"),
+    (["worker", "--workflow", "w", "--generation", "x", "--spec-file", "/"], 2, "'x' is not a valid integer"),
+    (["worker", "--bogus"], 2, "No such option '--bogus'"),
+], ids=["missing-option", "bad-value", "unknown-option"])
+def test_a_worker_usage_error_is_one_error_line(args, code, says):
+    """The worker's own entry path has the command line's error boundary: one `error:` line, exit 2."""
+    out = subprocess.run([sys.executable, "-m", "syncplane", *args], capture_output=True, text=True)
+    assert out.returncode == code, out
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], out.stderr
+    assert "(see 'syncplane worker --help')" in lines[0]

@@ -120,8 +120,9 @@ class WorkerReport:
             listener()
 
     def on_phase_change(self, listener: Callable[[], None]) -> Callable[[], None]:
-        """Call ``listener()`` (no arguments; in the caller's thread) after each :meth:`set_phase`;
-        returns the function that removes it again."""
+        """Call ``listener()`` (no arguments) after each :meth:`set_phase`, in the thread that calls it:
+        the worker's event loop, so a listener may set an :class:`asyncio.Event`. Returns the function
+        that removes the listener again."""
         self._phase_listeners.append(listener)
         return lambda: self._phase_listeners.remove(listener)
 
