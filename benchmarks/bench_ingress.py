@@ -32,9 +32,10 @@ from typing import Any
 import httpx
 
 from syncplane.connectors.dynamics import DynamicsSource
-from syncplane.connectors.http import DEFAULT_CONCURRENCY, Credentials, OAuth2ClientCredentials
+from syncplane.connectors.http import Credentials, OAuth2ClientCredentials
 from syncplane.model.convert import spec_to_dict
 from syncplane.proto.v1 import workflow_pb2 as pb
+from syncplane.validation.rules import DEFAULT_MAX_CONCURRENCY_CAMPAIGN
 from syncplane_sandbox import SANDBOX_CLIENT_ID, SANDBOX_CLIENT_SECRET, Sandbox, SandboxOptions, SeedSpec, start_sandbox
 from syncplane_sandbox.quickstart import write_sandbox_secrets
 from tests.integration.ingress_env import ingress_spec
@@ -166,13 +167,14 @@ async def _raw_read(records: int, latency_ms: float = 0.0) -> dict[str, Any]:
         await sb.stop()
 
 
-async def run(records: int = 200_000, small: int = 50_000, concurrency: int = DEFAULT_CONCURRENCY
+async def run(records: int = 200_000, small: int = 50_000, concurrency: int = DEFAULT_MAX_CONCURRENCY_CAMPAIGN
               ) -> dict[str, Any]:
     """The sandbox answering at once (CPU-bound: every side shares this 2-core machine): the
-    worker at its default concurrency against the bare writer at the same concurrency."""
-    small_run = await _worker_run(small)
+    worker at ``concurrency`` writes in flight (default: its default to Campaign) against the bare
+    writer at the same concurrency (set on both: the worker's default and the bare writer's once differed)."""
+    small_run = await _worker_run(small, concurrency=concurrency)
     print(f"ingress {small:,}: {small_run}")
-    full = await _worker_run(records)
+    full = await _worker_run(records, concurrency=concurrency)
     print(f"ingress {records:,}: {full}")
     bare = await _bare(small, concurrency)
     print(f"bare writer ({small:,}, {concurrency} in flight): {bare}")
