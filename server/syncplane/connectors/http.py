@@ -180,27 +180,17 @@ def _directory_allowed(audience: tuple[str, ...], directory: str) -> bool:
     Bounded: one entry per (audience, directory) a process's clients request, a few per resource
     (a listing, a record path, a schema path): 256 covers them, and the links a service returns
     (``@odata.nextLink``, ``next.href``) cannot grow it past that (the least recently used go)."""
-    if not _PLAIN_DIRECTORY.fullmatch(directory):
-        return False
-    parts = _split(directory + "/")
-    if parts is None:
-        return False
-    scheme, host, port, path = parts
-    if any(unquote(seg) in (".", "..") for seg in path.split("/")):
-        return False
-    for prefix in audience:
-        allowed = _split(prefix)
-        if allowed is None:
-            continue
-        a_scheme, a_host, a_port, a_path = allowed
-        a_path = a_path if a_path.endswith("/") else a_path + "/"
-        if (scheme, host, port) == (a_scheme, a_host, a_port) and path.startswith(a_path):
-            return True
-    return False
+    return bool(_PLAIN_DIRECTORY.fullmatch(directory)) and _under_prefix(audience, directory + "/", "")
 
 
 def _audience_allows(audience: Sequence[str], url: str) -> bool:
     """:func:`audience_allows`, deciding from ``url`` alone: parsed and checked in full."""
+    return _under_prefix(audience, url, "/")
+
+
+def _under_prefix(audience: Sequence[str], url: str, tail: str) -> bool:
+    """Whether ``url`` (parsed, no dot segment) has the scheme, host and port of an ``audience``
+    prefix and its path followed by ``tail`` starts with that prefix's path (``/``-terminated)."""
     parts = _split(url)
     if parts is None:
         return False
@@ -213,7 +203,7 @@ def _audience_allows(audience: Sequence[str], url: str) -> bool:
             continue
         a_scheme, a_host, a_port, a_path = allowed
         a_path = a_path if a_path.endswith("/") else a_path + "/"
-        if (scheme, host, port) == (a_scheme, a_host, a_port) and (path + "/").startswith(a_path):
+        if (scheme, host, port) == (a_scheme, a_host, a_port) and (path + tail).startswith(a_path):
             return True
     return False
 
