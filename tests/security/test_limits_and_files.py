@@ -134,8 +134,21 @@ async def up(tmp_path: Path) -> AsyncIterator[ServerProcess]:
 
 
 def _exposed(root: Path) -> list[str]:
-    return [f"{p} {p.stat().st_mode & 0o777:04o}" for p in [root, *root.rglob("*")]
-            if not p.is_symlink() and p.stat().st_mode & 0o077]
+    """Each path under ``root`` (itself included) that its group or others may use, with its mode.
+    A file gone between the listing and its stat (the ``-journal`` a running worker's SQLite makes
+    and removes per transaction, with the database's own mode; a rotated log) is skipped: listing
+    while the worker runs raced it (CI: FileNotFoundError on ``worker-state.db-journal``)."""
+    exposed = []
+    for p in [root, *root.rglob("*")]:
+        try:
+            if p.is_symlink():
+                continue
+            mode = p.stat().st_mode
+        except FileNotFoundError:
+            continue
+        if mode & 0o077:
+            exposed.append(f"{p} {mode & 0o777:04o}")
+    return exposed
 
 
 async def test_the_embedded_data_directory_is_private(up: ServerProcess) -> None:
