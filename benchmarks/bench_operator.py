@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -56,15 +55,8 @@ def _workflow(name: str, desired: str = "STOPPED") -> dict[str, Any]:
 
 
 def _requests_total(cluster: TestCluster) -> float:
-    status, text = cluster.api("GET", "/metrics")
-    assert status == 200
-    return sum(float(m.group(1)) for m in re.finditer(r'^apiserver_request_total\{[^}]*\} ([0-9.e+]+)$',
-                                                           str(text), re.MULTILINE))
-
-
-def requests_by_kind(cluster: TestCluster, metric: str = "apiserver_request_total") -> dict[tuple[str, str], float]:
-    """:meth:`TestCluster.requests_by_kind`."""
-    return cluster.requests_by_kind(metric)
+    """The API server's requests so far (apiserver_request_total, every verb and resource)."""
+    return sum(cluster.requests_by_kind().values())
 
 
 def _operator(cluster: TestCluster, namespace: str, log: Path, *more: str,
@@ -404,8 +396,8 @@ class ClusterCost:
         self.cluster = cluster
         self.processes = {name: psutil.Process(pid) for name, pid in cluster.pids_by_name.items()}
         self.cpu0 = self._cpu()
-        self.requests0 = requests_by_kind(cluster)
-        self.seconds0 = requests_by_kind(cluster, "apiserver_request_duration_seconds_sum")
+        self.requests0 = cluster.requests_by_kind()
+        self.seconds0 = cluster.requests_by_kind("apiserver_request_duration_seconds_sum")
         self.load0 = os.getloadavg()[0]
         self.t0 = time.monotonic()
 
@@ -416,9 +408,9 @@ class ClusterCost:
         """Elapsed seconds, load, CPU seconds by process, and the requests (at least ``least`` of a
         kind) with the API server's seconds on each kind (WATCH: open watches, not work)."""
         cpu = self._cpu()
-        made = {k: v - self.requests0.get(k, 0) for k, v in requests_by_kind(self.cluster).items()}
+        made = {k: v - self.requests0.get(k, 0) for k, v in self.cluster.requests_by_kind().items()}
         spent = {k: v - self.seconds0.get(k, 0) for k, v in
-                 requests_by_kind(self.cluster, "apiserver_request_duration_seconds_sum").items()}
+                 self.cluster.requests_by_kind("apiserver_request_duration_seconds_sum").items()}
         kinds = sorted((k for k, v in made.items() if v >= least), key=lambda k: -made[k])
         return {"elapsed_s": round(time.monotonic() - self.t0, 2),
                 "load_1min": [self.load0, os.getloadavg()[0]],

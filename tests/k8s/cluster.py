@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from prometheus_client.parser import text_string_to_metric_families
 
 HERE = Path(__file__).resolve().parent
 GO_MOD = HERE / "cluster" / "go.mod"
@@ -155,6 +156,21 @@ class _Process:
         state = "running" if self.popen.poll() is None else f"exited with code {self.popen.returncode}"
         header = f"--- {self.name} (pid {self.popen.pid}, {state}), last {lines} lines of {self.log}:"
         return "\n".join([header, *text])
+
+
+def requests_by_kind(metrics_text: str, metric: str = "apiserver_request_total") -> dict[tuple[str, str], float]:
+    """The samples named ``metric`` in an API server's /metrics text (parsed by prometheus_client), summed by
+    (verb, resource[/subresource]), e.g. ``{("PATCH", "workflows/status"): 3.0}``. ``metric`` is a sample's
+    name: apiserver_request_total (requests), or apiserver_request_duration_seconds_sum (the seconds the
+    API server spent on them: a sample of the histogram family apiserver_request_duration_seconds)."""
+    counts: dict[tuple[str, str], float] = collections.defaultdict(float)
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            if sample.name == metric:
+                labels = sample.labels
+                resource = "/".join(x for x in (labels.get("resource", ""), labels.get("subresource", "")) if x)
+                counts[(labels.get("verb", ""), resource)] += sample.value
+    return dict(counts)
 
 
 class TestCluster:
@@ -311,18 +327,12 @@ class TestCluster:
             return resp.status, raw
 
     def requests_by_kind(self, metric: str = "apiserver_request_total") -> dict[tuple[str, str], float]:
-        """The API server's requests so far (``metric``: apiserver_request_total, or
-        apiserver_request_duration_seconds_sum for the seconds it spent on them) by (verb,
-        resource[/subresource]), e.g. ``("PATCH", "workflows/status")``, from its /metrics."""
+        """The API server's requests so far by (verb, resource[/subresource]), from its /metrics: see
+        :func:`requests_by_kind`. Raises ClusterError if /metrics does not answer 200."""
         status, text = self.api("GET", "/metrics")
         if status != 200:
             raise ClusterError(f"GET /metrics of the API server: HTTP {status}")
-        counts: dict[tuple[str, str], float] = collections.defaultdict(float)
-        for m in re.finditer(rf'^{metric}\{{([^}}]*)\}} ([0-9.e+]+)$', str(text), re.MULTILINE):
-            labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
-            resource = "/".join(x for x in (labels.get("resource", ""), labels.get("subresource", "")) if x)
-            counts[(labels.get("verb", ""), resource)] += float(m.group(2))
-        return counts
+        return requests_by_kind(str(text), metric)
 
     def restart(self, name: str, timeout: float = 60.0) -> None:
         """Stop one control-plane process and start it again with the same flags (an API server restart)."""
