@@ -662,9 +662,3 @@ def error_text(exc: BaseException) -> str:
         return "not valid YAML: " + " ".join(str(exc).split())
     return f"unexpected {type(exc).__name__}: {' '.join(str(exc).split())}"
 
-
-def main(args: list[str] | None = None) -> None:
-    """The `syncplane` command line (:func:`syncplane.entry.main`, which runs `worker` without this module)."""
-    from syncplane.entry import main as entry_main
-
-    entry_main(args)
