@@ -20,6 +20,7 @@ write; it is read again), or still in the backlog.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections import deque
@@ -492,12 +493,12 @@ class Pipeline:
     async def _write_work(self, work: _Work) -> None:
         """Write one item; dead-letter or hold what the destination rejects; account for each record."""
         chunk, ticket = work.records, work.ticket
-        if telemetry.tracing():  # the batch's span, parent of its vendor requests' client spans
-            with _tracer.start_as_current_span("batch", attributes={
-                    "workflow": self.workflow, "stream": self.stream.name, "records": len(chunk)}):
-                result = await self.sink.write(self.stream.resource, self.stream.key_field, chunk,
-                                               full_load=ticket.full)
-        else:  # no tracer provider: no span, not even a no-op one (its context costs per record)
+        # The batch's span, parent of its vendor requests' client spans; without a tracer provider no span,
+        # not even a no-op one (its context costs per record).
+        span = (_tracer.start_as_current_span("batch", attributes={
+                    "workflow": self.workflow, "stream": self.stream.name, "records": len(chunk)})
+                if telemetry.tracing() else contextlib.nullcontext())
+        with span:
             result = await self.sink.write(self.stream.resource, self.stream.key_field, chunk, full_load=ticket.full)
         if result.rejected and self.guard is not None:
             await self.guard()
