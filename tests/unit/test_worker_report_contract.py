@@ -90,3 +90,28 @@ def test_any_json_reads_as_a_report_without_raising(data: object) -> None:
         assert not read.ready_at(read.generation)
     fatal = read.fatal_at(read.generation)
     assert fatal is None or all(isinstance(s, str) for s in fatal)
+
+
+# (phase, ready) set in turn on a new report (STARTING, not ready), and how many of them changed it.
+PHASE_SEQUENCES = [
+    pytest.param([("RUNNING", True)], 1, id="ready"),
+    pytest.param([("RUNNING", True), ("RUNNING", True)], 1, id="ready, repeated"),
+    pytest.param([("STARTING", False)], 0, id="the phase it has already"),
+    pytest.param([("RUNNING", True), ("RUNNING", False)], 2, id="readiness alone changes"),
+    pytest.param([("RUNNING", True), ("DRAINING", False), ("DRAINING", False)], 2, id="draining, repeated"),
+    pytest.param([("FATAL", False), ("FATAL", False), ("DRAINING", False)], 2, id="fatal twice, then draining"),
+]
+
+
+@pytest.mark.parametrize(("sequence", "changes"), PHASE_SEQUENCES)
+def test_phase_listeners_fire_once_per_change_not_on_a_repeat(sequence: list[tuple[str, bool]],
+                                                              changes: int) -> None:
+    report = WorkerReport(workflow="wf", index=0, generation=1)
+    seen: list[tuple[str, bool]] = []
+    report.on_phase_change(lambda: seen.append((report.phase, report.ready)))
+    for phase, ready in sequence:
+        report.set_phase(phase, ready=ready)
+    assert len(seen) == changes
+    before = [("STARTING", False), *sequence[:-1]]
+    assert seen == [now for was, now in zip(before, sequence, strict=True) if now != was]  # each saw the new values
+    assert (report.phase, report.ready) == sequence[-1]

@@ -112,17 +112,20 @@ class WorkerReport:
         self._phase_listeners: list[Callable[[], None]] = []
 
     def set_phase(self, phase: str, ready: bool) -> None:
-        """Set ``phase`` and ``ready`` together and call each listener (:meth:`on_phase_change`) once:
-        a heartbeat then carries the change at once, not at its next period (a worker that became
-        ready waited up to the Lease's renew interval, 2 s, before the operator could see it)."""
+        """Set ``phase`` and ``ready`` together and, when either changed, call each listener
+        (:meth:`on_phase_change`) once: a heartbeat then carries the change at once, not at its next
+        period (a worker that became ready waited up to the Lease's renew interval, 2 s, before the
+        operator could see it). A repeat of the current phase and readiness calls none (no Lease write)."""
+        if (self.phase, self.ready) == (phase, ready):
+            return
         self.phase, self.ready = phase, ready
         for listener in list(self._phase_listeners):
             listener()
 
     def on_phase_change(self, listener: Callable[[], None]) -> Callable[[], None]:
-        """Call ``listener()`` (no arguments) after each :meth:`set_phase`, in the thread that calls it:
-        the worker's event loop, so a listener may set an :class:`asyncio.Event`. Returns the function
-        that removes the listener again."""
+        """Call ``listener()`` (no arguments) after each :meth:`set_phase` that changed the phase or
+        readiness, in the thread that calls it: the worker's event loop, so a listener may set an
+        :class:`asyncio.Event`. Returns the function that removes the listener again."""
         self._phase_listeners.append(listener)
         return lambda: self._phase_listeners.remove(listener)
 
