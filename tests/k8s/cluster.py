@@ -334,6 +334,20 @@ class TestCluster:
             raise ClusterError(f"GET /metrics of the API server: HTTP {status}")
         return requests_by_kind(str(text), metric)
 
+    def wait_established(self, crd: str, timeout: float = 60.0) -> None:
+        """Wait until the CustomResourceDefinition ``crd`` (e.g. ``workflows.syncplane.io``) has its
+        Established condition True (polled; fails at ``timeout`` seconds). Not `kubectl wait
+        --for=condition=Established`: right after the create, before the API server has written any
+        condition, that kubectl exits 1 (".status.conditions accessor error: <nil>") instead of waiting."""
+        def established() -> bool:
+            status, body = self.api("GET", f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{crd}")
+            if status != 200 or not isinstance(body, dict):
+                return False
+            conditions = (body.get("status") or {}).get("conditions") or []
+            return any(c.get("type") == "Established" and c.get("status") == "True" for c in conditions)
+
+        self.wait_until(f"CustomResourceDefinition {crd} Established", established, timeout)
+
     def restart(self, name: str, timeout: float = 60.0) -> None:
         """Stop one control-plane process and start it again with the same flags (an API server restart)."""
         old = next(p for p in self._processes if p.name == name and p.popen.poll() is None)

@@ -15,7 +15,7 @@ CRD = Path(__file__).resolve().parents[2] / "charts" / "syncplane" / "crds" / "w
 def workflow_crd(k8s_cluster) -> str:
     """The generated Workflow CRD, applied with kubectl and Established."""
     k8s_cluster.kubectl("apply", "--server-side", "-f", str(CRD))
-    k8s_cluster.kubectl("wait", "--for=condition=Established", "crd/workflows.syncplane.io", "--timeout=60s")
+    k8s_cluster.wait_established("workflows.syncplane.io")
     return "workflows.syncplane.io"
 
 

@@ -97,7 +97,7 @@ def test_install_and_uninstall(k8s_cluster, namespace, tmp_path, scenario):
         make_tls_secrets(k8s_cluster, namespace, tmp_path)
     install(k8s_cluster, release, namespace, "-f", str(scenario))
 
-    k8s_cluster.kubectl("wait", "--for=condition=Established", "crd/workflows.syncplane.io", "--timeout=60s")
+    k8s_cluster.wait_established("workflows.syncplane.io")
     deployments = json.loads(k8s_cluster.kubectl("get", "deployments", "-n", namespace, "-l",
                                                  f"app.kubernetes.io/instance={release}", "-o", "json").stdout)
     names = sorted(d["metadata"]["name"] for d in deployments["items"])

@@ -152,8 +152,8 @@ def test_an_operator_started_again_over_workflows_with_a_phase_writes_nothing(k8
             second.terminate()
             second.wait(timeout=60)
     after = k8s_cluster.requests_by_kind()
-    made = {kind: after.get(kind, 0) - before.get(kind, 0) for kind in (("PATCH", "workflows/status"), ("POST", "events"),
-                                                                ("PUT", "workflows/status"))}
+    kinds = (("PATCH", "workflows/status"), ("POST", "events"), ("PUT", "workflows/status"))
+    made = {kind: after.get(kind, 0) - before.get(kind, 0) for kind in kinds}
     assert made == {("PATCH", "workflows/status"): 0, ("POST", "events"): 0, ("PUT", "workflows/status"): 0}
     assert {name: get(k8s_cluster, namespace, "workflow", name)["status"] for name in names} == statuses
     assert {name: _transitions(k8s_cluster, namespace, name) for name in names} == events == \
