@@ -65,6 +65,7 @@ class Row:
 
     @property
     def ratio(self) -> float:
+        """``value / baseline_value`` (same unit on both sides); NaN when the baseline is 0."""
         return self.value / self.baseline_value if self.baseline_value else float("nan")
 
 
@@ -167,6 +168,7 @@ def table(rows: list[Row]) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
+    """The ``python -m benchmarks`` command line (``--only NAME``, repeatable, and each benchmark's sizes)."""
     p = argparse.ArgumentParser(
         prog="python -m benchmarks",
         description="Run the benchmarks (all by default), each against a baseline measured in the same run; "

@@ -80,18 +80,22 @@ def _wait(cluster: TestCluster, what: str, ready: Any, timeout: float = 120.0) -
 
 
 def pctl(samples: list[float]) -> dict[str, float]:
+    """``{"median_s", "p95_s"}`` of ``samples`` (seconds; at least two)."""
     return {"median_s": statistics.median(samples), "p95_s": statistics.quantiles(samples, n=20)[18]}
 
 
 def prepare(cluster: TestCluster, ns: str) -> None:
     """The CRD, established, and the namespace ``ns`` with the workers' service account."""
     cluster.kubectl("apply", "--server-side", "-f", str(CRD))
-    cluster.kubectl("wait", "--for=condition=Established", "crd/workflows.syncplane.io")
+    cluster.wait_established("workflows.syncplane.io")
     cluster.kubectl("create", "namespace", ns)
     cluster.kubectl("create", "serviceaccount", "syncplane-worker", "-n", ns)
 
 
 def run() -> dict[str, Any]:
+    """The three figures of the module docstring, on a fresh test cluster: ``{"cold_reconcile_200_s",
+    "idle_200": {"operator_rss_mib", "api_requests_per_min", "cluster_without_operator_per_min",
+    "operator_share_per_min"}, "reaction": {"operator": pctl(), "bare_watch": pctl(), "ratio_median"}}``."""
     results: dict[str, Any] = {}
     with TestCluster() as cluster, tempfile.TemporaryDirectory() as tmp:
         ns = "bench"
@@ -236,6 +240,7 @@ class PhaseWatch:
             proc.wait()
 
     def phased(self) -> int:
+        """How many Workflows the watch has shown with a phase."""
         return len(self.first)
 
     def stop(self) -> None:
@@ -485,7 +490,7 @@ def watched_namespaces(count: int = 1000, spread: int = 10, watched: int = 2,
                            "watched_workflows": count // spread * watched}
     with TestCluster() as cluster, tempfile.TemporaryDirectory() as tmp:
         cluster.kubectl("apply", "--server-side", "-f", str(CRD))
-        cluster.kubectl("wait", "--for=condition=Established", "crd/workflows.syncplane.io")
+        cluster.wait_established("workflows.syncplane.io")
         namespaces = [f"team-{i:02d}" for i in range(spread)]
         out["cluster_alone_create_s"] = _create(cluster, namespaces, count)
         out["cluster_alone_requests_per_min"] = _cluster_alone(cluster, window)
@@ -530,7 +535,7 @@ def scale(count: int, window: float = 60.0, starts: int = STARTS) -> dict[str, A
     out: dict[str, Any] = {"workflows": count}
     with TestCluster() as cluster, tempfile.TemporaryDirectory() as tmp:
         cluster.kubectl("apply", "--server-side", "-f", str(CRD))
-        cluster.kubectl("wait", "--for=condition=Established", "crd/workflows.syncplane.io")
+        cluster.wait_established("workflows.syncplane.io")
         ns, starts_ns = "bench", "starts"
         cluster.kubectl("create", "namespace", starts_ns)
         out["no_workflows"] = operator_alone(cluster, starts_ns, Path(tmp) / "operator-alone.log", min(window, 20))

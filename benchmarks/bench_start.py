@@ -35,11 +35,14 @@ STARTS = 20
 
 
 def summary(samples: list[float]) -> dict[str, float]:
+    """``{"median_s", "p95_s"}`` of ``samples`` (seconds; at least two)."""
     q = statistics.quantiles(samples, n=20)
     return {"median_s": statistics.median(samples), "p95_s": q[18]}
 
 
 async def bare_spawn(tmp: Path) -> float:
+    """Seconds from spawning a bare ``syncplane worker`` (no control plane; state in ``tmp``) until its
+    /status says ready."""
     spec_file = tmp / "spec.json"
     spec_file.write_text(json.dumps(spec_to_dict(spec())))
     t0 = time.perf_counter()
@@ -63,6 +66,8 @@ async def bare_spawn(tmp: Path) -> float:
 
 
 async def run() -> dict[str, Any]:
+    """STARTS times Start -> RUNNING through the API server and supervisor, and STARTS bare worker
+    spawns: ``{"syncplane": summary(), "bare_spawn": summary(), "ratio_median"}`` (seconds)."""
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
         # Secrets the workers can load (nothing listens at the token URL: the engine retries,

@@ -127,6 +127,9 @@ def _watches(cluster: TestCluster, ns: str) -> Iterator[dict[str, _Watch]]:
 
 
 def timeline(starts: int = 1) -> list[dict[str, Any]]:
+    """``starts`` starts in turn on a fresh test cluster: one dict per start, ``{"workflow", "pod",
+    "worker_cpu_s_at_running", "after_patch_s": {step: seconds after the patch at which it was seen,
+    None if never}}`` (the steps of the module docstring)."""
     out: list[dict[str, Any]] = []
     with TestCluster() as cluster, tempfile.TemporaryDirectory() as tmp:
         ns = "starts"
