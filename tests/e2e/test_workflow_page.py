@@ -155,7 +155,10 @@ async def test_a_replay_is_accepted_then_refused_at_the_guard_with_its_reason(
     await screenshot(page, "8-replay-refused")
 
 
-# The chart's polylines as [x, y] pairs; y is 155 at 0 and 10 at the peak (console.js `chart`).
+# The chart's y (SVG units, growing downward) of a value v is 155 - v / peak * 145 (console.js `chart`): the zero
+# line is at ZERO_Y, the peak at PEAK_Y.
+ZERO_Y, PEAK_Y = 155.0, 10.0
+# The chart's polylines as [x, y] pairs.
 CHART_POINTS = """cls => Array.from(document.querySelector('#chart polyline.' + cls).points)
     .map(p => [p.x, p.y])"""
 
@@ -166,18 +169,18 @@ async def test_the_chart_draws_backlog_and_records_per_second_from_the_stream(co
     await page.evaluate(NOT_RELOADED)
     # Campaign's writes held until the backlog line has left the zero line, whatever the speed.
     async with writes_held_until(page, console.sandbox.faults.acs,
-                                 f"() => ({CHART_POINTS})('line-backlog').some(p => p[1] < 155)"):
+                                 f"() => ({CHART_POINTS})('line-backlog').some(p => p[1] < {ZERO_Y:g})"):
         await page.get_by_role("button", name="Start contacts").click()
     # Polled in the page until the stream has drawn both lines off the zero line (rAF-independent).
     await page.wait_for_function(f"""() => {{
         const pts = {CHART_POINTS};
-        return ["line-backlog", "line-rps"].every(c => pts(c).length >= 2 && pts(c).some(p => p[1] < 155));
+        return ["line-backlog", "line-rps"].every(c => pts(c).length >= 2 && pts(c).some(p => p[1] < {ZERO_Y:g}));
     }}""")
     await console.sandbox_drained("contacts")
     await expect(page.locator('[data-field="backlog"]')).to_have_text("0")
     backlog = await page.evaluate(f"({CHART_POINTS})('line-backlog')")
     # The backlog rose (its peak at the top) and fell back to 0 since: the last point is on the zero line.
-    assert min(y for _, y in backlog) == 10.0 and backlog[-1][1] == 155.0, backlog
+    assert min(y for _, y in backlog) == PEAK_Y and backlog[-1][1] == ZERO_Y, backlog
     assert all(0 <= x <= 600 for x, _ in backlog), backlog
     assert [x for x, _ in backlog] == sorted(x for x, _ in backlog), "points in time order"
     await expect(page.locator("#chart-range")).to_have_text(re.compile(r"^peak backlog [1-9][\d,.\s]*, peak "))
