@@ -12,6 +12,8 @@ A package of its own (``sandbox/pyproject.toml``), installed by ``make setup`` f
     sandbox.faults.d365.set(rate_429=0.1)      # or PUT /_sandbox/faults on either port
     sandbox.faults.acs.hold()                  # writes wait unanswered (PUT /_sandbox/faults/hold) ...
     sandbox.faults.acs.release_held()          # ... until released (DELETE /_sandbox/faults/hold)
+    with sandbox.faults.acs.holding():         # or both around a block, released however it ends
+        ...
     sandbox.d365.table("contacts").upsert(firstname="Ada")
     await sandbox.stop()
 

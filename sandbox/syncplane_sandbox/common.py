@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import email.utils
 import hmac
 import json
@@ -15,7 +16,7 @@ import re
 import secrets
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
@@ -395,6 +396,16 @@ class Faults:
             return 0
         hold.released.set()
         return hold.waiting
+
+    @contextlib.contextmanager
+    def holding(self, path_regex: str | None = None, methods: Iterable[str] = WRITE_METHODS) -> Iterator[None]:
+        """:meth:`hold` for the ``with`` block, :meth:`release_held` when it ends, however it ends (a
+        failing assertion inside leaves no request held)."""
+        self.hold(path_regex, methods)
+        try:
+            yield
+        finally:
+            self.release_held()
 
     def held(self) -> int:
         """How many requests are held now."""

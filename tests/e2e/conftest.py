@@ -82,12 +82,9 @@ async def writes_held_until(page: Page, faults: Faults, shown: str, timeout_s: f
     until the page shows ``shown`` (a JavaScript predicate, polled in the page, for at most
     ``timeout_s`` seconds), then released: a state that fast writes would pass by (a backlog above
     0) is seen whatever the machine's speed and the workflow's concurrency."""
-    faults.hold()
-    try:
+    with faults.holding():
         yield
         await page.wait_for_function(shown, timeout=timeout_s * 1000)
-    finally:
-        faults.release_held()
 
 
 @dataclass

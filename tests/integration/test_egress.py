@@ -81,9 +81,8 @@ async def test_twenty_thousand_events_become_the_right_activities_without_duplic
         # kill -9 the worker mid-run: the event id is the activity's key, so no duplicates
         await converge(lambda: len(activities(sb)) >= 5_000 and bool(worker_processes(plane.data_dir)), 300,
                        "5,000 activities")
-        sb.faults.d365.hold()  # Dataverse holds every write until the kill: it comes mid-run whatever the speed
-        os.kill(worker_processes(plane.data_dir)[0].pid, signal.SIGKILL)
-        sb.faults.d365.release_held()
+        with sb.faults.d365.holding():  # Dataverse holds every write until the kill: it comes mid-run
+            os.kill(worker_processes(plane.data_dir)[0].pid, signal.SIGKILL)
         expected = normalise_dates(expected_activities(sb, ALL))
         await converge(lambda: len(activities(sb)) == len(expected), 600,
                        lambda: f"{len(activities(sb))} of {len(expected)} activities")

@@ -174,12 +174,11 @@ async def test_stop_during_heavy_sync_commits_and_start_resumes(plane: ControlPl
         await converge(lambda: len(sb.acs.profiles.rows) >= 6_000, 300, "6,000 profiles written")
         # Campaign holds every write until the worker is told to stop: the stop comes mid-load
         # whatever the machine's speed. Released once STOPPING shows, so the drain can end.
-        sb.faults.acs.hold()
-        pid = worker_pid(plane)
-        assert pid is not None
-        stopping = asyncio.ensure_future(stop(plane, "heavy"))
-        await status_until(plane.stub, "heavy", lambda s: s.phase == pb.PHASE_STOPPING, 60)
-        sb.faults.acs.release_held()
+        with sb.faults.acs.holding():
+            pid = worker_pid(plane)
+            assert pid is not None
+            stopping = asyncio.ensure_future(stop(plane, "heavy"))
+            await status_until(plane.stub, "heavy", lambda s: s.phase == pb.PHASE_STOPPING, 60)
         await stopping
         assert worker_processes(plane.data_dir) == []
         # The worker drained (exit 0, not killed by the supervisor's escalation) and committed.

@@ -157,12 +157,11 @@ async def _split_load(plane: ControlPlane, contacts: int, *, kill: bool, change:
         if kill or change:
             await converge(lambda: len(sb.acs.profiles.rows) >= contacts // 4, 900, "a quarter of the load written")
         if kill:
-            sb.faults.acs.hold()  # Campaign holds every write until the kill: it comes mid-load whatever the speed
-            victims = [p for p in worker_processes(plane.data_dir) if "--index" in p.cmdline()
-                       and p.cmdline()[p.cmdline().index("--index") + 1] == "2"]
-            assert victims, "worker 2 is running"
-            os.kill(victims[0].pid, signal.SIGKILL)
-            sb.faults.acs.release_held()
+            with sb.faults.acs.holding():  # Campaign holds every write until the kill: it comes mid-load
+                victims = [p for p in worker_processes(plane.data_dir) if "--index" in p.cmdline()
+                           and p.cmdline()[p.cmdline().index("--index") + 1] == "2"]
+                assert victims, "worker 2 is running"
+                os.kill(victims[0].pid, signal.SIGKILL)
         if change:
             change_during_load(sb, rng, changed=500, deleted=100, created=200)
         expected_n = len(table.rows)

@@ -116,15 +116,14 @@ async def test_a_backlog_with_nothing_written_is_stalled(plane: ControlPlane, sb
     await running_with_everything_written(plane, sb, "stall")
     # The destination holds every write (the sandbox's hold switch) until the stall has been seen:
     # nothing is written for as long as the test needs, whatever the machine's speed.
-    sb.faults.acs.hold()
-    contacts = sb.d365.table("contacts")
-    for rid in list(contacts.rows)[:50]:
-        contacts.upsert(rid, lastname="Waiting")
-    s = await until(plane, "stall", lambda s: degraded(s).status == "True", "STALLED")
-    assert s.phase == pb.PHASE_RUNNING and s.backlog > 0
-    assert degraded(s).reason == s.degradation.reason == "STALLED"
-    assert (await list_row(plane, "stall"))["DEGRADED"] == "STALLED"
-    sb.faults.acs.release_held()
+    with sb.faults.acs.holding():
+        contacts = sb.d365.table("contacts")
+        for rid in list(contacts.rows)[:50]:
+            contacts.upsert(rid, lastname="Waiting")
+        s = await until(plane, "stall", lambda s: degraded(s).status == "True", "STALLED")
+        assert s.phase == pb.PHASE_RUNNING and s.backlog > 0
+        assert degraded(s).reason == s.degradation.reason == "STALLED"
+        assert (await list_row(plane, "stall"))["DEGRADED"] == "STALLED"
     s = await until(plane, "stall", lambda s: degraded(s).status == "False" and s.backlog == 0
                     and s.counters.written >= 350, "the stall to clear", timeout=120)
     assert adds_up(s)

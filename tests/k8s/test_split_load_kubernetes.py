@@ -54,18 +54,17 @@ async def test_three_worker_pods_split_the_first_load_through_a_pod_deleted_mid_
                 await eventually(loading, lambda: f"a quarter of the load ({len(sb.acs.profiles.rows)} profiles; "
                                  f"worker logs in {tmp_path / 'containers'})", 420, POLL)
                 # Every write held from here until the kill: no range can end meanwhile.
-                sb.faults.acs.hold()
-                assert len(kubelet.running()) == PODS, kubelet.running()
-                # The pod reading a range not done, deleted with grace 0 mid-range.
-                data = await checkpoints(k8s_cluster, namespace, name)
-                cut = next((i for i in range(PODS) if stream_key(f"contact@claim-{i}") in data and json.loads(
-                    data.get(stream_key(f"contact@range-{i}"), "{}")).get("cursor") != "range-done"), None)
-                assert cut is not None, f"every range claimed is done already: {sorted(data)}"
-                victim = json.loads(data[stream_key(f"contact@claim-{cut}")])["holder"]
-                container = kubelet.containers[victim]
-                container.signal(signal.SIGKILL)
-                await asyncio.to_thread(container.proc.wait, 30)
-                sb.faults.acs.release_held()
+                with sb.faults.acs.holding():
+                    assert len(kubelet.running()) == PODS, kubelet.running()
+                    # The pod reading a range not done, deleted with grace 0 mid-range.
+                    data = await checkpoints(k8s_cluster, namespace, name)
+                    cut = next((i for i in range(PODS) if stream_key(f"contact@claim-{i}") in data and json.loads(
+                        data.get(stream_key(f"contact@range-{i}"), "{}")).get("cursor") != "range-done"), None)
+                    assert cut is not None, f"every range claimed is done already: {sorted(data)}"
+                    victim = json.loads(data[stream_key(f"contact@claim-{cut}")])["holder"]
+                    container = kubelet.containers[victim]
+                    container.signal(signal.SIGKILL)
+                    await asyncio.to_thread(container.proc.wait, 30)
                 await kubectl(k8s_cluster, "delete", "pod", victim, "-n", namespace, "--grace-period=0", "--force")
                 table = sb.d365.table("contacts")
                 change_during_load(sb, random.Random(3), changed=300, deleted=50, created=100)

@@ -112,15 +112,14 @@ async def test_a_backlog_with_nothing_written_is_stalled(k8s_cluster, namespace,
     async with FakeKubelet(namespace, Path(k8s_cluster.kubeconfig), tmp_path / "containers"):
         try:
             await running_and_loaded(k8s_cluster, namespace, sb, tmp_path, name)
-            sb.faults.acs.hold()  # every write held until the stall has been seen, whatever the speed
-            contacts = sb.d365.table("contacts")
-            for rid in list(contacts.rows)[:50]:
-                contacts.upsert(rid, lastname="Waiting")
-            s = await status_until(k8s_cluster, namespace, name,
-                                   lambda s: condition(s, "Degraded").get("status") == "True", "STALLED")
-            assert s["phase"] == "RUNNING" and int(s["backlog"]) > 0
-            assert s["degradation"]["reason"] == "STALLED"
-            sb.faults.acs.release_held()
+            with sb.faults.acs.holding():  # every write held until the stall has been seen, whatever the speed
+                contacts = sb.d365.table("contacts")
+                for rid in list(contacts.rows)[:50]:
+                    contacts.upsert(rid, lastname="Waiting")
+                s = await status_until(k8s_cluster, namespace, name,
+                                       lambda s: condition(s, "Degraded").get("status") == "True", "STALLED")
+                assert s["phase"] == "RUNNING" and int(s["backlog"]) > 0
+                assert s["degradation"]["reason"] == "STALLED"
             await status_until(k8s_cluster, namespace, name,
                                lambda s: condition(s, "Degraded").get("status") == "False"
                                and int(s.get("backlog") or 0) == 0, "the stall to clear")

@@ -161,23 +161,23 @@ async def test_checkpoints_survive_pod_deletion(k8s_cluster, namespace, operator
                                  300, POLL)
                 # Campaign holds every write until the pod is told to stop: the load is mid-way
                 # when it is deleted, whatever the machine's speed.
-                sb.faults.acs.hold()
-                running = kubelet.running()
-                assert len(running) == 1, running
-                old_pod = running[0]
-                old: Container = kubelet.containers[old_pod]
-                assert len(sb.acs.profiles.rows) < CONTACTS, "the load finished before the pod could be deleted"
+                with sb.faults.acs.holding():  # released at the block's end: the writes in flight end, it drains
+                    running = kubelet.running()
+                    assert len(running) == 1, running
+                    old_pod = running[0]
+                    old: Container = kubelet.containers[old_pod]
+                    assert len(sb.acs.profiles.rows) < CONTACTS, "the load finished before the pod could be deleted"
 
-                # 2. delete the pod: its container drains and exits; the ReplicaSet makes a new pod, whose
-                # container waits until the old pod's last commit has been read here
-                kubelet.hold_starts = True
-                await kubectl(k8s_cluster, "delete", "pod", old_pod, "-n", namespace, "--wait=false")
+                    # 2. delete the pod: its container drains and exits; the ReplicaSet makes a new pod, whose
+                    # container waits until the old pod's last commit has been read here
+                    kubelet.hold_starts = True
+                    await kubectl(k8s_cluster, "delete", "pod", old_pod, "-n", namespace, "--wait=false")
 
-                async def stopping() -> bool:
-                    return old_pod not in kubelet.containers  # the fake kubelet sends it SIGTERM
+                    async def stopping() -> bool:
+                        return old_pod not in kubelet.containers  # the fake kubelet sends it SIGTERM
 
-                await eventually(stopping, "the fake kubelet to stop the deleted pod's container", 90, interval=0.1)
-                sb.faults.acs.release_held()  # the writes in flight end; the worker drains and exits
+                    await eventually(stopping, "the fake kubelet to stop the deleted pod's container", 90,
+                                     interval=0.1)
                 code = await asyncio.to_thread(old.proc.wait, 90)
                 assert code == 0, f"the deleted pod's worker exited with {code}"
                 seq = max((r.seq for r in sb.requests.records()), default=0)
