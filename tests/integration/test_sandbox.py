@@ -705,11 +705,13 @@ async def test_holding_releases_the_held_requests_however_its_block_ends(clients
     """``with faults.holding():`` holds as :meth:`hold` does, and a block that fails (a test's assertion)
     still releases: the held request is answered and nothing stays held for what comes after."""
     sb = clients.sb
-    task = None
+    tasks = []
     with pytest.raises(_Failed), sb.faults.acs.holding():
-        task = asyncio.ensure_future(clients.acs("POST", "profileAndServices/profile", json={"externalId": "held-w"}))
+        tasks.append(asyncio.ensure_future(clients.acs("POST", "profileAndServices/profile",
+                                                       json={"externalId": "held-w"})))
         await eventually(lambda: _true(sb.faults.acs.held() == 1), "the POST held", 30)
         raise _Failed
+    [task] = tasks
     assert sb.faults.acs.held() == 0 and sb.faults.acs.snapshot()["hold"] is None
     assert (await asyncio.wait_for(task, 30)).status_code == 201
 
