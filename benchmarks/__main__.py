@@ -119,6 +119,9 @@ SUMMARY: dict[str, list[tuple[str, str, str, str, str, str]]] = {
          "req/min", "lower"),
         ("concurrent starts, p95 patch to RUNNING", "concurrent_starts/patch_to_running/p95_s",
          "bare watch sees the patch, p95", "concurrent_starts/bare_watch/p95_s", "s", "lower"),
+        ("concurrent starts, p95 patch to RUNNING", "concurrent_starts/patch_to_running/p95_s",
+         "worker processes alone (their imports, as many at once)", "concurrent_starts/workers_alone/all_done_s",
+         "s", "lower"),
     ],
     "operator_watch_namespaces": [
         ("cold start, every watched Workflow phased", "cold_start_every_watched_phase_s",

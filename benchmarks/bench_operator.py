@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import statistics
 import subprocess
@@ -264,14 +265,159 @@ def _kubelet(cluster: TestCluster, namespace: str, workdir: Path, stop: threadin
     return thread
 
 
+#: What a worker process imports on its way to ready: its command, the worker, the Kubernetes platform and
+#: what its first heartbeat (the Lease) and the ConfigMap stores load. Keep in step with the worker.
+WORKER_IMPORTS = ("syncplane.entry", "syncplane.worker.command", "syncplane.worker.main",
+                  "syncplane.worker.platform.kubernetes", "kubernetes_asyncio.client", "kubernetes_asyncio.config")
+
+
+def workers_alone(count: int) -> dict[str, Any]:
+    """The floor of ``count`` worker starts at once on this machine: ``count`` processes of the interpreter
+    the fake kubelet runs workers with, started together, each importing :data:`WORKER_IMPORTS` and
+    exiting; seconds until all are done, and each process's CPU seconds (user + system, from ``wait4``).
+    No process-per-worker design can start ``count`` workers faster than this on the same cores."""
+    program = "import " + ", ".join(WORKER_IMPORTS)
+    t0 = time.monotonic()
+    procs = [subprocess.Popen([sys.executable, "-c", program]) for _ in range(count)]
+    cpu: list[float] = []
+    for proc in procs:
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode != 0:
+            raise RuntimeError(f"`python -c {program!r}` exited {proc.returncode}")
+        cpu.append(usage.ru_utime + usage.ru_stime)
+    return {"processes": count, "imports": list(WORKER_IMPORTS), "all_done_s": time.monotonic() - t0,
+            "cpu_s_per_process": {"median": statistics.median(cpu), "max": max(cpu)},
+            "cpu_s_total": sum(cpu)}
+
+
+class ClassCpu:
+    """CPU seconds (user + system) by process class while a scenario runs, sampled every ``interval``
+    seconds in a thread: the test cluster's processes by name, the operator, the worker processes (this
+    process's children with POD_NAME set: the fake kubelet's), kubectl (the bench's own watches and
+    patches), and this process (the fake kubelet's thread and the bench). ``worker_cpu[pod]``: the last
+    sample of each worker's CPU seconds (the caller reads it when that worker's Workflow is RUNNING)."""
+
+    def __init__(self, cluster: TestCluster, interval: float = 0.5) -> None:
+        self.classes: dict[str, dict[int, psutil.Process]] = {
+            name: {pid: psutil.Process(pid)} for name, pid in cluster.pids_by_name.items()}
+        self.me = psutil.Process()
+        self.pods: dict[int, str] = {}
+        self.last: dict[tuple[str, int], float] = {}
+        self.worker_cpu: dict[str, float] = {}
+        self.interval = interval
+        self._stop = threading.Event()
+        self._sample()
+        self.start = dict(self.last)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _classify(self, proc: psutil.Process) -> str | None:
+        if proc.pid in self.pods:
+            return "workers"
+        with contextlib.suppress(psutil.Error):
+            pod = proc.environ().get("POD_NAME")
+            if pod:
+                self.pods[proc.pid] = pod
+                return "workers"
+            cmd = proc.cmdline()
+            if "operator" in cmd:
+                return "operator"
+            if cmd and cmd[0].endswith("kubectl"):
+                return "kubectl"
+        return None
+
+    def _sample(self) -> None:
+        procs = [("bench+kubelet", self.me)]
+        for name, by_pid in self.classes.items():
+            procs += [(name, p) for p in by_pid.values()]
+        with contextlib.suppress(psutil.Error):
+            for child in self.me.children(recursive=True):
+                kind = self._classify(child)
+                if kind is not None:
+                    procs.append((kind, child))
+        for kind, proc in procs:
+            with contextlib.suppress(psutil.Error):
+                t = proc.cpu_times()
+                cpu = float(t.user + t.system)
+                self.last[(kind, proc.pid)] = cpu
+                if proc.pid in self.pods:
+                    self.worker_cpu[self.pods[proc.pid]] = cpu
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def report(self) -> dict[str, float]:
+        """CPU seconds by class since this object was made (processes gone before a sample: lost)."""
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+        out: dict[str, float] = {}
+        for (kind, pid), cpu in self.last.items():
+            out[kind] = out.get(kind, 0.0) + cpu - self.start.get((kind, pid), 0.0)
+        return {k: round(v, 2) for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
+
+
+def _steps(ns: str, workdir: Path, watches: dict[str, Any], kubelet_log: list[tuple[float, str]],
+           patched: dict[str, float], names: list[str]) -> dict[str, Any]:
+    """Per start step (as benchmarks/start_timeline.py names them for one start), the seconds after each
+    Workflow's patch at which it was first seen, p50/p95/max over the Workflows that reached it."""
+    from benchmarks.start_timeline import _log_time
+
+    per: dict[str, list[float]] = {}
+    for name in names:
+        t0 = patched[name]
+        pods = [line.split()[0] for _, line in watches["pod"].lines if line.startswith(f"{name}-worker-")]
+        pod = pods[0] if pods else ""
+        started = next((t for t, message in kubelet_log if message.startswith(f"fake kubelet: started {pod} ")), None)
+        steps = {
+            "workflow STARTING": watches["workflow"].first(t0, rf"^{name} RUNNING STARTING$"),
+            "deployment": watches["deployment"].first(t0, rf"^{name}-worker"),
+            "pod": watches["pod"].first(t0, rf"^{name}-worker-"),
+            "process started (kubelet)": started if pod else None,
+            "worker listening": _log_time(workdir / f"{pod}.log", r"listening on") if pod else None,
+            "lease": watches["lease"].first(t0, rf"^{re.escape(pod)} ") if pod else None,
+            "lease ready": watches["lease"].first(t0, rf'^{re.escape(pod)} .*"ready": true') if pod else None,
+            "workflow RUNNING": watches["workflow"].first(t0, rf"^{name} RUNNING RUNNING$"),
+        }
+        for step, t in steps.items():
+            if t is not None:
+                per.setdefault(step, []).append(t - t0)
+    return {step: {"count": len(v), "median_s": round(statistics.median(v), 2),
+                   "p95_s": round(statistics.quantiles(v, n=20)[18], 2) if len(v) > 1 else round(v[0], 2),
+                   "max_s": round(max(v), 2)} for step, v in per.items()}
+
+
+class _Remember(logging.Handler):
+    """Keeps (time, message) of each record: the fake kubelet's "started <pod>" lines."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[tuple[float, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append((record.created, record.getMessage()))
+
+
 def concurrent_starts(cluster: TestCluster, ns: str, workdir: Path, count: int = STARTS,
-                      deadline: float = 600.0) -> dict[str, Any]:
+                      deadline: float = 600.0, idle_window: float = 10.0) -> dict[str, Any]:
     """``count`` STOPPED Workflows of ``ns`` (which the operator watches) patched to RUNNING at once:
     per Workflow, the seconds from its patch to phase RUNNING (the Deployment Available under the fake
-    kubelet, the worker's heartbeat ready). Baseline: the same patches seen by a bare watch of the
-    Workflows (the API server's own floor). Secrets with an unreachable token URL: the workers start,
+    kubelet, the worker's heartbeat ready). Secrets with an unreachable token URL: the workers start,
     their connectors retry. Those not RUNNING ``deadline`` seconds after the patches are counted, not
-    waited for (a worker whose heartbeat goes stale on a loaded machine is ERROR, then restarted)."""
+    waited for (a worker whose heartbeat goes stale on a loaded machine is ERROR, then restarted).
+
+    Two same-run baselines: ``bare_watch``, the same patches seen by a bare watch of the Workflows (the
+    API server's own floor), and ``workers_alone`` (:func:`workers_alone`), ``count`` processes doing
+    only a worker's imports at once (the machine's floor for ``count`` process starts), run first while
+    the operator idles. Where the time goes: ``steps``, per start step the seconds after the patch
+    (p50/p95, as benchmarks/start_timeline.py gives them for one start); ``cpu_s``, CPU seconds by process
+    class from the patches until every one is RUNNING (:class:`ClassCpu`); ``worker_cpu_s_at_running``,
+    each worker's CPU seconds when its Workflow showed RUNNING; ``idle_workers``, the workers' CPU share
+    of a core over ``idle_window`` seconds after that (unreachable vendors: what retrying costs)."""
+    from benchmarks.start_timeline import _watches
+
     for secret, data in UNREACHABLE_SECRETS.items():
         cluster.kubectl("create", "secret", "generic", secret, "-n", ns, *literals(data))
     names = [f"start-{i:02d}" for i in range(count)]
@@ -279,6 +425,7 @@ def concurrent_starts(cluster: TestCluster, ns: str, workdir: Path, count: int =
 
     _wait(cluster, f"{count} workflows STOPPED",
           lambda: list(_phases(cluster, ns).values()).count("STOPPED") == count, 300)
+    floor = workers_alone(count)
     # One watch prints each change's desired state and phase; its first `count` lines are the listing.
     watch = subprocess.Popen([str(cluster.kubectl_path), "--kubeconfig", str(cluster.kubeconfig), "get", "workflows",
                               "-n", ns, "--watch", "--no-headers", "-o",
@@ -289,6 +436,16 @@ def concurrent_starts(cluster: TestCluster, ns: str, workdir: Path, count: int =
         watch.stdout.readline()
     seen: dict[str, float] = {}      # name -> when the watch first showed desiredState RUNNING
     running: dict[str, float] = {}   # name -> when the watch first showed phase RUNNING
+    at_running: dict[str, float] = {}   # name -> its worker's CPU seconds then (last sample)
+    kubelet_log = _Remember()
+    kubelet_logger = logging.getLogger("tests.k8s.kubelet")
+    kubelet_logger.addHandler(kubelet_log)
+    kubelet_logger.setLevel(logging.INFO)
+    steps = contextlib.ExitStack()
+    watches = steps.enter_context(_watches(cluster, ns))
+    cluster.wait_until("the steps' watches listed", lambda: len(watches["workflow"].lines) >= count, 60)
+    time.sleep(2)   # the other watches' (empty) listings: not synchronisation of the measured steps
+    cpu = ClassCpu(cluster)
 
     def follow() -> None:
         assert watch.stdout is not None
@@ -297,17 +454,21 @@ def concurrent_starts(cluster: TestCluster, ns: str, workdir: Path, count: int =
             now = time.monotonic()
             if desired == "RUNNING":
                 seen.setdefault(name, now)
-            if phase == "RUNNING":
-                running.setdefault(name, now)
+            if phase == "RUNNING" and name not in running:
+                running[name] = now
+                at_running[name] = sum(c for pod, c in list(cpu.worker_cpu.items())
+                                       if pod.startswith(f"{name}-worker-"))
 
     reader = threading.Thread(target=follow, daemon=True)
     reader.start()
     stop = threading.Event()
     kubelet = _kubelet(cluster, ns, workdir, stop)
     patched: dict[str, float] = {}
+    patched_wall: dict[str, float] = {}
+    out: dict[str, Any] = {"workflows": count, "load_1min_before": os.getloadavg()[0]}
     try:
         def start(name: str) -> None:
-            patched[name] = time.monotonic()
+            patched[name], patched_wall[name] = time.monotonic(), time.time()
             cluster.kubectl("patch", "workflow", name, "-n", ns, "--type", "merge",
                             "-p", '{"spec":{"desiredState":"RUNNING"}}')
 
@@ -320,16 +481,36 @@ def concurrent_starts(cluster: TestCluster, ns: str, workdir: Path, count: int =
             _wait(cluster, f"{count} workflows RUNNING", lambda: len(running) == count, deadline)
         except ClusterError:   # a figure still: those that made it, and how many did not
             pass
+        out["load_1min_at_running"] = os.getloadavg()[0]
+        out["cpu_s"] = cpu.report()
+        idle_cpu = ClassCpu(cluster)
+        time.sleep(idle_window)   # a measurement window, not synchronisation
+        workers_idle = idle_cpu.report().get("workers", 0.0)
+        out["idle_workers"] = {"window_s": idle_window, "workers": len(idle_cpu.pods),
+                               "cpu_percent_of_a_core_per_worker":
+                                   round(100 * workers_idle / idle_window / max(1, len(idle_cpu.pods)), 2)}
+        out["steps"] = _steps(ns, workdir, watches, kubelet_log.lines, patched_wall, names)
     finally:
         stop.set()
         kubelet.join(timeout=120)
         watch.kill()
         watch.wait()
+        steps.close()
+        kubelet_logger.removeHandler(kubelet_log)
     ours = [running[n] - patched[n] for n in names if n in running]
-    floor = [seen[n] - patched[n] for n in names if n in seen]
-    return {"workflows": count, "not_running_within_s": {"count": count - len(ours), "deadline_s": deadline},
-            "patch_to_running": {**pctl(ours), "max_s": max(ours)} if len(ours) > 1 else {},
-            "bare_watch": {**pctl(floor), "max_s": max(floor)} if len(floor) > 1 else {}}
+    bare = [seen[n] - patched[n] for n in names if n in seen]
+    cpu_at_running = list(at_running.values())
+    out.update({"not_running_within_s": {"count": count - len(ours), "deadline_s": deadline},
+                "patch_to_running": {**pctl(ours), "max_s": max(ours)} if len(ours) > 1 else {},
+                "bare_watch": {**pctl(bare), "max_s": max(bare)} if len(bare) > 1 else {},
+                "workers_alone": floor,
+                "worker_cpu_s_at_running": {"median": statistics.median(cpu_at_running),
+                                            "max": max(cpu_at_running)} if cpu_at_running else {}})
+    if len(ours) > 1:
+        out["p95_over_workers_alone"] = out["patch_to_running"]["p95_s"] / floor["all_done_s"]
+        out["p95_over_bare_watch"] = (out["patch_to_running"]["p95_s"] / out["bare_watch"]["p95_s"]
+                                      if out["bare_watch"] else None)
+    return out
 
 
 @contextlib.contextmanager
