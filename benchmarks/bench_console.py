@@ -25,8 +25,9 @@ from playwright.async_api import async_playwright
 from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.proto.v1 import workflow_service_pb2 as svc
 from tests.e2e.conftest import CHROMIUM, CHROMIUM_ARGS
+from tests.embedded_plane import worker_processes
 from tests.factories import spec
-from tests.integration.conftest import ServerProcess, wait_until, worker_processes
+from tests.integration.conftest import ServerProcess, wait_until
 
 CHANGES = 20
 LOADS = 10

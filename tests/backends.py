@@ -15,7 +15,7 @@ tier collects the same functions by re-exporting them from a module of its own
 `test_create_errors[embedded]` runs in the integration tier and `test_create_errors[kubernetes]`
 in the k8s tier, through the same fixture.
 
-- embedded: SQLite on disk, the local supervisor, workers as processes (tests.integration.conftest).
+- embedded: SQLite on disk, the local supervisor, workers as processes (tests.embedded_plane).
 - kubernetes: the real test cluster, the Workflow CRD, the operator under KopfRunner, the same
   server over custom resources, and a fake kubelet running the worker pods' containers as local
   processes (tests.k8s.control_plane).
@@ -72,7 +72,7 @@ class ApiPlane(Protocol):
 @dataclass
 class ConnectedPlane:
     """What every backend's control plane fixture holds: a client connected to its gRPC server on
-    ``port`` (loopback). Each tier's fixture extends it with what it runs on (tests.integration.conftest,
+    ``port`` (loopback). Each tier's fixture extends it with what it runs on (tests.embedded_plane,
     tests.k8s.control_plane)."""
 
     stub: svc_grpc.WorkflowServiceStub
@@ -146,9 +146,9 @@ def backend(request: pytest.FixtureRequest) -> str:
 async def _plane(backend: str, request: pytest.FixtureRequest, tmp_path: Path,
                  security: ServerSecurity | None) -> AsyncIterator[ApiPlane]:
     if backend == "embedded":
-        from tests.integration.conftest import _serve
+        from tests.embedded_plane import serve
 
-        async for plane in _serve(tmp_path, security):
+        async for plane in serve(tmp_path, security):
             yield plane
         return
     from tests.k8s.control_plane import serve_kubernetes

@@ -27,7 +27,8 @@ from syncplane.proto.v1 import workflow_service_pb2_grpc as svc_grpc
 from syncplane_sandbox import Faults, Sandbox, SeedSpec, start_sandbox
 from syncplane_sandbox.quickstart import write_sandbox_secrets
 from tests.backends import eventually
-from tests.integration.conftest import ServerProcess, wait_until, worker_processes
+from tests.embedded_plane import worker_processes
+from tests.integration.conftest import ServerProcess, wait_until
 
 CHROMIUM = Path(os.environ.get("SYNCPLANE_CHROMIUM", "/usr/bin/chromium"))
 # Root needs --no-sandbox; the rest keeps a headless Chromium from calling home or doing extra work.

@@ -15,7 +15,7 @@ import uuid
 import pytest
 
 from syncplane_sandbox import Sandbox, SeedSpec, start_sandbox
-from tests.integration.conftest import CRASH_TOLERANT, ControlPlane
+from tests.embedded_plane import CRASH_TOLERANT, ControlPlane
 from tests.integration.ingress_env import (
     converge,
     ingress_spec,

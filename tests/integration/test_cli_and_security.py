@@ -15,8 +15,9 @@ import yaml
 from syncplane.api.server import InsecureBindError, ServerSecurity, check_bind
 from syncplane.proto.v1 import workflow_service_pb2 as svc
 from syncplane.proto.v1 import workflow_service_pb2_grpc as svc_grpc
+from tests.embedded_plane import worker_processes
 from tests.integration.cli_env import cli, cli_process
-from tests.integration.conftest import ServerProcess, wait_until, worker_processes
+from tests.integration.conftest import ServerProcess, wait_until
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 

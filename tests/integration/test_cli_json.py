@@ -18,8 +18,8 @@ from syncplane.cli import cli as cli_group
 from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.proto.v1 import workflow_service_pb2 as svc
 from syncplane_sandbox import SeedSpec
+from tests.embedded_plane import ControlPlane
 from tests.integration.cli_env import cli_process
-from tests.integration.conftest import ControlPlane
 from tests.integration.ingress_env import ingress_spec, poison_contacts, prepared_sandbox, status_until
 from tests.integration.test_ingress import start
 

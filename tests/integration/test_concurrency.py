@@ -11,7 +11,7 @@ from syncplane.cli import describe_text
 from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.proto.v1 import workflow_service_pb2 as svc
 from syncplane_sandbox import SeedSpec, start_sandbox
-from tests.integration.conftest import ControlPlane
+from tests.embedded_plane import ControlPlane
 from tests.integration.ingress_env import ingress_spec, prepare, status_until
 
 MAX = 8

@@ -13,7 +13,8 @@ import pytest
 
 from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.proto.v1 import workflow_service_pb2 as svc
-from tests.integration.conftest import ControlPlane, wait_until, watch_until, worker_processes
+from tests.embedded_plane import ControlPlane, worker_processes
+from tests.integration.conftest import wait_until, watch_until
 
 pytestmark = pytest.mark.backends("embedded")
 

@@ -21,8 +21,8 @@ from syncplane.proto.v1 import workflow_service_pb2 as svc
 from syncplane.state.records import REDACTED
 from syncplane.state.sqlite import SqliteWorkerState
 from syncplane_sandbox import SeedSpec, start_sandbox
+from tests.embedded_plane import ControlPlane
 from tests.integration.cli_env import cli
-from tests.integration.conftest import ControlPlane
 from tests.integration.ingress_env import (
     converge,
     expected_profiles,

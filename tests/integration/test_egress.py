@@ -15,8 +15,8 @@ from syncplane.egress.transform import crm_time
 from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane_sandbox import Sandbox, SeedSpec, start_sandbox
 from tests.backends import eventually
+from tests.embedded_plane import CRASH_TOLERANT, ControlPlane, worker_processes
 from tests.factories import spec as default_spec
-from tests.integration.conftest import CRASH_TOLERANT, ControlPlane, worker_processes
 from tests.integration.ingress_env import converge, dead_letters, prepare, status_of
 from tests.integration.test_ingress import restart_with, start
 from tests.integration.verify_env import verified

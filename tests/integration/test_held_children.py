@@ -138,7 +138,7 @@ async def test_the_issue_example_through_a_real_worker(tmp_path: Path) -> None:
     """The same example through the control plane and a worker process: the worker's own held
     count follows, K1 is not resurrected, K2 keeps its new values, and verify finds 0 differences."""
     from tests.backends import eventually
-    from tests.integration.conftest import CRASH_TOLERANT, ControlPlane, _serve
+    from tests.embedded_plane import CRASH_TOLERANT, ControlPlane, serve
     from tests.integration.ingress_env import converge, prepare, status_until
     from tests.integration.test_ingress import start
     from tests.integration.verify_env import verified
@@ -152,7 +152,7 @@ async def test_the_issue_example_through_a_real_worker(tmp_path: Path) -> None:
         for key, points in ((k1, 10), (k2, 20)):
             cards.upsert(key, new_cardnumber=key[-4:], new_points=points,
                          **{"new_contactid@odata.bind": f"/contacts({WAITING})"})
-        async for plane in _serve(tmp_path, config=CRASH_TOLERANT):
+        async for plane in serve(tmp_path, config=CRASH_TOLERANT):
             prepare(sb, plane.data_dir)
             await start(plane, "held", held_spec(sb))
             await status_until(plane.stub, "held", lambda st: st.phase == pb.PHASE_RUNNING, 60)

@@ -16,7 +16,8 @@ from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.proto.v1 import workflow_service_pb2 as svc
 from syncplane.state.sqlite import SqliteWorkerState
 from syncplane_sandbox import Sandbox, SeedSpec
-from tests.integration.conftest import CRASH_TOLERANT, ControlPlane, watch_until, worker_processes
+from tests.embedded_plane import CRASH_TOLERANT, ControlPlane, worker_processes
+from tests.integration.conftest import watch_until
 from tests.integration.ingress_env import (
     actual_profiles,
     converge,

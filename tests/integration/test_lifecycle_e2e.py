@@ -20,7 +20,8 @@ from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.proto.v1 import workflow_service_pb2 as svc
 from syncplane.runtime.processes import read_port
 from tests.backends import ApiPlane, error_lines, eventually, revision
-from tests.integration.conftest import ControlPlane, watch_until
+from tests.embedded_plane import ControlPlane
+from tests.integration.conftest import watch_until
 
 TIMEOUT = 90.0   # a start on Kubernetes: a rollout of fake pods, then the workers' first heartbeats
 

@@ -208,13 +208,13 @@ async def test_replacements_match_by_type_and_a_bad_spec_value_fails_the_start(s
 async def test_a_refused_conversion_puts_the_workflow_in_error_with_its_reason(tmp_path: Path, sb: Sandbox) -> None:
     """Through the control plane and a real worker: the start fails with CONVERSION_NOT_SUPPORTED
     naming the mapping, and no record is dead-lettered."""
-    from tests.integration.conftest import CRASH_TOLERANT, _serve
+    from tests.embedded_plane import CRASH_TOLERANT, serve
     from tests.integration.ingress_env import prepare, status_until
     from tests.integration.test_ingress import start
 
     sb.d365.table("contacts").upsert(ADA, lastname="Ada", emailaddress1="ada@example.com",
                                      lastusedincampaign="2024-05-02T23:30:00Z")
-    async for plane in _serve(tmp_path, config=CRASH_TOLERANT):
+    async for plane in serve(tmp_path, config=CRASH_TOLERANT):
         prepare(sb, plane.data_dir)
         await start(plane, "typed", spec_mapping(sb, {"lastusedincampaign": "cusBirthDate"}))
         status = await status_until(plane.stub, "typed", lambda s: s.phase == pb.PHASE_ERROR, 120)

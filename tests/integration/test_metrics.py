@@ -15,7 +15,7 @@ from syncplane.runtime.processes import read_port
 from syncplane.validation.spec import max_concurrency
 from syncplane_sandbox import SeedSpec, start_sandbox
 from tests.backends import eventually
-from tests.integration.conftest import CRASH_TOLERANT, ControlPlane
+from tests.embedded_plane import CRASH_TOLERANT, ControlPlane
 from tests.integration.ingress_env import converge, ingress_spec, prepare, profiles_match
 from tests.integration.test_ingress import start
 

@@ -10,7 +10,7 @@ import pytest
 
 from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane_sandbox import SeedSpec
-from tests.integration.conftest import CRASH_TOLERANT, ControlPlane
+from tests.embedded_plane import CRASH_TOLERANT, ControlPlane
 from tests.integration.ingress_env import converge, prepared_sandbox, status_until
 from tests.integration.optinout_env import (
     PAIRS,

@@ -36,8 +36,8 @@ from syncplane.worker.pipeline import Checkpoint, Pipeline, Stream
 from syncplane_sandbox import SANDBOX_CLIENT_ID, SANDBOX_CLIENT_SECRET, Sandbox, SeedSpec, start_sandbox
 from syncplane_sandbox.variants import PAGE_ACTIONS
 from tests.backends import eventually
+from tests.embedded_plane import ControlPlane
 from tests.factories import spec
-from tests.integration.conftest import ControlPlane
 from tests.integration.ingress_env import (
     actual_profiles,
     converge,

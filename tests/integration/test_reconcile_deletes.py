@@ -17,8 +17,9 @@ from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.proto.v1 import workflow_service_pb2 as svc
 from syncplane_sandbox import MARKETING_USER, SANDBOX_CLIENT_ID, Sandbox, SeedSpec, start_sandbox
 from tests.backends import eventually
+from tests.embedded_plane import ControlPlane
 from tests.integration.cli_env import cli
-from tests.integration.conftest import ControlPlane, watch_until
+from tests.integration.conftest import watch_until
 from tests.integration.ingress_env import converge, diff, expected_profiles, ingress_spec, prepare, status_until
 from tests.integration.verify_env import verified
 

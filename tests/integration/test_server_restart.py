@@ -14,8 +14,9 @@ import pytest
 from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.proto.v1 import workflow_service_pb2 as svc
 from syncplane.proto.v1 import workflow_service_pb2_grpc as svc_grpc
+from tests.embedded_plane import worker_processes
 from tests.factories import spec
-from tests.integration.conftest import ServerProcess, wait_until, watch_until, worker_processes
+from tests.integration.conftest import ServerProcess, wait_until, watch_until
 
 
 class Servers:

@@ -29,7 +29,7 @@ from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.proto.v1 import workflow_service_pb2 as svc
 from syncplane.worker.split import bounds, range_filters
 from syncplane_sandbox import SANDBOX_CLIENT_ID, SANDBOX_CLIENT_SECRET, Sandbox, SeedSpec, start_sandbox
-from tests.integration.conftest import CRASH_TOLERANT, ControlPlane, worker_processes
+from tests.embedded_plane import CRASH_TOLERANT, ControlPlane, worker_processes
 from tests.integration.ingress_env import (
     change_during_load,
     converge,

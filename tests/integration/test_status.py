@@ -26,8 +26,9 @@ from syncplane.runtime.supervisor import SupervisorConfig
 from syncplane_sandbox import Sandbox, SeedSpec
 from syncplane_sandbox.quickstart import write_sandbox_secrets
 from tests.backends import eventually
+from tests.embedded_plane import ControlPlane
 from tests.integration.cli_env import cli
-from tests.integration.conftest import ControlPlane, watch_until
+from tests.integration.conftest import watch_until
 from tests.integration.ingress_env import ingress_spec, prepare
 from tests.integration.optinout_env import optinout_spec
 from tests.integration.sandbox_fixtures import running_sandbox

@@ -13,8 +13,8 @@ import pytest
 from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane_sandbox import SeedSpec, start_sandbox
 from tests.backends import eventually
+from tests.embedded_plane import CRASH_TOLERANT, ControlPlane
 from tests.integration.cli_env import cli
-from tests.integration.conftest import CRASH_TOLERANT, ControlPlane
 from tests.integration.ingress_env import (
     converge,
     expected_profiles,

@@ -23,8 +23,8 @@ from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.proto.v1 import workflow_service_pb2 as svc
 from syncplane.proto.v1 import workflow_service_pb2_grpc as svc_grpc
 from syncplane.service import WorkflowService
+from tests.embedded_plane import ControlPlane, serve
 from tests.factories import spec
-from tests.integration.conftest import ControlPlane, _serve
 
 pytestmark = pytest.mark.security
 TOKEN = "audit-t0ken"
@@ -32,7 +32,7 @@ TOKEN = "audit-t0ken"
 
 @pytest.fixture
 async def plane(tmp_path: Path) -> AsyncIterator[ControlPlane]:
-    async for p in _serve(tmp_path, ServerSecurity(token=TOKEN)):
+    async for p in serve(tmp_path, ServerSecurity(token=TOKEN)):
         yield p
 
 

@@ -24,15 +24,15 @@ from syncplane.validation import validate_labels
 from syncplane.validation.endpoints import endpoint_problem
 from syncplane.validation.names import DNS1123_LABEL, parse_name
 from syncplane.validation.rules import CAMPAIGN_IDENTIFIER, CRM_IDENTIFIER
+from tests.embedded_plane import ControlPlane, serve
 from tests.factories import spec
-from tests.integration.conftest import ControlPlane, _serve
 
 pytestmark = pytest.mark.security
 
 
 @pytest.fixture
 async def plane(tmp_path: Path) -> AsyncIterator[ControlPlane]:
-    async for p in _serve(tmp_path):
+    async for p in serve(tmp_path):
         yield p
 
 

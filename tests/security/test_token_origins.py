@@ -19,8 +19,9 @@ from syncplane.connectors.dynamics import DynamicsSource
 from syncplane.connectors.http import Credentials, OAuth2ClientCredentials, audience_allows
 from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane_sandbox import SeedSpec, start_sandbox
-from tests.integration.conftest import FAST as INTEGRATION_FAST
-from tests.integration.conftest import ControlPlane, _serve, watch_until
+from tests.embedded_plane import FAST as INTEGRATION_FAST
+from tests.embedded_plane import ControlPlane, serve
+from tests.integration.conftest import watch_until
 from tests.integration.ingress_env import ingress_spec, prepare
 from tests.integration.test_ingress import start
 from tests.security.hostile import HostileEndpoint
@@ -137,7 +138,7 @@ FAST = replace(INTEGRATION_FAST, stop_timeout=10.0)
 
 @pytest.fixture
 async def plane(tmp_path: Path) -> AsyncIterator[ControlPlane]:
-    async for p in _serve(tmp_path, config=FAST):
+    async for p in serve(tmp_path, config=FAST):
         yield p
 
 
