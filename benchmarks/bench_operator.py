@@ -22,6 +22,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import statistics
 import subprocess
 import sys
