@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,7 +45,7 @@ def build_spec_configmap(workflow: str, namespace: str, spec: dict[str, Any], sp
 
 def build_checkpoint_configmap(workflow: str, namespace: str) -> dict[str, Any]:
     """The workers' `<workflow>-checkpoints` ConfigMap, empty (data key = stream, value = cursor).
-    Created once when the workflow first starts, never replaced nor deleted on stop; the caller
+    Created when the workflow first starts, never replaced nor deleted on stop (its data is the workers'); the caller
     makes the Workflow its owner so that deleting the Workflow deletes it."""
     return {
         "apiVersion": "v1", "kind": "ConfigMap",
@@ -94,6 +94,42 @@ def identity_hash(identity: Sequence[dict[str, Any]]) -> str:
     (``L.IDENTITY_ANNOTATION``): when it differs (an upgrade, new ServiceAccount annotations) the
     operator ensures the identity again before replacing the Deployment."""
     return hashlib.sha256(json.dumps(list(identity), sort_keys=True).encode()).hexdigest()[:16]
+
+
+# Fields the API server refuses to change on an existing object: a child differing there is deleted and
+# created again (RoleBinding: "cannot change roleRef", Kubernetes RBAC docs, "Command-line utilities").
+IMMUTABLE_FIELDS: dict[str, tuple[str, ...]] = {"RoleBinding": ("roleRef",)}
+
+
+def unconverged(want: Mapping[str, Any], have: Mapping[str, Any]) -> dict[str, Any]:
+    """Pure: what an existing child ``have`` (its JSON body, camelCase) lacks of the builder's ``want``, as
+    a JSON merge patch (RFC 7386); empty when it holds everything ``want`` says (a no-op reconcile writes
+    nothing).
+
+    ``metadata``: only ``labels`` and ``annotations``, key by key (keys others added are kept); every other
+    top-level field of ``want`` but ``apiVersion``/``kind``, compared as a subset: a map holds each of
+    ``want``'s keys with a like value (what the API server defaults in is no difference), a list holds as
+    many items, each like ``want``'s; a field that differs is patched whole (a merge patch replaces lists).
+    Leave out of ``want`` a field that is not the operator's (a checkpoints ConfigMap's ``data``)."""
+    patch: dict[str, Any] = {}
+    meta_want, meta_have = want.get("metadata") or {}, have.get("metadata") or {}
+    for part in ("labels", "annotations"):
+        lacking = {k: v for k, v in (meta_want.get(part) or {}).items() if (meta_have.get(part) or {}).get(k) != v}
+        if lacking:
+            patch.setdefault("metadata", {})[part] = lacking
+    for key, value in want.items():
+        if key not in ("apiVersion", "kind", "metadata") and not _holds(have.get(key), value):
+            patch[key] = value
+    return patch
+
+
+def _holds(have: Any, want: Any) -> bool:
+    if isinstance(want, Mapping):
+        return isinstance(have, Mapping) and all(_holds(have.get(k), v) for k, v in want.items())
+    if isinstance(want, list):
+        return (isinstance(have, list) and len(have) == len(want)
+                and all(_holds(h, w) for h, w in zip(have, want, strict=True)))
+    return bool(have == want)
 
 
 def secret_volume_name(index: int) -> str:

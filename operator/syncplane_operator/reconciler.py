@@ -30,6 +30,7 @@ from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.verify.kube import VerifyRequest, parse_outcome, result_configmap_name
 from syncplane.verify.run import workers_running
 from syncplane_operator.builders import (
+    IMMUTABLE_FIELDS,
     WorkerImage,
     build_checkpoint_configmap,
     build_spec_configmap,
@@ -37,6 +38,7 @@ from syncplane_operator.builders import (
     build_worker_deployment,
     build_worker_identity,
     identity_hash,
+    unconverged,
 )
 from syncplane_operator.observe import observe
 from syncplane_operator.telemetry import observed_reconcile
@@ -225,32 +227,68 @@ def applied_view_resource(spec: pb.WorkflowSpec) -> dict[str, Any]:
 
 async def ensure_checkpoints(api: Clients, owner: kopf.Body) -> None:
     """On a start, before any worker runs: the workers' checkpoints ConfigMap, owned by the
-    Workflow. Create-if-missing (a 409 keeps what is there: checkpoints outlive stop/start)."""
-    name, namespace = str(owner.metadata.name), str(owner.metadata.namespace)
-    cm = build_checkpoint_configmap(name, namespace)
+    Workflow. Created if missing; one already there keeps its data (checkpoints outlive stop/start: they
+    are the workers') and gets the builder's labels back (:func:`ensure_child`)."""
+    namespace = str(owner.metadata.namespace)
+    cm = build_checkpoint_configmap(str(owner.metadata.name), namespace)
     kopf.adopt(cm, owner=owner)
-    await _create(api.core.create_namespaced_config_map, namespace, cm)
+    await ensure_child(api, namespace, cm, owned={k: v for k, v in cm.items() if k != "data"})
 
 
 async def ensure_worker_identity(api: Clients, owner: kopf.Body, image: WorkerImage) -> None:
     """Before a worker Deployment (or a verify Job) is created or replaced: the workflow's own
     ServiceAccount, its RoleBinding to the chart's worker Role, and its own Role (its ConfigMaps by name)
-    with its RoleBinding (`builders.build_worker_identity`), owned by the Workflow. Create-if-missing; a
-    ServiceAccount already there gets the configured annotations and labels (merge patch: workload
-    identity set by a later `helm upgrade` reaches the Workflows that exist)."""
+    with its RoleBinding (`builders.build_worker_identity`), owned by the Workflow. Each is created if
+    missing and brought back to the builder's output if it differs (:func:`ensure_child`): a Role whose
+    name list an upgrade changed, ServiceAccount annotations set by a later `helm upgrade` (workload
+    identity) reach the Workflows that exist."""
     namespace = str(owner.metadata.namespace)
-    account, binding, role, own_binding = build_worker_identity(str(owner.metadata.name), namespace,
-                                                                image.worker_role, image)
-    for body, create in ((account, api.core.create_namespaced_service_account),
-                         (binding, api.rbac.create_namespaced_role_binding),
-                         (role, api.rbac.create_namespaced_role),
-                         (own_binding, api.rbac.create_namespaced_role_binding)):
+    for body in build_worker_identity(str(owner.metadata.name), namespace, image.worker_role, image):
         kopf.adopt(body, owner=owner)
-        created = await _create(create, namespace, body)
-        if body is account and not created and (image.account_annotations or image.account_labels):
-            meta = account["metadata"]
-            await api.core.patch_namespaced_service_account(
-                meta["name"], namespace, {"metadata": {k: meta[k] for k in ("annotations", "labels") if k in meta}})
+        await ensure_child(api, namespace, body)
+
+
+def _child_calls(api: Clients, kind: str) -> tuple[Any, Any, Any, Any]:
+    """(create, read, patch, delete) of a child kind; delete None where a patch always does (each call
+    named in full: scripts/chart-check.py finds the operator's grants by them)."""
+    core, rbac = api.core, api.rbac
+    return {
+        "ServiceAccount": (core.create_namespaced_service_account, core.read_namespaced_service_account,
+                           core.patch_namespaced_service_account, None),
+        "ConfigMap": (core.create_namespaced_config_map, core.read_namespaced_config_map,
+                      core.patch_namespaced_config_map, None),
+        "Role": (rbac.create_namespaced_role, rbac.read_namespaced_role, rbac.patch_namespaced_role, None),
+        "RoleBinding": (rbac.create_namespaced_role_binding, rbac.read_namespaced_role_binding,
+                        rbac.patch_namespaced_role_binding, rbac.delete_namespaced_role_binding),
+    }[kind]
+
+
+async def ensure_child(api: Clients, namespace: str, body: dict[str, Any],
+                       owned: Mapping[str, Any] | None = None) -> None:
+    """Create the child ``body`` (a ServiceAccount, ConfigMap, Role or RoleBinding); if it exists, converge
+    it: a JSON merge patch of what it lacks of ``owned`` (``body`` unless told: the fields the operator
+    owns), nothing when it holds them all (`builders.unconverged`). A child differing in a field the API
+    server will not change (`builders.IMMUTABLE_FIELDS`) is deleted and created again. API errors but
+    409 on create and 404 on delete are raised."""
+    from kubernetes_asyncio.client.exceptions import ApiException
+
+    create, read, patch, delete = _child_calls(api, body["kind"])
+    if await _create(create, namespace, body):
+        return
+    name = body["metadata"]["name"]
+    have = api.core.api_client.sanitize_for_serialization(await read(name, namespace))
+    changes = unconverged(owned if owned is not None else body, have)
+    if not changes:
+        return
+    if delete is not None and set(changes) & set(IMMUTABLE_FIELDS.get(body["kind"], ())):
+        try:
+            await delete(name, namespace)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+        await _create(create, namespace, body)
+        return
+    await patch(name, namespace, changes, _content_type="application/merge-patch+json")
 
 
 async def converge(api: Clients, owner: kopf.Body, deployment: Mapping[str, Any] | None, target: int,
@@ -272,17 +310,12 @@ async def converge(api: Clients, owner: kopf.Body, deployment: Mapping[str, Any]
         await ensure_worker_identity(api, owner, image)
         await _create(api.apps.create_namespaced_deployment, str(namespace), want)
         return
-    annotations = (deployment.get("metadata") or {}).get("annotations") or {}
-    current_hash = annotations.get(L.SPEC_HASH_ANNOTATION)
-    current_replicas = (deployment.get("spec") or {}).get("replicas")
-    # a Deployment from before per-workflow identities runs under another account: replaced too
-    current_account = (((deployment.get("spec") or {}).get("template") or {}).get("spec") or {}).get(
-        "serviceAccountName")
-    # an identity changed since (an upgrade adding the workers' own Role, new ServiceAccount annotations)
-    # is ensured before the Deployment is replaced
-    if (current_hash != status.applied_spec_hash or current_replicas != target
-            or current_account != L.worker_service_account_name(str(name))
-            or annotations.get(L.IDENTITY_ANNOTATION) != identity):
+    # Whatever the Deployment lacks of the builder's output is brought back by a replace: a new applied spec
+    # (its hash), a scale, a Deployment from before per-workflow identities (another account), an identity
+    # changed since (an upgrade changing the workers' Role, new ServiceAccount annotations: ensured first),
+    # a pod template field an upgrade changed or someone edited (image, mounts, probes, resources). What the
+    # API server defaults in is no difference (`builders.unconverged`), so a no-op reconcile writes nothing.
+    if unconverged(want, deployment):
         await ensure_worker_identity(api, owner, image)
         await api.apps.replace_namespaced_deployment(L.worker_deployment_name(str(name)), namespace, want)
 

@@ -33,7 +33,12 @@ from aiohttp import ClientSession, ClientTimeout, TCPConnector, web
 
 from syncplane.client import ClientConfig
 from syncplane.client import channel as client_channel
-from syncplane.contract.names import KEEP_SPEC_SNAPSHOTS, checkpoint_configmap_name, worker_service_account_name
+from syncplane.contract.names import (
+    KEEP_SPEC_SNAPSHOTS,
+    checkpoint_configmap_name,
+    worker_configmap_names,
+    worker_service_account_name,
+)
 from syncplane.model.convert import from_resource
 from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.proto.v1 import workflow_service_pb2 as svc
@@ -41,6 +46,7 @@ from syncplane.proto.v1 import workflow_service_pb2_grpc as svc_grpc
 from syncplane_sandbox import Sandbox, SeedSpec, start_sandbox
 from tests.chart_tools import check
 from tests.factories import literals
+from tests.k8s.test_children_converge import may, tamper_children
 from tests.k8s.test_operator import AVAILABLE, LocalWorker, get, wait
 from tests.processes import stop_process
 
@@ -475,9 +481,16 @@ def test_lifecycle_under_the_charts_rbac(k8s_cluster, workflow_crd, namespace, c
         workers[0].stop()
         k8s_cluster.wait_until("STOPPED", lambda: phase(stub, workflow_id) == "PHASE_STOPPED", timeout=90)
 
+        # the workers' identity as an older operator or a hand edit left it (a Role of fewer names, a RoleBinding
+        # to another Role, ...): the restart brings each back under the chart's grants (get, patch, delete)
+        tamper_children(k8s_cluster, namespace, workflow_id)
         # restart: a new snapshot (the updated Deployment), then delete
         stub.StartWorkflow(svc.StartWorkflowRequest(name=f"workflows/{workflow_id}"))
         wait(k8s_cluster, namespace, f"deployment/{workflow_id}-worker", AVAILABLE)
+        for name in worker_configmap_names(workflow_id):
+            assert may(k8s_cluster, namespace, workflow_id, "patch", f"configmap/{name}"), name
+        assert get(k8s_cluster, namespace, "rolebinding", worker_service_account_name(workflow_id))["roleRef"][
+            "name"] == f"{release}-syncplane-worker"
         workers.append(LocalWorker(as_worker, namespace, workflow_id, tmp_path))
         k8s_cluster.wait_until("RUNNING again", lambda: phase(stub, workflow_id) == "PHASE_RUNNING", timeout=90)
         assert workers[1].configmap != workers[0].configmap

@@ -251,3 +251,107 @@ def test_an_event_for_each_phase_change_and_none_for_a_workflows_first_status_st
     """issue 17: one Event per transition; a Workflow created STOPPED starts STOPPED, which is no change
     (a cold start over 1,000 of them wrote 1,000 "created: STOPPED" Events)."""
     assert transition(before, after) == event
+
+
+def _children() -> dict[str, dict]:
+    from syncplane_operator.builders import build_checkpoint_configmap, build_worker_identity
+
+    account, binding, role, own_binding = build_worker_identity("wf", "ns", "syncplane-worker")
+    return {"ServiceAccount": account, "RoleBinding": binding, "Role": role, "own RoleBinding": own_binding,
+            "ConfigMap": build_checkpoint_configmap("wf", "ns"),
+            "Deployment": build_worker_deployment("wf", "ns", "abcdef0123456789", 4, 1, secrets=["a", "b"])}
+
+
+def _as_stored(body: dict) -> dict:
+    """``body`` as the API server gives it back: defaults filled in, bookkeeping added."""
+    stored = json.loads(json.dumps(body))
+    stored["metadata"].update(uid="u-1", resourceVersion="7", creationTimestamp="2026-11-30T10:00:00Z")
+    stored["metadata"].setdefault("annotations", {})["deployment.kubernetes.io/revision"] = "1"
+    stored["metadata"].setdefault("labels", {})["someone-else"] = "theirs"
+    if stored["kind"] == "Deployment":
+        spec = stored["spec"]
+        spec.update(revisionHistoryLimit=10)
+        pod = spec["template"]["spec"]
+        pod.update(restartPolicy="Always", dnsPolicy="ClusterFirst", schedulerName="default-scheduler")
+        (c,) = pod["containers"]
+        c.update(terminationMessagePath="/dev/termination-log", terminationMessagePolicy="File")
+        c["ports"][0]["protocol"] = "TCP"
+        c["env"][0]["valueFrom"]["fieldRef"]["apiVersion"] = "v1"
+        c["readinessProbe"].update(successThreshold=1, failureThreshold=3)
+        c["readinessProbe"]["httpGet"]["scheme"] = "HTTP"
+        pod["volumes"][0]["configMap"]["defaultMode"] = 420
+    return stored
+
+
+def _drop_last_name(body: dict) -> None:
+    body["rules"][0]["resourceNames"] = body["rules"][0]["resourceNames"][:-1]
+
+
+def _other_role(body: dict) -> None:
+    body["roleRef"]["name"] = "another-role"
+
+
+def _other_subject(body: dict) -> None:
+    body["subjects"][0]["name"] = "someone"
+
+
+def _lost_label(body: dict) -> None:
+    del body["metadata"]["labels"]["syncplane.io/workflow"]
+
+
+def _other_image(body: dict) -> None:
+    body["spec"]["template"]["spec"]["containers"][0]["image"] = "elsewhere/other:1"
+
+
+def _a_mount_less(body: dict) -> None:
+    pod = body["spec"]["template"]["spec"]
+    pod["volumes"].pop()
+    pod["containers"][0]["volumeMounts"].pop()
+
+
+def _other_account(body: dict) -> None:
+    body["spec"]["template"]["spec"]["serviceAccountName"] = "default"
+
+
+def _scaled(body: dict) -> None:
+    body["spec"]["replicas"] = 3
+
+
+@pytest.mark.parametrize(("child", "change", "patched"), [
+    ("Role", _drop_last_name, {"rules"}),
+    ("RoleBinding", _other_role, {"roleRef"}),
+    ("own RoleBinding", _other_subject, {"subjects"}),
+    ("ServiceAccount", _lost_label, {"metadata"}),
+    ("ConfigMap", _lost_label, {"metadata"}),
+    ("Deployment", _other_image, {"spec"}),
+    ("Deployment", _a_mount_less, {"spec"}),
+    ("Deployment", _other_account, {"spec"}),
+    ("Deployment", _scaled, {"spec"}),
+    ("Deployment", _lost_label, {"metadata"}),
+])
+def test_a_child_that_differs_from_its_builder_is_patched_back_and_one_that_holds_it_is_not(child, change, patched):
+    """issue s7-bugs 1: a child the operator made once (Role, RoleBindings, ServiceAccount, checkpoints
+    ConfigMap, worker Deployment) converges to the builder's output: what the API server defaulted in or
+    someone else added is no difference; any field of the builder's that differs is."""
+    from syncplane_operator.builders import unconverged
+
+    want = _children()[child]
+    stored = _as_stored(want)
+    assert unconverged(want, stored) == {}          # as created, with the server's defaults: nothing to write
+    change(stored)
+    patch = unconverged(want, stored)
+    assert set(patch) == patched
+    for key in patched - {"metadata"}:
+        assert patch[key] == want[key]              # a merge patch of the builder's whole field
+    if "metadata" in patch:
+        assert patch["metadata"] == {"labels": {"syncplane.io/workflow": "wf"}}   # theirs kept, not removed
+
+
+def test_the_whole_name_list_of_an_old_role_is_written_back():
+    from syncplane.contract.names import worker_configmap_names
+    from syncplane_operator.builders import unconverged
+
+    role = _children()["Role"]
+    old = _as_stored(role)
+    old["rules"][0]["resourceNames"] = ["wf-checkpoints"]   # an operator before the shards
+    assert unconverged(role, old)["rules"][0]["resourceNames"] == worker_configmap_names("wf")

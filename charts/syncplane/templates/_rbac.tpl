@@ -41,16 +41,20 @@ and tests/k8s/test_chart.py runs the lifecycle under exactly these grants).
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
-# each Workflow's own worker identity: a ServiceAccount (annotated for workload identity: patch on one that
-# exists), its RoleBinding to the worker Role, and its own Role of ConfigMap names with its RoleBinding (`bind`
-# by name for the worker Role: the operator itself holds none of its verbs; its own Role grants ConfigMap
-# verbs the operator holds)
+# each Workflow's own worker identity: a ServiceAccount (annotated for workload identity), its RoleBinding to
+# the worker Role, and its own Role of ConfigMap names with its RoleBinding (`bind` by name for the worker
+# Role: the operator itself holds none of its verbs; its own Role grants ConfigMap verbs the operator holds).
+# One that exists is read and brought back to what the operator builds (patch; a RoleBinding with another
+# roleRef, which cannot be patched, is deleted and made again)
 - apiGroups: [""]
   resources: ["serviceaccounts"]
-  verbs: ["create", "patch"]
+  verbs: ["get", "create", "patch"]
 - apiGroups: ["rbac.authorization.k8s.io"]
-  resources: ["rolebindings", "roles"]
-  verbs: ["create"]
+  resources: ["roles"]
+  verbs: ["get", "create", "patch"]
+- apiGroups: ["rbac.authorization.k8s.io"]
+  resources: ["rolebindings"]
+  verbs: ["get", "create", "patch", "delete"]
 - apiGroups: ["rbac.authorization.k8s.io"]
   resources: ["roles"]
   resourceNames: [{{ printf "%s-worker" (include "syncplane.fullname" .) | quote }}]
