@@ -23,6 +23,7 @@ from typing import Any
 from benchmarks import (
     bench_api,
     bench_console,
+    bench_crd_writes,
     bench_egress,
     bench_ingress,
     bench_operator,
@@ -42,13 +43,14 @@ BENCHMARKS: dict[str, Callable[[], Awaitable[Any]]] = {
     "egress": bench_egress.run, "opt_in_out": bench_optinout.run, "verify": bench_verify.run,
     "console": bench_console.run, "split_load": bench_split.run,
     "operator": lambda: asyncio.to_thread(bench_operator.run),
+    "crd_writes": lambda: asyncio.to_thread(bench_crd_writes.run),
     "operator_scale": lambda: asyncio.to_thread(bench_operator.scale, OPTIONS["operator_workflows"]),
     "operator_watch_namespaces": lambda: asyncio.to_thread(bench_operator.watched_namespaces,
                                                            OPTIONS["operator_workflows"]),
 }
 
 #: Benchmarks that need the Kubernetes test binaries (skipped by --no-k8s).
-K8S = {"operator", "operator_scale", "operator_watch_namespaces"}
+K8S = {"operator", "operator_scale", "operator_watch_namespaces", "crd_writes"}
 
 
 @dataclass(frozen=True)
@@ -123,6 +125,11 @@ SUMMARY: dict[str, list[tuple[str, str, str, str, str, str]]] = {
          "worker processes alone (their imports, as many at once)", "concurrent_starts/workers_alone/all_done_s",
          "s", "lower"),
     ],
+    "crd_writes": [row for kind in ("status", "spec") for row in (
+        (f"API server CPU per Workflow {kind} write", f"generated/{kind}/api_server_cpu_ms",
+         "the same CRD without its CEL rules", f"no_cel/{kind}/api_server_cpu_ms", "ms", "lower"),
+        (f"API server CPU per Workflow {kind} write", f"generated/{kind}/api_server_cpu_ms",
+         "a ConfigMap write of its size", "configmap/api_server_cpu_ms", "ms", "lower"))],
     "operator_watch_namespaces": [
         ("cold start, every watched Workflow phased", "cold_start_every_watched_phase_s",
          "cluster alone creating all of them", "cluster_alone_create_s", "s", "lower"),

@@ -310,10 +310,7 @@ class TestCluster:
 
     def api(self, method: str, path: str, body: Any = None, timeout: float = 10.0) -> tuple[int, Any]:
         """One request to the API server as the admin user: (status, decoded JSON body or text)."""
-        if self._ssl is None:
-            raise ClusterError("cluster not started")
-        host, port = self.server.removeprefix("https://").rsplit(":", 1)
-        conn = http.client.HTTPSConnection(host, int(port), context=self._ssl, timeout=timeout)
+        conn = self.connection(timeout)
         try:
             payload = None if body is None else json.dumps(body)
             conn.request(method, path, body=payload, headers={"Content-Type": "application/json"})
@@ -325,6 +322,14 @@ class TestCluster:
             return resp.status, json.loads(raw)
         except ValueError:
             return resp.status, raw
+
+    def connection(self, timeout: float = 10.0) -> http.client.HTTPSConnection:
+        """A connection to the API server as the admin user (client certificate), not yet opened; it
+        stays open across requests (keep-alive) until closed, so a run of requests pays one TLS handshake."""
+        if self._ssl is None:
+            raise ClusterError("cluster not started")
+        host, port = self.server.removeprefix("https://").rsplit(":", 1)
+        return http.client.HTTPSConnection(host, int(port), context=self._ssl, timeout=timeout)
 
     def requests_by_kind(self, metric: str = "apiserver_request_total") -> dict[tuple[str, str], float]:
         """The API server's requests so far by (verb, resource[/subresource]), from its /metrics: see
