@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -484,6 +485,70 @@ async def test_campaign_event_cursor_stays_bounded_when_a_bulk_update_shares_one
         assert len(delivered) == len(expected) and sorted(delivered) == sorted(expected)
         # line_count keys of ≤ 13 characters as a JSON list, plus the timestamp and one page URL
         assert largest <= line_count * 16 + 4096, largest
+    finally:
+        await src.aclose()
+        await tokens.aclose()
+
+
+# ------------------------------------------------------------------------------ stored links of a moved endpoint
+
+#: How an edit moves a source endpoint, as a stored link made before it shows it (brief s7-bugs 2).
+D365_MOVES = {"another host": lambda link: link.replace("127.0.0.1", "localhost"),
+              "another version": lambda link: link.replace("/api/data/v9.2/", "/api/data/v9.1/")}
+
+
+@pytest.mark.parametrize("moved", sorted(D365_MOVES))
+@pytest.mark.parametrize("kind", ["delta link", "resume link"])
+async def test_a_stored_link_not_under_the_endpoint_is_discarded_for_a_flagged_resync(
+        sandbox: Sandbox, source: DynamicsSource, caplog: pytest.LogCaptureFixture, moved: str, kind: str) -> None:
+    """A checkpointed ``@odata.deltaLink``/``@odata.nextLink`` that an edit of the endpoint left behind: the
+    read does not fail (UNTRUSTED_ORIGIN for another host, forever); the link is discarded with a WARNING and
+    the table read in full, flagged ``resynced`` as after an expired token, so deletes meanwhile are
+    reconciled (tests/integration/test_reconcile_deletes.py, ``endpoint-moved``)."""
+    pages = await read_all(source)
+    cursor = pages[-1].cursor if kind == "delta link" else pages[2].cursor
+    assert cursor is not None
+    stale = D365_MOVES[moved](cursor)
+    assert stale != cursor
+    asked = len(sandbox.requests.records(server="d365"))
+    with caplog.at_level(logging.WARNING, logger="syncplane.connectors.dynamics"):
+        again = await read_all(source, stale)
+    assert again[0].resynced and all(p.full for p in again) and source.resyncs == 1
+    assert sorted(keys_of(again)) == sorted(sandbox.d365.table("contacts").rows)
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "not under the configured endpoint" in warned[0], warned
+    assert "token" not in warned[0], "the link's tokens stay out of the log"
+    assert not [r for r in sandbox.requests.records(server="d365")[asked:] if "v9.1" in r.path]
+    assert keys_of(await read_all(source, again[-1].cursor)) == []   # the new delta link is followed
+
+
+@pytest.mark.parametrize("moved", ["another host", "another organization"])
+async def test_a_stored_campaign_page_not_under_the_endpoint_is_read_again_from_its_timestamp(
+        sandbox: Sandbox, caplog: pytest.LogCaptureFixture, moved: str) -> None:
+    """Campaign's bounded cursor keeps a ``next.href`` when the records at its timestamp began on an earlier
+    page. One an edit of the endpoint left behind is discarded with a WARNING and the read asks
+    ``byLastModified`` from the timestamp again: every event after the cursor comes (at-least-once: writes
+    are idempotent by event id), none is lost."""
+    bulk = sandbox.acs.next_ts()
+    for i in range(5):
+        sandbox.acs.events.create({"eventId": f"bulk-{i}", "eventType": "send"}, ts=bulk)
+    for i in range(3):
+        sandbox.acs.events.create({"eventId": f"after-{i}", "eventType": "open"})
+    tokens = acs_tokens(sandbox)
+    src = CampaignSource(sandbox.acs_url, tokens, SANDBOX_CLIENT_ID, key_field="eventId", line_count=2)
+    try:
+        pages = [p async for p in src.pages("events", ["eventId"], None)]
+        at = next(i for i, p in enumerate(pages) if p.cursor and "page" in json.loads(p.cursor))
+        state = json.loads(str(pages[at].cursor))
+        state["page"] = (state["page"].replace("127.0.0.1", "localhost") if moved == "another host"
+                         else state["page"].replace(f"/{sandbox.options.org}/", "/another-org/"))
+        with caplog.at_level(logging.WARNING, logger="syncplane.connectors.campaign"):
+            again = [p async for p in src.pages("events", ["eventId"], json.dumps(state))]
+        assert set(keys_of(pages[at + 1:])) <= set(keys_of(again))   # nothing after the cursor is lost
+        # and the read starts at the cursor's timestamp: the bulk's and what came after, nothing older
+        assert set(keys_of(again)) <= {f"bulk-{i}" for i in range(5)} | {f"after-{i}" for i in range(3)}
+        warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warned) == 1 and "not under the configured endpoint" in warned[0], warned
     finally:
         await src.aclose()
         await tokens.aclose()

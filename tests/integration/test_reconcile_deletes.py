@@ -1,9 +1,9 @@
 """Deletes made while the source could not report them (issue 11, fault 2), with real worker
 processes against the sandbox: every full re-read (an expired delta token, a replay, a filter
-change) ends by reconciling deletes. A full read carries no ``$deletedEntity`` rows, as in
-Dataverse; the records the integration wrote that the source no longer has are deleted (with
-applyDeletes) or counted and left (without). Profiles the integration did not create are never
-touched, even one whose externalId names a deleted contact."""
+change, a stored delta link discarded because the source endpoint moved) ends by reconciling deletes.
+A full read carries no ``$deletedEntity`` rows, as in Dataverse; the records the integration wrote
+that the source no longer has are deleted (with applyDeletes) or counted and left (without). Profiles
+the integration did not create are never touched, even one whose externalId names a deleted contact."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import httpx
 import pytest
 from google.protobuf import field_mask_pb2
 
+from syncplane.credentials import write_local_secret
 from syncplane.proto.v1 import workflow_pb2 as pb
 from syncplane.proto.v1 import workflow_service_pb2 as svc
 from syncplane_sandbox import MARKETING_USER, SANDBOX_CLIENT_ID, Sandbox, SeedSpec, start_sandbox
@@ -43,7 +44,7 @@ async def start_with(plane: ControlPlane, name: str, spec: pb.WorkflowSpec, path
 
 
 @pytest.mark.parametrize("apply_deletes", [True, False])
-@pytest.mark.parametrize("trigger", ["expired-token", "replay", "filter-change"])
+@pytest.mark.parametrize("trigger", ["expired-token", "replay", "filter-change", "endpoint-moved"])
 async def test_every_full_re_read_reconciles_deletes(plane: ControlPlane, trigger: str, apply_deletes: bool) -> None:
     sb = await start_sandbox(seed=SeedSpec(contacts=30, seed=21))
     try:
@@ -76,7 +77,15 @@ async def test_every_full_re_read_reconciles_deletes(plane: ControlPlane, trigge
                 contacts.delete(rid)
             changed = pb.WorkflowSpec()
             changed.CopyFrom(spec)
-            if trigger == "replay":
+            if trigger == "endpoint-moved":
+                # the same service under another host name (brief s7-bugs 2): the stored delta link, under the old
+                # one, is refused by the credentials' new audience; it is discarded and the table read in full
+                moved = sb.d365_origin.replace("127.0.0.1", "localhost")
+                write_local_secret(plane.data_dir / "secrets", "d365-sandbox",
+                                   {**sb.secrets()["d365-sandbox"], "scope": f"{moved}/.default"})
+                changed.source.endpoint = sb.d365_url.replace(sb.d365_origin, moved)
+                await start_with(plane, "rd", changed, "spec.source.endpoint")
+            elif trigger == "replay":
                 changed.ingress.replay.source_table = "contact"
                 changed.ingress.replay.request_id = "r1"
                 await start_with(plane, "rd", changed, "spec.ingress.replay")

@@ -118,18 +118,39 @@ async def test_a_returned_link_to_another_origin_is_an_error_not_a_request(
         await service.stop()
 
 
-async def test_a_delta_link_resumed_from_a_cursor_goes_nowhere_else(hostile: HostileEndpoint) -> None:
-    """A stored cursor (a delta link) naming another origin is refused too, before any request."""
-    creds = Credentials("client", "secret", scope="http://127.0.0.1:7480/.default")
-    tokens = OAuth2ClientCredentials(f"{hostile.origin}/token", creds)
-    src = DynamicsSource("http://127.0.0.1:7480/api/data/v9.2/", tokens, key_column="contactid")
-    with pytest.raises(ConnectorError) as caught:
-        async for _ in src.pages("contacts", ["contactid"], f"delta {hostile.origin}/api/data/v9.2/contacts?dt=1"):
-            pass
-    await src.aclose()
-    await tokens.aclose()
-    assert caught.value.reason == "UNTRUSTED_ORIGIN"
-    assert hostile.credentials_seen() == []
+@pytest.mark.parametrize("kind", ["dataverse deltaLink", "campaign next.href"])
+async def test_a_link_resumed_from_a_cursor_goes_nowhere_else(hostile: HostileEndpoint, kind: str) -> None:
+    """A stored cursor (a delta link, a Campaign page) naming another origin is never asked, with or without
+    a token: it is discarded before any request and the read starts over at the configured endpoint (brief
+    s7-bugs 2: it used to fail every read)."""
+    campaign = kind.startswith("campaign")
+
+    async def handle(request: web.Request) -> web.Response:
+        if request.path == "/token":
+            return web.json_response({"access_token": "tok-4711", "expires_in": 3600})
+        if campaign:
+            return web.json_response({"content": []})
+        return web.json_response({"value": [], "@odata.deltaLink": f"{service.origin}{request.path}?$deltatoken=2"})
+
+    service = await HostileEndpoint.start("127.0.0.1", handle)
+    try:
+        creds = (Credentials("client", "secret", organization=ORG, api_host=service.origin) if campaign
+                 else Credentials("client", "secret", scope=f"{service.origin}/.default"))
+        tokens = OAuth2ClientCredentials(f"{service.origin}/token", creds)
+        src: DynamicsSource | CampaignSource = (
+            CampaignSource(f"{service.origin}/{ORG}/campaign/", tokens, "client") if campaign
+            else DynamicsSource(f"{service.origin}/api/data/v9.2/", tokens, key_column="contactid"))
+        cursor = (f'{{"since": "2026-11-30 10:00:00.000Z", "seen": [], "page": "{hostile.origin}/{ORG}/campaign/p"}}'
+                  if campaign else f"delta {hostile.origin}/api/data/v9.2/contacts?$deltatoken=1")
+        pages = [page async for page in src.pages("profile" if campaign else "contacts", ["contactid"], cursor)]
+        await src.aclose()
+        await tokens.aclose()
+        assert pages and (campaign or pages[0].resynced)
+        asked = [r.path for r in service.received if r.path != "/token"]
+        assert asked and all(("byLastModified" if campaign else "/contacts") in path for path in asked), asked
+        assert hostile.received == []
+    finally:
+        await service.stop()
 
 
 # ------------------------------------------------------------------ spec endpoints, end to end

@@ -21,7 +21,9 @@ from syncplane.connectors.http import (
     Transport,
     VendorApi,
     error_text,
+    origin_of,
     raise_for_status,
+    stored_link_allowed,
 )
 from syncplane.connectors.schema import Schema
 
@@ -377,8 +379,15 @@ class CampaignSource(_Base):
                 since, seen, page = str(state["since"]), set(state["seen"]), state.get("page")
             except (ValueError, KeyError, TypeError):
                 raise ConnectorError("BAD_CURSOR", f"unreadable Campaign cursor for {resource}") from None
-            if page is not None and not (isinstance(page, str) and page.startswith(self.base_url)):
+            if page is not None and not isinstance(page, str):
                 raise ConnectorError("BAD_CURSOR", f"unreadable Campaign cursor for {resource}")
+            if page is not None and not stored_link_allowed(self.base_url, page):
+                # A page of an endpoint an edit replaced: read again from `since` (byLastModified). What
+                # is at `since` on earlier pages comes again; writes are idempotent by key, nothing is lost.
+                log.warning("stored next.href for %s (%s) is not under the configured endpoint %s: discarded, "
+                            "reading from lastModified %s", resource, origin_of(page), origin_of(self.base_url),
+                            since)
+                page = None
         path = resource_path(resource)
         query = urlencode({"lastModified_parameter": since, "_lineCount": str(self.line_count),
                            "_forcePagination": "true"})

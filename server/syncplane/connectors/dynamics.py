@@ -24,9 +24,11 @@ from syncplane.connectors.http import (
     VendorApi,
     error_text,
     error_text_of,
+    origin_of,
     pause,
     raise_for_status,
     retry_after_seconds,
+    stored_link_allowed,
 )
 from syncplane.connectors.schema import Schema
 
@@ -164,8 +166,18 @@ class DynamicsSource(VendorApi):
         async def get(link: str) -> Response:
             return await self._get(link, annotations, track)
 
+        if url != first_url and not stored_link_allowed(self.base_url, url):
+            # A stored link not under the endpoint now configured (an edit moved it: another host,
+            # version or organisation) leads to another service, which the credentials' audience may
+            # refuse, and its token means nothing here. Start over as for an expired token.
+            log.warning("stored %s link for %s (%s) is not under the configured endpoint %s: discarded, full "
+                        "resync", "resume" if full else "delta", table, origin_of(url), origin_of(self.base_url))
+            self.resyncs += 1
+            resynced, full = True, True
+            url = first_url
         response = await get(url)
-        if cursor is not None and ((full and response.status_code == 400) or _is_expired_delta(response)):
+        if (cursor is not None and not resynced
+                and ((full and response.status_code == 400) or _is_expired_delta(response))):
             # An expired delta token, or a resume link the service no longer accepts: start over.
             log.info("%s cursor for %s no longer valid: full resync", "resume" if full else "delta", table)
             self.resyncs += 1

@@ -170,6 +170,16 @@ def audience_allows(audience: Sequence[str], url: str) -> bool:
     return _audience_allows(audience, url)
 
 
+def stored_link_allowed(endpoint: str, link: str) -> bool:
+    """Whether a vendor link kept as a checkpoint (``@odata.nextLink``/``@odata.deltaLink``, Campaign's
+    ``next.href``) may still be followed: it lies under ``endpoint``, the source's endpoint as now
+    configured (the same rule as :func:`audience_allows`). Both vendors give their links under the URL
+    they were asked at (OData 4.0 part 1 §11.2.5.7 "the next link"; Campaign Standard API "Pagination"), so a
+    link that is not was made by an endpoint an edit has since replaced: the reader discards it and
+    starts from its last safe point instead of failing every read (``UNTRUSTED_ORIGIN``)."""
+    return audience_allows((endpoint,), link)
+
+
 @functools.lru_cache(maxsize=256)
 def _directory_allowed(audience: tuple[str, ...], directory: str) -> bool:
     """Whether every URL ``<directory>/<segment>`` (one plain segment, not a dot segment) is in
