@@ -82,7 +82,7 @@ def _install(cluster: TestCluster, write: _Writer | None, crd: dict[str, Any], r
     a CEL rule refuses (an EGRESS section on an INGRESS Workflow) is refused iff ``rules`` (no ``write``:
     the first install, no Workflow yet)."""
     cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-", input=yaml.safe_dump(crd))
-    cluster.kubectl("wait", "--for=condition=Established", "crd/workflows.syncplane.io")
+    cluster.wait_established("workflows.syncplane.io")
     if write is None:
         return
     probe = {"spec": {"egress": {"send": True}}}

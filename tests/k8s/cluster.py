@@ -162,7 +162,8 @@ def requests_by_kind(metrics_text: str, metric: str = "apiserver_request_total")
     """The samples named ``metric`` in an API server's /metrics text (parsed by prometheus_client), summed by
     (verb, resource[/subresource]), e.g. ``{("PATCH", "workflows/status"): 3.0}``. ``metric`` is a sample's
     name: apiserver_request_total (requests), or apiserver_request_duration_seconds_sum (the seconds the
-    API server spent on them: a sample of the histogram family apiserver_request_duration_seconds)."""
+    API server spent on them: a sample of the histogram family apiserver_request_duration_seconds). A
+    defaultdict: a kind the API server has not served reads 0."""
     counts: dict[tuple[str, str], float] = collections.defaultdict(float)
     for family in text_string_to_metric_families(metrics_text):
         for sample in family.samples:
@@ -170,7 +171,7 @@ def requests_by_kind(metrics_text: str, metric: str = "apiserver_request_total")
                 labels = sample.labels
                 resource = "/".join(x for x in (labels.get("resource", ""), labels.get("subresource", "")) if x)
                 counts[(labels.get("verb", ""), resource)] += sample.value
-    return dict(counts)
+    return counts
 
 
 class TestCluster:

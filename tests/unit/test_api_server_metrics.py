@@ -45,3 +45,7 @@ CASES = [
 def test_requests_by_kind_reads_every_sample_of_the_metric(text: str, metric: str,
                                                            expected: dict[tuple[str, str], float]) -> None:
     assert requests_by_kind(text, metric) == pytest.approx(expected)
+
+
+def test_a_kind_not_served_reads_zero() -> None:
+    assert requests_by_kind(HEADER, "apiserver_request_total")[("PUT", "workflows/status")] == 0
