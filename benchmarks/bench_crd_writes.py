@@ -26,29 +26,17 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import psutil
 import yaml
 
 from tests.k8s.cluster import TestCluster
+from tests.k8s.syncplane_fixtures import CONTACTS, CRD, apply_crd, without_cel
 
-ROOT = Path(__file__).resolve().parent.parent
-CRD = ROOT / "charts" / "syncplane" / "crds" / "workflows.syncplane.io.yaml"
-DEFAULT = ROOT / "server" / "syncplane" / "defaults" / "10-contacts-ingress.yaml"
 NS = "writes"
 API = f"/apis/syncplane.io/v1/namespaces/{NS}/workflows"
 MERGE = "application/merge-patch+json"
-
-
-def without_cel(node: Any) -> Any:
-    """A copy of ``node`` (a CRD, or any part of one) without any ``x-kubernetes-validations``."""
-    if isinstance(node, dict):
-        return {k: without_cel(v) for k, v in node.items() if k != "x-kubernetes-validations"}
-    if isinstance(node, list):
-        return [without_cel(v) for v in node]
-    return node
 
 
 def cel_rules(node: Any) -> int:
@@ -66,32 +54,12 @@ class _Writer:
     def __init__(self, cluster: TestCluster) -> None:
         self.conn = cluster.connection(timeout=60)
 
-    def __call__(self, method: str, path: str, body: Any, content_type: str = MERGE) -> tuple[int, bytes]:
+    def ok(self, method: str, path: str, body: Any, content_type: str = MERGE) -> None:
         self.conn.request(method, path, body=json.dumps(body), headers={"Content-Type": content_type})
         resp = self.conn.getresponse()
-        return resp.status, resp.read()
-
-    def ok(self, method: str, path: str, body: Any, content_type: str = MERGE) -> None:
-        status, data = self(method, path, body, content_type)
-        if status >= 300:
-            raise RuntimeError(f"{method} {path}: HTTP {status} {data[:300]!r}")
-
-
-def _install(cluster: TestCluster, write: _Writer | None, crd: dict[str, Any], rules: bool) -> None:
-    """Apply ``crd`` and wait until the API server enforces it: a dry-run patch of ``wf-0000`` that only
-    a CEL rule refuses (an EGRESS section on an INGRESS Workflow) is refused iff ``rules`` (no ``write``:
-    the first install, no Workflow yet)."""
-    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-", input=yaml.safe_dump(crd))
-    cluster.wait_established("workflows.syncplane.io")
-    if write is None:
-        return
-    probe = {"spec": {"egress": {"send": True}}}
-
-    def enforced() -> bool:
-        status, _ = write("PATCH", f"{API}/wf-0000?dryRun=All", probe)
-        return (status == 422) == rules
-
-    cluster.wait_until("the API server serving the CRD just applied", enforced, 60)
+        data = resp.read()
+        if resp.status >= 300:
+            raise RuntimeError(f"{method} {path}: HTTP {resp.status} {data[:300]!r}")
 
 
 def _measure(cluster: TestCluster, verb_resource: tuple[str, str], writes: Callable[[], int]) -> dict[str, float]:
@@ -113,11 +81,11 @@ def run(count: int = 500, rounds: int = 3) -> dict[str, Any]:
     generated = yaml.safe_load(CRD.read_text())
     variants = {"generated": generated, "no_cel": without_cel(generated)}
     names = [f"wf-{i:04d}" for i in range(count)]
-    doc = yaml.safe_load(DEFAULT.read_text())
+    doc = yaml.safe_load(CONTACTS.read_text())
     samples: dict[str, list[dict[str, float]]] = {}
     with TestCluster() as cluster:
         cluster.kubectl("create", "namespace", NS)
-        _install(cluster, None, generated, rules=True)
+        apply_crd(cluster, generated)
         write = _Writer(cluster)
         for name in names:
             write.ok("POST", API, {**doc, "metadata": {"name": name}}, "application/json")
@@ -147,7 +115,7 @@ def run(count: int = 500, rounds: int = 3) -> dict[str, Any]:
 
         for _ in range(rounds):
             for variant, crd in variants.items():
-                _install(cluster, write, crd, rules=variant == "generated")
+                apply_crd(cluster, crd, cel=variant == "generated")
                 samples.setdefault(f"{variant}/status", []).append(
                     _measure(cluster, ("PATCH", "workflows/status"), status_writes))
                 samples.setdefault(f"{variant}/spec", []).append(

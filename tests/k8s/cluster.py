@@ -309,12 +309,14 @@ class TestCluster:
     ) -> subprocess.CompletedProcess[str]:
         return self._run(self.helm_path, args, check=check, input=input, timeout=timeout)
 
-    def api(self, method: str, path: str, body: Any = None, timeout: float = 10.0) -> tuple[int, Any]:
-        """One request to the API server as the admin user: (status, decoded JSON body or text)."""
+    def api(self, method: str, path: str, body: Any = None, timeout: float = 10.0,
+            content_type: str = "application/json") -> tuple[int, Any]:
+        """One request to the API server as the admin user: (status, decoded JSON body or text); a PATCH
+        names its kind in ``content_type`` (e.g. application/merge-patch+json)."""
         conn = self.connection(timeout)
         try:
             payload = None if body is None else json.dumps(body)
-            conn.request(method, path, body=payload, headers={"Content-Type": "application/json"})
+            conn.request(method, path, body=payload, headers={"Content-Type": content_type})
             resp = conn.getresponse()
             raw = resp.read().decode(errors="replace")
         finally:

@@ -4,11 +4,44 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 from kopf.testing import KopfRunner
 
-CRD = Path(__file__).resolve().parents[2] / "charts" / "syncplane" / "crds" / "workflows.syncplane.io.yaml"
+from tests.k8s.cluster import TestCluster
+
+ROOT = Path(__file__).resolve().parents[2]
+CRD = ROOT / "charts" / "syncplane" / "crds" / "workflows.syncplane.io.yaml"
+CONTACTS = ROOT / "server" / "syncplane" / "defaults" / "10-contacts-ingress.yaml"
+
+
+def without_cel(node: Any) -> Any:
+    """A copy of ``node`` (a CRD, or any part of one) without its ``x-kubernetes-validations`` (CEL) rules."""
+    if isinstance(node, dict):
+        return {k: without_cel(v) for k, v in node.items() if k != "x-kubernetes-validations"}
+    if isinstance(node, list):
+        return [without_cel(v) for v in node]
+    return node
+
+
+def apply_crd(cluster: TestCluster, crd: dict[str, Any], cel: bool = True, timeout: float = 60.0) -> None:
+    """Apply the Workflow CRD ``crd`` (server-side, as kubectl) and wait until the API server enforces it:
+    until a dry-run create that only a CEL rule refuses (an INGRESS Workflow with an egress section too)
+    is refused iff ``cel``. Raises ClusterError (with the cluster's log tails) at ``timeout`` seconds."""
+    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-", input=yaml.safe_dump(crd))
+    cluster.wait_established("workflows.syncplane.io")
+    probe = yaml.safe_load(CONTACTS.read_text())
+    probe["metadata"] = {"name": "cel-probe"}
+    probe["spec"]["egress"] = {"send": True}
+
+    def enforced() -> bool:
+        status, _ = cluster.api("POST", "/apis/syncplane.io/v1/namespaces/default/workflows?dryRun=All", probe)
+        return (status == 422) == cel
+
+    cluster.wait_until(f"the API server enforcing the CRD just applied ({'with' if cel else 'without'} CEL)",
+                       enforced, timeout)
 
 
 @pytest.fixture(scope="session")

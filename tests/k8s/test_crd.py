@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ import pytest
 import yaml
 
 from tests.factories import PLAIN_QUERY_NAMES, SECRET_QUERY_NAMES, with_query
+from tests.k8s.syncplane_fixtures import CRD, apply_crd, without_cel
 
 pytestmark = pytest.mark.k8s
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "server" / "syncplane" / "defaults").glob("*.yaml"))
@@ -160,3 +162,55 @@ async def test_kubectl_explain_prints_the_proto_comment(k8s_cluster, workflow_cr
         return want in " ".join(res.stdout.split())
 
     await eventually(explained, lambda: f"{want!r} in `kubectl explain {path}`: {seen}", timeout=60, interval=1)
+
+
+def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    def apply(doc: dict[str, Any]) -> None:
+        node: Any = doc
+        *parents, last = path.split(".")
+        for key in parents:
+            node = node[int(key)] if isinstance(node, list) else node[key]
+        node[last] = value
+    return apply
+
+
+# Specs that only a CEL rule refuses, one per kind of rule: the spec's (one section per type, the kinds per
+# type), a Connection's (cleartext, metadata address, Dataverse's concurrency limit) and a section's.
+ONLY_CEL_REFUSES = [
+    ("contacts", "spec.ingress", _set("spec.egress", {"send": True})),
+    ("contacts", "spec.source.kind", _set("spec.source.kind", "CAMPAIGN_STANDARD")),
+    ("contacts", "spec.source.endpoint", _set("spec.source.endpoint", "http://contoso.crm.dynamics.com/api/")),
+    ("contacts", "spec.destination.endpoint", _set("spec.destination.endpoint", "https://169.254.169.254/x/")),
+    ("contacts", "spec.source.maxConcurrency", _set("spec.source.maxConcurrency", 53)),
+    ("email-events", "spec.egress", _set("spec.egress", {"send": False})),
+]
+
+
+def test_a_rule_added_later_does_not_refuse_status_writes_to_existing_workflows(k8s_cluster, workflow_crd,
+                                                                                 namespace):
+    """A CRD upgrade that adds or tightens a CEL rule must not lock the operator out of the Workflows that
+    already break it: status writes evaluate the spec's rules too (issue 17: the API server runs the CEL
+    validator over the whole object on a status write), and only Kubernetes' validation ratcheting
+    (unchanged values are not refused) lets the operator's status merge patch through. Each spec here is
+    created while the CRD has no CEL rules, then the generated CRD comes back."""
+    generated = yaml.safe_load(CRD.read_text())
+    names = [f"before-rule-{i}" for i in range(len(ONLY_CEL_REFUSES))]
+    docs = []
+    for name, (example, _, mutate) in zip(names, ONLY_CEL_REFUSES, strict=True):
+        doc = copy.deepcopy(load(example))
+        doc["metadata"] = {"name": name}
+        mutate(doc)
+        docs.append(doc)
+    try:
+        apply_crd(k8s_cluster, without_cel(generated), cel=False)
+        k8s_cluster.kubectl("create", "-n", namespace, "-f", "-", input=yaml.safe_dump_all(docs))
+    finally:
+        apply_crd(k8s_cluster, generated)
+    base = f"/apis/syncplane.io/v1/namespaces/{namespace}/workflows"
+    for name, doc, (_, field, _) in zip(names, docs, ONLY_CEL_REFUSES, strict=True):
+        refused, body = k8s_cluster.api("POST", f"{base}?dryRun=All", {**doc, "metadata": {"name": f"{name}-new"}})
+        assert refused == 422 and field in str(body), f"{field}: the rule is not on ({refused}: {body})"
+        patched, body = k8s_cluster.api("PATCH", f"{base}/{name}/status",
+                                        {"status": {"phase": "STOPPED", "observedGeneration": 1}},
+                                        content_type="application/merge-patch+json")
+        assert patched == 200, f"{field}: the status write was refused: {body}"
