@@ -13,6 +13,7 @@ from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -173,5 +174,70 @@ async def test_the_issue_example_through_a_real_worker(tmp_path: Path) -> None:
             want, waiting = expected_cards(sb)
             assert not waiting and actual_cards(sb) == want and k1 not in want
             await verified(plane.stub, "held")
+    finally:
+        await sb.stop()
+
+
+def _asked_about(sb: Sandbox, key: str, since: int) -> int:
+    """Campaign requests since request ``since`` naming ``key`` (a link's lookup of the parent, a card's own)."""
+    return sum(key in r.path for r in sb.requests.records(since=since, server="acs"))
+
+
+@pytest.mark.parametrize("held_by", ["arrival", "removal"])
+async def test_a_held_child_is_sent_once_when_its_parent_lands_not_every_pass(tmp_path: Path, held_by: str) -> None:
+    """Brief s7-bugs 3: held loyalty cards were sent again every pass while their contact was away (a Campaign
+    request each, forever: ingress holds have no attempt limit). Held on ``arrival`` (the contact never in
+    Campaign) or on ``removal`` (its profile removed by deleteExcluded, worker/children.py): while the contact
+    stays away, pass after pass (each marked by a probe card that lands), Campaign is not asked about it again;
+    once it lands, each card is sent once, and Campaign holds every card once."""
+    from tests.backends import eventually
+    from tests.embedded_plane import CRASH_TOLERANT, ControlPlane, serve
+    from tests.integration.ingress_env import converge, prepare, status_until
+    from tests.integration.test_ingress import start
+
+    sb = await start_sandbox()
+    try:
+        contacts, cards = sb.d365.table("contacts"), sb.d365.table("new_loyaltycards")
+        email = {"emailaddress1": "waiting@example.com"} if held_by == "removal" else {}
+        contacts.upsert(WAITING, firstname="Wait", lastname="Ing", **email)
+        contacts.upsert(SYNCED, firstname="Syn", lastname="Ced", emailaddress1="synced@example.com")
+        for key, points in ((CARDS[0], 10), (CARDS[1], 20)):
+            cards.upsert(key, new_cardnumber=key[-4:], new_points=points,
+                         **{"new_contactid@odata.bind": f"/contacts({WAITING})"})
+        spec = held_spec(sb)
+        spec.ingress.entities[0].filter.delete_excluded = True
+        async for plane in serve(tmp_path, config=CRASH_TOLERANT):
+            prepare(sb, plane.data_dir)
+            await start(plane, "held", spec)
+            await status_until(plane.stub, "held", lambda st: st.phase == pb.PHASE_RUNNING, 60)
+
+            async def held(n: int, plane: ControlPlane = plane) -> bool:
+                return [r["held"] for r in await plane.worker_reports("held")] == [n]
+
+            if held_by == "removal":
+                await converge(lambda: set(actual_cards(sb)) == set(CARDS), 60, "the cards with their contact")
+                contacts.upsert(WAITING, emailaddress1=None)   # filtered out now: its profile goes, the cards held
+            await eventually(lambda: held(2), "the worker holding both cards", 60)
+            since = sb.requests.records(server="acs")[-1].seq
+            for i in range(3):   # passes, each seen to end by a probe card of a contact that is there
+                probe = f"00000000-0000-4000-8000-0000000000d{i}"
+                cards.upsert(probe, new_cardnumber=f"P{i}", new_points=i,
+                             **{"new_contactid@odata.bind": f"/contacts({SYNCED})"})
+
+                def landed_probe(probe: str = probe) -> bool:
+                    return probe in actual_cards(sb)
+
+                await converge(landed_probe, 60, f"probe card {i}")
+            away = {key: _asked_about(sb, key, since) for key in (WAITING, *CARDS)}
+            assert away == dict.fromkeys((WAITING, *CARDS), 0), f"asked while the contact was away: {away}"
+
+            landed = sb.requests.records(server="acs")[-1].seq
+            contacts.upsert(WAITING, emailaddress1="back@example.com")
+            await converge(lambda: {k for k in CARDS if k in actual_cards(sb)} == set(CARDS), 60, "the cards, sent")
+            await eventually(lambda: held(0), "nothing held", 60)
+            assert [_asked_about(sb, key, landed) for key in CARDS] == [1, 1], "each card sent once"
+            rows = [str(r["crmId"]) for r in sb.acs.resource("cusLoyaltyCard").rows.values()]
+            assert sorted(rows) == sorted(set(rows)) and set(CARDS) <= set(rows)   # once each, none lost
+            assert {k: actual_cards(sb)[k]["points"] for k in CARDS} == {CARDS[0]: 10, CARDS[1]: 20}
     finally:
         await sb.stop()

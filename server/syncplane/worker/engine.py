@@ -57,7 +57,7 @@ from syncplane.state.stores import Stores
 from syncplane.telemetry import span_context_of
 from syncplane.validation.spec import max_concurrency
 from syncplane.worker.children import Child, ParentRemoval, child_links
-from syncplane.worker.pipeline import Pipeline, Stream
+from syncplane.worker.pipeline import Pipeline, Stream, landed_key
 from syncplane.worker.split import SplitLoad, owning
 from syncplane.worker.startcheck import EntityContext, StartCheckFailed, check_entity, entity_index
 
@@ -239,15 +239,17 @@ class _PipelineRunner:
 
     def _pipeline(self, stream: Stream, source: Any, guard: Callable[[], Awaitable[None]] | None = None,
                   reconcile: Callable[[], Awaitable[Sequence[str]]] | None = None,
-                  removed: Callable[[Sequence[str]], Awaitable[None]] | None = None, part: str = "") -> Pipeline:
+                  removed: Callable[[Sequence[str]], Awaitable[None]] | None = None, part: str = "",
+                  landed: str = "", waits_on: Sequence[str] = ()) -> Pipeline:
         """A pipeline over this runner's sink and stores; a record whose parent (a linked profile,
         an event's contact) is not there yet is held and re-sent. ``part``: one key range of a
-        split first load (no repairs: the stream's own pipeline sends them)."""
+        split first load (no repairs: the stream's own pipeline sends them). ``landed``/``waits_on``:
+        the parents-landed signals it changes and those it waits on (`Pipeline`, `pipeline.landed_key`)."""
         s = self.stores
         return Pipeline(self.workflow, stream, source, self.sink, self.report, self.batch_size,
                         checkpoints=s.checkpoints, letters=s.letters, guard=guard, held=s.held,
                         hold=self.hold_policy, repairs=None if part else s.repairs, reconcile=reconcile,
-                        removed=removed, part=part)
+                        removed=removed, part=part, landed=landed, waits_on=waits_on)
 
     async def aclose(self) -> None:
         await self.source.aclose()
@@ -311,14 +313,26 @@ class IngressRunner(_PipelineRunner):
         self.sink = CampaignSink(spec.destination.endpoint, self.tokens[1], dst.api_key or dst.client_id,
                                  owner=dst.client_id, concurrency=max_concurrency(spec.destination))
         self.guards: list[StreamGuard] = []
+        self.landed: dict[str, str] = {}   # stream → the landed signal its writes change ("" : none links to it)
 
     async def build(self) -> list[Pipeline]:
         pipelines = []
         links = {e.destination_resource: (await self.sink.resource_schema(e.destination_resource)).links
                  for e in self.spec.ingress.entities}
+        # Linked resources: who signals a parent's landing, who waits for it (held children, worker/children.py)
+        parents = {e.destination_resource for e in self.spec.ingress.entities
+                   if child_links(self.spec, e.destination_resource, links)}
+        waits_on: dict[str, list[str]] = {}   # child table → the landed signals of its parents
+        for r in sorted(parents):
+            for link in child_links(self.spec, r, links):
+                keys = waits_on.setdefault(link.entity.source_table, [])
+                if landed_key(r) not in keys:
+                    keys.append(landed_key(r))
         for s in self.streams:
             assert isinstance(s.transform, EntityTransform)
             entity = s.transform.entity
+            self.landed[s.name] = landed_key(entity.destination_resource) if entity.destination_resource in parents \
+                else ""
             entity_set = await self.source.entity_set(entity.source_table)
             guard = StreamGuard(self.source, self.sink, entity, entity_index(self.spec, entity.source_table))
             await guard.start()
@@ -336,7 +350,9 @@ class IngressRunner(_PipelineRunner):
                                             guard, DeleteReconciler(self.source, entity_set, entity.source_key,
                                                                     self.sink, entity.destination_resource,
                                                                     entity.destination_key),
-                                            await self._removal(entity.destination_resource, links)))
+                                            await self._removal(entity.destination_resource, links),
+                                            landed=self.landed[s.name],
+                                            waits_on=waits_on.get(entity.source_table, ())))
             if self.workers > 1:
                 self.splits[s.name] = self._split(s, keyed, guard)
         return pipelines
@@ -348,7 +364,8 @@ class IngressRunner(_PipelineRunner):
             return await keyed.start_tracking(stream.transform.source_columns())
 
         async def run_range(i: int, where: str | None, stop: asyncio.Event) -> None:
-            pipeline = self._pipeline(stream, keyed.range(where), guard, part=split.range_key(i))
+            pipeline = self._pipeline(stream, keyed.range(where), guard, part=split.range_key(i),
+                                      landed=self.landed.get(stream.name, ""))
             self.extra = (*self.extra, pipeline)
             try:
                 await pipeline.run_once(stop)

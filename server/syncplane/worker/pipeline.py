@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -100,6 +101,17 @@ def kept_payload(record: Record) -> dict[str, Any]:
     return {**record.values, CREATE_ONLY: sorted(record.create_only)}
 
 
+def landed_key(resource: str) -> str:
+    """The checkpoint key (``<resource>@landed``) whose value changes each time a stream writes records of
+    destination ``resource`` that other records link to (a profile a loyalty card points at): the signal,
+    through the state store (so across workers), that a held child's parent may be there now."""
+    return f"{resource}@landed"
+
+
+#: A held key this process has not tried yet since it was held: sent at the stream's next retry.
+_NEVER = object()
+
+
 def held_record(key: str, payload: dict[str, Any]) -> Record:
     """A kept payload (held record, dead letter) back as the record to re-send."""
     values = {k: v for k, v in payload.items() if v != REDACTED}  # a credential is never re-sent
@@ -140,8 +152,17 @@ class Pipeline:
                  held: AsyncHeldStore | None = None, hold: HoldPolicy | None = None,
                  repairs: AsyncRepairQueue | None = None,
                  reconcile: Callable[[], Awaitable[Sequence[str]]] | None = None,
-                 removed: Callable[[Sequence[str]], Awaitable[None]] | None = None, part: str = "") -> None:
+                 removed: Callable[[Sequence[str]], Awaitable[None]] | None = None, part: str = "",
+                 landed: str = "", waits_on: Sequence[str] = ()) -> None:
         self.workflow, self.stream = workflow, stream
+        # Parents and children (linked resources): a stream whose records others link to changes its
+        # ``landed`` key (:func:`landed_key`) after each write of records; a stream whose records link to
+        # parents re-sends a held record only when one of the ``waits_on`` keys changed since that record
+        # was last tried, not every pass while its parent is away (a request per held record per pass).
+        self.landed, self.waits_on = landed, tuple(waits_on)
+        self._tried: dict[str, object] = {}   # held key → the parents' landed signal when last tried (or _NEVER)
+        self._landed_at_start: object = _NEVER  # the signal as this pass began (before any of its writes)
+        self._landed_before: object = _NEVER    # the signal at the previous retry of held records
         # A part of a split first load (worker/split.py): its cursor is committed under this key;
         # its dead letters and held records are the stream's, re-sent by the stream's own pipeline
         # (not by each part, which would send them as many times at once).
@@ -210,6 +231,8 @@ class Pipeline:
         if not self.part:
             await self._retry_dead_letters()
         self._held_this_pass = set()
+        if self.waits_on and not self.part:
+            self._landed_at_start = await self._parents_landed()
         if self.held is not None:
             self._held_keys = {h.key for h in await self.held.aall(self.workflow, self.stream.name)}
             self._count_held()
@@ -513,6 +536,8 @@ class Pipeline:
                 self._held_seq[bad.key] = ticket.seq  # its newest copy is the held one
                 self._held_keys.add(bad.key)
                 self._held_this_pass.add(bad.key)
+                # its parent was not there after the signal read as this pass began: a change of it is news
+                self._tried[bad.key] = self._landed_at_start
                 held_keys.add(bad.key)
                 continue
             await self._dead_letter(bad.key, payload, bad.status, bad.error,
@@ -529,6 +554,8 @@ class Pipeline:
         copies superseded, the children of removed records held), then it may be committed."""
         if self.removed is not None and ticket.deleted:
             await self.removed(ticket.deleted)
+        if self.landed and set(ticket.written) - set(ticket.deleted):
+            await self._landing()
         if self._letters and ticket.written:
             # Written now (e.g. corrected at the source): an older dead letter of it is moot.
             await self.letters.asettle_retry(self.workflow, self.stream.name, ticket.written, (), ())
@@ -610,9 +637,18 @@ class Pipeline:
         for key in {r.key for r in ticket.records} & self._held_keys:
             if self._held_seq.get(key, -1) < ticket.seq:
                 await self.held.arelease(self.workflow, self.stream.name, key)
+                self._tried.pop(key, None)
                 self._held_keys.discard(key)
                 self._held_seq.pop(key, None)
         self._count_held()
+
+    async def _landing(self) -> None:
+        """Records of this stream's resource were written: change its landed signal (a fresh value)."""
+        await self.checkpoints.acommit(self.workflow, self.landed, uuid.uuid4().hex)
+
+    async def _parents_landed(self) -> object:
+        """The landed signals of the parents this stream's records link to, as one comparable value."""
+        return tuple([await self.checkpoints.aload(self.workflow, key) for key in self.waits_on])
 
     def _count_held(self) -> None:
         self.report.held += len(self._held_keys) - self._held_here
@@ -665,6 +701,8 @@ class Pipeline:
                                                  [(r.key, r.status, r.error) for r in result.rejected],
                                                  [r.key for r in records])
                 self.report.resent(len(result.written))
+                if self.landed and resource == self.stream.resource and result.written:
+                    await self._landing()
         await self.accounting.count_letters()
         self._letters = self.report.dead_letters > 0
 
@@ -691,9 +729,18 @@ class Pipeline:
     async def _retry_held(self) -> None:
         """Re-send held records; past the policy's attempts they become dead letters."""
         assert self.held is not None and self.hold is not None
+        landed = await self._parents_landed() if self.waits_on else _NEVER   # read before the listing
         listed = await self.held.aall(self.workflow, self.stream.name)
         self._held_keys = {h.key for h in listed}
         held = [h for h in listed if h.key not in self._held_this_pass]
+        if self.waits_on:
+            # A key first seen now was held (by the parent's removal) after the previous retry's signal was
+            # read: a parent landing since then has changed it. Only keys whose parents' signal changed since
+            # they were last tried are sent: a held child is sent again when a parent lands, not every pass.
+            for h in held:
+                self._tried.setdefault(h.key, self._landed_before)
+            self._landed_before = landed
+            held = [h for h in held if self._tried[h.key] != landed]
         for i in range(0, len(held), self.batch_size):
             chunk = held[i:i + self.batch_size]
             by_key = {h.key: h for h in chunk}
@@ -702,14 +749,19 @@ class Pipeline:
             for key in result.written:
                 await self.held.arelease(self.workflow, self.stream.name, key)
                 self._held_keys.discard(key)
+                self._tried.pop(key, None)
             self.report.resent(len(result.written))
+            if self.landed and result.written:
+                await self._landing()
             for bad in result.rejected:
                 h = by_key[bad.key]
                 if bad.status in self.hold.statuses and (self.hold.max_attempts is None
                                                          or h.attempts + 1 < self.hold.max_attempts):
                     await self.held.ahold(self.workflow, self.stream.name, bad.key, h.payload, bad.status, bad.error)
+                    self._tried[bad.key] = landed
                     continue
                 await self.held.arelease(self.workflow, self.stream.name, bad.key)
+                self._tried.pop(bad.key, None)
                 self._held_keys.discard(bad.key)
                 await self._dead_letter(bad.key, held_record(h.key, h.payload).values, bad.status,
                                         f"held for {h.attempts + 1} passes, still failing: {bad.error}")
