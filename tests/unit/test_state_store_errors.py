@@ -7,6 +7,7 @@ The API server is played by an HTTP server answering as kube-apiserver does (a `
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import socket
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -150,19 +151,11 @@ async def test_heartbeat_sends_a_phase_change_at_once(api_server, phase, ready, 
     an hour): the operator's STARTING -> RUNNING (or ERROR) waited up to a renew interval for it."""
     from kubernetes_asyncio import client
 
-    from syncplane.contract.names import REPORT_ANNOTATION
     from syncplane.contract.report import WorkerReport
     from syncplane.worker.platform.kubernetes import LeaseHeartbeat
 
     host, answers = api_server
-    reports: list[dict[str, Any]] = []
-
-    async def lease(request: web.Request) -> web.Response:
-        body = await request.json()
-        reports.append(json.loads(body["metadata"]["annotations"][REPORT_ANNOTATION]))
-        return web.json_response(body)
-
-    answers.append(lease)
+    reports = _lease_reports(answers)
     report = WorkerReport("wf", 0, 1)
     stop = asyncio.Event()
     beat = LeaseHeartbeat("ns", "wf-0", "wf", report, interval=3600,
@@ -181,6 +174,96 @@ async def test_heartbeat_sends_a_phase_change_at_once(api_server, phase, ready, 
             return any(r["phase"] == phase and r["ready"] is ready and r["fatal"] == fatal for r in reports)
 
         await eventually(sent, lambda: f"a beat with phase {phase}: {reports}", timeout=30)
+        assert not task.done()
+    finally:
+        stop.set()
+        await asyncio.gather(task, return_exceptions=True)
+        await beat.close(remove=False)
+
+
+_tick = itertools.count(1)
+# Each kind of change of a worker's report that the operator shows in the Workflow's status
+REPORT_CHANGES: dict[str, Callable[[Any], None]] = {
+    "backlog": lambda r: setattr(r, "backlog", r.backlog + 5),
+    "last error": lambda r: setattr(r, "last_error", {"reason": "TRANSIENT", "message": "m",
+                                                      "time": str(next(_tick))}),
+    "held records": lambda r: setattr(r, "held", r.held + 1),
+    "dead letters": lambda r: setattr(r, "dead_letters", r.dead_letters + 1),
+    "failing link": lambda r: r.links.__setitem__("source", {"failing_since": float(next(_tick)),
+                                                                "error": "e"}),
+}
+
+
+def _lease_reports(answers: list[Callable[..., Any]]) -> list[dict[str, Any]]:
+    """Answer every Lease write with its body; the reports the writes carried, in order."""
+    from syncplane.contract.names import REPORT_ANNOTATION
+
+    reports: list[dict[str, Any]] = []
+
+    async def lease(request: web.Request) -> web.Response:
+        body = await request.json()
+        reports.append(json.loads(body["metadata"]["annotations"][REPORT_ANNOTATION]))
+        return web.json_response(body)
+
+    answers.append(lease)
+    return reports
+
+
+@pytest.mark.parametrize("change", REPORT_CHANGES.values(), ids=REPORT_CHANGES)
+async def test_heartbeat_writes_each_changed_report_and_no_unchanged_one_before_the_renew_period(api_server, change):
+    """A report that changed is written at the next interval (here 0.01 s); the same report is written
+    again only when the Lease is due for renewal (here an hour): each write costs the API server, etcd
+    and a reconcile of the Workflow (50 workers writing the same report every 2 s: 25 writes a second)."""
+    from kubernetes_asyncio import client
+
+    from syncplane.contract.report import WorkerReport
+    from syncplane.worker.platform.kubernetes import LeaseHeartbeat
+
+    host, answers = api_server
+    reports = _lease_reports(answers)
+    report = WorkerReport("wf", 0, 1)
+    stop = asyncio.Event()
+    beat = LeaseHeartbeat("ns", "wf-0", "wf", report, interval=0.01, renew=3600,
+                          api_client=client.ApiClient(client.Configuration(host=host)))
+    task = asyncio.ensure_future(beat.run(stop))
+    try:
+        await eventually(lambda: _at_least(reports, 1), "the first beat")
+        for _ in range(3):
+            change(report)
+            expected = report.to_json()
+            expected.pop("records_per_second")
+
+            async def carried(expected: dict[str, Any] = expected) -> bool:
+                return any({k: v for k, v in r.items() if k != "records_per_second"} == expected for r in reports)
+
+            await eventually(carried, lambda: f"a beat with the change: {reports}")
+        assert all(a != b for a, b in itertools.pairwise(reports)), reports
+        assert not task.done()
+    finally:
+        stop.set()
+        await asyncio.gather(task, return_exceptions=True)
+        await beat.close(remove=False)
+
+
+async def _at_least(reports: list[dict[str, Any]], n: int) -> bool:
+    return len(reports) >= n
+
+
+async def test_heartbeat_renews_an_unchanged_report_at_the_renew_period(api_server):
+    """Liveness: a report that never changes is still written every renew period (here 0.02 s)."""
+    from kubernetes_asyncio import client
+
+    from syncplane.contract.report import WorkerReport
+    from syncplane.worker.platform.kubernetes import LeaseHeartbeat
+
+    host, answers = api_server
+    reports = _lease_reports(answers)
+    stop = asyncio.Event()
+    beat = LeaseHeartbeat("ns", "wf-0", "wf", WorkerReport("wf", 0, 1), interval=0.01, renew=0.02,
+                          api_client=client.ApiClient(client.Configuration(host=host)))
+    task = asyncio.ensure_future(beat.run(stop))
+    try:
+        await eventually(lambda: _at_least(reports, 3), lambda: f"three renewals: {reports}")
         assert not task.done()
     finally:
         stop.set()
