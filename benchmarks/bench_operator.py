@@ -380,6 +380,7 @@ def _steps(ns: str, workdir: Path, watches: dict[str, Any], kubelet_log: list[tu
             "worker listening": _log_time(workdir / f"{pod}.log", r"listening on") if pod else None,
             "lease": watches["lease"].first(t0, rf"^{re.escape(pod)} ") if pod else None,
             "lease ready": watches["lease"].first(t0, rf'^{re.escape(pod)} .*"ready": true') if pod else None,
+            "deployment available": watches["deployment"].first(t0, rf"^{name}-worker 1$"),
             "workflow RUNNING": watches["workflow"].first(t0, rf"^{name} RUNNING RUNNING$"),
         }
         for step, t in steps.items():
