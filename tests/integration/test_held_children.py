@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from syncplane.proto.v1 import workflow_pb2 as pb
+from syncplane.state.records import HoldPolicy
 from syncplane_sandbox import Sandbox, start_sandbox
 from tests.integration.ingress_env import ingress_spec
 from tests.integration.inprocess import InProcessIngress, run_example
@@ -241,3 +242,39 @@ async def test_a_held_child_is_sent_once_when_its_parent_lands_not_every_pass(tm
             assert {k: actual_cards(sb)[k]["points"] for k in CARDS} == {CARDS[0]: 10, CARDS[1]: 20}
     finally:
         await sb.stop()
+
+
+async def test_a_held_child_is_sent_when_its_parent_lands_by_a_route_the_signal_cannot_see(tmp_path: Path) -> None:
+    """A held card waits for its contact's landed signal (the profiles this workflow writes), and for the hold
+    policy's ``recheck_seconds`` (0 here) besides: a profile made in Campaign by another route (another
+    workflow, a marketer, an import) changes no signal of this workflow's, and the card must still land, once,
+    and leave the held set. Red when the signal was the only trigger: the card stayed held for good."""
+    async with running_sandbox() as sb:
+        sb.d365.table("contacts").upsert(WAITING, firstname="Wait", lastname="Ing")   # no email: not this workflow's
+        sb.d365.table("contacts").upsert(SYNCED, firstname="Syn", lastname="Ced", emailaddress1="synced@example.com")
+        sb.d365.table("new_loyaltycards").upsert(CARDS[0], new_cardnumber="K0", new_points=7,
+                                                 **{"new_contactid@odata.bind": f"/contacts({WAITING})"})
+        async with aclosing(InProcessIngress(sb, held_spec(sb), tmp_path)) as run:
+            run.runner.hold_policy = HoldPolicy(max_attempts=None, recheck_seconds=0.0)
+            await run.passes(2)
+            assert run.held_keys(STREAM) == {CARDS[0]}
+            sb.acs.profiles.add(externalId=WAITING, email="elsewhere@example.com", lastName="Made elsewhere")
+            await run.passes(2)
+            want, _ = expected_cards_of_profiles(sb)
+            assert run.held_keys(STREAM) == set()
+            assert run.report.held == 0
+            assert actual_cards(sb) == want
+            assert run.dead_letters() == []
+
+
+def expected_cards_of_profiles(sb: Sandbox) -> tuple[dict[str, dict[str, Any]], set[str]]:
+    """As :func:`expected_cards`, with the contacts whose profile is in Campaign however it got there."""
+    out: dict[str, dict[str, Any]] = {}
+    waiting: set[str] = set()
+    for rid, row in sb.d365.table("new_loyaltycards").rows.items():
+        profile = sb.acs.profiles.find(row.get("new_contactid"))
+        if profile is None:
+            waiting.add(rid)
+        else:
+            out[rid] = {"points": row.get("new_points"), "cardNumber": row.get("new_cardnumber"), "profile": profile}
+    return out, waiting

@@ -70,6 +70,10 @@ class HoldPolicy:
     # ingress child waits for its parent, DOMAIN.md "a child may arrive before its parent; order
     # or hold it", however long the parent is filtered out or absent).
     max_attempts: int | None = 20
+    # A held child whose parents' landed signal has not changed (worker/pipeline.py) is still re-sent
+    # after this many seconds since it was last tried: its parent may land by a route that signal
+    # cannot see (another workflow writing the same profile, a marketer, an import into Campaign).
+    recheck_seconds: float = 600.0
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -158,9 +159,12 @@ class Pipeline:
         # Parents and children (linked resources): a stream whose records others link to changes its
         # ``landed`` key (:func:`landed_key`) after each write of records; a stream whose records link to
         # parents re-sends a held record only when one of the ``waits_on`` keys changed since that record
-        # was last tried, not every pass while its parent is away (a request per held record per pass).
+        # was last tried, or the hold policy's ``recheck_seconds`` have passed since (a parent landing by
+        # another route changes no signal), not every pass while its parent is away (a request per held
+        # record per pass).
         self.landed, self.waits_on = landed, tuple(waits_on)
-        self._tried: dict[str, object] = {}   # held key → the parents' landed signal when last tried (or _NEVER)
+        # held key → (the parents' landed signal when it was last tried, or _NEVER; when: monotonic seconds)
+        self._tried: dict[str, tuple[object, float]] = {}
         self._landed_at_start: object = _NEVER  # the signal as this pass began (before any of its writes)
         self._landed_before: object = _NEVER    # the signal at the previous retry of held records
         # A part of a split first load (worker/split.py): its cursor is committed under this key;
@@ -537,7 +541,7 @@ class Pipeline:
                 self._held_keys.add(bad.key)
                 self._held_this_pass.add(bad.key)
                 # its parent was not there after the signal read as this pass began: a change of it is news
-                self._tried[bad.key] = self._landed_at_start
+                self._tried[bad.key] = (self._landed_at_start, time.monotonic())
                 held_keys.add(bad.key)
                 continue
             await self._dead_letter(bad.key, payload, bad.status, bad.error,
@@ -737,10 +741,14 @@ class Pipeline:
             # A key first seen now was held (by the parent's removal) after the previous retry's signal was
             # read: a parent landing since then has changed it. Only keys whose parents' signal changed since
             # they were last tried are sent: a held child is sent again when a parent lands, not every pass.
+            # A key not tried for the hold policy's recheck_seconds is sent all the same: its parent may
+            # have landed by a route the signal cannot see (another workflow, a marketer, an import).
+            now = time.monotonic()
             for h in held:
-                self._tried.setdefault(h.key, self._landed_before)
+                self._tried.setdefault(h.key, (self._landed_before, now))
             self._landed_before = landed
-            held = [h for h in held if self._tried[h.key] != landed]
+            held = [h for h in held if self._tried[h.key][0] != landed
+                    or now - self._tried[h.key][1] >= self.hold.recheck_seconds]
         for i in range(0, len(held), self.batch_size):
             chunk = held[i:i + self.batch_size]
             by_key = {h.key: h for h in chunk}
@@ -758,7 +766,7 @@ class Pipeline:
                 if bad.status in self.hold.statuses and (self.hold.max_attempts is None
                                                          or h.attempts + 1 < self.hold.max_attempts):
                     await self.held.ahold(self.workflow, self.stream.name, bad.key, h.payload, bad.status, bad.error)
-                    self._tried[bad.key] = landed
+                    self._tried[bad.key] = (landed, time.monotonic())
                     continue
                 await self.held.arelease(self.workflow, self.stream.name, bad.key)
                 self._tried.pop(bad.key, None)
