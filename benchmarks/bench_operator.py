@@ -416,8 +416,9 @@ def concurrent_starts(cluster: TestCluster, ns: str, workdir: Path, count: int =
     the operator idles. Where the time goes: ``steps``, per start step the seconds after the patch
     (p50/p95, as benchmarks/start_timeline.py gives them for one start); ``cpu_s``, CPU seconds by process
     class from the patches until every one is RUNNING (:class:`ClassCpu`); ``worker_cpu_s_at_running``,
-    each worker's CPU seconds when its Workflow showed RUNNING; ``idle_workers``, the workers' CPU share
-    of a core over ``idle_window`` seconds after that (unreachable vendors: what retrying costs)."""
+    each worker's CPU seconds when its Workflow showed RUNNING; ``requests``, the API server's requests by
+    kind over the same window (:class:`ClusterCost`); ``idle_workers``, the workers' CPU share of a core
+    and the requests over ``idle_window`` seconds after that (unreachable vendors: what retrying costs)."""
     from benchmarks.start_timeline import _watches
 
     for secret, data in UNREACHABLE_SECRETS.items():
@@ -448,6 +449,7 @@ def concurrent_starts(cluster: TestCluster, ns: str, workdir: Path, count: int =
     cluster.wait_until("the steps' watches listed", lambda: len(watches["workflow"].lines) >= count, 60)
     time.sleep(2)   # the other watches' (empty) listings: not synchronisation of the measured steps
     cpu = ClassCpu(cluster)
+    cost = ClusterCost(cluster)
 
     def follow() -> None:
         assert watch.stdout is not None
@@ -485,12 +487,14 @@ def concurrent_starts(cluster: TestCluster, ns: str, workdir: Path, count: int =
             pass
         out["load_1min_at_running"] = os.getloadavg()[0]
         out["cpu_s"] = cpu.report()
-        idle_cpu = ClassCpu(cluster)
+        out["requests"] = cost.report(count / 10)["requests"]
+        idle_cpu, idle_cost = ClassCpu(cluster), ClusterCost(cluster)
         time.sleep(idle_window)   # a measurement window, not synchronisation
         workers_idle = idle_cpu.report().get("workers", 0.0)
         out["idle_workers"] = {"window_s": idle_window, "workers": len(idle_cpu.pods),
                                "cpu_percent_of_a_core_per_worker":
-                                   round(100 * workers_idle / idle_window / max(1, len(idle_cpu.pods)), 2)}
+                                   round(100 * workers_idle / idle_window / max(1, len(idle_cpu.pods)), 2),
+                               "requests": idle_cost.report(1)["requests"]}
         out["steps"] = _steps(ns, workdir, watches, kubelet_log.lines, patched_wall, names)
     finally:
         stop.set()
