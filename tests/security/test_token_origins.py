@@ -86,6 +86,18 @@ def _service(link: Callable[[HostileEndpoint], str], hostile: HostileEndpoint, c
     return handle
 
 
+def _source(service: HostileEndpoint, campaign: bool) -> tuple[OAuth2ClientCredentials,
+                                                                DynamicsSource | CampaignSource]:
+    """Tokens from ``service``'s /token and a reader of it (Campaign's or Dataverse's), its audience ``service``."""
+    creds = (Credentials("client", "secret", organization=ORG, api_host=service.origin) if campaign
+             else Credentials("client", "secret", scope=f"{service.origin}/.default"))
+    tokens = OAuth2ClientCredentials(f"{service.origin}/token", creds)
+    src: DynamicsSource | CampaignSource = (
+        CampaignSource(f"{service.origin}/{ORG}/campaign/", tokens, "client") if campaign
+        else DynamicsSource(f"{service.origin}/api/data/v9.2/", tokens, key_column="contactid"))
+    return tokens, src
+
+
 LINKS: dict[str, Callable[[HostileEndpoint], str]] = {
     "another host": lambda h: f"{h.origin}/api/data/v9.2/contacts?$skiptoken=1",
     "user info": lambda h: f"http://127.0.0.1:1@{h.host}:{h.port}/api/data/v9.2/contacts",
@@ -99,12 +111,7 @@ async def test_a_returned_link_to_another_origin_is_an_error_not_a_request(
     campaign = kind.startswith("campaign")
     service = await HostileEndpoint.start("127.0.0.1", _service(LINKS[variant], hostile, campaign))
     try:
-        creds = (Credentials("client", "secret", organization=ORG, api_host=service.origin) if campaign
-                 else Credentials("client", "secret", scope=f"{service.origin}/.default"))
-        tokens = OAuth2ClientCredentials(f"{service.origin}/token", creds)
-        src: DynamicsSource | CampaignSource = (
-            CampaignSource(f"{service.origin}/{ORG}/campaign/", tokens, "client") if campaign
-            else DynamicsSource(f"{service.origin}/api/data/v9.2/", tokens, key_column="contactid"))
+        tokens, src = _source(service, campaign)
         with pytest.raises(ConnectorError) as caught:
             async for _ in src.pages("profile" if campaign else "contacts", ["contactid"], None):
                 pass
@@ -134,12 +141,7 @@ async def test_a_link_resumed_from_a_cursor_goes_nowhere_else(hostile: HostileEn
 
     service = await HostileEndpoint.start("127.0.0.1", handle)
     try:
-        creds = (Credentials("client", "secret", organization=ORG, api_host=service.origin) if campaign
-                 else Credentials("client", "secret", scope=f"{service.origin}/.default"))
-        tokens = OAuth2ClientCredentials(f"{service.origin}/token", creds)
-        src: DynamicsSource | CampaignSource = (
-            CampaignSource(f"{service.origin}/{ORG}/campaign/", tokens, "client") if campaign
-            else DynamicsSource(f"{service.origin}/api/data/v9.2/", tokens, key_column="contactid"))
+        tokens, src = _source(service, campaign)
         cursor = (f'{{"since": "2026-11-30 10:00:00.000Z", "seen": [], "page": "{hostile.origin}/{ORG}/campaign/p"}}'
                   if campaign else f"delta {hostile.origin}/api/data/v9.2/contacts?$deltatoken=1")
         pages = [page async for page in src.pages("profile" if campaign else "contacts", ["contactid"], cursor)]
