@@ -88,15 +88,17 @@ def _cel_string(text: str) -> str:
     return text.replace("\\", "\\\\").replace("'", "\\'")
 
 
-# What the rules cost the API server (issue 17, `python -m benchmarks.bench_crd_writes`): nothing that a
-# run can tell from noise. 500 status merge patches cost about 9 ms of API server CPU each with these rules
-# and as much with none (spec patches the same), against about 4 ms for a ConfigMap of the Workflow's size.
-# Status writes do evaluate them (on Kubernetes 1.36 the status strategy runs the CEL validator over the
-# whole object; ratcheting only forgives errors on unchanged values), but a CPU profile of the API server
-# (pprof) puts all CEL evaluation at about 6% of a status write, with no regular-expression matching in it
-# (cel-go compiles a constant pattern once). The rest is the generic custom-resource path (JSON
-# decoding and encoding of the whole object, schema coercion, managedFields, the watch). So the rules stay
-# CEL, where a rule needs two fields; a single field's bound is OpenAPI (`pattern`, `maximum`, `enum`).
+# What the rules cost the API server (issue 17, `python -m benchmarks.bench_crd_writes`, 500 writes x 3
+# alternating rounds, medians; a shared machine at load 5-35): a status merge patch, the operator's only
+# write in a cold start, costs about 9 ms of API server CPU with these rules and 8.2-9.4 ms with none
+# (within the rounds' spread); a spec merge patch 8.9-10.9 ms against 7.7-8.3 ms; a ConfigMap of the
+# Workflow's size about 3-4 ms. Status writes do evaluate the rules (on Kubernetes 1.36 the status
+# strategy runs the CEL validator over the whole object; ratcheting only forgives errors on unchanged
+# values), but a CPU profile of the API server (pprof) during status writes puts all CEL evaluation at
+# about 6%, with no regular-expression matching in it (cel-go compiles a constant pattern once). The
+# rest is the generic custom-resource path (JSON decoding and encoding of the whole object, schema
+# coercion, managedFields, the watch). So the rules stay CEL where a rule needs two fields; a single
+# field's bound is OpenAPI (`pattern`, `maximum`, `enum`).
 CEL: dict[str, list[dict[str, str]]] = {
     "WorkflowSpec": [
         {"rule": "self.type != 'INGRESS' || (has(self.ingress) && !has(self.egress) && !has(self.optInOut))",
