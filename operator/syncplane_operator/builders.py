@@ -123,6 +123,31 @@ def unconverged(want: Mapping[str, Any], have: Mapping[str, Any]) -> dict[str, A
     return patch
 
 
+def built_digest(body: Mapping[str, Any]) -> str:
+    """A digest of a builder's output (16 hex characters): what the operator last wrote, remembered."""
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def deployment_to_replace(want: Mapping[str, Any], have: Mapping[str, Any], written: tuple[str, int] | None) -> bool:
+    """Pure: whether the operator replaces the worker Deployment ``have`` (its JSON body) by the builder's
+    ``want``. ``written``: what this operator process last wrote to it, (``built_digest`` of that ``want``,
+    the Deployment's ``metadata.generation`` that write left), or None (nothing yet).
+
+    Only when ``have`` lacks something of ``want`` (`unconverged`) and either ``want`` changed since that
+    write (a new applied spec, a scale, an upgrade) or someone changed the Deployment after it (its
+    generation moved past it: a hand edit). A difference that outlives our own write is not ours to
+    fight: a mutating admission policy or webhook that alters what we write (an image pull policy, an
+    injected sidecar or env var), or a value the API server writes another way (``0.5`` CPU as ``500m``),
+    would otherwise be replaced on every reconcile, forever. A generation below the written one is a
+    stale view of our own write (the watch has not caught up): nothing to do."""
+    if not unconverged(want, have):
+        return False
+    if written is None:
+        return True
+    digest, generation = written
+    return digest != built_digest(want) or int((have.get("metadata") or {}).get("generation") or 0) > generation
+
+
 def _holds(have: Any, want: Any) -> bool:
     if isinstance(want, Mapping):
         return isinstance(have, Mapping) and all(_holds(have.get(k), v) for k, v in want.items())

@@ -37,6 +37,8 @@ from syncplane_operator.builders import (
     build_verify_job,
     build_worker_deployment,
     build_worker_identity,
+    built_digest,
+    deployment_to_replace,
     identity_hash,
     unconverged,
 )
@@ -68,6 +70,8 @@ class Clients:
     batch: Any = None
     # Snapshot ConfigMaps are immutable: cache them by name.
     snapshots: dict[str, pb.WorkflowSpec] = field(default_factory=dict)
+    # Worker Deployment uid → what this process last wrote to it (`builders.deployment_to_replace`).
+    written: dict[str, tuple[str, int]] = field(default_factory=dict)
 
 
 async def load_snapshot(api: Clients, namespace: str, workflow: str, spec_hash: str,
@@ -314,10 +318,13 @@ async def converge(api: Clients, owner: kopf.Body, deployment: Mapping[str, Any]
     # (its hash), a scale, a Deployment from before per-workflow identities (another account), an identity
     # changed since (an upgrade changing the workers' Role, new ServiceAccount annotations: ensured first),
     # a pod template field an upgrade changed or someone edited (image, mounts, probes, resources). What the
-    # API server defaults in is no difference (`builders.unconverged`), so a no-op reconcile writes nothing.
-    if unconverged(want, deployment):
+    # API server defaults in is no difference (`builders.unconverged`), so a no-op reconcile writes nothing;
+    # nor does a difference that outlives our own write (a mutating admission policy: `deployment_to_replace`).
+    uid = str((deployment.get("metadata") or {}).get("uid") or "")
+    if deployment_to_replace(want, deployment, api.written.get(uid)):
         await ensure_worker_identity(api, owner, image)
-        await api.apps.replace_namespaced_deployment(L.worker_deployment_name(str(name)), namespace, want)
+        done = await api.apps.replace_namespaced_deployment(L.worker_deployment_name(str(name)), namespace, want)
+        api.written[uid] = (built_digest(want), int(done.metadata.generation or 0))
 
 
 async def ensure_verify_job(api: Clients, owner: kopf.Body, wf: pb.Workflow, applied: pb.WorkflowSpec | None,

@@ -108,3 +108,70 @@ def test_an_edit_and_restart_bring_every_child_back_to_its_builder(k8s_cluster, 
     assert set(loaded) == {"d365-sandbox", "acs-rotated"}, loaded   # what the worker loads at its start
     patch(k8s_cluster, namespace, name, {"desiredState": "STOPPED"})
     wait(k8s_cluster, namespace, target, "jsonpath={.status.phase}=STOPPED")
+
+
+def _mutating_policy(cluster: Any, namespace: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A MutatingAdmissionPolicy (and its binding) setting ``imagePullPolicy: Always`` on every Deployment
+    written in ``namespace``, as a cluster's "always pull" policy does; in the API version the server has."""
+    served = cluster.kubectl("api-versions").stdout.split()
+    kinds = cluster.kubectl("api-resources", "--api-group=admissionregistration.k8s.io", "-o", "name").stdout
+    version = next((v for v in ("v1", "v1beta1", "v1alpha1") if f"admissionregistration.k8s.io/{v}" in served),
+                   None) if "mutatingadmissionpolicies" in kinds else None
+    assert version is not None, f"the test cluster serves no MutatingAdmissionPolicy: {served}"
+    name = f"always-pull-{namespace}"
+    api = f"admissionregistration.k8s.io/{version}"
+    policy = {"apiVersion": api, "kind": "MutatingAdmissionPolicy", "metadata": {"name": name},
+              "spec": {"matchConstraints": {
+                  "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}},
+                  "resourceRules": [{"apiGroups": ["apps"], "apiVersions": ["v1"], "operations": ["CREATE", "UPDATE"],
+                                     "resources": ["deployments"]}]},
+                  "failurePolicy": "Fail", "reinvocationPolicy": "Never",
+                  "mutations": [{"patchType": "JSONPatch", "jsonPatch": {"expression":
+                      "[JSONPatch{op: 'replace', path: '/spec/template/spec/containers/0/imagePullPolicy',"
+                      " value: 'Always'}]"}}]}}
+    binding = {"apiVersion": api, "kind": "MutatingAdmissionPolicyBinding", "metadata": {"name": name},
+               "spec": {"policyName": name}}
+    return policy, binding
+
+
+def test_a_deployment_that_admission_changes_is_not_rewritten_forever(k8s_cluster, workflow_crd, namespace,
+                                                                       monkeypatch, tmp_path):
+    """Review of 629c010 (reproduced: generation 2 → 190 in 19 s): a mutating admission policy changes every
+    write of the worker Deployment, so it never equals the builder's output, and the operator replaced it on
+    each reconcile, forever. Now the difference that outlives the operator's own write is left alone: over
+    many reconciles (a 1 s resync) the Deployment's generation stays put, and the policy's value stays."""
+    from tests.k8s.cluster import free_ports
+    from tests.k8s.test_operator import operator_process, operator_reconciles
+
+    policy, binding = _mutating_policy(k8s_cluster, namespace)
+    monkeypatch.setenv("KUBECONFIG", str(k8s_cluster.kubeconfig))
+    monkeypatch.setenv("SYNCPLANE_OPERATOR_RESYNC", "1")
+    k8s_cluster.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List",
+                                                              "items": [policy, binding]}))
+    port = free_ports(1)[0]
+    try:
+        with open(tmp_path / "operator.log", "wb") as log:
+            proc = operator_process(namespace, log, metrics_port=port)
+            try:
+                name, _ = create_workflow(k8s_cluster, namespace, tmp_path)
+                deployment = f"{name}-worker"
+
+                def pulls_always() -> bool:
+                    d = get(k8s_cluster, namespace, "deployment", deployment)
+                    return bool(d["spec"]["template"]["spec"]["containers"][0]["imagePullPolicy"] == "Always")
+
+                start_until_available(k8s_cluster, namespace, name)
+                k8s_cluster.wait_until("the policy's value on the Deployment", pulls_always, 60)
+                seen = operator_reconciles(port)
+                k8s_cluster.wait_until("three reconciles", lambda: operator_reconciles(port) >= seen + 3, 60)
+                generation = get(k8s_cluster, namespace, "deployment", deployment)["metadata"]["generation"]
+                seen = operator_reconciles(port)
+                k8s_cluster.wait_until("five more", lambda: operator_reconciles(port) >= seen + 5, 60)
+                assert get(k8s_cluster, namespace, "deployment", deployment)["metadata"]["generation"] == generation
+                assert pulls_always()
+            finally:
+                proc.terminate()
+                proc.wait(timeout=60)
+    finally:
+        k8s_cluster.kubectl("delete", "-f", "-", "--ignore-not-found", input=json.dumps(
+            {"apiVersion": "v1", "kind": "List", "items": [binding, policy]}))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -355,3 +356,41 @@ def test_the_whole_name_list_of_an_old_role_is_written_back():
     old = _as_stored(role)
     old["rules"][0]["resourceNames"] = ["wf-checkpoints"]   # an operator before the shards
     assert unconverged(role, old)["rules"][0]["resourceNames"] == worker_configmap_names("wf")
+
+
+def _mutated(body: dict) -> None:
+    """What a mutating admission policy does to every write of it (e.g. imagePullPolicy: Always)."""
+    body["spec"]["template"]["spec"]["containers"][0]["imagePullPolicy"] = "Always"
+
+
+def _generation(n: int) -> Callable[[dict], None]:
+    def set_generation(body: dict) -> None:
+        body["metadata"]["generation"] = n
+    return set_generation
+
+
+@pytest.mark.parametrize(("case", "written", "changes", "new_want", "replaced"), [
+    ("holds the builder's output", None, [], False, False),
+    ("differs, nothing written by this process yet (an operator restart)", None, [_mutated], False, True),
+    ("differs after our own write: admission mutated it", "same", [_mutated, _generation(5)], False, False),
+    ("a stale view of our own write (the watch behind)", "same", [_mutated, _generation(4)], False, False),
+    ("edited by hand after our write (generation moved)", "same", [_other_image, _generation(6)], False, True),
+    ("the builder's output changed since (new spec, scale)", "same", [_mutated, _generation(5)], True, True),
+])
+def test_the_worker_deployment_is_replaced_only_for_a_difference_our_write_did_not_leave(
+        case, written, changes, new_want, replaced):
+    """Review of 629c010: under a mutating admission policy (reproduced: imagePullPolicy Always) the stored
+    Deployment never equals the builder's output, and replacing it on each difference wrote it ~10 times a
+    second, forever. A difference is acted on once: when ``want`` changed since this process wrote it, or
+    someone changed the Deployment after (its generation moved past the one our write left)."""
+    from syncplane_operator.builders import built_digest, deployment_to_replace
+
+    want = _children()["Deployment"]
+    have = _as_stored(want)
+    have["metadata"]["generation"] = 5
+    for change in changes:
+        change(have)
+    record = None if written is None else (built_digest(want), 5)
+    if new_want:
+        want = build_worker_deployment("wf", "ns", "0123456789abcdef", 5, 1, secrets=["a", "b"])
+    assert deployment_to_replace(want, have, record) is replaced, case
