@@ -157,12 +157,13 @@ class Pipeline:
                  landed: str = "", waits_on: Sequence[str] = ()) -> None:
         self.workflow, self.stream = workflow, stream
         # Parents and children (linked resources): a stream whose records others link to changes its
-        # ``landed`` key (:func:`landed_key`) after each write of records; a stream whose records link to
+        # ``landed`` key (:func:`landed_key`) at the end of each pass that wrote records; a stream whose records link to
         # parents re-sends a held record only when one of the ``waits_on`` keys changed since that record
         # was last tried, or the hold policy's ``recheck_seconds`` have passed since (a parent landing by
         # another route changes no signal), not every pass while its parent is away (a request per held
         # record per pass).
         self.landed, self.waits_on = landed, tuple(waits_on)
+        self._landed_dirty = False   # records written since the landed signal last changed
         # held key → (the parents' landed signal when it was last tried, or _NEVER; when: monotonic seconds)
         self._tried: dict[str, tuple[object, float]] = {}
         self._landed_at_start: object = _NEVER  # the signal as this pass began (before any of its writes)
@@ -310,6 +311,7 @@ class Pipeline:
             await self._stop_writers(writers)
             if producer is not None:
                 await asyncio.gather(producer, return_exceptions=True)
+            await self._publish_landing()
             self._tickets.clear()
             left = self._queued + self._in_flight
             self._queued = self._in_flight = 0
@@ -559,7 +561,7 @@ class Pipeline:
         if self.removed is not None and ticket.deleted:
             await self.removed(ticket.deleted)
         if self.landed and set(ticket.written) - set(ticket.deleted):
-            await self._landing()
+            self._landing()
         if self._letters and ticket.written:
             # Written now (e.g. corrected at the source): an older dead letter of it is moot.
             await self.letters.asettle_retry(self.workflow, self.stream.name, ticket.written, (), ())
@@ -646,9 +648,18 @@ class Pipeline:
                 self._held_seq.pop(key, None)
         self._count_held()
 
-    async def _landing(self) -> None:
-        """Records of this stream's resource were written: change its landed signal (a fresh value)."""
-        await self.checkpoints.acommit(self.workflow, self.landed, uuid.uuid4().hex)
+    def _landing(self) -> None:
+        """Records of this stream's resource were written: its landed signal changes at the end of the pass
+        (:meth:`_publish_landing`), once, not per page (on Kubernetes each is a ConfigMap write)."""
+        self._landed_dirty = True
+
+    async def _publish_landing(self) -> None:
+        """Change the landed signal (a fresh value) if records were written since it last changed. At the
+        end of the parent's pass, after its writes: a child holding a record in between reads the signal
+        before this and sees the change at its next pass."""
+        if self._landed_dirty:
+            await self.checkpoints.acommit(self.workflow, self.landed, uuid.uuid4().hex)
+            self._landed_dirty = False
 
     async def _parents_landed(self) -> object:
         """The landed signals of the parents this stream's records link to, as one comparable value."""
@@ -706,7 +717,7 @@ class Pipeline:
                                                  [r.key for r in records])
                 self.report.resent(len(result.written))
                 if self.landed and resource == self.stream.resource and result.written:
-                    await self._landing()
+                    self._landing()
         await self.accounting.count_letters()
         self._letters = self.report.dead_letters > 0
 
@@ -760,7 +771,7 @@ class Pipeline:
                 self._tried.pop(key, None)
             self.report.resent(len(result.written))
             if self.landed and result.written:
-                await self._landing()
+                self._landing()
             for bad in result.rejected:
                 h = by_key[bad.key]
                 if bad.status in self.hold.statuses and (self.hold.max_attempts is None
