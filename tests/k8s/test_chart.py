@@ -123,12 +123,12 @@ def test_install_and_uninstall(k8s_cluster, namespace, tmp_path, scenario):
     if values.get("userRoles", {}).get("aggregate", True):
         expected_roles += [f"{release}-syncplane-workflows-edit", f"{release}-syncplane-workflows-view"]
     assert sorted(cluster_roles) == sorted(f"clusterrole.rbac.authorization.k8s.io/{r}" for r in expected_roles)
-    # the two policies (each workflow's workers keep to their own objects; the operator deletes only spec
-    # snapshots), each with its binding (rbac.create)
+    # the three policies (each workflow's workers keep to their own objects; the operator deletes only spec
+    # snapshots and writes only each workflow's own worker identity), each with its binding (rbac.create)
     policies = k8s_cluster.kubectl("get", "validatingadmissionpolicies,validatingadmissionpolicybindings", "-l",
                                    f"app.kubernetes.io/instance={release}", "-o", "name").stdout.split()
     kinds = sorted(p.split("/")[0].split(".")[0] for p in policies)
-    assert kinds == (["validatingadmissionpolicy"] * 2 + ["validatingadmissionpolicybinding"] * 2
+    assert kinds == (["validatingadmissionpolicy"] * 3 + ["validatingadmissionpolicybinding"] * 3
                      if values.get("rbac", {}).get("create", True) else []), policies
     assert leftovers(k8s_cluster, release, namespace)
 

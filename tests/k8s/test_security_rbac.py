@@ -185,7 +185,7 @@ def merge_patch(cluster: Any, kubeconfig: Path, namespace: str, obj: dict[str, A
     """A dry-run merge patch with the kubeconfig's token: True on 200, False on 403 (RBAC or admission)."""
     token = json.loads(kubeconfig.read_text())["users"][0]["user"]["token"]
     ca = json.loads(cluster.kubeconfig.read_text())["clusters"][0]["cluster"]["certificate-authority"]
-    group = "/apis/coordination.k8s.io/v1" if obj["kind"] == "Lease" else "/api/v1"
+    group = "/api/v1" if obj["apiVersion"] == "v1" else f"/apis/{obj['apiVersion']}"
     path = f"{group}/namespaces/{namespace}/{obj['kind'].lower()}s/{obj['metadata']['name']}?dryRun=All"
     req = urllib.request.Request(cluster.server + path, data=json.dumps(body).encode(), method="PATCH", headers={
         "Authorization": f"Bearer {token}", "Content-Type": "application/merge-patch+json"})
@@ -202,7 +202,7 @@ def request(cluster: Any, kubeconfig: Path, namespace: str, verb: str, obj: dict
     """One server-side dry run as the worker: True when the API server would do it, False when RBAC or
     admission refuses it (any other failure fails the test)."""
     where = ["-n", namespace, f"--kubeconfig={kubeconfig}", "--dry-run=server"]
-    target = ["lease" if obj["kind"] == "Lease" else "configmap", obj["metadata"]["name"]]
+    target = [obj["kind"].lower(), obj["metadata"]["name"]]
     if verb == "create":
         res = cluster.kubectl("create", *where, "-f", "-", input=json.dumps(obj), check=False)
     elif verb == "patch":   # the API call itself: `kubectl patch` reads the object first (a verb of its own)
@@ -299,6 +299,68 @@ def test_the_operator_deletes_only_spec_snapshots(k8s_cluster, namespace, chart_
         k8s_cluster, operator, namespace, "delete", object_of("checkpoints", OWN)), timeout=60)
     got = [(what, request(k8s_cluster, operator, namespace, "delete", obj)) for what, obj, _ in rows]
     assert got == [(what, want) for what, _, want in rows]
+
+def test_the_operator_writes_only_each_workflows_own_worker_identity(k8s_cluster, namespace, chart_release,  # noqa: F811
+                                                                     tmp_path):
+    """Review of 629c010: RBAC grants the operator patch on every Role and ServiceAccount and patch and delete
+    on every RoleBinding of its namespaces (it converges each Workflow's worker identity, names made at run
+    time); the chart's admission policy holds those writes to a workflow's own identity, labelled with it and
+    named `syncplane-worker-<workflow>[-objects]`. The kind: each kind x (a tenant's object, one labelled with
+    a workflow but named otherwise, one named as a workflow's but labelled with another) x verb is refused;
+    the workflow's own objects are not. Real dry runs with the operator's own token."""
+    operator = token_kubeconfig(k8s_cluster, namespace, f"{chart_release}-syncplane-operator", tmp_path / "operator")
+    make_worker_identity(k8s_cluster, namespace, chart_release, OWN)
+    account = worker_service_account_name(OWN)
+
+    def rbac(kind: str, name: str, labels: dict[str, str]) -> dict[str, Any]:
+        meta = {"name": name, "labels": labels}
+        if kind == "ServiceAccount":
+            return {"apiVersion": "v1", "kind": kind, "metadata": meta}
+        if kind == "Role":   # verbs the operator holds, so RBAC's escalation check is not what refuses
+            return {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": kind, "metadata": meta,
+                    "rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get"]}]}
+        return {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": kind, "metadata": meta,
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "tenant"},
+                "subjects": [{"kind": "User", "name": "tenant", "apiGroup": "rbac.authorization.k8s.io"}]}
+
+    # (what, object) for each kind: a tenant's; labelled with the workflow but named otherwise; named as a
+    # workflow's identity (gamma's) but labelled with another workflow
+    others = [(f"{what} {kind}", rbac(kind, name, labels))
+              for kind, own_name in (("Role", f"{account}-objects"), ("RoleBinding", account),
+                                     ("ServiceAccount", account))
+              for what, name, labels in (("a tenant's", "admin" if kind == "RoleBinding" else "tenant", {}),
+                                         ("a workflow-labelled", f"tenant-{kind.lower()}", worker_labels(OWN)),
+                                         ("another workflow's label on a", own_name.replace(OWN, "gamma"),
+                                          worker_labels(OTHER)))]
+    others += [("the workflow's own name, another workflow's label", rbac("RoleBinding", f"syncplane-worker-{OTHER}",
+                                                                          worker_labels(OWN)))]
+    k8s_cluster.kubectl("apply", "-n", namespace, "-f", "-", input="\n---\n".join(json.dumps(o) for _, o in others))
+    empty = {"rules": []}   # the reviewer's patch: a Role emptied
+    rows: list[tuple[str, str, dict[str, Any], dict[str, Any] | None, bool]] = [
+        (what, verb, obj, empty if obj["kind"] == "Role" else None, False)
+        for what, obj in others for verb in (("patch",) if obj["kind"] == "ServiceAccount" else ("patch", "delete"))]
+    mine = {d["kind"] + "/" + d["metadata"]["name"]: d for d in build_worker_identity(OWN, namespace, "unused")}
+    rows += [
+        ("its own Role", "patch", mine[f"Role/{account}-objects"], empty, True),
+        ("its own Role's RoleBinding", "patch", mine[f"RoleBinding/{account}-objects"], None, True),
+        ("its own Role's RoleBinding", "delete", mine[f"RoleBinding/{account}-objects"], None, True),
+        ("its RoleBinding to the worker Role", "patch", mine[f"RoleBinding/{account}"], None, True),
+        ("its RoleBinding to the worker Role", "delete", mine[f"RoleBinding/{account}"], None, True),
+        ("its ServiceAccount", "patch", mine[f"ServiceAccount/{account}"], None, True),
+        # RBAC grants no Role delete at all (the operator replaces only RoleBindings: roleRef is immutable)
+        ("its own Role", "delete", mine[f"Role/{account}-objects"], None, False),
+        ("its own Role, relabelled to another workflow", "patch", mine[f"Role/{account}-objects"],
+         {"metadata": {"labels": {WORKFLOW_LABEL: OTHER}}}, False),
+    ]
+    # the API server applies a new policy once its informer has it: wait for that (a deadline, not a sleep)
+    k8s_cluster.wait_until("the operator's identity policy in effect", lambda: not request(
+        k8s_cluster, operator, namespace, "delete", others[3][1]), timeout=60)
+    got = [(what, verb, request(k8s_cluster, operator, namespace, verb, obj, patch), want)
+           for what, verb, obj, patch, want in rows]
+    table = "\n".join(f"{verb:7} {what}: {'allowed' if ok else 'denied'}" for what, verb, ok, _ in got)
+    print(f"as the operator:\n{table}")
+    assert [(what, verb) for what, verb, ok, want in got if ok != want] == [], table
+
 
 # -- workload identity: the chart's worker ServiceAccount settings on each Workflow's own account ----------------
 WORKLOAD_IDENTITY = {"azure.workload.identity/client-id": "00000000-0000-0000-0000-0000000000aa"}
