@@ -335,7 +335,7 @@ def test_the_operator_writes_only_each_workflows_own_worker_identity(k8s_cluster
     others += [("the workflow's own name, another workflow's label", rbac("RoleBinding", f"syncplane-worker-{OTHER}",
                                                                           worker_labels(OWN)))]
     k8s_cluster.kubectl("apply", "-n", namespace, "-f", "-", input="\n---\n".join(json.dumps(o) for _, o in others))
-    empty = {"rules": []}   # the reviewer's patch: a Role emptied
+    empty: dict[str, Any] = {"rules": []}   # the reviewer's patch: a Role emptied
     rows: list[tuple[str, str, dict[str, Any], dict[str, Any] | None, bool]] = [
         (what, verb, obj, empty if obj["kind"] == "Role" else None, False)
         for what, obj in others for verb in (("patch",) if obj["kind"] == "ServiceAccount" else ("patch", "delete"))]
