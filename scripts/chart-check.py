@@ -102,18 +102,21 @@ VERBS: dict[str, list[Verb]] = {
                 "each Workflow's own worker ServiceAccount"),
         *_verbs("", "serviceaccounts", "get patch", RECONCILER,
                 r"read_namespaced_service_account,\s*core\.patch_namespaced_service_account",
-                "an existing one brought back to the builder's (workload identity annotations, labels)"),
+                "an existing one brought back to the builder's (workload identity annotations, labels; the admission "
+                "policy holds it to `syncplane-worker-<workflow>` labelled with its workflow)"),
         *_verbs("rbac.authorization.k8s.io", "roles", "create", RECONCILER, r"create_namespaced_role,",
                 "each Workflow's own worker Role (its ConfigMaps by name)"),
         *_verbs("rbac.authorization.k8s.io", "roles", "get patch", RECONCILER,
                 r"read_namespaced_role, rbac\.patch_namespaced_role,",
-                "an existing Role brought back to the builder's name list"),
+                "an existing Role brought back to the builder's name list (the admission policy holds it to "
+                "`syncplane-worker-<workflow>-objects` labelled with its workflow)"),
         *_verbs("rbac.authorization.k8s.io", "rolebindings", "create", RECONCILER,
                 r"create_namespaced_role_binding", "that account bound to the workers' Role and to its own"),
         *_verbs("rbac.authorization.k8s.io", "rolebindings", "get patch delete", RECONCILER,
                 r"read_namespaced_role_binding,\s*rbac\.patch_namespaced_role_binding, "
                 r"rbac\.delete_namespaced_role_binding",
-                "an existing RoleBinding brought back to the builder's (deleted and made again for another roleRef)"),
+                "an existing RoleBinding brought back to the builder's (deleted and made again for another roleRef; "
+                "the admission policy holds it to `syncplane-worker-<workflow>[-objects]` labelled with its workflow)"),
         *_verbs("rbac.authorization.k8s.io", "roles", "bind", "operator/syncplane_operator/builders.py",
                 r'"roleRef"', "binding the workers' Role (by name) without holding its verbs"),
         *_verbs("batch", "jobs", "create", RECONCILER, r"create_namespaced_job", "a verify Job per request"),
