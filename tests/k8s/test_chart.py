@@ -37,6 +37,7 @@ from syncplane.contract.names import (
     KEEP_SPEC_SNAPSHOTS,
     checkpoint_configmap_name,
     worker_configmap_names,
+    worker_labels,
     worker_service_account_name,
 )
 from syncplane.model.convert import from_resource
@@ -397,9 +398,12 @@ def test_lifecycle_under_the_charts_rbac(k8s_cluster, workflow_crd, namespace, c
         events = iter(watch)
         assert next(events).workflow.name == f"workflows/{workflow_id}"   # the initial listing
 
-        # the workflow's worker ServiceAccount as an earlier release left it, without the workload identity
-        # the values now configure: the operator annotates it (issue 13 item 2, workload identity)
-        k8s_cluster.kubectl("create", "serviceaccount", worker_service_account_name(workflow_id), "-n", namespace)
+        # the workflow's worker ServiceAccount as an earlier release left it (labelled with its workflow since
+        # a6232c8: the chart's admission policy lets the operator write only such an account), without the
+        # workload identity the values now configure: the operator annotates it (issue 13 item 2)
+        k8s_cluster.kubectl("create", "-n", namespace, "-f", "-", input=json.dumps({
+            "apiVersion": "v1", "kind": "ServiceAccount",
+            "metadata": {"name": worker_service_account_name(workflow_id), "labels": worker_labels(workflow_id)}}))
         # start: the operator creates the worker Deployment under the workflow's own ServiceAccount
         stub.StartWorkflow(svc.StartWorkflowRequest(name=f"workflows/{workflow_id}"))
         # then the live watch (status updates by the operator may come first)
@@ -481,9 +485,10 @@ def test_lifecycle_under_the_charts_rbac(k8s_cluster, workflow_crd, namespace, c
         workers[0].stop()
         k8s_cluster.wait_until("STOPPED", lambda: phase(stub, workflow_id) == "PHASE_STOPPED", timeout=90)
 
-        # the workers' identity as an older operator or a hand edit left it (a Role of fewer names, a RoleBinding
-        # to another Role, ...): the restart brings each back under the chart's grants (get, patch, delete)
-        tamper_children(k8s_cluster, namespace, workflow_id)
+        # the workers' identity as an older operator or a hand edit left it, still labelled with its workflow (a Role
+        # of fewer names, a RoleBinding to another Role, ...): the restart brings each back under the chart's grants
+        # and admission policy (get, patch, delete of its own labelled identity only)
+        tamper_children(k8s_cluster, namespace, workflow_id, keep_labels=True)
         # restart: a new snapshot (the updated Deployment), then delete
         stub.StartWorkflow(svc.StartWorkflowRequest(name=f"workflows/{workflow_id}"))
         wait(k8s_cluster, namespace, f"deployment/{workflow_id}-worker", AVAILABLE)

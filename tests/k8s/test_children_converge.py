@@ -40,8 +40,10 @@ def _builders(name: str, namespace: str) -> dict[tuple[str, str], dict[str, Any]
     return {(b["kind"].lower(), b["metadata"]["name"]): b for b in [*identity, checkpoints]}
 
 
-def tamper_children(cluster: Any, namespace: str, name: str) -> None:
-    """Each child made to differ from its builder, as an older operator or a hand edit leaves it."""
+def tamper_children(cluster: Any, namespace: str, name: str, *, keep_labels: bool = False) -> None:
+    """Each child made to differ from its builder, as an older operator or a hand edit leaves it.
+    ``keep_labels``: the worker identity keeps its `syncplane.io/workflow` label (under the chart's admission
+    policy the operator writes only a workflow's own, labelled identity; one without the label is not its own)."""
     account = worker_service_account_name(name)
     own = f"{account}-objects"
     cluster.kubectl("patch", "role", own, "-n", namespace, "--type", "merge", "-p", json.dumps(
@@ -50,9 +52,12 @@ def tamper_children(cluster: Any, namespace: str, name: str) -> None:
     cluster.kubectl("delete", "rolebinding", account, "-n", namespace)   # roleRef cannot be patched
     cluster.kubectl("create", "rolebinding", account, "-n", namespace, "--role", "another-role",
                     f"--serviceaccount={namespace}:{account}")
+    if keep_labels:
+        cluster.kubectl("label", "rolebinding", account, "-n", namespace, f"syncplane.io/workflow={name}")
     cluster.kubectl("patch", "rolebinding", own, "-n", namespace, "--type", "merge", "-p", json.dumps(
         {"subjects": [{"kind": "ServiceAccount", "name": "someone-else", "namespace": namespace}]}))
-    cluster.kubectl("label", "serviceaccount", account, "-n", namespace, "syncplane.io/workflow-")
+    if not keep_labels:
+        cluster.kubectl("label", "serviceaccount", account, "-n", namespace, "syncplane.io/workflow-")
     cluster.kubectl("label", "configmap", f"{name}-checkpoints", "-n", namespace, "syncplane.io/workflow-")
 
 
